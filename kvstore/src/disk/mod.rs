@@ -1,0 +1,672 @@
+//! The disk tier: blocks in slab files on a local directory, written and read with O_DIRECT
+//! through an [`IoEngine`] (io_uring, or a pread/pwrite pool as fallback), with a persistent
+//! journal so that a reopened tier serves what was committed before.
+//!
+//! A block's record is one header page ([`BlockHeader`]) followed by the payload, rounded to
+//! 4 KiB. Every read checks the header (the key, length and checksum the index expects) and the
+//! payload checksum: a torn, stale or corrupted record is a counted miss, and the entry is dropped.
+//! When the filesystem runs out of space (ENOSPC on growth or on a write), the tier stops
+//! growing, evicts to make room, and the block at hand is reported as not stored.
+
+pub mod engine;
+pub mod journal;
+pub mod psync;
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+pub mod uring;
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use crate::alloc::{SizeClasses, SlabAllocator, Slot};
+use crate::block::{BlockHeader, HEADER_LEN, checksum};
+use crate::error::{Error, Result};
+use crate::key::BlockKey;
+use crate::outcome::{NotStoredReason, PutOutcome};
+use crate::stats::{TierCounters, TierStats};
+use engine::{AlignedBuf, BufferPool, IO_ALIGN, IoEngine, IoKind, IoRequest};
+use journal::{EntryRecord, Journal, Record};
+
+/// Which I/O engine the disk tier uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngineChoice {
+    /// io_uring with O_DIRECT when the kernel and filesystem allow it, else the pread/pwrite pool.
+    #[default]
+    Auto,
+    /// io_uring or an error.
+    IoUring,
+    /// The pread/pwrite thread pool.
+    Psync,
+}
+
+/// Settings of a [`DiskTier`].
+#[derive(Debug, Clone)]
+pub struct DiskTierConfig {
+    /// Directory of slab files and metadata; created if missing, locked while open.
+    pub dir: PathBuf,
+    /// Bytes the tier may occupy (rounded down to whole slabs, at least one slab).
+    pub capacity: u64,
+    /// Size of one slab file; the largest block is one slab minus its header page.
+    pub slab_size: u64,
+    /// Requests in flight per batch (io_uring queue depth, or pool threads).
+    pub queue_depth: u32,
+    /// Engine choice.
+    pub engine: IoEngineChoice,
+    /// Use O_DIRECT when the filesystem supports it (bypasses the page cache, which would
+    /// otherwise hold a second copy of what the host tier already caches).
+    pub direct_io: bool,
+    /// fdatasync the journal after each batch: survives power loss, costs a flush per batch.
+    /// Without it, committed blocks survive process crashes (kill -9) but not power loss.
+    pub sync_metadata: bool,
+}
+
+impl DiskTierConfig {
+    /// Defaults for `dir` with `capacity` bytes: 256 MiB slabs, queue depth 32, auto engine.
+    pub fn new(dir: impl Into<PathBuf>, capacity: u64) -> Self {
+        Self {
+            dir: dir.into(),
+            capacity,
+            slab_size: 256 << 20,
+            queue_depth: 32,
+            engine: IoEngineChoice::Auto,
+            direct_io: true,
+            sync_metadata: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DiskEntry {
+    slot: Slot,
+    len: u64,
+    checksum: u64,
+    pins: u32,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    alloc: SlabAllocator,
+    entries: LruCache<BlockKey, DiskEntry>,
+    /// Blocks being written: reserved slots, not yet readable.
+    pending: HashSet<BlockKey>,
+    journal: Journal,
+    full_logged: bool,
+}
+
+/// The disk tier. Safe to share between threads: metadata sits behind one short-held lock, and
+/// all I/O happens outside it.
+#[derive(Debug)]
+pub struct DiskTier {
+    dir: PathBuf,
+    engine: Box<dyn IoEngine>,
+    direct: bool,
+    slab_size: u64,
+    slabs: RwLock<Vec<Arc<File>>>,
+    state: Mutex<DiskState>,
+    buffers: BufferPool,
+    counters: TierCounters,
+    _lock: File,
+}
+
+/// Bytes a block of `len` occupies on disk: a header page plus the page-rounded payload.
+pub fn record_len(len: u64) -> u64 {
+    IO_ALIGN as u64 + len.div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64
+}
+
+fn slab_path(dir: &Path, slab: u32) -> PathBuf {
+    dir.join(format!("slab-{slab:05}.dat"))
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+fn probe_direct_io(dir: &Path) -> bool {
+    let path = dir.join(".direct-probe");
+    let ok = (|| -> std::io::Result<()> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)?;
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        buf.as_mut_slice()[0] = 1;
+        std::os::unix::fs::FileExt::write_all_at(&f, buf.as_slice(), 0)
+    })()
+    .is_ok();
+    let _ = fs::remove_file(&path);
+    ok
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Locked {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(f)
+}
+
+fn choose_engine(cfg: &DiskTierConfig, direct: bool) -> Result<Box<dyn IoEngine>> {
+    let psync = || -> Result<Box<dyn IoEngine>> {
+        Ok(Box::new(
+            psync::PsyncEngine::new(cfg.queue_depth as usize)
+                .map_err(|e| Error::io("start I/O threads for", &cfg.dir, e))?,
+        ))
+    };
+    match cfg.engine {
+        IoEngineChoice::Psync => psync(),
+        #[cfg(all(target_os = "linux", feature = "io-uring"))]
+        IoEngineChoice::IoUring => Ok(Box::new(
+            uring::UringEngine::new(cfg.queue_depth).map_err(|e| Error::io("io_uring setup for", &cfg.dir, e))?,
+        )),
+        #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+        IoEngineChoice::IoUring => Err(Error::InvalidConfig {
+            field: "disk.engine",
+            reason: "this build has no io_uring support".into(),
+        }),
+        IoEngineChoice::Auto => {
+            if !direct {
+                tracing::warn!(dir = %cfg.dir.display(), "O_DIRECT unavailable on the disk tier's filesystem; using buffered pread/pwrite threads");
+                return psync();
+            }
+            #[cfg(all(target_os = "linux", feature = "io-uring"))]
+            match uring::UringEngine::new(cfg.queue_depth) {
+                Ok(e) => return Ok(Box::new(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring unavailable; the disk tier uses pread/pwrite threads");
+                }
+            }
+            psync()
+        }
+    }
+}
+
+impl DiskTier {
+    /// Opens (or creates) the tier in `cfg.dir`, recovering every block committed before.
+    pub fn open(cfg: DiskTierConfig) -> Result<Self> {
+        if cfg.slab_size < 2 * IO_ALIGN as u64 || cfg.slab_size % IO_ALIGN as u64 != 0 {
+            return Err(Error::InvalidConfig {
+                field: "disk.slab_size",
+                reason: format!("{} is not a multiple of 4096 of at least 8192", cfg.slab_size),
+            });
+        }
+        if cfg.capacity < cfg.slab_size {
+            return Err(Error::InvalidConfig {
+                field: "disk.capacity",
+                reason: format!("{} is below one slab ({})", cfg.capacity, cfg.slab_size),
+            });
+        }
+        fs::create_dir_all(&cfg.dir).map_err(|e| Error::io("create", &cfg.dir, e))?;
+        let lock = lock_dir(&cfg.dir)?;
+        let direct = cfg.direct_io && cfg.engine != IoEngineChoice::Psync && probe_direct_io(&cfg.dir);
+        let engine = choose_engine(&cfg, direct)?;
+        let direct = direct && engine.name() != "psync";
+        tracing::info!(dir = %cfg.dir.display(), engine = engine.name(), direct, "disk tier open");
+
+        let max_slabs = u32::try_from(cfg.capacity / cfg.slab_size).unwrap_or(u32::MAX);
+        let mut alloc = SlabAllocator::new(SizeClasses::PageExact, cfg.slab_size, max_slabs);
+        let mut files = Vec::new();
+        loop {
+            let slab = files.len() as u32;
+            let path = slab_path(&cfg.dir, slab);
+            if !path.exists() {
+                break;
+            }
+            if slab >= max_slabs {
+                // The capacity shrank: drop slabs beyond it.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            files.push(Arc::new(Self::open_slab(&path, direct, false, cfg.slab_size)?));
+            alloc.add_slab();
+        }
+        let (journal, recovered) = Journal::open(&cfg.dir, cfg.sync_metadata)?;
+        if recovered.torn_records > 0 {
+            tracing::warn!(torn = recovered.torn_records, "disk tier journal ended in a torn record (crash); ignoring it");
+        }
+        let mut live = Vec::with_capacity(recovered.entries.len());
+        // Newest first: if two records claim one slot, the newer write owns it.
+        for e in recovered.entries.iter().rev() {
+            if record_len(e.len) == e.slot.size && alloc.claim(e.slot) {
+                live.push(*e);
+            }
+        }
+        let mut entries = LruCache::unbounded();
+        for e in live.iter().rev() {
+            entries.put(
+                e.key,
+                DiskEntry {
+                    slot: e.slot,
+                    len: e.len,
+                    checksum: e.checksum,
+                    pins: 0,
+                },
+            );
+        }
+        tracing::info!(blocks = entries.len(), "disk tier recovered");
+        Ok(Self {
+            dir: cfg.dir.clone(),
+            engine,
+            direct,
+            slab_size: cfg.slab_size,
+            slabs: RwLock::new(files),
+            state: Mutex::new(DiskState {
+                alloc,
+                entries,
+                pending: HashSet::new(),
+                journal,
+                full_logged: false,
+            }),
+            buffers: BufferPool::new(2 * cfg.queue_depth as usize),
+            counters: TierCounters::default(),
+            _lock: lock,
+        })
+    }
+
+    fn open_slab(path: &Path, direct: bool, create: bool, size: u64) -> Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(create).truncate(false);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let f = o.open(path).map_err(|e| Error::io("open", path, e))?;
+        if create {
+            // SAFETY: fallocate on an fd we own; no memory is passed.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    f.set_len(size).map_err(|e| Error::io("size", path, e))?;
+                } else {
+                    drop(f);
+                    let _ = fs::remove_file(path);
+                    return Err(Error::io("allocate", path, e));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// The engine in use (`io_uring` or `psync`).
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Whether reads and writes bypass the page cache.
+    pub fn direct_io(&self) -> bool {
+        self.direct
+    }
+
+    /// The tier's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Largest payload a block may have.
+    pub fn max_block_len(&self) -> u64 {
+        self.slab_size - IO_ALIGN as u64
+    }
+
+    /// Grows by one slab file, or caps growth when the filesystem is full.
+    fn grow(&self, st: &mut DiskState) -> bool {
+        let slab = st.alloc.slab_count();
+        let path = slab_path(&self.dir, slab);
+        match Self::open_slab(&path, self.direct, true, self.slab_size) {
+            Ok(f) => {
+                self.slabs.write().push(Arc::new(f));
+                st.alloc.add_slab();
+                true
+            }
+            Err(e) => {
+                self.cap(st, &e);
+                false
+            }
+        }
+    }
+
+    fn cap(&self, st: &mut DiskState, err: &dyn std::fmt::Display) {
+        let n = st.alloc.slab_count();
+        st.alloc.cap_slabs(n);
+        if !st.full_logged {
+            st.full_logged = true;
+            tracing::warn!(dir = %self.dir.display(), slabs = n, error = %err, "disk tier cannot grow; it now evicts to admit new blocks");
+        }
+    }
+
+    /// Drops the least recently used unpinned entry (preferring one with a slot of
+    /// `prefer_size`); returns `false` when everything is pinned.
+    fn evict_one(&self, st: &mut DiskState, prefer_size: u64, log: &mut Vec<Record>) -> bool {
+        let victim = {
+            let mut fallback = None;
+            let mut found = None;
+            for (k, e) in st.entries.iter().rev() {
+                if e.pins > 0 {
+                    continue;
+                }
+                if e.slot.size == prefer_size {
+                    found = Some(*k);
+                    break;
+                }
+                fallback.get_or_insert(*k);
+            }
+            found.or(fallback)
+        };
+        let Some(k) = victim else { return false };
+        if let Some(e) = st.entries.pop(&k) {
+            st.alloc.free(e.slot);
+            log.push(Record::Remove(k));
+            TierCounters::add(&self.counters.evictions, 1);
+        }
+        true
+    }
+
+    fn reserve(&self, st: &mut DiskState, len: u64, log: &mut Vec<Record>) -> Option<Slot> {
+        let rec = record_len(len);
+        loop {
+            if let Some(s) = st.alloc.alloc(rec) {
+                return Some(s);
+            }
+            if st.alloc.can_grow() && self.grow(st) {
+                continue;
+            }
+            if !self.evict_one(st, rec, log) {
+                return None;
+            }
+        }
+    }
+
+    fn journal(&self, st: &mut DiskState, log: &[Record]) {
+        if let Err(e) = st.journal.append(log) {
+            tracing::error!(error = %e, "disk tier journal append failed; blocks stay readable until restart");
+        }
+        let live = st.entries.len() as u64;
+        if st.journal.records() > (4 * live).max(1 << 16) {
+            let snapshot: Vec<_> = st.entries.iter().rev().map(|(k, e)| entry_record(k, e)).collect();
+            if let Err(e) = st.journal.write_snapshot(&snapshot) {
+                tracing::error!(error = %e, "disk tier journal compaction failed");
+            }
+        }
+    }
+
+    /// Writes a batch of blocks, several in flight.
+    pub fn put_batch(&self, items: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
+        let mut out = vec![PutOutcome::AlreadyStored; items.len()];
+        let mut todo: Vec<(usize, Slot)> = Vec::with_capacity(items.len());
+        {
+            let mut st = self.state.lock();
+            let mut log = Vec::new();
+            for (i, (key, data)) in items.iter().enumerate() {
+                if st.entries.contains(key) || st.pending.contains(key) {
+                    continue;
+                }
+                if data.len() as u64 > self.max_block_len() {
+                    out[i] = PutOutcome::NotStored(NotStoredReason::TooLarge);
+                    continue;
+                }
+                match self.reserve(&mut st, data.len() as u64, &mut log) {
+                    Some(slot) => {
+                        st.pending.insert(*key);
+                        todo.push((i, slot));
+                    }
+                    None => out[i] = PutOutcome::NotStored(NotStoredReason::NoSpace),
+                }
+            }
+            // Removals are journaled before any of their slots is rewritten.
+            self.journal(&mut st, &log);
+        }
+        let mut bufs = Vec::with_capacity(todo.len());
+        let mut sums = Vec::with_capacity(todo.len());
+        let mut lens = Vec::with_capacity(todo.len());
+        for &(i, _) in &todo {
+            let (key, data) = items[i];
+            let len = record_len(data.len() as u64);
+            let mut buf = self.buffers.take(len as usize);
+            let b = buf.as_mut_slice();
+            let header = BlockHeader::for_payload(key, data);
+            b[..IO_ALIGN].fill(0);
+            header.encode(&mut b[..HEADER_LEN]);
+            b[IO_ALIGN..IO_ALIGN + data.len()].copy_from_slice(data);
+            b[IO_ALIGN + data.len()..len as usize].fill(0);
+            bufs.push(buf);
+            sums.push(header.checksum);
+            lens.push(len);
+        }
+        let results = self.run_io(&todo, &mut bufs, &lens, IoKind::Write);
+        let mut st = self.state.lock();
+        let mut log = Vec::with_capacity(todo.len());
+        let mut written = 0u64;
+        for (((i, slot), res), sum) in todo.iter().zip(results).zip(sums) {
+            let (key, data) = items[*i];
+            st.pending.remove(&key);
+            match res {
+                Ok(()) => {
+                    let e = DiskEntry {
+                        slot: *slot,
+                        len: data.len() as u64,
+                        checksum: sum,
+                        pins: 0,
+                    };
+                    log.push(Record::Put(entry_record(&key, &e)));
+                    st.entries.put(key, e);
+                    written += data.len() as u64;
+                    out[*i] = PutOutcome::Stored;
+                }
+                Err(e) => {
+                    st.alloc.free(*slot);
+                    if is_enospc(&e) {
+                        self.cap(&mut st, &e);
+                        out[*i] = PutOutcome::NotStored(NotStoredReason::NoSpace);
+                    } else {
+                        tracing::warn!(error = %e, "disk tier write failed");
+                        out[*i] = PutOutcome::NotStored(NotStoredReason::Io);
+                    }
+                }
+            }
+        }
+        self.journal(&mut st, &log);
+        drop(st);
+        for b in bufs {
+            self.buffers.give(b);
+        }
+        let stored = out.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
+        let refused = out.iter().filter(|o| matches!(o, PutOutcome::NotStored(_))).count() as u64;
+        TierCounters::add(&self.counters.stores, stored);
+        TierCounters::add(&self.counters.not_stored, refused);
+        TierCounters::add(&self.counters.bytes_written, written);
+        out
+    }
+
+    fn run_io(
+        &self,
+        todo: &[(usize, Slot)],
+        bufs: &mut [AlignedBuf],
+        lens: &[u64],
+        kind: IoKind,
+    ) -> Vec<std::io::Result<()>> {
+        let files = self.slabs.read().clone();
+        let mut reqs: Vec<IoRequest<'_>> = todo
+            .iter()
+            .zip(bufs.iter_mut())
+            .zip(lens)
+            .map(|((&(_, slot), buf), &len)| IoRequest {
+                file: &files[slot.slab as usize],
+                offset: slot.offset_in_slab(),
+                len: len as usize,
+                buf,
+                kind,
+            })
+            .collect();
+        self.engine.run(&mut reqs)
+    }
+
+    /// Reads a batch of blocks; `sink(i, payload)` receives each verified hit. Returns which keys
+    /// hit. A record that fails verification is a miss, counted in `checksum_failures`, and its
+    /// entry is dropped.
+    pub fn get_batch(&self, keys: &[BlockKey], mut sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
+        let mut hit = vec![false; keys.len()];
+        let mut todo: Vec<(usize, Slot)> = Vec::new();
+        let mut expect: Vec<DiskEntry> = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for (i, key) in keys.iter().enumerate() {
+                if let Some(e) = st.entries.get_mut(key) {
+                    e.pins += 1;
+                    todo.push((i, e.slot));
+                    expect.push(*e);
+                }
+            }
+        }
+        TierCounters::add(&self.counters.misses, (keys.len() - todo.len()) as u64);
+        if todo.is_empty() {
+            return hit;
+        }
+        let mut bufs: Vec<AlignedBuf> = expect
+            .iter()
+            .map(|e| self.buffers.take(record_len(e.len) as usize))
+            .collect();
+        let lens: Vec<u64> = expect.iter().map(|e| record_len(e.len)).collect();
+        let results = self.run_io(&todo, &mut bufs, &lens, IoKind::Read);
+        let mut bad = Vec::new();
+        let mut read_bytes = 0u64;
+        for (((&(i, _), res), buf), e) in todo.iter().zip(results).zip(&bufs).zip(&expect) {
+            let b = buf.as_slice();
+            let payload = &b[IO_ALIGN..IO_ALIGN + e.len as usize];
+            let valid = res.is_ok()
+                && BlockHeader::decode(b).is_some_and(|h| h.key == keys[i] && h.len == e.len && h.checksum == e.checksum)
+                && checksum(payload) == e.checksum;
+            if valid {
+                sink(i, payload);
+                hit[i] = true;
+                read_bytes += e.len;
+            } else {
+                match res {
+                    Err(err) => tracing::warn!(error = %err, "disk tier read failed; reporting a miss"),
+                    Ok(()) => tracing::warn!(key = ?keys[i], "disk tier block failed verification; reporting a miss"),
+                }
+                bad.push(keys[i]);
+            }
+        }
+        for b in bufs {
+            self.buffers.give(b);
+        }
+        let mut st = self.state.lock();
+        for &(i, _) in &todo {
+            if let Some(e) = st.entries.peek_mut(&keys[i]) {
+                e.pins = e.pins.saturating_sub(1);
+            }
+        }
+        let mut log = Vec::new();
+        for k in &bad {
+            let unpinned = st.entries.peek(k).is_some_and(|e| e.pins == 0);
+            if unpinned && let Some(e) = st.entries.pop(k) {
+                st.alloc.free(e.slot);
+                log.push(Record::Remove(*k));
+            }
+        }
+        self.journal(&mut st, &log);
+        drop(st);
+        let hits = hit.iter().filter(|h| **h).count() as u64;
+        TierCounters::add(&self.counters.hits, hits);
+        TierCounters::add(&self.counters.misses, bad.len() as u64);
+        TierCounters::add(&self.counters.checksum_failures, bad.len() as u64);
+        TierCounters::add(&self.counters.bytes_read, read_bytes);
+        hit
+    }
+
+    /// The payload length of a stored block.
+    pub fn len_of(&self, key: &BlockKey) -> Option<u64> {
+        self.state.lock().entries.peek(key).map(|e| e.len)
+    }
+
+    /// Whether the block is stored (does not touch the LRU order).
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.state.lock().entries.contains(key)
+    }
+
+    /// For each key, whether it is stored (one lock acquisition).
+    pub fn contains_many(&self, keys: &[BlockKey]) -> Vec<bool> {
+        let st = self.state.lock();
+        keys.iter().map(|k| st.entries.contains(k)).collect()
+    }
+
+    /// Pins a block so eviction skips it; `false` if absent.
+    pub fn pin(&self, key: &BlockKey) -> bool {
+        self.state.lock().entries.peek_mut(key).map(|e| e.pins += 1).is_some()
+    }
+
+    /// Undoes one [`Self::pin`]; `false` if the block was not pinned.
+    pub fn unpin(&self, key: &BlockKey) -> bool {
+        let mut st = self.state.lock();
+        match st.entries.peek_mut(key) {
+            Some(e) if e.pins > 0 => {
+                e.pins -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a block; `false` if absent or pinned.
+    pub fn remove(&self, key: &BlockKey) -> bool {
+        let mut st = self.state.lock();
+        if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
+            return false;
+        }
+        let Some(e) = st.entries.pop(key) else { return false };
+        st.alloc.free(e.slot);
+        self.journal(&mut st, &[Record::Remove(*key)]);
+        TierCounters::add(&self.counters.removals, 1);
+        true
+    }
+
+    /// Counters and occupancy.
+    pub fn stats(&self) -> TierStats {
+        let st = self.state.lock();
+        self.counters.snapshot(
+            st.entries.len() as u64,
+            st.alloc.used_bytes(),
+            st.alloc.max_slabs() as u64 * self.slab_size,
+        )
+    }
+
+    /// Writes a snapshot of the metadata so the next open needs no journal replay.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        let snapshot: Vec<_> = st.entries.iter().rev().map(|(k, e)| entry_record(k, e)).collect();
+        st.journal.write_snapshot(&snapshot)
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "disk tier snapshot on close failed; the journal will be replayed");
+        }
+    }
+}
+
+fn entry_record(key: &BlockKey, e: &DiskEntry) -> EntryRecord {
+    EntryRecord {
+        key: *key,
+        slot: e.slot,
+        len: e.len,
+        checksum: e.checksum,
+    }
+}

@@ -1,0 +1,412 @@
+//! The host tier: blocks in slots of the shared [`HostArena`], indexed in LRU order.
+//!
+//! Writers reserve a slot, copy into it (from this process or, later, from an engine process
+//! that maps the arena), and commit; readers acquire (pin) a slot, copy out, and release. The
+//! index lock is held only to look up, allocate or pin — never during a copy — so many threads
+//! move data at once. A slot holds the raw payload so engines can DMA into it; its header (key
+//! and length) lives in the index, and its checksum is computed when the block leaves memory
+//! (demotion to disk), because RAM is not where corruption is expected and hashing every put
+//! would halve the arena's bandwidth.
+
+use std::collections::HashMap;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_for};
+use crate::arena::{HostArena, HugePages};
+use crate::error::{Error, Result};
+use crate::key::BlockKey;
+use crate::stats::{TierCounters, TierStats};
+
+/// Settings of a [`HostTier`].
+#[derive(Debug, Clone)]
+pub struct HostTierConfig {
+    /// Bytes of shared memory for blocks.
+    pub capacity: u64,
+    /// Slab size; the largest block is one slab. `0` picks `capacity / 8` clamped to 4–64 MiB.
+    pub slab_size: u64,
+    /// Huge page policy.
+    pub huge_pages: HugePages,
+    /// Name of the memfd (visible in `/proc/<pid>/fd`).
+    pub name: String,
+}
+
+impl HostTierConfig {
+    /// Defaults for an arena of `capacity` bytes.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            capacity,
+            slab_size: 0,
+            huge_pages: HugePages::Auto,
+            name: "kvtier-arena".into(),
+        }
+    }
+
+    fn effective_slab_size(&self) -> u64 {
+        if self.slab_size != 0 {
+            return self.slab_size;
+        }
+        (self.capacity / 8).clamp(4 << 20, 64 << 20) / 4096 * 4096
+    }
+}
+
+/// A slot reserved for writing one block. Commit or abort it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a reservation holds a slot until committed or aborted"]
+pub struct Reservation {
+    /// The block.
+    pub key: BlockKey,
+    /// Offset of the slot in the arena.
+    pub offset: u64,
+    /// Block length.
+    pub len: u64,
+    slot: Slot,
+}
+
+/// A pinned, readable block. Release it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a lease pins its block until released"]
+pub struct Lease {
+    /// The block.
+    pub key: BlockKey,
+    /// Offset of the slot in the arena.
+    pub offset: u64,
+    /// Block length.
+    pub len: u64,
+}
+
+/// A block taken out of the index to make room; its slot stays allocated until freed.
+#[derive(Debug, Clone, Copy)]
+pub struct Victim {
+    /// The block.
+    pub key: BlockKey,
+    /// Offset of the slot in the arena.
+    pub offset: u64,
+    /// Block length.
+    pub len: u64,
+    slot: Slot,
+}
+
+/// Result of [`HostTier::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// A slot to write.
+    Slot(Reservation),
+    /// The block is already committed.
+    Exists,
+    /// Another writer holds a reservation for the block.
+    Busy,
+    /// No free slot of the right size: evict first.
+    Full,
+    /// Larger than a slab.
+    TooLarge,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HostEntry {
+    slot: Slot,
+    len: u64,
+    pins: u32,
+}
+
+#[derive(Debug)]
+struct HostState {
+    alloc: SlabAllocator,
+    entries: LruCache<BlockKey, HostEntry>,
+    reserved: HashMap<BlockKey, Slot>,
+}
+
+/// The host-memory tier over one shared arena.
+#[derive(Debug)]
+pub struct HostTier {
+    arena: HostArena,
+    slab_size: u64,
+    state: Mutex<HostState>,
+    counters: TierCounters,
+}
+
+impl HostTier {
+    /// Creates the arena and an empty index.
+    pub fn new(cfg: &HostTierConfig) -> Result<Self> {
+        let slab_size = cfg.effective_slab_size();
+        if slab_size < 4096 || slab_size % 4096 != 0 {
+            return Err(Error::InvalidConfig {
+                field: "host.slab_size",
+                reason: format!("{slab_size} is not a positive multiple of 4096"),
+            });
+        }
+        let slabs = cfg.capacity / slab_size;
+        if slabs == 0 {
+            return Err(Error::InvalidConfig {
+                field: "host.capacity",
+                reason: format!("{} is below one slab ({slab_size} bytes)", cfg.capacity),
+            });
+        }
+        let slabs = u32::try_from(slabs).map_err(|_| Error::InvalidConfig {
+            field: "host.capacity",
+            reason: "too many slabs".into(),
+        })?;
+        let arena = HostArena::create(&cfg.name, slabs as u64 * slab_size, cfg.huge_pages)?;
+        let mut alloc = SlabAllocator::new(SizeClasses::Geometric, slab_size, slabs);
+        while alloc.add_slab().is_some() {}
+        Ok(Self {
+            arena,
+            slab_size,
+            state: Mutex::new(HostState {
+                alloc,
+                entries: LruCache::unbounded(),
+                reserved: HashMap::new(),
+            }),
+            counters: TierCounters::default(),
+        })
+    }
+
+    /// The shared arena (its fd goes to engine processes).
+    pub fn arena(&self) -> &HostArena {
+        &self.arena
+    }
+
+    /// Largest block the tier can hold.
+    pub fn max_block_len(&self) -> u64 {
+        self.slab_size
+    }
+
+    fn offset(&self, slot: &Slot) -> u64 {
+        slot.slab as u64 * self.slab_size + slot.offset_in_slab()
+    }
+
+    /// Reserves a slot for `key`. Does not evict: on [`Reserve::Full`] the caller picks victims
+    /// with [`Self::take_victims`] (and demotes them) first.
+    pub fn reserve(&self, key: BlockKey, len: u64) -> Reserve {
+        if len > self.slab_size {
+            return Reserve::TooLarge;
+        }
+        let mut st = self.state.lock();
+        if st.entries.contains(&key) {
+            return Reserve::Exists;
+        }
+        if st.reserved.contains_key(&key) {
+            return Reserve::Busy;
+        }
+        let Some(slot) = st.alloc.alloc(len) else {
+            return Reserve::Full;
+        };
+        st.reserved.insert(key, slot);
+        Reserve::Slot(Reservation {
+            key,
+            offset: self.offset(&slot),
+            len,
+            slot,
+        })
+    }
+
+    /// Copies `data` into a reserved slot.
+    ///
+    /// # Panics
+    /// If `data` is not exactly the reserved length.
+    pub fn write(&self, r: &Reservation, data: &[u8]) {
+        assert_eq!(data.len() as u64, r.len, "data must match the reservation");
+        // SAFETY: the reservation gives its holder the slot exclusively: it is neither in the
+        // index (no readers) nor free (no other writer) until commit or abort.
+        unsafe { self.arena.write_at(r.offset, data) };
+    }
+
+    /// Makes a reserved block visible (most recently used).
+    pub fn commit(&self, r: Reservation) {
+        let mut st = self.state.lock();
+        st.reserved.remove(&r.key);
+        st.entries.put(
+            r.key,
+            HostEntry {
+                slot: r.slot,
+                len: r.len,
+                pins: 0,
+            },
+        );
+        drop(st);
+        TierCounters::add(&self.counters.stores, 1);
+        TierCounters::add(&self.counters.bytes_written, r.len);
+    }
+
+    /// Gives a reserved slot back unwritten.
+    pub fn abort(&self, r: Reservation) {
+        let mut st = self.state.lock();
+        st.reserved.remove(&r.key);
+        st.alloc.free(r.slot);
+    }
+
+    /// Pins a block for reading and marks it most recently used; counts a hit or a miss.
+    pub fn acquire(&self, key: &BlockKey) -> Option<Lease> {
+        let lease = {
+            let mut st = self.state.lock();
+            st.entries.get_mut(key).map(|e| {
+                e.pins += 1;
+                (e.slot, e.len)
+            })
+        };
+        match lease {
+            Some((slot, len)) => {
+                TierCounters::add(&self.counters.hits, 1);
+                Some(Lease {
+                    key: *key,
+                    offset: self.offset(&slot),
+                    len,
+                })
+            }
+            None => {
+                TierCounters::add(&self.counters.misses, 1);
+                None
+            }
+        }
+    }
+
+    /// Copies a leased block into `dst[..len]`.
+    ///
+    /// # Panics
+    /// If `dst` is shorter than the block.
+    pub fn read(&self, lease: &Lease, dst: &mut [u8]) {
+        let dst = &mut dst[..lease.len as usize];
+        // SAFETY: the lease pins the slot: it cannot be evicted, freed or reserved by a writer
+        // until released, so nobody writes it during the copy.
+        unsafe { self.arena.read_at(lease.offset, dst) };
+        TierCounters::add(&self.counters.bytes_read, lease.len);
+    }
+
+    /// Like [`Self::acquire`] but without counting a hit (used right after a promotion, whose
+    /// read was already counted by the lower tier).
+    pub(crate) fn acquire_quiet(&self, key: &BlockKey) -> Option<Lease> {
+        let mut st = self.state.lock();
+        let (slot, len) = st.entries.get_mut(key).map(|e| {
+            e.pins += 1;
+            (e.slot, e.len)
+        })?;
+        Some(Lease {
+            key: *key,
+            offset: self.offset(&slot),
+            len,
+        })
+    }
+
+    /// Unpins a leased block.
+    pub fn release(&self, lease: Lease) {
+        let mut st = self.state.lock();
+        if let Some(e) = st.entries.peek_mut(&lease.key) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+
+    /// Takes least-recently-used unpinned blocks out of the index to make room for blocks of
+    /// `lens`: for each, one victim of the same slot size when there is one, else the oldest of
+    /// any size. The victims' slots stay allocated — read them with [`Self::victim_data`] and
+    /// then [`Self::free_victims`].
+    pub fn take_victims(&self, lens: &[u64]) -> Vec<Victim> {
+        let mut st = self.state.lock();
+        let mut out = Vec::new();
+        for &len in lens {
+            let size = slot_size_for(len);
+            let mut fallback = None;
+            let mut found = None;
+            for (k, e) in st.entries.iter().rev() {
+                if e.pins > 0 {
+                    continue;
+                }
+                if e.slot.size == size {
+                    found = Some(*k);
+                    break;
+                }
+                fallback.get_or_insert(*k);
+            }
+            let Some(k) = found.or(fallback) else { break };
+            if let Some(e) = st.entries.pop(&k) {
+                out.push(Victim {
+                    key: k,
+                    offset: self.offset(&e.slot),
+                    len: e.len,
+                    slot: e.slot,
+                });
+            }
+        }
+        drop(st);
+        TierCounters::add(&self.counters.evictions, out.len() as u64);
+        out
+    }
+
+    /// The payload of a victim, readable until it is freed.
+    pub fn victim_data(&self, v: &Victim) -> &[u8] {
+        // SAFETY: a victim's slot is out of the index (no new readers or pins) and not free (no
+        // writer) until `free_victims`, which needs the victims by value; no pins remained when
+        // it was taken.
+        unsafe { self.arena.slice(v.offset, v.len as usize) }
+    }
+
+    /// Frees victims' slots; counts the ones written to the next tier as demotions.
+    pub fn free_victims(&self, victims: Vec<Victim>, demoted: u64) {
+        let mut st = self.state.lock();
+        for v in victims {
+            st.alloc.free(v.slot);
+        }
+        drop(st);
+        TierCounters::add(&self.counters.demotions, demoted);
+    }
+
+    pub(crate) fn count_promotions(&self, n: u64) {
+        TierCounters::add(&self.counters.promotions, n);
+    }
+
+    /// Whether the block is committed here (does not touch the LRU order).
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.state.lock().entries.contains(key)
+    }
+
+    /// For each key, whether it is committed here (one lock acquisition).
+    pub fn contains_many(&self, keys: &[BlockKey]) -> Vec<bool> {
+        let st = self.state.lock();
+        keys.iter().map(|k| st.entries.contains(k)).collect()
+    }
+
+    /// Pins a block without reading it; `false` if absent.
+    pub fn pin(&self, key: &BlockKey) -> bool {
+        self.state.lock().entries.peek_mut(key).map(|e| e.pins += 1).is_some()
+    }
+
+    /// Undoes one pin; `false` if the block was not pinned.
+    pub fn unpin(&self, key: &BlockKey) -> bool {
+        let mut st = self.state.lock();
+        match st.entries.peek_mut(key) {
+            Some(e) if e.pins > 0 => {
+                e.pins -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a block; `false` if absent or pinned.
+    pub fn remove(&self, key: &BlockKey) -> bool {
+        let mut st = self.state.lock();
+        if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
+            return false;
+        }
+        let Some(e) = st.entries.pop(key) else { return false };
+        st.alloc.free(e.slot);
+        drop(st);
+        TierCounters::add(&self.counters.removals, 1);
+        true
+    }
+
+    /// Counts a block that could not be stored.
+    pub(crate) fn count_not_stored(&self, n: u64) {
+        TierCounters::add(&self.counters.not_stored, n);
+    }
+
+    /// Counters and occupancy.
+    pub fn stats(&self) -> TierStats {
+        let st = self.state.lock();
+        self.counters.snapshot(
+            st.entries.len() as u64,
+            st.alloc.used_bytes(),
+            st.alloc.max_slabs() as u64 * self.slab_size,
+        )
+    }
+}
