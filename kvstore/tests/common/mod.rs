@@ -1,0 +1,88 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use kvstore::{BlockHash, BlockKey, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace};
+
+pub fn ns() -> Namespace {
+    Namespace::builder("test-model").kv_dtype("bfloat16").block_size(16).build()
+}
+
+pub fn key(i: u64) -> BlockKey {
+    BlockKey::new(ns(), BlockHash::from_u64(i))
+}
+
+/// Deterministic content for block `i`: every byte depends on the block and its position, so a
+/// torn or misplaced block never matches.
+pub fn payload(i: u64, len: usize) -> Vec<u8> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn host(capacity: u64, slab: u64) -> HostTierConfig {
+    HostTierConfig {
+        capacity,
+        slab_size: slab,
+        huge_pages: HugePages::Off,
+        name: "kvtier-test".into(),
+    }
+}
+
+pub fn disk(dir: &Path, capacity: u64, slab: u64, engine: IoEngineChoice) -> DiskTierConfig {
+    DiskTierConfig {
+        slab_size: slab,
+        queue_depth: 8,
+        engine,
+        ..DiskTierConfig::new(dir, capacity)
+    }
+}
+
+/// A scratch directory on the same filesystem as the build (not tmpfs), so O_DIRECT works.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("kvtier-test-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("scratch dir")
+}
+
+/// Runs the `#[ignore]`d test `name` of this test binary as a child process with `env` set.
+pub fn spawn_child(name: &str, env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("KVTIER_TEST_CHILD", name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Reads an environment variable the parent test set for a child; panics with an explanation
+/// when the child half of a test is run on its own.
+pub fn child_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} unset: this is the child half of a multi-process test, started by its parent test")
+    })
+}
+
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Whether tests that need privileges (mounts) must run rather than skip: set by the test
+/// script when it runs as root.
+pub fn strict() -> bool {
+    std::env::var_os("KVTIER_TEST_STRICT").is_some()
+}

@@ -1,0 +1,270 @@
+//! The tier cascade on real files, real io_uring and a real memfd arena.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kvstore::{DiskTier, IoEngineChoice, NotStoredReason, PutOutcome, StoreConfig, TierLevel, TieredStore};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const BLOCK: usize = 64 * 1024;
+
+fn store(dir: &std::path::Path, engine: IoEngineChoice) -> TieredStore {
+    // Host: 8 slabs of 1 MiB = 128 slots of 64 KiB.
+    TieredStore::open(StoreConfig {
+        host: host(8 * MIB, MIB),
+        disk: Some(disk(dir, 64 * MIB, 4 * MIB, engine)),
+    })
+    .expect("open store")
+}
+
+fn check(store: &TieredStore, i: u64) -> Option<TierLevel> {
+    let mut buf = vec![0u8; BLOCK];
+    let hit = store.get(&key(i), &mut buf).expect("get")?;
+    assert_eq!(hit.len as usize, BLOCK);
+    assert!(buf == payload(i, BLOCK), "block {i} content differs");
+    Some(hit.tier)
+}
+
+fn demote_promote_reopen(engine: IoEngineChoice, expect_engine: &str) {
+    let dir = scratch();
+    {
+        let s = store(dir.path(), engine);
+        assert_eq!(s.disk().unwrap().engine_name(), expect_engine);
+        for i in 0..200 {
+            assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+        }
+        let st = s.stats();
+        let d = st.disk.unwrap();
+        assert_eq!((st.host.stores, st.host.blocks), (200, 128));
+        assert_eq!((st.host.evictions, st.host.demotions), (72, 72));
+        assert_eq!((d.stores, d.blocks), (72, 72));
+        assert_eq!(s.lookup_prefix(&(0..200).map(key).collect::<Vec<_>>()).count_in(TierLevel::Disk), 72);
+
+        // The oldest ten were demoted: reading them promotes each back, demoting one more each.
+        for i in 0..10 {
+            assert_eq!(check(&s, i), Some(TierLevel::Disk));
+        }
+        let st = s.stats();
+        let d = st.disk.unwrap();
+        assert_eq!((st.host.promotions, st.host.misses, st.host.hits), (10, 10, 0));
+        assert_eq!((st.host.evictions, st.host.demotions), (82, 82));
+        assert_eq!((d.hits, d.stores, d.blocks), (10, 82, 82));
+        assert_eq!(check(&s, 0), Some(TierLevel::Host));
+        assert_eq!(s.stats().host.hits, 1);
+
+        // Evict the whole host: the ten promoted blocks are still on disk and are not rewritten.
+        for i in 1000..1128 {
+            assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+        }
+        let st = s.stats();
+        assert_eq!((st.host.evictions, st.host.demotions), (82 + 128, 82 + 118));
+        assert_eq!(st.disk.unwrap().blocks, 200);
+    }
+    // Clean shutdown, reopen: everything that reached disk is served from disk.
+    let s = store(dir.path(), engine);
+    assert_eq!(s.stats().disk.unwrap().blocks, 200);
+    for i in 0..200 {
+        assert_eq!(check(&s, i), Some(TierLevel::Disk), "block {i}");
+    }
+    for i in 1000..1128 {
+        assert_eq!(check(&s, i), None, "host-only block {i} cannot survive a restart");
+    }
+}
+
+#[test]
+fn demotion_promotion_and_reopen_io_uring() {
+    demote_promote_reopen(IoEngineChoice::IoUring, "io_uring");
+}
+
+#[test]
+fn demotion_promotion_and_reopen_psync() {
+    demote_promote_reopen(IoEngineChoice::Psync, "psync");
+}
+
+#[test]
+fn thousands_of_blocks_round_trip_through_host_and_disk() {
+    let dir = scratch();
+    let s = TieredStore::open(StoreConfig {
+        host: host(8 * MIB, MIB),
+        disk: Some(disk(dir.path(), 256 * MIB, 4 * MIB, IoEngineChoice::Auto)),
+    })
+    .unwrap();
+    let sizes = [4096usize, 16 * 1024, 64 * 1024, 100_000];
+    let n = 3000u64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let data: Vec<Vec<u8>> = chunk.iter().map(|&i| payload(i, sizes[i as usize % 4])).collect();
+        let items: Vec<_> = chunk.iter().zip(&data).map(|(&i, d)| (key(i), d.as_slice())).collect();
+        for o in s.put_batch(&items) {
+            assert_eq!(o, PutOutcome::Stored);
+        }
+    }
+    let st = s.stats();
+    assert!(st.host.evictions > 0 && st.disk.unwrap().stores > 0);
+    let keys: Vec<_> = (0..n).map(key).collect();
+    let m = s.lookup_prefix(&keys);
+    assert_eq!(m.len, n as usize, "everything fits host + disk");
+    let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 100_000]; 64];
+    for chunk in keys.chunks(64) {
+        let mut views: Vec<&mut [u8]> = bufs.iter_mut().take(chunk.len()).map(|b| b.as_mut_slice()).collect();
+        let res = s.get_batch(chunk, &mut views);
+        for (k, (r, b)) in chunk.iter().zip(res.into_iter().zip(&bufs)) {
+            let i = u64::from_le_bytes(k.hash.as_bytes().try_into().unwrap());
+            let hit = r.unwrap().expect("hit");
+            let want = payload(i, sizes[i as usize % 4]);
+            assert_eq!(hit.len as usize, want.len());
+            assert!(b[..want.len()] == want[..], "block {i}");
+        }
+    }
+}
+
+#[test]
+fn flipped_byte_on_disk_is_a_counted_miss() {
+    let dir = scratch();
+    let cfg = disk(dir.path(), 8 * MIB, MIB, IoEngineChoice::Auto);
+    {
+        let d = DiskTier::open(cfg.clone()).unwrap();
+        let items = [(key(1), &payload(1, 10_000)[..]), (key(2), &payload(2, 10_000)[..])];
+        assert_eq!(d.put_batch(&items), vec![PutOutcome::Stored; 2]);
+    }
+    // Both records sit in slab 0; flip one payload byte of the first record (after its header
+    // page), whichever slot it landed in, by finding its payload bytes in the file.
+    let slab = dir.path().join("slab-00000.dat");
+    let mut bytes = std::fs::read(&slab).unwrap();
+    let needle = &payload(1, 10_000)[..64];
+    let at = bytes.windows(64).position(|w| w == needle).expect("payload on disk");
+    bytes[at + 5000] ^= 0x01;
+    std::fs::write(&slab, &bytes).unwrap();
+
+    let d = DiskTier::open(cfg).unwrap();
+    let mut got = Vec::new();
+    let hits = d.get_batch(&[key(1), key(2)], |i, p| got.push((i, p.to_vec())));
+    assert_eq!(hits, vec![false, true]);
+    assert_eq!(got, vec![(1, payload(2, 10_000))]);
+    let st = d.stats();
+    assert_eq!((st.checksum_failures, st.misses, st.hits), (1, 1, 1));
+    assert!(!d.contains(&key(1)), "a corrupt block is dropped");
+}
+
+#[test]
+fn pinned_blocks_are_never_evicted() {
+    let dir = scratch();
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..10 {
+        s.put(&key(i), &payload(i, BLOCK));
+        assert_eq!(s.pin(&key(i)), Some(TierLevel::Host));
+    }
+    for i in 10..400 {
+        assert!(s.put(&key(i), &payload(i, BLOCK)).is_present());
+    }
+    for i in 0..10 {
+        assert_eq!(s.contains(&key(i)), Some(TierLevel::Host), "pinned block {i} stayed in host");
+        assert!(s.unpin(&key(i)));
+    }
+    assert!(!s.unpin(&key(0)), "unpin without pin");
+}
+
+#[test]
+fn host_only_store_drops_evictions_and_declines_when_all_pinned() {
+    let s = TieredStore::open(StoreConfig {
+        host: host(2 * MIB, MIB),
+        disk: None,
+    })
+    .unwrap();
+    for i in 0..32 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+        s.pin(&key(i));
+    }
+    assert_eq!(
+        s.put(&key(99), &payload(99, BLOCK)),
+        PutOutcome::NotStored(NotStoredReason::NoSpace)
+    );
+    assert_eq!(s.put(&key(0), &payload(0, BLOCK)), PutOutcome::AlreadyStored);
+    assert_eq!(
+        s.put(&key(98), &vec![0u8; 2 * MIB as usize]),
+        PutOutcome::NotStored(NotStoredReason::TooLarge)
+    );
+    for i in 0..32 {
+        s.unpin(&key(i));
+    }
+    assert_eq!(s.put(&key(99), &payload(99, BLOCK)), PutOutcome::Stored);
+    assert_eq!(s.stats().host.evictions, 1);
+    assert_eq!(s.contains(&key(0)), None, "the LRU block went");
+}
+
+#[test]
+fn remove_drops_every_copy() {
+    let dir = scratch();
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..200 {
+        s.put(&key(i), &payload(i, BLOCK));
+    }
+    check(&s, 0); // now in host and on disk
+    assert!(s.remove(&key(0)));
+    assert_eq!(s.contains(&key(0)), None);
+    assert!(!s.remove(&key(0)));
+    let keys: Vec<_> = (0..5).map(key).collect();
+    assert_eq!(s.lookup_prefix(&keys).len, 0);
+    assert_eq!(s.lookup_prefix(&keys[1..]).len, 4);
+}
+
+#[test]
+fn concurrent_callers_get_correct_data() {
+    let dir = scratch();
+    let s = Arc::new(store(dir.path(), IoEngineChoice::Auto));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = Arc::clone(&s);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = t + 1;
+                let mut buf = vec![0u8; BLOCK];
+                let mut ops = 0u64;
+                while ops < 3000 && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let i = x % 300;
+                    match x % 7 {
+                        0..=2 => {
+                            s.put(&key(i), &payload(i, BLOCK));
+                        }
+                        3..=4 => {
+                            if let Some(_hit) = s.get(&key(i), &mut buf).unwrap() {
+                                assert!(buf == payload(i, BLOCK), "block {i} corrupted under concurrency");
+                            }
+                        }
+                        5 => {
+                            if s.pin(&key(i)).is_some() {
+                                s.unpin(&key(i));
+                            }
+                            s.lookup_prefix(&[key(i), key(i + 1)]);
+                        }
+                        _ => {
+                            s.remove(&key(i));
+                        }
+                    }
+                    ops += 1;
+                }
+                ops
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().expect("worker panicked")).sum();
+    stop.store(true, Ordering::Relaxed);
+    assert!(total > 1000, "only {total} operations ran");
+    // Afterwards every stored block is intact and accounting is consistent.
+    let st = s.stats();
+    assert_eq!(st.host.used_bytes, st.host.blocks * BLOCK as u64);
+    for i in 0..300 {
+        if s.contains(&key(i)).is_some() {
+            assert!(check(&s, i).is_some());
+        }
+    }
+}
