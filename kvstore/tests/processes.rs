@@ -37,18 +37,28 @@ fn second_process_reads_and_writes_the_arena() {
             ("WRITE_AT", format!("{}:{}", res.offset, res.len)),
         ],
     );
-    // SAFETY: between fork and exec only dup2 runs, which is async-signal-safe; it installs the
-    // arena fd as CHILD_FD without CLOEXEC so the child inherits it.
+    // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; they
+    // install the arena fd as CHILD_FD without CLOEXEC so the child inherits it (dup2 onto
+    // itself keeps the flag, hence the explicit clear).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(arena_fd, CHILD_FD) < 0 {
+            if arena_fd != CHILD_FD && libc::dup2(arena_fd, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(CHILD_FD, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
+    cmd.stderr(std::process::Stdio::piped());
     let out = cmd.output().expect("spawn child");
-    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "child failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     s.release(lease);
     s.host().commit(res);
     let mut buf = vec![0u8; 50_000];

@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -24,28 +25,37 @@ pub enum IoKind {
     Write,
 }
 
-/// One aligned transfer between `buf[..len]` and `file` at `offset`.
+/// One aligned transfer between `buf[..len]` and `file` at `offset`. The operation owns its
+/// buffer while in flight and hands it back on completion, so no borrow outlives the I/O.
 #[derive(Debug)]
-pub struct IoRequest<'a> {
+pub struct IoOp {
     /// The slab file.
-    pub file: &'a File,
+    pub file: Arc<File>,
     /// Byte offset in the file (a multiple of [`IO_ALIGN`]).
     pub offset: u64,
     /// The buffer.
-    pub buf: &'a mut AlignedBuf,
+    pub buf: AlignedBuf,
     /// Bytes to transfer (a multiple of [`IO_ALIGN`], at most `buf.capacity()`).
     pub len: usize,
     /// Read or write.
     pub kind: IoKind,
 }
 
-/// Executes batches of requests. Implementations keep up to their queue depth in flight.
+/// Executes batches of operations, streaming: operation `i` is prepared just before it is
+/// submitted and completed as soon as it finishes, so filling and draining buffers (copies,
+/// checksums) overlaps the I/O of the other operations in flight.
 pub trait IoEngine: Send + Sync + Debug {
     /// Short name for logs and benchmarks (`io_uring`, `psync`).
     fn name(&self) -> &'static str;
-    /// Runs every request to completion; one result per request, in order. A short transfer is
-    /// an error.
-    fn run(&self, reqs: &mut [IoRequest<'_>]) -> Vec<io::Result<()>>;
+    /// Runs operations `0..n`: `prepare(i)` builds operation `i`, `complete(i, op, result)`
+    /// receives it back, in completion order. Every prepared operation is completed exactly
+    /// once before `run` returns. A short transfer is an error.
+    fn run(
+        &self,
+        n: usize,
+        prepare: &mut dyn FnMut(usize) -> IoOp,
+        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+    );
 }
 
 /// A zeroed heap buffer aligned to [`IO_ALIGN`], as O_DIRECT requires.

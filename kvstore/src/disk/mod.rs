@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::key::BlockKey;
 use crate::outcome::{NotStoredReason, PutOutcome};
 use crate::stats::{TierCounters, TierStats};
-use engine::{AlignedBuf, BufferPool, IO_ALIGN, IoEngine, IoKind, IoRequest};
+use engine::{AlignedBuf, BufferPool, IO_ALIGN, IoEngine, IoKind, IoOp};
 use journal::{EntryRecord, Journal, Record};
 
 /// Which I/O engine the disk tier uses.
@@ -405,7 +405,8 @@ impl DiskTier {
         }
     }
 
-    /// Writes a batch of blocks, several in flight.
+    /// Writes a batch of blocks, several in flight; each block is copied into its I/O buffer
+    /// just before submission, overlapping the writes already in flight.
     pub fn put_batch(&self, items: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
         let mut out = vec![PutOutcome::AlreadyStored; items.len()];
         let mut todo: Vec<(usize, Slot)> = Vec::with_capacity(items.len());
@@ -431,31 +432,43 @@ impl DiskTier {
             // Removals are journaled before any of their slots is rewritten.
             self.journal(&mut st, &log);
         }
-        let mut bufs = Vec::with_capacity(todo.len());
-        let mut sums = Vec::with_capacity(todo.len());
-        let mut lens = Vec::with_capacity(todo.len());
-        for &(i, _) in &todo {
-            let (key, data) = items[i];
-            let len = record_len(data.len() as u64);
-            let mut buf = self.buffers.take(len as usize);
-            let b = buf.as_mut_slice();
-            let header = BlockHeader::for_payload(key, data);
-            b[..IO_ALIGN].fill(0);
-            header.encode(&mut b[..HEADER_LEN]);
-            b[IO_ALIGN..IO_ALIGN + data.len()].copy_from_slice(data);
-            b[IO_ALIGN + data.len()..len as usize].fill(0);
-            bufs.push(buf);
-            sums.push(header.checksum);
-            lens.push(len);
-        }
-        let results = self.run_io(&todo, &mut bufs, &lens, IoKind::Write);
+        let files = self.slabs.read().clone();
+        let mut sums = vec![0u64; todo.len()];
+        let mut results: Vec<Option<std::io::Result<()>>> = (0..todo.len()).map(|_| None).collect();
+        self.engine.run(
+            todo.len(),
+            &mut |j| {
+                let (i, slot) = todo[j];
+                let (key, data) = items[i];
+                let len = record_len(data.len() as u64) as usize;
+                let mut buf = self.buffers.take(len);
+                let b = buf.as_mut_slice();
+                let header = BlockHeader::for_payload(key, data);
+                b[..IO_ALIGN].fill(0);
+                header.encode(&mut b[..HEADER_LEN]);
+                b[IO_ALIGN..IO_ALIGN + data.len()].copy_from_slice(data);
+                b[IO_ALIGN + data.len()..len].fill(0);
+                sums[j] = header.checksum;
+                IoOp {
+                    file: Arc::clone(&files[slot.slab as usize]),
+                    offset: slot.offset_in_slab(),
+                    buf,
+                    len,
+                    kind: IoKind::Write,
+                }
+            },
+            &mut |j, op, r| {
+                self.buffers.give(op.buf);
+                results[j] = Some(r);
+            },
+        );
         let mut st = self.state.lock();
         let mut log = Vec::with_capacity(todo.len());
         let mut written = 0u64;
         for (((i, slot), res), sum) in todo.iter().zip(results).zip(sums) {
             let (key, data) = items[*i];
             st.pending.remove(&key);
-            match res {
+            match res.unwrap_or_else(|| Err(std::io::Error::other("not completed"))) {
                 Ok(()) => {
                     let e = DiskEntry {
                         slot: *slot,
@@ -482,9 +495,6 @@ impl DiskTier {
         }
         self.journal(&mut st, &log);
         drop(st);
-        for b in bufs {
-            self.buffers.give(b);
-        }
         let stored = out.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
         let refused = out.iter().filter(|o| matches!(o, PutOutcome::NotStored(_))).count() as u64;
         TierCounters::add(&self.counters.stores, stored);
@@ -493,43 +503,18 @@ impl DiskTier {
         out
     }
 
-    fn run_io(
-        &self,
-        todo: &[(usize, Slot)],
-        bufs: &mut [AlignedBuf],
-        lens: &[u64],
-        kind: IoKind,
-    ) -> Vec<std::io::Result<()>> {
-        let files = self.slabs.read().clone();
-        let mut reqs: Vec<IoRequest<'_>> = todo
-            .iter()
-            .zip(bufs.iter_mut())
-            .zip(lens)
-            .map(|((&(_, slot), buf), &len)| IoRequest {
-                file: &files[slot.slab as usize],
-                offset: slot.offset_in_slab(),
-                len: len as usize,
-                buf,
-                kind,
-            })
-            .collect();
-        self.engine.run(&mut reqs)
-    }
-
-    /// Reads a batch of blocks; `sink(i, payload)` receives each verified hit. Returns which keys
-    /// hit. A record that fails verification is a miss, counted in `checksum_failures`, and its
-    /// entry is dropped.
+    /// Reads a batch of blocks; `sink(i, payload)` receives each verified hit as its read
+    /// completes (in completion order). Returns which keys hit. A record that fails verification
+    /// is a miss, counted in `checksum_failures`, and its entry is dropped.
     pub fn get_batch(&self, keys: &[BlockKey], mut sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
         let mut hit = vec![false; keys.len()];
-        let mut todo: Vec<(usize, Slot)> = Vec::new();
-        let mut expect: Vec<DiskEntry> = Vec::new();
+        let mut todo: Vec<(usize, DiskEntry)> = Vec::new();
         {
             let mut st = self.state.lock();
             for (i, key) in keys.iter().enumerate() {
                 if let Some(e) = st.entries.get_mut(key) {
                     e.pins += 1;
-                    todo.push((i, e.slot));
-                    expect.push(*e);
+                    todo.push((i, *e));
                 }
             }
         }
@@ -537,38 +522,47 @@ impl DiskTier {
         if todo.is_empty() {
             return hit;
         }
-        let mut bufs: Vec<AlignedBuf> = expect
-            .iter()
-            .map(|e| self.buffers.take(record_len(e.len) as usize))
-            .collect();
-        let lens: Vec<u64> = expect.iter().map(|e| record_len(e.len)).collect();
-        let results = self.run_io(&todo, &mut bufs, &lens, IoKind::Read);
+        let files = self.slabs.read().clone();
         let mut bad = Vec::new();
         let mut read_bytes = 0u64;
-        for (((&(i, _), res), buf), e) in todo.iter().zip(results).zip(&bufs).zip(&expect) {
-            let b = buf.as_slice();
-            let payload = &b[IO_ALIGN..IO_ALIGN + e.len as usize];
-            let valid = res.is_ok()
-                && BlockHeader::decode(b).is_some_and(|h| h.key == keys[i] && h.len == e.len && h.checksum == e.checksum)
-                && checksum(payload) == e.checksum;
-            if valid {
-                sink(i, payload);
-                hit[i] = true;
-                read_bytes += e.len;
-            } else {
-                match res {
-                    Err(err) => tracing::warn!(error = %err, "disk tier read failed; reporting a miss"),
-                    Ok(()) => tracing::warn!(key = ?keys[i], "disk tier block failed verification; reporting a miss"),
+        self.engine.run(
+            todo.len(),
+            &mut |j| {
+                let e = &todo[j].1;
+                let len = record_len(e.len) as usize;
+                IoOp {
+                    file: Arc::clone(&files[e.slot.slab as usize]),
+                    offset: e.slot.offset_in_slab(),
+                    buf: self.buffers.take(len),
+                    len,
+                    kind: IoKind::Read,
                 }
-                bad.push(keys[i]);
-            }
-        }
-        for b in bufs {
-            self.buffers.give(b);
-        }
+            },
+            &mut |j, op, res| {
+                let (i, e) = &todo[j];
+                let b = op.buf.as_slice();
+                let payload = &b[IO_ALIGN..IO_ALIGN + e.len as usize];
+                let valid = res.is_ok()
+                    && BlockHeader::decode(b)
+                        .is_some_and(|h| h.key == keys[*i] && h.len == e.len && h.checksum == e.checksum)
+                    && checksum(payload) == e.checksum;
+                if valid {
+                    sink(*i, payload);
+                    hit[*i] = true;
+                    read_bytes += e.len;
+                } else {
+                    match res {
+                        Err(err) => tracing::warn!(error = %err, "disk tier read failed; reporting a miss"),
+                        Ok(()) => tracing::warn!(key = ?keys[*i], "disk tier block failed verification; reporting a miss"),
+                    }
+                    bad.push(keys[*i]);
+                }
+                self.buffers.give(op.buf);
+            },
+        );
         let mut st = self.state.lock();
-        for &(i, _) in &todo {
-            if let Some(e) = st.entries.peek_mut(&keys[i]) {
+        for (i, _) in &todo {
+            if let Some(e) = st.entries.peek_mut(&keys[*i]) {
                 e.pins = e.pins.saturating_sub(1);
             }
         }

@@ -1,17 +1,19 @@
-//! The io_uring engine: one submission carries a whole batch, up to the queue depth in flight.
+//! The io_uring engine: operations stream into the submission queue as they are prepared, up to
+//! the queue depth in flight, and complete as the kernel finishes them.
 //!
 //! Rings are pooled: a caller takes a ring for its batch and returns it, so concurrent callers
 //! never share a submission queue and need no lock while I/O is in flight.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 
 use io_uring::{IoUring, opcode, types};
 use parking_lot::Mutex;
 
-use super::engine::{IoEngine, IoKind, IoRequest, short_transfer};
+use super::engine::{AlignedBuf, IO_ALIGN, IoEngine, IoKind, IoOp, short_transfer};
 
-/// io_uring with `queue_depth` requests in flight per batch.
+/// io_uring with `queue_depth` operations in flight per batch.
 pub struct UringEngine {
     queue_depth: u32,
     rings: Mutex<Vec<IoUring>>,
@@ -24,6 +26,11 @@ impl std::fmt::Debug for UringEngine {
             .field("idle_rings", &self.rings.lock().len())
             .finish()
     }
+}
+
+struct InFlight {
+    op: IoOp,
+    done: usize,
 }
 
 impl UringEngine {
@@ -45,90 +52,122 @@ impl UringEngine {
         IoUring::new(self.queue_depth)
     }
 
-    fn sqe(req: &mut IoRequest<'_>, idx: usize, done: usize) -> io_uring::squeue::Entry {
-        let fd = types::Fd(req.file.as_raw_fd());
-        let remaining = (req.len - done) as u32;
-        let ptr = req.buf.as_mut_slice()[done..].as_mut_ptr();
-        let off = req.offset + done as u64;
-        let e = match req.kind {
+    fn sqe(f: &mut InFlight, idx: usize) -> io_uring::squeue::Entry {
+        let fd = types::Fd(f.op.file.as_raw_fd());
+        let remaining = (f.op.len - f.done) as u32;
+        let ptr = f.op.buf.as_mut_slice()[f.done..].as_mut_ptr();
+        let off = f.op.offset + f.done as u64;
+        let e = match f.op.kind {
             IoKind::Read => opcode::Read::new(fd, ptr, remaining).offset(off).build(),
             IoKind::Write => opcode::Write::new(fd, ptr, remaining).offset(off).build(),
         };
         e.user_data(idx as u64)
     }
 
-    fn run_on(&self, ring: &mut IoUring, reqs: &mut [IoRequest<'_>]) -> Vec<io::Result<()>> {
-        let n = reqs.len();
-        let mut results: Vec<Option<io::Result<()>>> = (0..n).map(|_| None).collect();
-        let mut done = vec![0usize; n];
-        let mut queue: std::collections::VecDeque<usize> = (0..n).collect();
+    /// Returns `Err` only when the ring itself failed; every operation in flight has completed
+    /// (or been drained) by then, so no buffer is still referenced by the kernel.
+    fn run_on(
+        &self,
+        ring: &mut IoUring,
+        n: usize,
+        prepare: &mut dyn FnMut(usize) -> IoOp,
+        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+    ) -> io::Result<()> {
+        let qd = self.queue_depth as usize;
+        let mut slots: Vec<Option<InFlight>> = (0..n).map(|_| None).collect();
+        let mut resubmit: VecDeque<usize> = VecDeque::new();
+        let mut next = 0usize;
         let mut in_flight = 0usize;
         let mut finished = 0usize;
         while finished < n {
-            {
-                let mut sq = ring.submission();
-                while in_flight < self.queue_depth as usize {
-                    let Some(i) = queue.pop_front() else { break };
-                    let e = Self::sqe(&mut reqs[i], i, done[i]);
-                    // SAFETY: the buffer and file referenced by the entry live in `reqs`, which
-                    // is borrowed mutably until this function returns, and we do not return
-                    // before every submitted entry has completed (the loop waits for them).
-                    if unsafe { sq.push(&e) }.is_err() {
-                        queue.push_front(i);
-                        break;
+            // Fill the queue: retries first, then newly prepared operations, each submitted at
+            // once so its I/O overlaps the preparation of the next.
+            while in_flight < qd {
+                let idx = match resubmit.pop_front() {
+                    Some(i) => i,
+                    None if next < n => {
+                        slots[next] = Some(InFlight {
+                            op: prepare(next),
+                            done: 0,
+                        });
+                        next += 1;
+                        next - 1
                     }
-                    in_flight += 1;
+                    None => break,
+                };
+                let f = slots[idx].as_mut().expect("prepared");
+                let e = Self::sqe(f, idx);
+                // SAFETY: the entry points into `slots[idx]`'s buffer and file, which stay
+                // alive and unmoved (the AlignedBuf's heap allocation does not move with the
+                // struct) until its completion is reaped below; `run_on` never returns while
+                // entries are in flight.
+                if unsafe { ring.submission().push(&e) }.is_err() {
+                    resubmit.push_front(idx);
+                    break;
+                }
+                in_flight += 1;
+                let more = next < n && in_flight < qd;
+                if more
+                    && let Err(e) = ring.submit()
+                    && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
+                {
+                    return Err(Self::fail(ring, in_flight, &mut slots, complete, e));
                 }
             }
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => {
-                    // The ring is unusable; fail what has not completed yet. Entries already in
-                    // flight still reference our buffers, so drain them before returning.
-                    while in_flight > 0 {
-                        if ring.submit_and_wait(in_flight).is_err() {
-                            break;
-                        }
-                        for cqe in ring.completion() {
-                            let _ = cqe;
-                            in_flight -= 1;
-                        }
-                    }
-                    let kind = e.kind();
-                    return results
-                        .into_iter()
-                        .map(|r| r.unwrap_or_else(|| Err(io::Error::new(kind, e.to_string()))))
-                        .collect();
-                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(Self::fail(ring, in_flight, &mut slots, complete, e)),
             }
-            let cqes: Vec<_> = ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
+            let cqes: Vec<(usize, i32)> = ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
             for (i, res) in cqes {
                 in_flight -= 1;
-                if res == -libc::EAGAIN || res == -libc::EINTR {
-                    queue.push_back(i);
+                let f = slots[i].as_mut().expect("in flight");
+                let outcome = if res == -libc::EAGAIN || res == -libc::EINTR {
+                    None
                 } else if res < 0 {
-                    results[i] = Some(Err(io::Error::from_raw_os_error(-res)));
-                    finished += 1;
+                    Some(Err(io::Error::from_raw_os_error(-res)))
                 } else if res == 0 {
-                    results[i] = Some(Err(short_transfer(reqs[i].kind, done[i], reqs[i].len)));
-                    finished += 1;
+                    Some(Err(short_transfer(f.op.kind, f.done, f.op.len)))
                 } else {
-                    done[i] += res as usize;
-                    if done[i] >= reqs[i].len {
-                        results[i] = Some(Ok(()));
+                    f.done += res as usize;
+                    (f.done >= f.op.len).then_some(Ok(()))
+                };
+                match outcome {
+                    None => resubmit.push_back(i),
+                    Some(r) => {
+                        let f = slots[i].take().expect("in flight");
                         finished += 1;
-                    } else {
-                        queue.push_back(i);
+                        complete(i, f.op, r);
                     }
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("request not completed"))))
-            .collect()
+        Ok(())
+    }
+
+    /// The ring failed: wait for what is in flight, then complete every prepared operation
+    /// with the error. If the kernel cannot even be waited on, the buffers it may still write
+    /// are leaked rather than reused.
+    fn fail(
+        ring: &mut IoUring,
+        mut in_flight: usize,
+        slots: &mut [Option<InFlight>],
+        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        err: io::Error,
+    ) -> io::Error {
+        while in_flight > 0 && ring.submit_and_wait(1).is_ok() {
+            in_flight -= ring.completion().count().min(in_flight);
+        }
+        for (i, s) in slots.iter_mut().enumerate() {
+            if let Some(mut f) = s.take() {
+                if in_flight > 0 {
+                    std::mem::forget(std::mem::replace(&mut f.op.buf, AlignedBuf::new(IO_ALIGN)));
+                }
+                complete(i, f.op, Err(io::Error::new(err.kind(), err.to_string())));
+            }
+        }
+        err
     }
 }
 
@@ -137,18 +176,25 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
 
-    fn run(&self, reqs: &mut [IoRequest<'_>]) -> Vec<io::Result<()>> {
+    fn run(
+        &self,
+        n: usize,
+        prepare: &mut dyn FnMut(usize) -> IoOp,
+        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+    ) {
         let mut ring = match self.ring() {
             Ok(r) => r,
             Err(e) => {
-                return reqs
-                    .iter()
-                    .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-                    .collect();
+                for i in 0..n {
+                    let op = prepare(i);
+                    complete(i, op, Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                return;
             }
         };
-        let out = self.run_on(&mut ring, reqs);
-        self.rings.lock().push(ring);
-        out
+        match self.run_on(&mut ring, n, prepare, complete) {
+            Ok(()) => self.rings.lock().push(ring),
+            Err(e) => tracing::warn!(error = %e, "io_uring ring failed; discarding it"),
+        }
     }
 }
