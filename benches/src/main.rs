@@ -1,1 +1,81 @@
-fn main(){}
+//! `kvbench`: reproducible kvtier benchmarks. Every figure is printed next to a baseline
+//! measured in the same run on the same machine (memcpy, fio), because absolute numbers on
+//! shared machines mean little; the ratio is what the performance contract is about.
+
+mod disk;
+mod host;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvbench", version, about = "kvtier benchmarks with same-run baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Host arena put/get vs memcpy, and disk tier write/read vs fio.
+    Tiers(TiersArgs),
+}
+
+/// Options of `kvbench tiers`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct TiersArgs {
+    /// A short run (seconds) for smoke tests; figures are noisier.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Directory for the disk tier and fio files (must not be tmpfs to measure O_DIRECT).
+    #[arg(long, default_value = "target/kvbench")]
+    pub(crate) dir: PathBuf,
+    /// I/O queue depth for the disk tier and fio.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) queue_depth: u32,
+    /// Repetitions of each measurement; the median is reported.
+    #[arg(long)]
+    pub(crate) reps: Option<usize>,
+    /// Skip the host arena part.
+    #[arg(long)]
+    pub(crate) no_host: bool,
+    /// Skip the disk part.
+    #[arg(long)]
+    pub(crate) no_disk: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Tiers(args) => tiers(&args),
+    }
+}
+
+fn tiers(args: &TiersArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    let reps = args.reps.unwrap_or(if args.quick { 2 } else { 5 });
+    if !args.no_host {
+        rows.extend(host::run(args.quick, reps)?);
+    }
+    if !args.no_disk {
+        rows.extend(disk::run(args, reps)?);
+    }
+    report::print(&rows);
+    if let Some(path) = &args.json {
+        report::write_json(path, &rows, args)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -180,7 +180,15 @@ impl TieredStore {
     /// Pins blocks in the host arena for zero-copy reading, promoting them from disk first where
     /// needed. Each `Some` must be given back with [`Self::release`].
     pub fn acquire_batch(&self, keys: &[BlockKey]) -> Vec<Option<Lease>> {
-        let mut out: Vec<Option<Lease>> = keys.iter().map(|k| self.host.acquire(k)).collect();
+        self.acquire_tiered(keys).into_iter().map(|l| l.map(|(l, _)| l)).collect()
+    }
+
+    /// [`Self::acquire_batch`], also telling which tier each block came from.
+    fn acquire_tiered(&self, keys: &[BlockKey]) -> Vec<Option<(Lease, TierLevel)>> {
+        let mut out: Vec<Option<(Lease, TierLevel)>> = keys
+            .iter()
+            .map(|k| self.host.acquire(k).map(|l| (l, TierLevel::Host)))
+            .collect();
         let Some(disk) = &self.disk else { return out };
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
         if missing.is_empty() {
@@ -223,7 +231,7 @@ impl TieredStore {
         self.host.count_promotions(promoted);
         for i in wanted_idx {
             if out[i].is_none() {
-                out[i] = self.host.acquire_quiet(&keys[i]);
+                out[i] = self.host.acquire_quiet(&keys[i]).map(|l| (l, TierLevel::Disk));
             }
         }
         out
@@ -245,13 +253,12 @@ impl TieredStore {
     /// Copies blocks into the caller's buffers, one per key.
     pub fn get_batch(&self, keys: &[BlockKey], bufs: &mut [&mut [u8]]) -> Vec<Result<Option<Hit>>> {
         assert_eq!(keys.len(), bufs.len(), "one buffer per key");
-        let in_host = self.host.contains_many(keys);
-        let leases = self.acquire_batch(keys);
+        let leases = self.acquire_tiered(keys);
         let mut out = Vec::with_capacity(keys.len());
         let mut direct = Vec::new();
         for (i, lease) in leases.into_iter().enumerate() {
             match lease {
-                Some(l) => {
+                Some((l, tier)) => {
                     let r = if (bufs[i].len() as u64) < l.len {
                         Err(Error::BufferSize {
                             buf: bufs[i].len(),
@@ -259,7 +266,6 @@ impl TieredStore {
                         })
                     } else {
                         self.host.read(&l, bufs[i]);
-                        let tier = if in_host[i] { TierLevel::Host } else { TierLevel::Disk };
                         Ok(Some(Hit { tier, len: l.len }))
                     };
                     self.host.release(l);

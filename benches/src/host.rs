@@ -1,0 +1,177 @@
+//! Host arena put/get bandwidth against plain memcpy with the same sizes, threads and access
+//! pattern.
+
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
+
+use crate::report::{Row, median};
+
+const SIZES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
+
+/// Runs `per_thread(t)` on `threads` threads started together; returns the elapsed seconds.
+fn timed(threads: usize, per_thread: impl Fn(usize) + Sync) -> f64 {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let barrier = &barrier;
+            let per_thread = &per_thread;
+            s.spawn(move || {
+                barrier.wait();
+                per_thread(t);
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        // The scope joins every thread before returning.
+        start
+    })
+    .elapsed()
+    .as_secs_f64()
+}
+
+fn key(ns: Namespace, t: usize, i: u64) -> BlockKey {
+    BlockKey::new(ns, BlockHash::from_u64(((t as u64) << 48) | i))
+}
+
+struct Case {
+    size: u64,
+    threads: usize,
+    /// Blocks in each thread's working set (64 MiB: beyond the caches, so memory bandwidth).
+    blocks: u64,
+    /// Operations per thread per measurement.
+    ops: u64,
+}
+
+fn store(case: &Case) -> Result<TieredStore> {
+    let capacity = case.threads as u64 * case.blocks * case.size;
+    TieredStore::open(StoreConfig {
+        host: HostTierConfig {
+            slab_size: 16 << 20,
+            ..HostTierConfig::new(capacity)
+        },
+        disk: None,
+    })
+    .context("creating the host arena")
+}
+
+fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
+    let size = case.size as usize;
+    let ns = Namespace::builder("kvbench-put").build();
+    let s = store(case)?;
+    let src: Vec<Vec<u8>> = (0..case.threads).map(|t| vec![t as u8 + 1; size]).collect();
+    let mut regions: Vec<Vec<u8>> = (0..case.threads)
+        .map(|_| vec![0u8; size * case.blocks as usize])
+        .collect();
+    let region_ptrs: Vec<RegionPtr> = regions.iter_mut().map(|r| RegionPtr(r.as_mut_ptr())).collect();
+    let bytes = (case.threads as u64 * case.ops * case.size) as f64;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Warm-up: fill the arena once, so the timed runs are in the steady state (every put
+    // evicts the least recently used block).
+    timed(case.threads, |t| {
+        for i in 0..case.blocks {
+            s.put(&key(ns, t, i), &src[t]);
+        }
+    });
+    counter.store(case.blocks, std::sync::atomic::Ordering::Relaxed);
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let first = counter.fetch_add(case.ops, std::sync::atomic::Ordering::Relaxed);
+        ours.push(
+            bytes
+                / timed(case.threads, |t| {
+                    for i in 0..case.ops {
+                        s.put(&key(ns, t, first + i), &src[t]);
+                    }
+                }),
+        );
+        base.push(
+            bytes
+                / timed(case.threads, |t| {
+                    let region = region_ptrs[t].0;
+                    for i in 0..case.ops {
+                        let at = (i % case.blocks) as usize * size;
+                        // SAFETY: each thread writes only its own region, in bounds.
+                        unsafe { std::ptr::copy_nonoverlapping(src[t].as_ptr(), region.add(at), size) };
+                    }
+                }),
+        );
+    }
+    drop(regions);
+    Ok((median(ours) / 1e9, median(base) / 1e9))
+}
+
+fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
+    let size = case.size as usize;
+    let ns = Namespace::builder("kvbench-get").build();
+    let s = store(case)?;
+    let src = vec![7u8; size];
+    let regions: Vec<Vec<u8>> = (0..case.threads)
+        .map(|_| vec![3u8; size * case.blocks as usize])
+        .collect();
+    timed(case.threads, |t| {
+        for i in 0..case.blocks {
+            s.put(&key(ns, t, i), &src);
+        }
+    });
+    let bytes = (case.threads as u64 * case.ops * case.size) as f64;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        ours.push(
+            bytes
+                / timed(case.threads, |t| {
+                    let mut buf = vec![0u8; size];
+                    for i in 0..case.ops {
+                        let hit = s.get(&key(ns, t, i % case.blocks), &mut buf);
+                        assert!(matches!(hit, Ok(Some(_))), "working set fits the arena");
+                    }
+                    std::hint::black_box(&buf);
+                }),
+        );
+        base.push(
+            bytes
+                / timed(case.threads, |t| {
+                    let mut buf = vec![0u8; size];
+                    for i in 0..case.ops {
+                        let at = (i % case.blocks) as usize * size;
+                        buf.copy_from_slice(&regions[t][at..at + size]);
+                        std::hint::black_box(&buf);
+                    }
+                }),
+        );
+    }
+    Ok((median(ours) / 1e9, median(base) / 1e9))
+}
+
+#[derive(Clone, Copy)]
+struct RegionPtr(*mut u8);
+// SAFETY: each thread dereferences only the region of its own index; the regions outlive the
+// threads (scoped).
+unsafe impl Send for RegionPtr {}
+// SAFETY: as above; shared references are only used to copy the pointer value.
+unsafe impl Sync for RegionPtr {}
+
+/// Host arena rows: put and get for every size at 1 and 2 threads.
+pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
+    let working_set: u64 = if quick { 32 << 20 } else { 64 << 20 };
+    let per_thread_bytes: u64 = if quick { 512 << 20 } else { 2 << 30 };
+    let mut rows = Vec::new();
+    for threads in [1usize, 2] {
+        for size in SIZES {
+            let case = Case {
+                size,
+                threads,
+                blocks: working_set / size,
+                ops: per_thread_bytes / size,
+            };
+            eprintln!("host arena: {} KiB blocks, {threads} thread(s)", size >> 10);
+            let (p, pb) = put_gbps(&case, reps)?;
+            rows.push(Row::new("host", "put", size, threads.to_string(), p, "memcpy", pb, "steady state: every put evicts"));
+            let (g, gb) = get_gbps(&case, reps)?;
+            rows.push(Row::new("host", "get", size, threads.to_string(), g, "memcpy", gb, ""));
+        }
+    }
+    Ok(rows)
+}
