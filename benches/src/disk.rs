@@ -20,7 +20,12 @@ fn fio(dir: &Path, rw: &str, bs: u64, qd: u32, size: u64) -> Result<f64> {
         .arg(format!("--bs={bs}"))
         .arg(format!("--iodepth={qd}"))
         .arg(format!("--size={size}"))
-        .args(["--ioengine=io_uring", "--direct=1", "--numjobs=1", "--output-format=json"])
+        .args([
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--numjobs=1",
+            "--output-format=json",
+        ])
         .output()
         .context("running fio (install it: apt-get install fio)")?;
     if !out.status.success() {
@@ -47,10 +52,16 @@ fn ours(dir: &Path, bs: u64, qd: u32, total: u64) -> Result<(f64, f64, String)> 
     let note = format!(
         "{}{}",
         tier.engine_name(),
-        if tier.direct_io() { ", O_DIRECT" } else { ", buffered" }
+        if tier.direct_io() {
+            ", O_DIRECT"
+        } else {
+            ", buffered"
+        }
     );
     let ns = Namespace::builder("kvbench-disk").build();
-    let keys: Vec<BlockKey> = (0..n).map(|i| BlockKey::new(ns, BlockHash::from_u64(i))).collect();
+    let keys: Vec<BlockKey> = (0..n)
+        .map(|i| BlockKey::new(ns, BlockHash::from_u64(i)))
+        .collect();
     let data = vec![0x5au8; bs as usize];
     // Batches of 64 MiB: large enough that the queue stays full, as an engine's save of a long
     // prompt's blocks would.
@@ -86,7 +97,11 @@ fn ours(dir: &Path, bs: u64, qd: u32, total: u64) -> Result<(f64, f64, String)> 
 
 /// Disk rows: write and read per block size.
 pub(crate) fn run(args: &TiersArgs, reps: usize) -> Result<Vec<Row>> {
-    let sizes: &[u64] = if args.quick { &[1 << 20] } else { &[256 << 10, 1 << 20, 4 << 20] };
+    let sizes: &[u64] = if args.quick {
+        &[1 << 20]
+    } else {
+        &[256 << 10, 1 << 20, 4 << 20]
+    };
     let total: u64 = if args.quick { 512 << 20 } else { 2 << 30 };
     let qd = args.queue_depth;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
@@ -111,8 +126,26 @@ pub(crate) fn run(args: &TiersArgs, reps: usize) -> Result<Vec<Row>> {
         let _ = std::fs::remove_dir_all(&fio_dir);
         let qd_s = format!("QD {qd}");
         let base = "fio io_uring O_DIRECT";
-        rows.push(Row::new("disk", "write", bs, qd_s.clone(), median(w) / 1e9, base, median(fw) / 1e9, note.clone()));
-        rows.push(Row::new("disk", "read", bs, qd_s, median(r) / 1e9, base, median(fr) / 1e9, note));
+        rows.push(Row::new(
+            "disk",
+            "write",
+            bs,
+            qd_s.clone(),
+            median(w) / 1e9,
+            base,
+            median(fw) / 1e9,
+            note.clone(),
+        ));
+        rows.push(Row::new(
+            "disk",
+            "read",
+            bs,
+            qd_s,
+            median(r) / 1e9,
+            base,
+            median(fr) / 1e9,
+            note,
+        ));
     }
     Ok(rows)
 }

@@ -168,9 +168,27 @@ pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
             };
             eprintln!("host arena: {} KiB blocks, {threads} thread(s)", size >> 10);
             let (p, pb) = put_gbps(&case, reps)?;
-            rows.push(Row::new("host", "put", size, threads.to_string(), p, "memcpy", pb, "steady state: every put evicts"));
+            rows.push(Row::new(
+                "host",
+                "put",
+                size,
+                threads.to_string(),
+                p,
+                "memcpy",
+                pb,
+                "steady state: every put evicts",
+            ));
             let (g, gb) = get_gbps(&case, reps)?;
-            rows.push(Row::new("host", "get", size, threads.to_string(), g, "memcpy", gb, ""));
+            rows.push(Row::new(
+                "host",
+                "get",
+                size,
+                threads.to_string(),
+                g,
+                "memcpy",
+                gb,
+                "",
+            ));
         }
     }
     Ok(rows)

@@ -12,7 +12,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "kvbench", version, about = "kvtier benchmarks with same-run baselines")]
+#[command(
+    name = "kvbench",
+    version,
+    about = "kvtier benchmarks with same-run baselines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -50,7 +50,11 @@ impl Row {
             kvtier_gbps,
             baseline: baseline.into(),
             baseline_gbps,
-            ratio: if baseline_gbps > 0.0 { kvtier_gbps / baseline_gbps } else { 0.0 },
+            ratio: if baseline_gbps > 0.0 {
+                kvtier_gbps / baseline_gbps
+            } else {
+                0.0
+            },
             note: note.into(),
         }
     }

@@ -1,6 +1,9 @@
 //! Criterion benches of the store's hot metadata paths: the slab allocator, LRU operations of
 //! the host index, and `lookup_prefix`.
-#![expect(missing_docs, reason = "criterion_group! generates an undocumented public function")]
+#![expect(
+    missing_docs,
+    reason = "criterion_group! generates an undocumented public function"
+)]
 
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
 use kvstore::alloc::{SizeClasses, SlabAllocator};
@@ -8,7 +11,9 @@ use kvstore::{BlockHash, BlockKey, HostTierConfig, HugePages, Namespace, StoreCo
 
 fn keys(n: u64) -> Vec<BlockKey> {
     let ns = Namespace::builder("bench").build();
-    (0..n).map(|i| BlockKey::new(ns, BlockHash::from_u64(i))).collect()
+    (0..n)
+        .map(|i| BlockKey::new(ns, BlockHash::from_u64(i)))
+        .collect()
 }
 
 fn allocator(c: &mut Criterion) {

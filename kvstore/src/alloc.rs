@@ -306,7 +306,10 @@ mod tests {
         for len in (1..10_000_000u64).step_by(9973) {
             let s = slot_size_for(len);
             assert!(s >= len && s % SLOT_ALIGN == 0);
-            assert!(s <= (len + SLOT_ALIGN).max(len + len / 8 + SLOT_ALIGN), "{len} -> {s}");
+            assert!(
+                s <= (len + SLOT_ALIGN).max(len + len / 8 + SLOT_ALIGN),
+                "{len} -> {s}"
+            );
         }
     }
 

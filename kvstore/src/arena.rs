@@ -189,9 +189,7 @@ impl HostArena {
         // SAFETY: the range is inside the mapping (checked above) and exclusively ours for the
         // duration of the copy (caller's contract); `src` cannot overlap a range we own
         // exclusively.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset as usize), src.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset as usize), src.len()) };
     }
 
     /// Copies `dst.len()` bytes from the arena at `offset` into `dst`.
@@ -255,7 +253,10 @@ mod tests {
     fn size_is_sealed() {
         let a = HostArena::create("kvtier-test", 2 << 20, HugePages::Off).unwrap();
         let f = File::from(a.fd().try_clone_to_owned().unwrap());
-        assert!(f.set_len(4096).is_err(), "a holder of the fd must not shrink the arena");
+        assert!(
+            f.set_len(4096).is_err(),
+            "a holder of the fd must not shrink the arena"
+        );
     }
 
     #[test]

@@ -97,10 +97,7 @@ mod tests {
     use super::*;
 
     fn key() -> BlockKey {
-        BlockKey::new(
-            Namespace::builder("m").build(),
-            BlockHash::new(b"abc").unwrap(),
-        )
+        BlockKey::new(Namespace::builder("m").build(), BlockHash::new(b"abc").unwrap())
     }
 
     #[test]

@@ -367,7 +367,12 @@ impl HostTier {
 
     /// Pins a block without reading it; `false` if absent.
     pub fn pin(&self, key: &BlockKey) -> bool {
-        self.state.lock().entries.peek_mut(key).map(|e| e.pins += 1).is_some()
+        self.state
+            .lock()
+            .entries
+            .peek_mut(key)
+            .map(|e| e.pins += 1)
+            .is_some()
     }
 
     /// Undoes one pin; `false` if the block was not pinned.
@@ -388,7 +393,9 @@ impl HostTier {
         if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
             return false;
         }
-        let Some(e) = st.entries.pop(key) else { return false };
+        let Some(e) = st.entries.pop(key) else {
+            return false;
+        };
         st.alloc.free(e.slot);
         drop(st);
         TierCounters::add(&self.counters.removals, 1);

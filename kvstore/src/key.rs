@@ -150,7 +150,11 @@ impl NamespaceBuilder {
         field(&mut h, 2, self.revision.as_deref().map(str::as_bytes));
         field(&mut h, 3, self.kv_dtype.as_deref().map(str::as_bytes));
         field(&mut h, 4, self.kv_layout.as_deref().map(str::as_bytes));
-        field(&mut h, 5, self.block_size.map(u32::to_le_bytes).as_ref().map(|b| &b[..]));
+        field(
+            &mut h,
+            5,
+            self.block_size.map(u32::to_le_bytes).as_ref().map(|b| &b[..]),
+        );
         field(&mut h, 6, Some(&self.tp_rank.to_le_bytes()));
         field(&mut h, 7, Some(&self.tp_world.to_le_bytes()));
         field(&mut h, 8, Some(&self.pp_stage.to_le_bytes()));

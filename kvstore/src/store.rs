@@ -180,7 +180,10 @@ impl TieredStore {
     /// Pins blocks in the host arena for zero-copy reading, promoting them from disk first where
     /// needed. Each `Some` must be given back with [`Self::release`].
     pub fn acquire_batch(&self, keys: &[BlockKey]) -> Vec<Option<Lease>> {
-        self.acquire_tiered(keys).into_iter().map(|l| l.map(|(l, _)| l)).collect()
+        self.acquire_tiered(keys)
+            .into_iter()
+            .map(|l| l.map(|(l, _)| l))
+            .collect()
     }
 
     /// [`Self::acquire_batch`], also telling which tier each block came from.
@@ -304,7 +307,10 @@ impl TieredStore {
         if self.host.contains(key) {
             return Some(TierLevel::Host);
         }
-        self.disk.as_ref().filter(|d| d.contains(key)).map(|_| TierLevel::Disk)
+        self.disk
+            .as_ref()
+            .filter(|d| d.contains(key))
+            .map(|_| TierLevel::Disk)
     }
 
     /// How many leading `keys` are stored, and in which tier each one is. Does not change the

@@ -24,7 +24,10 @@ impl SmallFs {
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
-            return Err(format!("mount failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "mount failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(Self { dir })
     }
@@ -53,7 +56,11 @@ fn full_filesystem_caps_the_tier_evicts_and_declines() {
     let mut present = Vec::new();
     for batch in (0..200u64).collect::<Vec<_>>().chunks(10) {
         let data: Vec<Vec<u8>> = batch.iter().map(|&i| payload(i, len)).collect();
-        let items: Vec<_> = batch.iter().zip(&data).map(|(&i, p)| (key(i), p.as_slice())).collect();
+        let items: Vec<_> = batch
+            .iter()
+            .zip(&data)
+            .map(|(&i, p)| (key(i), p.as_slice()))
+            .collect();
         for (&i, o) in batch.iter().zip(d.put_batch(&items)) {
             match o {
                 PutOutcome::Stored => present.push(i),
@@ -63,9 +70,16 @@ fn full_filesystem_caps_the_tier_evicts_and_declines() {
         }
     }
     let st = d.stats();
-    assert!(st.capacity_bytes < 6 * MIB, "the tier capped itself at {} bytes", st.capacity_bytes);
+    assert!(
+        st.capacity_bytes < 6 * MIB,
+        "the tier capped itself at {} bytes",
+        st.capacity_bytes
+    );
     assert!(st.evictions > 0, "it evicted to admit new blocks");
-    assert!(present.len() > 150, "most blocks were admitted by evicting older ones");
+    assert!(
+        present.len() > 150,
+        "most blocks were admitted by evicting older ones"
+    );
     // The newest blocks are there and intact.
     let newest: Vec<_> = (190..200).map(key).collect();
     let mut ok = 0;

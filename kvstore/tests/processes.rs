@@ -64,7 +64,10 @@ fn second_process_reads_and_writes_the_arena() {
     let mut buf = vec![0u8; 50_000];
     let hit = s.get(&key(8), &mut buf).unwrap().expect("committed by the child");
     assert_eq!(hit.tier, TierLevel::Host);
-    assert!(buf == payload(8, 50_000), "the child's write is visible to the owner");
+    assert!(
+        buf == payload(8, 50_000),
+        "the child's write is visible to the owner"
+    );
 }
 
 fn range(var: &str) -> (u64, usize) {
@@ -95,9 +98,12 @@ fn arena_child() {
 #[test]
 fn kill_dash_nine_during_writes_never_serves_a_torn_block() {
     let dir = scratch();
-    let mut child = spawn_child("crash_writer_child", &[("DISK_DIR", dir.path().display().to_string())])
-        .spawn()
-        .expect("spawn writer");
+    let mut child = spawn_child(
+        "crash_writer_child",
+        &[("DISK_DIR", dir.path().display().to_string())],
+    )
+    .spawn()
+    .expect("spawn writer");
     let stdout = child.stdout.take().unwrap();
     let mut committed = 0u64;
     for line in BufReader::new(stdout).lines() {
@@ -113,7 +119,8 @@ fn kill_dash_nine_during_writes_never_serves_a_torn_block() {
     // The writer is mid-batch (it never pauses): kill it without warning.
     kill(&mut child);
 
-    let d = DiskTier::open(disk(dir.path(), 16 * MIB, MIB, IoEngineChoice::Auto)).expect("reopen after crash");
+    let d =
+        DiskTier::open(disk(dir.path(), 16 * MIB, MIB, IoEngineChoice::Auto)).expect("reopen after crash");
     let keys: Vec<_> = (0..committed + 64).map(key).collect();
     let mut served = 0;
     d.get_batch(&keys, |i, p| {
@@ -134,8 +141,15 @@ fn crash_writer_child() {
     let mut next = 0u64;
     loop {
         let ids: Vec<u64> = (next..next + 8).collect();
-        let data: Vec<Vec<u8>> = ids.iter().map(|&i| payload(i, 20_000 + (i as usize % 7) * 3000)).collect();
-        let items: Vec<_> = ids.iter().zip(&data).map(|(&i, p)| (key(i), p.as_slice())).collect();
+        let data: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|&i| payload(i, 20_000 + (i as usize % 7) * 3000))
+            .collect();
+        let items: Vec<_> = ids
+            .iter()
+            .zip(&data)
+            .map(|(&i, p)| (key(i), p.as_slice()))
+            .collect();
         d.put_batch(&items);
         if next >= 64 {
             for i in next - 64..next - 56 {

@@ -43,7 +43,11 @@ fn demote_promote_reopen(engine: IoEngineChoice, expect_engine: &str) {
         assert_eq!((st.host.stores, st.host.blocks), (200, 128));
         assert_eq!((st.host.evictions, st.host.demotions), (72, 72));
         assert_eq!((d.stores, d.blocks), (72, 72));
-        assert_eq!(s.lookup_prefix(&(0..200).map(key).collect::<Vec<_>>()).count_in(TierLevel::Disk), 72);
+        assert_eq!(
+            s.lookup_prefix(&(0..200).map(key).collect::<Vec<_>>())
+                .count_in(TierLevel::Disk),
+            72
+        );
 
         // The oldest ten were demoted: reading them promotes each back, demoting one more each.
         for i in 0..10 {
@@ -98,7 +102,11 @@ fn thousands_of_blocks_round_trip_through_host_and_disk() {
     let n = 3000u64;
     for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
         let data: Vec<Vec<u8>> = chunk.iter().map(|&i| payload(i, sizes[i as usize % 4])).collect();
-        let items: Vec<_> = chunk.iter().zip(&data).map(|(&i, d)| (key(i), d.as_slice())).collect();
+        let items: Vec<_> = chunk
+            .iter()
+            .zip(&data)
+            .map(|(&i, d)| (key(i), d.as_slice()))
+            .collect();
         for o in s.put_batch(&items) {
             assert_eq!(o, PutOutcome::Stored);
         }
@@ -110,7 +118,11 @@ fn thousands_of_blocks_round_trip_through_host_and_disk() {
     assert_eq!(m.len, n as usize, "everything fits host + disk");
     let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 100_000]; 64];
     for chunk in keys.chunks(64) {
-        let mut views: Vec<&mut [u8]> = bufs.iter_mut().take(chunk.len()).map(|b| b.as_mut_slice()).collect();
+        let mut views: Vec<&mut [u8]> = bufs
+            .iter_mut()
+            .take(chunk.len())
+            .map(|b| b.as_mut_slice())
+            .collect();
         let res = s.get_batch(chunk, &mut views);
         for (k, (r, b)) in chunk.iter().zip(res.into_iter().zip(&bufs)) {
             let i = u64::from_le_bytes(k.hash.as_bytes().try_into().unwrap());
@@ -128,7 +140,10 @@ fn flipped_byte_on_disk_is_a_counted_miss() {
     let cfg = disk(dir.path(), 8 * MIB, MIB, IoEngineChoice::Auto);
     {
         let d = DiskTier::open(cfg.clone()).unwrap();
-        let items = [(key(1), &payload(1, 10_000)[..]), (key(2), &payload(2, 10_000)[..])];
+        let items = [
+            (key(1), &payload(1, 10_000)[..]),
+            (key(2), &payload(2, 10_000)[..]),
+        ];
         assert_eq!(d.put_batch(&items), vec![PutOutcome::Stored; 2]);
     }
     // Both records sit in slab 0; flip one payload byte of the first record (after its header
@@ -136,7 +151,10 @@ fn flipped_byte_on_disk_is_a_counted_miss() {
     let slab = dir.path().join("slab-00000.dat");
     let mut bytes = std::fs::read(&slab).unwrap();
     let needle = &payload(1, 10_000)[..64];
-    let at = bytes.windows(64).position(|w| w == needle).expect("payload on disk");
+    let at = bytes
+        .windows(64)
+        .position(|w| w == needle)
+        .expect("payload on disk");
     bytes[at + 5000] ^= 0x01;
     std::fs::write(&slab, &bytes).unwrap();
 
@@ -162,7 +180,11 @@ fn pinned_blocks_are_never_evicted() {
         assert!(s.put(&key(i), &payload(i, BLOCK)).is_present());
     }
     for i in 0..10 {
-        assert_eq!(s.contains(&key(i)), Some(TierLevel::Host), "pinned block {i} stayed in host");
+        assert_eq!(
+            s.contains(&key(i)),
+            Some(TierLevel::Host),
+            "pinned block {i} stayed in host"
+        );
         assert!(s.unpin(&key(i)));
     }
     assert!(!s.unpin(&key(0)), "unpin without pin");
@@ -256,7 +278,10 @@ fn concurrent_callers_get_correct_data() {
             })
         })
         .collect();
-    let total: u64 = threads.into_iter().map(|t| t.join().expect("worker panicked")).sum();
+    let total: u64 = threads
+        .into_iter()
+        .map(|t| t.join().expect("worker panicked"))
+        .sum();
     stop.store(true, Ordering::Relaxed);
     assert!(total > 1000, "only {total} operations ran");
     // Afterwards every stored block is intact and accounting is consistent.

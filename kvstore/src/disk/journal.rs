@@ -342,8 +342,12 @@ mod tests {
         {
             let (mut j, rec) = Journal::open(dir.path(), false).unwrap();
             assert!(rec.entries.is_empty());
-            j.append(&[Record::Put(entry(1)), Record::Put(entry(2)), Record::Put(entry(3))])
-                .unwrap();
+            j.append(&[
+                Record::Put(entry(1)),
+                Record::Put(entry(2)),
+                Record::Put(entry(3)),
+            ])
+            .unwrap();
             j.append(&[Record::Remove(entry(2).key)]).unwrap();
             // A torn half record at the end, as a crash mid-append leaves it.
             let mut half = [0u8; RECORD_LEN];
@@ -359,7 +363,13 @@ mod tests {
         assert_eq!(rec.entries, vec![entry(3)]);
         let journals = fs::read_dir(dir.path())
             .unwrap()
-            .filter(|d| d.as_ref().unwrap().file_name().to_string_lossy().starts_with("journal-"))
+            .filter(|d| {
+                d.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("journal-")
+            })
             .count();
         assert_eq!(journals, 1, "covered journals are deleted");
     }

@@ -156,9 +156,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .map_err(|e| Error::io("open", &path, e))?;
     // SAFETY: flock on an fd we own; no memory is passed.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::Locked {
-            path: dir.to_owned(),
-        });
+        return Err(Error::Locked { path: dir.to_owned() });
     }
     Ok(f)
 }
@@ -174,7 +172,8 @@ fn choose_engine(cfg: &DiskTierConfig, direct: bool) -> Result<Box<dyn IoEngine>
         IoEngineChoice::Psync => psync(),
         #[cfg(all(target_os = "linux", feature = "io-uring"))]
         IoEngineChoice::IoUring => Ok(Box::new(
-            uring::UringEngine::new(cfg.queue_depth).map_err(|e| Error::io("io_uring setup for", &cfg.dir, e))?,
+            uring::UringEngine::new(cfg.queue_depth)
+                .map_err(|e| Error::io("io_uring setup for", &cfg.dir, e))?,
         )),
         #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
         IoEngineChoice::IoUring => Err(Error::InvalidConfig {
@@ -239,7 +238,10 @@ impl DiskTier {
         }
         let (journal, recovered) = Journal::open(&cfg.dir, cfg.sync_metadata)?;
         if recovered.torn_records > 0 {
-            tracing::warn!(torn = recovered.torn_records, "disk tier journal ended in a torn record (crash); ignoring it");
+            tracing::warn!(
+                torn = recovered.torn_records,
+                "disk tier journal ended in a torn record (crash); ignoring it"
+            );
         }
         let mut live = Vec::with_capacity(recovered.entries.len());
         // Newest first: if two records claim one slot, the newer write owns it.
@@ -496,7 +498,10 @@ impl DiskTier {
         self.journal(&mut st, &log);
         drop(st);
         let stored = out.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
-        let refused = out.iter().filter(|o| matches!(o, PutOutcome::NotStored(_))).count() as u64;
+        let refused = out
+            .iter()
+            .filter(|o| matches!(o, PutOutcome::NotStored(_)))
+            .count() as u64;
         TierCounters::add(&self.counters.stores, stored);
         TierCounters::add(&self.counters.not_stored, refused);
         TierCounters::add(&self.counters.bytes_written, written);
@@ -602,7 +607,12 @@ impl DiskTier {
 
     /// Pins a block so eviction skips it; `false` if absent.
     pub fn pin(&self, key: &BlockKey) -> bool {
-        self.state.lock().entries.peek_mut(key).map(|e| e.pins += 1).is_some()
+        self.state
+            .lock()
+            .entries
+            .peek_mut(key)
+            .map(|e| e.pins += 1)
+            .is_some()
     }
 
     /// Undoes one [`Self::pin`]; `false` if the block was not pinned.
@@ -623,7 +633,9 @@ impl DiskTier {
         if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
             return false;
         }
-        let Some(e) = st.entries.pop(key) else { return false };
+        let Some(e) = st.entries.pop(key) else {
+            return false;
+        };
         st.alloc.free(e.slot);
         self.journal(&mut st, &[Record::Remove(*key)]);
         TierCounters::add(&self.counters.removals, 1);

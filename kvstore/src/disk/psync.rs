@@ -30,7 +30,9 @@ impl PsyncEngine {
 fn one(op: &mut IoOp) -> io::Result<()> {
     let len = op.len;
     match op.kind {
-        IoKind::Read => op.file.read_exact_at(&mut op.buf.as_mut_slice()[..len], op.offset),
+        IoKind::Read => op
+            .file
+            .read_exact_at(&mut op.buf.as_mut_slice()[..len], op.offset),
         IoKind::Write => op.file.write_all_at(&op.buf.as_slice()[..len], op.offset),
     }
 }

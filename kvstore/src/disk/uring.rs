@@ -119,7 +119,10 @@ impl UringEngine {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
                 Err(e) => return Err(Self::fail(ring, in_flight, &mut slots, complete, e)),
             }
-            let cqes: Vec<(usize, i32)> = ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
+            let cqes: Vec<(usize, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result()))
+                .collect();
             for (i, res) in cqes {
                 in_flight -= 1;
                 let f = slots[i].as_mut().expect("in flight");

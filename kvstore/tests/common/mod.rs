@@ -7,7 +7,10 @@ use std::process::{Child, Command, Stdio};
 use kvstore::{BlockHash, BlockKey, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace};
 
 pub fn ns() -> Namespace {
-    Namespace::builder("test-model").kv_dtype("bfloat16").block_size(16).build()
+    Namespace::builder("test-model")
+        .kv_dtype("bfloat16")
+        .block_size(16)
+        .build()
 }
 
 pub fn key(i: u64) -> BlockKey {

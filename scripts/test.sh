@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs (idempotently), then format check, clippy with
+# warnings as errors, every test (unit, integration, multi-process, doc), and a kvbench smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+apt_install fio util-linux
+ensure_rust_components
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+# As root the privileged tests (a size-limited tmpfs for ENOSPC) must run, not skip.
+if [ "$(id -u)" -eq 0 ]; then export KVTIER_TEST_STRICT=1; fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+cargo nextest run --workspace --locked --no-fail-fast
+echo "== doc tests"
+cargo test --workspace --locked --doc
+echo "== kvbench smoke run"
+cargo run --release --locked -p kvtier-benches --bin kvbench -- tiers --quick --reps 1 --dir target/kvbench
