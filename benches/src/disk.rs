@@ -51,7 +51,7 @@ fn ours(dir: &Path, bs: u64, qd: u32, total: u64) -> Result<(f64, f64, String)> 
     })?;
     let note = format!(
         "{}{}",
-        tier.engine_name(),
+        tier.engine_description(),
         if tier.direct_io() {
             ", O_DIRECT"
         } else {

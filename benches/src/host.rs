@@ -5,7 +5,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
+use kvstore::{
+    BlockHash, BlockKey, HostArena, HostTierConfig, HugePages, Namespace, StoreConfig, TieredStore,
+};
 
 use crate::report::{Row, median};
 
@@ -62,10 +64,14 @@ fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
     let ns = Namespace::builder("kvbench-put").build();
     let s = store(case)?;
     let src: Vec<Vec<u8>> = (0..case.threads).map(|t| vec![t as u8 + 1; size]).collect();
-    let mut regions: Vec<Vec<u8>> = (0..case.threads)
-        .map(|_| vec![0u8; size * case.blocks as usize])
-        .collect();
-    let region_ptrs: Vec<RegionPtr> = regions.iter_mut().map(|r| RegionPtr(r.as_mut_ptr())).collect();
+    let regions = baseline_regions(case)?;
+    // Touch the baseline regions as the warm-up below touches the arena.
+    for r in &regions {
+        for at in (0..r.len()).step_by(4096) {
+            // SAFETY: in bounds; no other thread uses the region yet.
+            unsafe { r.write_at(at, &[0]) };
+        }
+    }
     let bytes = (case.threads as u64 * case.ops * case.size) as f64;
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Warm-up: fill the arena once, so the timed runs are in the steady state (every put
@@ -76,31 +82,28 @@ fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
         }
     });
     counter.store(case.blocks, std::sync::atomic::Ordering::Relaxed);
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
+    let ours = || {
         let first = counter.fetch_add(case.ops, std::sync::atomic::Ordering::Relaxed);
-        ours.push(
-            bytes
-                / timed(case.threads, |t| {
-                    for i in 0..case.ops {
-                        s.put(&key(ns, t, first + i), &src[t]);
-                    }
-                }),
-        );
-        base.push(
-            bytes
-                / timed(case.threads, |t| {
-                    let region = region_ptrs[t].0;
-                    for i in 0..case.ops {
-                        let at = (i % case.blocks) as usize * size;
-                        // SAFETY: each thread writes only its own region, in bounds.
-                        unsafe { std::ptr::copy_nonoverlapping(src[t].as_ptr(), region.add(at), size) };
-                    }
-                }),
-        );
-    }
+        bytes
+            / timed(case.threads, |t| {
+                for i in 0..case.ops {
+                    s.put(&key(ns, t, first + i), &src[t]);
+                }
+            })
+    };
+    let base = || {
+        bytes
+            / timed(case.threads, |t| {
+                for i in 0..case.ops {
+                    let at = (i % case.blocks) * case.size;
+                    // SAFETY: each thread writes only its own region.
+                    unsafe { regions[t].write_at(at, &src[t]) };
+                }
+            })
+    };
+    let (ours, base) = interleaved(reps, ours, base);
     drop(regions);
-    Ok((median(ours) / 1e9, median(base) / 1e9))
+    Ok((ours / 1e9, base / 1e9))
 }
 
 fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
@@ -108,55 +111,79 @@ fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
     let ns = Namespace::builder("kvbench-get").build();
     let s = store(case)?;
     let src = vec![7u8; size];
-    let regions: Vec<Vec<u8>> = (0..case.threads)
-        .map(|_| vec![3u8; size * case.blocks as usize])
-        .collect();
+    let regions = baseline_regions(case)?;
+    for r in &regions {
+        for at in (0..r.len()).step_by(4096) {
+            // SAFETY: in bounds; no other thread uses the region yet.
+            unsafe { r.write_at(at, &[3]) };
+        }
+    }
     timed(case.threads, |t| {
         for i in 0..case.blocks {
             s.put(&key(ns, t, i), &src);
         }
     });
     let bytes = (case.threads as u64 * case.ops * case.size) as f64;
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
-        ours.push(
-            bytes
-                / timed(case.threads, |t| {
-                    let mut buf = vec![0u8; size];
-                    for i in 0..case.ops {
-                        let hit = s.get(&key(ns, t, i % case.blocks), &mut buf);
-                        assert!(matches!(hit, Ok(Some(_))), "working set fits the arena");
-                    }
+    let ours = || {
+        bytes
+            / timed(case.threads, |t| {
+                let mut buf = vec![0u8; size];
+                for i in 0..case.ops {
+                    let hit = s.get(&key(ns, t, i % case.blocks), &mut buf);
+                    assert!(matches!(hit, Ok(Some(_))), "working set fits the arena");
+                }
+                std::hint::black_box(&buf);
+            })
+    };
+    let base = || {
+        bytes
+            / timed(case.threads, |t| {
+                let mut buf = vec![0u8; size];
+                for i in 0..case.ops {
+                    let at = (i % case.blocks) * case.size;
+                    // SAFETY: in bounds; nobody writes the region during the benchmark.
+                    unsafe { regions[t].read_at(at, &mut buf) };
                     std::hint::black_box(&buf);
-                }),
-        );
-        base.push(
-            bytes
-                / timed(case.threads, |t| {
-                    let mut buf = vec![0u8; size];
-                    for i in 0..case.ops {
-                        let at = (i % case.blocks) as usize * size;
-                        buf.copy_from_slice(&regions[t][at..at + size]);
-                        std::hint::black_box(&buf);
-                    }
-                }),
-        );
-    }
-    Ok((median(ours) / 1e9, median(base) / 1e9))
+                }
+            })
+    };
+    let (ours, base) = interleaved(reps, ours, base);
+    Ok((ours / 1e9, base / 1e9))
 }
 
-#[derive(Clone, Copy)]
-struct RegionPtr(*mut u8);
-// SAFETY: each thread dereferences only the region of its own index; the regions outlive the
-// threads (scoped).
-unsafe impl Send for RegionPtr {}
-// SAFETY: as above; shared references are only used to copy the pointer value.
-unsafe impl Sync for RegionPtr {}
+/// The baseline's memory: one memfd mapping per thread, the same kind of shared memory as the
+/// arena, so the ratio measures kvtier's layer rather than a difference between memory types.
+fn baseline_regions(case: &Case) -> Result<Vec<HostArena>> {
+    (0..case.threads)
+        .map(|_| {
+            HostArena::create("kvbench-baseline", case.blocks * case.size, HugePages::Auto)
+                .context("creating a baseline region")
+        })
+        .collect()
+}
+
+/// Alternates the two measurements `reps` times (swapping which goes first each time, so slow
+/// drifts of the machine hit both alike) and returns both medians in bytes per second.
+fn interleaved(reps: usize, mut ours: impl FnMut() -> f64, mut base: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut o, mut b) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        if rep % 2 == 0 {
+            o.push(ours());
+            b.push(base());
+        } else {
+            b.push(base());
+            o.push(ours());
+        }
+    }
+    (median(o), median(b))
+}
 
 /// Host arena rows: put and get for every size at 1 and 2 threads.
 pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
     let working_set: u64 = if quick { 32 << 20 } else { 64 << 20 };
-    let per_thread_bytes: u64 = if quick { 512 << 20 } else { 2 << 30 };
+    // Short measurements, many of them, interleaved: the median resists the machine's noise.
+    let per_thread_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
+    let reps = reps * 3;
     let mut rows = Vec::new();
     for threads in [1usize, 2] {
         for size in SIZES {

@@ -25,36 +25,39 @@ pub enum IoKind {
     Write,
 }
 
-/// One aligned transfer between `buf[..len]` and `file` at `offset`. The operation owns its
-/// buffer while in flight and hands it back on completion, so no borrow outlives the I/O.
-#[derive(Debug)]
-pub struct IoOp {
+/// One aligned transfer: `len` bytes at `offset` of `file`.
+#[derive(Debug, Clone)]
+pub struct IoPlan {
     /// The slab file.
     pub file: Arc<File>,
     /// Byte offset in the file (a multiple of [`IO_ALIGN`]).
     pub offset: u64,
-    /// The buffer.
-    pub buf: AlignedBuf,
-    /// Bytes to transfer (a multiple of [`IO_ALIGN`], at most `buf.capacity()`).
+    /// Bytes to transfer (a multiple of [`IO_ALIGN`]).
     pub len: usize,
     /// Read or write.
     pub kind: IoKind,
 }
 
-/// Executes batches of operations, streaming: operation `i` is prepared just before it is
-/// submitted and completed as soon as it finishes, so filling and draining buffers (copies,
-/// checksums) overlaps the I/O of the other operations in flight.
+/// Executes batches of transfers through buffers the engine owns (so it can register them with
+/// the kernel), streaming: operation `i` is planned and filled just before it is submitted and
+/// completed as soon as it finishes, so copies and checksums overlap the I/O in flight.
 pub trait IoEngine: Send + Sync + Debug {
     /// Short name for logs and benchmarks (`io_uring`, `psync`).
     fn name(&self) -> &'static str;
-    /// Runs operations `0..n`: `prepare(i)` builds operation `i`, `complete(i, op, result)`
-    /// receives it back, in completion order. Every prepared operation is completed exactly
-    /// once before `run` returns. A short transfer is an error.
+    /// The name plus the options in effect (e.g. fixed buffers), for logs and benchmarks.
+    fn describe(&self) -> String {
+        self.name().to_owned()
+    }
+    /// Runs operations `0..n`. For each: `plan(i)` says what to transfer; for a write,
+    /// `fill(i, buf)` writes the `len` bytes to send; `complete(i, buf, result)` receives the
+    /// buffer afterwards (for a read, the bytes read), in completion order. Every planned
+    /// operation is completed exactly once before `run` returns. A short transfer is an error.
     fn run(
         &self,
         n: usize,
-        prepare: &mut dyn FnMut(usize) -> IoOp,
-        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        plan: &mut dyn FnMut(usize) -> IoPlan,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
     );
 }
 
@@ -113,7 +116,7 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: shared references only permit reads of the owned bytes.
 unsafe impl Sync for AlignedBuf {}
 
-/// Recycles bounce buffers so steady-state I/O allocates nothing.
+/// Recycles I/O buffers so steady-state I/O allocates nothing.
 #[derive(Debug)]
 pub struct BufferPool {
     bufs: Mutex<Vec<AlignedBuf>>,
@@ -161,4 +164,101 @@ pub(crate) fn short_transfer(kind: IoKind, done: usize, want: usize) -> io::Erro
         },
         format!("short {kind:?}: {done} of {want} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+
+    /// The contract every engine meets, run against each one.
+    fn conformance(engine: &dyn IoEngine, direct: bool) {
+        // Under the build directory, not /tmp: O_DIRECT needs a real filesystem.
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tmp");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let file = Arc::new(o.open(dir.path().join("f")).unwrap());
+        file.set_len(64 << 20).unwrap();
+        // Growing sizes, so ring buffers are replaced and re-registered along the way.
+        let lens: Vec<usize> = (0..40).map(|i| IO_ALIGN * (1 + (i * 37) % 300)).collect();
+        let offsets: Vec<u64> = lens
+            .iter()
+            .scan(0u64, |at, &l| {
+                let o = *at;
+                *at += l as u64;
+                Some(o)
+            })
+            .collect();
+        let plan = |i: usize, kind| IoPlan {
+            file: Arc::clone(&file),
+            offset: offsets[i],
+            len: lens[i],
+            kind,
+        };
+        let mut done = vec![false; lens.len()];
+        engine.run(
+            lens.len(),
+            &mut |i| plan(i, IoKind::Write),
+            &mut |i, b| {
+                assert_eq!(b.len(), lens[i]);
+                b.fill(i as u8 + 1);
+            },
+            &mut |i, _, r| {
+                r.unwrap();
+                assert!(!done[i], "completed twice");
+                done[i] = true;
+            },
+        );
+        assert!(done.iter().all(|d| *d));
+        let mut seen = 0;
+        engine.run(
+            lens.len(),
+            &mut |i| plan(i, IoKind::Read),
+            &mut |_, _| panic!("reads are not filled"),
+            &mut |i, b, r| {
+                r.unwrap();
+                assert!(
+                    b.len() == lens[i] && b.iter().all(|&x| x == i as u8 + 1),
+                    "op {i}"
+                );
+                seen += 1;
+            },
+        );
+        assert_eq!(seen, lens.len());
+        // Reading past the end of the file is a short transfer: an error, not garbage.
+        let mut errors = 0;
+        engine.run(
+            1,
+            &mut |_| IoPlan {
+                file: Arc::clone(&file),
+                offset: 64 << 20,
+                len: IO_ALIGN,
+                kind: IoKind::Read,
+            },
+            &mut |_, _| {},
+            &mut |_, _, r| errors += usize::from(r.is_err()),
+        );
+        assert_eq!(errors, 1);
+    }
+
+    #[test]
+    fn psync_engine_meets_the_contract() {
+        conformance(&super::super::psync::PsyncEngine::new(4).unwrap(), false);
+    }
+
+    #[cfg(all(target_os = "linux", feature = "io-uring"))]
+    #[test]
+    fn io_uring_engine_meets_the_contract_with_fixed_buffers() {
+        let e = super::super::uring::UringEngine::new(8).expect("io_uring is available on this kernel");
+        conformance(&e, true);
+        assert!(e.fixed_buffers(), "root may register fixed buffers");
+        assert_eq!(e.describe(), "io_uring (fixed buffers)");
+    }
 }

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::key::BlockKey;
 use crate::outcome::{NotStoredReason, PutOutcome};
 use crate::stats::{TierCounters, TierStats};
-use engine::{AlignedBuf, BufferPool, IO_ALIGN, IoEngine, IoKind, IoOp};
+use engine::{AlignedBuf, IO_ALIGN, IoEngine, IoKind, IoPlan};
 use journal::{EntryRecord, Journal, Record};
 
 /// Which I/O engine the disk tier uses.
@@ -109,7 +109,6 @@ pub struct DiskTier {
     slab_size: u64,
     slabs: RwLock<Vec<Arc<File>>>,
     state: Mutex<DiskState>,
-    buffers: BufferPool,
     counters: TierCounters,
     _lock: File,
 }
@@ -217,7 +216,7 @@ impl DiskTier {
         let direct = cfg.direct_io && cfg.engine != IoEngineChoice::Psync && probe_direct_io(&cfg.dir);
         let engine = choose_engine(&cfg, direct)?;
         let direct = direct && engine.name() != "psync";
-        tracing::info!(dir = %cfg.dir.display(), engine = engine.name(), direct, "disk tier open");
+        tracing::info!(dir = %cfg.dir.display(), engine = %engine.describe(), direct, "disk tier open");
 
         let max_slabs = u32::try_from(cfg.capacity / cfg.slab_size).unwrap_or(u32::MAX);
         let mut alloc = SlabAllocator::new(SizeClasses::PageExact, cfg.slab_size, max_slabs);
@@ -276,7 +275,6 @@ impl DiskTier {
                 journal,
                 full_logged: false,
             }),
-            buffers: BufferPool::new(2 * cfg.queue_depth as usize),
             counters: TierCounters::default(),
             _lock: lock,
         })
@@ -309,6 +307,11 @@ impl DiskTier {
     /// The engine in use (`io_uring` or `psync`).
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
+    }
+
+    /// The engine and its options, e.g. `io_uring (fixed buffers)`.
+    pub fn engine_description(&self) -> String {
+        self.engine.describe()
     }
 
     /// Whether reads and writes bypass the page cache.
@@ -441,28 +444,23 @@ impl DiskTier {
             todo.len(),
             &mut |j| {
                 let (i, slot) = todo[j];
-                let (key, data) = items[i];
-                let len = record_len(data.len() as u64) as usize;
-                let mut buf = self.buffers.take(len);
-                let b = buf.as_mut_slice();
+                IoPlan {
+                    file: Arc::clone(&files[slot.slab as usize]),
+                    offset: slot.offset_in_slab(),
+                    len: record_len(items[i].1.len() as u64) as usize,
+                    kind: IoKind::Write,
+                }
+            },
+            &mut |j, b| {
+                let (key, data) = items[todo[j].0];
                 let header = BlockHeader::for_payload(key, data);
                 b[..IO_ALIGN].fill(0);
                 header.encode(&mut b[..HEADER_LEN]);
                 b[IO_ALIGN..IO_ALIGN + data.len()].copy_from_slice(data);
-                b[IO_ALIGN + data.len()..len].fill(0);
+                b[IO_ALIGN + data.len()..].fill(0);
                 sums[j] = header.checksum;
-                IoOp {
-                    file: Arc::clone(&files[slot.slab as usize]),
-                    offset: slot.offset_in_slab(),
-                    buf,
-                    len,
-                    kind: IoKind::Write,
-                }
             },
-            &mut |j, op, r| {
-                self.buffers.give(op.buf);
-                results[j] = Some(r);
-            },
+            &mut |j, _, r| results[j] = Some(r),
         );
         let mut st = self.state.lock();
         let mut log = Vec::with_capacity(todo.len());
@@ -534,35 +532,31 @@ impl DiskTier {
             todo.len(),
             &mut |j| {
                 let e = &todo[j].1;
-                let len = record_len(e.len) as usize;
-                IoOp {
+                IoPlan {
                     file: Arc::clone(&files[e.slot.slab as usize]),
                     offset: e.slot.offset_in_slab(),
-                    buf: self.buffers.take(len),
-                    len,
+                    len: record_len(e.len) as usize,
                     kind: IoKind::Read,
                 }
             },
-            &mut |j, op, res| {
+            &mut |_, _| {},
+            &mut |j, b, res| {
                 let (i, e) = &todo[j];
-                let b = op.buf.as_slice();
-                let payload = &b[IO_ALIGN..IO_ALIGN + e.len as usize];
-                let valid = res.is_ok()
-                    && BlockHeader::decode(b)
-                        .is_some_and(|h| h.key == keys[*i] && h.len == e.len && h.checksum == e.checksum)
-                    && checksum(payload) == e.checksum;
-                if valid {
-                    sink(*i, payload);
-                    hit[*i] = true;
-                    read_bytes += e.len;
-                } else {
-                    match res {
-                        Err(err) => tracing::warn!(error = %err, "disk tier read failed; reporting a miss"),
-                        Ok(()) => tracing::warn!(key = ?keys[*i], "disk tier block failed verification; reporting a miss"),
+                let payload = match res {
+                    Ok(()) => Self::verify(b, &keys[*i], e),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "disk tier read failed; reporting a miss");
+                        None
                     }
-                    bad.push(keys[*i]);
+                };
+                match payload {
+                    Some(p) => {
+                        sink(*i, p);
+                        hit[*i] = true;
+                        read_bytes += e.len;
+                    }
+                    None => bad.push(keys[*i]),
                 }
-                self.buffers.give(op.buf);
             },
         );
         let mut st = self.state.lock();
@@ -587,6 +581,21 @@ impl DiskTier {
         TierCounters::add(&self.counters.checksum_failures, bad.len() as u64);
         TierCounters::add(&self.counters.bytes_read, read_bytes);
         hit
+    }
+
+    /// The payload of a record read back, if its header and checksum match what the index
+    /// expects for `key`.
+    fn verify<'b>(record: &'b [u8], key: &BlockKey, e: &DiskEntry) -> Option<&'b [u8]> {
+        let header = BlockHeader::decode(record)?;
+        let payload = record.get(IO_ALIGN..IO_ALIGN + usize::try_from(e.len).ok()?)?;
+        let valid = header.key == *key
+            && header.len == e.len
+            && header.checksum == e.checksum
+            && checksum(payload) == e.checksum;
+        if !valid {
+            tracing::warn!(key = ?key, "disk tier block failed verification; reporting a miss");
+        }
+        valid.then_some(payload)
     }
 
     /// The payload length of a stored block.

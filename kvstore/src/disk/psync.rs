@@ -5,13 +5,14 @@ use std::os::unix::fs::FileExt;
 
 use rayon::prelude::*;
 
-use super::engine::{IoEngine, IoKind, IoOp};
+use super::engine::{AlignedBuf, BufferPool, IoEngine, IoKind, IoPlan};
 
 /// pread/pwrite on `threads` worker threads (the queue depth).
 #[derive(Debug)]
 pub struct PsyncEngine {
     pool: rayon::ThreadPool,
     threads: usize,
+    buffers: BufferPool,
 }
 
 impl PsyncEngine {
@@ -23,17 +24,21 @@ impl PsyncEngine {
             .thread_name(|i| format!("kvtier-psync-{i}"))
             .build()
             .map_err(io::Error::other)?;
-        Ok(Self { pool, threads })
+        Ok(Self {
+            pool,
+            threads,
+            buffers: BufferPool::new(2 * threads),
+        })
     }
 }
 
-fn one(op: &mut IoOp) -> io::Result<()> {
-    let len = op.len;
-    match op.kind {
-        IoKind::Read => op
+fn one((plan, buf): &mut (IoPlan, AlignedBuf)) -> io::Result<()> {
+    let len = plan.len;
+    match plan.kind {
+        IoKind::Read => plan
             .file
-            .read_exact_at(&mut op.buf.as_mut_slice()[..len], op.offset),
-        IoKind::Write => op.file.write_all_at(&op.buf.as_slice()[..len], op.offset),
+            .read_exact_at(&mut buf.as_mut_slice()[..len], plan.offset),
+        IoKind::Write => plan.file.write_all_at(&buf.as_slice()[..len], plan.offset),
     }
 }
 
@@ -45,22 +50,33 @@ impl IoEngine for PsyncEngine {
     fn run(
         &self,
         n: usize,
-        prepare: &mut dyn FnMut(usize) -> IoOp,
-        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        plan: &mut dyn FnMut(usize) -> IoPlan,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
     ) {
         // Waves of one operation per thread: the closures are not shareable across threads, so
-        // preparation and completion stay on the caller's thread.
+        // filling and completion stay on the caller's thread.
         let mut start = 0;
         while start < n {
             let end = (start + self.threads).min(n);
-            let mut ops: Vec<IoOp> = (start..end).map(&mut *prepare).collect();
+            let mut ops: Vec<(IoPlan, AlignedBuf)> = (start..end)
+                .map(|i| {
+                    let p = plan(i);
+                    let mut buf = self.buffers.take(p.len);
+                    if p.kind == IoKind::Write {
+                        fill(i, &mut buf.as_mut_slice()[..p.len]);
+                    }
+                    (p, buf)
+                })
+                .collect();
             let results: Vec<io::Result<()>> = if ops.len() == 1 {
                 vec![one(&mut ops[0])]
             } else {
                 self.pool.install(|| ops.par_iter_mut().map(one).collect())
             };
-            for (i, (op, r)) in (start..end).zip(ops.into_iter().zip(results)) {
-                complete(i, op, r);
+            for (i, ((p, buf), r)) in (start..end).zip(ops.into_iter().zip(results)) {
+                complete(i, &buf.as_slice()[..p.len], r);
+                self.buffers.give(buf);
             }
             start = end;
         }

@@ -1,22 +1,133 @@
-//! The io_uring engine: operations stream into the submission queue as they are prepared, up to
+//! The io_uring engine: operations stream into the submission queue as they are filled, up to
 //! the queue depth in flight, and complete as the kernel finishes them.
 //!
+//! Each ring owns one I/O buffer per queue slot and registers it with the kernel (a sparse fixed
+//! buffer table), so reads and writes use `READ_FIXED`/`WRITE_FIXED` and the kernel does not pin
+//! and unpin the buffer's pages on every operation — measured with fio on this tier's kind of
+//! workload, that is a third to two thirds less system CPU per byte. Buffers grow to the largest
+//! record seen and stay with their ring. Where registration is refused (RLIMIT_MEMLOCK without
+//! CAP_IPC_LOCK, old kernels) the same buffers are used with plain `READ`/`WRITE`.
+//!
 //! Rings are pooled: a caller takes a ring for its batch and returns it, so concurrent callers
-//! never share a submission queue and need no lock while I/O is in flight.
+//! never share a submission queue or buffers and need no lock while I/O is in flight.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Once;
 
 use io_uring::{IoUring, opcode, types};
 use parking_lot::Mutex;
 
-use super::engine::{AlignedBuf, IO_ALIGN, IoEngine, IoKind, IoOp, short_transfer};
+use super::engine::{AlignedBuf, IO_ALIGN, IoEngine, IoKind, IoPlan, short_transfer};
+
+/// Bytes of queued operations after which they are submitted without waiting for the queue to
+/// fill: large enough to amortize the system call over small blocks, small enough that the device
+/// starts on a large block while the next one is being copied.
+const SUBMIT_BYTES: usize = 256 << 10;
+
+/// Buffers grow in steps of this size, so records of slightly different lengths share them.
+const BUF_GRANULE: usize = 64 << 10;
+
+/// A ring with its buffers. Field order matters: the ring is dropped (and its registrations
+/// released by the kernel) before the buffers it references are freed.
+struct Ring {
+    ring: IoUring,
+    /// One buffer per queue slot; `bufs[i]` is fixed buffer `i` when `registered[i]`.
+    bufs: Vec<AlignedBuf>,
+    registered: Vec<bool>,
+    /// Buffers replaced while their registration could not be withdrawn; freed with the ring.
+    retired: Vec<AlignedBuf>,
+    fixed: bool,
+}
+
+impl Ring {
+    fn new(queue_depth: u32) -> io::Result<Self> {
+        let ring = IoUring::new(queue_depth)?;
+        let fixed = match ring.submitter().register_buffers_sparse(queue_depth) {
+            Ok(()) => true,
+            Err(e) => {
+                static ONCE: Once = Once::new();
+                ONCE.call_once(|| tracing::info!(error = %e, "io_uring fixed buffers unavailable; using plain reads and writes"));
+                false
+            }
+        };
+        let n = queue_depth as usize;
+        Ok(Self {
+            ring,
+            bufs: (0..n).map(|_| AlignedBuf::new(IO_ALIGN)).collect(),
+            registered: vec![false; n],
+            retired: Vec::new(),
+            fixed,
+        })
+    }
+
+    /// Makes buffer `slot` at least `len` bytes and registered when possible.
+    fn prepare_slot(&mut self, slot: usize, len: usize) {
+        let grow = self.bufs[slot].capacity() < len;
+        if grow {
+            let new = AlignedBuf::new(len.div_ceil(BUF_GRANULE) * BUF_GRANULE);
+            let old = std::mem::replace(&mut self.bufs[slot], new);
+            if self.registered[slot] {
+                // Registering the new buffer below replaces the old entry; if that fails the
+                // kernel may still reference the old memory, so keep it alive.
+                self.retired.push(old);
+            }
+            self.registered[slot] = false;
+        }
+        if self.fixed && !self.registered[slot] {
+            let buf = &mut self.bufs[slot];
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.capacity(),
+            };
+            // SAFETY: the buffer lives in `self.bufs[slot]` until it is replaced (then retired or
+            // re-registered first) or until the ring is dropped, which happens before `bufs`
+            // (field order); the kernel thus never holds a registration of freed memory.
+            match unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(slot as u32, &[iov], None)
+            } {
+                Ok(()) => {
+                    self.registered[slot] = true;
+                    if grow {
+                        // The old buffer's registration was replaced: it can go.
+                        self.retired.pop();
+                    }
+                }
+                Err(e) => {
+                    static ONCE: Once = Once::new();
+                    ONCE.call_once(|| tracing::info!(error = %e, "io_uring buffer registration refused; using plain reads and writes"));
+                }
+            }
+        }
+    }
+
+    fn sqe(&mut self, slot: usize, plan: &IoPlan, done: usize, idx: usize) -> io_uring::squeue::Entry {
+        let fd = types::Fd(plan.file.as_raw_fd());
+        let remaining = (plan.len - done) as u32;
+        let ptr = self.bufs[slot].as_mut_slice()[done..].as_mut_ptr();
+        let off = plan.offset + done as u64;
+        let fixed = self.registered[slot];
+        let e = match (plan.kind, fixed) {
+            (IoKind::Read, true) => opcode::ReadFixed::new(fd, ptr, remaining, slot as u16)
+                .offset(off)
+                .build(),
+            (IoKind::Write, true) => opcode::WriteFixed::new(fd, ptr, remaining, slot as u16)
+                .offset(off)
+                .build(),
+            (IoKind::Read, false) => opcode::Read::new(fd, ptr, remaining).offset(off).build(),
+            (IoKind::Write, false) => opcode::Write::new(fd, ptr, remaining).offset(off).build(),
+        };
+        e.user_data(idx as u64)
+    }
+}
 
 /// io_uring with `queue_depth` operations in flight per batch.
 pub struct UringEngine {
     queue_depth: u32,
-    rings: Mutex<Vec<IoUring>>,
+    rings: Mutex<Vec<Ring>>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -29,7 +140,8 @@ impl std::fmt::Debug for UringEngine {
 }
 
 struct InFlight {
-    op: IoOp,
+    plan: IoPlan,
+    slot: usize,
     done: usize,
 }
 
@@ -37,57 +149,57 @@ impl UringEngine {
     /// Creates the engine, failing when the kernel refuses io_uring (old kernel, seccomp,
     /// `kernel.io_uring_disabled`).
     pub fn new(queue_depth: u32) -> io::Result<Self> {
-        let queue_depth = queue_depth.clamp(1, 4096).next_power_of_two();
-        let ring = IoUring::new(queue_depth)?;
+        let queue_depth = queue_depth.clamp(1, 1024).next_power_of_two();
+        let ring = Ring::new(queue_depth)?;
         Ok(Self {
             queue_depth,
             rings: Mutex::new(vec![ring]),
         })
     }
 
-    fn ring(&self) -> io::Result<IoUring> {
+    /// Whether the first ring could register fixed buffers.
+    pub fn fixed_buffers(&self) -> bool {
+        self.rings.lock().first().is_some_and(|r| r.fixed)
+    }
+
+    fn ring(&self) -> io::Result<Ring> {
         if let Some(r) = self.rings.lock().pop() {
             return Ok(r);
         }
-        IoUring::new(self.queue_depth)
+        Ring::new(self.queue_depth)
     }
 
-    fn sqe(f: &mut InFlight, idx: usize) -> io_uring::squeue::Entry {
-        let fd = types::Fd(f.op.file.as_raw_fd());
-        let remaining = (f.op.len - f.done) as u32;
-        let ptr = f.op.buf.as_mut_slice()[f.done..].as_mut_ptr();
-        let off = f.op.offset + f.done as u64;
-        let e = match f.op.kind {
-            IoKind::Read => opcode::Read::new(fd, ptr, remaining).offset(off).build(),
-            IoKind::Write => opcode::Write::new(fd, ptr, remaining).offset(off).build(),
-        };
-        e.user_data(idx as u64)
-    }
-
-    /// Returns `Err` only when the ring itself failed; every operation in flight has completed
-    /// (or been drained) by then, so no buffer is still referenced by the kernel.
+    /// Returns `Err` only when the ring itself failed; every planned operation has been
+    /// completed by then.
     fn run_on(
         &self,
-        ring: &mut IoUring,
+        r: &mut Ring,
         n: usize,
-        prepare: &mut dyn FnMut(usize) -> IoOp,
-        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        plan: &mut dyn FnMut(usize) -> IoPlan,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
     ) -> io::Result<()> {
         let qd = self.queue_depth as usize;
-        let mut slots: Vec<Option<InFlight>> = (0..n).map(|_| None).collect();
+        let mut ops: Vec<Option<InFlight>> = (0..n).map(|_| None).collect();
+        let mut free_slots: Vec<usize> = (0..qd).rev().collect();
         let mut resubmit: VecDeque<usize> = VecDeque::new();
-        let mut next = 0usize;
-        let mut in_flight = 0usize;
-        let mut finished = 0usize;
+        let (mut next, mut in_flight, mut finished, mut unsubmitted) = (0usize, 0usize, 0usize, 0usize);
         while finished < n {
-            // Fill the queue: retries first, then newly prepared operations, each submitted at
-            // once so its I/O overlaps the preparation of the next.
+            // Fill the queue: retries first, then new operations, submitted early so their I/O
+            // overlaps the filling of the next buffers.
             while in_flight < qd {
                 let idx = match resubmit.pop_front() {
                     Some(i) => i,
                     None if next < n => {
-                        slots[next] = Some(InFlight {
-                            op: prepare(next),
+                        let p = plan(next);
+                        let slot = free_slots.pop().expect("a free slot per operation in flight");
+                        r.prepare_slot(slot, p.len);
+                        if p.kind == IoKind::Write {
+                            fill(next, &mut r.bufs[slot].as_mut_slice()[..p.len]);
+                        }
+                        ops[next] = Some(InFlight {
+                            plan: p,
+                            slot,
                             done: 0,
                         });
                         next += 1;
@@ -95,53 +207,59 @@ impl UringEngine {
                     }
                     None => break,
                 };
-                let f = slots[idx].as_mut().expect("prepared");
-                let e = Self::sqe(f, idx);
-                // SAFETY: the entry points into `slots[idx]`'s buffer and file, which stay
-                // alive and unmoved (the AlignedBuf's heap allocation does not move with the
-                // struct) until its completion is reaped below; `run_on` never returns while
-                // entries are in flight.
-                if unsafe { ring.submission().push(&e) }.is_err() {
+                let f = ops[idx].as_ref().expect("planned");
+                let e = r.sqe(f.slot, &f.plan, f.done, idx);
+                // SAFETY: the entry points into the ring's own buffer `f.slot`, which is neither
+                // reused nor freed until this operation's completion is reaped below (its slot
+                // returns to `free_slots` only then), and `run_on` does not return while
+                // operations are in flight; the file is kept open by `ops[idx].plan`.
+                if unsafe { r.ring.submission().push(&e) }.is_err() {
                     resubmit.push_front(idx);
                     break;
                 }
                 in_flight += 1;
+                unsubmitted += f.plan.len - f.done;
                 let more = next < n && in_flight < qd;
-                if more
-                    && let Err(e) = ring.submit()
-                    && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
-                {
-                    return Err(Self::fail(ring, in_flight, &mut slots, complete, e));
+                if more && unsubmitted >= SUBMIT_BYTES {
+                    unsubmitted = 0;
+                    if let Err(e) = r.ring.submit()
+                        && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
+                    {
+                        return Err(Self::fail(r, in_flight, &mut ops, complete, e));
+                    }
                 }
             }
-            match ring.submit_and_wait(1) {
+            unsubmitted = 0;
+            match r.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-                Err(e) => return Err(Self::fail(ring, in_flight, &mut slots, complete, e)),
+                Err(e) => return Err(Self::fail(r, in_flight, &mut ops, complete, e)),
             }
-            let cqes: Vec<(usize, i32)> = ring
+            let cqes: Vec<(usize, i32)> = r
+                .ring
                 .completion()
                 .map(|c| (c.user_data() as usize, c.result()))
                 .collect();
             for (i, res) in cqes {
                 in_flight -= 1;
-                let f = slots[i].as_mut().expect("in flight");
+                let f = ops[i].as_mut().expect("in flight");
                 let outcome = if res == -libc::EAGAIN || res == -libc::EINTR {
                     None
                 } else if res < 0 {
                     Some(Err(io::Error::from_raw_os_error(-res)))
                 } else if res == 0 {
-                    Some(Err(short_transfer(f.op.kind, f.done, f.op.len)))
+                    Some(Err(short_transfer(f.plan.kind, f.done, f.plan.len)))
                 } else {
                     f.done += res as usize;
-                    (f.done >= f.op.len).then_some(Ok(()))
+                    (f.done >= f.plan.len).then_some(Ok(()))
                 };
                 match outcome {
                     None => resubmit.push_back(i),
-                    Some(r) => {
-                        let f = slots[i].take().expect("in flight");
+                    Some(result) => {
+                        let f = ops[i].take().expect("in flight");
                         finished += 1;
-                        complete(i, f.op, r);
+                        complete(i, &r.bufs[f.slot].as_slice()[..f.plan.len], result);
+                        free_slots.push(f.slot);
                     }
                 }
             }
@@ -149,25 +267,28 @@ impl UringEngine {
         Ok(())
     }
 
-    /// The ring failed: wait for what is in flight, then complete every prepared operation
-    /// with the error. If the kernel cannot even be waited on, the buffers it may still write
-    /// are leaked rather than reused.
+    /// The ring failed: wait for what is in flight, then complete every planned operation with
+    /// the error. If the kernel cannot even be waited on, the ring's buffers are leaked rather
+    /// than freed under it.
     fn fail(
-        ring: &mut IoUring,
+        r: &mut Ring,
         mut in_flight: usize,
-        slots: &mut [Option<InFlight>],
-        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        ops: &mut [Option<InFlight>],
+        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
         err: io::Error,
     ) -> io::Error {
-        while in_flight > 0 && ring.submit_and_wait(1).is_ok() {
-            in_flight -= ring.completion().count().min(in_flight);
+        while in_flight > 0 && r.ring.submit_and_wait(1).is_ok() {
+            in_flight -= r.ring.completion().count().min(in_flight);
         }
-        for (i, s) in slots.iter_mut().enumerate() {
-            if let Some(mut f) = s.take() {
-                if in_flight > 0 {
-                    std::mem::forget(std::mem::replace(&mut f.op.buf, AlignedBuf::new(IO_ALIGN)));
-                }
-                complete(i, f.op, Err(io::Error::new(err.kind(), err.to_string())));
+        for (i, op) in ops.iter_mut().enumerate() {
+            if let Some(f) = op.take() {
+                complete(i, &[], Err(io::Error::new(err.kind(), err.to_string())));
+                let _ = f;
+            }
+        }
+        if in_flight > 0 {
+            for b in r.bufs.iter_mut() {
+                std::mem::forget(std::mem::replace(b, AlignedBuf::new(IO_ALIGN)));
             }
         }
         err
@@ -179,23 +300,32 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
 
+    fn describe(&self) -> String {
+        if self.fixed_buffers() {
+            "io_uring (fixed buffers)".into()
+        } else {
+            "io_uring".into()
+        }
+    }
+
     fn run(
         &self,
         n: usize,
-        prepare: &mut dyn FnMut(usize) -> IoOp,
-        complete: &mut dyn FnMut(usize, IoOp, io::Result<()>),
+        plan: &mut dyn FnMut(usize) -> IoPlan,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
     ) {
         let mut ring = match self.ring() {
             Ok(r) => r,
             Err(e) => {
                 for i in 0..n {
-                    let op = prepare(i);
-                    complete(i, op, Err(io::Error::new(e.kind(), e.to_string())));
+                    let _ = plan(i);
+                    complete(i, &[], Err(io::Error::new(e.kind(), e.to_string())));
                 }
                 return;
             }
         };
-        match self.run_on(&mut ring, n, prepare, complete) {
+        match self.run_on(&mut ring, n, plan, fill, complete) {
             Ok(()) => self.rings.lock().push(ring),
             Err(e) => tracing::warn!(error = %e, "io_uring ring failed; discarding it"),
         }
