@@ -38,6 +38,13 @@ pub struct IoPlan {
     pub kind: IoKind,
 }
 
+/// Plans operation `i` of a batch.
+pub type Plan<'a> = dyn FnMut(usize) -> IoPlan + 'a;
+/// Writes the bytes operation `i` sends into its buffer.
+pub type Fill<'a> = dyn FnMut(usize, &mut [u8]) + 'a;
+/// Receives operation `i`'s buffer and result when it finishes.
+pub type Complete<'a> = dyn FnMut(usize, &[u8], io::Result<()>) + 'a;
+
 /// Executes batches of transfers through buffers the engine owns (so it can register them with
 /// the kernel), streaming: operation `i` is planned and filled just before it is submitted and
 /// completed as soon as it finishes, so copies and checksums overlap the I/O in flight.
@@ -52,13 +59,7 @@ pub trait IoEngine: Send + Sync + Debug {
     /// `fill(i, buf)` writes the `len` bytes to send; `complete(i, buf, result)` receives the
     /// buffer afterwards (for a read, the bytes read), in completion order. Every planned
     /// operation is completed exactly once before `run` returns. A short transfer is an error.
-    fn run(
-        &self,
-        n: usize,
-        plan: &mut dyn FnMut(usize) -> IoPlan,
-        fill: &mut dyn FnMut(usize, &mut [u8]),
-        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
-    );
+    fn run(&self, n: usize, plan: &mut Plan<'_>, fill: &mut Fill<'_>, complete: &mut Complete<'_>);
 }
 
 /// A zeroed heap buffer aligned to [`IO_ALIGN`], as O_DIRECT requires.

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 
 use rayon::prelude::*;
 
-use super::engine::{AlignedBuf, BufferPool, IoEngine, IoKind, IoPlan};
+use super::engine::{AlignedBuf, BufferPool, Complete, Fill, IoEngine, IoKind, IoPlan, Plan};
 
 /// pread/pwrite on `threads` worker threads (the queue depth).
 #[derive(Debug)]
@@ -47,13 +47,7 @@ impl IoEngine for PsyncEngine {
         "psync"
     }
 
-    fn run(
-        &self,
-        n: usize,
-        plan: &mut dyn FnMut(usize) -> IoPlan,
-        fill: &mut dyn FnMut(usize, &mut [u8]),
-        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
-    ) {
+    fn run(&self, n: usize, plan: &mut Plan<'_>, fill: &mut Fill<'_>, complete: &mut Complete<'_>) {
         // Waves of one operation per thread: the closures are not shareable across threads, so
         // filling and completion stay on the caller's thread.
         let mut start = 0;

@@ -19,7 +19,7 @@ use std::sync::Once;
 use io_uring::{IoUring, opcode, types};
 use parking_lot::Mutex;
 
-use super::engine::{AlignedBuf, IO_ALIGN, IoEngine, IoKind, IoPlan, short_transfer};
+use super::engine::{AlignedBuf, Complete, Fill, IO_ALIGN, IoEngine, IoKind, IoPlan, Plan, short_transfer};
 
 /// Bytes of queued operations after which they are submitted without waiting for the queue to
 /// fill: large enough to amortize the system call over small blocks, small enough that the device
@@ -175,9 +175,9 @@ impl UringEngine {
         &self,
         r: &mut Ring,
         n: usize,
-        plan: &mut dyn FnMut(usize) -> IoPlan,
-        fill: &mut dyn FnMut(usize, &mut [u8]),
-        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
+        plan: &mut Plan<'_>,
+        fill: &mut Fill<'_>,
+        complete: &mut Complete<'_>,
     ) -> io::Result<()> {
         let qd = self.queue_depth as usize;
         let mut ops: Vec<Option<InFlight>> = (0..n).map(|_| None).collect();
@@ -274,7 +274,7 @@ impl UringEngine {
         r: &mut Ring,
         mut in_flight: usize,
         ops: &mut [Option<InFlight>],
-        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
+        complete: &mut Complete<'_>,
         err: io::Error,
     ) -> io::Error {
         while in_flight > 0 && r.ring.submit_and_wait(1).is_ok() {
@@ -308,13 +308,7 @@ impl IoEngine for UringEngine {
         }
     }
 
-    fn run(
-        &self,
-        n: usize,
-        plan: &mut dyn FnMut(usize) -> IoPlan,
-        fill: &mut dyn FnMut(usize, &mut [u8]),
-        complete: &mut dyn FnMut(usize, &[u8], io::Result<()>),
-    ) {
+    fn run(&self, n: usize, plan: &mut Plan<'_>, fill: &mut Fill<'_>, complete: &mut Complete<'_>) {
         let mut ring = match self.ring() {
             Ok(r) => r,
             Err(e) => {
