@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (idempotently), then format check, clippy with
-# warnings as errors, every test (unit, integration, multi-process, doc), and a kvbench smoke run.
+# warnings as errors, a kvbench smoke run, kvstore's tests under AddressSanitizer, doc tests, and
+# every test (unit, integration, multi-process) under nextest, whose summary closes the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -18,9 +19,16 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== tests"
-cargo nextest run --workspace --locked --no-fail-fast
-echo "== doc tests"
-cargo test --workspace --locked --doc
 echo "== kvbench smoke run"
 cargo run --release --locked -p kvtier-benches --bin kvbench -- tiers --quick --reps 1 --dir target/kvbench
+echo "== AddressSanitizer (+LeakSanitizer) over kvstore's tests: the arena, I/O buffers and io_uring are unsafe code"
+if cargo +nightly --version >/dev/null 2>&1; then
+  RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
+    cargo +nightly test --locked -p kvstore --target "$(rustc -vV | sed -n 's/^host: //p')" --lib --tests
+else
+  echo "SKIPPED AddressSanitizer run: no nightly toolchain on this machine (rustup toolchain install nightly)"
+fi
+echo "== doc tests"
+cargo test --workspace --locked --doc
+echo "== tests"
+cargo nextest run --workspace --locked --no-fail-fast
