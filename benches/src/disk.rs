@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use kvstore::{BlockHash, BlockKey, DiskTier, DiskTierConfig, IoEngineChoice, Namespace, PutOutcome};
 
 use crate::TiersArgs;
-use crate::report::{Row, median};
+use crate::report::{Row, paired};
 
 /// fio's bandwidth (bytes/s) for one sequential job.
 fn fio(dir: &Path, rw: &str, bs: u64, qd: u32, size: u64) -> Result<f64> {
@@ -116,36 +116,30 @@ pub(crate) fn run(args: &TiersArgs, reps: usize) -> Result<Vec<Row>> {
         for _ in 0..reps {
             let (ow, or, n) = ours(&our_dir, bs, qd, total)?;
             note = n;
-            w.push(ow);
-            r.push(or);
+            w.push(ow / 1e9);
+            r.push(or / 1e9);
             let _ = std::fs::remove_dir_all(&fio_dir);
             std::fs::create_dir_all(&fio_dir)?;
-            fw.push(fio(&fio_dir, "write", bs, qd, total)?);
-            fr.push(fio(&fio_dir, "read", bs, qd, total)?);
+            fw.push(fio(&fio_dir, "write", bs, qd, total)? / 1e9);
+            fr.push(fio(&fio_dir, "read", bs, qd, total)? / 1e9);
         }
         let _ = std::fs::remove_dir_all(&fio_dir);
         let qd_s = format!("QD {qd}");
         let base = "fio io_uring O_DIRECT";
+        let (w, fw, wr) = paired(&w, &fw);
+        let (r, fr, rr) = paired(&r, &fr);
         rows.push(Row::new(
             "disk",
             "write",
             bs,
             qd_s.clone(),
-            median(w) / 1e9,
+            w,
             base,
-            median(fw) / 1e9,
+            fw,
+            wr,
             note.clone(),
         ));
-        rows.push(Row::new(
-            "disk",
-            "read",
-            bs,
-            qd_s,
-            median(r) / 1e9,
-            base,
-            median(fr) / 1e9,
-            note,
-        ));
+        rows.push(Row::new("disk", "read", bs, qd_s, r, base, fr, rr, note));
     }
     Ok(rows)
 }

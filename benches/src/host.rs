@@ -9,7 +9,7 @@ use kvstore::{
     BlockHash, BlockKey, HostArena, HostTierConfig, HugePages, Namespace, StoreConfig, TieredStore,
 };
 
-use crate::report::{Row, median};
+use crate::report::{Row, paired};
 
 const SIZES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 
@@ -59,7 +59,7 @@ fn store(case: &Case) -> Result<TieredStore> {
     .context("creating the host arena")
 }
 
-fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
+fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64, f64)> {
     let size = case.size as usize;
     let ns = Namespace::builder("kvbench-put").build();
     let s = store(case)?;
@@ -101,12 +101,12 @@ fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
                 }
             })
     };
-    let (ours, base) = interleaved(reps, ours, base);
+    let out = interleaved(reps, ours, base);
     drop(regions);
-    Ok((ours / 1e9, base / 1e9))
+    Ok(out)
 }
 
-fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
+fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64, f64)> {
     let size = case.size as usize;
     let ns = Namespace::builder("kvbench-get").build();
     let s = store(case)?;
@@ -147,8 +147,7 @@ fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64)> {
                 }
             })
     };
-    let (ours, base) = interleaved(reps, ours, base);
-    Ok((ours / 1e9, base / 1e9))
+    Ok(interleaved(reps, ours, base))
 }
 
 /// The baseline's memory: one memfd mapping per thread, the same kind of shared memory as the
@@ -163,19 +162,19 @@ fn baseline_regions(case: &Case) -> Result<Vec<HostArena>> {
 }
 
 /// Alternates the two measurements `reps` times (swapping which goes first each time, so slow
-/// drifts of the machine hit both alike) and returns both medians in bytes per second.
-fn interleaved(reps: usize, mut ours: impl FnMut() -> f64, mut base: impl FnMut() -> f64) -> (f64, f64) {
+/// drifts of the machine hit both alike); returns the medians in GB/s and the median ratio.
+fn interleaved(reps: usize, mut ours: impl FnMut() -> f64, mut base: impl FnMut() -> f64) -> (f64, f64, f64) {
     let (mut o, mut b) = (Vec::new(), Vec::new());
     for rep in 0..reps {
         if rep % 2 == 0 {
-            o.push(ours());
-            b.push(base());
+            o.push(ours() / 1e9);
+            b.push(base() / 1e9);
         } else {
-            b.push(base());
-            o.push(ours());
+            b.push(base() / 1e9);
+            o.push(ours() / 1e9);
         }
     }
-    (median(o), median(b))
+    paired(&o, &b)
 }
 
 /// Host arena rows: put and get for every size at 1 and 2 threads.
@@ -183,7 +182,7 @@ pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
     let working_set: u64 = if quick { 32 << 20 } else { 64 << 20 };
     // Short measurements, many of them, interleaved: the median resists the machine's noise.
     let per_thread_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
-    let reps = reps * 3;
+    let reps = reps * 4 + 1;
     let mut rows = Vec::new();
     for threads in [1usize, 2] {
         for size in SIZES {
@@ -194,28 +193,21 @@ pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
                 ops: per_thread_bytes / size,
             };
             eprintln!("host arena: {} KiB blocks, {threads} thread(s)", size >> 10);
-            let (p, pb) = put_gbps(&case, reps)?;
+            let (p, pb, pr) = put_gbps(&case, reps)?;
+            let t = threads.to_string();
             rows.push(Row::new(
                 "host",
                 "put",
                 size,
-                threads.to_string(),
+                t.clone(),
                 p,
                 "memcpy",
                 pb,
-                "steady state: every put evicts",
+                pr,
+                "every put evicts",
             ));
-            let (g, gb) = get_gbps(&case, reps)?;
-            rows.push(Row::new(
-                "host",
-                "get",
-                size,
-                threads.to_string(),
-                g,
-                "memcpy",
-                gb,
-                "",
-            ));
+            let (g, gb, gr) = get_gbps(&case, reps)?;
+            rows.push(Row::new("host", "get", size, t, g, "memcpy", gb, gr, ""));
         }
     }
     Ok(rows)

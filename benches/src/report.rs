@@ -24,7 +24,8 @@ pub(crate) struct Row {
     pub(crate) baseline: String,
     /// The baseline's bandwidth in GB/s.
     pub(crate) baseline_gbps: f64,
-    /// kvtier / baseline.
+    /// Median of the per-repetition ratios kvtier / baseline (each pair measured back to back,
+    /// so drifts of a shared machine cancel out).
     pub(crate) ratio: f64,
     /// Extra facts (engine, direct I/O).
     pub(crate) note: String,
@@ -40,6 +41,7 @@ impl Row {
         kvtier_gbps: f64,
         baseline: impl Into<String>,
         baseline_gbps: f64,
+        ratio: f64,
         note: impl Into<String>,
     ) -> Self {
         Self {
@@ -50,11 +52,7 @@ impl Row {
             kvtier_gbps,
             baseline: baseline.into(),
             baseline_gbps,
-            ratio: if baseline_gbps > 0.0 {
-                kvtier_gbps / baseline_gbps
-            } else {
-                0.0
-            },
+            ratio,
             note: note.into(),
         }
     }
@@ -135,6 +133,12 @@ pub(crate) fn write_json(path: &Path, rows: &[Row], args: &TiersArgs) -> Result<
     };
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Medians of paired samples: (median of `ours`, median of `base`, median of the pairwise ratios).
+pub(crate) fn paired(ours: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    let ratios = ours.iter().zip(base).map(|(o, b)| o / b).collect();
+    (median(ours.to_vec()), median(base.to_vec()), median(ratios))
 }
 
 /// The median of `xs` (which must not be empty).

@@ -179,6 +179,16 @@ impl HostTier {
     /// Reserves a slot for `key`. Does not evict: on [`Reserve::Full`] the caller picks victims
     /// with [`Self::take_victims`] (and demotes them) first.
     pub fn reserve(&self, key: BlockKey, len: u64) -> Reserve {
+        self.reserve_inner(key, len, false)
+    }
+
+    /// Reserves a slot for `key`, dropping least-recently-used unpinned blocks when there is no
+    /// room — for a store with no lower tier to demote to. One lock acquisition.
+    pub fn reserve_dropping(&self, key: BlockKey, len: u64) -> Reserve {
+        self.reserve_inner(key, len, true)
+    }
+
+    fn reserve_inner(&self, key: BlockKey, len: u64, drop_lru: bool) -> Reserve {
         if len > self.slab_size {
             return Reserve::TooLarge;
         }
@@ -189,10 +199,28 @@ impl HostTier {
         if st.reserved.contains_key(&key) {
             return Reserve::Busy;
         }
-        let Some(slot) = st.alloc.alloc(len) else {
+        let mut dropped = 0;
+        let slot = loop {
+            if let Some(slot) = st.alloc.alloc(len) {
+                break Some(slot);
+            }
+            if !drop_lru {
+                break None;
+            }
+            let Some(victim) = Self::pick_victim(&st.entries, slot_size_for(len)) else {
+                break None;
+            };
+            if let Some(e) = st.entries.pop(&victim) {
+                st.alloc.free(e.slot);
+                dropped += 1;
+            }
+        };
+        st.reserved.extend(slot.map(|s| (key, s)));
+        drop(st);
+        TierCounters::add(&self.counters.evictions, dropped);
+        let Some(slot) = slot else {
             return Reserve::Full;
         };
-        st.reserved.insert(key, slot);
         Reserve::Slot(Reservation {
             key,
             offset: self.offset(&slot),
@@ -304,20 +332,9 @@ impl HostTier {
         let mut st = self.state.lock();
         let mut out = Vec::new();
         for &len in lens {
-            let size = slot_size_for(len);
-            let mut fallback = None;
-            let mut found = None;
-            for (k, e) in st.entries.iter().rev() {
-                if e.pins > 0 {
-                    continue;
-                }
-                if e.slot.size == size {
-                    found = Some(*k);
-                    break;
-                }
-                fallback.get_or_insert(*k);
-            }
-            let Some(k) = found.or(fallback) else { break };
+            let Some(k) = Self::pick_victim(&st.entries, slot_size_for(len)) else {
+                break;
+            };
             if let Some(e) = st.entries.pop(&k) {
                 out.push(Victim {
                     key: k,
@@ -330,6 +347,22 @@ impl HostTier {
         drop(st);
         TierCounters::add(&self.counters.evictions, out.len() as u64);
         out
+    }
+
+    /// The least recently used unpinned block, preferring one whose slot has `size` bytes (its
+    /// slot then serves the new block directly).
+    fn pick_victim(entries: &LruCache<BlockKey, HostEntry>, size: u64) -> Option<BlockKey> {
+        let mut fallback = None;
+        for (k, e) in entries.iter().rev() {
+            if e.pins > 0 {
+                continue;
+            }
+            if e.slot.size == size {
+                return Some(*k);
+            }
+            fallback.get_or_insert(*k);
+        }
+        fallback
     }
 
     /// The payload of a victim, readable until it is freed.

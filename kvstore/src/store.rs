@@ -130,7 +130,13 @@ impl TieredStore {
             let mut full = Vec::new();
             for &i in &pending {
                 let (key, len) = items[i];
-                out[i] = match self.host.reserve(key, len) {
+                let reserved = if self.disk.is_some() {
+                    self.host.reserve(key, len)
+                } else {
+                    // Nothing to demote to: evicting is just dropping, done under one lock.
+                    self.host.reserve_dropping(key, len)
+                };
+                out[i] = match reserved {
                     Reserve::Slot(r) => Ok(r),
                     Reserve::Exists | Reserve::Busy => Err(PutOutcome::AlreadyStored),
                     Reserve::TooLarge => Err(PutOutcome::NotStored(NotStoredReason::TooLarge)),
