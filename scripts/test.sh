@@ -28,6 +28,18 @@ if cargo +nightly --version >/dev/null 2>&1; then
 else
   echo "SKIPPED AddressSanitizer run: no nightly toolchain on this machine (rustup toolchain install nightly)"
 fi
+echo "== huge pages: the arena tests again with 2 MiB pages reserved, so the huge-page path runs"
+hp=/proc/sys/vm/nr_hugepages
+if [ "$(id -u)" -eq 0 ] && [ -w "$hp" ]; then
+  old=$(cat "$hp")
+  trap 'echo "$old" > "$hp"' EXIT
+  echo $((old + 8)) > "$hp"
+  cargo test --locked -p kvstore --lib arena:: -- --test-threads=1
+  echo "$old" > "$hp"
+  trap - EXIT
+else
+  echo "SKIPPED huge-page arena run: needs root to reserve huge pages (vm.nr_hugepages)"
+fi
 echo "== doc tests"
 cargo test --workspace --locked --doc
 echo "== tests"

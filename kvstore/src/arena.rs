@@ -250,6 +250,25 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_are_used_when_reserved_and_refused_cleanly_when_not() {
+        let free: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let required = HostArena::create("kvtier-test", 2 << 20, HugePages::Require);
+        let auto = HostArena::create("kvtier-test", 2 << 20, HugePages::Auto).unwrap();
+        if free == 0 {
+            assert!(matches!(required, Err(Error::Arena { .. })), "no huge pages: a clear error");
+            assert!(!auto.huge_pages(), "no huge pages: Auto falls back");
+        } else {
+            assert!(required.unwrap().huge_pages());
+        }
+        let off = HostArena::create("kvtier-test", 2 << 20, HugePages::Off).unwrap();
+        assert!(!off.huge_pages());
+    }
+
+    #[test]
     fn size_is_sealed() {
         let a = HostArena::create("kvtier-test", 2 << 20, HugePages::Off).unwrap();
         let f = File::from(a.fd().try_clone_to_owned().unwrap());

@@ -221,14 +221,13 @@ impl DiskTier {
         let max_slabs = u32::try_from(cfg.capacity / cfg.slab_size).unwrap_or(u32::MAX);
         let mut alloc = SlabAllocator::new(SizeClasses::PageExact, cfg.slab_size, max_slabs);
         let mut files = Vec::new();
-        loop {
-            let slab = files.len() as u32;
+        for slab in 0u32.. {
             let path = slab_path(&cfg.dir, slab);
             if !path.exists() {
                 break;
             }
             if slab >= max_slabs {
-                // The capacity shrank: drop slabs beyond it.
+                // The capacity shrank: drop slabs beyond it (their entries are dropped below).
                 let _ = fs::remove_file(&path);
                 continue;
             }
