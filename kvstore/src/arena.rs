@@ -259,7 +259,10 @@ mod tests {
         let required = HostArena::create("kvtier-test", 2 << 20, HugePages::Require);
         let auto = HostArena::create("kvtier-test", 2 << 20, HugePages::Auto).unwrap();
         if free == 0 {
-            assert!(matches!(required, Err(Error::Arena { .. })), "no huge pages: a clear error");
+            assert!(
+                matches!(required, Err(Error::Arena { .. })),
+                "no huge pages: a clear error"
+            );
             assert!(!auto.huge_pages(), "no huge pages: Auto falls back");
         } else {
             assert!(required.unwrap().huge_pages());
