@@ -160,3 +160,109 @@ fn crash_writer_child() {
         println!("committed {next}");
     }
 }
+
+/// Installs a seccomp filter that makes `io_uring_setup` fail with ENOSYS, as container runtimes'
+/// default profiles do. Runs between fork and exec.
+#[cfg(target_arch = "x86_64")]
+fn deny_io_uring() -> std::io::Result<()> {
+    let ins = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        // Load the syscall number (offset 0 of struct seccomp_data).
+        ins((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, 0, 0, 0),
+        ins(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            libc::SYS_io_uring_setup as u32,
+            0,
+            1,
+        ),
+        ins(
+            (libc::BPF_RET | libc::BPF_K) as u16,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            0,
+            0,
+        ),
+        ins(
+            (libc::BPF_RET | libc::BPF_K) as u16,
+            libc::SECCOMP_RET_ALLOW,
+            0,
+            0,
+        ),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments, then with a pointer to a filter program that lives
+    // on this stack frame for the duration of the call; both are async-signal-safe syscalls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_io_uring_the_disk_tier_falls_back_to_the_thread_pool() {
+    let dir = scratch();
+    let mut cmd = spawn_child(
+        "uring_denied_child",
+        &[("DISK_DIR", dir.path().display().to_string())],
+    );
+    cmd.stderr(std::process::Stdio::piped());
+    // SAFETY: the hook only issues prctl system calls (async-signal-safe) in the forked child.
+    unsafe { cmd.pre_exec(deny_io_uring) };
+    let out = cmd.output().expect("spawn child");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "child failed: {}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        stderr.matches("io_uring unavailable").count(),
+        1,
+        "the fallback is logged exactly once: {stderr}"
+    );
+}
+
+#[test]
+#[ignore = "child half of without_io_uring_the_disk_tier_falls_back_to_the_thread_pool"]
+fn uring_denied_child() {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let dir = child_env("DISK_DIR");
+    let d = DiskTier::open(disk(dir.as_ref(), 16 * MIB, MIB, IoEngineChoice::Auto))
+        .expect("open without io_uring");
+    assert_eq!(d.engine_name(), "psync");
+    let data: Vec<Vec<u8>> = (0..50).map(|i| payload(i, 30_000)).collect();
+    let items: Vec<_> = data
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (key(i as u64), p.as_slice()))
+        .collect();
+    assert!(d.put_batch(&items).iter().all(|o| *o == PutOutcome::Stored));
+    let keys: Vec<_> = (0..50).map(key).collect();
+    let mut n = 0;
+    d.get_batch(&keys, |i, p| {
+        assert!(p == data[i]);
+        n += 1;
+    });
+    assert_eq!(n, 50);
+    assert!(
+        DiskTier::open(disk(
+            format!("{dir}/explicit").as_ref(),
+            16 * MIB,
+            MIB,
+            IoEngineChoice::IoUring
+        ))
+        .is_err(),
+        "asking for io_uring explicitly is an error when it is unavailable"
+    );
+}
