@@ -31,7 +31,7 @@ impl Slot {
 
 #[derive(Debug)]
 struct Slab {
-    class: Option<u16>,
+    class: Option<u32>,
     used: u32,
     slots: u32,
     bitmap: Vec<u64>,
@@ -43,6 +43,48 @@ struct SizeClass {
     slot_size: u64,
     /// Slabs of this class with at least one free slot.
     partial: Vec<u32>,
+}
+
+/// The largest slot size not above `len` (a slab of that size holds any block whose slot fits).
+pub fn slot_size_floor(len: u64) -> u64 {
+    let len = len / SLOT_ALIGN * SLOT_ALIGN;
+    if len <= 16 * SLOT_ALIGN {
+        return len;
+    }
+    let step = (1u64 << (63 - len.leading_zeros())) / 8;
+    len / step * step
+}
+
+/// Chooses blocks to evict so that a slot of `size` bytes can be allocated.
+///
+/// `lru` lists `(key, slot, evictable)` oldest first. The first evictable block whose slot has
+/// exactly `size` bytes is enough: its slot serves the new block. Without one, freeing slots of
+/// other sizes helps only once a whole slab is empty, so the whole slab of the oldest evictable
+/// block is chosen — the first slab, oldest first, in which every block is evictable and
+/// `busy(slab)` (slots reserved or in flight) is false. Empty when nothing can go.
+pub fn victims_for<K: Copy>(
+    lru: impl Iterator<Item = (K, Slot, bool)>,
+    size: u64,
+    busy: impl Fn(u32) -> bool,
+) -> Vec<K> {
+    let mut seen = Vec::new();
+    for (k, slot, evictable) in lru {
+        if evictable && slot.size == size {
+            return vec![k];
+        }
+        seen.push((k, slot.slab, evictable));
+    }
+    let mut tried = std::collections::HashSet::new();
+    for &(_, slab, evictable) in &seen {
+        if !evictable || !tried.insert(slab) || busy(slab) {
+            continue;
+        }
+        let members = seen.iter().filter(|m| m.1 == slab);
+        if members.clone().all(|m| m.2) {
+            return members.map(|m| m.0).collect();
+        }
+    }
+    Vec::new()
 }
 
 /// How block lengths map to slot sizes.
@@ -75,7 +117,7 @@ pub struct SlabAllocator {
     slabs: Vec<Slab>,
     free_slabs: Vec<u32>,
     classes: Vec<SizeClass>,
-    class_by_size: HashMap<u64, u16>,
+    class_by_size: HashMap<u64, u32>,
     used_bytes: u64,
 }
 
@@ -158,11 +200,11 @@ impl SlabAllocator {
         self.slab_size
     }
 
-    fn class_id(&mut self, slot_size: u64) -> u16 {
+    fn class_id(&mut self, slot_size: u64) -> u32 {
         if let Some(&id) = self.class_by_size.get(&slot_size) {
             return id;
         }
-        let id = self.classes.len() as u16;
+        let id = self.classes.len() as u32;
         self.classes.push(SizeClass {
             slot_size,
             partial: Vec::new(),
@@ -171,7 +213,7 @@ impl SlabAllocator {
         id
     }
 
-    fn assign(&mut self, slab: u32, class: u16) {
+    fn assign(&mut self, slab: u32, class: u32) {
         let slot_size = self.classes[class as usize].slot_size;
         let slots = (self.slab_size / slot_size) as u32;
         let s = &mut self.slabs[slab as usize];
@@ -348,6 +390,38 @@ mod tests {
         let others: Vec<_> = std::iter::from_fn(|| a.alloc(65536)).collect();
         assert_eq!(others.len(), 31);
         assert!(!others.contains(&s));
+    }
+
+    #[test]
+    fn slot_size_floor_is_a_class_boundary() {
+        for len in (4096..50_000_000u64).step_by(77_777) {
+            let f = slot_size_floor(len);
+            assert!(f <= len && slot_size_for(f) == f, "{len} -> {f}");
+            assert!(
+                slot_size_for(f + 1) > len || f + 1 > len,
+                "{len}: {f} is the largest"
+            );
+        }
+        assert_eq!(slot_size_floor(12_800 << 10), 12 << 20);
+    }
+
+    #[test]
+    fn victims_prefer_a_same_size_slot_then_a_whole_slab() {
+        let s = |slab, index, size| Slot { slab, index, size };
+        // Oldest first: key 1 (slab 0, pinned), 2 (slab 1), 3 (slab 0), 4 (slab 1, 8 KiB).
+        let lru = || {
+            vec![
+                (1, s(0, 0, 4096), false),
+                (2, s(1, 0, 4096), true),
+                (3, s(0, 1, 4096), true),
+                (4, s(1, 1, 8192), true),
+            ]
+            .into_iter()
+        };
+        assert_eq!(victims_for(lru(), 8192, |_| false), vec![4]);
+        // No 64 KiB slot anywhere: slab 0 holds a pinned block, so all of slab 1 goes.
+        assert_eq!(victims_for(lru(), 65536, |_| false), vec![2, 4]);
+        assert!(victims_for(lru(), 65536, |slab| slab == 1).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_for};
+use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for, victims_for};
 use crate::arena::{HostArena, HugePages};
 use crate::error::{Error, Result};
 use crate::key::BlockKey;
@@ -43,16 +43,21 @@ impl HostTierConfig {
         }
     }
 
+    /// The slab size in use: the configured one (or `capacity / 8` clamped to 4–64 MiB),
+    /// rounded down to a slot size so that every block up to it fits one slot.
     fn effective_slab_size(&self) -> u64 {
-        if self.slab_size != 0 {
-            return self.slab_size;
-        }
-        (self.capacity / 8).clamp(4 << 20, 64 << 20) / 4096 * 4096
+        let wanted = if self.slab_size != 0 {
+            self.slab_size
+        } else {
+            (self.capacity / 8).clamp(4 << 20, 64 << 20)
+        };
+        slot_size_floor(wanted)
     }
 }
 
-/// A slot reserved for writing one block. Commit or abort it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A slot reserved for writing one block. Commit or abort it (it is deliberately not `Copy`:
+/// the handle is the right to the slot).
+#[derive(Debug, PartialEq, Eq)]
 #[must_use = "a reservation holds a slot until committed or aborted"]
 pub struct Reservation {
     /// The block.
@@ -64,8 +69,8 @@ pub struct Reservation {
     slot: Slot,
 }
 
-/// A pinned, readable block. Release it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A pinned, readable block. Release it (not `Copy`: one lease, one release).
+#[derive(Debug, PartialEq, Eq)]
 #[must_use = "a lease pins its block until released"]
 pub struct Lease {
     /// The block.
@@ -77,7 +82,7 @@ pub struct Lease {
 }
 
 /// A block taken out of the index to make room; its slot stays allocated until freed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Victim {
     /// The block.
     pub key: BlockKey,
@@ -89,7 +94,7 @@ pub struct Victim {
 }
 
 /// Result of [`HostTier::reserve`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Reserve {
     /// A slot to write.
     Slot(Reservation),
@@ -107,7 +112,17 @@ pub enum Reserve {
 struct HostEntry {
     slot: Slot,
     len: u64,
+    /// Pins taken with [`HostTier::pin`].
     pins: u32,
+    /// Readers holding a [`Lease`]. Kept apart from `pins` so that an unbalanced `unpin` can
+    /// never take a reader's protection away.
+    leases: u32,
+}
+
+impl HostEntry {
+    fn evictable(&self) -> bool {
+        self.pins == 0 && self.leases == 0
+    }
 }
 
 #[derive(Debug)]
@@ -115,6 +130,20 @@ struct HostState {
     alloc: SlabAllocator,
     entries: LruCache<BlockKey, HostEntry>,
     reserved: HashMap<BlockKey, Slot>,
+    /// Victims being demoted; `true` once removed meanwhile (the lower tier must drop them too).
+    limbo: HashMap<BlockKey, bool>,
+}
+
+impl HostState {
+    /// Blocks to evict for a slot of `size` bytes (see [`victims_for`]).
+    fn victims(&self, size: u64) -> Vec<BlockKey> {
+        let lru = self
+            .entries
+            .iter()
+            .rev()
+            .map(|(k, e)| (*k, e.slot, e.evictable()));
+        victims_for(lru, size, |slab| self.reserved.values().any(|s| s.slab == slab))
+    }
 }
 
 /// The host-memory tier over one shared arena.
@@ -130,10 +159,10 @@ impl HostTier {
     /// Creates the arena and an empty index.
     pub fn new(cfg: &HostTierConfig) -> Result<Self> {
         let slab_size = cfg.effective_slab_size();
-        if slab_size < 4096 || slab_size % 4096 != 0 {
+        if slab_size < 4096 {
             return Err(Error::InvalidConfig {
                 field: "host.slab_size",
-                reason: format!("{slab_size} is not a positive multiple of 4096"),
+                reason: format!("{} is below 4096", cfg.slab_size),
             });
         }
         let slabs = cfg.capacity / slab_size;
@@ -157,6 +186,7 @@ impl HostTier {
                 alloc,
                 entries: LruCache::unbounded(),
                 reserved: HashMap::new(),
+                limbo: HashMap::new(),
             }),
             counters: TierCounters::default(),
         })
@@ -167,7 +197,8 @@ impl HostTier {
         &self.arena
     }
 
-    /// Largest block the tier can hold.
+    /// Largest block the tier can hold (the slab size is a slot size, so a block of exactly
+    /// one slab fits).
     pub fn max_block_len(&self) -> u64 {
         self.slab_size
     }
@@ -189,7 +220,8 @@ impl HostTier {
     }
 
     fn reserve_inner(&self, key: BlockKey, len: u64, drop_lru: bool) -> Reserve {
-        if len > self.slab_size {
+        let size = slot_size_for(len);
+        if size > self.slab_size {
             return Reserve::TooLarge;
         }
         let mut st = self.state.lock();
@@ -204,15 +236,15 @@ impl HostTier {
             if let Some(slot) = st.alloc.alloc(len) {
                 break Some(slot);
             }
-            if !drop_lru {
+            let victims = if drop_lru { st.victims(size) } else { Vec::new() };
+            if victims.is_empty() {
                 break None;
             }
-            let Some(victim) = Self::pick_victim(&st.entries, slot_size_for(len)) else {
-                break None;
-            };
-            if let Some(e) = st.entries.pop(&victim) {
-                st.alloc.free(e.slot);
-                dropped += 1;
+            for v in victims {
+                if let Some(e) = st.entries.pop(&v) {
+                    st.alloc.free(e.slot);
+                    dropped += 1;
+                }
             }
         };
         st.reserved.extend(slot.map(|s| (key, s)));
@@ -242,6 +274,19 @@ impl HostTier {
 
     /// Makes a reserved block visible (most recently used).
     pub fn commit(&self, r: Reservation) {
+        let len = r.len;
+        self.insert(r);
+        TierCounters::add(&self.counters.stores, 1);
+        TierCounters::add(&self.counters.bytes_written, len);
+    }
+
+    /// Commits a block copied up from a lower tier: counted as a promotion, not a store.
+    pub(crate) fn commit_promoted(&self, r: Reservation) {
+        self.insert(r);
+        TierCounters::add(&self.counters.promotions, 1);
+    }
+
+    fn insert(&self, r: Reservation) {
         let mut st = self.state.lock();
         st.reserved.remove(&r.key);
         st.entries.put(
@@ -250,11 +295,9 @@ impl HostTier {
                 slot: r.slot,
                 len: r.len,
                 pins: 0,
+                leases: 0,
             },
         );
-        drop(st);
-        TierCounters::add(&self.counters.stores, 1);
-        TierCounters::add(&self.counters.bytes_written, r.len);
     }
 
     /// Gives a reserved slot back unwritten.
@@ -269,7 +312,7 @@ impl HostTier {
         let lease = {
             let mut st = self.state.lock();
             st.entries.get_mut(key).map(|e| {
-                e.pins += 1;
+                e.leases += 1;
                 (e.slot, e.len)
             })
         };
@@ -306,7 +349,7 @@ impl HostTier {
     pub(crate) fn acquire_quiet(&self, key: &BlockKey) -> Option<Lease> {
         let mut st = self.state.lock();
         let (slot, len) = st.entries.get_mut(key).map(|e| {
-            e.pins += 1;
+            e.leases += 1;
             (e.slot, e.len)
         })?;
         Some(Lease {
@@ -320,28 +363,32 @@ impl HostTier {
     pub fn release(&self, lease: Lease) {
         let mut st = self.state.lock();
         if let Some(e) = st.entries.peek_mut(&lease.key) {
-            e.pins = e.pins.saturating_sub(1);
+            e.leases = e.leases.saturating_sub(1);
         }
     }
 
     /// Takes least-recently-used unpinned blocks out of the index to make room for blocks of
-    /// `lens`: for each, one victim of the same slot size when there is one, else the oldest of
-    /// any size. The victims' slots stay allocated — read them with [`Self::victim_data`] and
-    /// then [`Self::free_victims`].
+    /// `lens` (see [`victims_for`]: a same-size block each, else whole slabs). The victims'
+    /// slots stay allocated — read them with [`Self::victim_data`], then
+    /// [`Self::free_victims`]. Empty when everything left is pinned.
     pub fn take_victims(&self, lens: &[u64]) -> Vec<Victim> {
         let mut st = self.state.lock();
         let mut out = Vec::new();
         for &len in lens {
-            let Some(k) = Self::pick_victim(&st.entries, slot_size_for(len)) else {
+            let keys = st.victims(slot_size_for(len));
+            if keys.is_empty() {
                 break;
-            };
-            if let Some(e) = st.entries.pop(&k) {
-                out.push(Victim {
-                    key: k,
-                    offset: self.offset(&e.slot),
-                    len: e.len,
-                    slot: e.slot,
-                });
+            }
+            for k in keys {
+                if let Some(e) = st.entries.pop(&k) {
+                    st.limbo.insert(k, false);
+                    out.push(Victim {
+                        key: k,
+                        offset: self.offset(&e.slot),
+                        len: e.len,
+                        slot: e.slot,
+                    });
+                }
             }
         }
         drop(st);
@@ -349,42 +396,29 @@ impl HostTier {
         out
     }
 
-    /// The least recently used unpinned block, preferring one whose slot has `size` bytes (its
-    /// slot then serves the new block directly).
-    fn pick_victim(entries: &LruCache<BlockKey, HostEntry>, size: u64) -> Option<BlockKey> {
-        let mut fallback = None;
-        for (k, e) in entries.iter().rev() {
-            if e.pins > 0 {
-                continue;
-            }
-            if e.slot.size == size {
-                return Some(*k);
-            }
-            fallback.get_or_insert(*k);
-        }
-        fallback
-    }
-
     /// The payload of a victim, readable until it is freed.
-    pub fn victim_data(&self, v: &Victim) -> &[u8] {
+    pub fn victim_data<'a>(&'a self, v: &'a Victim) -> &'a [u8] {
         // SAFETY: a victim's slot is out of the index (no new readers or pins) and not free (no
-        // writer) until `free_victims`, which needs the victims by value; no pins remained when
-        // it was taken.
+        // writer) until `free_victims`, which takes the victim by value and so cannot run while
+        // the returned borrow of it lives; no pins or leases remained when it was taken.
         unsafe { self.arena.slice(v.offset, v.len as usize) }
     }
 
-    /// Frees victims' slots; counts the ones written to the next tier as demotions.
-    pub fn free_victims(&self, victims: Vec<Victim>, demoted: u64) {
+    /// Frees victims' slots and counts `demoted` of them as written to the next tier. Returns
+    /// the victims removed (with [`Self::remove`]) while they were being demoted: the next tier
+    /// must drop them too.
+    pub fn free_victims(&self, victims: Vec<Victim>, demoted: u64) -> Vec<BlockKey> {
         let mut st = self.state.lock();
+        let mut removed = Vec::new();
         for v in victims {
             st.alloc.free(v.slot);
+            if st.limbo.remove(&v.key) == Some(true) {
+                removed.push(v.key);
+            }
         }
         drop(st);
         TierCounters::add(&self.counters.demotions, demoted);
-    }
-
-    pub(crate) fn count_promotions(&self, n: u64) {
-        TierCounters::add(&self.counters.promotions, n);
+        removed
     }
 
     /// Whether the block is committed here (does not touch the LRU order).
@@ -420,10 +454,15 @@ impl HostTier {
         }
     }
 
-    /// Removes a block; `false` if absent or pinned.
+    /// Removes a block; `false` if absent, pinned or being read. A block being demoted is
+    /// marked so that [`Self::free_victims`] reports it.
     pub fn remove(&self, key: &BlockKey) -> bool {
         let mut st = self.state.lock();
-        if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
+        if let Some(removed) = st.limbo.get_mut(key) {
+            *removed = true;
+            return true;
+        }
+        if st.entries.peek(key).is_none_or(|e| !e.evictable()) {
             return false;
         }
         let Some(e) = st.entries.pop(key) else {

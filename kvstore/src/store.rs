@@ -123,8 +123,9 @@ impl TieredStore {
     /// Reserves host slots for every item, evicting least-recently-used blocks (demoting them)
     /// for the ones that do not fit, for a bounded number of rounds.
     fn reserve(&self, items: &[(BlockKey, u64)]) -> Vec<Result<Reservation, PutOutcome>> {
-        let mut out: Vec<Result<Reservation, PutOutcome>> =
-            vec![Err(PutOutcome::NotStored(NotStoredReason::NoSpace)); items.len()];
+        let mut out: Vec<Result<Reservation, PutOutcome>> = (0..items.len())
+            .map(|_| Err(PutOutcome::NotStored(NotStoredReason::NoSpace)))
+            .collect();
         let mut pending: Vec<usize> = (0..items.len()).collect();
         for _ in 0..EVICTION_ROUNDS {
             let mut full = Vec::new();
@@ -179,7 +180,13 @@ impl TieredStore {
                 .filter(|o| **o == PutOutcome::Stored)
                 .count() as u64;
         }
-        self.host.free_victims(victims, demoted);
+        let removed = self.host.free_victims(victims, demoted);
+        if let Some(disk) = &self.disk {
+            // Removed while in flight to disk: the removal wins.
+            for key in &removed {
+                disk.remove(key);
+            }
+        }
         true
     }
 
@@ -187,63 +194,84 @@ impl TieredStore {
     /// needed. Each `Some` must be given back with [`Self::release`].
     pub fn acquire_batch(&self, keys: &[BlockKey]) -> Vec<Option<Lease>> {
         self.acquire_tiered(keys)
+            .0
             .into_iter()
             .map(|l| l.map(|(l, _)| l))
             .collect()
     }
 
-    /// [`Self::acquire_batch`], also telling which tier each block came from.
-    fn acquire_tiered(&self, keys: &[BlockKey]) -> Vec<Option<(Lease, TierLevel)>> {
+    /// [`Self::acquire_batch`], also telling which tier each block came from, plus the indices
+    /// of blocks the disk holds but the host could not take (no slot could be freed).
+    #[expect(
+        clippy::type_complexity,
+        reason = "private helper returning two parallel results"
+    )]
+    fn acquire_tiered(&self, keys: &[BlockKey]) -> (Vec<Option<(Lease, TierLevel)>>, Vec<usize>) {
         let mut out: Vec<Option<(Lease, TierLevel)>> = keys
             .iter()
             .map(|k| self.host.acquire(k).map(|l| (l, TierLevel::Host)))
             .collect();
-        let Some(disk) = &self.disk else { return out };
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        let Some(disk) = &self.disk else {
+            return (out, Vec::new());
+        };
+        let missing: Vec<BlockKey> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, l)| l.is_none())
+            .map(|(k, _)| *k)
+            .collect();
         if missing.is_empty() {
-            return out;
+            return (out, Vec::new());
         }
-        let mut wanted = Vec::new();
-        let mut wanted_idx = Vec::new();
-        for &i in &missing {
-            if let Some(len) = disk.len_of(&keys[i]) {
-                wanted.push((keys[i], len));
-                wanted_idx.push(i);
-            }
-        }
-        if wanted.is_empty() {
-            return out;
-        }
-        let reservations = self.reserve(&wanted);
+        // Hold the disk copies (most recently used, not evictable) while host slots are made
+        // for them: the demotions that frees them must not evict the very blocks being read.
+        let lens = disk.hold(&missing);
+        let wanted: Vec<(BlockKey, u64)> = missing
+            .iter()
+            .zip(&lens)
+            .filter_map(|(k, l)| l.map(|l| (*k, l)))
+            .collect();
+        let mut unpromoted = Vec::new();
         let mut read_keys = Vec::new();
         let mut read_res = Vec::new();
-        for ((key, _), r) in wanted.iter().zip(reservations) {
-            if let Ok(r) = r {
-                read_keys.push(*key);
-                read_res.push(r);
+        for ((key, _), r) in wanted.iter().zip(self.reserve(&wanted)) {
+            match r {
+                Ok(r) => {
+                    read_keys.push(*key);
+                    read_res.push(r);
+                }
+                // Committed by a concurrent writer meanwhile: acquired below.
+                Err(PutOutcome::AlreadyStored) => {}
+                Err(_) => unpromoted.push(*key),
             }
         }
-        let hits = disk.get_batch(&read_keys, |j, payload| {
+        let mut written = vec![false; read_res.len()];
+        disk.get_batch(&read_keys, |j, payload| {
             if payload.len() as u64 == read_res[j].len {
                 self.host.write(&read_res[j], payload);
+                written[j] = true;
             }
         });
-        let mut promoted = 0;
-        for (r, hit) in read_res.into_iter().zip(hits) {
-            if hit {
-                self.host.commit(r);
-                promoted += 1;
+        disk.unhold(&missing);
+        for (r, ok) in read_res.into_iter().zip(written) {
+            if ok {
+                self.host.commit_promoted(r);
             } else {
                 self.host.abort(r);
             }
         }
-        self.host.count_promotions(promoted);
-        for i in wanted_idx {
-            if out[i].is_none() {
-                out[i] = self.host.acquire_quiet(&keys[i]).map(|l| (l, TierLevel::Disk));
+        for (i, key) in keys.iter().enumerate() {
+            if out[i].is_none() && wanted.iter().any(|(k, _)| k == key) {
+                out[i] = self.host.acquire_quiet(key).map(|l| (l, TierLevel::Disk));
             }
         }
-        out
+        let unpromoted = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| out[*i].is_none() && unpromoted.contains(k))
+            .map(|(i, _)| i)
+            .collect();
+        (out, unpromoted)
     }
 
     /// Unpins a block acquired with [`Self::acquire_batch`].
@@ -262,9 +290,8 @@ impl TieredStore {
     /// Copies blocks into the caller's buffers, one per key.
     pub fn get_batch(&self, keys: &[BlockKey], bufs: &mut [&mut [u8]]) -> Vec<Result<Option<Hit>>> {
         assert_eq!(keys.len(), bufs.len(), "one buffer per key");
-        let leases = self.acquire_tiered(keys);
+        let (leases, direct) = self.acquire_tiered(keys);
         let mut out = Vec::with_capacity(keys.len());
-        let mut direct = Vec::new();
         for (i, lease) in leases.into_iter().enumerate() {
             match lease {
                 Some((l, tier)) => {
@@ -280,10 +307,7 @@ impl TieredStore {
                     self.host.release(l);
                     out.push(r);
                 }
-                None => {
-                    direct.push(i);
-                    out.push(Ok(None));
-                }
+                None => out.push(Ok(None)),
             }
         }
         // Blocks on disk that the host could not take: read them straight into the buffers.

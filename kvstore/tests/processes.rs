@@ -24,7 +24,7 @@ fn second_process_reads_and_writes_the_arena() {
     .unwrap();
     let data = payload(7, 100_000);
     assert_eq!(s.put(&key(7), &data), PutOutcome::Stored);
-    let lease = s.acquire_batch(&[key(7)])[0].expect("stored");
+    let lease = s.acquire_batch(&[key(7)]).pop().flatten().expect("stored");
     let Reserve::Slot(res) = s.host().reserve(key(8), 50_000) else {
         panic!("reservation")
     };

@@ -14,7 +14,7 @@ pub mod psync;
 #[cfg(all(target_os = "linux", feature = "io-uring"))]
 pub mod uring;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
-use crate::alloc::{SizeClasses, SlabAllocator, Slot};
+use crate::alloc::{SizeClasses, SlabAllocator, Slot, victims_for};
 use crate::block::{BlockHeader, HEADER_LEN, checksum};
 use crate::error::{Error, Result};
 use crate::key::BlockKey;
@@ -86,7 +86,16 @@ struct DiskEntry {
     slot: Slot,
     len: u64,
     checksum: u64,
+    /// Pins taken with [`DiskTier::pin`].
     pins: u32,
+    /// Reads in flight and holds ([`DiskTier::hold`]), kept apart from user pins.
+    readers: u32,
+}
+
+impl DiskEntry {
+    fn evictable(&self) -> bool {
+        self.pins == 0 && self.readers == 0
+    }
 }
 
 #[derive(Debug)]
@@ -94,7 +103,7 @@ struct DiskState {
     alloc: SlabAllocator,
     entries: LruCache<BlockKey, DiskEntry>,
     /// Blocks being written: reserved slots, not yet readable.
-    pending: HashSet<BlockKey>,
+    pending: HashMap<BlockKey, Slot>,
     journal: Journal,
     full_logged: bool,
 }
@@ -257,6 +266,7 @@ impl DiskTier {
                     len: e.len,
                     checksum: e.checksum,
                     pins: 0,
+                    readers: 0,
                 },
             );
         }
@@ -270,7 +280,7 @@ impl DiskTier {
             state: Mutex::new(DiskState {
                 alloc,
                 entries,
-                pending: HashSet::new(),
+                pending: HashMap::new(),
                 journal,
                 full_logged: false,
             }),
@@ -354,29 +364,21 @@ impl DiskTier {
         }
     }
 
-    /// Drops the least recently used unpinned entry (preferring one with a slot of
-    /// `prefer_size`); returns `false` when everything is pinned.
-    fn evict_one(&self, st: &mut DiskState, prefer_size: u64, log: &mut Vec<Record>) -> bool {
-        let victim = {
-            let mut fallback = None;
-            let mut found = None;
-            for (k, e) in st.entries.iter().rev() {
-                if e.pins > 0 {
-                    continue;
-                }
-                if e.slot.size == prefer_size {
-                    found = Some(*k);
-                    break;
-                }
-                fallback.get_or_insert(*k);
+    /// Drops least-recently-used unpinned entries to make room for a record of `size` bytes
+    /// (one of the same size, else a whole slab: see [`victims_for`]); `false` when everything
+    /// is pinned or being read or written.
+    fn evict_for(&self, st: &mut DiskState, size: u64, log: &mut Vec<Record>) -> bool {
+        let lru = st.entries.iter().rev().map(|(k, e)| (*k, e.slot, e.evictable()));
+        let victims = victims_for(lru, size, |slab| st.pending.values().any(|s| s.slab == slab));
+        if victims.is_empty() {
+            return false;
+        }
+        for k in victims {
+            if let Some(e) = st.entries.pop(&k) {
+                st.alloc.free(e.slot);
+                log.push(Record::Remove(k));
+                TierCounters::add(&self.counters.evictions, 1);
             }
-            found.or(fallback)
-        };
-        let Some(k) = victim else { return false };
-        if let Some(e) = st.entries.pop(&k) {
-            st.alloc.free(e.slot);
-            log.push(Record::Remove(k));
-            TierCounters::add(&self.counters.evictions, 1);
         }
         true
     }
@@ -390,7 +392,7 @@ impl DiskTier {
             if st.alloc.can_grow() && self.grow(st) {
                 continue;
             }
-            if !self.evict_one(st, rec, log) {
+            if !self.evict_for(st, rec, log) {
                 return None;
             }
         }
@@ -418,7 +420,7 @@ impl DiskTier {
             let mut st = self.state.lock();
             let mut log = Vec::new();
             for (i, (key, data)) in items.iter().enumerate() {
-                if st.entries.contains(key) || st.pending.contains(key) {
+                if st.entries.contains(key) || st.pending.contains_key(key) {
                     continue;
                 }
                 if data.len() as u64 > self.max_block_len() {
@@ -427,7 +429,7 @@ impl DiskTier {
                 }
                 match self.reserve(&mut st, data.len() as u64, &mut log) {
                     Some(slot) => {
-                        st.pending.insert(*key);
+                        st.pending.insert(*key, slot);
                         todo.push((i, slot));
                     }
                     None => out[i] = PutOutcome::NotStored(NotStoredReason::NoSpace),
@@ -474,6 +476,7 @@ impl DiskTier {
                         len: data.len() as u64,
                         checksum: sum,
                         pins: 0,
+                        readers: 0,
                     };
                     log.push(Record::Put(entry_record(&key, &e)));
                     st.entries.put(key, e);
@@ -515,7 +518,7 @@ impl DiskTier {
             let mut st = self.state.lock();
             for (i, key) in keys.iter().enumerate() {
                 if let Some(e) = st.entries.get_mut(key) {
-                    e.pins += 1;
+                    e.readers += 1;
                     todo.push((i, *e));
                 }
             }
@@ -561,13 +564,15 @@ impl DiskTier {
         let mut st = self.state.lock();
         for (i, _) in &todo {
             if let Some(e) = st.entries.peek_mut(&keys[*i]) {
-                e.pins = e.pins.saturating_sub(1);
+                e.readers = e.readers.saturating_sub(1);
             }
         }
         let mut log = Vec::new();
         for k in &bad {
-            let unpinned = st.entries.peek(k).is_some_and(|e| e.pins == 0);
-            if unpinned && let Some(e) = st.entries.pop(k) {
+            // A corrupt block goes even if pinned: a pin protects data, and there is none.
+            if st.entries.peek(k).is_some_and(|e| e.readers == 0)
+                && let Some(e) = st.entries.pop(k)
+            {
                 st.alloc.free(e.slot);
                 log.push(Record::Remove(*k));
             }
@@ -600,6 +605,30 @@ impl DiskTier {
     /// The payload length of a stored block.
     pub fn len_of(&self, key: &BlockKey) -> Option<u64> {
         self.state.lock().entries.peek(key).map(|e| e.len)
+    }
+
+    /// Marks blocks most recently used and protects them from eviction until
+    /// [`Self::unhold`]; returns each one's length (`None`: not stored, nothing held).
+    pub fn hold(&self, keys: &[BlockKey]) -> Vec<Option<u64>> {
+        let mut st = self.state.lock();
+        keys.iter()
+            .map(|k| {
+                st.entries.get_mut(k).map(|e| {
+                    e.readers += 1;
+                    e.len
+                })
+            })
+            .collect()
+    }
+
+    /// Ends a [`Self::hold`] (keys that were not held are ignored).
+    pub fn unhold(&self, keys: &[BlockKey]) {
+        let mut st = self.state.lock();
+        for k in keys {
+            if let Some(e) = st.entries.peek_mut(k) {
+                e.readers = e.readers.saturating_sub(1);
+            }
+        }
     }
 
     /// Whether the block is stored (does not touch the LRU order).
@@ -638,7 +667,7 @@ impl DiskTier {
     /// Removes a block; `false` if absent or pinned.
     pub fn remove(&self, key: &BlockKey) -> bool {
         let mut st = self.state.lock();
-        if st.entries.peek(key).is_none_or(|e| e.pins > 0) {
+        if st.entries.peek(key).is_none_or(|e| !e.evictable()) {
             return false;
         }
         let Some(e) = st.entries.pop(key) else {
