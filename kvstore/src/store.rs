@@ -1,5 +1,7 @@
 //! The cascade: host arena over disk, with demotion on eviction and promotion on a disk hit.
 
+use std::collections::HashSet;
+
 use crate::disk::{DiskTier, DiskTierConfig};
 use crate::error::{Error, Result};
 use crate::host::{HostTier, HostTierConfig, Lease, Reservation, Reserve};
@@ -202,10 +204,6 @@ impl TieredStore {
 
     /// [`Self::acquire_batch`], also telling which tier each block came from, plus the indices
     /// of blocks the disk holds but the host could not take (no slot could be freed).
-    #[expect(
-        clippy::type_complexity,
-        reason = "private helper returning two parallel results"
-    )]
     fn acquire_tiered(&self, keys: &[BlockKey]) -> (Vec<Option<(Lease, TierLevel)>>, Vec<usize>) {
         let mut out: Vec<Option<(Lease, TierLevel)>> = keys
             .iter()
@@ -260,18 +258,18 @@ impl TieredStore {
                 self.host.abort(r);
             }
         }
+        let on_disk: HashSet<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
+        let unpromoted: HashSet<BlockKey> = unpromoted.into_iter().collect();
+        let mut direct = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            if out[i].is_none() && wanted.iter().any(|(k, _)| k == key) {
+            if out[i].is_none() && on_disk.contains(key) {
                 out[i] = self.host.acquire_quiet(key).map(|l| (l, TierLevel::Disk));
+                if out[i].is_none() && unpromoted.contains(key) {
+                    direct.push(i);
+                }
             }
         }
-        let unpromoted = keys
-            .iter()
-            .enumerate()
-            .filter(|(i, k)| out[*i].is_none() && unpromoted.contains(k))
-            .map(|(i, _)| i)
-            .collect();
-        (out, unpromoted)
+        (out, direct)
     }
 
     /// Unpins a block acquired with [`Self::acquire_batch`].
