@@ -115,8 +115,18 @@ impl HostArena {
     }
 
     /// Maps an arena received from its owner (e.g. over the local socket). `len` must not exceed
-    /// the region's size.
+    /// the region's size, and the region must be size-sealed (as [`HostArena::create`] makes
+    /// it): an unsealed fd could be truncated by any holder and fault every mapping.
     pub fn from_fd(fd: OwnedFd, len: u64) -> Result<Self> {
+        // SAFETY: plain fcntl on an fd we own; no pointers involved.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals < 0 || seals & needed != needed {
+            return Err(Error::InvalidConfig {
+                field: "arena.fd",
+                reason: "the region is not size-sealed (F_SEAL_SHRINK | F_SEAL_GROW)".into(),
+            });
+        }
         let file = File::from(fd);
         let size = file
             .metadata()
@@ -291,5 +301,14 @@ mod tests {
             assert_eq!(b.slice(100, 5), b"hello");
         }
         assert!(HostArena::from_fd(a.fd().try_clone_to_owned().unwrap(), a.len() + 1).is_err());
+        let unsealed = memfd("kvtier-test", false).unwrap();
+        File::from(unsealed.try_clone().unwrap()).set_len(4096).unwrap();
+        assert!(matches!(
+            HostArena::from_fd(unsealed, 4096),
+            Err(Error::InvalidConfig {
+                field: "arena.fd",
+                ..
+            })
+        ));
     }
 }

@@ -96,5 +96,15 @@ fn full_filesystem_caps_the_tier_evicts_and_declines() {
         d.put_batch(&[(key(999), &payload(999, len)[..])]),
         vec![PutOutcome::NotStored(NotStoredReason::NoSpace)]
     );
+    let blocks = d.stats().blocks;
     drop(d);
+    // The tier left room for its metadata: it reopens on the full filesystem with every block.
+    let d = DiskTier::open(disk(&path, 64 * MIB, MIB, IoEngineChoice::Auto)).expect("reopen when full");
+    assert_eq!(d.stats().blocks, blocks);
+    let mut ok = 0;
+    d.get_batch(&newest, |i, p| {
+        assert!(p == payload(190 + i as u64, len));
+        ok += 1;
+    });
+    assert_eq!(ok, 10);
 }

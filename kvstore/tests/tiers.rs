@@ -293,3 +293,102 @@ fn concurrent_callers_get_correct_data() {
         }
     }
 }
+
+#[test]
+fn promotion_never_evicts_the_block_it_reads() {
+    let dir = scratch();
+    // Host: 32 slots of 64 KiB. Disk: two 1 MiB slabs of 15 records of 68 KiB = 30 blocks.
+    let s = TieredStore::open(StoreConfig {
+        host: host(2 * MIB, MIB),
+        disk: Some(disk(dir.path(), 2 * MIB, MIB, IoEngineChoice::Auto)),
+    })
+    .unwrap();
+    for i in 0..62 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    assert_eq!(s.stats().disk.unwrap().blocks, 30);
+    // Block 0 is the oldest on a full disk. Promoting it demotes a host block, which makes the
+    // disk evict: not block 0, which is being read.
+    assert_eq!(check(&s, 0), Some(TierLevel::Disk));
+    assert_eq!(s.contains(&key(1)), None, "the next oldest went instead");
+}
+
+#[test]
+fn a_new_size_class_reclaims_a_whole_slab() {
+    let s = TieredStore::open(StoreConfig {
+        host: host(4 * MIB, MIB),
+        disk: None,
+    })
+    .unwrap();
+    for i in 0..64 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    assert_eq!(s.put(&key(100), &payload(100, 256 << 10)), PutOutcome::Stored);
+    let st = s.stats();
+    assert_eq!(st.host.evictions, 16, "exactly one slab of 64 KiB blocks");
+    for i in 0..16 {
+        assert_eq!(s.contains(&key(i)), None, "the oldest slab went");
+    }
+    for i in 16..64 {
+        assert_eq!(s.contains(&key(i)), Some(TierLevel::Host));
+    }
+}
+
+#[test]
+fn a_reader_lease_is_independent_of_user_pins() {
+    let s = TieredStore::open(StoreConfig {
+        host: host(2 * MIB, MIB),
+        disk: None,
+    })
+    .unwrap();
+    s.put(&key(0), &payload(0, BLOCK));
+    let lease = s.acquire_batch(&[key(0)]).pop().flatten().expect("stored");
+    assert!(
+        !s.unpin(&key(0)),
+        "an unpin without a pin cannot release a reader"
+    );
+    assert!(!s.remove(&key(0)), "a block being read is not removed");
+    for i in 1..100 {
+        s.put(&key(i), &payload(i, BLOCK));
+    }
+    assert_eq!(
+        s.contains(&key(0)),
+        Some(TierLevel::Host),
+        "a leased block is never evicted"
+    );
+    let mut buf = vec![0u8; BLOCK];
+    s.host().read(&lease, &mut buf);
+    assert!(buf == payload(0, BLOCK));
+    s.release(lease);
+    for i in 100..200 {
+        s.put(&key(i), &payload(i, BLOCK));
+    }
+    assert_eq!(s.contains(&key(0)), None, "released, it is evictable again");
+}
+
+#[test]
+fn durable_metadata_mode_round_trips_and_reopens() {
+    let dir = scratch();
+    let cfg = kvstore::DiskTierConfig {
+        sync_metadata: true,
+        ..disk(dir.path(), 16 * MIB, MIB, IoEngineChoice::Auto)
+    };
+    {
+        let d = DiskTier::open(cfg.clone()).unwrap();
+        let data: Vec<Vec<u8>> = (0..40).map(|i| payload(i, 20_000)).collect();
+        let items: Vec<_> = data
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (key(i as u64), p.as_slice()))
+            .collect();
+        assert!(d.put_batch(&items).iter().all(|o| *o == PutOutcome::Stored));
+    }
+    let d = DiskTier::open(cfg).unwrap();
+    let keys: Vec<_> = (0..40).map(key).collect();
+    let mut n = 0;
+    d.get_batch(&keys, |i, p| {
+        assert!(p == payload(i as u64, 20_000));
+        n += 1;
+    });
+    assert_eq!(n, 40);
+}

@@ -12,7 +12,7 @@
 //! snapshot and replays the journals of later generations, oldest first.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::alloc::Slot;
@@ -131,6 +131,16 @@ fn journal_generation(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// Journals shorter than this are never compacted.
+const COMPACT_MIN: u64 = 1 << 16;
+
+/// Makes a directory's entries (created, renamed files) durable; best effort.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// The open journal of a disk tier.
 #[derive(Debug)]
 pub struct Journal {
@@ -139,6 +149,8 @@ pub struct Journal {
     generation: u64,
     records: u64,
     sync: bool,
+    /// Record count above which [`Self::maybe_compact`] compacts.
+    compact_at: u64,
 }
 
 /// State recovered from a directory: live entries in LRU order (oldest first).
@@ -223,12 +235,15 @@ impl Journal {
         }
         // Oldest first, as the LRU rebuilds it.
         rec.entries = live.iter().rev().map(|(_, e)| *e).collect();
-        let generation = last + 1;
+        let generation = last.checked_add(1).ok_or_else(|| Error::MetadataVersion {
+            path: dir.to_owned(),
+            version: u32::MAX,
+        })?;
         let mut journal = Self::create(dir, generation, sync)?;
-        // Make the replayed state durable in the new generation before old journals go away.
-        journal.write_snapshot(&rec.entries)?;
-        for (_, path) in journals.iter().filter(|(g, _)| *g > covered) {
-            let _ = fs::remove_file(path);
+        // Compact what was replayed. If that fails (a full filesystem), the old journals stay
+        // and are replayed again next time, before the new one: nothing is lost.
+        if let Err(e) = journal.write_snapshot(&rec.entries) {
+            tracing::warn!(error = %e, "disk tier could not compact its journal at open; continuing");
         }
         Ok((journal, rec))
     }
@@ -241,14 +256,21 @@ impl Journal {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io("create", &path, e))?;
-        file.write_all(&file_header(JOURNAL_MAGIC, generation))
-            .map_err(|e| Error::io("write", &path, e))?;
+        if let Err(e) = file.write_all(&file_header(JOURNAL_MAGIC, generation)) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(Error::io("write", &path, e));
+        }
+        if sync {
+            sync_dir(dir);
+        }
         Ok(Self {
             dir: dir.to_owned(),
             file,
             generation,
             records: 0,
             sync,
+            compact_at: COMPACT_MIN,
         })
     }
 
@@ -262,9 +284,13 @@ impl Journal {
             r.encode(out.try_into().expect("record-sized chunk"));
         }
         let path = || self.dir.join(journal_name(self.generation));
-        self.file
-            .write_all(&buf)
-            .map_err(|e| Error::io("append", path(), e))?;
+        if let Err(e) = self.file.write_all(&buf) {
+            // Cut a partly written record off, so later appends are not hidden behind it.
+            let good = (FILE_HEADER_LEN + self.records as usize * RECORD_LEN) as u64;
+            let _ = self.file.set_len(good);
+            let _ = self.file.seek(SeekFrom::Start(good));
+            return Err(Error::io("append", path(), e));
+        }
         if self.sync {
             self.file
                 .sync_data()
@@ -279,9 +305,46 @@ impl Journal {
         self.records
     }
 
-    /// Writes a snapshot of `entries` (oldest first) covering everything up to now, starts a new
-    /// journal generation and deletes the old one.
+    /// Compacts when the journal has grown past four times the `live` entries (at least
+    /// [`COMPACT_MIN`] records); `entries` lists them, oldest first. A failed compaction is
+    /// retried only after the journal doubles again.
+    pub fn maybe_compact(&mut self, live: u64, entries: impl FnOnce() -> Vec<EntryRecord>) {
+        if self.records <= self.compact_at.max(4 * live) {
+            return;
+        }
+        if let Err(e) = self.write_snapshot(&entries()) {
+            self.compact_at = 2 * self.records;
+            tracing::warn!(error = %e, "disk tier journal compaction failed; retrying later");
+        }
+    }
+
+    /// Writes a snapshot of `entries` (oldest first) covering everything appended so far,
+    /// switches to a new journal generation and deletes the old journals. On failure nothing
+    /// changes: appends continue in the current journal.
     pub fn write_snapshot(&mut self, entries: &[EntryRecord]) -> Result<()> {
+        // The next journal first: if it cannot be created, the old state is untouched.
+        let next = Self::create(&self.dir, self.generation + 1, self.sync)?;
+        let next_path = self.dir.join(journal_name(next.generation));
+        if let Err(e) = self.write_snapshot_file(entries) {
+            drop(next);
+            let _ = fs::remove_file(next_path);
+            return Err(e);
+        }
+        let covered = self.generation;
+        *self = next;
+        // Every journal up to the covered generation is in the snapshot now.
+        if let Ok(dir) = fs::read_dir(&self.dir) {
+            for d in dir.flatten() {
+                let g = d.file_name().to_str().and_then(journal_generation);
+                if g.is_some_and(|g| g <= covered) {
+                    let _ = fs::remove_file(d.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_snapshot_file(&self, entries: &[EntryRecord]) -> Result<()> {
         let tmp = self.dir.join("snapshot.tmp");
         let mut buf = Vec::with_capacity(FILE_HEADER_LEN + entries.len() * RECORD_LEN + 8);
         buf.extend_from_slice(&file_header(SNAPSHOT_MAGIC, self.generation));
@@ -292,18 +355,17 @@ impl Journal {
         }
         let sum = checksum(&buf[FILE_HEADER_LEN..]);
         buf.extend_from_slice(&sum.to_le_bytes());
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(&buf)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io("write", &tmp, e))?;
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&buf)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write", &tmp, e));
+        }
         let snap = self.dir.join(SNAPSHOT);
         fs::rename(&tmp, &snap).map_err(|e| Error::io("rename", &snap, e))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        let old = self.dir.join(journal_name(self.generation));
-        *self = Self::create(&self.dir, self.generation + 1, self.sync)?;
-        let _ = fs::remove_file(old);
+        sync_dir(&self.dir);
         Ok(())
     }
 }

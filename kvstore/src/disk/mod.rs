@@ -61,8 +61,10 @@ pub struct DiskTierConfig {
     /// Use O_DIRECT when the filesystem supports it (bypasses the page cache, which would
     /// otherwise hold a second copy of what the host tier already caches).
     pub direct_io: bool,
-    /// fdatasync the journal after each batch: survives power loss, costs a flush per batch.
-    /// Without it, committed blocks survive process crashes (kill -9) but not power loss.
+    /// fdatasync the written slab files and then the journal after each batch, and fsync the
+    /// directory when files are created: committed blocks survive power loss, at the cost of
+    /// two flushes per batch. Without it they survive process crashes (kill -9) but not power
+    /// loss; either way a lost block is a miss, never wrong data.
     pub sync_metadata: bool,
 }
 
@@ -116,6 +118,7 @@ pub struct DiskTier {
     engine: Box<dyn IoEngine>,
     direct: bool,
     slab_size: u64,
+    sync_metadata: bool,
     slabs: RwLock<Vec<Arc<File>>>,
     state: Mutex<DiskState>,
     counters: TierCounters,
@@ -124,7 +127,28 @@ pub struct DiskTier {
 
 /// Bytes a block of `len` occupies on disk: a header page plus the page-rounded payload.
 pub fn record_len(len: u64) -> u64 {
-    IO_ALIGN as u64 + len.div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64
+    // Saturating: a length read from a damaged file must not overflow; such a record never
+    // matches a slot and is dropped at recovery.
+    (len.div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64).saturating_add(IO_ALIGN as u64)
+}
+
+/// Free space the tier leaves on its filesystem for its metadata: the journal and a snapshot
+/// being written (96 bytes per block, twice, assuming blocks of at least 64 KiB) plus 1 MiB.
+fn metadata_reserve(capacity: u64) -> u64 {
+    (1 << 20) + capacity / (64 << 10) * 2 * 96
+}
+
+/// Bytes available to this process on the filesystem holding `dir`.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `statvfs` is plain data, valid when zeroed; the kernel fills it. `c` is a valid
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn slab_path(dir: &Path, slab: u32) -> PathBuf {
@@ -253,7 +277,7 @@ impl DiskTier {
         let mut live = Vec::with_capacity(recovered.entries.len());
         // Newest first: if two records claim one slot, the newer write owns it.
         for e in recovered.entries.iter().rev() {
-            if record_len(e.len) == e.slot.size && alloc.claim(e.slot) {
+            if e.len <= cfg.slab_size && record_len(e.len) == e.slot.size && alloc.claim(e.slot) {
                 live.push(*e);
             }
         }
@@ -276,6 +300,7 @@ impl DiskTier {
             engine,
             direct,
             slab_size: cfg.slab_size,
+            sync_metadata: cfg.sync_metadata,
             slabs: RwLock::new(files),
             state: Mutex::new(DiskState {
                 alloc,
@@ -340,10 +365,20 @@ impl DiskTier {
 
     /// Grows by one slab file, or caps growth when the filesystem is full.
     fn grow(&self, st: &mut DiskState) -> bool {
+        // Growing into the last free bytes would leave no room to journal what is stored.
+        let reserve = metadata_reserve(st.alloc.max_slabs() as u64 * self.slab_size);
+        if available_bytes(&self.dir).is_some_and(|free| free < self.slab_size + reserve) {
+            let err = format!("less than a slab plus {reserve} bytes of metadata reserve free");
+            self.cap(st, &err);
+            return false;
+        }
         let slab = st.alloc.slab_count();
         let path = slab_path(&self.dir, slab);
         match Self::open_slab(&path, self.direct, true, self.slab_size) {
             Ok(f) => {
+                if self.sync_metadata {
+                    journal::sync_dir(&self.dir);
+                }
                 self.slabs.write().push(Arc::new(f));
                 st.alloc.add_slab();
                 true
@@ -400,15 +435,12 @@ impl DiskTier {
 
     fn journal(&self, st: &mut DiskState, log: &[Record]) {
         if let Err(e) = st.journal.append(log) {
-            tracing::error!(error = %e, "disk tier journal append failed; blocks stay readable until restart");
+            tracing::error!(error = %e, "disk tier journal append failed; these blocks stay readable until restart");
         }
-        let live = st.entries.len() as u64;
-        if st.journal.records() > (4 * live).max(1 << 16) {
-            let snapshot: Vec<_> = st.entries.iter().rev().map(|(k, e)| entry_record(k, e)).collect();
-            if let Err(e) = st.journal.write_snapshot(&snapshot) {
-                tracing::error!(error = %e, "disk tier journal compaction failed");
-            }
-        }
+        let DiskState { journal, entries, .. } = st;
+        journal.maybe_compact(entries.len() as u64, || {
+            entries.iter().rev().map(|(k, e)| entry_record(k, e)).collect()
+        });
     }
 
     /// Writes a batch of blocks, several in flight; each block is copied into its I/O buffer
@@ -463,6 +495,21 @@ impl DiskTier {
             },
             &mut |j, _, r| results[j] = Some(r),
         );
+        if self.sync_metadata {
+            // The data must be durable before the journal says it is there (also under O_DIRECT:
+            // writes into preallocated extents change filesystem metadata).
+            let mut slabs: Vec<u32> = todo.iter().map(|(_, s)| s.slab).collect();
+            slabs.sort_unstable();
+            slabs.dedup();
+            for slab in slabs {
+                if let Err(e) = files[slab as usize].sync_data() {
+                    tracing::warn!(error = %e, "disk tier fdatasync failed");
+                    for r in results.iter_mut().zip(&todo).filter(|(_, t)| t.1.slab == slab) {
+                        *r.0 = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+            }
+        }
         let mut st = self.state.lock();
         let mut log = Vec::with_capacity(todo.len());
         let mut written = 0u64;
