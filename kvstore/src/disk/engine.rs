@@ -256,6 +256,46 @@ mod tests {
 
     #[cfg(all(target_os = "linux", feature = "io-uring"))]
     #[test]
+    fn a_panicking_callback_leaves_no_io_in_flight() {
+        let e = super::super::uring::UringEngine::new(8).unwrap();
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tmp");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let path = dir.path().join("f");
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .unwrap(),
+        );
+        file.set_len(8 << 20).unwrap();
+        let read = |i: usize| IoPlan {
+            file: Arc::clone(&file),
+            offset: (i * (1 << 20)) as u64,
+            len: 1 << 20,
+            kind: IoKind::Read,
+        };
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            e.run(8, &mut |i| read(i), &mut |_, _| {}, &mut |_, _, _| {
+                panic!("caller bug")
+            });
+        }));
+        assert!(panicked.is_err());
+        // The engine goes on working (with a fresh ring).
+        let mut ok = 0;
+        e.run(8, &mut |i| read(i), &mut |_, _| {}, &mut |_, b, r| {
+            r.unwrap();
+            assert!(b.iter().all(|&x| x == 0));
+            ok += 1;
+        });
+        assert_eq!(ok, 8);
+    }
+
+    #[cfg(all(target_os = "linux", feature = "io-uring"))]
+    #[test]
     fn io_uring_engine_meets_the_contract_with_fixed_buffers() {
         let e = super::super::uring::UringEngine::new(8).expect("io_uring is available on this kernel");
         conformance(&e, true);

@@ -54,7 +54,9 @@ pub struct DiskTierConfig {
     pub capacity: u64,
     /// Size of one slab file; the largest block is one slab minus its header page.
     pub slab_size: u64,
-    /// Requests in flight per batch (io_uring queue depth, or pool threads).
+    /// Requests in flight per batch (io_uring queue depth, or pool threads). Each io_uring ring
+    /// keeps one I/O buffer per queue slot, as large as the largest record it has carried up to
+    /// 8 MiB: memory per concurrently used ring is about `queue_depth ×` the record size.
     pub queue_depth: u32,
     /// Engine choice.
     pub engine: IoEngineChoice,
@@ -69,13 +71,13 @@ pub struct DiskTierConfig {
 }
 
 impl DiskTierConfig {
-    /// Defaults for `dir` with `capacity` bytes: 256 MiB slabs, queue depth 32, auto engine.
+    /// Defaults for `dir` with `capacity` bytes: 256 MiB slabs, queue depth 16, auto engine.
     pub fn new(dir: impl Into<PathBuf>, capacity: u64) -> Self {
         Self {
             dir: dir.into(),
             capacity,
             slab_size: 256 << 20,
-            queue_depth: 32,
+            queue_depth: 16,
             engine: IoEngineChoice::Auto,
             direct_io: true,
             sync_metadata: false,

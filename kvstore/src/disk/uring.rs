@@ -29,6 +29,10 @@ const SUBMIT_BYTES: usize = 256 << 10;
 /// Buffers grow in steps of this size, so records of slightly different lengths share them.
 const BUF_GRANULE: usize = 64 << 10;
 
+/// Buffers larger than this are given back after each batch rather than kept with the ring, so
+/// an occasional huge block does not pin `queue_depth` huge buffers for good.
+const RETAIN_MAX: usize = (8 << 20) + BUF_GRANULE;
+
 /// A ring with its buffers. Field order matters: the ring is dropped (and its registrations
 /// released by the kernel) before the buffers it references are freed.
 struct Ring {
@@ -104,6 +108,35 @@ impl Ring {
         }
     }
 
+    /// Gives back buffers above [`RETAIN_MAX`] (between batches, when none is in flight).
+    fn shrink(&mut self) {
+        for slot in 0..self.bufs.len() {
+            if self.bufs[slot].capacity() <= RETAIN_MAX {
+                continue;
+            }
+            let mut small = AlignedBuf::new(IO_ALIGN);
+            if self.registered[slot] {
+                let iov = libc::iovec {
+                    iov_base: small.as_mut_ptr().cast(),
+                    iov_len: small.capacity(),
+                };
+                // SAFETY: as in `prepare_slot`: `small` is stored in `bufs[slot]` right below and
+                // lives until replaced or the ring is dropped; the large buffer is freed only
+                // after the kernel's entry no longer refers to it.
+                if unsafe {
+                    self.ring
+                        .submitter()
+                        .register_buffers_update(slot as u32, &[iov], None)
+                }
+                .is_err()
+                {
+                    continue;
+                }
+            }
+            self.bufs[slot] = small;
+        }
+    }
+
     fn sqe(&mut self, slot: usize, plan: &IoPlan, done: usize, idx: usize) -> io_uring::squeue::Entry {
         let fd = types::Fd(plan.file.as_raw_fd());
         let remaining = (plan.len - done) as u32;
@@ -173,7 +206,7 @@ impl UringEngine {
     /// completed by then.
     fn run_on(
         &self,
-        r: &mut Ring,
+        ring: &mut Ring,
         n: usize,
         plan: &mut Plan<'_>,
         fill: &mut Fill<'_>,
@@ -183,19 +216,25 @@ impl UringEngine {
         let mut ops: Vec<Option<InFlight>> = (0..n).map(|_| None).collect();
         let mut free_slots: Vec<usize> = (0..qd).rev().collect();
         let mut resubmit: VecDeque<usize> = VecDeque::new();
-        let (mut next, mut in_flight, mut finished, mut unsubmitted) = (0usize, 0usize, 0usize, 0usize);
+        let (mut next, mut finished, mut unsubmitted) = (0usize, 0usize, 0usize);
+        // Owns the ring while operations are in flight: if a callback panics, unwinding waits for
+        // the kernel before the buffers can be freed or reused.
+        let mut g = InFlightGuard {
+            r: ring,
+            in_flight: 0,
+        };
         while finished < n {
             // Fill the queue: retries first, then new operations, submitted early so their I/O
             // overlaps the filling of the next buffers.
-            while in_flight < qd {
+            while g.in_flight < qd {
                 let idx = match resubmit.pop_front() {
                     Some(i) => i,
                     None if next < n => {
                         let p = plan(next);
                         let slot = free_slots.pop().expect("a free slot per operation in flight");
-                        r.prepare_slot(slot, p.len);
+                        g.r.prepare_slot(slot, p.len);
                         if p.kind == IoKind::Write {
-                            fill(next, &mut r.bufs[slot].as_mut_slice()[..p.len]);
+                            fill(next, &mut g.r.bufs[slot].as_mut_slice()[..p.len]);
                         }
                         ops[next] = Some(InFlight {
                             plan: p,
@@ -208,40 +247,41 @@ impl UringEngine {
                     None => break,
                 };
                 let f = ops[idx].as_ref().expect("planned");
-                let e = r.sqe(f.slot, &f.plan, f.done, idx);
+                let e = g.r.sqe(f.slot, &f.plan, f.done, idx);
                 // SAFETY: the entry points into the ring's own buffer `f.slot`, which is neither
                 // reused nor freed until this operation's completion is reaped below (its slot
                 // returns to `free_slots` only then), and `run_on` does not return while
                 // operations are in flight; the file is kept open by `ops[idx].plan`.
-                if unsafe { r.ring.submission().push(&e) }.is_err() {
+                if unsafe { g.r.ring.submission().push(&e) }.is_err() {
                     resubmit.push_front(idx);
                     break;
                 }
-                in_flight += 1;
+                g.in_flight += 1;
                 unsubmitted += f.plan.len - f.done;
-                let more = next < n && in_flight < qd;
+                let more = next < n && g.in_flight < qd;
                 if more && unsubmitted >= SUBMIT_BYTES {
                     unsubmitted = 0;
-                    if let Err(e) = r.ring.submit()
+                    if let Err(e) = g.r.ring.submit()
                         && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
                     {
-                        return Err(Self::fail(r, in_flight, &mut ops, complete, e));
+                        return Err(Self::fail(&mut g, &mut ops, complete, e));
                     }
                 }
             }
             unsubmitted = 0;
-            match r.ring.submit_and_wait(1) {
+            match g.r.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-                Err(e) => return Err(Self::fail(r, in_flight, &mut ops, complete, e)),
+                Err(e) => return Err(Self::fail(&mut g, &mut ops, complete, e)),
             }
-            let cqes: Vec<(usize, i32)> = r
-                .ring
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result()))
-                .collect();
+            let cqes: Vec<(usize, i32)> =
+                g.r.ring
+                    .completion()
+                    .map(|c| (c.user_data() as usize, c.result()))
+                    .collect();
+            // Reaped: no longer in the kernel's hands, even if a callback below panics.
+            g.in_flight -= cqes.len();
             for (i, res) in cqes {
-                in_flight -= 1;
                 let f = ops[i].as_mut().expect("in flight");
                 let outcome = if res == -libc::EAGAIN || res == -libc::EINTR {
                     None
@@ -258,7 +298,7 @@ impl UringEngine {
                     Some(result) => {
                         let f = ops[i].take().expect("in flight");
                         finished += 1;
-                        complete(i, &r.bufs[f.slot].as_slice()[..f.plan.len], result);
+                        complete(i, &g.r.bufs[f.slot].as_slice()[..f.plan.len], result);
                         free_slots.push(f.slot);
                     }
                 }
@@ -271,27 +311,49 @@ impl UringEngine {
     /// the error. If the kernel cannot even be waited on, the ring's buffers are leaked rather
     /// than freed under it.
     fn fail(
-        r: &mut Ring,
-        mut in_flight: usize,
+        g: &mut InFlightGuard<'_>,
         ops: &mut [Option<InFlight>],
         complete: &mut Complete<'_>,
         err: io::Error,
     ) -> io::Error {
-        while in_flight > 0 && r.ring.submit_and_wait(1).is_ok() {
-            in_flight -= r.ring.completion().count().min(in_flight);
-        }
+        g.drain();
         for (i, op) in ops.iter_mut().enumerate() {
-            if let Some(f) = op.take() {
+            if op.take().is_some() {
                 complete(i, &[], Err(io::Error::new(err.kind(), err.to_string())));
-                let _ = f;
-            }
-        }
-        if in_flight > 0 {
-            for b in r.bufs.iter_mut() {
-                std::mem::forget(std::mem::replace(b, AlignedBuf::new(IO_ALIGN)));
             }
         }
         err
+    }
+}
+
+/// Operations in flight on a ring. Dropped with operations still in flight (a callback
+/// panicked, or the ring failed), it waits for them, and leaks the ring's buffers if even that
+/// fails, so the kernel never writes into memory that was freed or handed out again.
+struct InFlightGuard<'r> {
+    r: &'r mut Ring,
+    in_flight: usize,
+}
+
+impl InFlightGuard<'_> {
+    fn drain(&mut self) {
+        while self.in_flight > 0 && self.r.ring.submit_and_wait(1).is_ok() {
+            self.in_flight -= self.r.ring.completion().count().min(self.in_flight);
+        }
+        if self.in_flight > 0 {
+            for b in self.r.bufs.iter_mut() {
+                std::mem::forget(std::mem::replace(b, AlignedBuf::new(IO_ALIGN)));
+            }
+            // The leaked buffers may still be registered; nothing may use this ring again.
+            self.r.registered.fill(false);
+            self.r.fixed = false;
+            self.in_flight = 0;
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.drain();
     }
 }
 
@@ -320,7 +382,10 @@ impl IoEngine for UringEngine {
             }
         };
         match self.run_on(&mut ring, n, plan, fill, complete) {
-            Ok(()) => self.rings.lock().push(ring),
+            Ok(()) => {
+                ring.shrink();
+                self.rings.lock().push(ring);
+            }
             Err(e) => tracing::warn!(error = %e, "io_uring ring failed; discarding it"),
         }
     }
