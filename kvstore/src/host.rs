@@ -10,12 +10,12 @@
 
 use std::collections::HashMap;
 
-use lru::LruCache;
 use parking_lot::Mutex;
 
-use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for, victims_for};
+use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for};
 use crate::arena::{HostArena, HugePages};
 use crate::error::{Error, Result};
+use crate::index::{IndexEntry, SlotIndex};
 use crate::key::BlockKey;
 use crate::stats::{TierCounters, TierStats};
 
@@ -119,7 +119,13 @@ struct HostEntry {
     leases: u32,
 }
 
-impl HostEntry {
+impl IndexEntry for HostEntry {
+    fn slot(&self) -> Slot {
+        self.slot
+    }
+    fn pins_mut(&mut self) -> &mut u32 {
+        &mut self.pins
+    }
     fn evictable(&self) -> bool {
         self.pins == 0 && self.leases == 0
     }
@@ -128,7 +134,7 @@ impl HostEntry {
 #[derive(Debug)]
 struct HostState {
     alloc: SlabAllocator,
-    entries: LruCache<BlockKey, HostEntry>,
+    entries: SlotIndex<HostEntry>,
     reserved: HashMap<BlockKey, Slot>,
     /// Victims being demoted; `true` once removed meanwhile (the lower tier must drop them too).
     limbo: HashMap<BlockKey, bool>,
@@ -137,12 +143,8 @@ struct HostState {
 impl HostState {
     /// Blocks to evict for a slot of `size` bytes (see [`victims_for`]).
     fn victims(&self, size: u64) -> Vec<BlockKey> {
-        let lru = self
-            .entries
-            .iter()
-            .rev()
-            .map(|(k, e)| (*k, e.slot, e.evictable()));
-        victims_for(lru, size, |slab| self.reserved.values().any(|s| s.slab == slab))
+        self.entries
+            .victims(size, |slab| self.reserved.values().any(|s| s.slab == slab))
     }
 }
 
@@ -184,7 +186,7 @@ impl HostTier {
             slab_size,
             state: Mutex::new(HostState {
                 alloc,
-                entries: LruCache::unbounded(),
+                entries: SlotIndex::new(),
                 reserved: HashMap::new(),
                 limbo: HashMap::new(),
             }),
@@ -428,30 +430,17 @@ impl HostTier {
 
     /// For each key, whether it is committed here (one lock acquisition).
     pub fn contains_many(&self, keys: &[BlockKey]) -> Vec<bool> {
-        let st = self.state.lock();
-        keys.iter().map(|k| st.entries.contains(k)).collect()
+        self.state.lock().entries.contains_many(keys)
     }
 
     /// Pins a block without reading it; `false` if absent.
     pub fn pin(&self, key: &BlockKey) -> bool {
-        self.state
-            .lock()
-            .entries
-            .peek_mut(key)
-            .map(|e| e.pins += 1)
-            .is_some()
+        self.state.lock().entries.pin(key)
     }
 
     /// Undoes one pin; `false` if the block was not pinned.
     pub fn unpin(&self, key: &BlockKey) -> bool {
-        let mut st = self.state.lock();
-        match st.entries.peek_mut(key) {
-            Some(e) if e.pins > 0 => {
-                e.pins -= 1;
-                true
-            }
-            _ => false,
-        }
+        self.state.lock().entries.unpin(key)
     }
 
     /// Removes a block; `false` if absent, pinned or being read. A block being demoted is
@@ -462,10 +451,7 @@ impl HostTier {
             *removed = true;
             return true;
         }
-        if st.entries.peek(key).is_none_or(|e| !e.evictable()) {
-            return false;
-        }
-        let Some(e) = st.entries.pop(key) else {
+        let Some(e) = st.entries.pop_evictable(key) else {
             return false;
         };
         st.alloc.free(e.slot);

@@ -28,6 +28,7 @@ pub mod block;
 pub mod disk;
 pub mod error;
 pub mod host;
+mod index;
 pub mod key;
 pub mod outcome;
 pub mod stats;

@@ -21,12 +21,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
-use crate::alloc::{SizeClasses, SlabAllocator, Slot, victims_for};
+use crate::alloc::{SizeClasses, SlabAllocator, Slot};
 use crate::block::{BlockHeader, HEADER_LEN, checksum};
 use crate::error::{Error, Result};
+use crate::index::{IndexEntry, SlotIndex};
 use crate::key::BlockKey;
 use crate::outcome::{NotStoredReason, PutOutcome};
 use crate::stats::{TierCounters, TierStats};
@@ -96,7 +96,13 @@ struct DiskEntry {
     readers: u32,
 }
 
-impl DiskEntry {
+impl IndexEntry for DiskEntry {
+    fn slot(&self) -> Slot {
+        self.slot
+    }
+    fn pins_mut(&mut self) -> &mut u32 {
+        &mut self.pins
+    }
     fn evictable(&self) -> bool {
         self.pins == 0 && self.readers == 0
     }
@@ -105,7 +111,7 @@ impl DiskEntry {
 #[derive(Debug)]
 struct DiskState {
     alloc: SlabAllocator,
-    entries: LruCache<BlockKey, DiskEntry>,
+    entries: SlotIndex<DiskEntry>,
     /// Blocks being written: reserved slots, not yet readable.
     pending: HashMap<BlockKey, Slot>,
     journal: Journal,
@@ -283,7 +289,7 @@ impl DiskTier {
                 live.push(*e);
             }
         }
-        let mut entries = LruCache::unbounded();
+        let mut entries = SlotIndex::new();
         for e in live.iter().rev() {
             entries.put(
                 e.key,
@@ -405,8 +411,9 @@ impl DiskTier {
     /// (one of the same size, else a whole slab: see [`victims_for`]); `false` when everything
     /// is pinned or being read or written.
     fn evict_for(&self, st: &mut DiskState, size: u64, log: &mut Vec<Record>) -> bool {
-        let lru = st.entries.iter().rev().map(|(k, e)| (*k, e.slot, e.evictable()));
-        let victims = victims_for(lru, size, |slab| st.pending.values().any(|s| s.slab == slab));
+        let victims = st
+            .entries
+            .victims(size, |slab| st.pending.values().any(|s| s.slab == slab));
         if victims.is_empty() {
             return false;
         }
@@ -687,39 +694,23 @@ impl DiskTier {
 
     /// For each key, whether it is stored (one lock acquisition).
     pub fn contains_many(&self, keys: &[BlockKey]) -> Vec<bool> {
-        let st = self.state.lock();
-        keys.iter().map(|k| st.entries.contains(k)).collect()
+        self.state.lock().entries.contains_many(keys)
     }
 
     /// Pins a block so eviction skips it; `false` if absent.
     pub fn pin(&self, key: &BlockKey) -> bool {
-        self.state
-            .lock()
-            .entries
-            .peek_mut(key)
-            .map(|e| e.pins += 1)
-            .is_some()
+        self.state.lock().entries.pin(key)
     }
 
     /// Undoes one [`Self::pin`]; `false` if the block was not pinned.
     pub fn unpin(&self, key: &BlockKey) -> bool {
-        let mut st = self.state.lock();
-        match st.entries.peek_mut(key) {
-            Some(e) if e.pins > 0 => {
-                e.pins -= 1;
-                true
-            }
-            _ => false,
-        }
+        self.state.lock().entries.unpin(key)
     }
 
     /// Removes a block; `false` if absent or pinned.
     pub fn remove(&self, key: &BlockKey) -> bool {
         let mut st = self.state.lock();
-        if st.entries.peek(key).is_none_or(|e| !e.evictable()) {
-            return false;
-        }
-        let Some(e) = st.entries.pop(key) else {
+        let Some(e) = st.entries.pop_evictable(key) else {
             return false;
         };
         st.alloc.free(e.slot);

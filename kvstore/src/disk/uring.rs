@@ -80,19 +80,10 @@ impl Ring {
             self.registered[slot] = false;
         }
         if self.fixed && !self.registered[slot] {
-            let buf = &mut self.bufs[slot];
-            let iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.capacity(),
-            };
             // SAFETY: the buffer lives in `self.bufs[slot]` until it is replaced (then retired or
             // re-registered first) or until the ring is dropped, which happens before `bufs`
             // (field order); the kernel thus never holds a registration of freed memory.
-            match unsafe {
-                self.ring
-                    .submitter()
-                    .register_buffers_update(slot as u32, &[iov], None)
-            } {
+            match unsafe { register(&self.ring, slot, &mut self.bufs[slot]) } {
                 Ok(()) => {
                     self.registered[slot] = true;
                     if grow {
@@ -115,23 +106,11 @@ impl Ring {
                 continue;
             }
             let mut small = AlignedBuf::new(IO_ALIGN);
-            if self.registered[slot] {
-                let iov = libc::iovec {
-                    iov_base: small.as_mut_ptr().cast(),
-                    iov_len: small.capacity(),
-                };
-                // SAFETY: as in `prepare_slot`: `small` is stored in `bufs[slot]` right below and
-                // lives until replaced or the ring is dropped; the large buffer is freed only
-                // after the kernel's entry no longer refers to it.
-                if unsafe {
-                    self.ring
-                        .submitter()
-                        .register_buffers_update(slot as u32, &[iov], None)
-                }
-                .is_err()
-                {
-                    continue;
-                }
+            // SAFETY: as in `prepare_slot`: `small` is stored in `bufs[slot]` right below and
+            // lives until replaced or the ring is dropped; the large buffer is freed only after
+            // the kernel's entry no longer refers to it.
+            if self.registered[slot] && unsafe { register(&self.ring, slot, &mut small) }.is_err() {
+                continue;
             }
             self.bufs[slot] = small;
         }
@@ -154,6 +133,22 @@ impl Ring {
             (IoKind::Write, false) => opcode::Write::new(fd, ptr, remaining).offset(off).build(),
         };
         e.user_data(idx as u64)
+    }
+}
+
+/// Registers `buf` as fixed buffer `slot` of `ring`, replacing what was registered there.
+///
+/// # Safety
+/// `buf`'s allocation must stay alive until the entry is replaced again or the ring is dropped.
+unsafe fn register(ring: &IoUring, slot: usize, buf: &mut AlignedBuf) -> io::Result<()> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.capacity(),
+    };
+    // SAFETY: `iov` describes a live allocation that the caller keeps alive as required.
+    unsafe {
+        ring.submitter()
+            .register_buffers_update(slot as u32, &[iov], None)
     }
 }
 
