@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for};
 use crate::arena::{HostArena, HugePages};
 use crate::error::{Error, Result};
-use crate::index::{IndexEntry, SlotIndex};
+use crate::index::{Entry, SlotIndex};
 use crate::key::BlockKey;
 use crate::stats::{TierCounters, TierStats};
 
@@ -108,33 +108,11 @@ pub enum Reserve {
     TooLarge,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct HostEntry {
-    slot: Slot,
-    len: u64,
-    /// Pins taken with [`HostTier::pin`].
-    pins: u32,
-    /// Readers holding a [`Lease`]. Kept apart from `pins` so that an unbalanced `unpin` can
-    /// never take a reader's protection away.
-    leases: u32,
-}
-
-impl IndexEntry for HostEntry {
-    fn slot(&self) -> Slot {
-        self.slot
-    }
-    fn pins_mut(&mut self) -> &mut u32 {
-        &mut self.pins
-    }
-    fn evictable(&self) -> bool {
-        self.pins == 0 && self.leases == 0
-    }
-}
-
 #[derive(Debug)]
 struct HostState {
     alloc: SlabAllocator,
-    entries: SlotIndex<HostEntry>,
+    /// Committed blocks; a reader is a [`Lease`] holder. No metadata beyond the slot.
+    entries: SlotIndex<()>,
     reserved: HashMap<BlockKey, Slot>,
     /// Victims being demoted; `true` once removed meanwhile (the lower tier must drop them too).
     limbo: HashMap<BlockKey, bool>,
@@ -291,15 +269,7 @@ impl HostTier {
     fn insert(&self, r: Reservation) {
         let mut st = self.state.lock();
         st.reserved.remove(&r.key);
-        st.entries.put(
-            r.key,
-            HostEntry {
-                slot: r.slot,
-                len: r.len,
-                pins: 0,
-                leases: 0,
-            },
-        );
+        st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
     }
 
     /// Gives a reserved slot back unwritten.
@@ -311,20 +281,14 @@ impl HostTier {
 
     /// Pins a block for reading and marks it most recently used; counts a hit or a miss.
     pub fn acquire(&self, key: &BlockKey) -> Option<Lease> {
-        let lease = {
-            let mut st = self.state.lock();
-            st.entries.get_mut(key).map(|e| {
-                e.leases += 1;
-                (e.slot, e.len)
-            })
-        };
-        match lease {
-            Some((slot, len)) => {
+        let entry = self.state.lock().entries.acquire(key);
+        match entry {
+            Some(e) => {
                 TierCounters::add(&self.counters.hits, 1);
                 Some(Lease {
                     key: *key,
-                    offset: self.offset(&slot),
-                    len,
+                    offset: self.offset(&e.slot),
+                    len: e.len,
                 })
             }
             None => {
@@ -349,24 +313,17 @@ impl HostTier {
     /// Like [`Self::acquire`] but without counting a hit (used right after a promotion, whose
     /// read was already counted by the lower tier).
     pub(crate) fn acquire_quiet(&self, key: &BlockKey) -> Option<Lease> {
-        let mut st = self.state.lock();
-        let (slot, len) = st.entries.get_mut(key).map(|e| {
-            e.leases += 1;
-            (e.slot, e.len)
-        })?;
+        let e = self.state.lock().entries.acquire(key)?;
         Some(Lease {
             key: *key,
-            offset: self.offset(&slot),
-            len,
+            offset: self.offset(&e.slot),
+            len: e.len,
         })
     }
 
     /// Unpins a leased block.
     pub fn release(&self, lease: Lease) {
-        let mut st = self.state.lock();
-        if let Some(e) = st.entries.peek_mut(&lease.key) {
-            e.leases = e.leases.saturating_sub(1);
-        }
+        self.state.lock().entries.release(&lease.key);
     }
 
     /// Takes least-recently-used unpinned blocks out of the index to make room for blocks of

@@ -1,6 +1,5 @@
-//! The per-tier block index: blocks in LRU order with their slots and pins. Shared by the host
-//! and disk tiers, which differ in what an entry carries but not in how it is found, pinned or
-//! chosen for eviction.
+//! The per-tier block index: blocks in LRU order with their slots, pins and readers. Shared by
+//! the host and disk tiers, which differ only in the metadata an entry carries (`M`).
 
 use std::ops::{Deref, DerefMut};
 
@@ -9,24 +8,47 @@ use lru::LruCache;
 use crate::alloc::{Slot, victims_for};
 use crate::key::BlockKey;
 
-/// What the index needs to know of a tier's entry.
-pub(crate) trait IndexEntry {
-    /// The slot holding the block.
-    fn slot(&self) -> Slot;
+/// One indexed block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Entry<M> {
+    /// Where the block lives in the tier.
+    pub(crate) slot: Slot,
+    /// Payload length.
+    pub(crate) len: u64,
     /// User pins ([`SlotIndex::pin`]).
-    fn pins_mut(&mut self) -> &mut u32;
+    pub(crate) pins: u32,
+    /// Readers ([`SlotIndex::acquire`]), counted apart from user pins so that an unbalanced
+    /// `unpin` can never take a reader's protection away.
+    pub(crate) readers: u32,
+    /// Tier-specific metadata.
+    pub(crate) meta: M,
+}
+
+impl<M> Entry<M> {
+    pub(crate) fn new(slot: Slot, len: u64, meta: M) -> Self {
+        Self {
+            slot,
+            len,
+            pins: 0,
+            readers: 0,
+            meta,
+        }
+    }
+
     /// Whether nothing (user pin, reader) holds the block.
-    fn evictable(&self) -> bool;
+    pub(crate) fn evictable(&self) -> bool {
+        self.pins == 0 && self.readers == 0
+    }
 }
 
 /// Blocks of one tier, least recently used last. Dereferences to the LRU map for the
 /// tier-specific operations.
 #[derive(Debug)]
-pub(crate) struct SlotIndex<E> {
-    entries: LruCache<BlockKey, E>,
+pub(crate) struct SlotIndex<M> {
+    entries: LruCache<BlockKey, Entry<M>>,
 }
 
-impl<E: IndexEntry> SlotIndex<E> {
+impl<M: Copy> SlotIndex<M> {
     pub(crate) fn new() -> Self {
         Self {
             entries: LruCache::unbounded(),
@@ -38,16 +60,31 @@ impl<E: IndexEntry> SlotIndex<E> {
         keys.iter().map(|k| self.entries.contains(k)).collect()
     }
 
+    /// Marks a block most recently used and adds a reader; a copy of its entry.
+    pub(crate) fn acquire(&mut self, key: &BlockKey) -> Option<Entry<M>> {
+        self.entries.get_mut(key).map(|e| {
+            e.readers += 1;
+            *e
+        })
+    }
+
+    /// Drops a reader added by [`Self::acquire`] (absent keys are ignored).
+    pub(crate) fn release(&mut self, key: &BlockKey) {
+        if let Some(e) = self.entries.peek_mut(key) {
+            e.readers = e.readers.saturating_sub(1);
+        }
+    }
+
     /// Adds a user pin; `false` if absent.
     pub(crate) fn pin(&mut self, key: &BlockKey) -> bool {
-        self.entries.peek_mut(key).map(|e| *e.pins_mut() += 1).is_some()
+        self.entries.peek_mut(key).map(|e| e.pins += 1).is_some()
     }
 
     /// Drops one user pin; `false` if the block had none.
     pub(crate) fn unpin(&mut self, key: &BlockKey) -> bool {
-        match self.entries.peek_mut(key).map(|e| e.pins_mut()) {
-            Some(pins) if *pins > 0 => {
-                *pins -= 1;
+        match self.entries.peek_mut(key) {
+            Some(e) if e.pins > 0 => {
+                e.pins -= 1;
                 true
             }
             _ => false,
@@ -55,7 +92,7 @@ impl<E: IndexEntry> SlotIndex<E> {
     }
 
     /// Takes an evictable block out of the index; `None` if absent, pinned or being read.
-    pub(crate) fn pop_evictable(&mut self, key: &BlockKey) -> Option<E> {
+    pub(crate) fn pop_evictable(&mut self, key: &BlockKey) -> Option<Entry<M>> {
         if self.entries.peek(key).is_none_or(|e| !e.evictable()) {
             return None;
         }
@@ -69,19 +106,19 @@ impl<E: IndexEntry> SlotIndex<E> {
             .entries
             .iter()
             .rev()
-            .map(|(k, e)| (*k, e.slot(), e.evictable()));
+            .map(|(k, e)| (*k, e.slot, e.evictable()));
         victims_for(lru, size, busy)
     }
 }
 
-impl<E> Deref for SlotIndex<E> {
-    type Target = LruCache<BlockKey, E>;
+impl<M> Deref for SlotIndex<M> {
+    type Target = LruCache<BlockKey, Entry<M>>;
     fn deref(&self) -> &Self::Target {
         &self.entries
     }
 }
 
-impl<E> DerefMut for SlotIndex<E> {
+impl<M> DerefMut for SlotIndex<M> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.entries
     }

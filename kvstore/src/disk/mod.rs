@@ -26,7 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::alloc::{SizeClasses, SlabAllocator, Slot};
 use crate::block::{BlockHeader, HEADER_LEN, checksum};
 use crate::error::{Error, Result};
-use crate::index::{IndexEntry, SlotIndex};
+use crate::index::{Entry, SlotIndex};
 use crate::key::BlockKey;
 use crate::outcome::{NotStoredReason, PutOutcome};
 use crate::stats::{TierCounters, TierStats};
@@ -85,33 +85,14 @@ impl DiskTierConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct DiskEntry {
-    slot: Slot,
-    len: u64,
-    checksum: u64,
-    /// Pins taken with [`DiskTier::pin`].
-    pins: u32,
-    /// Reads in flight and holds ([`DiskTier::hold`]), kept apart from user pins.
-    readers: u32,
-}
-
-impl IndexEntry for DiskEntry {
-    fn slot(&self) -> Slot {
-        self.slot
-    }
-    fn pins_mut(&mut self) -> &mut u32 {
-        &mut self.pins
-    }
-    fn evictable(&self) -> bool {
-        self.pins == 0 && self.readers == 0
-    }
-}
+/// An indexed disk block; its metadata is the payload checksum. Readers are reads in flight
+/// and holds ([`DiskTier::hold`]).
+type DiskEntry = Entry<u64>;
 
 #[derive(Debug)]
 struct DiskState {
     alloc: SlabAllocator,
-    entries: SlotIndex<DiskEntry>,
+    entries: SlotIndex<u64>,
     /// Blocks being written: reserved slots, not yet readable.
     pending: HashMap<BlockKey, Slot>,
     journal: Journal,
@@ -291,16 +272,7 @@ impl DiskTier {
         }
         let mut entries = SlotIndex::new();
         for e in live.iter().rev() {
-            entries.put(
-                e.key,
-                DiskEntry {
-                    slot: e.slot,
-                    len: e.len,
-                    checksum: e.checksum,
-                    pins: 0,
-                    readers: 0,
-                },
-            );
+            entries.put(e.key, Entry::new(e.slot, e.len, e.checksum));
         }
         tracing::info!(blocks = entries.len(), "disk tier recovered");
         Ok(Self {
@@ -527,13 +499,7 @@ impl DiskTier {
             st.pending.remove(&key);
             match res.unwrap_or_else(|| Err(std::io::Error::other("not completed"))) {
                 Ok(()) => {
-                    let e = DiskEntry {
-                        slot: *slot,
-                        len: data.len() as u64,
-                        checksum: sum,
-                        pins: 0,
-                        readers: 0,
-                    };
+                    let e = Entry::new(*slot, data.len() as u64, sum);
                     log.push(Record::Put(entry_record(&key, &e)));
                     st.entries.put(key, e);
                     written += data.len() as u64;
@@ -573,9 +539,8 @@ impl DiskTier {
         {
             let mut st = self.state.lock();
             for (i, key) in keys.iter().enumerate() {
-                if let Some(e) = st.entries.get_mut(key) {
-                    e.readers += 1;
-                    todo.push((i, *e));
+                if let Some(e) = st.entries.acquire(key) {
+                    todo.push((i, e));
                 }
             }
         }
@@ -619,9 +584,7 @@ impl DiskTier {
         );
         let mut st = self.state.lock();
         for (i, _) in &todo {
-            if let Some(e) = st.entries.peek_mut(&keys[*i]) {
-                e.readers = e.readers.saturating_sub(1);
-            }
+            st.entries.release(&keys[*i]);
         }
         let mut log = Vec::new();
         for k in &bad {
@@ -650,8 +613,8 @@ impl DiskTier {
         let payload = record.get(IO_ALIGN..IO_ALIGN + usize::try_from(e.len).ok()?)?;
         let valid = header.key == *key
             && header.len == e.len
-            && header.checksum == e.checksum
-            && checksum(payload) == e.checksum;
+            && header.checksum == e.meta
+            && checksum(payload) == e.meta;
         if !valid {
             tracing::warn!(key = ?key, "disk tier block failed verification; reporting a miss");
         }
@@ -668,12 +631,7 @@ impl DiskTier {
     pub fn hold(&self, keys: &[BlockKey]) -> Vec<Option<u64>> {
         let mut st = self.state.lock();
         keys.iter()
-            .map(|k| {
-                st.entries.get_mut(k).map(|e| {
-                    e.readers += 1;
-                    e.len
-                })
-            })
+            .map(|k| st.entries.acquire(k).map(|e| e.len))
             .collect()
     }
 
@@ -681,9 +639,7 @@ impl DiskTier {
     pub fn unhold(&self, keys: &[BlockKey]) {
         let mut st = self.state.lock();
         for k in keys {
-            if let Some(e) = st.entries.peek_mut(k) {
-                e.readers = e.readers.saturating_sub(1);
-            }
+            st.entries.release(k);
         }
     }
 
@@ -750,6 +706,6 @@ fn entry_record(key: &BlockKey, e: &DiskEntry) -> EntryRecord {
         key: *key,
         slot: e.slot,
         len: e.len,
-        checksum: e.checksum,
+        checksum: e.meta,
     }
 }
