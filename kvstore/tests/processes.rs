@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 
 use common::*;
 use kvstore::host::Reserve;
-use kvstore::{DiskTier, HostArena, IoEngineChoice, PutOutcome, StoreConfig, TierLevel, TieredStore};
+use kvstore::{DiskTier, HostArena, IoEngineChoice, PutOutcome, TierLevel};
 
 const MIB: u64 = 1 << 20;
 /// The fd number under which the child finds the arena.
@@ -17,11 +17,7 @@ const CHILD_FD: i32 = 3;
 
 #[test]
 fn second_process_reads_and_writes_the_arena() {
-    let s = TieredStore::open(StoreConfig {
-        host: host(8 * MIB, MIB),
-        disk: None,
-    })
-    .unwrap();
+    let s = host_only(8 * MIB, MIB);
     let data = payload(7, 100_000);
     assert_eq!(s.put(&key(7), &data), PutOutcome::Stored);
     let lease = s.acquire_batch(&[key(7)]).pop().flatten().expect("stored");

@@ -192,11 +192,7 @@ fn pinned_blocks_are_never_evicted() {
 
 #[test]
 fn host_only_store_drops_evictions_and_declines_when_all_pinned() {
-    let s = TieredStore::open(StoreConfig {
-        host: host(2 * MIB, MIB),
-        disk: None,
-    })
-    .unwrap();
+    let s = host_only(2 * MIB, MIB);
     for i in 0..32 {
         assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
         s.pin(&key(i));
@@ -315,11 +311,7 @@ fn promotion_never_evicts_the_block_it_reads() {
 
 #[test]
 fn a_new_size_class_reclaims_a_whole_slab() {
-    let s = TieredStore::open(StoreConfig {
-        host: host(4 * MIB, MIB),
-        disk: None,
-    })
-    .unwrap();
+    let s = host_only(4 * MIB, MIB);
     for i in 0..64 {
         assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
     }
@@ -336,11 +328,7 @@ fn a_new_size_class_reclaims_a_whole_slab() {
 
 #[test]
 fn a_reader_lease_is_independent_of_user_pins() {
-    let s = TieredStore::open(StoreConfig {
-        host: host(2 * MIB, MIB),
-        disk: None,
-    })
-    .unwrap();
+    let s = host_only(2 * MIB, MIB);
     s.put(&key(0), &payload(0, BLOCK));
     let lease = s.acquire_batch(&[key(0)]).pop().flatten().expect("stored");
     assert!(

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use kvstore::{BlockHash, BlockKey, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace};
+use kvstore::{
+    BlockHash, BlockKey, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace, StoreConfig,
+    TieredStore,
+};
 
 pub fn ns() -> Namespace {
     Namespace::builder("test-model")
@@ -39,6 +42,15 @@ pub fn host(capacity: u64, slab: u64) -> HostTierConfig {
         huge_pages: HugePages::Off,
         name: "kvtier-test".into(),
     }
+}
+
+/// A store with only the host tier (evictions are dropped).
+pub fn host_only(capacity: u64, slab: u64) -> TieredStore {
+    TieredStore::open(StoreConfig {
+        host: host(capacity, slab),
+        disk: None,
+    })
+    .expect("open host-only store")
 }
 
 pub fn disk(dir: &Path, capacity: u64, slab: u64, engine: IoEngineChoice) -> DiskTierConfig {
