@@ -222,7 +222,7 @@ impl TieredStore {
             return (out, Vec::new());
         }
         // Hold the disk copies (most recently used, not evictable) while host slots are made
-        // for them: the demotions that frees them must not evict the very blocks being read.
+        // for them: the demotions that free them must not evict the very blocks being read.
         let lens = disk.hold(&missing);
         let wanted: Vec<(BlockKey, u64)> = missing
             .iter()
@@ -250,7 +250,8 @@ impl TieredStore {
                 written[j] = true;
             }
         });
-        disk.unhold(&missing);
+        let held: Vec<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
+        disk.unhold(&held);
         for (r, ok) in read_res.into_iter().zip(written) {
             if ok {
                 self.host.commit_promoted(r);
@@ -258,7 +259,7 @@ impl TieredStore {
                 self.host.abort(r);
             }
         }
-        let on_disk: HashSet<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
+        let on_disk: HashSet<BlockKey> = held.into_iter().collect();
         let unpromoted: HashSet<BlockKey> = unpromoted.into_iter().collect();
         let mut direct = Vec::new();
         for (i, key) in keys.iter().enumerate() {
