@@ -19,6 +19,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc (warnings are errors: broken links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== kvbench smoke run"
 cargo run --release --locked -p kvtier-benches --bin kvbench -- tiers --quick --reps 1 --dir target/kvbench
 echo "== AddressSanitizer (+LeakSanitizer) over kvstore's tests: the arena, I/O buffers and io_uring are unsafe code"

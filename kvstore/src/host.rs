@@ -327,7 +327,7 @@ impl HostTier {
     }
 
     /// Takes least-recently-used unpinned blocks out of the index to make room for blocks of
-    /// `lens` (see [`victims_for`]: a same-size block each, else whole slabs). The victims'
+    /// `lens` (see [`crate::alloc::victims_for`]: a same-size block each, else whole slabs). The victims'
     /// slots stay allocated — read them with [`Self::victim_data`], then
     /// [`Self::free_victims`]. Empty when everything left is pinned.
     pub fn take_victims(&self, lens: &[u64]) -> Vec<Victim> {

@@ -306,7 +306,7 @@ impl Journal {
     }
 
     /// Compacts when the journal has grown past four times the `live` entries (at least
-    /// [`COMPACT_MIN`] records); `entries` lists them, oldest first. A failed compaction is
+    /// 65 536 records); `entries` lists them, oldest first. A failed compaction is
     /// retried only after the journal doubles again.
     pub fn maybe_compact(&mut self, live: u64, entries: impl FnOnce() -> Vec<EntryRecord>) {
         if self.records <= self.compact_at.max(4 * live) {
