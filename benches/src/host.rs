@@ -1,38 +1,26 @@
 //! Host arena put/get bandwidth against plain memcpy with the same sizes, threads and access
 //! pattern.
+//!
+//! The machines this runs on are shared, and their memory bandwidth drifts by tens of percent
+//! within seconds. So kvtier and the baseline are measured in many short alternating phases on
+//! the same threads (~32 MiB per thread per phase, which goes first alternating too), and the
+//! reported ratio is the median of the per-pair ratios: both sides of a pair see the same
+//! machine. The baseline copies into and out of the very slots the store uses: bandwidth also
+//! depends on which physical pages a region got (two fresh regions differ by up to 25 % here),
+//! so the same memory on both sides is what isolates kvtier's own cost.
 
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvstore::{
-    BlockHash, BlockKey, HostArena, HostTierConfig, HugePages, Namespace, StoreConfig, TieredStore,
-};
+use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 
 use crate::report::{Row, paired};
 
 const SIZES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 
-/// Runs `per_thread(t)` on `threads` threads started together; returns the elapsed seconds.
-fn timed(threads: usize, per_thread: impl Fn(usize) + Sync) -> f64 {
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let barrier = &barrier;
-            let per_thread = &per_thread;
-            s.spawn(move || {
-                barrier.wait();
-                per_thread(t);
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        // The scope joins every thread before returning.
-        start
-    })
-    .elapsed()
-    .as_secs_f64()
-}
+/// Bytes each thread moves per phase.
+const PHASE_BYTES: u64 = 32 << 20;
 
 fn key(ns: Namespace, t: usize, i: u64) -> BlockKey {
     BlockKey::new(ns, BlockHash::from_u64(((t as u64) << 48) | i))
@@ -43,8 +31,68 @@ struct Case {
     threads: usize,
     /// Blocks in each thread's working set (64 MiB: beyond the caches, so memory bandwidth).
     blocks: u64,
-    /// Operations per thread per measurement.
-    ops: u64,
+    /// Pairs of phases (kvtier, baseline).
+    pairs: usize,
+}
+
+impl Case {
+    fn ops_per_phase(&self) -> u64 {
+        (PHASE_BYTES / self.size).max(1)
+    }
+}
+
+/// One operation of thread `t`: its sequence number `i` and the thread's own buffer.
+type Op<'a> = dyn Fn(usize, u64, &mut [u8]) + Sync + 'a;
+
+/// Runs `ours` and `base` in alternating phases on `case.threads` threads that live for the
+/// whole measurement; returns GB/s of each phase, paired. Each worker stamps its own start and
+/// end (a coordinating thread would compete with the workers for the cores and stamp late); a
+/// phase lasts from the earliest start to the latest end.
+fn phases(case: &Case, ours: &Op<'_>, base: &Op<'_>) -> (Vec<f64>, Vec<f64>) {
+    let ops = case.ops_per_phase();
+    let barrier = Barrier::new(case.threads);
+    let gb = (case.threads as u64 * ops * case.size) as f64 / 1e9;
+    let stamps: Vec<Vec<(Instant, Instant)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..case.threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut buf = vec![0u8; case.size as usize];
+                    let mut stamps = Vec::with_capacity(2 * case.pairs);
+                    for p in 0..case.pairs {
+                        for phase in 0..2 {
+                            let run = if (p + phase) % 2 == 0 { ours } else { base };
+                            barrier.wait();
+                            let start = Instant::now();
+                            for i in 0..ops {
+                                run(t, p as u64 * ops + i, &mut buf);
+                            }
+                            stamps.push((start, Instant::now()));
+                        }
+                    }
+                    std::hint::black_box(&buf);
+                    stamps
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("benchmark thread"))
+            .collect()
+    });
+    let (mut o, mut b) = (Vec::new(), Vec::new());
+    for n in 0..2 * case.pairs {
+        let start = stamps.iter().map(|s| s[n].0).min().expect("a thread");
+        let end = stamps.iter().map(|s| s[n].1).max().expect("a thread");
+        let rate = gb / (end - start).as_secs_f64();
+        let (p, phase) = (n / 2, n % 2);
+        if (p + phase) % 2 == 0 {
+            o.push(rate)
+        } else {
+            b.push(rate)
+        }
+    }
+    (o, b)
 }
 
 fn store(case: &Case) -> Result<TieredStore> {
@@ -59,130 +107,77 @@ fn store(case: &Case) -> Result<TieredStore> {
     .context("creating the host arena")
 }
 
-fn put_gbps(case: &Case, reps: usize) -> Result<(f64, f64, f64)> {
-    let size = case.size as usize;
-    let ns = Namespace::builder("kvbench-put").build();
-    let s = store(case)?;
-    let src: Vec<Vec<u8>> = (0..case.threads).map(|t| vec![t as u8 + 1; size]).collect();
-    let regions = baseline_regions(case)?;
-    // Touch the baseline regions as the warm-up below touches the arena.
-    for r in &regions {
-        for at in (0..r.len()).step_by(4096) {
-            // SAFETY: in bounds; no other thread uses the region yet.
-            unsafe { r.write_at(at, &[0]) };
-        }
-    }
-    let bytes = (case.threads as u64 * case.ops * case.size) as f64;
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // Warm-up: fill the arena once, so the timed runs are in the steady state (every put
-    // evicts the least recently used block).
-    timed(case.threads, |t| {
-        for i in 0..case.blocks {
-            s.put(&key(ns, t, i), &src[t]);
-        }
-    });
-    counter.store(case.blocks, std::sync::atomic::Ordering::Relaxed);
-    let ours = || {
-        let first = counter.fetch_add(case.ops, std::sync::atomic::Ordering::Relaxed);
-        bytes
-            / timed(case.threads, |t| {
-                for i in 0..case.ops {
-                    s.put(&key(ns, t, first + i), &src[t]);
-                }
-            })
-    };
-    let base = || {
-        bytes
-            / timed(case.threads, |t| {
-                for i in 0..case.ops {
-                    let at = (i % case.blocks) * case.size;
-                    // SAFETY: each thread writes only its own region.
-                    unsafe { regions[t].write_at(at, &src[t]) };
-                }
-            })
-    };
-    let out = interleaved(reps, ours, base);
-    drop(regions);
-    Ok(out)
-}
-
-fn get_gbps(case: &Case, reps: usize) -> Result<(f64, f64, f64)> {
-    let size = case.size as usize;
-    let ns = Namespace::builder("kvbench-get").build();
-    let s = store(case)?;
-    let src = vec![7u8; size];
-    let regions = baseline_regions(case)?;
-    for r in &regions {
-        for at in (0..r.len()).step_by(4096) {
-            // SAFETY: in bounds; no other thread uses the region yet.
-            unsafe { r.write_at(at, &[3]) };
-        }
-    }
-    timed(case.threads, |t| {
-        for i in 0..case.blocks {
-            s.put(&key(ns, t, i), &src);
-        }
-    });
-    let bytes = (case.threads as u64 * case.ops * case.size) as f64;
-    let ours = || {
-        bytes
-            / timed(case.threads, |t| {
-                let mut buf = vec![0u8; size];
-                for i in 0..case.ops {
-                    let hit = s.get(&key(ns, t, i % case.blocks), &mut buf);
-                    assert!(matches!(hit, Ok(Some(_))), "working set fits the arena");
-                }
-                std::hint::black_box(&buf);
-            })
-    };
-    let base = || {
-        bytes
-            / timed(case.threads, |t| {
-                let mut buf = vec![0u8; size];
-                for i in 0..case.ops {
-                    let at = (i % case.blocks) * case.size;
-                    // SAFETY: in bounds; nobody writes the region during the benchmark.
-                    unsafe { regions[t].read_at(at, &mut buf) };
-                    std::hint::black_box(&buf);
-                }
-            })
-    };
-    Ok(interleaved(reps, ours, base))
-}
-
-/// The baseline's memory: one memfd mapping per thread, the same kind of shared memory as the
-/// arena, so the ratio measures kvtier's layer rather than a difference between memory types.
-fn baseline_regions(case: &Case) -> Result<Vec<HostArena>> {
+/// The arena offset of every block of every thread (the baseline copies at these offsets).
+fn slot_offsets(s: &TieredStore, ns: Namespace, case: &Case) -> Vec<Vec<u64>> {
     (0..case.threads)
-        .map(|_| {
-            HostArena::create("kvbench-baseline", case.blocks * case.size, HugePages::Auto)
-                .context("creating a baseline region")
+        .map(|t| {
+            (0..case.blocks)
+                .map(|i| {
+                    let lease = s.host().acquire(&key(ns, t, i)).expect("warm-up block");
+                    let at = lease.offset;
+                    s.host().release(lease);
+                    at
+                })
+                .collect()
         })
         .collect()
 }
 
-/// Alternates the two measurements `reps` times (swapping which goes first each time, so slow
-/// drifts of the machine hit both alike); returns the medians in GB/s and the median ratio.
-fn interleaved(reps: usize, mut ours: impl FnMut() -> f64, mut base: impl FnMut() -> f64) -> (f64, f64, f64) {
-    let (mut o, mut b) = (Vec::new(), Vec::new());
-    for rep in 0..reps {
-        if rep % 2 == 0 {
-            o.push(ours() / 1e9);
-            b.push(base() / 1e9);
-        } else {
-            b.push(base() / 1e9);
-            o.push(ours() / 1e9);
+fn put_gbps(case: &Case) -> Result<(f64, f64, f64)> {
+    let size = case.size as usize;
+    let ns = Namespace::builder("kvbench-put").build();
+    let s = store(case)?;
+    let src: Vec<Vec<u8>> = (0..case.threads).map(|t| vec![t as u8 + 1; size]).collect();
+    // Warm-up: fill the arena once, so the timed phases are in the steady state where every put
+    // evicts the least recently used block. Phase keys start after the warm-up's.
+    for t in 0..case.threads {
+        for i in 0..case.blocks {
+            s.put(&key(ns, t, i), &src[t]);
         }
     }
-    paired(&o, &b)
+    let offsets = slot_offsets(&s, ns, case);
+    let first = case.blocks;
+    let ours = |t: usize, i: u64, _: &mut [u8]| {
+        s.put(&key(ns, t, first + i), &src[t]);
+    };
+    let base = |t: usize, i: u64, _: &mut [u8]| {
+        let at = offsets[t][(i % case.blocks) as usize];
+        // SAFETY: baseline phases never overlap kvtier phases (the threads meet at a barrier
+        // between phases), and each thread writes only the slots its own warm-up blocks were
+        // given, which are disjoint; what the bytes then mean to the store does not matter here.
+        unsafe { s.host().arena().write_at(at, &src[t]) };
+    };
+    let (o, b) = phases(case, &ours, &base);
+    Ok(paired(&o, &b))
+}
+
+fn get_gbps(case: &Case) -> Result<(f64, f64, f64)> {
+    let ns = Namespace::builder("kvbench-get").build();
+    let s = store(case)?;
+    let src = vec![7u8; case.size as usize];
+    for t in 0..case.threads {
+        for i in 0..case.blocks {
+            s.put(&key(ns, t, i), &src);
+        }
+    }
+    let offsets = slot_offsets(&s, ns, case);
+    let ours = |t: usize, i: u64, buf: &mut [u8]| {
+        let hit = s.get(&key(ns, t, i % case.blocks), buf);
+        assert!(matches!(hit, Ok(Some(_))), "working set fits the arena");
+    };
+    let base = |t: usize, i: u64, buf: &mut [u8]| {
+        let at = offsets[t][(i % case.blocks) as usize];
+        // SAFETY: nothing writes the arena during the get benchmark (no puts, no evictions).
+        unsafe { s.host().arena().read_at(at, buf) };
+    };
+    let (o, b) = phases(case, &ours, &base);
+    Ok(paired(&o, &b))
 }
 
 /// Host arena rows: put and get for every size at 1 and 2 threads.
 pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
     let working_set: u64 = if quick { 32 << 20 } else { 64 << 20 };
-    // Short measurements, many of them, interleaved: the median resists the machine's noise.
-    let per_thread_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
-    let reps = reps * 4 + 1;
+    let pairs = if quick { 4 * reps } else { 12 * reps };
     let mut rows = Vec::new();
     for threads in [1usize, 2] {
         for size in SIZES {
@@ -190,10 +185,10 @@ pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
                 size,
                 threads,
                 blocks: working_set / size,
-                ops: per_thread_bytes / size,
+                pairs,
             };
             eprintln!("host arena: {} KiB blocks, {threads} thread(s)", size >> 10);
-            let (p, pb, pr) = put_gbps(&case, reps)?;
+            let (p, pb, pr) = put_gbps(&case)?;
             let t = threads.to_string();
             rows.push(Row::new(
                 "host",
@@ -206,7 +201,7 @@ pub(crate) fn run(quick: bool, reps: usize) -> Result<Vec<Row>> {
                 pr,
                 "every put evicts",
             ));
-            let (g, gb, gr) = get_gbps(&case, reps)?;
+            let (g, gb, gr) = get_gbps(&case)?;
             rows.push(Row::new("host", "get", size, t, g, "memcpy", gb, gr, ""));
         }
     }
