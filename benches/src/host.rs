@@ -130,9 +130,9 @@ fn put_gbps(case: &Case) -> Result<(f64, f64, f64)> {
     let src: Vec<Vec<u8>> = (0..case.threads).map(|t| vec![t as u8 + 1; size]).collect();
     // Warm-up: fill the arena once, so the timed phases are in the steady state where every put
     // evicts the least recently used block. Phase keys start after the warm-up's.
-    for t in 0..case.threads {
+    for (t, data) in src.iter().enumerate() {
         for i in 0..case.blocks {
-            s.put(&key(ns, t, i), &src[t]);
+            s.put(&key(ns, t, i), data);
         }
     }
     let offsets = slot_offsets(&s, ns, case);
