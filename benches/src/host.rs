@@ -114,7 +114,7 @@ fn slot_offsets(s: &TieredStore, ns: Namespace, case: &Case) -> Vec<Vec<u64>> {
             (0..case.blocks)
                 .map(|i| {
                     let lease = s.host().acquire(&key(ns, t, i)).expect("warm-up block");
-                    let at = lease.offset;
+                    let at = lease.offset();
                     s.host().release(lease);
                     at
                 })

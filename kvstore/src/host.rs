@@ -60,12 +60,9 @@ impl HostTierConfig {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a reservation holds a slot until committed or aborted"]
 pub struct Reservation {
-    /// The block.
-    pub key: BlockKey,
-    /// Offset of the slot in the arena.
-    pub offset: u64,
-    /// Block length.
-    pub len: u64,
+    key: BlockKey,
+    offset: u64,
+    len: u64,
     slot: Slot,
 }
 
@@ -73,25 +70,47 @@ pub struct Reservation {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a lease pins its block until released"]
 pub struct Lease {
-    /// The block.
-    pub key: BlockKey,
-    /// Offset of the slot in the arena.
-    pub offset: u64,
-    /// Block length.
-    pub len: u64,
+    key: BlockKey,
+    offset: u64,
+    len: u64,
 }
 
 /// A block taken out of the index to make room; its slot stays allocated until freed.
 #[derive(Debug)]
+#[must_use = "a victim's slot stays allocated until given to free_victims"]
 pub struct Victim {
-    /// The block.
-    pub key: BlockKey,
-    /// Offset of the slot in the arena.
-    pub offset: u64,
-    /// Block length.
-    pub len: u64,
+    key: BlockKey,
+    offset: u64,
+    len: u64,
     slot: Slot,
 }
+
+/// Read-only views of a handle. The fields are private so that safe code cannot point a handle
+/// at a slot it does not own.
+macro_rules! handle_accessors {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// The block.
+            pub fn key(&self) -> &BlockKey {
+                &self.key
+            }
+            /// Offset of the block's slot in the arena (where another process that maps the
+            /// arena reads or writes it).
+            pub fn offset(&self) -> u64 {
+                self.offset
+            }
+            /// Block length in bytes.
+            pub fn len(&self) -> u64 {
+                self.len
+            }
+            /// Whether the block is empty (never true for a stored block).
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+        }
+    )*};
+}
+handle_accessors!(Reservation, Lease, Victim);
 
 /// Result of [`HostTier::reserve`].
 #[derive(Debug, PartialEq, Eq)]
@@ -114,15 +133,17 @@ struct HostState {
     /// Committed blocks; a reader is a [`Lease`] holder. No metadata beyond the slot.
     entries: SlotIndex<()>,
     reserved: HashMap<BlockKey, Slot>,
-    /// Victims being demoted; `true` once removed meanwhile (the lower tier must drop them too).
-    limbo: HashMap<BlockKey, bool>,
+    /// Victims being demoted, with their slots (still allocated); `true` once removed meanwhile
+    /// (the lower tier must drop them too).
+    limbo: HashMap<BlockKey, (Slot, bool)>,
 }
 
 impl HostState {
     /// Blocks to evict for a slot of `size` bytes (see [`victims_for`]).
     fn victims(&self, size: u64) -> Vec<BlockKey> {
-        self.entries
-            .victims(size, |slab| self.reserved.values().any(|s| s.slab == slab))
+        self.entries.victims(size, |slab| {
+            self.reserved.values().any(|s| s.slab == slab) || self.limbo.values().any(|(s, _)| s.slab == slab)
+        })
     }
 }
 
@@ -323,7 +344,8 @@ impl HostTier {
 
     /// Unpins a leased block.
     pub fn release(&self, lease: Lease) {
-        self.state.lock().entries.release(&lease.key);
+        // The host tier never dooms entries, so releasing never drops one.
+        let _ = self.state.lock().entries.release(&lease.key);
     }
 
     /// Takes least-recently-used unpinned blocks out of the index to make room for blocks of
@@ -333,14 +355,22 @@ impl HostTier {
     pub fn take_victims(&self, lens: &[u64]) -> Vec<Victim> {
         let mut st = self.state.lock();
         let mut out = Vec::new();
+        // Slots of each size that victims taken in this call will free beyond the one each was
+        // taken for (a reclaimed slab serves several blocks).
+        let mut spare: HashMap<u64, u64> = HashMap::new();
         for &len in lens {
-            let keys = st.victims(slot_size_for(len));
-            if keys.is_empty() {
-                break;
+            let size = slot_size_for(len);
+            if let Some(n) = spare.get_mut(&size).filter(|n| **n > 0) {
+                *n -= 1;
+                continue;
+            }
+            let keys = st.victims(size);
+            if keys.len() > 1 {
+                *spare.entry(size).or_default() += self.slab_size / size - 1;
             }
             for k in keys {
                 if let Some(e) = st.entries.pop(&k) {
-                    st.limbo.insert(k, false);
+                    st.limbo.entry(k).or_insert((e.slot, false));
                     out.push(Victim {
                         key: k,
                         offset: self.offset(&e.slot),
@@ -371,7 +401,7 @@ impl HostTier {
         let mut removed = Vec::new();
         for v in victims {
             st.alloc.free(v.slot);
-            if st.limbo.remove(&v.key) == Some(true) {
+            if st.limbo.remove(&v.key).is_some_and(|(_, removed)| removed) {
                 removed.push(v.key);
             }
         }
@@ -404,17 +434,21 @@ impl HostTier {
     /// marked so that [`Self::free_victims`] reports it.
     pub fn remove(&self, key: &BlockKey) -> bool {
         let mut st = self.state.lock();
-        if let Some(removed) = st.limbo.get_mut(key) {
-            *removed = true;
-            return true;
+        let in_limbo = st
+            .limbo
+            .get_mut(key)
+            .map(|(_, removed)| *removed = true)
+            .is_some();
+        // A copy committed while the old one is being demoted goes too.
+        let popped = st.entries.pop_evictable(key);
+        if let Some(e) = &popped {
+            st.alloc.free(e.slot);
         }
-        let Some(e) = st.entries.pop_evictable(key) else {
-            return false;
-        };
-        st.alloc.free(e.slot);
         drop(st);
-        TierCounters::add(&self.counters.removals, 1);
-        true
+        if popped.is_some() {
+            TierCounters::add(&self.counters.removals, 1);
+        }
+        in_limbo || popped.is_some()
     }
 
     /// Counts a block that could not be stored.

@@ -22,6 +22,8 @@ pub(crate) struct Entry<M> {
     pub(crate) readers: u32,
     /// Tier-specific metadata.
     pub(crate) meta: M,
+    /// Found corrupt: no new readers; dropped when the last reader leaves.
+    pub(crate) doomed: bool,
 }
 
 impl<M> Entry<M> {
@@ -32,6 +34,7 @@ impl<M> Entry<M> {
             pins: 0,
             readers: 0,
             meta,
+            doomed: false,
         }
     }
 
@@ -62,17 +65,34 @@ impl<M: Copy> SlotIndex<M> {
 
     /// Marks a block most recently used and adds a reader; a copy of its entry.
     pub(crate) fn acquire(&mut self, key: &BlockKey) -> Option<Entry<M>> {
-        self.entries.get_mut(key).map(|e| {
+        self.entries.get_mut(key).filter(|e| !e.doomed).map(|e| {
             e.readers += 1;
             *e
         })
     }
 
-    /// Drops a reader added by [`Self::acquire`] (absent keys are ignored).
-    pub(crate) fn release(&mut self, key: &BlockKey) {
-        if let Some(e) = self.entries.peek_mut(key) {
-            e.readers = e.readers.saturating_sub(1);
+    /// Drops a reader added by [`Self::acquire`] (absent keys are ignored). Returns the entry
+    /// when it was doomed and this was its last reader: it is out of the index now, and its slot
+    /// is the caller's to free.
+    pub(crate) fn release(&mut self, key: &BlockKey) -> Option<Entry<M>> {
+        let e = self.entries.peek_mut(key)?;
+        e.readers = e.readers.saturating_sub(1);
+        if e.doomed && e.readers == 0 {
+            return self.entries.pop(key);
         }
+        None
+    }
+
+    /// Marks a block corrupt: no new readers, and it leaves the index with its last reader
+    /// (user pins do not keep it: there is no data left to protect). Returns the entry if it
+    /// left the index now.
+    pub(crate) fn doom(&mut self, key: &BlockKey) -> Option<Entry<M>> {
+        let e = self.entries.peek_mut(key)?;
+        e.doomed = true;
+        if e.readers == 0 {
+            return self.entries.pop(key);
+        }
+        None
     }
 
     /// Adds a user pin; `false` if absent.

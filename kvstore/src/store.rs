@@ -169,12 +169,12 @@ impl TieredStore {
         }
         let mut demoted = 0;
         if let Some(disk) = &self.disk {
-            let present = disk.contains_many(&victims.iter().map(|v| v.key).collect::<Vec<_>>());
+            let present = disk.contains_many(&victims.iter().map(|v| *v.key()).collect::<Vec<_>>());
             let batch: Vec<(BlockKey, &[u8])> = victims
                 .iter()
                 .zip(present)
                 .filter(|(_, p)| !p)
-                .map(|(v, _)| (v.key, self.host.victim_data(v)))
+                .map(|(v, _)| (*v.key(), self.host.victim_data(v)))
                 .collect();
             demoted = disk
                 .put_batch(&batch)
@@ -238,14 +238,14 @@ impl TieredStore {
                     read_keys.push(*key);
                     read_res.push(r);
                 }
-                // Committed by a concurrent writer meanwhile: acquired below.
-                Err(PutOutcome::AlreadyStored) => {}
+                // Committed or being promoted by someone else meanwhile: acquired below, or
+                // read directly if not committed yet.
                 Err(_) => unpromoted.push(*key),
             }
         }
         let mut written = vec![false; read_res.len()];
-        disk.get_batch(&read_keys, |j, payload| {
-            if payload.len() as u64 == read_res[j].len {
+        let read_ok = disk.get_batch(&read_keys, |j, payload| {
+            if payload.len() as u64 == read_res[j].len() {
                 self.host.write(&read_res[j], payload);
                 written[j] = true;
             }
@@ -261,11 +261,19 @@ impl TieredStore {
         }
         let on_disk: HashSet<BlockKey> = held.into_iter().collect();
         let unpromoted: HashSet<BlockKey> = unpromoted.into_iter().collect();
+        // Keys whose read failed were corrupt (now dropped): reading them again would only
+        // count the same miss twice.
+        let failed: HashSet<BlockKey> = read_keys
+            .iter()
+            .zip(read_ok)
+            .filter(|(_, ok)| !ok)
+            .map(|(k, _)| *k)
+            .collect();
         let mut direct = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             if out[i].is_none() && on_disk.contains(key) {
                 out[i] = self.host.acquire_quiet(key).map(|l| (l, TierLevel::Disk));
-                if out[i].is_none() && unpromoted.contains(key) {
+                if out[i].is_none() && unpromoted.contains(key) && !failed.contains(key) {
                     direct.push(i);
                 }
             }
@@ -294,14 +302,14 @@ impl TieredStore {
         for (i, lease) in leases.into_iter().enumerate() {
             match lease {
                 Some((l, tier)) => {
-                    let r = if (bufs[i].len() as u64) < l.len {
+                    let r = if (bufs[i].len() as u64) < l.len() {
                         Err(Error::BufferSize {
                             buf: bufs[i].len(),
-                            len: l.len,
+                            len: l.len(),
                         })
                     } else {
                         self.host.read(&l, bufs[i]);
-                        Ok(Some(Hit { tier, len: l.len }))
+                        Ok(Some(Hit { tier, len: l.len() }))
                     };
                     self.host.release(l);
                     out.push(r);

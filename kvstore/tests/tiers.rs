@@ -380,3 +380,35 @@ fn durable_metadata_mode_round_trips_and_reopens() {
     });
     assert_eq!(n, 40);
 }
+
+#[test]
+fn a_corrupt_block_read_through_the_store_is_dropped_after_one_miss() {
+    let dir = scratch();
+    {
+        let s = store(dir.path(), IoEngineChoice::Auto);
+        for i in 0..200 {
+            s.put(&key(i), &payload(i, BLOCK));
+        }
+        assert_eq!(s.contains(&key(0)), Some(TierLevel::Disk));
+    }
+    let slab = dir.path().join("slab-00000.dat");
+    let mut bytes = std::fs::read(&slab).unwrap();
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &payload(0, BLOCK)[..64])
+        .expect("block 0 on disk");
+    bytes[at + 1000] ^= 0x40;
+    std::fs::write(&slab, &bytes).unwrap();
+
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    assert_eq!(check(&s, 0), None, "a corrupt block is a miss");
+    assert_eq!(s.stats().disk.unwrap().checksum_failures, 1);
+    assert_eq!(s.contains(&key(0)), None, "and it is gone");
+    assert_eq!(check(&s, 0), None);
+    assert_eq!(
+        s.stats().disk.unwrap().checksum_failures,
+        1,
+        "read once, not on every get"
+    );
+    assert_eq!(check(&s, 1), Some(TierLevel::Disk), "its neighbours are intact");
+}

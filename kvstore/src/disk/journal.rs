@@ -132,7 +132,7 @@ fn journal_generation(name: &str) -> Option<u64> {
 }
 
 /// Journals shorter than this are never compacted.
-const COMPACT_MIN: u64 = 1 << 16;
+const COMPACT_MIN: u64 = 4096;
 
 /// Makes a directory's entries (created, renamed files) durable; best effort.
 pub(crate) fn sync_dir(dir: &Path) {
@@ -291,12 +291,14 @@ impl Journal {
             let _ = self.file.seek(SeekFrom::Start(good));
             return Err(Error::io("append", path(), e));
         }
+        // Counted before the sync: the records are in the file whatever the sync says, and a
+        // later cut-off of a failed append must not remove them.
+        self.records += records.len() as u64;
         if self.sync {
             self.file
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", path(), e))?;
         }
-        self.records += records.len() as u64;
         Ok(())
     }
 
@@ -305,11 +307,12 @@ impl Journal {
         self.records
     }
 
-    /// Compacts when the journal has grown past four times the `live` entries (at least
-    /// 65 536 records); `entries` lists them, oldest first. A failed compaction is
-    /// retried only after the journal doubles again.
-    pub fn maybe_compact(&mut self, live: u64, entries: impl FnOnce() -> Vec<EntryRecord>) {
-        if self.records <= self.compact_at.max(4 * live) {
+    /// Compacts when the journal has grown past twice the `live` entries (at least 4096
+    /// records), or when `force`d (an append failed: the snapshot then records what the journal
+    /// could not); `entries` lists them, oldest first. A failed compaction is retried only after
+    /// the journal doubles again.
+    pub fn maybe_compact(&mut self, live: u64, force: bool, entries: impl FnOnce() -> Vec<EntryRecord>) {
+        if !force && self.records <= self.compact_at.max(2 * live) {
             return;
         }
         if let Err(e) = self.write_snapshot(&entries()) {

@@ -121,10 +121,12 @@ pub fn record_len(len: u64) -> u64 {
     (len.div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64).saturating_add(IO_ALIGN as u64)
 }
 
-/// Free space the tier leaves on its filesystem for its metadata: the journal and a snapshot
-/// being written (96 bytes per block, twice, assuming blocks of at least 64 KiB) plus 1 MiB.
+/// Free space the tier leaves on its filesystem for its metadata, at 96 bytes per block and
+/// assuming blocks of at least 64 KiB: a journal of up to twice the live blocks before it is
+/// compacted, the snapshot, and a new snapshot being written — four records per block — plus
+/// 1 MiB (a journal's minimum before compaction is 4096 records, 384 KiB).
 fn metadata_reserve(capacity: u64) -> u64 {
-    (1 << 20) + capacity / (64 << 10) * 2 * 96
+    (1 << 20) + capacity / (64 << 10) * 4 * 96
 }
 
 /// Bytes available to this process on the filesystem holding `dir`.
@@ -415,11 +417,12 @@ impl DiskTier {
     }
 
     fn journal(&self, st: &mut DiskState, log: &[Record]) {
-        if let Err(e) = st.journal.append(log) {
-            tracing::error!(error = %e, "disk tier journal append failed; these blocks stay readable until restart");
-        }
+        let failed = st.journal.append(log).is_err_and(|e| {
+            tracing::error!(error = %e, "disk tier journal append failed; writing a snapshot instead");
+            true
+        });
         let DiskState { journal, entries, .. } = st;
-        journal.maybe_compact(entries.len() as u64, || {
+        journal.maybe_compact(entries.len() as u64, failed, || {
             entries.iter().rev().map(|(k, e)| entry_record(k, e)).collect()
         });
     }
@@ -551,53 +554,55 @@ impl DiskTier {
         let files = self.slabs.read().clone();
         let mut bad = Vec::new();
         let mut read_bytes = 0u64;
-        self.engine.run(
-            todo.len(),
-            &mut |j| {
-                let e = &todo[j].1;
-                IoPlan {
-                    file: Arc::clone(&files[e.slot.slab as usize]),
-                    offset: e.slot.offset_in_slab(),
-                    len: record_len(e.len) as usize,
-                    kind: IoKind::Read,
-                }
-            },
-            &mut |_, _| {},
-            &mut |j, b, res| {
-                let (i, e) = &todo[j];
-                let payload = match res {
-                    Ok(()) => Self::verify(b, &keys[*i], e),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "disk tier read failed; reporting a miss");
-                        None
+        // A panicking `sink` must not leave readers behind (the blocks would never be evictable
+        // again): catch it, release, then let it continue.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine.run(
+                todo.len(),
+                &mut |j| {
+                    let e = &todo[j].1;
+                    IoPlan {
+                        file: Arc::clone(&files[e.slot.slab as usize]),
+                        offset: e.slot.offset_in_slab(),
+                        len: record_len(e.len) as usize,
+                        kind: IoKind::Read,
                     }
-                };
-                match payload {
-                    Some(p) => {
-                        sink(*i, p);
-                        hit[*i] = true;
-                        read_bytes += e.len;
+                },
+                &mut |_, _| {},
+                &mut |j, b, res| {
+                    let (i, e) = &todo[j];
+                    let payload = match res {
+                        Ok(()) => Self::verify(b, &keys[*i], e),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "disk tier read failed; reporting a miss");
+                            None
+                        }
+                    };
+                    match payload {
+                        Some(p) => {
+                            sink(*i, p);
+                            hit[*i] = true;
+                            read_bytes += e.len;
+                        }
+                        None => bad.push(keys[*i]),
                     }
-                    None => bad.push(keys[*i]),
-                }
-            },
-        );
+                },
+            )
+        }));
         let mut st = self.state.lock();
-        for (i, _) in &todo {
-            st.entries.release(&keys[*i]);
-        }
-        let mut log = Vec::new();
+        let mut gone = Vec::new();
+        // Corrupt blocks leave with their last reader (possibly a hold by the caller).
         for k in &bad {
-            // A corrupt block goes even if pinned: a pin protects data, and there is none.
-            if st.entries.peek(k).is_some_and(|e| e.readers == 0)
-                && let Some(e) = st.entries.pop(k)
-            {
-                st.alloc.free(e.slot);
-                log.push(Record::Remove(*k));
-            }
+            gone.extend(st.entries.doom(k).map(|e| (*k, e)));
         }
-        self.journal(&mut st, &log);
+        for (i, _) in &todo {
+            gone.extend(st.entries.release(&keys[*i]).map(|e| (keys[*i], e)));
+        }
+        self.drop_entries(&mut st, gone);
         drop(st);
+        if let Err(panic) = run {
+            std::panic::resume_unwind(panic);
+        }
         let hits = hit.iter().filter(|h| **h).count() as u64;
         TierCounters::add(&self.counters.hits, hits);
         TierCounters::add(&self.counters.misses, bad.len() as u64);
@@ -635,12 +640,25 @@ impl DiskTier {
             .collect()
     }
 
-    /// Ends a [`Self::hold`] (keys that were not held are ignored).
+    /// Ends a [`Self::hold`] (keys that were not held are ignored). A held block found corrupt
+    /// meanwhile leaves the index here.
     pub fn unhold(&self, keys: &[BlockKey]) {
         let mut st = self.state.lock();
-        for k in keys {
-            st.entries.release(k);
+        let gone: Vec<_> = keys
+            .iter()
+            .filter_map(|k| st.entries.release(k).map(|e| (*k, e)))
+            .collect();
+        self.drop_entries(&mut st, gone);
+    }
+
+    /// Frees and journals entries that left the index.
+    fn drop_entries(&self, st: &mut DiskState, gone: Vec<(BlockKey, DiskEntry)>) {
+        let mut log = Vec::with_capacity(gone.len());
+        for (k, e) in gone {
+            st.alloc.free(e.slot);
+            log.push(Record::Remove(k));
         }
+        self.journal(st, &log);
     }
 
     /// Whether the block is stored (does not touch the LRU order).

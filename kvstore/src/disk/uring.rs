@@ -69,6 +69,7 @@ impl Ring {
     /// Makes buffer `slot` at least `len` bytes and registered when possible.
     fn prepare_slot(&mut self, slot: usize, len: usize) {
         let grow = self.bufs[slot].capacity() < len;
+        let mut retired_old = false;
         if grow {
             let new = AlignedBuf::new(len.div_ceil(BUF_GRANULE) * BUF_GRANULE);
             let old = std::mem::replace(&mut self.bufs[slot], new);
@@ -76,6 +77,7 @@ impl Ring {
                 // Registering the new buffer below replaces the old entry; if that fails the
                 // kernel may still reference the old memory, so keep it alive.
                 self.retired.push(old);
+                retired_old = true;
             }
             self.registered[slot] = false;
         }
@@ -86,7 +88,7 @@ impl Ring {
             match unsafe { register(&self.ring, slot, &mut self.bufs[slot]) } {
                 Ok(()) => {
                     self.registered[slot] = true;
-                    if grow {
+                    if retired_old {
                         // The old buffer's registration was replaced: it can go.
                         self.retired.pop();
                     }
