@@ -236,20 +236,8 @@ fn uring_denied_child() {
     let d = DiskTier::open(disk(dir.as_ref(), 16 * MIB, MIB, IoEngineChoice::Auto))
         .expect("open without io_uring");
     assert_eq!(d.engine_name(), "psync");
-    let data: Vec<Vec<u8>> = (0..50).map(|i| payload(i, 30_000)).collect();
-    let items: Vec<_> = data
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (key(i as u64), p.as_slice()))
-        .collect();
-    assert!(d.put_batch(&items).iter().all(|o| *o == PutOutcome::Stored));
-    let keys: Vec<_> = (0..50).map(key).collect();
-    let mut n = 0;
-    d.get_batch(&keys, |i, p| {
-        assert!(p == data[i]);
-        n += 1;
-    });
-    assert_eq!(n, 50);
+    assert!(put_blocks(&d, 50, 30_000));
+    assert_eq!(read_blocks(&d, 50, 30_000), 50);
     assert!(
         DiskTier::open(disk(
             format!("{dir}/explicit").as_ref(),

@@ -363,22 +363,10 @@ fn durable_metadata_mode_round_trips_and_reopens() {
     };
     {
         let d = DiskTier::open(cfg.clone()).unwrap();
-        let data: Vec<Vec<u8>> = (0..40).map(|i| payload(i, 20_000)).collect();
-        let items: Vec<_> = data
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (key(i as u64), p.as_slice()))
-            .collect();
-        assert!(d.put_batch(&items).iter().all(|o| *o == PutOutcome::Stored));
+        assert!(put_blocks(&d, 40, 20_000));
     }
     let d = DiskTier::open(cfg).unwrap();
-    let keys: Vec<_> = (0..40).map(key).collect();
-    let mut n = 0;
-    d.get_batch(&keys, |i, p| {
-        assert!(p == payload(i as u64, 20_000));
-        n += 1;
-    });
-    assert_eq!(n, 40);
+    assert_eq!(read_blocks(&d, 40, 20_000), 40);
 }
 
 #[test]

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use kvstore::{
-    BlockHash, BlockKey, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace, StoreConfig,
-    TieredStore,
+    BlockHash, BlockKey, DiskTier, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace,
+    StoreConfig, TieredStore,
 };
 
 pub fn ns() -> Namespace {
@@ -51,6 +51,30 @@ pub fn host_only(capacity: u64, slab: u64) -> TieredStore {
         disk: None,
     })
     .expect("open host-only store")
+}
+
+/// Writes blocks `0..n` of `len` bytes to a disk tier; whether every one was stored.
+pub fn put_blocks(d: &DiskTier, n: u64, len: usize) -> bool {
+    let data: Vec<Vec<u8>> = (0..n).map(|i| payload(i, len)).collect();
+    let items: Vec<_> = data
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (key(i as u64), p.as_slice()))
+        .collect();
+    d.put_batch(&items)
+        .iter()
+        .all(|o| *o == kvstore::PutOutcome::Stored)
+}
+
+/// Reads blocks `0..n` of `len` bytes back; how many were served (a wrong byte panics).
+pub fn read_blocks(d: &DiskTier, n: u64, len: usize) -> usize {
+    let keys: Vec<_> = (0..n).map(key).collect();
+    let mut served = 0;
+    d.get_batch(&keys, |i, p| {
+        assert!(p == payload(i as u64, len), "block {i} content differs");
+        served += 1;
+    });
+    served
 }
 
 pub fn disk(dir: &Path, capacity: u64, slab: u64, engine: IoEngineChoice) -> DiskTierConfig {
