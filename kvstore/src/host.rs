@@ -302,21 +302,14 @@ impl HostTier {
 
     /// Pins a block for reading and marks it most recently used; counts a hit or a miss.
     pub fn acquire(&self, key: &BlockKey) -> Option<Lease> {
-        let entry = self.state.lock().entries.acquire(key);
-        match entry {
-            Some(e) => {
-                TierCounters::add(&self.counters.hits, 1);
-                Some(Lease {
-                    key: *key,
-                    offset: self.offset(&e.slot),
-                    len: e.len,
-                })
-            }
-            None => {
-                TierCounters::add(&self.counters.misses, 1);
-                None
-            }
-        }
+        let lease = self.acquire_quiet(key);
+        let counter = if lease.is_some() {
+            &self.counters.hits
+        } else {
+            &self.counters.misses
+        };
+        TierCounters::add(counter, 1);
+        lease
     }
 
     /// Copies a leased block into `dst[..len]`.
