@@ -626,11 +626,6 @@ impl DiskTier {
         valid.then_some(payload)
     }
 
-    /// The payload length of a stored block.
-    pub fn len_of(&self, key: &BlockKey) -> Option<u64> {
-        self.state.lock().entries.peek(key).map(|e| e.len)
-    }
-
     /// Marks blocks most recently used and protects them from eviction until
     /// [`Self::unhold`]; returns each one's length (`None`: not stored, nothing held).
     pub fn hold(&self, keys: &[BlockKey]) -> Vec<Option<u64>> {
