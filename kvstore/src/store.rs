@@ -261,8 +261,9 @@ impl TieredStore {
         }
         let on_disk: HashSet<BlockKey> = held.into_iter().collect();
         let unpromoted: HashSet<BlockKey> = unpromoted.into_iter().collect();
-        // Keys whose read failed were corrupt (now dropped): reading them again would only
-        // count the same miss twice.
+        // Keys whose read failed were corrupt (now dropped). A key given twice in one batch
+        // reaches the direct path the second time (its second reservation was Busy); reading
+        // it again would only count the same miss twice.
         let failed: HashSet<BlockKey> = read_keys
             .iter()
             .zip(read_ok)
