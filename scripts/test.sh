@@ -13,7 +13,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # As root the privileged tests (a size-limited tmpfs for ENOSPC) must run, not skip.
-if [ "$(id -u)" -eq 0 ]; then export KVTIER_TEST_STRICT=1; fi
+if [ "$(id -u)" -eq 0 ]; then export KVSTORE_TEST_STRICT=1; fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -25,6 +25,7 @@
 pub mod alloc;
 pub mod arena;
 pub mod block;
+pub mod client;
 pub mod disk;
 pub mod error;
 pub mod host;
@@ -33,11 +34,12 @@ pub mod key;
 pub mod outcome;
 pub mod stats;
 pub mod store;
+pub mod wire;
 
 pub use arena::{HostArena, HugePages};
 pub use disk::{DiskTier, DiskTierConfig, IoEngineChoice};
 pub use error::{Error, KeyError, Result};
-pub use host::{HostTier, HostTierConfig};
+pub use host::{HostTier, HostTierConfig, Lease, Reservation};
 pub use key::{BlockHash, BlockKey, Namespace, NamespaceBuilder};
 pub use outcome::{NotStoredReason, PutOutcome};
 pub use stats::{TierLevel, TierStats};

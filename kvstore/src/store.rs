@@ -91,7 +91,7 @@ impl TieredStore {
     /// to disk when it is enabled.
     pub fn put_batch(&self, items: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
         let wanted: Vec<(BlockKey, u64)> = items.iter().map(|(k, d)| (*k, d.len() as u64)).collect();
-        let reserved = self.reserve(&wanted);
+        let reserved = self.reserve_batch(&wanted);
         let mut out = Vec::with_capacity(items.len());
         let mut to_disk = Vec::new();
         for (i, r) in reserved.into_iter().enumerate() {
@@ -123,8 +123,11 @@ impl TieredStore {
     }
 
     /// Reserves host slots for every item, evicting least-recently-used blocks (demoting them)
-    /// for the ones that do not fit, for a bounded number of rounds.
-    fn reserve(&self, items: &[(BlockKey, u64)]) -> Vec<Result<Reservation, PutOutcome>> {
+    /// for the ones that do not fit, for a bounded number of rounds. Each slot is then written
+    /// (by this process through [`HostTier::write`], or by a client that maps the arena) and
+    /// given back with [`Self::commit`] or [`Self::abort`]. An `Err` says why a block gets no
+    /// slot: `AlreadyStored` when it is stored or being stored by someone else.
+    pub fn reserve_batch(&self, items: &[(BlockKey, u64)]) -> Vec<Result<Reservation, PutOutcome>> {
         let mut out: Vec<Result<Reservation, PutOutcome>> = (0..items.len())
             .map(|_| Err(PutOutcome::NotStored(NotStoredReason::NoSpace)))
             .collect();
@@ -232,7 +235,7 @@ impl TieredStore {
         let mut unpromoted = Vec::new();
         let mut read_keys = Vec::new();
         let mut read_res = Vec::new();
-        for ((key, _), r) in wanted.iter().zip(self.reserve(&wanted)) {
+        for ((key, _), r) in wanted.iter().zip(self.reserve_batch(&wanted)) {
             match r {
                 Ok(r) => {
                     read_keys.push(*key);
@@ -280,6 +283,22 @@ impl TieredStore {
             }
         }
         (out, direct)
+    }
+
+    /// Makes a written reservation visible in the host tier.
+    pub fn commit(&self, r: Reservation) {
+        self.host.commit(r);
+    }
+
+    /// Gives back a reservation that was not written.
+    pub fn abort(&self, r: Reservation) {
+        self.host.abort(r);
+    }
+
+    /// [`Self::acquire_batch`], also telling which tier each acquired block came from. A block
+    /// the disk holds but the host has no free slot for is reported as missing.
+    pub fn acquire_batch_tiered(&self, keys: &[BlockKey]) -> Vec<Option<(Lease, TierLevel)>> {
+        self.acquire_tiered(keys).0
     }
 
     /// Unpins a block acquired with [`Self::acquire_batch`].

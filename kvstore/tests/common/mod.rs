@@ -98,7 +98,7 @@ pub fn scratch() -> tempfile::TempDir {
 pub fn spawn_child(name: &str, env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
     cmd.args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"])
-        .env("KVTIER_TEST_CHILD", name)
+        .env("KVSTORE_TEST_CHILD", name)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -123,5 +123,5 @@ pub fn kill(child: &mut Child) {
 /// Whether tests that need privileges (mounts) must run rather than skip: set by the test
 /// script when it runs as root.
 pub fn strict() -> bool {
-    std::env::var_os("KVTIER_TEST_STRICT").is_some()
+    std::env::var_os("KVSTORE_TEST_STRICT").is_some()
 }

@@ -1,0 +1,448 @@
+//! Configuration of `kvagent node`: built-in defaults, overridden by a TOML file, overridden by
+//! `KVTIER_*` environment variables, overridden by flags. Unknown keys and invalid values are
+//! refused at start with a message naming the key. `docs/configuration.md` lists every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Where the TOML file is looked for when neither `--config` nor `KVTIER_CONFIG` names one.
+/// Missing is fine: the defaults run without any file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvtier/agent.toml";
+
+/// Prefix of the environment variables that override the file. Nested keys use a double
+/// underscore: `KVTIER_HOST__SIZE=8GiB` sets `host.size`.
+pub const ENV_PREFIX: &str = "KVTIER_";
+
+/// Effective configuration of `kvagent node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Path of the local socket engines connect to.
+    pub socket: PathBuf,
+    /// Permission bits of the socket, in octal (`"0660"`: owner and group).
+    pub socket_mode: String,
+    /// Group id given to the socket, so engine pods running as another user can connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_gid: Option<u32>,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`; empty disables it.
+    pub http_addr: String,
+    /// Most engine connections at once; more are refused with a clear error.
+    pub max_clients: u32,
+    /// Deadline of a call whose client sent none, in milliseconds.
+    pub default_deadline_ms: u32,
+    /// Longest wait for in-flight calls on SIGTERM before exiting anyway, in milliseconds.
+    pub shutdown_timeout_ms: u32,
+    /// `text` (human) or `json` (one object per line, for log collectors).
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `kvagent=debug,info`.
+    pub log_level: String,
+    /// The shared host-memory arena.
+    pub host: HostSection,
+    /// The local disk tier.
+    pub disk: DiskSection,
+}
+
+/// `[host]`: the shared host-memory arena.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostSection {
+    /// Bytes of shared memory for blocks (allocated as they are used, not up front).
+    pub size: ByteSize,
+    /// Slab size; the largest block is one slab. `0` picks size / 8 clamped to 4–64 MiB.
+    pub slab_size: ByteSize,
+    /// `auto` (use reserved huge pages when there are enough), `off`, or `require`.
+    pub huge_pages: HugePagesSetting,
+}
+
+/// `[disk]`: the local disk tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskSection {
+    /// Whether the tier exists. Off by default: the agent should not take disk space nobody
+    /// granted it.
+    pub enabled: bool,
+    /// Directory of slab files and metadata (created if missing, locked while the agent runs).
+    pub dir: PathBuf,
+    /// Bytes the tier may occupy.
+    pub size: ByteSize,
+    /// Size of one slab file; the largest block on disk is a slab minus a 4 KiB header.
+    pub slab_size: ByteSize,
+    /// I/O engine: `auto` (io_uring when available), `io-uring` or `psync`.
+    pub engine: EngineSetting,
+    /// Requests in flight per batch.
+    pub queue_depth: u32,
+    /// Bypass the page cache (O_DIRECT) where the filesystem allows it.
+    pub direct_io: bool,
+    /// Flush data and journal after each batch (power-loss durability, slower writes).
+    pub sync_metadata: bool,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Huge page policy of the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePagesSetting {
+    /// Huge pages when the system has enough reserved, else normal pages.
+    Auto,
+    /// Normal pages.
+    Off,
+    /// Huge pages or refuse to start.
+    Require,
+}
+
+/// I/O engine of the disk tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineSetting {
+    /// io_uring when the kernel allows it, else the thread pool.
+    Auto,
+    /// io_uring or refuse to start.
+    IoUring,
+    /// The pread/pwrite thread pool.
+    Psync,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(kvstore::client::DEFAULT_SOCKET),
+            socket_mode: "0660".into(),
+            socket_gid: None,
+            http_addr: "0.0.0.0:9470".into(),
+            max_clients: 256,
+            default_deadline_ms: 1000,
+            shutdown_timeout_ms: 10_000,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            host: HostSection::default(),
+            disk: DiskSection::default(),
+        }
+    }
+}
+
+impl Default for HostSection {
+    fn default() -> Self {
+        Self {
+            size: ByteSize::gib(4),
+            slab_size: ByteSize::b(0),
+            huge_pages: HugePagesSetting::Auto,
+        }
+    }
+}
+
+impl Default for DiskSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: PathBuf::from("/var/lib/kvtier/disk"),
+            size: ByteSize::gib(64),
+            slab_size: ByteSize::mib(256),
+            engine: EngineSetting::Auto,
+            queue_depth: 16,
+            direct_io: true,
+            sync_metadata: false,
+        }
+    }
+}
+
+/// Flags of `kvagent node` that override configuration keys. Each is `None` unless given.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct NodeFlags {
+    /// Path of the local socket (`socket`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz; "" disables (`http_addr`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Log format (`log_format`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (`log_level`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Size of the shared host arena, e.g. 16GiB (`host.size`).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(skip)]
+    pub host_size: Option<String>,
+    /// Enables the disk tier in this directory (`disk.enabled`, `disk.dir`).
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub disk_dir: Option<PathBuf>,
+    /// Size of the disk tier, e.g. 200GiB (`disk.size`).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(skip)]
+    pub disk_size: Option<String>,
+}
+
+impl NodeFlags {
+    /// The flags as a partial configuration document, nested like the TOML file.
+    fn as_overrides(&self) -> anyhow::Result<figment::value::Dict> {
+        let value = figment::value::Value::serialize(self).context("encoding flags")?;
+        let mut dict = value.into_dict().unwrap_or_default();
+        let mut host = figment::value::Dict::new();
+        if let Some(s) = &self.host_size {
+            host.insert("size".into(), s.clone().into());
+        }
+        let mut disk = figment::value::Dict::new();
+        if let Some(d) = &self.disk_dir {
+            disk.insert("enabled".into(), true.into());
+            disk.insert("dir".into(), d.display().to_string().into());
+        }
+        if let Some(s) = &self.disk_size {
+            disk.insert("size".into(), s.clone().into());
+        }
+        if !host.is_empty() {
+            dict.insert("host".into(), host.into());
+        }
+        if !disk.is_empty() {
+            dict.insert("disk".into(), disk.into());
+        }
+        Ok(dict)
+    }
+}
+
+/// Resolves the configuration: defaults, then the file (`file` if given, else `KVTIER_CONFIG`,
+/// else [`DEFAULT_CONFIG_PATH`] when it exists), then the environment, then `flags`.
+pub fn load(file: Option<&Path>, flags: &NodeFlags) -> anyhow::Result<NodeConfig> {
+    let env_file = std::env::var_os("KVTIER_CONFIG").map(PathBuf::from);
+    let path = match (file, env_file) {
+        (Some(p), _) => Some(p.to_path_buf()),
+        (None, Some(p)) => Some(p),
+        (None, None) => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+    };
+    let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+    if let Some(path) = &path {
+        if !path.is_file() {
+            bail!("config file {} does not exist", path.display());
+        }
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    fig = fig
+        .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
+        .merge(Serialized::defaults(flags.as_overrides()?));
+    let cfg: NodeConfig = fig.extract().map_err(|e| {
+        let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
+        anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// One figment error as a sentence naming the key and where its value came from.
+fn describe(e: &figment::Error) -> String {
+    let key = if e.path.is_empty() {
+        String::new()
+    } else {
+        format!("`{}`: ", e.path.join("."))
+    };
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(s) => format!(" (from {} {s})", m.name),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    format!("{key}{}{source}", e.kind)
+}
+
+impl NodeConfig {
+    /// Refuses values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.socket_mode_bits()?;
+        if self.socket.as_os_str().is_empty() {
+            bail!("invalid configuration `socket`: empty path");
+        }
+        if !self.http_addr.is_empty() {
+            self.http_addr
+                .parse::<SocketAddr>()
+                .with_context(|| format!("invalid configuration `http_addr`: {:?}", self.http_addr))?;
+        }
+        if self.max_clients == 0 {
+            bail!("invalid configuration `max_clients`: must be at least 1");
+        }
+        if self.default_deadline_ms == 0 {
+            bail!("invalid configuration `default_deadline_ms`: must be at least 1");
+        }
+        if self.host.size.as_u64() < 16 << 20 {
+            bail!(
+                "invalid configuration `host.size`: {} is below the minimum of 16 MiB",
+                self.host.size
+            );
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .with_context(|| format!("invalid configuration `log_level`: {:?}", self.log_level))?;
+        if self.disk.enabled {
+            if self.disk.queue_depth == 0 || self.disk.queue_depth > 4096 {
+                bail!("invalid configuration `disk.queue_depth`: must be 1–4096");
+            }
+            if self.disk.size < self.disk.slab_size {
+                bail!(
+                    "invalid configuration `disk.size`: {} is smaller than one slab ({})",
+                    self.disk.size,
+                    self.disk.slab_size
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket mode as permission bits.
+    pub fn socket_mode_bits(&self) -> anyhow::Result<u32> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(bits) if bits <= 0o777 => Ok(bits),
+            _ => bail!(
+                "invalid configuration `socket_mode`: {:?} is not an octal mode like \"0660\"",
+                self.socket_mode
+            ),
+        }
+    }
+
+    /// The store settings this configuration describes.
+    pub fn store_config(&self) -> kvstore::StoreConfig {
+        let mut host = kvstore::HostTierConfig::new(self.host.size.as_u64());
+        host.slab_size = self.host.slab_size.as_u64();
+        host.huge_pages = match self.host.huge_pages {
+            HugePagesSetting::Auto => kvstore::HugePages::Auto,
+            HugePagesSetting::Off => kvstore::HugePages::Off,
+            HugePagesSetting::Require => kvstore::HugePages::Require,
+        };
+        let disk = self.disk.enabled.then(|| {
+            let mut d = kvstore::DiskTierConfig::new(&self.disk.dir, self.disk.size.as_u64());
+            d.slab_size = self.disk.slab_size.as_u64();
+            d.queue_depth = self.disk.queue_depth;
+            d.direct_io = self.disk.direct_io;
+            d.sync_metadata = self.disk.sync_metadata;
+            d.engine = match self.disk.engine {
+                EngineSetting::Auto => kvstore::IoEngineChoice::Auto,
+                EngineSetting::IoUring => kvstore::IoEngineChoice::IoUring,
+                EngineSetting::Psync => kvstore::IoEngineChoice::Psync,
+            };
+            d
+        });
+        kvstore::StoreConfig { host, disk }
+    }
+
+    /// The configuration as TOML, as `--print-config` shows it.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        toml::to_string_pretty(self).context("encoding the configuration as TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    /// Runs `f` in a figment jail: a private working directory and an environment holding only
+    /// what the test sets (restored afterwards).
+    fn jailed(f: impl FnOnce(&mut Jail) -> figment::Result<()>) {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            f(jail)
+        });
+    }
+
+    fn load_file(jail: &Jail, text: &str, flags: &NodeFlags) -> anyhow::Result<NodeConfig> {
+        jail.create_file("agent.toml", text).expect("write config");
+        load(Some(Path::new("agent.toml")), flags)
+    }
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        jailed(|jail| {
+            let cfg = load(None, &NodeFlags::default()).unwrap();
+            assert_eq!(cfg, NodeConfig::default());
+            let again = load_file(jail, &cfg.to_toml().unwrap(), &NodeFlags::default()).unwrap();
+            assert_eq!(again, cfg);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn flags_override_env_which_overrides_file() {
+        jailed(|jail| {
+            jail.set_env("KVTIER_MAX_CLIENTS", "7");
+            jail.set_env("KVTIER_HOST__SIZE", "2GiB");
+            let flags = NodeFlags {
+                host_size: Some("3GiB".into()),
+                disk_dir: Some("/tmp/d".into()),
+                ..NodeFlags::default()
+            };
+            let text = "socket = \"/tmp/file.sock\"\nmax_clients = 3\n[host]\nsize = \"1GiB\"\n";
+            let cfg = load_file(jail, text, &flags).unwrap();
+            assert_eq!(cfg.socket, PathBuf::from("/tmp/file.sock"));
+            assert_eq!(cfg.max_clients, 7);
+            assert_eq!(cfg.host.size, ByteSize::gib(3));
+            assert!(cfg.disk.enabled);
+            assert_eq!(cfg.disk.dir, PathBuf::from("/tmp/d"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn config_file_from_the_environment() {
+        jailed(|jail| {
+            jail.create_file("other.toml", "max_clients = 9\n")?;
+            jail.set_env("KVTIER_CONFIG", "other.toml");
+            assert_eq!(load(None, &NodeFlags::default()).unwrap().max_clients, 9);
+            jail.set_env("KVTIER_CONFIG", "missing.toml");
+            let err = load(None, &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("missing.toml"), "{err:#}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        jailed(|jail| {
+            let err = load_file(jail, "[disk]\nenabeld = true\n", &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("enabeld"), "{err:#}");
+            jail.set_env("KVTIER_SOKET", "/x");
+            let err = load(None, &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("soket"), "{err:#}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_are_refused_by_name() {
+        jailed(|jail| {
+            for (text, key) in [
+                ("socket_mode = \"rw\"", "socket_mode"),
+                ("max_clients = 0", "max_clients"),
+                ("http_addr = \"nowhere\"", "http_addr"),
+                ("[host]\nsize = \"1MiB\"", "host.size"),
+                ("[host]\nsize = \"lots\"", "host.size"),
+                ("[host]\nhuge_pages = \"maybe\"", "host.huge_pages"),
+                ("log_format = \"xml\"", "log_format"),
+                ("max_clients = \"many\"", "max_clients"),
+            ] {
+                let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
+                assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
+            }
+            Ok(())
+        });
+    }
+}

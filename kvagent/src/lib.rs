@@ -1,0 +1,6 @@
+//! kvtier's agent: `kvagent node`, the per-node daemon that owns the KV-cache tiers and serves
+//! engines over a local socket, with its configuration and metrics.
+
+pub mod config;
+pub mod metrics;
+pub mod node;

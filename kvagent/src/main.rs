@@ -1,0 +1,69 @@
+//! The `kvagent` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kvagent::config::{self, LogFormat, NodeFlags};
+
+/// kvtier's agent: KV-cache tiers for LLM inference engines.
+#[derive(Debug, Parser)]
+#[command(name = "kvagent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the per-node agent (one per node: a DaemonSet). With no arguments and no config
+    /// file it listens on /run/kvtier/agent.sock with a 4 GiB host arena and no disk tier.
+    Node(NodeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// TOML configuration file [default: $KVTIER_CONFIG, else /etc/kvtier/agent.toml if present].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Prints the effective configuration as TOML and exits.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    flags: NodeFlags,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvagent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => {
+            let cfg = config::load(args.config.as_deref(), &args.flags)?;
+            if args.print_config {
+                print!("{}", cfg.to_toml()?);
+                return Ok(());
+            }
+            init_tracing(cfg.log_format, &cfg.log_level)?;
+            kvagent::node::run(cfg)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).context("log_level")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Prometheus metrics of the node agent. Per-verb latency and connection counts are recorded as
+//! calls happen; tier counters and occupancy are read from the store at scrape time (they live
+//! in the store's own atomics, so there is nothing to keep in sync).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvstore::{TierStats, TieredStore};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label of per-verb metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabel {
+    /// The verb (`lookup`, `reserve`, ...).
+    pub verb: &'static str,
+}
+
+/// Label of failed calls.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    /// The verb, or `frame` when the frame itself was bad.
+    pub verb: &'static str,
+    /// Why it failed.
+    pub reason: &'static str,
+}
+
+/// Label of per-tier metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: &'static str,
+}
+
+/// The agent's live metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Time to serve a call, by verb.
+    pub latency: Family<VerbLabel, Histogram>,
+    /// Blocks named in calls, by verb.
+    pub blocks: Family<VerbLabel, Counter>,
+    /// Calls answered with an error or connections closed for a bad frame.
+    pub errors: Family<ErrorLabel, Counter>,
+    /// Engine connections open now.
+    pub clients: Gauge,
+    /// Engine connections accepted since start.
+    pub connections: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 µs to ~1 s in factor-2 steps: local calls take microseconds, promotions milliseconds.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 2.0, 21))
+}
+
+impl Metrics {
+    /// Creates the metrics and a registry exporting them and the store's tier counters.
+    pub fn new(store: Arc<TieredStore>) -> (Arc<Self>, Registry) {
+        let m = Arc::new(Self {
+            latency: Family::new_with_constructor(latency_histogram),
+            blocks: Family::default(),
+            errors: Family::default(),
+            clients: Gauge::default(),
+            connections: Counter::default(),
+        });
+        let mut reg = Registry::with_prefix("kvtier");
+        reg.register(
+            "request_duration_seconds",
+            "Time to serve a local call, by verb",
+            m.latency.clone(),
+        );
+        reg.register("request_blocks", "Blocks named in local calls, by verb", m.blocks.clone());
+        reg.register(
+            "request_errors",
+            "Calls that failed and connections closed for bad frames",
+            m.errors.clone(),
+        );
+        reg.register("clients_connected", "Engine connections open now", m.clients.clone());
+        reg.register("connections", "Engine connections accepted", m.connections.clone());
+        reg.register_collector(Box::new(TierCollector { store }));
+        (m, reg)
+    }
+
+    /// Records a served call.
+    pub fn observe(&self, verb: &'static str, blocks: usize, took: Duration) {
+        let label = VerbLabel { verb };
+        self.latency.get_or_create(&label).observe(took.as_secs_f64());
+        self.blocks.get_or_create(&label).inc_by(blocks as u64);
+    }
+
+    /// Records a failure.
+    pub fn error(&self, verb: &'static str, reason: &'static str) {
+        self.errors.get_or_create(&ErrorLabel { verb, reason }).inc();
+    }
+}
+
+/// Exports the store's per-tier counters and occupancy at scrape time.
+#[derive(Debug)]
+struct TierCollector {
+    store: Arc<TieredStore>,
+}
+
+type Field = (&'static str, &'static str, fn(&TierStats) -> u64);
+
+const COUNTERS: &[Field] = &[
+    ("tier_hits", "Blocks found in the tier", |s| s.hits),
+    ("tier_misses", "Blocks looked for and not found in the tier", |s| s.misses),
+    ("tier_stores", "Blocks admitted into the tier", |s| s.stores),
+    ("tier_not_stored", "Blocks the tier refused (full, too large, I/O error)", |s| s.not_stored),
+    ("tier_evictions", "Blocks dropped from the tier to make room", |s| s.evictions),
+    ("tier_demotions", "Evicted blocks written to the next tier down", |s| s.demotions),
+    ("tier_promotions", "Blocks copied up into the tier", |s| s.promotions),
+    ("tier_removals", "Blocks removed on request", |s| s.removals),
+    ("tier_checksum_failures", "Reads whose checksum failed (served as misses)", |s| s.checksum_failures),
+    ("tier_written_bytes", "Payload bytes written into the tier", |s| s.bytes_written),
+    ("tier_read_bytes", "Payload bytes read from the tier", |s| s.bytes_read),
+];
+
+const GAUGES: &[Field] = &[
+    ("tier_blocks", "Blocks held in the tier now", |s| s.blocks),
+    ("tier_used_bytes", "Bytes of slots in use in the tier now", |s| s.used_bytes),
+    ("tier_capacity_bytes", "Bytes the tier may use", |s| s.capacity_bytes),
+];
+
+impl Collector for TierCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.store.stats();
+        let tiers: Vec<(&'static str, TierStats)> = std::iter::once(("host", stats.host))
+            .chain(stats.disk.map(|d| ("disk", d)))
+            .collect();
+        for (name, help, get) in COUNTERS {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (tier, s) in &tiers {
+                let label = TierLabel { tier };
+                ConstCounter::new(get(s)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        for (name, help, get) in GAUGES {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (tier, s) in &tiers {
+                let label = TierLabel { tier };
+                let v = i64::try_from(get(s)).unwrap_or(i64::MAX);
+                ConstGauge::new(v).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}

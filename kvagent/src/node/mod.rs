@@ -1,0 +1,131 @@
+//! `kvagent node`: the per-node daemon. It owns the store (host arena and disk tier), serves
+//! engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or SIGINT
+//! drains in-flight calls, persists the disk tier's metadata and exits 0.
+
+mod http;
+mod server;
+mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kvstore::TieredStore;
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// Runs the node agent until SIGTERM or SIGINT.
+pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
+    let (metrics, registry) = Metrics::new(Arc::clone(&store));
+    let shared = server::Shared::new(
+        Arc::clone(&store),
+        metrics,
+        instance_id(),
+        Duration::from_millis(u64::from(cfg.default_deadline_ms)),
+        cfg.max_clients,
+    );
+    let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let http = if cfg.http_addr.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = cfg.http_addr.parse().context("http_addr")?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("binding the HTTP server to {addr}"))?;
+        let local = listener.local_addr().context("HTTP address")?;
+        Some((listener, local))
+    };
+    let disk = store.disk().map(|d| d.engine_description());
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        http = %http.as_ref().map(|(_, a)| a.to_string()).unwrap_or_else(|| "off".into()),
+        arena_bytes = store.host().arena().len(),
+        huge_pages = store.host().arena().huge_pages(),
+        disk = %disk.as_deref().unwrap_or("off"),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "kvagent node ready"
+    );
+    let accept = {
+        let shared = Arc::clone(&shared);
+        let path = cfg.socket.clone();
+        std::thread::Builder::new()
+            .name("kvagent-accept".into())
+            .spawn(move || server::accept_loop(listener, shared, path))
+            .context("starting the accept thread")?
+    };
+    runtime.block_on(async {
+        if let Some((listener, _)) = http {
+            tokio::spawn(http::serve(listener, registry, Arc::clone(&shared)));
+        }
+        wait_for_signal().await
+    })?;
+
+    let drain_started = Instant::now();
+    tracing::info!("shutting down: draining in-flight calls");
+    shared.start_drain();
+    server::wake_accept(&cfg.socket);
+    let _ = accept.join();
+    let timeout = Duration::from_millis(u64::from(cfg.shutdown_timeout_ms));
+    if !shared.wait_drained(timeout) {
+        tracing::warn!(?timeout, "connections still open after the shutdown timeout; exiting anyway");
+    }
+    if let Err(e) = std::fs::remove_file(&cfg.socket) {
+        tracing::debug!(error = %e, "removing the socket");
+    }
+    store.flush().context("persisting the disk tier's metadata")?;
+    drop(runtime);
+    tracing::info!(
+        drain_ms = drain_started.elapsed().as_millis() as u64,
+        "kvagent node stopped"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// A number that differs between agent starts, so clients notice a restart.
+fn instance_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
+/// The `stats` verb's answer: per-tier counters and the agent's own state, as JSON.
+fn stats_json(shared: &server::Shared) -> String {
+    let s = shared.store.stats();
+    let tier = |t: &kvstore::TierStats| {
+        serde_json::json!({
+            "hits": t.hits, "misses": t.misses, "stores": t.stores, "not_stored": t.not_stored,
+            "evictions": t.evictions, "demotions": t.demotions, "promotions": t.promotions,
+            "removals": t.removals, "checksum_failures": t.checksum_failures,
+            "bytes_written": t.bytes_written, "bytes_read": t.bytes_read,
+            "blocks": t.blocks, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
+        })
+    };
+    serde_json::json!({
+        "instance": shared.instance,
+        "clients": shared.metrics.clients.get(),
+        "draining": shared.draining.load(Ordering::Relaxed),
+        "host": tier(&s.host),
+        "disk": s.disk.as_ref().map(tier),
+    })
+    .to_string()
+}

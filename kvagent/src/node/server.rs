@@ -1,0 +1,387 @@
+//! The local socket server: one thread per engine connection.
+//!
+//! Why threads and not an async executor: a node has a handful of engine workers (one per GPU),
+//! each making small synchronous calls, so a dedicated blocking thread answers with no executor
+//! hop (the round trip is the contract in DESIGN §9), and a call that promotes from disk may
+//! block its own thread without stalling anyone else. `max_clients` bounds the threads.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Write as _};
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use kvstore::TieredStore;
+use kvstore::wire::{self, ErrorCode, PROTOCOL_VERSION, ReadError, Request, Response, Welcome};
+use parking_lot::{Condvar, Mutex};
+
+use super::session::Session;
+use crate::metrics::Metrics;
+
+/// How long a new connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State shared by the accept loop, the connection threads and the shutdown path.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<TieredStore>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) instance: u64,
+    pub(crate) default_deadline: Duration,
+    pub(crate) max_clients: u32,
+    pub(crate) draining: AtomicBool,
+    next_conn: AtomicU64,
+    /// Open connections (a clone of each stream, to shut its read side down on drain).
+    conns: Mutex<HashMap<u64, UnixStream>>,
+    drained: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        store: Arc<TieredStore>,
+        metrics: Arc<Metrics>,
+        instance: u64,
+        default_deadline: Duration,
+        max_clients: u32,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            metrics,
+            instance,
+            default_deadline,
+            max_clients,
+            draining: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+            conns: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+        })
+    }
+
+    /// Stops reading new calls on every connection; calls being served finish and are answered.
+    pub(crate) fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for s in self.conns.lock().values() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Waits until every connection thread has finished, up to `timeout`; `false` on timeout.
+    pub(crate) fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut conns = self.conns.lock();
+        while !conns.is_empty() {
+            if self.drained.wait_until(&mut conns, deadline).timed_out() {
+                return conns.is_empty();
+            }
+        }
+        true
+    }
+}
+
+/// Binds the socket at `path`: creates its directory, replaces a stale socket file left by a
+/// dead agent, refuses to start beside a live one or over a file that is not a socket, and sets
+/// the mode (and group) engines need to connect.
+pub(crate) fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                bail!("another kvagent is already listening on {}", path.display());
+            }
+            tracing::info!(socket = %path.display(), "removing stale socket of a previous agent");
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Accepts connections until the agent drains, each served on its own thread.
+pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
+    for stream in listener.incoming() {
+        if shared.draining.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = shared.conns.lock();
+            if conns.len() >= shared.max_clients as usize {
+                drop(conns);
+                shared.metrics.error("hello", "too_many_clients");
+                tracing::warn!(max = shared.max_clients, "refusing a connection: too many clients");
+                let _ = refuse(&stream, ErrorCode::Internal, "too many clients connected to this agent");
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(c) => {
+                    conns.insert(id, c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot track a connection; closing it");
+                    continue;
+                }
+            }
+        }
+        shared.metrics.connections.inc();
+        shared.metrics.clients.inc();
+        let s = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("kvagent-conn-{id}"))
+            .spawn(move || {
+                serve(stream, &s, id);
+                s.metrics.clients.dec();
+                s.conns.lock().remove(&id);
+                s.drained.notify_all();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a connection thread");
+            shared.metrics.clients.dec();
+            shared.conns.lock().remove(&id);
+        }
+    }
+    tracing::debug!(socket = %path.display(), "accept loop stopped");
+}
+
+/// Wakes the accept loop so it sees the drain flag.
+pub(crate) fn wake_accept(path: &Path) {
+    let _ = UnixStream::connect(path);
+}
+
+fn refuse(stream: &UnixStream, code: ErrorCode, message: &str) -> io::Result<()> {
+    let mut out = Vec::new();
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+    .encode(0, &mut out);
+    (&*stream).write_all(&out)
+}
+
+/// Serves one connection until it closes, fails or the agent drains. The session it creates
+/// gives back everything the connection held when this returns.
+fn serve(stream: UnixStream, shared: &Shared, id: u64) {
+    let span = tracing::debug_span!("conn", id);
+    let _enter = span.enter();
+    let mut body = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    if let Err(e) = handshake(&stream, shared, &mut body, &mut out) {
+        tracing::debug!(error = %e, "handshake failed; closing");
+        return;
+    }
+    let mut session = Session::new(Arc::clone(&shared.store));
+    loop {
+        match wire::read_frame(&mut &stream, &mut body) {
+            Ok(()) => {}
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(error = %e, "connection failed");
+                shared.metrics.error("frame", "io");
+                break;
+            }
+            Err(ReadError::Wire(e)) => {
+                tracing::warn!(error = %e, "bad frame length; closing the connection");
+                shared.metrics.error("frame", "malformed");
+                let _ = reply_error(&stream, &mut out, 0, ErrorCode::Malformed, &e.to_string());
+                break;
+            }
+        }
+        let received = Instant::now();
+        let (header, req) = match Request::decode(&body) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed frame; closing the connection");
+                shared.metrics.error("frame", "malformed");
+                let _ = reply_error(&stream, &mut out, wire::peek_id(&body), ErrorCode::Malformed, &e.to_string());
+                break;
+            }
+        };
+        let deadline = received
+            + match header.deadline_us {
+                0 => shared.default_deadline,
+                us => Duration::from_micros(u64::from(us)),
+            };
+        let verb = req.verb();
+        let (resp, blocks) = dispatch(&mut session, shared, req, deadline);
+        if let Response::Error { code, .. } = &resp {
+            shared.metrics.error(verb, error_reason(*code));
+        }
+        out.clear();
+        resp.encode(header.id, &mut out);
+        if let Err(e) = (&stream).write_all(&out) {
+            tracing::debug!(error = %e, "cannot answer; closing");
+            break;
+        }
+        shared.metrics.observe(verb, blocks, received.elapsed());
+        if matches!(resp, Response::Error { code: ErrorCode::Unexpected, .. }) {
+            break;
+        }
+    }
+    let (reserved, leased) = session.held();
+    tracing::debug!(reserved, leased, "connection closed");
+}
+
+fn error_reason(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Malformed => "malformed",
+        ErrorCode::UnsupportedVersion => "version",
+        ErrorCode::DeadlineExceeded => "deadline",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Unexpected => "unexpected",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+fn reply_error(stream: &UnixStream, out: &mut Vec<u8>, id: u32, code: ErrorCode, msg: &str) -> io::Result<()> {
+    out.clear();
+    Response::Error {
+        code,
+        message: msg.into(),
+    }
+    .encode(id, out);
+    (&*stream).write_all(out)
+}
+
+/// Reads the hello, checks its version and answers with the welcome and the arena fd.
+fn handshake(stream: &UnixStream, shared: &Shared, body: &mut Vec<u8>, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let read = wire::read_frame(&mut &*stream, body);
+    stream.set_read_timeout(None)?;
+    if let Err(e) = read {
+        if let ReadError::Wire(w) = &e {
+            shared.metrics.error("hello", "malformed");
+            let _ = reply_error(stream, out, 0, ErrorCode::Malformed, &w.to_string());
+        }
+        return Err(e.into());
+    }
+    let (header, client) = match Request::decode(body) {
+        Ok((h, Request::Hello { version, client })) if version == PROTOCOL_VERSION => (h, client),
+        Ok((h, Request::Hello { version, .. })) => {
+            shared.metrics.error("hello", "version");
+            let msg = format!("protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}");
+            let _ = reply_error(stream, out, h.id, ErrorCode::UnsupportedVersion, &msg);
+            bail!(msg);
+        }
+        Ok((h, other)) => {
+            shared.metrics.error("hello", "unexpected");
+            let msg = format!("expected a hello, got {}", other.verb());
+            let _ = reply_error(stream, out, h.id, ErrorCode::Unexpected, &msg);
+            bail!(msg);
+        }
+        Err(e) => {
+            shared.metrics.error("hello", "malformed");
+            let _ = reply_error(stream, out, wire::peek_id(body), ErrorCode::Malformed, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    let arena = shared.store.host().arena();
+    let welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        arena_len: arena.len(),
+        max_block_len: shared.store.host().max_block_len(),
+        instance: shared.instance,
+    };
+    out.clear();
+    Response::Welcome(welcome).encode(header.id, out);
+    send_with_fd(stream, out, arena.fd())?;
+    tracing::debug!(client, "engine connected");
+    Ok(())
+}
+
+/// Sends `frame` with `fd` attached (SCM_RIGHTS) in one message, so the fd arrives with the
+/// frame's first bytes.
+fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("control buffer too small for one fd"));
+    }
+    let sent = loop {
+        match sendmsg(stream.as_fd(), &[IoSlice::new(frame)], &mut control, SendFlags::NOSIGNAL) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    (&*stream).write_all(&frame[sent..])
+}
+
+/// Runs one call and returns its answer and the number of blocks it named.
+fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Instant) -> (Response, usize) {
+    if shared.draining.load(Ordering::SeqCst) && !matches!(req, Request::Commit(..) | Request::Abort(..) | Request::Release(..)) {
+        // Calls that give slots back still run while draining; new work is refused.
+        return (
+            Response::Error {
+                code: ErrorCode::ShuttingDown,
+                message: "the agent is shutting down".into(),
+            },
+            0,
+        );
+    }
+    if Instant::now() > deadline {
+        return (
+            Response::Error {
+                code: ErrorCode::DeadlineExceeded,
+                message: "the deadline passed before the call ran".into(),
+            },
+            0,
+        );
+    }
+    match req {
+        Request::Hello { .. } => (
+            Response::Error {
+                code: ErrorCode::Unexpected,
+                message: "a second hello on one connection".into(),
+            },
+            0,
+        ),
+        Request::Lookup(ns, hashes) => (Response::Lookup(session.lookup(ns, &hashes)), hashes.len()),
+        Request::Reserve(ns, items) => (Response::Reserve(session.reserve(ns, &items)), items.len()),
+        Request::Commit(ns, hashes) => (Response::Commit(session.commit(ns, &hashes, false)), hashes.len()),
+        Request::Abort(ns, hashes) => (Response::Abort(session.commit(ns, &hashes, true)), hashes.len()),
+        Request::Acquire(ns, hashes) => {
+            let got = session.acquire(ns, &hashes);
+            if Instant::now() > deadline {
+                // The client has given up (a promotion took too long): don't leave it pins it
+                // will never release on this connection.
+                session.release(ns, &hashes);
+                return (
+                    Response::Error {
+                        code: ErrorCode::DeadlineExceeded,
+                        message: "promotion from a lower tier outlasted the deadline".into(),
+                    },
+                    hashes.len(),
+                );
+            }
+            (Response::Acquire(got), hashes.len())
+        }
+        Request::Release(ns, hashes) => (Response::Release(session.release(ns, &hashes)), hashes.len()),
+        Request::Stats => (Response::Stats(super::stats_json(shared)), 0),
+    }
+}

@@ -1,0 +1,132 @@
+//! One engine connection's view of the store: the calls it makes and the slots it holds. Every
+//! reservation and lease taken through a session is remembered there and given back when the
+//! session ends, however the connection ended (clean close, kill -9, malformed frame).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kvstore::wire::{AcquireStatus, ReserveStatus};
+use kvstore::{BlockHash, BlockKey, Lease, Namespace, PutOutcome, Reservation, TierLevel, TieredStore};
+
+/// Slots held by one connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    store: Arc<TieredStore>,
+    reservations: HashMap<BlockKey, Reservation>,
+    /// A block can be acquired several times by one connection (two requests sharing a
+    /// prefix); each acquisition is one lease, released one at a time.
+    leases: HashMap<BlockKey, Vec<Lease>>,
+}
+
+impl Session {
+    pub(crate) fn new(store: Arc<TieredStore>) -> Self {
+        Self {
+            store,
+            reservations: HashMap::new(),
+            leases: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn lookup(&self, ns: Namespace, hashes: &[BlockHash]) -> Vec<TierLevel> {
+        let keys = keys(ns, hashes);
+        self.store.lookup_prefix(&keys).tiers
+    }
+
+    pub(crate) fn reserve(&mut self, ns: Namespace, items: &[(BlockHash, u64)]) -> Vec<ReserveStatus> {
+        let wanted: Vec<(BlockKey, u64)> = items.iter().map(|(h, l)| (BlockKey::new(ns, *h), *l)).collect();
+        let mut out = Vec::with_capacity(items.len());
+        for ((key, _), r) in wanted.iter().zip(self.store.reserve_batch(&wanted)) {
+            out.push(match r {
+                Ok(r) => {
+                    let offset = r.offset();
+                    self.reservations.insert(*key, r);
+                    ReserveStatus::Slot { offset }
+                }
+                Err(PutOutcome::NotStored(kvstore::NotStoredReason::TooLarge)) => ReserveStatus::TooLarge,
+                Err(PutOutcome::NotStored(_)) => ReserveStatus::NoSpace,
+                Err(_) => ReserveStatus::Exists,
+            });
+        }
+        out
+    }
+
+    pub(crate) fn commit(&mut self, ns: Namespace, hashes: &[BlockHash], abort: bool) -> Vec<bool> {
+        hashes
+            .iter()
+            .map(|h| match self.reservations.remove(&BlockKey::new(ns, *h)) {
+                Some(r) if abort => {
+                    self.store.abort(r);
+                    true
+                }
+                Some(r) => {
+                    self.store.commit(r);
+                    true
+                }
+                None => false,
+            })
+            .collect()
+    }
+
+    pub(crate) fn acquire(&mut self, ns: Namespace, hashes: &[BlockHash]) -> Vec<AcquireStatus> {
+        let keys = keys(ns, hashes);
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, got) in keys.iter().zip(self.store.acquire_batch_tiered(&keys)) {
+            out.push(match got {
+                Some((lease, tier)) => {
+                    let status = AcquireStatus::Hit {
+                        tier,
+                        offset: lease.offset(),
+                        len: lease.len(),
+                    };
+                    self.leases.entry(*key).or_default().push(lease);
+                    status
+                }
+                None => AcquireStatus::Miss,
+            });
+        }
+        out
+    }
+
+    pub(crate) fn release(&mut self, ns: Namespace, hashes: &[BlockHash]) -> Vec<bool> {
+        hashes
+            .iter()
+            .map(|h| {
+                let key = BlockKey::new(ns, *h);
+                let Some(held) = self.leases.get_mut(&key) else {
+                    return false;
+                };
+                let lease = held.pop();
+                if held.is_empty() {
+                    self.leases.remove(&key);
+                }
+                lease.map(|l| self.store.release(l)).is_some()
+            })
+            .collect()
+    }
+
+    /// Reservations and leases held now.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        (self.reservations.len(), self.leases.values().map(Vec::len).sum())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let (reserved, leased) = self.held();
+        if reserved + leased > 0 {
+            tracing::debug!(reserved, leased, "connection ended holding slots; giving them back");
+        }
+        for (_, r) in self.reservations.drain() {
+            self.store.abort(r);
+        }
+        for (_, leases) in self.leases.drain() {
+            for l in leases {
+                self.store.release(l);
+            }
+        }
+    }
+}
+
+fn keys(ns: Namespace, hashes: &[BlockHash]) -> Vec<BlockKey> {
+    hashes.iter().map(|h| BlockKey::new(ns, *h)).collect()
+}

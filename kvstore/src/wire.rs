@@ -1,0 +1,891 @@
+//! The local protocol between an engine (through [`crate::client`]) and the node agent: the
+//! frame format, the messages and their binary encoding. `docs/protocol.md` describes the same
+//! bytes for readers who write another client.
+//!
+//! Every frame is a little-endian `u32` body length followed by the body. A body starts with a
+//! 12-byte header — kind, three zero bytes, request id, deadline in microseconds — and then the
+//! message. Decoding never panics and never allocates more than the frame it was given; any
+//! violation is a [`WireError`], upon which the agent closes that one connection.
+
+use crate::key::{BlockHash, Namespace};
+use crate::stats::TierLevel;
+
+/// The protocol version this build speaks. A hello with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The first bytes of a hello, so that a stray connection is recognised at once.
+pub const MAGIC: [u8; 4] = *b"KVTR";
+/// Largest body accepted (4 MiB): a batch of 65 536 keys of 32 bytes fits with room to spare.
+pub const MAX_FRAME: u32 = 4 << 20;
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Bytes of the body header (kind, padding, request id, deadline).
+pub const HEADER_LEN: usize = 12;
+/// Most keys in one batch.
+pub const MAX_BATCH: u32 = 65_536;
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The body is shorter than its fields say.
+    #[error("frame truncated: needed {needed} more bytes")]
+    Truncated {
+        /// Bytes missing.
+        needed: usize,
+    },
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    Oversized(u32),
+    /// An unknown message kind.
+    #[error("unknown message kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A field holds a value it may not.
+    #[error("invalid field {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Bytes left over after the message.
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> WireError {
+    WireError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The header of every body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Message kind (see [`Request`] and [`Response`]).
+    pub kind: u8,
+    /// Chosen by the client, echoed in the response.
+    pub id: u32,
+    /// Microseconds the client waits for the answer; 0 means the agent's default. The agent
+    /// drops a request whose deadline passed before it ran.
+    pub deadline_us: u32,
+}
+
+/// Error codes carried by [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be decoded; the connection is closed after this reply.
+    Malformed = 1,
+    /// The hello named a protocol version the agent does not speak.
+    UnsupportedVersion = 2,
+    /// The request's deadline passed before it ran.
+    DeadlineExceeded = 3,
+    /// The agent is shutting down.
+    ShuttingDown = 4,
+    /// A request came before the hello, or a second hello.
+    Unexpected = 5,
+    /// The agent failed internally.
+    Internal = 6,
+}
+
+impl ErrorCode {
+    /// The code for `v`, if it is one.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malformed,
+            2 => Self::UnsupportedVersion,
+            3 => Self::DeadlineExceeded,
+            4 => Self::ShuttingDown,
+            5 => Self::Unexpected,
+            6 => Self::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Outcome of reserving one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveStatus {
+    /// A slot at this arena offset is the caller's to write, then commit or abort.
+    Slot {
+        /// Byte offset of the slot in the arena.
+        offset: u64,
+    },
+    /// The block is stored already, or another writer holds it: nothing to write.
+    Exists,
+    /// No room could be made (everything pinned or reserved).
+    NoSpace,
+    /// Larger than any slot of the arena.
+    TooLarge,
+}
+
+/// Outcome of acquiring one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireStatus {
+    /// The block is readable at `offset` until released.
+    Hit {
+        /// Tier it was found in (disk hits were promoted into the arena first).
+        tier: TierLevel,
+        /// Byte offset of the block in the arena.
+        offset: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// Not stored (or corrupt, which is the same to a reader).
+    Miss,
+}
+
+/// What the agent says to a hello, besides the arena fd that travels with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The version both sides now speak.
+    pub version: u16,
+    /// Bytes of the arena whose fd accompanies this message.
+    pub arena_len: u64,
+    /// Largest block the arena takes.
+    pub max_block_len: u64,
+    /// Identifies this agent instance (changes on every start), so a client notices a restart.
+    pub instance: u64,
+}
+
+/// A message from client to agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First message of a connection.
+    Hello {
+        /// Protocol version the client speaks.
+        version: u16,
+        /// Free text naming the client, for logs.
+        client: String,
+    },
+    /// How many leading keys are stored, and where.
+    Lookup(Namespace, Vec<BlockHash>),
+    /// Slots to write blocks of the given lengths into.
+    Reserve(Namespace, Vec<(BlockHash, u64)>),
+    /// Publish written reservations.
+    Commit(Namespace, Vec<BlockHash>),
+    /// Give reservations back unwritten.
+    Abort(Namespace, Vec<BlockHash>),
+    /// Pin blocks for reading (promoting them from lower tiers first).
+    Acquire(Namespace, Vec<BlockHash>),
+    /// Unpin acquired blocks.
+    Release(Namespace, Vec<BlockHash>),
+    /// The agent's counters, as JSON.
+    Stats,
+}
+
+/// A message from agent to client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Answer to a hello; the arena fd is attached.
+    Welcome(Welcome),
+    /// The tier of each leading stored key.
+    Lookup(Vec<TierLevel>),
+    /// One status per reserved block.
+    Reserve(Vec<ReserveStatus>),
+    /// Per block: whether this client held a reservation that is now committed.
+    Commit(Vec<bool>),
+    /// Per block: whether this client held a reservation that is now given back.
+    Abort(Vec<bool>),
+    /// One status per acquired block.
+    Acquire(Vec<AcquireStatus>),
+    /// Per block: whether this client held a lease that is now released.
+    Release(Vec<bool>),
+    /// Counters as a JSON document.
+    Stats(String),
+    /// The request failed.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// A sentence for logs.
+        message: String,
+    },
+}
+
+mod kind {
+    pub(super) const HELLO: u8 = 0x01;
+    pub(super) const LOOKUP: u8 = 0x02;
+    pub(super) const RESERVE: u8 = 0x03;
+    pub(super) const COMMIT: u8 = 0x04;
+    pub(super) const ABORT: u8 = 0x05;
+    pub(super) const ACQUIRE: u8 = 0x06;
+    pub(super) const RELEASE: u8 = 0x07;
+    pub(super) const STATS: u8 = 0x08;
+    pub(super) const REPLY: u8 = 0x80;
+    pub(super) const ERROR: u8 = 0xff;
+}
+
+impl Request {
+    /// The message kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => kind::HELLO,
+            Self::Lookup(..) => kind::LOOKUP,
+            Self::Reserve(..) => kind::RESERVE,
+            Self::Commit(..) => kind::COMMIT,
+            Self::Abort(..) => kind::ABORT,
+            Self::Acquire(..) => kind::ACQUIRE,
+            Self::Release(..) => kind::RELEASE,
+            Self::Stats => kind::STATS,
+        }
+    }
+
+    /// The verb's name, for logs and metric labels.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Lookup(..) => "lookup",
+            Self::Reserve(..) => "reserve",
+            Self::Commit(..) => "commit",
+            Self::Abort(..) => "abort",
+            Self::Acquire(..) => "acquire",
+            Self::Release(..) => "release",
+            Self::Stats => "stats",
+        }
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    pub fn encode(&self, id: u32, deadline_us: u32, out: &mut Vec<u8>) {
+        let start = begin(out, self.kind(), id, deadline_us);
+        match self {
+            Self::Hello { version, client } => {
+                out.extend_from_slice(&MAGIC);
+                put_u16(out, *version);
+                put_str(out, client);
+            }
+            Self::Lookup(ns, hashes)
+            | Self::Commit(ns, hashes)
+            | Self::Abort(ns, hashes)
+            | Self::Acquire(ns, hashes)
+            | Self::Release(ns, hashes) => {
+                out.extend_from_slice(ns.as_bytes());
+                put_u32(out, hashes.len() as u32);
+                for h in hashes {
+                    put_hash(out, h);
+                }
+            }
+            Self::Reserve(ns, items) => {
+                out.extend_from_slice(ns.as_bytes());
+                put_u32(out, items.len() as u32);
+                for (h, len) in items {
+                    put_hash(out, h);
+                    put_u64(out, *len);
+                }
+            }
+            Self::Stats => {}
+        }
+        finish(out, start);
+    }
+
+    /// Decodes a body (the bytes after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<(Header, Self), WireError> {
+        let mut r = Reader::new(body);
+        let header = r.header()?;
+        let req = match header.kind {
+            kind::HELLO => {
+                if r.array::<4>()? != MAGIC {
+                    return Err(invalid("magic", "not a kvtier hello"));
+                }
+                let version = r.u16()?;
+                let client = r.string()?;
+                Self::Hello { version, client }
+            }
+            kind::LOOKUP => {
+                let (ns, n) = r.batch()?;
+                Self::Lookup(ns, r.hashes(n)?)
+            }
+            kind::COMMIT => {
+                let (ns, n) = r.batch()?;
+                Self::Commit(ns, r.hashes(n)?)
+            }
+            kind::ABORT => {
+                let (ns, n) = r.batch()?;
+                Self::Abort(ns, r.hashes(n)?)
+            }
+            kind::ACQUIRE => {
+                let (ns, n) = r.batch()?;
+                Self::Acquire(ns, r.hashes(n)?)
+            }
+            kind::RELEASE => {
+                let (ns, n) = r.batch()?;
+                Self::Release(ns, r.hashes(n)?)
+            }
+            kind::RESERVE => {
+                let (ns, n) = r.batch()?;
+                let mut items = Vec::with_capacity(r.capacity_for(n, 10));
+                for _ in 0..n {
+                    let h = r.hash()?;
+                    let len = r.u64()?;
+                    if len == 0 {
+                        return Err(invalid("len", "a block is at least one byte"));
+                    }
+                    items.push((h, len));
+                }
+                Self::Reserve(ns, items)
+            }
+            kind::STATS => Self::Stats,
+            k => return Err(WireError::UnknownKind(k)),
+        };
+        r.end()?;
+        Ok((header, req))
+    }
+}
+
+impl Response {
+    fn kind(&self) -> u8 {
+        let request = match self {
+            Self::Welcome(_) => kind::HELLO,
+            Self::Lookup(_) => kind::LOOKUP,
+            Self::Reserve(_) => kind::RESERVE,
+            Self::Commit(_) => kind::COMMIT,
+            Self::Abort(_) => kind::ABORT,
+            Self::Acquire(_) => kind::ACQUIRE,
+            Self::Release(_) => kind::RELEASE,
+            Self::Stats(_) => kind::STATS,
+            Self::Error { .. } => return kind::ERROR,
+        };
+        request | kind::REPLY
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    pub fn encode(&self, id: u32, out: &mut Vec<u8>) {
+        let start = begin(out, self.kind(), id, 0);
+        match self {
+            Self::Welcome(w) => {
+                put_u16(out, w.version);
+                put_u64(out, w.arena_len);
+                put_u64(out, w.max_block_len);
+                put_u64(out, w.instance);
+            }
+            Self::Lookup(tiers) => {
+                put_u32(out, tiers.len() as u32);
+                out.extend(tiers.iter().map(|t| tier_code(*t)));
+            }
+            Self::Reserve(items) => {
+                put_u32(out, items.len() as u32);
+                for s in items {
+                    let (code, offset) = match s {
+                        ReserveStatus::Slot { offset } => (0, *offset),
+                        ReserveStatus::Exists => (1, 0),
+                        ReserveStatus::NoSpace => (2, 0),
+                        ReserveStatus::TooLarge => (3, 0),
+                    };
+                    out.push(code);
+                    put_u64(out, offset);
+                }
+            }
+            Self::Commit(v) | Self::Abort(v) | Self::Release(v) => {
+                put_u32(out, v.len() as u32);
+                out.extend(v.iter().map(|b| u8::from(*b)));
+            }
+            Self::Acquire(items) => {
+                put_u32(out, items.len() as u32);
+                for s in items {
+                    match s {
+                        AcquireStatus::Hit { tier, offset, len } => {
+                            out.push(1);
+                            out.push(tier_code(*tier));
+                            put_u64(out, *offset);
+                            put_u64(out, *len);
+                        }
+                        AcquireStatus::Miss => {
+                            out.extend_from_slice(&[0; 18]);
+                        }
+                    }
+                }
+            }
+            Self::Stats(json) => put_bytes32(out, json.as_bytes()),
+            Self::Error { code, message } => {
+                put_u16(out, *code as u16);
+                put_str(out, message);
+            }
+        }
+        finish(out, start);
+    }
+
+    /// Decodes a body (the bytes after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<(Header, Self), WireError> {
+        let mut r = Reader::new(body);
+        let header = r.header()?;
+        let resp = match header.kind {
+            k if k == kind::HELLO | kind::REPLY => Self::Welcome(Welcome {
+                version: r.u16()?,
+                arena_len: r.u64()?,
+                max_block_len: r.u64()?,
+                instance: r.u64()?,
+            }),
+            k if k == kind::LOOKUP | kind::REPLY => {
+                let n = r.count()?;
+                let mut tiers = Vec::with_capacity(r.capacity_for(n, 1));
+                for _ in 0..n {
+                    tiers.push(r.tier()?);
+                }
+                Self::Lookup(tiers)
+            }
+            k if k == kind::RESERVE | kind::REPLY => {
+                let n = r.count()?;
+                let mut items = Vec::with_capacity(r.capacity_for(n, 9));
+                for _ in 0..n {
+                    let code = r.u8()?;
+                    let offset = r.u64()?;
+                    items.push(match code {
+                        0 => ReserveStatus::Slot { offset },
+                        1 => ReserveStatus::Exists,
+                        2 => ReserveStatus::NoSpace,
+                        3 => ReserveStatus::TooLarge,
+                        c => return Err(invalid("reserve status", format!("unknown code {c}"))),
+                    });
+                }
+                Self::Reserve(items)
+            }
+            k if k == kind::COMMIT | kind::REPLY => Self::Commit(r.flags()?),
+            k if k == kind::ABORT | kind::REPLY => Self::Abort(r.flags()?),
+            k if k == kind::RELEASE | kind::REPLY => Self::Release(r.flags()?),
+            k if k == kind::ACQUIRE | kind::REPLY => {
+                let n = r.count()?;
+                let mut items = Vec::with_capacity(r.capacity_for(n, 18));
+                for _ in 0..n {
+                    let hit = r.u8()?;
+                    let tier = r.u8()?;
+                    let offset = r.u64()?;
+                    let len = r.u64()?;
+                    items.push(match hit {
+                        0 => AcquireStatus::Miss,
+                        1 => AcquireStatus::Hit {
+                            tier: tier_from_code(tier)?,
+                            offset,
+                            len,
+                        },
+                        c => return Err(invalid("acquire status", format!("unknown code {c}"))),
+                    });
+                }
+                Self::Acquire(items)
+            }
+            k if k == kind::STATS | kind::REPLY => {
+                let bytes = r.bytes32()?;
+                let json = String::from_utf8(bytes.to_vec()).map_err(|_| invalid("stats", "not UTF-8"))?;
+                Self::Stats(json)
+            }
+            kind::ERROR => {
+                let raw = r.u16()?;
+                let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
+                Self::Error {
+                    code,
+                    message: r.string()?,
+                }
+            }
+            k => return Err(WireError::UnknownKind(k)),
+        };
+        r.end()?;
+        Ok((header, resp))
+    }
+}
+
+/// Reads the length prefix of a frame; refuses lengths that cannot hold a header or exceed
+/// [`MAX_FRAME`].
+pub fn body_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix);
+    if len > MAX_FRAME {
+        return Err(WireError::Oversized(len));
+    }
+    if (len as usize) < HEADER_LEN {
+        return Err(WireError::Truncated {
+            needed: HEADER_LEN - len as usize,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The peer closed the stream between frames.
+    #[error("connection closed")]
+    Closed,
+    /// The stream failed, or ended inside a frame.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The length prefix is out of bounds.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Reads one frame from `r` into `body` (replacing its contents with the body).
+pub fn read_frame(r: &mut impl std::io::Read, body: &mut Vec<u8>) -> Result<(), ReadError> {
+    let mut prefix = [0; LEN_PREFIX];
+    let mut got = 0;
+    while got < LEN_PREFIX {
+        match r.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Err(ReadError::Closed),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = body_len(prefix)?;
+    body.clear();
+    body.resize(len, 0);
+    r.read_exact(body)?;
+    Ok(())
+}
+
+/// Reads the header of a body whose message could not be decoded, to answer with its id.
+pub fn peek_id(body: &[u8]) -> u32 {
+    body.get(4..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
+fn tier_code(t: TierLevel) -> u8 {
+    match t {
+        TierLevel::Host => 1,
+        TierLevel::Disk => 2,
+    }
+}
+
+fn tier_from_code(c: u8) -> Result<TierLevel, WireError> {
+    match c {
+        1 => Ok(TierLevel::Host),
+        2 => Ok(TierLevel::Disk),
+        c => Err(invalid("tier", format!("unknown tier {c}"))),
+    }
+}
+
+fn begin(out: &mut Vec<u8>, kind: u8, id: u32, deadline_us: u32) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    out.extend_from_slice(&[kind, 0, 0, 0]);
+    put_u32(out, id);
+    put_u32(out, deadline_us);
+    start
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - LEN_PREFIX) as u32;
+    out[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let bytes = &s.as_bytes()[..end];
+    put_u16(out, bytes.len() as u16);
+    out.extend_from_slice(bytes);
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+fn put_hash(out: &mut Vec<u8>, h: &BlockHash) {
+    let b = h.as_bytes();
+    out.push(b.len() as u8);
+    out.extend_from_slice(b);
+}
+
+/// A bounds-checked cursor over a body.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated {
+                needed: n - self.buf.len(),
+            });
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn header(&mut self) -> Result<Header, WireError> {
+        let kind = self.u8()?;
+        if self.array::<3>()? != [0; 3] {
+            return Err(invalid("header", "reserved bytes must be zero"));
+        }
+        Ok(Header {
+            kind,
+            id: self.u32()?,
+            deadline_us: self.u32()?,
+        })
+    }
+
+    fn string(&mut self) -> Result<String, WireError> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| invalid("string", "not UTF-8"))
+    }
+
+    fn bytes32(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn count(&mut self) -> Result<u32, WireError> {
+        let n = self.u32()?;
+        if n > MAX_BATCH {
+            return Err(invalid("count", format!("{n} exceeds the batch limit of {MAX_BATCH}")));
+        }
+        Ok(n)
+    }
+
+    /// Capacity to preallocate for `n` items of at least `min_bytes` each: never more than the
+    /// bytes left could hold, so a lying count cannot make the decoder allocate.
+    fn capacity_for(&self, n: u32, min_bytes: usize) -> usize {
+        (n as usize).min(self.buf.len() / min_bytes)
+    }
+
+    fn batch(&mut self) -> Result<(Namespace, u32), WireError> {
+        let ns = Namespace::from_bytes(self.array()?);
+        Ok((ns, self.count()?))
+    }
+
+    fn hash(&mut self) -> Result<BlockHash, WireError> {
+        let n = self.u8()? as usize;
+        let b = self.take(n)?;
+        BlockHash::new(b).map_err(|e| invalid("hash", e.to_string()))
+    }
+
+    fn hashes(&mut self, n: u32) -> Result<Vec<BlockHash>, WireError> {
+        let mut v = Vec::with_capacity(self.capacity_for(n, 2));
+        for _ in 0..n {
+            v.push(self.hash()?);
+        }
+        Ok(v)
+    }
+
+    fn tier(&mut self) -> Result<TierLevel, WireError> {
+        tier_from_code(self.u8()?)
+    }
+
+    fn flags(&mut self) -> Result<Vec<bool>, WireError> {
+        let n = self.count()?;
+        let mut v = Vec::with_capacity(self.capacity_for(n, 1));
+        for _ in 0..n {
+            v.push(match self.u8()? {
+                0 => false,
+                1 => true,
+                c => return Err(invalid("flag", format!("{c} is neither 0 nor 1"))),
+            });
+        }
+        Ok(v)
+    }
+
+    fn end(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.buf.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ns() -> Namespace {
+        Namespace::builder("m").build()
+    }
+
+    fn hashes(n: u64) -> Vec<BlockHash> {
+        (0..n).map(BlockHash::from_u64).collect()
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        let len = body_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+                client: "worker-0".into(),
+            },
+            Request::Lookup(ns(), hashes(256)),
+            Request::Reserve(ns(), hashes(3).into_iter().map(|h| (h, 4096)).collect()),
+            Request::Commit(ns(), hashes(2)),
+            Request::Abort(ns(), hashes(1)),
+            Request::Acquire(ns(), hashes(5)),
+            Request::Release(ns(), vec![]),
+            Request::Stats,
+        ]
+    }
+
+    fn responses() -> Vec<Response> {
+        vec![
+            Response::Welcome(Welcome {
+                version: 1,
+                arena_len: 1 << 30,
+                max_block_len: 64 << 20,
+                instance: 42,
+            }),
+            Response::Lookup(vec![TierLevel::Host, TierLevel::Disk]),
+            Response::Reserve(vec![
+                ReserveStatus::Slot { offset: 4096 },
+                ReserveStatus::Exists,
+                ReserveStatus::NoSpace,
+                ReserveStatus::TooLarge,
+            ]),
+            Response::Commit(vec![true, false]),
+            Response::Abort(vec![true]),
+            Response::Acquire(vec![
+                AcquireStatus::Hit {
+                    tier: TierLevel::Disk,
+                    offset: 8192,
+                    len: 100,
+                },
+                AcquireStatus::Miss,
+            ]),
+            Response::Release(vec![false]),
+            Response::Stats("{}".into()),
+            Response::Error {
+                code: ErrorCode::DeadlineExceeded,
+                message: "late".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for (i, req) in requests().into_iter().enumerate() {
+            let mut out = Vec::new();
+            req.encode(i as u32, 500, &mut out);
+            let (h, back) = Request::decode(body(&out)).unwrap();
+            assert_eq!((h.id, h.deadline_us, back), (i as u32, 500, req));
+        }
+        for (i, resp) in responses().into_iter().enumerate() {
+            let mut out = Vec::new();
+            resp.encode(i as u32, &mut out);
+            let (h, back) = Response::decode(body(&out)).unwrap();
+            assert_eq!((h.id, back), (i as u32, resp));
+        }
+    }
+
+    #[test]
+    fn length_prefix_limits() {
+        assert_eq!(body_len((MAX_FRAME + 1).to_le_bytes()), Err(WireError::Oversized(MAX_FRAME + 1)));
+        assert!(matches!(body_len(3u32.to_le_bytes()), Err(WireError::Truncated { .. })));
+        assert_eq!(body_len(12u32.to_le_bytes()), Ok(12));
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_frame_is_an_error() {
+        for req in requests() {
+            let mut out = Vec::new();
+            req.encode(7, 0, &mut out);
+            let b = body(&out);
+            for cut in 0..b.len() {
+                assert!(Request::decode(&b[..cut]).is_err(), "{req:?} cut at {cut}");
+            }
+            let mut long = b.to_vec();
+            long.push(0);
+            assert_eq!(Request::decode(&long), Err(WireError::Trailing(1)));
+        }
+    }
+
+    #[test]
+    fn a_lying_count_does_not_allocate_for_it() {
+        let mut out = Vec::new();
+        Request::Lookup(ns(), vec![]).encode(1, 0, &mut out);
+        let mut b = body(&out).to_vec();
+        let at = HEADER_LEN + 16;
+        b[at..at + 4].copy_from_slice(&MAX_BATCH.to_le_bytes());
+        assert!(matches!(Request::decode(&b), Err(WireError::Truncated { .. })));
+        b[at..at + 4].copy_from_slice(&(MAX_BATCH + 1).to_le_bytes());
+        assert!(matches!(Request::decode(&b), Err(WireError::Invalid { field: "count", .. })));
+    }
+
+    #[test]
+    fn wrong_magic_and_unknown_kinds_are_refused() {
+        let mut out = Vec::new();
+        Request::Hello {
+            version: 1,
+            client: String::new(),
+        }
+        .encode(1, 0, &mut out);
+        let mut b = body(&out).to_vec();
+        b[HEADER_LEN] = b'X';
+        assert!(matches!(Request::decode(&b), Err(WireError::Invalid { field: "magic", .. })));
+        b[0] = 0x42;
+        assert_eq!(Request::decode(&b), Err(WireError::UnknownKind(0x42)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+
+        #[test]
+        fn mutating_a_valid_frame_never_panics(
+            which in 0usize..8,
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut out = Vec::new();
+            requests()[which].encode(3, 10, &mut out);
+            let mut b = out[LEN_PREFIX..].to_vec();
+            for (at, v) in flips {
+                let i = at.index(b.len());
+                b[i] = v;
+            }
+            if let Ok((_, req)) = Request::decode(&b) {
+                // Whatever decodes re-encodes to the same bytes: no two readings of one frame.
+                let mut again = Vec::new();
+                req.encode(peek_id(&b), u32::from_le_bytes(b[8..12].try_into().unwrap()), &mut again);
+                prop_assert_eq!(&again[LEN_PREFIX..], &b[..]);
+            }
+        }
+    }
+}
