@@ -81,6 +81,9 @@ pub struct DiskSection {
     pub direct_io: bool,
     /// Flush data and journal after each batch (power-loss durability, slower writes).
     pub sync_metadata: bool,
+    /// On a clean stop, write host blocks the disk lacks to disk, so the restarted agent
+    /// serves them (the arena does not outlive the process).
+    pub persist_on_shutdown: bool,
 }
 
 /// Log output format.
@@ -156,6 +159,7 @@ impl Default for DiskSection {
             queue_depth: 16,
             direct_io: true,
             sync_metadata: false,
+            persist_on_shutdown: true,
         }
     }
 }
@@ -295,9 +299,11 @@ impl NodeConfig {
             if self.disk.queue_depth == 0 || self.disk.queue_depth > 4096 {
                 bail!("invalid configuration `disk.queue_depth`: must be 1–4096");
             }
-            if self.disk.size < self.disk.slab_size {
+            // Each slab holds blocks of one size class: a tier of fewer slabs than the model
+            // has block sizes cannot hold them all.
+            if self.disk.size.as_u64() < 4 * self.disk.slab_size.as_u64() {
                 bail!(
-                    "invalid configuration `disk.size`: {} is smaller than one slab ({})",
+                    "invalid configuration `disk.size`: {} holds fewer than 4 slabs of `disk.slab_size` ({})",
                     self.disk.size,
                     self.disk.slab_size
                 );
@@ -357,10 +363,15 @@ mod tests {
 
     /// Runs `f` in a figment jail: a private working directory and an environment holding only
     /// what the test sets (restored afterwards).
-    fn jailed(f: impl FnOnce(&mut Jail) -> figment::Result<()>) {
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail fixes the closure's error type"
+    )]
+    fn jailed(f: impl FnOnce(&mut Jail)) {
         Jail::expect_with(|jail| {
             jail.clear_env();
-            f(jail)
+            f(jail);
+            Ok(())
         });
     }
 
@@ -376,7 +387,6 @@ mod tests {
             assert_eq!(cfg, NodeConfig::default());
             let again = load_file(jail, &cfg.to_toml().unwrap(), &NodeFlags::default()).unwrap();
             assert_eq!(again, cfg);
-            Ok(())
         });
     }
 
@@ -397,20 +407,19 @@ mod tests {
             assert_eq!(cfg.host.size, ByteSize::gib(3));
             assert!(cfg.disk.enabled);
             assert_eq!(cfg.disk.dir, PathBuf::from("/tmp/d"));
-            Ok(())
         });
     }
 
     #[test]
     fn config_file_from_the_environment() {
         jailed(|jail| {
-            jail.create_file("other.toml", "max_clients = 9\n")?;
+            jail.create_file("other.toml", "max_clients = 9\n")
+                .expect("write config");
             jail.set_env("KVTIER_CONFIG", "other.toml");
             assert_eq!(load(None, &NodeFlags::default()).unwrap().max_clients, 9);
             jail.set_env("KVTIER_CONFIG", "missing.toml");
             let err = load(None, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("missing.toml"), "{err:#}");
-            Ok(())
         });
     }
 
@@ -422,7 +431,6 @@ mod tests {
             jail.set_env("KVTIER_SOKET", "/x");
             let err = load(None, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("soket"), "{err:#}");
-            Ok(())
         });
     }
 
@@ -442,7 +450,6 @@ mod tests {
                 let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
                 assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
             }
-            Ok(())
         });
     }
 }

@@ -53,7 +53,9 @@ pub struct Metrics {
 
 fn latency_histogram() -> Histogram {
     // 1 µs to ~1 s in factor-2 steps: local calls take microseconds, promotions milliseconds.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 2.0, 21))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-6, 2.0, 21,
+    ))
 }
 
 impl Metrics {
@@ -72,14 +74,26 @@ impl Metrics {
             "Time to serve a local call, by verb",
             m.latency.clone(),
         );
-        reg.register("request_blocks", "Blocks named in local calls, by verb", m.blocks.clone());
+        reg.register(
+            "request_blocks",
+            "Blocks named in local calls, by verb",
+            m.blocks.clone(),
+        );
         reg.register(
             "request_errors",
             "Calls that failed and connections closed for bad frames",
             m.errors.clone(),
         );
-        reg.register("clients_connected", "Engine connections open now", m.clients.clone());
-        reg.register("connections", "Engine connections accepted", m.connections.clone());
+        reg.register(
+            "clients_connected",
+            "Engine connections open now",
+            m.clients.clone(),
+        );
+        reg.register(
+            "connections",
+            "Engine connections accepted",
+            m.connections.clone(),
+        );
         reg.register_collector(Box::new(TierCollector { store }));
         (m, reg)
     }
@@ -107,22 +121,52 @@ type Field = (&'static str, &'static str, fn(&TierStats) -> u64);
 
 const COUNTERS: &[Field] = &[
     ("tier_hits", "Blocks found in the tier", |s| s.hits),
-    ("tier_misses", "Blocks looked for and not found in the tier", |s| s.misses),
+    (
+        "tier_misses",
+        "Blocks looked for and not found in the tier",
+        |s| s.misses,
+    ),
     ("tier_stores", "Blocks admitted into the tier", |s| s.stores),
-    ("tier_not_stored", "Blocks the tier refused (full, too large, I/O error)", |s| s.not_stored),
-    ("tier_evictions", "Blocks dropped from the tier to make room", |s| s.evictions),
-    ("tier_demotions", "Evicted blocks written to the next tier down", |s| s.demotions),
-    ("tier_promotions", "Blocks copied up into the tier", |s| s.promotions),
+    (
+        "tier_not_stored",
+        "Blocks the tier refused (full, too large, I/O error)",
+        |s| s.not_stored,
+    ),
+    (
+        "tier_evictions",
+        "Blocks dropped from the tier to make room",
+        |s| s.evictions,
+    ),
+    (
+        "tier_demotions",
+        "Evicted blocks written to the next tier down",
+        |s| s.demotions,
+    ),
+    ("tier_promotions", "Blocks copied up into the tier", |s| {
+        s.promotions
+    }),
     ("tier_removals", "Blocks removed on request", |s| s.removals),
-    ("tier_checksum_failures", "Reads whose checksum failed (served as misses)", |s| s.checksum_failures),
-    ("tier_written_bytes", "Payload bytes written into the tier", |s| s.bytes_written),
-    ("tier_read_bytes", "Payload bytes read from the tier", |s| s.bytes_read),
+    (
+        "tier_checksum_failures",
+        "Reads whose checksum failed (served as misses)",
+        |s| s.checksum_failures,
+    ),
+    ("tier_written_bytes", "Payload bytes written into the tier", |s| {
+        s.bytes_written
+    }),
+    ("tier_read_bytes", "Payload bytes read from the tier", |s| {
+        s.bytes_read
+    }),
 ];
 
 const GAUGES: &[Field] = &[
     ("tier_blocks", "Blocks held in the tier now", |s| s.blocks),
-    ("tier_used_bytes", "Bytes of slots in use in the tier now", |s| s.used_bytes),
-    ("tier_capacity_bytes", "Bytes the tier may use", |s| s.capacity_bytes),
+    ("tier_used_bytes", "Bytes of slots in use in the tier now", |s| {
+        s.used_bytes
+    }),
+    ("tier_capacity_bytes", "Bytes the tier may use", |s| {
+        s.capacity_bytes
+    }),
 ];
 
 impl Collector for TierCollector {

@@ -283,7 +283,9 @@ impl Client {
             client: cfg.name.clone(),
         }
         .encode(0, micros(cfg.timeout), &mut buf);
-        (&stream).write_all(&buf).map_err(|e| io_error(cfg, e, deadline))?;
+        (&stream)
+            .write_all(&buf)
+            .map_err(|e| io_error(cfg, e, deadline))?;
         let (fd, body) = recv_with_fd(&stream).map_err(|e| io_error(cfg, e, deadline))?;
         let welcome = match Response::decode(&body) {
             Ok((_, Response::Welcome(w))) => w,
@@ -294,7 +296,11 @@ impl Client {
                     message,
                 });
             }
-            Ok((_, other)) => return Err(ClientError::Protocol(format!("expected a welcome, got {other:?}"))),
+            Ok((_, other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a welcome, got {other:?}"
+                )));
+            }
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         };
         let fd = fd.ok_or_else(|| ClientError::Protocol("the welcome carried no arena fd".into()))?;
@@ -326,7 +332,9 @@ impl Client {
         let mut guard = self.conn.lock();
         let had_conn = guard.is_some();
         match self.call_on(&mut guard, req) {
-            Err(ClientError::Unavailable { .. }) if had_conn && retryable(req) => self.call_on(&mut guard, req),
+            Err(ClientError::Unavailable { .. }) if had_conn && retryable(req) => {
+                self.call_on(&mut guard, req)
+            }
             other => other,
         }
     }
@@ -345,7 +353,10 @@ impl Client {
         let result = match result {
             Ok(()) => match Response::decode(&conn.buf) {
                 Ok((h, resp)) if h.id == id => Ok(resp),
-                Ok((h, _)) => Err(ClientError::Protocol(format!("answer to request {} instead of {id}", h.id))),
+                Ok((h, _)) => Err(ClientError::Protocol(format!(
+                    "answer to request {} instead of {id}",
+                    h.id
+                ))),
                 Err(e) => Err(ClientError::Protocol(e.to_string())),
             },
             Err(ReadError::Closed) => Err(self.unavailable(io::ErrorKind::ConnectionReset.into())),
@@ -597,7 +608,9 @@ fn check_len(verb: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(ClientError::Protocol(format!("{verb}: {got} answers for {want} blocks")))
+        Err(ClientError::Protocol(format!(
+            "{verb}: {got} answers for {want} blocks"
+        )))
     }
 }
 
@@ -623,7 +636,12 @@ fn recv_with_fd(stream: &UnixStream) -> io::Result<(Option<OwnedFd>, Vec<u8>)> {
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut head = [0u8; 256];
     let got = loop {
-        match recvmsg(stream, &mut [io::IoSliceMut::new(&mut head)], &mut control, RecvFlags::CMSG_CLOEXEC) {
+        match recvmsg(
+            stream,
+            &mut [io::IoSliceMut::new(&mut head)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
             Ok(r) => break r.bytes,
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
@@ -654,7 +672,10 @@ fn recv_with_fd(stream: &UnixStream) -> io::Result<(Option<OwnedFd>, Vec<u8>)> {
     let len = wire::body_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let total = wire::LEN_PREFIX + len;
     if frame.len() > total {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bytes after the welcome"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bytes after the welcome",
+        ));
     }
     let have = frame.len();
     frame.resize(total, 0);

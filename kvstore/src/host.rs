@@ -324,6 +324,18 @@ impl HostTier {
         TierCounters::add(&self.counters.bytes_read, lease.len);
     }
 
+    /// The bytes of a leased block, borrowed while the lease lives.
+    pub fn lease_data<'a>(&'a self, lease: &'a Lease) -> &'a [u8] {
+        // SAFETY: the lease pins the slot (no writer until it is released, which needs the
+        // lease the borrow is tied to); the range is the block's, inside the arena.
+        unsafe { self.arena.slice(lease.offset, lease.len as usize) }
+    }
+
+    /// Keys of the committed blocks, least recently used first.
+    pub fn keys(&self) -> Vec<BlockKey> {
+        self.state.lock().entries.iter().rev().map(|(k, _)| *k).collect()
+    }
+
     /// Like [`Self::acquire`] but without counting a hit (used right after a promotion, whose
     /// read was already counted by the lower tier).
     pub(crate) fn acquire_quiet(&self, key: &BlockKey) -> Option<Lease> {

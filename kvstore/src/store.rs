@@ -422,6 +422,41 @@ impl TieredStore {
         }
     }
 
+    /// Writes every host block the disk tier lacks to disk, oldest first, so that an agent
+    /// restarted after a clean stop finds them there (the arena itself does not outlive the
+    /// process). Returns how many blocks were written; 0 without a disk tier.
+    pub fn persist_host(&self) -> usize {
+        const BATCH: usize = 64;
+        let Some(disk) = &self.disk else {
+            return 0;
+        };
+        let keys = self.host.keys();
+        let present = disk.contains_many(&keys);
+        let missing: Vec<BlockKey> = keys
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(k, _)| k)
+            .collect();
+        let mut written = 0;
+        for chunk in missing.chunks(BATCH) {
+            let leases: Vec<Lease> = chunk.iter().filter_map(|k| self.host.acquire_quiet(k)).collect();
+            let batch: Vec<(BlockKey, &[u8])> = leases
+                .iter()
+                .map(|l| (*l.key(), self.host.lease_data(l)))
+                .collect();
+            written += disk
+                .put_batch(&batch)
+                .iter()
+                .filter(|o| **o == PutOutcome::Stored)
+                .count();
+            for l in leases {
+                self.host.release(l);
+            }
+        }
+        written
+    }
+
     /// Persists the disk tier's metadata (also done on drop).
     pub fn flush(&self) -> Result<()> {
         self.disk.as_ref().map_or(Ok(()), DiskTier::flush)

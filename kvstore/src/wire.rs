@@ -668,7 +668,10 @@ impl<'a> Reader<'a> {
     fn count(&mut self) -> Result<u32, WireError> {
         let n = self.u32()?;
         if n > MAX_BATCH {
-            return Err(invalid("count", format!("{n} exceeds the batch limit of {MAX_BATCH}")));
+            return Err(invalid(
+                "count",
+                format!("{n} exceeds the batch limit of {MAX_BATCH}"),
+            ));
         }
         Ok(n)
     }
@@ -812,8 +815,14 @@ mod tests {
 
     #[test]
     fn length_prefix_limits() {
-        assert_eq!(body_len((MAX_FRAME + 1).to_le_bytes()), Err(WireError::Oversized(MAX_FRAME + 1)));
-        assert!(matches!(body_len(3u32.to_le_bytes()), Err(WireError::Truncated { .. })));
+        assert_eq!(
+            body_len((MAX_FRAME + 1).to_le_bytes()),
+            Err(WireError::Oversized(MAX_FRAME + 1))
+        );
+        assert!(matches!(
+            body_len(3u32.to_le_bytes()),
+            Err(WireError::Truncated { .. })
+        ));
         assert_eq!(body_len(12u32.to_le_bytes()), Ok(12));
     }
 
@@ -841,7 +850,10 @@ mod tests {
         b[at..at + 4].copy_from_slice(&MAX_BATCH.to_le_bytes());
         assert!(matches!(Request::decode(&b), Err(WireError::Truncated { .. })));
         b[at..at + 4].copy_from_slice(&(MAX_BATCH + 1).to_le_bytes());
-        assert!(matches!(Request::decode(&b), Err(WireError::Invalid { field: "count", .. })));
+        assert!(matches!(
+            Request::decode(&b),
+            Err(WireError::Invalid { field: "count", .. })
+        ));
     }
 
     #[test]
@@ -854,7 +866,10 @@ mod tests {
         .encode(1, 0, &mut out);
         let mut b = body(&out).to_vec();
         b[HEADER_LEN] = b'X';
-        assert!(matches!(Request::decode(&b), Err(WireError::Invalid { field: "magic", .. })));
+        assert!(matches!(
+            Request::decode(&b),
+            Err(WireError::Invalid { field: "magic", .. })
+        ));
         b[0] = 0x42;
         assert_eq!(Request::decode(&b), Err(WireError::UnknownKind(0x42)));
     }

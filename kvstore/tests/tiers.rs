@@ -400,3 +400,50 @@ fn a_corrupt_block_read_through_the_store_is_dropped_after_one_miss() {
     );
     assert_eq!(check(&s, 1), Some(TierLevel::Disk), "its neighbours are intact");
 }
+
+#[test]
+fn persisting_the_host_tier_writes_only_what_disk_lacks() {
+    let dir = scratch();
+    {
+        let s = store(dir.path(), IoEngineChoice::Auto);
+        for i in 0..10 {
+            assert_eq!(s.put(&key(i), &payload(i, BLOCK)), kvstore::PutOutcome::Stored);
+        }
+        assert_eq!(s.stats().disk.unwrap().blocks, 0, "nothing evicted yet");
+        assert_eq!(s.persist_host(), 10);
+        assert_eq!(s.persist_host(), 0, "already on disk");
+        assert_eq!(s.stats().host.blocks, 10, "the host keeps its copies");
+    }
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..10 {
+        assert_eq!(check(&s, i), Some(TierLevel::Disk), "block {i} after reopen");
+    }
+}
+
+#[test]
+fn mixed_sizes_persist_and_promote() {
+    let dir = scratch();
+    let lens = [16 << 10, 32 << 10, (48 << 10) + 5];
+    {
+        let s = store(dir.path(), IoEngineChoice::Auto);
+        for i in 0..9u64 {
+            assert_eq!(
+                s.put(&key(i), &payload(i, lens[i as usize % 3])),
+                kvstore::PutOutcome::Stored
+            );
+        }
+        assert_eq!(s.persist_host(), 9);
+    }
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..9u64 {
+        let len = lens[i as usize % 3];
+        let mut buf = vec![0u8; len];
+        let hit = s.get(&key(i), &mut buf).expect("get");
+        assert_eq!(
+            hit.map(|h| h.tier),
+            Some(TierLevel::Disk),
+            "block {i} of {len} bytes"
+        );
+        assert!(buf == payload(i, len));
+    }
+}

@@ -75,10 +75,22 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let _ = accept.join();
     let timeout = Duration::from_millis(u64::from(cfg.shutdown_timeout_ms));
     if !shared.wait_drained(timeout) {
-        tracing::warn!(?timeout, "connections still open after the shutdown timeout; exiting anyway");
+        tracing::warn!(
+            ?timeout,
+            "connections still open after the shutdown timeout; exiting anyway"
+        );
     }
     if let Err(e) = std::fs::remove_file(&cfg.socket) {
         tracing::debug!(error = %e, "removing the socket");
+    }
+    if cfg.disk.persist_on_shutdown && store.disk().is_some() {
+        let started = Instant::now();
+        let blocks = store.persist_host();
+        tracing::info!(
+            blocks,
+            ms = started.elapsed().as_millis() as u64,
+            "host blocks written to disk"
+        );
     }
     store.flush().context("persisting the disk tier's metadata")?;
     drop(runtime);

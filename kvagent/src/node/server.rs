@@ -88,7 +88,8 @@ impl Shared {
 /// the mode (and group) engines need to connect.
 pub(crate) fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating socket directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -96,9 +97,13 @@ pub(crate) fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<U
                 bail!("another kvagent is already listening on {}", path.display());
             }
             tracing::info!(socket = %path.display(), "removing stale socket of a previous agent");
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
@@ -133,8 +138,17 @@ pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: Pat
             if conns.len() >= shared.max_clients as usize {
                 drop(conns);
                 shared.metrics.error("hello", "too_many_clients");
-                tracing::warn!(max = shared.max_clients, "refusing a connection: too many clients");
-                let _ = refuse(&stream, ErrorCode::Internal, "too many clients connected to this agent");
+                tracing::warn!(
+                    max = shared.max_clients,
+                    "refusing a connection: too many clients"
+                );
+                let _ = reply_error(
+                    &stream,
+                    &mut Vec::new(),
+                    0,
+                    ErrorCode::Internal,
+                    "too many clients connected to this agent",
+                );
                 continue;
             }
             match stream.try_clone() {
@@ -172,16 +186,6 @@ pub(crate) fn wake_accept(path: &Path) {
     let _ = UnixStream::connect(path);
 }
 
-fn refuse(stream: &UnixStream, code: ErrorCode, message: &str) -> io::Result<()> {
-    let mut out = Vec::new();
-    Response::Error {
-        code,
-        message: message.into(),
-    }
-    .encode(0, &mut out);
-    (&*stream).write_all(&out)
-}
-
 /// Serves one connection until it closes, fails or the agent drains. The session it creates
 /// gives back everything the connection held when this returns.
 fn serve(stream: UnixStream, shared: &Shared, id: u64) {
@@ -216,7 +220,13 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
             Err(e) => {
                 tracing::warn!(error = %e, "malformed frame; closing the connection");
                 shared.metrics.error("frame", "malformed");
-                let _ = reply_error(&stream, &mut out, wire::peek_id(&body), ErrorCode::Malformed, &e.to_string());
+                let _ = reply_error(
+                    &stream,
+                    &mut out,
+                    wire::peek_id(&body),
+                    ErrorCode::Malformed,
+                    &e.to_string(),
+                );
                 break;
             }
         };
@@ -232,12 +242,19 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
         }
         out.clear();
         resp.encode(header.id, &mut out);
+        // Recorded before answering, so that a client that scrapes after its call sees it.
+        shared.metrics.observe(verb, blocks, received.elapsed());
         if let Err(e) = (&stream).write_all(&out) {
             tracing::debug!(error = %e, "cannot answer; closing");
             break;
         }
-        shared.metrics.observe(verb, blocks, received.elapsed());
-        if matches!(resp, Response::Error { code: ErrorCode::Unexpected, .. }) {
+        if matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::Unexpected,
+                ..
+            }
+        ) {
             break;
         }
     }
@@ -256,18 +273,43 @@ fn error_reason(code: ErrorCode) -> &'static str {
     }
 }
 
-fn reply_error(stream: &UnixStream, out: &mut Vec<u8>, id: u32, code: ErrorCode, msg: &str) -> io::Result<()> {
+/// Answers with an error before the connection is closed. Unread input is discarded first
+/// (bounded): closing a Unix socket with unread data resets it, and the client would see the
+/// reset instead of the error that explains it.
+fn reply_error(
+    stream: &UnixStream,
+    out: &mut Vec<u8>,
+    id: u32,
+    code: ErrorCode,
+    msg: &str,
+) -> io::Result<()> {
     out.clear();
     Response::Error {
         code,
         message: msg.into(),
     }
     .encode(id, out);
-    (&*stream).write_all(out)
+    (&*stream).write_all(out)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_nonblocking(true)?;
+    let mut sink = [0u8; 16 << 10];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match io::Read::read(&mut &*stream, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+    Ok(())
 }
 
 /// Reads the hello, checks its version and answers with the welcome and the arena fd.
-fn handshake(stream: &UnixStream, shared: &Shared, body: &mut Vec<u8>, out: &mut Vec<u8>) -> anyhow::Result<()> {
+fn handshake(
+    stream: &UnixStream,
+    shared: &Shared,
+    body: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let read = wire::read_frame(&mut &*stream, body);
     stream.set_read_timeout(None)?;
@@ -282,7 +324,8 @@ fn handshake(stream: &UnixStream, shared: &Shared, body: &mut Vec<u8>, out: &mut
         Ok((h, Request::Hello { version, client })) if version == PROTOCOL_VERSION => (h, client),
         Ok((h, Request::Hello { version, .. })) => {
             shared.metrics.error("hello", "version");
-            let msg = format!("protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}");
+            let msg =
+                format!("protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}");
             let _ = reply_error(stream, out, h.id, ErrorCode::UnsupportedVersion, &msg);
             bail!(msg);
         }
@@ -294,7 +337,13 @@ fn handshake(stream: &UnixStream, shared: &Shared, body: &mut Vec<u8>, out: &mut
         }
         Err(e) => {
             shared.metrics.error("hello", "malformed");
-            let _ = reply_error(stream, out, wire::peek_id(body), ErrorCode::Malformed, &e.to_string());
+            let _ = reply_error(
+                stream,
+                out,
+                wire::peek_id(body),
+                ErrorCode::Malformed,
+                &e.to_string(),
+            );
             return Err(e.into());
         }
     };
@@ -323,7 +372,12 @@ fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: std::os::fd::BorrowedFd<'
         return Err(io::Error::other("control buffer too small for one fd"));
     }
     let sent = loop {
-        match sendmsg(stream.as_fd(), &[IoSlice::new(frame)], &mut control, SendFlags::NOSIGNAL) {
+        match sendmsg(
+            stream.as_fd(),
+            &[IoSlice::new(frame)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
             Ok(n) => break n,
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
@@ -334,7 +388,12 @@ fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: std::os::fd::BorrowedFd<'
 
 /// Runs one call and returns its answer and the number of blocks it named.
 fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Instant) -> (Response, usize) {
-    if shared.draining.load(Ordering::SeqCst) && !matches!(req, Request::Commit(..) | Request::Abort(..) | Request::Release(..)) {
+    if shared.draining.load(Ordering::SeqCst)
+        && !matches!(
+            req,
+            Request::Commit(..) | Request::Abort(..) | Request::Release(..)
+        )
+    {
         // Calls that give slots back still run while draining; new work is refused.
         return (
             Response::Error {

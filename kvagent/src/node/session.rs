@@ -114,7 +114,11 @@ impl Drop for Session {
     fn drop(&mut self) {
         let (reserved, leased) = self.held();
         if reserved + leased > 0 {
-            tracing::debug!(reserved, leased, "connection ended holding slots; giving them back");
+            tracing::debug!(
+                reserved,
+                leased,
+                "connection ended holding slots; giving them back"
+            );
         }
         for (_, r) in self.reservations.drain() {
             self.store.abort(r);
