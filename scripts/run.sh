@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job, for now: build kvtier and run the tier benchmark (host arena vs memcpy, disk tier
-# vs fio) with built-in defaults. Pass kvbench arguments to override, e.g. `scripts/run.sh tiers`.
+# The main job: builds kvtier and runs the node agent, `kvagent node`, with its built-in
+# defaults (no config file needed): socket /run/kvtier/agent.sock, a 4 GiB shared host arena,
+# no disk tier, metrics and health on :9470. Arguments go to `kvagent node`, e.g.
+#   scripts/run.sh --disk-dir /var/lib/kvtier/disk --disk-size 100GiB
+#   scripts/run.sh --print-config
+# Stop it with Ctrl-C (SIGINT) or SIGTERM: it drains, persists and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install fio
-cargo build --release --locked -p kvtier-benches
-if [ $# -eq 0 ]; then set -- tiers --quick; fi
-exec target/release/kvbench "$@"
+cargo build --release --locked -p kvagent
+exec target/release/kvagent node "$@"

@@ -4,6 +4,7 @@
 
 mod disk;
 mod host;
+mod local;
 mod report;
 
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Host arena put/get vs memcpy, and disk tier write/read vs fio.
     Tiers(TiersArgs),
+    /// An engine's calls to a real `kvagent node`: lookup latency, save/load bandwidth vs memcpy.
+    Local(local::LocalArgs),
 }
 
 /// Options of `kvbench tiers`.
@@ -64,6 +67,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Tiers(args) => tiers(&args),
+        Command::Local(args) => local::run(&args),
     }
 }
 

@@ -40,6 +40,9 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Names this client in the agent's logs.
     pub name: String,
+    /// How long to poll for an answer before sleeping on the socket (see
+    /// [`wire::PollingReader`]); zero never polls.
+    pub spin: Duration,
 }
 
 impl ClientConfig {
@@ -49,6 +52,7 @@ impl ClientConfig {
             socket: socket.into(),
             timeout: Duration::from_secs(1),
             name: format!("pid-{}", std::process::id()),
+            spin: Duration::from_micros(100),
         }
     }
 }
@@ -208,6 +212,7 @@ struct Conn {
     arena: Arc<MappedArena>,
     welcome: Welcome,
     buf: Vec<u8>,
+    reader: wire::FrameReader,
     next_id: u32,
 }
 
@@ -314,6 +319,7 @@ impl Client {
             }),
             welcome,
             buf,
+            reader: wire::FrameReader::default(),
             next_id: 1,
         })
     }
@@ -349,9 +355,12 @@ impl Client {
         let result = (&conn.stream)
             .write_all(&conn.buf)
             .map_err(ReadError::from)
-            .and_then(|()| wire::read_frame(&mut &conn.stream, &mut conn.buf));
+            .and_then(|()| {
+                let mut src = wire::PollingReader::new(&conn.stream, self.cfg.spin);
+                conn.reader.read_frame(&mut src)
+            });
         let result = match result {
-            Ok(()) => match Response::decode(&conn.buf) {
+            Ok(body) => match Response::decode(body) {
                 Ok((h, resp)) if h.id == id => Ok(resp),
                 Ok((h, _)) => Err(ClientError::Protocol(format!(
                     "answer to request {} instead of {id}",

@@ -28,6 +28,12 @@ pub struct HostTierConfig {
     pub slab_size: u64,
     /// Huge page policy.
     pub huge_pages: HugePages,
+    /// Allocate every page of the arena at creation (`fallocate`), instead of as blocks are
+    /// written. Shared-memory pages are charged to the memory cgroup of the process that first
+    /// touches them: preallocating charges the whole arena to the agent (whose limit is sized
+    /// for it) rather than to the engine that happens to write a block first, and fails at
+    /// start, not later, when the memory is not there.
+    pub preallocate: bool,
     /// Name of the memfd (visible in `/proc/<pid>/fd`).
     pub name: String,
 }
@@ -39,6 +45,7 @@ impl HostTierConfig {
             capacity,
             slab_size: 0,
             huge_pages: HugePages::Auto,
+            preallocate: false,
             name: "kvtier-arena".into(),
         }
     }
@@ -178,6 +185,9 @@ impl HostTier {
             reason: "too many slabs".into(),
         })?;
         let arena = HostArena::create(&cfg.name, slabs as u64 * slab_size, cfg.huge_pages)?;
+        if cfg.preallocate {
+            arena.preallocate()?;
+        }
         let mut alloc = SlabAllocator::new(SizeClasses::Geometric, slab_size, slabs);
         while alloc.add_slab().is_some() {}
         Ok(Self {

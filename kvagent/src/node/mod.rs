@@ -27,9 +27,14 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         instance_id(),
         Duration::from_millis(u64::from(cfg.default_deadline_ms)),
         cfg.max_clients,
+        Duration::from_micros(u64::from(cfg.poll_us)),
     );
     let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // One worker thread of its own, so the HTTP endpoints keep answering (readiness 503,
+    // metrics) while the main thread drains.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kvagent-http")
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;

@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) instance: u64,
     pub(crate) default_deadline: Duration,
     pub(crate) max_clients: u32,
+    /// How long a connection thread polls for the next call before sleeping.
+    pub(crate) poll: Duration,
     pub(crate) draining: AtomicBool,
     next_conn: AtomicU64,
     /// Open connections (a clone of each stream, to shut its read side down on drain).
@@ -48,6 +50,7 @@ impl Shared {
         instance: u64,
         default_deadline: Duration,
         max_clients: u32,
+        poll: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -55,6 +58,7 @@ impl Shared {
             instance,
             default_deadline,
             max_clients,
+            poll,
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
@@ -198,9 +202,10 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
         return;
     }
     let mut session = Session::new(Arc::clone(&shared.store));
+    let mut reader = wire::FrameReader::default();
     loop {
-        match wire::read_frame(&mut &stream, &mut body) {
-            Ok(()) => {}
+        let body = match reader.read_frame(&mut wire::PollingReader::new(&stream, shared.poll)) {
+            Ok(body) => body,
             Err(ReadError::Closed) => break,
             Err(ReadError::Io(e)) => {
                 tracing::debug!(error = %e, "connection failed");
@@ -213,9 +218,9 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
                 let _ = reply_error(&stream, &mut out, 0, ErrorCode::Malformed, &e.to_string());
                 break;
             }
-        }
+        };
         let received = Instant::now();
-        let (header, req) = match Request::decode(&body) {
+        let (header, req) = match Request::decode(body) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "malformed frame; closing the connection");
@@ -223,7 +228,7 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
                 let _ = reply_error(
                     &stream,
                     &mut out,
-                    wire::peek_id(&body),
+                    wire::peek_id(body),
                     ErrorCode::Malformed,
                     &e.to_string(),
                 );

@@ -40,6 +40,7 @@ pub fn host(capacity: u64, slab: u64) -> HostTierConfig {
         capacity,
         slab_size: slab,
         huge_pages: HugePages::Off,
+        preallocate: false,
         name: "kvtier-test".into(),
     }
 }
