@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (idempotently), then format check, clippy with
-# warnings as errors, a kvbench smoke run, kvstore's tests under AddressSanitizer, doc tests, and
-# every test (unit, integration, multi-process) under nextest, whose summary closes the output.
+# warnings as errors, docs, kvbench smoke runs, the deployment manifests against the Kubernetes
+# schemas, kvstore's tests under AddressSanitizer, doc tests, and every test (unit, integration,
+# multi-process, the real kvagent binary, the C program over libkvtier, the header drift check)
+# under nextest, whose summary closes the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install fio util-linux
+apt_install fio util-linux gcc
 ensure_rust_components
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
@@ -21,8 +23,12 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc (warnings are errors: broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
-echo "== kvbench smoke run"
-cargo run --release --locked -p kvtier-benches --bin kvbench -- tiers --quick --reps 1 --dir target/kvbench
+echo "== kvbench smoke runs"
+cargo build --release --locked -p kvtier-benches -p kvagent
+target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
+target/release/kvbench local --quick --reps 1
+echo "== deployment manifests (kubernetes-validate) and dashboard"
+scripts/validate-deploy.sh
 echo "== AddressSanitizer (+LeakSanitizer) over kvstore's tests: the arena, I/O buffers and io_uring are unsafe code"
 if cargo +nightly --version >/dev/null 2>&1; then
   RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \

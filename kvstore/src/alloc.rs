@@ -55,27 +55,34 @@ pub fn slot_size_floor(len: u64) -> u64 {
     len / step * step
 }
 
+/// How far from the least-recently-used end a same-size victim is preferred to reclaiming the
+/// oldest slab. Beyond it, the oldest blocks are of other sizes, and skipping them for a younger
+/// same-size block would both break LRU order (they would never leave) and make every
+/// reservation walk past them.
+pub const SAME_SIZE_WINDOW: usize = 32;
+
 /// Chooses blocks to evict so that a slot of `size` bytes can be allocated.
 ///
-/// `lru` lists `(key, slot, evictable)` oldest first. The first evictable block whose slot has
-/// exactly `size` bytes is enough: its slot serves the new block. Without one, freeing slots of
-/// other sizes helps only once a whole slab is empty, so the whole slab of the oldest evictable
-/// block is chosen — the first slab, oldest first, in which every block is evictable and
-/// `busy(slab)` (slots reserved or in flight) is false. Empty when nothing can go.
+/// `lru` lists `(key, slot, evictable)` oldest first. An evictable block among the
+/// [`SAME_SIZE_WINDOW`] oldest whose slot has exactly `size` bytes is enough: its slot serves the
+/// new block. Otherwise freeing slots of other sizes helps only once a whole slab is empty, so
+/// the whole slab of the oldest evictable block is chosen — the first slab, oldest first, in
+/// which every block is evictable and `busy(slab)` (slots reserved or in flight) is false. When
+/// no slab can go, any evictable same-size block will do. Empty when nothing can go.
 pub fn victims_for<K: Copy>(
     lru: impl Iterator<Item = (K, Slot, bool)>,
     size: u64,
     busy: impl Fn(u32) -> bool,
 ) -> Vec<K> {
     let mut seen = Vec::new();
-    for (k, slot, evictable) in lru {
-        if evictable && slot.size == size {
+    for (n, (k, slot, evictable)) in lru.enumerate() {
+        if evictable && slot.size == size && n < SAME_SIZE_WINDOW {
             return vec![k];
         }
-        seen.push((k, slot.slab, evictable));
+        seen.push((k, slot.slab, evictable, slot.size == size));
     }
     let mut tried = std::collections::HashSet::new();
-    for &(_, slab, evictable) in &seen {
+    for &(_, slab, evictable, _) in &seen {
         if !evictable || !tried.insert(slab) || busy(slab) {
             continue;
         }
@@ -84,7 +91,10 @@ pub fn victims_for<K: Copy>(
             return members.map(|m| m.0).collect();
         }
     }
-    Vec::new()
+    seen.iter()
+        .find(|m| m.2 && m.3)
+        .map(|m| vec![m.0])
+        .unwrap_or_default()
 }
 
 /// How block lengths map to slot sizes.
@@ -422,6 +432,26 @@ mod tests {
         // No 64 KiB slot anywhere: slab 0 holds a pinned block, so all of slab 1 goes.
         assert_eq!(victims_for(lru(), 65536, |_| false), vec![2, 4]);
         assert!(victims_for(lru(), 65536, |slab| slab == 1).is_empty());
+    }
+
+    #[test]
+    fn old_blocks_of_another_size_go_before_a_young_same_size_one() {
+        let s = |slab, index, size| Slot { slab, index, size };
+        // Many old 4 KiB blocks in slab 0, then one 8 KiB block in slab 1.
+        let n = SAME_SIZE_WINDOW as u32 + 8;
+        let lru = || {
+            (0..n)
+                .map(move |i| (i, s(0, i, 4096), true))
+                .chain(std::iter::once((n, s(1, 0, 8192), true)))
+        };
+        let v = victims_for(lru(), 8192, |_| false);
+        assert_eq!(
+            v,
+            (0..n).collect::<Vec<_>>(),
+            "the oldest slab goes, not the young block"
+        );
+        // If that slab cannot go, the young same-size block still can.
+        assert_eq!(victims_for(lru(), 8192, |slab| slab == 0), vec![n]);
     }
 
     #[test]

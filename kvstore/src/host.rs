@@ -231,18 +231,43 @@ impl HostTier {
     }
 
     fn reserve_inner(&self, key: BlockKey, len: u64, drop_lru: bool) -> Reserve {
+        self.reserve_many(&[(key, len)], drop_lru)
+            .pop()
+            .expect("one answer per item")
+    }
+
+    /// [`Self::reserve`] (or, with `drop_lru`, [`Self::reserve_dropping`]) for many blocks under
+    /// one acquisition of the index lock.
+    pub fn reserve_many(&self, items: &[(BlockKey, u64)], drop_lru: bool) -> Vec<Reserve> {
+        let mut dropped = 0;
+        let mut st = self.state.lock();
+        let out = items
+            .iter()
+            .map(|&(key, len)| self.reserve_locked(&mut st, key, len, drop_lru, &mut dropped))
+            .collect();
+        drop(st);
+        TierCounters::add(&self.counters.evictions, dropped);
+        out
+    }
+
+    fn reserve_locked(
+        &self,
+        st: &mut HostState,
+        key: BlockKey,
+        len: u64,
+        drop_lru: bool,
+        dropped: &mut u64,
+    ) -> Reserve {
         let size = slot_size_for(len);
         if size > self.slab_size {
             return Reserve::TooLarge;
         }
-        let mut st = self.state.lock();
         if st.entries.contains(&key) {
             return Reserve::Exists;
         }
         if st.reserved.contains_key(&key) {
             return Reserve::Busy;
         }
-        let mut dropped = 0;
         let slot = loop {
             if let Some(slot) = st.alloc.alloc(len) {
                 break Some(slot);
@@ -254,16 +279,14 @@ impl HostTier {
             for v in victims {
                 if let Some(e) = st.entries.pop(&v) {
                     st.alloc.free(e.slot);
-                    dropped += 1;
+                    *dropped += 1;
                 }
             }
         };
-        st.reserved.extend(slot.map(|s| (key, s)));
-        drop(st);
-        TierCounters::add(&self.counters.evictions, dropped);
         let Some(slot) = slot else {
             return Reserve::Full;
         };
+        st.reserved.insert(key, slot);
         Reserve::Slot(Reservation {
             key,
             offset: self.offset(&slot),
@@ -295,6 +318,19 @@ impl HostTier {
     pub(crate) fn commit_promoted(&self, r: Reservation) {
         self.insert(r);
         TierCounters::add(&self.counters.promotions, 1);
+    }
+
+    /// [`Self::commit`] for many reservations under one acquisition of the index lock.
+    pub fn commit_many(&self, rs: Vec<Reservation>) {
+        let (n, bytes) = (rs.len() as u64, rs.iter().map(|r| r.len).sum());
+        let mut st = self.state.lock();
+        for r in rs {
+            st.reserved.remove(&r.key);
+            st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
+        }
+        drop(st);
+        TierCounters::add(&self.counters.stores, n);
+        TierCounters::add(&self.counters.bytes_written, bytes);
     }
 
     fn insert(&self, r: Reservation) {

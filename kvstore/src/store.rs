@@ -94,11 +94,12 @@ impl TieredStore {
         let reserved = self.reserve_batch(&wanted);
         let mut out = Vec::with_capacity(items.len());
         let mut to_disk = Vec::new();
+        let mut written = Vec::new();
         for (i, r) in reserved.into_iter().enumerate() {
             match r {
                 Ok(res) => {
                     self.host.write(&res, items[i].1);
-                    self.host.commit(res);
+                    written.push(res);
                     out.push(PutOutcome::Stored);
                 }
                 Err(PutOutcome::NotStored(reason)) if self.disk.is_some() => {
@@ -113,6 +114,7 @@ impl TieredStore {
                 }
             }
         }
+        self.host.commit_many(written);
         if let (Some(disk), false) = (&self.disk, to_disk.is_empty()) {
             let batch: Vec<_> = to_disk.iter().map(|&i| items[i]).collect();
             for (&i, o) in to_disk.iter().zip(disk.put_batch(&batch)) {
@@ -134,14 +136,11 @@ impl TieredStore {
         let mut pending: Vec<usize> = (0..items.len()).collect();
         for _ in 0..EVICTION_ROUNDS {
             let mut full = Vec::new();
-            for &i in &pending {
-                let (key, len) = items[i];
-                let reserved = if self.disk.is_some() {
-                    self.host.reserve(key, len)
-                } else {
-                    // Nothing to demote to: evicting is just dropping, done under one lock.
-                    self.host.reserve_dropping(key, len)
-                };
+            let wanted: Vec<(BlockKey, u64)> = pending.iter().map(|&i| items[i]).collect();
+            // Without a disk tier there is nothing to demote to: evicting is just dropping,
+            // done under the same lock.
+            let reserved = self.host.reserve_many(&wanted, self.disk.is_none());
+            for (&i, reserved) in pending.iter().zip(reserved) {
                 out[i] = match reserved {
                     Reserve::Slot(r) => Ok(r),
                     Reserve::Exists | Reserve::Busy => Err(PutOutcome::AlreadyStored),
@@ -288,6 +287,11 @@ impl TieredStore {
     /// Makes a written reservation visible in the host tier.
     pub fn commit(&self, r: Reservation) {
         self.host.commit(r);
+    }
+
+    /// [`Self::commit`] for many reservations at once.
+    pub fn commit_many(&self, rs: Vec<Reservation>) {
+        self.host.commit_many(rs);
     }
 
     /// Gives back a reservation that was not written.

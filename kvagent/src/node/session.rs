@@ -51,20 +51,24 @@ impl Session {
     }
 
     pub(crate) fn commit(&mut self, ns: Namespace, hashes: &[BlockHash], abort: bool) -> Vec<bool> {
-        hashes
+        let mut held = Vec::with_capacity(hashes.len());
+        let found = hashes
             .iter()
-            .map(|h| match self.reservations.remove(&BlockKey::new(ns, *h)) {
-                Some(r) if abort => {
-                    self.store.abort(r);
-                    true
-                }
-                Some(r) => {
-                    self.store.commit(r);
-                    true
-                }
-                None => false,
+            .map(|h| {
+                let r = self.reservations.remove(&BlockKey::new(ns, *h));
+                let found = r.is_some();
+                held.extend(r);
+                found
             })
-            .collect()
+            .collect();
+        if abort {
+            for r in held {
+                self.store.abort(r);
+            }
+        } else {
+            self.store.commit_many(held);
+        }
+        found
     }
 
     pub(crate) fn acquire(&mut self, ns: Namespace, hashes: &[BlockHash]) -> Vec<AcquireStatus> {
