@@ -270,7 +270,17 @@ fn save_vs_memcpy(client: &Client, ns: &Namespace, size: u64, pairs: usize, tag:
         base.push(memcpy_slots(client, ns, &hs, &mut src, true)?);
     }
     let (o, b, r) = report::paired(&ours, &base);
-    Ok(Row::new("local", "save", size, "1 client".into(), o, "memcpy into the same slots", b, r, "reserve + copy + commit"))
+    Ok(Row::new(
+        "local",
+        "save",
+        size,
+        "1 client".into(),
+        o,
+        "memcpy into the same slots",
+        b,
+        r,
+        "reserve + copy + commit",
+    ))
 }
 
 /// Load bandwidth through the client (acquire + copy + release) vs memcpy out of the same
@@ -312,7 +322,17 @@ fn load_vs_memcpy(client: &Client, ns: &Namespace, size: u64, pairs: usize, tag:
         bail!("loaded bytes differ from saved bytes");
     }
     let (o, b, r) = report::paired(&ours, &base);
-    Ok(Row::new("local", "load", size, "1 client".into(), o, "memcpy out of the same slots", b, r, "acquire + copy + release"))
+    Ok(Row::new(
+        "local",
+        "load",
+        size,
+        "1 client".into(),
+        o,
+        "memcpy out of the same slots",
+        b,
+        r,
+        "acquire + copy + release",
+    ))
 }
 
 #[derive(Serialize)]

@@ -379,10 +379,10 @@ pub unsafe extern "C" fn kvtier_connect(
             return Err(invalid("out is NULL"));
         }
         // SAFETY: NULL or NUL-terminated (caller's contract).
-        let path = unsafe { opt_str(socket, "socket")? }
-            .or_else(|| std::env::var("KVTIER_SOCKET").ok())
-            .unwrap_or_else(|| kvstore::client::DEFAULT_SOCKET.into());
-        let mut cfg = ClientConfig::new(path);
+        let mut cfg = match unsafe { opt_str(socket, "socket")? } {
+            Some(path) => ClientConfig::new(path),
+            None => ClientConfig::from_env(),
+        };
         if timeout_ms != 0 {
             cfg.timeout = Duration::from_millis(u64::from(timeout_ms));
         }

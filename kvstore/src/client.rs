@@ -45,7 +45,16 @@ pub struct ClientConfig {
     pub spin: Duration,
 }
 
+/// The environment variable naming the agent's socket, read by [`ClientConfig::from_env`] (and
+/// by the C ABI and the Python bindings when no path is given).
+pub const SOCKET_ENV: &str = "KVTIER_SOCKET";
+
 impl ClientConfig {
+    /// Settings for the socket named by `KVTIER_SOCKET`, else [`DEFAULT_SOCKET`].
+    pub fn from_env() -> Self {
+        Self::new(std::env::var_os(SOCKET_ENV).map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from))
+    }
+
     /// Settings for `socket` with a 1 s timeout.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
