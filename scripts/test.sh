@@ -29,10 +29,10 @@ target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/release/kvbench local --quick --reps 1
 echo "== deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh
-echo "== AddressSanitizer (+LeakSanitizer) over kvstore's tests: the arena, I/O buffers and io_uring are unsafe code"
+echo "== AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests: the arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code"
 if cargo +nightly --version >/dev/null 2>&1; then
   RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
-    cargo +nightly test --locked -p kvstore --target "$(rustc -vV | sed -n 's/^host: //p')" --lib --tests
+    cargo +nightly test --locked -p kvstore -p kvagent --target "$(rustc -vV | sed -n 's/^host: //p')" --lib --tests
 else
   echo "SKIPPED AddressSanitizer run: no nightly toolchain on this machine (rustup toolchain install nightly)"
 fi

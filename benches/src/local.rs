@@ -216,10 +216,11 @@ fn memcpy_slots(
     let bytes: u64 = held.iter().map(|a| a.len()).sum();
     let t = Instant::now();
     for (a, b) in held.iter().zip(blocks.iter_mut()) {
+        assert_eq!(a.len(), b.len() as u64, "slot and block lengths differ");
         if into_arena {
             // SAFETY: the benchmark is the arena's only user: nobody reads these pinned slots
             // while it overwrites them with bytes of the same length.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), a.ptr(), b.len()) };
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), a.ptr().cast_mut(), b.len()) };
         } else {
             // SAFETY: the slot is pinned (no writer) and holds `b.len()` bytes.
             unsafe { std::ptr::copy_nonoverlapping(a.ptr(), b.as_mut_ptr(), b.len()) };

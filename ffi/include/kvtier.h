@@ -115,8 +115,8 @@ extern "C" {
 // The ABI version of this library ([`KVTIER_ABI_VERSION`]); compare it with the header's.
 uint32_t kvtier_abi_version(void);
 
-// The calling thread's last error message (empty if none). Valid until the thread's next
-// call into the library; never NULL.
+// The message of the calling thread's latest call: empty after a success, the reason after a
+// failure. Valid until the thread's next call into the library; never NULL.
 const char *kvtier_last_error(void);
 
 // Computes a namespace digest from its fields.
@@ -232,23 +232,37 @@ enum kvtier_status kvtier_slots_info(const struct kvtier_slots *slots,
                                      size_t *len,
                                      uint8_t *code);
 
-// Publishes written reserved slots; frees `slots` whatever the outcome.
+// Publishes written reserved slots and frees `slots` (also when the call fails). `committed`
+// (NULL, or [`kvtier_slots_count`] bytes) receives 1 for each block now stored, 0 for blocks
+// that got no slot or whose reservation the agent no longer held. When the slots' connection
+// has ended (a timeout, an agent restart) the call fails with KVTIER_ERR_STALE.
 //
 // # Safety
-// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards.
-enum kvtier_status kvtier_commit(const struct kvtier_client *client, struct kvtier_slots *slots);
+// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards;
+// `committed` NULL or writable for the count.
+enum kvtier_status kvtier_commit(const struct kvtier_client *client,
+                                 struct kvtier_slots *slots,
+                                 uint8_t *committed);
 
 // Gives reserved slots back unwritten; frees `slots`.
 //
 // # Safety
-// As [`kvtier_commit`].
+// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards.
 enum kvtier_status kvtier_abort(const struct kvtier_client *client, struct kvtier_slots *slots);
 
-// Unpins acquired slots; frees `slots`.
+// Unpins acquired slots; frees `slots`. Reserved slots are refused and left to the caller.
 //
 // # Safety
 // `client` live; `slots` a live handle from [`kvtier_acquire`], not used afterwards.
 enum kvtier_status kvtier_release(const struct kvtier_client *client, struct kvtier_slots *slots);
+
+// Frees slots without a call to the agent: reserved slots are aborted and acquired ones
+// released on the client's next call (or when its connection closes). NULL is ignored. For
+// error paths, and for slots whose client was closed.
+//
+// # Safety
+// `slots` is NULL or a live handle, not used afterwards.
+void kvtier_slots_free(struct kvtier_slots *slots);
 
 // Writes the agent's counters as a NUL-terminated JSON document into `buf` (`cap` bytes).
 // `*needed` (if not NULL) receives the size including the NUL; when `cap` is too small the

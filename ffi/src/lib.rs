@@ -174,8 +174,15 @@ fn invalid(msg: impl Into<String>) -> Failure {
     Failure(KVTIER_ERR_INVALID_ARGUMENT, msg.into())
 }
 
-/// Runs `f`, turning failures and panics into a status and the thread's last error.
+/// Runs `f`, turning failures and panics into a status and the thread's last error (cleared
+/// first, so it always describes the latest call).
 fn guard(f: impl FnOnce() -> Result<(), Failure>) -> kvtier_status {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        if !e.as_bytes().is_empty() {
+            *e = CString::default();
+        }
+    });
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => KVTIER_OK,
         Ok(Err(Failure(status, msg))) => {
@@ -292,8 +299,8 @@ pub extern "C" fn kvtier_abi_version() -> u32 {
     KVTIER_ABI_VERSION
 }
 
-/// The calling thread's last error message (empty if none). Valid until the thread's next
-/// call into the library; never NULL.
+/// The message of the calling thread's latest call: empty after a success, the reason after a
+/// failure. Valid until the thread's next call into the library; never NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvtier_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
@@ -642,7 +649,7 @@ pub unsafe extern "C" fn kvtier_slots_ptr(slots: *const kvtier_slots, i: usize) 
     // SAFETY: a live handle (caller's contract).
     let ptr = match unsafe { &(*slots).kind } {
         SlotsKind::Reserved(v) => v.get(i).and_then(|r| r.as_ref().ok()).map(Reserved::ptr),
-        SlotsKind::Acquired(v) => v.get(i).and_then(Option::as_ref).map(Acquired::ptr),
+        SlotsKind::Acquired(v) => v.get(i).and_then(Option::as_ref).map(|a| a.ptr().cast_mut()),
     };
     ptr.map_or(std::ptr::null_mut(), |p| p.cast())
 }
@@ -687,51 +694,85 @@ pub unsafe extern "C" fn kvtier_slots_info(
     })
 }
 
-/// Takes back ownership of a slots handle.
+/// Takes back ownership of a slots handle of the expected kind; a handle of the other kind is
+/// left untouched (still the caller's) and reported.
 ///
 /// # Safety
 /// `slots` is NULL or a live handle not consumed before.
-unsafe fn take_slots(slots: *mut kvtier_slots) -> Result<kvtier_slots, Failure> {
+unsafe fn take_slots(slots: *mut kvtier_slots, reserved: bool) -> Result<kvtier_slots, Failure> {
     if slots.is_null() {
         return Err(invalid("slots is NULL"));
     }
-    // SAFETY: a handle we boxed, consumed once (caller's contract).
-    Ok(*unsafe { Box::from_raw(slots) })
+    // SAFETY: a live handle (caller's contract), only read here.
+    let is_reserved = matches!(unsafe { &(*slots).kind }, SlotsKind::Reserved(_));
+    match (reserved, is_reserved) {
+        (true, false) => Err(invalid("these slots were acquired, not reserved: release them")),
+        (false, true) => Err(invalid(
+            "these slots were reserved, not acquired: commit or abort them",
+        )),
+        // SAFETY: a handle we boxed, consumed once (caller's contract).
+        _ => Ok(*unsafe { Box::from_raw(slots) }),
+    }
 }
 
-fn finish_reserved(client: &Client, slots: kvtier_slots, commit: bool) -> Result<(), Failure> {
+fn finish_reserved(
+    client: &Client,
+    slots: kvtier_slots,
+    commit: bool,
+    flags: Option<&mut [u8]>,
+) -> Result<(), Failure> {
     let SlotsKind::Reserved(v) = slots.kind else {
-        return Err(invalid("these slots were acquired, not reserved: release them"));
+        return Err(invalid("these slots were acquired, not reserved"));
     };
+    let granted_at: Vec<usize> = (0..v.len()).filter(|&i| v[i].is_ok()).collect();
     let granted: Vec<Reserved> = v.into_iter().filter_map(Result::ok).collect();
-    if commit {
-        client.commit(&slots.ns, granted)?;
+    let done = if commit {
+        client.commit(&slots.ns, granted)?
     } else {
-        client.abort(&slots.ns, granted)?;
+        client.abort(&slots.ns, granted)?
+    };
+    if let Some(flags) = flags {
+        flags.fill(0);
+        for (i, ok) in granted_at.into_iter().zip(done) {
+            flags[i] = u8::from(ok);
+        }
     }
     Ok(())
 }
 
-/// Publishes written reserved slots; frees `slots` whatever the outcome.
+/// Publishes written reserved slots and frees `slots` (also when the call fails). `committed`
+/// (NULL, or [`kvtier_slots_count`] bytes) receives 1 for each block now stored, 0 for blocks
+/// that got no slot or whose reservation the agent no longer held. When the slots' connection
+/// has ended (a timeout, an agent restart) the call fails with KVTIER_ERR_STALE.
 ///
 /// # Safety
-/// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards.
+/// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards;
+/// `committed` NULL or writable for the count.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvtier_commit(
     client: *const kvtier_client,
     slots: *mut kvtier_slots,
+    committed: *mut u8,
 ) -> kvtier_status {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (slots, client) = unsafe { (take_slots(slots)?, client_ref(client)?) };
-        finish_reserved(client, slots, true)
+        let n = unsafe { kvtier_slots_count(slots) };
+        // SAFETY: the caller's contract.
+        let (slots, client) = unsafe { (take_slots(slots, true)?, client_ref(client)?) };
+        let flags = if committed.is_null() {
+            None
+        } else {
+            // SAFETY: writable for the count (caller's contract).
+            Some(unsafe { slice_mut(committed, n, "committed")? })
+        };
+        finish_reserved(client, slots, true, flags)
     })
 }
 
 /// Gives reserved slots back unwritten; frees `slots`.
 ///
 /// # Safety
-/// As [`kvtier_commit`].
+/// `client` live; `slots` a live handle from [`kvtier_reserve`], not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvtier_abort(
     client: *const kvtier_client,
@@ -739,12 +780,12 @@ pub unsafe extern "C" fn kvtier_abort(
 ) -> kvtier_status {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (slots, client) = unsafe { (take_slots(slots)?, client_ref(client)?) };
-        finish_reserved(client, slots, false)
+        let (slots, client) = unsafe { (take_slots(slots, true)?, client_ref(client)?) };
+        finish_reserved(client, slots, false, None)
     })
 }
 
-/// Unpins acquired slots; frees `slots`.
+/// Unpins acquired slots; frees `slots`. Reserved slots are refused and left to the caller.
 ///
 /// # Safety
 /// `client` live; `slots` a live handle from [`kvtier_acquire`], not used afterwards.
@@ -755,15 +796,27 @@ pub unsafe extern "C" fn kvtier_release(
 ) -> kvtier_status {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (slots, client) = unsafe { (take_slots(slots)?, client_ref(client)?) };
+        let (slots, client) = unsafe { (take_slots(slots, false)?, client_ref(client)?) };
         let SlotsKind::Acquired(v) = slots.kind else {
-            return Err(invalid(
-                "these slots were reserved, not acquired: commit or abort them",
-            ));
+            return Err(invalid("these slots were reserved, not acquired"));
         };
         client.release(&slots.ns, v.into_iter().flatten().collect())?;
         Ok(())
     })
+}
+
+/// Frees slots without a call to the agent: reserved slots are aborted and acquired ones
+/// released on the client's next call (or when its connection closes). NULL is ignored. For
+/// error paths, and for slots whose client was closed.
+///
+/// # Safety
+/// `slots` is NULL or a live handle, not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_slots_free(slots: *mut kvtier_slots) {
+    if !slots.is_null() {
+        // SAFETY: a handle we boxed, freed once (caller's contract).
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(slots) })));
+    }
 }
 
 /// Writes the agent's counters as a NUL-terminated JSON document into `buf` (`cap` bytes).

@@ -25,7 +25,9 @@ pub const ENV_PREFIX: &str = "KVTIER_";
 pub struct NodeConfig {
     /// Path of the local socket engines connect to.
     pub socket: PathBuf,
-    /// Permission bits of the socket, in octal (`"0660"`: owner and group).
+    /// Permission bits of the socket, in octal (`"0660"`: owner and group). Also accepted as
+    /// a number whose digits are read as octal (`660`), as environment variables arrive.
+    #[serde(deserialize_with = "octal_digits")]
     pub socket_mode: String,
     /// Group id given to the socket, so engine pods running as another user can connect.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,7 +61,9 @@ pub struct HostSection {
     pub size: ByteSize,
     /// Slab size; the largest block is one slab. `0` picks size / 8 clamped to 4–64 MiB.
     pub slab_size: ByteSize,
-    /// `auto` (use reserved huge pages when there are enough), `off`, or `require`.
+    /// `off` (default), `auto` (use reserved huge pages when there are enough) or `require`.
+    /// Off by default: hugetlb pages are charged to the process that faults them, and a
+    /// Kubernetes pod without a `hugepages-2Mi` limit that faults one is killed with SIGBUS.
     pub huge_pages: HugePagesSetting,
     /// Allocate the whole arena at start, charged to the agent's memory cgroup, instead of page
     /// by page as engines write (charged to whichever process touches a page first).
@@ -126,6 +130,21 @@ pub enum EngineSetting {
     Psync,
 }
 
+/// Reads `socket_mode` from a string or from a number whose decimal digits are the octal mode
+/// (figment parses `KVTIER_SOCKET_MODE=0660` as the integer 660).
+fn octal_digits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Text(String),
+        Digits(u32),
+    }
+    Ok(match Mode::deserialize(d)? {
+        Mode::Text(s) => s,
+        Mode::Digits(n) => format!("0{n}"),
+    })
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
@@ -150,7 +169,7 @@ impl Default for HostSection {
         Self {
             size: ByteSize::gib(4),
             slab_size: ByteSize::b(0),
-            huge_pages: HugePagesSetting::Auto,
+            huge_pages: HugePagesSetting::Off,
             preallocate: false,
         }
     }
@@ -419,6 +438,15 @@ mod tests {
             assert_eq!(cfg.host.size, ByteSize::gib(3));
             assert!(cfg.disk.enabled);
             assert_eq!(cfg.disk.dir, PathBuf::from("/tmp/d"));
+        });
+    }
+
+    #[test]
+    fn socket_mode_from_the_environment_is_octal() {
+        jailed(|jail| {
+            jail.set_env("KVTIER_SOCKET_MODE", "0600");
+            let cfg = load(None, &NodeFlags::default()).unwrap();
+            assert_eq!(cfg.socket_mode_bits().unwrap(), 0o600);
         });
     }
 

@@ -422,3 +422,151 @@ fn bad_configuration_is_refused_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("disk.queue_depth"), "{err}");
 }
+
+#[test]
+fn a_dropped_handle_is_given_back_on_the_next_call() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let (a, b) = (agent.client(), agent.client());
+    let slot = a
+        .reserve(&ns("m"), &[(hash(60, 0), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    drop(slot);
+    // Until `a` calls again, the agent still holds the reservation for it.
+    let busy = b.reserve(&ns("m"), &[(hash(60, 0), 4096)]).unwrap();
+    assert!(matches!(busy[0], Err(SaveOutcome::Exists)));
+    a.lookup(&ns("m"), &[hash(60, 0)]).unwrap();
+    let free = b
+        .reserve(&ns("m"), &[(hash(60, 0), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    b.abort(&ns("m"), vec![free.expect("given back by a's next call")])
+        .unwrap();
+}
+
+#[test]
+fn handles_of_an_ended_connection_are_stale_and_never_touch_the_arena() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let client = agent.client();
+    save_range(&client, 61, 0..1);
+    let mut slot = client
+        .reserve(&ns("m"), &[(hash(61, 1), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let held = client
+        .acquire(&ns("m"), &[hash(61, 0)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let first = client.agent_instance();
+    client.disconnect();
+    // The agent gave both slots back with the connection; the handles know it.
+    assert!(!slot.is_live() && !held.is_live());
+    assert!(matches!(
+        client.write(&mut slot, &[0; 4096]),
+        Err(ClientError::StaleHandle)
+    ));
+    let mut buf = vec![0; held.len() as usize];
+    assert!(matches!(
+        client.read(&held, &mut buf),
+        Err(ClientError::StaleHandle)
+    ));
+    // Reconnected to the same agent, the old handles still belong to the old connection.
+    assert_eq!(client.lookup(&ns("m"), &[hash(61, 0)]).unwrap().len(), 1);
+    assert_eq!(client.agent_instance(), first);
+    assert!(matches!(
+        client.commit(&ns("m"), vec![slot]),
+        Err(ClientError::StaleHandle)
+    ));
+    client.release(&ns("m"), vec![held]).unwrap();
+    // Nothing of the old connection is held any more: another client can reserve the key.
+    let other = agent.client();
+    let again = other
+        .reserve(&ns("m"), &[(hash(61, 1), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    other
+        .abort(&ns("m"), vec![again.expect("the stale reservation is gone")])
+        .unwrap();
+}
+
+#[test]
+fn the_drain_lets_a_pending_save_commit_and_reports_not_ready() {
+    let dir = socket_dir();
+    let mut agent = Agent::start(&dir.path().join("a.sock"), &["--log-level", "debug"]);
+    let writer = agent.client();
+    let idle = agent.client();
+    let data = payload(62, 0);
+    let mut slot = writer
+        .reserve(&ns("m"), &[(hash(62, 0), data.len() as u64)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    agent.signal(libc::SIGTERM);
+    // Not ready while draining; the HTTP server keeps answering.
+    let until = Instant::now() + AGENT_WAIT;
+    while agent.http_get("/readyz").0 != 503 {
+        assert!(Instant::now() < until, "readyz never turned 503");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // New work is refused; the pending save completes.
+    let err = idle.lookup(&ns("m"), &[hash(62, 0)]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                code: ErrorCode::ShuttingDown,
+                ..
+            } | ClientError::Unavailable { .. }
+        ),
+        "{err}"
+    );
+    writer.write(&mut slot, &data).unwrap();
+    assert_eq!(writer.commit(&ns("m"), vec![slot]).unwrap(), vec![true]);
+    assert!(agent.wait().success(), "exits 0 once the save is committed");
+}
+
+#[test]
+fn connections_beyond_max_clients_are_refused_with_a_reason() {
+    let dir = socket_dir();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "max_clients = 2\n").unwrap();
+    let agent = Agent::start(&dir.path().join("a.sock"), &["--config", cfg.to_str().unwrap()]);
+    let (_a, _b) = (agent.client(), agent.client());
+    let err = Client::connect(config(&agent.socket)).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { message, .. } if message.contains("too many clients")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_oversized_batch_is_refused_by_the_client_without_losing_the_connection() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let client = agent.client();
+    let held = client.acquire(&ns("m"), &[]).unwrap();
+    assert!(held.is_empty());
+    let too_many: Vec<_> = (0..=u64::from(wire::MAX_BATCH)).map(|i| hash(63, i)).collect();
+    let err = client.lookup(&ns("m"), &too_many).unwrap_err();
+    assert!(
+        matches!(err, ClientError::BatchTooLarge(n) if n == too_many.len()),
+        "{err}"
+    );
+    assert_eq!(
+        agent.stats()["clients"],
+        2,
+        "the client's connection is still open"
+    );
+    assert_eq!(client.lookup(&ns("m"), &too_many[..10]).unwrap(), vec![]);
+}

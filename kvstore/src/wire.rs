@@ -540,10 +540,13 @@ pub struct FrameReader {
     end: usize,
 }
 
+/// The read buffer a [`FrameReader`] starts with (and shrinks back to).
+const DEFAULT_READ_BUF: usize = 64 << 10;
+
 impl Default for FrameReader {
     fn default() -> Self {
         Self {
-            buf: vec![0; 64 << 10],
+            buf: vec![0; DEFAULT_READ_BUF],
             start: 0,
             end: 0,
         }
@@ -553,6 +556,7 @@ impl Default for FrameReader {
 impl FrameReader {
     /// Returns the body of the next frame from `r`, valid until the next call.
     pub fn read_frame(&mut self, r: &mut impl std::io::Read) -> Result<&[u8], ReadError> {
+        self.shrink();
         loop {
             let have = self.end - self.start;
             let need = if have >= LEN_PREFIX {
@@ -589,6 +593,15 @@ impl FrameReader {
                 self.start = 0;
                 self.end = 0;
             }
+        }
+    }
+
+    /// Gives back memory a large frame made the buffer grow to, once it is consumed.
+    fn shrink(&mut self) {
+        if self.start == self.end && self.buf.len() > DEFAULT_READ_BUF {
+            self.buf = vec![0; DEFAULT_READ_BUF];
+            self.start = 0;
+            self.end = 0;
         }
     }
 
@@ -1014,12 +1027,28 @@ mod tests {
             r.read_frame(&mut cut).unwrap();
         }
         assert!(matches!(r.read_frame(&mut cut), Err(ReadError::Io(_))));
+        // Frames larger than the buffer, arriving in pieces that straddle frame boundaries:
+        // the buffer grows, keeps the next frame's first bytes, and shrinks back afterwards.
         let mut big = Vec::new();
-        Request::Lookup(ns(), hashes(10_000)).encode(1, 0, &mut big);
+        for n in [10_000, 3, 20_000] {
+            Request::Lookup(ns(), hashes(n)).encode(n as u32, 0, &mut big);
+        }
+        Request::Stats.encode(4, 0, &mut big);
         let mut r = FrameReader::default();
+        let mut src = Trickle(&big, 50_000);
+        for n in [10_000u64, 3, 20_000] {
+            let body = r.read_frame(&mut src).unwrap();
+            assert_eq!(Request::decode(body).unwrap().1, Request::Lookup(ns(), hashes(n)));
+        }
         assert_eq!(
-            r.read_frame(&mut big.as_slice()).unwrap().len(),
-            big.len() - LEN_PREFIX
+            Request::decode(r.read_frame(&mut src).unwrap()).unwrap().1,
+            Request::Stats
+        );
+        assert!(matches!(r.read_frame(&mut src), Err(ReadError::Closed)));
+        assert_eq!(
+            r.buf.len(),
+            DEFAULT_READ_BUF,
+            "shrunk back once the large frames were read"
         );
     }
 

@@ -124,20 +124,33 @@ int main(int argc, char **argv) {
   CHECK(p != NULL, "slot pointer");
   if (p) fill(p, zlen, 500);
   CHECK(kvtier_release(c, slots) == KVTIER_ERR_INVALID_ARGUMENT, "reserved slots cannot be released");
-  /* That call consumed the handle; reserve again (the key is still reserved: exists). */
+  CHECK(kvtier_slots_count(slots) == 1, "a refused release leaves the handle to the caller");
+  /* While it is held, the key is busy for everyone else. */
+  kvtier_slots *again = NULL;
+  CHECK(kvtier_reserve(c, &ns, &zh, &zlen, 1, &again) == KVTIER_OK, "reserve again");
+  CHECK(kvtier_slots_info(again, 0, NULL, &code) == KVTIER_OK && code == KVTIER_SAVE_EXISTS, "busy: %u", code);
+  CHECK(kvtier_abort(c, again) == KVTIER_OK, "abort empty");
+  /* Freeing the handle without a call gives the reservation back on the next call. */
+  kvtier_slots_free(slots);
+  CHECK(kvtier_lookup(c, &ns, &zh, 1, &matched, NULL) == KVTIER_OK && matched == 0, "not stored");
+  CHECK(kvtier_last_error()[0] == '\0', "a success clears the last error");
+  again = NULL;
+  CHECK(kvtier_reserve(c, &ns, &zh, &zlen, 1, &again) == KVTIER_OK, "reserve after free");
+  CHECK(kvtier_slots_ptr(again, 0) != NULL, "the freed reservation was given back");
+  CHECK(kvtier_abort(c, again) == KVTIER_OK, "abort");
+  /* Closing the connection gives everything back too; reserve, then close while holding it. */
   slots = NULL;
-  CHECK(kvtier_reserve(c, &ns, &zh, &zlen, 1, &slots) == KVTIER_OK, "reserve again");
-  CHECK(kvtier_slots_info(slots, 0, NULL, &code) == KVTIER_OK && code == KVTIER_SAVE_EXISTS, "busy: %u", code);
-  CHECK(kvtier_abort(c, slots) == KVTIER_OK, "abort empty");
-  /* Closing the connection gives the first reservation back; a new client can reserve it. */
+  CHECK(kvtier_reserve(c, &ns, &zh, &zlen, 1, &slots) == KVTIER_OK, "reserve before close");
   kvtier_close(c);
+  kvtier_slots_free(slots); /* after its client: no call is made */
   CHECK(kvtier_connect(argv[1], 2000, 1, &c) == KVTIER_OK, "lazy connect");
   slots = NULL;
   CHECK(kvtier_reserve(c, &ns, &zh, &zlen, 1, &slots) == KVTIER_OK, "reserve after close");
   p = kvtier_slots_ptr(slots, 0);
   CHECK(p != NULL, "reservation released with its connection");
   if (p) fill(p, zlen, 500);
-  CHECK(kvtier_commit(c, slots) == KVTIER_OK, "commit");
+  unsigned char committed = 0;
+  CHECK(kvtier_commit(c, slots, &committed) == KVTIER_OK && committed == 1, "commit");
 
   slots = NULL;
   CHECK(kvtier_acquire(c, &ns, &zh, 1, &slots) == KVTIER_OK, "acquire");

@@ -19,6 +19,15 @@ use crate::metrics::Metrics;
 /// Runs the node agent until SIGTERM or SIGINT.
 pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // One worker thread of its own, so the HTTP endpoints keep answering (readiness 503,
+    // metrics) while the main thread drains.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kvagent-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let mut signals = StopSignals::install(&runtime)?;
     let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
     let shared = server::Shared::new(
@@ -30,14 +39,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Duration::from_micros(u64::from(cfg.poll_us)),
     );
     let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
-    // One worker thread of its own, so the HTTP endpoints keep answering (readiness 503,
-    // metrics) while the main thread drains.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("kvagent-http")
-        .enable_all()
-        .build()
-        .context("starting the HTTP runtime")?;
+    let socket_id = file_id(&cfg.socket);
     let http = if cfg.http_addr.is_empty() {
         None
     } else {
@@ -70,13 +72,12 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         if let Some((listener, _)) = http {
             tokio::spawn(http::serve(listener, registry, Arc::clone(&shared)));
         }
-        wait_for_signal().await
-    })?;
+        signals.wait().await;
+    });
 
     let drain_started = Instant::now();
     tracing::info!("shutting down: draining in-flight calls");
     shared.start_drain();
-    server::wake_accept(&cfg.socket);
     let _ = accept.join();
     let timeout = Duration::from_millis(u64::from(cfg.shutdown_timeout_ms));
     if !shared.wait_drained(timeout) {
@@ -85,8 +86,11 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             "connections still open after the shutdown timeout; exiting anyway"
         );
     }
-    if let Err(e) = std::fs::remove_file(&cfg.socket) {
-        tracing::debug!(error = %e, "removing the socket");
+    // Only our own socket: a new agent may already have replaced it.
+    if socket_id.is_some() && socket_id == file_id(&cfg.socket) {
+        if let Err(e) = std::fs::remove_file(&cfg.socket) {
+            tracing::debug!(error = %e, "removing the socket");
+        }
     }
     if cfg.disk.persist_on_shutdown && store.disk().is_some() {
         let started = Instant::now();
@@ -106,15 +110,35 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment they are installed (before the agent says it is
+/// ready, so a stop request during start-up is not the default "terminate now").
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = runtime.enter();
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+}
+
+/// Device and inode of a file, to recognise it later.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// A number that differs between agent starts, so clients notice a restart.

@@ -12,12 +12,15 @@ use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use kvstore::BlockHash;
 use kvstore::TieredStore;
-use kvstore::wire::{self, ErrorCode, PROTOCOL_VERSION, ReadError, Request, Response, Welcome};
+use kvstore::wire::{
+    self, AcquireStatus, ErrorCode, PROTOCOL_VERSION, ReadError, Request, Response, Welcome,
+};
 use parking_lot::{Condvar, Mutex};
 
 use super::session::Session;
@@ -25,6 +28,8 @@ use crate::metrics::Metrics;
 
 /// How long a new connection may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an answer may wait for a client that does not read it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by the accept loop, the connection threads and the shutdown path.
 #[derive(Debug)]
@@ -38,9 +43,29 @@ pub(crate) struct Shared {
     pub(crate) poll: Duration,
     pub(crate) draining: AtomicBool,
     next_conn: AtomicU64,
-    /// Open connections (a clone of each stream, to shut its read side down on drain).
-    conns: Mutex<HashMap<u64, UnixStream>>,
+    /// Open connections, to close idle ones on drain.
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     drained: Condvar,
+    /// A duplicate of the listening socket, shut down to wake the accept loop on drain.
+    listener: Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+/// What the drain needs to know about one connection.
+#[derive(Debug)]
+struct ConnState {
+    /// A clone of the connection's stream.
+    stream: UnixStream,
+    /// A call is being served (read, not yet answered).
+    busy: AtomicBool,
+    /// Reservations the connection holds: it is about to commit them.
+    reservations: AtomicUsize,
+}
+
+impl ConnState {
+    /// Whether the drain may close the connection now without losing a call or a save.
+    fn idle(&self) -> bool {
+        !self.busy.load(Ordering::SeqCst) && self.reservations.load(Ordering::SeqCst) == 0
+    }
 }
 
 impl Shared {
@@ -63,19 +88,39 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
+            listener: Mutex::new(None),
         })
     }
 
-    /// Stops reading new calls on every connection; calls being served finish and are answered.
+    /// Starts the drain: no new connections; idle connections are closed now; a connection
+    /// serving a call or holding reservations is closed once it has answered and committed (or
+    /// aborted) them — new work on it is refused with `ShuttingDown`, giving slots back is not.
     pub(crate) fn start_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        for s in self.conns.lock().values() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
+        if let Some(fd) = self.listener.lock().as_ref() {
+            // Wakes the accept loop (a shut-down listening socket fails `accept`).
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Read);
+        }
+        for c in self.conns.lock().values() {
+            if c.idle() {
+                let _ = c.stream.shutdown(std::net::Shutdown::Read);
+            }
         }
     }
 
-    /// Waits until every connection thread has finished, up to `timeout`; `false` on timeout.
+    /// Waits until every connection thread has finished, up to `timeout`; then closes whatever
+    /// is left and waits a little more. `false` if connections outlived both.
     pub(crate) fn wait_drained(&self, timeout: Duration) -> bool {
+        if self.wait_conns(timeout) {
+            return true;
+        }
+        for c in self.conns.lock().values() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.wait_conns(Duration::from_secs(1))
+    }
+
+    fn wait_conns(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut conns = self.conns.lock();
         while !conns.is_empty() {
@@ -123,6 +168,10 @@ pub(crate) fn bind(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<U
 
 /// Accepts connections until the agent drains, each served on its own thread.
 pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: PathBuf) {
+    match listener.try_clone() {
+        Ok(dup) => *shared.listener.lock() = Some(std::os::fd::OwnedFd::from(dup)),
+        Err(e) => tracing::warn!(error = %e, "cannot keep a handle to wake the accept loop"),
+    }
     for stream in listener.incoming() {
         if shared.draining.load(Ordering::SeqCst) {
             break;
@@ -137,7 +186,9 @@ pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: Pat
             }
         };
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        {
+        // A client that stops reading must not hold a connection thread forever.
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let state = {
             let mut conns = shared.conns.lock();
             if conns.len() >= shared.max_clients as usize {
                 drop(conns);
@@ -155,15 +206,23 @@ pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: Pat
                 );
                 continue;
             }
-            match stream.try_clone() {
-                Ok(c) => {
-                    conns.insert(id, c);
-                }
+            let state = match stream.try_clone() {
+                Ok(c) => Arc::new(ConnState {
+                    stream: c,
+                    busy: AtomicBool::new(false),
+                    reservations: AtomicUsize::new(0),
+                }),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot track a connection; closing it");
                     continue;
                 }
-            }
+            };
+            conns.insert(id, Arc::clone(&state));
+            state
+        };
+        if shared.draining.load(Ordering::SeqCst) {
+            // The drain began while this connection was being accepted: close it like the rest.
+            let _ = stream.shutdown(std::net::Shutdown::Read);
         }
         shared.metrics.connections.inc();
         shared.metrics.clients.inc();
@@ -171,7 +230,7 @@ pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: Pat
         let spawned = std::thread::Builder::new()
             .name(format!("kvagent-conn-{id}"))
             .spawn(move || {
-                serve(stream, &s, id);
+                serve(stream, &s, &state, id);
                 s.metrics.clients.dec();
                 s.conns.lock().remove(&id);
                 s.drained.notify_all();
@@ -185,14 +244,9 @@ pub(crate) fn accept_loop(listener: UnixListener, shared: Arc<Shared>, path: Pat
     tracing::debug!(socket = %path.display(), "accept loop stopped");
 }
 
-/// Wakes the accept loop so it sees the drain flag.
-pub(crate) fn wake_accept(path: &Path) {
-    let _ = UnixStream::connect(path);
-}
-
 /// Serves one connection until it closes, fails or the agent drains. The session it creates
 /// gives back everything the connection held when this returns.
-fn serve(stream: UnixStream, shared: &Shared, id: u64) {
+fn serve(stream: UnixStream, shared: &Shared, state: &ConnState, id: u64) {
     let span = tracing::debug_span!("conn", id);
     let _enter = span.enter();
     let mut body = Vec::with_capacity(4096);
@@ -220,6 +274,7 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
             }
         };
         let received = Instant::now();
+        state.busy.store(true, Ordering::SeqCst);
         let (header, req) = match Request::decode(body) {
             Ok(x) => x,
             Err(e) => {
@@ -249,8 +304,15 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
         resp.encode(header.id, &mut out);
         // Recorded before answering, so that a client that scrapes after its call sees it.
         shared.metrics.observe(verb, blocks, received.elapsed());
-        if let Err(e) = (&stream).write_all(&out) {
+        let written = send_all(&stream, &out);
+        state.reservations.store(session.held().0, Ordering::SeqCst);
+        state.busy.store(false, Ordering::SeqCst);
+        if let Err(e) = written {
             tracing::debug!(error = %e, "cannot answer; closing");
+            break;
+        }
+        if shared.draining.load(Ordering::SeqCst) && state.idle() {
+            // Drained: nothing in flight and nothing left to commit on this connection.
             break;
         }
         if matches!(
@@ -265,6 +327,20 @@ fn serve(stream: UnixStream, shared: &Shared, id: u64) {
     }
     let (reserved, leased) = session.held();
     tracing::debug!(reserved, leased, "connection closed");
+}
+
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a client that went away is that connection's
+/// error, never a SIGPIPE for the agent.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(stream, buf, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn error_reason(code: ErrorCode) -> &'static str {
@@ -294,7 +370,7 @@ fn reply_error(
         message: msg.into(),
     }
     .encode(id, out);
-    (&*stream).write_all(out)?;
+    send_all(stream, out)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     stream.set_nonblocking(true)?;
     let mut sink = [0u8; 16 << 10];
@@ -434,7 +510,13 @@ fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Inst
             if Instant::now() > deadline {
                 // The client has given up (a promotion took too long): don't leave it pins it
                 // will never release on this connection.
-                session.release(ns, &hashes);
+                let hits: Vec<BlockHash> = hashes
+                    .iter()
+                    .zip(&got)
+                    .filter(|(_, g)| matches!(g, AcquireStatus::Hit { .. }))
+                    .map(|(h, _)| *h)
+                    .collect();
+                session.release(ns, &hits);
                 return (
                     Response::Error {
                         code: ErrorCode::DeadlineExceeded,

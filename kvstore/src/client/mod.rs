@@ -11,9 +11,10 @@
 //! async caller runs it on a blocking thread (`tokio::task::spawn_blocking`), which the bounded
 //! deadline makes safe. Threads that want parallel calls open one client each.
 
-use std::io::{self, Write as _};
-use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+mod handle;
+mod socket;
+
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +22,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+pub use self::handle::{Acquired, Reserved};
+use self::handle::{Link, Slot};
 use crate::arena::HostArena;
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
 use crate::wire::{
-    self, AcquireStatus, ErrorCode, PROTOCOL_VERSION, ReadError, Request, ReserveStatus, Response, Welcome,
+    self, AcquireStatus, ErrorCode, MAX_BATCH, PROTOCOL_VERSION, ReadError, Request, ReserveStatus, Response,
+    Welcome,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -97,9 +101,13 @@ pub enum ClientError {
     /// The agent sent something this client does not understand (a version mismatch or a bug).
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// A handle from an earlier connection (the agent restarted since): its slot is gone.
-    #[error("handle belongs to an earlier agent connection")]
+    /// A handle from an earlier connection (which timed out, or the agent restarted since):
+    /// the agent gave its slot back when that connection ended.
+    #[error("handle belongs to an earlier connection to the agent; its slot is gone")]
     StaleHandle,
+    /// More blocks in one call than the protocol allows.
+    #[error("{0} blocks in one call; at most {MAX_BATCH}")]
+    BatchTooLarge(usize),
     /// A caller's buffer does not match the block.
     #[error("buffer of {buf} bytes does not match the block of {len} bytes")]
     BufferSize {
@@ -129,100 +137,22 @@ pub enum SaveOutcome {
     TooLarge,
 }
 
-/// A slot reserved for writing one block. Write it with [`Client::write`] (or directly through
-/// [`Reserved::ptr`]), then commit or abort it; dropping it leaves the slot reserved until the
-/// connection closes.
-#[derive(Debug)]
-pub struct Reserved {
-    hash: BlockHash,
-    offset: u64,
-    len: u64,
-    arena: Arc<MappedArena>,
-}
-
-/// A block pinned for reading. Read it with [`Client::read`] (or through [`Acquired::ptr`]),
-/// then release it.
-#[derive(Debug)]
-pub struct Acquired {
-    hash: BlockHash,
-    tier: TierLevel,
-    offset: u64,
-    len: u64,
-    arena: Arc<MappedArena>,
-}
-
-macro_rules! slot_accessors {
-    ($t:ty) => {
-        impl $t {
-            /// The block's hash.
-            pub fn hash(&self) -> &BlockHash {
-                &self.hash
-            }
-
-            /// Byte offset of the slot in the arena.
-            pub fn offset(&self) -> u64 {
-                self.offset
-            }
-
-            /// Length of the block in bytes.
-            pub fn len(&self) -> u64 {
-                self.len
-            }
-
-            /// Whether the block is empty (never: blocks hold at least one byte).
-            pub fn is_empty(&self) -> bool {
-                self.len == 0
-            }
-
-            /// Address of the slot in this process, for a DMA engine or a copy kernel. Valid
-            /// while this handle lives.
-            pub fn ptr(&self) -> *mut u8 {
-                // SAFETY: the offset and length came from the agent for this arena and are
-                // checked against its size when the handle is made (`MappedArena::check`), so
-                // the pointer stays inside the mapping, which the handle keeps alive.
-                unsafe { self.arena.map.as_ptr().add(self.offset as usize) }
-            }
-        }
-    };
-}
-slot_accessors!(Reserved);
-slot_accessors!(Acquired);
-
-impl Acquired {
-    /// The tier the block was found in.
-    pub fn tier(&self) -> TierLevel {
-        self.tier
-    }
-}
-
-/// The agent's arena as mapped here, tagged with the agent instance that owns it.
-#[derive(Debug)]
-struct MappedArena {
-    map: HostArena,
-    instance: u64,
-}
-
-impl MappedArena {
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_some_and(|end| end <= self.map.len()) {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol(format!(
-                "slot {offset}+{len} outside the arena of {} bytes",
-                self.map.len()
-            )))
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Conn {
     stream: UnixStream,
-    arena: Arc<MappedArena>,
+    link: Arc<Link>,
     welcome: Welcome,
     buf: Vec<u8>,
     reader: wire::FrameReader,
     next_id: u32,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Before the socket closes (and the agent takes the slots back): no copy through a
+        // handle of this connection runs after this.
+        self.link.end();
+    }
 }
 
 /// A connection to the node agent; see the module documentation.
@@ -239,6 +169,14 @@ fn retryable(req: &Request) -> bool {
         req,
         Request::Lookup(..) | Request::Reserve(..) | Request::Acquire(..) | Request::Stats
     )
+}
+
+fn check_batch(n: usize) -> Result<()> {
+    if n > MAX_BATCH as usize {
+        Err(ClientError::BatchTooLarge(n))
+    } else {
+        Ok(())
+    }
 }
 
 impl Client {
@@ -275,6 +213,17 @@ impl Client {
         Ok(self.ensure(&mut guard)?.welcome.max_block_len)
     }
 
+    /// The instance number of the agent connected now (it changes when the agent restarts).
+    pub fn agent_instance(&self) -> Option<u64> {
+        self.conn.lock().as_ref().map(|c| c.link.instance)
+    }
+
+    /// Closes the connection now (the agent gives back everything it held); the next call
+    /// connects again.
+    pub fn disconnect(&self) {
+        *self.conn.lock() = None;
+    }
+
     fn unavailable(&self, source: io::Error) -> ClientError {
         ClientError::Unavailable {
             socket: self.cfg.socket.clone(),
@@ -283,26 +232,24 @@ impl Client {
     }
 
     fn open(cfg: &ClientConfig) -> Result<Conn> {
-        let unavailable = |source| ClientError::Unavailable {
-            socket: cfg.socket.clone(),
-            source,
-        };
         let deadline = Instant::now() + cfg.timeout;
-        let stream = UnixStream::connect(&cfg.socket).map_err(unavailable)?;
-        stream.set_read_timeout(Some(cfg.timeout)).map_err(unavailable)?;
-        stream.set_write_timeout(Some(cfg.timeout)).map_err(unavailable)?;
+        let stream = socket::connect(&cfg.socket, cfg.timeout).map_err(|e| io_error(cfg, e, deadline))?;
         let mut buf = Vec::with_capacity(4096);
         Request::Hello {
             version: PROTOCOL_VERSION,
             client: cfg.name.clone(),
         }
         .encode(0, micros(cfg.timeout), &mut buf);
-        (&stream)
-            .write_all(&buf)
-            .map_err(|e| io_error(cfg, e, deadline))?;
-        let (fd, body) = recv_with_fd(&stream).map_err(|e| io_error(cfg, e, deadline))?;
+        socket::send_all(&stream, &buf).map_err(|e| io_error(cfg, e, deadline))?;
+        let (fd, body) = socket::recv_with_fd(&stream).map_err(|e| io_error(cfg, e, deadline))?;
         let welcome = match Response::decode(&body) {
-            Ok((_, Response::Welcome(w))) => w,
+            Ok((_, Response::Welcome(w))) if w.version == PROTOCOL_VERSION => w,
+            Ok((_, Response::Welcome(w))) => {
+                return Err(ClientError::Protocol(format!(
+                    "the agent answered with protocol version {}, this client speaks {PROTOCOL_VERSION}",
+                    w.version
+                )));
+            }
             Ok((_, Response::Error { code, message })) => {
                 return Err(ClientError::Refused {
                     verb: "hello",
@@ -318,14 +265,11 @@ impl Client {
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         };
         let fd = fd.ok_or_else(|| ClientError::Protocol("the welcome carried no arena fd".into()))?;
-        let map = HostArena::from_fd(fd, welcome.arena_len)?;
+        let arena = HostArena::from_fd(fd, welcome.arena_len)?;
         tracing::debug!(socket = %cfg.socket.display(), instance = welcome.instance, "connected to kvtier agent");
         Ok(Conn {
             stream,
-            arena: Arc::new(MappedArena {
-                map,
-                instance: welcome.instance,
-            }),
+            link: Arc::new(Link::new(arena, welcome.instance)),
             welcome,
             buf,
             reader: wire::FrameReader::default(),
@@ -340,47 +284,32 @@ impl Client {
         Ok(guard.as_mut().expect("connection just opened"))
     }
 
-    /// Sends `req` and returns the agent's answer, with the arena it refers to. A connection
-    /// that fails is dropped; a retryable verb that found its connection dead (the agent
-    /// restarted) is sent once more on a fresh one.
-    fn call(&self, req: &Request) -> Result<(Response, Arc<MappedArena>)> {
+    /// Sends `req` and returns the agent's answer, with the connection's link. A connection that
+    /// fails is dropped; a retryable verb that found its connection dead (the agent restarted)
+    /// is sent once more on a fresh one. With `on`, the call must go out on that connection
+    /// (its handles' slots live there) or fail with [`ClientError::StaleHandle`].
+    fn call(&self, req: &Request, on: Option<&Arc<Link>>) -> Result<(Response, Arc<Link>)> {
         let mut guard = self.conn.lock();
+        if let Some(link) = on {
+            let current = guard.as_ref().map(|c| &c.link);
+            if !current.is_some_and(|c| Arc::ptr_eq(c, link)) {
+                return Err(ClientError::StaleHandle);
+            }
+        }
         let had_conn = guard.is_some();
         match self.call_on(&mut guard, req) {
-            Err(ClientError::Unavailable { .. }) if had_conn && retryable(req) => {
+            Err(ClientError::Unavailable { .. }) if had_conn && on.is_none() && retryable(req) => {
                 self.call_on(&mut guard, req)
             }
             other => other,
         }
     }
 
-    fn call_on(&self, guard: &mut Option<Conn>, req: &Request) -> Result<(Response, Arc<MappedArena>)> {
+    fn call_on(&self, guard: &mut Option<Conn>, req: &Request) -> Result<(Response, Arc<Link>)> {
         let conn = self.ensure(guard)?;
-        let deadline = Instant::now() + self.cfg.timeout;
-        let id = conn.next_id;
-        conn.next_id = conn.next_id.wrapping_add(1);
-        conn.buf.clear();
-        req.encode(id, micros(self.cfg.timeout), &mut conn.buf);
-        let result = (&conn.stream)
-            .write_all(&conn.buf)
-            .map_err(ReadError::from)
-            .and_then(|()| {
-                let mut src = wire::PollingReader::new(&conn.stream, self.cfg.spin);
-                conn.reader.read_frame(&mut src)
-            });
-        let result = match result {
-            Ok(body) => match Response::decode(body) {
-                Ok((h, resp)) if h.id == id => Ok(resp),
-                Ok((h, _)) => Err(ClientError::Protocol(format!(
-                    "answer to request {} instead of {id}",
-                    h.id
-                ))),
-                Err(e) => Err(ClientError::Protocol(e.to_string())),
-            },
-            Err(ReadError::Closed) => Err(self.unavailable(io::ErrorKind::ConnectionReset.into())),
-            Err(ReadError::Io(e)) => Err(io_error(&self.cfg, e, deadline)),
-            Err(ReadError::Wire(e)) => Err(ClientError::Protocol(e.to_string())),
-        };
+        let result = self
+            .give_back_orphans(conn)
+            .and_then(|()| self.exchange(conn, req));
         match result {
             Ok(Response::Error { code, message }) => {
                 if code == ErrorCode::Malformed || code == ErrorCode::ShuttingDown {
@@ -392,7 +321,7 @@ impl Client {
                     message,
                 })
             }
-            Ok(resp) => Ok((resp, Arc::clone(&conn.arena))),
+            Ok(resp) => Ok((resp, Arc::clone(&conn.link))),
             Err(e) => {
                 // The stream is in an unknown state (half a frame may be in flight): start over.
                 *guard = None;
@@ -401,62 +330,141 @@ impl Client {
         }
     }
 
+    /// Aborts and releases the slots of handles dropped unsettled since the last call.
+    fn give_back_orphans(&self, conn: &mut Conn) -> Result<()> {
+        let orphans = conn.link.take_orphans();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let mut groups: Vec<(bool, Namespace, Vec<BlockHash>)> = Vec::new();
+        for o in orphans {
+            match groups
+                .iter_mut()
+                .find(|(r, ns, _)| *r == o.reserved && *ns == o.ns)
+            {
+                Some((_, _, hashes)) => hashes.push(o.hash),
+                None => groups.push((o.reserved, o.ns, vec![o.hash])),
+            }
+        }
+        for (reserved, ns, hashes) in groups {
+            for chunk in hashes.chunks(MAX_BATCH as usize) {
+                let req = if reserved {
+                    Request::Abort(ns, chunk.to_vec())
+                } else {
+                    Request::Release(ns, chunk.to_vec())
+                };
+                // The answers say which were still held; there is nothing more to do either way.
+                self.exchange(conn, &req)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One request and its answer on `conn`.
+    fn exchange(&self, conn: &mut Conn, req: &Request) -> Result<Response> {
+        let deadline = Instant::now() + self.cfg.timeout;
+        let id = conn.next_id;
+        conn.next_id = conn.next_id.wrapping_add(1);
+        conn.buf.clear();
+        req.encode(id, micros(self.cfg.timeout), &mut conn.buf);
+        let result = socket::send_all(&conn.stream, &conn.buf)
+            .map_err(ReadError::from)
+            .and_then(|()| {
+                let mut src = wire::PollingReader::new(&conn.stream, self.cfg.spin);
+                conn.reader.read_frame(&mut src)
+            });
+        match result {
+            Ok(body) => match Response::decode(body) {
+                Ok((h, resp)) if h.id == id => Ok(resp),
+                // An error about the frame itself may not know the request's id.
+                Ok((_, resp @ Response::Error { .. })) => Ok(resp),
+                Ok((h, _)) => Err(ClientError::Protocol(format!(
+                    "answer to request {} instead of {id}",
+                    h.id
+                ))),
+                Err(e) => Err(ClientError::Protocol(e.to_string())),
+            },
+            Err(ReadError::Closed) => Err(self.unavailable(io::ErrorKind::ConnectionReset.into())),
+            Err(ReadError::Io(e)) => Err(io_error(&self.cfg, e, deadline)),
+            Err(ReadError::Wire(e)) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+
     /// How many leading `hashes` the agent holds, and the tier of each.
     pub fn lookup(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<Vec<TierLevel>> {
-        match self.call(&Request::Lookup(*ns, hashes.to_vec()))?.0 {
+        check_batch(hashes.len())?;
+        match self.call(&Request::Lookup(*ns, hashes.to_vec()), None)?.0 {
             Response::Lookup(tiers) if tiers.len() <= hashes.len() => Ok(tiers),
             other => Err(unexpected("lookup", &other)),
         }
     }
 
-    /// Reserves slots for blocks of the given lengths. `Ok(None)` entries are blocks that need
-    /// no writing ([`SaveOutcome`] tells why).
+    /// Reserves slots for blocks of the given lengths. `Err` entries are blocks that get no
+    /// slot ([`SaveOutcome`] tells why).
     pub fn reserve(
         &self,
         ns: &Namespace,
         items: &[(BlockHash, u64)],
     ) -> Result<Vec<Result<Reserved, SaveOutcome>>> {
-        let (resp, arena) = self.call(&Request::Reserve(*ns, items.to_vec()))?;
+        check_batch(items.len())?;
+        let (resp, link) = self.call(&Request::Reserve(*ns, items.to_vec()), None)?;
         let Response::Reserve(statuses) = resp else {
             return Err(unexpected("reserve", &resp));
         };
         check_len("reserve", statuses.len(), items.len())?;
         let mut out = Vec::with_capacity(items.len());
+        let mut bad = None;
         for ((hash, len), status) in items.iter().zip(statuses) {
             out.push(match status {
                 ReserveStatus::Slot { offset } => {
-                    arena.check(offset, *len)?;
-                    Ok(Reserved {
+                    let slot = Reserved(Slot {
+                        ns: *ns,
                         hash: *hash,
                         offset,
                         len: *len,
-                        arena: Arc::clone(&arena),
-                    })
+                        link: Arc::clone(&link),
+                        settled: false,
+                    });
+                    if !link.contains(offset, *len) {
+                        bad.get_or_insert((offset, *len));
+                    }
+                    Ok(slot)
                 }
                 ReserveStatus::Exists => Err(SaveOutcome::Exists),
                 ReserveStatus::NoSpace => Err(SaveOutcome::NoSpace),
                 ReserveStatus::TooLarge => Err(SaveOutcome::TooLarge),
             });
         }
-        Ok(out)
+        // Dropping `out` hands every slot back (as orphans) before reporting the bad one.
+        match bad {
+            Some((offset, len)) => Err(outside(offset, len, &link)),
+            None => Ok(out),
+        }
     }
 
     /// Copies `data` into a reserved slot.
-    pub fn write(&self, slot: &Reserved, data: &[u8]) -> Result<()> {
-        if data.len() as u64 != slot.len {
+    pub fn write(&self, slot: &mut Reserved, data: &[u8]) -> Result<()> {
+        if data.len() as u64 != slot.0.len {
             return Err(ClientError::BufferSize {
                 buf: data.len(),
-                len: slot.len,
+                len: slot.0.len,
             });
         }
-        // SAFETY: the agent gave this slot to this connection alone until it is committed or
-        // aborted, which consumes the handle; the range was checked against the mapping.
-        unsafe { slot.arena.map.write_at(slot.offset, data) };
-        Ok(())
+        slot.0
+            .link
+            .with_live(|arena| {
+                // SAFETY: the agent gave this slot to this connection alone until it is
+                // committed or aborted (which consumes the handle, borrowed mutably here), and
+                // the connection stays open while the `alive` lock is held; the range was
+                // checked against the mapping.
+                unsafe { arena.write_at(slot.0.offset, data) }
+            })
+            .ok_or(ClientError::StaleHandle)
     }
 
     /// Publishes written slots. Returns, per slot, whether the agent still held it for this
-    /// connection (false after the agent restarted).
+    /// connection. Fails with [`ClientError::StaleHandle`] when the slots' connection has ended
+    /// (their reservations went with it).
     pub fn commit(&self, ns: &Namespace, slots: Vec<Reserved>) -> Result<Vec<bool>> {
         self.finish_slots(ns, slots, false)
     }
@@ -466,21 +474,33 @@ impl Client {
         self.finish_slots(ns, slots, true)
     }
 
-    fn finish_slots(&self, ns: &Namespace, slots: Vec<Reserved>, abort: bool) -> Result<Vec<bool>> {
+    fn finish_slots(&self, ns: &Namespace, mut slots: Vec<Reserved>, abort: bool) -> Result<Vec<bool>> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
-        let hashes: Vec<BlockHash> = slots.iter().map(|s| s.hash).collect();
+        check_batch(slots.len())?;
+        let link = Arc::clone(&slots[0].0.link);
+        if slots
+            .iter()
+            .any(|s| !Arc::ptr_eq(&s.0.link, &link) || s.0.ns != *ns)
+        {
+            return Err(ClientError::Protocol(
+                "slots of one commit must come from one connection and namespace".into(),
+            ));
+        }
+        let hashes: Vec<BlockHash> = slots.iter().map(|s| s.0.hash).collect();
         let req = if abort {
             Request::Abort(*ns, hashes)
         } else {
             Request::Commit(*ns, hashes)
         };
-        let (resp, arena) = self.call(&req)?;
-        if slots.iter().any(|s| s.arena.instance != arena.instance) {
-            return Err(ClientError::StaleHandle);
+        let result = self.call(&req, Some(&link));
+        // Sent, refused or stale: either way these handles have nothing left to give back here
+        // (a failed call ended the connection, and the agent then drops its reservations).
+        for s in &mut slots {
+            s.0.settled = true;
         }
-        match resp {
+        match result?.0 {
             Response::Commit(v) | Response::Abort(v) if v.len() == slots.len() => Ok(v),
             other => Err(unexpected(req.verb(), &other)),
         }
@@ -488,63 +508,88 @@ impl Client {
 
     /// Pins blocks for reading, promoting them from lower tiers first. `None` is a miss.
     pub fn acquire(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<Vec<Option<Acquired>>> {
-        let (resp, arena) = self.call(&Request::Acquire(*ns, hashes.to_vec()))?;
+        check_batch(hashes.len())?;
+        let (resp, link) = self.call(&Request::Acquire(*ns, hashes.to_vec()), None)?;
         let Response::Acquire(statuses) = resp else {
             return Err(unexpected("acquire", &resp));
         };
         check_len("acquire", statuses.len(), hashes.len())?;
         let mut out = Vec::with_capacity(hashes.len());
+        let mut bad = None;
         for (hash, status) in hashes.iter().zip(statuses) {
             out.push(match status {
                 AcquireStatus::Hit { tier, offset, len } => {
-                    arena.check(offset, len)?;
-                    Some(Acquired {
-                        hash: *hash,
+                    if !link.contains(offset, len) {
+                        bad.get_or_insert((offset, len));
+                    }
+                    Some(Acquired(
+                        Slot {
+                            ns: *ns,
+                            hash: *hash,
+                            offset,
+                            len,
+                            link: Arc::clone(&link),
+                            settled: false,
+                        },
                         tier,
-                        offset,
-                        len,
-                        arena: Arc::clone(&arena),
-                    })
+                    ))
                 }
                 AcquireStatus::Miss => None,
             });
         }
-        Ok(out)
+        match bad {
+            Some((offset, len)) => Err(outside(offset, len, &link)),
+            None => Ok(out),
+        }
     }
 
     /// Copies an acquired block into `dst`, which must be exactly its length.
     pub fn read(&self, block: &Acquired, dst: &mut [u8]) -> Result<()> {
-        if dst.len() as u64 != block.len {
+        if dst.len() as u64 != block.0.len {
             return Err(ClientError::BufferSize {
                 buf: dst.len(),
-                len: block.len,
+                len: block.0.len,
             });
         }
-        // SAFETY: the agent pins an acquired slot (no writer) until it is released, which
-        // consumes the handle; the range was checked against the mapping.
-        unsafe { block.arena.map.read_at(block.offset, dst) };
-        Ok(())
+        block
+            .0
+            .link
+            .with_live(|arena| {
+                // SAFETY: the agent pins an acquired slot (no writer) until it is released,
+                // which consumes the handle, and the connection (whose end would unpin it)
+                // stays open while the `alive` lock is held; the range was checked against
+                // the mapping.
+                unsafe { arena.read_at(block.0.offset, dst) }
+            })
+            .ok_or(ClientError::StaleHandle)
     }
 
-    /// Unpins acquired blocks. Handles from an earlier connection are dropped quietly: the
-    /// agent that pinned them is gone.
-    pub fn release(&self, ns: &Namespace, blocks: Vec<Acquired>) -> Result<()> {
-        let live = {
-            let guard = self.conn.lock();
-            guard.as_ref().map(|c| c.arena.instance)
-        };
-        let hashes: Vec<BlockHash> = blocks
-            .iter()
-            .filter(|b| Some(b.arena.instance) == live)
-            .map(|b| b.hash)
-            .collect();
-        if hashes.is_empty() {
+    /// Unpins acquired blocks. Handles whose connection has ended are dropped quietly: the
+    /// agent unpinned them when it ended.
+    pub fn release(&self, ns: &Namespace, mut blocks: Vec<Acquired>) -> Result<()> {
+        for b in &mut blocks {
+            b.0.settled = true;
+        }
+        let live: Vec<&Acquired> = blocks.iter().filter(|b| b.is_live()).collect();
+        let Some(first) = live.first() else {
             return Ok(());
+        };
+        let link = Arc::clone(&first.0.link);
+        let hashes: Vec<BlockHash> = live
+            .iter()
+            .filter(|b| Arc::ptr_eq(&b.0.link, &link) && b.0.ns == *ns)
+            .map(|b| b.0.hash)
+            .collect();
+        for chunk in hashes.chunks(MAX_BATCH as usize) {
+            match self.call(&Request::Release(*ns, chunk.to_vec()), Some(&link)) {
+                Ok((Response::Release(_), _)) => {}
+                // The connection ended meanwhile: so did the pins.
+                Err(ClientError::StaleHandle) => return Ok(()),
+                Ok((other, _)) => return Err(unexpected("release", &other)),
+                Err(e) => return Err(e),
+            }
         }
-        match self.call(&Request::Release(*ns, hashes))?.0 {
-            Response::Release(_) => Ok(()),
-            other => Err(unexpected("release", &other)),
-        }
+        Ok(())
     }
 
     /// Saves blocks: reserve, copy, commit. One outcome per item.
@@ -556,8 +601,8 @@ impl Client {
         let mut written = Vec::new();
         for ((_, data), r) in items.iter().zip(reserved) {
             match r {
-                Ok(slot) => {
-                    self.write(&slot, data)?;
+                Ok(mut slot) => {
+                    self.write(&mut slot, data)?;
                     written.push(out.len());
                     slots.push(slot);
                     out.push(SaveOutcome::Stored);
@@ -591,10 +636,18 @@ impl Client {
         let acquired = self.acquire(ns, hashes)?;
         let mut out = Vec::with_capacity(hashes.len());
         let mut held = Vec::new();
+        let mut failed = None;
         for (a, buf) in acquired.into_iter().zip(bufs.iter_mut()) {
             out.push(match a {
                 Some(a) => {
-                    let tier = self.read(&a, buf).ok().map(|()| a.tier);
+                    let tier = match self.read(&a, buf) {
+                        Ok(()) => Some(a.tier()),
+                        Err(ClientError::BufferSize { .. }) => None,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            None
+                        }
+                    };
                     held.push(a);
                     tier
                 }
@@ -602,16 +655,26 @@ impl Client {
             });
         }
         self.release(ns, held)?;
-        Ok(out)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// The agent's counters, as a JSON document.
     pub fn stats(&self) -> Result<String> {
-        match self.call(&Request::Stats)?.0 {
+        match self.call(&Request::Stats, None)?.0 {
             Response::Stats(json) => Ok(json),
             other => Err(unexpected("stats", &other)),
         }
     }
+}
+
+fn outside(offset: u64, len: u64, link: &Link) -> ClientError {
+    ClientError::Protocol(format!(
+        "slot {offset}+{len} outside the arena of {} bytes",
+        link.arena.len()
+    ))
 }
 
 fn micros(d: Duration) -> u32 {
@@ -642,62 +705,4 @@ fn io_error(cfg: &ClientConfig, e: io::Error, deadline: Instant) -> ClientError 
             source: e,
         }
     }
-}
-
-/// Receives the welcome frame and the fd that travels with it. The agent sends both in one
-/// `sendmsg`, so the fd arrives with the first bytes; the rest of the frame, if the kernel
-/// split it, is read normally.
-fn recv_with_fd(stream: &UnixStream) -> io::Result<(Option<OwnedFd>, Vec<u8>)> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
-
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut head = [0u8; 256];
-    let got = loop {
-        match recvmsg(
-            stream,
-            &mut [io::IoSliceMut::new(&mut head)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Ok(r) => break r.bytes,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut fd = None;
-    for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(fds) = msg {
-            for f in fds {
-                // Keep the first; any extra fd is closed on drop.
-                fd.get_or_insert(f);
-            }
-        }
-    }
-    if got == 0 {
-        return Err(io::ErrorKind::ConnectionReset.into());
-    }
-    let mut frame = head[..got].to_vec();
-    while frame.len() < wire::LEN_PREFIX {
-        let mut b = [0u8; wire::LEN_PREFIX];
-        let n = io::Read::read(&mut &*stream, &mut b[..wire::LEN_PREFIX - frame.len()])?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        frame.extend_from_slice(&b[..n]);
-    }
-    let prefix: [u8; wire::LEN_PREFIX] = frame[..wire::LEN_PREFIX].try_into().expect("four bytes");
-    let len = wire::body_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let total = wire::LEN_PREFIX + len;
-    if frame.len() > total {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bytes after the welcome",
-        ));
-    }
-    let have = frame.len();
-    frame.resize(total, 0);
-    io::Read::read_exact(&mut &*stream, &mut frame[have..])?;
-    frame.drain(..wire::LEN_PREFIX);
-    Ok((fd, frame))
 }

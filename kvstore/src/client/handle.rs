@@ -1,0 +1,191 @@
+//! Handles to arena slots held through one connection, and the connection's lifetime they are
+//! tied to.
+//!
+//! The agent gives back every slot of a connection when the connection ends. A handle must then
+//! stop touching its slot, which the agent may already have handed to someone else: every copy
+//! through a handle holds the connection's `alive` lock for reading, and ending a connection
+//! takes it for writing (waiting for copies in flight) before the socket closes. A handle that
+//! is dropped without being committed, aborted or released is remembered as an orphan and given
+//! back on the connection's next call, so a forgotten handle does not hold its slot for the
+//! connection's whole life.
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::arena::HostArena;
+use crate::key::{BlockHash, Namespace};
+use crate::stats::TierLevel;
+
+/// One connection to the agent as its handles see it.
+#[derive(Debug)]
+pub(super) struct Link {
+    pub(super) arena: HostArena,
+    /// The agent instance that owns the arena.
+    pub(super) instance: u64,
+    alive: RwLock<bool>,
+    orphans: Mutex<Vec<Orphan>>,
+}
+
+/// A handle dropped while still holding its slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Orphan {
+    pub(super) ns: Namespace,
+    pub(super) hash: BlockHash,
+    /// A reservation (to abort) or a lease (to release).
+    pub(super) reserved: bool,
+}
+
+impl Link {
+    pub(super) fn new(arena: HostArena, instance: u64) -> Self {
+        Self {
+            arena,
+            instance,
+            alive: RwLock::new(true),
+            orphans: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Marks the connection ended, after any copy in flight through its handles.
+    pub(super) fn end(&self) {
+        *self.alive.write() = false;
+        self.orphans.lock().clear();
+    }
+
+    pub(super) fn is_alive(&self) -> bool {
+        *self.alive.read()
+    }
+
+    pub(super) fn take_orphans(&self) -> Vec<Orphan> {
+        std::mem::take(&mut *self.orphans.lock())
+    }
+
+    /// Whether `offset..offset + len` lies inside the arena.
+    pub(super) fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.arena.len())
+    }
+
+    /// Runs `copy` while the connection is known to be alive; `false` if it had ended.
+    pub(super) fn with_live<R>(&self, copy: impl FnOnce(&HostArena) -> R) -> Option<R> {
+        let alive = self.alive.read();
+        alive.then(|| copy(&self.arena))
+    }
+
+    fn orphan(&self, o: Orphan) {
+        if self.is_alive() {
+            self.orphans.lock().push(o);
+        }
+    }
+}
+
+/// What every slot handle carries.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) ns: Namespace,
+    pub(super) hash: BlockHash,
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) link: std::sync::Arc<Link>,
+    /// Committed, aborted or released: nothing to give back on drop.
+    pub(super) settled: bool,
+}
+
+/// A slot reserved for writing one block. Write it with [`super::Client::write`] (or through
+/// [`Reserved::ptr`]), then commit or abort it. Dropped unsettled, it is aborted on the
+/// connection's next call.
+#[derive(Debug)]
+pub struct Reserved(pub(super) Slot);
+
+/// A block pinned for reading. Read it with [`super::Client::read`] (or through
+/// [`Acquired::ptr`]), then release it. Dropped unreleased, it is released on the connection's
+/// next call.
+#[derive(Debug)]
+pub struct Acquired(pub(super) Slot, pub(super) TierLevel);
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.0.settled {
+            self.0.link.orphan(Orphan {
+                ns: self.0.ns,
+                hash: self.0.hash,
+                reserved: true,
+            });
+        }
+    }
+}
+
+impl Drop for Acquired {
+    fn drop(&mut self) {
+        if !self.0.settled {
+            self.0.link.orphan(Orphan {
+                ns: self.0.ns,
+                hash: self.0.hash,
+                reserved: false,
+            });
+        }
+    }
+}
+
+macro_rules! slot_accessors {
+    ($t:ty) => {
+        impl $t {
+            /// The block's namespace.
+            pub fn namespace(&self) -> &Namespace {
+                &self.0.ns
+            }
+
+            /// The block's hash.
+            pub fn hash(&self) -> &BlockHash {
+                &self.0.hash
+            }
+
+            /// Byte offset of the slot in the arena.
+            pub fn offset(&self) -> u64 {
+                self.0.offset
+            }
+
+            /// Length of the block in bytes.
+            pub fn len(&self) -> u64 {
+                self.0.len
+            }
+
+            /// Whether the block is empty (never: blocks hold at least one byte).
+            pub fn is_empty(&self) -> bool {
+                self.0.len == 0
+            }
+
+            /// Whether the connection that holds the slot is still open: once it is not, the
+            /// slot may belong to someone else and must not be touched.
+            pub fn is_live(&self) -> bool {
+                self.0.link.is_alive()
+            }
+        }
+    };
+}
+slot_accessors!(Reserved);
+slot_accessors!(Acquired);
+
+impl Reserved {
+    /// Address of the slot in this process, for a DMA engine or a copy kernel to write the
+    /// block. Valid while the handle lives and [`Self::is_live`] holds; a copy that may outlast
+    /// the connection (a call on another thread timing out ends it) must go through
+    /// [`super::Client::write`] instead, which holds the connection open for the copy.
+    pub fn ptr(&self) -> *mut u8 {
+        // SAFETY: the offset and length were checked against the arena when the handle was
+        // made (`Link::contains`), so the pointer stays inside the mapping, which the handle's
+        // link keeps alive.
+        unsafe { self.0.link.arena.as_ptr().add(self.0.offset as usize) }
+    }
+}
+
+impl Acquired {
+    /// The tier the block was found in.
+    pub fn tier(&self) -> TierLevel {
+        self.1
+    }
+
+    /// Address of the block in this process, for reading only (other readers share it). Valid
+    /// as for [`Reserved::ptr`].
+    pub fn ptr(&self) -> *const u8 {
+        // SAFETY: as in `Reserved::ptr`.
+        unsafe { self.0.link.arena.as_ptr().add(self.0.offset as usize) }
+    }
+}
