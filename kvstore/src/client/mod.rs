@@ -40,7 +40,9 @@ pub const DEFAULT_SOCKET: &str = "/run/kvtier/agent.sock";
 pub struct ClientConfig {
     /// The agent's socket.
     pub socket: PathBuf,
-    /// Longest wait for one call (connecting included).
+    /// Bounds each step of a call: connecting, sending, waiting for the answer. A call that
+    /// found its connection dead and is retried on a fresh one (lookup, reserve, acquire,
+    /// stats) may take up to about twice as long.
     pub timeout: Duration,
     /// Names this client in the agent's logs.
     pub name: String,
