@@ -242,8 +242,19 @@ impl Client {
             client: cfg.name.clone(),
         }
         .encode(0, micros(cfg.timeout), &mut buf);
-        socket::send_all(&stream, &buf).map_err(|e| io_error(cfg, e, deadline))?;
-        let (fd, body) = socket::recv_with_fd(&stream).map_err(|e| io_error(cfg, e, deadline))?;
+        let sent = socket::send_all(&stream, &buf);
+        // An agent that refuses the connection (too many clients) may answer and close before
+        // the hello is sent: its answer is still readable and says why.
+        let received = socket::recv_with_fd(&stream);
+        let (fd, body) = match (sent, received) {
+            (Ok(()), Ok(got)) => got,
+            (Err(_), Ok((fd, body)))
+                if matches!(Response::decode(&body), Ok((_, Response::Error { .. }))) =>
+            {
+                (fd, body)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(io_error(cfg, e, deadline)),
+        };
         let welcome = match Response::decode(&body) {
             Ok((_, Response::Welcome(w))) if w.version == PROTOCOL_VERSION => w,
             Ok((_, Response::Welcome(w))) => {
