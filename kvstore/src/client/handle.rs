@@ -84,6 +84,8 @@ pub(super) struct Slot {
     pub(super) offset: u64,
     pub(super) len: u64,
     pub(super) link: std::sync::Arc<Link>,
+    /// A reservation (aborted if dropped unsettled) or a lease (released).
+    pub(super) reserved: bool,
     /// Committed, aborted or released: nothing to give back on drop.
     pub(super) settled: bool,
 }
@@ -100,25 +102,13 @@ pub struct Reserved(pub(super) Slot);
 #[derive(Debug)]
 pub struct Acquired(pub(super) Slot, pub(super) TierLevel);
 
-impl Drop for Reserved {
+impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.0.settled {
-            self.0.link.orphan(Orphan {
-                ns: self.0.ns,
-                hash: self.0.hash,
-                reserved: true,
-            });
-        }
-    }
-}
-
-impl Drop for Acquired {
-    fn drop(&mut self) {
-        if !self.0.settled {
-            self.0.link.orphan(Orphan {
-                ns: self.0.ns,
-                hash: self.0.hash,
-                reserved: false,
+        if !self.settled {
+            self.link.orphan(Orphan {
+                ns: self.ns,
+                hash: self.hash,
+                reserved: self.reserved,
             });
         }
     }

@@ -436,6 +436,7 @@ impl Client {
                         offset,
                         len: *len,
                         link: Arc::clone(&link),
+                        reserved: true,
                         settled: false,
                     });
                     if !link.contains(offset, *len) {
@@ -542,6 +543,7 @@ impl Client {
                             offset,
                             len,
                             link: Arc::clone(&link),
+                            reserved: false,
                             settled: false,
                         },
                         tier,
