@@ -48,6 +48,8 @@ if [ "$(id -u)" -eq 0 ] && [ -w "$hp" ]; then
 else
   echo "SKIPPED huge-page arena run: needs root to reserve huge pages (vm.nr_hugepages)"
 fi
+echo "== Python package: ruff, mypy --strict, pytest against a real agent"
+scripts/python-tests.sh
 echo "== doc tests"
 cargo test --workspace --locked --doc
 echo "== tests"

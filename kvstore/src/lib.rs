@@ -32,6 +32,7 @@ pub mod host;
 mod index;
 pub mod key;
 pub mod outcome;
+pub mod pages;
 pub mod stats;
 pub mod store;
 pub mod wire;

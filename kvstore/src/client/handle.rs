@@ -154,6 +154,21 @@ slot_accessors!(Reserved);
 slot_accessors!(Acquired);
 
 impl Reserved {
+    /// Runs `fill` on the slot's bytes while the connection is held open; `None` (and `fill`
+    /// not run) when the connection has ended. Safe to run for many handles on many threads:
+    /// each slot is its holder's alone.
+    pub fn with_slot_mut<R>(&mut self, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+        let (offset, len) = (self.0.offset, self.0.len as usize);
+        self.0.link.with_live(|arena| {
+            // SAFETY: the agent gave this slot to this connection alone until it is committed or
+            // aborted (which consumes the handle, borrowed mutably here); the connection stays
+            // open while the `alive` lock is held; the range was checked against the mapping
+            // when the handle was made.
+            let slot = unsafe { std::slice::from_raw_parts_mut(arena.as_ptr().add(offset as usize), len) };
+            fill(slot)
+        })
+    }
+
     /// Address of the slot in this process, for a DMA engine or a copy kernel to write the
     /// block. Valid while the handle lives and [`Self::is_live`] holds; a copy that may outlast
     /// the connection (a call on another thread timing out ends it) must go through
@@ -170,6 +185,18 @@ impl Acquired {
     /// The tier the block was found in.
     pub fn tier(&self) -> TierLevel {
         self.1
+    }
+
+    /// Runs `read` on the block's bytes while the connection is held open; `None` (and `read`
+    /// not run) when the connection has ended.
+    pub fn with_slot<R>(&self, read: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let (offset, len) = (self.0.offset, self.0.len as usize);
+        self.0.link.with_live(|arena| {
+            // SAFETY: the agent pins an acquired block (no writer) until it is released, which
+            // consumes the handle; the connection (whose end would unpin it) stays open while
+            // the `alive` lock is held; the range was checked against the mapping.
+            read(unsafe { arena.slice(offset, len) })
+        })
     }
 
     /// Address of the block in this process, for reading only (other readers share it). Valid

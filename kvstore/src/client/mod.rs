@@ -458,21 +458,13 @@ impl Client {
 
     /// Copies `data` into a reserved slot.
     pub fn write(&self, slot: &mut Reserved, data: &[u8]) -> Result<()> {
-        if data.len() as u64 != slot.0.len {
+        if data.len() as u64 != slot.len() {
             return Err(ClientError::BufferSize {
                 buf: data.len(),
-                len: slot.0.len,
+                len: slot.len(),
             });
         }
-        slot.0
-            .link
-            .with_live(|arena| {
-                // SAFETY: the agent gave this slot to this connection alone until it is
-                // committed or aborted (which consumes the handle, borrowed mutably here), and
-                // the connection stays open while the `alive` lock is held; the range was
-                // checked against the mapping.
-                unsafe { arena.write_at(slot.0.offset, data) }
-            })
+        slot.with_slot_mut(|s| s.copy_from_slice(data))
             .ok_or(ClientError::StaleHandle)
     }
 
@@ -560,22 +552,14 @@ impl Client {
 
     /// Copies an acquired block into `dst`, which must be exactly its length.
     pub fn read(&self, block: &Acquired, dst: &mut [u8]) -> Result<()> {
-        if dst.len() as u64 != block.0.len {
+        if dst.len() as u64 != block.len() {
             return Err(ClientError::BufferSize {
                 buf: dst.len(),
-                len: block.0.len,
+                len: block.len(),
             });
         }
         block
-            .0
-            .link
-            .with_live(|arena| {
-                // SAFETY: the agent pins an acquired slot (no writer) until it is released,
-                // which consumes the handle, and the connection (whose end would unpin it)
-                // stays open while the `alive` lock is held; the range was checked against
-                // the mapping.
-                unsafe { arena.read_at(block.0.offset, dst) }
-            })
+            .with_slot(|s| dst.copy_from_slice(s))
             .ok_or(ClientError::StaleHandle)
     }
 

@@ -1,0 +1,72 @@
+"""Types of the Rust extension ``kvtier._native``."""
+
+TIER_MISS: int
+TIER_HOST: int
+TIER_DISK: int
+
+class KvtierError(Exception):
+    """A call to the kvtier agent failed."""
+
+class AgentUnavailable(KvtierError):
+    """No kvtier agent answers at the socket: recompute."""
+
+class AgentTimeout(KvtierError):
+    """The kvtier agent did not answer in time."""
+
+class StaleHandle(KvtierError):
+    """A lease or reservation of a connection that has ended."""
+
+# A layer's pages: (address of block 0's page, bytes between blocks, bytes of one page).
+Layer = tuple[int, int, int]
+
+class Leases:
+    """Blocks pinned by :meth:`Client.acquire`, readable until released."""
+
+    def tiers(self) -> list[int]: ...
+    def prefix_len(self) -> int: ...
+    def load_pages(self, block_ids: list[int], layers: list[Layer]) -> list[int]: ...
+    def release(self, client: Client) -> None: ...
+
+class Client:
+    """A connection to the node agent."""
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        timeout_ms: int = 1000,
+        name: str | None = None,
+        lazy: bool = True,
+    ) -> None: ...
+    @property
+    def socket(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    def disconnect(self) -> None: ...
+    def lookup(self, ns: bytes, hashes: list[bytes]) -> list[int]: ...
+    def save(self, ns: bytes, hashes: list[bytes], data: list[bytes]) -> list[str]: ...
+    def load(self, ns: bytes, hashes: list[bytes]) -> list[bytes | None]: ...
+    def save_pages(
+        self, ns: bytes, hashes: list[bytes], block_ids: list[int], layers: list[Layer]
+    ) -> list[str]: ...
+    def load_pages(
+        self, ns: bytes, hashes: list[bytes], block_ids: list[int], layers: list[Layer]
+    ) -> list[int]: ...
+    def acquire(self, ns: bytes, hashes: list[bytes]) -> Leases: ...
+    def release(self, leases: Leases) -> None: ...
+    def stats(self) -> str: ...
+
+def namespace(
+    model: str,
+    *,
+    revision: str | None = None,
+    kv_dtype: str | None = None,
+    kv_layout: str | None = None,
+    block_size: int | None = None,
+    tp_rank: int = 0,
+    tp_world: int | None = None,
+    pp_stage: int | None = None,
+    kv_group: int | None = None,
+    lora: str | None = None,
+    tenant: str | None = None,
+    cache_salt: str | None = None,
+) -> bytes: ...

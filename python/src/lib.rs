@@ -1,0 +1,442 @@
+//! `kvtier._native`: Python bindings of `kvstore::client`. Every call releases the GIL; block
+//! copies between an engine's KV-cache pages (given as addresses) and arena slots run in Rust,
+//! batched, on a thread pool for CPU memory. The pure-Python package `kvtier` wraps this module
+//! with types and documentation; protocol logic lives only in Rust.
+
+use std::time::Duration;
+
+use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, SaveOutcome};
+use kvstore::pages::{self, Copier, CpuCopier, LayerPages};
+use kvstore::{BlockHash, Namespace, TierLevel};
+use parking_lot::Mutex;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(
+    _native,
+    KvtierError,
+    PyException,
+    "A call to the kvtier agent failed."
+);
+create_exception!(
+    _native,
+    AgentUnavailable,
+    KvtierError,
+    "No kvtier agent answers at the socket (the engine should recompute)."
+);
+create_exception!(
+    _native,
+    AgentTimeout,
+    KvtierError,
+    "The kvtier agent did not answer in time."
+);
+create_exception!(
+    _native,
+    StaleHandle,
+    KvtierError,
+    "A lease or reservation of a connection that has ended."
+);
+
+fn to_py(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Unavailable { .. } => AgentUnavailable::new_err(e.to_string()),
+        ClientError::Timeout(_) => AgentTimeout::new_err(e.to_string()),
+        ClientError::StaleHandle => StaleHandle::new_err(e.to_string()),
+        e => KvtierError::new_err(e.to_string()),
+    }
+}
+
+fn ns_of(ns: &[u8]) -> PyResult<Namespace> {
+    let bytes: [u8; 16] = ns
+        .try_into()
+        .map_err(|_| PyValueError::new_err(format!("a namespace is 16 bytes, got {}", ns.len())))?;
+    Ok(Namespace::from_bytes(bytes))
+}
+
+fn hashes_of(hashes: &[Vec<u8>]) -> PyResult<Vec<BlockHash>> {
+    hashes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| BlockHash::new(h).map_err(|e| PyValueError::new_err(format!("hash {i}: {e}"))))
+        .collect()
+}
+
+fn layers_of(layers: &[(usize, usize, usize)]) -> PyResult<Vec<LayerPages>> {
+    if layers.is_empty() {
+        return Err(PyValueError::new_err("at least one layer"));
+    }
+    layers
+        .iter()
+        .map(|&(base, stride, page)| {
+            if base == 0 || page == 0 {
+                Err(PyValueError::new_err(
+                    "a layer needs a non-null base and a non-empty page",
+                ))
+            } else {
+                Ok(LayerPages { base, stride, page })
+            }
+        })
+        .collect()
+}
+
+/// Tier codes as Python sees them (ints, not bytes): 0 miss, 1 host, 2 disk.
+fn tier_code(t: Option<TierLevel>) -> u32 {
+    match t {
+        None => 0,
+        Some(TierLevel::Host) => 1,
+        Some(_) => 2,
+    }
+}
+
+fn outcome_name(o: SaveOutcome) -> &'static str {
+    match o {
+        SaveOutcome::Stored => "stored",
+        SaveOutcome::Exists => "exists",
+        SaveOutcome::NoSpace => "no_space",
+        SaveOutcome::TooLarge => "too_large",
+    }
+}
+
+/// A connection to the node agent.
+#[pyclass(module = "kvtier._native", frozen)]
+struct Client {
+    inner: RustClient,
+}
+
+#[pymethods]
+impl Client {
+    /// Connects to the agent at `socket` (None: `$KVTIER_SOCKET`, else the default path).
+    /// With `lazy`, connects on the first call instead, so an engine may start first.
+    #[new]
+    #[pyo3(signature = (socket=None, timeout_ms=1000, name=None, lazy=true))]
+    fn new(
+        py: Python<'_>,
+        socket: Option<String>,
+        timeout_ms: u64,
+        name: Option<String>,
+        lazy: bool,
+    ) -> PyResult<Self> {
+        let mut cfg = socket.map_or_else(ClientConfig::from_env, ClientConfig::new);
+        if timeout_ms == 0 {
+            return Err(PyValueError::new_err("timeout_ms must be positive"));
+        }
+        cfg.timeout = Duration::from_millis(timeout_ms);
+        if let Some(name) = name {
+            cfg.name = name;
+        }
+        let inner = if lazy {
+            RustClient::lazy(cfg)
+        } else {
+            py.detach(|| RustClient::connect(cfg)).map_err(to_py)?
+        };
+        Ok(Self { inner })
+    }
+
+    /// The socket path.
+    #[getter]
+    fn socket(&self) -> String {
+        self.inner.config().socket.display().to_string()
+    }
+
+    /// Whether a connection is open now.
+    #[getter]
+    fn connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    /// Closes the connection (the agent gives back whatever it held); the next call reconnects.
+    fn disconnect(&self) {
+        self.inner.disconnect();
+    }
+
+    /// Tier codes (1 host, 2 disk) of the leading stored blocks; its length is the match.
+    fn lookup(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Vec<u32>> {
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let tiers = py.detach(|| self.inner.lookup(&ns, &hashes)).map_err(to_py)?;
+        Ok(tiers.into_iter().map(|t| tier_code(Some(t))).collect())
+    }
+
+    /// Saves blocks given as bytes; one outcome per block: "stored", "exists", "no_space" or
+    /// "too_large".
+    fn save(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        data: Vec<Vec<u8>>,
+    ) -> PyResult<Vec<&'static str>> {
+        if hashes.len() != data.len() {
+            return Err(PyValueError::new_err("one payload per hash"));
+        }
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let items: Vec<(BlockHash, &[u8])> = hashes
+            .iter()
+            .copied()
+            .zip(data.iter().map(Vec::as_slice))
+            .collect();
+        let out = py.detach(|| self.inner.save(&ns, &items)).map_err(to_py)?;
+        Ok(out.into_iter().map(outcome_name).collect())
+    }
+
+    /// Loads blocks as bytes; None for a miss.
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+    ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let blocks: Vec<Option<Vec<u8>>> = py
+            .detach(|| -> Result<_, ClientError> {
+                let held = self.inner.acquire(&ns, &hashes)?;
+                let mut out = Vec::with_capacity(held.len());
+                for a in &held {
+                    out.push(a.as_ref().and_then(|a| a.with_slot(<[u8]>::to_vec)));
+                }
+                self.inner.release(&ns, held.into_iter().flatten().collect())?;
+                Ok(out)
+            })
+            .map_err(to_py)?;
+        Ok(blocks
+            .into_iter()
+            .map(|b| b.map(|b| PyBytes::new(py, &b)))
+            .collect())
+    }
+
+    /// Saves blocks straight from an engine's KV-cache pages: block `i` is `block_ids[i]`'s page
+    /// of every layer, `layers` being `(base address, block stride, page bytes)` per layer.
+    /// Returns one outcome per block, as `save`. The pages must stay valid during the call.
+    fn save_pages(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        block_ids: Vec<usize>,
+        layers: Vec<(usize, usize, usize)>,
+    ) -> PyResult<Vec<&'static str>> {
+        if hashes.len() != block_ids.len() {
+            return Err(PyValueError::new_err("one block id per hash"));
+        }
+        let (ns, hashes, layers) = (ns_of(ns)?, hashes_of(&hashes)?, layers_of(&layers)?);
+        let len = pages::block_len(&layers) as u64;
+        let copier = CpuCopier;
+        let out = py
+            .detach(|| -> Result<_, ClientError> {
+                let wanted: Vec<(BlockHash, u64)> = hashes.iter().map(|h| (*h, len)).collect();
+                let reserved = self.inner.reserve(&ns, &wanted)?;
+                let mut outcomes = Vec::with_capacity(reserved.len());
+                let mut jobs = Vec::new();
+                for (r, &id) in reserved.into_iter().zip(&block_ids) {
+                    match r {
+                        Ok(slot) => {
+                            outcomes.push(SaveOutcome::Stored);
+                            jobs.push((slot, id, outcomes.len() - 1, false));
+                        }
+                        Err(o) => outcomes.push(o),
+                    }
+                }
+                pages::for_each(&copier, &mut jobs, |(slot, id, _, ok)| {
+                    // SAFETY: the caller promised the pages readable for the call.
+                    *ok = slot
+                        .with_slot_mut(|s| unsafe { copier.gather(&layers, *id, s) })
+                        .is_some();
+                });
+                copier.finish();
+                let written: Vec<usize> = jobs.iter().filter(|j| j.3).map(|j| j.2).collect();
+                let (good, stale): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.3);
+                drop(stale);
+                let done = self.inner.commit(&ns, good.into_iter().map(|j| j.0).collect())?;
+                for (i, ok) in written.into_iter().zip(done) {
+                    if !ok {
+                        outcomes[i] = SaveOutcome::NoSpace;
+                    }
+                }
+                Ok(outcomes)
+            })
+            .map_err(to_py)?;
+        Ok(out.into_iter().map(outcome_name).collect())
+    }
+
+    /// Pins blocks for loading later (the pins survive the agent's death: the mapped arena
+    /// stays readable). Returns a `Leases` handle.
+    fn acquire(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Leases> {
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let held = py.detach(|| self.inner.acquire(&ns, &hashes)).map_err(to_py)?;
+        Ok(Leases {
+            ns,
+            held: Mutex::new(held),
+        })
+    }
+
+    /// Loads blocks straight into an engine's KV-cache pages (layout as `save_pages`): acquire,
+    /// copy, release. Returns a tier code per block (0: miss, pages untouched).
+    fn load_pages(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        block_ids: Vec<usize>,
+        layers: Vec<(usize, usize, usize)>,
+    ) -> PyResult<Vec<u32>> {
+        let leases = self.acquire(py, ns, hashes)?;
+        let tiers = leases.load_pages(py, block_ids, layers)?;
+        leases.release(py, self)?;
+        Ok(tiers)
+    }
+
+    /// Releases the blocks of `leases`.
+    fn release(&self, py: Python<'_>, leases: &Leases) -> PyResult<()> {
+        leases.release(py, self)
+    }
+
+    /// The agent's counters as a JSON string.
+    fn stats(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.inner.stats()).map_err(to_py)
+    }
+}
+
+/// Blocks pinned by `Client.acquire`, readable until released.
+#[pyclass(module = "kvtier._native", frozen)]
+struct Leases {
+    ns: Namespace,
+    held: Mutex<Vec<Option<Acquired>>>,
+}
+
+#[pymethods]
+impl Leases {
+    /// Tier code per requested block (0: not held).
+    fn tiers(&self) -> Vec<u32> {
+        self.held
+            .lock()
+            .iter()
+            .map(|a| tier_code(a.as_ref().map(Acquired::tier)))
+            .collect()
+    }
+
+    /// How many leading blocks are held.
+    fn prefix_len(&self) -> usize {
+        self.held.lock().iter().take_while(|a| a.is_some()).count()
+    }
+
+    /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block `i`
+    /// (pass fewer ids to load only a prefix). Returns a tier code per id; 0 where the block is
+    /// not held, its length does not match the layout, or its connection has ended.
+    fn load_pages(
+        &self,
+        py: Python<'_>,
+        block_ids: Vec<usize>,
+        layers: Vec<(usize, usize, usize)>,
+    ) -> PyResult<Vec<u32>> {
+        let layers = layers_of(&layers)?;
+        let len = pages::block_len(&layers) as u64;
+        let held = self.held.lock();
+        if block_ids.len() > held.len() {
+            return Err(PyValueError::new_err("more block ids than leased blocks"));
+        }
+        let copier = CpuCopier;
+        let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held
+            .iter()
+            .zip(&block_ids)
+            .map(|(a, &id)| (a.as_ref(), id, 0))
+            .collect();
+        py.detach(|| {
+            pages::for_each(&copier, &mut jobs, |(a, id, tier)| {
+                if let Some(a) = a.filter(|a| a.len() == len) {
+                    // SAFETY: the caller promised the pages writable and unshared for the call.
+                    let copied = a.with_slot(|s| unsafe { copier.scatter(&layers, *id, s) });
+                    *tier = if copied.is_some() {
+                        tier_code(Some(a.tier()))
+                    } else {
+                        0
+                    };
+                }
+            });
+            copier.finish();
+        });
+        Ok(jobs.into_iter().map(|j| j.2).collect())
+    }
+
+    /// Unpins every held block.
+    fn release(&self, py: Python<'_>, client: &Client) -> PyResult<()> {
+        let held: Vec<Acquired> = std::mem::take(&mut *self.held.lock())
+            .into_iter()
+            .flatten()
+            .collect();
+        py.detach(|| client.inner.release(&self.ns, held)).map_err(to_py)
+    }
+}
+
+/// The 16-byte namespace digest of these fields (unset differs from any value).
+#[pyfunction]
+#[pyo3(signature = (model, *, revision=None, kv_dtype=None, kv_layout=None, block_size=None, tp_rank=0, tp_world=None, pp_stage=None, kv_group=None, lora=None, tenant=None, cache_salt=None))]
+#[expect(clippy::too_many_arguments, reason = "keyword arguments of a Python function")]
+fn namespace<'py>(
+    py: Python<'py>,
+    model: &str,
+    revision: Option<&str>,
+    kv_dtype: Option<&str>,
+    kv_layout: Option<&str>,
+    block_size: Option<u32>,
+    tp_rank: u32,
+    tp_world: Option<u32>,
+    pp_stage: Option<u32>,
+    kv_group: Option<u32>,
+    lora: Option<&str>,
+    tenant: Option<&str>,
+    cache_salt: Option<&str>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut b = Namespace::builder(model);
+    if let Some(v) = revision {
+        b = b.revision(v);
+    }
+    if let Some(v) = kv_dtype {
+        b = b.kv_dtype(v);
+    }
+    if let Some(v) = kv_layout {
+        b = b.kv_layout(v);
+    }
+    if let Some(v) = block_size {
+        b = b.block_size(v);
+    }
+    if let Some(world) = tp_world {
+        if tp_rank >= world {
+            return Err(PyValueError::new_err("tp_rank must be below tp_world"));
+        }
+        b = b.tensor_parallel(tp_rank, world);
+    }
+    if let Some(v) = pp_stage {
+        b = b.pipeline_stage(v);
+    }
+    if let Some(v) = kv_group {
+        b = b.kv_group(v);
+    }
+    if let Some(v) = lora {
+        b = b.lora(v);
+    }
+    if let Some(v) = tenant {
+        b = b.tenant(v);
+    }
+    if let Some(v) = cache_salt {
+        b = b.cache_salt(v);
+    }
+    Ok(PyBytes::new(py, b.build().as_bytes()))
+}
+
+/// The extension module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_class::<Leases>()?;
+    m.add_function(wrap_pyfunction!(namespace, m)?)?;
+    let py = m.py();
+    m.add("KvtierError", py.get_type::<KvtierError>())?;
+    m.add("AgentUnavailable", py.get_type::<AgentUnavailable>())?;
+    m.add("AgentTimeout", py.get_type::<AgentTimeout>())?;
+    m.add("StaleHandle", py.get_type::<StaleHandle>())?;
+    m.add("TIER_MISS", 0u32)?;
+    m.add("TIER_HOST", 1u32)?;
+    m.add("TIER_DISK", 2u32)?;
+    Ok(())
+}

@@ -1,0 +1,129 @@
+"""kvtier's Python client against a real agent: bytes and page-layout round trips, leases, and
+the failure paths an engine relies on."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+
+import pytest
+from conftest import Agent
+
+import kvtier
+
+NS = kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1)
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+class Layer:
+    """One layer's KV cache: ``blocks`` pages of ``page`` bytes, ``stride`` apart."""
+
+    def __init__(self, blocks: int, page: int, stride: int, seed: int) -> None:
+        self.page, self.stride = page, stride
+        self.buf = (ctypes.c_ubyte * (blocks * stride))()
+        for i in range(len(self.buf)):
+            self.buf[i] = (i * 31 + seed) % 251
+
+    @property
+    def spec(self) -> tuple[int, int, int]:
+        return (ctypes.addressof(self.buf), self.stride, self.page)
+
+    def block(self, i: int) -> bytes:
+        return bytes(self.buf[i * self.stride : i * self.stride + self.page])
+
+    def clear(self) -> None:
+        ctypes.memset(self.buf, 0, len(self.buf))
+
+
+def test_namespace_fields_matter() -> None:
+    assert len(NS) == 16
+    assert kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1) == NS
+    salted = kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1, cache_salt="x")
+    assert salted != NS
+    with pytest.raises(ValueError, match="tp_rank"):
+        kvtier.namespace("m", tp_rank=2, tp_world=2)
+
+
+def test_bytes_round_trip_and_lookup(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    data = [bytes([i]) * (4096 + i) for i in range(4)]
+    assert c.save(NS, [h(i) for i in range(4)], data) == ["stored"] * 4
+    assert c.save(NS, [h(0)], data[:1]) == ["exists"]
+    assert c.lookup(NS, [h(0), h(1), h(9), h(2)]) == [kvtier.TIER_HOST, kvtier.TIER_HOST]
+    assert c.load(NS, [h(i) for i in range(5)]) == [*data, None]
+    other = kvtier.namespace("test/model", cache_salt="tenant-b")
+    assert c.lookup(other, [h(0)]) == []
+    stats = json.loads(c.stats())
+    assert stats["host"]["blocks"] == 4
+
+
+def test_pages_round_trip_through_the_arena(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    # Three layers, pages of different sizes, padding between blocks.
+    layers = [Layer(8, 4096, 4096 + 64, seed=s) for s in (1, 2)] + [Layer(8, 2048, 2048, seed=3)]
+    specs = [layer.spec for layer in layers]
+    expected = {b: [layer.block(b) for layer in layers] for b in range(8)}
+    assert c.save_pages(NS, [h(100 + b) for b in range(8)], list(range(8)), specs) == ["stored"] * 8
+    for layer in layers:
+        layer.clear()
+    # Load blocks 0..8 into blocks 7..0 (reversed), so a wrong mapping cannot pass.
+    tiers = c.load_pages(NS, [h(100 + b) for b in range(8)], list(reversed(range(8))), specs)
+    assert tiers == [kvtier.TIER_HOST] * 8
+    for b in range(8):
+        assert [layer.block(7 - b) for layer in layers] == expected[b]
+    # A block saved with a different layout (other length) is a miss, pages untouched.
+    small = [Layer(2, 1024, 1024, seed=9)]
+    before = small[0].block(0)
+    assert c.load_pages(NS, [h(100)], [0], [small[0].spec]) == [kvtier.TIER_MISS]
+    assert small[0].block(0) == before
+
+
+def test_leases_stay_readable_while_the_agent_is_dead_then_turn_stale(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    layer = Layer(4, 8192, 8192, seed=5)
+    assert c.save_pages(NS, [h(200), h(201)], [0, 1], [layer.spec]) == ["stored"] * 2
+    want = [layer.block(0), layer.block(1)]
+    leases = c.acquire(NS, [h(200), h(201), h(202)])
+    assert leases.tiers() == [kvtier.TIER_HOST, kvtier.TIER_HOST, kvtier.TIER_MISS]
+    assert leases.prefix_len() == 2
+    agent.kill()
+    layer.clear()
+    # Pinned blocks live in the mapped arena: still readable with the agent gone.
+    assert leases.load_pages([2, 3], [layer.spec]) == [kvtier.TIER_HOST] * 2
+    assert [layer.block(2), layer.block(3)] == want
+    started = time.monotonic()
+    with pytest.raises(kvtier.AgentUnavailable):
+        c.lookup(NS, [h(200)])
+    assert time.monotonic() - started < 1.0
+    # The failed call ended the connection: the leases are stale now, and say so by missing.
+    assert leases.load_pages([0], [layer.spec]) == [kvtier.TIER_MISS]
+    c.release(leases)
+
+
+def test_a_missing_agent_fails_fast_and_a_restarted_one_is_found(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket), timeout_ms=500)
+    assert c.save(NS, [h(1)], [b"x" * 100]) == ["stored"]
+    agent.kill()
+    with pytest.raises(kvtier.AgentUnavailable):
+        c.lookup(NS, [h(1)])
+    agent.restart()
+    assert c.lookup(NS, [h(1)]) == []
+    assert c.save(NS, [h(1)], [b"x" * 100]) == ["stored"]
+    with pytest.raises(kvtier.AgentUnavailable):
+        kvtier.Client("/nonexistent/kvtier.sock", lazy=False)
+
+
+def test_invalid_arguments_are_value_errors(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    with pytest.raises(ValueError, match="16 bytes"):
+        c.lookup(b"short", [h(1)])
+    with pytest.raises(ValueError, match="hash 0"):
+        c.lookup(NS, [b""])
+    with pytest.raises(ValueError, match="layer"):
+        c.save_pages(NS, [h(1)], [0], [])
+    with pytest.raises(ValueError, match="one block id per hash"):
+        c.save_pages(NS, [h(1), h(2)], [0], [(1, 1, 1)])
