@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def agent_binary() -> Path:
-    """The kvagent binary: ``$KVTIER_AGENT_BIN``, else the workspace's debug build."""
+    """The kvagent binary: ``$KVTIER_TEST_AGENT_BIN``, else the workspace's debug build."""
     explicit = os.environ.get("KVTIER_TEST_AGENT_BIN")
     path = Path(explicit) if explicit else REPO / "target" / "debug" / "kvagent"
     if not path.is_file():
