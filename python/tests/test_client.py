@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from conftest import Agent
+from kvagent_process import Agent
 
 import kvtier
 

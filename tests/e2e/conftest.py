@@ -1,0 +1,77 @@
+"""Fixtures of the vLLM end-to-end tests: the local model, prompts, an agent, and a runner of
+engine processes (each engine is a fresh process, as a restarted pod would be)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "python" / "tests"))
+
+from kvagent_process import Agent  # noqa: E402
+
+MODEL = REPO / "target" / "e2e-model"
+PREFIX_TOKENS = 192  # six 32-token blocks shared by every prompt
+
+
+@pytest.fixture(scope="session")
+def model() -> Path:
+    subprocess.run([sys.executable, str(HERE / "make_model.py"), str(MODEL)], check=True)
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(7)
+    prefix = [rng.randrange(2, 900) for _ in range(PREFIX_TOKENS + 8)]
+    ids = [prefix + [rng.randrange(2, 900) for _ in range(20)] for _ in range(3)]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.json"
+    path.write_text(json.dumps(ids))
+    return path
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="kvt-e2e-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(workdir: Path) -> Iterator[Agent]:
+    a = Agent(workdir / "agent.sock", ["--host-size", "256MiB"])
+    yield a
+    a.kill()
+
+
+def run_engine(model: Path, prompts: Path, *args: str, timeout: float = 600) -> list[list[dict[str, Any]]]:
+    """Runs one engine process; returns, per round, each prompt's output tokens and cached count."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "run_engine.py"), str(model), str(prompts), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"engine failed ({out.returncode}):\n{out.stderr[-6000:]}")
+    result: list[list[dict[str, Any]]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture(scope="session")
+def baseline(model: Path, prompts: Path) -> list[list[int]]:
+    """Greedy outputs without any connector: what every run with kvtier must reproduce."""
+    (round0,) = run_engine(model, prompts)
+    return [r["tokens"] for r in round0]

