@@ -8,9 +8,9 @@ import json
 import time
 
 import pytest
-from kvagent_process import Agent
 
 import kvtier
+from kvagent_process import Agent
 
 NS = kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1)
 
