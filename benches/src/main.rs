@@ -3,6 +3,7 @@
 //! shared machines mean little; the ratio is what the performance contract is about.
 
 mod disk;
+mod e2e;
 mod host;
 mod local;
 mod report;
@@ -29,6 +30,8 @@ enum Command {
     Tiers(TiersArgs),
     /// An engine's calls to a real `kvagent node`: lookup latency, save/load bandwidth vs memcpy.
     Local(local::LocalArgs),
+    /// Real vLLM: TTFT with a 2k-token prefix from kvtier vs full recompute.
+    E2e(e2e::E2eArgs),
 }
 
 /// Options of `kvbench tiers`.
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Tiers(args) => tiers(&args),
         Command::Local(args) => local::run(&args),
+        Command::E2e(args) => e2e::run(&args),
     }
 }
 
