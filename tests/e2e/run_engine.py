@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--salt", default=None)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--policy", default="fail")
+    p.add_argument("--max-batched-tokens", type=int, default=None, help="chunked-prefill chunk size")
     p.add_argument("--kill", default=None, help="PID:INDEX: SIGKILL PID before serving prompt INDEX")
     a = p.parse_args()
 
@@ -53,6 +54,7 @@ def main() -> None:
         distributed_executor_backend="uni",
         seed=0,
         kv_transfer_config=kv_transfer,
+        **({"max_num_batched_tokens": a.max_batched_tokens} if a.max_batched_tokens else {}),
     )
     prompts = [{"prompt_token_ids": ids} for ids in json.load(open(a.prompts))]
     params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)

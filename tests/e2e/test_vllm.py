@@ -78,6 +78,15 @@ def test_an_agent_killed_mid_run_costs_hits_never_requests(
     assert tokens(run) == baseline
 
 
+def test_blocks_of_every_prefill_chunk_are_saved(model: Path, prompts: Path, agent: Agent) -> None:
+    # 64-token chunks: the 192-token prefix is computed over several steps, the later chunks
+    # arriving as cached requests; all of them must reach kvtier.
+    (chunked,) = run_engine(model, prompts, "--socket", str(agent.socket), "--max-batched-tokens", "64")
+    (fresh,) = run_engine(model, prompts, "--socket", str(agent.socket))
+    assert fresh[0]["cached"] >= PREFIX_TOKENS
+    assert tokens(fresh) == tokens(chunked)
+
+
 def test_another_tenant_gets_no_hit(model: Path, prompts: Path, agent: Agent) -> None:
     (a,) = run_engine(model, prompts, "--socket", str(agent.socket), "--salt", "tenant-a")
     (b,) = run_engine(model, prompts, "--socket", str(agent.socket), "--salt", "tenant-b")
