@@ -570,3 +570,37 @@ fn an_oversized_batch_is_refused_by_the_client_without_losing_the_connection() {
     );
     assert_eq!(client.lookup(&ns("m"), &too_many[..10]).unwrap(), vec![]);
 }
+
+#[test]
+fn handles_can_only_be_settled_by_the_client_that_took_them() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let (owner, other) = (agent.client(), agent.client());
+    save_range(&owner, 64, 0..1);
+    let held = owner.acquire(&ns("m"), &[hash(64, 0)]).unwrap();
+    let err = other
+        .release(&ns("m"), held.into_iter().flatten().collect())
+        .unwrap_err();
+    assert!(matches!(err, ClientError::ForeignHandle), "{err}");
+    let slot = owner
+        .reserve(&ns("m"), &[(hash(64, 1), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let err = other.commit(&ns("m"), vec![slot]).unwrap_err();
+    assert!(matches!(err, ClientError::ForeignHandle), "{err}");
+    // The refused handles went back to their owner, who gives them back on its next call.
+    owner.lookup(&ns("m"), &[hash(64, 0)]).unwrap();
+    let again = other
+        .reserve(&ns("m"), &[(hash(64, 1), 4096)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    other
+        .abort(
+            &ns("m"),
+            vec![again.expect("the owner's reservation was given back")],
+        )
+        .unwrap();
+}

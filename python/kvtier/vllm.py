@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kvtier.vllm")
 
 # Leases taken by the scheduler side, handed to the worker side of the same process (the
-# in-process engine), so a load reads blocks that were pinned when they were claimed.
-_LEASES: dict[str, list[kvtier.Leases]] = {}
+# in-process engine), so a load reads blocks that were pinned when they were claimed. Leases are
+# released through the client that took them.
+_LEASES: dict[str, tuple[kvtier.Client, list[kvtier.Leases]]] = {}
 _LEASES_LOCK = threading.Lock()
 
 
@@ -72,11 +73,13 @@ class RequestKeys:
 
 @dataclass
 class LoadSpec:
-    """Blocks to copy from the arena into a request's blocks before the forward pass."""
+    """Blocks to copy from the arena into a request's blocks before the forward pass: the
+    request's blocks ``first`` onwards (the ones before are vLLM's own prefix-cache hits)."""
 
     req_id: str
     keys: RequestKeys
     block_ids: list[int]
+    first: int
 
 
 @dataclass
@@ -147,6 +150,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._tp_world = int(parallel.tensor_parallel_size)
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
+        # Tokens vLLM had computed locally when it last asked about a request: where the
+        # external hit starts (`request.num_computed_tokens` is set only after allocation).
+        self._local_tokens: dict[str, int] = {}
         # Worker side.
         self._layers: list[tuple[int, int, int]] = []
         self._tp_rank = 0
@@ -164,12 +170,16 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     # ---- scheduler side -------------------------------------------------------------------
 
-    def _drop_leases(self, req_id: str) -> None:
+    @staticmethod
+    def _drop_leases(req_id: str) -> None:
         with _LEASES_LOCK:
-            held = _LEASES.pop(req_id, [])
+            entry = _LEASES.pop(req_id, None)
+        if entry is None:
+            return
+        owner, held = entry
         for leases in held:
             try:
-                self._client.release(leases)
+                owner.release(leases)
             except kvtier.KvtierError as e:
                 logger.debug("kvtier: releasing leases of %s: %s", req_id, e)
 
@@ -178,6 +188,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` the agent holds, all pinned now."""
         self._drop_leases(request.request_id)
+        self._local_tokens[request.request_id] = num_computed_tokens
         if not self._do_load:
             return 0, False
         keys = self._keys(request)
@@ -199,7 +210,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._safe_release(leases)
             return 0, False
         with _LEASES_LOCK:
-            _LEASES[request.request_id] = held
+            _LEASES[request.request_id] = (self._client, held)
         return matched * self._block_size - num_computed_tokens, False
 
     def _safe_release(self, leases: kvtier.Leases) -> None:
@@ -218,13 +229,14 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._drop_leases(request.request_id)
             return
         block_ids = list(blocks.get_block_ids()[0])
-        first = request.num_computed_tokens // self._block_size
+        first = self._local_tokens.get(request.request_id, 0) // self._block_size
         count = num_external_tokens // self._block_size
         keys = self._keys(request)
         tracked.load = LoadSpec(
             req_id=request.request_id,
             keys=RequestKeys(keys.lora, keys.cache_salt, keys.hashes[first : first + count]),
             block_ids=block_ids[first : first + count],
+            first=first,
         )
         # The loaded blocks are in the agent already: nothing to save for them.
         tracked.saved_blocks = first + count
@@ -279,6 +291,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forgets the request; its blocks are vLLM's to free at once."""
         self._tracked.pop(request.request_id, None)
+        self._local_tokens.pop(request.request_id, None)
         self._drop_leases(request.request_id)
         return False, None
 
@@ -319,20 +332,27 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _load(self, load: LoadSpec) -> None:
         with _LEASES_LOCK:
-            held = _LEASES.get(load.req_id)
+            entry = _LEASES.get(load.req_id)
+        held = entry[1] if entry is not None else None
         leases = held[self._tp_rank] if held is not None and self._tp_rank < len(held) else None
         own = leases is None
         try:
             if leases is None:
                 ns = self._namespace(load.keys, self._tp_rank)
                 leases = self._client.acquire(ns, load.keys.hashes)
-            tiers = leases.load_pages(load.block_ids, self._layers)
+                tiers = leases.load_pages(load.block_ids, self._layers)
+            else:
+                # The scheduler pinned the request's blocks from its first one.
+                tiers = leases.load_pages(load.block_ids, self._layers, load.first)
         except kvtier.KvtierError as e:
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
         finally:
             if own and leases is not None:
                 self._safe_release(leases)
+            elif self._tp_world == 1:
+                # Loaded (or failed): the pins the scheduler took for this request are done with.
+                self._drop_leases(load.req_id)
         failed = {b for b, t in zip(load.block_ids, tiers, strict=True) if t == kvtier.TIER_MISS}
         if failed:
             logger.warning("kvtier: %d blocks of %s could not be loaded", len(failed), load.req_id)

@@ -281,7 +281,7 @@ impl Client {
         layers: Vec<(usize, usize, usize)>,
     ) -> PyResult<Vec<u32>> {
         let leases = self.acquire(py, ns, hashes)?;
-        let tiers = leases.load_pages(py, block_ids, layers)?;
+        let tiers = leases.load_pages(py, block_ids, layers, 0)?;
         leases.release(py, self)?;
         Ok(tiers)
     }
@@ -320,23 +320,26 @@ impl Leases {
         self.held.lock().iter().take_while(|a| a.is_some()).count()
     }
 
-    /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block `i`
-    /// (pass fewer ids to load only a prefix). Returns a tier code per id; 0 where the block is
-    /// not held, its length does not match the layout, or its connection has ended.
+    /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block
+    /// `start + i` (so a load can skip blocks the engine has already). Returns a tier code per
+    /// id; 0 where the block is not held, its length does not match the layout, or its
+    /// connection has ended.
+    #[pyo3(signature = (block_ids, layers, start=0))]
     fn load_pages(
         &self,
         py: Python<'_>,
         block_ids: Vec<usize>,
         layers: Vec<(usize, usize, usize)>,
+        start: usize,
     ) -> PyResult<Vec<u32>> {
         let layers = layers_of(&layers)?;
         let len = pages::block_len(&layers) as u64;
         let held = self.held.lock();
-        if block_ids.len() > held.len() {
+        if start.saturating_add(block_ids.len()) > held.len() {
             return Err(PyValueError::new_err("more block ids than leased blocks"));
         }
         let copier = CpuCopier;
-        let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held
+        let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held[start..]
             .iter()
             .zip(&block_ids)
             .map(|(a, &id)| (a.as_ref(), id, 0))

@@ -90,6 +90,11 @@ def test_leases_stay_readable_while_the_agent_is_dead_then_turn_stale(agent: Age
     leases = c.acquire(NS, [h(200), h(201), h(202)])
     assert leases.tiers() == [kvtier.TIER_HOST, kvtier.TIER_HOST, kvtier.TIER_MISS]
     assert leases.prefix_len() == 2
+    # `start` skips leased blocks: leased block 1 lands in page 3.
+    assert leases.load_pages([3], [layer.spec], start=1) == [kvtier.TIER_HOST]
+    assert layer.block(3) == want[1]
+    with pytest.raises(ValueError, match="more block ids"):
+        leases.load_pages([0, 1, 2], [layer.spec], start=1)
     agent.kill()
     layer.clear()
     # Pinned blocks live in the mapped arena: still readable with the agent gone.

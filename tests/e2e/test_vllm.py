@@ -162,3 +162,17 @@ def test_the_openai_server_loads_prefixes_from_kvtier(
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_a_hit_that_continues_a_local_prefix_loads_into_the_right_blocks(
+    model: Path, prompts: Path, agent: Agent, workdir: Path
+) -> None:
+    full = json.loads(prompts.read_text())[0]
+    short = full[:64] + [7] * 40  # shares two blocks with `full`
+    mixed = workdir / "mixed.json"
+    mixed.write_text(json.dumps([short, full]))
+    first, second = run_engine(model, mixed, "--socket", str(agent.socket), "--rounds", "2", "--reset")
+    # Second round: `short` brings blocks 0-1 back into vLLM's cache; `full` then hits those two
+    # locally and must load blocks 2-5 from kvtier into its own blocks 2-5.
+    assert second[1]["cached"] >= PREFIX_TOKENS
+    assert tokens(second) == tokens(first)

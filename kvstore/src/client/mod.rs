@@ -107,6 +107,9 @@ pub enum ClientError {
     /// the agent gave its slot back when that connection ended.
     #[error("handle belongs to an earlier connection to the agent; its slot is gone")]
     StaleHandle,
+    /// Handles taken by another client: only the client that took them can settle them.
+    #[error("handles belong to another client")]
+    ForeignHandle,
     /// More blocks in one call than the protocol allows.
     #[error("{0} blocks in one call; at most {MAX_BATCH}")]
     BatchTooLarge(usize),
@@ -480,12 +483,27 @@ impl Client {
         self.finish_slots(ns, slots, true)
     }
 
+    /// Refuses handles of a live connection that is not this client's (they would be neither
+    /// settled here nor released by their owner).
+    fn check_owner(&self, link: &Arc<Link>) -> Result<()> {
+        let mine = self
+            .conn
+            .lock()
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.link, link));
+        if link.is_alive() && !mine {
+            return Err(ClientError::ForeignHandle);
+        }
+        Ok(())
+    }
+
     fn finish_slots(&self, ns: &Namespace, mut slots: Vec<Reserved>, abort: bool) -> Result<Vec<bool>> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
         check_batch(slots.len())?;
         let link = Arc::clone(&slots[0].0.link);
+        self.check_owner(&link)?;
         if slots
             .iter()
             .any(|s| !Arc::ptr_eq(&s.0.link, &link) || s.0.ns != *ns)
@@ -566,6 +584,9 @@ impl Client {
     /// Unpins acquired blocks. Handles whose connection has ended are dropped quietly: the
     /// agent unpinned them when it ended.
     pub fn release(&self, ns: &Namespace, mut blocks: Vec<Acquired>) -> Result<()> {
+        for b in &blocks {
+            self.check_owner(&b.0.link)?;
+        }
         for b in &mut blocks {
             b.0.settled = true;
         }
