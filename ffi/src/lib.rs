@@ -20,7 +20,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use kvstore::client::{Acquired, Client, ClientConfig, ClientError, Reserved, SaveOutcome};
-use kvstore::{BlockHash, Namespace, TierLevel};
+use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 
 /// Version of this ABI; grows when functions or types change incompatibly.
 pub const KVTIER_ABI_VERSION: u32 = 1;
@@ -323,43 +323,26 @@ pub unsafe extern "C" fn kvtier_namespace_build(
         let spec = unsafe { &*spec };
         // SAFETY: each string is NULL or NUL-terminated (caller's contract).
         let model = unsafe { opt_str(spec.model, "model")? }.ok_or_else(|| invalid("model is required"))?;
-        let mut b = Namespace::builder(model);
-        // SAFETY: as above, for every optional string.
-        unsafe {
-            if let Some(v) = opt_str(spec.revision, "revision")? {
-                b = b.revision(v);
-            }
-            if let Some(v) = opt_str(spec.kv_dtype, "kv_dtype")? {
-                b = b.kv_dtype(v);
-            }
-            if let Some(v) = opt_str(spec.kv_layout, "kv_layout")? {
-                b = b.kv_layout(v);
-            }
-            if let Some(v) = opt_str(spec.lora, "lora")? {
-                b = b.lora(v);
-            }
-            if let Some(v) = opt_str(spec.tenant, "tenant")? {
-                b = b.tenant(v);
-            }
-            if let Some(v) = opt_str(spec.cache_salt, "cache_salt")? {
-                b = b.cache_salt(v);
-            }
+        if spec.tp_world != 0 && spec.tp_rank >= spec.tp_world {
+            return Err(invalid("tp_rank must be below tp_world"));
         }
-        if spec.block_size != 0 {
-            b = b.block_size(spec.block_size);
-        }
-        if spec.tp_world != 0 {
-            if spec.tp_rank >= spec.tp_world {
-                return Err(invalid("tp_rank must be below tp_world"));
+        // SAFETY: each string is NULL or NUL-terminated (caller's contract).
+        let b = unsafe {
+            NamespaceBuilder {
+                model_id: model,
+                revision: opt_str(spec.revision, "revision")?,
+                kv_dtype: opt_str(spec.kv_dtype, "kv_dtype")?,
+                kv_layout: opt_str(spec.kv_layout, "kv_layout")?,
+                block_size: (spec.block_size != 0).then_some(spec.block_size),
+                tp_rank: if spec.tp_world != 0 { spec.tp_rank } else { 0 },
+                tp_world: spec.tp_world,
+                pp_stage: u32::try_from(spec.pp_stage).unwrap_or(0),
+                kv_group: u32::try_from(spec.kv_group).unwrap_or(0),
+                lora: opt_str(spec.lora, "lora")?,
+                tenant: opt_str(spec.tenant, "tenant")?,
+                cache_salt: opt_str(spec.cache_salt, "cache_salt")?,
             }
-            b = b.tensor_parallel(spec.tp_rank, spec.tp_world);
-        }
-        if let Ok(stage) = u32::try_from(spec.pp_stage) {
-            b = b.pipeline_stage(stage);
-        }
-        if let Ok(group) = u32::try_from(spec.kv_group) {
-            b = b.kv_group(group);
-        }
+        };
         let bytes = *b.build().as_bytes();
         // SAFETY: `out` is non-null and writable (caller's contract).
         unsafe { (*out).bytes = bytes };

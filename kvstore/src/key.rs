@@ -59,21 +59,35 @@ impl fmt::Display for Namespace {
 }
 
 /// Named fields of a [`Namespace`]. Every field defaults to "unset", which is itself a value:
-/// a namespace with `lora = None` differs from one with any adapter.
+/// a namespace with `lora = None` differs from one with any adapter. Set fields with the
+/// methods, or — for bindings that receive every field at once — as a struct literal with
+/// `..NamespaceBuilder::default()`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamespaceBuilder {
-    model_id: String,
-    revision: Option<String>,
-    kv_dtype: Option<String>,
-    kv_layout: Option<String>,
-    block_size: Option<u32>,
-    tp_rank: u32,
-    tp_world: u32,
-    pp_stage: u32,
-    kv_group: u32,
-    lora: Option<String>,
-    tenant: Option<String>,
-    cache_salt: Option<String>,
+    /// Model id (see [`Namespace::builder`]).
+    pub model_id: String,
+    /// See [`Self::revision`].
+    pub revision: Option<String>,
+    /// See [`Self::kv_dtype`].
+    pub kv_dtype: Option<String>,
+    /// See [`Self::kv_layout`].
+    pub kv_layout: Option<String>,
+    /// See [`Self::block_size`].
+    pub block_size: Option<u32>,
+    /// Tensor-parallel rank (see [`Self::tensor_parallel`]).
+    pub tp_rank: u32,
+    /// Tensor-parallel world size; 0 is unset.
+    pub tp_world: u32,
+    /// See [`Self::pipeline_stage`].
+    pub pp_stage: u32,
+    /// See [`Self::kv_group`].
+    pub kv_group: u32,
+    /// See [`Self::lora`].
+    pub lora: Option<String>,
+    /// See [`Self::tenant`].
+    pub tenant: Option<String>,
+    /// See [`Self::cache_salt`].
+    pub cache_salt: Option<String>,
 }
 
 impl NamespaceBuilder {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, SaveOutcome};
 use kvstore::pages::{self, Copier, CpuCopier, LayerPages};
-use kvstore::{BlockHash, Namespace, TierLevel};
+use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 use parking_lot::Mutex;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -390,40 +390,23 @@ fn namespace<'py>(
     tenant: Option<&str>,
     cache_salt: Option<&str>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let mut b = Namespace::builder(model);
-    if let Some(v) = revision {
-        b = b.revision(v);
+    if tp_world.is_some_and(|world| tp_rank >= world) {
+        return Err(PyValueError::new_err("tp_rank must be below tp_world"));
     }
-    if let Some(v) = kv_dtype {
-        b = b.kv_dtype(v);
-    }
-    if let Some(v) = kv_layout {
-        b = b.kv_layout(v);
-    }
-    if let Some(v) = block_size {
-        b = b.block_size(v);
-    }
-    if let Some(world) = tp_world {
-        if tp_rank >= world {
-            return Err(PyValueError::new_err("tp_rank must be below tp_world"));
-        }
-        b = b.tensor_parallel(tp_rank, world);
-    }
-    if let Some(v) = pp_stage {
-        b = b.pipeline_stage(v);
-    }
-    if let Some(v) = kv_group {
-        b = b.kv_group(v);
-    }
-    if let Some(v) = lora {
-        b = b.lora(v);
-    }
-    if let Some(v) = tenant {
-        b = b.tenant(v);
-    }
-    if let Some(v) = cache_salt {
-        b = b.cache_salt(v);
-    }
+    let b = NamespaceBuilder {
+        model_id: model.into(),
+        revision: revision.map(Into::into),
+        kv_dtype: kv_dtype.map(Into::into),
+        kv_layout: kv_layout.map(Into::into),
+        block_size,
+        tp_rank: if tp_world.is_some() { tp_rank } else { 0 },
+        tp_world: tp_world.unwrap_or(0),
+        pp_stage: pp_stage.unwrap_or(0),
+        kv_group: kv_group.unwrap_or(0),
+        lora: lora.map(Into::into),
+        tenant: tenant.map(Into::into),
+        cache_salt: cache_salt.map(Into::into),
+    };
     Ok(PyBytes::new(py, b.build().as_bytes()))
 }
 
