@@ -222,38 +222,17 @@ impl Client {
         let (ns, hashes, layers) = (ns_of(ns)?, hashes_of(&hashes)?, layers_of(&layers)?);
         let len = pages::block_len(&layers) as u64;
         let copier = CpuCopier;
+        let wanted: Vec<(BlockHash, u64)> = hashes.iter().map(|h| (*h, len)).collect();
         let out = py
-            .detach(|| -> Result<_, ClientError> {
-                let wanted: Vec<(BlockHash, u64)> = hashes.iter().map(|h| (*h, len)).collect();
-                let reserved = self.inner.reserve(&ns, &wanted)?;
-                let mut outcomes = Vec::with_capacity(reserved.len());
-                let mut jobs = Vec::new();
-                for (r, &id) in reserved.into_iter().zip(&block_ids) {
-                    match r {
-                        Ok(slot) => {
-                            outcomes.push(SaveOutcome::Stored);
-                            jobs.push((slot, id, outcomes.len() - 1, false));
-                        }
-                        Err(o) => outcomes.push(o),
-                    }
-                }
-                pages::for_each(&copier, &mut jobs, |(slot, id, _, ok)| {
+            .detach(|| {
+                self.inner.save_with(
+                    &ns,
+                    &wanted,
+                    copier.parallel(),
                     // SAFETY: the caller promised the pages readable for the call.
-                    *ok = slot
-                        .with_slot_mut(|s| unsafe { copier.gather(&layers, *id, s) })
-                        .is_some();
-                });
-                copier.finish();
-                let written: Vec<usize> = jobs.iter().filter(|j| j.3).map(|j| j.2).collect();
-                let (good, stale): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.3);
-                drop(stale);
-                let done = self.inner.commit(&ns, good.into_iter().map(|j| j.0).collect())?;
-                for (i, ok) in written.into_iter().zip(done) {
-                    if !ok {
-                        outcomes[i] = SaveOutcome::NoSpace;
-                    }
-                }
-                Ok(outcomes)
+                    |i, slot| unsafe { copier.gather(&layers, block_ids[i], slot) },
+                    || copier.finish(),
+                )
             })
             .map_err(to_py)?;
         Ok(out.into_iter().map(outcome_name).collect())

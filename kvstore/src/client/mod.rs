@@ -615,21 +615,54 @@ impl Client {
     /// Saves blocks: reserve, copy, commit. One outcome per item.
     pub fn save(&self, ns: &Namespace, items: &[(BlockHash, &[u8])]) -> Result<Vec<SaveOutcome>> {
         let wanted: Vec<(BlockHash, u64)> = items.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
-        let reserved = self.reserve(ns, &wanted)?;
+        self.save_with(
+            ns,
+            &wanted,
+            false,
+            |i, slot| slot.copy_from_slice(items[i].1),
+            || {},
+        )
+    }
+
+    /// Saves blocks of the given lengths whose bytes `fill(i, slot)` writes into item `i`'s
+    /// slot (on the thread pool when `parallel`); `flush` runs after every fill and before the
+    /// commit (a device copier waits for its copies there). One outcome per item.
+    pub fn save_with(
+        &self,
+        ns: &Namespace,
+        items: &[(BlockHash, u64)],
+        parallel: bool,
+        fill: impl Fn(usize, &mut [u8]) + Sync,
+        flush: impl FnOnce(),
+    ) -> Result<Vec<SaveOutcome>> {
+        use rayon::prelude::*;
+
+        let reserved = self.reserve(ns, items)?;
         let mut out = Vec::with_capacity(items.len());
-        let mut slots = Vec::new();
-        let mut written = Vec::new();
-        for ((_, data), r) in items.iter().zip(reserved) {
+        let mut jobs = Vec::new();
+        for (i, r) in reserved.into_iter().enumerate() {
             match r {
-                Ok(mut slot) => {
-                    self.write(&mut slot, data)?;
-                    written.push(out.len());
-                    slots.push(slot);
+                Ok(slot) => {
+                    jobs.push((i, slot, false));
                     out.push(SaveOutcome::Stored);
                 }
                 Err(o) => out.push(o),
             }
         }
+        let run = |(i, slot, filled): &mut (usize, Reserved, bool)| {
+            *filled = slot.with_slot_mut(|s| fill(*i, s)).is_some();
+        };
+        if parallel && jobs.len() > 1 {
+            jobs.par_iter_mut().for_each(run);
+        } else {
+            jobs.iter_mut().for_each(run);
+        }
+        flush();
+        if jobs.iter().any(|(_, _, filled)| !filled) {
+            // The connection ended during the copies: the reservations went with it.
+            return Err(ClientError::StaleHandle);
+        }
+        let (written, slots): (Vec<usize>, Vec<Reserved>) = jobs.into_iter().map(|(i, s, _)| (i, s)).unzip();
         for (i, ok) in written.into_iter().zip(self.commit(ns, slots)?) {
             if !ok {
                 out[i] = SaveOutcome::NoSpace;
