@@ -652,6 +652,22 @@ impl std::io::Read for PollingReader<'_> {
     }
 }
 
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a peer that went away is an error to report, never
+/// a SIGPIPE (which would kill an engine whose C host does not ignore it, or the agent). A send
+/// timeout (`EAGAIN`) is reported as `TimedOut`.
+pub fn send_all(stream: &std::os::unix::net::UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(stream, buf, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => return Err(std::io::ErrorKind::TimedOut.into()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads the header of a body whose message could not be decoded, to answer with its id.
 pub fn peek_id(body: &[u8]) -> u32 {
     body.get(4..8)

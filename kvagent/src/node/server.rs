@@ -304,7 +304,7 @@ fn serve(stream: UnixStream, shared: &Shared, state: &ConnState, id: u64) {
         resp.encode(header.id, &mut out);
         // Recorded before answering, so that a client that scrapes after its call sees it.
         shared.metrics.observe(verb, blocks, received.elapsed());
-        let written = send_all(&stream, &out);
+        let written = wire::send_all(&stream, &out);
         state.reservations.store(session.held().0, Ordering::SeqCst);
         state.busy.store(false, Ordering::SeqCst);
         if let Err(e) = written {
@@ -327,20 +327,6 @@ fn serve(stream: UnixStream, shared: &Shared, state: &ConnState, id: u64) {
     }
     let (reserved, leased) = session.held();
     tracing::debug!(reserved, leased, "connection closed");
-}
-
-/// Writes all of `buf` with `MSG_NOSIGNAL`: a client that went away is that connection's
-/// error, never a SIGPIPE for the agent.
-fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match rustix::net::send(stream, buf, rustix::net::SendFlags::NOSIGNAL) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 fn error_reason(code: ErrorCode) -> &'static str {
@@ -370,7 +356,7 @@ fn reply_error(
         message: msg.into(),
     }
     .encode(id, out);
-    send_all(stream, out)?;
+    wire::send_all(stream, out)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     stream.set_nonblocking(true)?;
     let mut sink = [0u8; 16 << 10];

@@ -245,7 +245,7 @@ impl Client {
             client: cfg.name.clone(),
         }
         .encode(0, micros(cfg.timeout), &mut buf);
-        let sent = socket::send_all(&stream, &buf);
+        let sent = wire::send_all(&stream, &buf);
         // An agent that refuses the connection (too many clients) may answer and close before
         // the hello is sent: its answer is still readable and says why.
         let received = socket::recv_with_fd(&stream);
@@ -383,7 +383,7 @@ impl Client {
         conn.next_id = conn.next_id.wrapping_add(1);
         conn.buf.clear();
         req.encode(id, micros(self.cfg.timeout), &mut conn.buf);
-        let result = socket::send_all(&conn.stream, &conn.buf)
+        let result = wire::send_all(&conn.stream, &conn.buf)
             .map_err(ReadError::from)
             .and_then(|()| {
                 let mut src = wire::PollingReader::new(&conn.stream, self.cfg.spin);

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::wire;
 
@@ -32,21 +32,6 @@ pub(super) fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> 
         e => e.into(),
     })?;
     Ok(UnixStream::from(fd))
-}
-
-/// Writes all of `buf` with `MSG_NOSIGNAL`: a dead agent is an error to report, never a SIGPIPE
-/// that would kill the engine process (a C host may not ignore the signal).
-pub(super) fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match rustix::net::send(stream, buf, SendFlags::NOSIGNAL) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::TimedOut.into()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Receives the welcome frame and the fd that travels with it. The agent sends both in one
