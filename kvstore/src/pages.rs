@@ -79,9 +79,10 @@ impl Copier for CpuCopier {
     }
 }
 
-/// Runs `f` over `items`, on the thread pool when the copier allows it.
-pub fn for_each<T: Send>(copier: &dyn Copier, items: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
-    if copier.parallel() && items.len() > 1 {
+/// Runs `f` over `items`, on the thread pool when `parallel` (a copier's
+/// [`Copier::parallel`]).
+pub fn for_each<T: Send>(parallel: bool, items: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
+    if parallel && items.len() > 1 {
         items.par_iter_mut().for_each(f);
     } else {
         items.iter_mut().for_each(f);

@@ -324,7 +324,7 @@ impl Leases {
             .map(|(a, &id)| (a.as_ref(), id, 0))
             .collect();
         py.detach(|| {
-            pages::for_each(&copier, &mut jobs, |(a, id, tier)| {
+            pages::for_each(copier.parallel(), &mut jobs, |(a, id, tier)| {
                 if let Some(a) = a.filter(|a| a.len() == len) {
                     // SAFETY: the caller promised the pages writable and unshared for the call.
                     let copied = a.with_slot(|s| unsafe { copier.scatter(&layers, *id, s) });

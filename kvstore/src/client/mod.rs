@@ -635,8 +635,6 @@ impl Client {
         fill: impl Fn(usize, &mut [u8]) + Sync,
         flush: impl FnOnce(),
     ) -> Result<Vec<SaveOutcome>> {
-        use rayon::prelude::*;
-
         let reserved = self.reserve(ns, items)?;
         let mut out = Vec::with_capacity(items.len());
         let mut jobs = Vec::new();
@@ -649,14 +647,9 @@ impl Client {
                 Err(o) => out.push(o),
             }
         }
-        let run = |(i, slot, filled): &mut (usize, Reserved, bool)| {
+        crate::pages::for_each(parallel, &mut jobs, |(i, slot, filled)| {
             *filled = slot.with_slot_mut(|s| fill(*i, s)).is_some();
-        };
-        if parallel && jobs.len() > 1 {
-            jobs.par_iter_mut().for_each(run);
-        } else {
-            jobs.iter_mut().for_each(run);
-        }
+        });
         flush();
         if jobs.iter().any(|(_, _, filled)| !filled) {
             // The connection ended during the copies: the reservations went with it.
