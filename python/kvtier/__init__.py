@@ -15,6 +15,7 @@ from kvtier._native import (
     Client,
     KvtierError,
     Leases,
+    Reservation,
     StaleHandle,
     namespace,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Client",
     "KvtierError",
     "Leases",
+    "Reservation",
     "StaleHandle",
     "namespace",
 ]

@@ -13,9 +13,20 @@ Every full block a request computes is saved to the node agent, keyed by vLLM's 
 ``request.block_hashes`` under a namespace of everything that makes equal hashes mean different
 bytes (model, dtype, KV layout and page size, block size, TP rank and world, pipeline stage, KV
 group, LoRA, cache salt). A new request asks the agent how many of its leading blocks it holds
-beyond vLLM's own prefix cache; those blocks are pinned in the agent's arena at once, so that what
-the connector claims stays readable even if the agent dies before the load, and copied into the
-request's blocks before the forward pass. Copies run in Rust (``kvtier._native``), off the GIL.
+beyond vLLM's own prefix cache, and claims only blocks pinned in the agent's arena, which stay
+readable even if the agent dies before the load:
+
+- blocks already in host memory are pinned at once and copied into the request's blocks before
+  the forward pass (a synchronous load);
+- blocks that must first be promoted from a lower tier (disk) are pinned by a background thread
+  while vLLM schedules other requests (the count is "not known yet" meanwhile), then loaded
+  asynchronously: the copy runs beside the forward pass and the request resumes when
+  ``get_finished`` reports it.
+
+Saves are layer by layer: the blocks that become full in a step get arena slots at the step's
+first attention layer, each layer's pages are copied as soon as that layer has written them,
+and the slots are published after the forward pass. Copies run in Rust (``kvtier._native``), off
+the GIL.
 
 ``kv_connector_extra_config`` keys (all optional):
 
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +92,7 @@ class LoadSpec:
     keys: RequestKeys
     block_ids: list[int]
     first: int
+    asynchronous: bool = False
 
 
 @dataclass
@@ -96,6 +109,16 @@ class KvTierMetadata(KVConnectorMetadata):  # type: ignore[misc]
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _StepSave:
+    """A save of this step whose slots are reserved and filled layer by layer."""
+
+    reservation: kvtier.Reservation
+    block_ids: list[int]
+    failed: bool = False
 
 
 @dataclass
@@ -105,7 +128,6 @@ class _Tracked:
     request: Request
     block_ids: list[int] = field(default_factory=list)
     saved_blocks: int = 0
-    load: LoadSpec | None = None
 
 
 def _extra(vllm_config: VllmConfig) -> dict[str, Any]:
@@ -125,11 +147,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._do_save = bool(extra.get("save", True))
         self._do_load = bool(extra.get("load", True))
         self._min_prefix = int(extra.get("min_prefix_tokens", self._block_size))
+        self._socket: str | None = extra.get("socket")
+        self._timeout_ms = int(extra.get("timeout_ms", 1000))
         self._client = kvtier.Client(
-            extra.get("socket"),
-            timeout_ms=int(extra.get("timeout_ms", 1000)),
-            name=f"vllm-{role.name.lower()}",
-            lazy=True,
+            self._socket, timeout_ms=self._timeout_ms, name=f"vllm-{role.name.lower()}", lazy=True
         )
         model = vllm_config.model_config
         parallel = vllm_config.parallel_config
@@ -153,10 +174,30 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # Tokens vLLM had computed locally when it last asked about a request: where the
         # external hit starts (`request.num_computed_tokens` is set only after allocation).
         self._local_tokens: dict[str, int] = {}
+        # Requests whose claim was for an asynchronous load.
+        self._async_claims: set[str] = set()
+        # Promotions from lower tiers in flight, by request. They run on a client of their own,
+        # so that a slow promotion never holds the connection the scheduler asks on.
+        self._promotions: dict[str, Future[list[kvtier.Leases]]] = {}
+        self._promoter: kvtier.Client | None = None
+        self._scheduler_pool: ThreadPoolExecutor | None = None
+        # Loads decided since the last step's metadata.
+        self._new_loads: list[LoadSpec] = []
         # Worker side.
         self._layers: list[tuple[int, int, int]] = []
+        self._layer_of: dict[str, int] = {}
+        self._offsets: list[int] = []
         self._tp_rank = 0
         self._load_errors: set[int] = set()
+        self._step_saves: list[_StepSave] | None = None
+        self._saved_layers: set[int] = set()
+        self._worker_pool: ThreadPoolExecutor | None = None
+        self._loading: dict[str, tuple[LoadSpec, Future[set[int]]]] = {}
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A cache, not a hand-off: a save lost to a preemption is a later miss, no more."""
+        return False
 
     # ---- namespaces -----------------------------------------------------------------------
 
@@ -171,87 +212,166 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     # ---- scheduler side -------------------------------------------------------------------
 
     @staticmethod
-    def _drop_leases(req_id: str) -> None:
-        with _LEASES_LOCK:
-            entry = _LEASES.pop(req_id, None)
-        if entry is None:
-            return
-        owner, held = entry
+    def _release_all(owner: kvtier.Client, held: list[kvtier.Leases]) -> None:
         for leases in held:
             try:
                 owner.release(leases)
             except kvtier.KvtierError as e:
-                logger.debug("kvtier: releasing leases of %s: %s", req_id, e)
+                logger.debug("kvtier: release failed: %s", e)
+
+    @classmethod
+    def _drop_leases(cls, req_id: str) -> None:
+        with _LEASES_LOCK:
+            entry = _LEASES.pop(req_id, None)
+        if entry is not None:
+            cls._release_all(*entry)
+
+    def _cancel_promotion(self, req_id: str) -> None:
+        """Forgets a promotion in flight; its pins are released when it completes."""
+        pending = self._promotions.pop(req_id, None)
+        if pending is None:
+            return
+        owner = self._promoter
+        assert owner is not None
+
+        def release(done: Future[list[kvtier.Leases]]) -> None:
+            if done.exception() is None:
+                self._release_all(owner, done.result())
+
+        pending.add_done_callback(release)
+
+    def _promote(self, namespaces: list[bytes], hashes: list[bytes]) -> list[kvtier.Leases]:
+        """Pins blocks for every rank; the agent promotes those on lower tiers first."""
+        assert self._promoter is not None
+        held: list[kvtier.Leases] = []
+        try:
+            for ns in namespaces:
+                held.append(self._promoter.acquire(ns, hashes))
+        except kvtier.KvtierError:
+            self._release_all(self._promoter, held)
+            raise
+        return held
+
+    def _start_promotion(self, req_id: str, namespaces: list[bytes], hashes: list[bytes]) -> None:
+        if self._promoter is None:
+            self._promoter = kvtier.Client(
+                self._socket, timeout_ms=self._timeout_ms, name="vllm-promoter", lazy=True
+            )
+            self._scheduler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-promote")
+        assert self._scheduler_pool is not None
+        self._promotions[req_id] = self._scheduler_pool.submit(self._promote, namespaces, hashes)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """Tokens beyond ``num_computed_tokens`` the agent holds, all pinned now."""
-        self._drop_leases(request.request_id)
-        self._local_tokens[request.request_id] = num_computed_tokens
+        """Tokens beyond ``num_computed_tokens`` the agent holds, all pinned before they are
+        claimed: ``None`` ("ask again") while blocks are being promoted from a lower tier."""
+        req_id = request.request_id
+        self._drop_leases(req_id)
+        self._async_claims.discard(req_id)
+        self._local_tokens[req_id] = num_computed_tokens
         if not self._do_load:
             return 0, False
         keys = self._keys(request)
         # A synchronous load must leave at least one token to compute.
         loadable = min(len(keys.hashes), (request.num_tokens - 1) // self._block_size)
         if loadable * self._block_size <= max(num_computed_tokens, self._min_prefix - 1):
+            self._cancel_promotion(req_id)
             return 0, False
+        pending = self._promotions.get(req_id)
+        if pending is not None:
+            if not pending.done():
+                return None, False
+            del self._promotions[req_id]
+            try:
+                held = pending.result()
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: promotion failed, computing instead: %s", e)
+                return 0, False
+            assert self._promoter is not None
+            return self._claim(req_id, self._promoter, held, num_computed_tokens, asynchronous=True)
+        namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+        wanted = keys.hashes[:loadable]
         try:
-            held = [
-                self._client.acquire(self._namespace(keys, rank), keys.hashes[:loadable])
-                for rank in range(self._tp_world)
-            ]
+            tiers = [self._client.lookup(ns, wanted) for ns in namespaces]
         except kvtier.KvtierError as e:
             logger.debug("kvtier: lookup failed, computing instead: %s", e)
             return 0, False
-        matched = min(leases.prefix_len() for leases in held)
+        matched = min(len(t) for t in tiers)
         if matched * self._block_size <= num_computed_tokens or matched * self._block_size < self._min_prefix:
-            for leases in held:
-                self._safe_release(leases)
+            return 0, False
+        if any(t != kvtier.TIER_HOST for ranks in tiers for t in ranks[:matched]):
+            self._start_promotion(req_id, namespaces, wanted[:matched])
+            return None, False
+        try:
+            held = []
+            for ns in namespaces:
+                held.append(self._client.acquire(ns, wanted[:matched]))
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: acquire failed, computing instead: %s", e)
+            self._release_all(self._client, held)
+            return 0, False
+        return self._claim(req_id, self._client, held, num_computed_tokens, asynchronous=False)
+
+    def _claim(
+        self,
+        req_id: str,
+        owner: kvtier.Client,
+        held: list[kvtier.Leases],
+        num_computed: int,
+        asynchronous: bool,
+    ) -> tuple[int, bool]:
+        """Claims the blocks pinned for every rank, beyond what vLLM has computed."""
+        matched = min(leases.prefix_len() for leases in held)
+        if matched * self._block_size <= num_computed or matched * self._block_size < self._min_prefix:
+            self._release_all(owner, held)
             return 0, False
         with _LEASES_LOCK:
-            _LEASES[request.request_id] = (self._client, held)
-        return matched * self._block_size - num_computed_tokens, False
-
-    def _safe_release(self, leases: kvtier.Leases) -> None:
-        try:
-            self._client.release(leases)
-        except kvtier.KvtierError as e:
-            logger.debug("kvtier: release failed: %s", e)
+            _LEASES[req_id] = (owner, held)
+        if asynchronous:
+            self._async_claims.add(req_id)
+        return matched * self._block_size - num_computed, asynchronous
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         """Records the request and, for a hit, the blocks to load into."""
-        tracked = self._tracked.setdefault(request.request_id, _Tracked(request))
+        req_id = request.request_id
+        resumed = req_id in self._tracked
+        tracked = self._tracked.setdefault(req_id, _Tracked(request))
         if num_external_tokens <= 0:
-            if num_external_tokens == 0 and tracked.load is None:
-                self._drop_leases(request.request_id)
+            # No hit, or (second call) an asynchronous load has completed: pins are done with.
+            self._drop_leases(req_id)
             return
         block_ids = list(blocks.get_block_ids()[0])
-        first = self._local_tokens.get(request.request_id, 0) // self._block_size
+        first = self._local_tokens.get(req_id, 0) // self._block_size
         count = num_external_tokens // self._block_size
         keys = self._keys(request)
-        tracked.load = LoadSpec(
-            req_id=request.request_id,
-            keys=RequestKeys(keys.lora, keys.cache_salt, keys.hashes[first : first + count]),
-            block_ids=block_ids[first : first + count],
-            first=first,
+        self._new_loads.append(
+            LoadSpec(
+                req_id=req_id,
+                keys=RequestKeys(keys.lora, keys.cache_salt, keys.hashes[first : first + count]),
+                block_ids=block_ids[first : first + count],
+                first=first,
+                asynchronous=req_id in self._async_claims,
+            )
         )
+        if resumed:
+            logger.debug("kvtier: %s resumes with %d blocks from kvtier", req_id, count)
         # The loaded blocks are in the agent already: nothing to save for them.
-        tracked.saved_blocks = first + count
+        tracked.saved_blocks = max(tracked.saved_blocks, first + count)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        """The step's loads, and the blocks that become full this step, to save."""
-        meta = KvTierMetadata()
+        """The loads decided since the last step, and the blocks that become full this step, to
+        save. Loads are not tied to scheduled requests: an asynchronous one runs while its
+        request waits, and a preempted request resumes among the cached ones."""
+        meta = KvTierMetadata(loads=self._new_loads, preempted=set(scheduler_output.preempted_req_ids or ()))
+        self._new_loads = []
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
                 continue
             tracked.block_ids = list(new.block_ids[0])
-            if tracked.load is not None:
-                meta.loads.append(tracked.load)
-                tracked.load = None
             self._plan_save(meta, tracked, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -289,29 +409,34 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         tracked.saved_blocks = full
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Forgets the request; its blocks are vLLM's to free at once."""
-        self._tracked.pop(request.request_id, None)
-        self._local_tokens.pop(request.request_id, None)
-        self._drop_leases(request.request_id)
+        """Forgets the request; its blocks are vLLM's to free at once (vLLM itself delays the
+        free of a request finished while its asynchronous load runs)."""
+        req_id = request.request_id
+        self._tracked.pop(req_id, None)
+        self._local_tokens.pop(req_id, None)
+        self._async_claims.discard(req_id)
+        self._cancel_promotion(req_id)
+        self._drop_leases(req_id)
         return False, None
 
     # ---- worker side ----------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Learns where every layer keeps its block pages (deduplicating shared layers)."""
+        """Learns where every layer keeps its block pages (layers sharing one tensor are one
+        layer of the saved block)."""
         try:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self._tp_rank = int(get_tensor_model_parallel_rank())
         except (AssertionError, ImportError):
             self._tp_rank = 0
-        seen: set[int] = set()
-        layers = []
+        index_of_base: dict[int, int] = {}
+        layers: list[tuple[int, int, int]] = []
         for name, t in kv_caches.items():
             base = int(t.data_ptr())
-            if base in seen:
+            if base in index_of_base:
+                self._layer_of[name] = index_of_base[base]
                 continue
-            seen.add(base)
             page = int(t[0].numel() * t.element_size())
             stride = int(t.stride(0) * t.element_size())
             if not t[0].is_contiguous() or page != self._page_bytes:
@@ -319,18 +444,43 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     f"kvtier: layer {name} has pages of {page} bytes (contiguous: {t[0].is_contiguous()}), "
                     f"expected contiguous pages of {self._page_bytes}"
                 )
+            index_of_base[base] = self._layer_of[name] = len(layers)
             layers.append((base, stride, page))
         self._layers = layers
+        self._offsets = [sum(page for _, _, page in layers[:i]) for i in range(len(layers))]
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Starts a step: no slots reserved and no layer saved yet."""
+        super().bind_connector_metadata(connector_metadata)
+        self._step_saves = None
+        self._saved_layers = set()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Preempted requests' blocks may be reused from this step on. Saves finish within the
+        step that planned them, so none reads such a block any more; an asynchronous load still
+        writing into one (its request was never running, so this is defensive) is waited for."""
+        if not isinstance(kv_connector_metadata, KvTierMetadata):
+            return
+        for req_id in kv_connector_metadata.preempted:
+            entry = self._loading.get(req_id)
+            if entry is not None:
+                entry[1].exception()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Copies every hit of this step into its blocks before the forward pass."""
+        """Copies this step's synchronous hits into their blocks; starts the asynchronous ones."""
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvTierMetadata):
             return
         for load in meta.loads:
-            self._load(load)
+            if load.asynchronous:
+                if self._worker_pool is None:
+                    self._worker_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+                self._loading[load.req_id] = (load, self._worker_pool.submit(self._load, load))
+            else:
+                self._load_errors |= self._load(load)
 
-    def _load(self, load: LoadSpec) -> None:
+    def _load(self, load: LoadSpec) -> set[int]:
+        """Copies a hit into its blocks; returns the blocks that could not be loaded."""
         with _LEASES_LOCK:
             entry = _LEASES.get(load.req_id)
         held = entry[1] if entry is not None else None
@@ -349,37 +499,129 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
         finally:
             if own and leases is not None:
-                self._safe_release(leases)
+                try:
+                    self._client.release(leases)
+                except kvtier.KvtierError as e:
+                    logger.debug("kvtier: release failed: %s", e)
             elif self._tp_world == 1:
                 # Loaded (or failed): the pins the scheduler took for this request are done with.
                 self._drop_leases(load.req_id)
         failed = {b for b, t in zip(load.block_ids, tiers, strict=True) if t == kvtier.TIER_MISS}
         if failed:
             logger.warning("kvtier: %d blocks of %s could not be loaded", len(failed), load.req_id)
-            self._load_errors |= failed
+        else:
+            how = "asynchronously" if load.asynchronous else "before the forward"
+            logger.debug("kvtier: loaded %d blocks of %s %s", len(load.block_ids), load.req_id, how)
+        return failed
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose asynchronous load is complete (or failed: its blocks are then in
+        ``get_block_ids_with_load_errors`` of the same step)."""
+        done = {req_id for req_id, (_, pending) in self._loading.items() if pending.done()}
+        for req_id in done:
+            load, pending = self._loading.pop(req_id)
+            error = pending.exception()
+            if error is not None:
+                logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", req_id, error)
+                self._load_errors |= set(load.block_ids)
+            else:
+                self._load_errors |= pending.result()
+        return None, (done or None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads are whole-request and finish in ``start_load_kv``."""
+        """Synchronous loads complete in ``start_load_kv``; asynchronous ones belong to requests
+        that are not in the forward pass."""
+
+    def _reserve_step(self) -> list[_StepSave]:
+        """Reserves arena slots for this step's saves (once per step)."""
+        if self._step_saves is not None:
+            return self._step_saves
+        self._step_saves = []
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvTierMetadata) or not self._layers:
+            return self._step_saves
+        block_bytes = sum(page for _, _, page in self._layers)
+        for save in meta.saves:
+            ns = self._namespace(save.keys, self._tp_rank)
+            try:
+                reservation = self._client.reserve_pages(ns, save.keys.hashes, block_bytes)
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: save skipped: %s", e)
+                continue
+            if reservation.reserved():
+                self._step_saves.append(_StepSave(reservation, save.block_ids))
+            else:
+                self._settle(_StepSave(reservation, save.block_ids, failed=True))
+        return self._step_saves
+
+    def _write(self, save: _StepSave, layers: list[int]) -> None:
+        """Copies the pages of `layers` (consecutive layer indices) into the save's slots."""
+        if save.failed or not layers:
+            return
+        try:
+            save.reservation.write_pages(
+                save.block_ids, [self._layers[i] for i in layers], offset=self._offsets[layers[0]]
+            )
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: save failed: %s", e)
+            save.failed = True
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        """Saves happen for all layers at once in ``wait_for_save``."""
+        """Copies this layer's pages of the step's full blocks while they are fresh."""
+        index = self._layer_of.get(layer_name)
+        if index is None or index in self._saved_layers:
+            return
+        self._saved_layers.add(index)
+        for save in self._reserve_step():
+            self._write(save, [index])
+
+    def _settle(self, save: _StepSave) -> None:
+        try:
+            if save.failed:
+                self._client.abort(save.reservation)
+            else:
+                self._client.commit(save.reservation)
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: save not published: %s", e)
 
     def wait_for_save(self) -> None:
-        """Saves the blocks that became full this step (their KV was written by the forward)."""
-        meta = self._get_connector_metadata()
-        if not isinstance(meta, KvTierMetadata):
-            return
-        for save in meta.saves:
-            ns = self._namespace(save.keys, self._tp_rank)
-            try:
-                self._client.save_pages(ns, save.keys.hashes, save.block_ids, self._layers)
-            except kvtier.KvtierError as e:
-                logger.debug("kvtier: save skipped: %s", e)
+        """Copies the layers no attention call saved (all of them when vLLM does not save layer
+        by layer), then publishes the step's blocks."""
+        missing = [i for i in range(len(self._layers)) if i not in self._saved_layers]
+        runs: list[list[int]] = []
+        for i in missing:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        saves = self._reserve_step()
+        blocks = sum(save.reservation.reserved() for save in saves)
+        for save in saves:
+            for run in runs:
+                self._write(save, run)
+            self._settle(save)
+        if saves:
+            logger.debug(
+                "kvtier: published %d blocks; %d of %d layers copied during the forward",
+                blocks,
+                len(self._layers) - len(missing),
+                len(self._layers),
+            )
+        self._step_saves = []
+        self._saved_layers = set(range(len(self._layers)))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """Blocks whose load failed this step: vLLM recomputes them (or fails the request under
-        ``kv_load_failure_policy="fail"``, which the pinned claims avoid)."""
+        """Blocks whose load failed: vLLM recomputes them (or fails the request under
+        ``kv_load_failure_policy="fail"``, which claiming only pinned blocks avoids)."""
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def shutdown(self) -> None:
+        """Waits for loads in flight and stops the background threads."""
+        for pool in (self._worker_pool, self._scheduler_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        for req_id in list(self._promotions):
+            self._cancel_promotion(req_id)

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, SaveOutcome};
+use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, Reserved, SaveOutcome};
 use kvstore::pages::{self, Copier, CpuCopier, LayerPages};
 use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 use parking_lot::Mutex;
@@ -238,6 +238,65 @@ impl Client {
         Ok(out.into_iter().map(outcome_name).collect())
     }
 
+    /// Reserves a slot of `block_bytes` for each block, to be filled with
+    /// `Reservation.write_pages` (layer by layer, if the engine saves that way) and then
+    /// committed or aborted. Blocks the agent holds already get no slot.
+    fn reserve_pages(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        block_bytes: u64,
+    ) -> PyResult<Reservation> {
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let items: Vec<(BlockHash, u64)> = hashes.iter().map(|h| (*h, block_bytes)).collect();
+        let reserved = py.detach(|| self.inner.reserve(&ns, &items)).map_err(to_py)?;
+        let mut outcomes = Vec::with_capacity(reserved.len());
+        let slots = reserved
+            .into_iter()
+            .map(|r| match r {
+                Ok(slot) => {
+                    outcomes.push(SaveOutcome::Stored);
+                    Some(slot)
+                }
+                Err(o) => {
+                    outcomes.push(o);
+                    None
+                }
+            })
+            .collect();
+        Ok(Reservation {
+            ns,
+            block_bytes: block_bytes as usize,
+            slots: Mutex::new(Some(slots)),
+            outcomes,
+        })
+    }
+
+    /// Publishes the filled slots of `reservation`; one outcome per requested block, as
+    /// `save` ("no_space" where the agent could not keep a written block).
+    fn commit(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<Vec<&'static str>> {
+        let (idx, slots) = reservation.take()?;
+        let mut out = reservation.outcomes.clone();
+        let kept = py
+            .detach(|| self.inner.commit(&reservation.ns, slots))
+            .map_err(to_py)?;
+        for (i, ok) in idx.into_iter().zip(kept) {
+            if !ok {
+                out[i] = SaveOutcome::NoSpace;
+            }
+        }
+        Ok(out.into_iter().map(outcome_name).collect())
+    }
+
+    /// Gives the slots of `reservation` back unwritten.
+    fn abort(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<()> {
+        let (_, slots) = reservation.take()?;
+        py.detach(|| self.inner.abort(&reservation.ns, slots))
+            .map(drop)
+            .map_err(to_py)
+    }
+
     /// Pins blocks for loading later (the pins survive the agent's death: the mapped arena
     /// stays readable). Returns a `Leases` handle.
     fn acquire(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Leases> {
@@ -350,6 +409,100 @@ impl Leases {
     }
 }
 
+/// Slots reserved by `Client.reserve_pages`: filled by `write_pages`, then committed or
+/// aborted through the client. Dropped unsettled, they are aborted on the client's next call.
+#[pyclass(module = "kvtier._native", frozen)]
+struct Reservation {
+    ns: Namespace,
+    block_bytes: usize,
+    /// One entry per requested block: its slot, or None where it got none.
+    /// None once committed or aborted.
+    slots: Mutex<Option<Vec<Option<Reserved>>>>,
+    /// Per requested block: `Stored` where a slot was reserved, else why not.
+    outcomes: Vec<SaveOutcome>,
+}
+
+impl Reservation {
+    /// Takes the slots out, with the index of the requested block each belongs to; once.
+    fn take(&self) -> PyResult<(Vec<usize>, Vec<Reserved>)> {
+        let slots = self
+            .slots
+            .lock()
+            .take()
+            .ok_or_else(|| PyValueError::new_err("the reservation was committed or aborted already"))?;
+        Ok(slots
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (i, s)))
+            .unzip())
+    }
+}
+
+#[pymethods]
+impl Reservation {
+    /// How many requested blocks got a slot.
+    fn reserved(&self) -> usize {
+        self.slots.lock().iter().flatten().flatten().count()
+    }
+
+    /// Per requested block: "stored" where a slot was reserved, else "exists", "no_space" or
+    /// "too_large".
+    fn outcomes(&self) -> Vec<&'static str> {
+        self.outcomes.iter().copied().map(outcome_name).collect()
+    }
+
+    /// Copies the pages of `layers` of engine block `block_ids[i]` into requested block `i`'s
+    /// slot, from byte `offset` of the slot on (the block's earlier layers). Blocks without a
+    /// slot are skipped. The pages must stay valid during the call.
+    #[pyo3(signature = (block_ids, layers, offset=0))]
+    fn write_pages(
+        &self,
+        py: Python<'_>,
+        block_ids: Vec<usize>,
+        layers: Vec<(usize, usize, usize)>,
+        offset: usize,
+    ) -> PyResult<()> {
+        let layers = layers_of(&layers)?;
+        let end = offset.saturating_add(pages::block_len(&layers));
+        if end > self.block_bytes {
+            return Err(PyValueError::new_err(format!(
+                "pages up to byte {end} of a {}-byte block",
+                self.block_bytes
+            )));
+        }
+        let mut guard = self.slots.lock();
+        let Some(slots) = guard.as_mut() else {
+            return Err(PyValueError::new_err(
+                "the reservation was committed or aborted already",
+            ));
+        };
+        if block_ids.len() != slots.len() {
+            return Err(PyValueError::new_err("one block id per requested block"));
+        }
+        let copier = CpuCopier;
+        let mut jobs: Vec<(&mut Reserved, usize, bool)> = slots
+            .iter_mut()
+            .zip(&block_ids)
+            .filter_map(|(s, &id)| s.as_mut().map(|s| (s, id, false)))
+            .collect();
+        py.detach(|| {
+            pages::for_each(copier.parallel(), &mut jobs, |(slot, id, written)| {
+                *written = slot
+                    // SAFETY: the caller promised the pages readable for the call; the range
+                    // lies in the slot (checked above against the reserved length).
+                    .with_slot_mut(|s| unsafe { copier.gather(&layers, *id, &mut s[offset..end]) })
+                    .is_some();
+            });
+            copier.finish();
+        });
+        if jobs.iter().all(|j| j.2) {
+            Ok(())
+        } else {
+            Err(StaleHandle::new_err(ClientError::StaleHandle.to_string()))
+        }
+    }
+}
+
 /// The 16-byte namespace digest of these fields (unset differs from any value).
 #[pyfunction]
 #[pyo3(signature = (model, *, revision=None, kv_dtype=None, kv_layout=None, block_size=None, tp_rank=0, tp_world=None, pp_stage=None, kv_group=None, lora=None, tenant=None, cache_salt=None))]
@@ -394,6 +547,7 @@ fn namespace<'py>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_class::<Leases>()?;
+    m.add_class::<Reservation>()?;
     m.add_function(wrap_pyfunction!(namespace, m)?)?;
     let py = m.py();
     m.add("KvtierError", py.get_type::<KvtierError>())?;

@@ -82,6 +82,34 @@ def test_pages_round_trip_through_the_arena(agent: Agent) -> None:
     assert small[0].block(0) == before
 
 
+def test_a_reservation_fills_layer_by_layer_then_commits(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    layers = [Layer(4, 1024, 1024 + 32, seed=s) for s in (4, 5, 6)]
+    expected = {b: b"".join(layer.block(b) for layer in layers) for b in range(4)}
+    assert c.save(NS, [h(300)], [expected[0]]) == ["stored"]
+    res = c.reserve_pages(NS, [h(300 + b) for b in range(4)], 3 * 1024)
+    assert res.outcomes() == ["exists", "stored", "stored", "stored"]
+    assert res.reserved() == 3
+    # Nothing is visible before the commit.
+    assert c.lookup(NS, [h(301)]) == []
+    # Layers in a scrambled order, each at its own offset, as an engine's forward saves them.
+    for i in (2, 0, 1):
+        res.write_pages([0, 1, 2, 3], [layers[i].spec], offset=i * 1024)
+    with pytest.raises(ValueError, match="byte 4096 of a 3072-byte block"):
+        res.write_pages([0, 1, 2, 3], [layers[0].spec], offset=3 * 1024)
+    with pytest.raises(ValueError, match="one block id per requested block"):
+        res.write_pages([0], [layers[0].spec])
+    assert c.commit(res) == ["exists", "stored", "stored", "stored"]
+    assert c.load(NS, [h(300 + b) for b in range(4)]) == [expected[b] for b in range(4)]
+    # An aborted reservation leaves nothing behind.
+    res = c.reserve_pages(NS, [h(310)], 1024)
+    res.write_pages([0], [layers[0].spec])
+    c.abort(res)
+    assert c.lookup(NS, [h(310)]) == []
+    with pytest.raises(ValueError, match="committed or aborted already"):
+        c.commit(res)
+
+
 def test_leases_stay_readable_while_the_agent_is_dead_then_turn_stale(agent: Agent) -> None:
     c = kvtier.Client(str(agent.socket))
     layer = Layer(4, 8192, 8192, seed=5)

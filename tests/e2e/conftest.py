@@ -55,8 +55,9 @@ def agent(workdir: Path) -> Iterator[Agent]:
     a.kill()
 
 
-def run_engine(model: Path, prompts: Path, *args: str, timeout: float = 600) -> list[list[dict[str, Any]]]:
-    """Runs one engine process; returns, per round, each prompt's output tokens and cached count."""
+def run_engine_report(model: Path, prompts: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
+    """Runs one engine process; returns its report: per round, each prompt's output tokens and
+    cached count (`rounds`), the connector's log lines (`log`) and vLLM's preemptions."""
     out = subprocess.run(
         [sys.executable, str(HERE / "run_engine.py"), str(model), str(prompts), *args],
         capture_output=True,
@@ -66,8 +67,14 @@ def run_engine(model: Path, prompts: Path, *args: str, timeout: float = 600) -> 
     )
     if out.returncode != 0:
         raise AssertionError(f"engine failed ({out.returncode}):\n{out.stderr[-6000:]}")
-    result: list[list[dict[str, Any]]] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return report
+
+
+def run_engine(model: Path, prompts: Path, *args: str, timeout: float = 600) -> list[list[dict[str, Any]]]:
+    """Runs one engine process; returns, per round, each prompt's output tokens and cached count."""
+    rounds: list[list[dict[str, Any]]] = run_engine_report(model, prompts, *args, timeout=timeout)["rounds"]
+    return rounds
 
 
 @pytest.fixture(scope="session")

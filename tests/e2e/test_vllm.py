@@ -4,6 +4,8 @@ token-identical to a run without a connector, and every failure ends in recomput
 from __future__ import annotations
 
 import json
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import kvtier
-from conftest import PREFIX_TOKENS, run_engine
+from conftest import PREFIX_TOKENS, run_engine, run_engine_report
 from kvagent_process import Agent
 
 
@@ -24,9 +26,16 @@ def test_a_fresh_engine_loads_the_prefix_another_engine_computed(
     model: Path, prompts: Path, baseline: list[list[int]], agent: Agent
 ) -> None:
     sock = str(agent.socket)
-    (first,) = run_engine(model, prompts, "--socket", sock)
+    report = run_engine_report(model, prompts, "--socket", sock)
+    (first,) = report["rounds"]
     assert first[0]["cached"] == 0, "nothing cached before the first engine ran"
     assert tokens(first) == baseline
+    # vLLM calls the connector after each attention layer: every layer was saved there.
+    published = [line for line in report["log"] if line.startswith("kvtier: published")]
+    assert published, report["log"]
+    for line in published:
+        copied = re.search(r"(\d+) of (\d+) layers copied during the forward", line)
+        assert copied is not None and copied[1] == copied[2], line
     (second,) = run_engine(model, prompts, "--socket", sock)
     # A fresh process has an empty prefix cache: its first prompt's hit can only be kvtier's.
     assert second[0]["cached"] >= PREFIX_TOKENS
@@ -55,9 +64,12 @@ def test_after_an_agent_restart_hits_come_from_disk(
         run_engine(model, prompts, "--socket", str(agent.socket))
         assert agent.stop() == 0, "a clean stop writes the arena's blocks to disk"
         agent.proc = agent._start()
-        (after,) = run_engine(model, prompts, "--socket", str(agent.socket))
+        report = run_engine_report(model, prompts, "--socket", str(agent.socket))
+        (after,) = report["rounds"]
         assert after[0]["cached"] >= PREFIX_TOKENS
         assert tokens(after) == baseline
+        # The blocks were promoted off the scheduler's thread, then loaded asynchronously.
+        assert any(line.endswith(" asynchronously") for line in report["log"]), report["log"]
         stats = json.loads(kvtier.Client(str(agent.socket)).stats())
         assert stats["disk"]["hits"] >= PREFIX_TOKENS // 32
         assert stats["host"]["promotions"] >= PREFIX_TOKENS // 32
@@ -176,3 +188,19 @@ def test_a_hit_that_continues_a_local_prefix_loads_into_the_right_blocks(
     # locally and must load blocks 2-5 from kvtier into its own blocks 2-5.
     assert second[1]["cached"] >= PREFIX_TOKENS
     assert tokens(second) == tokens(first)
+
+
+def test_preempted_requests_resume_with_their_blocks_loaded(model: Path, agent: Agent, workdir: Path) -> None:
+    rng = random.Random(11)
+    prefix = [rng.randrange(2, 900) for _ in range(PREFIX_TOKENS)]
+    path = workdir / "preempt.json"
+    path.write_text(json.dumps([prefix + [rng.randrange(2, 900) for _ in range(100)] for _ in range(4)]))
+    # Four requests of up to 13 blocks each, decoding together in 24 blocks: vLLM preempts.
+    flags = ["--batch", "--blocks", "24", "--max-model-len", "512", "--max-tokens", "96"]
+    flags += ["--dtype", "float32"]
+    reference = run_engine_report(model, path, *flags)
+    report = run_engine_report(model, path, *flags, "--socket", str(agent.socket))
+    assert reference["preemptions"] > 0 and report["preemptions"] > 0, "the cache is small enough to preempt"
+    resumed = [line for line in report["log"] if " resumes with " in line]
+    assert resumed, report["log"]
+    assert tokens(report["rounds"][0]) == tokens(reference["rounds"][0])
