@@ -67,7 +67,11 @@ def run_engine_report(model: Path, prompts: Path, *args: str, timeout: float = 6
     )
     if out.returncode != 0:
         raise AssertionError(f"engine failed ({out.returncode}):\n{out.stderr[-6000:]}")
-    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    # Worker processes (tensor parallelism) log to stdout too: the report is its own line.
+    lines = [line for line in out.stdout.splitlines() if line.startswith('{"rounds"')]
+    if len(lines) != 1:
+        raise AssertionError(f"no report from the engine:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(lines[0])
     return report
 
 

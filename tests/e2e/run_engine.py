@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=None, help="KV-cache blocks (default: from 64 MiB)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (workers in processes)")
     a = p.parse_args()
 
     collect = Collect()
@@ -54,6 +55,12 @@ def main() -> None:
     kvtier_log.setLevel(logging.DEBUG)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if a.tp > 1:
+        # vLLM binds each CPU worker to a NUMA node unless told which cores each one gets.
+        cpus = sorted(os.sched_getaffinity(0))
+        per = max(1, len(cpus) // a.tp)
+        groups = [cpus[(r * per) % len(cpus) : (r * per) % len(cpus) + per] for r in range(a.tp)]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
     from vllm import LLM, SamplingParams
 
     kv_transfer = None
@@ -74,7 +81,8 @@ def main() -> None:
         kv_cache_memory_bytes=64 << 20,
         enable_prefix_caching=True,
         prefix_caching_hash_algo="sha256_cbor",
-        distributed_executor_backend="uni",
+        tensor_parallel_size=a.tp,
+        distributed_executor_backend="uni" if a.tp == 1 else "mp",
         seed=0,
         disable_log_stats=False,
         kv_transfer_config=kv_transfer,

@@ -204,3 +204,20 @@ def test_preempted_requests_resume_with_their_blocks_loaded(model: Path, agent: 
     resumed = [line for line in report["log"] if " resumes with " in line]
     assert resumed, report["log"]
     assert tokens(report["rounds"][0]) == tokens(reference["rounds"][0])
+
+
+def test_tensor_parallel_ranks_save_and_load_their_own_shards(
+    model: Path, prompts: Path, agent: Agent
+) -> None:
+    sock = str(agent.socket)
+    (reference,) = run_engine(model, prompts, "--tp", "2")
+    (first,) = run_engine(model, prompts, "--tp", "2", "--socket", sock)
+    assert tokens(first) == tokens(reference)
+    stats = json.loads(kvtier.Client(sock).stats())
+    # Each rank saved its own shard of every block, under its own namespace.
+    assert stats["host"]["blocks"] >= 2 * (PREFIX_TOKENS // 32 + 1)
+    assert stats["host"]["blocks"] % 2 == 0
+    (second,) = run_engine(model, prompts, "--tp", "2", "--socket", sock)
+    # A fresh engine: its first prompt's hit is kvtier's, loaded by both ranks.
+    assert second[0]["cached"] >= PREFIX_TOKENS
+    assert tokens(second) == tokens(reference)
