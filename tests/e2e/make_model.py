@@ -1,6 +1,9 @@
 """Writes a small random-weight Llama and a byte-level BPE tokenizer to a directory, seeded, so
 that every run (and every engine process) sees the same model without a model hub.
 
+Also writes two random LoRA adapters (PEFT format, rank 8 on q_proj and v_proj) to
+OUT_DIR/lora-a and OUT_DIR/lora-b.
+
 Usage: python make_model.py OUT_DIR [--layers N --hidden N --heads N --kv-heads N]
 """
 
@@ -21,6 +24,41 @@ def corpus(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(n)]
 
 
+def write_lora(out: Path, config: object, seed: int) -> None:
+    """A PEFT LoRA adapter with random, non-zero A and B, so that it changes the KV."""
+    import torch
+    from safetensors.torch import save_file
+
+    rank, hidden = 8, config.hidden_size  # type: ignore[attr-defined]
+    head_dim = hidden // config.num_attention_heads  # type: ignore[attr-defined]
+    outs = {"q_proj": hidden, "v_proj": config.num_key_value_heads * head_dim}  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):  # type: ignore[attr-defined]
+        for module, out_dim in outs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.05
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.05
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+        str(out / "adapter_model.safetensors"),
+    )
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": list(outs),
+            }
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
@@ -33,7 +71,7 @@ def main() -> None:
     a = p.parse_args()
 
     marker = a.out / "kvtier-model.json"
-    spec = vars(a) | {"out": None}
+    spec = vars(a) | {"out": None, "loras": ["lora-a", "lora-b"]}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return
 
@@ -70,6 +108,8 @@ def main() -> None:
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(a.out)
+    write_lora(a.out / "lora-a", config, a.seed + 1)
+    write_lora(a.out / "lora-b", config, a.seed + 2)
     marker.write_text(json.dumps(spec))
 
 

@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=None, help="KV-cache blocks (default: from 64 MiB)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--lora", default=None, help="serve every prompt with this adapter of MODEL_DIR")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (workers in processes)")
     a = p.parse_args()
 
@@ -88,7 +89,13 @@ def main() -> None:
         kv_transfer_config=kv_transfer,
         **({"max_num_batched_tokens": a.max_batched_tokens} if a.max_batched_tokens else {}),
         **({"num_gpu_blocks_override": a.blocks} if a.blocks else {}),
+        **({"enable_lora": True, "max_lora_rank": 8, "max_loras": 1} if a.lora else {}),
     )
+    lora = None
+    if a.lora:
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(a.lora, 1, os.path.join(a.model, a.lora))
     prompts = [{"prompt_token_ids": ids} for ids in json.load(open(a.prompts))]
     if a.salt is not None:
         prompts = [{**prompt, "cache_salt": a.salt} for prompt in prompts]
@@ -99,12 +106,12 @@ def main() -> None:
             assert llm.reset_prefix_cache()
         outs = []
         if a.batch:
-            batch = llm.generate(prompts, params, use_tqdm=False)
+            batch = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
             outs = [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens} for o in batch]
         for i, prompt in enumerate([] if a.batch else prompts):
             if a.kill and r == 0 and i == int(a.kill.split(":")[1]):
                 os.kill(int(a.kill.split(":")[0]), signal.SIGKILL)
-            (o,) = llm.generate([prompt], params, use_tqdm=False)
+            (o,) = llm.generate([prompt], params, use_tqdm=False, lora_request=lora)
             outs.append({"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens})
         rounds.append(outs)
     preemptions = sum(

@@ -108,6 +108,22 @@ def test_another_tenant_gets_no_hit(model: Path, prompts: Path, agent: Agent) ->
     assert tokens(a2) == tokens(a)
 
 
+def test_another_lora_adapter_gets_no_hit(
+    model: Path, prompts: Path, baseline: list[list[int]], agent: Agent
+) -> None:
+    sock = str(agent.socket)
+    (reference,) = run_engine(model, prompts, "--lora", "lora-a")
+    assert tokens(reference) != baseline, "the adapter changes the model"
+    (a,) = run_engine(model, prompts, "--socket", sock, "--lora", "lora-a")
+    assert tokens(a) == tokens(reference)
+    (b,) = run_engine(model, prompts, "--socket", sock, "--lora", "lora-b")
+    (base,) = run_engine(model, prompts, "--socket", sock)
+    assert b[0]["cached"] == 0 and base[0]["cached"] == 0, "blocks of adapter A serve nobody else"
+    (a2,) = run_engine(model, prompts, "--socket", sock, "--lora", "lora-a")
+    assert a2[0]["cached"] >= PREFIX_TOKENS, "the same adapter does hit"
+    assert tokens(a2) == tokens(reference)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
