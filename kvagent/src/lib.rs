@@ -2,5 +2,6 @@
 //! engines over a local socket, with its configuration and metrics.
 
 pub mod config;
+pub mod hash;
 pub mod metrics;
 pub mod node;

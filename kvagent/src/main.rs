@@ -19,6 +19,9 @@ enum Command {
     /// Runs the per-node agent (one per node: a DaemonSet). With no arguments and no config
     /// file it listens on /run/kvtier/agent.sock with a 4 GiB host arena and no disk tier.
     Node(NodeArgs),
+    /// Prints the block hashes vLLM computes for a prompt (token ids, or text with a tokenizer):
+    /// what to compare when the hit rate is 0 %.
+    Hash(kvagent::hash::HashArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(cfg.log_format, &cfg.log_level)?;
             kvagent::node::run(cfg)
         }
+        Command::Hash(args) => kvagent::hash::run(&args),
     }
 }
 

@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for};
 use crate::arena::{HostArena, HugePages};
 use crate::error::{Error, Result};
-use crate::index::{Entry, SlotIndex};
 use crate::key::BlockKey;
+use crate::slots::{Entry, SlotIndex};
 use crate::stats::{TierCounters, TierStats};
 
 /// Settings of a [`HostTier`].

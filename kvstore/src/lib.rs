@@ -29,12 +29,13 @@ pub mod client;
 pub mod disk;
 pub mod error;
 pub mod host;
-mod index;
 pub mod key;
 pub mod outcome;
 pub mod pages;
+mod slots;
 pub mod stats;
 pub mod store;
+pub mod vllm;
 pub mod wire;
 
 pub use arena::{HostArena, HugePages};

@@ -43,5 +43,12 @@ PY
   pip install --quiet -r "$reqs" "torch==$TORCH_VERSION" pytest==9.2.0 maturin==1.16.0
   echo "$KEY" > "$stamp"
 fi
+# Test-only packages beside vLLM's own, in a layer of their own so that adding one does not
+# rebuild the venv: xxhash for vLLM's xxhash_cbor (compared in test_hash.py).
+TEST_EXTRAS="xxhash==4.1.0"
+if [ "$(cat "$VENV/.test-extras" 2>/dev/null)" != "$TEST_EXTRAS" ]; then
+  "$VENV/bin/python" -m pip --disable-pip-version-check install --quiet $TEST_EXTRAS
+  echo "$TEST_EXTRAS" > "$VENV/.test-extras"
+fi
 # kvtier itself, rebuilt when its sources changed (maturin is incremental through cargo).
 (cd python && VIRTUAL_ENV="$PWD/../$VENV" "../$VENV/bin/maturin" develop --locked --quiet)
