@@ -29,6 +29,7 @@ pub mod client;
 pub mod disk;
 pub mod error;
 pub mod host;
+pub mod index;
 pub mod key;
 pub mod outcome;
 pub mod pages;
