@@ -254,28 +254,65 @@ impl NodeFlags {
 /// Resolves the configuration: defaults, then the file (`file` if given, else `KVTIER_CONFIG`,
 /// else [`DEFAULT_CONFIG_PATH`] when it exists), then the environment, then `flags`.
 pub fn load(file: Option<&Path>, flags: &NodeFlags) -> anyhow::Result<NodeConfig> {
-    let env_file = std::env::var_os("KVTIER_CONFIG").map(PathBuf::from);
-    let path = match (file, env_file) {
+    let cfg: NodeConfig = layered(
+        NodeConfig::default(),
+        Layers {
+            file,
+            file_env: "KVTIER_CONFIG",
+            default_path: DEFAULT_CONFIG_PATH,
+            env_prefix: ENV_PREFIX,
+        },
+        flags.as_overrides()?,
+    )?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Where a command's configuration comes from, besides its defaults and flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layers<'a> {
+    /// The file named on the command line.
+    pub file: Option<&'a Path>,
+    /// The variable naming a file when the command line does not.
+    pub file_env: &'a str,
+    /// The file read, when it exists, if neither names one.
+    pub default_path: &'a str,
+    /// Prefix of the variables that override keys (`__` nests).
+    pub env_prefix: &'a str,
+}
+
+/// Defaults, then the file, then the environment, then `overrides` (the flags), extracted with
+/// errors that name the key and where its value came from.
+pub(crate) fn layered<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: T,
+    layers: Layers<'_>,
+    overrides: figment::value::Dict,
+) -> anyhow::Result<T> {
+    let env_file = std::env::var_os(layers.file_env).map(PathBuf::from);
+    let path = match (layers.file, env_file) {
         (Some(p), _) => Some(p.to_path_buf()),
         (None, Some(p)) => Some(p),
-        (None, None) => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        (None, None) => Some(PathBuf::from(layers.default_path)).filter(|p| p.exists()),
     };
-    let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+    let mut fig = Figment::from(Serialized::defaults(defaults));
     if let Some(path) = &path {
         if !path.is_file() {
             bail!("config file {} does not exist", path.display());
         }
         fig = fig.merge(Toml::file_exact(path));
     }
+    let file_key = layers
+        .file_env
+        .strip_prefix(layers.env_prefix)
+        .unwrap_or(layers.file_env)
+        .to_ascii_lowercase();
     fig = fig
-        .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
-        .merge(Serialized::defaults(flags.as_overrides()?));
-    let cfg: NodeConfig = fig.extract().map_err(|e| {
+        .merge(Env::prefixed(layers.env_prefix).ignore(&[&file_key]).split("__"))
+        .merge(Serialized::defaults(overrides));
+    fig.extract().map_err(|e| {
         let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
         anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
-    })?;
-    cfg.validate()?;
-    Ok(cfg)
+    })
 }
 
 /// One figment error as a sentence naming the key and where its value came from.

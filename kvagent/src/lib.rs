@@ -3,5 +3,7 @@
 
 pub mod config;
 pub mod hash;
+mod http;
+pub mod index;
 pub mod metrics;
 pub mod node;

@@ -19,6 +19,9 @@ enum Command {
     /// Runs the per-node agent (one per node: a DaemonSet). With no arguments and no config
     /// file it listens on /run/kvtier/agent.sock with a 4 GiB host arena and no disk tier.
     Node(NodeArgs),
+    /// Runs the cluster KV-cache index (a Deployment): ingests vLLM engines' KV events and node
+    /// agents' tier events, and answers routers' Score calls over gRPC (default :9480).
+    Index(IndexArgs),
     /// Prints the block hashes vLLM computes for a prompt (token ids, or text with a tokenizer):
     /// what to compare when the hit rate is 0 %.
     Hash(kvagent::hash::HashArgs),
@@ -34,6 +37,18 @@ struct NodeArgs {
     print_config: bool,
     #[command(flatten)]
     flags: NodeFlags,
+}
+
+#[derive(Debug, clap::Args)]
+struct IndexArgs {
+    /// TOML configuration file [default: $KVTIER_INDEX_CONFIG, else /etc/kvtier/index.toml if present].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Prints the effective configuration as TOML and exits.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    flags: kvagent::index::IndexFlags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +72,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             init_tracing(cfg.log_format, &cfg.log_level)?;
             kvagent::node::run(cfg)
+        }
+        Command::Index(args) => {
+            let cfg = kvagent::index::config::load(args.config.as_deref(), &args.flags)?;
+            if args.print_config {
+                print!("{}", cfg.to_toml()?);
+                return Ok(());
+            }
+            init_tracing(cfg.log_format, &cfg.log_level)?;
+            kvagent::index::run(cfg)
         }
         Command::Hash(args) => kvagent::hash::run(&args),
     }

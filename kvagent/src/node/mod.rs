@@ -2,7 +2,6 @@
 //! engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or SIGINT
 //! drains in-flight calls, persists the disk tier's metadata and exits 0.
 
-mod http;
 mod server;
 mod session;
 
@@ -70,7 +69,10 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     runtime.block_on(async {
         if let Some((listener, _)) = http {
-            tokio::spawn(http::serve(listener, registry, Arc::clone(&shared)));
+            let draining = Arc::clone(&shared);
+            let ready: crate::http::Readiness =
+                Arc::new(move || !draining.draining.load(std::sync::atomic::Ordering::SeqCst));
+            tokio::spawn(crate::http::serve(listener, registry, ready));
         }
         signals.wait().await;
     });

@@ -81,6 +81,11 @@ impl Sources {
         Generations(self.info.read().iter().map(|s| s.generation).collect())
     }
 
+    /// Counts as a report from `id` without any change (a source known to be alive).
+    pub fn keep_alive(&self, id: SourceId) {
+        self.touch(id);
+    }
+
     /// Forgets everything `id` held.
     pub fn clear(&self, id: SourceId) {
         if let Some(s) = self.info.write().get_mut(id.0 as usize) {

@@ -1,8 +1,8 @@
-//! The agent's HTTP endpoints: `/metrics` (Prometheus text format), `/healthz` (the process
-//! serves) and `/readyz` (engines may connect: the socket is up and the agent is not draining).
+//! The HTTP endpoints of `kvagent node` and `kvagent index`: `/metrics` (Prometheus text
+//! format), `/healthz` (the process serves) and `/readyz` (it takes work: for the node agent, the
+//! socket is up and it is not draining).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,24 +11,25 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
-use super::server::Shared;
+/// Whether the process takes work now.
+pub(crate) type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
-    shared: Arc<Shared>,
+    ready: Readiness,
 }
 
 /// Serves the endpoints on `listener` until the runtime stops.
-pub(super) async fn serve(listener: tokio::net::TcpListener, registry: Registry, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, registry: Registry, ready: Readiness) {
     let state = AppState {
         registry: Arc::new(registry),
-        shared,
+        ready,
     };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(readyz))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "HTTP server failed");
@@ -54,10 +55,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if state.shared.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else {
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if (state.ready)() {
         (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
 }

@@ -1,0 +1,283 @@
+//! The gRPC service `kvtier.index.v1.Index`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvstore::index::{Event, Medium};
+use kvstore::vllm::{BlockHasher, RequestExtras, event_hash};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::State;
+use super::metrics::{EventLabel, PodLabel, SourceLabel};
+use super::proto::{self, index_server::Index as IndexRpc};
+
+/// The service over the shared state.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexService {
+    state: Arc<State>,
+}
+
+impl IndexService {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+pub(crate) fn medium_of(m: i32) -> Result<Medium, Status> {
+    match proto::Medium::try_from(m) {
+        Ok(proto::Medium::Device) => Ok(Medium::Device),
+        Ok(proto::Medium::Host) => Ok(Medium::Host),
+        Ok(proto::Medium::Disk) => Ok(Medium::Disk),
+        Ok(proto::Medium::Object) => Ok(Medium::Object),
+        _ => Err(Status::invalid_argument(format!(
+            "medium {m} is not one of DEVICE, HOST, DISK, OBJECT"
+        ))),
+    }
+}
+
+fn medium_to_proto(m: Medium) -> i32 {
+    (match m {
+        Medium::Device => proto::Medium::Device,
+        Medium::Host => proto::Medium::Host,
+        Medium::Disk => proto::Medium::Disk,
+        Medium::Object => proto::Medium::Object,
+    }) as i32
+}
+
+impl IndexService {
+    /// The prompt's blocks in the 64-bit event form.
+    fn prompt_hashes(&self, req: &proto::ScoreRequest) -> Result<Vec<u64>, Status> {
+        match &req.prompt {
+            Some(proto::score_request::Prompt::Hashes(h)) => Ok(h.hashes.clone()),
+            Some(proto::score_request::Prompt::Tokens(t)) => {
+                let defaults = &self.state.cfg.hash;
+                let hc = req.hash.clone().unwrap_or_default();
+                let block_size = if hc.block_size == 0 {
+                    defaults.block_size
+                } else {
+                    hc.block_size
+                };
+                let algo = if hc.algo.is_empty() {
+                    defaults.algo.as_str()
+                } else {
+                    hc.algo.as_str()
+                };
+                let seed = hc.seed.as_deref().or(defaults.seed.as_deref());
+                let hasher = BlockHasher::new(
+                    algo.parse()
+                        .map_err(|e| Status::invalid_argument(format!("hash.algo: {e}")))?,
+                    block_size as usize,
+                    seed,
+                )
+                .map_err(|e| Status::invalid_argument(format!("hash: {e}")))?;
+                let extras = RequestExtras {
+                    lora: (!hc.lora_name.is_empty()).then(|| (hc.lora_name.clone(), hc.lora_path.clone())),
+                    cache_salt: (!hc.cache_salt.is_empty()).then(|| hc.cache_salt.clone()),
+                    ..RequestExtras::default()
+                };
+                Ok(hasher
+                    .block_hashes(&t.ids, &extras)
+                    .iter()
+                    .map(|h| event_hash(h.as_bytes()))
+                    .collect())
+            }
+            None => Err(Status::invalid_argument("a prompt: tokens or hashes")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IndexRpc for IndexService {
+    async fn score(
+        &self,
+        request: Request<proto::ScoreRequest>,
+    ) -> Result<Response<proto::ScoreResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        if req.model.is_empty() {
+            return Err(Status::invalid_argument("model is required"));
+        }
+        let hashes = self.prompt_hashes(&req)?;
+        let scope = State::scope(&req.model);
+        let named = self.state.candidates(&req.model, &req.pods);
+        let candidates: Vec<_> = named.iter().map(|(_, c)| *c).collect();
+        let scores = self.state.index.score(scope, &hashes, &candidates);
+        let mut out: Vec<proto::PodScore> = named
+            .iter()
+            .zip(&scores)
+            .map(|((name, _), s)| proto::PodScore {
+                pod: name.clone(),
+                blocks: s.blocks as u32,
+                weighted: s.weighted,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.weighted
+                .total_cmp(&a.weighted)
+                .then(b.blocks.cmp(&a.blocks))
+                .then(a.pod.cmp(&b.pod))
+        });
+        let m = &self.state.metrics;
+        m.prompt_blocks.inc_by(hashes.len() as u64);
+        for s in &out {
+            m.demand
+                .get_or_create(&PodLabel { pod: s.pod.clone() })
+                .inc_by(u64::from(s.blocks));
+        }
+        if let Some(best) = out.first().filter(|s| s.blocks > 0 || req.speculate) {
+            m.best
+                .get_or_create(&PodLabel {
+                    pod: best.pod.clone(),
+                })
+                .inc();
+            if req.speculate
+                && let Some((_, c)) = named.iter().find(|(n, _)| *n == best.pod)
+            {
+                self.state.index.speculate(c.pod, scope, &hashes);
+            }
+        }
+        m.score_duration.observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(proto::ScoreResponse {
+            scores: out,
+            prompt_blocks: hashes.len() as u32,
+        }))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<proto::LookupRequest>,
+    ) -> Result<Response<proto::LookupResponse>, Status> {
+        let req = request.into_inner();
+        let hashes = req.hashes.map(|h| h.hashes).unwrap_or_default();
+        let found = self.state.index.lookup(State::scope(&req.model), &hashes);
+        let sources = self.state.index.sources();
+        let blocks = hashes
+            .iter()
+            .zip(found)
+            .map(|(&hash, holders)| proto::BlockHolders {
+                hash,
+                holders: holders
+                    .into_iter()
+                    .map(|(id, media)| proto::Holder {
+                        source: sources.info(id).map(|i| i.name).unwrap_or_default(),
+                        media: media.into_iter().map(medium_to_proto).collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(proto::LookupResponse { blocks }))
+    }
+
+    async fn publish_events(
+        &self,
+        request: Request<Streaming<proto::EventBatch>>,
+    ) -> Result<Response<proto::PublishAck>, Status> {
+        let mut stream = request.into_inner();
+        // (source, epoch) -> next sequence number expected on this stream.
+        let mut expected: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut batches = 0u64;
+        while let Some(batch) = stream.message().await? {
+            if batch.source.is_empty() || batch.model.is_empty() {
+                return Err(Status::invalid_argument("a batch needs a source and a model"));
+            }
+            let id = self.state.index.sources().intern(&batch.source);
+            match expected.get(&batch.source) {
+                _ if batch.resync => {
+                    self.state.index.apply(id, &Event::Cleared);
+                }
+                Some(&(epoch, seq)) if epoch == batch.epoch && seq == batch.seq => {}
+                other => {
+                    // A gap, a new epoch without a resync, or a first batch that is not one: the
+                    // index cannot know what the source holds. Forget it and ask for a resync.
+                    self.state
+                        .metrics
+                        .gaps
+                        .get_or_create(&SourceLabel {
+                            source: batch.source.clone(),
+                        })
+                        .inc();
+                    self.state.index.apply(id, &Event::Cleared);
+                    return Err(Status::failed_precondition(format!(
+                        "{}: expected {} but got epoch {} seq {} without resync: reconnect and resync",
+                        batch.source,
+                        other.map_or_else(|| "a resync".to_owned(), |(e, s)| format!("epoch {e} seq {s}")),
+                        batch.epoch,
+                        batch.seq
+                    )));
+                }
+            }
+            expected.insert(batch.source.clone(), (batch.epoch, batch.seq + 1));
+            let scope = State::scope(&batch.model);
+            for e in batch.events {
+                let (event, kind) = match e.kind {
+                    Some(proto::event::Kind::Stored(s)) => (
+                        Event::Stored {
+                            scope,
+                            hashes: s.hashes,
+                            medium: medium_of(s.medium)?,
+                        },
+                        "stored",
+                    ),
+                    Some(proto::event::Kind::Removed(r)) => (
+                        Event::Removed {
+                            scope,
+                            hashes: r.hashes,
+                            medium: medium_of(r.medium)?,
+                        },
+                        "removed",
+                    ),
+                    Some(proto::event::Kind::Cleared(_)) => (Event::Cleared, "cleared"),
+                    None => continue,
+                };
+                self.state.index.apply(id, &event);
+                self.state
+                    .metrics
+                    .events
+                    .get_or_create(&EventLabel {
+                        source: batch.source.clone(),
+                        kind,
+                    })
+                    .inc();
+            }
+            // An empty batch is a heartbeat: the source is alive.
+            self.state.index.sources().keep_alive(id);
+            batches += 1;
+        }
+        Ok(Response::new(proto::PublishAck { batches }))
+    }
+
+    async fn stats(&self, _: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
+        let now = Instant::now();
+        let sources = self
+            .state
+            .index
+            .sources()
+            .all()
+            .into_iter()
+            .map(|(_, s)| proto::SourceStats {
+                name: s.name,
+                idle_seconds: now.duration_since(s.last_seen).as_secs_f64(),
+            })
+            .collect();
+        Ok(Response::new(proto::StatsResponse {
+            blocks: self.state.index.len() as u64,
+            sources,
+        }))
+    }
+
+    async fn clear_source(
+        &self,
+        request: Request<proto::ClearSourceRequest>,
+    ) -> Result<Response<proto::ClearSourceResponse>, Status> {
+        let name = request.into_inner().source;
+        let known = self.state.index.sources().get(&name);
+        if let Some(id) = known {
+            self.state.index.apply(id, &Event::Cleared);
+            tracing::info!(source = %name, "source cleared on request");
+        }
+        Ok(Response::new(proto::ClearSourceResponse {
+            known: known.is_some(),
+        }))
+    }
+}

@@ -1,0 +1,244 @@
+//! Follows one vLLM engine's KV events: a ZMQ SUB socket connected to its publisher (vLLM binds,
+//! the index connects), frames `[topic, seq (8 bytes, big-endian), msgpack batch]`.
+//!
+//! Sequence numbers are tracked per pod. A gap is filled through the pod's replay endpoint when
+//! one is configured (a DEALER sends the first missing sequence number; the publisher answers
+//! with every buffered batch from there, then an end marker); without one, the pod's entries are
+//! dropped and rebuilt from the events that follow. A sequence number that goes back means the
+//! engine restarted: its old entries are dropped. On first contact, with a replay endpoint, the
+//! index replays vLLM's whole buffer, so a restarted index learns what engines hold.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use kvstore::index::{Event, Medium, SourceId};
+use kvstore::vllm::{KvEvent, decode_batch};
+use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
+
+use super::State;
+use super::config::PodConfig;
+use super::metrics::{EventLabel, SourceLabel};
+
+/// How long one replay may take before it is abandoned (the pod is then rebuilt instead).
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Per-pod progress.
+#[derive(Debug)]
+struct Follower {
+    state: Arc<State>,
+    pod: PodConfig,
+    source: SourceId,
+    scope: u64,
+    /// The sequence number expected next; None before the first batch.
+    next: Option<u64>,
+    /// Live batches below this were applied by a replay already.
+    replayed_below: u64,
+}
+
+/// Follows the pod until the process ends, reconnecting with a bounded backoff.
+pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, source: SourceId) {
+    let scope = State::scope(&pod.model);
+    let mut f = Follower {
+        state,
+        pod,
+        source,
+        scope,
+        next: None,
+        replayed_below: 0,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut sub = SubSocket::new();
+        match connect(&mut sub, &f.pod).await {
+            Ok(()) => {
+                tracing::info!(pod = %f.pod.name, endpoint = %f.pod.events, "following KV events");
+                backoff = Duration::from_millis(100);
+                if f.pod.replay.is_some() {
+                    // Whatever was published while the index was not listening.
+                    f.replay(f.next.unwrap_or(0)).await;
+                }
+                loop {
+                    match sub.recv().await {
+                        Ok(msg) => f.on_message(msg).await,
+                        Err(e) => {
+                            tracing::warn!(pod = %f.pod.name, error = %e, "KV event stream ended; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(pod = %f.pod.name, error = %e, "cannot follow KV events yet"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn connect(sub: &mut SubSocket, pod: &PodConfig) -> Result<(), zeromq::ZmqError> {
+    sub.connect(&pod.events).await?;
+    sub.subscribe(&pod.topic).await
+}
+
+fn seq_of(frame: Option<&Bytes>) -> Option<u64> {
+    let b: [u8; 8] = frame?.as_ref().try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+impl Follower {
+    async fn on_message(&mut self, msg: ZmqMessage) {
+        let Some(seq) = seq_of(msg.get(1)) else {
+            self.bad("a message without an 8-byte sequence number");
+            return;
+        };
+        let payload = msg.get(2).cloned().unwrap_or_default();
+        match self.next {
+            Some(next) if seq == next => {}
+            Some(_) if seq < self.replayed_below => return,
+            Some(next) if seq > next => {
+                self.gap(next, seq).await;
+                if self.next.is_some_and(|n| seq < n) {
+                    return;
+                }
+            }
+            Some(next) => {
+                tracing::info!(pod = %self.pod.name, seq, expected = next, "sequence went back: the engine restarted");
+                self.state.index.apply(self.source, &Event::Cleared);
+            }
+            None if seq > 0 && self.pod.replay.is_some() => {
+                self.replay(0).await;
+                if self.next.is_some_and(|n| seq < n) {
+                    return;
+                }
+            }
+            None => {}
+        }
+        self.apply(seq, &payload);
+    }
+
+    async fn gap(&mut self, next: u64, seq: u64) {
+        self.state
+            .metrics
+            .gaps
+            .get_or_create(&SourceLabel {
+                source: self.pod.name.clone(),
+            })
+            .inc();
+        tracing::warn!(pod = %self.pod.name, expected = next, got = seq, "gap in KV events");
+        if self.pod.replay.is_some() {
+            self.replay(next).await;
+            if self.next.is_some_and(|n| n >= seq) {
+                return;
+            }
+        }
+        // Nothing can tell what the missed batches changed: start the pod over.
+        tracing::warn!(pod = %self.pod.name, "rebuilding the pod's entries from the events that follow");
+        self.state.index.apply(self.source, &Event::Cleared);
+    }
+
+    fn bad(&self, why: &str) {
+        self.state
+            .metrics
+            .bad_batches
+            .get_or_create(&SourceLabel {
+                source: self.pod.name.clone(),
+            })
+            .inc();
+        tracing::warn!(pod = %self.pod.name, "dropping a KV event batch: {why}");
+    }
+
+    /// Applies batch `seq`; a batch that does not decode is counted and skipped.
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        self.next = Some(seq + 1);
+        let batch = match decode_batch(payload) {
+            Ok(b) => b,
+            Err(e) => return self.bad(&e.to_string()),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let label = SourceLabel {
+            source: self.pod.name.clone(),
+        };
+        self.state
+            .metrics
+            .lag
+            .get_or_create(&label)
+            .set((now - batch.ts).max(0.0));
+        for e in batch.events {
+            let (event, kind) = match e {
+                KvEvent::BlockStored { hashes, medium, .. } => (
+                    Event::Stored {
+                        scope: self.scope,
+                        hashes,
+                        medium: Medium::from_vllm(medium.as_deref()),
+                    },
+                    "stored",
+                ),
+                KvEvent::BlockRemoved { hashes, medium } => (
+                    Event::Removed {
+                        scope: self.scope,
+                        hashes,
+                        medium: Medium::from_vllm(medium.as_deref()),
+                    },
+                    "removed",
+                ),
+                KvEvent::AllBlocksCleared => (Event::Cleared, "cleared"),
+            };
+            self.state.index.apply(self.source, &event);
+            self.state
+                .metrics
+                .events
+                .get_or_create(&EventLabel {
+                    source: self.pod.name.clone(),
+                    kind,
+                })
+                .inc();
+        }
+    }
+
+    /// Asks the pod's replay endpoint for every buffered batch from `from` on and applies them.
+    async fn replay(&mut self, from: u64) {
+        let Some(endpoint) = self.pod.replay.clone() else {
+            return;
+        };
+        match tokio::time::timeout(REPLAY_TIMEOUT, self.fetch_replay(&endpoint, from)).await {
+            Ok(Ok(n)) => {
+                tracing::info!(pod = %self.pod.name, from, batches = n, "replayed KV events");
+                self.replayed_below = self.next.unwrap_or(0);
+            }
+            Ok(Err(e)) => tracing::warn!(pod = %self.pod.name, error = %e, "KV event replay failed"),
+            Err(_) => tracing::warn!(pod = %self.pod.name, "KV event replay timed out"),
+        }
+    }
+
+    async fn fetch_replay(&mut self, endpoint: &str, from: u64) -> Result<usize, zeromq::ZmqError> {
+        let mut dealer = DealerSocket::new();
+        dealer.connect(endpoint).await?;
+        let request: ZmqMessage = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]
+            .try_into()
+            .map_err(|_| zeromq::ZmqError::Other("empty replay request"))?;
+        dealer.send(request).await?;
+        let mut n = 0;
+        loop {
+            // [b"", topic, seq, payload]; the end marker has seq -1.
+            let msg = dealer.recv().await?;
+            let Some(seq) = seq_of(msg.get(2)) else {
+                self.bad("a replay message without a sequence number");
+                continue;
+            };
+            if seq == u64::MAX {
+                return Ok(n);
+            }
+            if self.next.is_none_or(|next| seq >= next) {
+                if let Some(next) = self.next.filter(|&next| seq > next) {
+                    tracing::warn!(pod = %self.pod.name, expected = next, got = seq, "replay starts past the gap");
+                    self.state.index.apply(self.source, &Event::Cleared);
+                }
+                let payload = msg.get(3).cloned().unwrap_or_default();
+                self.apply(seq, &payload);
+                n += 1;
+            }
+        }
+    }
+}
