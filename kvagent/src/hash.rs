@@ -121,8 +121,13 @@ fn read_tokens(args: &HashArgs) -> anyhow::Result<Vec<u32>> {
         let path = args.tokenizer.as_deref().context("--text needs --tokenizer")?;
         return tokenize(path, text, !args.no_special_tokens);
     }
+    read_token_input(args.input.as_deref())
+}
+
+/// Reads token ids from a file, or standard input for `-` or no file.
+pub(crate) fn read_token_input(path: Option<&std::path::Path>) -> anyhow::Result<Vec<u32>> {
     let mut input = String::new();
-    match args.input.as_deref() {
+    match path {
         None => std::io::stdin().read_to_string(&mut input).map(drop),
         Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_string(&mut input).map(drop),
         Some(p) => std::fs::read_to_string(p).map(|s| input = s),

@@ -7,3 +7,4 @@ mod http;
 pub mod index;
 pub mod metrics;
 pub mod node;
+pub mod score;

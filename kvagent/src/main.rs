@@ -22,6 +22,8 @@ enum Command {
     /// Runs the cluster KV-cache index (a Deployment): ingests vLLM engines' KV events and node
     /// agents' tier events, and answers routers' Score calls over gRPC (default :9480).
     Index(IndexArgs),
+    /// Asks an index which pods hold the longest prefix of a prompt (as a router would).
+    Score(kvagent::score::ScoreArgs),
     /// Prints the block hashes vLLM computes for a prompt (token ids, or text with a tokenizer):
     /// what to compare when the hit rate is 0 %.
     Hash(kvagent::hash::HashArgs),
@@ -83,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kvagent::index::run(cfg)
         }
         Command::Hash(args) => kvagent::hash::run(&args),
+        Command::Score(args) => kvagent::score::run(&args),
     }
 }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use kvstore::index::{Event, Medium, SourceId};
 use kvstore::vllm::{KvEvent, decode_batch};
-use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
+use zeromq::{
+    DealerSocket, Socket as _, SocketOptions, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage,
+};
 
 use super::State;
 use super::config::PodConfig;
@@ -22,6 +24,16 @@ use super::metrics::{EventLabel, SourceLabel};
 
 /// How long one replay may take before it is abandoned (the pod is then rebuilt instead).
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bound of one connection attempt. The socket's own retries back off up to 30 s, too slow for
+/// an engine that starts a few seconds after the index; this loop retries every second instead.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn options() -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.connect_timeout(CONNECT_TIMEOUT);
+    o
+}
 
 /// Per-pod progress.
 #[derive(Debug)]
@@ -49,7 +61,8 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, source: SourceId) 
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut sub = SubSocket::new();
+        tracing::debug!(pod = %f.pod.name, endpoint = %f.pod.events, "connecting to KV events");
+        let mut sub = SubSocket::with_options(options());
         match connect(&mut sub, &f.pod).await {
             Ok(()) => {
                 tracing::info!(pod = %f.pod.name, endpoint = %f.pod.events, "following KV events");
@@ -71,7 +84,7 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, source: SourceId) 
             Err(e) => tracing::debug!(pod = %f.pod.name, error = %e, "cannot follow KV events yet"),
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(CONNECT_TIMEOUT);
     }
 }
 
@@ -213,7 +226,7 @@ impl Follower {
     }
 
     async fn fetch_replay(&mut self, endpoint: &str, from: u64) -> Result<usize, zeromq::ZmqError> {
-        let mut dealer = DealerSocket::new();
+        let mut dealer = DealerSocket::with_options(options());
         dealer.connect(endpoint).await?;
         let request: ZmqMessage = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]
             .try_into()

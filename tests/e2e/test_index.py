@@ -1,0 +1,162 @@
+"""`kvagent index` with real vLLM engines publishing their KV events: Score ranks the engine
+that holds a prefix, follows evictions and prefix-cache resets, and recovers after the index is
+killed and restarted (by replaying the engines' event buffers)."""
+
+from __future__ import annotations
+
+import json
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_vllm import free_port
+
+HERE = Path(__file__).resolve().parent
+KVAGENT = HERE.parents[1] / "target" / "debug" / "kvagent"
+MODEL_NAME = "e2e-model"
+BLOCK = 32
+
+
+class Engine:
+    """An engine_repl.py process."""
+
+    def __init__(self, model: Path, port: int, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "engine_repl.py"), str(model), "--events-port", str(port), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.read(timeout=300)
+
+    def read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
+            if not ready:
+                raise AssertionError("the engine did not answer in time")
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the engine exited ({self.proc.wait()})")
+            if line.startswith("REPL "):
+                answer: dict[str, Any] = json.loads(line[5:])
+                return answer
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read(timeout=300)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class IndexProcess:
+    def __init__(self, pods: list[str]) -> None:
+        self.port = free_port()
+        self.args = [str(KVAGENT), "index", "--grpc-addr", f"127.0.0.1:{self.port}", "--http-addr", ""]
+        self.args += [arg for pod in pods for arg in ("--pod", pod)]
+        self.args += ["--log-level", "kvagent=debug"]
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    @property
+    def score_args(self) -> list[str]:
+        return [str(KVAGENT), "score", "--index", f"http://127.0.0.1:{self.port}", "--model", MODEL_NAME]
+
+    def score(self, prompt: list[int]) -> dict[str, int]:
+        out = subprocess.run(
+            [*self.score_args, "--block-size", str(BLOCK)],
+            input=json.dumps(prompt),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode != 0:
+            return {}
+        return {s["pod"]: s["blocks"] for s in json.loads(out.stdout)["scores"]}
+
+    def until(
+        self, prompt: list[int], ok: Callable[[dict[str, int]], bool], timeout: float = 30
+    ) -> dict[str, int]:
+        """Scores until `ok` holds (events reach the index asynchronously) or the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            scores = self.score(prompt)
+            if ok(scores) or time.monotonic() > deadline:
+                return scores
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def engines(model: Path) -> Iterator[tuple[Engine, Engine, IndexProcess]]:
+    pa, pb = free_port(), free_port()
+    index = IndexProcess(
+        [
+            f"a={MODEL_NAME}@tcp://127.0.0.1:{pa},replay=tcp://127.0.0.1:{pa + 1}",
+            f"b={MODEL_NAME}@tcp://127.0.0.1:{pb},replay=tcp://127.0.0.1:{pb + 1}",
+        ]
+    )
+    # Engine a has a small cache (12 blocks of 32 tokens) so that new prompts evict old ones.
+    a = Engine(model, pa, "--blocks", "12", "--max-model-len", "256")
+    b = Engine(model, pb)
+    try:
+        yield a, b, index
+    finally:
+        a.close()
+        b.close()
+        index.kill()
+
+
+def prompt(seed: int, blocks: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 900) for _ in range(blocks * BLOCK + 5)]
+
+
+def test_score_follows_what_real_engines_hold(engines: tuple[Engine, Engine, IndexProcess]) -> None:
+    a, b, index = engines
+    p1, p2 = prompt(1, 6), prompt(2, 5)
+    a.call(op="generate", prompts=[p1])
+    b.call(op="generate", prompts=[p2])
+    scores = index.until(p1, lambda s: s.get("a") == 6)
+    assert scores == {"a": 6, "b": 0}, "a served p1: it ranks first with all six blocks"
+    assert index.until(p2, lambda s: s.get("b") == 5) == {"b": 5, "a": 0}
+
+    # A prefix-cache reset empties a's blocks.
+    assert a.call(op="reset") == {"reset": True}
+    # vLLM publishes events at the end of a step: one more (unrelated) request flushes them.
+    a.call(op="generate", prompts=[prompt(99, 1)])
+    assert index.until(p1, lambda s: s.get("a") == 0)["a"] == 0
+
+    # Eviction: a's 12-block cache cannot keep p1 once two other prompts have run.
+    a.call(op="generate", prompts=[p1])
+    assert index.until(p1, lambda s: s.get("a") == 6)["a"] == 6
+    for seed in (3, 4):
+        a.call(op="generate", prompts=[prompt(seed, 6)])
+    assert index.until(p1, lambda s: s.get("a", 6) < 6)["a"] < 6, "evicted blocks leave the index"
+    held_by_a = index.score(p1)["a"]
+
+    # A killed and restarted index replays the engines' buffered events and answers as before.
+    index.kill()
+    index.start()
+    assert index.until(p2, lambda s: s.get("b") == 5) == {"b": 5, "a": 0}
+    assert index.until(p1, lambda s: s.get("a") == held_by_a)["a"] == held_by_a
