@@ -18,15 +18,16 @@ readable even if the agent dies before the load:
 
 - blocks already in host memory are pinned at once and copied into the request's blocks before
   the forward pass (a synchronous load);
-- blocks that must first be promoted from a lower tier (disk) are pinned by a background thread
-  while vLLM schedules other requests (the count is "not known yet" meanwhile), then loaded
-  asynchronously: the copy runs beside the forward pass and the request resumes when
-  ``get_finished`` reports it.
+- blocks that must first be promoted from a lower tier (disk) are brought up by a background
+  thread while vLLM schedules other requests (the count is "not known yet" meanwhile), then
+  pinned and loaded asynchronously: the copy runs beside the forward pass and the request
+  resumes when ``get_finished`` reports it.
 
 Saves are layer by layer: the blocks that become full in a step get arena slots at the step's
 first attention layer, each layer's pages are copied as soon as that layer has written them,
-and the slots are published after the forward pass. Copies run in Rust (``kvtier._native``), off
-the GIL.
+and the slots are published after the forward pass. A request whose load failed in the step
+saves nothing of that step (its new blocks were computed on wrong KV). Copies run in Rust
+(``kvtier._native``), off the GIL.
 
 ``kv_connector_extra_config`` keys (all optional):
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("kvtier.vllm")
@@ -99,6 +102,7 @@ class LoadSpec:
 class SaveSpec:
     """Blocks computed this step, to save after the forward pass."""
 
+    req_id: str
     keys: RequestKeys
     block_ids: list[int]
 
@@ -116,6 +120,7 @@ class KvTierMetadata(KVConnectorMetadata):  # type: ignore[misc]
 class _StepSave:
     """A save of this step whose slots are reserved and filled layer by layer."""
 
+    req_id: str
     reservation: kvtier.Reservation
     block_ids: list[int]
     failed: bool = False
@@ -177,12 +182,20 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # Requests whose claim was for an asynchronous load.
         self._async_claims: set[str] = set()
         # Promotions from lower tiers in flight, by request. They run on a client of their own,
-        # so that a slow promotion never holds the connection the scheduler asks on.
-        self._promotions: dict[str, Future[list[kvtier.Leases]]] = {}
+        # so that a slow promotion never holds the connection the scheduler asks on, and they
+        # only bring blocks up: the claim pins them afterwards on the scheduler's connection.
+        self._promotions: dict[str, Future[None]] = {}
+        # Requests whose blocks were promoted for them: claimed as asynchronous loads, and not
+        # promoted twice.
+        self._promoted: set[str] = set()
         self._promoter: kvtier.Client | None = None
         self._scheduler_pool: ThreadPoolExecutor | None = None
         # Loads decided since the last step's metadata.
         self._new_loads: list[LoadSpec] = []
+        # Per step scheduled and not yet reported (several with asynchronous scheduling), the
+        # requests it loads synchronously: their pins are done with once the step's output
+        # arrives (workers in other processes pin their own shards within the step).
+        self._sync_loaded: deque[set[str]] = deque()
         # Worker side.
         self._layers: list[tuple[int, int, int]] = []
         self._layer_of: dict[str, int] = {}
@@ -191,6 +204,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._load_errors: set[int] = set()
         self._step_saves: list[_StepSave] | None = None
         self._saved_layers: set[int] = set()
+        # Requests whose synchronous load failed this step.
+        self._failed_loads: set[str] = set()
         self._worker_pool: ThreadPoolExecutor | None = None
         self._loading: dict[str, tuple[LoadSpec, Future[set[int]]]] = {}
 
@@ -227,30 +242,16 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             cls._release_all(*entry)
 
     def _cancel_promotion(self, req_id: str) -> None:
-        """Forgets a promotion in flight; its pins are released when it completes."""
-        pending = self._promotions.pop(req_id, None)
-        if pending is None:
-            return
-        owner = self._promoter
-        assert owner is not None
+        """Forgets a promotion (one in flight completes on its own, pinning nothing)."""
+        self._promotions.pop(req_id, None)
+        self._promoted.discard(req_id)
 
-        def release(done: Future[list[kvtier.Leases]]) -> None:
-            if done.exception() is None:
-                self._release_all(owner, done.result())
-
-        pending.add_done_callback(release)
-
-    def _promote(self, namespaces: list[bytes], hashes: list[bytes]) -> list[kvtier.Leases]:
-        """Pins blocks for every rank; the agent promotes those on lower tiers first."""
-        assert self._promoter is not None
-        held: list[kvtier.Leases] = []
-        try:
-            for ns in namespaces:
-                held.append(self._promoter.acquire(ns, hashes))
-        except kvtier.KvtierError:
-            self._release_all(self._promoter, held)
-            raise
-        return held
+    def _promote(self, namespaces: list[bytes], hashes: list[bytes]) -> None:
+        """Brings blocks up to host memory for every rank (the agent promotes what it pins)."""
+        promoter = self._promoter
+        assert promoter is not None
+        for ns in namespaces:
+            promoter.release(promoter.acquire(ns, hashes))
 
     def _start_promotion(self, req_id: str, namespaces: list[bytes], hashes: list[bytes]) -> None:
         if self._promoter is None:
@@ -283,13 +284,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if not pending.done():
                 return None, False
             del self._promotions[req_id]
-            try:
-                held = pending.result()
-            except kvtier.KvtierError as e:
-                logger.debug("kvtier: promotion failed, computing instead: %s", e)
+            if pending.exception() is not None:
+                logger.debug("kvtier: promotion failed, computing instead: %s", pending.exception())
                 return 0, False
-            assert self._promoter is not None
-            return self._claim(req_id, self._promoter, held, num_computed_tokens, asynchronous=True)
+            self._promoted.add(req_id)
         namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
         wanted = keys.hashes[:loadable]
         try:
@@ -298,20 +296,28 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             logger.debug("kvtier: lookup failed, computing instead: %s", e)
             return 0, False
         matched = min(len(t) for t in tiers)
+        lower = [i for ranks in tiers for i, t in enumerate(ranks[:matched]) if t != kvtier.TIER_HOST]
+        if lower and req_id in self._promoted:
+            # Promoted once already (and partly evicted since): claim what is in memory.
+            matched = min(lower)
+        elif lower:
+            if matched * self._block_size > max(num_computed_tokens, self._min_prefix - 1):
+                self._start_promotion(req_id, namespaces, wanted[:matched])
+                return None, False
+            return 0, False
         if matched * self._block_size <= num_computed_tokens or matched * self._block_size < self._min_prefix:
             return 0, False
-        if any(t != kvtier.TIER_HOST for ranks in tiers for t in ranks[:matched]):
-            self._start_promotion(req_id, namespaces, wanted[:matched])
-            return None, False
+        held: list[kvtier.Leases] = []
         try:
-            held = []
             for ns in namespaces:
                 held.append(self._client.acquire(ns, wanted[:matched]))
         except kvtier.KvtierError as e:
             logger.debug("kvtier: acquire failed, computing instead: %s", e)
             self._release_all(self._client, held)
             return 0, False
-        return self._claim(req_id, self._client, held, num_computed_tokens, asynchronous=False)
+        return self._claim(
+            req_id, self._client, held, num_computed_tokens, asynchronous=req_id in self._promoted
+        )
 
     def _claim(
         self,
@@ -356,6 +362,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 asynchronous=req_id in self._async_claims,
             )
         )
+        self._promoted.discard(req_id)
         if resumed:
             logger.debug("kvtier: %s resumes with %d blocks from kvtier", req_id, count)
         # The loaded blocks are in the agent already: nothing to save for them.
@@ -367,6 +374,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         request waits, and a preempted request resumes among the cached ones."""
         meta = KvTierMetadata(loads=self._new_loads, preempted=set(scheduler_output.preempted_req_ids or ()))
         self._new_loads = []
+        self._sync_loaded.append({load.req_id for load in meta.loads if not load.asynchronous})
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
@@ -402,11 +410,17 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         start = tracked.saved_blocks
         meta.saves.append(
             SaveSpec(
+                req_id=req.request_id,
                 keys=RequestKeys(keys.lora, keys.cache_salt, hashes[start:full]),
                 block_ids=tracked.block_ids[start:full],
             )
         )
         tracked.saved_blocks = full
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """After a step: the synchronous loads it ran are done, so are their pins."""
+        for req_id in self._sync_loaded.popleft() if self._sync_loaded else ():
+            self._drop_leases(req_id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forgets the request; its blocks are vLLM's to free at once (vLLM itself delays the
@@ -416,6 +430,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._local_tokens.pop(req_id, None)
         self._async_claims.discard(req_id)
         self._cancel_promotion(req_id)
+        for step in self._sync_loaded:
+            step.discard(req_id)
         self._drop_leases(req_id)
         return False, None
 
@@ -454,6 +470,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         super().bind_connector_metadata(connector_metadata)
         self._step_saves = None
         self._saved_layers = set()
+        self._failed_loads = set()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Preempted requests' blocks may be reused from this step on. Saves finish within the
@@ -477,7 +494,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     self._worker_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
                 self._loading[load.req_id] = (load, self._worker_pool.submit(self._load, load))
             else:
-                self._load_errors |= self._load(load)
+                failed = self._load(load)
+                if failed:
+                    self._failed_loads.add(load.req_id)
+                self._load_errors |= failed
 
     def _load(self, load: LoadSpec) -> set[int]:
         """Copies a hit into its blocks; returns the blocks that could not be loaded."""
@@ -494,7 +514,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             else:
                 # The scheduler pinned the request's blocks from its first one.
                 tiers = leases.load_pages(load.block_ids, self._layers, load.first)
-        except kvtier.KvtierError as e:
+        except Exception as e:  # any failure is a load error that vLLM handles
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
         finally:
@@ -542,6 +562,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return self._step_saves
         block_bytes = sum(page for _, _, page in self._layers)
         for save in meta.saves:
+            if save.req_id in self._failed_loads:
+                # Its blocks of this step were computed on top of blocks that failed to load:
+                # they are wrong, and must not reach the cache.
+                continue
             ns = self._namespace(save.keys, self._tp_rank)
             try:
                 reservation = self._client.reserve_pages(ns, save.keys.hashes, block_bytes)
@@ -549,9 +573,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 logger.debug("kvtier: save skipped: %s", e)
                 continue
             if reservation.reserved():
-                self._step_saves.append(_StepSave(reservation, save.block_ids))
+                self._step_saves.append(_StepSave(save.req_id, reservation, save.block_ids))
             else:
-                self._settle(_StepSave(reservation, save.block_ids, failed=True))
+                self._settle(_StepSave(save.req_id, reservation, save.block_ids, failed=True))
         return self._step_saves
 
     def _write(self, save: _StepSave, layers: list[int]) -> None:
@@ -623,5 +647,4 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for pool in (self._worker_pool, self._scheduler_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
-        for req_id in list(self._promotions):
-            self._cancel_promotion(req_id)
+        self._promotions.clear()

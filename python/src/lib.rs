@@ -276,7 +276,7 @@ impl Client {
     /// Publishes the filled slots of `reservation`; one outcome per requested block, as
     /// `save` ("no_space" where the agent could not keep a written block).
     fn commit(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<Vec<&'static str>> {
-        let (idx, slots) = reservation.take()?;
+        let (idx, slots) = py.detach(|| reservation.take())?;
         let mut out = reservation.outcomes.clone();
         let kept = py
             .detach(|| self.inner.commit(&reservation.ns, slots))
@@ -291,7 +291,7 @@ impl Client {
 
     /// Gives the slots of `reservation` back unwritten.
     fn abort(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<()> {
-        let (_, slots) = reservation.take()?;
+        let (_, slots) = py.detach(|| reservation.take())?;
         py.detach(|| self.inner.abort(&reservation.ns, slots))
             .map(drop)
             .map_err(to_py)
@@ -345,17 +345,19 @@ struct Leases {
 #[pymethods]
 impl Leases {
     /// Tier code per requested block (0: not held).
-    fn tiers(&self) -> Vec<u32> {
-        self.held
-            .lock()
-            .iter()
-            .map(|a| tier_code(a.as_ref().map(Acquired::tier)))
-            .collect()
+    fn tiers(&self, py: Python<'_>) -> Vec<u32> {
+        py.detach(|| {
+            self.held
+                .lock()
+                .iter()
+                .map(|a| tier_code(a.as_ref().map(Acquired::tier)))
+                .collect()
+        })
     }
 
     /// How many leading blocks are held.
-    fn prefix_len(&self) -> usize {
-        self.held.lock().iter().take_while(|a| a.is_some()).count()
+    fn prefix_len(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.held.lock().iter().take_while(|a| a.is_some()).count())
     }
 
     /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block
@@ -372,17 +374,20 @@ impl Leases {
     ) -> PyResult<Vec<u32>> {
         let layers = layers_of(&layers)?;
         let len = pages::block_len(&layers) as u64;
-        let held = self.held.lock();
-        if start.saturating_add(block_ids.len()) > held.len() {
-            return Err(PyValueError::new_err("more block ids than leased blocks"));
-        }
         let copier = CpuCopier;
-        let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held[start..]
-            .iter()
-            .zip(&block_ids)
-            .map(|(a, &id)| (a.as_ref(), id, 0))
-            .collect();
+        // The lock is taken with the GIL released: a thread holding it while waiting for the
+        // GIL would deadlock with one holding the GIL while waiting for it (a release from
+        // Python during a copy).
         py.detach(|| {
+            let held = self.held.lock();
+            if start.saturating_add(block_ids.len()) > held.len() {
+                return Err(PyValueError::new_err("more block ids than leased blocks"));
+            }
+            let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held[start..]
+                .iter()
+                .zip(&block_ids)
+                .map(|(a, &id)| (a.as_ref(), id, 0))
+                .collect();
             pages::for_each(copier.parallel(), &mut jobs, |(a, id, tier)| {
                 if let Some(a) = a.filter(|a| a.len() == len) {
                     // SAFETY: the caller promised the pages writable and unshared for the call.
@@ -395,17 +400,20 @@ impl Leases {
                 }
             });
             copier.finish();
-        });
-        Ok(jobs.into_iter().map(|j| j.2).collect())
+            Ok(jobs.into_iter().map(|j| j.2).collect())
+        })
     }
 
-    /// Unpins every held block.
+    /// Unpins every held block (after any copy in flight from them).
     fn release(&self, py: Python<'_>, client: &Client) -> PyResult<()> {
-        let held: Vec<Acquired> = std::mem::take(&mut *self.held.lock())
-            .into_iter()
-            .flatten()
-            .collect();
-        py.detach(|| client.inner.release(&self.ns, held)).map_err(to_py)
+        py.detach(|| {
+            let held: Vec<Acquired> = std::mem::take(&mut *self.held.lock())
+                .into_iter()
+                .flatten()
+                .collect();
+            client.inner.release(&self.ns, held)
+        })
+        .map_err(to_py)
     }
 }
 
@@ -441,8 +449,8 @@ impl Reservation {
 #[pymethods]
 impl Reservation {
     /// How many requested blocks got a slot.
-    fn reserved(&self) -> usize {
-        self.slots.lock().iter().flatten().flatten().count()
+    fn reserved(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.slots.lock().iter().flatten().flatten().count())
     }
 
     /// Per requested block: "stored" where a slot was reserved, else "exists", "no_space" or
@@ -470,22 +478,23 @@ impl Reservation {
                 self.block_bytes
             )));
         }
-        let mut guard = self.slots.lock();
-        let Some(slots) = guard.as_mut() else {
-            return Err(PyValueError::new_err(
-                "the reservation was committed or aborted already",
-            ));
-        };
-        if block_ids.len() != slots.len() {
-            return Err(PyValueError::new_err("one block id per requested block"));
-        }
         let copier = CpuCopier;
-        let mut jobs: Vec<(&mut Reserved, usize, bool)> = slots
-            .iter_mut()
-            .zip(&block_ids)
-            .filter_map(|(s, &id)| s.as_mut().map(|s| (s, id, false)))
-            .collect();
+        // The lock is taken with the GIL released (see `Leases.load_pages`).
         py.detach(|| {
+            let mut guard = self.slots.lock();
+            let Some(slots) = guard.as_mut() else {
+                return Err(PyValueError::new_err(
+                    "the reservation was committed or aborted already",
+                ));
+            };
+            if block_ids.len() != slots.len() {
+                return Err(PyValueError::new_err("one block id per requested block"));
+            }
+            let mut jobs: Vec<(&mut Reserved, usize, bool)> = slots
+                .iter_mut()
+                .zip(&block_ids)
+                .filter_map(|(s, &id)| s.as_mut().map(|s| (s, id, false)))
+                .collect();
             pages::for_each(copier.parallel(), &mut jobs, |(slot, id, written)| {
                 *written = slot
                     // SAFETY: the caller promised the pages readable for the call; the range
@@ -494,12 +503,12 @@ impl Reservation {
                     .is_some();
             });
             copier.finish();
-        });
-        if jobs.iter().all(|j| j.2) {
-            Ok(())
-        } else {
-            Err(StaleHandle::new_err(ClientError::StaleHandle.to_string()))
-        }
+            if jobs.iter().all(|j| j.2) {
+                Ok(())
+            } else {
+                Err(StaleHandle::new_err(ClientError::StaleHandle.to_string()))
+            }
+        })
     }
 }
 

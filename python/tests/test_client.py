@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import threading
 import time
 
 import pytest
@@ -108,6 +109,33 @@ def test_a_reservation_fills_layer_by_layer_then_commits(agent: Agent) -> None:
     assert c.lookup(NS, [h(310)]) == []
     with pytest.raises(ValueError, match="committed or aborted already"):
         c.commit(res)
+
+
+def test_a_release_during_a_copy_waits_for_it_instead_of_deadlocking(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket), timeout_ms=5000)
+    blocks, page = 64, 256 << 10
+    src = Layer(blocks, page, page, seed=7)
+    hashes = [h(500 + b) for b in range(blocks)]
+    assert c.save_pages(NS, hashes, list(range(blocks)), [src.spec]) == ["stored"] * blocks
+    dst = Layer(blocks, page, page, seed=8)
+    for _ in range(5):
+        leases = c.acquire(NS, hashes)
+        outcome: list[object] = []
+
+        def load(leases: kvtier.Leases = leases, outcome: list[object] = outcome) -> None:
+            try:
+                outcome.append(leases.load_pages(list(range(blocks)), [dst.spec]))
+            except ValueError as e:
+                outcome.append(e)
+
+        copy = threading.Thread(target=load, daemon=True)
+        copy.start()
+        c.release(leases)  # holding the GIL, while the copy may hold the leases
+        copy.join(timeout=30)
+        assert not copy.is_alive(), "the release and the copy deadlocked"
+        # The copy ran wholly before the release, or found the leases already given back.
+        (result,) = outcome
+        assert result == [kvtier.TIER_HOST] * blocks or isinstance(result, ValueError), result
 
 
 def test_leases_stay_readable_while_the_agent_is_dead_then_turn_stale(agent: Agent) -> None:
