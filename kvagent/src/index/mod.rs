@@ -175,6 +175,7 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(grpc_addr)
         .await
         .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
+    // Tests and scripts read the bound address (the configured port may be 0) from this line.
     tracing::info!(grpc = %listener.local_addr()?, http = %http_addr, "index serving");
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
