@@ -146,7 +146,7 @@ pub struct IndexFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
-    /// An engine pod: NAME=MODEL@EVENTS[,replay=ENDPOINT][,node=NODE][,topic=TOPIC]; repeat for
+    /// An engine pod: `NAME=MODEL@EVENTS[,replay=ENDPOINT][,node=NODE][,topic=TOPIC]`; repeat for
     /// several (added to `pods`).
     #[arg(long = "pod", value_name = "SPEC")]
     #[serde(skip)]
