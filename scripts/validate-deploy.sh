@@ -3,9 +3,10 @@
 #   - every YAML manifest against the Kubernetes API schemas of one release
 #     (kubernetes-validate --strict: unknown fields are errors; its schemas are bundled, so this
 #     runs offline once the tool is installed),
-#   - the agent.toml inside each ConfigMap: it must parse as TOML, and when a kvagent binary has
-#     been built (target/release or target/debug) that binary must accept it (unknown keys and
-#     bad values are refused exactly as at start),
+#   - the TOML inside each ConfigMap: it must parse, and when a kvagent binary has been built
+#     (target/release or target/debug) that binary must accept it — `kvagent index` for a key
+#     named index.toml, `kvagent node` for others (unknown keys and bad values are refused
+#     exactly as at start),
 #   - every Grafana dashboard under deploy/grafana/: valid JSON, and each panel has a title, a
 #     datasource and at least one target whose expr queries a kvtier_ metric.
 #
@@ -88,9 +89,12 @@ EOF
     [ -e "$toml" ] || continue
     label="$(basename "$toml")"
     label="ConfigMap ${label%%--*} key ${label#*--}"
+    # index.toml configures `kvagent index`; any other key `kvagent node`.
+    command=node
+    [ "${toml##*--}" = "index.toml" ] && command=index
     if [ -z "$kvagent" ]; then
       echo "   $label: TOML parses (no kvagent binary built: keys not checked)"
-    elif env -i PATH="$PATH" "$kvagent" node --config "$toml" --print-config >/dev/null; then
+    elif env -i PATH="$PATH" "$kvagent" "$command" --config "$toml" --print-config >/dev/null; then
       echo "   $label: accepted by $kvagent"
     else
       fail "$f: $label is refused by $kvagent"

@@ -7,4 +7,5 @@ mod http;
 pub mod index;
 pub mod metrics;
 pub mod node;
+pub mod route;
 pub mod score;

@@ -22,6 +22,9 @@ enum Command {
     /// Runs the cluster KV-cache index (a Deployment): ingests vLLM engines' KV events and node
     /// agents' tier events, and answers routers' Score calls over gRPC (default :9480).
     Index(IndexArgs),
+    /// An OpenAI-compatible proxy that sends each request to the vLLM server holding the longest
+    /// prefix of its prompt (per the index), else to the least loaded one.
+    Route(kvagent::route::RouteArgs),
     /// Asks an index which pods hold the longest prefix of a prompt (as a router would).
     Score(kvagent::score::ScoreArgs),
     /// Prints the block hashes vLLM computes for a prompt (token ids, or text with a tokenizer):
@@ -86,6 +89,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Hash(args) => kvagent::hash::run(&args),
         Command::Score(args) => kvagent::score::run(&args),
+        Command::Route(args) => {
+            init_tracing(kvagent::config::LogFormat::Text, "info")?;
+            kvagent::route::run(args)
+        }
     }
 }
 

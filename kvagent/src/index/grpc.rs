@@ -112,12 +112,9 @@ impl IndexRpc for IndexService {
                 weighted: s.weighted,
             })
             .collect();
-        out.sort_by(|a, b| {
-            b.weighted
-                .total_cmp(&a.weighted)
-                .then(b.blocks.cmp(&a.blocks))
-                .then(a.pod.cmp(&b.pod))
-        });
+        // Stable: equal scores keep the order of the request's pods (a router lists them by
+        // its own preference, e.g. load), or of their names.
+        out.sort_by(|a, b| b.weighted.total_cmp(&a.weighted).then(b.blocks.cmp(&a.blocks)));
         let m = &self.state.metrics;
         m.prompt_blocks.inc_by(hashes.len() as u64);
         for s in &out {

@@ -194,7 +194,7 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
         )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown(),
+            shutdown_signal(),
         )
         .await
         .context("gRPC server")?;
@@ -203,7 +203,7 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
