@@ -191,13 +191,9 @@ impl Default for DiskSection {
     }
 }
 
-/// Flags of `kvagent node` that override configuration keys. Each is `None` unless given.
+/// Flags every long-running `kvagent` command has (`http_addr`, `log_format`, `log_level`).
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
-pub struct NodeFlags {
-    /// Path of the local socket (`socket`).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub socket: Option<PathBuf>,
+pub struct ServiceFlags {
     /// Address for /metrics, /healthz and /readyz; "" disables (`http_addr`).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -210,6 +206,19 @@ pub struct NodeFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+}
+
+/// Flags of `kvagent node` that override configuration keys. Each is `None` unless given.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct NodeFlags {
+    /// Path of the local socket (`socket`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// `http_addr`, `log_format`, `log_level`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub service: ServiceFlags,
     /// Size of the shared host arena, e.g. 16GiB (`host.size`).
     #[arg(long, value_name = "SIZE")]
     #[serde(skip)]

@@ -81,6 +81,29 @@ struct Backend {
     name: String,
     url: String,
     in_flight: Arc<AtomicUsize>,
+    /// Until when (milliseconds since the router started) it is skipped: a connection to it
+    /// was refused.
+    down_until: AtomicU64,
+}
+
+/// How long a backend that refused a connection is skipped.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
+/// Headers of one hop (RFC 9110 §7.6.1), not forwarded in either direction.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn end_to_end(name: &header::HeaderName) -> bool {
+    !HOP_BY_HOP.contains(&name.as_str()) && name != header::HOST && name != header::CONTENT_LENGTH
 }
 
 struct RouteState {
@@ -90,6 +113,7 @@ struct RouteState {
     args: RouteArgs,
     http: reqwest::Client,
     next: AtomicU64,
+    started: std::time::Instant,
     routed: Family<RouteLabel, Counter>,
     prefix_blocks: Counter,
     in_flight: Family<BackendLabel, Gauge>,
@@ -147,6 +171,7 @@ fn parse_backend(spec: &str) -> anyhow::Result<Backend> {
         name: name.to_owned(),
         url: url.trim_end_matches('/').to_owned(),
         in_flight: Arc::new(AtomicUsize::new(0)),
+        down_until: AtomicU64::new(0),
     })
 }
 
@@ -193,6 +218,7 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
             .build()
             .context("HTTP client")?,
         next: AtomicU64::new(0),
+        started: std::time::Instant::now(),
         routed,
         prefix_blocks,
         in_flight,
@@ -251,9 +277,29 @@ impl RouteState {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn is_down(&self, i: usize) -> bool {
+        self.backends[i].down_until.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    fn mark_down(&self, i: usize) {
+        let until = self.now_ms().saturating_add(DOWN_FOR.as_millis() as u64);
+        self.backends[i].down_until.store(until, Ordering::Relaxed);
+    }
+
+    /// The least loaded backend among `among` that is up (any, if none is up).
     fn least_loaded(&self, among: impl Iterator<Item = usize>) -> usize {
         among
-            .min_by_key(|&i| (self.backends[i].in_flight.load(Ordering::Relaxed), i))
+            .min_by_key(|&i| {
+                (
+                    self.is_down(i),
+                    self.backends[i].in_flight.load(Ordering::Relaxed),
+                    i,
+                )
+            })
             .unwrap_or(0)
     }
 
@@ -352,7 +398,13 @@ async fn proxy(State(r): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let bytes: Bytes = match axum::body::to_bytes(body, 64 << 20).await {
         Ok(b) => b,
-        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}\n")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("request body (64 MiB at most): {e}\n"),
+            )
+                .into_response();
+        }
     };
     let is_completion =
         parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/completions");
@@ -367,52 +419,67 @@ async fn proxy(State(r): State<Shared>, req: Request) -> Response {
             "round_robin",
         )
     };
-    let backend = &r.backends[i];
-    r.routed
-        .get_or_create(&RouteLabel {
-            backend: backend.name.clone(),
-            reason,
-        })
-        .inc();
-    backend.in_flight.fetch_add(1, Ordering::Relaxed);
-    let gauge = r
-        .in_flight
-        .get_or_create(&BackendLabel {
-            backend: backend.name.clone(),
-        })
-        .clone();
-    gauge.inc();
-    let guard = InFlight {
-        count: Arc::clone(&backend.in_flight),
-        gauge,
-    };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = r
-        .http
-        .request(parts.method.clone(), format!("{}{path}", backend.url))
-        .body(bytes);
-    for (name, value) in &parts.headers {
-        if name != header::HOST && name != header::CONTENT_LENGTH {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    // A backend that refuses the connection never saw the request: mark it down and send the
+    // request to the next one (once per backend).
+    let mut tried = vec![false; r.backends.len()];
+    let mut i = i;
+    let mut reason = reason;
+    let (resp, guard) = loop {
+        tried[i] = true;
+        let backend = &r.backends[i];
+        r.routed
+            .get_or_create(&RouteLabel {
+                backend: backend.name.clone(),
+                reason,
+            })
+            .inc();
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        let gauge = r
+            .in_flight
+            .get_or_create(&BackendLabel {
+                backend: backend.name.clone(),
+            })
+            .clone();
+        gauge.inc();
+        let guard = InFlight {
+            count: Arc::clone(&backend.in_flight),
+            gauge,
+        };
+        let mut out = r
+            .http
+            .request(parts.method.clone(), format!("{}{path}", backend.url))
+            .body(bytes.clone());
+        for (name, value) in parts.headers.iter().filter(|(n, _)| end_to_end(n)) {
             out = out.header(name, value);
         }
-    }
-    let resp = match out.send().await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::warn!(backend = %backend.name, error = %e, "backend unreachable");
-            return (
-                StatusCode::BAD_GATEWAY,
-                format!("backend {}: {e}\n", backend.name),
-            )
-                .into_response();
+        match out.send().await {
+            Ok(resp) => break (resp, guard),
+            Err(e) if e.is_connect() && tried.iter().any(|t| !t) => {
+                tracing::warn!(backend = %backend.name, error = %e, "backend refused the connection: trying another");
+                r.mark_down(i);
+                drop(guard);
+                i = r.least_loaded((0..r.backends.len()).filter(|&j| !tried[j]));
+                reason = "retry";
+            }
+            Err(e) => {
+                tracing::warn!(backend = %backend.name, error = %e, "backend failed");
+                if e.is_connect() {
+                    r.mark_down(i);
+                }
+                return (
+                    StatusCode::BAD_GATEWAY,
+                    format!("backend {}: {e}\n", backend.name),
+                )
+                    .into_response();
+            }
         }
     };
+    let backend = &r.backends[i];
     let status = resp.status();
     let mut headers = HeaderMap::new();
-    for (name, value) in resp.headers() {
-        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING && name != header::CONNECTION {
-            headers.insert(name.clone(), value.clone());
-        }
+    for (name, value) in resp.headers().iter().filter(|(n, _)| end_to_end(n)) {
+        headers.append(name.clone(), value.clone());
     }
     headers.insert(
         "x-kvtier-backend",

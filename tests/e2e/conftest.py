@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,22 @@ def agent(workdir: Path) -> Iterator[Agent]:
     a = Agent(workdir / "agent.sock", ["--host-size", "256MiB"])
     yield a
     a.kill()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
+    """Polls `url` until it answers 200, failing with the log's tail if `proc` exits first or
+    the deadline passes (a server's readiness, not a timing assumption)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
 
 
 def run_engine_report(model: Path, prompts: Path, *args: str, timeout: float = 600) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import pytest
 from test_index import KVAGENT, IndexProcess
 from test_vllm import free_port
 
+from conftest import wait_healthy
+
 BLOCK = 32
 
 
@@ -48,17 +50,7 @@ class Server:
         )
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{self.port}/health", self.proc, self.log_path)
 
     def reset(self) -> None:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/reset_prefix_cache", method="POST")

@@ -9,12 +9,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import kvtier
-from conftest import PREFIX_TOKENS, run_engine, run_engine_report
+from conftest import PREFIX_TOKENS, run_engine, run_engine_report, wait_healthy
 from kvagent_process import Agent
 
 
@@ -154,17 +153,7 @@ def test_the_openai_server_loads_prefixes_from_kvtier(
     log = open(workdir / "server.log", "wb")
     server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (workdir / "server.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}/health", server, workdir / "server.log")
         ids = json.loads(prompts.read_text())[0]
         body = {
             "model": str(model),

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Layers, LogFormat, layered};
+use crate::config::{Layers, LogFormat, ServiceFlags, layered};
 
 /// Where the TOML file is looked for when neither `--config` nor `KVTIER_INDEX_CONFIG` names one.
 pub const DEFAULT_INDEX_CONFIG_PATH: &str = "/etc/kvtier/index.toml";
@@ -134,18 +134,10 @@ pub struct IndexFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_addr: Option<SocketAddr>,
-    /// Address for /metrics, /healthz and /readyz; "" disables (`http_addr`).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http_addr: Option<String>,
-    /// Log format (`log_format`).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    /// Log filter (`log_level`).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_level: Option<String>,
+    /// `http_addr`, `log_format`, `log_level`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub service: ServiceFlags,
     /// An engine pod: `NAME=MODEL@EVENTS[,replay=ENDPOINT][,node=NODE][,topic=TOPIC]`; repeat for
     /// several (added to `pods`).
     #[arg(long = "pod", value_name = "SPEC")]
@@ -208,8 +200,25 @@ pub fn load(file: Option<&Path>, flags: &IndexFlags) -> anyhow::Result<IndexConf
 impl IndexConfig {
     /// Refuses values that parse but cannot work, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.hash.block_size == 0 {
-            bail!("`hash.block_size` must be positive");
+        if !(1..=1 << 16).contains(&self.shards) {
+            bail!("`shards` must be between 1 and 65536");
+        }
+        if self.speculative_ttl_ms > 3_600_000 {
+            bail!("`speculative_ttl_ms` must be at most an hour (3600000)");
+        }
+        if self.source_ttl_s == 0 {
+            bail!("`source_ttl_s` must be positive");
+        }
+        let w = self.weights;
+        for (key, v) in [
+            ("device", w.device),
+            ("host", w.host),
+            ("disk", w.disk),
+            ("object", w.object),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("`weights.{key}` must be a finite number ≥ 0, not {v}");
+            }
         }
         kvstore::vllm::BlockHasher::new(
             self.hash.algo.parse().context("`hash.algo`")?,
@@ -222,12 +231,13 @@ impl IndexConfig {
             if !names.insert(&pod.name) {
                 bail!("`pods`: {:?} is listed twice", pod.name);
             }
-            if !pod.events.starts_with("tcp://") {
-                bail!(
-                    "`pods`: {:?}: events endpoint {:?} is not tcp://HOST:PORT",
-                    pod.name,
-                    pod.events
-                );
+            for endpoint in std::iter::once(&pod.events).chain(&pod.replay) {
+                if !endpoint.starts_with("tcp://") {
+                    bail!(
+                        "`pods`: {:?}: endpoint {endpoint:?} is not tcp://HOST:PORT",
+                        pod.name
+                    );
+                }
             }
         }
         Ok(())

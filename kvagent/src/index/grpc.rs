@@ -204,7 +204,10 @@ impl IndexRpc for IndexService {
                     )));
                 }
             }
-            expected.insert(batch.source.clone(), (batch.epoch, batch.seq + 1));
+            let Some(next) = batch.seq.checked_add(1) else {
+                return Err(Status::invalid_argument("seq overflows: start a new epoch"));
+            };
+            expected.insert(batch.source.clone(), (batch.epoch, next));
             let scope = State::scope(&batch.model);
             for e in batch.events {
                 let (event, kind) = match e.kind {

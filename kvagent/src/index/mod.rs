@@ -33,6 +33,8 @@ pub(crate) struct Pod {
     pub(crate) source: SourceId,
     pub(crate) model: String,
     pub(crate) node: Option<String>,
+    /// Whether the index follows its publisher now (it is live while connected).
+    pub(crate) connected: Arc<AtomicBool>,
 }
 
 /// Where the engine pods come from. The static list of the configuration is the one source
@@ -103,6 +105,7 @@ impl State {
             source: self.index.sources().intern(&p.name),
             model: p.model.clone(),
             node: p.node.clone(),
+            connected: Arc::new(AtomicBool::new(false)),
         };
         self.pods.write().insert(p.name.clone(), pod.clone());
         pod
@@ -112,8 +115,10 @@ impl State {
     pub(crate) fn candidates(&self, model: &str, names: &[String]) -> Vec<(String, Candidate)> {
         let pods = self.pods.read();
         let sources = self.index.sources();
+        // A name the index has never seen holds nothing: it is not registered (callers may send
+        // any names), and scores 0.
         let candidate = |name: &str, pod: Option<&Pod>| Candidate {
-            pod: pod.map_or_else(|| sources.intern(name), |p| p.source),
+            pod: pod.map_or_else(|| sources.get(name).unwrap_or(SourceId(u32::MAX)), |p| p.source),
             agent: pod
                 .and_then(|p| p.node.as_deref())
                 .and_then(|n| sources.get(&agent_source(n))),
@@ -159,7 +164,12 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
 
     for pod in discovery.pods() {
         let registered = state.add_pod(&pod);
-        tokio::spawn(vllm_events::follow(Arc::clone(&state), pod, registered.source));
+        tokio::spawn(vllm_events::follow(
+            Arc::clone(&state),
+            pod,
+            registered.source,
+            Arc::clone(&registered.connected),
+        ));
     }
     tokio::spawn(housekeeping(Arc::clone(&state)));
 
@@ -222,9 +232,14 @@ async fn housekeeping(state: Arc<State>) {
     let mut tick = tokio::time::interval(ttl / 4);
     loop {
         tick.tick().await;
-        // Engine pods of the configuration are live while configured: their events arrive only
-        // when their cache changes, so silence says nothing.
-        for pod in state.pods.read().values() {
+        // An engine's events arrive only when its cache changes, so silence says nothing: a
+        // pod is live while the index is connected to its publisher.
+        for pod in state
+            .pods
+            .read()
+            .values()
+            .filter(|p| p.connected.load(Ordering::SeqCst))
+        {
             state.index.sources().keep_alive(pod.source);
         }
         for name in state.index.age_out(ttl) {

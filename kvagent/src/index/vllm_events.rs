@@ -5,8 +5,13 @@
 //! one is configured (a DEALER sends the first missing sequence number; the publisher answers
 //! with every buffered batch from there, then an end marker); without one, the pod's entries are
 //! dropped and rebuilt from the events that follow. A sequence number that goes back means the
-//! engine restarted: its old entries are dropped. On first contact, with a replay endpoint, the
-//! index replays vLLM's whole buffer, so a restarted index learns what engines hold.
+//! engine restarted: its old entries are dropped.
+//!
+//! Whenever the connection to the publisher is made — first contact, or again after the engine
+//! went away (the socket reconnects by itself; its monitor says when) — the pod's entries are
+//! dropped and, with a replay endpoint, rebuilt from vLLM's whole buffer (`buffer_steps`
+//! batches): a restarted index or engine never counts blocks that may be gone. A pod counts as
+//! live (and is not aged out) only while connected.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,8 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use kvstore::index::{Event, Medium, SourceId};
 use kvstore::vllm::{KvEvent, decode_batch};
+use tokio_stream::StreamExt as _;
 use zeromq::{
-    DealerSocket, Socket as _, SocketOptions, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage,
+    DealerSocket, Socket as _, SocketEvent, SocketOptions, SocketRecv as _, SocketSend as _, SubSocket,
+    ZmqMessage,
 };
 
 use super::State;
@@ -44,12 +51,20 @@ struct Follower {
     scope: u64,
     /// The sequence number expected next; None before the first batch.
     next: Option<u64>,
-    /// Live batches below this were applied by a replay already.
+    /// Live batches below this were applied by a replay already (the backlog queued while it
+    /// ran); 0 once a live batch past it arrives.
     replayed_below: u64,
+    /// Whether the publisher is connected (the pod is live).
+    connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Follows the pod until the process ends, reconnecting with a bounded backoff.
-pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, source: SourceId) {
+pub(crate) async fn follow(
+    state: Arc<State>,
+    pod: PodConfig,
+    source: SourceId,
+    connected: Arc<std::sync::atomic::AtomicBool>,
+) {
     let scope = State::scope(&pod.model);
     let mut f = Follower {
         state,
@@ -58,31 +73,50 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, source: SourceId) 
         scope,
         next: None,
         replayed_below: 0,
+        connected,
     };
     let mut backoff = Duration::from_millis(100);
     loop {
         tracing::debug!(pod = %f.pod.name, endpoint = %f.pod.events, "connecting to KV events");
         let mut sub = SubSocket::with_options(options());
+        let mut monitor = sub.monitor();
         match connect(&mut sub, &f.pod).await {
             Ok(()) => {
                 tracing::info!(pod = %f.pod.name, endpoint = %f.pod.events, "following KV events");
                 backoff = Duration::from_millis(100);
-                if f.pod.replay.is_some() {
-                    // Whatever was published while the index was not listening.
-                    f.replay(f.next.unwrap_or(0)).await;
-                }
+                f.resync().await;
+                // The monitor reports the first connection too: only one after a disconnect
+                // means the publisher may have restarted.
+                let mut lost = false;
                 loop {
-                    match sub.recv().await {
-                        Ok(msg) => f.on_message(msg).await,
-                        Err(e) => {
-                            tracing::warn!(pod = %f.pod.name, error = %e, "KV event stream ended; reconnecting");
-                            break;
-                        }
+                    tokio::select! {
+                        msg = sub.recv() => match msg {
+                            Ok(msg) => f.on_message(msg).await,
+                            Err(e) => {
+                                tracing::warn!(pod = %f.pod.name, error = %e, "KV event stream failed; reconnecting");
+                                break;
+                            }
+                        },
+                        event = monitor.next() => match event {
+                            Some(SocketEvent::Disconnected(_)) => {
+                                tracing::warn!(pod = %f.pod.name, "KV event publisher went away");
+                                f.set_connected(false);
+                                lost = true;
+                            }
+                            Some(SocketEvent::Connected(..)) if lost => {
+                                tracing::info!(pod = %f.pod.name, "KV event publisher is back: resyncing");
+                                lost = false;
+                                f.resync().await;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
                     }
                 }
             }
             Err(e) => tracing::debug!(pod = %f.pod.name, error = %e, "cannot follow KV events yet"),
         }
+        f.set_connected(false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(CONNECT_TIMEOUT);
     }
@@ -99,6 +133,20 @@ fn seq_of(frame: Option<&Bytes>) -> Option<u64> {
 }
 
 impl Follower {
+    fn set_connected(&self, live: bool) {
+        self.connected.store(live, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Starts the pod over: drops its entries and, with a replay endpoint, rebuilds them from
+    /// the publisher's buffer.
+    async fn resync(&mut self) {
+        self.set_connected(true);
+        self.state.index.apply(self.source, &Event::Cleared);
+        self.next = None;
+        self.replayed_below = 0;
+        self.replay(0).await;
+    }
+
     async fn on_message(&mut self, msg: ZmqMessage) {
         let Some(seq) = seq_of(msg.get(1)) else {
             self.bad("a message without an 8-byte sequence number");
@@ -118,15 +166,11 @@ impl Follower {
                 tracing::info!(pod = %self.pod.name, seq, expected = next, "sequence went back: the engine restarted");
                 self.state.index.apply(self.source, &Event::Cleared);
             }
-            None if seq > 0 && self.pod.replay.is_some() => {
-                self.replay(0).await;
-                if self.next.is_some_and(|n| seq < n) {
-                    return;
-                }
-            }
             None => {}
         }
         self.apply(seq, &payload);
+        // The first live batch past the replayed ones closes the window of duplicates.
+        self.replayed_below = 0;
     }
 
     async fn gap(&mut self, next: u64, seq: u64) {
@@ -162,7 +206,7 @@ impl Follower {
 
     /// Applies batch `seq`; a batch that does not decode is counted and skipped.
     fn apply(&mut self, seq: u64, payload: &[u8]) {
-        self.next = Some(seq + 1);
+        self.next = seq.checked_add(1);
         let batch = match decode_batch(payload) {
             Ok(b) => b,
             Err(e) => return self.bad(&e.to_string()),
@@ -216,13 +260,12 @@ impl Follower {
             return;
         };
         match tokio::time::timeout(REPLAY_TIMEOUT, self.fetch_replay(&endpoint, from)).await {
-            Ok(Ok(n)) => {
-                tracing::info!(pod = %self.pod.name, from, batches = n, "replayed KV events");
-                self.replayed_below = self.next.unwrap_or(0);
-            }
+            Ok(Ok(n)) => tracing::info!(pod = %self.pod.name, from, batches = n, "replayed KV events"),
             Ok(Err(e)) => tracing::warn!(pod = %self.pod.name, error = %e, "KV event replay failed"),
             Err(_) => tracing::warn!(pod = %self.pod.name, "KV event replay timed out"),
         }
+        // Whatever was applied, live batches queued meanwhile below this are duplicates.
+        self.replayed_below = self.next.unwrap_or(0);
     }
 
     async fn fetch_replay(&mut self, endpoint: &str, from: u64) -> Result<usize, zeromq::ZmqError> {

@@ -11,9 +11,9 @@
 //! hash, each shard behind its own `RwLock`, so ingest and scoring of different blocks never
 //! contend.
 //!
-//! Memory: one indexed block costs its key (16 bytes), a holder list (a `Vec`: 24 bytes plus 8
-//! per holder) and the hash table's slot overhead — about 64 bytes with one holder, 8 more per
-//! further holder.
+//! Memory, from the layout: one indexed block costs a table slot (its 16-byte key and a 24-byte
+//! `Vec`, plus the table's spare capacity) and a heap block of 16 bytes per holder (plus the
+//! allocator's overhead) — roughly 100 bytes with one holder, 16 more per further holder.
 
 mod sources;
 
@@ -147,20 +147,35 @@ pub struct Key {
     pub hash: u64,
 }
 
-/// One source's hold on a block.
+/// One source's hold on a block (16 bytes).
 #[derive(Debug, Clone, Copy)]
 struct Holder {
     source: SourceId,
     generation: u32,
     mask: u8,
-    /// Speculative entries expire (the request routed there may not have run yet).
-    expires: Option<Instant>,
+    /// For a speculative entry (the request routed there may not have run yet), when it
+    /// expires: milliseconds since the index was made, plus one; 0 for a reported entry.
+    expires: u32,
 }
 
 impl Holder {
-    /// Whether the entry still counts: its source was not cleared since, and it has not expired.
-    fn counts(&self, gens: &Generations, now: Instant) -> bool {
-        gens.get(self.source) == self.generation && self.expires.is_none_or(|t| t > now)
+    fn expired(&self, now_ms: u32) -> bool {
+        self.expires != 0 && self.expires <= now_ms
+    }
+
+    /// Whether the entry counts: its source was not cleared since the snapshot `gens`, and it
+    /// has not expired.
+    fn counts(&self, gens: &Generations, now_ms: u32) -> bool {
+        gens.get(self.source) == self.generation && !self.expired(now_ms)
+    }
+
+    /// Whether the entry can be dropped: its source was cleared after it was made, or it has
+    /// expired. An entry newer than the snapshot `gens` (its source cleared and reported again
+    /// since) is kept.
+    fn stale(&self, gens: &Generations, now_ms: u32) -> bool {
+        let current = gens.get(self.source);
+        let older = current != u32::MAX && current.wrapping_sub(self.generation) as i32 > 0;
+        older || self.expired(now_ms)
     }
 }
 
@@ -219,18 +234,26 @@ pub struct Index {
     mask: u64,
     sources: Sources,
     cfg: IndexConfig,
+    /// Expiry times of speculative entries count from here.
+    epoch: Instant,
 }
 
 impl Index {
     /// An empty index.
     pub fn new(cfg: IndexConfig) -> Self {
-        let n = cfg.shards.max(1).next_power_of_two();
+        let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
         Self {
             shards: (0..n).map(|_| RwLock::new(Map::default())).collect(),
             mask: n as u64 - 1,
             sources: Sources::default(),
             cfg,
+            epoch: Instant::now(),
         }
+    }
+
+    /// Milliseconds since the index was made, plus one (0 stays free for "no expiry").
+    fn now_ms(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u32::MAX - 1) + 1
     }
 
     /// The sources table (names, generations, last report).
@@ -260,14 +283,7 @@ impl Index {
                 medium,
             } => {
                 for &hash in hashes {
-                    self.add(
-                        &gens,
-                        Key { scope: *scope, hash },
-                        source,
-                        generation,
-                        *medium,
-                        None,
-                    );
+                    self.add(&gens, Key { scope: *scope, hash }, source, generation, *medium, 0);
                 }
             }
             Event::Removed {
@@ -287,7 +303,8 @@ impl Index {
     /// pod (as its own KV cache) until the speculative TTL passes or the pod reports them.
     pub fn speculate(&self, pod: SourceId, scope: u64, hashes: &[u64]) {
         let gens = self.sources.generations();
-        let expires = Instant::now() + self.cfg.speculative_ttl;
+        let ttl = u32::try_from(self.cfg.speculative_ttl.as_millis()).unwrap_or(u32::MAX);
+        let expires = self.now_ms().saturating_add(ttl).max(1);
         for &hash in hashes {
             self.add(
                 &gens,
@@ -295,11 +312,12 @@ impl Index {
                 pod,
                 gens.get(pod),
                 Medium::Device,
-                Some(expires),
+                expires,
             );
         }
     }
 
+    /// Adds `source`'s hold on `key`; `expires` is 0 for a report, else a speculation's expiry.
     fn add(
         &self,
         gens: &Generations,
@@ -307,26 +325,35 @@ impl Index {
         source: SourceId,
         generation: u32,
         medium: Medium,
-        expires: Option<Instant>,
+        expires: u32,
     ) {
+        let now = self.now_ms();
         let mut map = self.shard(&key).write();
-        let holders = map.entry(key).or_default();
-        let now = Instant::now();
-        holders.retain(|h| h.counts(gens, now));
+        let holders = map.entry(key).or_insert_with(|| Vec::with_capacity(1));
+        holders.retain(|h| !h.stale(gens, now));
         match holders.iter_mut().find(|h| h.source == source) {
-            Some(h) if h.expires.is_some() && expires.is_none() => {
+            Some(h) if h.expires != 0 && expires == 0 => {
                 // A real report replaces a speculation.
                 *h = Holder {
                     source,
                     generation,
                     mask: medium.bit(),
-                    expires: None,
+                    expires: 0,
                 };
             }
-            Some(h) if h.expires.is_none() && expires.is_some() => {}
+            Some(h) if h.expires == 0 && expires != 0 => {}
+            Some(h) if h.generation != generation => {
+                // An entry of an older generation that did not count any more.
+                *h = Holder {
+                    source,
+                    generation,
+                    mask: medium.bit(),
+                    expires,
+                };
+            }
             Some(h) => {
                 h.mask |= medium.bit();
-                h.expires = expires.max(h.expires);
+                h.expires = h.expires.max(expires);
             }
             None => holders.push(Holder {
                 source,
@@ -342,14 +369,11 @@ impl Index {
         let Some(holders) = map.get_mut(&key) else {
             return;
         };
-        if let Some(h) = holders
-            .iter_mut()
-            .find(|h| h.source == source && h.expires.is_none())
-        {
+        if let Some(h) = holders.iter_mut().find(|h| h.source == source && h.expires == 0) {
             h.mask &= !medium.bit();
         }
-        let now = Instant::now();
-        holders.retain(|h| h.mask != 0 && h.counts(gens, now));
+        let now = self.now_ms();
+        holders.retain(|h| h.mask != 0 && !h.stale(gens, now));
         if holders.is_empty() {
             map.remove(&key);
         }
@@ -358,7 +382,7 @@ impl Index {
     /// Which sources hold each block, on which media (stops at the first block nobody holds).
     pub fn lookup(&self, scope: u64, hashes: &[u64]) -> Vec<Vec<(SourceId, Vec<Medium>)>> {
         let gens = self.sources.generations();
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut out = Vec::new();
         for &hash in hashes {
             let key = Key { scope, hash };
@@ -394,7 +418,7 @@ impl Index {
     /// hold nothing cost nothing, and it stops at the first block no candidate can reuse.
     pub fn score(&self, scope: u64, hashes: &[u64], candidates: &[Candidate]) -> Vec<Score> {
         let gens = self.sources.generations();
-        let now = Instant::now();
+        let now = self.now_ms();
         // Source -> (candidate, whether through the candidate's agent), through a dense table
         // indexed by source id: the walk below does this lookup for every holder of every block.
         let mut slot = vec![u32::MAX; gens.len()];
@@ -485,12 +509,12 @@ impl Index {
     /// time. Scoring ignores them anyway; this returns their memory.
     pub fn sweep(&self) -> usize {
         let gens = self.sources.generations();
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut dropped = 0;
         for shard in &self.shards {
             let mut map = shard.write();
             map.retain(|_, holders| {
-                holders.retain(|h| h.counts(&gens, now));
+                holders.retain(|h| !h.stale(&gens, now));
                 let keep = !holders.is_empty();
                 dropped += usize::from(!keep);
                 keep

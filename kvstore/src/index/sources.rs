@@ -19,6 +19,8 @@ pub struct SourceInfo {
     pub generation: u32,
     /// When it last reported.
     pub last_seen: Instant,
+    /// Cleared for silence and silent since.
+    pub aged_out: bool,
 }
 
 /// The interned sources.
@@ -44,6 +46,7 @@ impl Sources {
             name: name.to_owned(),
             generation: 0,
             last_seen: Instant::now(),
+            aged_out: false,
         });
         by_name.insert(name.to_owned(), id);
         id
@@ -73,6 +76,7 @@ impl Sources {
     pub(crate) fn touch(&self, id: SourceId) {
         if let Some(s) = self.info.write().get_mut(id.0 as usize) {
             s.last_seen = Instant::now();
+            s.aged_out = false;
         }
     }
 
@@ -97,10 +101,10 @@ impl Sources {
         let now = Instant::now();
         let mut info = self.info.write();
         let mut gone = Vec::new();
-        for s in info.iter_mut() {
+        for s in info.iter_mut().filter(|s| !s.aged_out) {
             if now.duration_since(s.last_seen) >= ttl {
                 s.generation = s.generation.wrapping_add(1);
-                s.last_seen = now;
+                s.aged_out = true;
                 gone.push(s.name.clone());
             }
         }

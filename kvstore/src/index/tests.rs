@@ -165,3 +165,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_add_with_an_older_snapshot_keeps_entries_reported_since() {
+    let idx = Index::new(IndexConfig::default());
+    let (a, b) = (idx.sources().intern("a"), idx.sources().intern("b"));
+    idx.apply(a, &stored(&[1], Medium::Device));
+    // Another writer took its snapshot before `a` was cleared and reported the block again.
+    let old = idx.sources().generations();
+    idx.apply(a, &Event::Cleared);
+    idx.apply(a, &stored(&[1], Medium::Host));
+    idx.add(&old, Key { scope: S, hash: 1 }, b, old.get(b), Medium::Device, 0);
+    let scores = idx.score(S, &[1], &[pod(a), pod(b)]);
+    assert_eq!(blocks(&scores), vec![1, 1], "a's fresh entry survived b's add");
+}

@@ -20,6 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::key::BlockHash;
 
+/// The largest block size accepted (vLLM's are 16 to a few hundred tokens).
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+
 /// vLLM's seed of `NONE_HASH` for the SHA-256 algorithms when `PYTHONHASHSEED` is unset.
 pub const DEFAULT_NONE_HASH_SEED: &str = "vllm-none-hash";
 
@@ -73,8 +76,8 @@ pub enum HashError {
          set PYTHONHASHSEED for the engines and pass the same seed here"
     )]
     RandomSeed,
-    /// A block size of zero.
-    #[error("the block size must be positive")]
+    /// A block size of zero, or beyond any engine's.
+    #[error("the block size must be between 1 and {MAX_BLOCK_SIZE} tokens")]
     BlockSize,
 }
 
@@ -222,7 +225,7 @@ impl BlockHasher {
     /// A hasher for engines running `algo` with `block_size`-token blocks and `seed` as their
     /// `PYTHONHASHSEED` (None: unset).
     pub fn new(algo: HashAlgo, block_size: usize, seed: Option<&str>) -> Result<Self, HashError> {
-        if block_size == 0 {
+        if block_size == 0 || block_size > MAX_BLOCK_SIZE {
             return Err(HashError::BlockSize);
         }
         let seed = match (seed, algo) {
@@ -255,7 +258,7 @@ impl BlockHasher {
     }
 
     fn digest(&self, value: &impl Serialize) -> Vec<u8> {
-        let mut cbor = Vec::with_capacity(64 + 5 * self.block_size);
+        let mut cbor = Vec::with_capacity(64 + 5 * self.block_size.min(1024));
         // Writing into a Vec cannot fail, and every value here is a plain tuple of bytes, text,
         // integers and None, which CBOR always encodes.
         ciborium::into_writer(value, &mut cbor).expect("CBOR encoding into memory");
@@ -379,6 +382,10 @@ mod tests {
         ));
         assert!(matches!(
             BlockHasher::new(HashAlgo::Sha256Cbor, 0, None),
+            Err(HashError::BlockSize)
+        ));
+        assert!(matches!(
+            BlockHasher::new(HashAlgo::Sha256Cbor, u32::MAX as usize, None),
             Err(HashError::BlockSize)
         ));
         assert_eq!(
