@@ -5,11 +5,12 @@ killed and restarted (by replaying the engines' event buffers)."""
 from __future__ import annotations
 
 import json
+import queue
 import random
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,8 @@ BLOCK = 32
 
 
 class Engine:
-    """An engine_repl.py process."""
+    """An engine_repl.py process. A thread reads its stdout (vLLM logs there too) and keeps the
+    answers: waiting on the pipe itself would miss lines already read into Python's buffer."""
 
     def __init__(self, model: Path, port: int, *args: str) -> None:
         self.proc = subprocess.Popen(
@@ -35,22 +37,25 @@ class Engine:
             stderr=subprocess.DEVNULL,
             text=True,
         )
+        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
         self.read(timeout=300)
 
-    def read(self, timeout: float) -> dict[str, Any]:
+    def _pump(self) -> None:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
-            if not ready:
-                raise AssertionError("the engine did not answer in time")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"the engine exited ({self.proc.wait()})")
+        for line in self.proc.stdout:
             if line.startswith("REPL "):
-                answer: dict[str, Any] = json.loads(line[5:])
-                return answer
+                self.answers.put(json.loads(line[5:]))
+        self.answers.put(None)
+
+    def read(self, timeout: float) -> dict[str, Any]:
+        try:
+            answer = self.answers.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("the engine did not answer in time") from None
+        if answer is None:
+            raise AssertionError(f"the engine exited ({self.proc.wait()})")
+        return answer
 
     def call(self, **cmd: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
