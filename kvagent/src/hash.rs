@@ -119,7 +119,7 @@ fn parse_digest(hex: &str) -> anyhow::Result<[u8; 32]> {
 fn read_tokens(args: &HashArgs) -> anyhow::Result<Vec<u32>> {
     if let Some(text) = &args.text {
         let path = args.tokenizer.as_deref().context("--text needs --tokenizer")?;
-        return tokenize(path, text, !args.no_special_tokens);
+        return crate::tokenizer::encode(&crate::tokenizer::load(path)?, text, !args.no_special_tokens);
     }
     read_token_input(args.input.as_deref())
 }
@@ -134,21 +134,6 @@ pub(crate) fn read_token_input(path: Option<&std::path::Path>) -> anyhow::Result
     }
     .context("reading token ids")?;
     parse_tokens(&input)
-}
-
-#[cfg(feature = "tokenizer")]
-fn tokenize(path: &std::path::Path, text: &str, special: bool) -> anyhow::Result<Vec<u32>> {
-    let tok =
-        tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let enc = tok
-        .encode(text, special)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    Ok(enc.get_ids().to_vec())
-}
-
-#[cfg(not(feature = "tokenizer"))]
-fn tokenize(_: &std::path::Path, _: &str, _: bool) -> anyhow::Result<Vec<u32>> {
-    bail!("this kvagent was built without the `tokenizer` feature: pass token ids instead")
 }
 
 /// Runs `kvagent hash`, printing to standard output.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
@@ -36,9 +36,14 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, registry: Registry,
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(state): State<AppState>) -> Response {
+    render_metrics(&state.registry)
+}
+
+/// A `/metrics` answer: the registry in the OpenMetrics text format.
+pub(crate) fn render_metrics(registry: &Registry) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -46,12 +51,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             body,
-        ),
+        )
+            .into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             format!("encoding metrics: {e}\n"),
-        ),
+        )
+            .into_response(),
     }
 }
 

@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod node;
 pub mod route;
 pub mod score;
+mod tokenizer;

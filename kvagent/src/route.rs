@@ -109,7 +109,7 @@ fn end_to_end(name: &header::HeaderName) -> bool {
 struct RouteState {
     backends: Vec<Backend>,
     index: Option<IndexClient<tonic::transport::Channel>>,
-    tokenizer: Option<tokenizer::Tokenizer>,
+    tokenizer: Option<crate::tokenizer::Tokenizer>,
     args: RouteArgs,
     http: reqwest::Client,
     next: AtomicU64,
@@ -121,34 +121,6 @@ struct RouteState {
 }
 
 type Shared = Arc<RouteState>;
-
-#[cfg(feature = "tokenizer")]
-mod tokenizer {
-    pub(super) use tokenizers::Tokenizer;
-
-    pub(super) fn load(path: &std::path::Path) -> anyhow::Result<Tokenizer> {
-        Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-    }
-
-    pub(super) fn encode(t: &Tokenizer, text: &str) -> Option<Vec<u32>> {
-        t.encode(text, true).ok().map(|e| e.get_ids().to_vec())
-    }
-}
-
-#[cfg(not(feature = "tokenizer"))]
-mod tokenizer {
-    /// No tokenizer in this build.
-    #[derive(Debug)]
-    pub(super) enum Tokenizer {}
-
-    pub(super) fn load(_: &std::path::Path) -> anyhow::Result<Tokenizer> {
-        anyhow::bail!("this kvagent was built without the `tokenizer` feature")
-    }
-
-    pub(super) fn encode(t: &Tokenizer, _: &str) -> Option<Vec<u32>> {
-        match *t {}
-    }
-}
 
 /// Runs `kvagent route` until SIGTERM or SIGINT.
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
@@ -181,7 +153,11 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
         .iter()
         .map(|b| parse_backend(b))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let tokenizer = args.tokenizer.as_deref().map(tokenizer::load).transpose()?;
+    let tokenizer = args
+        .tokenizer
+        .as_deref()
+        .map(crate::tokenizer::load)
+        .transpose()?;
     let index = match &args.index {
         // Connected lazily: the router starts (and routes by load) before the index is up.
         Some(url) => Some(IndexClient::new(
@@ -240,18 +216,7 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
 }
 
 async fn metrics(State(r): State<Shared>) -> Response {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &r.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    crate::http::render_metrics(&r.registry)
 }
 
 impl RouteState {
@@ -264,13 +229,15 @@ impl RouteState {
                 .collect()
         };
         match body.get("prompt")? {
-            serde_json::Value::String(text) => tokenizer::encode(self.tokenizer.as_ref()?, text),
+            serde_json::Value::String(text) => {
+                crate::tokenizer::encode(self.tokenizer.as_ref()?, text, true).ok()
+            }
             // One prompt as ids, or a batch whose first prompt decides.
             v @ serde_json::Value::Array(items) => as_ids(v).or_else(|| {
                 let first = items.first()?;
                 first.as_str().map_or_else(
                     || as_ids(first),
-                    |text| tokenizer::encode(self.tokenizer.as_ref()?, text),
+                    |text| crate::tokenizer::encode(self.tokenizer.as_ref()?, text, true).ok(),
                 )
             }),
             _ => None,
