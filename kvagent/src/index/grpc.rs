@@ -117,17 +117,25 @@ impl IndexRpc for IndexService {
         out.sort_by(|a, b| b.weighted.total_cmp(&a.weighted).then(b.blocks.cmp(&a.blocks)));
         let m = &self.state.metrics;
         m.prompt_blocks.inc_by(hashes.len() as u64);
-        for s in &out {
-            m.demand
-                .get_or_create(&PodLabel { pod: s.pod.clone() })
-                .inc_by(u64::from(s.blocks));
+        {
+            // Per-pod series only for configured pods: callers may send any names.
+            let pods = self.state.pods.read();
+            for s in out.iter().filter(|s| pods.contains_key(&s.pod)) {
+                m.demand
+                    .get_or_create(&PodLabel { pod: s.pod.clone() })
+                    .inc_by(u64::from(s.blocks));
+            }
+            if let Some(best) = out.first().filter(|s| pods.contains_key(&s.pod)) {
+                if best.blocks > 0 || req.speculate {
+                    m.best
+                        .get_or_create(&PodLabel {
+                            pod: best.pod.clone(),
+                        })
+                        .inc();
+                }
+            }
         }
         if let Some(best) = out.first().filter(|s| s.blocks > 0 || req.speculate) {
-            m.best
-                .get_or_create(&PodLabel {
-                    pod: best.pod.clone(),
-                })
-                .inc();
             if req.speculate
                 && let Some((_, c)) = named.iter().find(|(n, _)| *n == best.pod)
             {
