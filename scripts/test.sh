@@ -28,6 +28,7 @@ echo "== kvbench smoke runs"
 cargo build --release --locked -p kvtier-benches -p kvagent
 target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/release/kvbench local --quick --reps 1
+target/release/kvbench index --quick --no-dynamo
 echo "== deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh
 echo "== AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests: the arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code"

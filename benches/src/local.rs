@@ -46,12 +46,12 @@ const AGENT_POLL: Duration = Duration::from_micros(50);
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Latency {
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) p999_us: f64,
 }
 
-fn percentiles(mut samples: Vec<Duration>) -> Latency {
+pub(crate) fn percentiles(mut samples: Vec<Duration>) -> Latency {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
     Latency {
@@ -74,7 +74,7 @@ impl Drop for Agent {
     }
 }
 
-fn agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     let path = match explicit {
         Some(p) => p.to_path_buf(),
         None => std::env::current_exe()?

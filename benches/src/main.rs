@@ -5,6 +5,7 @@
 mod disk;
 mod e2e;
 mod host;
+mod index;
 mod local;
 mod report;
 
@@ -32,6 +33,8 @@ enum Command {
     Local(local::LocalArgs),
     /// Real vLLM: TTFT with a 2k-token prefix from kvtier vs full recompute.
     E2e(e2e::E2eArgs),
+    /// The cluster index: ingest and score in process and over gRPC, next to Dynamo's radix tree.
+    Index(index::IndexArgs),
 }
 
 /// Options of `kvbench tiers`.
@@ -72,6 +75,7 @@ fn main() -> Result<()> {
         Command::Tiers(args) => tiers(&args),
         Command::Local(args) => local::run(&args),
         Command::E2e(args) => e2e::run(&args),
+        Command::Index(args) => index::run(&args),
     }
 }
 

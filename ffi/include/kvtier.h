@@ -157,6 +157,16 @@ enum kvtier_status kvtier_lookup(const struct kvtier_client *client,
                                  size_t *matched,
                                  uint8_t *tiers);
 
+// Tells the agent that `ns`'s blocks belong to `model` (a NUL-terminated UTF-8 string: the
+// name routers score by, e.g. vLLM's served model name), so that it reports them to the
+// cluster index. The client sends it again on every new connection.
+//
+// # Safety
+// `model` a valid NUL-terminated string; the other pointers as for every call.
+enum kvtier_status kvtier_announce(const struct kvtier_client *client,
+                                   const struct kvtier_namespace *ns,
+                                   const char *model);
+
 // Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 // NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an
 // error: the call succeeds and their outcome says why.

@@ -157,6 +157,7 @@ fn client_status(e: &ClientError) -> kvtier_status {
         ClientError::Refused { .. } => KVTIER_ERR_REFUSED,
         ClientError::StaleHandle => KVTIER_ERR_STALE,
         ClientError::BufferSize { .. } => KVTIER_ERR_BUFFER,
+        ClientError::InvalidArgument(_) => KVTIER_ERR_INVALID_ARGUMENT,
         _ => KVTIER_ERR_PROTOCOL,
     }
 }
@@ -431,6 +432,33 @@ pub unsafe extern "C" fn kvtier_lookup(
                 *t = tier_code(found.get(i).copied());
             }
         }
+        Ok(())
+    })
+}
+
+/// Tells the agent that `ns`'s blocks belong to `model` (a NUL-terminated UTF-8 string: the
+/// name routers score by, e.g. vLLM's served model name), so that it reports them to the
+/// cluster index. The client sends it again on every new connection.
+///
+/// # Safety
+/// `model` a valid NUL-terminated string; the other pointers as for every call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_announce(
+    client: *const kvtier_client,
+    ns: *const kvtier_namespace,
+    model: *const c_char,
+) -> kvtier_status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let (client, ns) = unsafe { (client_ref(client)?, ns_of(ns)?) };
+        if model.is_null() {
+            return Err(invalid("model is NULL"));
+        }
+        // SAFETY: non-null and NUL-terminated (caller's contract).
+        let model = unsafe { std::ffi::CStr::from_ptr(model) }
+            .to_str()
+            .map_err(|_| invalid("model is not UTF-8"))?;
+        client.announce(&ns, model)?;
         Ok(())
     })
 }

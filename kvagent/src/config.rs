@@ -51,6 +51,62 @@ pub struct NodeConfig {
     pub host: HostSection,
     /// The local disk tier.
     pub disk: DiskSection,
+    /// Reporting the tiers to the cluster index.
+    pub publish: PublishSection,
+}
+
+/// `[publish]`: reporting the host and disk tiers to the cluster index (`kvagent index`), so
+/// that routers count what this node's agent holds for the pods on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSection {
+    /// The index's gRPC address (`http://kvtier-index:9480`, or `host:port`); empty: off.
+    pub index: String,
+    /// This node's name, as the index's pods name their node (`[[pods]] node`). Empty: the
+    /// host name — in Kubernetes set it from `spec.nodeName`, since a pod's host name is its
+    /// own name.
+    pub node: String,
+    /// How often the tiers are compared with what the index was told, in milliseconds.
+    pub interval_ms: u32,
+    /// The longest silence, in seconds, before an empty batch tells the index the agent is
+    /// alive (keep it well under the index's `source_ttl_s`).
+    pub heartbeat_s: u32,
+}
+
+impl Default for PublishSection {
+    fn default() -> Self {
+        Self {
+            index: String::new(),
+            node: String::new(),
+            interval_ms: 500,
+            heartbeat_s: 10,
+        }
+    }
+}
+
+impl PublishSection {
+    /// The index address as a URI (`http://` added when no scheme is given).
+    pub fn index_uri(&self) -> String {
+        if self.index.contains("://") {
+            self.index.clone()
+        } else {
+            format!("http://{}", self.index)
+        }
+    }
+
+    /// The node name: `node`, else the host name.
+    pub fn node_name(&self) -> anyhow::Result<String> {
+        if !self.node.is_empty() {
+            return Ok(self.node.clone());
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name for `publish.node` (set it instead)")?;
+        let host = host.trim();
+        if host.is_empty() {
+            bail!("the host name is empty: set `publish.node`");
+        }
+        Ok(host.to_owned())
+    }
 }
 
 /// `[host]`: the shared host-memory arena.
@@ -160,6 +216,7 @@ impl Default for NodeConfig {
             log_level: "info".into(),
             host: HostSection::default(),
             disk: DiskSection::default(),
+            publish: PublishSection::default(),
         }
     }
 }
@@ -231,6 +288,14 @@ pub struct NodeFlags {
     #[arg(long, value_name = "SIZE")]
     #[serde(skip)]
     pub disk_size: Option<String>,
+    /// Reports the tiers to the cluster index at this gRPC address (`publish.index`).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip)]
+    pub index: Option<String>,
+    /// This node's name for the index (`publish.node`).
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip)]
+    pub node_name: Option<String>,
 }
 
 impl NodeFlags {
@@ -249,6 +314,16 @@ impl NodeFlags {
         }
         if let Some(s) = &self.disk_size {
             disk.insert("size".into(), s.clone().into());
+        }
+        let mut publish = figment::value::Dict::new();
+        if let Some(a) = &self.index {
+            publish.insert("index".into(), a.clone().into());
+        }
+        if let Some(n) = &self.node_name {
+            publish.insert("node".into(), n.clone().into());
+        }
+        if !publish.is_empty() {
+            dict.insert("publish".into(), publish.into());
         }
         if !host.is_empty() {
             dict.insert("host".into(), host.into());
@@ -362,6 +437,24 @@ impl NodeConfig {
         }
         if self.default_deadline_ms == 0 {
             bail!("invalid configuration `default_deadline_ms`: must be at least 1");
+        }
+        if !self.publish.index.is_empty() {
+            let uri = self.publish.index_uri();
+            uri.parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+                .with_context(|| {
+                    format!(
+                        "invalid configuration `publish.index`: {:?} is not host:port or an http(s) URI",
+                        self.publish.index
+                    )
+                })?;
+            if self.publish.interval_ms < 10 {
+                bail!("invalid configuration `publish.interval_ms`: at least 10");
+            }
+            if self.publish.heartbeat_s == 0 {
+                bail!("invalid configuration `publish.heartbeat_s`: at least 1");
+            }
         }
         if self.host.size.as_u64() < 16 << 20 {
             bail!(

@@ -209,6 +209,12 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {listen}"))?;
     // Tests and scripts read the bound address (the configured port may be 0) from this line.
     tracing::info!(listen = %listener.local_addr()?, "router serving");
+    // Streamed tokens are small writes: without TCP_NODELAY each waits for the client's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(crate::index::shutdown_signal())
         .await

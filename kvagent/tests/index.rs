@@ -1,8 +1,12 @@
 //! `kvagent index` over gRPC: what publishers report is what Score and Lookup answer; sequence
-//! gaps, bad input and unreproducible hash settings get clear errors.
+//! gaps, bad input and unreproducible hash settings get clear errors; a real `kvagent node`
+//! reports its tiers and resyncs after the index restarts.
+
+mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use kvagent::index::proto::{self, index_client::IndexClient};
 use kvstore::vllm::{BlockHasher, HashAlgo, RequestExtras, event_hash};
@@ -16,11 +20,15 @@ struct IndexProc {
 
 impl IndexProc {
     fn start(extra: &[&str]) -> Self {
+        Self::start_at("127.0.0.1:0", extra)
+    }
+
+    fn start_at(grpc_addr: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvagent"))
             .args([
                 "index",
                 "--grpc-addr",
-                "127.0.0.1:0",
+                grpc_addr,
                 "--http-addr",
                 "",
                 "--log-format",
@@ -247,4 +255,107 @@ async fn prompts_given_as_tokens_are_hashed_as_vllm_does() {
         c.score(nameless).await.expect_err("no model").code(),
         Code::InvalidArgument
     );
+}
+
+/// The holders of each leading block of `hashes` in model `m`, as (source, media) pairs.
+async fn holders(
+    c: &mut IndexClient<tonic::transport::Channel>,
+    hashes: &[u64],
+) -> Vec<Vec<(String, Vec<i32>)>> {
+    let resp = c
+        .lookup(proto::LookupRequest {
+            model: "m".into(),
+            hashes: Some(proto::BlockHashes {
+                hashes: hashes.to_vec(),
+            }),
+        })
+        .await
+        .expect("Lookup")
+        .into_inner();
+    resp.blocks
+        .into_iter()
+        .map(|b| b.holders.into_iter().map(|h| (h.source, h.media)).collect())
+        .collect()
+}
+
+/// Polls the index (a fresh connection each time: it may be restarting) until `want` holds
+/// the lookup of `hashes`, or fails after `limit`.
+async fn wait_for_holders(
+    url: &str,
+    hashes: &[u64],
+    limit: Duration,
+    want: impl Fn(&[Vec<(String, Vec<i32>)>]) -> bool,
+) -> Vec<Vec<(String, Vec<i32>)>> {
+    let deadline = Instant::now() + limit;
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(mut c) = IndexClient::connect(url.to_owned()).await {
+            last = holders(&mut c, hashes).await;
+            if want(&last) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the index never showed what the agent holds; last lookup: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_agent_reports_its_tiers_and_resyncs_after_an_index_restart() {
+    // A fixed port, so that the restarted index is where the agent reports to.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let pod = ["--pod", "p1=m@tcp://127.0.0.1:9,node=n1"];
+    let idx = IndexProc::start_at(&addr, &pod);
+    let dir = common::socket_dir();
+    let agent = common::Agent::start(
+        &dir.path().join("a.sock"),
+        &["--index", &addr, "--node-name", "n1"],
+    );
+    let client = agent.client();
+    let data = vec![7u8; 4096];
+    let save = |ns: &kvstore::Namespace, seed: u64| {
+        let items: Vec<_> = (0..8).map(|i| (common::hash(seed, i), data.as_slice())).collect();
+        let out = client.save(ns, &items).expect("save");
+        assert!(
+            out.iter().all(|o| *o == kvstore::client::SaveOutcome::Stored),
+            "{out:?}"
+        );
+        (0..8)
+            .map(|i| event_hash(common::hash(seed, i).as_bytes()))
+            .collect::<Vec<u64>>()
+    };
+    let unannounced = save(&common::ns("other"), 2);
+    client.announce(&common::ns("m"), "m").expect("announce");
+    let reported = save(&common::ns("m"), 1);
+
+    let on_host = |b: &[Vec<(String, Vec<i32>)>]| {
+        b.len() == 8
+            && b.iter()
+                .all(|h| *h == [("agent/n1".to_owned(), vec![proto::Medium::Host as i32])])
+    };
+    wait_for_holders(&idx.url, &reported, Duration::from_secs(15), on_host).await;
+    let mut c = idx.client().await;
+    assert!(
+        holders(&mut c, &unannounced).await.is_empty(),
+        "blocks of a namespace nobody announced are not reported"
+    );
+    // The pod on node n1 can reuse what its agent holds, at the host tier's weight.
+    let mut req = by_hashes(&reported);
+    req.pods = vec!["p1".into()];
+    let got = scores(&mut c, req).await;
+    assert_eq!((got[0].0.as_str(), got[0].1), ("p1", 8), "{got:?}");
+    assert!((got[0].2 - 8.0 * 0.8).abs() < 1e-9, "host weight: {got:?}");
+
+    // A restarted index knows nothing until the agent reconnects and resyncs.
+    drop(c);
+    drop(idx);
+    let idx = IndexProc::start_at(&addr, &pod);
+    wait_for_holders(&idx.url, &reported, Duration::from_secs(30), on_host).await;
+    // Later blocks arrive as changes on the new stream.
+    let more = save(&common::ns("m"), 3);
+    wait_for_holders(&idx.url, &more, Duration::from_secs(15), on_host).await;
 }

@@ -11,7 +11,7 @@ use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
 
 /// The protocol version this build speaks. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
 /// Largest body accepted (4 MiB): a batch of 65 536 keys of 32 bytes fits with room to spare.
@@ -86,6 +86,8 @@ pub enum ErrorCode {
     Unexpected = 5,
     /// The agent failed internally.
     Internal = 6,
+    /// A bound of the agent was reached (e.g. the number of announced namespaces).
+    LimitReached = 7,
 }
 
 impl ErrorCode {
@@ -98,6 +100,7 @@ impl ErrorCode {
             4 => Self::ShuttingDown,
             5 => Self::Unexpected,
             6 => Self::Internal,
+            7 => Self::LimitReached,
             _ => return None,
         })
     }
@@ -172,6 +175,9 @@ pub enum Request {
     Release(Namespace, Vec<BlockHash>),
     /// The agent's counters, as JSON.
     Stats,
+    /// Names the model whose blocks a namespace holds, so that the agent can report them to
+    /// the cluster index (whose scope is the model an engine serves).
+    Announce(Namespace, String),
 }
 
 /// A message from agent to client.
@@ -193,6 +199,8 @@ pub enum Response {
     Release(Vec<bool>),
     /// Counters as a JSON document.
     Stats(String),
+    /// The announcement is recorded.
+    Announce,
     /// The request failed.
     Error {
         /// What went wrong.
@@ -211,6 +219,7 @@ mod kind {
     pub(super) const ACQUIRE: u8 = 0x06;
     pub(super) const RELEASE: u8 = 0x07;
     pub(super) const STATS: u8 = 0x08;
+    pub(super) const ANNOUNCE: u8 = 0x09;
     pub(super) const REPLY: u8 = 0x80;
     pub(super) const ERROR: u8 = 0xff;
 }
@@ -227,6 +236,7 @@ impl Request {
             Self::Acquire(..) => kind::ACQUIRE,
             Self::Release(..) => kind::RELEASE,
             Self::Stats => kind::STATS,
+            Self::Announce(..) => kind::ANNOUNCE,
         }
     }
 
@@ -241,6 +251,7 @@ impl Request {
             Self::Acquire(..) => "acquire",
             Self::Release(..) => "release",
             Self::Stats => "stats",
+            Self::Announce(..) => "announce",
         }
     }
 
@@ -273,6 +284,10 @@ impl Request {
                 }
             }
             Self::Stats => {}
+            Self::Announce(ns, model) => {
+                out.extend_from_slice(ns.as_bytes());
+                put_str(out, model);
+            }
         }
         finish(out, start);
     }
@@ -324,6 +339,14 @@ impl Request {
                 Self::Reserve(ns, items)
             }
             kind::STATS => Self::Stats,
+            kind::ANNOUNCE => {
+                let ns = Namespace::from_bytes(r.array()?);
+                let model = r.string()?;
+                if model.is_empty() {
+                    return Err(invalid("model", "an announcement names a model"));
+                }
+                Self::Announce(ns, model)
+            }
             k => return Err(WireError::UnknownKind(k)),
         };
         r.end()?;
@@ -342,6 +365,7 @@ impl Response {
             Self::Acquire(_) => kind::ACQUIRE,
             Self::Release(_) => kind::RELEASE,
             Self::Stats(_) => kind::STATS,
+            Self::Announce => kind::ANNOUNCE,
             Self::Error { .. } => return kind::ERROR,
         };
         request | kind::REPLY
@@ -395,6 +419,7 @@ impl Response {
                 }
             }
             Self::Stats(json) => put_bytes32(out, json.as_bytes()),
+            Self::Announce => {}
             Self::Error { code, message } => {
                 put_u16(out, *code as u16);
                 put_str(out, message);
@@ -466,6 +491,7 @@ impl Response {
                 let json = String::from_utf8(bytes.to_vec()).map_err(|_| invalid("stats", "not UTF-8"))?;
                 Self::Stats(json)
             }
+            k if k == kind::ANNOUNCE | kind::REPLY => Self::Announce,
             kind::ERROR => {
                 let raw = r.u16()?;
                 let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
@@ -898,6 +924,7 @@ mod tests {
             Request::Acquire(ns(), hashes(5)),
             Request::Release(ns(), vec![]),
             Request::Stats,
+            Request::Announce(ns(), "meta-llama/Llama-3.1-8B-Instruct".into()),
         ]
     }
 
@@ -928,6 +955,7 @@ mod tests {
             ]),
             Response::Release(vec![false]),
             Response::Stats("{}".into()),
+            Response::Announce,
             Response::Error {
                 code: ErrorCode::DeadlineExceeded,
                 message: "late".into(),

@@ -174,6 +174,13 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "kv_group": 0,
         }
         self._tp_world = int(parallel.tensor_parallel_size)
+        # The model the agent reports this engine's blocks under to the cluster index: the name
+        # clients and routers use (vLLM's served model name), unless configured.
+        served = model.served_model_name
+        if isinstance(served, (list, tuple)):
+            served = served[0] if served else None
+        self._index_model = str(extra.get("index_model") or served or model.model)
+        self._announced: set[bytes] = set()
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
         # Tokens vLLM had computed locally when it last asked about a request: where the
@@ -218,6 +225,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _namespace(self, keys: RequestKeys, rank: int) -> bytes:
         return kvtier.namespace(**self._ns_fields, tp_rank=rank, lora=keys.lora, cache_salt=keys.cache_salt)
+
+    def _announce(self, ns: bytes) -> None:
+        """Tells the agent, once per namespace, the model its blocks belong to, so that the
+        agent reports them to the cluster index under the name routers score by (the client
+        repeats it on every new connection)."""
+        if ns in self._announced:
+            return
+        try:
+            self._client.announce(ns, self._index_model)
+            self._announced.add(ns)
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: announce failed (the next save tries again): %s", e)
 
     @staticmethod
     def _keys(request: Request) -> RequestKeys:
@@ -567,6 +586,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 # they are wrong, and must not reach the cache.
                 continue
             ns = self._namespace(save.keys, self._tp_rank)
+            self._announce(ns)
             try:
                 reservation = self._client.reserve_pages(ns, save.keys.hashes, block_bytes)
             except kvtier.KvtierError as e:

@@ -44,6 +44,7 @@ fn to_py(e: ClientError) -> PyErr {
         ClientError::Unavailable { .. } => AgentUnavailable::new_err(e.to_string()),
         ClientError::Timeout(_) => AgentTimeout::new_err(e.to_string()),
         ClientError::StaleHandle => StaleHandle::new_err(e.to_string()),
+        ClientError::InvalidArgument(_) => PyValueError::new_err(e.to_string()),
         e => KvtierError::new_err(e.to_string()),
     }
 }
@@ -327,6 +328,13 @@ impl Client {
     /// Releases the blocks of `leases`.
     fn release(&self, py: Python<'_>, leases: &Leases) -> PyResult<()> {
         leases.release(py, self)
+    }
+
+    /// Tells the agent which model ``ns``'s blocks belong to (the name routers score by), so
+    /// that it reports them to the cluster index; sent again on every new connection.
+    fn announce(&self, py: Python<'_>, ns: &[u8], model: &str) -> PyResult<()> {
+        let ns = ns_of(ns)?;
+        py.detach(|| self.inner.announce(&ns, model)).map_err(to_py)
     }
 
     /// The agent's counters as a JSON string.

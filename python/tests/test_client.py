@@ -178,6 +178,19 @@ def test_a_missing_agent_fails_fast_and_a_restarted_one_is_found(agent: Agent) -
         kvtier.Client("/nonexistent/kvtier.sock", lazy=False)
 
 
+def test_announcements_reach_the_agent_and_survive_its_restart(agent: Agent) -> None:
+    c = kvtier.Client(str(agent.socket))
+    c.announce(NS, "served-model")
+    c.announce(NS, "served-model")
+    assert json.loads(c.stats())["announced_namespaces"] == 1
+    agent.kill()
+    agent.restart()
+    # The restarted agent knows nothing; the client announces again when it reconnects.
+    assert json.loads(c.stats())["announced_namespaces"] == 1
+    with pytest.raises(ValueError, match="model name"):
+        c.announce(NS, "")
+
+
 def test_invalid_arguments_are_value_errors(agent: Agent) -> None:
     c = kvtier.Client(str(agent.socket))
     with pytest.raises(ValueError, match="16 bytes"):

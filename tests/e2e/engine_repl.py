@@ -8,7 +8,9 @@ Commands, one JSON object per line:
 Each answer is one stdout line starting with "REPL " (vLLM logs to stdout too).
 
 Usage: python engine_repl.py MODEL_DIR --events-port P [--blocks N] [--max-model-len N]
-  publishes on tcp://*:P, answers replays on tcp://*:P+1.
+                             [--served-model-name NAME] [--kvtier-socket PATH]
+  publishes on tcp://*:P, answers replays on tcp://*:P+1; with --kvtier-socket it also saves to
+  (and loads from) the kvtier agent on that socket through the connector.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> None:
     p.add_argument("--events-port", type=int, required=True)
     p.add_argument("--blocks", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--kvtier-socket", default=None)
     a = p.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -48,6 +52,19 @@ def main() -> None:
             replay_endpoint=f"tcp://*:{a.events_port + 1}",
         ),
         **({"num_gpu_blocks_override": a.blocks} if a.blocks else {}),
+        **({"served_model_name": a.served_model_name} if a.served_model_name else {}),
+        **(
+            {
+                "kv_transfer_config": {
+                    "kv_connector": "KvTierConnector",
+                    "kv_connector_module_path": "kvtier.vllm",
+                    "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"socket": a.kvtier_socket},
+                }
+            }
+            if a.kvtier_socket
+            else {}
+        ),
     )
 
     def answer(obj: object) -> None:

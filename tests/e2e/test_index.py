@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from test_vllm import free_port
 
+from kvagent_process import Agent
+
 HERE = Path(__file__).resolve().parent
 KVAGENT = HERE.parents[1] / "target" / "debug" / "kvagent"
 MODEL_NAME = "e2e-model"
@@ -165,3 +167,45 @@ def test_score_follows_what_real_engines_hold(engines: tuple[Engine, Engine, Ind
     index.start()
     assert index.until(p2, lambda s: s.get("b") == 5) == {"b": 5, "a": 0}
     assert index.until(p1, lambda s: s.get("a") == held_by_a)["a"] == held_by_a
+
+
+def test_a_pod_keeps_its_score_through_its_node_agent(model: Path, workdir: Path) -> None:
+    """An engine saving to a kvtier agent that reports to the index: after a prefix-cache reset
+    its own cache is empty, yet it still scores the prefix, at the host tier's weight, because
+    its node's agent holds the blocks (announced under the served model name by the connector)."""
+    pc = free_port()
+    index = IndexProcess([f"c={MODEL_NAME}@tcp://127.0.0.1:{pc},replay=tcp://127.0.0.1:{pc + 1},node=n1"])
+    agent = Agent(
+        workdir / "agent.sock",
+        ["--host-size", "256MiB", "--index", f"127.0.0.1:{index.port}", "--node-name", "n1"],
+    )
+    c = Engine(model, pc, "--served-model-name", MODEL_NAME, "--kvtier-socket", str(agent.socket))
+    try:
+        p = prompt(5, 6)
+        c.call(op="generate", prompts=[p])
+        assert index.until(p, lambda s: s.get("c") == 6) == {"c": 6}
+        assert c.call(op="reset") == {"reset": True}
+        c.call(op="generate", prompts=[prompt(98, 1)])
+
+        def weighted() -> float:
+            out = subprocess.run(
+                [*index.score_args, "--block-size", str(BLOCK)],
+                input=json.dumps(p),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 0, out.stderr
+            return float(json.loads(out.stdout)["scores"][0]["weighted"])
+
+        # Device blocks count 1.0 each, host blocks 0.8: once the reset reaches the index, the
+        # six blocks are still reusable through the agent, and only through it.
+        deadline = time.monotonic() + 30
+        while abs(weighted() - 6 * 0.8) > 1e-9 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert weighted() == pytest.approx(6 * 0.8)
+        assert index.score(p) == {"c": 6}
+    finally:
+        c.close()
+        agent.kill()
+        index.kill()

@@ -183,8 +183,10 @@ impl IndexRpc for IndexService {
         let mut expected: HashMap<String, (u64, u64)> = HashMap::new();
         let mut batches = 0u64;
         while let Some(batch) = stream.message().await? {
-            if batch.source.is_empty() || batch.model.is_empty() {
-                return Err(Status::invalid_argument("a batch needs a source and a model"));
+            if batch.source.is_empty() || (batch.model.is_empty() && !batch.events.is_empty()) {
+                return Err(Status::invalid_argument(
+                    "a batch needs a source, and a model when it carries events",
+                ));
             }
             let id = self.state.index.sources().intern(&batch.source);
             match expected.get(&batch.source) {

@@ -203,7 +203,9 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
             state,
         )))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY a small answer waits for the client's delayed ACK: ~40 ms
+            // per Score instead of tens of microseconds.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown_signal(),
         )
         .await

@@ -2,6 +2,7 @@
 //! engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or SIGINT
 //! drains in-flight calls, persists the disk tier's metadata and exits 0.
 
+mod publish;
 mod server;
 mod session;
 
@@ -29,10 +30,11 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let mut signals = StopSignals::install(&runtime)?;
     let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
+    let instance = instance_id();
     let shared = server::Shared::new(
         Arc::clone(&store),
         metrics,
-        instance_id(),
+        instance,
         Duration::from_millis(u64::from(cfg.default_deadline_ms)),
         cfg.max_clients,
         Duration::from_micros(u64::from(cfg.poll_us)),
@@ -49,6 +51,16 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         let local = listener.local_addr().context("HTTP address")?;
         Some((listener, local))
     };
+    let publish = if cfg.publish.index.is_empty() {
+        None
+    } else {
+        Some(publish::PublishSettings {
+            index: cfg.publish.index_uri(),
+            node: cfg.publish.node_name()?,
+            interval: Duration::from_millis(u64::from(cfg.publish.interval_ms)),
+            heartbeat: Duration::from_secs(u64::from(cfg.publish.heartbeat_s)),
+        })
+    };
     let disk = store.disk().map(|d| d.engine_description());
     tracing::info!(
         socket = %cfg.socket.display(),
@@ -56,6 +68,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         arena_bytes = store.host().arena().len(),
         huge_pages = store.host().arena().huge_pages(),
         disk = %disk.as_deref().unwrap_or("off"),
+        index = %publish.as_ref().map_or("off", |p| p.index.as_str()),
         startup_ms = started.elapsed().as_millis() as u64,
         "kvagent node ready"
     );
@@ -73,6 +86,14 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             let ready: crate::http::Readiness =
                 Arc::new(move || !draining.draining.load(std::sync::atomic::Ordering::SeqCst));
             tokio::spawn(crate::http::serve(listener, registry, ready));
+        }
+        if let Some(p) = publish {
+            tokio::spawn(publish::run(
+                p,
+                Arc::clone(&store),
+                Arc::clone(&shared.models),
+                instance,
+            ));
         }
         signals.wait().await;
     });
@@ -167,6 +188,7 @@ fn stats_json(shared: &server::Shared) -> String {
         "instance": shared.instance,
         "clients": shared.metrics.clients.get(),
         "draining": shared.draining.load(Ordering::Relaxed),
+        "announced_namespaces": shared.models.len(),
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),
     })

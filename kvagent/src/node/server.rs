@@ -23,6 +23,7 @@ use kvstore::wire::{
 };
 use parking_lot::{Condvar, Mutex};
 
+use super::publish::Models;
 use super::session::Session;
 use crate::metrics::Metrics;
 
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     drained: Condvar,
     /// A duplicate of the listening socket, shut down to wake the accept loop on drain.
     listener: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The models engines announced for their namespaces (for the index publisher).
+    pub(crate) models: Arc<Models>,
 }
 
 /// What the drain needs to know about one connection.
@@ -89,6 +92,7 @@ impl Shared {
             conns: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
             listener: Mutex::new(None),
+            models: Arc::new(Models::default()),
         })
     }
 
@@ -337,6 +341,7 @@ fn error_reason(code: ErrorCode) -> &'static str {
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Unexpected => "unexpected",
         ErrorCode::Internal => "internal",
+        ErrorCode::LimitReached => "limit",
     }
 }
 
@@ -515,5 +520,21 @@ fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Inst
         }
         Request::Release(ns, hashes) => (Response::Release(session.release(ns, &hashes)), hashes.len()),
         Request::Stats => (Response::Stats(super::stats_json(shared)), 0),
+        Request::Announce(ns, model) => {
+            if shared.models.announce(ns, &model) {
+                (Response::Announce, 0)
+            } else {
+                (
+                    Response::Error {
+                        code: ErrorCode::LimitReached,
+                        message: format!(
+                            "more than {} namespaces announced; {ns} is not reported to the index",
+                            Models::MAX
+                        ),
+                    },
+                    0,
+                )
+            }
+        }
     }
 }

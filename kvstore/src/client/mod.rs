@@ -110,6 +110,9 @@ pub enum ClientError {
     /// Handles taken by another client: only the client that took them can settle them.
     #[error("handles belong to another client")]
     ForeignHandle,
+    /// An argument the protocol cannot carry.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// More blocks in one call than the protocol allows.
     #[error("{0} blocks in one call; at most {MAX_BATCH}")]
     BatchTooLarge(usize),
@@ -165,6 +168,9 @@ impl Drop for Conn {
 pub struct Client {
     cfg: ClientConfig,
     conn: Mutex<Option<Conn>>,
+    /// Namespaces announced with their models, sent again on every new connection (a restarted
+    /// agent knows none of them).
+    announced: Mutex<Vec<(Namespace, String)>>,
 }
 
 /// Whether a verb may be sent again on a fresh connection after the old one turned out dead:
@@ -172,7 +178,11 @@ pub struct Client {
 fn retryable(req: &Request) -> bool {
     matches!(
         req,
-        Request::Lookup(..) | Request::Reserve(..) | Request::Acquire(..) | Request::Stats
+        Request::Lookup(..)
+            | Request::Reserve(..)
+            | Request::Acquire(..)
+            | Request::Stats
+            | Request::Announce(..)
     )
 }
 
@@ -191,6 +201,7 @@ impl Client {
         Ok(Self {
             cfg,
             conn: Mutex::new(Some(conn)),
+            announced: Mutex::new(Vec::new()),
         })
     }
 
@@ -199,6 +210,7 @@ impl Client {
         Self {
             cfg,
             conn: Mutex::new(None),
+            announced: Mutex::new(Vec::new()),
         }
     }
 
@@ -295,7 +307,15 @@ impl Client {
 
     fn ensure<'a>(&self, guard: &'a mut Option<Conn>) -> Result<&'a mut Conn> {
         if guard.is_none() {
-            *guard = Some(Self::open(&self.cfg)?);
+            let mut conn = Self::open(&self.cfg)?;
+            let announced = self.announced.lock().clone();
+            for (ns, model) in announced {
+                match self.exchange(&mut conn, &Request::Announce(ns, model))? {
+                    Response::Announce => {}
+                    other => return Err(unexpected("announce", &other)),
+                }
+            }
+            *guard = Some(conn);
         }
         Ok(guard.as_mut().expect("connection just opened"))
     }
@@ -704,6 +724,30 @@ impl Client {
         match failed {
             Some(e) => Err(e),
             None => Ok(out),
+        }
+    }
+
+    /// Tells the agent which model `ns`'s blocks belong to, so that it reports them to the
+    /// cluster index under that model (the name routers score by: vLLM's served model name).
+    /// Remembered and sent again on every new connection.
+    pub fn announce(&self, ns: &Namespace, model: &str) -> Result<()> {
+        if model.is_empty() || model.len() > usize::from(u16::MAX) {
+            return Err(ClientError::InvalidArgument(format!(
+                "a model name is 1 to 65535 bytes, not {}",
+                model.len()
+            )));
+        }
+        {
+            let mut announced = self.announced.lock();
+            match announced.iter_mut().find(|(n, _)| n == ns) {
+                Some((_, m)) if m == model => {}
+                Some((_, m)) => *m = model.to_owned(),
+                None => announced.push((*ns, model.to_owned())),
+            }
+        }
+        match self.call(&Request::Announce(*ns, model.to_owned()), None)?.0 {
+            Response::Announce => Ok(()),
+            other => Err(unexpected("announce", &other)),
         }
     }
 

@@ -656,6 +656,11 @@ impl DiskTier {
         self.journal(st, &log);
     }
 
+    /// Keys of the blocks on disk, least recently used first.
+    pub fn keys(&self) -> Vec<BlockKey> {
+        self.state.lock().entries.iter().rev().map(|(k, _)| *k).collect()
+    }
+
     /// Whether the block is stored (does not touch the LRU order).
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.state.lock().entries.contains(key)
