@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
-apt_install fio util-linux gcc
+apt_install fio util-linux gcc redis-server
 ensure_rust_components
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -4,71 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::IndexProc;
 
 use kvagent::index::proto::{self, index_client::IndexClient};
 use kvstore::vllm::{BlockHasher, HashAlgo, RequestExtras, event_hash};
 use tonic::Code;
-
-/// A running `kvagent index`, killed when dropped.
-struct IndexProc {
-    child: Child,
-    url: String,
-}
-
-impl IndexProc {
-    fn start(extra: &[&str]) -> Self {
-        Self::start_at("127.0.0.1:0", extra)
-    }
-
-    fn start_at(grpc_addr: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvagent"))
-            .args([
-                "index",
-                "--grpc-addr",
-                grpc_addr,
-                "--http-addr",
-                "",
-                "--log-format",
-                "json",
-            ])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kvagent index starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the index logs its address")
-                .expect("a log line");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-            if v["message"] == "index serving" {
-                break v["grpc"].as_str().expect("grpc address").to_owned();
-            }
-        };
-        // Keep draining the log so the index never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    async fn client(&self) -> IndexClient<tonic::transport::Channel> {
-        IndexClient::connect(self.url.clone()).await.expect("connect")
-    }
-}
-
-impl Drop for IndexProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn stored(hashes: &[u64], medium: proto::Medium) -> proto::Event {
     proto::Event {
@@ -185,7 +127,8 @@ async fn published_tiers_count_for_the_pods_of_their_node() {
 
     let stats = c.stats(proto::StatsRequest {}).await.expect("Stats").into_inner();
     let names: Vec<_> = stats.sources.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"agent/n1") && names.contains(&"p1"), "{names:?}");
+    // Sources are those that reported: p1's publisher was never up.
+    assert_eq!(names, vec!["agent/n1"]);
     let cleared = c
         .clear_source(proto::ClearSourceRequest {
             source: "nobody".into(),
@@ -358,4 +301,134 @@ async fn a_node_agent_reports_its_tiers_and_resyncs_after_an_index_restart() {
     // Later blocks arrive as changes on the new stream.
     let more = save(&common::ns("m"), 3);
     wait_for_holders(&idx.url, &more, Duration::from_secs(15), on_host).await;
+}
+
+/// Scores of pod p1 for `hashes` on every replica.
+async fn p1_on_each(urls: &[&str], hashes: &[u64]) -> Vec<std::result::Result<(u32, f64), tonic::Status>> {
+    let mut out = Vec::new();
+    for url in urls {
+        let mut c = IndexClient::connect(url.to_string()).await.expect("connect");
+        let mut req = by_hashes(hashes);
+        req.pods = vec!["p1".into()];
+        out.push(c.score(req).await.map(|r| {
+            let s = &r.into_inner().scores[0];
+            (s.blocks, s.weighted)
+        }));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
+    let port = common::free_port();
+    let Some(redis) = common::RedisServer::start(port) else {
+        return;
+    };
+    let url = redis.url();
+    let args = [
+        "--backend",
+        "redis",
+        "--redis-url",
+        &url,
+        "--pod",
+        "p1=m@tcp://127.0.0.1:9,node=n1",
+    ];
+    let a = IndexProc::start(&args);
+    let b = IndexProc::start(&args);
+    let urls = [a.url.as_str(), b.url.as_str()];
+
+    // The agent of n1 publishes to replica a; p1's own blocks arrive through replica b.
+    let mut ca = a.client().await;
+    ca.publish_events(tokio_stream::iter(vec![batch(
+        "agent/n1",
+        0,
+        true,
+        vec![stored(&[1, 2, 3, 4], proto::Medium::Host)],
+    )]))
+    .await
+    .expect("PublishEvents to a");
+    let mut cb = b.client().await;
+    cb.publish_events(tokio_stream::iter(vec![
+        batch("p1", 0, true, vec![stored(&[1, 2], proto::Medium::Device)]),
+        batch("p1", 1, false, vec![removed(&[2], proto::Medium::Device)]),
+    ]))
+    .await
+    .expect("PublishEvents to b");
+    let want = 1.0 + 3.0 * 0.8;
+    for got in p1_on_each(&urls, &[1, 2, 3, 4, 5]).await {
+        let (blocks, weighted) = got.expect("Score");
+        assert_eq!(blocks, 4);
+        assert!(
+            (weighted - want).abs() < 1e-9,
+            "device, then three host blocks: {weighted}"
+        );
+    }
+    let look = holders(&mut cb, &[1]).await;
+    assert_eq!(
+        look,
+        vec![vec![
+            ("agent/n1".to_owned(), vec![proto::Medium::Host as i32]),
+            ("p1".to_owned(), vec![proto::Medium::Device as i32]),
+        ]]
+    );
+
+    // A speculation made through one replica counts on the other.
+    let mut spec = by_hashes(&[70, 71]);
+    spec.pods = vec!["p1".into()];
+    spec.speculate = true;
+    cb.score(spec).await.expect("Score with speculate");
+    assert_eq!(
+        p1_on_each(&urls[..1], &[70, 71]).await[0]
+            .as_ref()
+            .expect("Score")
+            .0,
+        2
+    );
+
+    // Redis goes away: calls fail fast with an error that says so, on both replicas.
+    drop(redis);
+    let started = Instant::now();
+    for got in p1_on_each(&urls, &[1]).await {
+        let e = got.expect_err("no backend");
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("redis"), "{}", e.message());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = ca
+        .publish_events(tokio_stream::iter(vec![batch("agent/n1", 0, true, vec![])]))
+        .await
+        .expect_err("no backend");
+    assert_eq!(e.code(), Code::Unavailable);
+
+    // It comes back empty: the replicas answer again (nothing is held), and a publisher that
+    // resyncs is counted on both.
+    let _redis = common::RedisServer::start(port).expect("redis-server restarts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p1_on_each(&urls, &[1]).await.iter().any(|r| r.is_err()) {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas never reconnected to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for got in p1_on_each(&urls, &[1, 2, 3]).await {
+        assert_eq!(got.expect("Score").0, 0, "a Redis restarted empty holds nothing");
+    }
+    ca.publish_events(tokio_stream::iter(vec![batch(
+        "agent/n1",
+        0,
+        true,
+        vec![stored(&[1, 2, 3], proto::Medium::Disk)],
+    )]))
+    .await
+    .expect("a resync after the restart");
+    for got in p1_on_each(&urls, &[1, 2, 3]).await {
+        let (blocks, weighted) = got.expect("Score");
+        assert_eq!(blocks, 3);
+        assert!((weighted - 3.0 * 0.5).abs() < 1e-9, "{weighted}");
+    }
 }

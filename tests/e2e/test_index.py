@@ -8,8 +8,10 @@ import json
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,19 +74,33 @@ class Engine:
 
 
 class IndexProcess:
-    def __init__(self, pods: list[str]) -> None:
+    def __init__(self, pods: list[str], *extra: str) -> None:
         self.port = free_port()
         self.args = [str(KVAGENT), "index", "--grpc-addr", f"127.0.0.1:{self.port}", "--http-addr", ""]
         self.args += [arg for pod in pods for arg in ("--pod", pod)]
+        self.args += list(extra)
+        self.log = Path(tempfile.mkstemp(prefix="kvagent-index-", suffix=".log")[1])
         self.args += ["--log-level", "kvagent=debug"]
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stderr=log)
+
+    def wait_log(self, text: str, timeout: float = 20) -> None:
+        """Waits until the index has logged `text` (its log is a file, read as it grows)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"the index never logged {text!r}"
+            time.sleep(0.1)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self.log.unlink(missing_ok=True)
 
     @property
     def score_args(self) -> list[str]:
@@ -131,7 +147,7 @@ def engines(model: Path) -> Iterator[tuple[Engine, Engine, IndexProcess]]:
     finally:
         a.close()
         b.close()
-        index.kill()
+        index.close()
 
 
 def prompt(seed: int, blocks: int) -> list[int]:
@@ -208,4 +224,67 @@ def test_a_pod_keeps_its_score_through_its_node_agent(model: Path, workdir: Path
     finally:
         c.close()
         agent.kill()
-        index.kill()
+        index.close()
+
+
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+class RedisServer:
+    """A real redis-server on loopback, without persistence (a restart comes back empty)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(7) == b"+PONG\r\n":
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_replicas_on_redis_follow_a_real_engine_and_rebuild_after_redis_loses_everything(model: Path) -> None:
+    """Two index replicas on one Redis both follow a real engine: they answer alike, and when
+    Redis restarts empty they notice, replay the engine's buffered events and answer as before
+    without any new request."""
+    redis = RedisServer()
+    pd = free_port()
+    pod = f"d={MODEL_NAME}@tcp://127.0.0.1:{pd},replay=tcp://127.0.0.1:{pd + 1}"
+    backend = ("--backend", "redis", "--redis-url", f"redis://127.0.0.1:{redis.port}/0")
+    one, two = IndexProcess([pod], *backend), IndexProcess([pod], *backend)
+    d = Engine(model, pd)
+    try:
+        p = prompt(11, 5)
+        d.call(op="generate", prompts=[p])
+        assert one.until(p, lambda s: s.get("d") == 5) == {"d": 5}
+        assert two.score(p) == {"d": 5}, "the other replica answers from the same Redis"
+
+        redis.kill()
+        redis.start()
+        # Both replicas notice that Redis came back without its data...
+        one.wait_log("lost its entries")
+        two.wait_log("lost its entries")
+        # ...and, with nothing published since, only their replay can bring the blocks back.
+        assert one.until(p, lambda s: s.get("d") == 5) == {"d": 5}
+        assert two.until(p, lambda s: s.get("d") == 5) == {"d": 5}
+    finally:
+        d.close()
+        one.close()
+        two.close()
+        redis.kill()

@@ -25,7 +25,12 @@ pub struct IndexConfig {
     pub log_format: LogFormat,
     /// Log filter (tracing's EnvFilter syntax).
     pub log_level: String,
-    /// Shards of the block map.
+    /// Where the entries live: `memory` (this process; the default) or `redis` (one Redis or
+    /// Valkey shared by several index replicas).
+    pub backend: BackendKind,
+    /// The Redis backend.
+    pub redis: RedisSection,
+    /// Shards of the block map (memory backend).
     pub shards: usize,
     /// How long the best pod of a `Score` with `speculate` counts as holding the prompt.
     pub speculative_ttl_ms: u64,
@@ -39,6 +44,43 @@ pub struct IndexConfig {
     /// The engine pods whose vLLM KV events the index ingests (a static list; a discovery of
     /// pods from Kubernetes would fill the same list).
     pub pods: Vec<PodConfig>,
+}
+
+/// Where the index keeps its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// This process's memory.
+    Memory,
+    /// One Redis or Valkey shared by several index replicas.
+    Redis,
+}
+
+/// `[redis]`: the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://...`; give the index a database
+    /// of its own.
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// Bound of each command (connecting, answering), in milliseconds.
+    pub timeout_ms: u64,
+    /// A block's key expires this long after its last store (bounds what entries of cleared
+    /// sources cost; a block held longer without being stored again is a miss, not an error).
+    pub block_ttl_s: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "kvtier:".into(),
+            timeout_ms: 500,
+            block_ttl_s: 86_400,
+        }
+    }
 }
 
 /// How engines hash prompts, unless a request says otherwise.
@@ -117,6 +159,8 @@ impl Default for IndexConfig {
             http_addr: "0.0.0.0:9481".into(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            backend: BackendKind::Memory,
+            redis: RedisSection::default(),
             shards: 64,
             speculative_ttl_ms: 2000,
             source_ttl_s: 60,
@@ -143,6 +187,14 @@ pub struct IndexFlags {
     #[arg(long = "pod", value_name = "SPEC")]
     #[serde(skip)]
     pub pods: Vec<String>,
+    /// Where the entries live (`backend`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+    /// The Redis URL (`redis.url`).
+    #[arg(long, value_name = "URL")]
+    #[serde(skip)]
+    pub redis_url: Option<String>,
 }
 
 /// Parses a `--pod` spec.
@@ -176,10 +228,15 @@ pub fn parse_pod(spec: &str) -> anyhow::Result<PodConfig> {
 
 /// Resolves the configuration of `kvagent index`.
 pub fn load(file: Option<&Path>, flags: &IndexFlags) -> anyhow::Result<IndexConfig> {
-    let overrides = figment::value::Value::serialize(flags)
+    let mut overrides = figment::value::Value::serialize(flags)
         .context("encoding flags")?
         .into_dict()
         .unwrap_or_default();
+    if let Some(url) = &flags.redis_url {
+        let mut redis = figment::value::Dict::new();
+        redis.insert("url".into(), url.clone().into());
+        overrides.insert("redis".into(), redis.into());
+    }
     let mut cfg: IndexConfig = layered(
         IndexConfig::default(),
         Layers {
@@ -208,6 +265,14 @@ impl IndexConfig {
         }
         if self.source_ttl_s == 0 {
             bail!("`source_ttl_s` must be positive");
+        }
+        if self.backend == BackendKind::Redis {
+            if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
+                bail!("`redis.url` must start with redis:// or rediss://");
+            }
+            if self.redis.timeout_ms == 0 || self.redis.block_ttl_s == 0 {
+                bail!("`redis.timeout_ms` and `redis.block_ttl_s` must be positive");
+            }
         }
         let w = self.weights;
         for (key, v) in [

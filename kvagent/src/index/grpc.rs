@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use kvstore::index::{Event, Medium};
@@ -101,8 +102,8 @@ impl IndexRpc for IndexService {
         let hashes = self.prompt_hashes(&req)?;
         let scope = State::scope(&req.model);
         let named = self.state.candidates(&req.model, &req.pods);
-        let candidates: Vec<_> = named.iter().map(|(_, c)| *c).collect();
-        let scores = self.state.index.score(scope, &hashes, &candidates);
+        let candidates: Vec<_> = named.iter().map(|(_, c)| c.clone()).collect();
+        let scores = self.state.backend.score(scope, &hashes, &candidates).await?;
         let mut out: Vec<proto::PodScore> = named
             .iter()
             .zip(&scores)
@@ -136,10 +137,8 @@ impl IndexRpc for IndexService {
             }
         }
         if let Some(best) = out.first().filter(|s| s.blocks > 0 || req.speculate) {
-            if req.speculate
-                && let Some((_, c)) = named.iter().find(|(n, _)| *n == best.pod)
-            {
-                self.state.index.speculate(c.pod, scope, &hashes);
+            if req.speculate {
+                self.state.backend.speculate(&best.pod, scope, &hashes).await?;
             }
         }
         m.score_duration.observe(started.elapsed().as_secs_f64());
@@ -155,8 +154,11 @@ impl IndexRpc for IndexService {
     ) -> Result<Response<proto::LookupResponse>, Status> {
         let req = request.into_inner();
         let hashes = req.hashes.map(|h| h.hashes).unwrap_or_default();
-        let found = self.state.index.lookup(State::scope(&req.model), &hashes);
-        let sources = self.state.index.sources();
+        let found = self
+            .state
+            .backend
+            .lookup(State::scope(&req.model), &hashes)
+            .await?;
         let blocks = hashes
             .iter()
             .zip(found)
@@ -164,8 +166,8 @@ impl IndexRpc for IndexService {
                 hash,
                 holders: holders
                     .into_iter()
-                    .map(|(id, media)| proto::Holder {
-                        source: sources.info(id).map(|i| i.name).unwrap_or_default(),
+                    .map(|(source, media)| proto::Holder {
+                        source,
                         media: media.into_iter().map(medium_to_proto).collect(),
                     })
                     .collect(),
@@ -182,16 +184,22 @@ impl IndexRpc for IndexService {
         // (source, epoch) -> next sequence number expected on this stream.
         let mut expected: HashMap<String, (u64, u64)> = HashMap::new();
         let mut batches = 0u64;
+        let backend = &self.state.backend;
+        let resync_epoch = self.state.resync_epoch.load(Ordering::SeqCst);
         while let Some(batch) = stream.message().await? {
             if batch.source.is_empty() || (batch.model.is_empty() && !batch.events.is_empty()) {
                 return Err(Status::invalid_argument(
                     "a batch needs a source, and a model when it carries events",
                 ));
             }
-            let id = self.state.index.sources().intern(&batch.source);
+            if self.state.resync_epoch.load(Ordering::SeqCst) != resync_epoch {
+                return Err(Status::failed_precondition(
+                    "the index lost its entries (its backend restarted empty): reconnect and resync",
+                ));
+            }
             match expected.get(&batch.source) {
                 _ if batch.resync => {
-                    self.state.index.apply(id, &Event::Cleared);
+                    backend.clear(&batch.source).await?;
                 }
                 Some(&(epoch, seq)) if epoch == batch.epoch && seq == batch.seq => {}
                 other => {
@@ -204,7 +212,7 @@ impl IndexRpc for IndexService {
                             source: batch.source.clone(),
                         })
                         .inc();
-                    self.state.index.apply(id, &Event::Cleared);
+                    backend.clear(&batch.source).await?;
                     return Err(Status::failed_precondition(format!(
                         "{}: expected {} but got epoch {} seq {} without resync: reconnect and resync",
                         batch.source,
@@ -217,8 +225,9 @@ impl IndexRpc for IndexService {
             let Some(next) = batch.seq.checked_add(1) else {
                 return Err(Status::invalid_argument("seq overflows: start a new epoch"));
             };
-            expected.insert(batch.source.clone(), (batch.epoch, next));
             let scope = State::scope(&batch.model);
+            let mut events = Vec::with_capacity(batch.events.len());
+            let mut kinds = Vec::with_capacity(batch.events.len());
             for e in batch.events {
                 let (event, kind) = match e.kind {
                     Some(proto::event::Kind::Stored(s)) => (
@@ -240,7 +249,18 @@ impl IndexRpc for IndexService {
                     Some(proto::event::Kind::Cleared(_)) => (Event::Cleared, "cleared"),
                     None => continue,
                 };
-                self.state.index.apply(id, &event);
+                events.push(event);
+                kinds.push(kind);
+            }
+            // An empty batch is a heartbeat: the source is alive. A batch the backend could not
+            // take leaves the source's entries unknown: the publisher must resync.
+            if let Err(e) = backend.apply(&batch.source, &events).await {
+                // Best effort: the backend is failing, and a resync clears the source anyway.
+                let _ = backend.clear(&batch.source).await;
+                return Err(e.into());
+            }
+            expected.insert(batch.source.clone(), (batch.epoch, next));
+            for kind in kinds {
                 self.state
                     .metrics
                     .events
@@ -250,29 +270,20 @@ impl IndexRpc for IndexService {
                     })
                     .inc();
             }
-            // An empty batch is a heartbeat: the source is alive.
-            self.state.index.sources().keep_alive(id);
             batches += 1;
         }
         Ok(Response::new(proto::PublishAck { batches }))
     }
 
     async fn stats(&self, _: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
-        let now = Instant::now();
-        let sources = self
-            .state
-            .index
-            .sources()
-            .all()
-            .into_iter()
-            .map(|(_, s)| proto::SourceStats {
-                name: s.name,
-                idle_seconds: now.duration_since(s.last_seen).as_secs_f64(),
-            })
-            .collect();
+        let stats = self.state.backend.stats().await?;
         Ok(Response::new(proto::StatsResponse {
-            blocks: self.state.index.len() as u64,
-            sources,
+            blocks: stats.blocks,
+            sources: stats
+                .sources
+                .into_iter()
+                .map(|(name, idle_seconds)| proto::SourceStats { name, idle_seconds })
+                .collect(),
         }))
     }
 
@@ -281,13 +292,10 @@ impl IndexRpc for IndexService {
         request: Request<proto::ClearSourceRequest>,
     ) -> Result<Response<proto::ClearSourceResponse>, Status> {
         let name = request.into_inner().source;
-        let known = self.state.index.sources().get(&name);
-        if let Some(id) = known {
-            self.state.index.apply(id, &Event::Cleared);
+        let known = self.state.backend.clear(&name).await?;
+        if known {
             tracing::info!(source = %name, "source cleared on request");
         }
-        Ok(Response::new(proto::ClearSourceResponse {
-            known: known.is_some(),
-        }))
+        Ok(Response::new(proto::ClearSourceResponse { known }))
     }
 }

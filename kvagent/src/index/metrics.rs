@@ -2,6 +2,7 @@
 //! can use: the prefix demand that would hit each pod, how often it was the best pod, and how far
 //! behind its events are.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use prometheus_client::collector::Collector;
@@ -111,7 +112,7 @@ pub(crate) fn register_gauges(state: &Arc<State>, reg: &mut Registry) {
     reg.register_collector(Box::new(IndexCollector(Arc::downgrade(state))));
 }
 
-/// Blocks and sources, read at scrape time.
+/// Blocks and sources, as the backend reported them at its last check (every second).
 #[derive(Debug)]
 struct IndexCollector(Weak<State>);
 
@@ -120,14 +121,14 @@ impl Collector for IndexCollector {
         let Some(state) = self.0.upgrade() else {
             return Ok(());
         };
-        let blocks = i64::try_from(state.index.len()).unwrap_or(i64::MAX);
+        let blocks = i64::try_from(state.last_blocks.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         ConstGauge::new(blocks).encode(encoder.encode_descriptor(
             "blocks",
             "Blocks in the index",
             None,
             MetricType::Gauge,
         )?)?;
-        let sources = i64::try_from(state.index.sources().all().len()).unwrap_or(i64::MAX);
+        let sources = i64::try_from(state.last_sources.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         ConstGauge::new(sources).encode(encoder.encode_descriptor(
             "sources",
             "Sources (engine pods, node agents) known to the index",

@@ -2,6 +2,7 @@
 //! and node agents' tier events (gRPC `PublishEvents`), and answers routers' `Score` and
 //! `Lookup` calls (gRPC, with health and reflection). See `docs/index.md`.
 
+mod backend;
 pub mod config;
 mod grpc;
 mod metrics;
@@ -9,13 +10,14 @@ mod vllm_events;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kvstore::index::{Candidate, Index, IndexConfig as CoreConfig, SourceId, TierWeights, scope_of};
+use backend::{Backend, Candidate, memory::MemoryBackend};
+use kvstore::index::{IndexConfig as CoreConfig, TierWeights, scope_of};
 
-pub use config::{IndexConfig, IndexFlags, PodConfig};
+pub use config::{BackendKind, IndexConfig, IndexFlags, PodConfig, RedisSection};
 use metrics::IndexMetrics;
 
 /// Generated gRPC types and services of `kvtier.index.v1`.
@@ -30,7 +32,6 @@ pub mod proto {
 /// An engine pod as the index knows it.
 #[derive(Debug, Clone)]
 pub(crate) struct Pod {
-    pub(crate) source: SourceId,
     pub(crate) model: String,
     pub(crate) node: Option<String>,
     /// Whether the index follows its publisher now (it is live while connected).
@@ -56,10 +57,17 @@ impl PodDiscovery for StaticPods {
 
 /// What the services share.
 pub(crate) struct State {
-    pub(crate) index: Index,
+    pub(crate) backend: Arc<dyn Backend>,
     pub(crate) pods: parking_lot::RwLock<HashMap<String, Pod>>,
     pub(crate) cfg: IndexConfig,
     pub(crate) metrics: IndexMetrics,
+    /// Bumped when the backend lost its entries: every follower and publisher stream resyncs.
+    pub(crate) resync_epoch: AtomicU64,
+    /// The backend's block and source counts at the last housekeeping, for the gauges.
+    pub(crate) last_blocks: AtomicU64,
+    pub(crate) last_sources: AtomicU64,
+    /// Whether the backend answered the last housekeeping (readiness).
+    pub(crate) backend_up: AtomicBool,
 }
 
 impl std::fmt::Debug for State {
@@ -76,33 +84,57 @@ pub(crate) fn agent_source(node: &str) -> String {
 }
 
 impl State {
-    pub(crate) fn new(cfg: IndexConfig) -> (Arc<Self>, prometheus_client::registry::Registry) {
+    pub(crate) fn new(
+        cfg: IndexConfig,
+    ) -> anyhow::Result<(Arc<Self>, prometheus_client::registry::Registry)> {
         let w = cfg.weights;
-        let index = Index::new(CoreConfig {
-            shards: cfg.shards,
-            weights: TierWeights {
-                device: w.device,
-                host: w.host,
-                disk: w.disk,
-                object: w.object,
-            },
-            speculative_ttl: Duration::from_millis(cfg.speculative_ttl_ms),
-        });
+        let weights = TierWeights {
+            device: w.device,
+            host: w.host,
+            disk: w.disk,
+            object: w.object,
+        };
+        let speculative_ttl = Duration::from_millis(cfg.speculative_ttl_ms);
+        let backend: Arc<dyn Backend> = match cfg.backend {
+            BackendKind::Memory => Arc::new(MemoryBackend::new(CoreConfig {
+                shards: cfg.shards,
+                weights,
+                speculative_ttl,
+            })),
+            #[cfg(feature = "redis")]
+            BackendKind::Redis => Arc::new(backend::redis::RedisBackend::new(
+                backend::redis::RedisSettings {
+                    url: cfg.redis.url.clone(),
+                    prefix: cfg.redis.prefix.clone(),
+                    timeout: Duration::from_millis(cfg.redis.timeout_ms),
+                    block_ttl: Duration::from_secs(cfg.redis.block_ttl_s),
+                    weights,
+                    speculative_ttl,
+                },
+            )?),
+            #[cfg(not(feature = "redis"))]
+            BackendKind::Redis => {
+                anyhow::bail!("`backend = \"redis\"`: this kvagent was built without the `redis` feature")
+            }
+        };
         let (metrics, mut registry) = IndexMetrics::new();
         let state = Arc::new(Self {
-            index,
+            backend,
             pods: parking_lot::RwLock::new(HashMap::new()),
             cfg,
             metrics,
+            resync_epoch: AtomicU64::new(0),
+            last_blocks: AtomicU64::new(0),
+            last_sources: AtomicU64::new(0),
+            backend_up: AtomicBool::new(true),
         });
         metrics::register_gauges(&state, &mut registry);
-        (state, registry)
+        Ok((state, registry))
     }
 
     /// Registers a pod (idempotent).
     pub(crate) fn add_pod(&self, p: &PodConfig) -> Pod {
         let pod = Pod {
-            source: self.index.sources().intern(&p.name),
             model: p.model.clone(),
             node: p.node.clone(),
             connected: Arc::new(AtomicBool::new(false)),
@@ -114,14 +146,11 @@ impl State {
     /// The candidates of a Score call: the named pods, or every pod of the model.
     pub(crate) fn candidates(&self, model: &str, names: &[String]) -> Vec<(String, Candidate)> {
         let pods = self.pods.read();
-        let sources = self.index.sources();
-        // A name the index has never seen holds nothing: it is not registered (callers may send
-        // any names), and scores 0.
+        // A name the index has never seen holds nothing (callers may send any names) and
+        // scores 0; only configured pods have an agent.
         let candidate = |name: &str, pod: Option<&Pod>| Candidate {
-            pod: pod.map_or_else(|| sources.get(name).unwrap_or(SourceId(u32::MAX)), |p| p.source),
-            agent: pod
-                .and_then(|p| p.node.as_deref())
-                .and_then(|n| sources.get(&agent_source(n))),
+            pod: name.to_owned(),
+            agent: pod.and_then(|p| p.node.as_deref()).map(agent_source),
         };
         if names.is_empty() {
             let mut all: Vec<(String, Candidate)> = pods
@@ -159,7 +188,7 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
     let grpc_addr = cfg.grpc_addr;
     let http_addr = cfg.http_addr.clone();
     let discovery: Arc<dyn PodDiscovery> = Arc::new(StaticPods(cfg.pods.clone()));
-    let (state, registry) = State::new(cfg);
+    let (state, registry) = State::new(cfg)?;
     let ready = Arc::new(AtomicBool::new(false));
 
     for pod in discovery.pods() {
@@ -167,18 +196,20 @@ async fn serve(cfg: IndexConfig) -> anyhow::Result<()> {
         tokio::spawn(vllm_events::follow(
             Arc::clone(&state),
             pod,
-            registered.source,
             Arc::clone(&registered.connected),
         ));
     }
     tokio::spawn(housekeeping(Arc::clone(&state)));
+    tokio::spawn(watch_backend(Arc::clone(&state)));
 
     if !http_addr.is_empty() {
         let listener = tokio::net::TcpListener::bind(&http_addr)
             .await
             .with_context(|| format!("binding the HTTP address {http_addr}"))?;
         let flag = Arc::clone(&ready);
-        let readiness: crate::http::Readiness = Arc::new(move || flag.load(Ordering::SeqCst));
+        let up = Arc::clone(&state);
+        let readiness: crate::http::Readiness =
+            Arc::new(move || flag.load(Ordering::SeqCst) && up.backend_up.load(Ordering::SeqCst));
         tokio::spawn(crate::http::serve(listener, registry, readiness));
     }
 
@@ -236,18 +267,63 @@ async fn housekeeping(state: Arc<State>) {
         tick.tick().await;
         // An engine's events arrive only when its cache changes, so silence says nothing: a
         // pod is live while the index is connected to its publisher.
-        for pod in state
+        let live: Vec<String> = state
             .pods
             .read()
-            .values()
-            .filter(|p| p.connected.load(Ordering::SeqCst))
-        {
-            state.index.sources().keep_alive(pod.source);
+            .iter()
+            .filter(|(_, p)| p.connected.load(Ordering::SeqCst))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let pass = async {
+            for name in &live {
+                state.backend.keep_alive(name).await?;
+            }
+            for name in state.backend.age_out(ttl).await? {
+                tracing::warn!(source = %name, "no events for {ttl:?}: its blocks no longer count");
+            }
+            let dropped = state.backend.sweep().await?;
+            tracing::debug!(dropped, "index sweep");
+            Ok::<_, backend::BackendError>(())
+        };
+        if let Err(e) = pass.await {
+            tracing::warn!("housekeeping: {e}");
         }
-        for name in state.index.age_out(ttl) {
-            tracing::warn!(source = %name, "no events for {ttl:?}: its blocks no longer count");
+    }
+}
+
+/// Checks the backend every second: readiness, the gauges, and whether it lost its entries
+/// (a Redis restarted empty), in which case every source resyncs.
+async fn watch_backend(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let check = async {
+            let lost = state.backend.lost_state().await?;
+            let stats = state.backend.stats().await?;
+            Ok::<_, backend::BackendError>((lost, stats))
+        };
+        match check.await {
+            Ok((lost, stats)) => {
+                if !state.backend_up.swap(true, Ordering::SeqCst) {
+                    tracing::info!(backend = state.backend.name(), "the index backend answers again");
+                }
+                if lost {
+                    tracing::warn!(
+                        backend = state.backend.name(),
+                        "the index backend lost its entries: every source resyncs"
+                    );
+                    state.resync_epoch.fetch_add(1, Ordering::SeqCst);
+                }
+                state.last_blocks.store(stats.blocks, Ordering::Relaxed);
+                state
+                    .last_sources
+                    .store(stats.sources.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if state.backend_up.swap(false, Ordering::SeqCst) {
+                    tracing::warn!("{e}; not ready until it answers");
+                }
+            }
         }
-        let dropped = state.index.sweep();
-        tracing::debug!(dropped, "index sweep");
     }
 }

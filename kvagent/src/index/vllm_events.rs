@@ -12,12 +12,15 @@
 //! dropped and, with a replay endpoint, rebuilt from vLLM's whole buffer (`buffer_steps`
 //! batches): a restarted index or engine never counts blocks that may be gone. A pod counts as
 //! live (and is not aged out) only while connected.
+//!
+//! When the backend fails to take a batch (Redis down), or reports that it lost its entries,
+//! the pod is resynced once the backend answers again: its entries cannot be vouched for.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use kvstore::index::{Event, Medium, SourceId};
+use kvstore::index::{Event, Medium};
 use kvstore::vllm::{KvEvent, decode_batch};
 use tokio_stream::StreamExt as _;
 use zeromq::{
@@ -47,7 +50,6 @@ fn options() -> SocketOptions {
 struct Follower {
     state: Arc<State>,
     pod: PodConfig,
-    source: SourceId,
     scope: u64,
     /// The sequence number expected next; None before the first batch.
     next: Option<u64>,
@@ -56,24 +58,24 @@ struct Follower {
     replayed_below: u64,
     /// Whether the publisher is connected (the pod is live).
     connected: Arc<std::sync::atomic::AtomicBool>,
+    /// The backend failed to take something since the last resync.
+    backend_failed: bool,
+    /// The state's resync epoch at the last resync.
+    resync_epoch: u64,
 }
 
 /// Follows the pod until the process ends, reconnecting with a bounded backoff.
-pub(crate) async fn follow(
-    state: Arc<State>,
-    pod: PodConfig,
-    source: SourceId,
-    connected: Arc<std::sync::atomic::AtomicBool>,
-) {
+pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std::sync::atomic::AtomicBool>) {
     let scope = State::scope(&pod.model);
     let mut f = Follower {
+        resync_epoch: state.resync_epoch.load(std::sync::atomic::Ordering::SeqCst),
         state,
         pod,
-        source,
         scope,
         next: None,
         replayed_below: 0,
         connected,
+        backend_failed: false,
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -88,8 +90,16 @@ pub(crate) async fn follow(
                 // The monitor reports the first connection too: only one after a disconnect
                 // means the publisher may have restarted.
                 let mut lost = false;
+                let mut check = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
+                        _ = check.tick() => {
+                            let epoch = f.state.resync_epoch.load(std::sync::atomic::Ordering::SeqCst);
+                            if !lost && (f.backend_failed || epoch != f.resync_epoch) {
+                                tracing::info!(pod = %f.pod.name, "resyncing after a backend failure or loss");
+                                f.resync().await;
+                            }
+                        }
                         msg = sub.recv() => match msg {
                             Ok(msg) => f.on_message(msg).await,
                             Err(e) => {
@@ -141,7 +151,9 @@ impl Follower {
     /// the publisher's buffer.
     async fn resync(&mut self) {
         self.set_connected(true);
-        self.state.index.apply(self.source, &Event::Cleared);
+        self.backend_failed = false;
+        self.resync_epoch = self.state.resync_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        self.clear().await;
         self.next = None;
         self.replayed_below = 0;
         self.replay(0).await;
@@ -164,11 +176,11 @@ impl Follower {
             }
             Some(next) => {
                 tracing::info!(pod = %self.pod.name, seq, expected = next, "sequence went back: the engine restarted");
-                self.state.index.apply(self.source, &Event::Cleared);
+                self.clear().await;
             }
             None => {}
         }
-        self.apply(seq, &payload);
+        self.apply(seq, &payload).await;
         // The first live batch past the replayed ones closes the window of duplicates.
         self.replayed_below = 0;
     }
@@ -190,7 +202,21 @@ impl Follower {
         }
         // Nothing can tell what the missed batches changed: start the pod over.
         tracing::warn!(pod = %self.pod.name, "rebuilding the pod's entries from the events that follow");
-        self.state.index.apply(self.source, &Event::Cleared);
+        self.clear().await;
+    }
+
+    /// Drops the pod's entries.
+    async fn clear(&mut self) {
+        if let Err(e) = self.state.backend.clear(&self.pod.name).await {
+            self.failed(&e);
+        }
+    }
+
+    fn failed(&mut self, e: &super::backend::BackendError) {
+        if !self.backend_failed {
+            tracing::warn!(pod = %self.pod.name, "{e}: the pod resyncs once it answers");
+        }
+        self.backend_failed = true;
     }
 
     fn bad(&self, why: &str) {
@@ -205,8 +231,12 @@ impl Follower {
     }
 
     /// Applies batch `seq`; a batch that does not decode is counted and skipped.
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
+    async fn apply(&mut self, seq: u64, payload: &[u8]) {
         self.next = seq.checked_add(1);
+        if self.backend_failed {
+            // The resync that follows the backend's recovery replaces whatever this would add.
+            return;
+        }
         let batch = match decode_batch(payload) {
             Ok(b) => b,
             Err(e) => return self.bad(&e.to_string()),
@@ -222,6 +252,7 @@ impl Follower {
             .lag
             .get_or_create(&label)
             .set((now - batch.ts).max(0.0));
+        let mut events = Vec::with_capacity(batch.events.len());
         for e in batch.events {
             let (event, kind) = match e {
                 KvEvent::BlockStored { hashes, medium, .. } => (
@@ -242,7 +273,7 @@ impl Follower {
                 ),
                 KvEvent::AllBlocksCleared => (Event::Cleared, "cleared"),
             };
-            self.state.index.apply(self.source, &event);
+            events.push(event);
             self.state
                 .metrics
                 .events
@@ -251,6 +282,9 @@ impl Follower {
                     kind,
                 })
                 .inc();
+        }
+        if let Err(e) = self.state.backend.apply(&self.pod.name, &events).await {
+            self.failed(&e);
         }
     }
 
@@ -289,10 +323,10 @@ impl Follower {
             if self.next.is_none_or(|next| seq >= next) {
                 if let Some(next) = self.next.filter(|&next| seq > next) {
                     tracing::warn!(pod = %self.pod.name, expected = next, got = seq, "replay starts past the gap");
-                    self.state.index.apply(self.source, &Event::Cleared);
+                    self.clear().await;
                 }
                 let payload = msg.get(3).cloned().unwrap_or_default();
-                self.apply(seq, &payload);
+                self.apply(seq, &payload).await;
                 n += 1;
             }
         }

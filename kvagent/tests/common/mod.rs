@@ -278,3 +278,137 @@ pub fn wait_line(child: &mut Child, prefix: &str) -> String {
         }
     }
 }
+
+/// A running `kvagent index`, killed when dropped.
+pub struct IndexProc {
+    child: Child,
+    pub url: String,
+}
+
+impl IndexProc {
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_at("127.0.0.1:0", extra)
+    }
+
+    pub fn start_at(grpc_addr: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvagent"))
+            .args([
+                "index",
+                "--grpc-addr",
+                grpc_addr,
+                "--http-addr",
+                "",
+                "--log-format",
+                "json",
+            ])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kvagent index starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the index logs its address")
+                .expect("a log line");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            if v["message"] == "index serving" {
+                break v["grpc"].as_str().expect("grpc address").to_owned();
+            }
+        };
+        // Keep draining the log so the index never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    pub async fn client(
+        &self,
+    ) -> kvagent::index::proto::index_client::IndexClient<tonic::transport::Channel> {
+        kvagent::index::proto::index_client::IndexClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for IndexProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound and released: a test server takes it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A real `redis-server` on loopback without persistence, killed when dropped.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts one on `port` and waits until it answers PING; `None` (with the reason on
+    /// stderr) when the binary is missing and the run is not strict.
+    pub fn start(port: u16) -> Option<Self> {
+        let child = match Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let why = format!("redis-server cannot run here ({e}): install Debian's redis-server");
+                assert!(std::env::var_os("KVSTORE_TEST_STRICT").is_none(), "{why}");
+                eprintln!("SKIPPED: {why}");
+                return None;
+            }
+        };
+        let server = Self { child, port };
+        let deadline = Instant::now() + AGENT_WAIT;
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+                {
+                    return Some(server);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer within {AGENT_WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
