@@ -1,7 +1,8 @@
 //! `kvbench index`: the cluster index in process — event ingest rate, and `score` latency of a
 //! 512-block prompt over 100 pods with a million indexed blocks — and through the real
-//! `kvagent index` over gRPC (the `Score` round trip), next to Dynamo's KV-router radix tree on
-//! the same workload in the same run, when its Python package is installed
+//! `kvagent index` over gRPC (the `Score` round trip, with the in-memory backend and with the
+//! Redis backend on a `redis-server` of its own), next to Dynamo's KV-router radix tree on the
+//! same workload in the same run, when its Python package is installed
 //! (`benches/dynamo/setup.sh`).
 
 use std::io::{BufRead as _, BufReader};
@@ -35,6 +36,9 @@ pub(crate) struct IndexArgs {
     /// Skip the Dynamo comparison.
     #[arg(long)]
     pub(crate) no_dynamo: bool,
+    /// Skip the Redis backend (it runs when `redis-server` is on the PATH).
+    #[arg(long)]
+    pub(crate) no_redis: bool,
 }
 
 const PODS: usize = 100;
@@ -178,7 +182,7 @@ impl Drop for IndexProc {
     }
 }
 
-fn start_index(binary: &Path) -> Result<IndexProc> {
+fn start_index(binary: &Path, extra: &[&str]) -> Result<IndexProc> {
     let mut child = Command::new(binary)
         .args([
             "index",
@@ -189,6 +193,7 @@ fn start_index(binary: &Path) -> Result<IndexProc> {
             "--log-format",
             "json",
         ])
+        .args(extra)
         .env_remove("KVTIER_INDEX_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -292,6 +297,43 @@ async fn over_grpc(url: &str, w: &Workload) -> Result<OverGrpc> {
     })
 }
 
+/// A `redis-server` of the bench's own (loopback, no persistence), killed when dropped.
+struct RedisProc {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Result<Option<RedisProc>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = match Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Redis backend skipped: redis-server cannot run ({e})");
+            return Ok(None);
+        }
+    };
+    let server = RedisProc { child, port };
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > until {
+            bail!("redis-server did not start within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(server))
+}
+
 fn dynamo(args: &IndexArgs) -> Result<Option<serde_json::Value>> {
     if args.no_dynamo {
         return Ok(None);
@@ -337,23 +379,36 @@ struct IndexReport {
     prompt_blocks: usize,
     in_process: InProcess,
     grpc: OverGrpc,
+    grpc_redis: Option<OverGrpc>,
     dynamo: Option<serde_json::Value>,
 }
 
 pub(crate) fn run(args: &IndexArgs) -> Result<()> {
     let w = Workload::new(args.quick);
     let local = in_process(&w)?;
-    let index = start_index(&agent_binary(args.agent.as_deref())?)?;
+    let binary = agent_binary(args.agent.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("a runtime")?;
-    let grpc = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(600), over_grpc(&index.url, &w))
-            .await
-            .context("the gRPC part timed out")?
-    })?;
-    drop(index);
+    let measure = |extra: &[&str]| -> Result<OverGrpc> {
+        let index = start_index(&binary, extra)?;
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(600), over_grpc(&index.url, &w))
+                .await
+                .context("the gRPC part timed out")?
+        })
+    };
+    let grpc = measure(&[])?;
+    let redis = if args.no_redis { None } else { start_redis()? };
+    let grpc_redis = match &redis {
+        Some(r) => {
+            let url = format!("redis://127.0.0.1:{}/0", r.port);
+            Some(measure(&["--backend", "redis", "--redis-url", &url])?)
+        }
+        None => None,
+    };
+    drop(redis);
     let dynamo = dynamo(args)?;
 
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("—".into(), |x| format!("{x:.1}"));
@@ -396,6 +451,16 @@ pub(crate) fn run(args: &IndexArgs) -> Result<()> {
         "| PublishEvents ingest over gRPC, block events/s | {:.1} M/s | — |",
         grpc.publish_block_events_per_s / 1e6
     );
+    if let Some(r) = &grpc_redis {
+        println!(
+            "| Score p50 / p99, µs, gRPC, Redis backend (redis-server on loopback) | {:.1} / {:.1} | — |",
+            r.score.p50_us, r.score.p99_us
+        );
+        println!(
+            "| PublishEvents ingest over gRPC into Redis, block events/s | {:.2} M/s | — |",
+            r.publish_block_events_per_s / 1e6
+        );
+    }
     if let Some(path) = &args.json {
         let r = IndexReport {
             command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -404,6 +469,7 @@ pub(crate) fn run(args: &IndexArgs) -> Result<()> {
             prompt_blocks: PROMPT_BLOCKS,
             in_process: local,
             grpc,
+            grpc_redis,
             dynamo,
         };
         std::fs::write(path, serde_json::to_string_pretty(&r)?)

@@ -43,8 +43,9 @@ pub(crate) struct RedisSettings {
     pub(crate) speculative_ttl: Duration,
 }
 
-/// Blocks per pipelined read while scoring: the walk usually ends within the first chunks.
-const CHUNK: usize = 128;
+/// Blocks per pipelined read while scoring: one round trip for prompts up to 512 blocks (a
+/// larger first read costs Redis less than another round trip).
+const CHUNK: usize = 512;
 
 const ADD: &str = r"
 local gen = tonumber(redis.call('HGET', ARGV[1], ARGV[2]) or '0')
