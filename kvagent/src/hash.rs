@@ -19,7 +19,14 @@ pub struct HashArgs {
     /// Tokenizes this text instead (needs `--tokenizer`).
     #[arg(long, requires = "tokenizer", conflicts_with = "input")]
     pub text: Option<String>,
-    /// A Hugging Face `tokenizer.json` for `--text`.
+    /// Renders this OpenAI chat request (a JSON file with `messages`) with the model's chat
+    /// template, then tokenizes it as vLLM does (needs `--tokenizer`).
+    #[arg(long, value_name = "FILE", requires = "tokenizer", conflicts_with_all = ["input", "text"])]
+    pub chat: Option<PathBuf>,
+    /// The chat template for `--chat`, if not the one beside the tokenizer.
+    #[arg(long, value_name = "FILE", requires = "chat")]
+    pub chat_template: Option<PathBuf>,
+    /// A Hugging Face `tokenizer.json` for `--text` and `--chat`.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// With `--text`: leave out the special tokens (BOS) the tokenizer adds, as vLLM does for
@@ -117,6 +124,17 @@ fn parse_digest(hex: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 fn read_tokens(args: &HashArgs) -> anyhow::Result<Vec<u32>> {
+    if let Some(chat) = &args.chat {
+        let path = args.tokenizer.as_deref().context("--chat needs --tokenizer")?;
+        let template = crate::chat::ChatTemplate::load(path, args.chat_template.as_deref())?
+            .context("the model has no chat template: pass --chat-template")?;
+        let body: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(chat).with_context(|| format!("reading {}", chat.display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", chat.display()))?;
+        let text = template.render(&body)?;
+        return crate::tokenizer::encode(&crate::tokenizer::load(path)?, &text, false);
+    }
     if let Some(text) = &args.text {
         let path = args.tokenizer.as_deref().context("--text needs --tokenizer")?;
         return crate::tokenizer::encode(&crate::tokenizer::load(path)?, text, !args.no_special_tokens);

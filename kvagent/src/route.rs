@@ -52,8 +52,14 @@ pub struct RouteArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// A Hugging Face tokenizer.json to tokenize text prompts (token-id prompts need none).
+    /// Chat requests are rendered with the model's chat template, found beside it
+    /// (`chat_template.jinja` or `tokenizer_config.json`), as vLLM renders them.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// The chat template to render chat requests with, if not the one beside the tokenizer
+    /// (as vLLM's `--chat-template`).
+    #[arg(long, value_name = "FILE", requires = "tokenizer")]
+    pub chat_template: Option<PathBuf>,
     /// Tokens per block of the engines [default: the index's].
     #[arg(long)]
     pub block_size: Option<u32>,
@@ -110,6 +116,7 @@ struct RouteState {
     backends: Vec<Backend>,
     index: Option<IndexClient<tonic::transport::Channel>>,
     tokenizer: Option<crate::tokenizer::Tokenizer>,
+    chat: Option<crate::chat::ChatTemplate>,
     args: RouteArgs,
     http: reqwest::Client,
     next: AtomicU64,
@@ -158,6 +165,13 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(crate::tokenizer::load)
         .transpose()?;
+    let chat = match &args.tokenizer {
+        Some(t) => crate::chat::ChatTemplate::load(t, args.chat_template.as_deref())?,
+        None => None,
+    };
+    if args.tokenizer.is_some() && chat.is_none() {
+        tracing::warn!("the model has no chat template: chat requests are routed by load");
+    }
     let index = match &args.index {
         // Connected lazily: the router starts (and routes by load) before the index is up.
         Some(url) => Some(IndexClient::new(
@@ -188,6 +202,7 @@ async fn serve(args: RouteArgs) -> anyhow::Result<()> {
         backends,
         index,
         tokenizer,
+        chat,
         args,
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -234,6 +249,18 @@ impl RouteState {
                 .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
                 .collect()
         };
+        if body.get("messages").is_some() {
+            // A chat: the template's text, tokenized without special tokens (the template
+            // writes them), as vLLM does.
+            let text = match self.chat.as_ref()?.render(body) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!("chat request routed by load: {e:#}");
+                    return None;
+                }
+            };
+            return crate::tokenizer::encode(self.tokenizer.as_ref()?, &text, false).ok();
+        }
         match body.get("prompt")? {
             serde_json::Value::String(text) => {
                 crate::tokenizer::encode(self.tokenizer.as_ref()?, text, true).ok()

@@ -59,6 +59,16 @@ def write_lora(out: Path, config: object, seed: int) -> None:
     )
 
 
+# A small template in the style of real ones (special tokens, role branches, a filter, the
+# generation prompt), for vLLM's chat endpoint and for checking the router renders as vLLM does.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{% elif m['role'] == 'user' %}<|user|>"
+    "{% else %}<|assistant|>{% endif %}\n{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
@@ -71,7 +81,7 @@ def main() -> None:
     a = p.parse_args()
 
     marker = a.out / "kvtier-model.json"
-    spec = vars(a) | {"out": None, "loras": ["lora-a", "lora-b"]}
+    spec = vars(a) | {"out": None, "loras": ["lora-a", "lora-b"], "chat_template": CHAT_TEMPLATE}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return
 
@@ -90,6 +100,7 @@ def main() -> None:
     )
     tok.train_from_iterator(corpus(2000, a.seed), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(a.out)
 
     torch.manual_seed(a.seed)

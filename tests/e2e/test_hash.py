@@ -141,3 +141,47 @@ def test_unreproducible_configurations_say_why() -> None:
         [str(KVAGENT), "hash", "--algo", "xxhash_cbor"], input="1", capture_output=True, text=True, env=env
     )
     assert random_seed.returncode != 0 and "PYTHONHASHSEED" in random_seed.stderr
+
+
+def test_chat_requests_hash_as_vllm_renders_them(model: Path, tmp_path: Path) -> None:
+    """`kvagent hash --chat` renders the model's chat template and tokenizes as vLLM's chat
+    endpoint does (text parts joined by newlines, no special tokens added to the rendered
+    text): equal block hashes."""
+    from transformers import AutoTokenizer
+
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "  Answer in one word. " * 12},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+    ]
+    as_strings = [
+        {
+            **m,
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "\n".join(p["text"] for p in m["content"]),
+        }
+        for m in messages
+    ]
+    tok = AutoTokenizer.from_pretrained(str(model))
+    text = tok.apply_chat_template(as_strings, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    block = 16
+    fn = get_hash_fn_by_name("sha256_cbor")
+    saved = os.environ.pop("PYTHONHASHSEED", None)
+    try:
+        kv_cache_utils.init_none_hash(fn)
+        parent, want = None, []
+        for i in range(len(ids) // block):
+            parent = kv_cache_utils.hash_block_tokens(fn, parent, ids[i * block : (i + 1) * block], None)
+            want.append(kv_cache_utils.maybe_convert_block_hash(parent))
+    finally:
+        if saved is not None:
+            os.environ["PYTHONHASHSEED"] = saved
+    assert len(want) >= 4, "a prompt of several blocks"
+    request = tmp_path / "chat.json"
+    request.write_text(json.dumps({"model": "m", "messages": messages}))
+    args = [str(KVAGENT), "hash", "--json", "--block-size", str(block)]
+    args += ["--tokenizer", str(model / "tokenizer.json"), "--chat", str(request)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    assert [b["event_hash"] for b in json.loads(out.stdout)["blocks"]] == want

@@ -78,9 +78,13 @@ class Server:
 
 
 class Route:
-    def __init__(self, index_port: int, backends: dict[str, int], policy: str) -> None:
+    def __init__(
+        self, index_port: int, backends: dict[str, int], policy: str, tokenizer: Path | None = None
+    ) -> None:
         self.port = free_port()
         args = [str(KVAGENT), "route", "--listen", f"127.0.0.1:{self.port}", "--policy", policy]
+        if tokenizer is not None:
+            args += ["--tokenizer", str(tokenizer)]
         args += ["--index", f"http://127.0.0.1:{index_port}", "--model", "m", "--block-size", str(BLOCK)]
         for name, port in backends.items():
             args += ["--backend", f"{name}=http://127.0.0.1:{port}"]
@@ -107,6 +111,31 @@ class Route:
             backend = r.headers["x-kvtier-backend"]
             raw = r.read()
         return backend, raw if stream else json.loads(raw)
+
+    def chat(self, system: str, question: str) -> tuple[str, dict[str, Any]]:
+        body = {
+            "model": "m",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 2,
+            "temperature": 0.0,
+        }
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.headers["x-kvtier-backend"], json.loads(r.read())
+
+    def routed(self, reason: str) -> int:
+        """Requests the router sent for `reason`, from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("kvtier_route_requests_total{") and f'reason="{reason}"' in line
+        )
 
     def close(self) -> None:
         self.proc.terminate()
@@ -184,3 +213,25 @@ def test_prefix_aware_routing_beats_round_robin(
     (workdir / "route-hit-rates.json").write_text(json.dumps({"round_robin": rr_rate, "prefix": prefix_rate}))
     print(f"prefix-cache hit rate: prefix-aware {prefix_rate:.3f}, round-robin {rr_rate:.3f}")
     assert prefix_rate > rr_rate + 0.1, (prefix_rate, rr_rate)
+
+
+def test_chat_requests_reach_the_server_holding_their_prefix(
+    cluster: tuple[dict[str, Server], IndexProcess], model: Path
+) -> None:
+    """The router renders chat requests with the model's chat template and tokenizes them as
+    vLLM does: later chats sharing a long system prompt go where the first one went, and hit."""
+    servers, index = cluster
+    route = Route(index.port, {n: s.port for n, s in servers.items()}, "prefix", model / "tokenizer.json")
+    rng = random.Random(9)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    systems = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(2)]
+    try:
+        first = [route.chat(s, "first question")[0] for s in systems]
+        for i in range(3):
+            for s, where in zip(systems, first, strict=True):
+                backend, out = route.chat(s, f"question {i}")
+                assert backend == where, "a chat goes where its system prompt is cached"
+                assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2 * BLOCK
+        assert route.routed("prefix") >= 6, "routed by the index, not by load"
+    finally:
+        route.close()
