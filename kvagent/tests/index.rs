@@ -385,6 +385,24 @@ async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
         2
     );
 
+    // A publisher's stream that stays open across what follows.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(batch(
+        "agent/n2",
+        0,
+        true,
+        vec![stored(&[9], proto::Medium::Host)],
+    ))
+    .await
+    .expect("queued");
+    let mut open = a.client().await;
+    let stream = tokio::spawn(async move {
+        open.publish_events(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+
+    wait_for_holders(&b.url, &[9], Duration::from_secs(10), |h| !h.is_empty()).await;
+
     // Redis goes away: calls fail fast with an error that says so, on both replicas.
     drop(redis);
     let started = Instant::now();
@@ -418,6 +436,23 @@ async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
     for got in p1_on_each(&urls, &[1, 2, 3]).await {
         assert_eq!(got.expect("Score").0, 0, "a Redis restarted empty holds nothing");
     }
+    // The replica notices the loss and ends the open stream, asking for a resync.
+    let mut seq = 1;
+    while !stream.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the open stream was never told to resync"
+        );
+        let _ = tx.send(batch("agent/n2", seq, false, vec![])).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ended = stream
+        .await
+        .expect("the stream task")
+        .expect_err("told to resync");
+    assert_eq!(ended.code(), Code::FailedPrecondition, "{}", ended.message());
+    assert!(ended.message().contains("resync"), "{}", ended.message());
     ca.publish_events(tokio_stream::iter(vec![batch(
         "agent/n1",
         0,

@@ -241,19 +241,39 @@ fn a_hung_agent_costs_a_client_its_deadline_and_no_more() {
 
 /// Opens a raw connection and completes the handshake (the arena fd is received and dropped).
 fn raw_handshake(socket: &std::path::Path) -> UnixStream {
+    raw_handshake_at(socket, PROTOCOL_VERSION)
+}
+
+fn raw_handshake_at(socket: &std::path::Path, version: u16) -> UnixStream {
     let s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut out = Vec::new();
     Request::Hello {
-        version: PROTOCOL_VERSION,
+        version,
         client: "raw".into(),
     }
     .encode(1, 0, &mut out);
     (&s).write_all(&out).unwrap();
     let mut body = Vec::new();
     wire::read_frame(&mut &s, &mut body).unwrap();
-    assert!(matches!(Response::decode(&body).unwrap().1, Response::Welcome(_)));
+    match Response::decode(&body).unwrap().1 {
+        Response::Welcome(w) => assert_eq!(w.version, version, "answered in the client's version"),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
     s
+}
+
+#[test]
+fn clients_of_the_previous_protocol_version_are_served() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let s = raw_handshake_at(&agent.socket, wire::MIN_PROTOCOL_VERSION);
+    let mut out = Vec::new();
+    Request::Lookup(ns("m"), vec![hash(1, 0)]).encode(2, 0, &mut out);
+    (&s).write_all(&out).unwrap();
+    let mut body = Vec::new();
+    wire::read_frame(&mut &s, &mut body).unwrap();
+    assert_eq!(Response::decode(&body).unwrap().1, Response::Lookup(vec![]));
 }
 
 /// Reads what the agent says before it closes: the error code, then EOF.
@@ -603,4 +623,27 @@ fn handles_can_only_be_settled_by_the_client_that_took_them() {
             vec![again.expect("the owner's reservation was given back")],
         )
         .unwrap();
+}
+
+#[test]
+fn a_full_announcement_table_is_an_error_that_never_costs_the_connection() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let client = agent.client();
+    for i in 0..4096 {
+        client.announce(&ns(&format!("m{i}")), "m").expect("announce");
+    }
+    match client.announce(&ns("one-too-many"), "m") {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, ErrorCode::LimitReached),
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    assert_eq!(agent.stats()["announced_namespaces"], 4096);
+    // A new connection replays what the client remembered (the agent still has them all)
+    // and works; the refused one was not remembered.
+    client.disconnect();
+    assert_eq!(save_range(&client, 3, 0..2), vec![SaveOutcome::Stored; 2]);
+    assert!(
+        client.announce(&ns("m0"), "m2").is_ok(),
+        "a known namespace may change model"
+    );
 }

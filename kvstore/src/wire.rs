@@ -10,8 +10,12 @@
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
 
-/// The protocol version this build speaks. A hello with another version is refused.
+/// The newest protocol version this build speaks. The agent accepts hellos from
+/// [`MIN_PROTOCOL_VERSION`] on and answers in the client's version; other hellos are refused.
 pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest version still spoken (version 2 added `announce`; nothing else changed).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
 /// Largest body accepted (4 MiB): a batch of 65 536 keys of 32 bytes fits with room to spare.

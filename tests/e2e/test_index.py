@@ -280,9 +280,18 @@ def test_replicas_on_redis_follow_a_real_engine_and_rebuild_after_redis_loses_ev
         # Both replicas notice that Redis came back without its data...
         one.wait_log("lost its entries")
         two.wait_log("lost its entries")
-        # ...and, with nothing published since, only their replay can bring the blocks back.
+        # ...and, with nothing published since, only a replay can bring the blocks back.
         assert one.until(p, lambda s: s.get("d") == 5) == {"d": 5}
         assert two.until(p, lambda s: s.get("d") == 5) == {"d": 5}
+
+        # One replica follows the pod (its lease); whichever it was, killing it leaves the
+        # other to take over, going on from the last batch applied: nothing is dropped, and
+        # new blocks keep arriving.
+        one.kill()
+        p2 = prompt(12, 4)
+        d.call(op="generate", prompts=[p2])
+        assert two.until(p2, lambda s: s.get("d") == 4) == {"d": 4}
+        assert two.score(p) == {"d": 5}
     finally:
         d.close()
         one.close()

@@ -67,9 +67,6 @@ pub struct RedisSection {
     pub prefix: String,
     /// Bound of each command (connecting, answering), in milliseconds.
     pub timeout_ms: u64,
-    /// A block's key expires this long after its last store (bounds what entries of cleared
-    /// sources cost; a block held longer without being stored again is a miss, not an error).
-    pub block_ttl_s: u64,
 }
 
 impl Default for RedisSection {
@@ -78,7 +75,6 @@ impl Default for RedisSection {
             url: "redis://127.0.0.1:6379/0".into(),
             prefix: "kvtier:".into(),
             timeout_ms: 500,
-            block_ttl_s: 86_400,
         }
     }
 }
@@ -197,6 +193,14 @@ pub struct IndexFlags {
     pub redis_url: Option<String>,
 }
 
+/// A Redis URL without its password, for logs and printed configurations.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// Parses a `--pod` spec.
 pub fn parse_pod(spec: &str) -> anyhow::Result<PodConfig> {
     let (name, rest) = spec
@@ -270,8 +274,8 @@ impl IndexConfig {
             if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
                 bail!("`redis.url` must start with redis:// or rediss://");
             }
-            if self.redis.timeout_ms == 0 || self.redis.block_ttl_s == 0 {
-                bail!("`redis.timeout_ms` and `redis.block_ttl_s` must be positive");
+            if self.redis.timeout_ms == 0 {
+                bail!("`redis.timeout_ms` must be positive");
             }
         }
         let w = self.weights;
@@ -308,9 +312,11 @@ impl IndexConfig {
         Ok(())
     }
 
-    /// The configuration as TOML.
+    /// The configuration as TOML, the Redis password left out.
     pub fn to_toml(&self) -> anyhow::Result<String> {
-        toml::to_string(self).context("encoding the configuration")
+        let mut shown = self.clone();
+        shown.redis.url = redact(&shown.redis.url);
+        toml::to_string(&shown).context("encoding the configuration")
     }
 }
 

@@ -137,8 +137,12 @@ impl IndexRpc for IndexService {
             }
         }
         if let Some(best) = out.first().filter(|s| s.blocks > 0 || req.speculate) {
-            if req.speculate {
-                self.state.backend.speculate(&best.pod, scope, &hashes).await?;
+            // Only for configured pods: callers may send any names.
+            if req.speculate && self.state.pods.read().contains_key(&best.pod) {
+                if let Err(e) = self.state.backend.speculate(&best.pod, scope, &hashes).await {
+                    // The scores stand; the next requests just do not see this one coming.
+                    tracing::warn!("speculation not recorded: {e}");
+                }
             }
         }
         m.score_duration.observe(started.elapsed().as_secs_f64());

@@ -68,6 +68,8 @@ pub(crate) struct State {
     pub(crate) last_sources: AtomicU64,
     /// Whether the backend answered the last housekeeping (readiness).
     pub(crate) backend_up: AtomicBool,
+    /// This replica, as it claims the pods it follows in a shared backend.
+    pub(crate) replica: String,
 }
 
 impl std::fmt::Debug for State {
@@ -107,7 +109,6 @@ impl State {
                     url: cfg.redis.url.clone(),
                     prefix: cfg.redis.prefix.clone(),
                     timeout: Duration::from_millis(cfg.redis.timeout_ms),
-                    block_ttl: Duration::from_secs(cfg.redis.block_ttl_s),
                     weights,
                     speculative_ttl,
                 },
@@ -127,6 +128,16 @@ impl State {
             last_blocks: AtomicU64::new(0),
             last_sources: AtomicU64::new(0),
             backend_up: AtomicBool::new(true),
+            replica: format!(
+                "{}-{}-{:x}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .unwrap_or_default()
+                    .trim(),
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
         });
         metrics::register_gauges(&state, &mut registry);
         Ok((state, registry))
@@ -298,21 +309,20 @@ async fn watch_backend(state: Arc<State>) {
     loop {
         tick.tick().await;
         let check = async {
-            let lost = state.backend.lost_state().await?;
-            let stats = state.backend.stats().await?;
-            Ok::<_, backend::BackendError>((lost, stats))
+            if state.backend.lost_state().await? {
+                // At once: a failure of the next call must not forget it.
+                tracing::warn!(
+                    backend = state.backend.name(),
+                    "the index backend lost its entries (or restarted): every source resyncs"
+                );
+                state.resync_epoch.fetch_add(1, Ordering::SeqCst);
+            }
+            state.backend.stats().await
         };
         match check.await {
-            Ok((lost, stats)) => {
+            Ok(stats) => {
                 if !state.backend_up.swap(true, Ordering::SeqCst) {
                     tracing::info!(backend = state.backend.name(), "the index backend answers again");
-                }
-                if lost {
-                    tracing::warn!(
-                        backend = state.backend.name(),
-                        "the index backend lost its entries: every source resyncs"
-                    );
-                    state.resync_epoch.fetch_add(1, Ordering::SeqCst);
                 }
                 state.last_blocks.store(stats.blocks, Ordering::Relaxed);
                 state

@@ -32,6 +32,10 @@ use super::State;
 use super::config::PodConfig;
 use super::metrics::{EventLabel, SourceLabel};
 
+/// How long a replica's claim on a pod lasts without renewal (renewed every second): the
+/// longest a pod goes unfollowed when the replica following it dies.
+const LEASE: Duration = Duration::from_secs(5);
+
 /// How long one replay may take before it is abandoned (the pod is then rebuilt instead).
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -79,6 +83,12 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std
     };
     let mut backoff = Duration::from_millis(100);
     loop {
+        // With a backend shared by replicas, only the one holding the pod's lease follows it.
+        if !f.claim().await {
+            f.set_connected(false);
+            tokio::time::sleep(LEASE / 3).await;
+            continue;
+        }
         tracing::debug!(pod = %f.pod.name, endpoint = %f.pod.events, "connecting to KV events");
         let mut sub = SubSocket::with_options(options());
         let mut monitor = sub.monitor();
@@ -86,7 +96,7 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std
             Ok(()) => {
                 tracing::info!(pod = %f.pod.name, endpoint = %f.pod.events, "following KV events");
                 backoff = Duration::from_millis(100);
-                f.resync().await;
+                f.start().await;
                 // The monitor reports the first connection too: only one after a disconnect
                 // means the publisher may have restarted.
                 let mut lost = false;
@@ -94,8 +104,13 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std
                 loop {
                     tokio::select! {
                         _ = check.tick() => {
+                            if !f.claim().await {
+                                tracing::info!(pod = %f.pod.name, "another replica follows the pod now");
+                                break;
+                            }
                             let epoch = f.state.resync_epoch.load(std::sync::atomic::Ordering::SeqCst);
-                            if !lost && (f.backend_failed || epoch != f.resync_epoch) {
+                            let up = f.state.backend_up.load(std::sync::atomic::Ordering::SeqCst);
+                            if !lost && up && (f.backend_failed || epoch != f.resync_epoch) {
                                 tracing::info!(pod = %f.pod.name, "resyncing after a backend failure or loss");
                                 f.resync().await;
                             }
@@ -145,6 +160,48 @@ fn seq_of(frame: Option<&Bytes>) -> Option<u64> {
 impl Follower {
     fn set_connected(&self, live: bool) {
         self.connected.store(live, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Claims (or renews) the pod's lease; false when another replica holds it or the backend
+    /// does not answer.
+    async fn claim(&mut self) -> bool {
+        match self
+            .state
+            .backend
+            .claim(&self.pod.name, &self.state.replica, LEASE)
+            .await
+        {
+            Ok(granted) => granted,
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
+    /// Begins following: from the last batch applied (by whichever replica followed the pod
+    /// before) when the backend recorded one and the publisher can replay, else from scratch.
+    async fn start(&mut self) {
+        let applied = match self.state.backend.applied_seq(&self.pod.name).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.failed(&e);
+                None
+            }
+        };
+        match applied.and_then(|s| s.checked_add(1)) {
+            Some(next) if self.pod.replay.is_some() && !self.backend_failed => {
+                tracing::info!(pod = %self.pod.name, from = next, "going on from the last batch applied");
+                self.set_connected(true);
+                self.resync_epoch = self.state.resync_epoch.load(std::sync::atomic::Ordering::SeqCst);
+                self.next = Some(next);
+                self.replayed_below = 0;
+                // A replay that starts past `next` (the buffer moved on) starts the pod over;
+                // an engine that restarted meanwhile shows as a sequence that goes back.
+                self.replay(next).await;
+            }
+            _ => self.resync().await,
+        }
     }
 
     /// Starts the pod over: drops its entries and, with a replay endpoint, rebuilds them from
@@ -283,7 +340,11 @@ impl Follower {
                 })
                 .inc();
         }
-        if let Err(e) = self.state.backend.apply(&self.pod.name, &events).await {
+        let applied = match self.state.backend.apply(&self.pod.name, &events).await {
+            Ok(()) => self.state.backend.record_seq(&self.pod.name, seq).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = applied {
             self.failed(&e);
         }
     }

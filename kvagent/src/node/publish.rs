@@ -8,9 +8,10 @@
 //! Why a diff of snapshots and not a hook at every tier mutation: a block enters or leaves a
 //! tier in many places (commit, eviction, demotion, promotion, removal, a checksum failure,
 //! recovery at start), and one missed site would leave the index wrong until the next resync;
-//! a snapshot is right by construction. It costs O(blocks), taken at most once per interval
-//! and only when the tiers' counters moved (a few tens of nanoseconds per block, off the
-//! engines' path: the local socket is served by other threads).
+//! a snapshot is right by construction. It costs O(blocks), taken at most once per interval,
+//! when the tiers' counters moved or a heartbeat is due. The copy of a tier's keys holds that
+//! tier's lock (a few nanoseconds per block: milliseconds for a million blocks), during which
+//! engines' calls to the tier wait; the comparison runs after, on a blocking thread.
 //!
 //! Blocks are reported under the model their namespace was announced with (the `announce`
 //! verb; the vLLM connector sends vLLM's served model name), in the 64-bit form of vLLM's KV
@@ -300,7 +301,10 @@ async fn stream(
             _ = tick.tick() => {}
         }
         let now = change_mark(store, models);
-        let batches = if mark != Some(now) {
+        let heartbeat_due = last_sent.elapsed() >= cfg.heartbeat;
+        // A snapshot when the counters moved, and at every heartbeat too: a block may leave a
+        // tier without moving a counter (a doomed disk block freed by its last reader).
+        let mut batches = if mark != Some(now) || heartbeat_due {
             let (st, names) = (Arc::clone(store), models.snapshot());
             let next = tokio::task::spawn_blocking(move || Reported::of(&st, &names))
                 .await
@@ -313,11 +317,14 @@ async fn stream(
             reported = next;
             mark = Some(now);
             numbering.batches(changes, resync)
-        } else if last_sent.elapsed() >= cfg.heartbeat {
-            vec![numbering.batch("", false, Vec::new())]
         } else {
-            continue;
+            Vec::new()
         };
+        // Counters that move without a reportable change (blocks of namespaces nobody
+        // announced) must not silence the heartbeat, or the index ages the agent out.
+        if batches.is_empty() && heartbeat_due {
+            batches.push(numbering.batch("", false, Vec::new()));
+        }
         if !batches.is_empty() {
             last_sent = Instant::now();
         }

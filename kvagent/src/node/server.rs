@@ -19,7 +19,8 @@ use anyhow::{Context as _, bail};
 use kvstore::BlockHash;
 use kvstore::TieredStore;
 use kvstore::wire::{
-    self, AcquireStatus, ErrorCode, PROTOCOL_VERSION, ReadError, Request, Response, Welcome,
+    self, AcquireStatus, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ReadError, Request, Response,
+    Welcome,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -392,12 +393,17 @@ fn handshake(
         }
         return Err(e.into());
     }
-    let (header, client) = match Request::decode(body) {
-        Ok((h, Request::Hello { version, client })) if version == PROTOCOL_VERSION => (h, client),
+    let (header, client, version) = match Request::decode(body) {
+        Ok((h, Request::Hello { version, client }))
+            if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+        {
+            (h, client, version)
+        }
         Ok((h, Request::Hello { version, .. })) => {
             shared.metrics.error("hello", "version");
-            let msg =
-                format!("protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}");
+            let msg = format!(
+                "protocol version {version} is not supported; this agent speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+            );
             let _ = reply_error(stream, out, h.id, ErrorCode::UnsupportedVersion, &msg);
             bail!(msg);
         }
@@ -421,7 +427,9 @@ fn handshake(
     };
     let arena = shared.store.host().arena();
     let welcome = Welcome {
-        version: PROTOCOL_VERSION,
+        // The client's version: an engine built against an older agent keeps working through
+        // a rolling upgrade.
+        version,
         arena_len: arena.len(),
         max_block_len: shared.store.host().max_block_len(),
         instance: shared.instance,

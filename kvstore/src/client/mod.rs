@@ -28,8 +28,8 @@ use crate::arena::HostArena;
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
 use crate::wire::{
-    self, AcquireStatus, ErrorCode, MAX_BATCH, PROTOCOL_VERSION, ReadError, Request, ReserveStatus, Response,
-    Welcome,
+    self, AcquireStatus, ErrorCode, MAX_BATCH, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ReadError, Request,
+    ReserveStatus, Response, Welcome,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -173,6 +173,9 @@ pub struct Client {
     announced: Mutex<Vec<(Namespace, String)>>,
 }
 
+/// Most announcements a client remembers for its reconnections (the agent's own bound).
+const MAX_ANNOUNCED: usize = 4096;
+
 /// Whether a verb may be sent again on a fresh connection after the old one turned out dead:
 /// it refers to no state of the old connection and the dead agent took none with it.
 fn retryable(req: &Request) -> bool {
@@ -271,7 +274,11 @@ impl Client {
             (Err(e), _) | (Ok(()), Err(e)) => return Err(io_error(cfg, e, deadline)),
         };
         let welcome = match Response::decode(&body) {
-            Ok((_, Response::Welcome(w))) if w.version == PROTOCOL_VERSION => w,
+            Ok((_, Response::Welcome(w)))
+                if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&w.version) =>
+            {
+                w
+            }
             Ok((_, Response::Welcome(w))) => {
                 return Err(ClientError::Protocol(format!(
                     "the agent answered with protocol version {}, this client speaks {PROTOCOL_VERSION}",
@@ -308,11 +315,16 @@ impl Client {
     fn ensure<'a>(&self, guard: &'a mut Option<Conn>) -> Result<&'a mut Conn> {
         if guard.is_none() {
             let mut conn = Self::open(&self.cfg)?;
-            let announced = self.announced.lock().clone();
-            for (ns, model) in announced {
-                match self.exchange(&mut conn, &Request::Announce(ns, model))? {
-                    Response::Announce => {}
-                    other => return Err(unexpected("announce", &other)),
+            if conn.welcome.version >= 2 {
+                let announced = self.announced.lock().clone();
+                for (ns, model) in announced {
+                    // Only I/O errors end the connection: an agent that refuses one (its table
+                    // is full) still serves the rest.
+                    if let Response::Error { message, .. } =
+                        self.exchange(&mut conn, &Request::Announce(ns, model))?
+                    {
+                        tracing::debug!(%ns, "announcement refused on reconnect: {message}");
+                    }
                 }
             }
             *guard = Some(conn);
@@ -737,16 +749,27 @@ impl Client {
                 model.len()
             )));
         }
-        {
-            let mut announced = self.announced.lock();
-            match announced.iter_mut().find(|(n, _)| n == ns) {
-                Some((_, m)) if m == model => {}
-                Some((_, m)) => *m = model.to_owned(),
-                None => announced.push((*ns, model.to_owned())),
+        let (resp, link) = {
+            let mut guard = self.conn.lock();
+            if self.ensure(&mut guard)?.welcome.version < 2 {
+                // An agent of protocol 1 reports nothing to an index: nothing to tell it.
+                return Ok(());
             }
-        }
-        match self.call(&Request::Announce(*ns, model.to_owned()), None)?.0 {
-            Response::Announce => Ok(()),
+            drop(guard);
+            self.call(&Request::Announce(*ns, model.to_owned()), None)?
+        };
+        drop(link);
+        match resp {
+            Response::Announce => {
+                // Remembered (for reconnections) only once the agent took it.
+                let mut announced = self.announced.lock();
+                if let Some((_, m)) = announced.iter_mut().find(|(n, _)| n == ns) {
+                    *m = model.to_owned();
+                } else if announced.len() < MAX_ANNOUNCED {
+                    announced.push((*ns, model.to_owned()));
+                }
+                Ok(())
+            }
             other => Err(unexpected("announce", &other)),
         }
     }

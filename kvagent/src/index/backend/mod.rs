@@ -100,6 +100,25 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// What the backend holds.
     async fn stats(&self) -> Result<BackendStats>;
 
+    /// Claims, or renews, the right to ingest `pod`'s events for `ttl`, as `owner`: with a
+    /// shared backend one replica follows each pod, so that replicas never undo each other's
+    /// work (a replica's resync would drop what the others rebuilt). A backend private to one
+    /// process always grants it.
+    async fn claim(&self, _pod: &str, _owner: &str, _ttl: Duration) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// The last batch of `pod`'s events applied (by any replica), if the backend keeps it: a
+    /// replica that takes a pod over continues from there instead of starting it over.
+    async fn applied_seq(&self, _pod: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Records that `pod`'s batch `seq` is applied.
+    async fn record_seq(&self, _pod: &str, _seq: u64) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the backend lost its entries since the last call (a Redis that restarted
     /// empty): every source must then resync. Also a health check.
     async fn lost_state(&self) -> Result<bool> {

@@ -4,13 +4,19 @@
 //!
 //! - `P b:<scope>:<hash>` (hex): a hash whose fields are the sources holding the block, each
 //!   valued `mask:generation` for a report or `mask:generation:expiry_ms` for a speculation
-//!   (`mask`: bit 0 device, 1 host, 2 disk, 3 object). Every store refreshes the key's TTL
-//!   (`block_ttl_s`), which bounds what entries of cleared sources cost until touched;
+//!   (`mask`: bit 0 device, 1 host, 2 disk, 3 object). A key holding a report has no TTL
+//!   (sources report a block once, and it counts until removed or cleared); a key holding
+//!   only speculations expires with them. Fields of cleared sources are dropped when their
+//!   block is next written, and by the sweep, which walks the keys a page at a time;
 //! - `P gen`: source → generation. Clearing a source bumps it; entries of another generation
 //!   no longer count (as in the memory backend, clearing never walks the blocks);
 //! - `P seen`: source → last report (unix ms); `P aged`: the sources aged out;
+//! - `P owner:<pod>`: the replica that follows the pod (a lease, renewed every second);
+//!   `P seq:<pod>`: the last of its batches applied, from which a replica taking over goes on;
 //! - `P epoch`: a token written by the first replica that finds it missing. When it vanishes
-//!   (Redis restarted without its data), replicas notice and make every source resync.
+//!   (Redis restarted without its data), or the server's run id changes (a restart or a
+//!   failover, which may have kept only an older copy), replicas make every source resync.
+//!   Redis must not evict keys (`maxmemory-policy noeviction`, or a `volatile-*` policy).
 //!
 //! Writes are Lua scripts (one per event, atomic per event), reads pipelined `HGETALL`s in
 //! chunks along the prompt, so a score costs a few round trips, not one per block. One Redis
@@ -25,6 +31,7 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Backend, BackendError, BackendStats, Candidate, PodScore, Result};
+use crate::index::config::redact;
 
 /// Settings of the Redis backend.
 #[derive(Debug, Clone)]
@@ -35,13 +42,14 @@ pub(crate) struct RedisSettings {
     pub(crate) prefix: String,
     /// Bound of each command (connecting, answering).
     pub(crate) timeout: Duration,
-    /// TTL of a block's key, refreshed by every store.
-    pub(crate) block_ttl: Duration,
     /// Per-medium weights.
     pub(crate) weights: TierWeights,
     /// How long a speculation counts.
     pub(crate) speculative_ttl: Duration,
 }
+
+/// SCAN pages (of about 2 000 keys) one sweep cleans.
+const SWEEP_PAGES: usize = 16;
 
 /// Blocks per pipelined read while scoring: one round trip for prompts up to 512 blocks (a
 /// larger first read costs Redis less than another round trip).
@@ -55,6 +63,7 @@ local now = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 for _, key in ipairs(KEYS) do
   local mask, e = bitv, exp
+  local left = redis.call('PTTL', key)
   local cur = redis.call('HGET', key, ARGV[2])
   if cur then
     local m, g, x = string.match(cur, '^(%d+):(%d+):?(%d*)$')
@@ -72,7 +81,11 @@ for _, key in ipairs(KEYS) do
   local v = mask .. ':' .. gen
   if e ~= 0 then v = v .. ':' .. e end
   redis.call('HSET', key, ARGV[2], v)
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  if exp == 0 then
+    redis.call('PERSIST', key)
+  elseif left == -2 or (left >= 0 and left < ttl) then
+    redis.call('PEXPIRE', key, ttl)
+  end
 end
 return #KEYS
 ";
@@ -93,6 +106,16 @@ for _, key in ipairs(KEYS) do
   end
 end
 return #KEYS
+";
+
+/// Takes or renews the lease `KEYS[1]` for owner `ARGV[1]` for `ARGV[2]` ms.
+const CLAIM: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
 ";
 
 /// Drops the fields of `KEYS` that no longer count; returns how many keys went.
@@ -222,6 +245,7 @@ pub(crate) struct RedisBackend {
     add: redis::Script,
     remove: redis::Script,
     sweep: redis::Script,
+    claim: redis::Script,
     /// The epoch token this replica last saw (None before the first check).
     epoch: Mutex<Option<String>>,
     /// Where the incremental sweep's SCAN goes on.
@@ -234,14 +258,6 @@ impl std::fmt::Debug for RedisBackend {
             .field("url", &redact(&self.cfg.url))
             .field("prefix", &self.cfg.prefix)
             .finish_non_exhaustive()
-    }
-}
-
-/// The URL without its password, for logs.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
     }
 }
 
@@ -265,6 +281,7 @@ impl RedisBackend {
             add: redis::Script::new(ADD),
             remove: redis::Script::new(REMOVE),
             sweep: redis::Script::new(SWEEP),
+            claim: redis::Script::new(CLAIM),
             epoch: Mutex::new(None),
             cursor: Mutex::new(0),
         })
@@ -289,7 +306,12 @@ impl RedisBackend {
         self.conn.clone()
     }
 
+    /// Adds `source`'s hold on the blocks: a report (`expires` 0) or a speculation until
+    /// `expires` (unix ms).
     async fn add(&self, source: &str, scope: u64, hashes: &[u64], bit: u8, expires: u64) -> Result<()> {
+        // A key that holds only speculations lives as long as they count (plus a second for
+        // clock differences between replicas).
+        let spec_ttl = self.cfg.speculative_ttl.as_millis() as u64 + 1000;
         let mut conn = self.conn();
         for chunk in hashes.chunks(1024) {
             let mut inv = self.add.prepare_invoke();
@@ -301,7 +323,7 @@ impl RedisBackend {
                 .arg(bit)
                 .arg(expires)
                 .arg(now_ms())
-                .arg(self.cfg.block_ttl.as_millis() as u64);
+                .arg(spec_ttl);
             inv.invoke_async::<i64>(&mut conn)
                 .await
                 .map_err(|e| self.fail(&e))?;
@@ -490,30 +512,38 @@ impl Backend for RedisBackend {
     }
 
     async fn sweep(&self) -> Result<usize> {
-        let cursor = *self.cursor.lock();
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}b:*", self.cfg.prefix))
-            .arg("COUNT")
-            .arg(2000)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.fail(&e))?;
-        *self.cursor.lock() = next;
-        if keys.is_empty() {
-            return Ok(0);
+        // Up to SWEEP_PAGES pages of the keyspace per call, each cleaned by one script: the
+        // whole keyspace is walked every few housekeeping ticks without a long script.
+        let mut gone = 0usize;
+        for _ in 0..SWEEP_PAGES {
+            let cursor = *self.cursor.lock();
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}b:*", self.cfg.prefix))
+                .arg("COUNT")
+                .arg(2000)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| self.fail(&e))?;
+            *self.cursor.lock() = next;
+            if !keys.is_empty() {
+                let mut inv = self.sweep.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(self.meta("gen")).arg(now_ms());
+                let n: i64 = inv
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(|e| self.fail(&e))?;
+                gone += usize::try_from(n).unwrap_or(0);
+            }
+            if next == 0 {
+                break;
+            }
         }
-        let mut inv = self.sweep.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        inv.arg(self.meta("gen")).arg(now_ms());
-        let gone: i64 = inv
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.fail(&e))?;
-        Ok(usize::try_from(gone).unwrap_or(0))
+        Ok(gone)
     }
 
     async fn stats(&self) -> Result<BackendStats> {
@@ -530,27 +560,67 @@ impl Backend for RedisBackend {
             .collect();
         sources.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(BackendStats {
-            // Keys of the database, less the four bookkeeping keys at most: give the index a
-            // database of its own for this to be the block count.
+            // Keys of the database: the blocks, and a few bookkeeping keys (four, and two per
+            // followed pod). Give the index a database of its own.
             blocks: size.saturating_sub(4),
             sources,
         })
     }
 
+    async fn claim(&self, pod: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let granted: i64 = self
+            .claim
+            .key(self.meta(&format!("owner:{pod}")))
+            .arg(owner)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.fail(&e))?;
+        Ok(granted == 1)
+    }
+
+    async fn applied_seq(&self, pod: &str) -> Result<Option<u64>> {
+        redis::cmd("GET")
+            .arg(self.meta(&format!("seq:{pod}")))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.fail(&e))
+    }
+
+    async fn record_seq(&self, pod: &str, seq: u64) -> Result<()> {
+        redis::cmd("SET")
+            .arg(self.meta(&format!("seq:{pod}")))
+            .arg(seq)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| self.fail(&e))
+    }
+
     async fn lost_state(&self) -> Result<bool> {
         let key = self.meta("epoch");
         let mine = format!("{:016x}", now_ms() ^ u64::from(std::process::id()) << 40);
-        // Written only if missing; then read back: whoever wrote it first wins.
-        let (current,): (String,) = redis::pipe()
+        // Written only if missing, then read back (whoever wrote it first wins); and the
+        // server's run id, which changes on every restart and failover, even one that kept
+        // (or restored an older copy of) the data.
+        let (token, info): (String, String) = redis::pipe()
             .cmd("SET")
             .arg(&key)
             .arg(&mine)
             .arg("NX")
             .ignore()
             .get(&key)
+            .cmd("INFO")
+            .arg("server")
             .query_async(&mut self.conn())
             .await
             .map_err(|e| self.fail(&e))?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let current = format!("{token}/{run_id}");
         let mut seen = self.epoch.lock();
         let lost = seen.as_ref().is_some_and(|s| *s != current);
         *seen = Some(current);
