@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+mkdir -p target
 echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
 apt_install fio util-linux gcc redis-server
 ensure_rust_components

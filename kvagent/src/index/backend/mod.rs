@@ -10,6 +10,8 @@
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(all(test, feature = "redis"))]
+mod tests;
 
 use std::time::Duration;
 

@@ -1,0 +1,179 @@
+//! The two backends answer alike: one script of events, speculations and clears applied to the
+//! memory backend and to the Redis backend on a real `redis-server`, with `score` and `lookup`
+//! compared after every step.
+
+use std::io::{Read as _, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvstore::index::{Event, IndexConfig, Medium, TierWeights, scope_of};
+
+use super::memory::MemoryBackend;
+use super::redis::{RedisBackend, RedisSettings};
+use super::{Backend, Candidate};
+
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A redis-server on a free port, or `None` (said on stderr) where it cannot run and the run
+/// is not strict.
+fn redis_server() -> Option<(RedisServer, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => RedisServer(c),
+        Err(e) => {
+            let why = format!("redis-server cannot run here ({e}): install Debian's redis-server");
+            assert!(std::env::var_os("KVSTORE_TEST_STRICT").is_none(), "{why}");
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let mut buf = [0u8; 7];
+            if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                return Some((child, port));
+            }
+        }
+        assert!(Instant::now() < deadline, "redis-server did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stored(scope: u64, hashes: &[u64], medium: Medium) -> Event {
+    Event::Stored {
+        scope,
+        hashes: hashes.to_vec(),
+        medium,
+    }
+}
+
+fn removed(scope: u64, hashes: &[u64], medium: Medium) -> Event {
+    Event::Removed {
+        scope,
+        hashes: hashes.to_vec(),
+        medium,
+    }
+}
+
+enum Step {
+    Apply(&'static str, Vec<Event>),
+    Speculate(&'static str, Vec<u64>),
+    Clear(&'static str),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_redis_answer_alike() {
+    let Some((_server, port)) = redis_server() else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let memory = MemoryBackend::new(IndexConfig {
+        speculative_ttl: ttl,
+        ..IndexConfig::default()
+    });
+    let redis = RedisBackend::new(RedisSettings {
+        url: format!("redis://127.0.0.1:{port}/0"),
+        prefix: "t:".into(),
+        timeout: Duration::from_secs(2),
+        weights: TierWeights::default(),
+        speculative_ttl: ttl,
+    })
+    .expect("a Redis backend");
+    let (m, other) = (scope_of("m"), scope_of("other"));
+    let prompt: Vec<u64> = (1..=6).collect();
+    let candidates = [
+        Candidate {
+            pod: "p1".into(),
+            agent: Some("agent/n1".into()),
+        },
+        Candidate {
+            pod: "p2".into(),
+            agent: None,
+        },
+        Candidate {
+            pod: "unknown".into(),
+            agent: Some("agent/unknown".into()),
+        },
+    ];
+    let steps = vec![
+        Step::Apply("p1", vec![stored(m, &[1, 2, 3], Medium::Device)]),
+        Step::Apply(
+            "agent/n1",
+            vec![
+                stored(m, &[1, 2, 3, 4], Medium::Host),
+                stored(m, &[4], Medium::Disk),
+            ],
+        ),
+        Step::Speculate("p2", vec![1, 2, 3, 4, 5]),
+        Step::Apply("p1", vec![removed(m, &[2], Medium::Device)]),
+        // A report replaces a speculation; a removal leaves speculations alone.
+        Step::Apply(
+            "p2",
+            vec![stored(m, &[1], Medium::Device), removed(m, &[2], Medium::Device)],
+        ),
+        Step::Apply("agent/n1", vec![removed(m, &[4], Medium::Host)]),
+        Step::Clear("agent/n1"),
+        Step::Apply("agent/n1", vec![stored(m, &[1, 2], Medium::Disk)]),
+        Step::Apply("p1", vec![Event::Cleared, stored(m, &[1], Medium::Host)]),
+        // Blocks of another model never count.
+        Step::Apply("p2", vec![stored(other, &[2, 3], Medium::Device)]),
+        // A speculation never downgrades a report.
+        Step::Speculate("p1", vec![1, 2]),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        for backend in [&memory as &dyn Backend, &redis] {
+            match step {
+                Step::Apply(source, events) => backend.apply(source, events).await,
+                Step::Speculate(pod, hashes) => backend.speculate(pod, m, hashes).await,
+                Step::Clear(source) => backend.clear(source).await.map(drop),
+            }
+            .expect("the step applies");
+        }
+        let (a, b) = (
+            memory.score(m, &prompt, &candidates).await.expect("memory score"),
+            redis.score(m, &prompt, &candidates).await.expect("redis score"),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.blocks, y.blocks, "step {i}: {a:?} vs {b:?}");
+            assert!((x.weighted - y.weighted).abs() < 1e-9, "step {i}: {a:?} vs {b:?}");
+        }
+        let sorted = |mut l: Vec<Vec<(String, Vec<Medium>)>>| {
+            l.iter_mut().for_each(|h| h.sort());
+            l
+        };
+        assert_eq!(
+            sorted(memory.lookup(m, &prompt).await.expect("memory lookup")),
+            sorted(redis.lookup(m, &prompt).await.expect("redis lookup")),
+            "step {i}"
+        );
+    }
+    // The script reached states worth comparing: at the end p1 holds block 1 on host (and a
+    // speculation of 1-2 that does not replace it), its agent blocks 1-2 on disk.
+    let end = memory.score(m, &prompt, &candidates).await.expect("score");
+    assert_eq!(end[0].blocks, 2);
+    assert!(end[1].blocks >= 1);
+}
