@@ -118,6 +118,18 @@ end
 return 0
 ";
 
+/// Ages source `ARGV[1]` out if it has not reported since `ARGV[2]` (unix ms) and is not aged
+/// out already: bumps its generation (`KEYS[2]`) and marks it (`KEYS[3]`).
+const AGE: &str = r"
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if last >= tonumber(ARGV[2]) or redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+";
+
 /// Drops the fields of `KEYS` that no longer count; returns how many keys went.
 const SWEEP: &str = r"
 local gens = {}
@@ -246,6 +258,7 @@ pub(crate) struct RedisBackend {
     remove: redis::Script,
     sweep: redis::Script,
     claim: redis::Script,
+    age: redis::Script,
     /// The epoch token this replica last saw (None before the first check).
     epoch: Mutex<Option<String>>,
     /// Where the incremental sweep's SCAN goes on.
@@ -282,6 +295,7 @@ impl RedisBackend {
             remove: redis::Script::new(REMOVE),
             sweep: redis::Script::new(SWEEP),
             claim: redis::Script::new(CLAIM),
+            age: redis::Script::new(AGE),
             epoch: Mutex::new(None),
             cursor: Mutex::new(0),
         })
@@ -498,15 +512,21 @@ impl Backend for RedisBackend {
             if aged.contains(&source) || now.saturating_sub(last) < ttl.as_millis() as u64 {
                 continue;
             }
-            redis::pipe()
-                .hincr(self.meta("gen"), &source, 1)
-                .ignore()
-                .sadd(self.meta("aged"), &source)
-                .ignore()
-                .query_async::<()>(&mut self.conn())
+            // Checked again inside the script: a report that arrived meanwhile (through any
+            // replica) keeps the source.
+            let aged: i64 = self
+                .age
+                .key(self.meta("seen"))
+                .key(self.meta("gen"))
+                .key(self.meta("aged"))
+                .arg(&source)
+                .arg(now.saturating_sub(ttl.as_millis() as u64))
+                .invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| self.fail(&e))?;
-            gone.push(source);
+            if aged == 1 {
+                gone.push(source);
+            }
         }
         Ok(gone)
     }

@@ -176,4 +176,34 @@ async fn memory_and_redis_answer_alike() {
     let end = memory.score(m, &prompt, &candidates).await.expect("score");
     assert_eq!(end[0].blocks, 2);
     assert!(end[1].blocks >= 1);
+
+    // Ageing out: sources silent for longer than the TTL go, in both, and only they. (The
+    // pause is the silence under test.)
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    for backend in [&memory as &dyn Backend, &redis] {
+        backend.keep_alive("p2").await.expect("keep alive");
+    }
+    let mut gone_m = memory.age_out(Duration::from_millis(40)).await.expect("age out");
+    let mut gone_r = redis.age_out(Duration::from_millis(40)).await.expect("age out");
+    gone_m.sort();
+    gone_r.sort();
+    assert_eq!(gone_m, vec!["agent/n1".to_owned(), "p1".to_owned()]);
+    assert_eq!(gone_m, gone_r);
+    assert!(
+        redis
+            .age_out(Duration::from_millis(40))
+            .await
+            .expect("again")
+            .is_empty(),
+        "once"
+    );
+    let (a, b) = (
+        memory.score(m, &prompt, &candidates).await.expect("memory score"),
+        redis.score(m, &prompt, &candidates).await.expect("redis score"),
+    );
+    assert_eq!(a[0].blocks, 0, "p1 and its agent no longer count");
+    assert_eq!(
+        a.iter().map(|s| s.blocks).collect::<Vec<_>>(),
+        b.iter().map(|s| s.blocks).collect::<Vec<_>>()
+    );
 }
