@@ -84,7 +84,7 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std
     let mut backoff = Duration::from_millis(100);
     loop {
         // With a backend shared by replicas, only the one holding the pod's lease follows it.
-        if !f.claim().await {
+        if f.claim().await != Some(true) {
             f.set_connected(false);
             tokio::time::sleep(LEASE / 3).await;
             continue;
@@ -104,7 +104,9 @@ pub(crate) async fn follow(state: Arc<State>, pod: PodConfig, connected: Arc<std
                 loop {
                     tokio::select! {
                         _ = check.tick() => {
-                            if !f.claim().await {
+                            // A backend that does not answer takes no lease away: the pod
+                            // resyncs once it answers (and this replica may find it lost).
+                            if f.claim().await == Some(false) {
                                 tracing::info!(pod = %f.pod.name, "another replica follows the pod now");
                                 break;
                             }
@@ -162,19 +164,19 @@ impl Follower {
         self.connected.store(live, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Claims (or renews) the pod's lease; false when another replica holds it or the backend
-    /// does not answer.
-    async fn claim(&mut self) -> bool {
+    /// Claims (or renews) the pod's lease: whether it is this replica's; `None` when the
+    /// backend does not answer.
+    async fn claim(&mut self) -> Option<bool> {
         match self
             .state
             .backend
             .claim(&self.pod.name, &self.state.replica, LEASE)
             .await
         {
-            Ok(granted) => granted,
+            Ok(granted) => Some(granted),
             Err(e) => {
                 self.failed(&e);
-                false
+                None
             }
         }
     }
