@@ -507,7 +507,10 @@ fn handles_of_an_ended_connection_are_stale_and_never_touch_the_arena() {
         Err(ClientError::StaleHandle)
     ));
     client.release(&ns("m"), vec![held]).unwrap();
-    // Nothing of the old connection is held any more: another client can reserve the key.
+    // The agent ends the old connection on its own thread: once only the new one (and the
+    // stats call's own) are left, nothing of the old one is held any more, and another client
+    // can reserve the key.
+    agent.wait_for("the old connection to end", |s| s["clients"] == 2);
     let other = agent.client();
     let again = other
         .reserve(&ns("m"), &[(hash(61, 1), 4096)])
