@@ -36,3 +36,47 @@ require_free_space() {
     return 1
   fi
 }
+
+# pinned_venv VENV KEY WHAT CHECK [PIP_ARG...] — a venv at VENV holding the requirements KEY
+# (space-separated), rebuilt only when KEY changes (a stamp file inside names what it holds).
+# CHECK is Python run in the venv before the stamp is written (WHAT describes it): a wheel
+# whose libraries do not load here fails there, not in pip. Failing, it says why on stderr,
+# removes the half-built venv and exits 3, so that a caller can record "did not install".
+pinned_venv() {
+  local venv=$1 key=$2 what=$3 check=$4
+  shift 4
+  local me log
+  me=$(basename "$0")
+  local stamp=$venv/.installed
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
+    echo "$me: $key ready in $venv" >&2
+    return 0
+  fi
+  _pinned_fail() {
+    echo "$me: $key did not install: $*" >&2
+    exit 3
+  }
+  command -v python3 >/dev/null || _pinned_fail "python3 not found"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || _pinned_fail "needs Python >= 3.10, found $(python3 --version 2>&1)"
+  [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] || [ "$(uname -s)-$(uname -m)" = "Linux-aarch64" ] \
+    || _pinned_fail "wheels exist only for Linux x86_64/aarch64, this is $(uname -s)-$(uname -m)"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv" || _pinned_fail "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+  log=$(mktemp)
+  # shellcheck disable=SC2086 # KEY is a list of requirements
+  if ! PIP_NO_CACHE_DIR=1 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" $key >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -rf "$venv" "$log"
+    _pinned_fail "pip install failed (output above)"
+  fi
+  if ! "$venv/bin/python" -c "$check" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -rf "$venv" "$log"
+    _pinned_fail "installed, but $what failed (output above)"
+  fi
+  rm -f "$log"
+  echo "$key" >"$stamp"
+  echo "$me: $key ready in $venv" >&2
+}
