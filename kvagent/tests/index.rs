@@ -321,7 +321,7 @@ async fn p1_on_each(urls: &[&str], hashes: &[u64]) -> Vec<std::result::Result<(u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
     let port = common::free_port();
-    let Some(redis) = common::RedisServer::start(port) else {
+    let Some(redis) = common::redis::RedisServer::start(port) else {
         return;
     };
     let url = redis.url();
@@ -424,7 +424,7 @@ async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
 
     // It comes back empty: the replicas answer again (nothing is held), and a publisher that
     // resyncs is counted on both.
-    let _redis = common::RedisServer::start(port).expect("redis-server restarts");
+    let _redis = common::redis::RedisServer::start(port).expect("redis-server restarts");
     let deadline = Instant::now() + Duration::from_secs(20);
     while p1_on_each(&urls, &[1]).await.iter().any(|r| r.is_err()) {
         assert!(

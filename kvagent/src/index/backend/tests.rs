@@ -2,9 +2,7 @@
 //! memory backend and to the Redis backend on a real `redis-server`, with `score` and `lookup`
 //! compared after every step.
 
-use std::io::{Read as _, Write as _};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvstore::index::{Event, IndexConfig, Medium, TierWeights, scope_of};
 
@@ -12,56 +10,9 @@ use super::memory::MemoryBackend;
 use super::redis::{RedisBackend, RedisSettings};
 use super::{Backend, Candidate};
 
-struct RedisServer(Child);
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A redis-server on a free port, or `None` (said on stderr) where it cannot run and the run
-/// is not strict.
-fn redis_server() -> Option<(RedisServer, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = match Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => RedisServer(c),
-        Err(e) => {
-            let why = format!("redis-server cannot run here ({e}): install Debian's redis-server");
-            assert!(std::env::var_os("KVSTORE_TEST_STRICT").is_none(), "{why}");
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let mut buf = [0u8; 7];
-            if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
-                return Some((child, port));
-            }
-        }
-        assert!(Instant::now() < deadline, "redis-server did not answer");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// The integration tests' launcher, shared by path.
+#[path = "../../../tests/common/redis.rs"]
+mod redis_server;
 
 fn stored(scope: u64, hashes: &[u64], medium: Medium) -> Event {
     Event::Stored {
@@ -87,7 +38,11 @@ enum Step {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_redis_answer_alike() {
-    let Some((_server, port)) = redis_server() else {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let Some(server) = redis_server::RedisServer::start(port) else {
         return;
     };
     let ttl = Duration::from_secs(60);
@@ -96,7 +51,7 @@ async fn memory_and_redis_answer_alike() {
         ..IndexConfig::default()
     });
     let redis = RedisBackend::new(RedisSettings {
-        url: format!("redis://127.0.0.1:{port}/0"),
+        url: server.url(),
         prefix: "t:".into(),
         timeout: Duration::from_secs(2),
         weights: TierWeights::default(),
