@@ -106,7 +106,9 @@ class IndexProcess:
     def score_args(self) -> list[str]:
         return [str(KVAGENT), "score", "--index", f"http://127.0.0.1:{self.port}", "--model", MODEL_NAME]
 
-    def score(self, prompt: list[int]) -> dict[str, int]:
+    def scores(self, prompt: list[int], check: bool = False) -> list[dict[str, Any]]:
+        """`kvagent score`'s answer (pod, blocks, weighted), best first; empty when the index
+        does not answer, unless `check`, where that fails the test."""
         out = subprocess.run(
             [*self.score_args, "--block-size", str(BLOCK)],
             input=json.dumps(prompt),
@@ -114,9 +116,14 @@ class IndexProcess:
             text=True,
             timeout=30,
         )
+        assert not check or out.returncode == 0, out.stderr
         if out.returncode != 0:
-            return {}
-        return {s["pod"]: s["blocks"] for s in json.loads(out.stdout)["scores"]}
+            return []
+        scores: list[dict[str, Any]] = json.loads(out.stdout)["scores"]
+        return scores
+
+    def score(self, prompt: list[int]) -> dict[str, int]:
+        return {s["pod"]: s["blocks"] for s in self.scores(prompt)}
 
     def until(
         self, prompt: list[int], ok: Callable[[dict[str, int]], bool], timeout: float = 30
@@ -204,15 +211,7 @@ def test_a_pod_keeps_its_score_through_its_node_agent(model: Path, workdir: Path
         c.call(op="generate", prompts=[prompt(98, 1)])
 
         def weighted() -> float:
-            out = subprocess.run(
-                [*index.score_args, "--block-size", str(BLOCK)],
-                input=json.dumps(p),
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert out.returncode == 0, out.stderr
-            return float(json.loads(out.stdout)["scores"][0]["weighted"])
+            return float(index.scores(p, check=True)[0]["weighted"])
 
         # Device blocks count 1.0 each, host blocks 0.8: once the reset reaches the index, the
         # six blocks are still reusable through the agent, and only through it.
