@@ -99,14 +99,19 @@ impl PublishSection {
         if !self.node.is_empty() {
             return Ok(self.node.clone());
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the host name for `publish.node` (set it instead)")?;
-        let host = host.trim();
+        let host = host_name().context("reading the host name for `publish.node` (set it instead)")?;
         if host.is_empty() {
             bail!("the host name is empty: set `publish.node`");
         }
-        Ok(host.to_owned())
+        Ok(host)
     }
+}
+
+/// This machine's host name (a pod's own name in Kubernetes).
+pub(crate) fn host_name() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_owned())
 }
 
 /// `[host]`: the shared host-memory arena.

@@ -130,9 +130,7 @@ impl State {
             backend_up: AtomicBool::new(true),
             replica: format!(
                 "{}-{}-{:x}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .unwrap_or_default()
-                    .trim(),
+                crate::config::host_name().unwrap_or_default(),
                 std::process::id(),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
