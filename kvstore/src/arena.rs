@@ -245,6 +245,26 @@ impl HostArena {
         // borrow lives; the mapping outlives `&self`.
         unsafe { std::slice::from_raw_parts(self.as_ptr().add(offset as usize), len) }
     }
+
+    /// Borrows `len` bytes at `offset` as a mutable slice, to receive a block straight into its
+    /// slot (a socket read, a DMA target) with no intermediate buffer.
+    ///
+    /// # Safety
+    /// Nobody else may read or write the range while the slice lives (the slot must be reserved
+    /// by the caller).
+    ///
+    /// # Panics
+    /// If the range is outside the arena.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "exclusivity comes from the caller's reservation"
+    )]
+    pub unsafe fn slice_mut(&self, offset: u64, len: usize) -> &mut [u8] {
+        self.check(offset, len);
+        // SAFETY: in bounds (checked above); the caller holds the range exclusively while the
+        // borrow lives; the mapping outlives `&self`.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(offset as usize), len) }
+    }
 }
 
 // SAFETY: the mapping is plain shared memory addressed through a raw pointer; all access goes

@@ -306,6 +306,14 @@ impl HostTier {
         unsafe { self.arena.write_at(r.offset, data) };
     }
 
+    /// The reserved slot as a mutable slice, to fill in place (a socket read or a copy engine)
+    /// instead of through [`Self::write`].
+    pub fn reserved_mut<'a>(&'a self, r: &'a mut Reservation) -> &'a mut [u8] {
+        // SAFETY: the reservation gives its holder the slot exclusively (see `write`), and the
+        // borrow is tied to a unique borrow of the reservation, so no second slice can exist.
+        unsafe { self.arena.slice_mut(r.offset, r.len as usize) }
+    }
+
     /// Makes a reserved block visible (most recently used).
     pub fn commit(&self, r: Reservation) {
         let len = r.len;

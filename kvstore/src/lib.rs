@@ -36,6 +36,7 @@ pub mod pages;
 mod slots;
 pub mod stats;
 pub mod store;
+pub mod transport;
 pub mod vllm;
 pub mod wire;
 

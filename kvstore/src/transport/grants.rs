@@ -1,0 +1,290 @@
+//! The source side of a transfer: blocks pinned for peers, under unguessable ids, until the
+//! puller releases them or they expire.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::block::checksum;
+use crate::host::Lease;
+use crate::key::BlockKey;
+use crate::stats::TierLevel;
+use crate::store::TieredStore;
+
+/// Most blocks one grant may pin.
+pub const MAX_GRANT_BLOCKS: usize = 65_536;
+
+/// A grant's id: 128 random bits, so that only a caller the control channel answered can name it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GrantId(pub [u8; 16]);
+
+impl GrantId {
+    fn random() -> Self {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&super::auth::random_nonce()[..16]);
+        Self(id)
+    }
+
+    /// Parses the 16 bytes of an id.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(Self(b.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for GrantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Half is enough to tell grants apart in logs without handing out the capability.
+        write!(
+            f,
+            "GrantId({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
+
+/// One granted block, as the puller needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantedBlock {
+    /// Offset of the block in the source's arena.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// [`checksum`] of its bytes, computed when granted.
+    pub checksum: u64,
+    /// Where the source found it before pinning it in its arena.
+    pub tier: TierLevel,
+}
+
+/// What [`Grants::grant`] hands out: the longest prefix of the asked keys that the source holds.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The id to pull and release with.
+    pub id: GrantId,
+    /// One entry per granted key, in the asked order.
+    pub blocks: Vec<GrantedBlock>,
+    /// How long the source keeps the blocks pinned if nobody releases them.
+    pub ttl: Duration,
+}
+
+/// Pinned blocks of one grant; the pins go when the last holder (the table, or a data stream
+/// still sending) drops it.
+#[derive(Debug)]
+pub struct GrantEntry {
+    store: Arc<TieredStore>,
+    leases: Vec<Lease>,
+    expires: Instant,
+}
+
+impl GrantEntry {
+    /// The bytes of block `index`, borrowed while the entry lives.
+    pub fn block(&self, index: u32) -> Option<&[u8]> {
+        let lease = self.leases.get(index as usize)?;
+        Some(self.store.host().lease_data(lease))
+    }
+
+    /// How many blocks the grant holds.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether the grant holds no block.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+}
+
+impl Drop for GrantEntry {
+    fn drop(&mut self) {
+        for lease in self.leases.drain(..) {
+            self.store.release(lease);
+        }
+    }
+}
+
+/// The grant table of one agent.
+#[derive(Debug)]
+pub struct Grants {
+    store: Arc<TieredStore>,
+    ttl: Duration,
+    max_open: usize,
+    table: Mutex<HashMap<GrantId, Arc<GrantEntry>>>,
+}
+
+/// Why no grant was made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// Too many keys in one request.
+    #[error("{asked} keys asked in one grant; at most {MAX_GRANT_BLOCKS}")]
+    TooManyKeys {
+        /// How many were asked.
+        asked: usize,
+    },
+    /// Too many grants open; old ones must be released or expire first.
+    #[error("{open} grants open, the limit; retry after some are released")]
+    TooManyGrants {
+        /// How many are open.
+        open: usize,
+    },
+}
+
+impl Grants {
+    /// A table over `store`, whose grants expire after `ttl`, with at most `max_open` at once.
+    pub fn new(store: Arc<TieredStore>, ttl: Duration, max_open: usize) -> Self {
+        Self {
+            store,
+            ttl,
+            max_open,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store whose blocks are granted.
+    pub fn store(&self) -> &Arc<TieredStore> {
+        &self.store
+    }
+
+    /// Pins the longest stored prefix of `keys` (promoting disk blocks into the arena) and
+    /// checksums it. An empty prefix makes no grant entry but still answers.
+    pub fn grant(&self, keys: &[BlockKey]) -> Result<Grant, GrantError> {
+        if keys.len() > MAX_GRANT_BLOCKS {
+            return Err(GrantError::TooManyKeys { asked: keys.len() });
+        }
+        self.expire();
+        let open = self.table.lock().len();
+        if open >= self.max_open {
+            return Err(GrantError::TooManyGrants { open });
+        }
+        let mut leases = Vec::new();
+        let mut blocks = Vec::new();
+        let mut acquired = self.store.acquire_batch_tiered(keys).into_iter();
+        for got in acquired.by_ref() {
+            let Some((lease, tier)) = got else { break };
+            blocks.push(GrantedBlock {
+                offset: lease.offset(),
+                len: lease.len(),
+                checksum: checksum(self.store.host().lease_data(&lease)),
+                tier,
+            });
+            leases.push(lease);
+        }
+        // Hits past the first miss are not part of the prefix.
+        for lease in acquired.flatten() {
+            self.store.release(lease.0);
+        }
+        let id = GrantId::random();
+        if !leases.is_empty() {
+            let entry = GrantEntry {
+                store: Arc::clone(&self.store),
+                leases,
+                expires: Instant::now() + self.ttl,
+            };
+            self.table.lock().insert(id, Arc::new(entry));
+        }
+        Ok(Grant {
+            id,
+            blocks,
+            ttl: self.ttl,
+        })
+    }
+
+    /// The live grant `id`, to read its blocks (they stay pinned while the `Arc` lives).
+    pub fn get(&self, id: &GrantId) -> Option<Arc<GrantEntry>> {
+        let table = self.table.lock();
+        let e = table.get(id)?;
+        (e.expires > Instant::now()).then(|| Arc::clone(e))
+    }
+
+    /// Unpins a grant; `false` when it was unknown (already released or expired).
+    pub fn release(&self, id: &GrantId) -> bool {
+        // Dropped outside the lock: releasing leases takes the host tier's lock.
+        let removed = self.table.lock().remove(id);
+        removed.is_some()
+    }
+
+    /// Drops expired grants; returns how many.
+    pub fn expire(&self) -> usize {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        self.table.lock().retain(|_, e| {
+            let keep = e.expires > now;
+            if !keep {
+                gone.push(Arc::clone(e));
+            }
+            keep
+        });
+        if !gone.is_empty() {
+            tracing::debug!(grants = gone.len(), "peer grants expired unreleased");
+        }
+        gone.len()
+    }
+
+    /// How many grants are open.
+    pub fn open(&self) -> usize {
+        self.table.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlockHash, HostTierConfig, Namespace, StoreConfig};
+
+    fn store() -> Arc<TieredStore> {
+        Arc::new(
+            TieredStore::open(StoreConfig {
+                host: HostTierConfig::new(8 << 20),
+                disk: None,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn key(i: u64) -> BlockKey {
+        BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
+    }
+
+    #[test]
+    fn grants_pin_a_prefix_until_released_or_expired() {
+        let s = store();
+        for i in [0, 1, 3] {
+            s.put(&key(i), &[i as u8; 4096]);
+        }
+        let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 4);
+        let grant = g.grant(&[key(0), key(1), key(2), key(3)]).unwrap();
+        assert_eq!(grant.blocks.len(), 2, "stops at the first missing key");
+        assert_eq!(grant.blocks[1].checksum, checksum(&[1u8; 4096]));
+        let entry = g.get(&grant.id).unwrap();
+        assert_eq!(entry.block(1), Some(&[1u8; 4096][..]));
+        assert_eq!(entry.block(2), None);
+        drop(entry);
+        assert!(g.release(&grant.id));
+        assert!(!g.release(&grant.id));
+        assert!(g.get(&grant.id).is_none());
+
+        let short = Grants::new(Arc::clone(&s), Duration::ZERO, 1);
+        let grant = short.grant(&[key(0)]).unwrap();
+        assert!(short.get(&grant.id).is_none(), "expired at once");
+        assert_eq!(short.expire(), 1);
+        assert_eq!(short.open(), 0);
+        // Nothing stored: an answer with no blocks and no entry.
+        let none = g.grant(&[key(9)]).unwrap();
+        assert!(none.blocks.is_empty() && g.open() == 0);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let s = store();
+        s.put(&key(0), &[0; 4096]);
+        let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 1);
+        g.grant(&[key(0)]).unwrap();
+        assert_eq!(
+            g.grant(&[key(0)]).unwrap_err(),
+            GrantError::TooManyGrants { open: 1 }
+        );
+        let many = vec![key(0); MAX_GRANT_BLOCKS + 1];
+        assert!(matches!(g.grant(&many), Err(GrantError::TooManyKeys { .. })));
+    }
+}

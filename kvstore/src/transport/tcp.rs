@@ -1,0 +1,443 @@
+//! The TCP data plane: several streams per peer, each block sent straight from the source's
+//! arena slot and received straight into the puller's reserved slot.
+//!
+//! On a new connection the server sends `"KVTD" | version u16 | flags u16 | nonce[32]`; the
+//! client answers with the shared secret's MAC of the nonce (zeros without a secret) and the
+//! server says `0` (accepted) or `1` (refused, then closes). A request is
+//! `grant_id[16] | count u32 | index u32 × count`; the answer is, per index in order,
+//! `status u8 | len u64` followed by `len` payload bytes (status 0 = the block, 1 = no such
+//! block in the grant, 2 = unknown grant). All integers are little endian. Connections are kept
+//! and reused for later pulls from the same peer; any error drops the connection.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::auth::{MAC_LEN, Secret, random_nonce};
+use super::grants::{GrantId, Grants, MAX_GRANT_BLOCKS};
+use super::{BoxFuture, PullItem, Pulled, Transport, TransportError, TransportKind, fail_all};
+use crate::store::TieredStore;
+
+const MAGIC: [u8; 4] = *b"KVTD";
+const VERSION: u16 = 1;
+const HELLO_LEN: usize = 8 + MAC_LEN;
+const FLAG_SECRET: u16 = 1;
+const REPLY_HEADER: usize = 9;
+
+const STATUS_OK: u8 = 0;
+const STATUS_NO_BLOCK: u8 = 1;
+const STATUS_UNKNOWN_GRANT: u8 = 2;
+
+/// Settings of the TCP data plane.
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Parallel streams one pull is spread over (each carries a contiguous run of blocks).
+    pub streams: usize,
+    /// Bound on connecting and on the handshake.
+    pub connect_timeout: Duration,
+    /// Bound on one stream's share of a pull: a peer that stops sending fails its blocks then.
+    pub io_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            connect_timeout: Duration::from_secs(3),
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The TCP backend of [`Transport`].
+#[derive(Debug, Clone)]
+pub struct TcpTransport {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<TieredStore>,
+    grants: Option<Arc<Grants>>,
+    secret: Option<Secret>,
+    cfg: TcpConfig,
+    listen: Mutex<Option<SocketAddr>>,
+    /// Idle connections per peer.
+    pool: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+}
+
+impl TcpTransport {
+    /// A transport that pulls into `store`'s arena and, once [`Self::serve`] runs, serves the
+    /// grants of `grants` (`None`: pull only). Without a secret it neither proves nor checks one.
+    pub fn new(
+        store: Arc<TieredStore>,
+        grants: Option<Arc<Grants>>,
+        secret: Option<Secret>,
+        cfg: TcpConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                grants,
+                secret,
+                cfg,
+                listen: Mutex::new(None),
+                pool: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Serves grants to peers on `listener` until the runtime shuts down. Call it from a tokio
+    /// runtime; it returns at once.
+    pub fn serve(&self, listener: TcpListener) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        *self.inner.listen.lock() = Some(addr);
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let inner = Arc::clone(&inner);
+                        tokio::spawn(async move {
+                            if let Err(e) = inner.serve_connection(stream).await {
+                                tracing::debug!(%peer, error = %e, "peer data connection ended");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a peer data connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(addr)
+    }
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn endpoint(&self, seen_as: Option<IpAddr>) -> Vec<u8> {
+        let Some(mut addr) = *self.inner.listen.lock() else {
+            return Vec::new();
+        };
+        if addr.ip().is_unspecified() {
+            if let Some(ip) = seen_as {
+                addr.set_ip(ip);
+            }
+        }
+        addr.to_string().into_bytes()
+    }
+
+    fn pull<'a>(
+        &'a self,
+        endpoint: &'a [u8],
+        grant: GrantId,
+        items: Vec<PullItem>,
+    ) -> BoxFuture<'a, Vec<Pulled>> {
+        Box::pin(async move {
+            let peer = match parse_endpoint(endpoint) {
+                Ok(p) => p,
+                Err(e) => return fail_all(items, &e),
+            };
+            let mut tasks = Vec::new();
+            for chunk in split_by_bytes(items, self.inner.cfg.streams.max(1)) {
+                let inner = Arc::clone(&self.inner);
+                tasks.push(tokio::spawn(
+                    async move { inner.pull_chunk(peer, grant, chunk).await },
+                ));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                match t.await {
+                    Ok(done) => out.extend(done),
+                    // The chunk's slots are lost with the panicked task (their reservations are
+                    // dropped unsettled); re-raise rather than report a partial answer.
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+            out
+        })
+    }
+}
+
+impl Inner {
+    async fn serve_connection(&self, mut s: TcpStream) -> std::io::Result<()> {
+        s.set_nodelay(true)?;
+        let nonce = random_nonce();
+        let mut hello = [0u8; HELLO_LEN];
+        hello[..4].copy_from_slice(&MAGIC);
+        hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        let flags = if self.secret.is_some() { FLAG_SECRET } else { 0 };
+        hello[6..8].copy_from_slice(&flags.to_le_bytes());
+        hello[8..].copy_from_slice(&nonce);
+        s.write_all(&hello).await?;
+        let mut answer = [0u8; MAC_LEN];
+        tokio::time::timeout(self.cfg.connect_timeout, s.read_exact(&mut answer))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if let Some(secret) = &self.secret {
+            if !secret.check_answer(&nonce, &answer) {
+                tracing::warn!(peer = ?s.peer_addr().ok(), "refused a peer data connection: wrong shared secret");
+                s.write_all(&[1]).await?;
+                return Ok(());
+            }
+        }
+        s.write_all(&[0]).await?;
+        let mut indices = Vec::new();
+        loop {
+            let mut head = [0u8; 20];
+            match s.read_exact(&mut head).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let grant = GrantId(head[..16].try_into().expect("16 bytes"));
+            let count = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
+            if count == 0 || count > MAX_GRANT_BLOCKS {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("request for {count} blocks"),
+                ));
+            }
+            let mut raw = vec![0u8; 4 * count];
+            s.read_exact(&mut raw).await?;
+            indices.clear();
+            indices.extend(
+                raw.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+            );
+            let entry = self.grants.as_ref().and_then(|g| g.get(&grant));
+            for &i in &indices {
+                let mut header = [0u8; REPLY_HEADER];
+                let data = match &entry {
+                    None => {
+                        header[0] = STATUS_UNKNOWN_GRANT;
+                        &[][..]
+                    }
+                    Some(e) => match e.block(i) {
+                        None => {
+                            header[0] = STATUS_NO_BLOCK;
+                            &[][..]
+                        }
+                        Some(d) => d,
+                    },
+                };
+                header[1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+                write_both(&mut s, &header, data).await?;
+            }
+        }
+    }
+
+    async fn connect(&self, peer: SocketAddr) -> Result<TcpStream, TransportError> {
+        let io = |e: std::io::Error| TransportError::Io {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        };
+        let handshake = async {
+            let mut s = TcpStream::connect(peer).await.map_err(io)?;
+            s.set_nodelay(true).map_err(io)?;
+            let mut hello = [0u8; HELLO_LEN];
+            s.read_exact(&mut hello).await.map_err(io)?;
+            if hello[..4] != MAGIC || u16::from_le_bytes([hello[4], hello[5]]) != VERSION {
+                return Err(TransportError::Protocol {
+                    peer: peer.to_string(),
+                    reason: "not a kvtier data port, or another version".into(),
+                });
+            }
+            let nonce: [u8; MAC_LEN] = hello[8..].try_into().expect("32 bytes");
+            let answer = self.secret.as_ref().map_or([0u8; MAC_LEN], |s| s.answer(&nonce));
+            s.write_all(&answer).await.map_err(io)?;
+            let mut status = [0u8; 1];
+            match s.read_exact(&mut status).await {
+                Ok(_) if status[0] == 0 => Ok(s),
+                Ok(_) => Err(TransportError::Refused {
+                    peer: peer.to_string(),
+                }),
+                // A refusing server may close before we read its answer.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(TransportError::Refused {
+                    peer: peer.to_string(),
+                }),
+                Err(e) => Err(io(e)),
+            }
+        };
+        tokio::time::timeout(self.cfg.connect_timeout, handshake)
+            .await
+            .map_err(|_| TransportError::TimedOut {
+                peer: peer.to_string(),
+            })?
+    }
+
+    async fn pull_chunk(&self, peer: SocketAddr, grant: GrantId, mut items: Vec<PullItem>) -> Vec<Pulled> {
+        let idle = self.pool.lock().get_mut(&peer).and_then(Vec::pop);
+        let mut stream = match idle {
+            Some(s) => s,
+            None => match self.connect(peer).await {
+                Ok(s) => s,
+                Err(e) => return fail_all(items, &e),
+            },
+        };
+        let mut done = vec![false; items.len()];
+        let transfer = self.receive(&mut stream, peer, grant, &mut items, &mut done);
+        let result = match tokio::time::timeout(self.cfg.io_timeout, transfer).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::TimedOut {
+                peer: peer.to_string(),
+            }),
+        };
+        let err = match result {
+            Ok(()) => {
+                let mut pool = self.pool.lock();
+                let idle = pool.entry(peer).or_default();
+                if idle.len() < 2 * self.cfg.streams.max(1) {
+                    idle.push(stream);
+                }
+                None
+            }
+            Err(e) => Some(e),
+        };
+        items
+            .into_iter()
+            .zip(done)
+            .map(|(item, ok)| Pulled {
+                index: item.index,
+                slot: item.slot,
+                result: match (&err, ok) {
+                    (_, true) => Ok(()),
+                    (Some(e), false) => Err(e.clone()),
+                    (None, false) => Err(TransportError::Protocol {
+                        peer: peer.to_string(),
+                        reason: "block not sent".into(),
+                    }),
+                },
+            })
+            .collect()
+    }
+
+    /// Sends one request for `items` and reads every answer; `done[i]` is set for each block
+    /// received whole. An `Err` means the stream is no longer usable.
+    async fn receive(
+        &self,
+        s: &mut TcpStream,
+        peer: SocketAddr,
+        grant: GrantId,
+        items: &mut [PullItem],
+        done: &mut [bool],
+    ) -> Result<(), TransportError> {
+        let io = |e: std::io::Error| TransportError::Io {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        };
+        let mut req = Vec::with_capacity(20 + 4 * items.len());
+        req.extend_from_slice(&grant.0);
+        req.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        for it in items.iter() {
+            req.extend_from_slice(&it.index.to_le_bytes());
+        }
+        s.write_all(&req).await.map_err(io)?;
+        let mut answer_err = None;
+        for (item, done) in items.iter_mut().zip(done.iter_mut()) {
+            let mut header = [0u8; REPLY_HEADER];
+            s.read_exact(&mut header).await.map_err(io)?;
+            let len = u64::from_le_bytes(header[1..].try_into().expect("8 bytes"));
+            match header[0] {
+                STATUS_OK if len == item.slot.len() => {
+                    let dst = self.store.host().reserved_mut(&mut item.slot);
+                    s.read_exact(dst).await.map_err(io)?;
+                    *done = true;
+                }
+                STATUS_OK => {
+                    return Err(TransportError::Protocol {
+                        peer: peer.to_string(),
+                        reason: format!(
+                            "block {} is {len} bytes, the grant said {}",
+                            item.index,
+                            item.slot.len()
+                        ),
+                    });
+                }
+                STATUS_NO_BLOCK if len == 0 => {
+                    answer_err.get_or_insert(TransportError::Protocol {
+                        peer: peer.to_string(),
+                        reason: format!("block {} is not in the grant", item.index),
+                    });
+                }
+                STATUS_UNKNOWN_GRANT if len == 0 => {
+                    answer_err.get_or_insert(TransportError::UnknownGrant {
+                        peer: peer.to_string(),
+                    });
+                }
+                other => {
+                    return Err(TransportError::Protocol {
+                        peer: peer.to_string(),
+                        reason: format!("reply status {other} with length {len}"),
+                    });
+                }
+            }
+        }
+        // A refused block leaves the stream in step: the connection is still good.
+        match answer_err {
+            Some(e) if !done.iter().any(|d| *d) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes `a` then `b` with as few system calls as the kernel allows.
+async fn write_both(s: &mut TcpStream, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let (mut ia, mut ib) = (0, 0);
+    while ia < a.len() {
+        let n = s
+            .write_vectored(&[IoSlice::new(&a[ia..]), IoSlice::new(&b[ib..])])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len() - ia);
+        ia += from_a;
+        ib += n - from_a;
+    }
+    s.write_all(&b[ib..]).await
+}
+
+fn parse_endpoint(endpoint: &[u8]) -> Result<SocketAddr, TransportError> {
+    let text = String::from_utf8_lossy(endpoint);
+    text.parse().map_err(|e| TransportError::BadEndpoint {
+        endpoint: text.to_string(),
+        reason: format!("not ip:port ({e})"),
+    })
+}
+
+/// Splits items into at most `n` contiguous runs of about equal bytes (one per stream).
+fn split_by_bytes(items: Vec<PullItem>, n: usize) -> Vec<Vec<PullItem>> {
+    let total: u64 = items.iter().map(|i| i.slot.len()).sum();
+    let n = n.min(items.len()).max(1) as u64;
+    let mut out: Vec<Vec<PullItem>> = Vec::with_capacity(n as usize);
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        bytes += item.slot.len();
+        cur.push(item);
+        // Cut where the running total crosses the next n-th of the whole.
+        if (out.len() as u64 + 1) < n && bytes * n >= (out.len() as u64 + 1) * total {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+use super::*;
+use crate::block::checksum;
+use crate::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig};
+
+fn store(mib: u64) -> Arc<TieredStore> {
+    Arc::new(
+        TieredStore::open(StoreConfig {
+            host: HostTierConfig::new(mib << 20),
+            disk: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn key(i: u64) -> BlockKey {
+    BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
+}
+
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (j as u64 * 31 + i * 7) as u8).collect()
+}
+
+/// A source with `n` blocks of `len` bytes, serving on loopback.
+async fn source(n: u64, len: usize, secret: Option<&[u8]>) -> (Arc<Grants>, TcpTransport, SocketAddr) {
+    let s = store(64);
+    for i in 0..n {
+        assert_eq!(s.put(&key(i), &payload(i, len)), crate::PutOutcome::Stored);
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    let t = TcpTransport::new(
+        s,
+        Some(Arc::clone(&grants)),
+        secret.and_then(Secret::new),
+        TcpConfig::default(),
+    );
+    let addr = t.serve(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+    (grants, t, addr)
+}
+
+fn puller(secret: Option<&[u8]>, streams: usize) -> (Arc<TieredStore>, TcpTransport) {
+    let s = store(64);
+    let cfg = TcpConfig {
+        streams,
+        io_timeout: Duration::from_secs(5),
+        ..TcpConfig::default()
+    };
+    let t = TcpTransport::new(Arc::clone(&s), None, secret.and_then(Secret::new), cfg);
+    (s, t)
+}
+
+/// Reserves local slots for the granted blocks and pulls them; returns what came back.
+async fn pull(
+    store: &TieredStore,
+    t: &TcpTransport,
+    endpoint: &[u8],
+    grant: &crate::transport::Grant,
+    keys: &[BlockKey],
+) -> Vec<Pulled> {
+    let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
+    let items = store
+        .reserve_batch(&wanted)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| PullItem {
+            index: i as u32,
+            remote_offset: grant.blocks[i].offset,
+            slot: r.expect("slot"),
+        })
+        .collect();
+    t.pull(endpoint, grant.id, items).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
+    let len = 96 * 1024 + 3;
+    let (grants, src, _) = source(40, len, Some(b"s3cret")).await;
+    let (dst, t) = puller(Some(b"s3cret"), 4);
+    let keys: Vec<BlockKey> = (0..40).map(key).collect();
+    let endpoint = src.endpoint(None);
+    for round in 0..2 {
+        let grant = grants.grant(&keys).unwrap();
+        assert_eq!(grant.blocks.len(), 40);
+        let pulled = pull(&dst, &t, &endpoint, &grant, &keys).await;
+        assert_eq!(pulled.len(), 40);
+        for p in pulled {
+            assert_eq!(p.result, Ok(()), "round {round}");
+            let mut slot = p.slot;
+            let got = dst.host().reserved_mut(&mut slot).to_vec();
+            assert_eq!(checksum(&got), grant.blocks[p.index as usize].checksum);
+            assert_eq!(got, payload(u64::from(p.index), len));
+            dst.abort(slot);
+        }
+        assert!(grants.release(&grant.id));
+    }
+    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    assert_eq!(
+        idle, 4,
+        "the four streams of the first pull were reused by the second"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_secret_is_refused() {
+    let (grants, src, _) = source(2, 4096, Some(b"right")).await;
+    let keys = [key(0), key(1)];
+    let grant = grants.grant(&keys).unwrap();
+    for secret in [Some(&b"wrong"[..]), None] {
+        let (dst, t) = puller(secret, 2);
+        for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys).await {
+            assert!(
+                matches!(p.result, Err(TransportError::Refused { .. })),
+                "{:?}",
+                p.result
+            );
+            dst.abort(p.slot);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_grant_and_bad_endpoint_fail_cleanly() {
+    let (grants, src, _) = source(2, 4096, None).await;
+    let keys = [key(0), key(1)];
+    let grant = grants.grant(&keys).unwrap();
+    assert!(grants.release(&grant.id));
+    let (dst, t) = puller(None, 1);
+    for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys).await {
+        assert!(
+            matches!(p.result, Err(TransportError::UnknownGrant { .. })),
+            "{:?}",
+            p.result
+        );
+        dst.abort(p.slot);
+    }
+    for p in pull(&dst, &t, b"not-an-address", &grant, &keys).await {
+        assert!(matches!(p.result, Err(TransportError::BadEndpoint { .. })));
+        dst.abort(p.slot);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_closes_only_its_connection() {
+    let (grants, src, addr) = source(1, 4096, None).await;
+    let mut bad = TcpStream::connect(addr).await.unwrap();
+    let mut hello = [0u8; HELLO_LEN];
+    bad.read_exact(&mut hello).await.unwrap();
+    bad.write_all(&[0u8; MAC_LEN]).await.unwrap();
+    let mut status = [9u8];
+    bad.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], 0);
+    // A request for zero blocks is malformed: the server hangs up on this connection.
+    bad.write_all(&[0u8; 20]).await.unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(bad.read_to_end(&mut rest).await.unwrap(), 0);
+
+    let (dst, t) = puller(None, 1);
+    let grant = grants.grant(&[key(0)]).unwrap();
+    let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &[key(0)]).await;
+    assert_eq!(pulled[0].result, Ok(()));
+}
+
+/// A peer that dies after sending part of a block: the blocks on that stream fail, the
+/// others arrive, and the puller's transport keeps working for the next pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_dying_mid_block_fails_only_its_stream() {
+    let len = 64 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        // Two connections (two streams): the first sends its blocks whole, the second half of
+        // one block and then vanishes.
+        for conn in 0..2 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            hello[..4].copy_from_slice(&MAGIC);
+            hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            s.write_all(&hello).await.unwrap();
+            let mut answer = [0u8; MAC_LEN];
+            s.read_exact(&mut answer).await.unwrap();
+            s.write_all(&[0]).await.unwrap();
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head).await.unwrap();
+            let count = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
+            let mut idx = vec![0u8; 4 * count];
+            s.read_exact(&mut idx).await.unwrap();
+            for c in idx.chunks_exact(4) {
+                let i = u32::from_le_bytes(c.try_into().unwrap());
+                let mut h = [0u8; REPLY_HEADER];
+                h[1..].copy_from_slice(&(len as u64).to_le_bytes());
+                s.write_all(&h).await.unwrap();
+                let data = payload(u64::from(i), len);
+                if conn == 1 {
+                    s.write_all(&data[..len / 2]).await.unwrap();
+                    break;
+                }
+                s.write_all(&data).await.unwrap();
+            }
+            if conn == 1 {
+                drop(s);
+            } else {
+                // Keep the healthy stream open until the test is over.
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        }
+    });
+    let (dst, t) = puller(None, 2);
+    let items: Vec<PullItem> = (0..4u32)
+        .map(|i| PullItem {
+            index: i,
+            remote_offset: 0,
+            slot: dst
+                .reserve_batch(&[(key(u64::from(i)), len as u64)])
+                .pop()
+                .unwrap()
+                .unwrap(),
+        })
+        .collect();
+    let pulled = t.pull(addr.to_string().as_bytes(), GrantId([1; 16]), items).await;
+    server.await.unwrap();
+    let ok: Vec<u32> = pulled
+        .iter()
+        .filter(|p| p.result.is_ok())
+        .map(|p| p.index)
+        .collect();
+    // Which stream the server accepted first is up to the scheduler.
+    assert!(
+        ok == [0, 1] || ok == [2, 3],
+        "the healthy stream's blocks arrived, the dead one's did not: {ok:?}"
+    );
+    for p in pulled {
+        if let Err(e) = &p.result {
+            assert!(matches!(e, TransportError::Io { .. }), "{e:?}");
+        } else {
+            let mut slot = p.slot;
+            assert_eq!(
+                dst.host().reserved_mut(&mut slot),
+                &payload(u64::from(p.index), len)[..]
+            );
+            dst.abort(slot);
+            continue;
+        }
+        dst.abort(p.slot);
+    }
+    assert_eq!(
+        t.inner.pool.lock().values().map(Vec::len).sum::<usize>(),
+        1,
+        "only the healthy stream is kept"
+    );
+}
+
+#[test]
+fn streams_get_contiguous_runs_of_about_equal_bytes() {
+    let s = store(16);
+    let items: Vec<PullItem> = (0..10u32)
+        .map(|i| PullItem {
+            index: i,
+            remote_offset: 0,
+            slot: s
+                .reserve_batch(&[(key(u64::from(i)), 4096)])
+                .pop()
+                .unwrap()
+                .unwrap(),
+        })
+        .collect();
+    let runs = split_by_bytes(items, 4);
+    let sizes: Vec<usize> = runs.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![3, 2, 3, 2]);
+    let order: Vec<u32> = runs.iter().flatten().map(|i| i.index).collect();
+    assert_eq!(order, (0..10).collect::<Vec<_>>());
+    for item in runs.into_iter().flatten() {
+        s.abort(item.slot);
+    }
+}
