@@ -53,6 +53,127 @@ pub struct NodeConfig {
     pub disk: DiskSection,
     /// Reporting the tiers to the cluster index.
     pub publish: PublishSection,
+    /// Transfers with other nodes' agents.
+    pub peer: PeerSection,
+}
+
+/// `[peer]`: block transfers between node agents (prefill to decode, cross-node reuse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerSection {
+    /// Address of this agent's peer control channel (gRPC), e.g. `0.0.0.0:9471`; empty: this
+    /// agent serves no blocks to peers (it can still pull from them).
+    pub listen: String,
+    /// Address of the TCP data plane; empty: the control channel's host, port + 1.
+    pub data_listen: String,
+    /// The control address other agents and engines are told (`host:port`); empty: `listen`,
+    /// with a wildcard host replaced by the address the host name resolves to. In Kubernetes
+    /// set it from `status.hostIP` (or `status.podIP` without host networking).
+    pub advertise: String,
+    /// File holding the cluster's shared secret (a mounted Kubernetes Secret). Agents prove
+    /// they hold it on every control call and data connection; the secret never travels.
+    pub secret_file: PathBuf,
+    /// The shared secret itself (prefer `secret_file`, or `KVTIER_PEER__SECRET`). Hidden by
+    /// `--print-config`.
+    pub secret: String,
+    /// Runs peer transfers with no secret: any host that reaches the ports can read cached
+    /// blocks. Must be set explicitly; only for trusted networks and tests.
+    pub insecure: bool,
+    /// Data transports this agent offers and asks for, preferred first (`tcp`).
+    pub transports: Vec<String>,
+    /// Parallel TCP streams per pull.
+    pub streams: u32,
+    /// How long a source keeps blocks pinned for a puller that never releases them, seconds.
+    pub grant_ttl_s: u32,
+    /// Most grants open at once on this agent.
+    pub max_grants: u32,
+    /// Worker threads of the transfer runtime.
+    pub threads: u32,
+}
+
+impl Default for PeerSection {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            data_listen: String::new(),
+            advertise: String::new(),
+            secret_file: PathBuf::new(),
+            secret: String::new(),
+            insecure: false,
+            transports: vec!["tcp".into()],
+            streams: 4,
+            grant_ttl_s: 30,
+            max_grants: 1024,
+            threads: 2,
+        }
+    }
+}
+
+impl PeerSection {
+    /// The shared secret from `secret_file` or `secret`; `None` when neither is set.
+    pub fn load_secret(&self) -> anyhow::Result<Option<kvstore::transport::Secret>> {
+        let bytes = if !self.secret_file.as_os_str().is_empty() {
+            std::fs::read(&self.secret_file)
+                .with_context(|| format!("reading `peer.secret_file` {}", self.secret_file.display()))?
+        } else {
+            self.secret.clone().into_bytes()
+        };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        match kvstore::transport::Secret::new(&bytes) {
+            Some(s) => Ok(Some(s)),
+            None => bail!("invalid configuration `peer.secret_file`/`peer.secret`: the secret is blank"),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let addr = |key: &str, v: &str| -> anyhow::Result<()> {
+            if !v.is_empty() {
+                v.parse::<SocketAddr>()
+                    .with_context(|| format!("invalid configuration `peer.{key}`: {v:?} is not ip:port"))?;
+            }
+            Ok(())
+        };
+        addr("listen", &self.listen)?;
+        addr("data_listen", &self.data_listen)?;
+        if !self.advertise.is_empty() && !self.advertise.contains(':') {
+            bail!(
+                "invalid configuration `peer.advertise`: {:?} is not host:port",
+                self.advertise
+            );
+        }
+        if self.transports.is_empty() {
+            bail!("invalid configuration `peer.transports`: name at least one (\"tcp\")");
+        }
+        for t in &self.transports {
+            match kvstore::transport::TransportKind::from_name(t) {
+                Some(kvstore::transport::TransportKind::Tcp) => {}
+                Some(other) => bail!(
+                    "invalid configuration `peer.transports`: {other} is not built into this agent (only tcp)"
+                ),
+                None => bail!("invalid configuration `peer.transports`: unknown transport {t:?}"),
+            }
+        }
+        if !(1..=64).contains(&self.streams) {
+            bail!("invalid configuration `peer.streams`: must be 1–64");
+        }
+        if !(1..=64).contains(&self.threads) {
+            bail!("invalid configuration `peer.threads`: must be 1–64");
+        }
+        if self.grant_ttl_s == 0 || self.max_grants == 0 {
+            bail!("invalid configuration `peer.grant_ttl_s`/`peer.max_grants`: must be at least 1");
+        }
+        let has_secret = !self.secret_file.as_os_str().is_empty() || !self.secret.is_empty();
+        if !self.listen.is_empty() && !has_secret && !self.insecure {
+            bail!(
+                "`peer.listen` is set but no shared secret is: set `peer.secret_file` (or \
+                 `KVTIER_PEER__SECRET`), or `peer.insecure = true` to serve blocks to anyone \
+                 who reaches the port"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[publish]`: reporting the host and disk tiers to the cluster index (`kvagent index`), so
@@ -222,6 +343,7 @@ impl Default for NodeConfig {
             host: HostSection::default(),
             disk: DiskSection::default(),
             publish: PublishSection::default(),
+            peer: PeerSection::default(),
         }
     }
 }
@@ -301,6 +423,14 @@ pub struct NodeFlags {
     #[arg(long, value_name = "NAME")]
     #[serde(skip)]
     pub node_name: Option<String>,
+    /// Serves blocks to other nodes' agents on this address (`peer.listen`).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip)]
+    pub peer_listen: Option<String>,
+    /// File with the cluster's shared secret for peer transfers (`peer.secret_file`).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub peer_secret_file: Option<PathBuf>,
 }
 
 impl NodeFlags {
@@ -329,6 +459,16 @@ impl NodeFlags {
         }
         if !publish.is_empty() {
             dict.insert("publish".into(), publish.into());
+        }
+        let mut peer = figment::value::Dict::new();
+        if let Some(a) = &self.peer_listen {
+            peer.insert("listen".into(), a.clone().into());
+        }
+        if let Some(f) = &self.peer_secret_file {
+            peer.insert("secret_file".into(), f.display().to_string().into());
+        }
+        if !peer.is_empty() {
+            dict.insert("peer".into(), peer.into());
         }
         if !host.is_empty() {
             dict.insert("host".into(), host.into());
@@ -461,6 +601,7 @@ impl NodeConfig {
                 bail!("invalid configuration `publish.heartbeat_s`: at least 1");
             }
         }
+        self.peer.validate()?;
         if self.host.size.as_u64() < 16 << 20 {
             bail!(
                 "invalid configuration `host.size`: {} is below the minimum of 16 MiB",
@@ -526,7 +667,11 @@ impl NodeConfig {
 
     /// The configuration as TOML, as `--print-config` shows it.
     pub fn to_toml(&self) -> anyhow::Result<String> {
-        toml::to_string_pretty(self).context("encoding the configuration as TOML")
+        let mut shown = self.clone();
+        if !shown.peer.secret.is_empty() {
+            shown.peer.secret = "***".into();
+        }
+        toml::to_string_pretty(&shown).context("encoding the configuration as TOML")
     }
 }
 

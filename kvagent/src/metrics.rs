@@ -30,6 +30,15 @@ pub struct ErrorLabel {
     pub reason: &'static str,
 }
 
+/// Label of peer transfer counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// `served` (granted to a peer) or `pulled` (from a peer).
+    pub direction: &'static str,
+    /// For pulls: `ok`, `checksum` (arrived corrupt, dropped) or `failed`; `ok` for grants.
+    pub result: &'static str,
+}
+
 /// Label of per-tier metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
@@ -49,6 +58,10 @@ pub struct Metrics {
     pub clients: Gauge,
     /// Engine connections accepted since start.
     pub connections: Counter,
+    /// Blocks moved between agents, by direction and result.
+    pub peer_blocks: Family<PeerLabel, Counter>,
+    /// Bytes moved between agents, by direction.
+    pub peer_bytes: Family<PeerLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -67,6 +80,8 @@ impl Metrics {
             errors: Family::default(),
             clients: Gauge::default(),
             connections: Counter::default(),
+            peer_blocks: Family::default(),
+            peer_bytes: Family::default(),
         });
         let mut reg = Registry::with_prefix("kvtier");
         reg.register(
@@ -94,6 +109,16 @@ impl Metrics {
             "Engine connections accepted",
             m.connections.clone(),
         );
+        reg.register(
+            "peer_blocks",
+            "Blocks granted to other agents (served) and pulled from them, by result",
+            m.peer_blocks.clone(),
+        );
+        reg.register(
+            "peer_bytes",
+            "Bytes granted to other agents (served) and pulled from them",
+            m.peer_bytes.clone(),
+        );
         reg.register_collector(Box::new(TierCollector { store }));
         (m, reg)
     }
@@ -103,6 +128,29 @@ impl Metrics {
         let label = VerbLabel { verb };
         self.latency.get_or_create(&label).observe(took.as_secs_f64());
         self.blocks.get_or_create(&label).inc_by(blocks as u64);
+    }
+
+    /// Records blocks granted to a peer.
+    pub fn peer_grant(&self, blocks: u64, bytes: u64) {
+        let label = PeerLabel {
+            direction: "served",
+            result: "ok",
+        };
+        self.peer_blocks.get_or_create(&label).inc_by(blocks);
+        self.peer_bytes.get_or_create(&label).inc_by(bytes);
+    }
+
+    /// Records the outcome of a pull: blocks stored, their bytes, blocks that arrived corrupt,
+    /// and blocks the transport failed to bring.
+    pub fn peer_pulled(&self, ok: u64, bytes: u64, corrupt: u64, failed: u64) {
+        let label = |result| PeerLabel {
+            direction: "pulled",
+            result,
+        };
+        self.peer_blocks.get_or_create(&label("ok")).inc_by(ok);
+        self.peer_blocks.get_or_create(&label("checksum")).inc_by(corrupt);
+        self.peer_blocks.get_or_create(&label("failed")).inc_by(failed);
+        self.peer_bytes.get_or_create(&label("ok")).inc_by(bytes);
     }
 
     /// Records a failure.

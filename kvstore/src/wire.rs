@@ -12,9 +12,10 @@ use crate::stats::TierLevel;
 
 /// The newest protocol version this build speaks. The agent accepts hellos from
 /// [`MIN_PROTOCOL_VERSION`] on and answers in the client's version; other hellos are refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
-/// The oldest version still spoken (version 2 added `announce`; nothing else changed).
+/// The oldest version still spoken (version 2 added `announce`, version 3 `pull`; nothing else
+/// changed).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
@@ -92,6 +93,9 @@ pub enum ErrorCode {
     Internal = 6,
     /// A bound of the agent was reached (e.g. the number of announced namespaces).
     LimitReached = 7,
+    /// A transfer from another node's agent failed (unreachable, refused, timed out); nothing
+    /// was pulled and the engine recomputes.
+    PeerFailed = 8,
 }
 
 impl ErrorCode {
@@ -105,6 +109,7 @@ impl ErrorCode {
             5 => Self::Unexpected,
             6 => Self::Internal,
             7 => Self::LimitReached,
+            8 => Self::PeerFailed,
             _ => return None,
         })
     }
@@ -182,6 +187,9 @@ pub enum Request {
     /// Names the model whose blocks a namespace holds, so that the agent can report them to
     /// the cluster index (whose scope is the model an engine serves).
     Announce(Namespace, String),
+    /// Copies the longest prefix of the blocks that another node's agent holds (its peer
+    /// address first) into this agent's tiers, for a later acquire.
+    Pull(String, Namespace, Vec<BlockHash>),
 }
 
 /// A message from agent to client.
@@ -205,6 +213,8 @@ pub enum Response {
     Stats(String),
     /// The announcement is recorded.
     Announce,
+    /// Per block: whether this agent holds it now (pulled, or held already).
+    Pull(Vec<bool>),
     /// The request failed.
     Error {
         /// What went wrong.
@@ -224,6 +234,7 @@ mod kind {
     pub(super) const RELEASE: u8 = 0x07;
     pub(super) const STATS: u8 = 0x08;
     pub(super) const ANNOUNCE: u8 = 0x09;
+    pub(super) const PULL: u8 = 0x0a;
     pub(super) const REPLY: u8 = 0x80;
     pub(super) const ERROR: u8 = 0xff;
 }
@@ -241,6 +252,7 @@ impl Request {
             Self::Release(..) => kind::RELEASE,
             Self::Stats => kind::STATS,
             Self::Announce(..) => kind::ANNOUNCE,
+            Self::Pull(..) => kind::PULL,
         }
     }
 
@@ -256,6 +268,7 @@ impl Request {
             Self::Release(..) => "release",
             Self::Stats => "stats",
             Self::Announce(..) => "announce",
+            Self::Pull(..) => "pull",
         }
     }
 
@@ -291,6 +304,14 @@ impl Request {
             Self::Announce(ns, model) => {
                 out.extend_from_slice(ns.as_bytes());
                 put_str(out, model);
+            }
+            Self::Pull(peer, ns, hashes) => {
+                put_str(out, peer);
+                out.extend_from_slice(ns.as_bytes());
+                put_u32(out, hashes.len() as u32);
+                for h in hashes {
+                    put_hash(out, h);
+                }
             }
         }
         finish(out, start);
@@ -351,6 +372,14 @@ impl Request {
                 }
                 Self::Announce(ns, model)
             }
+            kind::PULL => {
+                let peer = r.string()?;
+                if peer.is_empty() {
+                    return Err(invalid("peer", "a pull names the peer to pull from"));
+                }
+                let (ns, n) = r.batch()?;
+                Self::Pull(peer, ns, r.hashes(n)?)
+            }
             k => return Err(WireError::UnknownKind(k)),
         };
         r.end()?;
@@ -370,6 +399,7 @@ impl Response {
             Self::Release(_) => kind::RELEASE,
             Self::Stats(_) => kind::STATS,
             Self::Announce => kind::ANNOUNCE,
+            Self::Pull(_) => kind::PULL,
             Self::Error { .. } => return kind::ERROR,
         };
         request | kind::REPLY
@@ -402,7 +432,7 @@ impl Response {
                     put_u64(out, offset);
                 }
             }
-            Self::Commit(v) | Self::Abort(v) | Self::Release(v) => {
+            Self::Commit(v) | Self::Abort(v) | Self::Release(v) | Self::Pull(v) => {
                 put_u32(out, v.len() as u32);
                 out.extend(v.iter().map(|b| u8::from(*b)));
             }
@@ -496,6 +526,7 @@ impl Response {
                 Self::Stats(json)
             }
             k if k == kind::ANNOUNCE | kind::REPLY => Self::Announce,
+            k if k == kind::PULL | kind::REPLY => Self::Pull(r.flags()?),
             kind::ERROR => {
                 let raw = r.u16()?;
                 let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
@@ -929,6 +960,7 @@ mod tests {
             Request::Release(ns(), vec![]),
             Request::Stats,
             Request::Announce(ns(), "meta-llama/Llama-3.1-8B-Instruct".into()),
+            Request::Pull("10.0.0.7:9471".into(), ns(), hashes(4)),
         ]
     }
 
@@ -960,6 +992,11 @@ mod tests {
             Response::Release(vec![false]),
             Response::Stats("{}".into()),
             Response::Announce,
+            Response::Pull(vec![true, true, false]),
+            Response::Error {
+                code: ErrorCode::PeerFailed,
+                message: "refused".into(),
+            },
             Response::Error {
                 code: ErrorCode::DeadlineExceeded,
                 message: "late".into(),

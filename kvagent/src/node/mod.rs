@@ -2,6 +2,7 @@
 //! engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or SIGINT
 //! drains in-flight calls, persists the disk tier's metadata and exits 0.
 
+mod peer;
 mod publish;
 mod server;
 mod session;
@@ -31,6 +32,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
     let instance = instance_id();
+    let peers = peer::Peers::start(&cfg.peer, Arc::clone(&store), Arc::clone(&metrics))?;
     let shared = server::Shared::new(
         Arc::clone(&store),
         metrics,
@@ -38,6 +40,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Duration::from_millis(u64::from(cfg.default_deadline_ms)),
         cfg.max_clients,
         Duration::from_micros(u64::from(cfg.poll_us)),
+        Arc::clone(&peers),
     );
     let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
     let socket_id = file_id(&cfg.socket);
@@ -189,6 +192,10 @@ fn stats_json(shared: &server::Shared) -> String {
         "clients": shared.metrics.clients.get(),
         "draining": shared.draining.load(Ordering::Relaxed),
         "announced_namespaces": shared.models.len(),
+        "peer": {
+            "address": shared.peers.advertise(),
+            "grants_open": shared.peers.grants_open(),
+        },
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),
     })

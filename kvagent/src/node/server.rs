@@ -24,6 +24,7 @@ use kvstore::wire::{
 };
 use parking_lot::{Condvar, Mutex};
 
+use super::peer::Peers;
 use super::publish::Models;
 use super::session::Session;
 use crate::metrics::Metrics;
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     listener: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The models engines announced for their namespaces (for the index publisher).
     pub(crate) models: Arc<Models>,
+    /// Transfers with other nodes' agents.
+    pub(crate) peers: Arc<Peers>,
 }
 
 /// What the drain needs to know about one connection.
@@ -80,6 +83,7 @@ impl Shared {
         default_deadline: Duration,
         max_clients: u32,
         poll: Duration,
+        peers: Arc<Peers>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -94,6 +98,7 @@ impl Shared {
             drained: Condvar::new(),
             listener: Mutex::new(None),
             models: Arc::new(Models::default()),
+            peers,
         })
     }
 
@@ -343,6 +348,7 @@ fn error_reason(code: ErrorCode) -> &'static str {
         ErrorCode::Unexpected => "unexpected",
         ErrorCode::Internal => "internal",
         ErrorCode::LimitReached => "limit",
+        ErrorCode::PeerFailed => "peer",
     }
 }
 
@@ -528,6 +534,23 @@ fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Inst
         }
         Request::Release(ns, hashes) => (Response::Release(session.release(ns, &hashes)), hashes.len()),
         Request::Stats => (Response::Stats(super::stats_json(shared)), 0),
+        Request::Pull(peer, ns, hashes) => {
+            let keys: Vec<kvstore::BlockKey> =
+                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
+            match shared.peers.pull_blocking(&peer, &keys, deadline) {
+                Ok(held) => (Response::Pull(held), hashes.len()),
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "pull for an engine failed; it recomputes");
+                    (
+                        Response::Error {
+                            code: ErrorCode::PeerFailed,
+                            message: e.to_string(),
+                        },
+                        hashes.len(),
+                    )
+                }
+            }
+        }
         Request::Announce(ns, model) => {
             if shared.models.announce(ns, &model) {
                 (Response::Announce, 0)

@@ -25,6 +25,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub http: String,
     args: Vec<String>,
+    /// A command the agent runs under (`ip netns exec NAME`), empty for none.
+    wrapper: Vec<String>,
 }
 
 /// A temporary directory for sockets: short paths (a socket path is limited to 107 bytes).
@@ -47,6 +49,11 @@ impl Agent {
     /// Starts an agent on `socket` with a 64 MiB arena plus `extra` flags, and waits until it
     /// says it is ready (the socket is bound by then).
     pub fn start(socket: &Path, extra: &[&str]) -> Self {
+        Self::start_in(&[], socket, extra)
+    }
+
+    /// [`Self::start`] under a wrapper command, e.g. `ip netns exec NAME`.
+    pub fn start_in(wrapper: &[&str], socket: &Path, extra: &[&str]) -> Self {
         let mut args: Vec<String> = vec![
             "node".into(),
             "--socket".into(),
@@ -63,11 +70,20 @@ impl Agent {
             args.extend(["--host-size".into(), "64MiB".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_args(socket, args)
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        Self::start_args(wrapper, socket, args)
     }
 
-    fn start_args(socket: &Path, args: Vec<String>) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvagent"))
+    fn start_args(wrapper: Vec<String>, socket: &Path, args: Vec<String>) -> Self {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_kvagent"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kvagent")),
+        };
+        let mut child = cmd
             .args(&args)
             .env_remove("KVTIER_CONFIG")
             .stdout(Stdio::null())
@@ -100,12 +116,13 @@ impl Agent {
             socket: socket.to_path_buf(),
             http,
             args,
+            wrapper,
         }
     }
 
     /// Starts the agent again with the same arguments (after it stopped).
     pub fn restart(&mut self) {
-        let next = Self::start_args(&self.socket.clone(), self.args.clone());
+        let next = Self::start_args(self.wrapper.clone(), &self.socket.clone(), self.args.clone());
         let old = std::mem::replace(self, next);
         drop(old);
     }

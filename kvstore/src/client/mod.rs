@@ -186,6 +186,7 @@ fn retryable(req: &Request) -> bool {
             | Request::Acquire(..)
             | Request::Stats
             | Request::Announce(..)
+            | Request::Pull(..)
     )
 }
 
@@ -771,6 +772,36 @@ impl Client {
                 Ok(())
             }
             other => Err(unexpected("announce", &other)),
+        }
+    }
+
+    /// Has the agent copy the longest prefix of `hashes` that the agent at `peer` (its peer
+    /// address, `host:port`) holds into its own tiers; per hash, whether the agent holds it
+    /// now. The agent bounds the transfer by this client's timeout, so a client for pulls is
+    /// usually configured with a longer one than a client for local calls. A failed transfer is
+    /// `Refused` with [`ErrorCode::PeerFailed`] and costs nothing else.
+    pub fn pull(&self, peer: &str, ns: &Namespace, hashes: &[BlockHash]) -> Result<Vec<bool>> {
+        check_batch(hashes.len())?;
+        if peer.is_empty() || peer.len() > usize::from(u16::MAX) {
+            return Err(ClientError::InvalidArgument(
+                "a peer address is 1 to 65535 bytes".into(),
+            ));
+        }
+        {
+            let mut guard = self.conn.lock();
+            let version = self.ensure(&mut guard)?.welcome.version;
+            if version < 3 {
+                return Err(ClientError::InvalidArgument(format!(
+                    "the agent speaks protocol {version}, which has no pull (3 or later needed)"
+                )));
+            }
+        }
+        match self
+            .call(&Request::Pull(peer.to_owned(), *ns, hashes.to_vec()), None)?
+            .0
+        {
+            Response::Pull(held) if held.len() == hashes.len() => Ok(held),
+            other => Err(unexpected("pull", &other)),
         }
     }
 

@@ -19,6 +19,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::time::Instant;
 
 use crate::host::Reservation;
 
@@ -156,13 +157,15 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// wildcard address.
     fn endpoint(&self, seen_as: Option<IpAddr>) -> Vec<u8>;
 
-    /// Copies granted blocks from the peer at `endpoint` into the items' slots. Every item comes
-    /// back, whatever happened to the others: a broken stream fails only the blocks it carried.
+    /// Copies granted blocks from the peer at `endpoint` into the items' slots, giving up at
+    /// `deadline`. Every item comes back, whatever happened to the others: a broken stream fails
+    /// only the blocks it carried. (Never cancel the future: the slots travel inside it.)
     fn pull<'a>(
         &'a self,
         endpoint: &'a [u8],
         grant: GrantId,
         items: Vec<PullItem>,
+        deadline: Instant,
     ) -> BoxFuture<'a, Vec<Pulled>>;
 }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -144,6 +144,7 @@ impl Transport for TcpTransport {
         endpoint: &'a [u8],
         grant: GrantId,
         items: Vec<PullItem>,
+        deadline: Instant,
     ) -> BoxFuture<'a, Vec<Pulled>> {
         Box::pin(async move {
             let peer = match parse_endpoint(endpoint) {
@@ -153,9 +154,9 @@ impl Transport for TcpTransport {
             let mut tasks = Vec::new();
             for chunk in split_by_bytes(items, self.inner.cfg.streams.max(1)) {
                 let inner = Arc::clone(&self.inner);
-                tasks.push(tokio::spawn(
-                    async move { inner.pull_chunk(peer, grant, chunk).await },
-                ));
+                tasks.push(tokio::spawn(async move {
+                    inner.pull_chunk(peer, grant, chunk, deadline).await
+                }));
             }
             let mut out = Vec::new();
             for t in tasks {
@@ -239,7 +240,7 @@ impl Inner {
         }
     }
 
-    async fn connect(&self, peer: SocketAddr) -> Result<TcpStream, TransportError> {
+    async fn connect(&self, peer: SocketAddr, deadline: Instant) -> Result<TcpStream, TransportError> {
         let io = |e: std::io::Error| TransportError::Io {
             peer: peer.to_string(),
             reason: e.to_string(),
@@ -271,25 +272,39 @@ impl Inner {
                 Err(e) => Err(io(e)),
             }
         };
-        tokio::time::timeout(self.cfg.connect_timeout, handshake)
+        let bound = self
+            .cfg
+            .connect_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::timeout(bound, handshake)
             .await
             .map_err(|_| TransportError::TimedOut {
                 peer: peer.to_string(),
             })?
     }
 
-    async fn pull_chunk(&self, peer: SocketAddr, grant: GrantId, mut items: Vec<PullItem>) -> Vec<Pulled> {
+    async fn pull_chunk(
+        &self,
+        peer: SocketAddr,
+        grant: GrantId,
+        mut items: Vec<PullItem>,
+        deadline: Instant,
+    ) -> Vec<Pulled> {
         let idle = self.pool.lock().get_mut(&peer).and_then(Vec::pop);
         let mut stream = match idle {
             Some(s) => s,
-            None => match self.connect(peer).await {
+            None => match self.connect(peer, deadline).await {
                 Ok(s) => s,
                 Err(e) => return fail_all(items, &e),
             },
         };
         let mut done = vec![false; items.len()];
         let transfer = self.receive(&mut stream, peer, grant, &mut items, &mut done);
-        let result = match tokio::time::timeout(self.cfg.io_timeout, transfer).await {
+        let bound = self
+            .cfg
+            .io_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let result = match tokio::time::timeout(bound, transfer).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::TimedOut {
                 peer: peer.to_string(),

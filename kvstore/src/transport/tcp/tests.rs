@@ -12,6 +12,10 @@ fn store(mib: u64) -> Arc<TieredStore> {
     )
 }
 
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
 fn key(i: u64) -> BlockKey {
     BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
 }
@@ -67,7 +71,7 @@ async fn pull(
             slot: r.expect("slot"),
         })
         .collect();
-    t.pull(endpoint, grant.id, items).await
+    t.pull(endpoint, grant.id, items, soon()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +222,9 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
                 .unwrap(),
         })
         .collect();
-    let pulled = t.pull(addr.to_string().as_bytes(), GrantId([1; 16]), items).await;
+    let pulled = t
+        .pull(addr.to_string().as_bytes(), GrantId([1; 16]), items, soon())
+        .await;
     server.await.unwrap();
     let ok: Vec<u32> = pulled
         .iter()

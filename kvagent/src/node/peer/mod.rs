@@ -1,0 +1,404 @@
+//! Transfers between node agents: the control channel (gRPC `kvtier.peer.v1.Peer`) on which a
+//! puller asks a source for a grant, and the pulling itself — reserve local slots, copy over a
+//! data transport, verify every checksum, commit, release the grant.
+
+mod service;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kvstore::block::checksum;
+use kvstore::transport::tcp::{TcpConfig, TcpTransport};
+use kvstore::transport::{GrantId, Grants, PullItem, Secret, Transport, TransportKind};
+use kvstore::{BlockKey, PutOutcome, TieredStore};
+use parking_lot::Mutex;
+use tonic::transport::Channel;
+
+use crate::config::PeerSection;
+use crate::metrics::Metrics;
+
+/// The generated protocol.
+#[expect(unreachable_pub, clippy::allow_attributes, reason = "generated code")]
+pub(crate) mod proto {
+    tonic::include_proto!("kvtier.peer.v1");
+}
+
+/// Why a pull failed as a whole. Blocks are never half-visible: what did not arrive intact is
+/// simply not stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PullError {
+    /// Peer transfers are not configured.
+    #[error("peer transfers need the cluster's shared secret (`peer.secret_file`) or `peer.insecure = true`")]
+    NoSecret,
+    /// The peer address is unusable.
+    #[error("bad peer address {0:?}: expected host:port")]
+    BadAddress(String),
+    /// The control call failed.
+    #[error("peer {peer}: {status}")]
+    Control {
+        /// The peer.
+        peer: String,
+        /// What it (or the channel) said.
+        status: String,
+    },
+    /// The peer chose a transport this agent does not have.
+    #[error("peer {peer} chose transport {transport:?}, which this agent does not offer")]
+    Transport {
+        /// The peer.
+        peer: String,
+        /// Its choice.
+        transport: String,
+    },
+    /// The deadline passed before the transfer could start.
+    #[error("peer {0}: deadline passed")]
+    TimedOut(String),
+}
+
+/// Peer transfers of one agent: serves its blocks (when `peer.listen` is set) and pulls from
+/// other agents for its engines.
+#[derive(Debug)]
+pub(crate) struct Peers {
+    store: Arc<TieredStore>,
+    metrics: Arc<Metrics>,
+    secret: Option<Secret>,
+    insecure: bool,
+    transports: Vec<Arc<dyn Transport>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The control address other agents reach this one at, if it serves.
+    advertise: Option<String>,
+    grants: Arc<Grants>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Peers {
+    /// Starts the transfer runtime and, when `cfg.listen` is set, the control and data servers.
+    pub(crate) fn start(
+        cfg: &PeerSection,
+        store: Arc<TieredStore>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.threads as usize)
+            .thread_name("kvagent-peer")
+            .enable_all()
+            .build()
+            .context("starting the peer transfer runtime")?;
+        let secret = cfg.load_secret()?;
+        let grants = Arc::new(Grants::new(
+            Arc::clone(&store),
+            Duration::from_secs(u64::from(cfg.grant_ttl_s)),
+            cfg.max_grants as usize,
+        ));
+        let tcp = TcpTransport::new(
+            Arc::clone(&store),
+            Some(Arc::clone(&grants)),
+            secret.clone(),
+            TcpConfig {
+                streams: cfg.streams as usize,
+                ..TcpConfig::default()
+            },
+        );
+        let transports: Vec<Arc<dyn Transport>> = cfg
+            .transports
+            .iter()
+            .filter_map(|t| TransportKind::from_name(t))
+            .filter(|k| *k == TransportKind::Tcp)
+            .map(|_| Arc::new(tcp.clone()) as Arc<dyn Transport>)
+            .collect();
+        let mut advertise = None;
+        if !cfg.listen.is_empty() {
+            let listen: SocketAddr = cfg.listen.parse().context("peer.listen")?;
+            let data: SocketAddr = if cfg.data_listen.is_empty() {
+                let port = listen
+                    .port()
+                    .checked_add(1)
+                    .context("peer.listen: no port after it for data")?;
+                SocketAddr::new(listen.ip(), if listen.port() == 0 { 0 } else { port })
+            } else {
+                cfg.data_listen.parse().context("peer.data_listen")?
+            };
+            let (control, data) = runtime.block_on(async {
+                let control = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the peer control channel to {listen}"))?;
+                let data = tokio::net::TcpListener::bind(data)
+                    .await
+                    .with_context(|| format!("binding the peer data plane to {data}"))?;
+                anyhow::Ok((control, data))
+            })?;
+            let control_addr = control.local_addr().context("peer control address")?;
+            let data_addr = {
+                let _guard = runtime.enter();
+                tcp.serve(data).context("serving the peer data plane")?
+            };
+            let svc = service::PeerService {
+                grants: Arc::clone(&grants),
+                transports: transports.clone(),
+                secret: secret.clone(),
+                metrics: Arc::clone(&metrics),
+            };
+            runtime.spawn(async move {
+                let incoming = tonic::transport::server::TcpIncoming::from(control).with_nodelay(Some(true));
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(proto::peer_server::PeerServer::new(svc))
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!(error = %e, "the peer control channel stopped");
+                }
+            });
+            let expiring = Arc::clone(&grants);
+            let period = Duration::from_secs(u64::from(cfg.grant_ttl_s))
+                .div_f32(2.0)
+                .max(Duration::from_millis(100));
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    let gone = expiring.expire();
+                    if gone > 0 {
+                        tracing::warn!(
+                            grants = gone,
+                            "peer grants expired unreleased (a puller died or gave up)"
+                        );
+                    }
+                }
+            });
+            let adv = advertised(&cfg.advertise, control_addr)?;
+            tracing::info!(control = %control_addr, data = %data_addr, advertise = %adv,
+                secret = secret.is_some(), "serving blocks to peers");
+            if secret.is_none() {
+                tracing::warn!(
+                    "peer transfers run without a shared secret (`peer.insecure`): any host that reaches the ports can read cached blocks"
+                );
+            }
+            advertise = Some(adv);
+        }
+        Ok(Arc::new(Self {
+            store,
+            metrics,
+            secret,
+            insecure: cfg.insecure,
+            transports,
+            channels: Mutex::new(HashMap::new()),
+            advertise,
+            grants,
+            runtime,
+        }))
+    }
+
+    /// The control address peers and engines are told, when this agent serves.
+    pub(crate) fn advertise(&self) -> Option<&str> {
+        self.advertise.as_deref()
+    }
+
+    /// Grants open now (blocks pinned for pullers).
+    pub(crate) fn grants_open(&self) -> usize {
+        self.grants.open()
+    }
+
+    /// [`Self::pull`] from a thread outside the runtime (an engine connection's thread).
+    pub(crate) fn pull_blocking(
+        &self,
+        peer: &str,
+        keys: &[BlockKey],
+        deadline: Instant,
+    ) -> Result<Vec<bool>, PullError> {
+        self.runtime.block_on(self.pull(peer, keys, deadline))
+    }
+
+    /// Copies the longest prefix of `keys` that `peer` holds (and this agent does not) into this
+    /// agent's tiers. Per key: whether this agent holds it afterwards.
+    pub(crate) async fn pull(
+        &self,
+        peer: &str,
+        keys: &[BlockKey],
+        deadline: Instant,
+    ) -> Result<Vec<bool>, PullError> {
+        if self.secret.is_none() && !self.insecure {
+            return Err(PullError::NoSecret);
+        }
+        let mut held = vec![false; keys.len()];
+        let local = self.store.lookup_prefix(keys).len;
+        held[..local].fill(true);
+        let want = &keys[local..];
+        let Some(first) = want.first() else {
+            return Ok(held);
+        };
+        let control = |status: String| PullError::Control {
+            peer: peer.to_owned(),
+            status,
+        };
+        let mut client = proto::peer_client::PeerClient::new(self.channel(peer)?);
+        let mut req = self.request(proto::GrantRequest {
+            namespace: first.namespace.as_bytes().to_vec(),
+            hashes: want.iter().map(|k| k.hash.as_bytes().to_vec()).collect(),
+            transports: self
+                .transports
+                .iter()
+                .map(|t| t.kind().name().to_owned())
+                .collect(),
+        });
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(PullError::TimedOut(peer.to_owned()));
+        }
+        req.set_timeout(remaining);
+        let grant = tokio::time::timeout(remaining, client.grant(req))
+            .await
+            .map_err(|_| PullError::TimedOut(peer.to_owned()))?
+            .map_err(|s| control(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        if grant.blocks.is_empty() {
+            return Ok(held);
+        }
+        if grant.blocks.len() > want.len() {
+            return Err(control(format!(
+                "granted {} blocks of {} asked",
+                grant.blocks.len(),
+                want.len()
+            )));
+        }
+        let id =
+            GrantId::from_slice(&grant.grant_id).ok_or_else(|| control("grant id is not 16 bytes".into()))?;
+        let result = self
+            .pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
+            .await;
+        // Best effort: an unreleased grant expires on its own.
+        let release = self.request(proto::ReleaseRequest {
+            grant_id: id.0.to_vec(),
+        });
+        self.runtime.spawn(async move {
+            let _ = client.release(release).await;
+        });
+        result.map(|()| held)
+    }
+
+    async fn pull_granted(
+        &self,
+        peer: &str,
+        grant: &proto::GrantResponse,
+        id: GrantId,
+        want: &[BlockKey],
+        held: &mut [bool],
+        deadline: Instant,
+    ) -> Result<(), PullError> {
+        let transport = self
+            .transports
+            .iter()
+            .find(|t| t.kind().name() == grant.transport)
+            .ok_or_else(|| PullError::Transport {
+                peer: peer.to_owned(),
+                transport: grant.transport.clone(),
+            })?;
+        let wanted: Vec<(BlockKey, u64)> = want.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
+        let mut items = Vec::with_capacity(wanted.len());
+        for (i, r) in self.store.reserve_batch(&wanted).into_iter().enumerate() {
+            match r {
+                Ok(slot) => items.push(PullItem {
+                    index: i as u32,
+                    remote_offset: grant.blocks[i].offset,
+                    slot,
+                }),
+                // Stored meanwhile (or being stored by an engine): nothing to pull.
+                Err(PutOutcome::AlreadyStored) => held[i] = true,
+                // No room: the rest of the prefix would be useless without this block.
+                Err(_) => break,
+            }
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let pulled = transport.pull(&grant.endpoint, id, items, deadline).await;
+        let (mut ok, mut bytes, mut corrupt, mut failed) = (Vec::new(), 0, 0, 0);
+        let mut first_error = None;
+        for mut p in pulled {
+            let i = p.index as usize;
+            match p.result {
+                Ok(())
+                    if checksum(self.store.host().reserved_mut(&mut p.slot)) == grant.blocks[i].checksum =>
+                {
+                    bytes += p.slot.len();
+                    held[i] = true;
+                    ok.push(p.slot);
+                }
+                Ok(()) => {
+                    corrupt += 1;
+                    self.store.abort(p.slot);
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                    self.store.abort(p.slot);
+                }
+            }
+        }
+        let n = ok.len() as u64;
+        self.store.commit_many(ok);
+        self.metrics.peer_pulled(n, bytes, corrupt, failed);
+        if corrupt > 0 {
+            tracing::warn!(
+                peer,
+                blocks = corrupt,
+                "pulled blocks failed their checksum; dropped"
+            );
+        }
+        if let Some(e) = first_error {
+            tracing::warn!(peer, pulled = n, failed, error = %e, "a peer transfer failed in part");
+        }
+        Ok(())
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(secret) = &self.secret {
+            if let Ok(v) = secret.token().parse() {
+                req.metadata_mut().insert(service::TOKEN_HEADER, v);
+            }
+        }
+        req
+    }
+
+    fn channel(&self, peer: &str) -> Result<Channel, PullError> {
+        if let Some(c) = self.channels.lock().get(peer) {
+            return Ok(c.clone());
+        }
+        if !peer.contains(':') || peer.contains('/') {
+            return Err(PullError::BadAddress(peer.to_owned()));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{peer}"))
+            .map_err(|_| PullError::BadAddress(peer.to_owned()))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .connect_lazy();
+        self.channels.lock().insert(peer.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// The advertised control address: `advertise`, else the bound address with a wildcard host
+/// replaced by what the host name resolves to.
+fn advertised(advertise: &str, bound: SocketAddr) -> anyhow::Result<String> {
+    if !advertise.is_empty() {
+        return Ok(advertise.to_owned());
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound.to_string());
+    }
+    let host = crate::config::host_name().context("reading the host name for `peer.advertise`")?;
+    let addr = (host.as_str(), bound.port())
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| !a.ip().is_loopback() && a.is_ipv4()))
+        .with_context(|| {
+            format!(
+                "`peer.listen` is a wildcard address and the host name {host:?} resolves to no \
+                 routable address: set `peer.advertise`"
+            )
+        })?;
+    Ok(addr.to_string())
+}

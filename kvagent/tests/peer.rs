@@ -1,0 +1,333 @@
+//! Node agents pulling blocks from each other through the real binary: byte-exact transfers,
+//! the shared secret, dead peers, and — in network namespaces joined by a veth pair that the
+//! test makes — a source killed in the middle of a transfer over a rate-limited link.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AGENT_WAIT, Agent, free_port, hash, ns, payload, socket_dir};
+use kvstore::client::{Client, ClientConfig, ClientError, SaveOutcome};
+use kvstore::wire::ErrorCode;
+use kvstore::{BlockHash, Namespace};
+
+fn write_secret(dir: &Path, name: &str, secret: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, secret).unwrap();
+    path.display().to_string()
+}
+
+/// Stores blocks through `client` (reserve, copy, commit), as an engine does.
+fn save(client: &Client, ns: &Namespace, blocks: &[(BlockHash, Vec<u8>)]) {
+    let items: Vec<(BlockHash, &[u8])> = blocks.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+    for o in client.save(ns, &items).unwrap() {
+        assert_eq!(o, SaveOutcome::Stored);
+    }
+}
+
+/// How many of `blocks` `client`'s agent holds, each checked byte for byte.
+fn held_exact(client: &Client, ns: &Namespace, blocks: &[(BlockHash, Vec<u8>)]) -> usize {
+    let mut held = 0;
+    for (h, data) in blocks {
+        let mut buf = vec![0u8; data.len()];
+        let got = client
+            .load(ns, std::slice::from_ref(h), &mut [buf.as_mut_slice()])
+            .unwrap();
+        if got[0].is_some() {
+            assert!(buf == *data, "a pulled block differs from its source");
+            held += 1;
+        }
+    }
+    held
+}
+
+fn blocks(seed: u64, n: u64) -> Vec<(BlockHash, Vec<u8>)> {
+    (0..n).map(|i| (hash(seed, i), payload(seed, i))).collect()
+}
+
+fn pull_client(agent: &Agent) -> Client {
+    Client::connect(ClientConfig {
+        timeout: Duration::from_secs(20),
+        ..ClientConfig::new(&agent.socket)
+    })
+    .unwrap()
+}
+
+fn refused(r: Result<Vec<bool>, ClientError>) -> String {
+    match r {
+        Err(ClientError::Refused {
+            code: ErrorCode::PeerFailed,
+            message,
+            ..
+        }) => message,
+        other => panic!("expected a peer failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn pulls_over_loopback_are_exact_and_need_the_shared_secret() {
+    let dir = socket_dir();
+    let right = write_secret(dir.path(), "right", "cluster-secret\n");
+    let wrong = write_secret(dir.path(), "wrong", "another-cluster");
+    let port = free_port();
+    let peer = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let source = Agent::start(
+        &dir.path().join("a.sock"),
+        &["--peer-listen", &listen, "--peer-secret-file", &right],
+    );
+    let puller = Agent::start(&dir.path().join("b.sock"), &["--peer-secret-file", &right]);
+    let ns = ns("peer-loopback");
+    let data = blocks(1, 30);
+    save(&source.client(), &ns, &data);
+    assert_eq!(source.stats()["peer"]["address"], peer.as_str());
+
+    // A prefix the source holds 30 blocks of, plus two it does not.
+    let mut hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    hashes.extend([hash(1, 1000), hash(1, 1001)]);
+    let c = pull_client(&puller);
+    let held = c.pull(&peer, &ns, &hashes).unwrap();
+    assert_eq!(held, [vec![true; 30], vec![false; 2]].concat());
+    assert_eq!(held_exact(&c, &ns, &data), 30);
+    source.wait_for("the grant released", |s| s["peer"]["grants_open"] == 0);
+    // Held already: nothing moves, every block reported held.
+    assert_eq!(c.pull(&peer, &ns, &hashes[..30]).unwrap(), vec![true; 30]);
+
+    // Another cluster's secret: refused, nothing stored, the connection still serves.
+    let intruder = Agent::start(&dir.path().join("c.sock"), &["--peer-secret-file", &wrong]);
+    let ic = pull_client(&intruder);
+    let msg = refused(ic.pull(&peer, &ns, &hashes));
+    assert!(msg.contains("different shared secret"), "{msg}");
+    assert_eq!(held_exact(&ic, &ns, &data), 0);
+    assert!(ic.stats().is_ok());
+
+    // No secret at all and not explicitly insecure: the agent will not pull.
+    let bare = Agent::start(&dir.path().join("d.sock"), &[]);
+    let msg = refused(pull_client(&bare).pull(&peer, &ns, &hashes));
+    assert!(msg.contains("peer.secret_file"), "{msg}");
+
+    // A dead source: a peer failure, soon, and the puller keeps serving.
+    drop(source);
+    let started = Instant::now();
+    let fresh = blocks(2, 4);
+    let fresh_hashes: Vec<BlockHash> = fresh.iter().map(|(h, _)| *h).collect();
+    let msg = refused(c.pull(&peer, &ns, &fresh_hashes));
+    assert!(started.elapsed() < Duration::from_secs(10), "{msg}");
+    assert_eq!(held_exact(&c, &ns, &fresh), 0);
+    assert_eq!(held_exact(&c, &ns, &data), 30);
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct Netns {
+    names: [String; 2],
+    addrs: [String; 2],
+    veth: String,
+}
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let id = std::process::id() % 50_000;
+        let names = [format!("kvt{id}a"), format!("kvt{id}b")];
+        let subnet = 10 + id % 200;
+        let addrs = [format!("10.{subnet}.77.1"), format!("10.{subnet}.77.2")];
+        let veth = format!("kvt{id}v");
+        let me = Self { names, addrs, veth };
+        let run = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let peer_end = format!("{}p", me.veth);
+        for (i, name) in me.names.iter().enumerate() {
+            run(&["netns", "add", name])?;
+            run(&["-n", name, "link", "set", "lo", "up"])?;
+            let _ = i;
+        }
+        run(&[
+            "link",
+            "add",
+            &me.veth,
+            "netns",
+            &me.names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_end,
+            "netns",
+            &me.names[1],
+        ])?;
+        for (i, (name, dev)) in me.names.iter().zip([&me.veth, &peer_end]).enumerate() {
+            run(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{}/24", me.addrs[i]),
+                "dev",
+                dev,
+            ])?;
+            run(&["-n", name, "link", "set", dev, "up"])?;
+        }
+        Ok(me)
+    }
+
+    fn exec(&self, i: usize) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.names[i]]
+    }
+
+    /// Limits what namespace 0 sends to `rate` (None: no limit).
+    fn limit(&self, rate: Option<&str>) {
+        let mut args = vec![
+            "-n",
+            &self.names[0],
+            "qdisc",
+            "replace",
+            "dev",
+            &self.veth,
+            "root",
+        ];
+        match rate {
+            Some(r) => args.extend(["tbf", "rate", r, "burst", "64kb", "latency", "200ms"]),
+            None => args.extend(["pfifo_fast"]),
+        }
+        let st = Command::new("tc").args(&args).status().expect("tc");
+        assert!(st.success(), "tc {args:?}");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[test]
+fn agents_in_separate_network_namespaces() {
+    let net = match Netns::create() {
+        Ok(n) => n,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("KVSTORE_TEST_STRICT").is_none(),
+                "network namespaces are required here: {reason}"
+            );
+            eprintln!(
+                "SKIPPED agents_in_separate_network_namespaces: cannot make network namespaces ({reason})"
+            );
+            return;
+        }
+    };
+    let dir = socket_dir();
+    let right = write_secret(dir.path(), "right", "ns-cluster");
+    let wrong = write_secret(dir.path(), "wrong", "ns-intruder");
+    let listen = format!("{}:9471", net.addrs[0]);
+    let peer = listen.clone();
+    let source_args = [
+        "--peer-listen",
+        &listen,
+        "--peer-secret-file",
+        &right,
+        "--host-size",
+        "160MiB",
+    ];
+    let mut source = Agent::start_in(&net.exec(0), &dir.path().join("a.sock"), &source_args);
+    let puller = Agent::start_in(
+        &net.exec(1),
+        &dir.path().join("b.sock"),
+        &["--peer-secret-file", &right, "--host-size", "160MiB"],
+    );
+    let intruder = Agent::start_in(
+        &net.exec(1),
+        &dir.path().join("c.sock"),
+        &["--peer-secret-file", &wrong],
+    );
+
+    // Byte-exact across the veth pair.
+    let small_ns = ns("peer-netns-small");
+    let small = blocks(3, 40);
+    save(&source.client(), &small_ns, &small);
+    let hashes: Vec<BlockHash> = small.iter().map(|(h, _)| *h).collect();
+    let c = pull_client(&puller);
+    assert_eq!(c.pull(&peer, &small_ns, &hashes).unwrap(), vec![true; 40]);
+    assert_eq!(held_exact(&c, &small_ns, &small), 40);
+
+    // Wrong secret from the other namespace: refused, nothing stored.
+    let ic = pull_client(&intruder);
+    let msg = refused(ic.pull(&peer, &small_ns, &hashes));
+    assert!(msg.contains("different shared secret"), "{msg}");
+    assert_eq!(held_exact(&ic, &small_ns, &small), 0);
+
+    // 48 blocks of 1 MiB over a 200 Mbit/s link take about 2 s: the source is killed once the
+    // grant is open, part way through.
+    let big_ns = ns("peer-netns-big");
+    let big: Vec<(BlockHash, Vec<u8>)> = (0..48u64)
+        .map(|i| {
+            (
+                hash(4, i),
+                payload(4, i).repeat(1 << 20 >> 14)[..1 << 20].to_vec(),
+            )
+        })
+        .collect();
+    save(&source.client(), &big_ns, &big);
+    let big_hashes: Vec<BlockHash> = big.iter().map(|(h, _)| *h).collect();
+    net.limit(Some("200mbit"));
+    let pulling = {
+        let socket = puller.socket.clone();
+        let big_hashes = big_hashes.clone();
+        let peer = peer.clone();
+        std::thread::spawn(move || {
+            let c = Client::connect(ClientConfig {
+                timeout: Duration::from_secs(20),
+                ..ClientConfig::new(&socket)
+            })
+            .unwrap();
+            c.pull(&peer, &big_ns, &big_hashes)
+        })
+    };
+    let until = Instant::now() + AGENT_WAIT;
+    while source.stats()["peer"]["grants_open"] != 1 {
+        assert!(Instant::now() < until, "the pull never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    source.kill9();
+    let result = pulling.join().unwrap();
+    let held = held_exact(&c, &big_ns, &big);
+    match result {
+        Ok(flags) => {
+            let n = flags.iter().filter(|f| **f).count();
+            assert!(
+                n < 48,
+                "the transfer finished before the source died: make it slower"
+            );
+            assert_eq!(
+                held, n,
+                "the puller holds exactly the blocks it reported, all intact"
+            );
+        }
+        Err(e) => {
+            let msg = refused(Err(e));
+            assert_eq!(held, 0, "{msg}");
+        }
+    }
+    // The earlier transfer is untouched, and the puller recovers once a source is back.
+    assert_eq!(held_exact(&c, &small_ns, &small), 40);
+    net.limit(None);
+    source.restart();
+    save(&source.client(), &big_ns, &big);
+    assert_eq!(c.pull(&peer, &big_ns, &big_hashes).unwrap(), vec![true; 48]);
+    assert_eq!(held_exact(&c, &big_ns, &big), 48);
+}
