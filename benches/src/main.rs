@@ -8,6 +8,7 @@ mod host;
 mod index;
 mod local;
 mod report;
+mod transfer;
 
 use std::path::PathBuf;
 
@@ -35,6 +36,8 @@ enum Command {
     E2e(e2e::E2eArgs),
     /// The cluster index: ingest and score in process and over gRPC, next to Dynamo's radix tree.
     Index(index::IndexArgs),
+    /// Blocks pulled between two processes over loopback, next to Mooncake and NIXL.
+    Transfer(transfer::TransferArgs),
 }
 
 /// Options of `kvbench tiers`.
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
         Command::Local(args) => local::run(&args),
         Command::E2e(args) => e2e::run(&args),
         Command::Index(args) => index::run(&args),
+        Command::Transfer(args) => transfer::run(&args),
     }
 }
 

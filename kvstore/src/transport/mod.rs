@@ -112,6 +112,14 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
+    /// The block arrived but its bytes do not match the grant's checksum.
+    #[error("block {index} from {peer} failed its checksum")]
+    Checksum {
+        /// The peer's data endpoint.
+        peer: String,
+        /// The block's grant index.
+        index: u32,
+    },
     /// The transfer did not finish before its deadline.
     #[error("transfer from {peer} timed out")]
     TimedOut {
@@ -127,19 +135,21 @@ pub struct PullItem {
     pub index: u32,
     /// Where the source's arena holds it (for one-sided transports).
     pub remote_offset: u64,
+    /// The grant's checksum of the block: the transport verifies what it wrote against it.
+    pub checksum: u64,
     /// The local slot, reserved for exactly the block's length.
     pub slot: Reservation,
 }
 
-/// What became of one [`PullItem`]: its slot back, and whether the bytes arrived (not yet
-/// checksummed: that is the caller's, for every transport alike).
+/// What became of one [`PullItem`]: its slot back, and whether the bytes arrived intact
+/// (checksum verified).
 #[derive(Debug)]
 pub struct Pulled {
     /// The item's grant index.
     pub index: u32,
     /// The slot, to commit or abort.
     pub slot: Reservation,
-    /// `Ok` when the transport wrote the whole block into the slot.
+    /// `Ok` when the whole block is in the slot and matches its checksum.
     pub result: Result<(), TransportError>,
 }
 
@@ -167,6 +177,13 @@ pub trait Transport: Send + Sync + fmt::Debug {
         items: Vec<PullItem>,
         deadline: Instant,
     ) -> BoxFuture<'a, Vec<Pulled>>;
+}
+
+/// Whether a slot's bytes match `expected` (every transport verifies this before reporting a
+/// block as pulled; the TCP backend does it per block as it arrives, while the bytes are still
+/// in cache).
+pub(crate) fn verify(store: &crate::TieredStore, slot: &mut Reservation, expected: u64) -> bool {
+    crate::block::checksum(store.host().reserved_mut(slot)) == expected
 }
 
 /// Every item failed with `err` (a transfer that could not start).

@@ -10,7 +10,7 @@
 //! and reused for later pulls from the same peer; any error drops the connection.
 
 use std::collections::HashMap;
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,10 @@ const VERSION: u16 = 1;
 const HELLO_LEN: usize = 8 + MAC_LEN;
 const FLAG_SECRET: u16 = 1;
 const REPLY_HEADER: usize = 9;
+/// Blocks per gather write on the source.
+const WRITE_BATCH: usize = 64;
+/// Bytes below which a pull is not spread over another stream.
+const MIN_STREAM_BYTES: u64 = 256 << 10;
 
 const STATUS_OK: u8 = 0;
 const STATUS_NO_BLOCK: u8 = 1;
@@ -151,8 +155,22 @@ impl Transport for TcpTransport {
                 Ok(p) => p,
                 Err(e) => return fail_all(items, &e),
             };
+            let total: u64 = items.iter().map(|i| i.slot.len()).sum();
+            // A stream per MIN_STREAM_BYTES at most: a small pull gains nothing from more
+            // streams and pays their wake-ups.
+            let streams = self
+                .inner
+                .cfg
+                .streams
+                .clamp(1, total.div_ceil(MIN_STREAM_BYTES).max(1) as usize);
+            let mut chunks = split_by_bytes(items, streams);
+            if chunks.len() == 1 {
+                // One stream: on this task, with no hop to another worker.
+                let chunk = chunks.pop().expect("one chunk");
+                return self.inner.pull_chunk(peer, grant, chunk, deadline).await;
+            }
             let mut tasks = Vec::new();
-            for chunk in split_by_bytes(items, self.inner.cfg.streams.max(1)) {
+            for chunk in chunks {
                 let inner = Arc::clone(&self.inner);
                 tasks.push(tokio::spawn(async move {
                     inner.pull_chunk(peer, grant, chunk, deadline).await
@@ -198,8 +216,8 @@ impl Inner {
         let mut indices = Vec::new();
         loop {
             let mut head = [0u8; 20];
-            match s.read_exact(&mut head).await {
-                Ok(_) => {}
+            match read_polling(&mut s, &mut head, SPIN).await {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -219,23 +237,27 @@ impl Inner {
                     .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
             );
             let entry = self.grants.as_ref().and_then(|g| g.get(&grant));
-            for &i in &indices {
-                let mut header = [0u8; REPLY_HEADER];
-                let data = match &entry {
-                    None => {
-                        header[0] = STATUS_UNKNOWN_GRANT;
-                        &[][..]
+            // Several blocks per system call: their headers and payloads as one gather list.
+            for group in indices.chunks(WRITE_BATCH) {
+                let mut headers = [[0u8; REPLY_HEADER]; WRITE_BATCH];
+                let mut datas: [&[u8]; WRITE_BATCH] = [&[]; WRITE_BATCH];
+                for (j, &i) in group.iter().enumerate() {
+                    let (status, data) = match &entry {
+                        None => (STATUS_UNKNOWN_GRANT, &[][..]),
+                        Some(e) => e.block(i).map_or((STATUS_NO_BLOCK, &[][..]), |d| (STATUS_OK, d)),
+                    };
+                    headers[j][0] = status;
+                    headers[j][1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+                    datas[j] = data;
+                }
+                let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * group.len());
+                for (h, d) in headers.iter().zip(&datas).take(group.len()) {
+                    slices.push(IoSlice::new(h));
+                    if !d.is_empty() {
+                        slices.push(IoSlice::new(d));
                     }
-                    Some(e) => match e.block(i) {
-                        None => {
-                            header[0] = STATUS_NO_BLOCK;
-                            &[][..]
-                        }
-                        Some(d) => d,
-                    },
-                };
-                header[1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
-                write_both(&mut s, &header, data).await?;
+                }
+                write_all_vectored(&mut s, &mut slices).await?;
             }
         }
     }
@@ -298,7 +320,7 @@ impl Inner {
                 Err(e) => return fail_all(items, &e),
             },
         };
-        let mut done = vec![false; items.len()];
+        let mut done: Vec<Option<Result<(), TransportError>>> = vec![None; items.len()];
         let transfer = self.receive(&mut stream, peer, grant, &mut items, &mut done);
         let bound = self
             .cfg
@@ -324,13 +346,13 @@ impl Inner {
         items
             .into_iter()
             .zip(done)
-            .map(|(item, ok)| Pulled {
+            .map(|(item, outcome)| Pulled {
                 index: item.index,
                 slot: item.slot,
-                result: match (&err, ok) {
-                    (_, true) => Ok(()),
-                    (Some(e), false) => Err(e.clone()),
-                    (None, false) => Err(TransportError::Protocol {
+                result: match (outcome, &err) {
+                    (Some(r), _) => r,
+                    (None, Some(e)) => Err(e.clone()),
+                    (None, None) => Err(TransportError::Protocol {
                         peer: peer.to_string(),
                         reason: "block not sent".into(),
                     }),
@@ -347,7 +369,7 @@ impl Inner {
         peer: SocketAddr,
         grant: GrantId,
         items: &mut [PullItem],
-        done: &mut [bool],
+        done: &mut [Option<Result<(), TransportError>>],
     ) -> Result<(), TransportError> {
         let io = |e: std::io::Error| TransportError::Io {
             peer: peer.to_string(),
@@ -361,15 +383,31 @@ impl Inner {
         }
         s.write_all(&req).await.map_err(io)?;
         let mut answer_err = None;
-        for (item, done) in items.iter_mut().zip(done.iter_mut()) {
-            let mut header = [0u8; REPLY_HEADER];
-            s.read_exact(&mut header).await.map_err(io)?;
+        let mut header = [0u8; REPLY_HEADER];
+        // Bytes of the current header already read along with the previous payload.
+        let mut have = 0;
+        let last = items.len().saturating_sub(1);
+        for (n, (item, done)) in items.iter_mut().zip(done.iter_mut()).enumerate() {
+            read_polling(s, &mut header[have..], SPIN).await.map_err(io)?;
+            have = 0;
             let len = u64::from_le_bytes(header[1..].try_into().expect("8 bytes"));
             match header[0] {
                 STATUS_OK if len == item.slot.len() => {
                     let dst = self.store.host().reserved_mut(&mut item.slot);
-                    s.read_exact(dst).await.map_err(io)?;
-                    *done = true;
+                    let mut next = [0u8; REPLY_HEADER];
+                    let next_len = if n < last { REPLY_HEADER } else { 0 };
+                    have = read_with_next(s, dst, &mut next[..next_len], SPIN)
+                        .await
+                        .map_err(io)?;
+                    header[..have].copy_from_slice(&next[..have]);
+                    *done = Some(if super::verify(&self.store, &mut item.slot, item.checksum) {
+                        Ok(())
+                    } else {
+                        Err(TransportError::Checksum {
+                            peer: peer.to_string(),
+                            index: item.index,
+                        })
+                    });
                 }
                 STATUS_OK => {
                     return Err(TransportError::Protocol {
@@ -402,27 +440,82 @@ impl Inner {
         }
         // A refused block leaves the stream in step: the connection is still good.
         match answer_err {
-            Some(e) if !done.iter().any(|d| *d) => Err(e),
+            Some(e) if done.iter().all(Option::is_none) => Err(e),
             _ => Ok(()),
         }
     }
 }
 
-/// Writes `a` then `b` with as few system calls as the kernel allows.
-async fn write_both(s: &mut TcpStream, a: &[u8], b: &[u8]) -> std::io::Result<()> {
-    let (mut ia, mut ib) = (0, 0);
-    while ia < a.len() {
-        let n = s
-            .write_vectored(&[IoSlice::new(&a[ia..]), IoSlice::new(&b[ib..])])
-            .await?;
+/// How long a reader polls its socket before sleeping until the kernel wakes it. An answer
+/// (or the next request of a pull) usually comes within tens of microseconds, and waking a
+/// sleeping thread costs about as much again on each side.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// `read_exact` that first polls the socket for up to `spin`, then waits for readiness.
+async fn read_polling(s: &mut TcpStream, mut buf: &mut [u8], spin: Duration) -> std::io::Result<()> {
+    let started = Instant::now();
+    while !buf.is_empty() {
+        match s.try_read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if started.elapsed() < spin {
+                    std::hint::spin_loop();
+                } else {
+                    s.readable().await?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes every slice, with as few system calls as the kernel allows.
+async fn write_all_vectored(s: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = s.write_vectored(slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let from_a = n.min(a.len() - ia);
-        ia += from_a;
-        ib += n - from_a;
+        IoSlice::advance_slices(&mut slices, n);
     }
-    s.write_all(&b[ib..]).await
+    Ok(())
+}
+
+/// Fills `a` and reads what else has arrived into `b`, polling first like [`read_polling`];
+/// returns how many bytes of `b` were filled. Reading the next block's header with the end of
+/// this block's payload saves a system call per block.
+async fn read_with_next(
+    s: &mut TcpStream,
+    a: &mut [u8],
+    b: &mut [u8],
+    spin: Duration,
+) -> std::io::Result<usize> {
+    let started = Instant::now();
+    let (mut got_a, mut got_b) = (0, 0);
+    while got_a < a.len() {
+        let want_a = a.len() - got_a;
+        let mut bufs = [IoSliceMut::new(&mut a[got_a..]), IoSliceMut::new(&mut b[got_b..])];
+        match s.try_read_vectored(&mut bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                got_a += n.min(want_a);
+                got_b += n.saturating_sub(want_a);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if started.elapsed() < spin {
+                    std::hint::spin_loop();
+                } else {
+                    s.readable().await?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got_b)
 }
 
 fn parse_endpoint(endpoint: &[u8]) -> Result<SocketAddr, TransportError> {

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kvstore::block::checksum;
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
-use kvstore::transport::{GrantId, Grants, PullItem, Secret, Transport, TransportKind};
+use kvstore::transport::{GrantId, Grants, PullItem, Secret, Transport, TransportError, TransportKind};
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
 use tonic::transport::Channel;
@@ -301,6 +300,7 @@ impl Peers {
                 Ok(slot) => items.push(PullItem {
                     index: i as u32,
                     remote_offset: grant.blocks[i].offset,
+                    checksum: grant.blocks[i].checksum,
                     slot,
                 }),
                 // Stored meanwhile (or being stored by an engine): nothing to pull.
@@ -315,17 +315,14 @@ impl Peers {
         let pulled = transport.pull(&grant.endpoint, id, items, deadline).await;
         let (mut ok, mut bytes, mut corrupt, mut failed) = (Vec::new(), 0, 0, 0);
         let mut first_error = None;
-        for mut p in pulled {
-            let i = p.index as usize;
+        for p in pulled {
             match p.result {
-                Ok(())
-                    if checksum(self.store.host().reserved_mut(&mut p.slot)) == grant.blocks[i].checksum =>
-                {
+                Ok(()) => {
                     bytes += p.slot.len();
-                    held[i] = true;
+                    held[p.index as usize] = true;
                     ok.push(p.slot);
                 }
-                Ok(()) => {
+                Err(TransportError::Checksum { .. }) => {
                     corrupt += 1;
                     self.store.abort(p.slot);
                 }

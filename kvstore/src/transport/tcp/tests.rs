@@ -68,6 +68,7 @@ async fn pull(
         .map(|(i, r)| PullItem {
             index: i as u32,
             remote_offset: grant.blocks[i].offset,
+            checksum: grant.blocks[i].checksum,
             slot: r.expect("slot"),
         })
         .collect();
@@ -167,7 +168,7 @@ async fn a_malformed_request_closes_only_its_connection() {
 /// others arrive, and the puller's transport keeps working for the next pull.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_dying_mid_block_fails_only_its_stream() {
-    let len = 64 * 1024;
+    let len = 256 * 1024;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -215,6 +216,7 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
         .map(|i| PullItem {
             index: i,
             remote_offset: 0,
+            checksum: checksum(&payload(u64::from(i), len)),
             slot: dst
                 .reserve_batch(&[(key(u64::from(i)), len as u64)])
                 .pop()
@@ -264,6 +266,7 @@ fn streams_get_contiguous_runs_of_about_equal_bytes() {
         .map(|i| PullItem {
             index: i,
             remote_offset: 0,
+            checksum: 0,
             slot: s
                 .reserve_batch(&[(key(u64::from(i)), 4096)])
                 .pop()
@@ -278,5 +281,27 @@ fn streams_get_contiguous_runs_of_about_equal_bytes() {
     assert_eq!(order, (0..10).collect::<Vec<_>>());
     for item in runs.into_iter().flatten() {
         s.abort(item.slot);
+    }
+}
+
+/// A block whose bytes do not match the grant's checksum is reported as such, alone; the
+/// stream stays in step for the blocks after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_failing_its_checksum_fails_alone() {
+    let (grants, src, _) = source(3, 8192, None).await;
+    let keys = [key(0), key(1), key(2)];
+    let mut grant = grants.grant(&keys).unwrap();
+    grant.blocks[1].checksum ^= 1;
+    let (dst, t) = puller(None, 1);
+    let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys).await;
+    let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
+    assert_eq!(results[0], Ok(()));
+    assert!(
+        matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
+        "{results:?}"
+    );
+    assert_eq!(results[2], Ok(()));
+    for p in pulled {
+        dst.abort(p.slot);
     }
 }

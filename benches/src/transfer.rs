@@ -1,0 +1,504 @@
+//! `kvbench transfer`: blocks pulled from another process's arena over loopback by kvtier's
+//! transports, next to Mooncake Transfer Engine (TCP) and NIXL (UCX over TCP and shared memory)
+//! moving the same blocks in the same run (`benches/peers/`).
+//!
+//! kvtier's side runs two processes like the peers: this one pulls, and a child (`kvbench
+//! transfer --serve`) is the source, holding the blocks in its arena and answering grant
+//! requests on a pipe. A timed batch is what a decode agent does after the control call:
+//! reserve a slot per block, have the transport copy the blocks into them, and verify every
+//! block's checksum. The grant (pinning and checksumming on the source, one control round trip)
+//! is made once per configuration, outside the timed loop, as the peers prepare their
+//! descriptors once; its cost is printed separately.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use kvstore::transport::tcp::{TcpConfig, TcpTransport};
+use kvstore::transport::{Grant, GrantId, Grants, PullItem, Secret, Transport};
+use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
+use serde::{Deserialize, Serialize};
+
+/// Options of `kvbench transfer`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct TransferArgs {
+    /// Fewer and shorter timed loops (same matrix unless narrowed).
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Block sizes in KiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+    pub(crate) block_kib: Vec<u64>,
+    /// Blocks per batch.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    pub(crate) batches: Vec<usize>,
+    /// Parallel TCP streams per pull.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) streams: usize,
+    /// Skip Mooncake and NIXL (they run when their venvs exist: `benches/peers/setup-*.sh`).
+    #[arg(long)]
+    pub(crate) no_peers: bool,
+    /// Run as the source process (internal).
+    #[arg(long, hide = true)]
+    pub(crate) serve: bool,
+    /// Arena bytes of each process (internal, for `--serve`).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub(crate) arena: u64,
+}
+
+const SECRET: &[u8] = b"kvbench-transfer";
+
+fn namespace() -> Namespace {
+    Namespace::builder("kvbench-transfer").build()
+}
+
+fn key(tag: u64, i: u64) -> BlockKey {
+    BlockKey::new(namespace(), BlockHash::from_u64(tag << 32 | i))
+}
+
+/// A request on the control pipe.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Ask {
+    /// Store `batch` blocks of `block` bytes under `tag` (dropping the previous tag's).
+    Fill { tag: u64, block: u64, batch: u64 },
+    /// Grant the tag's blocks.
+    Grant { tag: u64, batch: u64 },
+    /// Release a grant.
+    Release { id: Vec<u8> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GrantAnswer {
+    id: Vec<u8>,
+    blocks: Vec<(u64, u64, u64)>,
+    grant_us: f64,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    pub(crate) system: String,
+    pub(crate) transport: String,
+    pub(crate) op: String,
+    pub(crate) block_bytes: u64,
+    pub(crate) batch: usize,
+    pub(crate) iters: usize,
+    pub(crate) gbps: Option<f64>,
+    pub(crate) per_block_us: Option<f64>,
+    pub(crate) grant_us: Option<f64>,
+    pub(crate) verified: bool,
+}
+
+fn arena_bytes(args: &TransferArgs) -> u64 {
+    let largest = args
+        .block_kib
+        .iter()
+        .flat_map(|b| args.batches.iter().map(move |n| b * 1024 * *n as u64))
+        .max()
+        .unwrap_or(0);
+    // Slabs of one size class each: room for the batch plus a slab of every other class.
+    largest + largest / 4 + (64 << 20)
+}
+
+pub(crate) fn run(args: &TransferArgs) -> Result<()> {
+    if args.serve {
+        return serve(args.arena);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let arena = arena_bytes(args);
+    let mut source = Source::spawn(arena)?;
+    let store = Arc::new(open_store(arena)?);
+    let transport = TcpTransport::new(
+        Arc::clone(&store),
+        None,
+        Secret::new(SECRET),
+        TcpConfig {
+            streams: args.streams,
+            ..TcpConfig::default()
+        },
+    );
+    let mut rows = Vec::new();
+    let mut tag = 0;
+    for &kib in &args.block_kib {
+        for &batch in &args.batches {
+            tag += 1;
+            let block = kib * 1024;
+            source.ask::<serde_json::Value>(&Ask::Fill {
+                tag,
+                block,
+                batch: batch as u64,
+            })?;
+            let grant: GrantAnswer = source.ask(&Ask::Grant {
+                tag,
+                batch: batch as u64,
+            })?;
+            let row = runtime.block_on(measure(
+                &store,
+                &transport,
+                &source.endpoint,
+                &grant,
+                tag,
+                block,
+                batch,
+                args.quick,
+            ))?;
+            source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
+            eprintln!(
+                "kvtier tcp pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
+                kib,
+                batch,
+                row.gbps.unwrap_or(0.0),
+                row.per_block_us.unwrap_or(0.0)
+            );
+            rows.push(row);
+        }
+    }
+    drop(source);
+    let mut peers = serde_json::Map::new();
+    if !args.no_peers {
+        for (name, venv, script) in [
+            (
+                "mooncake",
+                "target/venv-mooncake",
+                "benches/peers/mooncake_bench.py",
+            ),
+            ("nixl", "target/venv-nixl", "benches/peers/nixl_bench.py"),
+        ] {
+            match run_peer(name, Path::new(venv), Path::new(script), args) {
+                Ok((record, peer_rows)) => {
+                    rows.extend(peer_rows);
+                    peers.insert(name.into(), record);
+                }
+                Err(e) => {
+                    eprintln!("{name}: skipped ({e:#})");
+                    peers.insert(name.into(), serde_json::json!({ "skipped": format!("{e:#}") }));
+                }
+            }
+        }
+    }
+    print_table(&rows, args);
+    let all_verified = rows.iter().all(|r| r.verified);
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "bench": "transfer",
+            "quick": args.quick,
+            "streams": args.streams,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "rows": rows,
+            "peers": peers,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if !all_verified {
+        bail!("a configuration moved wrong bytes or failed");
+    }
+    Ok(())
+}
+
+#[expect(clippy::too_many_arguments, reason = "one configuration's parameters")]
+async fn measure(
+    store: &Arc<TieredStore>,
+    transport: &TcpTransport,
+    endpoint: &str,
+    grant: &GrantAnswer,
+    tag: u64,
+    block: u64,
+    batch: usize,
+    quick: bool,
+) -> Result<Row> {
+    let id = GrantId::from_slice(&grant.id).context("grant id")?;
+    if grant.blocks.len() != batch {
+        bail!("the source granted {} of {batch} blocks", grant.blocks.len());
+    }
+    let (warmup, min_iters, min_time, max_time) = if quick {
+        (1, 3, Duration::from_millis(200), Duration::from_secs(2))
+    } else {
+        (2, 5, Duration::from_secs(1), Duration::from_secs(5))
+    };
+    let wanted: Vec<(BlockKey, u64)> = (0..batch as u64).map(|i| (key(tag, i), block)).collect();
+    let mut times = Vec::new();
+    let started = Instant::now();
+    let mut verified = true;
+    let mut i = 0;
+    loop {
+        let t0 = Instant::now();
+        let items: Vec<PullItem> = store
+            .reserve_batch(&wanted)
+            .into_iter()
+            .enumerate()
+            .map(|(j, r)| {
+                Ok(PullItem {
+                    index: j as u32,
+                    remote_offset: grant.blocks[j].0,
+                    checksum: grant.blocks[j].2,
+                    slot: r.map_err(|o| anyhow::anyhow!("no local slot: {o:?}"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let pulled = transport
+            .pull(
+                endpoint.as_bytes(),
+                id,
+                items,
+                Instant::now() + Duration::from_secs(60),
+            )
+            .await;
+        let mut slots = Vec::with_capacity(pulled.len());
+        for p in pulled {
+            // The transport verified each block's checksum as it arrived.
+            verified &= p.result.is_ok();
+            slots.push(p.slot);
+        }
+        let took = t0.elapsed();
+        for s in slots {
+            store.abort(s);
+        }
+        if !verified {
+            break;
+        }
+        i += 1;
+        if i > warmup {
+            times.push(took);
+        }
+        let elapsed = started.elapsed();
+        if (times.len() >= min_iters && elapsed >= min_time) || elapsed >= max_time {
+            break;
+        }
+    }
+    times.sort_unstable();
+    let p50 = times.get(times.len() / 2).copied();
+    Ok(Row {
+        system: "kvtier".into(),
+        transport: "tcp".into(),
+        op: "pull".into(),
+        block_bytes: block,
+        batch,
+        iters: times.len(),
+        gbps: p50.map(|t| (block * batch as u64) as f64 / t.as_secs_f64() / 1e9),
+        per_block_us: p50.map(|t| t.as_secs_f64() * 1e6 / batch as f64),
+        grant_us: Some(grant.grant_us),
+        verified: verified && !times.is_empty(),
+    })
+}
+
+fn open_store(arena: u64) -> Result<TieredStore> {
+    let mut host = HostTierConfig::new(arena);
+    host.slab_size = 64 << 20;
+    Ok(TieredStore::open(StoreConfig { host, disk: None })?)
+}
+
+/// The source child process and its control pipe.
+struct Source {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    endpoint: String,
+}
+
+impl Source {
+    fn spawn(arena: u64) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["transfer", "--serve", "--arena", &arena.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the source process")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let ready: serde_json::Value = serde_json::from_str(&line).context("the source's first line")?;
+        let endpoint = ready["endpoint"].as_str().context("endpoint")?.to_owned();
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            endpoint,
+        })
+    }
+
+    fn ask<T: for<'de> Deserialize<'de>>(&mut self, ask: &Ask) -> Result<T> {
+        writeln!(self.stdin, "{}", serde_json::to_string(ask)?)?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the source process exited");
+        }
+        serde_json::from_str(&line).with_context(|| format!("the source's answer {line:?}"))
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The source process: holds blocks, grants them, serves them over TCP.
+fn serve(arena: u64) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let store = Arc::new(open_store(arena)?);
+    let grants = Arc::new(Grants::new(Arc::clone(&store), Duration::from_secs(600), 16));
+    let transport = TcpTransport::new(
+        Arc::clone(&store),
+        Some(Arc::clone(&grants)),
+        Secret::new(SECRET),
+        TcpConfig::default(),
+    );
+    let addr = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        transport.serve(listener)
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::json!({ "endpoint": addr.to_string() }))?;
+    out.flush()?;
+    let pattern: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        (0..(8 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut filled: Vec<BlockKey> = Vec::new();
+    for line in std::io::stdin().lines() {
+        let ask: Ask = serde_json::from_str(&line?)?;
+        let answer = match ask {
+            Ask::Fill { tag, block, batch } => {
+                for k in filled.drain(..) {
+                    store.remove(&k);
+                }
+                for i in 0..batch {
+                    let start = (i as usize * 4099 + tag as usize * 131) % (pattern.len() - block as usize);
+                    let k = key(tag, i);
+                    let stored = store.put(&k, &pattern[start..start + block as usize]);
+                    if stored != kvstore::PutOutcome::Stored {
+                        bail!("the source arena took no block {i} of {batch} ({stored:?})");
+                    }
+                    filled.push(k);
+                }
+                serde_json::json!({ "ok": true })
+            }
+            Ask::Grant { tag, batch } => {
+                let keys: Vec<BlockKey> = (0..batch).map(|i| key(tag, i)).collect();
+                let t0 = Instant::now();
+                let Grant { id, blocks, .. } = grants.grant(&keys)?;
+                serde_json::to_value(GrantAnswer {
+                    id: id.0.to_vec(),
+                    blocks: blocks.iter().map(|b| (b.offset, b.len, b.checksum)).collect(),
+                    grant_us: t0.elapsed().as_secs_f64() * 1e6,
+                })?
+            }
+            Ask::Release { id } => {
+                let id = GrantId::from_slice(&id).context("grant id")?;
+                serde_json::json!({ "released": grants.release(&id) })
+            }
+        };
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Runs a peer's benchmark script with the same matrix; its JSON record and rows.
+fn run_peer(
+    name: &str,
+    venv: &Path,
+    script: &Path,
+    args: &TransferArgs,
+) -> Result<(serde_json::Value, Vec<Row>)> {
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        bail!(
+            "{} is missing: run benches/peers/setup-{name}.sh",
+            python.display()
+        );
+    }
+    let sizes: Vec<String> = args.block_kib.iter().map(|k| format!("{k}K")).collect();
+    let batches: Vec<String> = args.batches.iter().map(ToString::to_string).collect();
+    let mut cmd = Command::new(&python);
+    cmd.arg(script)
+        .args(["--block-sizes", &sizes.join(","), "--batches", &batches.join(",")])
+        .stderr(Stdio::inherit());
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().context("no output")?;
+    let record: serde_json::Value = serde_json::from_str(last).context("the last line is not JSON")?;
+    let mut rows = Vec::new();
+    for r in record["results"].as_array().into_iter().flatten() {
+        rows.push(Row {
+            system: name.into(),
+            transport: r["transport"].as_str().unwrap_or("?").into(),
+            op: r["op"].as_str().unwrap_or("?").into(),
+            block_bytes: r["block_bytes"].as_u64().unwrap_or(0),
+            batch: r["batch"].as_u64().unwrap_or(0) as usize,
+            iters: r["iters"].as_u64().unwrap_or(0) as usize,
+            gbps: r["gbps"].as_f64(),
+            per_block_us: r["per_block_us"].as_f64(),
+            grant_us: None,
+            verified: r["verified"].as_bool().unwrap_or(false),
+        });
+    }
+    if !out.status.success() {
+        eprintln!("{name}: exit {} (some configurations failed)", out.status);
+    }
+    Ok((record, rows))
+}
+
+fn print_table(rows: &[Row], args: &TransferArgs) {
+    let mut columns: Vec<(String, String, String)> = Vec::new();
+    for r in rows {
+        let c = (r.system.clone(), r.transport.clone(), r.op.clone());
+        if !columns.contains(&c) {
+            columns.push(c);
+        }
+    }
+    println!("GB/s (per-block us), median batch; kvtier pulls include checksum verification");
+    print!("{:>9} {:>5}", "block", "batch");
+    for (s, t, o) in &columns {
+        print!(" {:>20}", format!("{s} {t} {o}"));
+    }
+    println!();
+    for &kib in &args.block_kib {
+        for &batch in &args.batches {
+            print!("{:>5} KiB {:>5}", kib, batch);
+            for (s, t, o) in &columns {
+                let cell = rows
+                    .iter()
+                    .find(|r| {
+                        &r.system == s
+                            && &r.transport == t
+                            && &r.op == o
+                            && r.block_bytes == kib * 1024
+                            && r.batch == batch
+                    })
+                    .and_then(|r| Some(format!("{:.2} ({:.0})", r.gbps?, r.per_block_us?)))
+                    .unwrap_or_else(|| "-".into());
+                print!(" {cell:>20}");
+            }
+            println!();
+        }
+    }
+}
