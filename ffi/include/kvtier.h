@@ -167,6 +167,24 @@ enum kvtier_status kvtier_announce(const struct kvtier_client *client,
                                    const struct kvtier_namespace *ns,
                                    const char *model);
 
+// Has the agent copy the longest prefix of `hashes` that another node's agent holds into its
+// own tiers. `peer` is that agent's peer address (`host:port`, NUL-terminated), as a prefill
+// engine's `kv_transfer_params` name it. `held` (n bytes, may be NULL) receives 1 for each block
+// the agent now holds, else 0; `*matched` (may be NULL) the number of leading blocks held. A
+// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes. The
+// transfer is bounded by the client's timeout.
+//
+// # Safety
+// `peer` a valid NUL-terminated string; `hashes` valid for `n` elements; `held` NULL or
+// writable for `n` bytes; `matched` NULL or writable.
+enum kvtier_status kvtier_pull(const struct kvtier_client *client,
+                               const char *peer,
+                               const struct kvtier_namespace *ns,
+                               const struct kvtier_hash *hashes,
+                               size_t n,
+                               uint8_t *held,
+                               size_t *matched);
+
 // Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 // NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an
 // error: the call succeeds and their outcome says why.

@@ -463,6 +463,52 @@ pub unsafe extern "C" fn kvtier_announce(
     })
 }
 
+/// Has the agent copy the longest prefix of `hashes` that another node's agent holds into its
+/// own tiers. `peer` is that agent's peer address (`host:port`, NUL-terminated), as a prefill
+/// engine's `kv_transfer_params` name it. `held` (n bytes, may be NULL) receives 1 for each block
+/// the agent now holds, else 0; `*matched` (may be NULL) the number of leading blocks held. A
+/// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes. The
+/// transfer is bounded by the client's timeout.
+///
+/// # Safety
+/// `peer` a valid NUL-terminated string; `hashes` valid for `n` elements; `held` NULL or
+/// writable for `n` bytes; `matched` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_pull(
+    client: *const kvtier_client,
+    peer: *const c_char,
+    ns: *const kvtier_namespace,
+    hashes: *const kvtier_hash,
+    n: usize,
+    held: *mut u8,
+    matched: *mut usize,
+) -> kvtier_status {
+    guard(|| {
+        // SAFETY: the caller's contract for each pointer.
+        let (client, ns, raw) = unsafe { (client_ref(client)?, ns_of(ns)?, slice(hashes, n, "hashes")?) };
+        if peer.is_null() {
+            return Err(invalid("peer is NULL"));
+        }
+        // SAFETY: non-null and NUL-terminated (caller's contract).
+        let peer = unsafe { std::ffi::CStr::from_ptr(peer) }
+            .to_str()
+            .map_err(|_| invalid("peer is not UTF-8"))?;
+        let got = client.pull(peer, &ns, &hashes_of(raw)?)?;
+        if !held.is_null() {
+            // SAFETY: `held` holds `n` bytes (caller's contract).
+            let out = unsafe { slice_mut(held, n, "held")? };
+            for (o, h) in out.iter_mut().zip(&got) {
+                *o = u8::from(*h);
+            }
+        }
+        if !matched.is_null() {
+            // SAFETY: non-null and writable (caller's contract).
+            unsafe { *matched = got.iter().take_while(|h| **h).count() };
+        }
+        Ok(())
+    })
+}
+
 /// Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 /// NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an
 /// error: the call succeeds and their outcome says why.

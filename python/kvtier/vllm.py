@@ -35,13 +35,28 @@ saves nothing of that step (its new blocks were computed on wrong KV). Copies ru
 - ``timeout_ms``: bound of each call to the agent (default 1000);
 - ``save``: save computed blocks (default true);
 - ``load``: load hits (default true);
-- ``min_prefix_tokens``: ignore hits shorter than this (default one block).
+- ``min_prefix_tokens``: ignore hits shorter than this (default one block);
+- ``peer_address``: the address a decode engine pulls this engine's blocks from (default: the
+  agent's advertised ``peer.address``);
+- ``pull_timeout_ms``: bound of a pull from a prefill engine's agent (default 10000).
+
+Prefill/decode disaggregation follows vLLM's convention (``kv_role`` ``kv_producer``,
+``kv_consumer`` or ``kv_both``). A producer serving a request whose ``kv_transfer_params`` say
+``do_remote_decode`` returns, from ``request_finished``, ``do_remote_prefill`` parameters naming
+its agent (``remote_agent``, also as ``remote_host``/``remote_port``), the namespace, and the
+hashes of the blocks it saved (``remote_block_hashes``), for the proxy to pass to the decode
+engine. Its blocks are in the agent's arena already, so vLLM frees its GPU blocks at once. A
+consumer given those parameters has its own agent pull the blocks from the producer's (a
+background thread; the scheduler is told "not known yet" meanwhile), then claims them, pinned,
+as an asynchronous load reported through ``get_finished``. The producer's hashes travel with the
+request, so the two engines need not share a hash seed. A pull that fails is a recompute.
 
 If the agent is absent or fails, the connector reports no hit and saves nothing: vLLM computes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import deque
@@ -181,6 +196,16 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             served = served[0] if served else None
         self._index_model = str(extra.get("index_model") or served or model.model)
         self._announced: set[bytes] = set()
+        role_name = str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both")
+        self._producer = role_name in ("kv_producer", "kv_both")
+        self._consumer = role_name in ("kv_consumer", "kv_both")
+        self._peer_address: str | None = extra.get("peer_address")
+        self._pull_timeout_ms = int(extra.get("pull_timeout_ms", 10_000))
+        # Pulls from producers' agents in flight (decode side), by request, and the hashes of
+        # the requests whose pull is done: their blocks are keyed by the producer's hashes.
+        self._pulls: dict[str, Future[int]] = {}
+        self._remote_hashes: dict[str, list[bytes]] = {}
+        self._puller: kvtier.Client | None = None
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
         # Tokens vLLM had computed locally when it last asked about a request: where the
@@ -243,6 +268,15 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         lora = request.lora_request.lora_name if request.lora_request is not None else None
         return RequestKeys(lora=lora, cache_salt=request.cache_salt, hashes=list(request.block_hashes))
 
+    def _keys_for(self, request: Request) -> RequestKeys:
+        """The keys to load a request's blocks by: the producer's hashes for blocks pulled from
+        a prefill engine, else the request's own."""
+        keys = self._keys(request)
+        remote = self._remote_hashes.get(request.request_id)
+        if remote is not None:
+            keys.hashes = remote + keys.hashes[len(remote) :]
+        return keys
+
     # ---- scheduler side -------------------------------------------------------------------
 
     @staticmethod
@@ -277,9 +311,124 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._promoter = kvtier.Client(
                 self._socket, timeout_ms=self._timeout_ms, name="vllm-promoter", lazy=True
             )
-            self._scheduler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-promote")
-        assert self._scheduler_pool is not None
-        self._promotions[req_id] = self._scheduler_pool.submit(self._promote, namespaces, hashes)
+        self._promotions[req_id] = self._pool().submit(self._promote, namespaces, hashes)
+
+    # ---- prefill/decode disaggregation ----------------------------------------------------
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._scheduler_pool is None:
+            self._scheduler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-background")
+        return self._scheduler_pool
+
+    def _pull(self, peer: str, namespaces: list[bytes], hashes: list[bytes]) -> int:
+        """Has the local agent copy the blocks from the producer's agent, for every rank;
+        returns how many leading blocks every rank now holds."""
+        if self._puller is None:
+            self._puller = kvtier.Client(
+                self._socket, timeout_ms=self._pull_timeout_ms, name="vllm-puller", lazy=True
+            )
+        held = len(hashes)
+        for ns in namespaces:
+            flags = self._puller.pull(peer, ns, hashes)
+            held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
+        return held
+
+    def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
+        """The decode side of a disaggregated request: starts or checks the pull of the
+        producer's blocks. ``None`` when the request is not one (or its pull is over): the
+        ordinary lookup then finds what was pulled."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not self._consumer or not params or not params.get("do_remote_prefill"):
+            return None
+        req_id = request.request_id
+        pending = self._pulls.get(req_id)
+        if pending is None:
+            peer = params.get("remote_agent") or (
+                f"{params['remote_host']}:{params['remote_port']}"
+                if params.get("remote_host") and params.get("remote_port")
+                else None
+            )
+            hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
+            keys = self._keys(request)
+            ours = self._namespace(keys, 0).hex()
+            if peer is None or not hashes:
+                params["do_remote_prefill"] = False
+                return None
+            if params.get("remote_namespace") not in (None, ours):
+                logger.warning(
+                    "kvtier: %s was prefilled under another KV layout (model, dtype, block size or "
+                    "TP differ between the engines); computing it here",
+                    req_id,
+                )
+                params["do_remote_prefill"] = False
+                return None
+            loadable = min(len(hashes), (request.num_tokens - 1) // self._block_size)
+            if loadable * self._block_size <= num_computed_tokens:
+                params["do_remote_prefill"] = False
+                return None
+            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+            self._remote_hashes[req_id] = hashes[:loadable]
+            self._pulls[req_id] = self._pool().submit(self._pull, peer, namespaces, hashes[:loadable])
+            return None, False
+        if not pending.done():
+            return None, False
+        del self._pulls[req_id]
+        params["do_remote_prefill"] = False
+        error = pending.exception()
+        if error is not None:
+            logger.warning(
+                "kvtier: pull of %s from its prefill engine failed, computing it: %s", req_id, error
+            )
+            self._remote_hashes.pop(req_id, None)
+            return None
+        logger.debug("kvtier: pulled %d blocks of %s from its prefill engine", pending.result(), req_id)
+        # Claimed below through the ordinary path, under the producer's hashes, as an
+        # asynchronous load (the blocks reach the GPU beside other requests' forward passes).
+        self._promoted.add(req_id)
+        return None
+
+    def _agent_peer_address(self) -> str | None:
+        if self._peer_address is None:
+            try:
+                self._peer_address = json.loads(self._client.stats()).get("peer", {}).get("address")
+            except (kvtier.KvtierError, ValueError) as e:
+                logger.debug("kvtier: no peer address from the agent: %s", e)
+            if self._peer_address is None:
+                logger.warning(
+                    "kvtier: this engine produces KV for remote decoding but its agent serves no "
+                    "peers (set peer.listen on the agent, or peer_address here); decode engines "
+                    "will compute"
+                )
+                self._peer_address = ""
+        return self._peer_address or None
+
+    def _transfer_params(self, request: Request, tracked: _Tracked | None) -> dict[str, Any] | None:
+        """What a producer returns for a request a decode engine continues."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not self._producer or not params or not params.get("do_remote_decode"):
+            return None
+        from vllm.v1.request import RequestStatus
+
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return None
+        address = self._agent_peer_address()
+        saved = tracked.saved_blocks if tracked is not None else 0
+        if address is None or saved == 0:
+            return None
+        host, _, port = address.rpartition(":")
+        keys = self._keys(request)
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": host,
+            "remote_port": int(port),
+            "remote_agent": address,
+            "remote_namespace": self._namespace(keys, 0).hex(),
+            "remote_block_hashes": [h.hex() for h in keys.hashes[:saved]],
+            "remote_num_tokens": saved * self._block_size,
+        }
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -290,9 +439,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._drop_leases(req_id)
         self._async_claims.discard(req_id)
         self._local_tokens[req_id] = num_computed_tokens
-        if not self._do_load:
+        remote = self._remote_prefill(request, num_computed_tokens)
+        if remote is not None:
+            return remote
+        if not self._do_load and req_id not in self._remote_hashes:
             return 0, False
-        keys = self._keys(request)
+        keys = self._keys_for(request)
         # A synchronous load must leave at least one token to compute.
         loadable = min(len(keys.hashes), (request.num_tokens - 1) // self._block_size)
         if loadable * self._block_size <= max(num_computed_tokens, self._min_prefix - 1):
@@ -371,7 +523,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         block_ids = list(blocks.get_block_ids()[0])
         first = self._local_tokens.get(req_id, 0) // self._block_size
         count = num_external_tokens // self._block_size
-        keys = self._keys(request)
+        keys = self._keys_for(request)
+        self._remote_hashes.pop(req_id, None)
         self._new_loads.append(
             LoadSpec(
                 req_id=req_id,
@@ -445,14 +598,17 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """Forgets the request; its blocks are vLLM's to free at once (vLLM itself delays the
         free of a request finished while its asynchronous load runs)."""
         req_id = request.request_id
+        params = self._transfer_params(request, self._tracked.get(req_id))
         self._tracked.pop(req_id, None)
+        self._pulls.pop(req_id, None)
+        self._remote_hashes.pop(req_id, None)
         self._local_tokens.pop(req_id, None)
         self._async_claims.discard(req_id)
         self._cancel_promotion(req_id)
         for step in self._sync_loaded:
             step.discard(req_id)
         self._drop_leases(req_id)
-        return False, None
+        return False, params
 
     # ---- worker side ----------------------------------------------------------------------
 

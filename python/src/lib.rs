@@ -337,6 +337,15 @@ impl Client {
         py.detach(|| self.inner.announce(&ns, model)).map_err(to_py)
     }
 
+    /// Has the agent copy the longest prefix of ``hashes`` that the agent at ``peer`` (its peer
+    /// address, ``host:port``) holds into its own tiers; per hash, whether the agent holds it
+    /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``.
+    fn pull(&self, py: Python<'_>, peer: &str, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Vec<bool>> {
+        let ns = ns_of(ns)?;
+        let hashes = hashes_of(&hashes)?;
+        py.detach(|| self.inner.pull(peer, &ns, &hashes)).map_err(to_py)
+    }
+
     /// The agent's counters as a JSON string.
     fn stats(&self, py: Python<'_>) -> PyResult<String> {
         py.detach(|| self.inner.stats()).map_err(to_py)

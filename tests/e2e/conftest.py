@@ -4,8 +4,10 @@ engine processes (each engine is a fresh process, as a restarted pod would be)."
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,80 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
             pass
         assert time.monotonic() < deadline, f"{url} did not come up:\n{log.read_text()[-4000:]}"
         time.sleep(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class OpenAIServer:
+    """A vLLM OpenAI server on CPU with the test model, optionally with kvtier's connector."""
+
+    def __init__(
+        self,
+        model: Path,
+        workdir: Path,
+        name: str,
+        kv_transfer_config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.model = str(model)
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--tokenizer", str(model), "--dtype", "bfloat16",
+            "--block-size", "32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
+            "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor",
+            "--distributed-executor-backend", "uni", "--seed", "0", "--enable-prompt-tokens-details",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        if kv_transfer_config is not None:
+            args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(workdir),
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self) -> None:
+        wait_healthy(f"http://127.0.0.1:{self.port}/health", self.proc, self.log_path)
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/completions with the model filled in."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions",
+            data=json.dumps({"model": self.model, **body}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out: dict[str, Any] = json.loads(r.read())
+        return out
+
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples (over its labels) at /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
 
 
 def run_engine_report(model: Path, prompts: Path, *args: str, timeout: float = 600) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_vllm import free_port
 
+from conftest import free_port
 from kvagent_process import Agent
 
 HERE = Path(__file__).resolve().parent

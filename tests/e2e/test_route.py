@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 from test_index import KVAGENT, IndexProcess
-from test_vllm import free_port
 
-from conftest import wait_healthy
+from conftest import free_port, wait_healthy
 
 BLOCK = 32
 

@@ -6,14 +6,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import kvtier
-from conftest import PREFIX_TOKENS, run_engine, run_engine_report, wait_healthy
+from conftest import PREFIX_TOKENS, OpenAIServer, run_engine, run_engine_report
 from kvagent_process import Agent
 
 
@@ -123,62 +119,27 @@ def test_another_lora_adapter_gets_no_hit(
     assert tokens(a2) == tokens(reference)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_the_openai_server_loads_prefixes_from_kvtier(
     model: Path, prompts: Path, baseline: list[list[int]], agent: Agent, workdir: Path
 ) -> None:
     run_engine(model, prompts, "--socket", str(agent.socket))
-    port = free_port()
     kv = {
         "kv_connector": "KvTierConnector",
         "kv_connector_module_path": "kvtier.vllm",
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"socket": str(agent.socket)},
     }
-    args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--tokenizer", str(model), "--dtype", "bfloat16",
-        "--block-size", "32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
-        "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor",
-        "--distributed-executor-backend", "uni", "--seed", "0",
-        "--kv-transfer-config", json.dumps(kv), "--enable-prompt-tokens-details",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(workdir / "server.log", "wb")
-    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
+    server = OpenAIServer(model, workdir, "server", kv)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", server, workdir / "server.log")
+        server.wait_ready()
         ids = json.loads(prompts.read_text())[0]
-        body = {
-            "model": str(model),
-            "prompt": ids,
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+        out = server.complete(
+            {"prompt": ids, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
         )
-        with urllib.request.urlopen(req, timeout=120) as r:
-            out = json.loads(r.read())
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
         assert out["choices"][0]["token_ids"] == baseline[0]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
 
 
 def test_a_hit_that_continues_a_local_prefix_loads_into_the_right_blocks(

@@ -1,0 +1,164 @@
+"""Prefill/decode disaggregation with real vLLM on CPU: a prefill server and a decode server,
+each with its own kvtier agent, behind the proxy logic of vLLM's disaggregated-serving examples
+(prefill with ``max_tokens=1``, then decode with the ``kv_transfer_params`` the prefill returned).
+The decode server pulls the prompt's blocks from the prefill server's agent, reports them as
+cached, and its greedy output is token-identical to a single engine's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvtier
+from conftest import PREFIX_TOKENS, OpenAIServer, free_port
+from kvagent_process import Agent
+
+BLOCK = 32
+SECRET = "pd-test-cluster"
+
+
+def connector(agent: Agent, role: str) -> dict[str, Any]:
+    return {
+        "kv_connector": "KvTierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": role,
+        "kv_connector_extra_config": {"socket": str(agent.socket), "pull_timeout_ms": 20000},
+    }
+
+
+def proxy(prefill: OpenAIServer, decode: OpenAIServer, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """What vLLM's P/D example proxy does with a completion request."""
+    first = prefill.complete(
+        {
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "kv_transfer_params": {
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
+        }
+    )
+    params = first.get("kv_transfer_params")
+    assert params, f"the prefill server returned no kv_transfer_params: {first}"
+    return decode.complete(
+        {
+            "prompt": ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "kv_transfer_params": params,
+        }
+    )
+
+
+class Cluster:
+    def __init__(self, model: Path, workdir: Path) -> None:
+        secret = workdir / "secret"
+        secret.write_text(SECRET)
+        self.peer = f"127.0.0.1:{free_port()}"
+        self.prefill_agent = Agent(
+            workdir / "p.sock",
+            ["--host-size", "256MiB", "--peer-listen", self.peer, "--peer-secret-file", str(secret)],
+        )
+        self.decode_agent = Agent(
+            workdir / "d.sock", ["--host-size", "256MiB", "--peer-secret-file", str(secret)]
+        )
+        # Different hash seeds: the prefill's block hashes travel with the request.
+        self.prefill = OpenAIServer(
+            model, workdir, "prefill", connector(self.prefill_agent, "kv_producer"), {"PYTHONHASHSEED": "1"}
+        )
+        self.decode = OpenAIServer(
+            model, workdir, "decode", connector(self.decode_agent, "kv_consumer"), {"PYTHONHASHSEED": "2"}
+        )
+        self.prefill.wait_ready()
+        self.decode.wait_ready()
+
+    def close(self) -> None:
+        for s in (self.prefill, self.decode):
+            s.stop()
+        for a in (self.prefill_agent, self.decode_agent):
+            a.kill()
+
+    def logs(self) -> str:
+        """The tails of every log, for a failure's message."""
+        paths = [self.prefill.log_path, self.decode.log_path]
+        paths += [self.prefill_agent.stderr, self.decode_agent.stderr]
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in paths)
+
+    def stats(self, agent: Agent) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(kvtier.Client(str(agent.socket)).stats())
+        return out
+
+
+@pytest.fixture
+def cluster(model: Path, workdir: Path) -> Iterator[Cluster]:
+    c = Cluster(model, workdir)
+    yield c
+    c.close()
+
+
+def test_decode_pulls_the_prefill_engines_blocks_and_matches_a_single_engine(
+    cluster: Cluster, prompts: Path, baseline: list[list[int]]
+) -> None:
+    ids = json.loads(prompts.read_text())[0]
+    out = proxy(cluster.prefill, cluster.decode, ids, max_tokens=8)
+    blocks = (len(ids) - 1) // BLOCK
+    # The decode engine counts the pulled blocks as external prefix-cache hits (the API's
+    # cached_tokens is the prefill side's own hit count, which vLLM passes along).
+    external = cluster.decode.metric("vllm:external_prefix_cache_hits_total")
+    assert external >= blocks * BLOCK >= PREFIX_TOKENS, cluster.logs()
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, "the prefill engine computed it all"
+    assert out["choices"][0]["token_ids"] == baseline[0]
+    # The decode agent holds the blocks it pulled; the prefill agent granted them.
+    assert cluster.stats(cluster.decode_agent)["host"]["blocks"] >= blocks
+    assert cluster.stats(cluster.prefill_agent)["peer"]["grants_open"] == 0
+
+    # A second prompt sharing the prefix: the prefill engine hits its own prefix cache and still
+    # hands every block over.
+    second = json.loads(prompts.read_text())[1]
+    out = proxy(cluster.prefill, cluster.decode, second, max_tokens=8)
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
+    assert out["choices"][0]["token_ids"] == baseline[1]
+
+
+def test_a_dead_prefill_agent_means_the_decode_engine_computes(
+    cluster: Cluster, prompts: Path, baseline: list[list[int]]
+) -> None:
+    ids = json.loads(prompts.read_text())[2]
+    cluster.prefill_agent.kill()
+    # The prefill engine cannot save (its agent is gone): it returns no parameters, so ask the
+    # decode engine directly with parameters naming the dead agent, as a proxy would after a
+    # prefill pod died between the two requests.
+    params = {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": "127.0.0.1",
+        "remote_port": int(cluster.peer.rsplit(":", 1)[1]),
+        "remote_agent": cluster.peer,
+        "remote_block_hashes": ["ab" * 32] * 6,
+    }
+    out = cluster.decode.complete(
+        {
+            "prompt": ids,
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "kv_transfer_params": params,
+        }
+    )
+    assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == 0
+    assert out["choices"][0]["token_ids"] == baseline[2]
+    assert "from its prefill engine failed, computing" in cluster.decode.log_path.read_text()
