@@ -13,6 +13,8 @@
 
 pub mod auth;
 pub mod grants;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 
 use std::fmt;
