@@ -247,6 +247,7 @@ async fn over_grpc(url: &str, w: &Workload) -> Result<OverGrpc> {
                         medium: proto::Medium::Device as i32,
                     })),
                 }],
+                peer_address: String::new(),
             });
         }
     }

@@ -23,6 +23,9 @@
 // Found on the node's disk tier (promoted to the arena to be read).
 #define KVTIER_TIER_DISK 2
 
+// Held by another node's agent, as the cluster index says (lookup only: acquiring pulls it).
+#define KVTIER_TIER_PEER 3
+
 // Per-block outcome of a save.
 #define KVTIER_SAVE_STORED 0
 

@@ -61,6 +61,8 @@ pub const KVTIER_TIER_MISS: u8 = 0;
 pub const KVTIER_TIER_HOST: u8 = 1;
 /// Found on the node's disk tier (promoted to the arena to be read).
 pub const KVTIER_TIER_DISK: u8 = 2;
+/// Held by another node's agent, as the cluster index says (lookup only: acquiring pulls it).
+pub const KVTIER_TIER_PEER: u8 = 3;
 
 /// Per-block outcome of a save.
 pub const KVTIER_SAVE_STORED: u8 = 0;
@@ -281,6 +283,8 @@ fn tier_code(t: Option<TierLevel>) -> u8 {
     match t {
         None => KVTIER_TIER_MISS,
         Some(TierLevel::Host) => KVTIER_TIER_HOST,
+        Some(TierLevel::Peer) => KVTIER_TIER_PEER,
+        // Disk, and any lower tier a newer library adds: below the arena, promoted to read.
         Some(_) => KVTIER_TIER_DISK,
     }
 }

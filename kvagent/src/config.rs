@@ -55,6 +55,46 @@ pub struct NodeConfig {
     pub publish: PublishSection,
     /// Transfers with other nodes' agents.
     pub peer: PeerSection,
+    /// Pulling prefixes other nodes' agents hold.
+    pub reuse: ReuseSection,
+}
+
+/// `[reuse]`: cross-node reuse. When a lookup's local prefix stops short and the cluster index
+/// (`publish.index`) says another node's agent holds the next blocks, they are reported to the
+/// engine as held by a peer, and pulled when the engine acquires them — if the transfer is
+/// expected to beat recomputing (see `docs/disaggregation.md`). Needs peer transfers configured
+/// (`peer.secret_file` or `peer.insecure`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReuseSection {
+    /// Whether to look for prefixes at peers (only with `publish.index` and peer transfers).
+    pub enabled: bool,
+    /// Fewest blocks a peer must hold past the local prefix to be worth a pull.
+    pub min_blocks: u32,
+    /// Bandwidth expected from a peer, in Gbit/s (the nodes' network).
+    pub peer_gbit_s: u32,
+    /// Prefill throughput of the node's engines, in tokens/s: the cost of recomputing.
+    pub prefill_tokens_per_s: u32,
+    /// Tokens per block (the engines' `--block-size`).
+    pub block_tokens: u32,
+    /// Bound of the index query a lookup makes, in milliseconds.
+    pub index_timeout_ms: u32,
+    /// How long an answer of the index (a peer, or nobody) is reused, in milliseconds.
+    pub remember_ms: u32,
+}
+
+impl Default for ReuseSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_blocks: 2,
+            peer_gbit_s: 25,
+            prefill_tokens_per_s: 10_000,
+            block_tokens: 16,
+            index_timeout_ms: 20,
+            remember_ms: 2000,
+        }
+    }
 }
 
 /// `[peer]`: block transfers between node agents (prefill to decode, cross-node reuse).
@@ -344,6 +384,7 @@ impl Default for NodeConfig {
             disk: DiskSection::default(),
             publish: PublishSection::default(),
             peer: PeerSection::default(),
+            reuse: ReuseSection::default(),
         }
     }
 }
@@ -602,6 +643,13 @@ impl NodeConfig {
             }
         }
         self.peer.validate()?;
+        if self.reuse.min_blocks == 0 || self.reuse.block_tokens == 0 || self.reuse.prefill_tokens_per_s == 0
+        {
+            bail!(
+                "invalid configuration `reuse.min_blocks`/`reuse.block_tokens`/`reuse.prefill_tokens_per_s`: \
+                 must be at least 1"
+            );
+        }
         if self.host.size.as_u64() < 16 << 20 {
             bail!(
                 "invalid configuration `host.size`: {} is below the minimum of 16 MiB",

@@ -38,6 +38,7 @@ fn batch(source: &str, seq: u64, resync: bool, events: Vec<proto::Event>) -> pro
         seq,
         resync,
         events,
+        peer_address: String::new(),
     }
 }
 

@@ -331,3 +331,123 @@ fn agents_in_separate_network_namespaces() {
     assert_eq!(c.pull(&peer, &big_ns, &big_hashes).unwrap(), vec![true; 48]);
     assert_eq!(held_exact(&c, &big_ns, &big), 48);
 }
+
+/// Cross-node reuse: an agent whose lookup stops short asks the index who holds the next
+/// blocks, reports them as held by a peer, and pulls them when they are acquired — unless its
+/// cost model says recomputing is faster.
+#[test]
+fn a_prefix_another_node_holds_is_found_through_the_index_and_pulled() {
+    use kvagent::index::proto::{self, index_client::IndexClient};
+    use kvstore::TierLevel;
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "reuse-cluster");
+    let index = common::IndexProc::start(&[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let source = Agent::start(
+        &dir.path().join("a.sock"),
+        &[
+            "--peer-listen",
+            &listen,
+            "--peer-secret-file",
+            &secret,
+            "--index",
+            &index.url,
+            "--node-name",
+            "a",
+        ],
+    );
+    let puller = Agent::start(
+        &dir.path().join("b.sock"),
+        &[
+            "--peer-secret-file",
+            &secret,
+            "--index",
+            &index.url,
+            "--node-name",
+            "b",
+        ],
+    );
+    // An agent whose engines recompute faster than the network moves blocks.
+    let slow_net = dir.path().join("slow.toml");
+    std::fs::write(
+        &slow_net,
+        "[reuse]\npeer_gbit_s = 1\nprefill_tokens_per_s = 100000000\n",
+    )
+    .unwrap();
+    let frugal = Agent::start(
+        &dir.path().join("c.sock"),
+        &[
+            "--config",
+            slow_net.to_str().unwrap(),
+            "--peer-secret-file",
+            &secret,
+            "--index",
+            &index.url,
+            "--node-name",
+            "c",
+        ],
+    );
+    let ns = ns("reuse");
+    let data = blocks(5, 12);
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    let sc = source.client();
+    sc.announce(&ns, "m").unwrap();
+    save(&sc, &ns, &data);
+
+    // Once the source's agent has reported them (its publisher runs every 500 ms).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let wanted: Vec<u64> = hashes
+        .iter()
+        .map(|h| kvstore::vllm::event_hash(h.as_bytes()))
+        .collect();
+    let until = Instant::now() + AGENT_WAIT;
+    loop {
+        let held = rt.block_on(async {
+            let mut c = IndexClient::connect(index.url.clone()).await.unwrap();
+            let req = proto::LookupRequest {
+                model: "m".into(),
+                hashes: Some(proto::BlockHashes {
+                    hashes: wanted.clone(),
+                }),
+            };
+            c.lookup(req).await.unwrap().into_inner().blocks
+        });
+        if held.len() == 12 {
+            assert!(
+                held[0]
+                    .holders
+                    .iter()
+                    .any(|h| h.source == "agent/a" && h.peer_address == listen),
+                "{held:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the index never learned the source's blocks"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let c = pull_client(&puller);
+    c.announce(&ns, "m").unwrap();
+    assert_eq!(c.lookup(&ns, &hashes).unwrap(), vec![TierLevel::Peer; 12]);
+    // Acquiring pulls them first (all at once, as an engine does); they are the source's bytes.
+    let mut bufs: Vec<Vec<u8>> = data.iter().map(|(_, d)| vec![0; d.len()]).collect();
+    let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    let got = c.load(&ns, &hashes, &mut views).unwrap();
+    assert!(got.iter().all(Option::is_some), "{got:?}");
+    assert!(bufs.iter().zip(&data).all(|(b, (_, d))| b == d));
+    assert_eq!(held_exact(&c, &ns, &data), 12);
+    assert_eq!(c.lookup(&ns, &hashes).unwrap(), vec![TierLevel::Host; 12]);
+
+    let fc = pull_client(&frugal);
+    fc.announce(&ns, "m").unwrap();
+    assert_eq!(fc.lookup(&ns, &hashes).unwrap(), vec![TierLevel::Peer; 12]);
+    assert_eq!(held_exact(&fc, &ns, &data), 0, "the cost model declined the pull");
+    assert_eq!(
+        fc.lookup(&ns, &hashes).unwrap(),
+        Vec::<TierLevel>::new(),
+        "and remembers it"
+    );
+}

@@ -10,6 +10,9 @@ pub enum TierLevel {
     Host,
     /// Local disk (NVMe) slab files.
     Disk,
+    /// Another node's agent, as the cluster index reports it: only `lookup` answers this (to
+    /// protocol 3 clients), and acquiring such a block pulls it first.
+    Peer,
 }
 
 impl TierLevel {
@@ -18,6 +21,7 @@ impl TierLevel {
         match self {
             Self::Host => "host",
             Self::Disk => "disk",
+            Self::Peer => "peer",
         }
     }
 }

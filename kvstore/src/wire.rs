@@ -740,6 +740,7 @@ fn tier_code(t: TierLevel) -> u8 {
     match t {
         TierLevel::Host => 1,
         TierLevel::Disk => 2,
+        TierLevel::Peer => 3,
     }
 }
 
@@ -747,6 +748,7 @@ fn tier_from_code(c: u8) -> Result<TierLevel, WireError> {
     match c {
         1 => Ok(TierLevel::Host),
         2 => Ok(TierLevel::Disk),
+        3 => Ok(TierLevel::Peer),
         c => Err(invalid("tier", format!("unknown tier {c}"))),
     }
 }
@@ -972,7 +974,7 @@ mod tests {
                 max_block_len: 64 << 20,
                 instance: 42,
             }),
-            Response::Lookup(vec![TierLevel::Host, TierLevel::Disk]),
+            Response::Lookup(vec![TierLevel::Host, TierLevel::Disk, TierLevel::Peer]),
             Response::Reserve(vec![
                 ReserveStatus::Slot { offset: 4096 },
                 ReserveStatus::Exists,

@@ -3,6 +3,7 @@
 TIER_MISS: int
 TIER_HOST: int
 TIER_DISK: int
+TIER_PEER: int
 
 class KvtierError(Exception):
     """A call to the kvtier agent failed."""

@@ -18,7 +18,8 @@ readable even if the agent dies before the load:
 
 - blocks already in host memory are pinned at once and copied into the request's blocks before
   the forward pass (a synchronous load);
-- blocks that must first be promoted from a lower tier (disk) are brought up by a background
+- blocks that must first be promoted from a lower tier (disk), or pulled from another node's
+  agent that the cluster index says holds them (cross-node reuse), are brought up by a background
   thread while vLLM schedules other requests (the count is "not known yet" meanwhile), then
   pinned and loaded asynchronously: the copy runs beside the forward pass and the request
   resumes when ``get_finished`` reports it.
@@ -308,8 +309,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _start_promotion(self, req_id: str, namespaces: list[bytes], hashes: list[bytes]) -> None:
         if self._promoter is None:
+            # A promotion may pull the blocks from another node's agent first.
             self._promoter = kvtier.Client(
-                self._socket, timeout_ms=self._timeout_ms, name="vllm-promoter", lazy=True
+                self._socket,
+                timeout_ms=max(self._timeout_ms, self._pull_timeout_ms),
+                name="vllm-promoter",
+                lazy=True,
             )
         self._promotions[req_id] = self._pool().submit(self._promote, namespaces, hashes)
 
@@ -460,6 +465,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 return 0, False
             self._promoted.add(req_id)
         namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+        for ns in namespaces:
+            # The agent looks for the blocks at other nodes under the namespace's model.
+            self._announce(ns)
         wanted = keys.hashes[:loadable]
         try:
             tiers = [self._client.lookup(ns, wanted) for ns in namespaces]

@@ -82,11 +82,14 @@ fn layers_of(layers: &[(usize, usize, usize)]) -> PyResult<Vec<LayerPages>> {
         .collect()
 }
 
-/// Tier codes as Python sees them (ints, not bytes): 0 miss, 1 host, 2 disk.
+/// Tier codes as Python sees them (ints, not bytes): 0 miss, 1 host, 2 disk, 3 another node's
+/// agent (lookup only: acquiring pulls it).
 fn tier_code(t: Option<TierLevel>) -> u32 {
     match t {
         None => 0,
         Some(TierLevel::Host) => 1,
+        Some(TierLevel::Peer) => 3,
+        // Disk, and any lower tier a newer library adds: below the arena, promoted to read.
         Some(_) => 2,
     }
 }
@@ -583,5 +586,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TIER_MISS", 0u32)?;
     m.add("TIER_HOST", 1u32)?;
     m.add("TIER_DISK", 2u32)?;
+    m.add("TIER_PEER", 3u32)?;
     Ok(())
 }

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_index import IndexProcess
 
 import kvtier
-from conftest import PREFIX_TOKENS, OpenAIServer, free_port
+from conftest import PREFIX_TOKENS, OpenAIServer, free_port, run_engine, run_engine_report
 from kvagent_process import Agent
 
 BLOCK = 32
@@ -162,3 +163,35 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(
     assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == 0
     assert out["choices"][0]["token_ids"] == baseline[2]
     assert "from its prefill engine failed, computing" in cluster.decode.log_path.read_text()
+
+
+def test_a_fresh_node_reuses_a_prefix_another_node_computed(
+    model: Path, prompts: Path, baseline: list[list[int]], workdir: Path
+) -> None:
+    """Cross-node reuse: the engine on node b has never seen the prompt; its agent learns from
+    the cluster index that node a's agent holds the prefix, and pulls it."""
+    secret = workdir / "secret"
+    secret.write_text(SECRET)
+    peer = f"127.0.0.1:{free_port()}"
+    # A pod on node a, so that the index can score what a's agent holds.
+    index = IndexProcess([f"pa={model}@tcp://127.0.0.1:{free_port()},node=a"], model=str(model))
+    common = ["--host-size", "256MiB", "--peer-secret-file", str(secret), "--index", index.url]
+    a = Agent(workdir / "a.sock", [*common, "--node-name", "a", "--peer-listen", peer])
+    b = Agent(workdir / "b.sock", [*common, "--node-name", "b"])
+    try:
+        (first,) = run_engine(model, prompts, "--socket", str(a.socket))
+        assert [r["tokens"] for r in first] == baseline
+        ids = json.loads(prompts.read_text())[0]
+        index.until(ids, lambda s: s.get("pa", 0) >= PREFIX_TOKENS // BLOCK)
+        report = run_engine_report(model, prompts, "--socket", str(b.socket))
+        (second,) = report["rounds"]
+        assert second[0]["cached"] >= PREFIX_TOKENS, report["log"]
+        assert [r["tokens"] for r in second] == baseline
+        stats = json.loads(kvtier.Client(str(b.socket)).stats())
+        assert stats["host"]["stores"] >= PREFIX_TOKENS // BLOCK
+        # Pulled blocks are promoted off the scheduler's thread, then loaded asynchronously.
+        assert any(line.endswith(" asynchronously") for line in report["log"]), report["log"]
+    finally:
+        a.kill()
+        b.kill()
+        index.close()

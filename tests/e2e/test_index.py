@@ -74,8 +74,9 @@ class Engine:
 
 
 class IndexProcess:
-    def __init__(self, pods: list[str], *extra: str) -> None:
+    def __init__(self, pods: list[str], *extra: str, model: str = MODEL_NAME) -> None:
         self.port = free_port()
+        self.model = model
         self.args = [str(KVAGENT), "index", "--grpc-addr", f"127.0.0.1:{self.port}", "--http-addr", ""]
         self.args += [arg for pod in pods for arg in ("--pod", pod)]
         self.args += list(extra)
@@ -104,7 +105,11 @@ class IndexProcess:
 
     @property
     def score_args(self) -> list[str]:
-        return [str(KVAGENT), "score", "--index", f"http://127.0.0.1:{self.port}", "--model", MODEL_NAME]
+        return [str(KVAGENT), "score", "--index", self.url, "--model", self.model]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def scores(self, prompt: list[int], check: bool = False) -> list[dict[str, Any]]:
         """`kvagent score`'s answer (pod, blocks, weighted), best first; empty when the index

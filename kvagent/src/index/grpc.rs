@@ -158,11 +158,17 @@ impl IndexRpc for IndexService {
     ) -> Result<Response<proto::LookupResponse>, Status> {
         let req = request.into_inner();
         let hashes = req.hashes.map(|h| h.hashes).unwrap_or_default();
-        let found = self
-            .state
-            .backend
-            .lookup(State::scope(&req.model), &hashes)
-            .await?;
+        let backend = &self.state.backend;
+        let found = backend.lookup(State::scope(&req.model), &hashes).await?;
+        let mut sources: Vec<String> = found.iter().flatten().map(|(s, _)| s.clone()).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let addresses: HashMap<String, String> = sources
+            .iter()
+            .cloned()
+            .zip(backend.peer_addresses(&sources).await?)
+            .filter_map(|(s, a)| Some((s, a?)))
+            .collect();
         let blocks = hashes
             .iter()
             .zip(found)
@@ -171,6 +177,7 @@ impl IndexRpc for IndexService {
                 holders: holders
                     .into_iter()
                     .map(|(source, media)| proto::Holder {
+                        peer_address: addresses.get(&source).cloned().unwrap_or_default(),
                         source,
                         media: media.into_iter().map(medium_to_proto).collect(),
                     })
@@ -187,6 +194,8 @@ impl IndexRpc for IndexService {
         let mut stream = request.into_inner();
         // (source, epoch) -> next sequence number expected on this stream.
         let mut expected: HashMap<String, (u64, u64)> = HashMap::new();
+        // source -> the peer address recorded for it from this stream.
+        let mut announced: HashMap<String, String> = HashMap::new();
         let mut batches = 0u64;
         let backend = &self.state.backend;
         let resync_epoch = self.state.resync_epoch.load(Ordering::SeqCst);
@@ -262,6 +271,13 @@ impl IndexRpc for IndexService {
                 // Best effort: the backend is failing, and a resync clears the source anyway.
                 let _ = backend.clear(&batch.source).await;
                 return Err(e.into());
+            }
+            // A node agent's peer address, recorded when it first comes or changes on this stream.
+            if !batch.peer_address.is_empty() && announced.get(&batch.source) != Some(&batch.peer_address) {
+                backend
+                    .set_peer_address(&batch.source, &batch.peer_address)
+                    .await?;
+                announced.insert(batch.source.clone(), batch.peer_address.clone());
             }
             expected.insert(batch.source.clone(), (batch.epoch, next));
             for kind in kinds {

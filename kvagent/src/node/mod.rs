@@ -32,7 +32,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
     let instance = instance_id();
-    let peers = peer::Peers::start(&cfg.peer, Arc::clone(&store), Arc::clone(&metrics))?;
+    let peers = peer::Peers::start(&cfg, Arc::clone(&store), Arc::clone(&metrics))?;
     let shared = server::Shared::new(
         Arc::clone(&store),
         metrics,
@@ -62,6 +62,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             node: cfg.publish.node_name()?,
             interval: Duration::from_millis(u64::from(cfg.publish.interval_ms)),
             heartbeat: Duration::from_secs(u64::from(cfg.publish.heartbeat_s)),
+            peer_address: peers.advertise().map(str::to_owned),
         })
     };
     let disk = store.disk().map(|d| d.engine_description());

@@ -59,6 +59,11 @@ impl Models {
     }
 
     /// Namespaces announced.
+    /// The model announced for `ns`.
+    pub(crate) fn model_of(&self, ns: &Namespace) -> Option<Arc<str>> {
+        self.by_ns.read().get(ns).cloned()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.by_ns.read().len()
     }
@@ -83,6 +88,8 @@ pub(crate) struct PublishSettings {
     pub(crate) interval: Duration,
     /// The longest silence before an empty batch tells the index the agent is alive.
     pub(crate) heartbeat: Duration,
+    /// Where this agent serves its blocks to other agents (told to the index), if it does.
+    pub(crate) peer_address: Option<String>,
 }
 
 const HOST: u8 = 1;
@@ -173,6 +180,7 @@ struct Stream<'a> {
     source: &'a str,
     epoch: u64,
     seq: u64,
+    peer_address: &'a str,
 }
 
 impl Stream<'_> {
@@ -186,6 +194,7 @@ impl Stream<'_> {
             seq,
             resync,
             events,
+            peer_address: self.peer_address.to_owned(),
         }
     }
 
@@ -283,6 +292,7 @@ async fn stream(
         source,
         epoch,
         seq: 0,
+        peer_address: cfg.peer_address.as_deref().unwrap_or(""),
     };
     let mut reported = Reported::default();
     let mut mark = None;
@@ -387,6 +397,7 @@ mod tests {
             source: "agent/n1",
             epoch: 7,
             seq: 0,
+            peer_address: "",
         };
         let empty = s.batches(Vec::new(), true);
         assert_eq!(empty.len(), 1);

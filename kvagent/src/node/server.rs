@@ -261,10 +261,13 @@ fn serve(stream: UnixStream, shared: &Shared, state: &ConnState, id: u64) {
     let _enter = span.enter();
     let mut body = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
-    if let Err(e) = handshake(&stream, shared, &mut body, &mut out) {
-        tracing::debug!(error = %e, "handshake failed; closing");
-        return;
-    }
+    let version = match handshake(&stream, shared, &mut body, &mut out) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed; closing");
+            return;
+        }
+    };
     let mut session = Session::new(Arc::clone(&shared.store));
     let mut reader = wire::FrameReader::default();
     loop {
@@ -306,7 +309,7 @@ fn serve(stream: UnixStream, shared: &Shared, state: &ConnState, id: u64) {
                 us => Duration::from_micros(u64::from(us)),
             };
         let verb = req.verb();
-        let (resp, blocks) = dispatch(&mut session, shared, req, deadline);
+        let (resp, blocks) = dispatch(&mut session, shared, req, deadline, version);
         if let Response::Error { code, .. } = &resp {
             shared.metrics.error(verb, error_reason(*code));
         }
@@ -388,7 +391,7 @@ fn handshake(
     shared: &Shared,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u16> {
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let read = wire::read_frame(&mut &*stream, body);
     stream.set_read_timeout(None)?;
@@ -443,8 +446,8 @@ fn handshake(
     out.clear();
     Response::Welcome(welcome).encode(header.id, out);
     send_with_fd(stream, out, arena.fd())?;
-    tracing::debug!(client, "engine connected");
-    Ok(())
+    tracing::debug!(client, version, "engine connected");
+    Ok(version)
 }
 
 /// Sends `frame` with `fd` attached (SCM_RIGHTS) in one message, so the fd arrives with the
@@ -473,7 +476,13 @@ fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: std::os::fd::BorrowedFd<'
 }
 
 /// Runs one call and returns its answer and the number of blocks it named.
-fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Instant) -> (Response, usize) {
+fn dispatch(
+    session: &mut Session,
+    shared: &Shared,
+    req: Request,
+    deadline: Instant,
+    version: u16,
+) -> (Response, usize) {
     if shared.draining.load(Ordering::SeqCst)
         && !matches!(
             req,
@@ -506,11 +515,21 @@ fn dispatch(session: &mut Session, shared: &Shared, req: Request, deadline: Inst
             },
             0,
         ),
-        Request::Lookup(ns, hashes) => (Response::Lookup(session.lookup(ns, &hashes)), hashes.len()),
+        Request::Lookup(ns, hashes) => {
+            let mut tiers = session.lookup(ns, &hashes);
+            // Protocol 3 knows blocks held by a peer.
+            if version >= 3 && tiers.len() < hashes.len() {
+                tiers = shared.peers.extend_lookup(&shared.models, ns, &hashes, tiers);
+            }
+            (Response::Lookup(tiers), hashes.len())
+        }
         Request::Reserve(ns, items) => (Response::Reserve(session.reserve(ns, &items)), items.len()),
         Request::Commit(ns, hashes) => (Response::Commit(session.commit(ns, &hashes, false)), hashes.len()),
         Request::Abort(ns, hashes) => (Response::Abort(session.commit(ns, &hashes, true)), hashes.len()),
         Request::Acquire(ns, hashes) => {
+            let keys: Vec<kvstore::BlockKey> =
+                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
+            shared.peers.fetch_for_acquire(&keys, deadline);
             let got = session.acquire(ns, &hashes);
             if Instant::now() > deadline {
                 // The client has given up (a promotion took too long): don't leave it pins it

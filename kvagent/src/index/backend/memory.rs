@@ -10,12 +10,14 @@ use super::{Backend, BackendStats, Candidate, PodScore, Result};
 #[derive(Debug)]
 pub(crate) struct MemoryBackend {
     index: Index,
+    peers: parking_lot::RwLock<std::collections::HashMap<String, String>>,
 }
 
 impl MemoryBackend {
     pub(crate) fn new(cfg: index::IndexConfig) -> Self {
         Self {
             index: Index::new(cfg),
+            peers: parking_lot::RwLock::default(),
         }
     }
 
@@ -38,6 +40,19 @@ impl Backend for MemoryBackend {
         }
         self.index.sources().keep_alive(id);
         Ok(())
+    }
+
+    async fn set_peer_address(&self, source: &str, address: &str) -> Result<()> {
+        let mut peers = self.peers.write();
+        if peers.get(source).map(String::as_str) != Some(address) {
+            peers.insert(source.to_owned(), address.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn peer_addresses(&self, sources: &[String]) -> Result<Vec<Option<String>>> {
+        let peers = self.peers.read();
+        Ok(sources.iter().map(|s| peers.get(s).cloned()).collect())
     }
 
     async fn keep_alive(&self, source: &str) -> Result<()> {

@@ -90,6 +90,12 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// holds).
     async fn lookup(&self, scope: u64, hashes: &[u64]) -> Result<Vec<Vec<(String, Vec<Medium>)>>>;
 
+    /// Records where `source` (a node agent) serves its blocks to other agents.
+    async fn set_peer_address(&self, source: &str, address: &str) -> Result<()>;
+
+    /// The recorded peer addresses of `sources` (`None` where unknown).
+    async fn peer_addresses(&self, sources: &[String]) -> Result<Vec<Option<String>>>;
+
     /// Forgets everything `source` reported; whether the source was known.
     async fn clear(&self, source: &str) -> Result<bool>;
 

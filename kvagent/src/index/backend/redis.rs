@@ -11,6 +11,7 @@
 //! - `P gen`: source → generation. Clearing a source bumps it; entries of another generation
 //!   no longer count (as in the memory backend, clearing never walks the blocks);
 //! - `P seen`: source → last report (unix ms); `P aged`: the sources aged out;
+//! - `P peers`: node agent source → its peer address;
 //! - `P owner:<pod>`: the replica that follows the pod (a lease, renewed every second);
 //!   `P seq:<pod>`: the last of its batches applied, from which a replica taking over goes on;
 //! - `P epoch`: a token written by the first replica that finds it missing. When it vanishes
@@ -416,6 +417,29 @@ impl Backend for RedisBackend {
 
     async fn keep_alive(&self, source: &str) -> Result<()> {
         self.touch(source).await
+    }
+
+    async fn set_peer_address(&self, source: &str, address: &str) -> Result<()> {
+        let _: () = redis::cmd("HSET")
+            .arg(self.meta("peers"))
+            .arg(source)
+            .arg(address)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.fail(&e))?;
+        Ok(())
+    }
+
+    async fn peer_addresses(&self, sources: &[String]) -> Result<Vec<Option<String>>> {
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        redis::cmd("HMGET")
+            .arg(self.meta("peers"))
+            .arg(sources)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.fail(&e))
     }
 
     async fn speculate(&self, pod: &str, scope: u64, hashes: &[u64]) -> Result<()> {

@@ -2,6 +2,7 @@
 //! puller asks a source for a grant, and the pulling itself — reserve local slots, copy over a
 //! data transport, verify every checksum, commit, release the grant.
 
+mod reuse;
 mod service;
 
 use std::collections::HashMap;
@@ -16,8 +17,11 @@ use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
 use tonic::transport::Channel;
 
-use crate::config::PeerSection;
+use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::node::publish::Models;
+pub(crate) use reuse::Probe;
+use reuse::Reuse;
 
 /// The generated protocol.
 #[expect(unreachable_pub, clippy::allow_attributes, reason = "generated code")]
@@ -69,16 +73,19 @@ pub(crate) struct Peers {
     /// The control address other agents reach this one at, if it serves.
     advertise: Option<String>,
     grants: Arc<Grants>,
+    /// Cross-node reuse, when configured.
+    reuse: Option<Reuse>,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Peers {
-    /// Starts the transfer runtime and, when `cfg.listen` is set, the control and data servers.
+    /// Starts the transfer runtime and, when `peer.listen` is set, the control and data servers.
     pub(crate) fn start(
-        cfg: &PeerSection,
+        node: &NodeConfig,
         store: Arc<TieredStore>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
+        let cfg = &node.peer;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.threads as usize)
             .thread_name("kvagent-peer")
@@ -176,7 +183,21 @@ impl Peers {
             }
             advertise = Some(adv);
         }
+        let reuse =
+            if node.reuse.enabled && !node.publish.index.is_empty() && (secret.is_some() || cfg.insecure) {
+                let _guard = runtime.enter();
+                let source = crate::index::agent_source(&node.publish.node_name()?);
+                Some(Reuse::new(
+                    &node.publish.index_uri(),
+                    source,
+                    advertise.clone(),
+                    node.reuse.clone(),
+                )?)
+            } else {
+                None
+            };
         Ok(Arc::new(Self {
+            reuse,
             store,
             metrics,
             secret,
@@ -206,16 +227,73 @@ impl Peers {
         keys: &[BlockKey],
         deadline: Instant,
     ) -> Result<Vec<bool>, PullError> {
-        self.runtime.block_on(self.pull(peer, keys, deadline))
+        self.runtime.block_on(self.pull(peer, keys, deadline, false))
+    }
+
+    /// A lookup's local prefix `tiers` of `hashes`, extended with the blocks a peer holds past
+    /// it when cross-node reuse is on (asks the index at most once per prefix and
+    /// `reuse.remember_ms`).
+    pub(crate) fn extend_lookup(
+        &self,
+        models: &Models,
+        ns: kvstore::Namespace,
+        hashes: &[kvstore::BlockHash],
+        tiers: Vec<kvstore::TierLevel>,
+    ) -> Vec<kvstore::TierLevel> {
+        let Some(reuse) = &self.reuse else {
+            return tiers;
+        };
+        let rest = &hashes[tiers.len()..];
+        if !reuse.worth_asking(rest.len()) {
+            return tiers;
+        }
+        let Some(model) = models.model_of(&ns) else {
+            // Nothing announced for the namespace: the index knows its blocks under no model.
+            return tiers;
+        };
+        match self.runtime.block_on(reuse.probe(ns, &model, rest)) {
+            Probe::Peer { blocks, .. } => reuse::with_peer(tiers, blocks.min(rest.len())),
+            Probe::Nothing => tiers,
+        }
+    }
+
+    /// Before an acquire: pulls the blocks past the local prefix that a lookup found at a peer,
+    /// when that pays. A failure only means the blocks stay missing.
+    pub(crate) fn fetch_for_acquire(&self, keys: &[BlockKey], deadline: Instant) {
+        let Some(reuse) = &self.reuse else {
+            return;
+        };
+        let local = self.store.lookup_prefix(keys).len;
+        let Some(first) = keys.get(local) else {
+            return;
+        };
+        let Some(Probe::Peer { address, blocks }) = reuse.remembered(first.namespace, first.hash) else {
+            return;
+        };
+        let wanted = &keys[local..(local + blocks).min(keys.len())];
+        match self.runtime.block_on(self.pull(&address, wanted, deadline, true)) {
+            Ok(held) if held.iter().all(|h| *h) => {
+                tracing::debug!(peer = %address, blocks = wanted.len(), "pulled a prefix a peer held");
+            }
+            Ok(_) => reuse.declined(first.namespace, first.hash),
+            Err(e) => {
+                tracing::warn!(peer = %address, error = %e, "pulling a prefix a peer held failed; the engine recomputes it");
+                reuse.declined(first.namespace, first.hash);
+            }
+        }
     }
 
     /// Copies the longest prefix of `keys` that `peer` holds (and this agent does not) into this
     /// agent's tiers. Per key: whether this agent holds it afterwards.
+    ///
+    /// With `weigh`, the transfer only goes ahead if the reuse policy expects it to beat
+    /// recomputing (decided once the grant says how many bytes it is).
     pub(crate) async fn pull(
         &self,
         peer: &str,
         keys: &[BlockKey],
         deadline: Instant,
+        weigh: bool,
     ) -> Result<Vec<bool>, PullError> {
         if self.secret.is_none() && !self.insecure {
             return Err(PullError::NoSecret);
@@ -263,9 +341,24 @@ impl Peers {
         }
         let id =
             GrantId::from_slice(&grant.grant_id).ok_or_else(|| control("grant id is not 16 bytes".into()))?;
-        let result = self
-            .pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
-            .await;
+        let bytes: u64 = grant.blocks.iter().map(|b| b.len).sum();
+        let pays = !weigh
+            || self
+                .reuse
+                .as_ref()
+                .is_none_or(|r| r.pays(grant.blocks.len(), bytes));
+        let result = if pays {
+            self.pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
+                .await
+        } else {
+            tracing::debug!(
+                peer,
+                blocks = grant.blocks.len(),
+                bytes,
+                "recomputing is expected to be faster than pulling"
+            );
+            Ok(())
+        };
         // Best effort: an unreleased grant expires on its own.
         let release = self.request(proto::ReleaseRequest {
             grant_id: id.0.to_vec(),
