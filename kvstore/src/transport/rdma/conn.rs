@@ -152,11 +152,17 @@ impl Conn {
         conn.expect(ev::RDMA_CM_EVENT_ROUTE_RESOLVED, until, &peer)?;
         // SAFETY: the resolved id's port is set; reading a plain field.
         let port = unsafe { (*id).port_num };
-        let max_msg = conn
+        let max_msg = match conn
             .device
             .port(port)
             .map_err(|e| fail(&format!("querying port {port}"), e))?
-            .max_msg_sz;
+            .max_msg_sz
+        {
+            // A provider that states no limit gets the largest message an SGE can describe
+            // (and says so with an error completion if that is too much), not one-byte READs.
+            0 => u32::MAX,
+            n => n,
+        };
 
         let lim = conn.device.limits();
         let window = cfg.max_outstanding_reads.clamp(

@@ -1079,7 +1079,8 @@ fn the_defaults_are_the_documented_ones() {
 // On a real device (run with `--ignored` on a host that has one).
 
 /// An IPv4 address of an interface on an RDMA device: `KVTIER_RDMA_TEST_IP`, or the first one
-/// found through `/sys/class/infiniband/*/device/net/*`.
+/// found on the network devices behind `/sys/class/infiniband/*` (a NIC's own, or the ones a
+/// port's GIDs name, as for soft RoCE).
 fn rdma_test_ip() -> Option<IpAddr> {
     if let Ok(ip) = std::env::var("KVTIER_RDMA_TEST_IP") {
         return ip.parse().ok();
@@ -1091,6 +1092,18 @@ fn rdma_test_ip() -> Option<IpAddr> {
                 nets.flatten()
                     .map(|n| n.file_name().to_string_lossy().into_owned()),
             );
+        }
+        for port in std::fs::read_dir(dev.path().join("ports"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let ndevs = std::fs::read_dir(port.path().join("gid_attrs/ndevs"));
+            for ndev in ndevs.into_iter().flatten().flatten() {
+                if let Ok(name) = std::fs::read_to_string(ndev.path()) {
+                    netdevs.push(name.trim().to_string());
+                }
+            }
         }
     }
     let mut found = None;
