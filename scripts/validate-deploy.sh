@@ -60,6 +60,59 @@ for f in "${manifests[@]}"; do
     continue
   fi
 
+  # Custom resources the bundled schemas do not know (LeaderWorkerSet): their fields are
+  # checked against the kind's documented fields, and the pod templates inside them strictly,
+  # as PodTemplates. Every --kv-transfer-config argument must be JSON.
+  if ! "$PY" - "$f" "$tmp/templates.yaml" <<'EOF'; then
+import json, sys, yaml
+
+path, out = sys.argv[1], sys.argv[2]
+LWS_SPEC = {"replicas", "leaderWorkerTemplate", "startupPolicy", "rolloutStrategy", "networkConfig"}
+LWS_TEMPLATE = {"size", "restartPolicy", "leaderTemplate", "workerTemplate", "subGroupPolicy"}
+ok, templates, pods = True, [], []
+for doc in yaml.safe_load_all(open(path)):
+    if not doc:
+        continue
+    name = doc.get("metadata", {}).get("name", "?")
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "LeaderWorkerSet":
+        lwt = spec.get("leaderWorkerTemplate") or {}
+        unknown = (set(spec) - LWS_SPEC) | (set(lwt) - LWS_TEMPLATE)
+        if unknown or "workerTemplate" not in lwt:
+            print(f"LeaderWorkerSet {name}: unknown fields {sorted(unknown)} or no workerTemplate", file=sys.stderr)
+            ok = False
+        for role in ("leaderTemplate", "workerTemplate"):
+            if role in lwt:
+                templates.append({"apiVersion": "v1", "kind": "PodTemplate",
+                                  "metadata": {"name": f"{name}-{role.lower()}"}, "template": lwt[role]})
+                pods.append((name, lwt[role]))
+    elif isinstance(spec.get("template"), dict):
+        pods.append((name, spec["template"]))
+for name, pod in pods:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for arg in c.get("args") or []:
+            if isinstance(arg, str) and arg.startswith("--kv-transfer-config="):
+                try:
+                    json.loads(arg.split("=", 1)[1])
+                except ValueError as e:
+                    print(f"{name}: --kv-transfer-config is not JSON: {e}", file=sys.stderr)
+                    ok = False
+with open(out, "w") as f:
+    if templates:
+        yaml.safe_dump_all(templates, f)
+sys.exit(0 if ok else 1)
+EOF
+    fail "$f: a custom resource or its --kv-transfer-config is malformed"
+    continue
+  fi
+  if [ -s "$tmp/templates.yaml" ]; then
+    echo "   pod templates of its custom resources, as PodTemplates (strict)"
+    if ! "$VENV/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$tmp/templates.yaml"; then
+      fail "$f: a pod template inside a custom resource does not validate"
+      continue
+    fi
+  fi
+
   # The agent configuration carried by ConfigMaps in this file, one file per ConfigMap key.
   rm -f "$tmp"/*.toml
   if ! "$PY" - "$f" "$tmp" <<'EOF'; then
