@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +203,30 @@ def test_invalid_arguments_are_value_errors(agent: Agent) -> None:
         c.save_pages(NS, [h(1)], [0], [])
     with pytest.raises(ValueError, match="one block id per hash"):
         c.save_pages(NS, [h(1), h(2)], [0], [(1, 1, 1)])
+
+
+def test_pull_copies_another_agents_blocks(agent: Agent, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("py-cluster")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = f"127.0.0.1:{port}"
+    source = Agent(tmp_path / "src.sock", ["--peer-listen", peer, "--peer-secret-file", str(secret)])
+    puller = Agent(tmp_path / "dst.sock", ["--peer-secret-file", str(secret)])
+    try:
+        blocks = [bytes([i]) * 4096 for i in range(4)]
+        src = kvtier.Client(str(source.socket))
+        assert src.save(NS, [h(i) for i in range(4)], blocks) == ["stored"] * 4
+        dst = kvtier.Client(str(puller.socket), timeout_ms=5000)
+        wanted = [h(i) for i in range(6)]
+        assert dst.pull(peer, NS, wanted) == [True] * 4 + [False] * 2
+        assert dst.lookup(NS, wanted) == [kvtier.TIER_HOST] * 4
+        # The agent at `agent` has no secret configured: it refuses, and keeps serving.
+        bare = kvtier.Client(str(agent.socket))
+        with pytest.raises(kvtier.KvtierError, match=r"peer\.secret_file"):
+            bare.pull(peer, NS, wanted)
+        assert bare.lookup(NS, wanted) == []
+    finally:
+        source.kill()
+        puller.kill()
