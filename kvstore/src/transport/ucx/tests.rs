@@ -1,0 +1,612 @@
+use super::*;
+use crate::transport::Grant;
+use crate::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig};
+
+fn store(mib: u64) -> Arc<TieredStore> {
+    Arc::new(
+        TieredStore::open(StoreConfig {
+            host: HostTierConfig::new(mib << 20),
+            disk: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn key(i: u64) -> BlockKey {
+    BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
+}
+
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (j as u64 * 31 + i * 7) as u8).collect()
+}
+
+/// Which of UCX's transports a test runs over.
+#[derive(Debug, Clone, Copy)]
+enum Fabric {
+    Tcp,
+    Shm,
+}
+
+fn config(fabric: Fabric, mode: UcxMode) -> UcxConfig {
+    let (tls, settings) = match fabric {
+        Fabric::Tcp => ("tcp", vec![("NET_DEVICES".to_owned(), "lo".to_owned())]),
+        Fabric::Shm => ("sm", Vec::new()),
+    };
+    UcxConfig {
+        mode,
+        tls: Some(tls.into()),
+        settings,
+        drain: Duration::from_millis(500),
+        ..UcxConfig::default()
+    }
+}
+
+/// A source holding one block per length in `lens` (keys 0, 1, ...).
+fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<BlockKey>) {
+    let s = store(64);
+    let keys: Vec<BlockKey> = (0..lens.len() as u64).map(key).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        assert_eq!(
+            s.put(&keys[i], &payload(i as u64, len)),
+            crate::PutOutcome::Stored
+        );
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    // In Get mode, so that its endpoint carries the key that gets need.
+    let t = UcxTransport::new(s, Some(Arc::clone(&grants)), config(fabric, UcxMode::Get)).unwrap();
+    (grants, t, keys)
+}
+
+fn puller(fabric: Fabric, mode: UcxMode) -> (Arc<TieredStore>, UcxTransport) {
+    let s = store(64);
+    let t = UcxTransport::new(Arc::clone(&s), None, config(fabric, mode)).unwrap();
+    assert_eq!(t.mode(), mode);
+    (s, t)
+}
+
+fn items(store: &TieredStore, grant: &Grant, keys: &[BlockKey]) -> Vec<PullItem> {
+    let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
+    store
+        .reserve_batch(&wanted)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| PullItem {
+            index: i as u32,
+            remote_offset: grant.blocks[i].offset,
+            checksum: grant.blocks[i].checksum,
+            slot: r.expect("slot"),
+        })
+        .collect()
+}
+
+async fn pull(
+    store: &TieredStore,
+    t: &UcxTransport,
+    endpoint: &[u8],
+    grant: &Grant,
+    keys: &[BlockKey],
+    deadline: Instant,
+) -> Vec<Pulled> {
+    t.pull(endpoint, grant.id, items(store, grant, keys), deadline)
+        .await
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// Blocks of several lengths (some not a multiple of a page) in several batch sizes, twice (the
+/// second round reuses the endpoints and rkeys), each byte checked.
+async fn byte_exact(fabric: Fabric, mode: UcxMode) {
+    let lens: Vec<usize> = (0..40)
+        .map(|i| [4096, 96 * 1024 + 3, 1 << 20, 5000, 1][i % 5])
+        .collect();
+    let (grants, src, keys) = source(&lens, fabric);
+    let (dst, t) = puller(fabric, mode);
+    let endpoint = src.endpoint(None);
+    for round in 0..2 {
+        for batch in [1, 7, 40] {
+            let keys = &keys[..batch];
+            let grant = grants.grant(keys).unwrap();
+            assert_eq!(grant.blocks.len(), batch);
+            let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
+            assert_eq!(pulled.len(), batch);
+            for p in pulled {
+                assert_eq!(
+                    p.result,
+                    Ok(()),
+                    "{fabric:?} {mode:?} round {round} batch {batch}"
+                );
+                let mut slot = p.slot;
+                let got = dst.host().reserved_mut(&mut slot).to_vec();
+                assert_eq!(got, payload(u64::from(p.index), lens[p.index as usize]));
+                dst.abort(slot);
+            }
+            assert!(grants.release(&grant.id));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_over_tcp_are_byte_exact() {
+    byte_exact(Fabric::Tcp, UcxMode::Get).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_on_request_over_tcp_are_byte_exact() {
+    byte_exact(Fabric::Tcp, UcxMode::PutOnRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_over_shared_memory_are_byte_exact() {
+    byte_exact(Fabric::Shm, UcxMode::Get).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_on_request_over_shared_memory_are_byte_exact() {
+    byte_exact(Fabric::Shm, UcxMode::PutOnRequest).await;
+}
+
+/// A source in PutOnRequest mode publishes no remote key, and a puller that prefers gets asks
+/// it for writes instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_only_writes_keeps_its_key_and_still_serves_get_pullers() {
+    let s = store(16);
+    let keys: Vec<BlockKey> = (0..3).map(key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.put(k, &payload(i as u64, 10_000));
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    let src = UcxTransport::new(
+        s,
+        Some(Arc::clone(&grants)),
+        config(Fabric::Tcp, UcxMode::PutOnRequest),
+    )
+    .unwrap();
+    let endpoint = src.endpoint(None);
+    assert!(RemoteEndpoint::parse(&endpoint).unwrap().rkey.is_empty());
+    let (dst, t) = puller(Fabric::Tcp, UcxMode::Get);
+    let grant = grants.grant(&keys).unwrap();
+    for p in pull(&dst, &t, &endpoint, &grant, &keys, soon()).await {
+        assert_eq!(p.result, Ok(()));
+        let mut slot = p.slot;
+        assert_eq!(
+            dst.host().reserved_mut(&mut slot),
+            &payload(u64::from(p.index), 10_000)[..]
+        );
+        dst.abort(slot);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_grant_fails_every_block_when_the_source_writes() {
+    for fabric in [Fabric::Tcp, Fabric::Shm] {
+        let (grants, src, keys) = source(&[4096, 8192, 3], fabric);
+        let grant = grants.grant(&keys).unwrap();
+        assert!(grants.release(&grant.id));
+        let (dst, t) = puller(fabric, UcxMode::PutOnRequest);
+        for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
+            assert!(
+                matches!(p.result, Err(TransportError::UnknownGrant { .. })),
+                "{fabric:?}: {:?}",
+                p.result
+            );
+            dst.abort(p.slot);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_failing_its_checksum_fails_alone() {
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::Get),
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::Get),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+    ] {
+        let (grants, src, keys) = source(&[8192, 8192, 8192], fabric);
+        let mut grant = grants.grant(&keys).unwrap();
+        grant.blocks[1].checksum ^= 1;
+        let (dst, t) = puller(fabric, mode);
+        let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
+        let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
+        assert_eq!(results[0], Ok(()), "{fabric:?} {mode:?}");
+        assert!(
+            matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
+            "{fabric:?} {mode:?}: {results:?}"
+        );
+        assert_eq!(results[2], Ok(()), "{fabric:?} {mode:?}");
+        for p in pulled {
+            dst.abort(p.slot);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_endpoints_and_blocks_outside_the_peers_arena_fail_cleanly() {
+    let (grants, src, keys) = source(&[4096, 4096], Fabric::Tcp);
+    let (dst, t) = puller(Fabric::Tcp, UcxMode::Get);
+    let grant = grants.grant(&keys).unwrap();
+    for bad in [&b"127.0.0.1:9"[..], b"", &src.endpoint(None)[..40]] {
+        for p in pull(&dst, &t, bad, &grant, &keys, soon()).await {
+            assert!(
+                matches!(p.result, Err(TransportError::BadEndpoint { .. })),
+                "{:?}",
+                p.result
+            );
+            dst.abort(p.slot);
+        }
+    }
+    let mut outside = grant.clone();
+    outside.blocks[1].offset = u64::MAX - 10;
+    let pulled = pull(&dst, &t, &src.endpoint(None), &outside, &keys, soon()).await;
+    assert_eq!(pulled[0].result, Ok(()));
+    assert!(
+        matches!(pulled[1].result, Err(TransportError::Protocol { .. })),
+        "{:?}",
+        pulled[1].result
+    );
+    for p in pulled {
+        dst.abort(p.slot);
+    }
+}
+
+/// A source whose progress loop the test can park: a peer that is alive but answers nothing.
+struct Stallable {
+    endpoint: Vec<u8>,
+    mailbox: Arc<Mailbox>,
+    control: std::sync::mpsc::Sender<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Control {
+    /// Park after acknowledging on the sender.
+    Park(std::sync::mpsc::Sender<()>),
+    Resume,
+}
+
+impl Stallable {
+    fn start(store: Arc<TieredStore>, grants: Arc<Grants>, fabric: Fabric) -> Self {
+        let mailbox = Arc::new(Mailbox::default());
+        let (endpoint_tx, endpoint_rx) = std::sync::mpsc::sync_channel(1);
+        let (control, control_rx) = std::sync::mpsc::channel();
+        let mb = Arc::clone(&mailbox);
+        let thread = std::thread::spawn(move || {
+            let mut engine = Engine::open(&store, Some(grants), config(fabric, UcxMode::Get), mb).unwrap();
+            endpoint_tx.send(engine.endpoint.clone()).unwrap();
+            loop {
+                match control_rx.try_recv() {
+                    Ok(Control::Park(ack)) => {
+                        ack.send(()).unwrap();
+                        if !matches!(control_rx.recv(), Ok(Control::Resume)) {
+                            return;
+                        }
+                    }
+                    Ok(Control::Resume) => {}
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+                let busy = engine.turn();
+                if engine.stopping && engine.pulls.is_empty() && engine.serves.is_empty() {
+                    return;
+                }
+                if !busy {
+                    // A nap, not a wait for something: parking requests are seen within it.
+                    engine.wait_for_events(Some(Duration::from_millis(1)));
+                }
+            }
+        });
+        Self {
+            endpoint: endpoint_rx.recv().unwrap(),
+            mailbox,
+            control,
+            thread: Some(thread),
+        }
+    }
+
+    fn park(&self) {
+        let (ack, parked) = std::sync::mpsc::channel();
+        self.control.send(Control::Park(ack)).unwrap();
+        parked.recv().unwrap();
+    }
+
+    fn resume(&self) {
+        self.control.send(Control::Resume).unwrap();
+    }
+}
+
+impl Drop for Stallable {
+    fn drop(&mut self) {
+        let _ = self.mailbox.post(Command::Stop);
+        let _ = self.control.send(Control::Resume);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// A pull whose source stops answering runs into its deadline: every block times out within
+/// the drain period, and nothing the source does once it runs again lands in the returned
+/// slots (checked with a canary, after a later pull from the same source has gone through).
+async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
+    let len = 256 * 1024;
+    let s = store(64);
+    let keys: Vec<BlockKey> = (0..16).map(key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.put(k, &payload(i as u64, len));
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), fabric);
+    let (dst, t) = puller(fabric, mode);
+    let drain = config(fabric, mode).drain;
+    // A first pull, so that both directions are connected and a request reaches the source.
+    let (warm, stuck, later) = (&keys[..2], &keys[2..10], &keys[10..]);
+    let grant = grants.grant(warm).unwrap();
+    for p in pull(&dst, &t, &src.endpoint, &grant, warm, soon()).await {
+        assert_eq!(p.result, Ok(()), "{fabric:?} {mode:?} warm-up");
+        dst.abort(p.slot);
+    }
+    src.park();
+    let grant = grants.grant(stuck).unwrap();
+    let started = Instant::now();
+    let budget = Duration::from_millis(300);
+    let pulled = pull(&dst, &t, &src.endpoint, &grant, stuck, started + budget).await;
+    let took = started.elapsed();
+    assert!(
+        took >= budget && took < budget + drain + Duration::from_secs(1),
+        "{took:?}"
+    );
+    let mut slots = Vec::new();
+    for p in pulled {
+        assert!(
+            matches!(p.result, Err(TransportError::TimedOut { .. })),
+            "{fabric:?} {mode:?}: {:?}",
+            p.result
+        );
+        let mut slot = p.slot;
+        dst.host().reserved_mut(&mut slot).fill(0xa5);
+        slots.push(slot);
+    }
+    src.resume();
+    let grant = grants.grant(later).unwrap();
+    for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
+        assert_eq!(p.result, Ok(()), "{fabric:?} {mode:?} after resuming");
+        dst.abort(p.slot);
+    }
+    for mut slot in slots {
+        assert!(
+            dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
+            "{fabric:?} {mode:?}: a write landed after the pull returned"
+        );
+        dst.abort(slot);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_deadline_over_tcp_leaves_no_late_write_with_gets() {
+    deadline_with_a_stuck_source(Fabric::Tcp, UcxMode::Get).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_deadline_over_tcp_leaves_no_late_write_with_puts() {
+    deadline_with_a_stuck_source(Fabric::Tcp, UcxMode::PutOnRequest).await;
+}
+
+/// Over shared memory a get needs nothing from the source (a CMA read), so only the
+/// source-written mode can be stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_deadline_over_shared_memory_leaves_no_late_write_with_puts() {
+    deadline_with_a_stuck_source(Fabric::Shm, UcxMode::PutOnRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_is_gone_fails_the_pull_without_hanging() {
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::Get),
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::Get),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+    ] {
+        let (grants, src, keys) = source(&[65536; 4], fabric);
+        let grant = grants.grant(&keys).unwrap();
+        let endpoint = src.endpoint(None);
+        drop(src);
+        let (dst, t) = puller(fabric, mode);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(2);
+        let pulled = pull(&dst, &t, &endpoint, &grant, &keys, deadline).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2) + config(fabric, mode).drain + Duration::from_secs(1)
+        );
+        for p in pulled {
+            assert!(p.result.is_err(), "{fabric:?} {mode:?}: {:?}", p.result);
+            dst.abort(p.slot);
+        }
+    }
+}
+
+/// The source's transport is dropped as a large pull gets under way: the pull ends (some
+/// blocks may have arrived, the rest fail), long before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_stopping_mid_pull_fails_what_it_did_not_send() {
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::Get),
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+    ] {
+        let len = 1 << 20;
+        let (grants, src, keys) = source(&[len; 41], fabric);
+        let (dst, t) = puller(fabric, mode);
+        let endpoint = src.endpoint(None);
+        // Connected first, so that the stop below meets the transfer under way.
+        let (warm, keys) = keys.split_at(1);
+        let grant = grants.grant(warm).unwrap();
+        for p in pull(&dst, &t, &endpoint, &grant, warm, soon()).await {
+            assert_eq!(p.result, Ok(()));
+            dst.abort(p.slot);
+        }
+        let grant = grants.grant(keys).unwrap();
+        let started = Instant::now();
+        // Over shared memory a source that has gone before answering is noticed only at the
+        // deadline (error mode NONE).
+        let budget = Duration::from_secs(3);
+        let deadline = started + budget;
+        let stop = async {
+            tokio::task::yield_now().await;
+            drop(src);
+        };
+        let (pulled, ()) = tokio::join!(pull(&dst, &t, &endpoint, &grant, keys, deadline), stop);
+        let limit = match fabric {
+            Fabric::Tcp => budget,
+            Fabric::Shm => budget + config(fabric, mode).drain + Duration::from_secs(1),
+        };
+        assert!(
+            started.elapsed() < limit,
+            "{fabric:?} {mode:?}: {:?}",
+            started.elapsed()
+        );
+        for p in pulled {
+            let mut slot = p.slot;
+            if p.result.is_ok() {
+                assert_eq!(
+                    dst.host().reserved_mut(&mut slot),
+                    &payload(u64::from(p.index) + 1, len)[..]
+                );
+            }
+            dst.abort(slot);
+        }
+    }
+}
+
+#[test]
+fn auto_picks_gets_only_where_ucx_may_not_use_tcp() {
+    use UcxMode::{Auto, Get, PutOnRequest};
+    for (tls, want) in [
+        (None, PutOnRequest),
+        (Some(""), PutOnRequest),
+        (Some("all"), PutOnRequest),
+        (Some("tcp"), PutOnRequest),
+        (Some("sm,tcp"), PutOnRequest),
+        (Some("rc,ud"), PutOnRequest),
+        (Some("^ib"), PutOnRequest),
+        (Some("sm"), Get),
+        (Some("posix,cma"), Get),
+        (Some(" SM , Self "), Get),
+        (Some("rc_x,sm,cuda_ipc"), Get),
+        (Some("^tcp"), Get),
+        (Some("^ud,tcp"), Get),
+    ] {
+        assert_eq!(Auto.resolve(tls), want, "UCX_TLS={tls:?}");
+    }
+    assert_eq!(Get.resolve(Some("tcp")), Get, "an explicit mode stands");
+    assert_eq!(PutOnRequest.resolve(Some("sm")), PutOnRequest);
+}
+
+#[test]
+fn messages_round_trip_and_damaged_ones_are_refused() {
+    let ep = RemoteEndpoint {
+        name: "host:42".into(),
+        arena_base: 0x7f00_0000_0000,
+        arena_len: 64 << 20,
+        address: vec![1, 2, 3, 4, 5],
+        rkey: vec![9; 17],
+    };
+    let bytes = ep.encode();
+    assert_eq!(RemoteEndpoint::parse(&bytes), Ok(ep.clone()));
+    for bad in [
+        &bytes[..bytes.len() - 1],
+        &bytes[..ENDPOINT_HEADER],
+        &[bytes.as_slice(), &[0]].concat()[..],
+        b"KVTU",
+        b"127.0.0.1:4000",
+    ] {
+        assert!(matches!(
+            RemoteEndpoint::parse(bad),
+            Err(TransportError::BadEndpoint { .. })
+        ));
+    }
+    let mut other_version = bytes.clone();
+    other_version[4] = 2;
+    assert!(RemoteEndpoint::parse(&other_version).is_err());
+
+    let req = Request {
+        id: 7,
+        grant: GrantId([3; 16]),
+        boot_id: [4; 16],
+        deadline_ns: 123,
+        budget_ns: 45,
+        arena_base: 1 << 40,
+        arena_len: 1 << 30,
+        address: vec![5; 9],
+        rkey: vec![6; 11],
+        entries: vec![(0, 4096, 0), (9, 5, 8192)],
+    };
+    let bytes = req.encode();
+    assert_eq!(bytes.len(), REQUEST_HEADER + 9 + 11 + 2 * REQUEST_ENTRY);
+    assert_eq!(Request::parse(&bytes), Some(req));
+    assert_eq!(Request::parse(&bytes[..bytes.len() - 1]), None);
+    assert_eq!(Request::parse(&[bytes.as_slice(), &[0]].concat()), None);
+    let answer = encode_answer(7, &[STATUS_OK, STATUS_TIMED_OUT]);
+    assert_eq!(
+        parse_answer(&answer),
+        Some((7, &[STATUS_OK, STATUS_TIMED_OUT][..]))
+    );
+    assert_eq!(parse_answer(&answer[..answer.len() - 1]), None);
+    assert_eq!(parse_answer(b"KVTP"), None);
+}
+
+#[test]
+fn a_source_stops_writing_at_the_pullers_deadline() {
+    let req = |boot_id: [u8; 16]| Request {
+        id: 0,
+        grant: GrantId([0; 16]),
+        boot_id,
+        deadline_ns: 10_000_000_000,
+        budget_ns: 2_000_000_000,
+        arena_base: 0,
+        arena_len: 0,
+        address: Vec::new(),
+        rkey: Vec::new(),
+        entries: Vec::new(),
+    };
+    let now = Instant::now();
+    let here = [1; 16];
+    // Same boot: the puller's CLOCK_MONOTONIC deadline, however late the request arrived.
+    assert_eq!(
+        req(here).local_deadline(&here, now, 9_500_000_000),
+        now + Duration::from_millis(500)
+    );
+    assert_eq!(
+        req(here).local_deadline(&here, now, 11_000_000_000),
+        now,
+        "already past"
+    );
+    // Another host (or an unknown boot id): the budget, from arrival.
+    assert_eq!(
+        req([2; 16]).local_deadline(&here, now, 9_500_000_000),
+        now + Duration::from_secs(2)
+    );
+    assert_eq!(
+        req([0; 16]).local_deadline(&[0; 16], now, 9_500_000_000),
+        now + Duration::from_secs(2)
+    );
+}
+
+#[test]
+fn settings_ucx_refuses_make_the_transport_unavailable() {
+    let bad_value = UcxConfig {
+        settings: vec![("RNDV_THRESH".into(), "not-a-size".into())],
+        ..config(Fabric::Tcp, UcxMode::Get)
+    };
+    let no_transport = UcxConfig {
+        tls: Some("no_such_transport".into()),
+        ..config(Fabric::Tcp, UcxMode::Get)
+    };
+    for (cfg, says) in [(bad_value, "RNDV_THRESH"), (no_transport, "context")] {
+        let err = UcxTransport::new(store(8), None, cfg).unwrap_err();
+        assert!(
+            matches!(&err, TransportError::Unavailable { transport: TransportKind::Ucx, reason } if reason.contains(says)),
+            "{err}"
+        );
+    }
+}
