@@ -129,6 +129,76 @@ pub struct PeerSection {
     pub max_grants: u32,
     /// Worker threads of the transfer runtime.
     pub threads: u32,
+    /// The RDMA verbs transport (agents built with the `rdma` feature).
+    pub rdma: RdmaSection,
+    /// The UCX transport (agents built with the `ucx` feature).
+    pub ucx: UcxSection,
+}
+
+/// `[peer.ucx]`: the UCX data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UcxSection {
+    /// `auto`, `get` (one-sided reads of the source's arena) or `put` (the source writes into
+    /// the puller's slots on request); `auto` reads where UCX does it in hardware or as one
+    /// copy (shared memory, CMA, InfiniBand/RoCE) and asks for writes elsewhere (TCP), where
+    /// UCX would emulate reads several times slower.
+    pub mode: String,
+    /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
+    pub tls: String,
+    /// Further UCX settings (names without the `UCX_` prefix), e.g. `{ NET_DEVICES = "mlx5_0:1" }`.
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for UcxSection {
+    fn default() -> Self {
+        Self {
+            mode: "auto".into(),
+            tls: String::new(),
+            settings: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// `[peer.rdma]`: the RDMA verbs data plane (one-sided READs over RC queue pairs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdmaSection {
+    /// The device (`mlx5_0`); empty: the first one.
+    pub device: String,
+    /// The device port checked at start.
+    pub port: u8,
+    /// Where the rdmacm listener of a serving agent binds: an address of an interface on the
+    /// device (a wildcard accepts requests arriving on that device only); port 0 picks one.
+    pub listen: String,
+    /// Most RDMA READs in flight per queue pair (clamped to the device's limit).
+    pub max_outstanding_reads: u32,
+    /// Most scatter entries per READ (clamped to the device's limit).
+    pub max_sge: u32,
+    /// Most READs posted with one call.
+    pub wrs_per_post: u32,
+    /// Idle queue pairs kept per source.
+    pub qps_per_peer: u32,
+    /// Bound on resolving and connecting to a source, in milliseconds.
+    pub connect_timeout_ms: u32,
+    /// Bound on draining a failed queue pair, in milliseconds.
+    pub drain_timeout_ms: u32,
+}
+
+impl Default for RdmaSection {
+    fn default() -> Self {
+        Self {
+            device: String::new(),
+            port: 1,
+            listen: "0.0.0.0:0".into(),
+            max_outstanding_reads: 16,
+            max_sge: 4,
+            wrs_per_post: 4,
+            qps_per_peer: 2,
+            connect_timeout_ms: 3000,
+            drain_timeout_ms: 2000,
+        }
+    }
 }
 
 impl Default for PeerSection {
@@ -145,6 +215,8 @@ impl Default for PeerSection {
             grant_ttl_s: 30,
             max_grants: 1024,
             threads: 2,
+            rdma: RdmaSection::default(),
+            ucx: UcxSection::default(),
         }
     }
 }
@@ -187,14 +259,34 @@ impl PeerSection {
             bail!("invalid configuration `peer.transports`: name at least one (\"tcp\")");
         }
         for t in &self.transports {
-            match kvstore::transport::TransportKind::from_name(t) {
-                Some(kvstore::transport::TransportKind::Tcp) => {}
-                Some(other) => bail!(
-                    "invalid configuration `peer.transports`: {other} is not built into this agent (only tcp)"
-                ),
-                None => bail!("invalid configuration `peer.transports`: unknown transport {t:?}"),
+            use kvstore::transport::TransportKind;
+            let built = match TransportKind::from_name(t) {
+                Some(TransportKind::Tcp) => true,
+                Some(TransportKind::Rdma) => cfg!(feature = "rdma"),
+                Some(TransportKind::Ucx) => cfg!(feature = "ucx"),
+                None => {
+                    bail!("invalid configuration `peer.transports`: unknown transport {t:?} (tcp, ucx, rdma)")
+                }
+            };
+            if !built {
+                bail!(
+                    "invalid configuration `peer.transports`: {t} is not built into this agent \
+                     (build kvagent with `--features {t}`)"
+                );
             }
         }
+        if !matches!(self.ucx.mode.as_str(), "auto" | "get" | "put") {
+            bail!(
+                "invalid configuration `peer.ucx.mode`: {:?} (auto, get, put)",
+                self.ucx.mode
+            );
+        }
+        self.rdma.listen.parse::<SocketAddr>().with_context(|| {
+            format!(
+                "invalid configuration `peer.rdma.listen`: {:?} is not ip:port",
+                self.rdma.listen
+            )
+        })?;
         if !(1..=64).contains(&self.streams) {
             bail!("invalid configuration `peer.streams`: must be 1–64");
         }

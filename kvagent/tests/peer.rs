@@ -123,6 +123,8 @@ fn pulls_over_loopback_are_exact_and_need_the_shared_secret() {
 struct Netns {
     names: [String; 2],
     addrs: [String; 2],
+    /// The veth pair's ends, in namespace 0 and 1.
+    devs: [String; 2],
     veth: String,
 }
 
@@ -133,7 +135,13 @@ impl Netns {
         let subnet = 10 + id % 200;
         let addrs = [format!("10.{subnet}.77.1"), format!("10.{subnet}.77.2")];
         let veth = format!("kvt{id}v");
-        let me = Self { names, addrs, veth };
+        let devs = [veth.clone(), format!("{veth}p")];
+        let me = Self {
+            names,
+            addrs,
+            devs,
+            veth,
+        };
         let run = |args: &[&str]| -> Result<(), String> {
             let out = Command::new("ip")
                 .args(args)
@@ -180,6 +188,30 @@ impl Netns {
                 dev,
             ])?;
             run(&["-n", name, "link", "set", dev, "up"])?;
+        }
+        // The kernel reports a new link operational a moment after it is up (link watch), and
+        // libraries that list interfaces (UCX) skip it until then.
+        let until = Instant::now() + Duration::from_secs(10);
+        for (name, dev) in me.names.iter().zip(&me.devs) {
+            loop {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        name,
+                        "cat",
+                        &format!("/sys/class/net/{dev}/operstate"),
+                    ])
+                    .output()
+                    .map_err(|e| format!("ip: {e}"))?;
+                if String::from_utf8_lossy(&out.stdout).trim() == "up" {
+                    break;
+                }
+                if Instant::now() > until {
+                    return Err(format!("{dev} in {name} never became operational"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Ok(me)
     }
@@ -450,4 +482,120 @@ fn a_prefix_another_node_holds_is_found_through_the_index_and_pulled() {
         Vec::<TierLevel>::new(),
         "and remembers it"
     );
+}
+
+/// An agent asked to prefer RDMA on a machine without an RDMA device says so and serves over
+/// the next transport in its list.
+#[cfg(feature = "rdma")]
+#[test]
+fn without_an_rdma_device_agents_fall_back_to_tcp() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "rdma-cluster");
+    let cfg = dir.path().join("rdma.toml");
+    std::fs::write(&cfg, "[peer]\ntransports = [\"rdma\", \"tcp\"]\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let source = Agent::start(
+        &dir.path().join("a.sock"),
+        &[
+            "--config",
+            cfg,
+            "--peer-listen",
+            &listen,
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let puller = Agent::start(
+        &dir.path().join("b.sock"),
+        &["--config", cfg, "--peer-secret-file", &secret],
+    );
+    let ns = ns("rdma-fallback");
+    let data = blocks(6, 8);
+    save(&source.client(), &ns, &data);
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    let c = pull_client(&puller);
+    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 8]);
+    assert_eq!(held_exact(&c, &ns, &data), 8);
+}
+
+/// Pulls over UCX: on loopback with UCX choosing its transports, and between two network
+/// namespaces over its TCP transport (shared memory would bypass the veth pair).
+#[cfg(feature = "ucx")]
+#[test]
+fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "ucx-cluster");
+    let ucx_config = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("[peer]\ntransports = [\"ucx\"]\n{extra}")).unwrap();
+        path.display().to_string()
+    };
+    let any = ucx_config("ucx.toml", "");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let source = Agent::start(
+        &dir.path().join("a.sock"),
+        &[
+            "--config",
+            &any,
+            "--peer-listen",
+            &listen,
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let puller = Agent::start(
+        &dir.path().join("b.sock"),
+        &["--config", &any, "--peer-secret-file", &secret],
+    );
+    let ns = ns("ucx-loopback");
+    let data = blocks(7, 24);
+    save(&source.client(), &ns, &data);
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    let c = pull_client(&puller);
+    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 24]);
+    assert_eq!(held_exact(&c, &ns, &data), 24);
+
+    let net = match Netns::create() {
+        Ok(n) => n,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("KVSTORE_TEST_STRICT").is_none(),
+                "network namespaces are required here: {reason}"
+            );
+            eprintln!(
+                "SKIPPED the namespace part of ucx_pulls_are_exact_on_loopback_and_across_namespaces: {reason}"
+            );
+            return;
+        }
+    };
+    // UCX over TCP on the veth pair only, as a cluster pins UCX to its fabric's interface: each
+    // namespace has a loopback of its own, which UCX cannot tell from the other's.
+    let on = |dev: &str| format!("[peer.ucx]\ntls = \"tcp\"\nsettings = {{ NET_DEVICES = \"{dev}\" }}\n");
+    let (cfg0, cfg1) = (
+        ucx_config("n0.toml", &on(&net.devs[0])),
+        ucx_config("n1.toml", &on(&net.devs[1])),
+    );
+    let listen = format!("{}:9471", net.addrs[0]);
+    let source = Agent::start_in(
+        &net.exec(0),
+        &dir.path().join("na.sock"),
+        &[
+            "--config",
+            &cfg0,
+            "--peer-listen",
+            &listen,
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let puller = Agent::start_in(
+        &net.exec(1),
+        &dir.path().join("nb.sock"),
+        &["--config", &cfg1, "--peer-secret-file", &secret],
+    );
+    save(&source.client(), &ns, &data);
+    let c = pull_client(&puller);
+    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 24]);
+    assert_eq!(held_exact(&c, &ns, &data), 24);
 }

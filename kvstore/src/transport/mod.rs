@@ -16,6 +16,8 @@ pub mod grants;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 
 use std::fmt;
 use std::future::Future;

@@ -107,13 +107,40 @@ impl Peers {
                 ..TcpConfig::default()
             },
         );
-        let transports: Vec<Arc<dyn Transport>> = cfg
-            .transports
-            .iter()
-            .filter_map(|t| TransportKind::from_name(t))
-            .filter(|k| *k == TransportKind::Tcp)
-            .map(|_| Arc::new(tcp.clone()) as Arc<dyn Transport>)
-            .collect();
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        for kind in cfg.transports.iter().filter_map(|t| TransportKind::from_name(t)) {
+            let _guard = runtime.enter();
+            let built: Result<Arc<dyn Transport>, TransportError> = match kind {
+                TransportKind::Tcp => Ok(Arc::new(tcp.clone())),
+                #[cfg(feature = "rdma")]
+                TransportKind::Rdma => rdma_transport(
+                    &cfg.rdma,
+                    &store,
+                    (!cfg.listen.is_empty()).then(|| Arc::clone(&grants)),
+                ),
+                #[cfg(feature = "ucx")]
+                TransportKind::Ucx => {
+                    ucx_transport(cfg, &store, (!cfg.listen.is_empty()).then(|| Arc::clone(&grants)))
+                }
+                #[cfg(not(all(feature = "rdma", feature = "ucx")))]
+                other => Err(TransportError::Unavailable {
+                    transport: other,
+                    reason: "not built into this agent".into(),
+                }),
+            };
+            match built {
+                Ok(t) => transports.push(t),
+                Err(e) => {
+                    tracing::warn!(transport = %kind, error = %e, "peer transport unavailable; offering the others")
+                }
+            }
+        }
+        if transports.is_empty() {
+            anyhow::bail!(
+                "none of `peer.transports` {:?} can run on this machine",
+                cfg.transports
+            );
+        }
         let mut advertise = None;
         if !cfg.listen.is_empty() {
             let listen: SocketAddr = cfg.listen.parse().context("peer.listen")?;
@@ -468,6 +495,56 @@ impl Peers {
         self.channels.lock().insert(peer.to_owned(), channel.clone());
         Ok(channel)
     }
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_transport(
+    cfg: &crate::config::RdmaSection,
+    store: &Arc<TieredStore>,
+    grants: Option<Arc<Grants>>,
+) -> Result<Arc<dyn Transport>, TransportError> {
+    use kvstore::transport::rdma::{RdmaConfig, RdmaTransport};
+    let listen = cfg.listen.parse().map_err(|e| TransportError::Unavailable {
+        transport: TransportKind::Rdma,
+        reason: format!("peer.rdma.listen: {e}"),
+    })?;
+    let rdma = RdmaConfig {
+        device: (!cfg.device.is_empty()).then(|| cfg.device.clone()),
+        port: cfg.port,
+        listen,
+        max_outstanding_reads: cfg.max_outstanding_reads,
+        max_sge: cfg.max_sge,
+        wrs_per_post: cfg.wrs_per_post,
+        qps_per_peer: cfg.qps_per_peer as usize,
+        connect_timeout: Duration::from_millis(u64::from(cfg.connect_timeout_ms)),
+        drain_timeout: Duration::from_millis(u64::from(cfg.drain_timeout_ms)),
+    };
+    Ok(Arc::new(RdmaTransport::new(Arc::clone(store), grants, rdma)?))
+}
+
+#[cfg(feature = "ucx")]
+fn ucx_transport(
+    cfg: &crate::config::PeerSection,
+    store: &Arc<TieredStore>,
+    grants: Option<Arc<Grants>>,
+) -> Result<Arc<dyn Transport>, TransportError> {
+    use kvstore::transport::ucx::{UcxConfig, UcxMode, UcxTransport};
+    let ucx = UcxConfig {
+        mode: match cfg.ucx.mode.as_str() {
+            "get" => UcxMode::Get,
+            "put" => UcxMode::PutOnRequest,
+            _ => UcxMode::Auto,
+        },
+        tls: (!cfg.ucx.tls.is_empty()).then(|| cfg.ucx.tls.clone()),
+        settings: cfg
+            .ucx
+            .settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ..UcxConfig::default()
+    };
+    Ok(Arc::new(UcxTransport::new(Arc::clone(store), grants, ucx)?))
 }
 
 /// The advertised control address: `advertise`, else the bound address with a wildcard host
