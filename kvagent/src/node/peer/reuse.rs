@@ -48,6 +48,9 @@ pub(crate) struct Reuse {
     own_address: Option<String>,
     cfg: ReuseSection,
     remembered: Mutex<HashMap<(Namespace, BlockHash), (Probe, Instant)>>,
+    /// Until when the index is not asked at all, after it failed to answer: lookups of new
+    /// prefixes must not each wait for an index that is down.
+    quiet_until: Mutex<Option<Instant>>,
 }
 
 impl Reuse {
@@ -68,6 +71,7 @@ impl Reuse {
             own_address,
             cfg,
             remembered: Mutex::new(HashMap::new()),
+            quiet_until: Mutex::new(None),
         })
     }
 
@@ -110,6 +114,9 @@ impl Reuse {
         if let Some(p) = self.remembered(ns, first) {
             return p;
         }
+        if self.quiet_until.lock().is_some_and(|t| t > Instant::now()) {
+            return Probe::Nothing;
+        }
         let req = proto::LookupRequest {
             model: model.to_owned(),
             hashes: Some(proto::BlockHashes {
@@ -122,10 +129,12 @@ impl Reuse {
             Ok(Ok(resp)) => self.best(&resp.into_inner()),
             Ok(Err(status)) => {
                 tracing::debug!(%status, "the index could not say who holds the blocks");
+                self.quiet();
                 Probe::Nothing
             }
             Err(_) => {
                 tracing::debug!(?bound, "the index did not answer in time");
+                self.quiet();
                 Probe::Nothing
             }
         };
@@ -143,6 +152,11 @@ impl Reuse {
             Probe::Nothing => self.remember(ns, first, Probe::Nothing),
         }
         probe
+    }
+
+    fn quiet(&self) {
+        *self.quiet_until.lock() =
+            Some(Instant::now() + Duration::from_millis(u64::from(self.cfg.remember_ms)));
     }
 
     /// The peer holding the longest run from the first block on.
@@ -267,8 +281,33 @@ mod tests {
         assert!(r.pays(64, 64 << 20));
         // 64 blocks of 4 MiB: 269 ms to move.
         assert!(!r.pays(64, 256 << 20));
-        // Two small blocks: the fixed cost dominates.
-        assert!(!r.pays(2, 2 << 20));
+        // Two blocks of 4 MiB: 9.4 ms to move, 3.2 ms to recompute.
+        assert!(!r.pays(2, 8 << 20));
+        // A fast engine and one small block: the fixed cost of a transfer dominates.
+        let fast = reuse(ReuseSection {
+            prefill_tokens_per_s: 100_000,
+            ..ReuseSection::default()
+        });
+        assert!(!fast.pays(1, 64 << 10));
+        assert!(fast.pays(1024, 64 << 20));
+    }
+
+    #[tokio::test]
+    async fn an_index_that_does_not_answer_is_left_alone_for_a_while() {
+        // Port 1 refuses connections: the index is down.
+        let cfg = ReuseSection {
+            index_timeout_ms: 50,
+            remember_ms: 60_000,
+            ..ReuseSection::default()
+        };
+        let r = Reuse::new("http://127.0.0.1:1", "agent/me".into(), None, cfg).unwrap();
+        let ns = Namespace::builder("m").build();
+        let hashes: Vec<BlockHash> = (0..4).map(BlockHash::from_u64).collect();
+        assert_eq!(r.probe(ns, "m", &hashes).await, Probe::Nothing);
+        // Another prefix: not asked (it would wait on the dead index again).
+        let started = Instant::now();
+        assert_eq!(r.probe(ns, "m", &hashes[1..]).await, Probe::Nothing);
+        assert!(started.elapsed() < Duration::from_millis(20));
     }
 
     #[test]
