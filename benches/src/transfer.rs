@@ -2,6 +2,11 @@
 //! transports, next to Mooncake Transfer Engine (TCP) and NIXL (UCX over TCP and shared memory)
 //! moving the same blocks in the same run (`benches/peers/`).
 //!
+//! kvtier's data planes (`--transports`): its TCP backend, and (built with the `ucx` feature)
+//! its UCX backend twice, like NIXL's rows: over UCX's TCP transport on loopback (`UCX_TLS=tcp`,
+//! where kvtier asks the source to write) and over shared memory (`UCX_TLS=sm`, where it reads
+//! with CMA). Every configuration pulls the same granted blocks.
+//!
 //! kvtier's side runs two processes like the peers: this one pulls, and a child (`kvbench
 //! transfer --serve`) is the source, holding the blocks in its arena and answering grant
 //! requests on a pipe. A timed batch is what a decode agent does after the control call:
@@ -18,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
+#[cfg(feature = "ucx")]
+use kvstore::transport::ucx::{UcxConfig, UcxMode, UcxTransport};
 use kvstore::transport::{Grant, GrantId, Grants, PullItem, Secret, Transport};
 use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 use serde::{Deserialize, Serialize};
@@ -40,6 +47,13 @@ pub(crate) struct TransferArgs {
     /// Parallel TCP streams per pull.
     #[arg(long, default_value_t = 4)]
     pub(crate) streams: usize,
+    /// kvtier's data planes to measure.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_TRANSPORTS)]
+    pub(crate) transports: Vec<Plane>,
+    /// How kvtier's UCX pulls move the bytes (auto: writes on request over TCP, gets over
+    /// shared memory).
+    #[arg(long, value_enum, default_value_t = UcxModeArg::Auto)]
+    pub(crate) ucx_mode: UcxModeArg,
     /// Skip Mooncake and NIXL (they run when their venvs exist: `benches/peers/setup-*.sh`).
     #[arg(long)]
     pub(crate) no_peers: bool,
@@ -49,6 +63,80 @@ pub(crate) struct TransferArgs {
     /// Arena bytes of each process (internal, for `--serve`).
     #[arg(long, hide = true, default_value_t = 0)]
     pub(crate) arena: u64,
+}
+
+/// A data plane of kvtier's.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Plane {
+    /// The TCP backend.
+    Tcp,
+    /// The UCX backend, over UCX's TCP transport and over shared memory.
+    Ucx,
+}
+
+/// `--ucx-mode`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UcxModeArg {
+    /// From UCX_TLS.
+    Auto,
+    /// One-sided reads.
+    Get,
+    /// The source writes on request.
+    Put,
+}
+
+#[cfg(feature = "ucx")]
+const DEFAULT_TRANSPORTS: &str = "tcp,ucx";
+#[cfg(not(feature = "ucx"))]
+const DEFAULT_TRANSPORTS: &str = "tcp";
+
+/// One of UCX's transports that the UCX rows run over.
+#[cfg(feature = "ucx")]
+struct Fabric {
+    /// The rows' transport column (NIXL's labels).
+    label: &'static str,
+    tls: &'static str,
+    /// Further UCX settings.
+    settings: &'static [(&'static str, &'static str)],
+}
+
+#[cfg(feature = "ucx")]
+const UCX_FABRICS: [Fabric; 2] = [
+    Fabric {
+        label: "tcp",
+        tls: "tcp",
+        settings: &[("NET_DEVICES", "lo")],
+    },
+    Fabric {
+        label: "shm",
+        tls: "sm",
+        settings: &[],
+    },
+];
+
+#[cfg(feature = "ucx")]
+impl Fabric {
+    fn config(&self, mode: UcxMode) -> UcxConfig {
+        let mut cfg = UcxConfig {
+            mode,
+            tls: Some(self.tls.into()),
+            ..UcxConfig::default()
+        };
+        cfg.settings.extend(
+            self.settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        cfg
+    }
+}
+
+/// One of kvtier's data planes on the pulling side.
+struct Puller {
+    system: &'static str,
+    label: String,
+    endpoint: Vec<u8>,
+    transport: Box<dyn Transport>,
 }
 
 const SECRET: &[u8] = b"kvbench-transfer";
@@ -108,24 +196,63 @@ fn arena_bytes(args: &TransferArgs) -> u64 {
 
 pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     if args.serve {
-        return serve(args.arena);
+        return serve(args.arena, &args.transports);
+    }
+    if cfg!(not(feature = "ucx")) && args.transports.contains(&Plane::Ucx) {
+        bail!("--transports ucx: this kvbench was built without the `ucx` feature");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let arena = arena_bytes(args);
-    let mut source = Source::spawn(arena)?;
+    let mut source = Source::spawn(arena, &args.transports)?;
     let store = Arc::new(open_store(arena)?);
-    let transport = TcpTransport::new(
-        Arc::clone(&store),
-        None,
-        Secret::new(SECRET),
-        TcpConfig {
-            streams: args.streams,
-            ..TcpConfig::default()
-        },
-    );
+    let mut planes: Vec<Puller> = Vec::new();
+    if args.transports.contains(&Plane::Tcp) {
+        let tcp = TcpTransport::new(
+            Arc::clone(&store),
+            None,
+            Secret::new(SECRET),
+            TcpConfig {
+                streams: args.streams,
+                ..TcpConfig::default()
+            },
+        );
+        planes.push(Puller {
+            system: "kvtier",
+            label: "tcp".into(),
+            endpoint: source.endpoint.clone().into_bytes(),
+            transport: Box::new(tcp),
+        });
+    }
+    #[cfg(feature = "ucx")]
+    if args.transports.contains(&Plane::Ucx) {
+        let mode = match args.ucx_mode {
+            UcxModeArg::Auto => UcxMode::Auto,
+            UcxModeArg::Get => UcxMode::Get,
+            UcxModeArg::Put => UcxMode::PutOnRequest,
+        };
+        for fabric in &UCX_FABRICS {
+            let label = fabric.label;
+            let Some(endpoint) = source.ucx.get(label) else {
+                eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
+                continue;
+            };
+            match UcxTransport::new(Arc::clone(&store), None, fabric.config(mode)) {
+                Ok(t) => {
+                    eprintln!("kvtier ucx {label}: UCX_TLS={}, {:?}", fabric.tls, t.mode());
+                    planes.push(Puller {
+                        system: "kvtier-ucx",
+                        label: label.into(),
+                        endpoint: endpoint.clone(),
+                        transport: Box::new(t),
+                    });
+                }
+                Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
+            }
+        }
+    }
     let mut rows = Vec::new();
     let mut tag = 0;
     for &kib in &args.block_kib {
@@ -141,27 +268,39 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 tag,
                 batch: batch as u64,
             })?;
-            let row = runtime.block_on(measure(
-                &store,
-                &transport,
-                &source.endpoint,
-                &grant,
-                tag,
-                block,
-                batch,
-                args.quick,
-            ))?;
+            for Puller {
+                system,
+                label,
+                endpoint,
+                transport,
+            } in &planes
+            {
+                let mut row = runtime.block_on(measure(
+                    &store,
+                    transport.as_ref(),
+                    endpoint,
+                    &grant,
+                    tag,
+                    block,
+                    batch,
+                    args.quick,
+                ))?;
+                row.system = (*system).into();
+                row.transport = label.clone();
+                eprintln!(
+                    "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
+                    kib,
+                    batch,
+                    row.gbps.unwrap_or(0.0),
+                    row.per_block_us.unwrap_or(0.0)
+                );
+                rows.push(row);
+            }
             source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
-            eprintln!(
-                "kvtier tcp pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
-                kib,
-                batch,
-                row.gbps.unwrap_or(0.0),
-                row.per_block_us.unwrap_or(0.0)
-            );
-            rows.push(row);
         }
     }
+    // The pulling transports go before the source they pull from.
+    drop(planes);
     drop(source);
     let mut peers = serde_json::Map::new();
     if !args.no_peers {
@@ -192,6 +331,8 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "bench": "transfer",
             "quick": args.quick,
             "streams": args.streams,
+            "transports": args.transports.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
+            "ucx_mode": format!("{:?}", args.ucx_mode).to_lowercase(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rows": rows,
             "peers": peers,
@@ -208,8 +349,8 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
 #[expect(clippy::too_many_arguments, reason = "one configuration's parameters")]
 async fn measure(
     store: &Arc<TieredStore>,
-    transport: &TcpTransport,
-    endpoint: &str,
+    transport: &dyn Transport,
+    endpoint: &[u8],
     grant: &GrantAnswer,
     tag: u64,
     block: u64,
@@ -246,12 +387,7 @@ async fn measure(
             })
             .collect::<Result<_>>()?;
         let pulled = transport
-            .pull(
-                endpoint.as_bytes(),
-                id,
-                items,
-                Instant::now() + Duration::from_secs(60),
-            )
+            .pull(endpoint, id, items, Instant::now() + Duration::from_secs(60))
             .await;
         let mut slots = Vec::with_capacity(pulled.len());
         for p in pulled {
@@ -302,13 +438,27 @@ struct Source {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// The TCP backend's `ip:port`.
     endpoint: String,
+    /// The UCX backend's endpoints, by fabric label.
+    #[cfg_attr(
+        not(feature = "ucx"),
+        expect(dead_code, reason = "filled only with the ucx feature")
+    )]
+    ucx: std::collections::HashMap<String, Vec<u8>>,
 }
 
 impl Source {
-    fn spawn(arena: u64) -> Result<Self> {
+    fn spawn(arena: u64, planes: &[Plane]) -> Result<Self> {
+        let planes: Vec<String> = planes.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
         let mut child = Command::new(std::env::current_exe()?)
             .args(["transfer", "--serve", "--arena", &arena.to_string()])
+            .args(["--transports", &planes.join(",")])
+            // UCX logs to stdout unless told otherwise, which would break the control pipe.
+            .env(
+                "UCX_LOG_FILE",
+                std::env::var_os("UCX_LOG_FILE").unwrap_or_else(|| "stderr".into()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -320,11 +470,21 @@ impl Source {
         stdout.read_line(&mut line)?;
         let ready: serde_json::Value = serde_json::from_str(&line).context("the source's first line")?;
         let endpoint = ready["endpoint"].as_str().context("endpoint")?.to_owned();
+        let mut ucx = std::collections::HashMap::new();
+        for (label, hex) in ready["ucx"].as_object().into_iter().flatten() {
+            match hex.as_str() {
+                Some(hex) => {
+                    ucx.insert(label.clone(), unhex(hex).context("the source's UCX endpoint")?);
+                }
+                None => eprintln!("kvtier ucx {label}: the source has none ({hex})"),
+            }
+        }
         Ok(Self {
             child,
             stdin,
             stdout,
             endpoint,
+            ucx,
         })
     }
 
@@ -345,8 +505,10 @@ impl Drop for Source {
     }
 }
 
-/// The source process: holds blocks, grants them, serves them over TCP.
-fn serve(arena: u64) -> Result<()> {
+/// The source process: holds blocks, grants them, serves them over TCP and (asked for UCX)
+/// over UCX. Its first line is its endpoints: `{"endpoint": "ip:port", "ucx": {label: hex or
+/// {"error": ...}}}`.
+fn serve(arena: u64, planes: &[Plane]) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -363,8 +525,14 @@ fn serve(arena: u64) -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         transport.serve(listener)
     })?;
+    // Kept alive for as long as the process serves.
+    let (ucx, _ucx_transports) = serve_ucx(&store, &grants, planes);
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::json!({ "endpoint": addr.to_string() }))?;
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "endpoint": addr.to_string(), "ucx": ucx })
+    )?;
     out.flush()?;
     let pattern: Vec<u8> = {
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
@@ -415,6 +583,57 @@ fn serve(arena: u64) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// The source's UCX transports (when asked for) and their endpoints by fabric label.
+#[cfg(feature = "ucx")]
+fn serve_ucx(
+    store: &Arc<TieredStore>,
+    grants: &Arc<Grants>,
+    planes: &[Plane],
+) -> (serde_json::Map<String, serde_json::Value>, Vec<UcxTransport>) {
+    let mut endpoints = serde_json::Map::new();
+    let mut transports = Vec::new();
+    if planes.contains(&Plane::Ucx) {
+        for fabric in &UCX_FABRICS {
+            // Get mode: its endpoint carries the key, so pullers may read or ask for writes.
+            let cfg = fabric.config(UcxMode::Get);
+            match UcxTransport::new(Arc::clone(store), Some(Arc::clone(grants)), cfg) {
+                Ok(t) => {
+                    endpoints.insert(fabric.label.into(), hex(&t.endpoint(None)).into());
+                    transports.push(t);
+                }
+                Err(e) => {
+                    endpoints.insert(fabric.label.into(), serde_json::json!({ "error": e.to_string() }));
+                }
+            }
+        }
+    }
+    (endpoints, transports)
+}
+
+#[cfg(not(feature = "ucx"))]
+fn serve_ucx(
+    _: &Arc<TieredStore>,
+    _: &Arc<Grants>,
+    _: &[Plane],
+) -> (serde_json::Map<String, serde_json::Value>, Vec<()>) {
+    (serde_json::Map::new(), Vec::new())
+}
+
+#[cfg(feature = "ucx")]
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Result<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        bail!("odd number of hex digits");
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).context("not hex"))
+        .collect()
 }
 
 /// Runs a peer's benchmark script with the same matrix; its JSON record and rows.
