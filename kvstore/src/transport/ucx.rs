@@ -127,7 +127,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use ucx_sys as sys;
 
 use super::grants::{GrantEntry, GrantId, Grants, MAX_GRANT_BLOCKS};
@@ -230,6 +230,29 @@ impl UcxMode {
     }
 }
 
+/// [`UcxConfig::tcp_segment`] by default: UCX's TCP transport emulates RMA with messages
+/// cut into segments of 8 KiB by default, which holds a pull near 1 GB/s on loopback; 512 KiB
+/// segments bring it to the speed of kvtier's own TCP backend.
+pub const TCP_SEGMENT: u64 = 512 << 10;
+
+/// Transports that cannot detect a dead peer (UCX refuses `UCP_ERR_HANDLING_MODE_PEER` when
+/// they are all it may use).
+const SHM_TLS: &[&str] = &["self", "sm", "shm", "mm", "posix", "sysv", "xpmem", "knem", "cma"];
+
+/// Whether `tls` (a `UCX_TLS` value) names shared-memory transports only.
+fn shared_memory_only(tls: Option<&str>) -> bool {
+    let Some(tls) = tls
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with('^'))
+    else {
+        return false;
+    };
+    tls.split(',')
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .all(|n| SHM_TLS.contains(&n.as_str()))
+}
+
 /// Settings of the UCX data plane.
 #[derive(Debug, Clone)]
 pub struct UcxConfig {
@@ -238,9 +261,18 @@ pub struct UcxConfig {
     /// `UCX_TLS` for this transport's UCX context; `None` keeps the environment's (UCX reads
     /// `UCX_*` variables when the context is created) or, without one, UCX's default (all).
     pub tls: Option<String>,
-    /// Further UCX settings for this context, as (name without the `UCX_` prefix, value), for
-    /// example `("NET_DEVICES", "lo")`; they override the environment.
+    /// Further UCX settings for this context, as `ucp_config_modify` takes them; they override
+    /// the environment. UCP's own settings go by their variable's name without `UCX_`
+    /// (`("NET_DEVICES", "lo")` for `UCX_NET_DEVICES`); a transport's settings also lose the
+    /// transport's prefix and apply to every transport that has a setting of that name
+    /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`).
     pub settings: Vec<(String, String)>,
+    /// The send and receive segment size of UCX's TCP transport ([`TCP_SEGMENT`] by default;
+    /// `None` keeps UCX's). Left alone where UCX will not load TCP, and when the environment
+    /// sets `UCX_TCP_TX_SEG_SIZE` or `UCX_TCP_RX_SEG_SIZE`. A worker receives no segment larger
+    /// than its own receive size, so the value must be the same across the cluster; each
+    /// connection in use holds a few segments.
+    pub tcp_segment: Option<u64>,
     /// Bytes one transfer keeps in flight; past its deadline at most this much is still
     /// landing.
     pub window: u64,
@@ -257,6 +289,7 @@ impl Default for UcxConfig {
             mode: UcxMode::Auto,
             tls: None,
             settings: Vec::new(),
+            tcp_segment: Some(TCP_SEGMENT),
             window: 64 << 20,
             spin: Duration::from_micros(50),
             drain: Duration::from_secs(1),
@@ -295,8 +328,17 @@ impl UcxTransport {
     ) -> Result<Self, TransportError> {
         // UCX itself reads UCX_TLS from the environment when the context is created, just below.
         let env_tls = std::env::var("UCX_TLS").ok();
-        let mode = cfg.mode.resolve(cfg.tls.as_deref().or(env_tls.as_deref()));
-        let cfg = UcxConfig { mode, ..cfg };
+        let tls = cfg.tls.clone().or(env_tls);
+        let mode = cfg.mode.resolve(tls.as_deref());
+        let env_segments = ["UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        let tcp_segment = cfg.tcp_segment.filter(|_| !env_segments);
+        let cfg = UcxConfig {
+            mode,
+            tcp_segment,
+            ..cfg
+        };
         let mailbox = Arc::new(Mailbox::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
@@ -304,15 +346,17 @@ impl UcxTransport {
             let mailbox = Arc::clone(&mailbox);
             std::thread::Builder::new()
                 .name("kvtier-ucx".into())
-                .spawn(move || match Engine::open(&store, grants, cfg, mailbox) {
-                    Ok(engine) => {
-                        let _ = ready_tx.send(Ok((engine.endpoint.clone(), engine.name.clone())));
-                        engine.run();
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                })
+                .spawn(
+                    move || match Engine::open(&store, grants, cfg, tls.as_deref(), mailbox) {
+                        Ok(engine) => {
+                            let _ = ready_tx.send(Ok((engine.endpoint.clone(), engine.name.clone())));
+                            engine.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    },
+                )
                 .map_err(|e| unavailable(format!("starting the progress thread: {e}")))?
         };
         match ready_rx.recv() {
@@ -375,6 +419,7 @@ impl Transport for UcxTransport {
         deadline: Instant,
     ) -> BoxFuture<'a, Vec<Pulled>> {
         Box::pin(async move {
+            let mut items = items;
             let remote = match RemoteEndpoint::parse(endpoint) {
                 Ok(r) => r,
                 Err(e) => return fail_all(items, &e),
@@ -422,7 +467,7 @@ impl Transport for UcxTransport {
                 })
                 .collect();
             if !ops.is_empty() {
-                let (reply, answer) = oneshot::channel();
+                let (reply, mut settled) = mpsc::unbounded_channel();
                 let spec = PullSpec {
                     remote: remote.clone(),
                     grant,
@@ -436,35 +481,12 @@ impl Transport for UcxTransport {
                     deadline,
                     reply,
                 };
-                let outcome = if self.mailbox.post(Command::Pull(spec)) {
-                    answer.await.ok()
-                } else {
-                    None
-                };
-                let outcome = outcome.unwrap_or_else(|| {
-                    // The progress thread is gone (the transport is being dropped): it issued
-                    // nothing more and completed or discarded what it had started.
-                    let e = TransportError::Io {
-                        peer: remote.label(),
-                        reason: "the UCX progress thread has stopped".into(),
-                    };
-                    results
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.is_none())
-                        .map(|(n, _)| (n, Err(e.clone())))
-                        .collect()
-                });
-                for (n, r) in outcome {
-                    results[n] = Some(r);
-                }
-            }
-            items
-                .into_iter()
-                .zip(results)
-                .map(|(mut item, result)| {
-                    let result = match result {
-                        Some(Ok(())) => {
+                if self.mailbox.post(Command::Pull(spec)) {
+                    // Each block is verified as soon as it has landed, while later ones are
+                    // still moving.
+                    while let Some((n, r)) = settled.recv().await {
+                        let item = &mut items[n];
+                        results[n] = Some(r.and_then(|()| {
                             if super::verify(&self.store, &mut item.slot, item.checksum) {
                                 Ok(())
                             } else {
@@ -473,18 +495,30 @@ impl Transport for UcxTransport {
                                     index: item.index,
                                 })
                             }
-                        }
-                        Some(Err(e)) => Err(e),
-                        None => Err(TransportError::Protocol {
+                        }));
+                    }
+                }
+                // Unsettled blocks: the progress thread stopped (the transport is being
+                // dropped) after issuing nothing more and ending what it had started.
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(TransportError::Io {
+                        peer: remote.label(),
+                        reason: "the UCX progress thread has stopped".into(),
+                    }));
+                }
+            }
+            items
+                .into_iter()
+                .zip(results)
+                .map(|(item, result)| Pulled {
+                    index: item.index,
+                    slot: item.slot,
+                    result: result.unwrap_or_else(|| {
+                        Err(TransportError::Protocol {
                             peer: remote.label(),
                             reason: format!("block {} was not transferred", item.index),
-                        }),
-                    };
-                    Pulled {
-                        index: item.index,
-                        slot: item.slot,
-                        result,
-                    }
+                        })
+                    }),
                 })
                 .collect()
         })
@@ -638,9 +672,48 @@ struct OpSpec {
     remote_offset: u64,
 }
 
-/// Per item (by position), what the progress thread made of it; checksums are verified by
-/// the caller.
-type Outcome = Vec<(usize, Result<(), TransportError>)>;
+/// What the progress thread made of an item (by position), as soon as it is known; the
+/// caller verifies checksums. The channel closes when the transfer is over.
+type Settled = mpsc::UnboundedSender<(usize, Result<(), TransportError>)>;
+
+/// Fails every op of a transfer that never started.
+fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
+    for o in ops {
+        let _ = reply.send((o.item, Err(e.clone())));
+    }
+}
+
+/// A started pull's results, each sent once.
+#[derive(Debug)]
+struct Outcome {
+    reply: Settled,
+    /// Per op: its item's position, and whether its result went out.
+    items: Vec<usize>,
+    done: Vec<bool>,
+}
+
+impl Outcome {
+    fn new(reply: Settled, ops: &[OpSpec]) -> Self {
+        Self {
+            reply,
+            items: ops.iter().map(|o| o.item).collect(),
+            done: vec![false; ops.len()],
+        }
+    }
+
+    fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
+        if !std::mem::replace(&mut self.done[op], true) {
+            let _ = self.reply.send((self.items[op], r));
+        }
+    }
+
+    /// Settles every op still open with `e`.
+    fn settle_rest(&mut self, e: &TransportError) {
+        for op in 0..self.done.len() {
+            self.settle(op, Err(e.clone()));
+        }
+    }
+}
 
 #[derive(Debug)]
 struct PullSpec {
@@ -649,7 +722,7 @@ struct PullSpec {
     mode: UcxMode,
     ops: Vec<OpSpec>,
     deadline: Instant,
-    reply: oneshot::Sender<Outcome>,
+    reply: Settled,
 }
 
 #[derive(Debug)]
@@ -873,8 +946,7 @@ struct PullJob {
     label: String,
     deadline: Instant,
     ops: Vec<OpSpec>,
-    results: Vec<Option<Result<(), TransportError>>>,
-    reply: oneshot::Sender<Outcome>,
+    outcome: Outcome,
     state: PullState,
 }
 
@@ -1123,11 +1195,13 @@ struct Engine {
 }
 
 impl Engine {
-    /// Creates the context, the worker and the arena's registration.
+    /// Creates the context, the worker and the arena's registration. `tls` is the `UCX_TLS`
+    /// the context will use.
     fn open(
         store: &Arc<TieredStore>,
         grants: Option<Arc<Grants>>,
         cfg: UcxConfig,
+        tls: Option<&str>,
         mailbox: Arc<Mailbox>,
     ) -> Result<Self, TransportError> {
         let arena = store.host().arena();
@@ -1155,7 +1229,9 @@ impl Engine {
             serves: Vec::new(),
             closing: Vec::new(),
             stopping: false,
-            no_peer_errors: false,
+            // Known in advance, the refusal (and the error UCX logs for it) is skipped; `init`
+            // also reads it as "no TCP transport".
+            no_peer_errors: shared_memory_only(tls),
             progress_idle: true,
             _store: Arc::clone(store),
         };
@@ -1182,6 +1258,13 @@ impl Engine {
         let mut settings: Vec<(String, String)> = Vec::new();
         if let Some(tls) = &self.cfg.tls {
             settings.push(("TLS".into(), tls.clone()));
+        }
+        // Where UCX will not load TCP its settings would only draw a warning that they are
+        // unused.
+        if let Some(size) = self.cfg.tcp_segment.filter(|_| !self.no_peer_errors) {
+            for name in ["TX_SEG_SIZE", "RX_SEG_SIZE"] {
+                settings.push((name.into(), size.to_string()));
+            }
         }
         settings.extend(self.cfg.settings.iter().cloned());
         let mut result = Ok(());
@@ -1430,9 +1513,7 @@ impl Engine {
                     peer: spec.remote.label(),
                     reason: "the UCX transport is shutting down".into(),
                 };
-                let _ = spec
-                    .reply
-                    .send(spec.ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
+                refuse(&spec.ops, &spec.reply, &e);
             }
         }
     }
@@ -1622,20 +1703,14 @@ impl Engine {
 
     fn start_pull(&mut self, spec: PullSpec) {
         let label = spec.remote.label();
-        let results = vec![None; spec.ops.len()];
         if self.stopping {
             let e = TransportError::Io {
                 peer: label,
                 reason: "the UCX transport is shutting down".into(),
             };
-            let _ = spec
-                .reply
-                .send(spec.ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
-            return;
+            return refuse(&spec.ops, &spec.reply, &e);
         }
-        let fail = |ops: &[OpSpec], reply: oneshot::Sender<Outcome>, e: TransportError| {
-            let _ = reply.send(ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
-        };
+        let fail = |ops: &[OpSpec], reply: Settled, e: TransportError| refuse(ops, &reply, &e);
         let peer = match self.connect(&spec.remote.address, &label) {
             Ok(p) => p,
             Err(status) => {
@@ -1727,9 +1802,8 @@ impl Engine {
             peer,
             label,
             deadline: spec.deadline,
+            outcome: Outcome::new(spec.reply, &spec.ops),
             ops: spec.ops,
-            results,
-            reply: spec.reply,
             state,
         });
     }
@@ -1741,22 +1815,11 @@ impl Engine {
             let (progressed, finished) = self.advance_pull(i);
             busy |= progressed || finished;
             if finished {
-                let job = self.pulls.swap_remove(i);
+                let mut job = self.pulls.swap_remove(i);
                 self.release_peer(job.peer);
-                let outcome = job
-                    .ops
-                    .iter()
-                    .zip(job.results)
-                    .map(|(o, r)| {
-                        let r = r.unwrap_or_else(|| {
-                            Err(TransportError::TimedOut {
-                                peer: job.label.clone(),
-                            })
-                        });
-                        (o.item, r)
-                    })
-                    .collect();
-                let _ = job.reply.send(outcome);
+                job.outcome.settle_rest(&TransportError::TimedOut {
+                    peer: job.label.clone(),
+                });
             } else {
                 i += 1;
             }
@@ -1800,12 +1863,15 @@ impl Engine {
                     Some(status) => {
                         progressed = true;
                         *inflight_bytes -= job.ops[*n].len;
-                        job.results[*n] = Some(match status {
-                            sys::UCS_OK => Ok(()),
-                            // Discarded by the close at the deadline.
-                            _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
-                            _ => Err(io(status)),
-                        });
+                        job.outcome.settle(
+                            *n,
+                            match status {
+                                sys::UCS_OK => Ok(()),
+                                // Discarded by the close at the deadline.
+                                _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
+                                _ => Err(io(status)),
+                            },
+                        );
                         false
                     }
                 });
@@ -1842,9 +1908,7 @@ impl Engine {
                             Some(s) if !expired => io(s),
                             _ => TransportError::TimedOut { peer: label.clone() },
                         };
-                        for r in job.results.iter_mut().filter(|r| r.is_none()) {
-                            *r = Some(Err(e.clone()));
-                        }
+                        job.outcome.settle_rest(&e);
                     }
                     true
                 } else if !expired || now < job.deadline + drain {
@@ -1888,21 +1952,23 @@ impl Engine {
                         }
                     }
                 }
-                if let Some(statuses) = answer.take().filter(|_| send.is_none()) {
+                // The answer may be seen before the send's own completion; the message buffer
+                // is UCX's until then.
+                if let (Some(statuses), None) = (answer.as_ref(), &send) {
                     if statuses.len() == job.ops.len() {
-                        for ((r, &s), op) in job.results.iter_mut().zip(&statuses).zip(&job.ops) {
-                            *r = Some(answer_status(s, op.index, &label));
+                        for (n, (&s, op)) in statuses.iter().zip(&job.ops).enumerate() {
+                            job.outcome.settle(n, answer_status(s, op.index, &label));
                         }
                     } else {
                         let e = TransportError::Protocol {
                             peer: label.clone(),
                             reason: format!("{} statuses for {} blocks", statuses.len(), job.ops.len()),
                         };
-                        job.results.fill(Some(Err(e)));
+                        job.outcome.settle_rest(&e);
                     }
                     true
                 } else if let Some(status) = send_failed {
-                    job.results.fill(Some(Err(io(status))));
+                    job.outcome.settle_rest(&io(status));
                     true
                 } else if let (Some(status), true) = (peer_failed, progress_idle) {
                     // The source is gone (or its endpoint was closed): whatever it wrote
@@ -1920,7 +1986,7 @@ impl Engine {
                     } else {
                         io(status)
                     };
-                    job.results.fill(Some(Err(e)));
+                    job.outcome.settle_rest(&e);
                     true
                 } else if now >= job.deadline + drain {
                     tracing::error!(
@@ -1936,8 +2002,8 @@ impl Engine {
                         std::mem::forget(std::mem::take(message));
                         force_close = peer_errors;
                     }
-                    job.results
-                        .fill(Some(Err(TransportError::TimedOut { peer: label.clone() })));
+                    job.outcome
+                        .settle_rest(&TransportError::TimedOut { peer: label.clone() });
                     true
                 } else {
                     false
@@ -2248,14 +2314,12 @@ impl Drop for Engine {
                     peer: spec.remote.label(),
                     reason: "the UCX transport is shutting down".into(),
                 };
-                let _ = spec
-                    .reply
-                    .send(spec.ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
+                refuse(&spec.ops, &spec.reply, &e);
             }
         }
         if !self.worker.is_null() {
             // Transfers still here were cut short without the orderly stop of `run`.
-            for job in self.pulls.drain(..) {
+            for mut job in self.pulls.drain(..) {
                 match job.state {
                     PullState::Get { inflight, .. } => inflight.into_iter().for_each(|(_, r)| r.abandon()),
                     PullState::Put { message, send, .. } => {
@@ -2269,9 +2333,7 @@ impl Drop for Engine {
                     peer: job.label.clone(),
                     reason: "the UCX transport is shutting down".into(),
                 };
-                let _ = job
-                    .reply
-                    .send(job.ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
+                job.outcome.settle_rest(&e);
             }
             for job in self.serves.drain(..) {
                 job.inflight.into_iter().for_each(|(_, r)| r.abandon());

@@ -272,7 +272,12 @@ impl Stallable {
         let (control, control_rx) = std::sync::mpsc::channel();
         let mb = Arc::clone(&mailbox);
         let thread = std::thread::spawn(move || {
-            let mut engine = Engine::open(&store, Some(grants), config(fabric, UcxMode::Get), mb).unwrap();
+            let mut engine = {
+                let cfg = config(fabric, UcxMode::Get);
+                let tls = cfg.tls.clone();
+                Engine::open(&store, Some(grants), cfg, tls.as_deref(), mb)
+            }
+            .unwrap();
             endpoint_tx.send(engine.endpoint.clone()).unwrap();
             loop {
                 match control_rx.try_recv() {
@@ -500,6 +505,21 @@ fn auto_picks_gets_only_where_ucx_may_not_use_tcp() {
     }
     assert_eq!(Get.resolve(Some("tcp")), Get, "an explicit mode stands");
     assert_eq!(PutOnRequest.resolve(Some("sm")), PutOnRequest);
+}
+
+#[test]
+fn only_shared_memory_lists_skip_peer_failure_detection() {
+    for (tls, want) in [
+        (None, false),
+        (Some(""), false),
+        (Some("sm"), true),
+        (Some("posix, cma,self"), true),
+        (Some("sm,tcp"), false),
+        (Some("^tcp"), false),
+        (Some("rc"), false),
+    ] {
+        assert_eq!(shared_memory_only(tls), want, "UCX_TLS={tls:?}");
+    }
 }
 
 #[test]
