@@ -386,18 +386,20 @@ impl UcxTransport {
         self.mode
     }
 
-    /// UCX's name for this transport's worker (`host:pid`).
+    /// This transport's worker name (`host:pid`), as errors on peers and UCX's logs show it.
     pub fn name(&self) -> &str {
         &self.name
     }
 }
 
+/// Stops the progress thread and waits for it: transfers it still serves end (within
+/// [`UcxConfig::drain`]), then UCX is torn down. Blocks the dropping thread meanwhile.
 impl Drop for UcxTransport {
     fn drop(&mut self) {
-        if self.mailbox.post(Command::Stop) {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
+        // Refused only when the thread has already closed its mailbox on its way out.
+        let _ = self.mailbox.post(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -599,6 +601,11 @@ impl RemoteEndpoint {
         }
         if address.is_empty() {
             return Err(bad("no worker address"));
+        }
+        // Every block is checked to lie within the arena, so no address computed from it
+        // overflows.
+        if arena_base.checked_add(arena_len).is_none() {
+            return Err(bad("the arena's range overflows"));
         }
         Ok(Self {
             name: String::from_utf8_lossy(name).into_owned(),
@@ -1835,13 +1842,22 @@ impl Engine {
         let (memh, arena_base, progress_idle) = (self.memh, self.arena_base, self.progress_idle);
         let job = &mut self.pulls[i];
         let expired = now >= job.deadline;
-        let (peer_failed, peer_errors, ep) = match self.peers.get(&job.peer) {
+        // `peer_dead`: UCX reported the endpoint failed. `peer_failed` also counts an endpoint
+        // closed by this side (another pull's last resort), which stops gets but says nothing
+        // about a source's writes, which travel on its own endpoint.
+        let (peer_dead, peer_failed, peer_errors, ep) = match self.peers.get(&job.peer) {
             Some(p) => (
+                p.failed,
                 p.failed.or(p.closed.then_some(sys::UCS_ERR_CANCELED)),
                 p.peer_errors,
                 p.ep,
             ),
-            None => (Some(sys::UCS_ERR_NOT_CONNECTED), false, std::ptr::null_mut()),
+            None => (
+                Some(sys::UCS_ERR_NOT_CONNECTED),
+                Some(sys::UCS_ERR_NOT_CONNECTED),
+                false,
+                std::ptr::null_mut(),
+            ),
         };
         let label = job.label.clone();
         let io = |status: sys::ucs_status_t| TransportError::Io {
@@ -1883,9 +1899,11 @@ impl Engine {
                         ..Default::default()
                     };
                     // SAFETY: live endpoint and rkey (the job holds a claim on the peer); the
-                    // destination is the item's reserved slot inside the registered arena,
-                    // which the caller's future keeps reserved until this job answers, and
-                    // the job answers only once the request has completed.
+                    // destination is the item's reserved slot, inside the registered arena
+                    // (a reservation lies within it), which the caller's future keeps reserved
+                    // until this job settles the item, and it settles the item once the
+                    // request has completed (or, past the drain period, gives up on it: see the
+                    // module documentation).
                     let req = Req::from_ptr(unsafe {
                         sys::ucp_get_nbx(
                             ep,
@@ -1927,8 +1945,8 @@ impl Engine {
                     tracing::error!(
                         peer = %label,
                         outstanding = inflight.len(),
-                        "UCX gets still outstanding {drain:?} past the deadline on an endpoint that \
-                         cannot be force-closed; their slots are returned anyway"
+                        "UCX gets still outstanding {drain:?} past the deadline (on an endpoint that \
+                         cannot be force-closed, or after closing it); their slots are returned anyway"
                     );
                     for (_, req) in inflight.drain(..) {
                         req.abandon();
@@ -1970,9 +1988,9 @@ impl Engine {
                 } else if let Some(status) = send_failed {
                     job.outcome.settle_rest(&io(status));
                     true
-                } else if let (Some(status), true) = (peer_failed, progress_idle) {
-                    // The source is gone (or its endpoint was closed): whatever it wrote
-                    // before has been processed by the progress burst that just went idle.
+                } else if let (Some(status), true) = (peer_dead, progress_idle) {
+                    // The source is gone: whatever it wrote before has been processed by the
+                    // progress burst that just went idle.
                     if send.is_some() {
                         // Still not completed after the failure: UCX has discarded it or will;
                         // its buffer stays with UCX.
@@ -2024,7 +2042,12 @@ impl Engine {
             tracing::warn!(bytes = message.len(), "malformed UCX transfer request ignored");
             return;
         };
-        let deadline = req.local_deadline(&self.boot_id, Instant::now(), monotonic_ns());
+        // A stopping transport answers at once, writing nothing.
+        let deadline = if self.stopping {
+            Instant::now()
+        } else {
+            req.local_deadline(&self.boot_id, Instant::now(), monotonic_ns())
+        };
         let label = format!("ucx-puller:{:?}", req.grant);
         let peer = match self.connect(&req.address, &label) {
             Ok(p) => p,
@@ -2046,15 +2069,16 @@ impl Engine {
                 continue;
             };
             let inside = offset.checked_add(len).is_some_and(|end| end <= req.arena_len);
-            if block.len() as u64 != len || !inside {
+            let remote = req.arena_base.checked_add(offset);
+            let (Some(remote), true, true) = (remote, inside, block.len() as u64 == len) else {
                 statuses[n] = STATUS_MALFORMED;
                 continue;
-            }
+            };
             puts.push(PutOp {
                 entry: n,
                 local: block.as_ptr(),
                 len,
-                remote: req.arena_base + offset,
+                remote,
             });
         }
         let rkey = if puts.is_empty() {
@@ -2146,17 +2170,7 @@ impl Engine {
             if open > 0 && !given_up {
                 return (progressed, false);
             }
-            for (_, req) in job.inflight.drain(..) {
-                req.abandon();
-            }
-            match std::mem::replace(&mut job.phase, ServePhase::Putting) {
-                ServePhase::Putting => {}
-                ServePhase::Flushing(r) => r.abandon(),
-                ServePhase::Answering(r, buf) => {
-                    r.abandon();
-                    std::mem::forget(buf);
-                }
-            }
+            job.abandon();
             return (true, true);
         }
         let mut force_close = false;
@@ -2171,8 +2185,9 @@ impl Engine {
                     };
                     // SAFETY: live endpoint and the puller's rkey unpacked on it (the job holds
                     // a claim on the peer); the source is a granted block inside the registered
-                    // arena, pinned by `job.entry` until the job ends, which is after the
-                    // request completes (or is abandoned past the drain period).
+                    // arena, pinned by `job._pinned` until the job ends, which is after the
+                    // request completes (or is abandoned past the drain period; the arena
+                    // stays mapped, so a late read is still of valid memory).
                     let req = Req::from_ptr(unsafe {
                         sys::ucp_put_nbx(
                             ep,
@@ -2235,22 +2250,29 @@ impl Engine {
             progressed = true;
         }
         if finished && !force_close {
-            let job = &mut self.serves[i];
-            for (_, req) in job.inflight.drain(..) {
-                req.abandon();
-            }
-            match std::mem::replace(&mut job.phase, ServePhase::Putting) {
-                ServePhase::Putting => {}
-                ServePhase::Flushing(r) => r.abandon(),
-                ServePhase::Answering(r, buf) => {
-                    if matches!(r, Req::Pending(_)) {
-                        std::mem::forget(buf);
-                    }
-                    r.abandon();
-                }
-            }
+            self.serves[i].abandon();
         }
         (progressed, finished)
+    }
+}
+
+impl ServeJob {
+    /// Leaves whatever is still outstanding to UCX (which frees the requests when they end;
+    /// an answer's buffer it may still read is leaked).
+    fn abandon(&mut self) {
+        for (_, req) in self.inflight.drain(..) {
+            req.abandon();
+        }
+        match std::mem::replace(&mut self.phase, ServePhase::Putting) {
+            ServePhase::Putting => {}
+            ServePhase::Flushing(r) => r.abandon(),
+            ServePhase::Answering(r, buf) => {
+                if matches!(r, Req::Pending(_)) {
+                    std::mem::forget(buf);
+                }
+                r.abandon();
+            }
+        }
     }
 }
 
@@ -2335,18 +2357,8 @@ impl Drop for Engine {
                 };
                 job.outcome.settle_rest(&e);
             }
-            for job in self.serves.drain(..) {
-                job.inflight.into_iter().for_each(|(_, r)| r.abandon());
-                match job.phase {
-                    ServePhase::Putting => {}
-                    ServePhase::Flushing(r) => r.abandon(),
-                    ServePhase::Answering(r, buf) => {
-                        if matches!(r, Req::Pending(_)) {
-                            std::mem::forget(buf);
-                        }
-                        r.abandon();
-                    }
-                }
+            for mut job in self.serves.drain(..) {
+                job.abandon();
             }
             // UCX's own operations (answers to a peer's emulated gets and puts) finish while
             // the worker is progressed; a worker destroyed under them leaks their requests.
