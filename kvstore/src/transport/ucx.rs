@@ -850,6 +850,11 @@ unsafe fn receive(
     sys::UCS_OK
 }
 
+/// UCX's handler of [`AM_REQUEST`] messages.
+///
+/// # Safety
+/// Only for UCX to call, as an active-message handler registered with the engine's inbox as
+/// its argument.
 unsafe extern "C" fn on_request(
     arg: *mut c_void,
     _header: *const c_void,
@@ -863,6 +868,10 @@ unsafe extern "C" fn on_request(
     unsafe { receive(arg, data, length, param, |i| &mut i.requests) }
 }
 
+/// UCX's handler of [`AM_ANSWER`] messages.
+///
+/// # Safety
+/// As for [`on_request`].
 unsafe extern "C" fn on_answer(
     arg: *mut c_void,
     _header: *const c_void,
@@ -875,6 +884,11 @@ unsafe extern "C" fn on_answer(
     unsafe { receive(arg, data, length, param, |i| &mut i.answers) }
 }
 
+/// UCX's report of a failed endpoint.
+///
+/// # Safety
+/// Only for UCX to call, as an endpoint's error handler registered with the engine's inbox as
+/// its argument.
 unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
     // SAFETY: `arg` is the inbox given with the endpoint's error handler.
     if let Ok(mut inbox) = unsafe { inbox(arg) }.try_borrow_mut() {
