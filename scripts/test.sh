@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 
 mkdir -p target
 echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
-apt_install fio util-linux gcc redis-server
+# libucx-dev, libibverbs-dev and librdmacm-dev (+ libclang for bindgen) build the UCX and RDMA
+# peer transports; iproute2 makes the network namespaces of the multi-host tests.
+apt_install fio util-linux gcc redis-server iproute2 pkg-config libclang-dev libucx-dev \
+  libibverbs-dev librdmacm-dev
 ensure_rust_components
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
@@ -21,15 +24,19 @@ if [ "$(id -u)" -eq 0 ]; then export KVSTORE_TEST_STRICT=1; fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
-echo "== cargo clippy"
+# The optional transports, built and tested wherever the workspace is.
+TRANSPORTS="kvagent/rdma,kvagent/ucx,kvtier-benches/ucx"
+echo "== cargo clippy (default features, then with the UCX and RDMA transports)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features "$TRANSPORTS" -- -D warnings
 echo "== cargo doc (warnings are errors: broken links, missing docs)"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --features "$TRANSPORTS"
 echo "== kvbench smoke runs"
-cargo build --release --locked -p kvtier-benches -p kvagent
+cargo build --release --locked -p kvtier-benches -p kvagent --features "$TRANSPORTS"
 target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/release/kvbench local --quick --reps 1
 target/release/kvbench index --quick --no-dynamo
+target/release/kvbench transfer --quick --no-peers --block-kib 64,1024 --batches 1,16
 echo "== deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh
 echo "== AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests: the arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code"
@@ -58,4 +65,4 @@ tests/e2e/run.sh
 echo "== doc tests"
 cargo test --workspace --locked --doc
 echo "== tests"
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast --features "$TRANSPORTS"
