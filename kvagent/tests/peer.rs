@@ -216,6 +216,22 @@ impl Netns {
         Ok(me)
     }
 
+    /// [`Self::create`], or `None` after saying visibly why `what` is skipped (a failure
+    /// instead under `KVSTORE_TEST_STRICT`, as root in CI, where namespaces must work).
+    fn create_or_skip(what: &str) -> Option<Self> {
+        match Self::create() {
+            Ok(n) => Some(n),
+            Err(reason) => {
+                assert!(
+                    std::env::var_os("KVSTORE_TEST_STRICT").is_none(),
+                    "network namespaces are required here: {reason}"
+                );
+                eprintln!("SKIPPED {what}: cannot make network namespaces ({reason})");
+                None
+            }
+        }
+    }
+
     fn exec(&self, i: usize) -> Vec<&str> {
         vec!["ip", "netns", "exec", &self.names[i]]
     }
@@ -250,18 +266,8 @@ impl Drop for Netns {
 
 #[test]
 fn agents_in_separate_network_namespaces() {
-    let net = match Netns::create() {
-        Ok(n) => n,
-        Err(reason) => {
-            assert!(
-                std::env::var_os("KVSTORE_TEST_STRICT").is_none(),
-                "network namespaces are required here: {reason}"
-            );
-            eprintln!(
-                "SKIPPED agents_in_separate_network_namespaces: cannot make network namespaces ({reason})"
-            );
-            return;
-        }
+    let Some(net) = Netns::create_or_skip("agents_in_separate_network_namespaces") else {
+        return;
     };
     let dir = socket_dir();
     let right = write_secret(dir.path(), "right", "ns-cluster");
@@ -556,18 +562,10 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
     assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 24]);
     assert_eq!(held_exact(&c, &ns, &data), 24);
 
-    let net = match Netns::create() {
-        Ok(n) => n,
-        Err(reason) => {
-            assert!(
-                std::env::var_os("KVSTORE_TEST_STRICT").is_none(),
-                "network namespaces are required here: {reason}"
-            );
-            eprintln!(
-                "SKIPPED the namespace part of ucx_pulls_are_exact_on_loopback_and_across_namespaces: {reason}"
-            );
-            return;
-        }
+    let Some(net) =
+        Netns::create_or_skip("the namespace part of ucx_pulls_are_exact_on_loopback_and_across_namespaces")
+    else {
+        return;
     };
     // UCX over TCP on the veth pair only, as a cluster pins UCX to its fabric's interface: each
     // namespace has a loopback of its own, which UCX cannot tell from the other's.

@@ -312,25 +312,36 @@ impl Inner {
         mut items: Vec<PullItem>,
         deadline: Instant,
     ) -> Vec<Pulled> {
-        let idle = self.pool.lock().get_mut(&peer).and_then(Vec::pop);
-        let mut stream = match idle {
-            Some(s) => s,
-            None => match self.connect(peer, deadline).await {
-                Ok(s) => s,
-                Err(e) => return fail_all(items, &e),
-            },
-        };
         let mut done: Vec<Option<Result<(), TransportError>>> = vec![None; items.len()];
-        let transfer = self.receive(&mut stream, peer, grant, &mut items, &mut done);
-        let bound = self
-            .cfg
-            .io_timeout
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let result = match tokio::time::timeout(bound, transfer).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::TimedOut {
-                peer: peer.to_string(),
-            }),
+        let mut idle = self.pool.lock().get_mut(&peer).and_then(Vec::pop);
+        let (stream, result) = loop {
+            let pooled = idle.is_some();
+            let mut stream = match idle.take() {
+                Some(s) => s,
+                None => match self.connect(peer, deadline).await {
+                    Ok(s) => s,
+                    Err(e) => return fail_all(items, &e),
+                },
+            };
+            let transfer = self.receive(&mut stream, peer, grant, &mut items, &mut done);
+            let bound = self
+                .cfg
+                .io_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let result = match tokio::time::timeout(bound, transfer).await {
+                Ok(r) => r,
+                Err(_) => Err(TransportError::TimedOut {
+                    peer: peer.to_string(),
+                }),
+            };
+            // A kept connection the peer closed meanwhile (it restarted, or dropped idle
+            // connections) fails before anything arrives: once more on a fresh one.
+            let stale = pooled
+                && matches!(result, Err(TransportError::Io { .. }))
+                && done.iter().all(Option::is_none);
+            if !stale {
+                break (stream, result);
+            }
         };
         let err = match result {
             Ok(()) => {

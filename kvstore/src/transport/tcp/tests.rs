@@ -305,3 +305,56 @@ async fn a_block_failing_its_checksum_fails_alone() {
         dst.abort(p.slot);
     }
 }
+
+/// A kept connection that the source closed meanwhile (it restarted) costs nothing: the pull
+/// goes again on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_source_closed_is_replaced() {
+    let len = 8192;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        // Each connection serves one request, then the "source" goes away and comes back.
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            hello[..4].copy_from_slice(&MAGIC);
+            hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            s.write_all(&hello).await.unwrap();
+            let mut answer = [0u8; MAC_LEN];
+            s.read_exact(&mut answer).await.unwrap();
+            s.write_all(&[0]).await.unwrap();
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head).await.unwrap();
+            let mut idx = [0u8; 4];
+            s.read_exact(&mut idx).await.unwrap();
+            let mut h = [0u8; REPLY_HEADER];
+            h[1..].copy_from_slice(&(len as u64).to_le_bytes());
+            s.write_all(&h).await.unwrap();
+            s.write_all(&payload(u64::from(u32::from_le_bytes(idx)), len))
+                .await
+                .unwrap();
+            drop(s);
+        }
+    });
+    let (dst, t) = puller(None, 1);
+    for round in 0..2u32 {
+        let item = PullItem {
+            index: round,
+            remote_offset: 0,
+            checksum: checksum(&payload(u64::from(round), len)),
+            slot: dst
+                .reserve_batch(&[(key(u64::from(round)), len as u64)])
+                .pop()
+                .unwrap()
+                .unwrap(),
+        };
+        let mut pulled = t
+            .pull(addr.to_string().as_bytes(), GrantId([2; 16]), vec![item], soon())
+            .await;
+        let p = pulled.pop().unwrap();
+        assert_eq!(p.result, Ok(()), "round {round}");
+        dst.abort(p.slot);
+    }
+    server.await.unwrap();
+}
