@@ -348,12 +348,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         req_id = request.request_id
         pending = self._pulls.get(req_id)
         if pending is None:
-            peer = params.get("remote_agent") or (
-                f"{params['remote_host']}:{params['remote_port']}"
-                if params.get("remote_host") and params.get("remote_port")
-                else None
-            )
-            hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
+            try:
+                peer = params.get("remote_agent") or (
+                    f"{params['remote_host']}:{int(params['remote_port'])}"
+                    if params.get("remote_host") and params.get("remote_port")
+                    else None
+                )
+                hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
+            except (ValueError, TypeError) as e:
+                # A proxy's mistake costs this request its transfer, nothing else.
+                logger.warning("kvtier: %s has malformed kv_transfer_params, computing it: %s", req_id, e)
+                params["do_remote_prefill"] = False
+                return None
             keys = self._keys(request)
             ours = self._namespace(keys, 0).hex()
             if peer is None or not hashes:
@@ -396,8 +402,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._peer_address is None:
             try:
                 self._peer_address = json.loads(self._client.stats()).get("peer", {}).get("address")
-            except (kvtier.KvtierError, ValueError) as e:
+            except (kvtier.KvtierError, ValueError, AttributeError) as e:
+                # The agent is away: ask again next time.
                 logger.debug("kvtier: no peer address from the agent: %s", e)
+                return None
             if self._peer_address is None:
                 logger.warning(
                     "kvtier: this engine produces KV for remote decoding but its agent serves no "

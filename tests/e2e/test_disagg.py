@@ -163,6 +163,20 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(
     assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == 0
     assert out["choices"][0]["token_ids"] == baseline[2]
     assert "from its prefill engine failed, computing" in cluster.decode.log_path.read_text()
+    # Malformed parameters from a proxy: that request computes, the engine keeps serving.
+    bad = {**params, "remote_block_hashes": ["not hex"], "remote_agent": None, "remote_port": "x"}
+    out = cluster.decode.complete(
+        {
+            "prompt": ids,
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "kv_transfer_params": bad,
+        }
+    )
+    assert out["choices"][0]["token_ids"] == baseline[2]
+    assert "malformed kv_transfer_params" in cluster.decode.log_path.read_text()
 
 
 def test_a_fresh_node_reuses_a_prefix_another_node_computed(
