@@ -1,0 +1,1054 @@
+//! The progress thread's side of the UCX data plane: the engine that owns every UCX object,
+//! the mailbox through which other threads reach it, and UCX's callbacks.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use ucx_sys as sys;
+
+use super::wire::{AM_ANSWER, AM_REQUEST, RemoteEndpoint, parse_answer};
+use super::{UcxConfig, UcxMode, shared_memory_only, status_text, unavailable};
+use crate::store::TieredStore;
+use crate::transport::TransportError;
+use crate::transport::grants::{GrantEntry, GrantId, Grants};
+
+mod pull;
+mod serve;
+
+/// Longest the progress thread sleeps while operations are in flight: a safety net should a
+/// transport fail to signal the worker's event fd.
+const IN_FLIGHT_NAP: Duration = Duration::from_millis(10);
+/// Longest a stopping worker is progressed for UCX's own operations to finish.
+const SHUTDOWN_SETTLE: Duration = Duration::from_millis(200);
+/// How long without progress counts as settled.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(5);
+/// Progress calls per turn of the progress loop before the mailbox is looked at again.
+const PROGRESS_BURST: usize = 64;
+
+/// One block of a pull, as the progress thread sees it (the slot itself stays with the
+/// caller's future).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OpSpec {
+    /// Position in the pull's items.
+    pub(super) item: usize,
+    pub(super) index: u32,
+    pub(super) len: u64,
+    pub(super) local_offset: u64,
+    pub(super) remote_offset: u64,
+}
+
+/// What the progress thread made of an item (by position), as soon as it is known; the
+/// caller verifies checksums. The channel closes when the transfer is over.
+type Settled = mpsc::UnboundedSender<(usize, Result<(), TransportError>)>;
+
+/// Fails every op of a transfer that never started.
+fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
+    for o in ops {
+        let _ = reply.send((o.item, Err(e.clone())));
+    }
+}
+
+/// A started pull's results, each sent once.
+#[derive(Debug)]
+struct Outcome {
+    reply: Settled,
+    /// Per op: its item's position, and whether its result went out.
+    items: Vec<usize>,
+    done: Vec<bool>,
+}
+
+impl Outcome {
+    fn new(reply: Settled, ops: &[OpSpec]) -> Self {
+        Self {
+            reply,
+            items: ops.iter().map(|o| o.item).collect(),
+            done: vec![false; ops.len()],
+        }
+    }
+
+    fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
+        if !std::mem::replace(&mut self.done[op], true) {
+            let _ = self.reply.send((self.items[op], r));
+        }
+    }
+
+    /// Settles every op still open with `e`.
+    fn settle_rest(&mut self, e: &TransportError) {
+        for op in 0..self.done.len() {
+            self.settle(op, Err(e.clone()));
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct PullSpec {
+    pub(super) remote: RemoteEndpoint,
+    pub(super) grant: GrantId,
+    pub(super) mode: UcxMode,
+    pub(super) ops: Vec<OpSpec>,
+    pub(super) deadline: Instant,
+    pub(super) reply: Settled,
+}
+
+#[derive(Debug)]
+pub(super) enum Command {
+    Pull(PullSpec),
+    Stop,
+}
+
+/// Where other threads leave commands for the progress thread.
+#[derive(Debug, Default)]
+pub(super) struct Mailbox {
+    inner: Mutex<MailboxInner>,
+}
+
+#[derive(Debug, Default)]
+struct MailboxInner {
+    commands: Vec<Command>,
+    /// The worker to wake; `None` before it exists and once it is being destroyed.
+    worker: Option<WorkerWaker>,
+}
+
+/// A worker handle that is only ever used to call `ucp_worker_signal`.
+#[derive(Debug, Clone, Copy)]
+struct WorkerWaker(sys::ucp_worker_h);
+
+// SAFETY: the handle is only used for ucp_worker_signal, which UCX documents as safe from any
+// thread whatever the worker's thread mode; the mailbox lock keeps it from being used once the
+// progress thread has started destroying the worker (see `Mailbox::close`).
+unsafe impl Send for WorkerWaker {}
+
+impl Mailbox {
+    /// Leaves a command and wakes the worker; `false` (the command dropped) when the progress
+    /// thread is not running.
+    #[must_use]
+    pub(super) fn post(&self, cmd: Command) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(waker) = inner.worker else {
+            return false;
+        };
+        inner.commands.push(cmd);
+        // Signalled under the lock, so that the worker cannot be destroyed in between.
+        // SAFETY: the worker is alive while the mailbox holds it (it is taken out, under this
+        // lock, before ucp_worker_destroy), and ucp_worker_signal is thread-safe.
+        let status = unsafe { sys::ucp_worker_signal(waker.0) };
+        if status != sys::UCS_OK {
+            tracing::warn!(status = %status_text(status), "waking the UCX progress thread");
+        }
+        true
+    }
+
+    fn open(&self, worker: sys::ucp_worker_h) {
+        self.inner.lock().worker = Some(WorkerWaker(worker));
+    }
+
+    fn take(&self) -> Vec<Command> {
+        std::mem::take(&mut self.inner.lock().commands)
+    }
+
+    /// Stops accepting commands; returns those not yet taken.
+    fn close(&self) -> Vec<Command> {
+        let mut inner = self.inner.lock();
+        inner.worker = None;
+        std::mem::take(&mut inner.commands)
+    }
+}
+
+/// What UCX callbacks leave for the progress loop (they run inside `ucp_worker_progress`, on
+/// the progress thread).
+#[derive(Debug, Default)]
+struct Inbox {
+    requests: Vec<Vec<u8>>,
+    answers: Vec<Vec<u8>>,
+    /// Endpoints UCX reported as failed (the handle's address, the status).
+    failed: Vec<(usize, sys::ucs_status_t)>,
+}
+
+/// Borrows the inbox behind a callback's `arg`.
+///
+/// # Safety
+/// `arg` must be the pointer the engine registered: its `Box<RefCell<Inbox>>`, which outlives
+/// the worker.
+unsafe fn inbox<'a>(arg: *mut c_void) -> &'a RefCell<Inbox> {
+    // SAFETY: per the function's contract `arg` points to a live RefCell<Inbox>; callbacks run
+    // on the progress thread only, so shared access is not concurrent.
+    unsafe { &*arg.cast::<RefCell<Inbox>>() }
+}
+
+/// Copies an active message's payload into the inbox.
+///
+/// # Safety
+/// `data`/`length` and `param` as UCX passes them to an active-message handler; `arg` as for
+/// [`inbox`].
+unsafe fn receive(
+    arg: *mut c_void,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+    pick: fn(&mut Inbox) -> &mut Vec<Vec<u8>>,
+) -> sys::ucs_status_t {
+    // SAFETY: UCX passes a valid parameter struct for the duration of the callback.
+    let attr = unsafe { (*param).recv_attr };
+    if attr & u64::from(sys::UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 {
+        // Messages are sent eagerly; a rendezvous one is not ours to fetch. Refusing it fails
+        // the sender's send.
+        return sys::UCS_ERR_UNSUPPORTED;
+    }
+    let bytes = if length == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: without the RNDV flag, `data` points to `length` received bytes that stay
+        // valid until the callback returns.
+        unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec()
+    };
+    // SAFETY: per this function's contract.
+    if let Ok(mut inbox) = unsafe { inbox(arg) }.try_borrow_mut() {
+        pick(&mut inbox).push(bytes);
+    }
+    sys::UCS_OK
+}
+
+/// UCX's handler of [`AM_REQUEST`] messages.
+///
+/// # Safety
+/// Only for UCX to call, as an active-message handler registered with the engine's inbox as
+/// its argument.
+unsafe extern "C" fn on_request(
+    arg: *mut c_void,
+    _header: *const c_void,
+    _header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: UCX calls this handler with the arguments `receive` expects, and `arg` is the
+    // inbox registered with the handler.
+    unsafe { receive(arg, data, length, param, |i| &mut i.requests) }
+}
+
+/// UCX's handler of [`AM_ANSWER`] messages.
+///
+/// # Safety
+/// As for [`on_request`].
+unsafe extern "C" fn on_answer(
+    arg: *mut c_void,
+    _header: *const c_void,
+    _header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: as in `on_request`.
+    unsafe { receive(arg, data, length, param, |i| &mut i.answers) }
+}
+
+/// UCX's report of a failed endpoint.
+///
+/// # Safety
+/// Only for UCX to call, as an endpoint's error handler registered with the engine's inbox as
+/// its argument.
+unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    // SAFETY: `arg` is the inbox given with the endpoint's error handler.
+    if let Ok(mut inbox) = unsafe { inbox(arg) }.try_borrow_mut() {
+        inbox.failed.push((ep as usize, status));
+    }
+}
+
+/// An operation UCX may still be working on, or the status it ended with.
+#[derive(Debug)]
+enum Req {
+    Pending(*mut c_void),
+    Done(sys::ucs_status_t),
+}
+
+impl Req {
+    /// From what a non-blocking call returned.
+    fn from_ptr(ptr: sys::ucs_status_ptr_t) -> Self {
+        if sys::ucs_ptr_is_ptr(ptr) {
+            Self::Pending(ptr)
+        } else {
+            Self::Done(sys::ucs_ptr_status(ptr))
+        }
+    }
+
+    /// The final status, once there is one (the request is then freed).
+    fn poll(&mut self) -> Option<sys::ucs_status_t> {
+        match *self {
+            Self::Done(s) => Some(s),
+            Self::Pending(p) => {
+                // SAFETY: `p` is a request handle UCX returned and that has not been freed (it
+                // is freed below, once, when it is replaced by `Done`).
+                let s = unsafe { sys::ucp_request_check_status(p) };
+                if s == sys::UCS_INPROGRESS {
+                    return None;
+                }
+                // SAFETY: the request has completed; it is released exactly once.
+                unsafe { sys::ucp_request_free(p) };
+                *self = Self::Done(s);
+                Some(s)
+            }
+        }
+    }
+
+    /// Gives up on the request: UCX releases it when it completes. Whatever it reads or writes
+    /// must stay valid until then (the caller's problem).
+    fn abandon(self) {
+        if let Self::Pending(p) = self {
+            // SAFETY: `p` is a live request handle; ucp_request_free on an incomplete request
+            // lets UCX release it at completion, and the handle is not used again.
+            unsafe { sys::ucp_request_free(p) };
+        }
+    }
+}
+
+/// One endpoint to a peer worker.
+#[derive(Debug)]
+struct Peer {
+    ep: sys::ucp_ep_h,
+    label: String,
+    /// Created in `UCP_ERR_HANDLING_MODE_PEER` (failures detected, force-close possible).
+    peer_errors: bool,
+    rkeys: HashMap<Vec<u8>, sys::ucp_rkey_h>,
+    failed: Option<sys::ucs_status_t>,
+    closed: bool,
+    /// Transfers using the endpoint (its rkeys are destroyed when the last one is done).
+    users: usize,
+}
+
+/// A transfer's claim on a peer.
+type PeerId = u64;
+
+/// The puller's side of a pull.
+#[derive(Debug)]
+pub(super) struct PullJob {
+    peer: PeerId,
+    label: String,
+    deadline: Instant,
+    ops: Vec<OpSpec>,
+    outcome: Outcome,
+    state: PullState,
+}
+
+#[derive(Debug)]
+enum PullState {
+    Get {
+        rkey: sys::ucp_rkey_h,
+        remote_base: u64,
+        next: usize,
+        inflight: Vec<(usize, Req)>,
+        inflight_bytes: u64,
+    },
+    Put {
+        request_id: u64,
+        /// The request message; UCX reads it until `send` completes.
+        message: Vec<u8>,
+        send: Option<Req>,
+        answer: Option<Vec<u8>>,
+    },
+}
+
+/// The source's side of a put-on-request transfer.
+#[derive(Debug)]
+pub(super) struct ServeJob {
+    peer: PeerId,
+    request_id: u64,
+    deadline: Instant,
+    /// Keeps the granted blocks pinned while they are written from.
+    _pinned: Option<Arc<GrantEntry>>,
+    rkey: sys::ucp_rkey_h,
+    puts: Vec<PutOp>,
+    statuses: Vec<u8>,
+    next: usize,
+    inflight: Vec<(usize, Req)>,
+    inflight_bytes: u64,
+    phase: ServePhase,
+}
+
+#[derive(Debug)]
+struct PutOp {
+    /// Position in the request's list.
+    entry: usize,
+    local: *const u8,
+    len: u64,
+    remote: u64,
+}
+
+#[derive(Debug)]
+enum ServePhase {
+    Putting,
+    Flushing(Req),
+    Answering(Req, Vec<u8>),
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock `Instant` reads on Linux).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// `host:pid`, how peers' errors and UCX's own logs name this worker.
+fn worker_name() -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `host.len()` bytes into the buffer.
+    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0;
+    let host = if ok {
+        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+        String::from_utf8_lossy(&host[..end]).into_owned()
+    } else {
+        "?".into()
+    };
+    format!("{host}:{}", std::process::id())
+}
+
+/// This boot's id (zeros when unknown, which never matches).
+fn boot_id() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return out;
+    };
+    let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+    if hex.len() != 32 {
+        return out;
+    }
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let digits = std::str::from_utf8(pair).unwrap_or("00");
+        *o = u8::from_str_radix(digits, 16).unwrap_or(0);
+    }
+    out
+}
+
+/// All UCX state; lives on (and is only touched by) the progress thread.
+#[derive(Debug)]
+pub(super) struct Engine {
+    context: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    memh: sys::ucp_mem_h,
+    efd: libc::c_int,
+    /// Registered with the worker's handlers; freed after the worker.
+    inbox: Box<RefCell<Inbox>>,
+    arena_base: *mut u8,
+    arena_len: u64,
+    address: Vec<u8>,
+    rkey: Vec<u8>,
+    pub(super) endpoint: Vec<u8>,
+    pub(super) name: String,
+    boot_id: [u8; 16],
+    grants: Option<Arc<Grants>>,
+    cfg: UcxConfig,
+    mailbox: Arc<Mailbox>,
+    peers: HashMap<PeerId, Peer>,
+    by_address: HashMap<Vec<u8>, PeerId>,
+    next_peer: PeerId,
+    next_request: u64,
+    pub(super) pulls: Vec<PullJob>,
+    pub(super) serves: Vec<ServeJob>,
+    closing: Vec<Req>,
+    pub(super) stopping: bool,
+    /// UCX refused `UCP_ERR_HANDLING_MODE_PEER` with the transports it may use.
+    no_peer_errors: bool,
+    /// Whether the last progress burst ended because the worker had nothing more to do.
+    progress_idle: bool,
+    /// Keeps the arena mapped while it is registered.
+    _store: Arc<TieredStore>,
+}
+
+impl Engine {
+    /// Creates the context, the worker and the arena's registration. `tls` is the `UCX_TLS`
+    /// the context will use.
+    pub(super) fn open(
+        store: &Arc<TieredStore>,
+        grants: Option<Arc<Grants>>,
+        cfg: UcxConfig,
+        tls: Option<&str>,
+        mailbox: Arc<Mailbox>,
+    ) -> Result<Self, TransportError> {
+        let arena = store.host().arena();
+        let mut engine = Self {
+            context: std::ptr::null_mut(),
+            worker: std::ptr::null_mut(),
+            memh: std::ptr::null_mut(),
+            efd: -1,
+            inbox: Box::default(),
+            arena_base: arena.as_ptr(),
+            arena_len: arena.len(),
+            address: Vec::new(),
+            rkey: Vec::new(),
+            endpoint: Vec::new(),
+            name: String::new(),
+            boot_id: boot_id(),
+            grants,
+            cfg,
+            mailbox,
+            peers: HashMap::new(),
+            by_address: HashMap::new(),
+            next_peer: 0,
+            next_request: 0,
+            pulls: Vec::new(),
+            serves: Vec::new(),
+            closing: Vec::new(),
+            stopping: false,
+            // Known in advance, the refusal (and the error UCX logs for it) is skipped; `init`
+            // also reads it as "no TCP transport".
+            no_peer_errors: shared_memory_only(tls),
+            progress_idle: true,
+            _store: Arc::clone(store),
+        };
+        // Whatever was created before a failure is torn down by Drop.
+        engine.init()?;
+        engine.mailbox.open(engine.worker);
+        Ok(engine)
+    }
+
+    fn init(&mut self) -> Result<(), TransportError> {
+        let check = |what: &str, status: sys::ucs_status_t| {
+            if status == sys::UCS_OK {
+                Ok(())
+            } else {
+                Err(unavailable(format!("{what}: {}", status_text(status))))
+            }
+        };
+        let mut config: *mut sys::ucp_config_t = std::ptr::null_mut();
+        // SAFETY: null prefix and file name ask UCX for the defaults plus the UCX_* environment;
+        // `config` receives a handle released below.
+        check("reading the UCX configuration", unsafe {
+            sys::ucp_config_read(std::ptr::null(), std::ptr::null(), &mut config)
+        })?;
+        let mut settings: Vec<(String, String)> = Vec::new();
+        if let Some(tls) = &self.cfg.tls {
+            settings.push(("TLS".into(), tls.clone()));
+        }
+        // Where UCX will not load TCP its settings would only draw a warning that they are
+        // unused.
+        if let Some(size) = self.cfg.tcp_segment.filter(|_| !self.no_peer_errors) {
+            for name in ["TX_SEG_SIZE", "RX_SEG_SIZE"] {
+                settings.push((name.into(), size.to_string()));
+            }
+        }
+        settings.extend(self.cfg.settings.iter().cloned());
+        let mut result = Ok(());
+        for (name, value) in &settings {
+            let (Ok(n), Ok(v)) = (CString::new(name.as_str()), CString::new(value.as_str())) else {
+                result = Err(unavailable(format!(
+                    "UCX setting {name}={value:?} contains a NUL byte"
+                )));
+                break;
+            };
+            // SAFETY: `config` is the live handle read above; both strings are NUL-terminated
+            // and outlive the call (UCX copies the value).
+            let status = unsafe { sys::ucp_config_modify(config, n.as_ptr(), v.as_ptr()) };
+            if status != sys::UCS_OK {
+                result = Err(unavailable(format!(
+                    "UCX setting {name}={value}: {}",
+                    status_text(status)
+                )));
+                break;
+            }
+        }
+        if result.is_ok() {
+            let params = sys::ucp_params_t {
+                field_mask: u64::from(sys::UCP_PARAM_FIELD_FEATURES),
+                features: u64::from(sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP),
+                ..Default::default()
+            };
+            // SAFETY: `params` and `config` are valid for the call; the version is the one the
+            // bindings were generated from (what the header's inline ucp_init passes).
+            result = check("creating the UCX context", unsafe {
+                sys::ucp_init_version(
+                    sys::UCP_API_MAJOR,
+                    sys::UCP_API_MINOR,
+                    &params,
+                    config,
+                    &mut self.context,
+                )
+            });
+        }
+        // SAFETY: `config` came from ucp_config_read and is released once, here.
+        unsafe { sys::ucp_config_release(config) };
+        result?;
+
+        self.name = worker_name();
+        let name = CString::new(self.name.as_str()).unwrap_or_default();
+        let params = sys::ucp_worker_params_t {
+            field_mask: u64::from(sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE | sys::UCP_WORKER_PARAM_FIELD_NAME),
+            thread_mode: sys::UCS_THREAD_MODE_SINGLE,
+            name: name.as_ptr(),
+            ..Default::default()
+        };
+        // SAFETY: the context is live; the worker handle is written into `self.worker`.
+        check("creating the UCX worker", unsafe {
+            sys::ucp_worker_create(self.context, &params, &mut self.worker)
+        })?;
+        // SAFETY: live worker; the fd stays owned by the worker.
+        check("getting the worker's event fd", unsafe {
+            sys::ucp_worker_get_efd(self.worker, &mut self.efd)
+        })?;
+        let arg: *mut RefCell<Inbox> = &mut *self.inbox;
+        let handlers: [(u32, sys::ucp_am_recv_callback_t); 2] =
+            [(AM_REQUEST, Some(on_request)), (AM_ANSWER, Some(on_answer))];
+        for (id, cb) in handlers {
+            let params = sys::ucp_am_handler_param_t {
+                field_mask: u64::from(
+                    sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
+                        | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
+                ),
+                id,
+                flags: sys::UCP_AM_FLAG_WHOLE_MSG,
+                cb,
+                arg: arg.cast(),
+            };
+            // SAFETY: live worker; `arg` points into the boxed inbox, which is freed only after
+            // the worker is destroyed (field order and Drop), and the callbacks match UCX's
+            // ucp_am_recv_callback_t.
+            check("registering the active-message handlers", unsafe {
+                sys::ucp_worker_set_am_recv_handler(self.worker, &params)
+            })?;
+        }
+        let params = sys::ucp_mem_map_params_t {
+            field_mask: u64::from(sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH),
+            address: self.arena_base.cast(),
+            length: self.arena_len as usize,
+            ..Default::default()
+        };
+        // SAFETY: the range is the arena's whole mapping, which `_store` keeps alive longer
+        // than the registration (unmapped in Drop before the store reference goes).
+        check("registering the arena", unsafe {
+            sys::ucp_mem_map(self.context, &params, &mut self.memh)
+        })?;
+        let mut packed: *mut c_void = std::ptr::null_mut();
+        let mut packed_len = 0usize;
+        // SAFETY: live context and memory handle; UCX allocates the buffer, released below.
+        check("packing the arena's remote key", unsafe {
+            sys::ucp_rkey_pack(self.context, self.memh, &mut packed, &mut packed_len)
+        })?;
+        // SAFETY: ucp_rkey_pack returned `packed_len` bytes at `packed`; they are copied and the
+        // buffer released once.
+        unsafe {
+            self.rkey = std::slice::from_raw_parts(packed.cast::<u8>(), packed_len).to_vec();
+            sys::ucp_rkey_buffer_release(packed);
+        }
+        let mut address: *mut sys::ucp_address_t = std::ptr::null_mut();
+        let mut address_len = 0usize;
+        // SAFETY: live worker; UCX allocates the address, released below.
+        check("getting the worker's address", unsafe {
+            sys::ucp_worker_get_address(self.worker, &mut address, &mut address_len)
+        })?;
+        // SAFETY: `address_len` bytes at `address`, copied, then released once.
+        unsafe {
+            self.address = std::slice::from_raw_parts(address.cast::<u8>(), address_len).to_vec();
+            sys::ucp_worker_release_address(self.worker, address);
+        }
+        self.endpoint = RemoteEndpoint {
+            name: self.name.clone(),
+            arena_base: self.arena_base as u64,
+            arena_len: self.arena_len,
+            address: self.address.clone(),
+            // Without the key no peer reads the arena one-sidedly where keys are checked (see
+            // the module documentation); its pullers ask for writes instead.
+            rkey: if self.cfg.mode == UcxMode::PutOnRequest {
+                Vec::new()
+            } else {
+                self.rkey.clone()
+            },
+        }
+        .encode();
+        Ok(())
+    }
+
+    /// The progress loop, until a stop command and the end of the transfers it cut short.
+    pub(super) fn run(mut self) {
+        let mut last_busy = Instant::now();
+        loop {
+            let busy = self.turn();
+            if self.stopping && self.pulls.is_empty() && self.serves.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if busy {
+                last_busy = now;
+            } else if now.duration_since(last_busy) < self.cfg.spin {
+                std::hint::spin_loop();
+            } else {
+                self.sleep(now);
+            }
+        }
+    }
+
+    /// One round: commands, deadlines, progress, messages, transfers. Whether anything
+    /// happened.
+    pub(super) fn turn(&mut self) -> bool {
+        let mut busy = false;
+        for cmd in self.mailbox.take() {
+            busy = true;
+            match cmd {
+                Command::Pull(spec) => self.start_pull(spec),
+                Command::Stop => self.stop(),
+            }
+        }
+        let mut events = 0;
+        // SAFETY: the worker is live and only this thread calls into it.
+        while events < PROGRESS_BURST && unsafe { sys::ucp_worker_progress(self.worker) } != 0 {
+            events += 1;
+        }
+        self.progress_idle = events < PROGRESS_BURST;
+        busy |= events > 0;
+        busy |= self.handle_inbox();
+        busy |= self.advance_pulls();
+        busy |= self.advance_serves();
+        self.reap_peers();
+        busy
+    }
+
+    /// Sleeps until an event, a command (the mailbox signals the worker) or the next
+    /// deadline; while operations are in flight, at most [`IN_FLIGHT_NAP`].
+    fn sleep(&mut self, now: Instant) {
+        let in_flight = !self.closing.is_empty() || !self.pulls.is_empty() || !self.serves.is_empty();
+        let timeout = self.next_timer().map(|t| t.saturating_duration_since(now));
+        let timeout = if in_flight {
+            Some(timeout.map_or(IN_FLIGHT_NAP, |t| t.min(IN_FLIGHT_NAP)))
+        } else {
+            timeout
+        };
+        self.wait_for_events(timeout);
+    }
+
+    /// Arms the worker's event fd and waits on it (`None`: without a time limit).
+    pub(super) fn wait_for_events(&mut self, timeout: Option<Duration>) {
+        // SAFETY: live worker, this thread.
+        let status = unsafe { sys::ucp_worker_arm(self.worker) };
+        let timeout = match status {
+            sys::UCS_OK => timeout,
+            // Events are pending: progress them now.
+            sys::UCS_ERR_BUSY => return,
+            // The transports cannot signal: poll the worker on a short period instead.
+            _ => Some(timeout.map_or(IN_FLIGHT_NAP, |t| t.min(IN_FLIGHT_NAP))),
+        };
+        let ms = timeout.map_or(-1, |t| {
+            t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+        });
+        let mut fd = libc::pollfd {
+            fd: self.efd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the fd belongs to the live worker.
+        unsafe { libc::poll(&mut fd, 1, ms) };
+    }
+
+    /// The earliest deadline (or end of a drain period) of a transfer.
+    fn next_timer(&self) -> Option<Instant> {
+        let drain = self.cfg.drain;
+        let pulls = self.pulls.iter().map(|p| {
+            if Instant::now() < p.deadline {
+                p.deadline
+            } else {
+                p.deadline + drain
+            }
+        });
+        let serves = self.serves.iter().map(|s| {
+            if Instant::now() < s.deadline {
+                s.deadline
+            } else {
+                s.deadline + drain
+            }
+        });
+        pulls.chain(serves).min()
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+        let now = Instant::now();
+        for p in &mut self.pulls {
+            p.deadline = p.deadline.min(now);
+        }
+        for s in &mut self.serves {
+            s.deadline = s.deadline.min(now);
+        }
+        for cmd in self.mailbox.close() {
+            if let Command::Pull(spec) = cmd {
+                let e = TransportError::Io {
+                    peer: spec.remote.label(),
+                    reason: "the UCX transport is shutting down".into(),
+                };
+                refuse(&spec.ops, &spec.reply, &e);
+            }
+        }
+    }
+
+    /// The live endpoint to the worker at `address`, created if needed.
+    fn connect(&mut self, address: &[u8], label: &str) -> Result<PeerId, sys::ucs_status_t> {
+        if let Some(&id) = self.by_address.get(address) {
+            if let Some(p) = self.peers.get_mut(&id) {
+                if p.failed.is_none() && !p.closed {
+                    p.users += 1;
+                    return Ok(id);
+                }
+            }
+        }
+        let arg: *mut RefCell<Inbox> = &mut *self.inbox;
+        let mut last = sys::UCS_OK;
+        let modes: &[sys::ucp_err_handling_mode_t] = if self.no_peer_errors {
+            &[sys::UCP_ERR_HANDLING_MODE_NONE]
+        } else {
+            &[sys::UCP_ERR_HANDLING_MODE_PEER, sys::UCP_ERR_HANDLING_MODE_NONE]
+        };
+        for &mode in modes {
+            let params = sys::ucp_ep_params_t {
+                field_mask: u64::from(
+                    sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+                        | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                        | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER,
+                ),
+                address: address.as_ptr().cast(),
+                err_mode: mode,
+                err_handler: sys::ucp_err_handler_t {
+                    cb: Some(on_ep_error),
+                    arg: arg.cast(),
+                },
+                ..Default::default()
+            };
+            let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
+            // SAFETY: live worker, this thread; `address` is a worker address received from the
+            // peer (UCX validates it while unpacking and reads it only during the call); the
+            // error handler's `arg` is the inbox, which outlives every endpoint.
+            let status = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
+            if status == sys::UCS_OK {
+                if mode == sys::UCP_ERR_HANDLING_MODE_NONE && !self.no_peer_errors {
+                    // A property of the transports UCX may use, not of this peer: later
+                    // endpoints go straight to NONE (UCX logs an error for each refusal).
+                    tracing::info!(
+                        peer = label,
+                        "UCX may only use transports without peer failure detection (shared \
+                         memory): endpoints use error mode NONE"
+                    );
+                    self.no_peer_errors = true;
+                }
+                let id = self.next_peer;
+                self.next_peer += 1;
+                self.peers.insert(
+                    id,
+                    Peer {
+                        ep,
+                        label: label.to_owned(),
+                        peer_errors: mode == sys::UCP_ERR_HANDLING_MODE_PEER,
+                        rkeys: HashMap::new(),
+                        failed: None,
+                        closed: false,
+                        users: 1,
+                    },
+                );
+                self.by_address.insert(address.to_vec(), id);
+                return Ok(id);
+            }
+            last = status;
+        }
+        Err(last)
+    }
+
+    /// The peer's remote key `packed`, unpacked once per endpoint.
+    fn rkey(&mut self, peer: PeerId, packed: &[u8]) -> Result<sys::ucp_rkey_h, sys::ucs_status_t> {
+        let p = self.peers.get_mut(&peer).ok_or(sys::UCS_ERR_NOT_CONNECTED)?;
+        if let Some(&k) = p.rkeys.get(packed) {
+            return Ok(k);
+        }
+        let mut rkey: sys::ucp_rkey_h = std::ptr::null_mut();
+        // SAFETY: live endpoint; `packed` is read during the call only (UCX validates it).
+        let status = unsafe { sys::ucp_ep_rkey_unpack(p.ep, packed.as_ptr().cast(), &mut rkey) };
+        if status != sys::UCS_OK {
+            return Err(status);
+        }
+        p.rkeys.insert(packed.to_vec(), rkey);
+        Ok(rkey)
+    }
+
+    fn release_peer(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.users = p.users.saturating_sub(1);
+        }
+    }
+
+    /// Closes an endpoint (force-close when it can, discarding its outstanding operations);
+    /// it is forgotten once no transfer uses it.
+    fn close_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.closed {
+            return;
+        }
+        p.closed = true;
+        let param = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+            flags: if p.peer_errors {
+                sys::UCP_EP_CLOSE_FLAG_FORCE
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        // SAFETY: live endpoint, closed once (the `closed` flag); the close request is polled
+        // and freed through `closing`.
+        let req = Req::from_ptr(unsafe { sys::ucp_ep_close_nbx(p.ep, &param) });
+        self.closing.push(req);
+        self.by_address.retain(|_, id| *id != peer);
+    }
+
+    /// Forgets closed endpoints no transfer uses any more, and finished close requests.
+    fn reap_peers(&mut self) {
+        self.closing.retain_mut(|r| r.poll().is_none());
+        let done: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.closed && p.users == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if let Some(p) = self.peers.remove(&id) {
+                for (_, k) in p.rkeys {
+                    // SAFETY: the rkey was unpacked on this endpoint and no transfer uses the
+                    // endpoint any more, so no operation refers to it; destroyed once.
+                    unsafe { sys::ucp_rkey_destroy(k) };
+                }
+            }
+        }
+    }
+
+    /// Messages and endpoint failures the callbacks left.
+    fn handle_inbox(&mut self) -> bool {
+        let (requests, answers, failed) = {
+            let mut inbox = self.inbox.borrow_mut();
+            (
+                std::mem::take(&mut inbox.requests),
+                std::mem::take(&mut inbox.answers),
+                std::mem::take(&mut inbox.failed),
+            )
+        };
+        let busy = !(requests.is_empty() && answers.is_empty() && failed.is_empty());
+        for (ep, status) in failed {
+            let hit = self
+                .peers
+                .iter_mut()
+                .find(|(_, p)| p.ep as usize == ep && !p.closed);
+            if let Some((&id, p)) = hit {
+                tracing::debug!(peer = %p.label, status = %status_text(status), "UCX endpoint failed");
+                p.failed = Some(status);
+                self.close_peer(id);
+            }
+        }
+        for message in answers {
+            let Some((id, statuses)) = parse_answer(&message) else {
+                tracing::warn!(bytes = message.len(), "malformed UCX transfer answer ignored");
+                continue;
+            };
+            let job = self
+                .pulls
+                .iter_mut()
+                .find(|p| matches!(p.state, PullState::Put { request_id, .. } if request_id == id));
+            if let Some(PullJob {
+                state: PullState::Put { answer, .. },
+                ..
+            }) = job
+            {
+                *answer = Some(statuses.to_vec());
+            }
+        }
+        for message in requests {
+            self.start_serve(&message);
+        }
+        busy
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // From here on nobody signals the worker.
+        for cmd in self.mailbox.close() {
+            if let Command::Pull(spec) = cmd {
+                let e = TransportError::Io {
+                    peer: spec.remote.label(),
+                    reason: "the UCX transport is shutting down".into(),
+                };
+                refuse(&spec.ops, &spec.reply, &e);
+            }
+        }
+        if !self.worker.is_null() {
+            // Transfers still here were cut short without the orderly stop of `run`.
+            for mut job in self.pulls.drain(..) {
+                match job.state {
+                    PullState::Get { inflight, .. } => inflight.into_iter().for_each(|(_, r)| r.abandon()),
+                    PullState::Put { message, send, .. } => {
+                        if let Some(r) = send {
+                            std::mem::forget(message);
+                            r.abandon();
+                        }
+                    }
+                }
+                let e = TransportError::Io {
+                    peer: job.label.clone(),
+                    reason: "the UCX transport is shutting down".into(),
+                };
+                job.outcome.settle_rest(&e);
+            }
+            for mut job in self.serves.drain(..) {
+                job.abandon();
+            }
+            // UCX's own operations (answers to a peer's emulated gets and puts) finish while
+            // the worker is progressed; a worker destroyed under them leaks their requests.
+            let until = Instant::now() + self.cfg.drain.min(SHUTDOWN_SETTLE);
+            let mut quiet_since = Instant::now();
+            while Instant::now() < until && quiet_since.elapsed() < SHUTDOWN_QUIET {
+                // SAFETY: live worker, this thread.
+                if unsafe { sys::ucp_worker_progress(self.worker) } != 0 {
+                    quiet_since = Instant::now();
+                }
+            }
+            let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+            for id in ids {
+                self.close_peer(id);
+            }
+            let until = Instant::now() + self.cfg.drain;
+            while !self.closing.is_empty() && Instant::now() < until {
+                // SAFETY: live worker, this thread.
+                unsafe { sys::ucp_worker_progress(self.worker) };
+                self.closing.retain_mut(|r| r.poll().is_none());
+            }
+            for r in self.closing.drain(..) {
+                r.abandon();
+            }
+            for (_, p) in self.peers.drain() {
+                for (_, k) in p.rkeys {
+                    // SAFETY: unpacked on this worker's endpoint, no operation left that uses
+                    // it; destroyed once.
+                    unsafe { sys::ucp_rkey_destroy(k) };
+                }
+            }
+        }
+        if !self.memh.is_null() {
+            // SAFETY: mapped on this context, unmapped once; the arena itself stays mapped
+            // (the store outlives this call).
+            unsafe { sys::ucp_mem_unmap(self.context, self.memh) };
+        }
+        if !self.worker.is_null() {
+            // SAFETY: created on this thread, destroyed once, after its endpoints; the mailbox
+            // no longer hands it out for signalling.
+            unsafe { sys::ucp_worker_destroy(self.worker) };
+        }
+        if !self.context.is_null() {
+            // SAFETY: the context's only worker and registration are gone; cleaned up once.
+            unsafe { sys::ucp_cleanup(self.context) };
+        }
+    }
+}

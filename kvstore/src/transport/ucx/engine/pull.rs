@@ -1,0 +1,340 @@
+//! The puller's side of a transfer, as the progress thread drives it.
+
+use std::time::Instant;
+
+use ucx_sys as sys;
+
+use super::{Engine, OpSpec, Outcome, PullJob, PullSpec, PullState, Req, Settled, monotonic_ns, refuse};
+use crate::transport::TransportError;
+use crate::transport::ucx::wire::{AM_REQUEST, Request, answer_status, hex_prefix};
+use crate::transport::ucx::{UcxMode, status_text};
+
+impl Engine {
+    pub(super) fn start_pull(&mut self, spec: PullSpec) {
+        let label = spec.remote.label();
+        if self.stopping {
+            let e = TransportError::Io {
+                peer: label,
+                reason: "the UCX transport is shutting down".into(),
+            };
+            return refuse(&spec.ops, &spec.reply, &e);
+        }
+        let fail = |ops: &[OpSpec], reply: Settled, e: TransportError| refuse(ops, &reply, &e);
+        let peer = match self.connect(&spec.remote.address, &label) {
+            Ok(p) => p,
+            Err(status) => {
+                let e = TransportError::Io {
+                    peer: label,
+                    reason: format!("creating a UCX endpoint: {}", status_text(status)),
+                };
+                return fail(&spec.ops, spec.reply, e);
+            }
+        };
+        let state = match spec.mode {
+            UcxMode::Get | UcxMode::Auto => match self.rkey(peer, &spec.remote.rkey) {
+                Ok(rkey) => PullState::Get {
+                    rkey,
+                    remote_base: spec.remote.arena_base,
+                    next: 0,
+                    inflight: Vec::new(),
+                    inflight_bytes: 0,
+                },
+                Err(status) => {
+                    self.release_peer(peer);
+                    let e = TransportError::BadEndpoint {
+                        endpoint: hex_prefix(&spec.remote.rkey),
+                        reason: format!("the peer's remote key: {}", status_text(status)),
+                    };
+                    return fail(&spec.ops, spec.reply, e);
+                }
+            },
+            UcxMode::PutOnRequest => {
+                let request_id = self.next_request;
+                self.next_request += 1;
+                let now_ns = monotonic_ns();
+                let left = spec.deadline.saturating_duration_since(Instant::now()).as_nanos() as u64;
+                let message = Request {
+                    id: request_id,
+                    grant: spec.grant,
+                    boot_id: self.boot_id,
+                    deadline_ns: now_ns.saturating_add(left),
+                    budget_ns: left,
+                    arena_base: self.arena_base as u64,
+                    arena_len: self.arena_len,
+                    address: self.address.clone(),
+                    rkey: self.rkey.clone(),
+                    entries: spec
+                        .ops
+                        .iter()
+                        .map(|o| (o.index, o.len, o.local_offset))
+                        .collect(),
+                }
+                .encode();
+                let Some(p) = self.peers.get(&peer) else {
+                    return fail(
+                        &spec.ops,
+                        spec.reply,
+                        TransportError::Io {
+                            peer: label,
+                            reason: "endpoint vanished".into(),
+                        },
+                    );
+                };
+                let param = sys::ucp_request_param_t {
+                    op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+                    flags: sys::UCP_AM_SEND_FLAG_EAGER,
+                    ..Default::default()
+                };
+                // SAFETY: live endpoint; `message` is kept in the job, unmoved (a Vec's heap
+                // buffer does not move with the Vec), until the send completes or is
+                // abandoned with the buffer leaked.
+                let send = Req::from_ptr(unsafe {
+                    sys::ucp_am_send_nbx(
+                        p.ep,
+                        AM_REQUEST,
+                        std::ptr::null(),
+                        0,
+                        message.as_ptr().cast(),
+                        message.len(),
+                        &param,
+                    )
+                });
+                PullState::Put {
+                    request_id,
+                    message,
+                    send: Some(send),
+                    answer: None,
+                }
+            }
+        };
+        self.pulls.push(PullJob {
+            peer,
+            label,
+            deadline: spec.deadline,
+            outcome: Outcome::new(spec.reply, &spec.ops),
+            ops: spec.ops,
+            state,
+        });
+    }
+
+    pub(super) fn advance_pulls(&mut self) -> bool {
+        let mut busy = false;
+        let mut i = 0;
+        while i < self.pulls.len() {
+            let (progressed, finished) = self.advance_pull(i);
+            busy |= progressed || finished;
+            if finished {
+                let mut job = self.pulls.swap_remove(i);
+                self.release_peer(job.peer);
+                job.outcome.settle_rest(&TransportError::TimedOut {
+                    peer: job.label.clone(),
+                });
+            } else {
+                i += 1;
+            }
+        }
+        busy
+    }
+
+    /// (made progress, finished).
+    fn advance_pull(&mut self, i: usize) -> (bool, bool) {
+        let now = Instant::now();
+        let drain = self.cfg.drain;
+        let window = self.cfg.window.max(1);
+        let (memh, arena_base, progress_idle) = (self.memh, self.arena_base, self.progress_idle);
+        let job = &mut self.pulls[i];
+        let expired = now >= job.deadline;
+        // `peer_dead`: UCX reported the endpoint failed. `peer_failed` also counts an endpoint
+        // closed by this side (another pull's last resort), which stops gets but says nothing
+        // about a source's writes, which travel on its own endpoint.
+        let (peer_dead, peer_failed, peer_errors, ep) = match self.peers.get(&job.peer) {
+            Some(p) => (
+                p.failed,
+                p.failed.or(p.closed.then_some(sys::UCS_ERR_CANCELED)),
+                p.peer_errors,
+                p.ep,
+            ),
+            None => (
+                Some(sys::UCS_ERR_NOT_CONNECTED),
+                Some(sys::UCS_ERR_NOT_CONNECTED),
+                false,
+                std::ptr::null_mut(),
+            ),
+        };
+        let label = job.label.clone();
+        let io = |status: sys::ucs_status_t| TransportError::Io {
+            peer: label.clone(),
+            reason: status_text(status),
+        };
+        let mut progressed = false;
+        let mut force_close = false;
+        let finished = match &mut job.state {
+            PullState::Get {
+                rkey,
+                remote_base,
+                next,
+                inflight,
+                inflight_bytes,
+            } => {
+                inflight.retain_mut(|(n, req)| match req.poll() {
+                    None => true,
+                    Some(status) => {
+                        progressed = true;
+                        *inflight_bytes -= job.ops[*n].len;
+                        job.outcome.settle(
+                            *n,
+                            match status {
+                                sys::UCS_OK => Ok(()),
+                                // Discarded by the close at the deadline.
+                                _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
+                                _ => Err(io(status)),
+                            },
+                        );
+                        false
+                    }
+                });
+                while !expired && peer_failed.is_none() && *next < job.ops.len() && *inflight_bytes < window {
+                    let op = job.ops[*next];
+                    let param = sys::ucp_request_param_t {
+                        op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
+                        memh,
+                        ..Default::default()
+                    };
+                    // SAFETY: live endpoint and rkey (the job holds a claim on the peer); the
+                    // destination is the item's reserved slot, inside the registered arena
+                    // (a reservation lies within it), which the caller's future keeps reserved
+                    // until this job settles the item, and it settles the item once the
+                    // request has completed (or, past the drain period, gives up on it: see the
+                    // module documentation).
+                    let req = Req::from_ptr(unsafe {
+                        sys::ucp_get_nbx(
+                            ep,
+                            arena_base.add(op.local_offset as usize).cast(),
+                            op.len as usize,
+                            *remote_base + op.remote_offset,
+                            *rkey,
+                            &param,
+                        )
+                    });
+                    *next += 1;
+                    *inflight_bytes += op.len;
+                    inflight.push((*next - 1, req));
+                    progressed = true;
+                }
+                if inflight.is_empty() {
+                    let stopped_early = *next < job.ops.len();
+                    if stopped_early {
+                        let e = match peer_failed {
+                            Some(s) if !expired => io(s),
+                            _ => TransportError::TimedOut { peer: label.clone() },
+                        };
+                        job.outcome.settle_rest(&e);
+                    }
+                    true
+                } else if !expired || now < job.deadline + drain {
+                    // Past the deadline nothing more is issued, and what is in flight (a window
+                    // at most) usually lands within the drain period; waiting for it keeps the
+                    // endpoint, and the peer's side of it, intact.
+                    false
+                } else if peer_errors && peer_failed.is_none() {
+                    // The last resort: discards the outstanding gets, whose requests then
+                    // complete (with an error) on the next progress calls.
+                    force_close = true;
+                    false
+                } else if peer_errors && now < job.deadline + 2 * drain {
+                    false
+                } else {
+                    tracing::error!(
+                        peer = %label,
+                        outstanding = inflight.len(),
+                        "UCX gets still outstanding {drain:?} past the deadline (on an endpoint that \
+                         cannot be force-closed, or after closing it); their slots are returned anyway"
+                    );
+                    for (_, req) in inflight.drain(..) {
+                        req.abandon();
+                    }
+                    true
+                }
+            }
+            PullState::Put {
+                message,
+                send,
+                answer,
+                ..
+            } => {
+                let mut send_failed = None;
+                if let Some(req) = send {
+                    if let Some(status) = req.poll() {
+                        *send = None;
+                        progressed = true;
+                        if status != sys::UCS_OK {
+                            send_failed = Some(status);
+                        }
+                    }
+                }
+                // The answer may be seen before the send's own completion; the message buffer
+                // is UCX's until then.
+                if let (Some(statuses), None) = (answer.as_ref(), &send) {
+                    if statuses.len() == job.ops.len() {
+                        for (n, (&s, op)) in statuses.iter().zip(&job.ops).enumerate() {
+                            job.outcome.settle(n, answer_status(s, op.index, &label));
+                        }
+                    } else {
+                        let e = TransportError::Protocol {
+                            peer: label.clone(),
+                            reason: format!("{} statuses for {} blocks", statuses.len(), job.ops.len()),
+                        };
+                        job.outcome.settle_rest(&e);
+                    }
+                    true
+                } else if let Some(status) = send_failed {
+                    job.outcome.settle_rest(&io(status));
+                    true
+                } else if let (Some(status), true) = (peer_dead, progress_idle) {
+                    // The source is gone: whatever it wrote before has been processed by the
+                    // progress burst that just went idle.
+                    if send.is_some() {
+                        // Still not completed after the failure: UCX has discarded it or will;
+                        // its buffer stays with UCX.
+                        if let Some(req) = send.take() {
+                            req.abandon();
+                        }
+                        std::mem::forget(std::mem::take(message));
+                    }
+                    let e = if expired {
+                        TransportError::TimedOut { peer: label.clone() }
+                    } else {
+                        io(status)
+                    };
+                    job.outcome.settle_rest(&e);
+                    true
+                } else if now >= job.deadline + drain {
+                    tracing::error!(
+                        peer = %label,
+                        "UCX source did not confirm the end of its writes {drain:?} past the deadline; \
+                         the slots are returned anyway"
+                    );
+                    if let Some(req) = send.take() {
+                        // Not even the request got out: the connection is wedged, and the next
+                        // pull is better off with a new one. (An answered-late source keeps its
+                        // endpoint: closing it would break the peer's side of the pair too.)
+                        req.abandon();
+                        std::mem::forget(std::mem::take(message));
+                        force_close = peer_errors;
+                    }
+                    job.outcome
+                        .settle_rest(&TransportError::TimedOut { peer: label.clone() });
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if force_close {
+            let peer = job.peer;
+            self.close_peer(peer);
+            progressed = true;
+        }
+        (progressed, finished)
+    }
+}
