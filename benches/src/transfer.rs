@@ -45,7 +45,7 @@ pub(crate) struct TransferArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     pub(crate) batches: Vec<usize>,
     /// Parallel TCP streams per pull.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub(crate) streams: usize,
     /// kvtier's data planes to measure.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_TRANSPORTS)]

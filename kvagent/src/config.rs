@@ -211,7 +211,7 @@ impl Default for PeerSection {
             secret: String::new(),
             insecure: false,
             transports: vec!["tcp".into()],
-            streams: 4,
+            streams: 2,
             grant_ttl_s: 30,
             max_grants: 1024,
             threads: 2,

@@ -32,7 +32,7 @@ const REPLY_HEADER: usize = 9;
 /// Blocks per gather write on the source.
 const WRITE_BATCH: usize = 64;
 /// Bytes below which a pull is not spread over another stream.
-const MIN_STREAM_BYTES: u64 = 256 << 10;
+const MIN_STREAM_BYTES: u64 = 1 << 20;
 
 const STATUS_OK: u8 = 0;
 const STATUS_NO_BLOCK: u8 = 1;
@@ -52,7 +52,7 @@ pub struct TcpConfig {
 impl Default for TcpConfig {
     fn default() -> Self {
         Self {
-            streams: 4,
+            streams: 2,
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(30),
         }

@@ -168,7 +168,7 @@ async fn a_malformed_request_closes_only_its_connection() {
 /// others arrive, and the puller's transport keeps working for the next pull.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_dying_mid_block_fails_only_its_stream() {
-    let len = 256 * 1024;
+    let len = 1 << 20;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
