@@ -7,6 +7,7 @@ cached, and its greedy output is token-identical to a single engine's."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,11 @@ class Cluster:
         return out
 
 
-@pytest.fixture
-def cluster(model: Path, workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(model, workdir)
+@pytest.fixture(scope="module")
+def cluster(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One prefill and one decode server for the module (starting them is most of its time);
+    the test that kills the prefill agent runs last."""
+    c = Cluster(model, tmp_path_factory.mktemp("pd"))
     yield c
     c.close()
 
@@ -132,10 +135,14 @@ def test_decode_pulls_the_prefill_engines_blocks_and_matches_a_single_engine(
     assert out["choices"][0]["token_ids"] == baseline[1]
 
 
-def test_a_dead_prefill_agent_means_the_decode_engine_computes(
-    cluster: Cluster, prompts: Path, baseline: list[list[int]]
-) -> None:
-    ids = json.loads(prompts.read_text())[2]
+def test_a_dead_prefill_agent_means_the_decode_engine_computes(cluster: Cluster) -> None:
+    # A prompt neither server has seen: the decode server has nothing of it cached.
+    rng = random.Random(23)
+    ids = [rng.randrange(2, 900) for _ in range(PREFIX_TOKENS + 20)]
+    reference = cluster.prefill.complete(
+        {"prompt": ids, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+    )["choices"][0]["token_ids"]
+    hits_before = cluster.decode.metric("vllm:external_prefix_cache_hits_total")
     cluster.prefill_agent.kill()
     # The prefill engine cannot save (its agent is gone): it returns no parameters, so ask the
     # decode engine directly with parameters naming the dead agent, as a proxy would after a
@@ -160,8 +167,8 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(
             "kv_transfer_params": params,
         }
     )
-    assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == 0
-    assert out["choices"][0]["token_ids"] == baseline[2]
+    assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == hits_before
+    assert out["choices"][0]["token_ids"] == reference
     assert "from its prefill engine failed, computing" in cluster.decode.log_path.read_text()
     # Malformed parameters from a proxy: that request computes, the engine keeps serving.
     bad = {**params, "remote_block_hashes": ["not hex"], "remote_agent": None, "remote_port": "x"}
@@ -175,7 +182,7 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(
             "kv_transfer_params": bad,
         }
     )
-    assert out["choices"][0]["token_ids"] == baseline[2]
+    assert out["choices"][0]["token_ids"] == reference
     assert "malformed kv_transfer_params" in cluster.decode.log_path.read_text()
 
 
