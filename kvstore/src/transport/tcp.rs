@@ -463,24 +463,8 @@ impl Inner {
 const SPIN: Duration = Duration::from_micros(50);
 
 /// `read_exact` that first polls the socket for up to `spin`, then waits for readiness.
-async fn read_polling(s: &mut TcpStream, mut buf: &mut [u8], spin: Duration) -> std::io::Result<()> {
-    let started = Instant::now();
-    while !buf.is_empty() {
-        match s.try_read(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => buf = &mut buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if started.elapsed() < spin {
-                    std::hint::spin_loop();
-                } else {
-                    s.readable().await?;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+async fn read_polling(s: &mut TcpStream, buf: &mut [u8], spin: Duration) -> std::io::Result<()> {
+    read_with_next(s, buf, &mut [], spin).await.map(|_| ())
 }
 
 /// Writes every slice, with as few system calls as the kernel allows.
