@@ -16,6 +16,43 @@ fn soon() -> Instant {
     Instant::now() + Duration::from_secs(10)
 }
 
+/// A hand-written source for failure tests: accepts a connection, greets it without a secret,
+/// and reads one request; the stream and the requested grant indices.
+async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut hello = [0u8; HELLO_LEN];
+    hello[..4].copy_from_slice(&MAGIC);
+    hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    s.write_all(&hello).await.unwrap();
+    let mut answer = [0u8; MAC_LEN];
+    s.read_exact(&mut answer).await.unwrap();
+    s.write_all(&[0]).await.unwrap();
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head).await.unwrap();
+    let count = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
+    let mut idx = vec![0u8; 4 * count];
+    s.read_exact(&mut idx).await.unwrap();
+    let indices = idx
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (s, indices)
+}
+
+/// An item for block `i` of `len` bytes, in a fresh slot of `store`.
+fn item(store: &TieredStore, i: u32, len: usize, checksum: u64) -> PullItem {
+    PullItem {
+        index: i,
+        remote_offset: 0,
+        checksum,
+        slot: store
+            .reserve_batch(&[(key(u64::from(i)), len as u64)])
+            .pop()
+            .unwrap()
+            .unwrap(),
+    }
+}
+
 fn key(i: u64) -> BlockKey {
     BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
 }
@@ -175,21 +212,8 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
         // Two connections (two streams): the first sends its blocks whole, the second half of
         // one block and then vanishes.
         for conn in 0..2 {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut hello = [0u8; HELLO_LEN];
-            hello[..4].copy_from_slice(&MAGIC);
-            hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
-            s.write_all(&hello).await.unwrap();
-            let mut answer = [0u8; MAC_LEN];
-            s.read_exact(&mut answer).await.unwrap();
-            s.write_all(&[0]).await.unwrap();
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head).await.unwrap();
-            let count = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
-            let mut idx = vec![0u8; 4 * count];
-            s.read_exact(&mut idx).await.unwrap();
-            for c in idx.chunks_exact(4) {
-                let i = u32::from_le_bytes(c.try_into().unwrap());
+            let (mut s, indices) = accept_request(&listener).await;
+            for i in indices {
                 let mut h = [0u8; REPLY_HEADER];
                 h[1..].copy_from_slice(&(len as u64).to_le_bytes());
                 s.write_all(&h).await.unwrap();
@@ -213,16 +237,7 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
     });
     let (dst, t) = puller(None, 2);
     let items: Vec<PullItem> = (0..4u32)
-        .map(|i| PullItem {
-            index: i,
-            remote_offset: 0,
-            checksum: checksum(&payload(u64::from(i), len)),
-            slot: dst
-                .reserve_batch(&[(key(u64::from(i)), len as u64)])
-                .pop()
-                .unwrap()
-                .unwrap(),
-        })
+        .map(|i| item(&dst, i, len, checksum(&payload(u64::from(i), len))))
         .collect();
     let pulled = t
         .pull(addr.to_string().as_bytes(), GrantId([1; 16]), items, soon())
@@ -262,18 +277,7 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
 #[test]
 fn streams_get_contiguous_runs_of_about_equal_bytes() {
     let s = store(16);
-    let items: Vec<PullItem> = (0..10u32)
-        .map(|i| PullItem {
-            index: i,
-            remote_offset: 0,
-            checksum: 0,
-            slot: s
-                .reserve_batch(&[(key(u64::from(i)), 4096)])
-                .pop()
-                .unwrap()
-                .unwrap(),
-        })
-        .collect();
+    let items: Vec<PullItem> = (0..10u32).map(|i| item(&s, i, 4096, 0)).collect();
     let runs = split_by_bytes(items, 4);
     let sizes: Vec<usize> = runs.iter().map(Vec::len).collect();
     assert_eq!(sizes, vec![3, 2, 3, 2]);
@@ -316,39 +320,17 @@ async fn a_kept_connection_the_source_closed_is_replaced() {
     let server = tokio::spawn(async move {
         // Each connection serves one request, then the "source" goes away and comes back.
         for _ in 0..2 {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut hello = [0u8; HELLO_LEN];
-            hello[..4].copy_from_slice(&MAGIC);
-            hello[4..6].copy_from_slice(&VERSION.to_le_bytes());
-            s.write_all(&hello).await.unwrap();
-            let mut answer = [0u8; MAC_LEN];
-            s.read_exact(&mut answer).await.unwrap();
-            s.write_all(&[0]).await.unwrap();
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head).await.unwrap();
-            let mut idx = [0u8; 4];
-            s.read_exact(&mut idx).await.unwrap();
+            let (mut s, indices) = accept_request(&listener).await;
             let mut h = [0u8; REPLY_HEADER];
             h[1..].copy_from_slice(&(len as u64).to_le_bytes());
             s.write_all(&h).await.unwrap();
-            s.write_all(&payload(u64::from(u32::from_le_bytes(idx)), len))
-                .await
-                .unwrap();
+            s.write_all(&payload(u64::from(indices[0]), len)).await.unwrap();
             drop(s);
         }
     });
     let (dst, t) = puller(None, 1);
     for round in 0..2u32 {
-        let item = PullItem {
-            index: round,
-            remote_offset: 0,
-            checksum: checksum(&payload(u64::from(round), len)),
-            slot: dst
-                .reserve_batch(&[(key(u64::from(round)), len as u64)])
-                .pop()
-                .unwrap()
-                .unwrap(),
-        };
+        let item = item(&dst, round, len, checksum(&payload(u64::from(round), len)));
         let mut pulled = t
             .pull(addr.to_string().as_bytes(), GrantId([2; 16]), vec![item], soon())
             .await;
