@@ -43,6 +43,53 @@ fn held_exact(client: &Client, ns: &Namespace, blocks: &[(BlockHash, Vec<u8>)]) 
     held
 }
 
+/// A source agent serving peers at `listen` and a puller, each with its configuration file
+/// and run under its wrapper (`ip netns exec ...`, or none); sockets named after `name`.
+#[cfg(any(feature = "rdma", feature = "ucx"))]
+fn source_and_puller(
+    dir: &Path,
+    name: &str,
+    wrappers: [&[&str]; 2],
+    configs: [&str; 2],
+    listen: &str,
+    secret: &str,
+) -> (Agent, Agent) {
+    let source = Agent::start_in(
+        wrappers[0],
+        &dir.join(format!("{name}-a.sock")),
+        &[
+            "--config",
+            configs[0],
+            "--peer-listen",
+            listen,
+            "--peer-secret-file",
+            secret,
+        ],
+    );
+    let puller = Agent::start_in(
+        wrappers[1],
+        &dir.join(format!("{name}-b.sock")),
+        &["--config", configs[1], "--peer-secret-file", secret],
+    );
+    (source, puller)
+}
+
+/// Saves `data` on `source`, has `puller` pull all of it from `peer`, and checks every byte.
+#[cfg(any(feature = "rdma", feature = "ucx"))]
+fn pull_all_exactly(
+    source: &Agent,
+    puller: &Agent,
+    peer: &str,
+    ns: &Namespace,
+    data: &[(BlockHash, Vec<u8>)],
+) {
+    save(&source.client(), ns, data);
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    let c = pull_client(puller);
+    assert_eq!(c.pull(peer, ns, &hashes).unwrap(), vec![true; data.len()]);
+    assert_eq!(held_exact(&c, ns, data), data.len());
+}
+
 fn blocks(seed: u64, n: u64) -> Vec<(BlockHash, Vec<u8>)> {
     (0..n).map(|i| (hash(seed, i), payload(seed, i))).collect()
 }
@@ -501,28 +548,8 @@ fn without_an_rdma_device_agents_fall_back_to_tcp() {
     std::fs::write(&cfg, "[peer]\ntransports = [\"rdma\", \"tcp\"]\n").unwrap();
     let cfg = cfg.to_str().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let source = Agent::start(
-        &dir.path().join("a.sock"),
-        &[
-            "--config",
-            cfg,
-            "--peer-listen",
-            &listen,
-            "--peer-secret-file",
-            &secret,
-        ],
-    );
-    let puller = Agent::start(
-        &dir.path().join("b.sock"),
-        &["--config", cfg, "--peer-secret-file", &secret],
-    );
-    let ns = ns("rdma-fallback");
-    let data = blocks(6, 8);
-    save(&source.client(), &ns, &data);
-    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
-    let c = pull_client(&puller);
-    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 8]);
-    assert_eq!(held_exact(&c, &ns, &data), 8);
+    let (source, puller) = source_and_puller(dir.path(), "rdma", [&[], &[]], [cfg, cfg], &listen, &secret);
+    pull_all_exactly(&source, &puller, &listen, &ns("rdma-fallback"), &blocks(6, 8));
 }
 
 /// Pulls over UCX: on loopback with UCX choosing its transports, and between two network
@@ -539,28 +566,10 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
     };
     let any = ucx_config("ucx.toml", "");
     let listen = format!("127.0.0.1:{}", free_port());
-    let source = Agent::start(
-        &dir.path().join("a.sock"),
-        &[
-            "--config",
-            &any,
-            "--peer-listen",
-            &listen,
-            "--peer-secret-file",
-            &secret,
-        ],
-    );
-    let puller = Agent::start(
-        &dir.path().join("b.sock"),
-        &["--config", &any, "--peer-secret-file", &secret],
-    );
+    let (source, puller) = source_and_puller(dir.path(), "lo", [&[], &[]], [&any, &any], &listen, &secret);
     let ns = ns("ucx-loopback");
     let data = blocks(7, 24);
-    save(&source.client(), &ns, &data);
-    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
-    let c = pull_client(&puller);
-    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 24]);
-    assert_eq!(held_exact(&c, &ns, &data), 24);
+    pull_all_exactly(&source, &puller, &listen, &ns, &data);
 
     let Some(net) =
         Netns::create_or_skip("the namespace part of ucx_pulls_are_exact_on_loopback_and_across_namespaces")
@@ -575,25 +584,14 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
         ucx_config("n1.toml", &on(&net.devs[1])),
     );
     let listen = format!("{}:9471", net.addrs[0]);
-    let source = Agent::start_in(
-        &net.exec(0),
-        &dir.path().join("na.sock"),
-        &[
-            "--config",
-            &cfg0,
-            "--peer-listen",
-            &listen,
-            "--peer-secret-file",
-            &secret,
-        ],
+    let wrappers = [net.exec(0), net.exec(1)];
+    let (source, puller) = source_and_puller(
+        dir.path(),
+        "ns",
+        [&wrappers[0], &wrappers[1]],
+        [&cfg0, &cfg1],
+        &listen,
+        &secret,
     );
-    let puller = Agent::start_in(
-        &net.exec(1),
-        &dir.path().join("nb.sock"),
-        &["--config", &cfg1, "--peer-secret-file", &secret],
-    );
-    save(&source.client(), &ns, &data);
-    let c = pull_client(&puller);
-    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 24]);
-    assert_eq!(held_exact(&c, &ns, &data), 24);
+    pull_all_exactly(&source, &puller, &listen, &ns, &data);
 }
