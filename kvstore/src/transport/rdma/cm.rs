@@ -45,9 +45,23 @@ impl Channel {
         Ok(channel)
     }
 
-    /// The raw channel, for `rdma_create_id`.
-    pub(crate) fn raw(&self) -> *mut sys::rdma_event_channel {
-        self.0
+    /// A new TCP-port-space id on this channel; the caller owns it and destroys it (with
+    /// `rdma_destroy_id`) before the channel.
+    pub(crate) fn create_id(&self) -> io::Result<*mut sys::rdma_cm_id> {
+        let mut id: *mut sys::rdma_cm_id = std::ptr::null_mut();
+        // SAFETY: a live channel (owned by `self`) and a valid out-pointer.
+        let rc = unsafe {
+            sys::rdma_create_id(
+                self.0,
+                &mut id,
+                std::ptr::null_mut(),
+                sys::rdma_port_space::RDMA_PS_TCP,
+            )
+        };
+        if rc != 0 {
+            return Err(last_error());
+        }
+        Ok(id)
     }
 
     fn fd(&self) -> c_int {

@@ -95,19 +95,7 @@ impl Conn {
         };
         let until = deadline.min(Instant::now() + cfg.connect_timeout);
         let channel = Channel::new().map_err(|e| fail("rdma_create_event_channel", e))?;
-        let mut id: *mut sys::rdma_cm_id = ptr::null_mut();
-        // SAFETY: a live channel and a valid out-pointer; the id is destroyed in Drop.
-        if unsafe {
-            sys::rdma_create_id(
-                channel.raw(),
-                &mut id,
-                ptr::null_mut(),
-                sys::rdma_port_space::RDMA_PS_TCP,
-            )
-        } != 0
-        {
-            return Err(fail("rdma_create_id", last_error()));
-        }
+        let id = channel.create_id().map_err(|e| fail("rdma_create_id", e))?;
         let mut conn = Self {
             device,
             id,

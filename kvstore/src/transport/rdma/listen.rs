@@ -43,19 +43,9 @@ impl Listener {
         token: [u8; TOKEN_LEN],
     ) -> Result<Self, TransportError> {
         let channel = Channel::new().map_err(|e| unavailable(format!("rdma_create_event_channel: {e}")))?;
-        let mut id: *mut sys::rdma_cm_id = ptr::null_mut();
-        // SAFETY: a live channel and a valid out-pointer; the id is destroyed by `State`'s Drop.
-        if unsafe {
-            sys::rdma_create_id(
-                channel.raw(),
-                &mut id,
-                ptr::null_mut(),
-                sys::rdma_port_space::RDMA_PS_TCP,
-            )
-        } != 0
-        {
-            return Err(unavailable(format!("rdma_create_id: {}", last_error())));
-        }
+        let id = channel
+            .create_id()
+            .map_err(|e| unavailable(format!("rdma_create_id: {e}")))?;
         let state = State {
             device,
             token,
