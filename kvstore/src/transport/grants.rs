@@ -230,25 +230,11 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BlockHash, HostTierConfig, Namespace, StoreConfig};
-
-    fn store() -> Arc<TieredStore> {
-        Arc::new(
-            TieredStore::open(StoreConfig {
-                host: HostTierConfig::new(8 << 20),
-                disk: None,
-            })
-            .unwrap(),
-        )
-    }
-
-    fn key(i: u64) -> BlockKey {
-        BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
-    }
+    use crate::transport::test_support::{key, store};
 
     #[test]
     fn grants_pin_a_prefix_until_released_or_expired() {
-        let s = store();
+        let s = store(8);
         for i in [0, 1, 3] {
             s.put(&key(i), &[i as u8; 4096]);
         }
@@ -276,7 +262,7 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let s = store();
+        let s = store(8);
         s.put(&key(0), &[0; 4096]);
         let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 1);
         g.grant(&[key(0)]).unwrap();

@@ -16,6 +16,8 @@ pub mod grants;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+#[cfg(test)]
+mod test_support;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 

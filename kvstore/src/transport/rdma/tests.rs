@@ -8,7 +8,7 @@ use super::endpoint::{HELLO_LEN, hello, hello_matches};
 use super::pump::{PostError, ReadQueue, WC_FLUSHED};
 use super::wr::{ItemOutcome, ReadLimits, ReadPlan, ReadWr, TrackError, WC_SUCCESS, split_wr_id, wr_id};
 use super::*;
-use crate::{HostTierConfig, StoreConfig};
+use crate::transport::test_support::{key, payload, soon, store};
 
 /// `ibv_wc_status` values the tests use.
 const WC_REM_ACCESS_ERR: u32 = 10;
@@ -759,10 +759,6 @@ fn remote_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + 3) as u8).collect()
 }
 
-fn soon() -> Instant {
-    Instant::now() + Duration::from_secs(10)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -1005,23 +1001,13 @@ fn device_lists_map_to_clear_errors() {
     assert_eq!(r, "RDMA device \"rxe0\" not found; this host has mlx5_0, mlx5_1");
 }
 
-fn store() -> Arc<TieredStore> {
-    Arc::new(
-        TieredStore::open(StoreConfig {
-            host: HostTierConfig::new(8 << 20),
-            disk: None,
-        })
-        .unwrap(),
-    )
-}
-
 /// On a host without RDMA devices (this project's build machines and CI), construction says so
 /// cleanly; on one with a device it must not claim there is none. Both roles, and a named
 /// device, are tried.
 #[test]
 fn construction_reports_a_missing_device_cleanly() {
     let listed = list_devices();
-    let s = store();
+    let s = store(8);
     let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(5), 4));
     let attempts = [
         RdmaTransport::new(Arc::clone(&s), None, RdmaConfig::default()),
@@ -1134,17 +1120,6 @@ fn rdma_test_ip() -> Option<IpAddr> {
     found
 }
 
-fn payload(i: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|j| (j as u64 * 131 + i * 17) as u8).collect()
-}
-
-fn key(i: u64) -> crate::BlockKey {
-    crate::BlockKey::new(
-        crate::Namespace::builder("m").build(),
-        crate::BlockHash::from_u64(i),
-    )
-}
-
 /// Reserves slots in `dst` for the grant's blocks (`checksums` overrides theirs) and pulls.
 async fn pull_grant(
     dst: &TieredStore,
@@ -1181,16 +1156,7 @@ async fn pull_grant(
 #[ignore = "needs an RDMA device with an IPv4 address (set KVTIER_RDMA_TEST_IP to choose one)"]
 async fn pulls_over_a_real_device() {
     let ip = rdma_test_ip().expect("no IPv4 address on an RDMA device");
-    let big = |mib: u64| {
-        Arc::new(
-            TieredStore::open(StoreConfig {
-                host: HostTierConfig::new(mib << 20),
-                disk: None,
-            })
-            .unwrap(),
-        )
-    };
-    let (src, dst) = (big(64), big(64));
+    let (src, dst) = (store(64), store(64));
     let lens = [4096usize, 1 << 20, 5000, 1, 3 << 20, 96 * 1024 + 3];
     let keys: Vec<_> = (0..lens.len() as u64).map(key).collect();
     for (i, &len) in lens.iter().enumerate() {

@@ -1,20 +1,7 @@
 use super::*;
+use crate::BlockKey;
 use crate::block::checksum;
-use crate::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig};
-
-fn store(mib: u64) -> Arc<TieredStore> {
-    Arc::new(
-        TieredStore::open(StoreConfig {
-            host: HostTierConfig::new(mib << 20),
-            disk: None,
-        })
-        .unwrap(),
-    )
-}
-
-fn soon() -> Instant {
-    Instant::now() + Duration::from_secs(10)
-}
+use crate::transport::test_support::{key, payload, soon, store};
 
 /// A hand-written source for failure tests: accepts a connection, greets it without a secret,
 /// and reads one request; the stream and the requested grant indices.
@@ -51,14 +38,6 @@ fn item(store: &TieredStore, i: u32, len: usize, checksum: u64) -> PullItem {
             .unwrap()
             .unwrap(),
     }
-}
-
-fn key(i: u64) -> BlockKey {
-    BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
-}
-
-fn payload(i: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|j| (j as u64 * 31 + i * 7) as u8).collect()
 }
 
 /// A source with `n` blocks of `len` bytes, serving on loopback.

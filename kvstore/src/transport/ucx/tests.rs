@@ -1,24 +1,7 @@
 use super::*;
+use crate::BlockKey;
 use crate::transport::Grant;
-use crate::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig};
-
-fn store(mib: u64) -> Arc<TieredStore> {
-    Arc::new(
-        TieredStore::open(StoreConfig {
-            host: HostTierConfig::new(mib << 20),
-            disk: None,
-        })
-        .unwrap(),
-    )
-}
-
-fn key(i: u64) -> BlockKey {
-    BlockKey::new(Namespace::builder("m").build(), BlockHash::from_u64(i))
-}
-
-fn payload(i: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|j| (j as u64 * 31 + i * 7) as u8).collect()
-}
+use crate::transport::test_support::{key, payload, soon, store};
 
 /// Which of UCX's transports a test runs over.
 #[derive(Debug, Clone, Copy)]
@@ -89,10 +72,6 @@ async fn pull(
 ) -> Vec<Pulled> {
     t.pull(endpoint, grant.id, items(store, grant, keys), deadline)
         .await
-}
-
-fn soon() -> Instant {
-    Instant::now() + Duration::from_secs(10)
 }
 
 /// Blocks of several lengths (some not a multiple of a page) in several batch sizes, twice (the
