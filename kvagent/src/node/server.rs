@@ -527,9 +527,7 @@ fn dispatch(
         Request::Commit(ns, hashes) => (Response::Commit(session.commit(ns, &hashes, false)), hashes.len()),
         Request::Abort(ns, hashes) => (Response::Abort(session.commit(ns, &hashes, true)), hashes.len()),
         Request::Acquire(ns, hashes) => {
-            let keys: Vec<kvstore::BlockKey> =
-                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
-            shared.peers.fetch_for_acquire(&keys, deadline);
+            shared.peers.fetch_for_acquire(ns, &hashes, deadline);
             let got = session.acquire(ns, &hashes);
             if Instant::now() > deadline {
                 // The client has given up (a promotion took too long): don't leave it pins it

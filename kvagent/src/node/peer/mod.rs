@@ -286,10 +286,18 @@ impl Peers {
 
     /// Before an acquire: pulls the blocks past the local prefix that a lookup found at a peer,
     /// when that pays. A failure only means the blocks stay missing.
-    pub(crate) fn fetch_for_acquire(&self, keys: &[BlockKey], deadline: Instant) {
+    pub(crate) fn fetch_for_acquire(
+        &self,
+        ns: kvstore::Namespace,
+        hashes: &[kvstore::BlockHash],
+        deadline: Instant,
+    ) {
+        // Without reuse every acquire passes through here: it costs nothing then.
         let Some(reuse) = &self.reuse else {
             return;
         };
+        let keys: Vec<BlockKey> = hashes.iter().map(|h| BlockKey::new(ns, *h)).collect();
+        let keys = keys.as_slice();
         let local = self.store.lookup_prefix(keys).len;
         let Some(first) = keys.get(local) else {
             return;
