@@ -74,6 +74,9 @@ struct Inner {
     listen: Mutex<Option<SocketAddr>>,
     /// Idle connections per peer.
     pool: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+    /// Connections this side has opened, for the tests of connection reuse.
+    #[cfg(test)]
+    opened: std::sync::atomic::AtomicUsize,
 }
 
 impl TcpTransport {
@@ -93,6 +96,8 @@ impl TcpTransport {
                 cfg,
                 listen: Mutex::new(None),
                 pool: Mutex::new(HashMap::new()),
+                #[cfg(test)]
+                opened: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -267,6 +272,8 @@ impl Inner {
             peer: peer.to_string(),
             reason: e.to_string(),
         };
+        #[cfg(test)]
+        self.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let handshake = async {
             let mut s = TcpStream::connect(peer).await.map_err(io)?;
             s.set_nodelay(true).map_err(io)?;

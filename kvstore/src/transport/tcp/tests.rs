@@ -113,11 +113,16 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
         }
         assert!(grants.release(&grant.id));
     }
-    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
-    assert_eq!(
-        idle, 4,
-        "the four streams of the first pull were reused by the second"
+    // A connection is opened only while every kept one is busy, so two pulls of at most four
+    // streams each open at most four (eight without reuse). A chunk that starts after another
+    // finished may take that one's connection, so fewer is fine.
+    let opened = t.inner.opened.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (1..=4).contains(&opened),
+        "{opened} connections for two pulls of four streams: the second did not reuse the first's"
     );
+    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    assert_eq!(idle, opened, "every connection went back to the pool");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +194,11 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         // Two connections (two streams): the first sends its blocks whole, the second half of
-        // one block and then vanishes.
-        for conn in 0..2 {
-            let (mut s, indices) = accept_request(&listener).await;
+        // one block and then vanishes. Both are accepted before either is answered, so neither
+        // stream can finish and lend its connection to the other.
+        let first = accept_request(&listener).await;
+        let second = accept_request(&listener).await;
+        for (conn, (mut s, indices)) in [first, second].into_iter().enumerate() {
             for i in indices {
                 let mut h = [0u8; REPLY_HEADER];
                 h[1..].copy_from_slice(&(len as u64).to_le_bytes());
