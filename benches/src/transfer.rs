@@ -44,8 +44,8 @@ pub(crate) struct TransferArgs {
     /// Blocks per batch.
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     pub(crate) batches: Vec<usize>,
-    /// Parallel TCP streams per pull.
-    #[arg(long, default_value_t = 2)]
+    /// Parallel TCP streams per pull (default: the agent's, one per four cores, 1–4).
+    #[arg(long, default_value_t = kvstore::transport::tcp::default_streams())]
     pub(crate) streams: usize,
     /// kvtier's data planes to measure.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_TRANSPORTS)]

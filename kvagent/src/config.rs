@@ -121,7 +121,7 @@ pub struct PeerSection {
     pub insecure: bool,
     /// Data transports this agent offers and asks for, preferred first (`tcp`).
     pub transports: Vec<String>,
-    /// Parallel TCP streams per pull.
+    /// Parallel TCP streams per pull; 0: one per four cores, 1–4.
     pub streams: u32,
     /// How long a source keeps blocks pinned for a puller that never releases them, seconds.
     pub grant_ttl_s: u32,
@@ -211,7 +211,7 @@ impl Default for PeerSection {
             secret: String::new(),
             insecure: false,
             transports: vec!["tcp".into()],
-            streams: 2,
+            streams: 0,
             grant_ttl_s: 30,
             max_grants: 1024,
             threads: 2,
@@ -287,8 +287,8 @@ impl PeerSection {
                 self.rdma.listen
             )
         })?;
-        if !(1..=64).contains(&self.streams) {
-            bail!("invalid configuration `peer.streams`: must be 1–64");
+        if self.streams > 64 {
+            bail!("invalid configuration `peer.streams`: must be 0 (automatic) to 64");
         }
         if !(1..=64).contains(&self.threads) {
             bail!("invalid configuration `peer.threads`: must be 1–64");

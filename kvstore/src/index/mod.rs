@@ -135,7 +135,7 @@ impl Default for IndexConfig {
 
 /// A 64-bit scope from a name (e.g. the model an engine serves), for [`Key`]s.
 pub fn scope_of(name: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(name.as_bytes())
+    twox_hash::XxHash3_64::oneshot(name.as_bytes())
 }
 
 /// A block of the index: `(scope, hash)`.

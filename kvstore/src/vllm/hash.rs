@@ -264,7 +264,7 @@ impl BlockHasher {
         ciborium::into_writer(value, &mut cbor).expect("CBOR encoding into memory");
         match self.algo {
             HashAlgo::Sha256Cbor => Sha256::digest(&cbor).to_vec(),
-            HashAlgo::XxhashCbor => xxhash_rust::xxh3::xxh3_128(&cbor).to_be_bytes().to_vec(),
+            HashAlgo::XxhashCbor => twox_hash::XxHash3_128::oneshot(&cbor).to_be_bytes().to_vec(),
         }
     }
 

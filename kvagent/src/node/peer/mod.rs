@@ -103,7 +103,10 @@ impl Peers {
             Some(Arc::clone(&grants)),
             secret.clone(),
             TcpConfig {
-                streams: cfg.streams as usize,
+                streams: match cfg.streams {
+                    0 => kvstore::transport::tcp::default_streams(),
+                    n => n as usize,
+                },
                 ..TcpConfig::default()
             },
         );

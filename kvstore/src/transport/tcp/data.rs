@@ -1,0 +1,140 @@
+//! A connection in its data phase: polled with plain non-blocking system calls, and handed to
+//! tokio's reactor only while it has to sleep.
+//!
+//! A socket registered with the reactor wakes one of the runtime's threads on every arrival
+//! (its edge-triggered readiness), even while the task that owns the socket is polling it
+//! itself. On a small machine those wake-ups land on the core of the peer's sending thread
+//! and doubled the time of a one-block pull; a socket registered only while a task sleeps on
+//! it costs two `epoll_ctl` calls per sleep instead, and sleeps are the slow path.
+
+use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// Longest a reader or writer keeps its runtime thread before letting other tasks (and
+/// timers, such as the deadline around it) run.
+const YIELD_AFTER: Duration = Duration::from_millis(1);
+
+/// How long a writer polls a full send buffer before sleeping until the peer has read.
+const WRITE_SPIN: Duration = Duration::from_micros(200);
+
+/// A connected, non-blocking TCP stream outside tokio's reactor.
+#[derive(Debug)]
+pub(super) struct DataStream(TcpStream);
+
+/// The descriptor alone, registered with the reactor for one sleep (dropping it deregisters
+/// without closing).
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl DataStream {
+    /// Takes a connection out of tokio's reactor (it stays non-blocking).
+    pub(super) fn new(s: tokio::net::TcpStream) -> std::io::Result<Self> {
+        Ok(Self(s.into_std()?))
+    }
+
+    /// Sleeps until the socket is ready for `interest`.
+    async fn wait(&self, interest: Interest) -> std::io::Result<()> {
+        // SAFETY: the descriptor is `self.0`'s, which stays open and unchanged while `&self` is
+        // borrowed; the `AsyncFd` lives only within this call and deregisters (without closing)
+        // when it is dropped at its end.
+        let fd = unsafe { AsyncFd::register_with_interest(Fd(self.0.as_raw_fd()), interest) }
+            .map_err(std::io::Error::from)?;
+        // Registering reports readiness that is already there, so nothing is missed between
+        // the last "would block" and this.
+        let _ready = fd.ready(interest).await?;
+        Ok(())
+    }
+
+    /// Fills `buf`, polling for up to `spin` without progress before sleeping.
+    pub(super) async fn read_exact(&mut self, buf: &mut [u8], spin: Duration) -> std::io::Result<()> {
+        self.read_with_next(buf, &mut [], spin).await.map(|_| ())
+    }
+
+    /// Fills `a` and reads what else has arrived into `b`; returns how many bytes of `b` were
+    /// filled. Reading the next block's header with the end of this block's payload saves a
+    /// system call per block.
+    pub(super) async fn read_with_next(
+        &mut self,
+        a: &mut [u8],
+        b: &mut [u8],
+        spin: Duration,
+    ) -> std::io::Result<usize> {
+        let mut progress = Instant::now();
+        let mut held_since = progress;
+        let (mut got_a, mut got_b) = (0, 0);
+        while got_a < a.len() {
+            if held_since.elapsed() >= YIELD_AFTER {
+                tokio::task::yield_now().await;
+                held_since = Instant::now();
+            }
+            let want_a = a.len() - got_a;
+            let mut bufs = [IoSliceMut::new(&mut a[got_a..]), IoSliceMut::new(&mut b[got_b..])];
+            match self.0.read_vectored(&mut bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    got_a += n.min(want_a);
+                    got_b += n.saturating_sub(want_a);
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if progress.elapsed() < spin {
+                        std::hint::spin_loop();
+                    } else {
+                        self.wait(Interest::READABLE).await?;
+                        progress = Instant::now();
+                        held_since = progress;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got_b)
+    }
+
+    /// Writes all of `buf`.
+    pub(super) async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.write_all_vectored(&mut [IoSlice::new(buf)]).await
+    }
+
+    /// Writes every slice, with as few system calls as the kernel allows.
+    pub(super) async fn write_all_vectored(&mut self, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        let mut progress = Instant::now();
+        let mut held_since = progress;
+        while !slices.is_empty() {
+            if held_since.elapsed() >= YIELD_AFTER {
+                tokio::task::yield_now().await;
+                held_since = Instant::now();
+            }
+            match self.0.write_vectored(slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut slices, n);
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if progress.elapsed() < WRITE_SPIN {
+                        std::hint::spin_loop();
+                    } else {
+                        self.wait(Interest::WRITABLE).await?;
+                        progress = Instant::now();
+                        held_since = progress;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
