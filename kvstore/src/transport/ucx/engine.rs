@@ -530,10 +530,25 @@ impl Engine {
             settings.push(("TLS".into(), tls.clone()));
         }
         // Where UCX will not load TCP its settings would only draw a warning that they are
-        // unused.
+        // unused. The segment size is our tuning, not the operator's: a UCX that names it
+        // differently (1.13 takes the transport's own name, later ones the prefixed one) or not
+        // at all keeps its default.
         if let Some(size) = self.cfg.tcp_segment.filter(|_| !self.no_peer_errors) {
             for name in ["TX_SEG_SIZE", "RX_SEG_SIZE"] {
-                settings.push((name.into(), size.to_string()));
+                let value = CString::new(size.to_string()).expect("digits");
+                let taken = [name.to_owned(), format!("TCP_{name}")].iter().any(|n| {
+                    let n = CString::new(n.as_str()).expect("no NUL in a setting name");
+                    // SAFETY: `config` is the live handle read above; both strings are
+                    // NUL-terminated and outlive the call (UCX copies the value).
+                    let status = unsafe { sys::ucp_config_modify(config, n.as_ptr(), value.as_ptr()) };
+                    status == sys::UCS_OK
+                });
+                if !taken {
+                    tracing::debug!(
+                        setting = name,
+                        "this UCX does not take the TCP segment size; keeping its default"
+                    );
+                }
             }
         }
         settings.extend(self.cfg.settings.iter().cloned());
