@@ -253,7 +253,10 @@ pub struct UcxConfig {
     /// Bytes one transfer keeps in flight; past its deadline at most this much is still
     /// landing.
     pub window: u64,
-    /// How long the progress thread keeps polling after activity before it sleeps.
+    /// How long the progress thread keeps polling after activity before it sleeps (default
+    /// 500 µs: the next block of a pull, or the next pull, usually comes sooner, and a sleeping
+    /// progress thread costs a wake-up on each side; 50 µs left one-block shared-memory pulls
+    /// about 40 % slower).
     pub spin: Duration,
     /// How long past its deadline a pull waits for the operations it started to be over
     /// (see the module documentation).
@@ -268,7 +271,7 @@ impl Default for UcxConfig {
             settings: Vec::new(),
             tcp_segment: Some(TCP_SEGMENT),
             window: 64 << 20,
-            spin: Duration::from_micros(50),
+            spin: Duration::from_micros(500),
             drain: Duration::from_secs(1),
         }
     }
