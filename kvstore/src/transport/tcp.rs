@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -32,6 +34,13 @@ const FLAG_SECRET: u16 = 1;
 const REPLY_HEADER: usize = 9;
 /// Blocks per gather write on the source.
 const WRITE_BATCH: usize = 64;
+/// A request for one block from this size on is answered with `sendfile`: the socket takes
+/// references to the arena's pages instead of a copy, so the only copy is the puller's (a
+/// 1 MiB block arrived in 160 µs instead of 240 on loopback). A run of blocks goes out in
+/// gather writes instead: the source's copy of one block then overlaps the puller's read of
+/// the one before, and the puller reading the source's cold pages (what `sendfile` leaves it)
+/// measured 10–30 % slower than reading the source's fresh copies.
+const SENDFILE_MIN: u64 = 256 << 10;
 /// Bytes below which a pull is not spread over another stream.
 const MIN_STREAM_BYTES: u64 = 1 << 20;
 
@@ -85,6 +94,9 @@ struct Inner {
     listen: Mutex<Option<SocketAddr>>,
     /// Idle connections per peer.
     pool: Mutex<HashMap<SocketAddr, Vec<DataStream>>>,
+    /// Whether blocks can still be sent with `sendfile` (cleared the first time the arena
+    /// turns out not to support it).
+    sendfile: AtomicBool,
     /// Connections this side has opened, for the tests of connection reuse.
     #[cfg(test)]
     opened: std::sync::atomic::AtomicUsize,
@@ -107,6 +119,7 @@ impl TcpTransport {
                 cfg,
                 listen: Mutex::new(None),
                 pool: Mutex::new(HashMap::new()),
+                sendfile: AtomicBool::new(true),
                 #[cfg(test)]
                 opened: std::sync::atomic::AtomicUsize::new(0),
             }),
@@ -255,6 +268,17 @@ impl Inner {
                     .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
             );
             let entry = self.grants.as_ref().and_then(|g| g.get(&grant));
+            if let (Some(e), Some(g)) = (&entry, &self.grants) {
+                if self.sendfile.load(Ordering::Relaxed)
+                    && let [only] = indices[..]
+                    && let Some(((offset, len), data)) = e.placement(only).zip(e.block(only))
+                    && len >= SENDFILE_MIN
+                {
+                    self.send_file(&mut s, g.store().host().arena().fd(), offset, data)
+                        .await?;
+                    continue;
+                }
+            }
             // Several blocks per system call: their headers and payloads as one gather list.
             for group in indices.chunks(WRITE_BATCH) {
                 let mut headers = [[0u8; REPLY_HEADER]; WRITE_BATCH];
@@ -278,6 +302,31 @@ impl Inner {
                 s.write_all_vectored(&mut slices).await?;
             }
         }
+    }
+
+    /// Sends a granted block, `data` at `offset` in the arena `arena`, after its header with
+    /// `sendfile`; falls back to copies for good if the arena cannot be sent so (hugetlbfs, on
+    /// some kernels).
+    async fn send_file(
+        &self,
+        s: &mut DataStream,
+        arena: BorrowedFd<'_>,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let mut header = [0u8; REPLY_HEADER];
+        header[0] = STATUS_OK;
+        header[1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        // Not held back for the payload (MSG_MORE): after a long run of writes that left the
+        // connection corked a one-block answer then waited tens of microseconds.
+        s.write_all(&header).await?;
+        if !s.send_file(arena, offset, data.len()).await? {
+            if self.sendfile.swap(false, Ordering::Relaxed) {
+                tracing::info!("the host arena cannot be sent with sendfile; peers get copies");
+            }
+            s.write_all(data).await?;
+        }
+        Ok(())
     }
 
     async fn connect(&self, peer: SocketAddr, deadline: Instant) -> Result<DataStream, TransportError> {

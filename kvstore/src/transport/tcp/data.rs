@@ -9,9 +9,11 @@
 
 use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use rustix::io::Errno;
+use rustix::net::SendFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -104,7 +106,75 @@ impl DataStream {
 
     /// Writes all of `buf`.
     pub(super) async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.write_all_vectored(&mut [IoSlice::new(buf)]).await
+        self.send_loop(buf.len(), |s, done| {
+            rustix::net::send(s, &buf[done..], SendFlags::NOSIGNAL).map_err(Into::into)
+        })
+        .await
+    }
+
+    /// Sends `len` bytes of `file` from `offset` with `sendfile`: the socket takes references
+    /// to the file's pages instead of a copy of them. `Ok(false)`: this file cannot be sent so
+    /// (nothing was sent).
+    pub(super) async fn send_file(
+        &mut self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<bool> {
+        let mut unsupported = false;
+        let sent = self
+            .send_loop(len, |s, done| {
+                let mut at = offset + done as u64;
+                match rustix::fs::sendfile(s, file, Some(&mut at), len - done) {
+                    Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) if done == 0 => {
+                        unsupported = true;
+                        Ok(len)
+                    }
+                    // The file ended early: it cannot be shorter than the block it holds, so
+                    // this is a broken source, not a transfer to retry.
+                    Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    r => r.map_err(Into::into),
+                }
+            })
+            .await;
+        sent.map(|()| !unsupported)
+    }
+
+    /// Drives `op` (which sends from its second argument, the bytes done so far, on) until
+    /// `total` bytes are out, polling a full send buffer for [`WRITE_SPIN`] before sleeping.
+    async fn send_loop(
+        &mut self,
+        total: usize,
+        mut op: impl FnMut(&TcpStream, usize) -> std::io::Result<usize>,
+    ) -> std::io::Result<()> {
+        let mut done = 0;
+        let mut progress = Instant::now();
+        let mut held_since = progress;
+        while done < total {
+            if held_since.elapsed() >= YIELD_AFTER {
+                tokio::task::yield_now().await;
+                held_since = Instant::now();
+            }
+            match op(&self.0, done) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    done += n;
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if progress.elapsed() < WRITE_SPIN {
+                        std::hint::spin_loop();
+                    } else {
+                        self.wait(Interest::WRITABLE).await?;
+                        progress = Instant::now();
+                        held_since = progress;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Writes every slice, with as few system calls as the kernel allows.

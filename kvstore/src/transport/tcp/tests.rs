@@ -125,6 +125,33 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
     assert_eq!(idle, opened, "every connection went back to the pool");
 }
 
+/// A one-block request of a large block leaves the source with `sendfile` (straight from the
+/// arena's memfd); the bytes are the same, and the source keeps using it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_single_block_is_sent_from_the_arena_file() {
+    let len = 3 * (SENDFILE_MIN as usize) + 5;
+    let (grants, src, _) = source(3, len, None).await;
+    let (dst, t) = puller(None, 2);
+    let endpoint = src.endpoint(None);
+    for i in 0..3 {
+        let keys = [key(i)];
+        let grant = grants.grant(&keys).unwrap();
+        let pulled = pull(&dst, &t, &endpoint, &grant, &keys).await;
+        let [p] = &pulled[..] else {
+            panic!("{} results", pulled.len())
+        };
+        assert_eq!(p.result, Ok(()));
+        let mut slot = pulled.into_iter().next().unwrap().slot;
+        assert_eq!(dst.host().reserved_mut(&mut slot), &payload(i, len)[..]);
+        dst.abort(slot);
+        assert!(grants.release(&grant.id));
+    }
+    assert!(
+        src.inner.sendfile.load(Ordering::Relaxed),
+        "the arena could be sent with sendfile"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_or_missing_secret_is_refused() {
     let (grants, src, _) = source(2, 4096, Some(b"right")).await;
