@@ -25,6 +25,7 @@ use self::data::DataStream;
 use super::auth::{MAC_LEN, Secret, random_nonce};
 use super::grants::{GrantId, Grants, MAX_GRANT_BLOCKS};
 use super::{BoxFuture, PullItem, Pulled, Transport, TransportError, TransportKind, fail_all};
+use crate::block::ChecksumStream;
 use crate::store::TieredStore;
 
 const MAGIC: [u8; 4] = *b"KVTD";
@@ -41,6 +42,9 @@ const WRITE_BATCH: usize = 64;
 /// the one before, and the puller reading the source's cold pages (what `sendfile` leaves it)
 /// measured 10–30 % slower than reading the source's fresh copies.
 const SENDFILE_MIN: u64 = 256 << 10;
+/// Bytes of a block received before they are checksummed: small enough to be checksummed from
+/// the core's own cache, large enough that a read brings many segments at once.
+const HASH_PIECE: usize = 256 << 10;
 /// Bytes below which a pull is not spread over another stream.
 const MIN_STREAM_BYTES: u64 = 1 << 20;
 
@@ -476,12 +480,23 @@ impl Inner {
                     let dst = self.store.host().reserved_mut(&mut item.slot);
                     let mut next = [0u8; REPLY_HEADER];
                     let next_len = if n < last { REPLY_HEADER } else { 0 };
-                    have = s
-                        .read_with_next(dst, &mut next[..next_len], PULL_SPIN)
-                        .await
-                        .map_err(io)?;
+                    // Checksummed piece by piece as the pieces land, while each is still in
+                    // the cache the copy left it in.
+                    let mut sum = ChecksumStream::default();
+                    let mut pieces = dst.chunks_mut(HASH_PIECE).peekable();
+                    while let Some(piece) = pieces.next() {
+                        if pieces.peek().is_some() {
+                            s.read_exact(piece, PULL_SPIN).await.map_err(io)?;
+                        } else {
+                            have = s
+                                .read_with_next(piece, &mut next[..next_len], PULL_SPIN)
+                                .await
+                                .map_err(io)?;
+                        }
+                        sum.update(piece);
+                    }
                     header[..have].copy_from_slice(&next[..have]);
-                    *done = Some(if super::verify(&self.store, &mut item.slot, item.checksum) {
+                    *done = Some(if sum.finish() == item.checksum {
                         Ok(())
                     } else {
                         Err(TransportError::Checksum {
