@@ -254,6 +254,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
         }
     }
     let mut rows = Vec::new();
+    let mut peers = Peers::default();
     let mut tag = 0;
     for &kib in &args.block_kib {
         for &batch in &args.batches {
@@ -297,33 +298,23 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 rows.push(row);
             }
             source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
+            if !args.no_peers {
+                // The peers measure each configuration right after kvtier: this machine's speed
+                // drifts over minutes, and a whole matrix per system would compare different
+                // minutes.
+                let cell = TransferArgs {
+                    block_kib: vec![kib],
+                    batches: vec![batch],
+                    ..args.clone()
+                };
+                rows.extend(peers.run(&cell));
+            }
         }
     }
     // The pulling transports go before the source they pull from.
     drop(planes);
     drop(source);
-    let mut peers = serde_json::Map::new();
-    if !args.no_peers {
-        for (name, venv, script) in [
-            (
-                "mooncake",
-                "target/venv-mooncake",
-                "benches/peers/mooncake_bench.py",
-            ),
-            ("nixl", "target/venv-nixl", "benches/peers/nixl_bench.py"),
-        ] {
-            match run_peer(name, Path::new(venv), Path::new(script), args) {
-                Ok((record, peer_rows)) => {
-                    rows.extend(peer_rows);
-                    peers.insert(name.into(), record);
-                }
-                Err(e) => {
-                    eprintln!("{name}: skipped ({e:#})");
-                    peers.insert(name.into(), serde_json::json!({ "skipped": format!("{e:#}") }));
-                }
-            }
-        }
-    }
+    let peers = peers.records;
     print_table(&rows, args);
     let all_verified = rows.iter().all(|r| r.verified);
     if let Some(path) = &args.json {
@@ -637,6 +628,57 @@ fn unhex(text: &str) -> Result<Vec<u8>> {
 }
 
 /// Runs a peer's benchmark script with the same matrix; its JSON record and rows.
+/// The peer systems measured next to kvtier, and what each reported so far.
+#[derive(Default)]
+struct Peers {
+    /// Per peer: its first report, with the results of every later run appended, or why it
+    /// was skipped.
+    records: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Peers {
+    const ALL: [(&'static str, &'static str, &'static str); 2] = [
+        (
+            "mooncake",
+            "target/venv-mooncake",
+            "benches/peers/mooncake_bench.py",
+        ),
+        ("nixl", "target/venv-nixl", "benches/peers/nixl_bench.py"),
+    ];
+
+    /// Runs every peer not yet skipped on the configurations of `args`; their rows.
+    fn run(&mut self, args: &TransferArgs) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (name, venv, script) in Self::ALL {
+            if self.records.get(name).is_some_and(|r| r.get("skipped").is_some()) {
+                continue;
+            }
+            match run_peer(name, Path::new(venv), Path::new(script), args) {
+                Ok((record, peer_rows)) => {
+                    rows.extend(peer_rows);
+                    match self.records.get_mut(name) {
+                        Some(first) => {
+                            let more = record["results"].as_array().cloned().unwrap_or_default();
+                            if let Some(results) = first["results"].as_array_mut() {
+                                results.extend(more);
+                            }
+                        }
+                        None => {
+                            self.records.insert(name.into(), record);
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{name}: skipped ({e:#})");
+                    self.records
+                        .insert(name.into(), serde_json::json!({ "skipped": format!("{e:#}") }));
+                }
+            }
+        }
+        rows
+    }
+}
+
 fn run_peer(
     name: &str,
     venv: &Path,
