@@ -71,42 +71,21 @@ impl DataStream {
         b: &mut [u8],
         spin: Duration,
     ) -> std::io::Result<usize> {
-        let mut progress = Instant::now();
-        let mut held_since = progress;
-        let (mut got_a, mut got_b) = (0, 0);
-        while got_a < a.len() {
-            if held_since.elapsed() >= YIELD_AFTER {
-                tokio::task::yield_now().await;
-                held_since = Instant::now();
-            }
-            let want_a = a.len() - got_a;
+        let mut got_b = 0;
+        let want = a.len();
+        self.drive(want, Interest::READABLE, spin, |mut s, got_a| {
             let mut bufs = [IoSliceMut::new(&mut a[got_a..]), IoSliceMut::new(&mut b[got_b..])];
-            match self.0.read_vectored(&mut bufs) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    got_a += n.min(want_a);
-                    got_b += n.saturating_sub(want_a);
-                    progress = Instant::now();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if progress.elapsed() < spin {
-                        std::hint::spin_loop();
-                    } else {
-                        self.wait(Interest::READABLE).await?;
-                        progress = Instant::now();
-                        held_since = progress;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+            let n = s.read_vectored(&mut bufs)?;
+            got_b += n.saturating_sub(want - got_a);
+            Ok(n.min(want - got_a))
+        })
+        .await?;
         Ok(got_b)
     }
 
     /// Writes all of `buf`.
     pub(super) async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.send_loop(buf.len(), |s, done| {
+        self.drive(buf.len(), Interest::WRITABLE, WRITE_SPIN, |s, done| {
             rustix::net::send(s, &buf[done..], SendFlags::NOSIGNAL).map_err(Into::into)
         })
         .await
@@ -123,7 +102,7 @@ impl DataStream {
     ) -> std::io::Result<bool> {
         let mut unsupported = false;
         let sent = self
-            .send_loop(len, |s, done| {
+            .drive(len, Interest::WRITABLE, WRITE_SPIN, |s, done| {
                 let mut at = offset + done as u64;
                 match rustix::fs::sendfile(s, file, Some(&mut at), len - done) {
                     Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) if done == 0 => {
@@ -140,11 +119,15 @@ impl DataStream {
         sent.map(|()| !unsupported)
     }
 
-    /// Drives `op` (which sends from its second argument, the bytes done so far, on) until
-    /// `total` bytes are out, polling a full send buffer for [`WRITE_SPIN`] before sleeping.
-    async fn send_loop(
+    /// Drives `op` until it has moved `total` bytes: `op` reads or writes from its second
+    /// argument (the bytes done so far) on and returns how many it moved. While the socket is
+    /// not ready for `interest` it polls for `spin` without progress, then sleeps until it is.
+    /// Returns `UnexpectedEof` (reading) or `WriteZero` (writing) when `op` moves nothing.
+    async fn drive(
         &mut self,
         total: usize,
+        interest: Interest,
+        spin: Duration,
         mut op: impl FnMut(&TcpStream, usize) -> std::io::Result<usize>,
     ) -> std::io::Result<()> {
         let mut done = 0;
@@ -156,16 +139,19 @@ impl DataStream {
                 held_since = Instant::now();
             }
             match op(&self.0, done) {
+                Ok(0) if interest == Interest::READABLE => {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     done += n;
                     progress = Instant::now();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if progress.elapsed() < WRITE_SPIN {
+                    if progress.elapsed() < spin {
                         std::hint::spin_loop();
                     } else {
-                        self.wait(Interest::WRITABLE).await?;
+                        self.wait(interest).await?;
                         progress = Instant::now();
                         held_since = progress;
                     }
@@ -179,32 +165,13 @@ impl DataStream {
 
     /// Writes every slice, with as few system calls as the kernel allows.
     pub(super) async fn write_all_vectored(&mut self, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-        let mut progress = Instant::now();
-        let mut held_since = progress;
-        while !slices.is_empty() {
-            if held_since.elapsed() >= YIELD_AFTER {
-                tokio::task::yield_now().await;
-                held_since = Instant::now();
-            }
-            match self.0.write_vectored(slices) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    IoSlice::advance_slices(&mut slices, n);
-                    progress = Instant::now();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if progress.elapsed() < WRITE_SPIN {
-                        std::hint::spin_loop();
-                    } else {
-                        self.wait(Interest::WRITABLE).await?;
-                        progress = Instant::now();
-                        held_since = progress;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let total = slices.iter().map(|s| s.len()).sum();
+        let mut advanced = 0;
+        self.drive(total, Interest::WRITABLE, WRITE_SPIN, |mut s, done| {
+            IoSlice::advance_slices(&mut slices, done - advanced);
+            advanced = done;
+            s.write_vectored(slices)
+        })
+        .await
     }
 }
