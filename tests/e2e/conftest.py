@@ -129,6 +129,22 @@ class OpenAIServer:
             out: dict[str, Any] = json.loads(r.read())
         return out
 
+    def greedy(
+        self, ids: list[int], max_tokens: int = 8, kv_transfer_params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A greedy completion of exactly `max_tokens` tokens of `ids`, with the token ids (and
+        `kv_transfer_params` passed on when given)."""
+        body: dict[str, Any] = {
+            "prompt": ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        if kv_transfer_params is not None:
+            body["kv_transfer_params"] = kv_transfer_params
+        return self.complete(body)
+
     def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples (over its labels) at /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:

@@ -51,16 +51,7 @@ def proxy(prefill: OpenAIServer, decode: OpenAIServer, ids: list[int], max_token
     )
     params = first.get("kv_transfer_params")
     assert params, f"the prefill server returned no kv_transfer_params: {first}"
-    return decode.complete(
-        {
-            "prompt": ids,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-            "kv_transfer_params": params,
-        }
-    )
+    return decode.greedy(ids, max_tokens, kv_transfer_params=params)
 
 
 class Cluster:
@@ -139,9 +130,7 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(cluster: Cluster)
     # A prompt neither server has seen: the decode server has nothing of it cached.
     rng = random.Random(23)
     ids = [rng.randrange(2, 900) for _ in range(PREFIX_TOKENS + 20)]
-    reference = cluster.prefill.complete(
-        {"prompt": ids, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
-    )["choices"][0]["token_ids"]
+    reference = cluster.prefill.greedy(ids)["choices"][0]["token_ids"]
     hits_before = cluster.decode.metric("vllm:external_prefix_cache_hits_total")
     cluster.prefill_agent.kill()
     # The prefill engine cannot save (its agent is gone): it returns no parameters, so ask the
@@ -157,31 +146,13 @@ def test_a_dead_prefill_agent_means_the_decode_engine_computes(cluster: Cluster)
         "remote_agent": cluster.peer,
         "remote_block_hashes": ["ab" * 32] * 6,
     }
-    out = cluster.decode.complete(
-        {
-            "prompt": ids,
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-            "kv_transfer_params": params,
-        }
-    )
+    out = cluster.decode.greedy(ids, kv_transfer_params=params)
     assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") == hits_before
     assert out["choices"][0]["token_ids"] == reference
     assert "from its prefill engine failed, computing" in cluster.decode.log_path.read_text()
     # Malformed parameters from a proxy: that request computes, the engine keeps serving.
     bad = {**params, "remote_block_hashes": ["not hex"], "remote_agent": None, "remote_port": "x"}
-    out = cluster.decode.complete(
-        {
-            "prompt": ids,
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-            "kv_transfer_params": bad,
-        }
-    )
+    out = cluster.decode.greedy(ids, kv_transfer_params=bad)
     assert out["choices"][0]["token_ids"] == reference
     assert "malformed kv_transfer_params" in cluster.decode.log_path.read_text()
 

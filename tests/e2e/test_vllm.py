@@ -133,9 +133,7 @@ def test_the_openai_server_loads_prefixes_from_kvtier(
     try:
         server.wait_ready()
         ids = json.loads(prompts.read_text())[0]
-        out = server.complete(
-            {"prompt": ids, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
-        )
+        out = server.greedy(ids)
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
         assert out["choices"][0]["token_ids"] == baseline[0]
     finally:
