@@ -85,10 +85,9 @@ impl GrantEntry {
         Some(self.store.host().lease_data(lease))
     }
 
-    /// Where block `index` lies in the source's arena, and its length.
-    pub fn placement(&self, index: u32) -> Option<(u64, u64)> {
-        let lease = self.leases.get(index as usize)?;
-        Some((lease.offset(), lease.len()))
+    /// Where block `index` lies in the source's arena.
+    pub fn offset(&self, index: u32) -> Option<u64> {
+        self.leases.get(index as usize).map(Lease::offset)
     }
 
     /// How many blocks the grant holds.

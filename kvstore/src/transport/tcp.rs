@@ -275,8 +275,8 @@ impl Inner {
             if let (Some(e), Some(g)) = (&entry, &self.grants) {
                 if self.sendfile.load(Ordering::Relaxed)
                     && let [only] = indices[..]
-                    && let Some(((offset, len), data)) = e.placement(only).zip(e.block(only))
-                    && len >= SENDFILE_MIN
+                    && let Some((offset, data)) = e.offset(only).zip(e.block(only))
+                    && data.len() as u64 >= SENDFILE_MIN
                 {
                     self.send_file(&mut s, g.store().host().arena().fd(), offset, data)
                         .await?;
