@@ -13,7 +13,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use rustix::net::SendFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -85,10 +84,7 @@ impl DataStream {
 
     /// Writes all of `buf`.
     pub(super) async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.drive(buf.len(), Interest::WRITABLE, WRITE_SPIN, |s, done| {
-            rustix::net::send(s, &buf[done..], SendFlags::NOSIGNAL).map_err(Into::into)
-        })
-        .await
+        self.write_all_vectored(&mut [IoSlice::new(buf)]).await
     }
 
     /// Sends `len` bytes of `file` from `offset` with `sendfile`: the socket takes references
