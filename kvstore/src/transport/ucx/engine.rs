@@ -525,6 +525,18 @@ impl Engine {
         check("reading the UCX configuration", unsafe {
             sys::ucp_config_read(std::ptr::null(), std::ptr::null(), &mut config)
         })?;
+        // One setting into `config`; why not, if UCX refuses it.
+        let modify = |name: &str, value: &str| -> Result<(), String> {
+            let (Ok(n), Ok(v)) = (CString::new(name), CString::new(value)) else {
+                return Err("contains a NUL byte".into());
+            };
+            // SAFETY: `config` is the live handle read above; both strings are NUL-terminated
+            // and outlive the call (UCX copies the value).
+            match unsafe { sys::ucp_config_modify(config, n.as_ptr(), v.as_ptr()) } {
+                sys::UCS_OK => Ok(()),
+                status => Err(status_text(status)),
+            }
+        };
         let mut settings: Vec<(String, String)> = Vec::new();
         if let Some(tls) = &self.cfg.tls {
             settings.push(("TLS".into(), tls.clone()));
@@ -535,14 +547,10 @@ impl Engine {
         // at all keeps its default.
         if let Some(size) = self.cfg.tcp_segment.filter(|_| !self.no_peer_errors) {
             for name in ["TX_SEG_SIZE", "RX_SEG_SIZE"] {
-                let value = CString::new(size.to_string()).expect("digits");
-                let taken = [name.to_owned(), format!("TCP_{name}")].iter().any(|n| {
-                    let n = CString::new(n.as_str()).expect("no NUL in a setting name");
-                    // SAFETY: `config` is the live handle read above; both strings are
-                    // NUL-terminated and outlive the call (UCX copies the value).
-                    let status = unsafe { sys::ucp_config_modify(config, n.as_ptr(), value.as_ptr()) };
-                    status == sys::UCS_OK
-                });
+                let value = size.to_string();
+                let taken = [name.to_owned(), format!("TCP_{name}")]
+                    .iter()
+                    .any(|n| modify(n, &value).is_ok());
                 if !taken {
                     tracing::debug!(
                         setting = name,
@@ -554,20 +562,8 @@ impl Engine {
         settings.extend(self.cfg.settings.iter().cloned());
         let mut result = Ok(());
         for (name, value) in &settings {
-            let (Ok(n), Ok(v)) = (CString::new(name.as_str()), CString::new(value.as_str())) else {
-                result = Err(unavailable(format!(
-                    "UCX setting {name}={value:?} contains a NUL byte"
-                )));
-                break;
-            };
-            // SAFETY: `config` is the live handle read above; both strings are NUL-terminated
-            // and outlive the call (UCX copies the value).
-            let status = unsafe { sys::ucp_config_modify(config, n.as_ptr(), v.as_ptr()) };
-            if status != sys::UCS_OK {
-                result = Err(unavailable(format!(
-                    "UCX setting {name}={value}: {}",
-                    status_text(status)
-                )));
+            if let Err(reason) = modify(name, value) {
+                result = Err(unavailable(format!("UCX setting {name}={value:?}: {reason}")));
                 break;
             }
         }
