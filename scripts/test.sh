@@ -15,6 +15,7 @@ echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of "
 apt_install fio util-linux gcc redis-server iproute2 pkg-config libclang-dev libucx-dev \
   libibverbs-dev librdmacm-dev
 ensure_rust_components
+ensure_weed
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -103,6 +103,7 @@ fn store(case: &Case) -> Result<TieredStore> {
             ..HostTierConfig::new(capacity)
         },
         disk: None,
+        object: None,
     })
     .context("creating the host arena")
 }

@@ -421,7 +421,11 @@ async fn measure(
 fn open_store(arena: u64) -> Result<TieredStore> {
     let mut host = HostTierConfig::new(arena);
     host.slab_size = 64 << 20;
-    Ok(TieredStore::open(StoreConfig { host, disk: None })?)
+    Ok(TieredStore::open(StoreConfig {
+        host,
+        disk: None,
+        object: None,
+    })?)
 }
 
 /// The source child process and its control pipe.

@@ -26,6 +26,9 @@
 // Held by another node's agent, as the cluster index says (lookup only: acquiring pulls it).
 #define KVTIER_TIER_PEER 3
 
+// Found in the object store (S3) that agents share (promoted to the arena to be read).
+#define KVTIER_TIER_OBJECT 4
+
 // Per-block outcome of a save.
 #define KVTIER_SAVE_STORED 0
 

@@ -63,6 +63,8 @@ pub const KVTIER_TIER_HOST: u8 = 1;
 pub const KVTIER_TIER_DISK: u8 = 2;
 /// Held by another node's agent, as the cluster index says (lookup only: acquiring pulls it).
 pub const KVTIER_TIER_PEER: u8 = 3;
+/// Found in the object store (S3) that agents share (promoted to the arena to be read).
+pub const KVTIER_TIER_OBJECT: u8 = 4;
 
 /// Per-block outcome of a save.
 pub const KVTIER_SAVE_STORED: u8 = 0;
@@ -284,6 +286,7 @@ fn tier_code(t: Option<TierLevel>) -> u8 {
         None => KVTIER_TIER_MISS,
         Some(TierLevel::Host) => KVTIER_TIER_HOST,
         Some(TierLevel::Peer) => KVTIER_TIER_PEER,
+        Some(TierLevel::Object) => KVTIER_TIER_OBJECT,
         // Disk, and any lower tier a newer library adds: below the arena, promoted to read.
         Some(_) => KVTIER_TIER_DISK,
     }

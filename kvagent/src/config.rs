@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytesize::ByteSize;
@@ -57,6 +58,199 @@ pub struct NodeConfig {
     pub peer: PeerSection,
     /// Pulling prefixes other nodes' agents hold.
     pub reuse: ReuseSection,
+    /// The object-store (S3) tier shared between nodes.
+    pub object: ObjectSection,
+}
+
+/// `[object]`: the S3-compatible object tier, below disk (or below host when there is no disk
+/// tier). Agents with the same `url` share blocks through it. See `docs/object-store.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectSection {
+    /// Whether the tier exists (off by default: it needs a bucket).
+    pub enabled: bool,
+    /// `s3://bucket/prefix` (also `file:///dir` for a shared file system).
+    pub url: String,
+    /// Endpoint of an S3-compatible store (`http://minio:9000`); empty: `AWS_ENDPOINT`, else AWS.
+    pub endpoint: String,
+    /// Region; empty: `AWS_REGION`/`AWS_DEFAULT_REGION`, the profile's, else `us-east-1`.
+    pub region: String,
+    /// Allows plain HTTP; unset: allowed when `endpoint` starts with `http://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_http: Option<bool>,
+    /// Virtual-hosted-style requests (`bucket.host`) instead of path style.
+    pub virtual_hosted_style: bool,
+    /// Access key; empty: `AWS_ACCESS_KEY_ID`, the credentials file, or the pod's role (web
+    /// identity, EKS pod identity, instance metadata).
+    pub access_key_id: String,
+    /// Secret key (prefer `secret_access_key_file` or `AWS_SECRET_ACCESS_KEY`). Hidden by
+    /// `--print-config`.
+    pub secret_access_key: String,
+    /// File holding the secret key (a mounted Kubernetes Secret).
+    pub secret_access_key_file: PathBuf,
+    /// Session token of temporary credentials.
+    pub session_token: String,
+    /// Profile of the AWS credentials file; empty: `AWS_PROFILE`, else `default`.
+    pub profile: String,
+    /// Writes index objects with `If-None-Match: *` (off for stores without conditional puts).
+    pub conditional_put: bool,
+    /// Blocks are packed into objects of about this size.
+    pub target_object_size: ByteSize,
+    /// Part size of multipart uploads (at least 5 MiB).
+    pub part_size: ByteSize,
+    /// A partly filled object is uploaded after this many milliseconds.
+    pub flush_interval_ms: u32,
+    /// Bytes waiting for upload beyond which new blocks are not stored there.
+    pub max_pending: ByteSize,
+    /// Uploads in flight (1–64).
+    pub upload_concurrency: u32,
+    /// Reads in flight (1–64).
+    pub read_concurrency: u32,
+    /// TCP connect timeout, in milliseconds.
+    pub connect_timeout_ms: u32,
+    /// Longest a read may take, in milliseconds (also bounded by the engine call's deadline).
+    pub read_timeout_ms: u32,
+    /// Longest one upload request may take, in milliseconds.
+    pub request_timeout_ms: u32,
+    /// Retries of a failed upload request.
+    pub max_retries: u32,
+    /// First retry delay, in milliseconds (doubling).
+    pub retry_backoff_ms: u32,
+    /// Longest retry delay, in milliseconds.
+    pub retry_max_backoff_ms: u32,
+    /// An upload gives up after this many milliseconds of retrying.
+    pub retry_timeout_ms: u32,
+    /// Write-through: blocks committed in a batch of at least this many blocks (a prompt's
+    /// prefix saved at once) are also written to the object tier at once, so other nodes can
+    /// reuse them before they are evicted here. 0: off (blocks arrive only by demotion).
+    pub write_through_min_blocks: u32,
+    /// How often other agents' blocks are learned from the bucket, in milliseconds; 0: never.
+    pub sync_interval_ms: u32,
+    /// How long the first lookup of a model waits for that first sync, in milliseconds.
+    pub lookup_sync_wait_ms: u32,
+    /// Most blocks remembered (own and other agents'), about 100 bytes each.
+    pub max_catalog_blocks: u64,
+    /// Threads of the tier's I/O runtime.
+    pub threads: u32,
+}
+
+impl Default for ObjectSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            allow_http: None,
+            virtual_hosted_style: false,
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            secret_access_key_file: PathBuf::new(),
+            session_token: String::new(),
+            profile: String::new(),
+            conditional_put: true,
+            target_object_size: ByteSize::mib(32),
+            part_size: ByteSize::mib(16),
+            flush_interval_ms: 1000,
+            max_pending: ByteSize::mib(512),
+            upload_concurrency: 4,
+            read_concurrency: 16,
+            connect_timeout_ms: 1000,
+            read_timeout_ms: 2000,
+            request_timeout_ms: 30_000,
+            max_retries: 3,
+            retry_backoff_ms: 100,
+            retry_max_backoff_ms: 5000,
+            retry_timeout_ms: 30_000,
+            write_through_min_blocks: 0,
+            sync_interval_ms: 2000,
+            lookup_sync_wait_ms: 500,
+            max_catalog_blocks: 4_000_000,
+            threads: 2,
+        }
+    }
+}
+
+impl ObjectSection {
+    /// The tier's settings; reads `secret_access_key_file`.
+    pub fn tier_config(&self) -> anyhow::Result<kvstore::ObjectTierConfig> {
+        let ms = |v: u32| Duration::from_millis(u64::from(v));
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let mut c = kvstore::ObjectTierConfig::new(self.url.clone());
+        c.endpoint = nonempty(&self.endpoint);
+        c.region = nonempty(&self.region);
+        c.allow_http = self.allow_http;
+        c.virtual_hosted_style = self.virtual_hosted_style;
+        c.profile = nonempty(&self.profile);
+        let secret = if self.secret_access_key_file.as_os_str().is_empty() {
+            self.secret_access_key.clone()
+        } else {
+            std::fs::read_to_string(&self.secret_access_key_file)
+                .with_context(|| {
+                    format!(
+                        "reading `object.secret_access_key_file` {}",
+                        self.secret_access_key_file.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        };
+        if !self.access_key_id.is_empty() {
+            if secret.is_empty() {
+                bail!(
+                    "invalid configuration `object.access_key_id`: set without `object.secret_access_key(_file)`"
+                );
+            }
+            c.credentials = Some(kvstore::object::ObjectCredentials {
+                access_key_id: self.access_key_id.clone(),
+                secret_access_key: secret,
+                session_token: nonempty(&self.session_token),
+            });
+        }
+        c.conditional_put = self.conditional_put;
+        c.target_object_size = self.target_object_size.as_u64();
+        c.part_size = self.part_size.as_u64();
+        c.flush_interval = ms(self.flush_interval_ms);
+        c.max_pending = self.max_pending.as_u64();
+        c.upload_concurrency = self.upload_concurrency as usize;
+        c.read_concurrency = self.read_concurrency as usize;
+        c.connect_timeout = ms(self.connect_timeout_ms);
+        c.read_timeout = ms(self.read_timeout_ms);
+        c.request_timeout = ms(self.request_timeout_ms);
+        c.max_retries = self.max_retries as usize;
+        c.retry_backoff = ms(self.retry_backoff_ms);
+        c.retry_max_backoff = ms(self.retry_max_backoff_ms);
+        c.retry_timeout = ms(self.retry_timeout_ms);
+        c.sync_interval = ms(self.sync_interval_ms);
+        c.lookup_sync_wait = ms(self.lookup_sync_wait_ms);
+        c.max_catalog_blocks = usize::try_from(self.max_catalog_blocks).unwrap_or(usize::MAX);
+        c.threads = self.threads as usize;
+        Ok(c)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.url.is_empty() {
+            bail!(
+                "invalid configuration `object.url`: the object tier is enabled but has no url (s3://bucket/prefix)"
+            );
+        }
+        if self.endpoint.starts_with("http://") && self.allow_http == Some(false) {
+            bail!(
+                "invalid configuration `object.endpoint`: {:?} is plain HTTP but `object.allow_http` is false",
+                self.endpoint
+            );
+        }
+        if self.read_timeout_ms == 0 || self.request_timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            bail!("invalid configuration `object.*_timeout_ms`: must be at least 1");
+        }
+        // The tier's own checks (URL, part size, concurrency), with the key in the message.
+        let mut probe = self.tier_config()?;
+        probe.credentials = None;
+        probe.validate().map_err(anyhow::Error::from)
+    }
 }
 
 /// `[reuse]`: cross-node reuse. When a lookup's local prefix stops short and the cluster index
@@ -477,6 +671,7 @@ impl Default for NodeConfig {
             publish: PublishSection::default(),
             peer: PeerSection::default(),
             reuse: ReuseSection::default(),
+            object: ObjectSection::default(),
         }
     }
 }
@@ -564,6 +759,15 @@ pub struct NodeFlags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub peer_secret_file: Option<PathBuf>,
+    /// Enables the object tier at this URL, e.g. s3://bucket/kvtier (`object.enabled`,
+    /// `object.url`).
+    #[arg(long, value_name = "URL")]
+    #[serde(skip)]
+    pub object_url: Option<String>,
+    /// Endpoint of an S3-compatible store, e.g. http://minio:9000 (`object.endpoint`).
+    #[arg(long, value_name = "URL")]
+    #[serde(skip)]
+    pub object_endpoint: Option<String>,
 }
 
 impl NodeFlags {
@@ -602,6 +806,17 @@ impl NodeFlags {
         }
         if !peer.is_empty() {
             dict.insert("peer".into(), peer.into());
+        }
+        let mut object = figment::value::Dict::new();
+        if let Some(u) = &self.object_url {
+            object.insert("enabled".into(), true.into());
+            object.insert("url".into(), u.clone().into());
+        }
+        if let Some(e) = &self.object_endpoint {
+            object.insert("endpoint".into(), e.clone().into());
+        }
+        if !object.is_empty() {
+            dict.insert("object".into(), object.into());
         }
         if !host.is_empty() {
             dict.insert("host".into(), host.into());
@@ -735,6 +950,7 @@ impl NodeConfig {
             }
         }
         self.peer.validate()?;
+        self.object.validate()?;
         if self.reuse.min_blocks == 0 || self.reuse.block_tokens == 0 || self.reuse.prefill_tokens_per_s == 0
         {
             bail!(
@@ -779,8 +995,8 @@ impl NodeConfig {
         }
     }
 
-    /// The store settings this configuration describes.
-    pub fn store_config(&self) -> kvstore::StoreConfig {
+    /// The store settings this configuration describes (reads the object tier's secret file).
+    pub fn store_config(&self) -> anyhow::Result<kvstore::StoreConfig> {
         let mut host = kvstore::HostTierConfig::new(self.host.size.as_u64());
         host.slab_size = self.host.slab_size.as_u64();
         host.preallocate = self.host.preallocate;
@@ -802,7 +1018,12 @@ impl NodeConfig {
             };
             d
         });
-        kvstore::StoreConfig { host, disk }
+        let object = self
+            .object
+            .enabled
+            .then(|| self.object.tier_config())
+            .transpose()?;
+        Ok(kvstore::StoreConfig { host, disk, object })
     }
 
     /// The configuration as TOML, as `--print-config` shows it.
@@ -810,6 +1031,9 @@ impl NodeConfig {
         let mut shown = self.clone();
         if !shown.peer.secret.is_empty() {
             shown.peer.secret = "***".into();
+        }
+        if !shown.object.secret_access_key.is_empty() {
+            shown.object.secret_access_key = "***".into();
         }
         toml::to_string_pretty(&shown).context("encoding the configuration as TOML")
     }

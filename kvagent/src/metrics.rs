@@ -62,6 +62,10 @@ pub struct Metrics {
     pub peer_blocks: Family<PeerLabel, Counter>,
     /// Bytes moved between agents, by direction.
     pub peer_bytes: Family<PeerLabel, Counter>,
+    /// Blocks written through to the object tier at commit.
+    pub write_through_blocks: Counter,
+    /// Blocks not written through because the queue was full.
+    pub write_through_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +86,8 @@ impl Metrics {
             connections: Counter::default(),
             peer_blocks: Family::default(),
             peer_bytes: Family::default(),
+            write_through_blocks: Counter::default(),
+            write_through_dropped: Counter::default(),
         });
         let mut reg = Registry::with_prefix("kvtier");
         reg.register(
@@ -118,6 +124,16 @@ impl Metrics {
             "peer_bytes",
             "Bytes granted to other agents (served) and pulled from them",
             m.peer_bytes.clone(),
+        );
+        reg.register(
+            "object_write_through_blocks",
+            "Blocks written through to the object tier when committed",
+            m.write_through_blocks.clone(),
+        );
+        reg.register(
+            "object_write_through_dropped",
+            "Blocks not written through because the write-through queue was full",
+            m.write_through_dropped.clone(),
         );
         reg.register_collector(Box::new(TierCollector { store }));
         (m, reg)
@@ -222,6 +238,7 @@ impl Collector for TierCollector {
         let stats = self.store.stats();
         let tiers: Vec<(&'static str, TierStats)> = std::iter::once(("host", stats.host))
             .chain(stats.disk.map(|d| ("disk", d)))
+            .chain(stats.object.map(|o| ("object", o)))
             .collect();
         for (name, help, get) in COUNTERS {
             let mut family = encoder.encode_descriptor(
@@ -244,6 +261,80 @@ impl Collector for TierCollector {
                 ConstGauge::new(v).encode(family.encode_family(&label)?)?;
             }
         }
+        if let Some(object) = self.store.object() {
+            encode_object(&mut encoder, &object.detail())?;
+        }
         Ok(())
     }
+}
+
+/// Label of object-tier failures.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The object tier's own metrics (beyond the common tier counters).
+fn encode_object(
+    encoder: &mut DescriptorEncoder,
+    d: &kvstore::object::ObjectStats,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    let mut family = encoder.encode_descriptor(
+        "object_failures",
+        "Failed object-store requests, by reason (each a miss or a block not stored)",
+        None,
+        MetricType::Counter,
+    )?;
+    for f in kvstore::object::Failure::ALL {
+        let label = ReasonLabel { reason: f.as_str() };
+        ConstCounter::new(d.failures_of(f)).encode(family.encode_family(&label)?)?;
+    }
+    let counters = [
+        (
+            "object_segments_uploaded",
+            "Segment objects uploaded with their index",
+            d.segments_uploaded,
+        ),
+        (
+            "object_uploaded_bytes",
+            "Bytes of segment objects uploaded",
+            d.bytes_uploaded,
+        ),
+        (
+            "object_indexes_read",
+            "Index objects of other agents read",
+            d.indexes_read,
+        ),
+    ];
+    for (name, help, v) in counters {
+        ConstCounter::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+    }
+    let gauges = [
+        (
+            "object_pending_bytes",
+            "Bytes waiting in memory for upload",
+            d.pending_bytes,
+        ),
+        (
+            "object_pending_blocks",
+            "Blocks waiting in memory for upload",
+            d.pending_blocks,
+        ),
+        (
+            "object_remote_blocks",
+            "Blocks known from other agents' uploads",
+            d.remote_blocks,
+        ),
+        (
+            "object_degraded",
+            "1 while the tier pauses after repeated outages",
+            u64::from(d.degraded),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let v = i64::try_from(v).unwrap_or(i64::MAX);
+        ConstGauge::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+    }
+    Ok(())
 }

@@ -73,6 +73,7 @@ fn lookup_prefix(c: &mut Criterion) {
             ..HostTierConfig::new(64 << 20)
         },
         disk: None,
+        object: None,
     })
     .expect("store");
     let ks = keys(512);

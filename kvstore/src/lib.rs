@@ -2,9 +2,10 @@
 //!
 //! Blocks are addressed by [`BlockKey`] = ([`Namespace`], [`BlockHash`]) and kept in tiers:
 //! a shared host-memory arena ([`host::HostTier`]) that engine processes can map, and local disk
-//! slab files ([`disk::DiskTier`]) written with io_uring and O_DIRECT. [`TieredStore`] composes
-//! them: LRU per tier, eviction from host demotes to disk, a disk hit promotes back to host, and
-//! pinned blocks are never evicted. A cache may always decline: when space runs out a block is
+//! slab files ([`disk::DiskTier`]) written with io_uring and O_DIRECT, and an S3-compatible
+//! object store ([`object::ObjectTier`]) shared between nodes. [`TieredStore`] composes them:
+//! LRU per tier, eviction demotes to the next tier down, a hit in a lower tier promotes back to
+//! host, and pinned blocks are never evicted. A cache may always decline: when space runs out a block is
 //! "not stored", never an error for the engine.
 //!
 //! ```
@@ -13,6 +14,7 @@
 //! let store = TieredStore::open(StoreConfig {
 //!     host: HostTierConfig::new(64 << 20),
 //!     disk: None,
+//!     object: None,
 //! })?;
 //! let ns = Namespace::builder("my-model").kv_dtype("bfloat16").block_size(16).build();
 //! let key = BlockKey::new(ns, BlockHash::new(b"block-0")?);
@@ -31,6 +33,7 @@ pub mod error;
 pub mod host;
 pub mod index;
 pub mod key;
+pub mod object;
 pub mod outcome;
 pub mod pages;
 mod slots;
@@ -45,6 +48,7 @@ pub use disk::{DiskTier, DiskTierConfig, IoEngineChoice};
 pub use error::{Error, KeyError, Result};
 pub use host::{HostTier, HostTierConfig, Lease, Reservation};
 pub use key::{BlockHash, BlockKey, Namespace, NamespaceBuilder};
+pub use object::{ObjectTier, ObjectTierConfig};
 pub use outcome::{NotStoredReason, PutOutcome};
 pub use stats::{TierLevel, TierStats};
 pub use store::{PrefixMatch, StoreConfig, StoreStats, TieredStore};

@@ -10,6 +10,8 @@ pub enum TierLevel {
     Host,
     /// Local disk (NVMe) slab files.
     Disk,
+    /// The object store (S3), shared by the agents that name the same bucket and prefix.
+    Object,
     /// Another node's agent, as the cluster index reports it: only `lookup` answers this (to
     /// protocol 3 clients), and acquiring such a block pulls it first.
     Peer,
@@ -21,6 +23,7 @@ impl TierLevel {
         match self {
             Self::Host => "host",
             Self::Disk => "disk",
+            Self::Object => "object",
             Self::Peer => "peer",
         }
     }

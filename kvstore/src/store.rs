@@ -1,11 +1,14 @@
-//! The cascade: host arena over disk, with demotion on eviction and promotion on a disk hit.
+//! The cascade: host arena over disk over the object store, with demotion on eviction and
+//! promotion on a hit below the host.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use crate::disk::{DiskTier, DiskTierConfig};
 use crate::error::{Error, Result};
 use crate::host::{HostTier, HostTierConfig, Lease, Reservation, Reserve};
 use crate::key::BlockKey;
+use crate::object::{ObjectTier, ObjectTierConfig};
 use crate::outcome::{NotStoredReason, PutOutcome};
 use crate::stats::{TierLevel, TierStats};
 
@@ -17,8 +20,11 @@ const EVICTION_ROUNDS: usize = 8;
 pub struct StoreConfig {
     /// The host arena tier (always present).
     pub host: HostTierConfig,
-    /// The disk tier; `None` disables it (host evictions are then dropped).
+    /// The disk tier; `None` disables it (host evictions then go to the object tier, or are
+    /// dropped).
     pub disk: Option<DiskTierConfig>,
+    /// The object-store tier; `None` disables it (disk evictions are then dropped).
+    pub object: Option<ObjectTierConfig>,
 }
 
 /// Where a requested block was found.
@@ -53,6 +59,8 @@ pub struct StoreStats {
     pub host: TierStats,
     /// The disk tier, when enabled.
     pub disk: Option<TierStats>,
+    /// The object tier, when enabled.
+    pub object: Option<TierStats>,
 }
 
 /// The tiered block store. Share it between threads (`Arc<TieredStore>`); every method takes
@@ -61,14 +69,29 @@ pub struct StoreStats {
 pub struct TieredStore {
     host: HostTier,
     disk: Option<DiskTier>,
+    object: Option<ObjectTier>,
+    /// How long an acquire without a deadline may wait for the object store.
+    object_wait: Duration,
+    /// How long [`Self::flush`] waits for uploads.
+    object_flush: Duration,
 }
 
 impl TieredStore {
-    /// Creates the arena and opens (recovers) the disk tier.
+    /// Creates the arena, opens (recovers) the disk tier and starts the object tier.
     pub fn open(cfg: StoreConfig) -> Result<Self> {
         let host = HostTier::new(&cfg.host)?;
         let disk = cfg.disk.map(DiskTier::open).transpose()?;
-        Ok(Self { host, disk })
+        let (object_wait, object_flush) = cfg.object.as_ref().map_or((Duration::ZERO, Duration::ZERO), |o| {
+            (o.read_timeout, o.retry_timeout)
+        });
+        let object = cfg.object.map(ObjectTier::open).transpose()?;
+        Ok(Self {
+            host,
+            disk,
+            object,
+            object_wait,
+            object_flush,
+        })
     }
 
     /// The host tier (arena access for zero-copy callers).
@@ -79,6 +102,36 @@ impl TieredStore {
     /// The disk tier, when enabled.
     pub fn disk(&self) -> Option<&DiskTier> {
         self.disk.as_ref()
+    }
+
+    /// The object tier, when enabled.
+    pub fn object(&self) -> Option<&ObjectTier> {
+        self.object.as_ref()
+    }
+
+    /// Whether evicting from host has somewhere to demote to.
+    fn has_lower_tier(&self) -> bool {
+        self.disk.is_some() || self.object.is_some()
+    }
+
+    /// Writes blocks to disk, first demoting to the object tier the disk blocks that must
+    /// leave to make room (the disk would otherwise drop them).
+    fn disk_put(&self, disk: &DiskTier, batch: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
+        if let Some(object) = &self.object {
+            let lens: Vec<u64> = batch.iter().map(|(_, d)| d.len() as u64).collect();
+            let victims = disk.take_victims(&lens);
+            if !victims.is_empty() {
+                let present = object.contains_many(&victims);
+                let mut demoted = 0;
+                disk.read_held(&victims, |j, payload| {
+                    if !present[j] && object.put_batch(&[(victims[j], payload)])[0] == PutOutcome::Stored {
+                        demoted += 1;
+                    }
+                });
+                disk.evict_held(&victims, demoted);
+            }
+        }
+        disk.put_batch(batch)
     }
 
     /// Stores one block; see [`Self::put_batch`].
@@ -102,7 +155,7 @@ impl TieredStore {
                     written.push(res);
                     out.push(PutOutcome::Stored);
                 }
-                Err(PutOutcome::NotStored(reason)) if self.disk.is_some() => {
+                Err(PutOutcome::NotStored(reason)) if self.has_lower_tier() => {
                     to_disk.push(i);
                     out.push(PutOutcome::NotStored(reason));
                 }
@@ -115,9 +168,14 @@ impl TieredStore {
             }
         }
         self.host.commit_many(written);
-        if let (Some(disk), false) = (&self.disk, to_disk.is_empty()) {
+        if !to_disk.is_empty() {
             let batch: Vec<_> = to_disk.iter().map(|&i| items[i]).collect();
-            for (&i, o) in to_disk.iter().zip(disk.put_batch(&batch)) {
+            let outcomes = match (&self.disk, &self.object) {
+                (Some(disk), _) => self.disk_put(disk, &batch),
+                (None, Some(object)) => object.put_batch(&batch),
+                (None, None) => unreachable!("only collected with a lower tier"),
+            };
+            for (&i, o) in to_disk.iter().zip(outcomes) {
                 out[i] = o;
             }
         }
@@ -137,9 +195,9 @@ impl TieredStore {
         for _ in 0..EVICTION_ROUNDS {
             let mut full = Vec::new();
             let wanted: Vec<(BlockKey, u64)> = pending.iter().map(|&i| items[i]).collect();
-            // Without a disk tier there is nothing to demote to: evicting is just dropping,
+            // Without a lower tier there is nothing to demote to: evicting is just dropping,
             // done under the same lock.
-            let reserved = self.host.reserve_many(&wanted, self.disk.is_none());
+            let reserved = self.host.reserve_many(&wanted, !self.has_lower_tier());
             for (&i, reserved) in pending.iter().zip(reserved) {
                 out[i] = match reserved {
                     Reserve::Slot(r) => Ok(r),
@@ -169,68 +227,139 @@ impl TieredStore {
         if victims.is_empty() {
             return false;
         }
-        let mut demoted = 0;
-        if let Some(disk) = &self.disk {
-            let present = disk.contains_many(&victims.iter().map(|v| *v.key()).collect::<Vec<_>>());
-            let batch: Vec<(BlockKey, &[u8])> = victims
-                .iter()
-                .zip(present)
-                .filter(|(_, p)| !p)
-                .map(|(v, _)| (*v.key(), self.host.victim_data(v)))
-                .collect();
-            demoted = disk
-                .put_batch(&batch)
-                .iter()
-                .filter(|o| **o == PutOutcome::Stored)
-                .count() as u64;
-        }
+        let keys: Vec<BlockKey> = victims.iter().map(|v| *v.key()).collect();
+        let present = match (&self.disk, &self.object) {
+            (Some(disk), _) => disk.contains_many(&keys),
+            (None, Some(object)) => object.contains_many(&keys),
+            (None, None) => vec![true; keys.len()],
+        };
+        let batch: Vec<(BlockKey, &[u8])> = victims
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(v, _)| (*v.key(), self.host.victim_data(v)))
+            .collect();
+        let outcomes = match (&self.disk, &self.object) {
+            (Some(disk), _) => self.disk_put(disk, &batch),
+            (None, Some(object)) => object.put_batch(&batch),
+            (None, None) => Vec::new(),
+        };
+        let demoted = outcomes.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
         let removed = self.host.free_victims(victims, demoted);
-        if let Some(disk) = &self.disk {
-            // Removed while in flight to disk: the removal wins.
-            for key in &removed {
+        // Removed while in flight to a lower tier: the removal wins.
+        for key in &removed {
+            if let Some(disk) = &self.disk {
                 disk.remove(key);
+            } else if let Some(object) = &self.object {
+                object.remove(key);
             }
         }
         true
     }
 
-    /// Pins blocks in the host arena for zero-copy reading, promoting them from disk first where
-    /// needed. Each `Some` must be given back with [`Self::release`].
+    /// Pins blocks in the host arena for zero-copy reading, promoting them from lower tiers
+    /// first where needed. Each `Some` must be given back with [`Self::release`].
     pub fn acquire_batch(&self, keys: &[BlockKey]) -> Vec<Option<Lease>> {
-        self.acquire_tiered(keys)
+        self.acquire_tiered(keys, None)
             .0
             .into_iter()
             .map(|l| l.map(|(l, _)| l))
             .collect()
     }
 
-    /// [`Self::acquire_batch`], also telling which tier each block came from, plus the indices
-    /// of blocks the disk holds but the host could not take (no slot could be freed).
-    fn acquire_tiered(&self, keys: &[BlockKey]) -> (Vec<Option<(Lease, TierLevel)>>, Vec<usize>) {
+    /// [`Self::acquire_batch`], also telling which tier each block came from, plus the blocks a
+    /// lower tier holds but the host could not take (no slot could be freed), with their tier.
+    /// Object-store reads end at `deadline` (else after the tier's read timeout).
+    #[expect(
+        clippy::type_complexity,
+        reason = "one private helper; a struct would only name the pair"
+    )]
+    fn acquire_tiered(
+        &self,
+        keys: &[BlockKey],
+        deadline: Option<Instant>,
+    ) -> (Vec<Option<(Lease, TierLevel)>>, Vec<(usize, TierLevel)>) {
         let mut out: Vec<Option<(Lease, TierLevel)>> = keys
             .iter()
             .map(|k| self.host.acquire(k).map(|l| (l, TierLevel::Host)))
             .collect();
-        let Some(disk) = &self.disk else {
-            return (out, Vec::new());
-        };
+        let mut direct = Vec::new();
+        if let Some(disk) = &self.disk {
+            // Held (most recently used, not evictable) while host slots are made for them: the
+            // demotions that free those must not evict the very blocks being read.
+            self.promote(
+                keys,
+                &mut out,
+                &mut direct,
+                TierLevel::Disk,
+                |missing| disk.hold(missing),
+                |read_keys, sink| disk.get_batch(read_keys, sink),
+                |held| disk.unhold(held),
+            );
+        }
+        if let Some(object) = &self.object {
+            if out.iter().any(Option::is_none) {
+                let deadline = deadline.unwrap_or_else(|| Instant::now() + self.object_wait);
+                let missing_ns: HashSet<_> = keys
+                    .iter()
+                    .zip(&out)
+                    .filter(|(_, l)| l.is_none())
+                    .map(|(k, _)| k.namespace)
+                    .collect();
+                for ns in &missing_ns {
+                    object.sync_namespace(ns);
+                }
+                self.promote(
+                    keys,
+                    &mut out,
+                    &mut direct,
+                    TierLevel::Object,
+                    |missing| object.lens(missing),
+                    |read_keys, sink| object.get_batch(read_keys, deadline, sink),
+                    |_| {},
+                );
+            }
+        }
+        (out, direct)
+    }
+
+    /// One promotion step of [`Self::acquire_tiered`]: the keys still missing that `lens` finds
+    /// in `tier` get host slots (evicting, demoting), are read into them with `read`, and are
+    /// acquired; those with no slot go to `direct`. `lens` may hold the blocks (so the
+    /// evictions it causes cannot take them); `unhold` ends that.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the three tier callbacks belong together"
+    )]
+    fn promote(
+        &self,
+        keys: &[BlockKey],
+        out: &mut [Option<(Lease, TierLevel)>],
+        direct: &mut Vec<(usize, TierLevel)>,
+        tier: TierLevel,
+        lens: impl FnOnce(&[BlockKey]) -> Vec<Option<u64>>,
+        read: impl FnOnce(&[BlockKey], &mut dyn FnMut(usize, &[u8])) -> Vec<bool>,
+        unhold: impl FnOnce(&[BlockKey]),
+    ) {
+        let done: HashSet<usize> = direct.iter().map(|(i, _)| *i).collect();
         let missing: Vec<BlockKey> = keys
             .iter()
-            .zip(&out)
-            .filter(|(_, l)| l.is_none())
-            .map(|(k, _)| *k)
+            .enumerate()
+            .filter(|(i, _)| out[*i].is_none() && !done.contains(i))
+            .map(|(_, k)| *k)
             .collect();
         if missing.is_empty() {
-            return (out, Vec::new());
+            return;
         }
-        // Hold the disk copies (most recently used, not evictable) while host slots are made
-        // for them: the demotions that free them must not evict the very blocks being read.
-        let lens = disk.hold(&missing);
+        let lens = lens(&missing);
         let wanted: Vec<(BlockKey, u64)> = missing
             .iter()
             .zip(&lens)
             .filter_map(|(k, l)| l.map(|l| (*k, l)))
             .collect();
+        if wanted.is_empty() {
+            return;
+        }
         let mut unpromoted = Vec::new();
         let mut read_keys = Vec::new();
         let mut read_res = Vec::new();
@@ -246,14 +375,14 @@ impl TieredStore {
             }
         }
         let mut written = vec![false; read_res.len()];
-        let read_ok = disk.get_batch(&read_keys, |j, payload| {
+        let read_ok = read(&read_keys, &mut |j, payload| {
             if payload.len() as u64 == read_res[j].len() {
                 self.host.write(&read_res[j], payload);
                 written[j] = true;
             }
         });
         let held: Vec<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
-        disk.unhold(&held);
+        unhold(&held);
         for (r, ok) in read_res.into_iter().zip(written) {
             if ok {
                 self.host.commit_promoted(r);
@@ -261,27 +390,25 @@ impl TieredStore {
                 self.host.abort(r);
             }
         }
-        let on_disk: HashSet<BlockKey> = held.into_iter().collect();
+        let found: HashSet<BlockKey> = held.into_iter().collect();
         let unpromoted: HashSet<BlockKey> = unpromoted.into_iter().collect();
-        // Keys whose read failed were corrupt (now dropped). A key given twice in one batch
-        // reaches the direct path the second time (its second reservation was Busy); reading
-        // it again would only count the same miss twice.
+        // Keys whose read failed were corrupt (now dropped) or late. A key given twice in one
+        // batch reaches the direct path the second time (its second reservation was Busy);
+        // reading it again would only count the same miss twice.
         let failed: HashSet<BlockKey> = read_keys
             .iter()
             .zip(read_ok)
             .filter(|(_, ok)| !ok)
             .map(|(k, _)| *k)
             .collect();
-        let mut direct = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            if out[i].is_none() && on_disk.contains(key) {
-                out[i] = self.host.acquire_quiet(key).map(|l| (l, TierLevel::Disk));
+            if out[i].is_none() && found.contains(key) {
+                out[i] = self.host.acquire_quiet(key).map(|l| (l, tier));
                 if out[i].is_none() && unpromoted.contains(key) && !failed.contains(key) {
-                    direct.push(i);
+                    direct.push((i, tier));
                 }
             }
         }
-        (out, direct)
     }
 
     /// Makes a written reservation visible in the host tier.
@@ -302,7 +429,17 @@ impl TieredStore {
     /// [`Self::acquire_batch`], also telling which tier each acquired block came from. A block
     /// the disk holds but the host has no free slot for is reported as missing.
     pub fn acquire_batch_tiered(&self, keys: &[BlockKey]) -> Vec<Option<(Lease, TierLevel)>> {
-        self.acquire_tiered(keys).0
+        self.acquire_tiered(keys, None).0
+    }
+
+    /// [`Self::acquire_batch_tiered`] that gives up on object-store reads at `deadline`
+    /// (those blocks are missing).
+    pub fn acquire_batch_tiered_until(
+        &self,
+        keys: &[BlockKey],
+        deadline: Instant,
+    ) -> Vec<Option<(Lease, TierLevel)>> {
+        self.acquire_tiered(keys, Some(deadline)).0
     }
 
     /// Unpins a block acquired with [`Self::acquire_batch`].
@@ -321,7 +458,7 @@ impl TieredStore {
     /// Copies blocks into the caller's buffers, one per key.
     pub fn get_batch(&self, keys: &[BlockKey], bufs: &mut [&mut [u8]]) -> Vec<Result<Option<Hit>>> {
         assert_eq!(keys.len(), bufs.len(), "one buffer per key");
-        let (leases, direct) = self.acquire_tiered(keys);
+        let (leases, direct) = self.acquire_tiered(keys, None);
         let mut out = Vec::with_capacity(keys.len());
         for (i, lease) in leases.into_iter().enumerate() {
             match lease {
@@ -341,11 +478,20 @@ impl TieredStore {
                 None => out.push(Ok(None)),
             }
         }
-        // Blocks on disk that the host could not take: read them straight into the buffers.
-        if let (Some(disk), false) = (&self.disk, direct.is_empty()) {
-            let dkeys: Vec<BlockKey> = direct.iter().map(|&i| keys[i]).collect();
-            disk.get_batch(&dkeys, |j, payload| {
-                let i = direct[j];
+        // Blocks in a lower tier that the host could not take: read them straight into the
+        // buffers.
+        for tier in [TierLevel::Disk, TierLevel::Object] {
+            let idx: Vec<usize> = direct
+                .iter()
+                .filter(|(_, t)| *t == tier)
+                .map(|(i, _)| *i)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let dkeys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            let mut sink = |j: usize, payload: &[u8]| {
+                let i = idx[j];
                 out[i] = if bufs[i].len() < payload.len() {
                     Err(Error::BufferSize {
                         buf: bufs[i].len(),
@@ -354,11 +500,20 @@ impl TieredStore {
                 } else {
                     bufs[i][..payload.len()].copy_from_slice(payload);
                     Ok(Some(Hit {
-                        tier: TierLevel::Disk,
+                        tier,
                         len: payload.len() as u64,
                     }))
                 };
-            });
+            };
+            match (tier, &self.disk, &self.object) {
+                (TierLevel::Disk, Some(disk), _) => {
+                    disk.get_batch(&dkeys, &mut sink);
+                }
+                (TierLevel::Object, _, Some(object)) => {
+                    object.get_batch(&dkeys, Instant::now() + self.object_wait, &mut sink);
+                }
+                _ => {}
+            }
         }
         out
     }
@@ -368,10 +523,13 @@ impl TieredStore {
         if self.host.contains(key) {
             return Some(TierLevel::Host);
         }
-        self.disk
+        if self.disk.as_ref().is_some_and(|d| d.contains(key)) {
+            return Some(TierLevel::Disk);
+        }
+        self.object
             .as_ref()
-            .filter(|d| d.contains(key))
-            .map(|_| TierLevel::Disk)
+            .filter(|o| o.contains_many(std::slice::from_ref(key))[0])
+            .map(|_| TierLevel::Object)
     }
 
     /// How many leading `keys` are stored, and in which tier each one is. Does not change the
@@ -379,23 +537,33 @@ impl TieredStore {
     pub fn lookup_prefix(&self, keys: &[BlockKey]) -> PrefixMatch {
         let in_host = self.host.contains_many(keys);
         let first_gap = in_host.iter().position(|h| !h).unwrap_or(keys.len());
-        let in_disk = match &self.disk {
-            Some(d) if first_gap < keys.len() => d.contains_many(&keys[first_gap..]),
-            _ => Vec::new(),
-        };
-        let mut m = PrefixMatch::default();
-        for (i, &h) in in_host.iter().enumerate() {
-            let tier = if h {
-                TierLevel::Host
-            } else if in_disk.get(i - first_gap).copied().unwrap_or(false) {
-                TierLevel::Disk
-            } else {
-                break;
+        let mut tiers = vec![TierLevel::Host; first_gap];
+        let rest = &keys[first_gap..];
+        if !rest.is_empty() {
+            let in_disk = match &self.disk {
+                Some(d) => d.contains_many(rest),
+                None => vec![false; rest.len()],
             };
-            m.tiers.push(tier);
+            let in_object = match &self.object {
+                Some(o) => {
+                    o.sync_namespace(&rest[0].namespace);
+                    o.contains_many(rest)
+                }
+                None => vec![false; rest.len()],
+            };
+            for ((h, d), o) in in_host[first_gap..].iter().zip(in_disk).zip(in_object) {
+                tiers.push(match (h, d, o) {
+                    (true, _, _) => TierLevel::Host,
+                    (_, true, _) => TierLevel::Disk,
+                    (_, _, true) => TierLevel::Object,
+                    _ => break,
+                });
+            }
         }
-        m.len = m.tiers.len();
-        m
+        PrefixMatch {
+            len: tiers.len(),
+            tiers,
+        }
     }
 
     /// Pins a block in the fastest tier holding it, so it is never evicted there.
@@ -415,7 +583,8 @@ impl TieredStore {
     pub fn remove(&self, key: &BlockKey) -> bool {
         let host = self.host.remove(key);
         let disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
-        host || disk
+        let object = self.object.as_ref().is_some_and(|o| o.remove(key));
+        host || disk || object
     }
 
     /// Counters of every tier.
@@ -423,6 +592,7 @@ impl TieredStore {
         StoreStats {
             host: self.host.stats(),
             disk: self.disk.as_ref().map(DiskTier::stats),
+            object: self.object.as_ref().map(ObjectTier::stats),
         }
     }
 
@@ -449,8 +619,8 @@ impl TieredStore {
                 .iter()
                 .map(|l| (*l.key(), self.host.lease_data(l)))
                 .collect();
-            written += disk
-                .put_batch(&batch)
+            written += self
+                .disk_put(disk, &batch)
                 .iter()
                 .filter(|o| **o == PutOutcome::Stored)
                 .count();
@@ -461,8 +631,48 @@ impl TieredStore {
         written
     }
 
-    /// Persists the disk tier's metadata (also done on drop).
+    /// Copies blocks the host holds to the object tier (write-through of blocks worth
+    /// sharing); returns how many were newly stored there. Blocks not in host are skipped.
+    pub fn write_through(&self, keys: &[BlockKey]) -> usize {
+        let Some(object) = &self.object else {
+            return 0;
+        };
+        let present = object.contains_many(keys);
+        let leases: Vec<Lease> = keys
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .filter_map(|(k, _)| self.host.acquire_quiet(k))
+            .collect();
+        let batch: Vec<(BlockKey, &[u8])> = leases
+            .iter()
+            .map(|l| (*l.key(), self.host.lease_data(l)))
+            .collect();
+        let stored = object
+            .put_batch(&batch)
+            .iter()
+            .filter(|o| **o == PutOutcome::Stored)
+            .count();
+        for l in leases {
+            self.host.release(l);
+        }
+        stored
+    }
+
+    /// Persists the disk tier's metadata (also done on drop) and uploads what the object tier
+    /// holds in memory (waiting up to its retry timeout; what is left then is lost, and
+    /// logged).
     pub fn flush(&self) -> Result<()> {
+        if let Some(object) = &self.object {
+            let left = object.flush(self.object_flush);
+            if left > 0 {
+                tracing::warn!(
+                    store = object.url(),
+                    blocks = left,
+                    "object tier uploads did not finish in time; those blocks are not stored"
+                );
+            }
+        }
         self.disk.as_ref().map_or(Ok(()), DiskTier::flush)
     }
 }

@@ -12,10 +12,10 @@ use crate::stats::TierLevel;
 
 /// The newest protocol version this build speaks. The agent accepts hellos from
 /// [`MIN_PROTOCOL_VERSION`] on and answers in the client's version; other hellos are refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
-/// The oldest version still spoken (version 2 added `announce`, version 3 `pull`; nothing else
-/// changed).
+/// The oldest version still spoken (version 2 added `announce`, version 3 `pull`, version 4 the
+/// object tier's code; nothing else changed).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
@@ -741,6 +741,17 @@ fn tier_code(t: TierLevel) -> u8 {
         TierLevel::Host => 1,
         TierLevel::Disk => 2,
         TierLevel::Peer => 3,
+        TierLevel::Object => 4,
+    }
+}
+
+/// The tier as a client speaking `version` knows it: before version 4 there was no object
+/// tier, and its blocks are reported as disk blocks (both are "below host, promoted on
+/// acquire" to such a client).
+pub fn tier_for_version(t: TierLevel, version: u16) -> TierLevel {
+    match t {
+        TierLevel::Object if version < 4 => TierLevel::Disk,
+        t => t,
     }
 }
 
@@ -749,6 +760,7 @@ fn tier_from_code(c: u8) -> Result<TierLevel, WireError> {
         1 => Ok(TierLevel::Host),
         2 => Ok(TierLevel::Disk),
         3 => Ok(TierLevel::Peer),
+        4 => Ok(TierLevel::Object),
         c => Err(invalid("tier", format!("unknown tier {c}"))),
     }
 }
@@ -974,7 +986,12 @@ mod tests {
                 max_block_len: 64 << 20,
                 instance: 42,
             }),
-            Response::Lookup(vec![TierLevel::Host, TierLevel::Disk, TierLevel::Peer]),
+            Response::Lookup(vec![
+                TierLevel::Host,
+                TierLevel::Disk,
+                TierLevel::Peer,
+                TierLevel::Object,
+            ]),
             Response::Reserve(vec![
                 ReserveStatus::Slot { offset: 4096 },
                 ReserveStatus::Exists,

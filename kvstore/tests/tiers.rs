@@ -18,6 +18,7 @@ fn store(dir: &std::path::Path, engine: IoEngineChoice) -> TieredStore {
     TieredStore::open(StoreConfig {
         host: host(8 * MIB, MIB),
         disk: Some(disk(dir, 64 * MIB, 4 * MIB, engine)),
+        object: None,
     })
     .expect("open store")
 }
@@ -96,6 +97,7 @@ fn thousands_of_blocks_round_trip_through_host_and_disk() {
     let s = TieredStore::open(StoreConfig {
         host: host(8 * MIB, MIB),
         disk: Some(disk(dir.path(), 256 * MIB, 4 * MIB, IoEngineChoice::Auto)),
+        object: None,
     })
     .unwrap();
     let sizes = [4096usize, 16 * 1024, 64 * 1024, 100_000];
@@ -297,6 +299,7 @@ fn promotion_never_evicts_the_block_it_reads() {
     let s = TieredStore::open(StoreConfig {
         host: host(2 * MIB, MIB),
         disk: Some(disk(dir.path(), 2 * MIB, MIB, IoEngineChoice::Auto)),
+        object: None,
     })
     .unwrap();
     for i in 0..62 {

@@ -4,6 +4,7 @@ TIER_MISS: int
 TIER_HOST: int
 TIER_DISK: int
 TIER_PEER: int
+TIER_OBJECT: int
 
 class KvtierError(Exception):
     """A call to the kvtier agent failed."""

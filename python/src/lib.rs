@@ -83,12 +83,13 @@ fn layers_of(layers: &[(usize, usize, usize)]) -> PyResult<Vec<LayerPages>> {
 }
 
 /// Tier codes as Python sees them (ints, not bytes): 0 miss, 1 host, 2 disk, 3 another node's
-/// agent (lookup only: acquiring pulls it).
+/// agent (lookup only: acquiring pulls it), 4 the shared object store.
 fn tier_code(t: Option<TierLevel>) -> u32 {
     match t {
         None => 0,
         Some(TierLevel::Host) => 1,
         Some(TierLevel::Peer) => 3,
+        Some(TierLevel::Object) => 4,
         // Disk, and any lower tier a newer library adds: below the arena, promoted to read.
         Some(_) => 2,
     }
@@ -587,5 +588,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TIER_HOST", 1u32)?;
     m.add("TIER_DISK", 2u32)?;
     m.add("TIER_PEER", 3u32)?;
+    m.add("TIER_OBJECT", 4u32)?;
     Ok(())
 }

@@ -3,7 +3,10 @@
 # and real engines against a real kvagent.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib.sh
 tests/e2e/setup-vllm.sh
+# The S3 server that tests start themselves (KVTIER_WEED, exported to pytest).
+ensure_weed
 cargo build --locked -p kvagent
 cd tests/e2e
 exec ../../target/venv-vllm/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -29,7 +29,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .build()
         .context("starting the HTTP runtime")?;
     let mut signals = StopSignals::install(&runtime)?;
-    let store = Arc::new(TieredStore::open(cfg.store_config()).context("opening the store")?);
+    let store = Arc::new(TieredStore::open(cfg.store_config()?).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
     let instance = instance_id();
     let peers = peer::Peers::start(&cfg, Arc::clone(&store), Arc::clone(&metrics))?;
@@ -41,7 +41,8 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.max_clients,
         Duration::from_micros(u64::from(cfg.poll_us)),
         Arc::clone(&peers),
-    );
+        cfg.object.write_through_min_blocks,
+    )?;
     let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
     let socket_id = file_id(&cfg.socket);
     let http = if cfg.http_addr.is_empty() {
@@ -66,12 +67,33 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         })
     };
     let disk = store.disk().map(|d| d.engine_description());
+    let object = store.object().map(|o| {
+        let endpoint = if cfg.object.endpoint.is_empty() {
+            "default endpoint"
+        } else {
+            cfg.object.endpoint.as_str()
+        };
+        format!("{} @ {endpoint}", o.url())
+    });
+    if let Some(o) = store.object() {
+        // An unusable store is not fatal (the tier only loses its blocks), but say why now.
+        match o.probe() {
+            Ok(()) => {}
+            Err((reason, error)) => tracing::warn!(
+                store = o.url(),
+                reason = reason.as_str(),
+                %error,
+                "object tier cannot reach its bucket; blocks will not be stored there until it can"
+            ),
+        }
+    }
     tracing::info!(
         socket = %cfg.socket.display(),
         http = %http.as_ref().map(|(_, a)| a.to_string()).unwrap_or_else(|| "off".into()),
         arena_bytes = store.host().arena().len(),
         huge_pages = store.host().arena().huge_pages(),
         disk = %disk.as_deref().unwrap_or("off"),
+        object = %object.as_deref().unwrap_or("off"),
         index = %publish.as_ref().map_or("off", |p| p.index.as_str()),
         startup_ms = started.elapsed().as_millis() as u64,
         "kvagent node ready"
@@ -199,6 +221,20 @@ fn stats_json(shared: &server::Shared) -> String {
         },
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),
+        "object": s.object.as_ref().map(tier),
+        "object_detail": shared.store.object().map(|o| {
+            let d = o.detail();
+            let failures: serde_json::Map<String, serde_json::Value> = kvstore::object::Failure::ALL
+                .iter()
+                .map(|f| (f.as_str().to_owned(), d.failures_of(*f).into()))
+                .collect();
+            serde_json::json!({
+                "url": o.url(), "segments_uploaded": d.segments_uploaded,
+                "bytes_uploaded": d.bytes_uploaded, "pending_bytes": d.pending_bytes,
+                "pending_blocks": d.pending_blocks, "remote_blocks": d.remote_blocks,
+                "indexes_read": d.indexes_read, "degraded": d.degraded, "failures": failures,
+            })
+        }),
     })
     .to_string()
 }

@@ -20,7 +20,7 @@ use kvstore::BlockHash;
 use kvstore::TieredStore;
 use kvstore::wire::{
     self, AcquireStatus, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ReadError, Request, Response,
-    Welcome,
+    Welcome, tier_for_version,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -55,6 +55,47 @@ pub(crate) struct Shared {
     pub(crate) models: Arc<Models>,
     /// Transfers with other nodes' agents.
     pub(crate) peers: Arc<Peers>,
+    /// Write-through to the object tier of blocks committed in large enough batches.
+    write_through: Option<WriteThrough>,
+}
+
+/// Commits worth sharing, handed to a thread that copies them to the object tier (the commit
+/// itself must not wait for that copy).
+#[derive(Debug)]
+struct WriteThrough {
+    min_blocks: usize,
+    queue: std::sync::mpsc::SyncSender<Vec<kvstore::BlockKey>>,
+}
+
+/// Batches the write-through queue holds before new ones are dropped (and counted).
+const WRITE_THROUGH_QUEUE: usize = 256;
+
+impl WriteThrough {
+    fn start(
+        store: &Arc<TieredStore>,
+        metrics: &Arc<Metrics>,
+        min_blocks: u32,
+    ) -> anyhow::Result<Option<Self>> {
+        if min_blocks == 0 || store.object().is_none() {
+            return Ok(None);
+        }
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Vec<kvstore::BlockKey>>(WRITE_THROUGH_QUEUE);
+        let store = Arc::clone(store);
+        let metrics = Arc::clone(metrics);
+        std::thread::Builder::new()
+            .name("kvagent-object-wt".into())
+            .spawn(move || {
+                for keys in rx {
+                    let n = store.write_through(&keys);
+                    metrics.write_through_blocks.inc_by(n as u64);
+                }
+            })
+            .context("starting the write-through thread")?;
+        Ok(Some(Self {
+            min_blocks: min_blocks as usize,
+            queue,
+        }))
+    }
 }
 
 /// What the drain needs to know about one connection.
@@ -76,6 +117,10 @@ impl ConnState {
 }
 
 impl Shared {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one setting of the server, built once"
+    )]
     pub(crate) fn new(
         store: Arc<TieredStore>,
         metrics: Arc<Metrics>,
@@ -84,8 +129,10 @@ impl Shared {
         max_clients: u32,
         poll: Duration,
         peers: Arc<Peers>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+        write_through_min_blocks: u32,
+    ) -> anyhow::Result<Arc<Self>> {
+        let write_through = WriteThrough::start(&store, &metrics, write_through_min_blocks)?;
+        Ok(Arc::new(Self {
             store,
             metrics,
             instance,
@@ -99,7 +146,26 @@ impl Shared {
             listener: Mutex::new(None),
             models: Arc::new(Models::default()),
             peers,
-        })
+            write_through,
+        }))
+    }
+
+    /// Queues committed blocks for write-through when the batch is large enough.
+    fn write_through(&self, ns: kvstore::Namespace, hashes: &[BlockHash], committed: &[bool]) {
+        let Some(wt) = &self.write_through else { return };
+        if hashes.len() < wt.min_blocks {
+            return;
+        }
+        let keys: Vec<kvstore::BlockKey> = hashes
+            .iter()
+            .zip(committed)
+            .filter(|(_, c)| **c)
+            .map(|(h, _)| kvstore::BlockKey::new(ns, *h))
+            .collect();
+        let n = keys.len() as u64;
+        if n > 0 && wt.queue.try_send(keys).is_err() {
+            self.metrics.write_through_dropped.inc_by(n);
+        }
     }
 
     /// Starts the drain: no new connections; idle connections are closed now; a connection
@@ -521,14 +587,26 @@ fn dispatch(
             if version >= 3 && tiers.len() < hashes.len() {
                 tiers = shared.peers.extend_lookup(&shared.models, ns, &hashes, tiers);
             }
+            for t in &mut tiers {
+                *t = tier_for_version(*t, version);
+            }
             (Response::Lookup(tiers), hashes.len())
         }
         Request::Reserve(ns, items) => (Response::Reserve(session.reserve(ns, &items)), items.len()),
-        Request::Commit(ns, hashes) => (Response::Commit(session.commit(ns, &hashes, false)), hashes.len()),
+        Request::Commit(ns, hashes) => {
+            let committed = session.commit(ns, &hashes, false);
+            shared.write_through(ns, &hashes, &committed);
+            (Response::Commit(committed), hashes.len())
+        }
         Request::Abort(ns, hashes) => (Response::Abort(session.commit(ns, &hashes, true)), hashes.len()),
         Request::Acquire(ns, hashes) => {
             shared.peers.fetch_for_acquire(ns, &hashes, deadline);
-            let got = session.acquire(ns, &hashes);
+            let mut got = session.acquire(ns, &hashes, deadline);
+            for g in &mut got {
+                if let AcquireStatus::Hit { tier, .. } = g {
+                    *tier = tier_for_version(*tier, version);
+                }
+            }
             if Instant::now() > deadline {
                 // The client has given up (a promotion took too long): don't leave it pins it
                 // will never release on this connection.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvstore::wire::{AcquireStatus, ReserveStatus};
 use kvstore::{BlockHash, BlockKey, Lease, Namespace, PutOutcome, Reservation, TierLevel, TieredStore};
@@ -71,10 +72,20 @@ impl Session {
         found
     }
 
-    pub(crate) fn acquire(&mut self, ns: Namespace, hashes: &[BlockHash]) -> Vec<AcquireStatus> {
+    /// Pins blocks for the engine to read, promoting them from lower tiers; object-store reads
+    /// stop at `deadline`.
+    pub(crate) fn acquire(
+        &mut self,
+        ns: Namespace,
+        hashes: &[BlockHash],
+        deadline: Instant,
+    ) -> Vec<AcquireStatus> {
         let keys = keys(ns, hashes);
         let mut out = Vec::with_capacity(keys.len());
-        for (key, got) in keys.iter().zip(self.store.acquire_batch_tiered(&keys)) {
+        for (key, got) in keys
+            .iter()
+            .zip(self.store.acquire_batch_tiered_until(&keys, deadline))
+        {
             out.push(match got {
                 Some((lease, tier)) => {
                     let status = AcquireStatus::Hit {

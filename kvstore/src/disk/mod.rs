@@ -536,7 +536,66 @@ impl DiskTier {
     /// Reads a batch of blocks; `sink(i, payload)` receives each verified hit as its read
     /// completes (in completion order). Returns which keys hit. A record that fails verification
     /// is a miss, counted in `checksum_failures`, and its entry is dropped.
-    pub fn get_batch(&self, keys: &[BlockKey], mut sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
+    pub fn get_batch(&self, keys: &[BlockKey], sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
+        self.read(keys, true, sink)
+    }
+
+    /// Picks the least-recently-used blocks that must leave for records of `lens` to fit (none
+    /// while free space or growth suffices) and holds them, readable and not evictable, so a
+    /// caller can copy them to a lower tier ([`Self::read_held`]) before they go
+    /// ([`Self::evict_held`]). The choice counts bytes, not slots, so fragmentation may still
+    /// make a later write evict (and drop) a block of its own.
+    pub fn take_victims(&self, lens: &[u64]) -> Vec<BlockKey> {
+        let mut st = self.state.lock();
+        let needed: u64 = lens.iter().map(|l| record_len(*l)).sum();
+        let capacity = st.alloc.max_slabs() as u64 * self.slab_size;
+        let free = capacity.saturating_sub(st.alloc.used_bytes());
+        if free >= needed {
+            return Vec::new();
+        }
+        let mut short = needed - free;
+        let mut victims = Vec::new();
+        for (k, e) in st.entries.iter().rev() {
+            if short == 0 {
+                break;
+            }
+            if e.evictable() {
+                victims.push(*k);
+                short = short.saturating_sub(e.slot.size);
+            }
+        }
+        for k in &victims {
+            st.entries.acquire(k);
+        }
+        victims
+    }
+
+    /// Reads blocks held by [`Self::take_victims`] (like [`Self::get_batch`], without counting
+    /// hits or misses: the engine did not ask for them).
+    pub fn read_held(&self, keys: &[BlockKey], sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
+        self.read(keys, false, sink)
+    }
+
+    /// Ends the hold of [`Self::take_victims`] and evicts those blocks (unless pinned
+    /// meanwhile); `demoted` of them were copied to the tier below.
+    pub fn evict_held(&self, keys: &[BlockKey], demoted: u64) {
+        let mut st = self.state.lock();
+        let mut gone = Vec::new();
+        let mut evicted = 0;
+        for k in keys {
+            if let Some(e) = st.entries.release(k) {
+                gone.push((*k, e));
+            } else if let Some(e) = st.entries.pop_evictable(k) {
+                gone.push((*k, e));
+                evicted += 1;
+            }
+        }
+        self.drop_entries(&mut st, gone);
+        TierCounters::add(&self.counters.evictions, evicted);
+        TierCounters::add(&self.counters.demotions, demoted);
+    }
+
+    fn read(&self, keys: &[BlockKey], count: bool, mut sink: impl FnMut(usize, &[u8])) -> Vec<bool> {
         let mut hit = vec![false; keys.len()];
         let mut todo: Vec<(usize, DiskEntry)> = Vec::new();
         {
@@ -547,7 +606,9 @@ impl DiskTier {
                 }
             }
         }
-        TierCounters::add(&self.counters.misses, (keys.len() - todo.len()) as u64);
+        if count {
+            TierCounters::add(&self.counters.misses, (keys.len() - todo.len()) as u64);
+        }
         if todo.is_empty() {
             return hit;
         }
@@ -603,11 +664,13 @@ impl DiskTier {
         if let Err(panic) = run {
             std::panic::resume_unwind(panic);
         }
-        let hits = hit.iter().filter(|h| **h).count() as u64;
-        TierCounters::add(&self.counters.hits, hits);
-        TierCounters::add(&self.counters.misses, bad.len() as u64);
+        if count {
+            let hits = hit.iter().filter(|h| **h).count() as u64;
+            TierCounters::add(&self.counters.hits, hits);
+            TierCounters::add(&self.counters.misses, bad.len() as u64);
+            TierCounters::add(&self.counters.bytes_read, read_bytes);
+        }
         TierCounters::add(&self.counters.checksum_failures, bad.len() as u64);
-        TierCounters::add(&self.counters.bytes_read, read_bytes);
         hit
     }
 

@@ -11,6 +11,7 @@ pub(crate) fn store(mib: u64) -> Arc<TieredStore> {
         TieredStore::open(StoreConfig {
             host: HostTierConfig::new(mib << 20),
             disk: None,
+            object: None,
         })
         .expect("a test store"),
     )

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+pub mod weed;
+
 use kvstore::{
     BlockHash, BlockKey, DiskTier, DiskTierConfig, HostTierConfig, HugePages, IoEngineChoice, Namespace,
     StoreConfig, TieredStore,
@@ -50,6 +52,7 @@ pub fn host_only(capacity: u64, slab: u64) -> TieredStore {
     TieredStore::open(StoreConfig {
         host: host(capacity, slab),
         disk: None,
+        object: None,
     })
     .expect("open host-only store")
 }
