@@ -297,7 +297,7 @@ impl TieredStore {
                 |held| disk.unhold(held),
             );
         }
-        if let Some(object) = &self.object {
+        if let Some(object) = self.object.as_ref().filter(|o| !o.is_paused()) {
             if out.iter().any(Option::is_none) {
                 let deadline = deadline.unwrap_or_else(|| Instant::now() + self.object_wait);
                 let missing_ns: HashSet<_> = keys
@@ -545,11 +545,13 @@ impl TieredStore {
                 None => vec![false; rest.len()],
             };
             let in_object = match &self.object {
-                Some(o) => {
+                // A paused tier's blocks cannot be read now: reporting them would only turn
+                // into misses at acquire.
+                Some(o) if !o.is_paused() => {
                     o.sync_namespace(&rest[0].namespace);
                     o.contains_many(rest)
                 }
-                None => vec![false; rest.len()],
+                _ => vec![false; rest.len()],
             };
             for ((h, d), o) in in_host[first_gap..].iter().zip(in_disk).zip(in_object) {
                 tiers.push(match (h, d, o) {

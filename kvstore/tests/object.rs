@@ -270,7 +270,8 @@ fn concurrent_writers_of_the_same_blocks_never_tear_an_object() {
         let bytes = block_on(async { store.get(p).await?.bytes().await }).unwrap();
         let index = kvstore::object::layout::decode_index(&bytes).expect("index decodes");
         let seg_path =
-            object_store::path::Path::from(p.as_ref().replace("/idx/", "/seg/").replace(".kvidx", ".kvseg"));
+            kvstore::object::layout::segment_of_index(&object_store::path::Path::from("race"), &ns(), p)
+                .expect("an index name names its segment");
         let seg = block_on(async { store.get(&seg_path).await?.bytes().await }).unwrap();
         assert_eq!(seg.len() as u64, index.segment_len);
         for e in &index.entries {

@@ -72,14 +72,17 @@ impl Session {
         found
     }
 
-    /// Pins blocks for the engine to read, promoting them from lower tiers; object-store reads
-    /// stop at `deadline`.
+    /// Pins blocks for the engine to read, promoting them from lower tiers. Object-store reads
+    /// get most of the time left before `deadline`, so that blocks not back in time are misses
+    /// in an answer that still arrives, not a whole call past its deadline.
     pub(crate) fn acquire(
         &mut self,
         ns: Namespace,
         hashes: &[BlockHash],
         deadline: Instant,
     ) -> Vec<AcquireStatus> {
+        let now = Instant::now();
+        let deadline = now + deadline.saturating_duration_since(now).mul_f32(0.8);
         let keys = keys(ns, hashes);
         let mut out = Vec::with_capacity(keys.len());
         for (key, got) in keys

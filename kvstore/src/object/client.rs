@@ -63,13 +63,19 @@ impl Failure {
         self as usize
     }
 
-    /// Whether the store as a whole is unusable (as opposed to one object or one request).
+    /// Whether the store as a whole is unusable (as opposed to one object or one request): a
+    /// store that drops packets shows only as timeouts.
     pub const fn is_outage(self) -> bool {
-        matches!(self, Self::Unreachable | Self::Credentials | Self::Throttled)
+        matches!(
+            self,
+            Self::Unreachable | Self::Credentials | Self::Throttled | Self::Timeout
+        )
     }
 
     /// Classifies an error of the `object_store` crate. Its retry errors are private types, so
-    /// throttling and connection failures are recognised by the text of the error chain.
+    /// statuses and connection failures are recognised by the text of the error chain — by the
+    /// phrases around them ("status code: 503", `<Code>SlowDown`), never a bare number, which
+    /// the request's URL or timing could contain.
     pub fn of(e: &object_store::Error) -> Self {
         use object_store::Error as E;
         match e {
@@ -88,29 +94,31 @@ impl Failure {
         let text = text.to_ascii_lowercase();
         let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
         if has(&[
-            "slowdown",
-            "slow down",
-            "503",
-            "429",
-            "too many requests",
-            "throttl",
+            "<code>slowdown</code>",
+            "status code: 503",
+            "status code: 429",
+            "<code>throttling",
+            "<code>requestlimitexceeded",
         ]) {
             Self::Throttled
         } else if has(&[
-            "signaturedoesnotmatch",
-            "invalidaccesskeyid",
-            "accessdenied",
-            "403",
-            "401",
+            "<code>signaturedoesnotmatch",
+            "<code>invalidaccesskeyid",
+            "<code>accessdenied",
+            "<code>expiredtoken",
+            "status code: 403",
+            "status code: 401",
+            "failed to get credentials",
         ]) {
             Self::Credentials
         } else if has(&["timed out", "deadline has elapsed"]) {
             Self::Timeout
         } else if has(&[
-            "connect",
             "error sending request",
-            "dns",
-            "connection",
+            "connection refused",
+            "connection reset",
+            "tcp connect",
+            "dns error",
             "broken pipe",
         ]) {
             Self::Unreachable
@@ -279,9 +287,17 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
     use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
     use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
-    let endpoint = cfg.endpoint.clone().filter(|e| !e.is_empty());
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .filter(|e| !e.is_empty())
+        .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .or_else(|| env("AWS_ENDPOINT"));
     let allow_http = cfg
         .allow_http
+        .or_else(|| env("AWS_ALLOW_HTTP").map(|v| v.eq_ignore_ascii_case("true") || v == "1"))
         .unwrap_or_else(|| endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
     let (timeout, retry) = if for_reads {
         // One quick retry at most: a read that is slow is worth less than a recompute.
@@ -331,7 +347,13 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
     if let Some(e) = endpoint {
         b = b.with_endpoint(e);
     }
-    let mut region = cfg.region.clone().filter(|r| !r.is_empty());
+    // Region: the setting, the environment, the credentials profile, else us-east-1.
+    let mut region = cfg
+        .region
+        .clone()
+        .filter(|r| !r.is_empty())
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"));
     match &cfg.credentials {
         Some(c) => {
             b = b
@@ -341,7 +363,7 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
                 b = b.with_token(t);
             }
         }
-        None if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() => {
+        None if env("AWS_ACCESS_KEY_ID").is_none() => {
             if let Some(p) = ProfileCredentials::load(cfg.profile.as_deref()) {
                 b = b
                     .with_access_key_id(p.access_key_id)
@@ -354,15 +376,7 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
         }
         None => {}
     }
-    if region.is_none()
-        && std::env::var_os("AWS_REGION").is_none()
-        && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
-        region = Some("us-east-1".into());
-    }
-    if let Some(r) = region {
-        b = b.with_region(r);
-    }
+    b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
     let s3 = b.build().map_err(|e| Error::InvalidConfig {
         field: "object",
         reason: e.to_string(),
@@ -421,8 +435,17 @@ mod tests {
             source: msg.to_owned().into(),
         };
         assert_eq!(
-            Failure::of(&generic("Server returned 503: <Code>SlowDown</Code>")),
+            Failure::of(&generic(
+                "Server returned non-2xx status code: 503 Service Unavailable: <Error><Code>SlowDown</Code></Error>"
+            )),
             Failure::Throttled
+        );
+        // Numbers in a URL or a timing are not statuses.
+        assert_eq!(
+            Failure::of(&generic(
+                "Error performing GET http://h/b/1503-429 in 4.03ms - operation timed out"
+            )),
+            Failure::Timeout
         );
         assert_eq!(
             Failure::of(&generic("error sending request for url")),

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! <prefix>/v1/<namespace>/seg/<segment>.kvseg   blocks back to back: [80-byte header][payload]
-//! <prefix>/v1/<namespace>/idx/<segment>.kvidx   the segment's index, written after the segment
+//! <prefix>/v1/<namespace>/idx/<written>-<segment>.kvidx   its index, written after it
 //! segment = <unix ms, 13 digits>-<writer, 16 hex>-<sequence, 8 hex>
+//! written = when the index was written, unix ms, 13 digits
 //! ```
 //!
 //! A segment name is never reused (the writer id is random per start), so two agents never
-//! write the same object; the time first makes listings come out oldest first, so a sync can
-//! start after the newest index it has seen. Readers trust a segment only through its index,
+//! write the same object. An index name starts with the time it was written (not when its
+//! segment was opened, which may be long before a slow upload ends), so listings come out in
+//! the order indexes appeared and a sync can start shortly before the newest one it has seen. Readers trust a segment only through its index,
 //! and the index is written only once the segment is complete, so a segment cut short by a
 //! crash is never read.
 
@@ -73,14 +75,24 @@ pub fn segment_path(prefix: &Path, ns: &Namespace, id: &SegmentId) -> Path {
     dir(prefix, ns, "seg").join(format!("{id}.kvseg"))
 }
 
-/// The object holding a segment's index.
-pub fn index_path(prefix: &Path, ns: &Namespace, id: &SegmentId) -> Path {
-    dir(prefix, ns, "idx").join(format!("{id}.kvidx"))
+/// The object holding a segment's index, written at `written_ms`.
+pub fn index_path(prefix: &Path, ns: &Namespace, id: &SegmentId, written_ms: u64) -> Path {
+    dir(prefix, ns, "idx").join(format!("{written_ms:013}-{id}.kvidx"))
 }
 
-/// The segment an index object describes, from its path's last part.
-pub fn index_id(path: &Path) -> Option<SegmentId> {
-    SegmentId::parse(path.filename()?.strip_suffix(".kvidx")?)
+/// When an index object was written and which segment it describes, from its name.
+pub fn index_id(path: &Path) -> Option<(u64, SegmentId)> {
+    let name = path.filename()?.strip_suffix(".kvidx")?;
+    let (written, seg) = name.split_once('-')?;
+    if written.len() != 13 {
+        return None;
+    }
+    Some((written.parse().ok()?, SegmentId::parse(seg)?))
+}
+
+/// The segment object an index object describes.
+pub fn segment_of_index(prefix: &Path, ns: &Namespace, index: &Path) -> Option<Path> {
+    index_id(index).map(|(_, id)| segment_path(prefix, ns, &id))
 }
 
 /// A namespace from its directory name (32 hex digits).
@@ -223,8 +235,12 @@ mod tests {
         assert_eq!(SegmentId::parse(&a.to_string()), Some(a));
         assert!(a.to_string() < b.to_string());
         assert_eq!(SegmentId::parse("1-2-3"), None);
-        let p = index_path(&Path::from("kv/t"), &ns(), &a);
-        assert_eq!(index_id(&p), Some(a));
+        let p = index_path(&Path::from("kv/t"), &ns(), &a, 1_700_000_000_005);
+        assert_eq!(index_id(&p), Some((1_700_000_000_005, a)));
+        assert_eq!(
+            segment_of_index(&Path::from("kv/t"), &ns(), &p),
+            Some(segment_path(&Path::from("kv/t"), &ns(), &a))
+        );
         assert!(p.as_ref().starts_with("kv/t/v1/"));
         assert_eq!(parse_namespace(&ns().to_string()), Some(ns()));
     }

@@ -17,7 +17,7 @@
 mod client;
 pub mod layout;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -255,14 +255,19 @@ struct Sealed {
 
 #[derive(Debug, Default)]
 struct NamespaceSync {
+    /// A lookup has waited for this namespace's first sync (only one ever does).
+    waited: bool,
     synced: Option<Instant>,
+    /// Write time of the newest index read (never ahead of this agent's clock).
     newest_ms: u64,
-    seen: HashSet<SegmentId>,
+    /// Indexes already read (or written here), with their write times.
+    seen: HashMap<SegmentId, u64>,
 }
 
 #[derive(Debug)]
 struct Catalog {
     blocks: LruCache<BlockKey, Located>,
+    max_blocks: usize,
     open: HashMap<Namespace, OpenSegment>,
     sealed: HashMap<SegmentId, Arc<Sealed>>,
     pending_bytes: u64,
@@ -276,6 +281,12 @@ impl Catalog {
         self.count(&l, 1);
         if let Some((_, old)) = self.blocks.push(key, l) {
             self.count(&old, -1);
+        }
+        while self.blocks.len() > self.max_blocks {
+            match self.blocks.pop_lru() {
+                Some((_, old)) => self.count(&old, -1),
+                None => break,
+            }
         }
     }
 
@@ -405,7 +416,6 @@ impl ObjectTier {
                 .map_err(|e| Error::io("getrandom for", &cfg.url, e.into()))?;
             u64::from_le_bytes(b)
         };
-        let catalog_cap = std::num::NonZeroUsize::new(cfg.max_catalog_blocks).expect("validated positive");
         let inner = Arc::new(Inner {
             display: cfg.url.clone(),
             prefix: location.prefix(),
@@ -414,7 +424,10 @@ impl ObjectTier {
             writer,
             seq: AtomicU32::new(0),
             state: Mutex::new(Catalog {
-                blocks: LruCache::new(catalog_cap),
+                // Unbounded, capped by hand: a bounded LruCache allocates its whole table up
+                // front (hundreds of MB for millions of blocks).
+                blocks: LruCache::unbounded(),
+                max_blocks: cfg.max_catalog_blocks,
                 open: HashMap::new(),
                 sealed: HashMap::new(),
                 pending_bytes: 0,
@@ -612,7 +625,10 @@ impl ObjectTier {
         }
         let first = {
             let mut st = self.inner.state.lock();
-            st.namespaces.entry(*ns).or_default().synced.is_none()
+            let sync = st.namespaces.entry(*ns).or_default();
+            let first = sync.synced.is_none() && !sync.waited;
+            sync.waited = true;
+            first
         };
         if first {
             let inner = Arc::clone(&self.inner);
@@ -622,6 +638,12 @@ impl ObjectTier {
                 let _ = tokio::time::timeout(wait, Inner::sync(&inner, ns)).await;
             });
         }
+    }
+
+    /// Whether the tier is pausing after repeated outages: its blocks cannot be read now, so
+    /// lookups should not report them.
+    pub fn is_paused(&self) -> bool {
+        self.inner.breaker.is_open()
     }
 
     /// Asks the background task to sync every namespace now (does not wait).
@@ -982,7 +1004,11 @@ impl Inner {
                         st.pending_blocks -= 1;
                     }
                 }
-                st.namespaces.entry(seg.ns).or_default().seen.insert(seg.id);
+                st.namespaces
+                    .entry(seg.ns)
+                    .or_default()
+                    .seen
+                    .insert(seg.id, now_ms());
             } else {
                 st.drop_segment(seg.id);
             }
@@ -993,6 +1019,12 @@ impl Inner {
 
     async fn put_segment(&self, seg: &Sealed) -> std::result::Result<(), (Failure, String)> {
         let err = |e: object_store::Error| (Failure::of(&e), e.to_string());
+        // Names are unique to this writer, so "already exists" means a retried request whose
+        // first try succeeded unseen (S3 puts are atomic: the object is whole).
+        let created = |r: object_store::Result<object_store::PutResult>| match r {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(err(e)),
+        };
         let path = layout::segment_path(&self.prefix, &seg.ns, &seg.id);
         let mode = if self.cfg.conditional_put {
             PutMode::Create
@@ -1000,10 +1032,11 @@ impl Inner {
             PutMode::Overwrite
         };
         if seg.buf.len() as u64 <= self.cfg.part_size {
-            self.writes
-                .put_opts(&path, seg.buf.clone().into(), PutOptions::from(mode.clone()))
-                .await
-                .map_err(err)?;
+            created(
+                self.writes
+                    .put_opts(&path, seg.buf.clone().into(), PutOptions::from(mode.clone()))
+                    .await,
+            )?;
         } else {
             let upload = self.writes.put_multipart(&path).await.map_err(err)?;
             let part = self.cfg.part_size as usize;
@@ -1021,12 +1054,12 @@ impl Inner {
             w.finish().await.map_err(err)?;
         }
         let idx = layout::encode_index(&seg.ns, seg.buf.len() as u64, &seg.entries);
-        let idx_path = layout::index_path(&self.prefix, &seg.ns, &seg.id);
-        self.writes
-            .put_opts(&idx_path, idx.into(), PutOptions::from(mode))
-            .await
-            .map_err(err)?;
-        Ok(())
+        let idx_path = layout::index_path(&self.prefix, &seg.ns, &seg.id, now_ms());
+        created(
+            self.writes
+                .put_opts(&idx_path, idx.into(), PutOptions::from(mode))
+                .await,
+        )
     }
 
     /// Fetches each group's range, all in parallel (bounded by the read slots), until
@@ -1121,8 +1154,8 @@ impl Inner {
         while let Some(item) = listing.next().await {
             match item {
                 Ok(meta) => {
-                    if let Some(id) = layout::index_id(&meta.location) {
-                        new.push((id, meta.location));
+                    if let Some((written, id)) = layout::index_id(&meta.location) {
+                        new.push((written, id, meta.location));
                     }
                 }
                 Err(e) => {
@@ -1133,20 +1166,21 @@ impl Inner {
                 }
             }
         }
+        inner.breaker.success();
         {
             let st = inner.state.lock();
             let seen = st.namespaces.get(&ns).map(|s| &s.seen);
-            new.retain(|(id, _)| id.writer != inner.writer && !seen.is_some_and(|s| s.contains(id)));
+            new.retain(|(_, id, _)| id.writer != inner.writer && !seen.is_some_and(|s| s.contains_key(id)));
         }
         let reads = futures::stream::iter(new)
-            .map(|(id, path)| {
+            .map(|(written, id, path)| {
                 let inner = Arc::clone(inner);
                 async move {
                     let r = match inner.reads.get(&path).await {
                         Ok(r) => r.bytes().await,
                         Err(e) => Err(e),
                     };
-                    (id, path, r)
+                    (written, id, path, r)
                 }
             })
             .buffer_unordered(8)
@@ -1155,7 +1189,7 @@ impl Inner {
         let mut st = inner.state.lock();
         let mut added = Vec::new();
         let mut done = Vec::new();
-        for (id, path, r) in reads {
+        for (written, id, path, r) in reads {
             match r {
                 Ok(b) => match layout::decode_index(&b).filter(|i| i.namespace == ns) {
                     Some(idx) => {
@@ -1176,10 +1210,10 @@ impl Inner {
                                 ));
                             }
                         }
-                        done.push(id);
+                        done.push((written, id));
                     }
                     None => {
-                        done.push(id);
+                        done.push((written, id));
                         inner.failed(
                             Failure::Corrupt,
                             format_args!("index {path} is damaged; skipped"),
@@ -1188,7 +1222,7 @@ impl Inner {
                     }
                 },
                 // Deleted between listing and reading: nothing to learn.
-                Err(object_store::Error::NotFound { .. }) => done.push(id),
+                Err(object_store::Error::NotFound { .. }) => done.push((written, id)),
                 Err(e) => inner.failed(Failure::of(&e), format_args!("reading index {path} failed"), &e),
             }
         }
@@ -1196,12 +1230,14 @@ impl Inner {
             st.insert(k, l);
         }
         let sync = st.namespaces.entry(ns).or_default();
-        for id in done {
-            sync.newest_ms = sync.newest_ms.max(id.unix_ms);
-            sync.seen.insert(id);
+        for (written, id) in done {
+            // A writer whose clock runs ahead must not push the listing start past indexes
+            // that others write now.
+            sync.newest_ms = sync.newest_ms.max(written.min(now_ms()));
+            sync.seen.insert(id, written);
         }
         let keep_from = sync.newest_ms.saturating_sub(2 * SYNC_OVERLAP_MS);
-        sync.seen.retain(|id| id.unix_ms >= keep_from);
+        sync.seen.retain(|_, written| *written >= keep_from);
         sync.synced = Some(Instant::now());
     }
 }

@@ -174,7 +174,13 @@ fn an_unreachable_store_means_not_stored_and_bounded_misses() {
     }
     let s = t.stats();
     assert_eq!((s.stores, s.not_stored), (0, 15));
-    assert_eq!(t.detail().failures_of(Failure::Unreachable), 3);
+    let d = t.detail();
+    // Refused connections; on a loaded machine the connect may time out instead.
+    assert_eq!(
+        d.failures_of(Failure::Unreachable) + d.failures_of(Failure::Timeout),
+        3,
+        "{d:?}"
+    );
     assert!(t.detail().degraded, "three outages pause the tier");
     assert_eq!(
         t.put_batch(&[(key(100), &[1, 2, 3])]),
