@@ -195,14 +195,21 @@ impl ObjectSection {
                 .trim()
                 .to_owned()
         };
-        if !self.access_key_id.is_empty() {
-            if secret.is_empty() {
-                bail!(
-                    "invalid configuration `object.access_key_id`: set without `object.secret_access_key(_file)`"
-                );
-            }
+        // A secret given here pairs with the key id given here, else with AWS_ACCESS_KEY_ID.
+        let key_id = if self.access_key_id.is_empty() && !secret.is_empty() {
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default()
+        } else {
+            self.access_key_id.clone()
+        };
+        if key_id.is_empty() != secret.is_empty() {
+            bail!(
+                "invalid configuration `object.access_key_id`/`object.secret_access_key(_file)`: \
+                 one is set without the other (the key id may also come from AWS_ACCESS_KEY_ID)"
+            );
+        }
+        if !key_id.is_empty() {
             c.credentials = Some(kvstore::object::ObjectCredentials {
-                access_key_id: self.access_key_id.clone(),
+                access_key_id: key_id,
                 secret_access_key: secret,
                 session_token: nonempty(&self.session_token),
             });
@@ -1143,6 +1150,71 @@ mod tests {
                 let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
                 assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
             }
+        });
+    }
+
+    #[test]
+    fn the_object_tier_from_file_env_and_flags() {
+        jailed(|jail| {
+            jail.create_file("s3-secret", "from-file\n")
+                .expect("write secret");
+            jail.set_env("KVTIER_OBJECT__REGION", "eu-west-1");
+            let text = "[object]\nurl = \"s3://file-bucket/p\"\naccess_key_id = \"AK\"\n\
+                        secret_access_key_file = \"s3-secret\"\nwrite_through_min_blocks = 4\n";
+            let flags = NodeFlags {
+                object_url: Some("s3://flag-bucket/kv".into()),
+                object_endpoint: Some("http://127.0.0.1:9000".into()),
+                ..NodeFlags::default()
+            };
+            let cfg = load_file(jail, text, &flags).unwrap();
+            assert!(cfg.object.enabled);
+            assert_eq!(cfg.object.url, "s3://flag-bucket/kv");
+            assert_eq!(cfg.object.region, "eu-west-1");
+            assert_eq!(cfg.object.write_through_min_blocks, 4);
+            let store = cfg.store_config().unwrap();
+            let o = store.object.expect("object tier configured");
+            assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+            let creds = o.credentials.expect("static keys");
+            assert_eq!(
+                (creds.access_key_id.as_str(), creds.secret_access_key.as_str()),
+                ("AK", "from-file")
+            );
+            assert!(
+                !format!("{creds:?}").contains("from-file"),
+                "Debug hides the secret"
+            );
+        });
+    }
+
+    #[test]
+    fn object_settings_are_checked_and_the_secret_is_hidden() {
+        jailed(|jail| {
+            for (text, key) in [
+                ("[object]\nenabled = true\n", "object.url"),
+                ("[object]\nenabled = true\nurl = \"gs://b\"\n", "object.url"),
+                (
+                    "[object]\nenabled = true\nurl = \"s3://b\"\npart_size = \"1MiB\"\n",
+                    "object.part_size",
+                ),
+                (
+                    "[object]\nenabled = true\nurl = \"s3://b\"\nread_concurrency = 0\n",
+                    "object.read_concurrency",
+                ),
+                (
+                    "[object]\nenabled = true\nurl = \"s3://b\"\naccess_key_id = \"AK\"\n",
+                    "object.access_key_id",
+                ),
+                ("[object]\nbucket = \"b\"\n", "bucket"),
+            ] {
+                let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
+                assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
+            }
+            let text = "[object]\nenabled = true\nurl = \"s3://b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"hunter2\"\n";
+            let shown = load_file(jail, text, &NodeFlags::default())
+                .unwrap()
+                .to_toml()
+                .unwrap();
+            assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
         });
     }
 }

@@ -15,6 +15,8 @@ use kvstore::client::{Client, ClientConfig};
 use kvstore::{BlockHash, Namespace};
 
 pub mod redis;
+#[path = "../../../kvstore/tests/common/weed.rs"]
+pub mod weed;
 
 /// How long an agent may take to start or stop before a test fails.
 pub const AGENT_WAIT: Duration = Duration::from_secs(20);
