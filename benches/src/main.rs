@@ -7,6 +7,7 @@ mod e2e;
 mod host;
 mod index;
 mod local;
+mod object;
 mod report;
 mod transfer;
 
@@ -64,6 +65,22 @@ pub(crate) struct TiersArgs {
     /// Skip the disk part.
     #[arg(long)]
     pub(crate) no_disk: bool,
+    /// Skip the object-store part (otherwise a SeaweedFS S3 server is started from
+    /// `$KVTIER_WEED` or target/venv-s3, unless `--s3-endpoint` names one).
+    #[arg(long)]
+    pub(crate) no_object: bool,
+    /// An S3 endpoint to measure instead of a local SeaweedFS (e.g. http://minio:9000).
+    #[arg(long, value_name = "URL")]
+    pub(crate) s3_endpoint: Option<String>,
+    /// Bucket on `--s3-endpoint`.
+    #[arg(long)]
+    pub(crate) s3_bucket: Option<String>,
+    /// Access key for `--s3-endpoint`.
+    #[arg(long)]
+    pub(crate) s3_access_key: Option<String>,
+    /// Secret key for `--s3-endpoint` (or `KVBENCH_S3_SECRET_KEY`).
+    #[arg(long, env = "KVBENCH_S3_SECRET_KEY", hide_env_values = true)]
+    pub(crate) s3_secret_key: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -91,6 +108,9 @@ fn tiers(args: &TiersArgs) -> Result<()> {
     }
     if !args.no_disk {
         rows.extend(disk::run(args, reps)?);
+    }
+    if !args.no_object {
+        rows.extend(object::run(args, reps)?);
     }
     report::print(&rows);
     if let Some(path) = &args.json {
