@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "python" / "tests"))
 
+from s3server import WeedServer  # noqa: E402
+
 from kvagent_process import Agent  # noqa: E402
 
 MODEL = REPO / "target" / "e2e-model"
@@ -50,6 +52,13 @@ def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="kvt-e2e-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def s3() -> Iterator[WeedServer]:
+    server = WeedServer()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import random
 import re
 from pathlib import Path
 
+from s3server import WeedServer
+
 import kvtier
 from conftest import PREFIX_TOKENS, OpenAIServer, run_engine, run_engine_report
 from kvagent_process import Agent
@@ -70,6 +72,39 @@ def test_after_an_agent_restart_hits_come_from_disk(
         assert stats["host"]["promotions"] >= PREFIX_TOKENS // 32
     finally:
         agent.kill()
+
+
+def test_with_host_and_disk_emptied_the_prefix_comes_from_s3(
+    model: Path, prompts: Path, baseline: list[list[int]], workdir: Path, s3: WeedServer
+) -> None:
+    cfg = workdir / "agent.toml"
+    cfg.write_text(s3.agent_toml("e2e") + 'write_through_min_blocks = 1\n[disk]\nslab_size = "64MiB"\n')
+
+    def start(name: str) -> Agent:
+        disk = ["--disk-dir", str(workdir / f"disk-{name}"), "--disk-size", "1GiB"]
+        return Agent(workdir / f"{name}.sock", ["--config", str(cfg), "--host-size", "256MiB", *disk])
+
+    first = start("first")
+    try:
+        run_engine(model, prompts, "--socket", str(first.socket))
+        assert first.stop() == 0, "a clean stop uploads what the object tier still holds"
+    finally:
+        first.kill()
+    # Another agent (another node): empty arena, empty disk, the same bucket and prefix.
+    second = start("second")
+    try:
+        report = run_engine_report(model, prompts, "--socket", str(second.socket))
+        (after,) = report["rounds"]
+        assert after[0]["cached"] >= PREFIX_TOKENS
+        assert tokens(after) == baseline
+        assert any(line.endswith(" asynchronously") for line in report["log"]), report["log"]
+        stats = json.loads(kvtier.Client(str(second.socket)).stats())
+        assert stats["disk"]["hits"] == 0
+        assert stats["object"]["hits"] >= PREFIX_TOKENS // 32
+        assert stats["host"]["promotions"] >= PREFIX_TOKENS // 32
+        assert stats["object_detail"]["remote_blocks"] >= PREFIX_TOKENS // 32
+    finally:
+        second.kill()
 
 
 def test_an_agent_killed_mid_run_costs_hits_never_requests(
