@@ -18,8 +18,8 @@ use crate::report::{Row, median, paired};
 #[path = "../../kvstore/tests/common/weed.rs"]
 mod weed;
 
-/// Size of the objects both sides write.
-const OBJECT: u64 = 8 << 20;
+/// Size of the objects both sides write: the tier's default `target_object_size`.
+const OBJECT: u64 = 32 << 20;
 /// Uploads, and reads, in flight on both sides.
 const CONCURRENCY: usize = 4;
 
@@ -69,6 +69,8 @@ fn tier_config(s: &Server, prefix: &str) -> ObjectTierConfig {
     c.upload_concurrency = CONCURRENCY;
     c.read_concurrency = CONCURRENCY;
     c.read_timeout = Duration::from_secs(30);
+    // The whole run is handed over at once, as the raw side holds it all in memory too.
+    c.max_pending = 2 << 30;
     c.flush_interval = Duration::from_secs(3600);
     c.sync_interval = Duration::ZERO;
     c

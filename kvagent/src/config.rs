@@ -126,7 +126,8 @@ pub struct ObjectSection {
     pub write_through_min_blocks: u32,
     /// How often other agents' blocks are learned from the bucket, in milliseconds; 0: never.
     pub sync_interval_ms: u32,
-    /// How long the first lookup of a model waits for that first sync, in milliseconds.
+    /// How long the first lookup of a namespace (model, adapter, tenant) waits for its first
+    /// sync, in milliseconds (once per namespace).
     pub lookup_sync_wait_ms: u32,
     /// Most blocks remembered (own and other agents'), about 100 bytes each.
     pub max_catalog_blocks: u64,

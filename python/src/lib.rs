@@ -156,7 +156,8 @@ impl Client {
         self.inner.disconnect();
     }
 
-    /// Tier codes (1 host, 2 disk) of the leading stored blocks; its length is the match.
+    /// Tier codes (1 host, 2 disk, 3 peer, 4 object store) of the leading stored blocks; its
+    /// length is the match.
     fn lookup(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Vec<u32>> {
         let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
         let tiers = py.detach(|| self.inner.lookup(&ns, &hashes)).map_err(to_py)?;

@@ -42,6 +42,11 @@ class Layer:
         ctypes.memset(self.buf, 0, len(self.buf))
 
 
+def test_tier_codes_match_the_protocol() -> None:
+    codes = (kvtier.TIER_MISS, kvtier.TIER_HOST, kvtier.TIER_DISK, kvtier.TIER_PEER, kvtier.TIER_OBJECT)
+    assert codes == (0, 1, 2, 3, 4)
+
+
 def test_namespace_fields_matter() -> None:
     assert len(NS) == 16
     assert kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1) == NS

@@ -1,6 +1,7 @@
-//! `kvagent node`: the per-node daemon. It owns the store (host arena and disk tier), serves
-//! engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or SIGINT
-//! drains in-flight calls, persists the disk tier's metadata and exits 0.
+//! `kvagent node`: the per-node daemon. It owns the store (host arena, disk tier, object tier),
+//! serves engines on the local socket, exports metrics and health over HTTP, and on SIGTERM or
+//! SIGINT drains in-flight calls, persists the disk tier's metadata, uploads what the object
+//! tier still holds in memory and exits 0.
 
 mod peer;
 mod publish;

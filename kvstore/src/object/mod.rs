@@ -894,7 +894,9 @@ impl Inner {
                 writer: self.writer,
                 seq: self.seq.fetch_add(1, Relaxed),
             },
-            buf: Vec::new(),
+            // Reserved at once (pages are only touched as blocks arrive): growing by doubling
+            // would copy the segment several times over.
+            buf: Vec::with_capacity(self.cfg.target_object_size as usize + HEADER_LEN),
             entries: Vec::new(),
             opened: Instant::now(),
         }
@@ -960,9 +962,9 @@ impl Inner {
     /// store from now on, on failure they are forgotten (not stored).
     async fn upload(inner: Arc<Self>, seg: Arc<Sealed>) {
         let result = match inner.uploads.acquire().await {
-            Ok(_permit) => {
+            Ok(permit) => {
                 let limit = inner.cfg.retry_timeout + inner.cfg.request_timeout;
-                match tokio::time::timeout(limit, inner.put_segment(&seg)).await {
+                match tokio::time::timeout(limit, inner.put_segment(&seg, permit)).await {
                     Ok(r) => r,
                     Err(_) => Err((Failure::Timeout, format!("no success within {limit:?}"))),
                 }
@@ -1017,7 +1019,13 @@ impl Inner {
         inner.idle.notify_all();
     }
 
-    async fn put_segment(&self, seg: &Sealed) -> std::result::Result<(), (Failure, String)> {
+    /// Uploads the segment, gives its upload slot back (the index is small: the next segment
+    /// need not wait for it), then writes the index.
+    async fn put_segment(
+        &self,
+        seg: &Sealed,
+        slot: tokio::sync::SemaphorePermit<'_>,
+    ) -> std::result::Result<(), (Failure, String)> {
         let err = |e: object_store::Error| (Failure::of(&e), e.to_string());
         // Names are unique to this writer, so "already exists" means a retried request whose
         // first try succeeded unseen (S3 puts are atomic: the object is whole).
@@ -1032,11 +1040,9 @@ impl Inner {
             PutMode::Overwrite
         };
         if seg.buf.len() as u64 <= self.cfg.part_size {
-            created(
-                self.writes
-                    .put_opts(&path, seg.buf.clone().into(), PutOptions::from(mode.clone()))
-                    .await,
-            )?;
+            // A plain put: the name is unique to this writer, so a condition would only cost
+            // the store a lookup. The index, which makes the segment visible, is conditional.
+            created(self.writes.put(&path, seg.buf.clone().into()).await)?;
         } else {
             let upload = self.writes.put_multipart(&path).await.map_err(err)?;
             let part = self.cfg.part_size as usize;
@@ -1053,6 +1059,7 @@ impl Inner {
             }
             w.finish().await.map_err(err)?;
         }
+        drop(slot);
         let idx = layout::encode_index(&seg.ns, seg.buf.len() as u64, &seg.entries);
         let idx_path = layout::index_path(&self.prefix, &seg.ns, &seg.id, now_ms());
         created(
