@@ -71,11 +71,14 @@ pub struct ObjectSection {
     pub enabled: bool,
     /// `s3://bucket/prefix` (also `file:///dir` for a shared file system).
     pub url: String,
-    /// Endpoint of an S3-compatible store (`http://minio:9000`); empty: `AWS_ENDPOINT`, else AWS.
+    /// Endpoint of an S3-compatible store (`http://minio:9000`); empty: `AWS_ENDPOINT_URL_S3`,
+    /// `AWS_ENDPOINT_URL` or `AWS_ENDPOINT`, else AWS.
     pub endpoint: String,
-    /// Region; empty: `AWS_REGION`/`AWS_DEFAULT_REGION`, the profile's, else `us-east-1`.
+    /// Region; empty: `AWS_REGION`, `AWS_DEFAULT_REGION`, the credentials profile's, else
+    /// `us-east-1`.
     pub region: String,
-    /// Allows plain HTTP; unset: allowed when `endpoint` starts with `http://`.
+    /// Allows plain HTTP; unset: `AWS_ALLOW_HTTP`, else allowed when the endpoint starts with
+    /// `http://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_http: Option<bool>,
     /// Virtual-hosted-style requests (`bucket.host`) instead of path style.
@@ -129,7 +132,7 @@ pub struct ObjectSection {
     /// How long the first lookup of a namespace (model, adapter, tenant) waits for its first
     /// sync, in milliseconds (once per namespace).
     pub lookup_sync_wait_ms: u32,
-    /// Most blocks remembered (own and other agents'), about 100 bytes each.
+    /// Most blocks remembered (own and other agents'), about 150 bytes of memory each.
     pub max_catalog_blocks: u64,
     /// Threads of the tier's I/O runtime.
     pub threads: u32,

@@ -81,11 +81,14 @@ pub struct ObjectTierConfig {
     /// `s3://bucket/prefix`, `file:///dir` or `memory://prefix`. Agents with the same URL share
     /// blocks.
     pub url: String,
-    /// S3 endpoint for stores other than AWS (`http://host:port`); else `AWS_ENDPOINT`, else AWS.
+    /// S3 endpoint for stores other than AWS (`http://host:port`); else `AWS_ENDPOINT_URL_S3`,
+    /// `AWS_ENDPOINT_URL` or `AWS_ENDPOINT`, else AWS.
     pub endpoint: Option<String>,
-    /// Region; else `AWS_REGION`/`AWS_DEFAULT_REGION`, the profile's, or `us-east-1`.
+    /// Region; else `AWS_REGION`, `AWS_DEFAULT_REGION`, the credentials profile's, or
+    /// `us-east-1`.
     pub region: Option<String>,
-    /// Allows plain HTTP; `None`: allowed when the endpoint is `http://`.
+    /// Allows plain HTTP; `None`: `AWS_ALLOW_HTTP`, else allowed when the endpoint is
+    /// `http://`.
     pub allow_http: Option<bool>,
     /// `https://bucket.host` instead of `https://host/bucket`.
     pub virtual_hosted_style: bool,
