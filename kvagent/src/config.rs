@@ -99,7 +99,8 @@ pub struct ObjectSection {
     pub conditional_put: bool,
     /// Blocks are packed into objects of about this size.
     pub target_object_size: ByteSize,
-    /// Part size of multipart uploads (at least 5 MiB).
+    /// Part size of multipart uploads (at least 5 MiB); segments up to this size go up in one
+    /// PUT, which costs the store less than an upload of parts.
     pub part_size: ByteSize,
     /// A partly filled object is uploaded after this many milliseconds.
     pub flush_interval_ms: u32,
@@ -154,7 +155,7 @@ impl Default for ObjectSection {
             profile: String::new(),
             conditional_put: true,
             target_object_size: ByteSize::mib(32),
-            part_size: ByteSize::mib(16),
+            part_size: ByteSize::mib(64),
             flush_interval_ms: 1000,
             max_pending: ByteSize::mib(512),
             upload_concurrency: 4,
