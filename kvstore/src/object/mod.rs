@@ -1119,22 +1119,12 @@ impl Inner {
         out
     }
 
-    /// Learns the namespaces in the bucket, then syncs each.
+    /// Syncs every namespace this agent has used (stored, looked up or read). Other
+    /// namespaces in the bucket — other models, adapters, tenants — are never listed: their
+    /// blocks would only fill the catalog.
     async fn sync_all(inner: &Arc<Self>) {
         if inner.breaker.is_open() {
             return;
-        }
-        let root = layout::root(&inner.prefix);
-        match inner.reads.list_with_delimiter(Some(&root)).await {
-            Ok(list) => {
-                let mut st = inner.state.lock();
-                for p in &list.common_prefixes {
-                    if let Some(ns) = p.filename().and_then(layout::parse_namespace) {
-                        st.namespaces.entry(ns).or_default();
-                    }
-                }
-            }
-            Err(e) => inner.failed(Failure::of(&e), format_args!("listing {root} failed"), &e),
         }
         let nss: Vec<Namespace> = inner.state.lock().namespaces.keys().copied().collect();
         for ns in nss {
