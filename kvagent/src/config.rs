@@ -200,11 +200,16 @@ impl ObjectSection {
                 .trim()
                 .to_owned()
         };
-        // A secret given here pairs with the key id given here, else with AWS_ACCESS_KEY_ID.
+        // One half of a key pair given here pairs with the other half from the environment.
         let key_id = if self.access_key_id.is_empty() && !secret.is_empty() {
             std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default()
         } else {
             self.access_key_id.clone()
+        };
+        let secret = if secret.is_empty() && !self.access_key_id.is_empty() {
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default()
+        } else {
+            secret
         };
         if key_id.is_empty() != secret.is_empty() {
             bail!(
@@ -1046,6 +1051,9 @@ impl NodeConfig {
         }
         if !shown.object.secret_access_key.is_empty() {
             shown.object.secret_access_key = "***".into();
+        }
+        if !shown.object.session_token.is_empty() {
+            shown.object.session_token = "***".into();
         }
         toml::to_string_pretty(&shown).context("encoding the configuration as TOML")
     }

@@ -82,7 +82,7 @@ impl TieredStore {
         let host = HostTier::new(&cfg.host)?;
         let disk = cfg.disk.map(DiskTier::open).transpose()?;
         let (object_wait, object_flush) = cfg.object.as_ref().map_or((Duration::ZERO, Duration::ZERO), |o| {
-            (o.read_timeout, o.retry_timeout)
+            (o.read_timeout, o.retry_timeout + o.request_timeout)
         });
         let object = cfg.object.map(ObjectTier::open).transpose()?;
         Ok(Self {
@@ -121,10 +121,16 @@ impl TieredStore {
             let lens: Vec<u64> = batch.iter().map(|(_, d)| d.len() as u64).collect();
             let victims = disk.take_victims(&lens);
             if !victims.is_empty() {
-                let present = object.contains_many(&victims);
+                // Only what the object tier lacks is read and sent.
+                let absent: Vec<BlockKey> = victims
+                    .iter()
+                    .zip(object.contains_many(&victims))
+                    .filter(|(_, p)| !p)
+                    .map(|(k, _)| *k)
+                    .collect();
                 let mut demoted = 0;
-                disk.read_held(&victims, |j, payload| {
-                    if !present[j] && object.put_batch(&[(victims[j], payload)])[0] == PutOutcome::Stored {
+                disk.read_held(&absent, |j, payload| {
+                    if object.put_batch(&[(absent[j], payload)])[0] == PutOutcome::Stored {
                         demoted += 1;
                     }
                 });
@@ -299,28 +305,59 @@ impl TieredStore {
         }
         if let Some(object) = self.object.as_ref().filter(|o| !o.is_paused()) {
             if out.iter().any(Option::is_none) {
-                let deadline = deadline.unwrap_or_else(|| Instant::now() + self.object_wait);
-                let missing_ns: HashSet<_> = keys
-                    .iter()
-                    .zip(&out)
-                    .filter(|(_, l)| l.is_none())
-                    .map(|(k, _)| k.namespace)
-                    .collect();
-                for ns in &missing_ns {
-                    object.sync_namespace(ns);
-                }
-                self.promote(
-                    keys,
-                    &mut out,
-                    &mut direct,
-                    TierLevel::Object,
-                    |missing| object.lens(missing),
-                    |read_keys, sink| object.get_batch(read_keys, deadline, sink),
-                    |_| {},
-                );
+                let until = deadline.unwrap_or_else(|| Instant::now() + self.object_wait);
+                self.promote_from_object(object, keys, &mut out, &mut direct, until);
             }
         }
         (out, direct)
+    }
+
+    /// Promotion from the object store. Unlike the disk step, the blocks are fetched first
+    /// and host slots are made for them only once they are here: a slow or failing store then
+    /// costs the host nothing — no hot block evicted for a read that misses, no slot held
+    /// `Busy` for the whole read against an engine saving that very block meanwhile. Fetched
+    /// blocks the host cannot take go to `direct`.
+    fn promote_from_object(
+        &self,
+        object: &ObjectTier,
+        keys: &[BlockKey],
+        out: &mut [Option<(Lease, TierLevel)>],
+        direct: &mut Vec<(usize, TierLevel)>,
+        until: Instant,
+    ) {
+        let done: HashSet<usize> = direct.iter().map(|(i, _)| *i).collect();
+        let idx: Vec<usize> = (0..keys.len())
+            .filter(|i| out[*i].is_none() && !done.contains(i))
+            .collect();
+        if idx.is_empty() {
+            return;
+        }
+        let missing: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+        for ns in missing.iter().map(|k| k.namespace).collect::<HashSet<_>>() {
+            object.sync_namespace_until(&ns, until);
+        }
+        let mut fetched: Vec<Option<Vec<u8>>> = vec![None; missing.len()];
+        object.get_batch(&missing, until, |j, payload| fetched[j] = Some(payload.to_vec()));
+        let got: Vec<usize> = (0..missing.len()).filter(|j| fetched[*j].is_some()).collect();
+        let wanted: Vec<(BlockKey, u64)> = got
+            .iter()
+            .map(|&j| (missing[j], fetched[j].as_ref().map_or(0, |d| d.len() as u64)))
+            .collect();
+        for (&j, r) in got.iter().zip(self.reserve_batch(&wanted)) {
+            // Not reserved: committed or being stored by someone else meanwhile (acquired
+            // below), or no slot could be freed (read directly).
+            if let (Ok(r), Some(data)) = (r, &fetched[j]) {
+                self.host.write(&r, data);
+                self.host.commit_promoted(r);
+            }
+        }
+        for &j in &got {
+            let i = idx[j];
+            out[i] = self.host.acquire_quiet(&keys[i]).map(|l| (l, TierLevel::Object));
+            if out[i].is_none() {
+                direct.push((i, TierLevel::Object));
+            }
+        }
     }
 
     /// One promotion step of [`Self::acquire_tiered`]: the keys still missing that `lens` finds
@@ -535,6 +572,12 @@ impl TieredStore {
     /// How many leading `keys` are stored, and in which tier each one is. Does not change the
     /// LRU order or the hit counters.
     pub fn lookup_prefix(&self, keys: &[BlockKey]) -> PrefixMatch {
+        self.lookup_prefix_until(keys, Instant::now() + self.object_wait)
+    }
+
+    /// [`Self::lookup_prefix`] within a call's deadline: the first lookup of a namespace waits
+    /// for the object tier's first sync of it no later than `until`.
+    pub fn lookup_prefix_until(&self, keys: &[BlockKey], until: Instant) -> PrefixMatch {
         let in_host = self.host.contains_many(keys);
         let first_gap = in_host.iter().position(|h| !h).unwrap_or(keys.len());
         let mut tiers = vec![TierLevel::Host; first_gap];
@@ -548,7 +591,7 @@ impl TieredStore {
                 // A paused tier's blocks cannot be read now: reporting them would only turn
                 // into misses at acquire.
                 Some(o) if !o.is_paused() => {
-                    o.sync_namespace(&rest[0].namespace);
+                    o.sync_namespace_until(&rest[0].namespace, until);
                     o.contains_many(rest)
                 }
                 _ => vec![false; rest.len()],
@@ -636,7 +679,7 @@ impl TieredStore {
     /// Copies blocks the host holds to the object tier (write-through of blocks worth
     /// sharing); returns how many were newly stored there. Blocks not in host are skipped.
     pub fn write_through(&self, keys: &[BlockKey]) -> usize {
-        let Some(object) = &self.object else {
+        let Some(object) = self.object.as_ref().filter(|o| o.has_room_for_copies()) else {
             return 0;
         };
         let present = object.contains_many(keys);
@@ -661,10 +704,13 @@ impl TieredStore {
         stored
     }
 
-    /// Persists the disk tier's metadata (also done on drop) and uploads what the object tier
-    /// holds in memory (waiting up to its retry timeout; what is left then is lost, and
-    /// logged).
+    /// Persists the disk tier's metadata (also done on drop), then uploads what the object
+    /// tier holds in memory (waiting up to one upload's time limit, `retry_timeout` +
+    /// `request_timeout`; what is left then is lost, and logged).
     pub fn flush(&self) -> Result<()> {
+        // The disk's metadata first: quick, and not to be lost if the uploads outlast the
+        // stop's grace period.
+        self.disk.as_ref().map_or(Ok(()), DiskTier::flush)?;
         if let Some(object) = &self.object {
             let left = object.flush(self.object_flush);
             if left > 0 {
@@ -675,6 +721,6 @@ impl TieredStore {
                 );
             }
         }
-        self.disk.as_ref().map_or(Ok(()), DiskTier::flush)
+        Ok(())
     }
 }

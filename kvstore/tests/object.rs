@@ -480,3 +480,34 @@ fn answer_503(mut s: std::net::TcpStream) {
         body.len()
     );
 }
+
+/// Disk slabs that waste space at their end (here 2 records of 1.5 MiB + 4 KiB in 4 MiB) must
+/// still demote every disk eviction, not drop it: the victims are found the way the disk's own
+/// eviction finds them, not by counting free bytes.
+#[test]
+fn disk_evictions_demote_even_when_slabs_waste_space() {
+    let dir = scratch();
+    let mut object = ObjectTierConfig::new("memory://waste");
+    object.sync_interval = Duration::ZERO;
+    let s = TieredStore::open(StoreConfig {
+        host: host(16 * MIB, 4 * MIB),
+        disk: Some(disk(dir.path(), 16 * MIB, 4 * MIB, kvstore::IoEngineChoice::Auto)),
+        object: Some(object),
+    })
+    .expect("open store");
+    let len = (3 * MIB / 2) as usize;
+    for i in 0..40 {
+        assert_eq!(s.put(&key(i), &payload(i, len)), PutOutcome::Stored, "block {i}");
+    }
+    let st = s.stats();
+    let d = st.disk.unwrap();
+    assert!(d.evictions > 0, "the disk filled: {d:?}");
+    assert_eq!(d.demotions, d.evictions, "every disk eviction went to the object tier: {d:?}");
+    let m = s.lookup_prefix(&(0..40).map(key).collect::<Vec<_>>());
+    assert_eq!(m.len, 40, "no block was lost on the way down");
+    for i in 0..40 {
+        let mut buf = vec![0u8; len];
+        assert!(s.get(&key(i), &mut buf).unwrap().is_some(), "block {i}");
+        assert!(buf == payload(i, len), "block {i} differs");
+    }
+}

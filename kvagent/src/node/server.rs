@@ -582,7 +582,7 @@ fn dispatch(
             0,
         ),
         Request::Lookup(ns, hashes) => {
-            let mut tiers = session.lookup(ns, &hashes);
+            let mut tiers = session.lookup(ns, &hashes, deadline);
             // Protocol 3 knows blocks held by a peer.
             if version >= 3 && tiers.len() < hashes.len() {
                 tiers = shared.peers.extend_lookup(&shared.models, ns, &hashes, tiers);

@@ -28,9 +28,11 @@ impl Session {
         }
     }
 
-    pub(crate) fn lookup(&self, ns: Namespace, hashes: &[BlockHash]) -> Vec<TierLevel> {
+    /// The tiers of the leading stored blocks. A first lookup of a namespace may wait for the
+    /// object tier's first sync of it, for at most most of the time left before `deadline`.
+    pub(crate) fn lookup(&self, ns: Namespace, hashes: &[BlockHash], deadline: Instant) -> Vec<TierLevel> {
         let keys = keys(ns, hashes);
-        self.store.lookup_prefix(&keys).tiers
+        self.store.lookup_prefix_until(&keys, budget(deadline)).tiers
     }
 
     pub(crate) fn reserve(&mut self, ns: Namespace, items: &[(BlockHash, u64)]) -> Vec<ReserveStatus> {
@@ -81,8 +83,7 @@ impl Session {
         hashes: &[BlockHash],
         deadline: Instant,
     ) -> Vec<AcquireStatus> {
-        let now = Instant::now();
-        let deadline = now + deadline.saturating_duration_since(now).mul_f32(0.8);
+        let deadline = budget(deadline);
         let keys = keys(ns, hashes);
         let mut out = Vec::with_capacity(keys.len());
         for (key, got) in keys
@@ -151,4 +152,11 @@ impl Drop for Session {
 
 fn keys(ns: Namespace, hashes: &[BlockHash]) -> Vec<BlockKey> {
     hashes.iter().map(|h| BlockKey::new(ns, *h)).collect()
+}
+
+/// The part of a call's remaining time that object-store requests may use: four fifths, so
+/// that blocks not back in time are misses in an answer that still arrives before `deadline`.
+fn budget(deadline: Instant) -> Instant {
+    let now = Instant::now();
+    now + deadline.saturating_duration_since(now).mul_f32(0.8)
 }

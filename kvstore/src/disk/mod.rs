@@ -540,32 +540,39 @@ impl DiskTier {
         self.read(keys, true, sink)
     }
 
-    /// Picks the least-recently-used blocks that must leave for records of `lens` to fit (none
-    /// while free space or growth suffices) and holds them, readable and not evictable, so a
-    /// caller can copy them to a lower tier ([`Self::read_held`]) before they go
-    /// ([`Self::evict_held`]). The choice counts bytes, not slots, so fragmentation may still
-    /// make a later write evict (and drop) a block of its own.
+    /// Picks the blocks that must leave for records of `lens` to be written — the ones
+    /// [`Self::put_batch`] would evict, found the same way (a free slot, else a new slab, else
+    /// the least-recently-used victims of that slot size or a whole slab) — and holds them,
+    /// readable and not evictable, so a caller can copy them to a lower tier
+    /// ([`Self::read_held`]) before they go ([`Self::evict_held`]). None while free slots or
+    /// growth suffice.
     pub fn take_victims(&self, lens: &[u64]) -> Vec<BlockKey> {
         let mut st = self.state.lock();
-        let needed: u64 = lens.iter().map(|l| record_len(*l)).sum();
-        let capacity = st.alloc.max_slabs() as u64 * self.slab_size;
-        let free = capacity.saturating_sub(st.alloc.used_bytes());
-        if free >= needed {
-            return Vec::new();
-        }
-        let mut short = needed - free;
+        // Slots taken only to see what fits; given back below.
+        let mut trial = Vec::new();
         let mut victims = Vec::new();
-        for (k, e) in st.entries.iter().rev() {
-            if short == 0 {
+        for &len in lens.iter().filter(|l| **l <= self.max_block_len()) {
+            let rec = record_len(len);
+            loop {
+                if let Some(slot) = st.alloc.alloc(rec) {
+                    trial.push(slot);
+                } else if st.alloc.can_grow() && self.grow(&mut st) {
+                    continue;
+                } else {
+                    // Held blocks have readers, so a later round never picks them again.
+                    let more = st
+                        .entries
+                        .victims(rec, |slab| st.pending.values().any(|s| s.slab == slab));
+                    for k in &more {
+                        st.entries.acquire(k);
+                    }
+                    victims.extend(more);
+                }
                 break;
             }
-            if e.evictable() {
-                victims.push(*k);
-                short = short.saturating_sub(e.slot.size);
-            }
         }
-        for k in &victims {
-            st.entries.acquire(k);
+        for slot in trial {
+            st.alloc.free(slot);
         }
         victims
     }

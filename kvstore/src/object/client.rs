@@ -328,7 +328,26 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
             },
         )
     };
-    let mut b = AmazonS3Builder::from_env()
+    // Static keys (the configuration's, else a credentials profile's when the environment
+    // names none) start from a builder that has read nothing from the environment: otherwise
+    // an unrelated AWS_SESSION_TOKEN there would be sent along with them and refused.
+    let profile = match &cfg.credentials {
+        None if env("AWS_ACCESS_KEY_ID").is_none() => ProfileCredentials::load(cfg.profile.as_deref()),
+        _ => None,
+    };
+    let static_keys = cfg.credentials.clone().or_else(|| {
+        profile.as_ref().map(|p| super::ObjectCredentials {
+            access_key_id: p.access_key_id.clone(),
+            secret_access_key: p.secret_access_key.clone(),
+            session_token: p.session_token.clone(),
+        })
+    });
+    let builder = if static_keys.is_some() {
+        AmazonS3Builder::new()
+    } else {
+        AmazonS3Builder::from_env()
+    };
+    let mut b = builder
         .with_bucket_name(bucket)
         .with_allow_http(allow_http)
         .with_virtual_hosted_style_request(cfg.virtual_hosted_style)
@@ -354,28 +373,15 @@ fn s3(cfg: &ObjectTierConfig, bucket: &str, for_reads: bool) -> Result<Arc<dyn O
         .filter(|r| !r.is_empty())
         .or_else(|| env("AWS_REGION"))
         .or_else(|| env("AWS_DEFAULT_REGION"));
-    match &cfg.credentials {
-        Some(c) => {
-            b = b
-                .with_access_key_id(&c.access_key_id)
-                .with_secret_access_key(&c.secret_access_key);
-            if let Some(t) = c.session_token.as_deref().filter(|t| !t.is_empty()) {
-                b = b.with_token(t);
-            }
+    if let Some(c) = static_keys {
+        b = b
+            .with_access_key_id(c.access_key_id)
+            .with_secret_access_key(c.secret_access_key);
+        if let Some(t) = c.session_token.filter(|t| !t.is_empty()) {
+            b = b.with_token(t);
         }
-        None if env("AWS_ACCESS_KEY_ID").is_none() => {
-            if let Some(p) = ProfileCredentials::load(cfg.profile.as_deref()) {
-                b = b
-                    .with_access_key_id(p.access_key_id)
-                    .with_secret_access_key(p.secret_access_key);
-                if let Some(t) = p.session_token {
-                    b = b.with_token(t);
-                }
-                region = region.or(p.region);
-            }
-        }
-        None => {}
     }
+    region = region.or_else(|| profile.and_then(|p| p.region));
     b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
     let s3 = b.build().map_err(|e| Error::InvalidConfig {
         field: "object",

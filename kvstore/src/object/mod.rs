@@ -47,6 +47,8 @@ use layout::PAYLOAD_ALIGN;
 /// Index objects are listed again from this far before the newest one seen, so a writer whose
 /// clock lags (or whose upload finished late) is still found.
 const SYNC_OVERLAP_MS: u64 = 60_000;
+/// A namespace not used for this long is no longer synced (until it is used again).
+const IDLE_NAMESPACE: Duration = Duration::from_secs(600);
 /// Ranges of one segment closer than this are read with one request.
 const COALESCE_GAP: u64 = 1 << 20;
 /// Longest coalesced read.
@@ -179,6 +181,17 @@ impl ObjectTierConfig {
                 format!("{} is below S3's minimum part of 5 MiB", self.part_size),
             );
         }
+        // S3's largest single PUT and largest part.
+        const MAX_PUT: u64 = 5 << 30;
+        if self.part_size > MAX_PUT || self.target_object_size > MAX_PUT {
+            return bad(
+                "object.target_object_size",
+                "target_object_size and part_size must be at most 5 GiB (S3's largest PUT)".into(),
+            );
+        }
+        if self.flush_interval < Duration::from_millis(10) {
+            return bad("object.flush_interval_ms", "must be at least 10 ms".into());
+        }
         if self.target_object_size == 0 {
             return bad("object.target_object_size", "must be positive".into());
         }
@@ -261,6 +274,8 @@ struct Sealed {
 struct NamespaceSync {
     /// A lookup has waited for this namespace's first sync (only one ever does).
     waited: bool,
+    /// Last stored in, looked up or read here: namespaces idle for long are no longer synced.
+    used: Option<Instant>,
     synced: Option<Instant>,
     /// Write time of the newest index read (never ahead of this agent's clock).
     newest_ms: u64,
@@ -581,7 +596,7 @@ impl ObjectTier {
                 };
                 st.pending_bytes += rec;
                 st.insert(*key, seg);
-                st.namespaces.entry(ns).or_default();
+                st.namespaces.entry(ns).or_default().used = Some(Instant::now());
                 if st
                     .open
                     .get(&ns)
@@ -625,20 +640,30 @@ impl ObjectTier {
     /// (up to [`ObjectTierConfig::lookup_sync_wait`]) to learn what other agents stored;
     /// later ones rely on the periodic sync. Returns at once when sync is off.
     pub fn sync_namespace(&self, ns: &Namespace) {
-        if self.inner.cfg.sync_interval.is_zero() || self.inner.breaker.is_open() {
-            return;
-        }
+        self.sync_namespace_until(ns, Instant::now() + self.inner.cfg.lookup_sync_wait);
+    }
+
+    /// [`Self::sync_namespace`], waiting no later than `until` (a call's deadline).
+    pub fn sync_namespace_until(&self, ns: &Namespace, until: Instant) {
         let first = {
             let mut st = self.inner.state.lock();
             let sync = st.namespaces.entry(*ns).or_default();
+            sync.used = Some(Instant::now());
             let first = sync.synced.is_none() && !sync.waited;
             sync.waited = true;
             first
         };
-        if first {
+        if self.inner.cfg.sync_interval.is_zero() || self.inner.breaker.is_open() {
+            return;
+        }
+        let wait = self
+            .inner
+            .cfg
+            .lookup_sync_wait
+            .min(until.saturating_duration_since(Instant::now()));
+        if first && !wait.is_zero() {
             let inner = Arc::clone(&self.inner);
             let ns = *ns;
-            let wait = inner.cfg.lookup_sync_wait;
             self.block_on(async move {
                 let _ = tokio::time::timeout(wait, Inner::sync(&inner, ns)).await;
             });
@@ -765,6 +790,12 @@ impl ObjectTier {
             TierCounters::add(&self.inner.counters.removals, 1);
         }
         gone
+    }
+
+    /// Whether less than half of `max_pending` waits for upload: room for optional copies
+    /// (write-through), keeping the rest for demotions, whose blocks exist nowhere else.
+    pub fn has_room_for_copies(&self) -> bool {
+        self.inner.state.lock().pending_bytes * 2 < self.inner.cfg.max_pending
     }
 
     /// Counters and occupancy (blocks known; bytes waiting for upload).
@@ -1112,6 +1143,10 @@ impl Inner {
                     let late = running.len() as u64;
                     inner.count_failure(Failure::Timeout, late);
                     inner.warn_limited(Failure::Timeout, format_args!("{late} reads not back by the request's deadline; reported as misses"));
+                    // A store that answers, but too slowly to be of use, pauses like a dead one.
+                    if let Some(pause) = inner.breaker.failure(Failure::Timeout) {
+                        tracing::warn!(store = %inner.display, pause_ms = pause.as_millis() as u64, "object tier paused: its reads keep missing their deadlines");
+                    }
                     break;
                 }
             }
@@ -1126,7 +1161,14 @@ impl Inner {
         if inner.breaker.is_open() {
             return;
         }
-        let nss: Vec<Namespace> = inner.state.lock().namespaces.keys().copied().collect();
+        let nss: Vec<Namespace> = inner
+            .state
+            .lock()
+            .namespaces
+            .iter()
+            .filter(|(_, s)| s.used.is_some_and(|u| u.elapsed() < IDLE_NAMESPACE))
+            .map(|(ns, _)| *ns)
+            .collect();
         for ns in nss {
             Self::sync(inner, ns).await;
         }
