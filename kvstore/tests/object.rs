@@ -502,7 +502,10 @@ fn disk_evictions_demote_even_when_slabs_waste_space() {
     let st = s.stats();
     let d = st.disk.unwrap();
     assert!(d.evictions > 0, "the disk filled: {d:?}");
-    assert_eq!(d.demotions, d.evictions, "every disk eviction went to the object tier: {d:?}");
+    assert_eq!(
+        d.demotions, d.evictions,
+        "every disk eviction went to the object tier: {d:?}"
+    );
     let m = s.lookup_prefix(&(0..40).map(key).collect::<Vec<_>>());
     assert_eq!(m.len, 40, "no block was lost on the way down");
     for i in 0..40 {
