@@ -244,25 +244,6 @@ fn raw_handshake(socket: &std::path::Path) -> UnixStream {
     raw_handshake_at(socket, PROTOCOL_VERSION)
 }
 
-fn raw_handshake_at(socket: &std::path::Path, version: u16) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = Vec::new();
-    Request::Hello {
-        version,
-        client: "raw".into(),
-    }
-    .encode(1, 0, &mut out);
-    (&s).write_all(&out).unwrap();
-    let mut body = Vec::new();
-    wire::read_frame(&mut &s, &mut body).unwrap();
-    match Response::decode(&body).unwrap().1 {
-        Response::Welcome(w) => assert_eq!(w.version, version, "answered in the client's version"),
-        other => panic!("expected a welcome, got {other:?}"),
-    }
-    s
-}
-
 #[test]
 fn clients_of_the_previous_protocol_version_are_served() {
     let dir = socket_dir();

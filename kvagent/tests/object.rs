@@ -4,8 +4,6 @@
 mod common;
 
 use std::io::Write as _;
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
 use common::weed::WeedServer;
 use common::*;
@@ -41,18 +39,11 @@ fn save(agent: &Agent, seed: u64, n: u64) -> (Vec<kvstore::BlockHash>, Vec<Vec<u
 
 /// A lookup in protocol `version` over a raw connection: the tier codes answered.
 fn raw_lookup(socket: &std::path::Path, version: u16, hashes: Vec<kvstore::BlockHash>) -> Vec<TierLevel> {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let s = raw_handshake_at(socket, version);
     let mut out = Vec::new();
-    Request::Hello {
-        version,
-        client: "raw".into(),
-    }
-    .encode(1, 0, &mut out);
     Request::Lookup(ns("m"), hashes).encode(2, 0, &mut out);
     (&s).write_all(&out).unwrap();
     let mut body = Vec::new();
-    wire::read_frame(&mut &s, &mut body).unwrap();
     wire::read_frame(&mut &s, &mut body).unwrap();
     match Response::decode(&body).unwrap().1 {
         Response::Lookup(t) => t,

@@ -370,3 +370,26 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// Opens a raw connection to `socket` and completes the handshake in protocol `version` (the
+/// arena fd is received and dropped).
+pub fn raw_handshake_at(socket: &std::path::Path, version: u16) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    kvstore::wire::Request::Hello {
+        version,
+        client: "raw".into(),
+    }
+    .encode(1, 0, &mut out);
+    (&s).write_all(&out).unwrap();
+    let mut body = Vec::new();
+    kvstore::wire::read_frame(&mut &s, &mut body).unwrap();
+    match kvstore::wire::Response::decode(&body).unwrap().1 {
+        kvstore::wire::Response::Welcome(w) => {
+            assert_eq!(w.version, version, "answered in the client's version")
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    s
+}
