@@ -291,17 +291,7 @@ impl TieredStore {
             .collect();
         let mut direct = Vec::new();
         if let Some(disk) = &self.disk {
-            // Held (most recently used, not evictable) while host slots are made for them: the
-            // demotions that free those must not evict the very blocks being read.
-            self.promote(
-                keys,
-                &mut out,
-                &mut direct,
-                TierLevel::Disk,
-                |missing| disk.hold(missing),
-                |read_keys, sink| disk.get_batch(read_keys, sink),
-                |held| disk.unhold(held),
-            );
+            self.promote_from_disk(disk, keys, &mut out, &mut direct);
         }
         if let Some(object) = self.object.as_ref().filter(|o| !o.is_paused()) {
             if out.iter().any(Option::is_none) {
@@ -360,35 +350,28 @@ impl TieredStore {
         }
     }
 
-    /// One promotion step of [`Self::acquire_tiered`]: the keys still missing that `lens` finds
-    /// in `tier` get host slots (evicting, demoting), are read into them with `read`, and are
-    /// acquired; those with no slot go to `direct`. `lens` may hold the blocks (so the
-    /// evictions it causes cannot take them); `unhold` ends that.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the three tier callbacks belong together"
-    )]
-    fn promote(
+    /// The disk step of [`Self::acquire_tiered`]: the keys the host lacks that the disk holds
+    /// get host slots (evicting, demoting), are read into them, and are acquired; those with
+    /// no slot go to `direct`.
+    fn promote_from_disk(
         &self,
+        disk: &DiskTier,
         keys: &[BlockKey],
         out: &mut [Option<(Lease, TierLevel)>],
         direct: &mut Vec<(usize, TierLevel)>,
-        tier: TierLevel,
-        lens: impl FnOnce(&[BlockKey]) -> Vec<Option<u64>>,
-        read: impl FnOnce(&[BlockKey], &mut dyn FnMut(usize, &[u8])) -> Vec<bool>,
-        unhold: impl FnOnce(&[BlockKey]),
     ) {
-        let done: HashSet<usize> = direct.iter().map(|(i, _)| *i).collect();
         let missing: Vec<BlockKey> = keys
             .iter()
-            .enumerate()
-            .filter(|(i, _)| out[*i].is_none() && !done.contains(i))
-            .map(|(_, k)| *k)
+            .zip(out.iter())
+            .filter(|(_, l)| l.is_none())
+            .map(|(k, _)| *k)
             .collect();
         if missing.is_empty() {
             return;
         }
-        let lens = lens(&missing);
+        // Held (most recently used, not evictable) while host slots are made for them: the
+        // demotions that free those must not evict the very blocks being read.
+        let lens = disk.hold(&missing);
         let wanted: Vec<(BlockKey, u64)> = missing
             .iter()
             .zip(&lens)
@@ -412,14 +395,14 @@ impl TieredStore {
             }
         }
         let mut written = vec![false; read_res.len()];
-        let read_ok = read(&read_keys, &mut |j, payload| {
+        let read_ok = disk.get_batch(&read_keys, |j, payload| {
             if payload.len() as u64 == read_res[j].len() {
                 self.host.write(&read_res[j], payload);
                 written[j] = true;
             }
         });
         let held: Vec<BlockKey> = wanted.iter().map(|(k, _)| *k).collect();
-        unhold(&held);
+        disk.unhold(&held);
         for (r, ok) in read_res.into_iter().zip(written) {
             if ok {
                 self.host.commit_promoted(r);
@@ -440,9 +423,9 @@ impl TieredStore {
             .collect();
         for (i, key) in keys.iter().enumerate() {
             if out[i].is_none() && found.contains(key) {
-                out[i] = self.host.acquire_quiet(key).map(|l| (l, tier));
+                out[i] = self.host.acquire_quiet(key).map(|l| (l, TierLevel::Disk));
                 if out[i].is_none() && unpromoted.contains(key) && !failed.contains(key) {
-                    direct.push((i, tier));
+                    direct.push((i, TierLevel::Disk));
                 }
             }
         }
@@ -657,23 +640,29 @@ impl TieredStore {
             .filter(|(_, p)| !p)
             .map(|(k, _)| k)
             .collect();
-        let mut written = 0;
-        for chunk in missing.chunks(BATCH) {
-            let leases: Vec<Lease> = chunk.iter().filter_map(|k| self.host.acquire_quiet(k)).collect();
-            let batch: Vec<(BlockKey, &[u8])> = leases
-                .iter()
-                .map(|l| (*l.key(), self.host.lease_data(l)))
-                .collect();
-            written += self
-                .disk_put(disk, &batch)
-                .iter()
-                .filter(|o| **o == PutOutcome::Stored)
-                .count();
-            for l in leases {
-                self.host.release(l);
-            }
+        missing
+            .chunks(BATCH)
+            .map(|chunk| self.copy_host_blocks(chunk, |batch| self.disk_put(disk, batch)))
+            .sum()
+    }
+
+    /// Hands the host's copies of `keys` (those it holds) to `put` — pinned meanwhile, so
+    /// they cannot be evicted or rewritten under it — and returns how many `put` stored.
+    fn copy_host_blocks(
+        &self,
+        keys: &[BlockKey],
+        put: impl FnOnce(&[(BlockKey, &[u8])]) -> Vec<PutOutcome>,
+    ) -> usize {
+        let leases: Vec<Lease> = keys.iter().filter_map(|k| self.host.acquire_quiet(k)).collect();
+        let batch: Vec<(BlockKey, &[u8])> = leases
+            .iter()
+            .map(|l| (*l.key(), self.host.lease_data(l)))
+            .collect();
+        let stored = put(&batch).iter().filter(|o| **o == PutOutcome::Stored).count();
+        for l in leases {
+            self.host.release(l);
         }
-        written
+        stored
     }
 
     /// Copies blocks the host holds to the object tier (write-through of blocks worth
@@ -682,26 +671,13 @@ impl TieredStore {
         let Some(object) = self.object.as_ref().filter(|o| o.has_room_for_copies()) else {
             return 0;
         };
-        let present = object.contains_many(keys);
-        let leases: Vec<Lease> = keys
+        let absent: Vec<BlockKey> = keys
             .iter()
-            .zip(present)
+            .zip(object.contains_many(keys))
             .filter(|(_, p)| !p)
-            .filter_map(|(k, _)| self.host.acquire_quiet(k))
+            .map(|(k, _)| *k)
             .collect();
-        let batch: Vec<(BlockKey, &[u8])> = leases
-            .iter()
-            .map(|l| (*l.key(), self.host.lease_data(l)))
-            .collect();
-        let stored = object
-            .put_batch(&batch)
-            .iter()
-            .filter(|o| **o == PutOutcome::Stored)
-            .count();
-        for l in leases {
-            self.host.release(l);
-        }
-        stored
+        self.copy_host_blocks(&absent, |batch| object.put_batch(batch))
     }
 
     /// Persists the disk tier's metadata (also done on drop), then uploads what the object
