@@ -28,6 +28,7 @@ pub mod alloc;
 pub mod arena;
 pub mod block;
 pub mod client;
+pub mod device;
 pub mod disk;
 pub mod error;
 pub mod host;

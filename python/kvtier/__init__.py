@@ -15,11 +15,15 @@ from kvtier._native import (
     AgentTimeout,
     AgentUnavailable,
     Client,
+    CopyEngine,
+    DeviceUnavailable,
     KvtierError,
     Leases,
     Reservation,
     StaleHandle,
+    check_device,
     namespace,
+    probe_devices,
 )
 
 __all__ = [
@@ -31,9 +35,13 @@ __all__ = [
     "AgentTimeout",
     "AgentUnavailable",
     "Client",
+    "CopyEngine",
+    "DeviceUnavailable",
     "KvtierError",
     "Leases",
     "Reservation",
     "StaleHandle",
+    "check_device",
     "namespace",
+    "probe_devices",
 ]

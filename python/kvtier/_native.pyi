@@ -15,18 +15,43 @@ class AgentUnavailable(KvtierError):
 class AgentTimeout(KvtierError):
     """The kvtier agent did not answer in time."""
 
+class DeviceUnavailable(KvtierError):
+    """No copy engine for a device: its driver, library or device is missing."""
+
 class StaleHandle(KvtierError):
     """A lease or reservation of a connection that has ended."""
 
 # A layer's pages: (address of block 0's page, bytes between blocks, bytes of one page).
 Layer = tuple[int, int, int]
 
+class CopyEngine:
+    """Copies pages between an engine's KV cache and arena slots on one device ("cpu",
+    "cuda:N", "hip:N"); raises :class:`DeviceUnavailable` with the reason when it cannot."""
+
+    def __init__(self, device: str) -> None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def asynchronous(self) -> bool: ...
+    def describe(self) -> str: ...
+
+def check_device(device: str) -> tuple[bool, str]: ...
+def probe_devices() -> list[tuple[str, bool, str]]: ...
+
 class Leases:
     """Blocks pinned by :meth:`Client.acquire`, readable until released."""
 
     def tiers(self) -> list[int]: ...
     def prefix_len(self) -> int: ...
-    def load_pages(self, block_ids: list[int], layers: list[Layer], start: int = 0) -> list[int]: ...
+    def load_pages(
+        self,
+        block_ids: list[int],
+        layers: list[Layer],
+        start: int = 0,
+        engine: CopyEngine | None = None,
+        stream: int = 0,
+    ) -> list[int]: ...
+    def wait(self) -> None: ...
     def release(self, client: Client) -> None: ...
 
 class Reservation:
@@ -34,7 +59,15 @@ class Reservation:
 
     def reserved(self) -> int: ...
     def outcomes(self) -> list[str]: ...
-    def write_pages(self, block_ids: list[int], layers: list[Layer], offset: int = 0) -> None: ...
+    def write_pages(
+        self,
+        block_ids: list[int],
+        layers: list[Layer],
+        offset: int = 0,
+        engine: CopyEngine | None = None,
+        stream: int = 0,
+    ) -> None: ...
+    def wait(self) -> None: ...
 
 class Client:
     """A connection to the node agent."""
@@ -55,10 +88,22 @@ class Client:
     def save(self, ns: bytes, hashes: list[bytes], data: list[bytes]) -> list[str]: ...
     def load(self, ns: bytes, hashes: list[bytes]) -> list[bytes | None]: ...
     def save_pages(
-        self, ns: bytes, hashes: list[bytes], block_ids: list[int], layers: list[Layer]
+        self,
+        ns: bytes,
+        hashes: list[bytes],
+        block_ids: list[int],
+        layers: list[Layer],
+        engine: CopyEngine | None = None,
+        stream: int = 0,
     ) -> list[str]: ...
     def load_pages(
-        self, ns: bytes, hashes: list[bytes], block_ids: list[int], layers: list[Layer]
+        self,
+        ns: bytes,
+        hashes: list[bytes],
+        block_ids: list[int],
+        layers: list[Layer],
+        engine: CopyEngine | None = None,
+        stream: int = 0,
     ) -> list[int]: ...
     def reserve_pages(self, ns: bytes, hashes: list[bytes], block_bytes: int) -> Reservation: ...
     def commit(self, reservation: Reservation) -> list[str]: ...

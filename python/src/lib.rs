@@ -1,12 +1,15 @@
 //! `kvtier._native`: Python bindings of `kvstore::client`. Every call releases the GIL; block
-//! copies between an engine's KV-cache pages (given as addresses) and arena slots run in Rust,
-//! batched, on a thread pool for CPU memory. The pure-Python package `kvtier` wraps this module
-//! with types and documentation; protocol logic lives only in Rust.
+//! copies between an engine's KV-cache pages (given as addresses) and arena slots run in Rust
+//! through a `kvstore::device` copy engine: memcpy on a thread pool for CPU memory, batched
+//! asynchronous DMA on the engine's stream for GPUs. The pure-Python package `kvtier` wraps this
+//! module with types and documentation; protocol logic lives only in Rust.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, Reserved, SaveOutcome};
-use kvstore::pages::{self, Copier, CpuCopier, LayerPages};
+use kvstore::device::{self, CopyJob, DeviceError, Fence};
+use kvstore::pages::{self, LayerPages};
 use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 use parking_lot::Mutex;
 use pyo3::create_exception;
@@ -38,6 +41,105 @@ create_exception!(
     KvtierError,
     "A lease or reservation of a connection that has ended."
 );
+
+create_exception!(
+    _native,
+    DeviceUnavailable,
+    KvtierError,
+    "No copy engine for the device: its driver, library or device is missing (or this build lacks the backend)."
+);
+
+fn device_err(e: DeviceError) -> PyErr {
+    match e {
+        DeviceError::UnknownDevice(_) => PyValueError::new_err(e.to_string()),
+        DeviceError::NotBuilt(_) | DeviceError::Unavailable { .. } => {
+            DeviceUnavailable::new_err(e.to_string())
+        }
+        e => KvtierError::new_err(e.to_string()),
+    }
+}
+
+fn stale() -> PyErr {
+    StaleHandle::new_err(ClientError::StaleHandle.to_string())
+}
+
+/// Waits for every copy in flight (all of them, even after a failure); the first failure.
+fn wait_all(fences: Vec<Fence>) -> Result<(), DeviceError> {
+    let mut first = Ok(());
+    for f in fences {
+        if let Err(e) = f.wait() {
+            first = first.and(Err(e));
+        }
+    }
+    first
+}
+
+/// A copy engine for one device, chosen by the device of the engine's KV-cache tensors.
+#[pyclass(module = "kvtier._native", frozen, name = "CopyEngine")]
+struct PyCopyEngine {
+    inner: Arc<dyn device::CopyEngine>,
+}
+
+#[pymethods]
+impl PyCopyEngine {
+    /// Opens the engine for `device` ("cpu", "cuda:N", "hip:N"). Raises `DeviceUnavailable`
+    /// (with the reason) when its driver, library or device is missing.
+    #[new]
+    fn new(py: Python<'_>, device: &str) -> PyResult<Self> {
+        let d: device::Device = device.parse().map_err(device_err)?;
+        let inner = py.detach(|| device::open(d)).map_err(device_err)?;
+        Ok(Self { inner })
+    }
+
+    /// The device, as "cpu", "cuda:N" or "hip:N".
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.device().to_string()
+    }
+
+    /// Whether copies are asynchronous on a device stream (false: done when a call returns).
+    #[getter]
+    fn asynchronous(&self) -> bool {
+        self.inner.device().backend != device::Backend::Cpu
+    }
+
+    /// One line for logs: the device, its driver and how pages are copied.
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The copy engine to use: the given one, or the CPU one.
+fn engine_of(engine: Option<&PyCopyEngine>) -> Arc<dyn device::CopyEngine> {
+    engine.map_or_else(
+        || Arc::new(device::cpu::CpuEngine) as Arc<dyn device::CopyEngine>,
+        |e| e.inner.clone(),
+    )
+}
+
+/// Whether `device` could be opened, without opening it: `(True, description)` or
+/// `(False, reason)`. Cheap; takes no GPU memory (a scheduler process asks this).
+#[pyfunction]
+fn check_device(py: Python<'_>, device: &str) -> PyResult<(bool, String)> {
+    let d: device::Device = device.parse().map_err(device_err)?;
+    Ok(match py.detach(|| device::check(d)) {
+        Ok(what) => (true, what),
+        Err(e) => (false, e.to_string()),
+    })
+}
+
+/// Per backend ("cpu", "cuda", "hip"): whether this machine offers it, and its first device or
+/// why not.
+#[pyfunction]
+fn probe_devices(py: Python<'_>) -> Vec<(String, bool, String)> {
+    py.detach(device::probe)
+        .into_iter()
+        .map(|(b, r)| match r {
+            Ok(what) => (b.name().to_owned(), true, what),
+            Err(e) => (b.name().to_owned(), false, e.to_string()),
+        })
+        .collect()
+}
 
 fn to_py(e: ClientError) -> PyErr {
     match e {
@@ -213,7 +315,10 @@ impl Client {
 
     /// Saves blocks straight from an engine's KV-cache pages: block `i` is `block_ids[i]`'s page
     /// of every layer, `layers` being `(base address, block stride, page bytes)` per layer.
-    /// Returns one outcome per block, as `save`. The pages must stay valid during the call.
+    /// Returns one outcome per block, as `save`. The pages must stay valid until the call
+    /// returns (it waits for device copies, which follow the work queued on `stream`).
+    #[pyo3(signature = (ns, hashes, block_ids, layers, engine=None, stream=0))]
+    #[expect(clippy::too_many_arguments, reason = "keyword arguments of a Python method")]
     fn save_pages(
         &self,
         py: Python<'_>,
@@ -221,27 +326,19 @@ impl Client {
         hashes: Vec<Vec<u8>>,
         block_ids: Vec<usize>,
         layers: Vec<(usize, usize, usize)>,
+        engine: Option<&PyCopyEngine>,
+        stream: usize,
     ) -> PyResult<Vec<&'static str>> {
         if hashes.len() != block_ids.len() {
             return Err(PyValueError::new_err("one block id per hash"));
         }
-        let (ns, hashes, layers) = (ns_of(ns)?, hashes_of(&hashes)?, layers_of(&layers)?);
-        let len = pages::block_len(&layers) as u64;
-        let copier = CpuCopier;
-        let wanted: Vec<(BlockHash, u64)> = hashes.iter().map(|h| (*h, len)).collect();
-        let out = py
-            .detach(|| {
-                self.inner.save_with(
-                    &ns,
-                    &wanted,
-                    copier.parallel(),
-                    // SAFETY: the caller promised the pages readable for the call.
-                    |i, slot| unsafe { copier.gather(&layers, block_ids[i], slot) },
-                    || copier.finish(),
-                )
-            })
-            .map_err(to_py)?;
-        Ok(out.into_iter().map(outcome_name).collect())
+        let len = pages::block_len(&layers_of(&layers)?) as u64;
+        let reservation = self.reserve_pages(py, ns, hashes, len)?;
+        if let Err(e) = reservation.write_pages(py, block_ids, layers, 0, engine, stream) {
+            let _ = self.abort(py, &reservation);
+            return Err(e);
+        }
+        self.commit(py, &reservation)
     }
 
     /// Reserves a slot of `block_bytes` for each block, to be filled with
@@ -276,12 +373,18 @@ impl Client {
             block_bytes: block_bytes as usize,
             slots: Mutex::new(Some(slots)),
             outcomes,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
     /// Publishes the filled slots of `reservation`; one outcome per requested block, as
     /// `save` ("no_space" where the agent could not keep a written block).
     fn commit(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<Vec<&'static str>> {
+        if let Err(e) = py.detach(|| reservation.settle()) {
+            // A block whose copy failed must not be published.
+            let _ = self.abort(py, reservation);
+            return Err(device_err(e));
+        }
         let (idx, slots) = py.detach(|| reservation.take())?;
         let mut out = reservation.outcomes.clone();
         let kept = py
@@ -297,6 +400,7 @@ impl Client {
 
     /// Gives the slots of `reservation` back unwritten.
     fn abort(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<()> {
+        let _ = py.detach(|| reservation.settle());
         let (_, slots) = py.detach(|| reservation.take())?;
         py.detach(|| self.inner.abort(&reservation.ns, slots))
             .map(drop)
@@ -311,11 +415,15 @@ impl Client {
         Ok(Leases {
             ns,
             held: Mutex::new(held),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
     /// Loads blocks straight into an engine's KV-cache pages (layout as `save_pages`): acquire,
-    /// copy, release. Returns a tier code per block (0: miss, pages untouched).
+    /// copy, release (after the copies). Returns a tier code per block (0: miss, pages
+    /// untouched).
+    #[pyo3(signature = (ns, hashes, block_ids, layers, engine=None, stream=0))]
+    #[expect(clippy::too_many_arguments, reason = "keyword arguments of a Python method")]
     fn load_pages(
         &self,
         py: Python<'_>,
@@ -323,11 +431,13 @@ impl Client {
         hashes: Vec<Vec<u8>>,
         block_ids: Vec<usize>,
         layers: Vec<(usize, usize, usize)>,
+        engine: Option<&PyCopyEngine>,
+        stream: usize,
     ) -> PyResult<Vec<u32>> {
         let leases = self.acquire(py, ns, hashes)?;
-        let tiers = leases.load_pages(py, block_ids, layers, 0)?;
+        let tiers = leases.load_pages(py, block_ids, layers, 0, engine, stream);
         leases.release(py, self)?;
-        Ok(tiers)
+        tiers
     }
 
     /// Releases the blocks of `leases`.
@@ -362,6 +472,22 @@ impl Client {
 struct Leases {
     ns: Namespace,
     held: Mutex<Vec<Option<Acquired>>>,
+    /// Device copies out of the slots still in flight: waited for before the slots go back.
+    pending: Mutex<Vec<Fence>>,
+}
+
+impl Leases {
+    fn settle(&self) -> Result<(), DeviceError> {
+        wait_all(std::mem::take(&mut *self.pending.lock()))
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        // Slots dropped here are released on the connection's next call: no copy may still read
+        // them then.
+        let _ = self.settle();
+    }
 }
 
 #[pymethods]
@@ -384,19 +510,23 @@ impl Leases {
 
     /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block
     /// `start + i` (so a load can skip blocks the engine has already). Returns a tier code per
-    /// id; 0 where the block is not held, its length does not match the layout, or its
-    /// connection has ended.
-    #[pyo3(signature = (block_ids, layers, start=0))]
+    /// id; 0 where the block is not held or its length does not match the layout. With a device
+    /// `engine` the copies are enqueued after the work on `stream` and the work queued there
+    /// afterwards waits for them (the host does not); the leases are released after them.
+    /// Raises `StaleHandle` when the connection has ended.
+    #[pyo3(signature = (block_ids, layers, start=0, engine=None, stream=0))]
     fn load_pages(
         &self,
         py: Python<'_>,
         block_ids: Vec<usize>,
         layers: Vec<(usize, usize, usize)>,
         start: usize,
+        engine: Option<&PyCopyEngine>,
+        stream: usize,
     ) -> PyResult<Vec<u32>> {
         let layers = layers_of(&layers)?;
         let len = pages::block_len(&layers) as u64;
-        let copier = CpuCopier;
+        let engine = engine_of(engine);
         // The lock is taken with the GIL released: a thread holding it while waiting for the
         // GIL would deadlock with one holding the GIL while waiting for it (a release from
         // Python during a copy).
@@ -405,30 +535,48 @@ impl Leases {
             if start.saturating_add(block_ids.len()) > held.len() {
                 return Err(PyValueError::new_err("more block ids than leased blocks"));
             }
-            let mut jobs: Vec<(Option<&Acquired>, usize, u32)> = held[start..]
-                .iter()
-                .zip(&block_ids)
-                .map(|(a, &id)| (a.as_ref(), id, 0))
-                .collect();
-            pages::for_each(copier.parallel(), &mut jobs, |(a, id, tier)| {
-                if let Some(a) = a.filter(|a| a.len() == len) {
-                    // SAFETY: the caller promised the pages writable and unshared for the call.
-                    let copied = a.with_slot(|s| unsafe { copier.scatter(&layers, *id, s) });
-                    *tier = if copied.is_some() {
-                        tier_code(Some(a.tier()))
-                    } else {
-                        0
-                    };
+            let mut tiers = vec![0; block_ids.len()];
+            let mut jobs = Vec::with_capacity(block_ids.len());
+            let mut first: Option<&Acquired> = None;
+            for (i, (a, &id)) in held[start..].iter().zip(&block_ids).enumerate() {
+                let Some(a) = a.as_ref().filter(|a| a.len() == len) else {
+                    continue;
+                };
+                if first.is_some_and(|f| !f.same_mapping(a)) {
+                    return Err(PyValueError::new_err("leases of two connections"));
                 }
-            });
-            copier.finish();
-            Ok(jobs.into_iter().map(|j| j.2).collect())
+                first.get_or_insert(a);
+                tiers[i] = tier_code(Some(a.tier()));
+                jobs.push(CopyJob {
+                    block: id,
+                    slot: a.ptr() as usize,
+                });
+            }
+            let Some(first) = first else {
+                return Ok(tiers);
+            };
+            first.register_with(&engine).map_err(device_err)?;
+            let hold = first.hold().ok_or_else(stale)?;
+            // SAFETY: the leases pin their slots (no writer) until released, which waits for
+            // this fence (`settle`); the hold keeps the connection, whose end would unpin them,
+            // open until the copies complete; the caller promised the pages writable and
+            // unshared until the copies complete.
+            let fence = unsafe { engine.scatter(&layers, &jobs, stream) }.map_err(device_err)?;
+            self.pending.lock().push(fence.clone());
+            device::after(fence, Box::new(hold));
+            Ok(tiers)
         })
+    }
+
+    /// Waits for the copies out of these leases (a device engine's; a no-op otherwise).
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.settle()).map_err(device_err)
     }
 
     /// Unpins every held block (after any copy in flight from them).
     fn release(&self, py: Python<'_>, client: &Client) -> PyResult<()> {
         py.detach(|| {
+            let _ = self.settle();
             let held: Vec<Acquired> = std::mem::take(&mut *self.held.lock())
                 .into_iter()
                 .flatten()
@@ -450,9 +598,23 @@ struct Reservation {
     slots: Mutex<Option<Vec<Option<Reserved>>>>,
     /// Per requested block: `Stored` where a slot was reserved, else why not.
     outcomes: Vec<SaveOutcome>,
+    /// Device copies into the slots still in flight: waited for before commit or abort.
+    pending: Mutex<Vec<Fence>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // Slots dropped here are aborted on the connection's next call and may be handed out
+        // again: no copy may still write them then.
+        let _ = self.settle();
+    }
 }
 
 impl Reservation {
+    fn settle(&self) -> Result<(), DeviceError> {
+        wait_all(std::mem::take(&mut *self.pending.lock()))
+    }
+
     /// Takes the slots out, with the index of the requested block each belongs to; once.
     fn take(&self) -> PyResult<(Vec<usize>, Vec<Reserved>)> {
         let slots = self
@@ -483,14 +645,18 @@ impl Reservation {
 
     /// Copies the pages of `layers` of engine block `block_ids[i]` into requested block `i`'s
     /// slot, from byte `offset` of the slot on (the block's earlier layers). Blocks without a
-    /// slot are skipped. The pages must stay valid during the call.
-    #[pyo3(signature = (block_ids, layers, offset=0))]
+    /// slot are skipped. With a device `engine` the copies are enqueued after the work on
+    /// `stream` and this returns at once; commit waits for them. The pages must stay valid
+    /// until then (vLLM's `wait_for_save`).
+    #[pyo3(signature = (block_ids, layers, offset=0, engine=None, stream=0))]
     fn write_pages(
         &self,
         py: Python<'_>,
         block_ids: Vec<usize>,
         layers: Vec<(usize, usize, usize)>,
         offset: usize,
+        engine: Option<&PyCopyEngine>,
+        stream: usize,
     ) -> PyResult<()> {
         let layers = layers_of(&layers)?;
         let end = offset.saturating_add(pages::block_len(&layers));
@@ -500,11 +666,11 @@ impl Reservation {
                 self.block_bytes
             )));
         }
-        let copier = CpuCopier;
+        let engine = engine_of(engine);
         // The lock is taken with the GIL released (see `Leases.load_pages`).
         py.detach(|| {
-            let mut guard = self.slots.lock();
-            let Some(slots) = guard.as_mut() else {
+            let guard = self.slots.lock();
+            let Some(slots) = guard.as_ref() else {
                 return Err(PyValueError::new_err(
                     "the reservation was committed or aborted already",
                 ));
@@ -512,25 +678,36 @@ impl Reservation {
             if block_ids.len() != slots.len() {
                 return Err(PyValueError::new_err("one block id per requested block"));
             }
-            let mut jobs: Vec<(&mut Reserved, usize, bool)> = slots
-                .iter_mut()
+            let jobs: Vec<CopyJob> = slots
+                .iter()
                 .zip(&block_ids)
-                .filter_map(|(s, &id)| s.as_mut().map(|s| (s, id, false)))
+                .filter_map(|(s, &id)| {
+                    s.as_ref().map(|s| CopyJob {
+                        block: id,
+                        slot: s.ptr() as usize,
+                    })
+                })
                 .collect();
-            pages::for_each(copier.parallel(), &mut jobs, |(slot, id, written)| {
-                *written = slot
-                    // SAFETY: the caller promised the pages readable for the call; the range
-                    // lies in the slot (checked above against the reserved length).
-                    .with_slot_mut(|s| unsafe { copier.gather(&layers, *id, &mut s[offset..end]) })
-                    .is_some();
-            });
-            copier.finish();
-            if jobs.iter().all(|j| j.2) {
-                Ok(())
-            } else {
-                Err(StaleHandle::new_err(ClientError::StaleHandle.to_string()))
-            }
+            let Some(first) = slots.iter().flatten().next() else {
+                return Ok(());
+            };
+            first.register_with(&engine).map_err(device_err)?;
+            let hold = first.hold().ok_or_else(stale)?;
+            // SAFETY: the agent gave these slots (checked against the mapping, each `block_bytes`
+            // long, so `offset..end` lies inside) to this reservation alone until it is committed
+            // or aborted, both of which wait for this fence (`settle`); the hold keeps the
+            // connection, whose end would hand them out again, open until the copies complete;
+            // the caller promised the pages readable until then.
+            let fence = unsafe { engine.gather(&layers, &jobs, offset, stream) }.map_err(device_err)?;
+            self.pending.lock().push(fence.clone());
+            device::after(fence, Box::new(hold));
+            Ok(())
         })
+    }
+
+    /// Waits for the copies into these slots (a device engine's; a no-op otherwise).
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.settle()).map_err(device_err)
     }
 }
 
@@ -579,12 +756,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_class::<Leases>()?;
     m.add_class::<Reservation>()?;
+    m.add_class::<PyCopyEngine>()?;
     m.add_function(wrap_pyfunction!(namespace, m)?)?;
+    m.add_function(wrap_pyfunction!(check_device, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_devices, m)?)?;
     let py = m.py();
     m.add("KvtierError", py.get_type::<KvtierError>())?;
     m.add("AgentUnavailable", py.get_type::<AgentUnavailable>())?;
     m.add("AgentTimeout", py.get_type::<AgentTimeout>())?;
     m.add("StaleHandle", py.get_type::<StaleHandle>())?;
+    m.add("DeviceUnavailable", py.get_type::<DeviceUnavailable>())?;
     m.add("TIER_MISS", 0u32)?;
     m.add("TIER_HOST", 1u32)?;
     m.add("TIER_DISK", 2u32)?;

@@ -9,6 +9,8 @@
 //! back on the connection's next call, so a forgotten handle does not hold its slot for the
 //! connection's whole life.
 
+use std::sync::Arc;
+
 use parking_lot::{Mutex, RwLock};
 
 use crate::arena::HostArena;
@@ -21,8 +23,35 @@ pub(super) struct Link {
     pub(super) arena: HostArena,
     /// The agent instance that owns the arena.
     pub(super) instance: u64,
-    alive: RwLock<bool>,
+    alive: Arc<RwLock<bool>>,
     orphans: Mutex<Vec<Orphan>>,
+    /// Run before the arena is unmapped (a device engine forgetting its registration).
+    unmap_hooks: Mutex<Vec<UnmapHook>>,
+}
+
+struct UnmapHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for UnmapHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnmapHook")
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for hook in self.unmap_hooks.get_mut().drain(..) {
+            (hook.0)();
+        }
+    }
+}
+
+/// Keeps a connection from ending, and its arena mapped, while a device copy through its slots
+/// is in flight; see [`Reserved::hold`].
+#[derive(Debug)]
+pub struct LiveHold {
+    // Field order: the lock is let go before the link (and maybe the mapping) is.
+    _alive: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, bool>,
+    _link: Arc<Link>,
 }
 
 /// A handle dropped while still holding its slot.
@@ -39,8 +68,9 @@ impl Link {
         Self {
             arena,
             instance,
-            alive: RwLock::new(true),
+            alive: Arc::new(RwLock::new(true)),
             orphans: Mutex::new(Vec::new()),
+            unmap_hooks: Mutex::new(Vec::new()),
         }
     }
 
@@ -83,7 +113,7 @@ pub(super) struct Slot {
     pub(super) hash: BlockHash,
     pub(super) offset: u64,
     pub(super) len: u64,
-    pub(super) link: std::sync::Arc<Link>,
+    pub(super) link: Arc<Link>,
     /// A reservation (aborted if dropped unsettled) or a lease (released).
     pub(super) reserved: bool,
     /// Committed, aborted or released: nothing to give back on drop.
@@ -146,6 +176,44 @@ macro_rules! slot_accessors {
             /// slot may belong to someone else and must not be touched.
             pub fn is_live(&self) -> bool {
                 self.0.link.is_alive()
+            }
+
+            /// Holds the connection open, and the arena mapped, until the hold is dropped;
+            /// `None` when the connection has ended. For an asynchronous copy (a device DMA)
+            /// through [`Self::ptr`]: ending the connection waits for every hold, so a hold must
+            /// be let go when the copy completes (`device::after`), not when a caller gets round
+            /// to it.
+            pub fn hold(&self) -> Option<LiveHold> {
+                let alive = self.0.link.alive.read_arc();
+                (*alive).then(|| LiveHold {
+                    _alive: alive,
+                    _link: Arc::clone(&self.0.link),
+                })
+            }
+
+            /// Makes this slot's arena mapping a target of `engine`'s copies (once per
+            /// mapping), undone when the mapping goes.
+            pub fn register_with(
+                &self,
+                engine: &Arc<dyn crate::device::CopyEngine>,
+            ) -> Result<(), crate::device::DeviceError> {
+                let link = &self.0.link;
+                let (base, len) = (link.arena.as_ptr() as usize, link.arena.len() as usize);
+                if engine.register(base, len)? {
+                    let engine = Arc::downgrade(engine);
+                    let hook = move || {
+                        if let Some(e) = engine.upgrade() {
+                            e.unregister(base);
+                        }
+                    };
+                    link.unmap_hooks.lock().push(UnmapHook(Box::new(hook)));
+                }
+                Ok(())
+            }
+
+            /// Whether this slot lies in the same arena mapping as `other`'s.
+            pub fn same_mapping(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0.link, &other.0.link)
             }
         }
     };

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-pub use self::handle::{Acquired, Reserved};
+pub use self::handle::{Acquired, LiveHold, Reserved};
 use self::handle::{Link, Slot};
 use crate::arena::HostArena;
 use crate::key::{BlockHash, Namespace};
