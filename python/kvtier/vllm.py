@@ -53,6 +53,14 @@ as an asynchronous load reported through ``get_finished``. The producer's hashes
 request, so the two engines need not share a hash seed. A pull that fails is a recompute.
 
 If the agent is absent or fails, the connector reports no hit and saves nothing: vLLM computes.
+
+Copies between the KV cache and the arena go through the copy engine of the KV tensors' device,
+picked with no configuration: memcpy on a thread pool for CPU engines; for CUDA (or ROCm)
+engines, batched DMA ordered on the engine's current stream, with the arena registered as pinned
+memory. A save's copies overlap the following layers and are waited for before the slots are
+published; a load makes the engine's stream wait for it. Where the device has no engine (no
+driver, no device, a build without the backend), the scheduler promises no loads and plans no
+saves, the worker leaves its KV cache alone, and vLLM recomputes; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 import kvtier
+from kvtier import devices
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +160,16 @@ class _Tracked:
     saved_blocks: int = 0
 
 
+def _engine_device(vllm_config: VllmConfig) -> str:
+    """kvtier's name of the device the engine's KV cache will live on (scheduler side, before
+    any tensor exists)."""
+    import torch
+
+    device_type = str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu")
+    hip = getattr(torch.version, "hip", None) is not None
+    return devices.device_name(device_type, None, hip=hip)
+
+
 def _extra(vllm_config: VllmConfig) -> dict[str, Any]:
     cfg = vllm_config.kv_transfer_config
     return dict(cfg.kv_connector_extra_config or {}) if cfg is not None else {}
@@ -190,6 +209,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "kv_group": 0,
         }
         self._tp_world = int(parallel.tensor_parallel_size)
+        if role == KVConnectorRole.SCHEDULER and not devices.usable(_engine_device(vllm_config)):
+            self._do_save = self._do_load = False
         # The model the agent reports this engine's blocks under to the cluster index: the name
         # clients and routers use (vLLM's served model name), unless configured.
         served = model.served_model_name
@@ -230,6 +251,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # arrives (workers in other processes pin their own shards within the step).
         self._sync_loaded: deque[set[str]] = deque()
         # Worker side.
+        self._engine: kvtier.CopyEngine | None = None
         self._layers: list[tuple[int, int, int]] = []
         self._layer_of: dict[str, int] = {}
         self._offsets: list[int] = []
@@ -637,8 +659,16 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._tp_rank = int(get_tensor_model_parallel_rank())
         except (AssertionError, ImportError):
             self._tp_rank = 0
+        import torch
+
         index_of_base: dict[int, int] = {}
         layers: list[tuple[int, int, int]] = []
+        first = next(iter(kv_caches.values()), None)
+        if first is not None:
+            hip = getattr(torch.version, "hip", None) is not None
+            self._engine = devices.open_engine(
+                devices.device_name(first.device.type, first.device.index, hip=hip)
+            )
         for name, t in kv_caches.items():
             base = int(t.data_ptr())
             if base in index_of_base:
@@ -646,15 +676,26 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 continue
             page = int(t[0].numel() * t.element_size())
             stride = int(t.stride(0) * t.element_size())
-            if not t[0].is_contiguous() or page != self._page_bytes:
+            dense = devices.page_is_dense(t[0].shape, t[0].stride())
+            if not dense or page != self._page_bytes:
                 raise ValueError(
-                    f"kvtier: layer {name} has pages of {page} bytes (contiguous: {t[0].is_contiguous()}), "
-                    f"expected contiguous pages of {self._page_bytes}"
+                    f"kvtier: layer {name} has pages of {page} bytes (gap-free: {dense}), "
+                    f"expected gap-free pages of {self._page_bytes}"
                 )
             index_of_base[base] = self._layer_of[name] = len(layers)
             layers.append((base, stride, page))
-        self._layers = layers
+        # Without a copy engine the worker copies nothing: no layers, so loads fail (vLLM
+        # recomputes) and saves reserve nothing.
+        self._layers = layers if self._engine is not None else []
         self._offsets = [sum(page for _, _, page in layers[:i]) for i in range(len(layers))]
+
+    def _stream(self) -> int:
+        """The engine's current stream, which device copies are ordered against (0 for CPU)."""
+        if self._engine is None or not self._engine.asynchronous:
+            return 0
+        import torch
+
+        return int(torch.cuda.current_stream().cuda_stream)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         """Starts a step: no slots reserved and no layer saved yet."""
@@ -698,13 +739,21 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         leases = held[self._tp_rank] if held is not None and self._tp_rank < len(held) else None
         own = leases is None
         try:
+            if not self._layers:
+                raise kvtier.KvtierError("no copy engine for this worker's KV cache")
+            # An asynchronous load runs on a thread of its own: its copies are waited for here,
+            # before `get_finished` lets the request run. A synchronous one's are ordered before
+            # the forward on its stream; releasing the leases waits for them.
+            stream = 0 if load.asynchronous else self._stream()
             if leases is None:
                 ns = self._namespace(load.keys, self._tp_rank)
                 leases = self._client.acquire(ns, load.keys.hashes)
-                tiers = leases.load_pages(load.block_ids, self._layers)
+                tiers = leases.load_pages(load.block_ids, self._layers, 0, self._engine, stream)
             else:
                 # The scheduler pinned the request's blocks from its first one.
-                tiers = leases.load_pages(load.block_ids, self._layers, load.first)
+                tiers = leases.load_pages(load.block_ids, self._layers, load.first, self._engine, stream)
+            if load.asynchronous:
+                leases.wait()
         except Exception as e:  # any failure is a load error that vLLM handles
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
@@ -776,7 +825,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         try:
             save.reservation.write_pages(
-                save.block_ids, [self._layers[i] for i in layers], offset=self._offsets[layers[0]]
+                save.block_ids,
+                [self._layers[i] for i in layers],
+                offset=self._offsets[layers[0]],
+                engine=self._engine,
+                stream=self._stream(),
             )
         except kvtier.KvtierError as e:
             logger.debug("kvtier: save failed: %s", e)

@@ -510,10 +510,10 @@ impl Leases {
 
     /// Copies held blocks into the engine's pages: `block_ids[i]` receives requested block
     /// `start + i` (so a load can skip blocks the engine has already). Returns a tier code per
-    /// id; 0 where the block is not held or its length does not match the layout. With a device
-    /// `engine` the copies are enqueued after the work on `stream` and the work queued there
-    /// afterwards waits for them (the host does not); the leases are released after them.
-    /// Raises `StaleHandle` when the connection has ended.
+    /// id; 0 where the block is not held, its length does not match the layout, or its
+    /// connection has ended. With a device `engine` the copies are enqueued after the work on
+    /// `stream` and the work queued there afterwards waits for them (the host does not); the
+    /// leases are released after them.
     #[pyo3(signature = (block_ids, layers, start=0, engine=None, stream=0))]
     fn load_pages(
         &self,
@@ -555,8 +555,11 @@ impl Leases {
             let Some(first) = first else {
                 return Ok(tiers);
             };
+            let Some(hold) = first.hold() else {
+                // The connection has ended: its blocks may be someone else's now.
+                return Ok(vec![0; block_ids.len()]);
+            };
             first.register_with(&engine).map_err(device_err)?;
-            let hold = first.hold().ok_or_else(stale)?;
             // SAFETY: the leases pin their slots (no writer) until released, which waits for
             // this fence (`settle`); the hold keeps the connection, whose end would unpin them,
             // open until the copies complete; the caller promised the pages writable and
