@@ -17,7 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$TOOLS" ]; then
 fi
 cargo build --locked -p kvagent
 (cd python && VIRTUAL_ENV="$PWD/../$VENV" ../$VENV/bin/maturin develop --locked --quiet)
-"$VENV/bin/ruff" check --config python/pyproject.toml python tests/e2e benches/dynamo benches/peers
-"$VENV/bin/ruff" format --config python/pyproject.toml --check python tests/e2e benches/dynamo benches/peers
+"$VENV/bin/ruff" check --config python/pyproject.toml python tests/e2e benches/dynamo benches/peers benches/gpu
+"$VENV/bin/ruff" format --config python/pyproject.toml --check python tests/e2e benches/dynamo benches/peers benches/gpu
 (cd python && ../$VENV/bin/mypy --strict kvtier tests)
 (cd python && ../$VENV/bin/python -m pytest -q)

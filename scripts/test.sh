@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 mkdir -p target
 echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
 # libucx-dev, libibverbs-dev and librdmacm-dev (+ libclang for bindgen) build the UCX and RDMA
-# peer transports; iproute2 makes the network namespaces of the multi-host tests.
+# peer transports; libamdhip64-dev builds the ROCm copy engine; iproute2 makes the network
+# namespaces of the multi-host tests.
 apt_install fio util-linux gcc redis-server iproute2 pkg-config libclang-dev libucx-dev \
-  libibverbs-dev librdmacm-dev
+  libibverbs-dev librdmacm-dev libamdhip64-dev
+# Where hip-sys finds ROCm's headers and library on Debian.
+export HIP_PATH=/usr
 ensure_rust_components
 ensure_weed
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -29,9 +32,9 @@ if [ "$(id -u)" -eq 0 ]; then export KVSTORE_TEST_STRICT=1; fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
-# The optional transports, built and tested wherever the workspace is.
-TRANSPORTS="kvagent/rdma,kvagent/ucx,kvtier-benches/ucx"
-echo "== cargo clippy (default features, then with the UCX and RDMA transports)"
+# The optional transports and the ROCm copy engine, built and tested wherever the workspace is.
+TRANSPORTS="kvagent/rdma,kvagent/ucx,kvtier-benches/ucx,kvstore/hip"
+echo "== cargo clippy (default features, then with the UCX and RDMA transports and HIP)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --workspace --all-targets --locked --features "$TRANSPORTS" -- -D warnings
 echo "== cargo doc (warnings are errors: broken links, missing docs)"
@@ -42,6 +45,7 @@ target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/release/kvbench local --quick --reps 1
 target/release/kvbench index --quick --no-dynamo
 target/release/kvbench transfer --quick --no-peers --block-kib 64,1024 --batches 1,16
+target/release/kvbench gpu
 echo "== deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh
 echo "== AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests: the arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code"

@@ -61,9 +61,9 @@ pub(crate) fn percentiles(mut samples: Vec<Duration>) -> Latency {
     }
 }
 
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -91,7 +91,7 @@ pub(crate) fn agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn start_agent(binary: &Path) -> Result<Agent> {
+pub(crate) fn start_agent(binary: &Path, arena: &str) -> Result<Agent> {
     let dir = tempfile::Builder::new().prefix("kvbench-").tempdir()?;
     let socket = dir.path().join("agent.sock");
     let child = Command::new(binary)
@@ -102,7 +102,7 @@ fn start_agent(binary: &Path) -> Result<Agent> {
             "--log-level",
             "warn",
             "--host-size",
-            ARENA,
+            arena,
             "--socket",
         ])
         .arg(&socket)
@@ -347,7 +347,7 @@ struct LocalReport<'a> {
 
 /// Runs the benchmark and prints its figures.
 pub(crate) fn run(args: &LocalArgs) -> Result<()> {
-    let agent = start_agent(&agent_binary(args.agent.as_deref())?)?;
+    let agent = start_agent(&agent_binary(args.agent.as_deref())?, ARENA)?;
     let client = Client::connect(ClientConfig {
         timeout: Duration::from_secs(10),
         ..ClientConfig::new(&agent.socket)

@@ -4,6 +4,7 @@
 
 mod disk;
 mod e2e;
+mod gpu;
 mod host;
 mod index;
 mod local;
@@ -39,6 +40,8 @@ enum Command {
     Index(index::IndexArgs),
     /// Blocks pulled between two processes over loopback, next to Mooncake and NIXL.
     Transfer(transfer::TransferArgs),
+    /// The CUDA copy engine between device KV caches and the arena, next to torch's copies.
+    Gpu(gpu::GpuArgs),
 }
 
 /// Options of `kvbench tiers`.
@@ -97,6 +100,7 @@ fn main() -> Result<()> {
         Command::E2e(args) => e2e::run(&args),
         Command::Index(args) => index::run(&args),
         Command::Transfer(args) => transfer::run(&args),
+        Command::Gpu(args) => gpu::run(&args),
     }
 }
 

@@ -39,6 +39,13 @@ pub struct PeerLabel {
     pub result: &'static str,
 }
 
+/// Label of copy-engine metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    /// `cpu`, `cuda` or `hip`.
+    pub backend: &'static str,
+}
+
 /// Label of per-tier metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
@@ -66,6 +73,8 @@ pub struct Metrics {
     pub write_through_blocks: Counter,
     /// Blocks not written through because the queue was full.
     pub write_through_dropped: Counter,
+    /// Whether engines on this node can have each backend's copy engine (1) or not (0).
+    pub copy_engines: Family<BackendLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -88,6 +97,7 @@ impl Metrics {
             peer_bytes: Family::default(),
             write_through_blocks: Counter::default(),
             write_through_dropped: Counter::default(),
+            copy_engines: Family::default(),
         });
         let mut reg = Registry::with_prefix("kvtier");
         reg.register(
@@ -134,6 +144,11 @@ impl Metrics {
             "object_write_through_dropped",
             "Blocks not written through because the write-through queue was full",
             m.write_through_dropped.clone(),
+        );
+        reg.register(
+            "copy_engine_available",
+            "Whether engines on this node get each backend's copy engine (its driver and a device are there)",
+            m.copy_engines.clone(),
         );
         reg.register_collector(Box::new(TierCollector { store }));
         (m, reg)

@@ -7,6 +7,7 @@ mod common;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -630,4 +631,38 @@ fn a_full_announcement_table_is_an_error_that_never_costs_the_connection() {
         client.announce(&ns("m0"), "m2").is_ok(),
         "a known namespace may change model"
     );
+}
+
+/// A GPU node whose driver reports no device (a stand-in libcuda from `tests/stubs`): the agent
+/// starts, serves, and reports the CUDA copy engine unavailable; without libcuda at all, the
+/// same.
+#[test]
+fn a_node_without_usable_gpus_reports_the_copy_engine_unavailable() {
+    let stub = scratch();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/stubs/libcuda_stub.c");
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(stub.path().join("libcuda.so.1"))
+        .arg(&src)
+        .output()
+        .expect("a C compiler (cc) to build the stand-in libcuda");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let empty = scratch();
+    for lib_dir in [stub.path(), empty.path()] {
+        let dir = socket_dir();
+        let env = format!("LD_LIBRARY_PATH={}", lib_dir.display());
+        let agent = Agent::start_in(&["env", &env], &dir.path().join("a.sock"), &[]);
+        let client = agent.client();
+        save_range(&client, 3, 0..2);
+        load_and_check(&client, 3, 0..2);
+        let (_, body) = agent.http_get("/metrics");
+        assert!(
+            body.contains("kvtier_copy_engine_available{backend=\"cpu\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("kvtier_copy_engine_available{backend=\"cuda\"} 0"),
+            "{body}"
+        );
+    }
 }

@@ -18,6 +18,25 @@ use kvstore::TieredStore;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 
+/// Says which copy engines the node's engine processes can have (same drivers, same devices):
+/// the agent itself copies no device memory, but this is where an operator looks first when an
+/// engine on a GPU node reports that it recomputes.
+fn report_copy_engines(metrics: &Metrics) {
+    for (backend, found) in kvstore::device::probe() {
+        let label = crate::metrics::BackendLabel {
+            backend: backend.name(),
+        };
+        metrics
+            .copy_engines
+            .get_or_create(&label)
+            .set(i64::from(found.is_ok()));
+        match found {
+            Ok(device) => tracing::info!(%backend, %device, "copy engine available"),
+            Err(e) => tracing::info!(%backend, reason = %e, "copy engine unavailable"),
+        }
+    }
+}
+
 /// Runs the node agent until SIGTERM or SIGINT.
 pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -32,6 +51,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let mut signals = StopSignals::install(&runtime)?;
     let store = Arc::new(TieredStore::open(cfg.store_config()?).context("opening the store")?);
     let (metrics, registry) = Metrics::new(Arc::clone(&store));
+    report_copy_engines(&metrics);
     let instance = instance_id();
     let peers = peer::Peers::start(&cfg, Arc::clone(&store), Arc::clone(&metrics))?;
     let shared = server::Shared::new(

@@ -104,7 +104,8 @@ fn check(call: &'static str, r: CUresult) -> Result<(), DeviceError> {
     }
 }
 
-/// Finds libcuda and every symbol of [`SYMBOLS`]; the reason if something is missing.
+/// Finds libcuda and every driver function this engine calls; the reason if something is
+/// missing.
 pub fn library() -> Result<(), DeviceError> {
     // SAFETY: loading libcuda runs its initialisers, which is what using CUDA means; no symbol
     // is called here.

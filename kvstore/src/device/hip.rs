@@ -93,26 +93,12 @@ unsafe impl Sync for HipEngine {}
 impl HipEngine {
     /// Opens device `ordinal` (after `HIP_VISIBLE_DEVICES`).
     pub fn open(ordinal: u32) -> Result<Self, DeviceError> {
-        let ordinal =
-            i32::try_from(ordinal).map_err(|_| unavailable("device ordinal out of range".into()))?;
-        // SAFETY: out-pointers point at live locals; the name buffer's length is
-        // passed.
+        let name = probe(ordinal)?;
+        let ordinal = ordinal as i32;
+        // SAFETY: the ordinal names a device (checked by `probe`); the out-pointer points at a
+        // local.
         unsafe {
-            let mut count = 0;
-            let r = hip::hipGetDeviceCount(&mut count);
-            if r != hip::hipError_t::hipSuccess {
-                return Err(unavailable(format!("hipGetDeviceCount: {}", error_name(r))));
-            }
-            if ordinal >= count {
-                return Err(unavailable(format!("no device hip:{ordinal} ({count} visible)")));
-            }
             check("hipSetDevice", hip::hipSetDevice(ordinal))?;
-            let mut name = [0 as std::ffi::c_char; 128];
-            check(
-                "hipDeviceGetName",
-                hip::hipDeviceGetName(name.as_mut_ptr(), name.len() as i32, ordinal),
-            )?;
-            let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
             let mut stream: hip::hipStream_t = std::ptr::null_mut();
             check(
                 "hipStreamCreateWithFlags",

@@ -1,0 +1,155 @@
+"""`kvbench gpu`: kvtier's CUDA copy engine between torch CUDA tensors shaped like vLLM's KV
+caches and a real agent's arena, next to torch's own pinned-memory copies in the same run.
+
+For each block size, `--layers` device tensors of shape [num_blocks, page] (page = block /
+layers: one vLLM layer's page of a block) hold `--batch` blocks at scattered ids. Measured, each
+the median of `--reps`, timed on the host around the copies and their completion:
+
+- kvtier save: `Reservation.write_pages` of all layers into arena slots, then `wait`;
+- kvtier load: `Leases.load_pages` from the slots into other blocks, then `wait`;
+- torch per page: `copy_(non_blocking=True)` of every page into / out of a pinned tensor (what
+  a connector without a copy engine does);
+- contiguous: one `copy_` of the same bytes between one device tensor and one pinned tensor
+  (the pinned cudaMemcpy ceiling the target is set against).
+
+Every block is checked byte for byte after a save and a load into different blocks. Prints a
+table on stderr and one JSON object on stdout; exits 3 when torch sees no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
+
+
+def timed(torch: Any, fn: Callable[[], None], reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    secs = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t)
+    return statistics.median(secs)
+
+
+def measure(
+    torch: Any, kvtier: Any, client: Any, engine: Any, size: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    dev = torch.device("cuda:0")
+    page = size // a.layers
+    blocks = a.batch * 4
+    caches = [torch.randint(0, 255, (blocks, page), dtype=torch.uint8, device=dev) for _ in range(a.layers)]
+    layers = [(int(c.data_ptr()), page, page) for c in caches]
+    picks = torch.randperm(blocks)[: a.batch].tolist()
+    others = [b for b in range(blocks) if b not in set(picks)][: a.batch]
+    ns = kvtier.namespace("kvbench/gpu", kv_dtype="uint8", block_size=size)
+    hashes = [(size << 20 | i).to_bytes(32, "big") for i in range(a.batch)]
+    stream = int(torch.cuda.current_stream().cuda_stream)
+
+    reservation = client.reserve_pages(ns, hashes, size)
+    if reservation.reserved() != a.batch:
+        raise SystemExit(f"the agent gave {reservation.reserved()} of {a.batch} slots: raise --arena")
+
+    def save() -> None:
+        reservation.write_pages(picks, layers, 0, engine, stream)
+        reservation.wait()
+
+    save_s = timed(torch, save, a.reps)
+    if client.commit(reservation) != ["stored"] * a.batch:
+        raise SystemExit("the agent did not keep every block")
+    leases = client.acquire(ns, hashes)
+
+    def load() -> None:
+        leases.load_pages(others, layers, 0, engine, stream)
+        leases.wait()
+
+    load_s = timed(torch, load, a.reps)
+    torch.cuda.synchronize()
+    for c in caches:
+        assert torch.equal(c[others], c[picks]), "a block came back different"
+    client.release(leases)
+
+    pinned = [torch.empty((a.batch, page), dtype=torch.uint8, pin_memory=True) for _ in range(a.layers)]
+
+    def torch_d2h() -> None:
+        for c, p in zip(caches, pinned, strict=True):
+            for i, b in enumerate(picks):
+                p[i].copy_(c[b], non_blocking=True)
+
+    def torch_h2d() -> None:
+        for c, p in zip(caches, pinned, strict=True):
+            for i, b in enumerate(others):
+                c[b].copy_(p[i], non_blocking=True)
+
+    flat_dev = torch.empty((a.batch * size,), dtype=torch.uint8, device=dev)
+    flat_host = torch.empty((a.batch * size,), dtype=torch.uint8, pin_memory=True)
+    total = a.batch * size
+
+    def contiguous_d2h() -> None:
+        flat_host.copy_(flat_dev, non_blocking=True)
+
+    def contiguous_h2d() -> None:
+        flat_dev.copy_(flat_host, non_blocking=True)
+
+    row = {
+        "block_bytes": size,
+        "page_bytes": page,
+        "batch": a.batch,
+        "kvtier_save_gbps": total / save_s / 1e9,
+        "kvtier_load_gbps": total / load_s / 1e9,
+        "torch_per_page_d2h_gbps": total / timed(torch, torch_d2h, a.reps) / 1e9,
+        "torch_per_page_h2d_gbps": total / timed(torch, torch_h2d, a.reps) / 1e9,
+        "contiguous_d2h_gbps": total / timed(torch, contiguous_d2h, a.reps) / 1e9,
+        "contiguous_h2d_gbps": total / timed(torch, contiguous_h2d, a.reps) / 1e9,
+    }
+    row["save_vs_contiguous"] = row["kvtier_save_gbps"] / row["contiguous_d2h_gbps"]
+    row["load_vs_contiguous"] = row["kvtier_load_gbps"] / row["contiguous_h2d_gbps"]
+    row["save_vs_torch"] = row["kvtier_save_gbps"] / row["torch_per_page_d2h_gbps"]
+    row["load_vs_torch"] = row["kvtier_load_gbps"] / row["torch_per_page_h2d_gbps"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--socket", required=True, help="the kvagent node socket")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--reps", type=int, default=20)
+    a = p.parse_args()
+    import torch
+
+    import kvtier
+
+    if not torch.cuda.is_available():
+        print(json.dumps({"skipped": "torch sees no CUDA device"}))
+        sys.exit(3)
+    engine = kvtier.CopyEngine("cuda:0")
+    client = kvtier.Client(a.socket, timeout_ms=10_000)
+    facts = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "engine": engine.describe()}
+    print(f"{facts['device']}; {facts['engine']}", file=sys.stderr)
+    rows = []
+    for size in SIZES:
+        r = measure(torch, kvtier, client, engine, size, a)
+        rows.append(r)
+        print(
+            f"{size >> 10:>5} KiB ({a.layers} pages) x {a.batch}: save {r['kvtier_save_gbps']:.1f} GB/s "
+            f"({r['save_vs_contiguous']:.0%} of contiguous, {r['save_vs_torch']:.2f}x torch), "
+            f"load {r['kvtier_load_gbps']:.1f} GB/s ({r['load_vs_contiguous']:.0%}, "
+            f"{r['load_vs_torch']:.2f}x torch)",
+            file=sys.stderr,
+        )
+    print(json.dumps({"environment": facts, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
