@@ -13,7 +13,8 @@ the median of `--reps`, timed on the host around the copies and their completion
   (the pinned cudaMemcpy ceiling the target is set against).
 
 Every block is checked byte for byte after a save and a load into different blocks. Prints a
-table on stderr and one JSON object on stdout; exits 3 when torch sees no CUDA device.
+table on stderr and one JSON object on stdout; exits 3 (with the reason) when torch, kvtier or
+a CUDA device is missing.
 """
 
 from __future__ import annotations
@@ -126,10 +127,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     a = p.parse_args()
-    import torch
+    try:
+        import torch
 
-    import kvtier
-
+        import kvtier
+    except ImportError as e:
+        print(json.dumps({"skipped": f"this Python lacks torch or kvtier: {e}"}))
+        sys.exit(3)
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "torch sees no CUDA device"}))
         sys.exit(3)

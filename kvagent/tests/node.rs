@@ -647,6 +647,16 @@ fn a_node_without_usable_gpus_reports_the_copy_engine_unavailable() {
         .output()
         .expect("a C compiler (cc) to build the stand-in libcuda");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The driver tries libcuda.so before libcuda.so.1: both must be the stand-in.
+    std::fs::copy(stub.path().join("libcuda.so.1"), stub.path().join("libcuda.so")).unwrap();
+    let cuda = kvstore::device::Device {
+        backend: kvstore::device::Backend::Cuda,
+        index: 0,
+    };
+    if kvstore::device::check(cuda).is_ok() {
+        eprintln!("skipped: this machine has a working CUDA driver, which the agent would find");
+        return;
+    }
     let empty = scratch();
     for lib_dir in [stub.path(), empty.path()] {
         let dir = socket_dir();
@@ -665,4 +675,53 @@ fn a_node_without_usable_gpus_reports_the_copy_engine_unavailable() {
             "{body}"
         );
     }
+}
+
+/// A completion a test opens by hand.
+#[derive(Debug, Default)]
+struct Gate(parking_lot::Mutex<bool>, parking_lot::Condvar);
+
+impl kvstore::device::Completion for Gate {
+    fn wait(&self) -> Result<(), kvstore::device::DeviceError> {
+        let mut open = self.0.lock();
+        while !*open {
+            self.1.wait(&mut open);
+        }
+        Ok(())
+    }
+    fn is_done(&self) -> bool {
+        *self.0.lock()
+    }
+}
+
+/// A device copy through a slot holds its connection open: ending the connection (a timeout on
+/// another thread, a disconnect) waits until the copy completes, so the agent never hands the
+/// slot to someone else while DMA may still write it.
+#[test]
+fn a_connection_ends_only_after_device_copies_through_it_complete() {
+    let dir = socket_dir();
+    let agent = Agent::start(&dir.path().join("a.sock"), &[]);
+    let client = std::sync::Arc::new(agent.client());
+    let ns = ns("hold");
+    let mut reserved = client.reserve(&ns, &[(hash(9, 0), 4096)]).unwrap();
+    let slot = reserved.remove(0).expect("a slot");
+    let gate = std::sync::Arc::new(Gate::default());
+    let hold = slot.hold().expect("the connection is open");
+    kvstore::device::after(kvstore::device::Fence::new(gate.clone()), Box::new(hold));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ending = std::sync::Arc::clone(&client);
+    std::thread::spawn(move || {
+        ending.disconnect();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the connection ended while a copy through it was in flight"
+    );
+    *gate.0.lock() = true;
+    gate.1.notify_all();
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the connection ends once the copy completed");
+    assert!(!slot.is_live());
+    assert!(slot.hold().is_none(), "no new copy through an ended connection");
 }

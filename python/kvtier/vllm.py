@@ -684,6 +684,13 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 )
             index_of_base[base] = self._layer_of[name] = len(layers)
             layers.append((base, stride, page))
+        if self._engine is not None and self._engine.asynchronous:
+            # Pin the arena for DMA now rather than in the first forward pass; if the agent is
+            # not up yet, the first copy does it.
+            try:
+                self._client.register_arena(self._engine)
+            except kvtier.KvtierError as e:
+                logger.info("kvtier: arena not registered yet (%s); the first copy will", e)
         # Without a copy engine the worker copies nothing: no layers, so loads fail (vLLM
         # recomputes) and saves reserve nothing.
         self._layers = layers if self._engine is not None else []
@@ -720,19 +727,23 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvTierMetadata):
             return
+        # Device copies are ordered after the work queued so far on this thread's stream (which
+        # includes vLLM zeroing newly allocated blocks), also those of asynchronous loads.
+        stream = self._stream()
         for load in meta.loads:
             if load.asynchronous:
                 if self._worker_pool is None:
                     self._worker_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
-                self._loading[load.req_id] = (load, self._worker_pool.submit(self._load, load))
+                self._loading[load.req_id] = (load, self._worker_pool.submit(self._load, load, stream))
             else:
-                failed = self._load(load)
+                failed = self._load(load, stream)
                 if failed:
                     self._failed_loads.add(load.req_id)
                 self._load_errors |= failed
 
-    def _load(self, load: LoadSpec) -> set[int]:
-        """Copies a hit into its blocks; returns the blocks that could not be loaded."""
+    def _load(self, load: LoadSpec, stream: int) -> set[int]:
+        """Copies a hit into its blocks (device copies ordered after the work on ``stream``);
+        returns the blocks that could not be loaded."""
         with _LEASES_LOCK:
             entry = _LEASES.get(load.req_id)
         held = entry[1] if entry is not None else None
@@ -741,19 +752,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         try:
             if not self._layers:
                 raise kvtier.KvtierError("no copy engine for this worker's KV cache")
-            # An asynchronous load runs on a thread of its own: its copies are waited for here,
-            # before `get_finished` lets the request run. A synchronous one's are ordered before
-            # the forward on its stream; releasing the leases waits for them.
-            stream = 0 if load.asynchronous else self._stream()
+            # A synchronous load makes the forward's stream wait for its copies. An asynchronous
+            # one must not hold up the steps that run meanwhile: it is waited for here, on its
+            # own thread, before `get_finished` lets its request run. Either way a failed copy
+            # raises here and its blocks are recomputed.
+            waits = not load.asynchronous
+            first = 0 if leases is None else load.first
             if leases is None:
                 ns = self._namespace(load.keys, self._tp_rank)
                 leases = self._client.acquire(ns, load.keys.hashes)
-                tiers = leases.load_pages(load.block_ids, self._layers, 0, self._engine, stream)
-            else:
-                # The scheduler pinned the request's blocks from its first one.
-                tiers = leases.load_pages(load.block_ids, self._layers, load.first, self._engine, stream)
-            if load.asynchronous:
-                leases.wait()
+            # Scheduler-pinned leases cover the request's blocks from its first one.
+            tiers = leases.load_pages(load.block_ids, self._layers, first, self._engine, stream, waits)
+            leases.wait()
         except Exception as e:  # any failure is a load error that vLLM handles
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)

@@ -380,12 +380,13 @@ impl Client {
     /// Publishes the filled slots of `reservation`; one outcome per requested block, as
     /// `save` ("no_space" where the agent could not keep a written block).
     fn commit(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<Vec<&'static str>> {
+        // Taken first, so that no copy into the slots starts after the wait below.
+        let (idx, slots) = py.detach(|| reservation.take())?;
         if let Err(e) = py.detach(|| reservation.settle()) {
             // A block whose copy failed must not be published.
-            let _ = self.abort(py, reservation);
+            let _ = py.detach(|| self.inner.abort(&reservation.ns, slots));
             return Err(device_err(e));
         }
-        let (idx, slots) = py.detach(|| reservation.take())?;
         let mut out = reservation.outcomes.clone();
         let kept = py
             .detach(|| self.inner.commit(&reservation.ns, slots))
@@ -400,11 +401,21 @@ impl Client {
 
     /// Gives the slots of `reservation` back unwritten.
     fn abort(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<()> {
-        let _ = py.detach(|| reservation.settle());
         let (_, slots) = py.detach(|| reservation.take())?;
+        let _ = py.detach(|| reservation.settle());
         py.detach(|| self.inner.abort(&reservation.ns, slots))
             .map(drop)
             .map_err(to_py)
+    }
+
+    /// Registers the agent's arena with `engine` now (connecting if needed), so that the first
+    /// device copy does not pay for pinning it. Raises `DeviceUnavailable` or `KvtierError`.
+    fn register_arena(&self, py: Python<'_>, engine: &PyCopyEngine) -> PyResult<()> {
+        py.detach(|| self.inner.register_arena(&engine.inner))
+            .map_err(|e| match e {
+                ClientError::Device(d) => device_err(d),
+                e => to_py(e),
+            })
     }
 
     /// Pins blocks for loading later (the pins survive the agent's death: the mapped arena
@@ -435,7 +446,7 @@ impl Client {
         stream: usize,
     ) -> PyResult<Vec<u32>> {
         let leases = self.acquire(py, ns, hashes)?;
-        let tiers = leases.load_pages(py, block_ids, layers, 0, engine, stream);
+        let tiers = leases.load_pages(py, block_ids, layers, 0, engine, stream, true);
         leases.release(py, self)?;
         tiers
     }
@@ -512,9 +523,10 @@ impl Leases {
     /// `start + i` (so a load can skip blocks the engine has already). Returns a tier code per
     /// id; 0 where the block is not held, its length does not match the layout, or its
     /// connection has ended. With a device `engine` the copies are enqueued after the work on
-    /// `stream` and the work queued there afterwards waits for them (the host does not); the
-    /// leases are released after them.
-    #[pyo3(signature = (block_ids, layers, start=0, engine=None, stream=0))]
+    /// `stream`; with `stream_waits`, the work queued there afterwards waits for them (the host
+    /// does not), else only `wait` tells when they are done. The leases are released after them.
+    #[pyo3(signature = (block_ids, layers, start=0, engine=None, stream=0, stream_waits=true))]
+    #[expect(clippy::too_many_arguments, reason = "keyword arguments of a Python method")]
     fn load_pages(
         &self,
         py: Python<'_>,
@@ -523,6 +535,7 @@ impl Leases {
         start: usize,
         engine: Option<&PyCopyEngine>,
         stream: usize,
+        stream_waits: bool,
     ) -> PyResult<Vec<u32>> {
         let layers = layers_of(&layers)?;
         let len = pages::block_len(&layers) as u64;
@@ -564,7 +577,8 @@ impl Leases {
             // this fence (`settle`); the hold keeps the connection, whose end would unpin them,
             // open until the copies complete; the caller promised the pages writable and
             // unshared until the copies complete.
-            let fence = unsafe { engine.scatter(&layers, &jobs, stream) }.map_err(device_err)?;
+            let fence =
+                unsafe { engine.scatter(&layers, &jobs, stream, stream_waits) }.map_err(device_err)?;
             self.pending.lock().push(fence.clone());
             device::after(fence, Box::new(hold));
             Ok(tiers)
@@ -576,17 +590,19 @@ impl Leases {
         py.detach(|| self.settle()).map_err(device_err)
     }
 
-    /// Unpins every held block (after any copy in flight from them).
+    /// Unpins every held block (after any copy in flight from them). Raises the device's error
+    /// if a copy out of them failed (they are released all the same).
     fn release(&self, py: Python<'_>, client: &Client) -> PyResult<()> {
         py.detach(|| {
-            let _ = self.settle();
+            // Taken first, so that no copy out of the slots starts after the wait below.
             let held: Vec<Acquired> = std::mem::take(&mut *self.held.lock())
                 .into_iter()
                 .flatten()
                 .collect();
-            client.inner.release(&self.ns, held)
+            let copied = self.settle();
+            client.inner.release(&self.ns, held).map_err(to_py)?;
+            copied.map_err(device_err)
         })
-        .map_err(to_py)
     }
 }
 

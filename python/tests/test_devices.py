@@ -58,6 +58,8 @@ def test_the_cpu_engine_round_trips_pages_layer_by_layer(agent: Agent) -> None:
     assert engine.device == "cpu" and not engine.asynchronous
     assert "memcpy" in engine.describe()
     c = kvtier.Client(str(agent.socket))
+    c.register_arena(engine)  # nothing to pin for CPU copies, but it connects
+    assert c.connected
     page, blocks = 4096, 4
     layers = [(ctypes.c_ubyte * (page * blocks))() for _ in range(2)]
     for n, layer in enumerate(layers):
@@ -74,7 +76,7 @@ def test_the_cpu_engine_round_trips_pages_layer_by_layer(agent: Agent) -> None:
     for layer in layers:
         ctypes.memset(layer, 0, len(layer))
     leases = c.acquire(NS, hashes)
-    assert leases.load_pages([0, 2], specs, 0, engine, 0) == [kvtier.TIER_HOST] * 2
+    assert leases.load_pages([0, 2], specs, 0, engine, 0, False) == [kvtier.TIER_HOST] * 2
     leases.wait()
     c.release(leases)
     assert [bytes(layer[0:page]) for layer in layers] == expected

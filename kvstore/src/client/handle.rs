@@ -84,6 +84,25 @@ impl Link {
         *self.alive.read()
     }
 
+    /// Makes the arena mapping a target of `engine`'s copies (once per mapping), undone just
+    /// before the mapping goes.
+    pub(super) fn register_with(
+        &self,
+        engine: &Arc<dyn crate::device::CopyEngine>,
+    ) -> Result<(), crate::device::DeviceError> {
+        let (base, len) = (self.arena.as_ptr() as usize, self.arena.len() as usize);
+        if engine.register(base, len)? {
+            let engine = Arc::downgrade(engine);
+            let hook = move || {
+                if let Some(e) = engine.upgrade() {
+                    e.unregister(base);
+                }
+            };
+            self.unmap_hooks.lock().push(UnmapHook(Box::new(hook)));
+        }
+        Ok(())
+    }
+
     pub(super) fn take_orphans(&self) -> Vec<Orphan> {
         std::mem::take(&mut *self.orphans.lock())
     }
@@ -197,18 +216,7 @@ macro_rules! slot_accessors {
                 &self,
                 engine: &Arc<dyn crate::device::CopyEngine>,
             ) -> Result<(), crate::device::DeviceError> {
-                let link = &self.0.link;
-                let (base, len) = (link.arena.as_ptr() as usize, link.arena.len() as usize);
-                if engine.register(base, len)? {
-                    let engine = Arc::downgrade(engine);
-                    let hook = move || {
-                        if let Some(e) = engine.upgrade() {
-                            e.unregister(base);
-                        }
-                    };
-                    link.unmap_hooks.lock().push(UnmapHook(Box::new(hook)));
-                }
-                Ok(())
+                self.0.link.register_with(engine)
             }
 
             /// Whether this slot lies in the same arena mapping as `other`'s.

@@ -127,6 +127,9 @@ pub enum ClientError {
     /// The arena received from the agent could not be mapped.
     #[error("cannot map the agent's arena: {0}")]
     Arena(#[from] crate::Error),
+    /// A device copy engine could not take the arena.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 /// Result alias of the client.
@@ -232,6 +235,17 @@ impl Client {
     pub fn max_block_len(&self) -> Result<u64> {
         let mut guard = self.conn.lock();
         Ok(self.ensure(&mut guard)?.welcome.max_block_len)
+    }
+
+    /// Registers the arena mapping of the current connection (connecting if needed) with
+    /// `engine`, so that the first device copy does not pay for pinning the whole arena. Copies
+    /// through a later connection's mapping register that one when they first need it.
+    pub fn register_arena(&self, engine: &std::sync::Arc<dyn crate::device::CopyEngine>) -> Result<()> {
+        let link = {
+            let mut guard = self.conn.lock();
+            Arc::clone(&self.ensure(&mut guard)?.link)
+        };
+        Ok(link.register_with(engine)?)
     }
 
     /// The instance number of the agent connected now (it changes when the agent restarts).

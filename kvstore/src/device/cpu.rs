@@ -81,6 +81,7 @@ impl CopyEngine for CpuEngine {
         layers: &[LayerPages],
         jobs: &[CopyJob],
         _stream: usize,
+        _stream_waits: bool,
     ) -> Result<Fence, DeviceError> {
         let len = pages::block_len(layers);
         let mut jobs = jobs.to_vec();
@@ -133,7 +134,7 @@ mod tests {
         assert_eq!(&slots[24..32], &l0[36..44]);
         let into0 = [CopyJob { block: 0, slot: base }];
         // SAFETY: as above; block 0 is written, nothing else reads it meanwhile.
-        unsafe { CpuEngine.scatter(&layers, &into0, 0) }
+        unsafe { CpuEngine.scatter(&layers, &into0, 0, true) }
             .unwrap()
             .wait()
             .unwrap();

@@ -5,17 +5,24 @@
 //! copies them all, its threads reading device memory and writing the registered arena straight
 //! over PCIe, or the other way round. vLLM's pages are small (16 tokens × heads × head size:
 //! 16–64 KiB) and a block has one per layer, so one `cuMemcpyAsync` per page would cost a call
-//! and a DMA setup per few KiB; torch's per-block copies reach a ninth of the link at 64 KiB on
+//! and a DMA setup per few KiB; torch's per-block copies reach an eighth of the link at 64 KiB on
 //! an H200 (`benches/gpu/README.md`). The driver's batched copy (`cuMemcpyBatchAsync`) would also
 //! avoid that, but only from CUDA 12.8 drivers; the kernel runs on any driver that can JIT PTX
-//! ISA 7.0 (R450 on) and takes a whole batch in one launch. It uses at most one thread block per
-//! SM for the length of the copy. Where the kernel cannot be loaded or the arena is not
-//! registered, pieces go one `cuMemcpyAsync` each (correct, slower).
+//! ISA 7.0 (R450 on) and takes a whole batch in one launch, with at most 16 thread
+//! blocks, so that the forward pass keeps nearly all SMs. The piece list itself sits in pinned,
+//! device-mapped staging memory that the kernel reads directly (a staging buffer is reused only
+//! after the batch that used it completed), so a launch never waits for an upload. Where the
+//! kernel cannot be loaded, pieces go one `cuMemcpyAsync` each (correct, slower).
 //!
 //! **Ordering.** Copies run on the engine's own non-blocking stream: an event recorded on the
 //! caller's stream orders them after the work queued there (the attention that wrote a layer);
-//! a load makes the caller's stream wait for its done-event, so later kernels read loaded pages
-//! without the host waiting. The done-event is the [`Fence`].
+//! a load may make the caller's stream wait for its done-event, so later kernels read loaded
+//! pages without the host waiting. The done-event is the [`Fence`]; it blocks (does not spin)
+//! whoever waits for it. A batch that fails after part of it was queued is waited for before
+//! the error returns, so nothing of it runs on after its caller lets go of the slots.
+//!
+//! **Contexts.** Every call pushes the device's primary context (torch's) and pops it after, so
+//! the caller's current context is left as it was.
 //!
 //! **Guarding the entry.** `cudarc` panics when libcuda or one of its symbols is missing, so
 //! [`CudaEngine::open`] looks for the library and every symbol it will call first, and reports
@@ -23,6 +30,7 @@
 
 use std::ffi::{CStr, c_void};
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::sys::{
     self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmodule, CUresult, CUstream,
@@ -35,10 +43,16 @@ use crate::pages::LayerPages;
 /// The copy kernel, compiled from `copy_pieces.cu` by `ptx.py`.
 const PTX: &str = concat!(include_str!("copy_pieces.ptx"), "\0");
 /// Longest piece one thread block copies: enough to amortise fetching the piece, short enough to
-/// spread a batch of large blocks over the SMs.
+/// spread a batch of large blocks over the thread blocks.
 const MAX_PIECE: usize = 256 << 10;
 /// Threads per thread block of the copy kernel.
 const THREADS: u32 = 512;
+/// Most thread blocks of one launch: 16 × 512 threads × 64 bytes in flight keep PCIe busy
+/// while leaving the other SMs to the model. Not tuned on a device yet.
+const MAX_GRID: u32 = 16;
+/// How long a failed registration of a mapping is remembered before it is tried again (instead
+/// of on every layer of every step).
+const RETRY_REGISTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every driver function this engine calls, checked before the first call.
 const SYMBOLS: &[&str] = &[
@@ -50,8 +64,10 @@ const SYMBOLS: &[&str] = &[
     "cuDeviceGetAttribute",
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
-    "cuCtxSetCurrent",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
     "cuStreamCreate",
+    "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuStreamWaitEvent",
     "cuEventCreate",
@@ -62,11 +78,11 @@ const SYMBOLS: &[&str] = &[
     "cuMemHostRegister_v2",
     "cuMemHostUnregister",
     "cuMemHostGetDevicePointer_v2",
-    "cuMemAlloc_v2",
-    "cuMemFree_v2",
+    "cuMemHostAlloc",
+    "cuMemFreeHost",
     "cuMemcpyAsync",
-    "cuMemcpyHtoDAsync_v2",
     "cuModuleLoadData",
+    "cuModuleUnload",
     "cuModuleGetFunction",
     "cuLaunchKernel",
     "cuGetErrorName",
@@ -205,15 +221,35 @@ struct Registration {
     len: usize,
     /// Its address as the device sees it.
     device: CUdeviceptr,
+    /// Registered by this engine (else by someone else in the process: not unregistered here).
+    owned: bool,
 }
 
-/// The copy kernel and its piece buffer.
+/// Pinned, device-mapped memory holding one batch's piece list for the kernel.
 #[derive(Debug)]
-struct Kernel {
-    function: CUfunction,
-    /// Device buffer the pieces of a batch are uploaded into; reused in stream order.
-    buffer: CUdeviceptr,
+struct Staging {
+    host: *mut u8,
+    device: CUdeviceptr,
     capacity: usize,
+    /// The batch that reads it; reusable once that completed.
+    busy: Option<Arc<CudaEvent>>,
+}
+
+/// Holds the engine's context current on this thread; pops it on drop.
+struct Pushed;
+
+impl Drop for Pushed {
+    fn drop(&mut self) {
+        let mut popped: CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context `push` pushed on this thread.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    }
+}
+
+fn push(ctx: CUcontext) -> Result<Pushed, DeviceError> {
+    // SAFETY: the context is retained by its engine for as long as anything refers to it.
+    check("cuCtxPushCurrent_v2", unsafe { sys::cuCtxPushCurrent_v2(ctx) })?;
+    Ok(Pushed)
 }
 
 /// The CUDA copy engine for one device; see the module documentation.
@@ -224,15 +260,19 @@ pub struct CudaEngine {
     ctx: CUcontext,
     stream: CUstream,
     module: CUmodule,
-    /// The kernel, or None when its module would not load (then: one memcpy per piece).
-    kernel: Mutex<Option<Kernel>>,
+    /// The copy kernel, or None when its module would not load (then: one memcpy per piece).
+    kernel: Option<CUfunction>,
     sms: u32,
     name: String,
     driver: i32,
     registered: Mutex<Vec<Registration>>,
+    /// Mappings whose registration failed, when, and why.
+    failed: Mutex<Vec<(usize, usize, Instant, DeviceError)>>,
+    /// Staging buffers of the piece lists; the lock also keeps batches in one order on the stream.
+    staging: Mutex<Vec<Staging>>,
 }
 
-// SAFETY: the raw handles are driver objects (context, stream, module, function, device
+// SAFETY: the raw handles are driver objects (context, stream, module, function, pinned
 // memory) that the CUDA driver API lets any thread use; the mutable state sits behind mutexes.
 unsafe impl Send for CudaEngine {}
 // SAFETY: as above.
@@ -243,54 +283,47 @@ impl CudaEngine {
     /// `CUDA_VISIBLE_DEVICES`) in its primary context, the one torch uses.
     pub fn open(ordinal: u32) -> Result<Self, DeviceError> {
         let found = probe(ordinal)?;
-        // SAFETY: every function was found in libcuda by `probe`; out-pointers
-        // point at live locals and fields.
-        unsafe {
-            let (ordinal, device) = (found.ordinal, found.device);
-            let mut ctx: CUcontext = std::ptr::null_mut();
-            check(
-                "cuDevicePrimaryCtxRetain",
-                sys::cuDevicePrimaryCtxRetain(&mut ctx, device),
-            )?;
-            let mut engine = CudaEngine {
-                ordinal,
-                device,
-                ctx,
-                stream: std::ptr::null_mut(),
-                module: std::ptr::null_mut(),
-                kernel: Mutex::new(None),
-                sms: found.sms,
-                name: found.name,
-                driver: found.driver,
-                registered: Mutex::new(Vec::new()),
-            };
-            engine.current()?;
-            check(
-                "cuStreamCreate",
-                sys::cuStreamCreate(
-                    &mut engine.stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                ),
-            )?;
-            match engine.load_kernel() {
-                Ok(k) => *engine.kernel.get_mut() = Some(k),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the CUDA copy kernel did not load; copying one page at a time")
-                }
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // SAFETY: every function was found in libcuda by `probe`; the out-pointer points at a local.
+        check("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, found.device)
+        })?;
+        // From here on, dropping `engine` releases what was made so far.
+        let mut engine = CudaEngine {
+            ordinal: found.ordinal,
+            device: found.device,
+            ctx,
+            stream: std::ptr::null_mut(),
+            module: std::ptr::null_mut(),
+            kernel: None,
+            sms: found.sms,
+            name: found.name,
+            driver: found.driver,
+            registered: Mutex::new(Vec::new()),
+            failed: Mutex::new(Vec::new()),
+            staging: Mutex::new(Vec::new()),
+        };
+        let _ctx = push(ctx)?;
+        // SAFETY: the out-pointer points at a field; the context is current.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(
+                &mut engine.stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        })?;
+        match engine.load_kernel() {
+            Ok(f) => engine.kernel = Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "the CUDA copy kernel did not load; copying one page at a time")
             }
-            Ok(engine)
         }
+        Ok(engine)
     }
 
-    /// Makes the engine's context current on the calling thread.
-    fn current(&self) -> Result<(), DeviceError> {
-        // SAFETY: the context was retained at open and is released only on drop.
-        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
-    }
-
-    fn load_kernel(&mut self) -> Result<Kernel, DeviceError> {
+    fn load_kernel(&mut self) -> Result<CUfunction, DeviceError> {
         let mut function: CUfunction = std::ptr::null_mut();
-        // SAFETY: `PTX` is NUL-terminated; out-pointers point at fields and locals.
+        // SAFETY: `PTX` is NUL-terminated; out-pointers point at fields and locals; the context is
+        // current (pushed by `open`).
         unsafe {
             check(
                 "cuModuleLoadData",
@@ -301,16 +334,12 @@ impl CudaEngine {
                 sys::cuModuleGetFunction(&mut function, self.module, c"kvtier_copy_pieces".as_ptr()),
             )?;
         }
-        Ok(Kernel {
-            function,
-            buffer: 0,
-            capacity: 0,
-        })
+        Ok(function)
     }
 
     /// Whether batches go through the copy kernel.
     pub fn uses_kernel(&self) -> bool {
-        self.kernel.lock().is_some()
+        self.kernel.is_some()
     }
 
     /// The device address of host range `[addr, addr + len)`, if it lies in a registered range.
@@ -322,67 +351,107 @@ impl CudaEngine {
             .map(|r| r.device + (addr - r.base) as u64)
     }
 
-    fn event(&self) -> Result<CudaEvent, DeviceError> {
+    /// A new event; `blocking`: whoever waits for it sleeps instead of spinning.
+    fn event(&self, blocking: bool) -> Result<CudaEvent, DeviceError> {
+        let mut flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        if blocking {
+            flags |= sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        }
         let mut e: CUevent = std::ptr::null_mut();
-        // SAFETY: the out-pointer points at a local.
-        check("cuEventCreate", unsafe {
-            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-        })?;
+        // SAFETY: the out-pointer points at a local; the caller pushed the context.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, flags) })?;
         Ok(CudaEvent {
             event: e,
             ctx: self.ctx,
         })
     }
 
-    /// Enqueues `pieces` on the copy stream after `after` completes; returns the done-event.
+    /// A staging buffer of at least `bytes` that no batch in flight reads; allocated if none.
+    fn staging_for<'a>(
+        &self,
+        staging: &'a mut Vec<Staging>,
+        bytes: usize,
+    ) -> Result<&'a mut Staging, DeviceError> {
+        let free = staging
+            .iter()
+            .position(|s| s.capacity >= bytes && s.busy.as_ref().is_none_or(|e| e.is_done()));
+        let i = match free {
+            Some(i) => i,
+            None => {
+                let capacity = bytes.next_power_of_two().max(16 << 10);
+                let mut host: *mut c_void = std::ptr::null_mut();
+                let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+                // SAFETY: out-pointers point at locals; the caller pushed the context.
+                unsafe {
+                    check("cuMemHostAlloc", sys::cuMemHostAlloc(&mut host, capacity, flags))?;
+                    let mut device: CUdeviceptr = 0;
+                    if let Err(e) = check(
+                        "cuMemHostGetDevicePointer_v2",
+                        sys::cuMemHostGetDevicePointer_v2(&mut device, host, 0),
+                    ) {
+                        let _ = sys::cuMemFreeHost(host);
+                        return Err(e);
+                    }
+                    staging.push(Staging {
+                        host: host.cast(),
+                        device,
+                        capacity,
+                        busy: None,
+                    });
+                }
+                staging.len() - 1
+            }
+        };
+        Ok(&mut staging[i])
+    }
+
+    /// Enqueues `pieces` on the copy stream after the work queued on `caller`; `caller_waits`:
+    /// work queued on `caller` afterwards waits for the copies. Returns the done-event.
     ///
     /// # Safety
     /// Every piece must name memory the device may read (source) and write (destination) until
-    /// the returned event completes.
-    unsafe fn enqueue(&self, pieces: &[super::Piece], after: CUstream) -> Result<CudaEvent, DeviceError> {
-        let ready = self.event()?;
-        let done = self.event()?;
-        let mut kernel = self.kernel.lock();
-        // SAFETY: handles are live; the pieces' memory is the caller's contract;
-        // the piece buffer is only rewritten by copies queued on the same stream after the
-        // launches that read it, and freed only after the stream is drained.
+    /// the returned event completes. The caller pushed the context.
+    unsafe fn enqueue(
+        &self,
+        pieces: &[super::Piece],
+        caller: CUstream,
+        caller_waits: bool,
+    ) -> Result<Arc<CudaEvent>, DeviceError> {
+        let ready = self.event(false)?;
+        let done = Arc::new(self.event(true)?);
+        let mut staging = self.staging.lock();
+        // SAFETY: handles are live; nothing is queued on the copy stream by this call until the
+        // wait below succeeds.
         unsafe {
-            check("cuEventRecord", sys::cuEventRecord(ready.event, after))?;
+            check("cuEventRecord", sys::cuEventRecord(ready.event, caller))?;
             check(
                 "cuStreamWaitEvent",
                 sys::cuStreamWaitEvent(self.stream, ready.event, 0),
             )?;
-            match kernel.as_mut() {
-                Some(k) if !pieces.is_empty() => {
+        }
+        let queued = (|| -> Result<(), DeviceError> {
+            match self.kernel {
+                Some(function) if !pieces.is_empty() => {
                     let bytes = std::mem::size_of_val(pieces);
-                    if k.capacity < bytes {
-                        let want = bytes.next_power_of_two().max(64 << 10);
-                        check("cuStreamSynchronize", sys::cuStreamSynchronize(self.stream))?;
-                        if k.buffer != 0 {
-                            check("cuMemFree_v2", sys::cuMemFree_v2(k.buffer))?;
-                            k.buffer = 0;
-                            k.capacity = 0;
-                        }
-                        check("cuMemAlloc_v2", sys::cuMemAlloc_v2(&mut k.buffer, want))?;
-                        k.capacity = want;
-                    }
-                    // From pageable memory the driver stages the bytes before returning, so
-                    // `pieces` may go when this returns.
-                    check(
-                        "cuMemcpyHtoDAsync_v2",
-                        sys::cuMemcpyHtoDAsync_v2(k.buffer, pieces.as_ptr().cast(), bytes, self.stream),
-                    )?;
-                    let mut buffer = k.buffer;
+                    let buffer = self.staging_for(&mut staging, bytes)?;
+                    // SAFETY: the buffer holds `bytes` and no batch in flight reads it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(pieces.as_ptr().cast::<u8>(), buffer.host, bytes)
+                    };
+                    buffer.busy = Some(Arc::clone(&done));
+                    let mut list = buffer.device;
                     let mut count = pieces.len() as u32;
                     let mut params = [
-                        (&raw mut buffer).cast::<c_void>(),
+                        (&raw mut list).cast::<c_void>(),
                         (&raw mut count).cast::<c_void>(),
                     ];
-                    let grid = count.min(self.sms).max(1);
-                    check(
-                        "cuLaunchKernel",
+                    let grid = count.clamp(1, MAX_GRID);
+                    // SAFETY: the parameters match the kernel's (a u64 pointer to the pieces, a
+                    // u32 count) and live across the call, which copies them; the piece list
+                    // stays untouched until `done` completes (`busy`).
+                    check("cuLaunchKernel", unsafe {
                         sys::cuLaunchKernel(
-                            k.function,
+                            function,
                             grid,
                             1,
                             1,
@@ -393,19 +462,33 @@ impl CudaEngine {
                             self.stream,
                             params.as_mut_ptr(),
                             std::ptr::null_mut(),
-                        ),
-                    )?;
+                        )
+                    })?;
                 }
                 _ => {
                     for p in pieces {
-                        check(
-                            "cuMemcpyAsync",
-                            sys::cuMemcpyAsync(p.dst, p.src, p.len as usize, self.stream),
-                        )?;
+                        // SAFETY: the caller's contract covers the piece's memory.
+                        check("cuMemcpyAsync", unsafe {
+                            sys::cuMemcpyAsync(p.dst, p.src, p.len as usize, self.stream)
+                        })?;
                     }
                 }
             }
-            check("cuEventRecord", sys::cuEventRecord(done.event, self.stream))?;
+            // SAFETY: handles are live.
+            unsafe {
+                check("cuEventRecord", sys::cuEventRecord(done.event, self.stream))?;
+                if caller_waits {
+                    check("cuStreamWaitEvent", sys::cuStreamWaitEvent(caller, done.event, 0))?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = queued {
+            // Part of the batch may be queued: let none of it outlive the error, which lets the
+            // caller give the slots back.
+            // SAFETY: the stream is live.
+            let _ = unsafe { sys::cuStreamSynchronize(self.stream) };
+            return Err(e);
         }
         Ok(done)
     }
@@ -421,11 +504,13 @@ impl CudaEngine {
         slot_offset: usize,
         direction: Direction,
         stream: usize,
+        caller_waits: bool,
     ) -> Result<Fence, DeviceError> {
-        self.current()?;
+        let _ctx = push(self.ctx)?;
         let kernel = self.uses_kernel();
         // The kernel dereferences slot addresses on the device: they must lie in a registered
-        // range. Plain copies take any host address (the driver stages unregistered memory).
+        // range. Plain copies take any host address (the driver stages unregistered memory,
+        // synchronously).
         let pieces = plan_pieces(
             layers,
             jobs,
@@ -440,16 +525,9 @@ impl CudaEngine {
                 ))),
             },
         )?;
-        let caller = stream as CUstream;
-        // SAFETY: the caller's contract covers the pieces' memory.
-        let done = unsafe { self.enqueue(&pieces, caller) }?;
-        if direction == Direction::Scatter {
-            // SAFETY: both handles are live.
-            check("cuStreamWaitEvent", unsafe {
-                sys::cuStreamWaitEvent(caller, done.event, 0)
-            })?;
-        }
-        Ok(Fence::new(Arc::new(done)))
+        // SAFETY: the caller's contract covers the pieces' memory; the context is pushed.
+        let done = unsafe { self.enqueue(&pieces, stream as CUstream, caller_waits) }?;
+        Ok(Fence::new(done))
     }
 }
 
@@ -478,27 +556,59 @@ impl CopyEngine for CudaEngine {
     }
 
     fn register(&self, base: usize, len: usize) -> Result<bool, DeviceError> {
-        if self.device_addr(base, len).is_some() {
+        // Held throughout, so that two threads copying through a new mapping register it once.
+        let mut registered = self.registered.lock();
+        if registered
+            .iter()
+            .any(|r| base >= r.base && base.saturating_add(len) <= r.base + r.len)
+        {
             return Ok(false);
         }
-        self.current()?;
+        let mut failed = self.failed.lock();
+        failed.retain(|f| f.2.elapsed() < RETRY_REGISTER);
+        if let Some(f) = failed.iter().find(|f| f.0 == base && f.1 == len) {
+            return Err(f.3.clone());
+        }
+        let _ctx = push(self.ctx)?;
+        let started = Instant::now();
         let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         // SAFETY: the caller hands a mapped range and unregisters it before unmapping it.
         let r = unsafe { sys::cuMemHostRegister_v2(base as *mut c_void, len, flags) };
-        if r != CUresult::CUDA_SUCCESS && r != CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
-            return Err(DeviceError::Call {
+        let owned = r == CUresult::CUDA_SUCCESS;
+        let mut device: CUdeviceptr = 0;
+        let result = if !owned && r != CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+            Err(DeviceError::Call {
                 backend: Backend::Cuda,
                 call: "cuMemHostRegister",
                 code: error_name(r),
-            });
+            })
+        } else {
+            // SAFETY: the range is registered now; the out-pointer points at a local.
+            check("cuMemHostGetDevicePointer_v2", unsafe {
+                sys::cuMemHostGetDevicePointer_v2(&mut device, base as *mut c_void, 0)
+            })
+        };
+        if let Err(e) = result {
+            if owned {
+                // SAFETY: registered just above, used by nothing yet.
+                let _ = unsafe { sys::cuMemHostUnregister(base as *mut c_void) };
+            }
+            tracing::warn!(error = %e, len, "the arena could not be registered with CUDA; device copies need it");
+            failed.push((base, len, Instant::now(), e.clone()));
+            return Err(e);
         }
-        let mut device: CUdeviceptr = 0;
-        // SAFETY: the range is registered now; the out-pointer points at a local.
-        check("cuMemHostGetDevicePointer_v2", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut device, base as *mut c_void, 0)
-        })?;
-        self.registered.lock().push(Registration { base, len, device });
-        tracing::debug!(base, len, "arena registered with CUDA");
+        registered.push(Registration {
+            base,
+            len,
+            device,
+            owned,
+        });
+        tracing::info!(
+            len,
+            owned,
+            ms = started.elapsed().as_millis() as u64,
+            "arena registered with CUDA"
+        );
         Ok(true)
     }
 
@@ -507,13 +617,16 @@ impl CopyEngine for CudaEngine {
         let Some(i) = registered.iter().position(|r| r.base == base) else {
             return;
         };
-        registered.remove(i);
+        let r = registered.remove(i);
         drop(registered);
-        if self.current().is_err() {
+        if !r.owned {
             return;
         }
-        // SAFETY: the stream is live; after it drains no copy of ours touches the range, which was
-        // registered by `register`.
+        let Ok(_ctx) = push(self.ctx) else {
+            return;
+        };
+        // SAFETY: the stream is live; after it drains no copy of ours touches the range, which
+        // this engine registered.
         unsafe {
             let _ = sys::cuStreamSynchronize(self.stream);
             let _ = sys::cuMemHostUnregister(base as *mut c_void);
@@ -528,7 +641,7 @@ impl CopyEngine for CudaEngine {
         stream: usize,
     ) -> Result<Fence, DeviceError> {
         // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream) }
+        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream, false) }
     }
 
     unsafe fn scatter(
@@ -536,31 +649,40 @@ impl CopyEngine for CudaEngine {
         layers: &[LayerPages],
         jobs: &[CopyJob],
         stream: usize,
+        caller_waits: bool,
     ) -> Result<Fence, DeviceError> {
         // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream) }
+        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream, caller_waits) }
     }
 }
 
 impl Drop for CudaEngine {
     fn drop(&mut self) {
-        if self.current().is_err() {
-            return;
-        }
-        // SAFETY: the handles were made by this engine and nothing else uses them now; the stream
-        // is drained before the buffer and the registrations go.
-        unsafe {
-            let _ = sys::cuStreamSynchronize(self.stream);
-            if let Some(k) = self.kernel.get_mut().take()
-                && k.buffer != 0
-            {
-                let _ = sys::cuMemFree_v2(k.buffer);
+        if let Ok(_ctx) = push(self.ctx) {
+            // SAFETY: the handles were made by this engine and nothing else uses them now; the
+            // stream drains before the buffers, registrations, module and stream go.
+            unsafe {
+                if !self.stream.is_null() {
+                    let _ = sys::cuStreamSynchronize(self.stream);
+                }
+                for s in self.staging.get_mut().drain(..) {
+                    let _ = sys::cuMemFreeHost(s.host.cast());
+                }
+                for r in self.registered.get_mut().drain(..) {
+                    if r.owned {
+                        let _ = sys::cuMemHostUnregister(r.base as *mut c_void);
+                    }
+                }
+                if !self.module.is_null() {
+                    let _ = sys::cuModuleUnload(self.module);
+                }
+                if !self.stream.is_null() {
+                    let _ = sys::cuStreamDestroy_v2(self.stream);
+                }
             }
-            for r in self.registered.get_mut().drain(..) {
-                let _ = sys::cuMemHostUnregister(r.base as *mut c_void);
-            }
-            let _ = sys::cuDevicePrimaryCtxRelease_v2(self.device);
         }
+        // SAFETY: retained once at open.
+        let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
     }
 }
 
@@ -572,38 +694,36 @@ struct CudaEvent {
 }
 
 // SAFETY: CUDA events may be queried, waited for and destroyed from any thread with their
-// context current, which `wait` and `is_done` make it.
+// context current, which `wait`, `is_done` and `drop` make it.
 unsafe impl Send for CudaEvent {}
 // SAFETY: as above.
 unsafe impl Sync for CudaEvent {}
 
 impl Completion for CudaEvent {
     fn wait(&self) -> Result<(), DeviceError> {
-        // SAFETY: the event and its context live as long as `self` (the engine's primary
-        // context is retained by the engine and, process-wide, by torch).
-        unsafe {
-            check("cuCtxSetCurrent", sys::cuCtxSetCurrent(self.ctx))?;
-            check("cuEventSynchronize", sys::cuEventSynchronize(self.event))
-        }
+        let _ctx = push(self.ctx)?;
+        // SAFETY: the event lives as long as `self`, its context as long as its engine or torch.
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.event)
+        })
     }
 
     fn is_done(&self) -> bool {
+        let Ok(_ctx) = push(self.ctx) else {
+            return true;
+        };
         // SAFETY: as in `wait`.
-        unsafe {
-            sys::cuCtxSetCurrent(self.ctx) != CUresult::CUDA_SUCCESS
-                || sys::cuEventQuery(self.event) != CUresult::CUDA_ERROR_NOT_READY
-        }
+        unsafe { sys::cuEventQuery(self.event) != CUresult::CUDA_ERROR_NOT_READY }
     }
 }
 
 impl Drop for CudaEvent {
     fn drop(&mut self) {
+        let pushed = push(self.ctx);
         // SAFETY: destroying an event that is still pending is allowed: the driver frees it when
         // it completes.
-        unsafe {
-            let _ = sys::cuCtxSetCurrent(self.ctx);
-            let _ = sys::cuEventDestroy_v2(self.event);
-        }
+        let _ = unsafe { sys::cuEventDestroy_v2(self.event) };
+        drop(pushed);
     }
 }
 
@@ -624,6 +744,17 @@ mod tests {
             24,
             "the kernel reads 24-byte pieces"
         );
+    }
+
+    #[test]
+    fn the_stand_in_driver_of_the_tests_exports_every_function_used() {
+        let stub = include_str!("../../../tests/stubs/libcuda_stub.c");
+        for name in SYMBOLS {
+            assert!(
+                stub.contains(&format!("FAIL({name})")) || stub.contains(&format!("int {name}(")),
+                "tests/stubs/libcuda_stub.c lacks {name}"
+            );
+        }
     }
 
     #[test]

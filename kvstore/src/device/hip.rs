@@ -75,13 +75,34 @@ pub fn probe(ordinal: u32) -> Result<String, DeviceError> {
     }
 }
 
+/// Restores the thread's previous HIP device on drop.
+struct Selected(i32);
+
+impl Drop for Selected {
+    fn drop(&mut self) {
+        // SAFETY: the ordinal was current before `select`.
+        let _ = unsafe { hip::hipSetDevice(self.0) };
+    }
+}
+
+fn select(ordinal: i32) -> Result<Selected, DeviceError> {
+    let mut previous = 0;
+    // SAFETY: the out-pointer points at a local; the ordinal names a device (checked at open).
+    unsafe {
+        check("hipGetDevice", hip::hipGetDevice(&mut previous))?;
+        check("hipSetDevice", hip::hipSetDevice(ordinal))?;
+    }
+    Ok(Selected(previous))
+}
+
 /// The HIP copy engine for one device.
 #[derive(Debug)]
 pub struct HipEngine {
     ordinal: i32,
     stream: hip::hipStream_t,
     name: String,
-    registered: Mutex<Vec<(usize, usize)>>,
+    /// Registered ranges: base, length, and whether this engine registered it.
+    registered: Mutex<Vec<(usize, usize, bool)>>,
 }
 
 // SAFETY: HIP streams may be used from any thread once the device is selected, which every
@@ -113,16 +134,22 @@ impl HipEngine {
         }
     }
 
-    fn select(&self) -> Result<(), DeviceError> {
-        // SAFETY: the ordinal was checked at open.
-        check("hipSetDevice", unsafe { hip::hipSetDevice(self.ordinal) })
+    /// Makes the engine's device current on this thread until the guard drops, which restores
+    /// the caller's.
+    fn select(&self) -> Result<Selected, DeviceError> {
+        select(self.ordinal)
     }
 
-    fn event(&self) -> Result<HipEvent, DeviceError> {
+    /// A new event; `blocking`: whoever waits for it sleeps instead of spinning.
+    fn event(&self, blocking: bool) -> Result<HipEvent, DeviceError> {
+        let mut flags = hip::hipEventDisableTiming;
+        if blocking {
+            flags |= hip::hipEventBlockingSync;
+        }
         let mut e: hip::hipEvent_t = std::ptr::null_mut();
         // SAFETY: the out-pointer points at a local.
         check("hipEventCreateWithFlags", unsafe {
-            hip::hipEventCreateWithFlags(&mut e, hip::hipEventDisableTiming)
+            hip::hipEventCreateWithFlags(&mut e, flags)
         })?;
         Ok(HipEvent {
             event: e,
@@ -139,21 +166,25 @@ impl HipEngine {
         slot_offset: usize,
         direction: Direction,
         stream: usize,
+        caller_waits: bool,
     ) -> Result<Fence, DeviceError> {
-        self.select()?;
+        let _device = self.select()?;
         let pieces = plan_pieces(layers, jobs, slot_offset, direction, MAX_PIECE, |a, _| {
             Ok(a as u64)
         })?;
         let caller = stream as hip::hipStream_t;
-        let ready = self.event()?;
-        let done = self.event()?;
-        // SAFETY: handles are live; the pieces' memory is the caller's contract.
+        let ready = self.event(false)?;
+        let done = self.event(true)?;
+        // SAFETY: handles are live; nothing is queued on the copy stream until the wait succeeds.
         unsafe {
             check("hipEventRecord", hip::hipEventRecord(ready.event, caller))?;
             check(
                 "hipStreamWaitEvent",
                 hip::hipStreamWaitEvent(self.stream, ready.event, 0),
             )?;
+        }
+        // SAFETY: handles are live; the pieces' memory is the caller's contract.
+        let queued = (|| unsafe {
             for p in &pieces {
                 check(
                     "hipMemcpyAsync",
@@ -167,12 +198,19 @@ impl HipEngine {
                 )?;
             }
             check("hipEventRecord", hip::hipEventRecord(done.event, self.stream))?;
-            if direction == Direction::Scatter {
+            if caller_waits {
                 check(
                     "hipStreamWaitEvent",
                     hip::hipStreamWaitEvent(caller, done.event, 0),
                 )?;
             }
+            Ok(())
+        })();
+        if let Err(e) = queued {
+            // Let nothing of a half-queued batch outlive the error.
+            // SAFETY: the stream is live.
+            let _ = unsafe { hip::hipStreamSynchronize(self.stream) };
+            return Err(e);
         }
         Ok(Fence::new(Arc::new(done)))
     }
@@ -195,26 +233,35 @@ impl CopyEngine for HipEngine {
 
     fn register(&self, base: usize, len: usize) -> Result<bool, DeviceError> {
         let mut registered = self.registered.lock();
-        if registered.iter().any(|&(b, l)| base >= b && base + len <= b + l) {
+        if registered
+            .iter()
+            .any(|&(b, l, _)| base >= b && base.saturating_add(len) <= b + l)
+        {
             return Ok(false);
         }
-        self.select()?;
+        let _device = self.select()?;
         let flags = hip::hipHostRegisterPortable | hip::hipHostRegisterMapped;
         // SAFETY: the caller hands a mapped range and unregisters it before unmapping it.
-        check("hipHostRegister", unsafe {
-            hip::hipHostRegister(base as *mut c_void, len, flags)
-        })?;
-        registered.push((base, len));
+        let r = unsafe { hip::hipHostRegister(base as *mut c_void, len, flags) };
+        // Registered by someone else in the process: usable, but not ours to unregister.
+        let owned = r == hip::hipError_t::hipSuccess;
+        if !owned && r != hip::hipError_t::hipErrorHostMemoryAlreadyRegistered {
+            check("hipHostRegister", r)?;
+        }
+        registered.push((base, len, owned));
         Ok(true)
     }
 
     fn unregister(&self, base: usize) {
         let mut registered = self.registered.lock();
-        let Some(i) = registered.iter().position(|&(b, _)| b == base) else {
+        let Some(i) = registered.iter().position(|&(b, _, _)| b == base) else {
             return;
         };
-        registered.remove(i);
-        if self.select().is_ok() {
+        let (_, _, owned) = registered.remove(i);
+        if !owned {
+            return;
+        }
+        if let Ok(_device) = self.select() {
             // SAFETY: after the stream drains no copy of ours touches the range.
             unsafe {
                 let _ = hip::hipStreamSynchronize(self.stream);
@@ -231,7 +278,7 @@ impl CopyEngine for HipEngine {
         stream: usize,
     ) -> Result<Fence, DeviceError> {
         // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream) }
+        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream, false) }
     }
 
     unsafe fn scatter(
@@ -239,22 +286,25 @@ impl CopyEngine for HipEngine {
         layers: &[LayerPages],
         jobs: &[CopyJob],
         stream: usize,
+        stream_waits: bool,
     ) -> Result<Fence, DeviceError> {
         // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream) }
+        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream, stream_waits) }
     }
 }
 
 impl Drop for HipEngine {
     fn drop(&mut self) {
-        if self.select().is_err() {
+        let Ok(_device) = self.select() else {
             return;
-        }
+        };
         // SAFETY: the stream and registrations are this engine's; the stream drains first.
         unsafe {
             let _ = hip::hipStreamSynchronize(self.stream);
-            for (base, _) in self.registered.get_mut().drain(..) {
-                let _ = hip::hipHostUnregister(base as *mut c_void);
+            for (base, _, owned) in self.registered.get_mut().drain(..) {
+                if owned {
+                    let _ = hip::hipHostUnregister(base as *mut c_void);
+                }
             }
             let _ = hip::hipStreamDestroy(self.stream);
         }
@@ -274,19 +324,19 @@ unsafe impl Sync for HipEvent {}
 
 impl Completion for HipEvent {
     fn wait(&self) -> Result<(), DeviceError> {
+        let _device = select(self.ordinal)?;
         // SAFETY: the event lives as long as `self`.
-        unsafe {
-            check("hipSetDevice", hip::hipSetDevice(self.ordinal))?;
-            check("hipEventSynchronize", hip::hipEventSynchronize(self.event))
-        }
+        check("hipEventSynchronize", unsafe {
+            hip::hipEventSynchronize(self.event)
+        })
     }
 
     fn is_done(&self) -> bool {
+        let Ok(_device) = select(self.ordinal) else {
+            return true;
+        };
         // SAFETY: as in `wait`.
-        unsafe {
-            hip::hipSetDevice(self.ordinal) != hip::hipError_t::hipSuccess
-                || hip::hipEventQuery(self.event) != hip::hipError_t::hipErrorNotReady
-        }
+        unsafe { hip::hipEventQuery(self.event) != hip::hipError_t::hipErrorNotReady }
     }
 }
 

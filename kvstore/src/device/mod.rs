@@ -10,9 +10,9 @@
 //! - `hip` (cargo feature `hip`, off by default: it links ROCm's `libamdhip64`).
 //!
 //! Device copies are asynchronous. A copy is ordered after the work the engine has queued on its
-//! stream so far and runs on the engine's own copy stream; [`CopyEngine::scatter`] also makes the
-//! engine's stream wait for the load, so the layers that read the blocks see them without the host
-//! waiting. The returned [`Fence`] completes when the bytes are in place: a save must be waited
+//! stream so far and runs on the engine's own copy stream; [`CopyEngine::scatter`] may also make
+//! the engine's stream wait for the load, so the layers that read the blocks see them without the
+//! host waiting. The returned [`Fence`] completes when the bytes are in place: a save must be waited
 //! for before its slots are committed, a load before its slots are released.
 //!
 //! [`open`] picks the backend by the tensors' device; every failure to find a driver, a library
@@ -186,8 +186,8 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
 
     /// Makes `[base, base + len)` (an arena mapping) a target of device copies, pinning it for
-    /// DMA. Idempotent for a range already registered; returns whether it registered it now.
-    /// Call [`Self::unregister`] before the range is unmapped.
+    /// DMA. Idempotent for a range already registered; returns whether it recorded the range
+    /// now, in which case [`Self::unregister`] must be called before the range is unmapped.
     fn register(&self, base: usize, len: usize) -> Result<bool, DeviceError>;
 
     /// Forgets a range registered at `base`, after the copies in flight.
@@ -208,8 +208,10 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
         stream: usize,
     ) -> Result<Fence, DeviceError>;
 
-    /// Enqueues copies of every job's slot into its block's pages; work queued on `stream` after
-    /// this call runs after the copies.
+    /// Enqueues copies of every job's slot into its block's pages, after the work queued on
+    /// `stream`. With `stream_waits`, work queued on `stream` after this call runs after the
+    /// copies (a load for the forward pass about to run); without, only the fence says when they
+    /// are done (a load for a request that runs in a later step).
     ///
     /// # Safety
     /// Every job's slot must stay readable, and its block's pages writable and used by nobody
@@ -219,6 +221,7 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
         layers: &[LayerPages],
         jobs: &[CopyJob],
         stream: usize,
+        stream_waits: bool,
     ) -> Result<Fence, DeviceError>;
 }
 
