@@ -58,7 +58,7 @@ Copies between the KV cache and the arena go through the copy engine of the KV t
 picked with no configuration: memcpy on a thread pool for CPU engines; for CUDA (or ROCm)
 engines, batched DMA ordered on the engine's current stream, with the arena registered as pinned
 memory. A save's copies overlap the following layers and are waited for before the slots are
-published; a load makes the engine's stream wait for it. Where the device has no engine (no
+published; a synchronous load makes the engine's stream wait for it. Where the device has no engine (no
 driver, no device, a build without the backend), the scheduler promises no loads and plans no
 saves, the worker leaves its KV cache alone, and vLLM recomputes; the reason is logged once.
 """
@@ -160,14 +160,17 @@ class _Tracked:
     saved_blocks: int = 0
 
 
+def _device_name(device_type: str, index: int | None) -> str:
+    """kvtier's name of a torch device (this torch build says whether ``cuda`` is ROCm)."""
+    import torch
+
+    return devices.device_name(device_type, index, hip=getattr(torch.version, "hip", None) is not None)
+
+
 def _engine_device(vllm_config: VllmConfig) -> str:
     """kvtier's name of the device the engine's KV cache will live on (scheduler side, before
     any tensor exists)."""
-    import torch
-
-    device_type = str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu")
-    hip = getattr(torch.version, "hip", None) is not None
-    return devices.device_name(device_type, None, hip=hip)
+    return _device_name(str(getattr(vllm_config.device_config, "device_type", "cpu") or "cpu"), None)
 
 
 def _extra(vllm_config: VllmConfig) -> dict[str, Any]:
@@ -659,16 +662,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._tp_rank = int(get_tensor_model_parallel_rank())
         except (AssertionError, ImportError):
             self._tp_rank = 0
-        import torch
-
         index_of_base: dict[int, int] = {}
         layers: list[tuple[int, int, int]] = []
         first = next(iter(kv_caches.values()), None)
         if first is not None:
-            hip = getattr(torch.version, "hip", None) is not None
-            self._engine = devices.open_engine(
-                devices.device_name(first.device.type, first.device.index, hip=hip)
-            )
+            self._engine = devices.open_engine(_device_name(first.device.type, first.device.index))
         for name, t in kv_caches.items():
             base = int(t.data_ptr())
             if base in index_of_base:

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore::client::{Acquired, Client as RustClient, ClientConfig, ClientError, Reserved, SaveOutcome};
+use kvstore::client::{
+    Acquired, Client as RustClient, ClientConfig, ClientError, LiveHold, Reserved, SaveOutcome,
+};
 use kvstore::device::{self, CopyJob, DeviceError, Fence};
 use kvstore::pages::{self, LayerPages};
 use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
@@ -63,15 +65,38 @@ fn stale() -> PyErr {
     StaleHandle::new_err(ClientError::StaleHandle.to_string())
 }
 
-/// Waits for every copy in flight (all of them, even after a failure); the first failure.
-fn wait_all(fences: Vec<Fence>) -> Result<(), DeviceError> {
-    let mut first = Ok(());
-    for f in fences {
-        if let Err(e) = f.wait() {
-            first = first.and(Err(e));
-        }
+/// Device copies through a handle's slots still in flight. A `Leases` or `Reservation` declares
+/// it before its slots, so that when one is dropped unsettled this waits for the copies before
+/// the slots go back (on the connection's next call) and may be handed out again.
+#[derive(Default)]
+struct Copies(Mutex<Vec<Fence>>);
+
+impl Copies {
+    /// Runs `copy` (which enqueues device copies through the slots `hold` keeps reachable) and
+    /// tracks its fence; the hold is let go when the copies complete.
+    fn start(&self, hold: LiveHold, copy: impl FnOnce() -> Result<Fence, DeviceError>) -> PyResult<()> {
+        let fence = copy().map_err(device_err)?;
+        self.0.lock().push(fence.clone());
+        device::after(fence, Box::new(hold));
+        Ok(())
     }
-    first
+
+    /// Waits for every copy in flight (all of them, even after a failure); the first failure.
+    fn settle(&self) -> Result<(), DeviceError> {
+        let mut first = Ok(());
+        for f in std::mem::take(&mut *self.0.lock()) {
+            if let Err(e) = f.wait() {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        let _ = self.settle();
+    }
 }
 
 /// A copy engine for one device, chosen by the device of the engine's KV-cache tensors.
@@ -371,9 +396,9 @@ impl Client {
         Ok(Reservation {
             ns,
             block_bytes: block_bytes as usize,
+            copies: Copies::default(),
             slots: Mutex::new(Some(slots)),
             outcomes,
-            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -382,7 +407,7 @@ impl Client {
     fn commit(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<Vec<&'static str>> {
         // Taken first, so that no copy into the slots starts after the wait below.
         let (idx, slots) = py.detach(|| reservation.take())?;
-        if let Err(e) = py.detach(|| reservation.settle()) {
+        if let Err(e) = py.detach(|| reservation.copies.settle()) {
             // A block whose copy failed must not be published.
             let _ = py.detach(|| self.inner.abort(&reservation.ns, slots));
             return Err(device_err(e));
@@ -402,7 +427,7 @@ impl Client {
     /// Gives the slots of `reservation` back unwritten.
     fn abort(&self, py: Python<'_>, reservation: &Reservation) -> PyResult<()> {
         let (_, slots) = py.detach(|| reservation.take())?;
-        let _ = py.detach(|| reservation.settle());
+        let _ = py.detach(|| reservation.copies.settle());
         py.detach(|| self.inner.abort(&reservation.ns, slots))
             .map(drop)
             .map_err(to_py)
@@ -425,8 +450,8 @@ impl Client {
         let held = py.detach(|| self.inner.acquire(&ns, &hashes)).map_err(to_py)?;
         Ok(Leases {
             ns,
+            copies: Copies::default(),
             held: Mutex::new(held),
-            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -482,23 +507,9 @@ impl Client {
 #[pyclass(module = "kvtier._native", frozen)]
 struct Leases {
     ns: Namespace,
+    /// Before `held`: dropped first (see `Copies`).
+    copies: Copies,
     held: Mutex<Vec<Option<Acquired>>>,
-    /// Device copies out of the slots still in flight: waited for before the slots go back.
-    pending: Mutex<Vec<Fence>>,
-}
-
-impl Leases {
-    fn settle(&self) -> Result<(), DeviceError> {
-        wait_all(std::mem::take(&mut *self.pending.lock()))
-    }
-}
-
-impl Drop for Leases {
-    fn drop(&mut self) {
-        // Slots dropped here are released on the connection's next call: no copy may still read
-        // them then.
-        let _ = self.settle();
-    }
 }
 
 #[pymethods]
@@ -574,20 +585,19 @@ impl Leases {
             };
             first.register_with(&engine).map_err(device_err)?;
             // SAFETY: the leases pin their slots (no writer) until released, which waits for
-            // this fence (`settle`); the hold keeps the connection, whose end would unpin them,
+            // these copies (`settle`); the hold keeps the connection, whose end would unpin them,
             // open until the copies complete; the caller promised the pages writable and
             // unshared until the copies complete.
-            let fence =
-                unsafe { engine.scatter(&layers, &jobs, stream, stream_waits) }.map_err(device_err)?;
-            self.pending.lock().push(fence.clone());
-            device::after(fence, Box::new(hold));
+            self.copies.start(hold, || unsafe {
+                engine.scatter(&layers, &jobs, stream, stream_waits)
+            })?;
             Ok(tiers)
         })
     }
 
     /// Waits for the copies out of these leases (a device engine's; a no-op otherwise).
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.settle()).map_err(device_err)
+        py.detach(|| self.copies.settle()).map_err(device_err)
     }
 
     /// Unpins every held block (after any copy in flight from them). Raises the device's error
@@ -599,7 +609,7 @@ impl Leases {
                 .into_iter()
                 .flatten()
                 .collect();
-            let copied = self.settle();
+            let copied = self.copies.settle();
             client.inner.release(&self.ns, held).map_err(to_py)?;
             copied.map_err(device_err)
         })
@@ -612,28 +622,16 @@ impl Leases {
 struct Reservation {
     ns: Namespace,
     block_bytes: usize,
+    /// Before `slots`: dropped first (see `Copies`).
+    copies: Copies,
     /// One entry per requested block: its slot, or None where it got none.
     /// None once committed or aborted.
     slots: Mutex<Option<Vec<Option<Reserved>>>>,
     /// Per requested block: `Stored` where a slot was reserved, else why not.
     outcomes: Vec<SaveOutcome>,
-    /// Device copies into the slots still in flight: waited for before commit or abort.
-    pending: Mutex<Vec<Fence>>,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // Slots dropped here are aborted on the connection's next call and may be handed out
-        // again: no copy may still write them then.
-        let _ = self.settle();
-    }
 }
 
 impl Reservation {
-    fn settle(&self) -> Result<(), DeviceError> {
-        wait_all(std::mem::take(&mut *self.pending.lock()))
-    }
-
     /// Takes the slots out, with the index of the requested block each belongs to; once.
     fn take(&self) -> PyResult<(Vec<usize>, Vec<Reserved>)> {
         let slots = self
@@ -714,19 +712,17 @@ impl Reservation {
             let hold = first.hold().ok_or_else(stale)?;
             // SAFETY: the agent gave these slots (checked against the mapping, each `block_bytes`
             // long, so `offset..end` lies inside) to this reservation alone until it is committed
-            // or aborted, both of which wait for this fence (`settle`); the hold keeps the
+            // or aborted, both of which wait for these copies (`settle`); the hold keeps the
             // connection, whose end would hand them out again, open until the copies complete;
             // the caller promised the pages readable until then.
-            let fence = unsafe { engine.gather(&layers, &jobs, offset, stream) }.map_err(device_err)?;
-            self.pending.lock().push(fence.clone());
-            device::after(fence, Box::new(hold));
-            Ok(())
+            self.copies
+                .start(hold, || unsafe { engine.gather(&layers, &jobs, offset, stream) })
         })
     }
 
     /// Waits for the copies into these slots (a device engine's; a no-op otherwise).
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.settle()).map_err(device_err)
+        py.detach(|| self.copies.settle()).map_err(device_err)
     }
 }
 

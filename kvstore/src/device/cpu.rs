@@ -1,6 +1,6 @@
 //! The CPU engine: engine memory is host memory, copied with memcpy on the thread pool.
 
-use super::{CopyEngine, CopyJob, Device, DeviceError, Fence};
+use super::{CopyEngine, CopyJob, Device, DeviceError, Direction, Fence};
 use crate::pages::{self, LayerPages};
 
 /// memcpy on the calling thread and the thread pool; copies are done when the call returns.
@@ -56,40 +56,30 @@ impl CopyEngine for CpuEngine {
 
     fn unregister(&self, _base: usize) {}
 
-    unsafe fn gather(
+    unsafe fn copy(
         &self,
         layers: &[LayerPages],
         jobs: &[CopyJob],
+        direction: Direction,
         slot_offset: usize,
-        _stream: usize,
-    ) -> Result<Fence, DeviceError> {
-        let len = pages::block_len(layers);
-        let mut jobs = jobs.to_vec();
-        pages::for_each(true, &mut jobs, |j| {
-            // SAFETY: the slot range is writable and unshared, the pages readable (caller's
-            // contract).
-            unsafe {
-                let slot = std::slice::from_raw_parts_mut((j.slot + slot_offset) as *mut u8, len);
-                gather_block(layers, j.block, slot);
-            }
-        });
-        Ok(Fence::done())
-    }
-
-    unsafe fn scatter(
-        &self,
-        layers: &[LayerPages],
-        jobs: &[CopyJob],
         _stream: usize,
         _stream_waits: bool,
     ) -> Result<Fence, DeviceError> {
         let len = pages::block_len(layers);
         let mut jobs = jobs.to_vec();
         pages::for_each(true, &mut jobs, |j| {
-            // SAFETY: the slot is readable, the pages writable and unshared (caller's contract).
+            let slot = (j.slot + slot_offset) as *mut u8;
+            // SAFETY: the source side is readable, the destination side writable and unshared
+            // (caller's contract); the slot range is the block's `len` bytes.
             unsafe {
-                let slot = std::slice::from_raw_parts(j.slot as *const u8, len);
-                scatter_block(layers, j.block, slot);
+                match direction {
+                    Direction::Gather => {
+                        gather_block(layers, j.block, std::slice::from_raw_parts_mut(slot, len))
+                    }
+                    Direction::Scatter => {
+                        scatter_block(layers, j.block, std::slice::from_raw_parts(slot, len))
+                    }
+                }
             }
         });
         Ok(Fence::done())

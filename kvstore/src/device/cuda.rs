@@ -225,6 +225,13 @@ struct Registration {
     owned: bool,
 }
 
+/// The registered range that holds all of `[addr, addr + len)`.
+fn covering(registered: &[Registration], addr: usize, len: usize) -> Option<&Registration> {
+    registered
+        .iter()
+        .find(|r| addr >= r.base && addr.saturating_add(len) <= r.base + r.len)
+}
+
 /// Pinned, device-mapped memory holding one batch's piece list for the kernel.
 #[derive(Debug)]
 struct Staging {
@@ -344,11 +351,7 @@ impl CudaEngine {
 
     /// The device address of host range `[addr, addr + len)`, if it lies in a registered range.
     fn device_addr(&self, addr: usize, len: usize) -> Option<CUdeviceptr> {
-        self.registered
-            .lock()
-            .iter()
-            .find(|r| addr >= r.base && addr.saturating_add(len) <= r.base + r.len)
-            .map(|r| r.device + (addr - r.base) as u64)
+        covering(&self.registered.lock(), addr, len).map(|r| r.device + (addr - r.base) as u64)
     }
 
     /// A new event; `blocking`: whoever waits for it sleeps instead of spinning.
@@ -492,43 +495,6 @@ impl CudaEngine {
         }
         Ok(done)
     }
-
-    /// Plans and enqueues one batch.
-    ///
-    /// # Safety
-    /// As [`CopyEngine::gather`] / [`CopyEngine::scatter`].
-    unsafe fn copy(
-        &self,
-        layers: &[LayerPages],
-        jobs: &[CopyJob],
-        slot_offset: usize,
-        direction: Direction,
-        stream: usize,
-        caller_waits: bool,
-    ) -> Result<Fence, DeviceError> {
-        let _ctx = push(self.ctx)?;
-        let kernel = self.uses_kernel();
-        // The kernel dereferences slot addresses on the device: they must lie in a registered
-        // range. Plain copies take any host address (the driver stages unregistered memory,
-        // synchronously).
-        let pieces = plan_pieces(
-            layers,
-            jobs,
-            slot_offset,
-            direction,
-            MAX_PIECE,
-            |addr, len| match self.device_addr(addr, len) {
-                Some(d) => Ok(d),
-                None if !kernel => Ok(addr as u64),
-                None => Err(DeviceError::BadCopy(format!(
-                    "slot at {addr:#x} lies in no registered arena; register the arena mapping first"
-                ))),
-            },
-        )?;
-        // SAFETY: the caller's contract covers the pieces' memory; the context is pushed.
-        let done = unsafe { self.enqueue(&pieces, stream as CUstream, caller_waits) }?;
-        Ok(Fence::new(done))
-    }
 }
 
 impl CopyEngine for CudaEngine {
@@ -558,10 +524,7 @@ impl CopyEngine for CudaEngine {
     fn register(&self, base: usize, len: usize) -> Result<bool, DeviceError> {
         // Held throughout, so that two threads copying through a new mapping register it once.
         let mut registered = self.registered.lock();
-        if registered
-            .iter()
-            .any(|r| base >= r.base && base.saturating_add(len) <= r.base + r.len)
-        {
+        if covering(&registered, base, len).is_some() {
             return Ok(false);
         }
         let mut failed = self.failed.lock();
@@ -633,26 +596,37 @@ impl CopyEngine for CudaEngine {
         }
     }
 
-    unsafe fn gather(
+    unsafe fn copy(
         &self,
         layers: &[LayerPages],
         jobs: &[CopyJob],
+        direction: Direction,
         slot_offset: usize,
         stream: usize,
+        stream_waits: bool,
     ) -> Result<Fence, DeviceError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream, false) }
-    }
-
-    unsafe fn scatter(
-        &self,
-        layers: &[LayerPages],
-        jobs: &[CopyJob],
-        stream: usize,
-        caller_waits: bool,
-    ) -> Result<Fence, DeviceError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream, caller_waits) }
+        let _ctx = push(self.ctx)?;
+        let kernel = self.uses_kernel();
+        // The kernel dereferences slot addresses on the device: they must lie in a registered
+        // range. Plain copies take any host address (the driver stages unregistered memory,
+        // synchronously).
+        let pieces = plan_pieces(
+            layers,
+            jobs,
+            slot_offset,
+            direction,
+            MAX_PIECE,
+            |addr, len| match self.device_addr(addr, len) {
+                Some(d) => Ok(d),
+                None if !kernel => Ok(addr as u64),
+                None => Err(DeviceError::BadCopy(format!(
+                    "slot at {addr:#x} lies in no registered arena; register the arena mapping first"
+                ))),
+            },
+        )?;
+        // SAFETY: the caller's contract covers the pieces' memory; the context is pushed.
+        let done = unsafe { self.enqueue(&pieces, stream as CUstream, stream_waits) }?;
+        Ok(Fence::new(done))
     }
 }
 

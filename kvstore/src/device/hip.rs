@@ -156,64 +156,6 @@ impl HipEngine {
             ordinal: self.ordinal,
         })
     }
-
-    /// # Safety
-    /// As [`CopyEngine::gather`] / [`CopyEngine::scatter`].
-    unsafe fn copy(
-        &self,
-        layers: &[LayerPages],
-        jobs: &[CopyJob],
-        slot_offset: usize,
-        direction: Direction,
-        stream: usize,
-        caller_waits: bool,
-    ) -> Result<Fence, DeviceError> {
-        let _device = self.select()?;
-        let pieces = plan_pieces(layers, jobs, slot_offset, direction, MAX_PIECE, |a, _| {
-            Ok(a as u64)
-        })?;
-        let caller = stream as hip::hipStream_t;
-        let ready = self.event(false)?;
-        let done = self.event(true)?;
-        // SAFETY: handles are live; nothing is queued on the copy stream until the wait succeeds.
-        unsafe {
-            check("hipEventRecord", hip::hipEventRecord(ready.event, caller))?;
-            check(
-                "hipStreamWaitEvent",
-                hip::hipStreamWaitEvent(self.stream, ready.event, 0),
-            )?;
-        }
-        // SAFETY: handles are live; the pieces' memory is the caller's contract.
-        let queued = (|| unsafe {
-            for p in &pieces {
-                check(
-                    "hipMemcpyAsync",
-                    hip::hipMemcpyAsync(
-                        p.dst as *mut c_void,
-                        p.src as *const c_void,
-                        p.len as usize,
-                        hip::hipMemcpyKind::hipMemcpyDefault,
-                        self.stream,
-                    ),
-                )?;
-            }
-            check("hipEventRecord", hip::hipEventRecord(done.event, self.stream))?;
-            if caller_waits {
-                check(
-                    "hipStreamWaitEvent",
-                    hip::hipStreamWaitEvent(caller, done.event, 0),
-                )?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = queued {
-            // Let nothing of a half-queued batch outlive the error.
-            // SAFETY: the stream is live.
-            let _ = unsafe { hip::hipStreamSynchronize(self.stream) };
-            return Err(e);
-        }
-        Ok(Fence::new(Arc::new(done)))
-    }
 }
 
 impl CopyEngine for HipEngine {
@@ -270,26 +212,60 @@ impl CopyEngine for HipEngine {
         }
     }
 
-    unsafe fn gather(
+    unsafe fn copy(
         &self,
         layers: &[LayerPages],
         jobs: &[CopyJob],
+        direction: Direction,
         slot_offset: usize,
-        stream: usize,
-    ) -> Result<Fence, DeviceError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, slot_offset, Direction::Gather, stream, false) }
-    }
-
-    unsafe fn scatter(
-        &self,
-        layers: &[LayerPages],
-        jobs: &[CopyJob],
         stream: usize,
         stream_waits: bool,
     ) -> Result<Fence, DeviceError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.copy(layers, jobs, 0, Direction::Scatter, stream, stream_waits) }
+        let _device = self.select()?;
+        let pieces = plan_pieces(layers, jobs, slot_offset, direction, MAX_PIECE, |a, _| {
+            Ok(a as u64)
+        })?;
+        let caller = stream as hip::hipStream_t;
+        let ready = self.event(false)?;
+        let done = self.event(true)?;
+        // SAFETY: handles are live; nothing is queued on the copy stream until the wait succeeds.
+        unsafe {
+            check("hipEventRecord", hip::hipEventRecord(ready.event, caller))?;
+            check(
+                "hipStreamWaitEvent",
+                hip::hipStreamWaitEvent(self.stream, ready.event, 0),
+            )?;
+        }
+        // SAFETY: handles are live; the pieces' memory is the caller's contract.
+        let queued = (|| unsafe {
+            for p in &pieces {
+                check(
+                    "hipMemcpyAsync",
+                    hip::hipMemcpyAsync(
+                        p.dst as *mut c_void,
+                        p.src as *const c_void,
+                        p.len as usize,
+                        hip::hipMemcpyKind::hipMemcpyDefault,
+                        self.stream,
+                    ),
+                )?;
+            }
+            check("hipEventRecord", hip::hipEventRecord(done.event, self.stream))?;
+            if stream_waits {
+                check(
+                    "hipStreamWaitEvent",
+                    hip::hipStreamWaitEvent(caller, done.event, 0),
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = queued {
+            // Let nothing of a half-queued batch outlive the error.
+            // SAFETY: the stream is live.
+            let _ = unsafe { hip::hipStreamSynchronize(self.stream) };
+            return Err(e);
+        }
+        Ok(Fence::new(Arc::new(done)))
     }
 }
 

@@ -193,36 +193,60 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
     /// Forgets a range registered at `base`, after the copies in flight.
     fn unregister(&self, base: usize);
 
-    /// Enqueues copies of every job's block pages into its slot (at the byte offset
-    /// `slot_offset` of the block, for layer-wise saves) after the work queued on `stream` (the
-    /// engine's stream handle; 0 is the default stream; ignored by the CPU engine).
+    /// Enqueues copies between every job's block pages and its slot, the way `direction`
+    /// says, at byte `slot_offset` of the block (layer-wise copies of later layers), after the
+    /// work queued on `stream` (the engine's stream handle; 0 is the default stream; ignored by
+    /// the CPU engine). With `stream_waits`, work queued on `stream` after this call runs after
+    /// the copies (a load for the forward pass about to run); without, only the fence says when
+    /// they are done. [`Self::gather`] and [`Self::scatter`] are the two uses.
     ///
     /// # Safety
-    /// The pages of every job's block must stay readable, and every job's slot range writable
-    /// and used by nobody else, until the fence completes.
+    /// Until the fence completes, the source side of every job (its block's pages, or its slot
+    /// range) must stay readable, and the destination side writable and used by nobody else.
+    unsafe fn copy(
+        &self,
+        layers: &[LayerPages],
+        jobs: &[CopyJob],
+        direction: Direction,
+        slot_offset: usize,
+        stream: usize,
+        stream_waits: bool,
+    ) -> Result<Fence, DeviceError>;
+
+    /// Enqueues copies of every job's block pages into its slot, at byte `slot_offset` of the
+    /// block, after the work queued on `stream`; `stream` does not wait for them (vLLM waits for
+    /// saves in `wait_for_save`).
+    ///
+    /// # Safety
+    /// As [`Self::copy`]: the pages stay readable, the slot ranges writable and unshared, until
+    /// the fence completes.
     unsafe fn gather(
         &self,
         layers: &[LayerPages],
         jobs: &[CopyJob],
         slot_offset: usize,
         stream: usize,
-    ) -> Result<Fence, DeviceError>;
+    ) -> Result<Fence, DeviceError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.copy(layers, jobs, Direction::Gather, slot_offset, stream, false) }
+    }
 
     /// Enqueues copies of every job's slot into its block's pages, after the work queued on
-    /// `stream`. With `stream_waits`, work queued on `stream` after this call runs after the
-    /// copies (a load for the forward pass about to run); without, only the fence says when they
-    /// are done (a load for a request that runs in a later step).
+    /// `stream`, which waits for them if `stream_waits` (see [`Self::copy`]).
     ///
     /// # Safety
-    /// Every job's slot must stay readable, and its block's pages writable and used by nobody
-    /// else, until the fence completes.
+    /// As [`Self::copy`]: the slots stay readable, the pages writable and unshared, until the
+    /// fence completes.
     unsafe fn scatter(
         &self,
         layers: &[LayerPages],
         jobs: &[CopyJob],
         stream: usize,
         stream_waits: bool,
-    ) -> Result<Fence, DeviceError>;
+    ) -> Result<Fence, DeviceError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.copy(layers, jobs, Direction::Scatter, 0, stream, stream_waits) }
+    }
 }
 
 /// Opens the copy engine for `device`.
