@@ -163,6 +163,21 @@ impl HostArena {
         if unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, 0, len) } < 0 {
             return Err(last_os_error("fallocate"));
         }
+        // Maps the pages into this process too: otherwise the first write to each page still
+        // takes a fault (one per 4 KiB page of every slot a pull fills), which slowed a node's
+        // first pulls of 4 MiB blocks by up to half. Kernels before 5.14 lack the advice; the
+        // pages are then mapped as they are touched, as before.
+        // SAFETY: the range is exactly this mapping, which lives as long as `self`; populating
+        // writes no bytes (the pages are the memfd's, already allocated and zeroed above).
+        if unsafe { libc::madvise(self.as_ptr().cast(), self.map.len(), libc::MADV_POPULATE_WRITE) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(Error::Arena {
+                    op: "madvise(MADV_POPULATE_WRITE)",
+                    source: err,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -285,12 +300,29 @@ mod tests {
         f.metadata().unwrap().blocks() * 512
     }
 
+    /// Bytes of `a`'s mapping that this process has mapped in (its `Rss` in smaps).
+    fn resident_bytes(a: &HostArena) -> u64 {
+        let start = format!("{:x}-", a.as_ptr() as usize);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start)).skip(1);
+        let rss = lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .expect("the mapping's Rss line");
+        rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+    }
+
     #[test]
-    fn preallocation_allocates_every_page_up_front() {
+    fn preallocation_allocates_and_maps_every_page_up_front() {
         let a = HostArena::create("kvtier-test", 8 << 20, HugePages::Off).unwrap();
         assert_eq!(allocated_bytes(&a), 0, "pages come as they are touched");
+        assert_eq!(resident_bytes(&a), 0);
         a.preallocate().unwrap();
         assert_eq!(allocated_bytes(&a), a.len());
+        assert_eq!(
+            resident_bytes(&a),
+            a.len(),
+            "a pull's first write to a page takes no fault"
+        );
     }
 
     #[test]
