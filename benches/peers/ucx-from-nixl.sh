@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prints an LD_LIBRARY_PATH under which kvtier's UCX data plane runs on the UCX that the NIXL
-# wheel bundles (1.19) instead of the system's (Debian 12: 1.13), to compare the two releases
+# wheel bundles (1.23) instead of the system's (Debian 12: 1.13), to compare the two releases
 # on the same machine:
 #
 #   LD_LIBRARY_PATH=$(benches/peers/ucx-from-nixl.sh) target/release/kvbench transfer --transports ucx
@@ -27,5 +27,12 @@ done
 for name in ucp ucs uct ucm; do
   ln -s "$(ls "$libs"/lib$name-*.so.0.0.0 | head -n1)" "$out/lib$name.so.0"
 done
-ln -s "$libs/ucx" "$out/ucx"
+# UCX loads its transport modules (cma among them) from ucx/ beside libucs, under the file
+# name ending that libucs itself was loaded by (.so.0 here, the wheel's .so.0.0.0).
+mkdir -p "$out/ucx"
+for f in "$libs"/ucx/*.so.0.0.0; do
+  base=$(basename "$f" .so.0.0.0)
+  ln -s "$f" "$out/ucx/$base.so.0.0.0"
+  ln -s "$f" "$out/ucx/$base.so.0"
+done
 realpath "$out"

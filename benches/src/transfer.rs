@@ -50,10 +50,18 @@ pub(crate) struct TransferArgs {
     /// kvtier's data planes to measure.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_TRANSPORTS)]
     pub(crate) transports: Vec<Plane>,
+    /// kvtier's UCX fabrics to measure (`tcp`: `UCX_TLS=tcp`, `shm`: `UCX_TLS=sm`).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
+    pub(crate) ucx_fabrics: Vec<String>,
     /// How kvtier's UCX pulls move the bytes (auto: writes on request over TCP, gets over
     /// shared memory).
     #[arg(long, value_enum, default_value_t = UcxModeArg::Auto)]
     pub(crate) ucx_mode: UcxModeArg,
+    /// Times to go over the whole matrix (every system, interleaved per configuration); each
+    /// figure reported is the median over the rounds. This machine's speed drifts over
+    /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub(crate) rounds: u32,
     /// Skip Mooncake and NIXL (they run when their venvs exist: `benches/peers/setup-*.sh`).
     #[arg(long)]
     pub(crate) no_peers: bool,
@@ -201,6 +209,13 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     if cfg!(not(feature = "ucx")) && args.transports.contains(&Plane::Ucx) {
         bail!("--transports ucx: this kvbench was built without the `ucx` feature");
     }
+    if let Some(l) = args
+        .ucx_fabrics
+        .iter()
+        .find(|l| !["tcp", "shm"].contains(&l.as_str()))
+    {
+        bail!("--ucx-fabrics {l}: not one of tcp, shm");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -208,6 +223,18 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     let arena = arena_bytes(args);
     let mut source = Source::spawn(arena, &args.transports)?;
     let store = Arc::new(open_store(arena)?);
+    // The peers' pools are numpy arrays, which get transparent huge pages; kvtier's arena gets
+    // huge pages where the node reserves them (`vm.nr_hugepages`), as an agent's does.
+    let huge_pages = store.host().arena().huge_pages();
+    eprintln!(
+        "kvtier arenas: {} MiB each, {} pages",
+        arena >> 20,
+        if huge_pages {
+            "2 MiB (reserved huge)"
+        } else {
+            "4 KiB"
+        }
+    );
     let mut planes: Vec<Puller> = Vec::new();
     if args.transports.contains(&Plane::Tcp) {
         let tcp = TcpTransport::new(
@@ -233,7 +260,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             UcxModeArg::Get => UcxMode::Get,
             UcxModeArg::Put => UcxMode::PutOnRequest,
         };
-        for fabric in &UCX_FABRICS {
+        for fabric in UCX_FABRICS
+            .iter()
+            .filter(|f| args.ucx_fabrics.iter().any(|l| l == f.label))
+        {
             let label = fabric.label;
             let Some(endpoint) = source.ucx.get(label) else {
                 eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
@@ -256,58 +286,63 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut peers = Peers::default();
     let mut tag = 0;
-    for &kib in &args.block_kib {
-        for &batch in &args.batches {
-            tag += 1;
-            let block = kib * 1024;
-            source.ask::<serde_json::Value>(&Ask::Fill {
-                tag,
-                block,
-                batch: batch as u64,
-            })?;
-            let grant: GrantAnswer = source.ask(&Ask::Grant {
-                tag,
-                batch: batch as u64,
-            })?;
-            for Puller {
-                system,
-                label,
-                endpoint,
-                transport,
-            } in &planes
-            {
-                let mut row = runtime.block_on(measure(
-                    &store,
-                    transport.as_ref(),
-                    endpoint,
-                    &grant,
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("round {round} of {}", args.rounds);
+        }
+        for &kib in &args.block_kib {
+            for &batch in &args.batches {
+                tag += 1;
+                let block = kib * 1024;
+                source.ask::<serde_json::Value>(&Ask::Fill {
                     tag,
                     block,
-                    batch,
-                    args.quick,
-                ))?;
-                row.system = (*system).into();
-                row.transport = label.clone();
-                eprintln!(
-                    "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
-                    kib,
-                    batch,
-                    row.gbps.unwrap_or(0.0),
-                    row.per_block_us.unwrap_or(0.0)
-                );
-                rows.push(row);
-            }
-            source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
-            if !args.no_peers {
-                // The peers measure each configuration right after kvtier: this machine's speed
-                // drifts over minutes, and a whole matrix per system would compare different
-                // minutes.
-                let cell = TransferArgs {
-                    block_kib: vec![kib],
-                    batches: vec![batch],
-                    ..args.clone()
-                };
-                rows.extend(peers.run(&cell));
+                    batch: batch as u64,
+                })?;
+                let grant: GrantAnswer = source.ask(&Ask::Grant {
+                    tag,
+                    batch: batch as u64,
+                })?;
+                for Puller {
+                    system,
+                    label,
+                    endpoint,
+                    transport,
+                } in &planes
+                {
+                    let mut row = runtime.block_on(measure(
+                        &store,
+                        transport.as_ref(),
+                        endpoint,
+                        &grant,
+                        tag,
+                        block,
+                        batch,
+                        args.quick,
+                    ))?;
+                    row.system = (*system).into();
+                    row.transport = label.clone();
+                    eprintln!(
+                        "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
+                        kib,
+                        batch,
+                        row.gbps.unwrap_or(0.0),
+                        row.per_block_us.unwrap_or(0.0)
+                    );
+                    rows.push(row);
+                }
+                source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
+                if !args.no_peers {
+                    // The peers measure each configuration right after kvtier: this machine's speed
+                    // drifts over minutes, and a whole matrix per system would compare different
+                    // minutes.
+                    let cell = TransferArgs {
+                        block_kib: vec![kib],
+                        batches: vec![batch],
+                        ..args.clone()
+                    };
+                    rows.extend(peers.run(&cell));
+                }
             }
         }
     }
@@ -315,8 +350,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     drop(planes);
     drop(source);
     let peers = peers.records;
-    print_table(&rows, args);
     let all_verified = rows.iter().all(|r| r.verified);
+    let rounds = rows;
+    let rows = median_over_rounds(&rounds);
+    print_table(&rows, args);
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
             "bench": "transfer",
@@ -325,7 +362,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "transports": args.transports.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
             "ucx_mode": format!("{:?}", args.ucx_mode).to_lowercase(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "rounds": args.rounds,
+            "huge_pages": huge_pages,
             "rows": rows,
+            "round_rows": if args.rounds > 1 { serde_json::to_value(&rounds)? } else { serde_json::Value::Null },
             "peers": peers,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
@@ -421,6 +461,9 @@ async fn measure(
 fn open_store(arena: u64) -> Result<TieredStore> {
     let mut host = HostTierConfig::new(arena);
     host.slab_size = 64 << 20;
+    // As a node agent runs (deploy sets `host.preallocate`), and as the peers' pools are
+    // touched before their timed loops: a first write to each page is not what is measured.
+    host.preallocate = true;
     Ok(TieredStore::open(StoreConfig {
         host,
         disk: None,
@@ -732,6 +775,34 @@ fn run_peer(
     Ok((record, rows))
 }
 
+/// One row per system and configuration: the median round's figures (rows of one round pass
+/// through). A configuration is verified only if every round of it was.
+fn median_over_rounds(rows: &[Row]) -> Vec<Row> {
+    let same = |a: &Row, b: &Row| {
+        a.system == b.system
+            && a.transport == b.transport
+            && a.op == b.op
+            && a.block_bytes == b.block_bytes
+            && a.batch == b.batch
+    };
+    let mut out: Vec<Row> = Vec::new();
+    for r in rows {
+        if out.iter().any(|o| same(o, r)) {
+            continue;
+        }
+        let group: Vec<&Row> = rows.iter().filter(|o| same(o, r)).collect();
+        let mut timed: Vec<&Row> = group.iter().copied().filter(|o| o.gbps.is_some()).collect();
+        timed.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap_or(std::cmp::Ordering::Equal));
+        let mut row = timed
+            .get(timed.len() / 2)
+            .map_or_else(|| r.clone(), |m| (*m).clone());
+        row.iters = group.iter().map(|o| o.iters).sum();
+        row.verified = group.iter().all(|o| o.verified);
+        out.push(row);
+    }
+    out
+}
+
 fn print_table(rows: &[Row], args: &TransferArgs) {
     let mut columns: Vec<(String, String, String)> = Vec::new();
     for r in rows {
@@ -739,6 +810,9 @@ fn print_table(rows: &[Row], args: &TransferArgs) {
         if !columns.contains(&c) {
             columns.push(c);
         }
+    }
+    if args.rounds > 1 {
+        println!("median over {} rounds of each round's median batch", args.rounds);
     }
     println!("GB/s (per-block us), median batch; kvtier pulls include checksum verification");
     print!("{:>9} {:>5}", "block", "batch");
