@@ -841,3 +841,47 @@ fn print_table(rows: &[Row], args: &TransferArgs) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(system: &str, batch: usize, gbps: Option<f64>, verified: bool) -> Row {
+        Row {
+            system: system.into(),
+            transport: "tcp".into(),
+            op: "pull".into(),
+            block_bytes: 65536,
+            batch,
+            iters: 3,
+            gbps,
+            per_block_us: gbps.map(|g| 100.0 / g),
+            grant_us: None,
+            verified,
+        }
+    }
+
+    #[test]
+    fn rounds_reduce_to_the_median_round_per_system_and_configuration() {
+        let rounds = vec![
+            row("kvtier", 1, Some(5.0), true),
+            row("nixl", 1, Some(1.0), true),
+            row("kvtier", 1, Some(2.0), true),
+            row("nixl", 1, None, false),
+            row("kvtier", 1, Some(9.0), true),
+            row("kvtier", 16, Some(4.0), true),
+        ];
+        let rows = median_over_rounds(&rounds);
+        assert_eq!(rows.len(), 3, "one row per system and configuration");
+        let kvtier = &rows[0];
+        assert_eq!((kvtier.system.as_str(), kvtier.batch), ("kvtier", 1));
+        assert_eq!(kvtier.gbps, Some(5.0), "the middle of 2, 5 and 9");
+        assert_eq!(kvtier.per_block_us, Some(20.0), "the median round's own figures");
+        assert_eq!(kvtier.iters, 9, "iterations of every round");
+        assert!(kvtier.verified);
+        let nixl = &rows[1];
+        assert_eq!(nixl.gbps, Some(1.0), "an untimed round is not a figure");
+        assert!(!nixl.verified, "one failed round fails the configuration");
+        assert_eq!((rows[2].batch, rows[2].gbps), (16, Some(4.0)));
+    }
+}
