@@ -191,6 +191,20 @@ pub(crate) struct Row {
     pub(crate) verified: bool,
 }
 
+impl Row {
+    /// Where the row goes in the table: system, transport, op (its column), block bytes and
+    /// batch (its row).
+    fn cell(&self) -> (&str, &str, &str, u64, usize) {
+        (
+            &self.system,
+            &self.transport,
+            &self.op,
+            self.block_bytes,
+            self.batch,
+        )
+    }
+}
+
 fn arena_bytes(args: &TransferArgs) -> u64 {
     let largest = args
         .block_kib
@@ -209,12 +223,14 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     if cfg!(not(feature = "ucx")) && args.transports.contains(&Plane::Ucx) {
         bail!("--transports ucx: this kvbench was built without the `ucx` feature");
     }
+    #[cfg(feature = "ucx")]
     if let Some(l) = args
         .ucx_fabrics
         .iter()
-        .find(|l| !["tcp", "shm"].contains(&l.as_str()))
+        .find(|l| !UCX_FABRICS.iter().any(|f| f.label == l.as_str()))
     {
-        bail!("--ucx-fabrics {l}: not one of tcp, shm");
+        let known = UCX_FABRICS.map(|f| f.label).join(", ");
+        bail!("--ucx-fabrics {l}: not one of {known}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -778,19 +794,12 @@ fn run_peer(
 /// One row per system and configuration: the median round's figures (rows of one round pass
 /// through). A configuration is verified only if every round of it was.
 fn median_over_rounds(rows: &[Row]) -> Vec<Row> {
-    let same = |a: &Row, b: &Row| {
-        a.system == b.system
-            && a.transport == b.transport
-            && a.op == b.op
-            && a.block_bytes == b.block_bytes
-            && a.batch == b.batch
-    };
     let mut out: Vec<Row> = Vec::new();
     for r in rows {
-        if out.iter().any(|o| same(o, r)) {
+        if out.iter().any(|o| o.cell() == r.cell()) {
             continue;
         }
-        let group: Vec<&Row> = rows.iter().filter(|o| same(o, r)).collect();
+        let group: Vec<&Row> = rows.iter().filter(|o| o.cell() == r.cell()).collect();
         let mut timed: Vec<&Row> = group.iter().copied().filter(|o| o.gbps.is_some()).collect();
         timed.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap_or(std::cmp::Ordering::Equal));
         let mut row = timed
@@ -826,13 +835,7 @@ fn print_table(rows: &[Row], args: &TransferArgs) {
             for (s, t, o) in &columns {
                 let cell = rows
                     .iter()
-                    .find(|r| {
-                        &r.system == s
-                            && &r.transport == t
-                            && &r.op == o
-                            && r.block_bytes == kib * 1024
-                            && r.batch == batch
-                    })
+                    .find(|r| r.cell() == (s.as_str(), t.as_str(), o.as_str(), kib * 1024, batch))
                     .and_then(|r| Some(format!("{:.2} ({:.0})", r.gbps?, r.per_block_us?)))
                     .unwrap_or_else(|| "-".into());
                 print!(" {cell:>20}");
