@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT_WAIT, Agent, free_port, hash, ns, payload, socket_dir};
+use common::{AGENT_WAIT, Agent, free_peer_port, hash, ns, payload, socket_dir};
 use kvstore::client::{Client, ClientConfig, ClientError, SaveOutcome};
 use kvstore::wire::ErrorCode;
 use kvstore::{BlockHash, Namespace};
@@ -118,7 +118,7 @@ fn pulls_over_loopback_are_exact_and_need_the_shared_secret() {
     let dir = socket_dir();
     let right = write_secret(dir.path(), "right", "cluster-secret\n");
     let wrong = write_secret(dir.path(), "wrong", "another-cluster");
-    let port = free_port();
+    let port = free_peer_port();
     let peer = format!("127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
     let source = Agent::start(
@@ -427,7 +427,7 @@ fn a_prefix_another_node_holds_is_found_through_the_index_and_pulled() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "reuse-cluster");
     let index = common::IndexProc::start(&[]);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_peer_port());
     let source = Agent::start(
         &dir.path().join("a.sock"),
         &[
@@ -547,7 +547,7 @@ fn without_an_rdma_device_agents_fall_back_to_tcp() {
     let cfg = dir.path().join("rdma.toml");
     std::fs::write(&cfg, "[peer]\ntransports = [\"rdma\", \"tcp\"]\n").unwrap();
     let cfg = cfg.to_str().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_peer_port());
     let (source, puller) = source_and_puller(dir.path(), "rdma", [&[], &[]], [cfg, cfg], &listen, &secret);
     pull_all_exactly(&source, &puller, &listen, &ns("rdma-fallback"), &blocks(6, 8));
 }
@@ -565,7 +565,7 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
         path.display().to_string()
     };
     let any = ucx_config("ucx.toml", "");
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_peer_port());
     let (source, puller) = source_and_puller(dir.path(), "lo", [&[], &[]], [&any, &any], &listen, &secret);
     let ns = ns("ucx-loopback");
     let data = blocks(7, 24);

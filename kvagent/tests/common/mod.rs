@@ -371,6 +371,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free loopback port for an agent's peer control channel whose next port, where the agent
+/// puts its TCP data plane by default, is free too (`free_port` alone left the data plane to
+/// collide with whatever held the next port).
+pub fn free_peer_port() -> u16 {
+    for _ in 0..100 {
+        let control = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = control.local_addr().expect("local address").port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of loopback ports in 100 tries");
+}
+
 /// Opens a raw connection to `socket` and completes the handshake in protocol `version` (the
 /// arena fd is received and dropped).
 pub fn raw_handshake_at(socket: &std::path::Path, version: u16) -> std::os::unix::net::UnixStream {
