@@ -57,6 +57,12 @@ pub(crate) struct TransferArgs {
     /// shared memory).
     #[arg(long, value_enum, default_value_t = UcxModeArg::Auto)]
     pub(crate) ucx_mode: UcxModeArg,
+    /// Largest UCX pull, in KiB, that the pulling thread drives itself rather than the
+    /// progress thread (0: none; default: the transport's). Several values measure one UCX
+    /// puller each, in the same run; the second and later ones are labelled with the value
+    /// (`shm inline 0`).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) ucx_inline_kib: Vec<u64>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
     /// figure reported is the median over the rounds. This machine's speed drifts over
     /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
@@ -285,17 +291,38 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
                 continue;
             };
-            match UcxTransport::new(Arc::clone(&store), None, fabric.config(mode)) {
-                Ok(t) => {
-                    eprintln!("kvtier ucx {label}: UCX_TLS={}, {:?}", fabric.tls, t.mode());
-                    planes.push(Puller {
-                        system: "kvtier-ucx",
-                        label: label.into(),
-                        endpoint: endpoint.clone(),
-                        transport: Box::new(t),
-                    });
+            let default_kib = UcxConfig::default().inline_bytes / 1024;
+            let inline = if args.ucx_inline_kib.is_empty() {
+                vec![default_kib]
+            } else {
+                args.ucx_inline_kib.clone()
+            };
+            for (n, &inline_kib) in inline.iter().enumerate() {
+                let label = if n == 0 {
+                    label.to_owned()
+                } else {
+                    format!("{label} inline {inline_kib}")
+                };
+                let cfg = UcxConfig {
+                    inline_bytes: inline_kib.saturating_mul(1024),
+                    ..fabric.config(mode)
+                };
+                match UcxTransport::new(Arc::clone(&store), None, cfg) {
+                    Ok(t) => {
+                        eprintln!(
+                            "kvtier ucx {label}: UCX_TLS={}, {:?}, pulls up to {inline_kib} KiB driven by the pulling thread",
+                            fabric.tls,
+                            t.mode()
+                        );
+                        planes.push(Puller {
+                            system: "kvtier-ucx",
+                            label,
+                            endpoint: endpoint.clone(),
+                            transport: Box::new(t),
+                        });
+                    }
+                    Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
                 }
-                Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
             }
         }
     }
@@ -377,6 +404,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "streams": args.streams,
             "transports": args.transports.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
             "ucx_mode": format!("{:?}", args.ucx_mode).to_lowercase(),
+            "ucx_inline_kib": &args.ucx_inline_kib,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
             "huge_pages": huge_pages,

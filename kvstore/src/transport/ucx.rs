@@ -4,13 +4,20 @@
 //!
 //! # Threads
 //!
-//! One UCP context and one worker per transport, created in `UCS_THREAD_MODE_SINGLE` and
-//! driven by one progress thread that the transport owns. Nothing else calls UCP: a pull is a
-//! command put in a mailbox, after which the worker is woken with `ucp_worker_signal` (the one
-//! call UCX allows from any thread); the answer comes back on a oneshot channel. The thread
-//! polls for a short while after any activity and otherwise sleeps on the worker's event fd,
-//! so an idle transport costs nothing. Dropping the transport stops the thread, which closes
-//! the endpoints, unmaps the arena and destroys the worker and the context, in that order.
+//! One UCP context and one worker per transport, created in `UCS_THREAD_MODE_SERIALIZED` and
+//! driven by one thread at a time, whichever holds the engine's lock. A progress thread that
+//! the transport owns drives it between its waits: it polls for a short while after any
+//! activity and otherwise sleeps on the worker's event fd, so an idle transport costs nothing.
+//! A pull of at most [`UcxConfig::inline_bytes`] is driven by the pulling thread itself: it
+//! takes the lock (the progress thread steps aside), issues the pull and progresses the worker
+//! until the pull is over or [`INLINE_BUDGET`] has passed, and leaves any rest to the progress
+//! thread; over shared memory a one-block pull then involves no other thread at all, where a
+//! hand-off costs two thread wake-ups, more than the copy of a 64 KiB block. A larger pull is
+//! a command put in a mailbox, after which the worker is woken with `ucp_worker_signal`; its
+//! results come back on a channel, each block as soon as it has landed, so that the pulling
+//! thread verifies one block while the progress thread copies the next. Dropping the
+//! transport stops the progress thread, which closes the endpoints, unmaps the arena and
+//! destroys the worker and the context, in that order.
 //!
 //! The whole arena is registered once (`ucp_mem_map` of the existing mapping) and its remote
 //! key packed once. Endpoints to peers are created on first use, one per remote worker
@@ -130,7 +137,7 @@ use ucx_sys as sys;
 use super::grants::{GrantId, Grants, MAX_GRANT_BLOCKS};
 use super::{BoxFuture, PullItem, Pulled, Transport, TransportError, TransportKind, fail_all};
 use crate::store::TieredStore;
-use engine::{Command, Engine, Mailbox, OpSpec, PullSpec};
+use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec};
 use wire::RemoteEndpoint;
 #[cfg(test)]
 use wire::{
@@ -261,7 +268,20 @@ pub struct UcxConfig {
     /// How long past its deadline a pull waits for the operations it started to be over
     /// (see the module documentation).
     pub drain: Duration,
+    /// Pulls of at most this many bytes are driven by the pulling thread itself, which is busy
+    /// for up to [`INLINE_BUDGET`] meanwhile, instead of by the progress thread (0: never).
+    /// Default 4 MiB, which UCX moves within [`INLINE_BUDGET`] over shared memory and over
+    /// TCP on loopback; the pulling thread then checks each block right after its copy, while
+    /// it is in that core's cache.
+    pub inline_bytes: u64,
 }
+
+/// Longest a pulling thread drives the worker for its own pull before it leaves the rest to
+/// the progress thread (a pull over TCP waits for the source's writes and answer meanwhile).
+/// A slow or silent source is what it bounds: a pull handed over mid-way took 2–3 × longer
+/// than one driven to its end (UCX over TCP, 1 MiB), so a healthy pull of
+/// [`UcxConfig::inline_bytes`] should fit well within it.
+pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
 
 impl Default for UcxConfig {
     fn default() -> Self {
@@ -273,6 +293,7 @@ impl Default for UcxConfig {
             window: 64 << 20,
             spin: Duration::from_micros(500),
             drain: Duration::from_secs(1),
+            inline_bytes: 4 << 20,
         }
     }
 }
@@ -284,6 +305,8 @@ pub struct UcxTransport {
     endpoint: Vec<u8>,
     name: String,
     mailbox: Arc<Mailbox>,
+    engine: Arc<EngineCell>,
+    inline_bytes: u64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -319,6 +342,7 @@ impl UcxTransport {
             tcp_segment,
             ..cfg
         };
+        let inline_bytes = cfg.inline_bytes;
         let mailbox = Arc::new(Mailbox::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
@@ -329,8 +353,10 @@ impl UcxTransport {
                 .spawn(
                     move || match Engine::open(&store, grants, cfg, tls.as_deref(), mailbox) {
                         Ok(engine) => {
-                            let _ = ready_tx.send(Ok((engine.endpoint.clone(), engine.name.clone())));
-                            engine.run();
+                            let (endpoint, name) = (engine.endpoint.clone(), engine.name.clone());
+                            let cell = Arc::new(EngineCell::new(engine));
+                            let _ = ready_tx.send(Ok((endpoint, name, Arc::clone(&cell))));
+                            cell.run();
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -340,12 +366,14 @@ impl UcxTransport {
                 .map_err(|e| unavailable(format!("starting the progress thread: {e}")))?
         };
         match ready_rx.recv() {
-            Ok(Ok((endpoint, name))) => Ok(Self {
+            Ok(Ok((endpoint, name, engine))) => Ok(Self {
                 store,
                 mode,
                 endpoint,
                 name,
                 mailbox,
+                engine,
+                inline_bytes,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => {
@@ -462,22 +490,38 @@ impl Transport for UcxTransport {
                     ops,
                     deadline,
                     reply,
+                    gets_per_turn: usize::MAX,
                 };
-                if self.mailbox.post(Command::Pull(spec)) {
-                    // Each block is verified as soon as it has landed, while later ones are
-                    // still moving.
+                // Each block is verified as soon as it has landed, while later ones are still
+                // moving.
+                let mut verify = |n: usize, r: Result<(), TransportError>| {
+                    let item = &mut items[n];
+                    results[n] = Some(r.and_then(|()| {
+                        if super::verify(&self.store, &mut item.slot, item.checksum) {
+                            Ok(())
+                        } else {
+                            Err(TransportError::Checksum {
+                                peer: remote.label(),
+                                index: item.index,
+                            })
+                        }
+                    }));
+                };
+                let bytes: u64 = spec.ops.iter().map(|o| o.len).sum();
+                let posted = if bytes <= self.inline_bytes {
+                    match self
+                        .engine
+                        .drive(spec, INLINE_BUDGET, &self.mailbox, &mut settled, &mut verify)
+                    {
+                        Driven::Started => true,
+                        Driven::Stopped(spec) => self.mailbox.post(Command::Pull(spec)),
+                    }
+                } else {
+                    self.mailbox.post(Command::Pull(spec))
+                };
+                if posted {
                     while let Some((n, r)) = settled.recv().await {
-                        let item = &mut items[n];
-                        results[n] = Some(r.and_then(|()| {
-                            if super::verify(&self.store, &mut item.slot, item.checksum) {
-                                Ok(())
-                            } else {
-                                Err(TransportError::Checksum {
-                                    peer: remote.label(),
-                                    index: item.index,
-                                })
-                            }
-                        }));
+                        verify(n, r);
                     }
                 }
                 // Unsettled blocks: the progress thread stopped (the transport is being

@@ -41,11 +41,26 @@ fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<Blo
 }
 
 fn puller(fabric: Fabric, mode: UcxMode) -> (Arc<TieredStore>, UcxTransport) {
+    puller_driving(fabric, mode, UcxConfig::default().inline_bytes)
+}
+
+/// A puller whose own thread drives pulls of at most `inline_bytes` (0: the progress thread
+/// drives every pull; `u64::MAX`: the pulling thread starts every pull itself).
+fn puller_driving(fabric: Fabric, mode: UcxMode, inline_bytes: u64) -> (Arc<TieredStore>, UcxTransport) {
     let s = store(64);
-    let t = UcxTransport::new(Arc::clone(&s), None, config(fabric, mode)).unwrap();
+    let cfg = UcxConfig {
+        inline_bytes,
+        ..config(fabric, mode)
+    };
+    let t = UcxTransport::new(Arc::clone(&s), None, cfg).unwrap();
     assert_eq!(t.mode(), mode);
     (s, t)
 }
+
+/// Who drives the pulls of a test: the progress thread alone, the pulling thread for pulls of
+/// up to 64 KiB (the tests' larger batches then go to the progress thread), or the pulling
+/// thread first for every pull.
+const DRIVERS: [u64; 3] = [0, 64 << 10, u64::MAX];
 
 fn items(store: &TieredStore, grant: &Grant, keys: &[BlockKey]) -> Vec<PullItem> {
     let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
@@ -75,33 +90,36 @@ async fn pull(
 }
 
 /// Blocks of several lengths (some not a multiple of a page) in several batch sizes, twice (the
-/// second round reuses the endpoints and rkeys), each byte checked.
+/// second round reuses the endpoints and rkeys), each byte checked, with each way of driving
+/// the pulls.
 async fn byte_exact(fabric: Fabric, mode: UcxMode) {
     let lens: Vec<usize> = (0..40)
         .map(|i| [4096, 96 * 1024 + 3, 1 << 20, 5000, 1][i % 5])
         .collect();
     let (grants, src, keys) = source(&lens, fabric);
-    let (dst, t) = puller(fabric, mode);
     let endpoint = src.endpoint(None);
-    for round in 0..2 {
-        for batch in [1, 7, 40] {
-            let keys = &keys[..batch];
-            let grant = grants.grant(keys).unwrap();
-            assert_eq!(grant.blocks.len(), batch);
-            let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
-            assert_eq!(pulled.len(), batch);
-            for p in pulled {
-                assert_eq!(
-                    p.result,
-                    Ok(()),
-                    "{fabric:?} {mode:?} round {round} batch {batch}"
-                );
-                let mut slot = p.slot;
-                let got = dst.host().reserved_mut(&mut slot).to_vec();
-                assert_eq!(got, payload(u64::from(p.index), lens[p.index as usize]));
-                dst.abort(slot);
+    for inline_bytes in DRIVERS {
+        let (dst, t) = puller_driving(fabric, mode, inline_bytes);
+        for round in 0..2 {
+            for batch in [1, 7, 40] {
+                let keys = &keys[..batch];
+                let grant = grants.grant(keys).unwrap();
+                assert_eq!(grant.blocks.len(), batch);
+                let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
+                assert_eq!(pulled.len(), batch);
+                for p in pulled {
+                    assert_eq!(
+                        p.result,
+                        Ok(()),
+                        "{fabric:?} {mode:?} inline {inline_bytes} round {round} batch {batch}"
+                    );
+                    let mut slot = p.slot;
+                    let got = dst.host().reserved_mut(&mut slot).to_vec();
+                    assert_eq!(got, payload(u64::from(p.index), lens[p.index as usize]));
+                    dst.abort(slot);
+                }
+                assert!(grants.release(&grant.id));
             }
-            assert!(grants.release(&grant.id));
         }
     }
 }
@@ -186,17 +204,21 @@ async fn a_block_failing_its_checksum_fails_alone() {
         let (grants, src, keys) = source(&[8192, 8192, 8192], fabric);
         let mut grant = grants.grant(&keys).unwrap();
         grant.blocks[1].checksum ^= 1;
-        let (dst, t) = puller(fabric, mode);
-        let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
-        let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
-        assert_eq!(results[0], Ok(()), "{fabric:?} {mode:?}");
-        assert!(
-            matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
-            "{fabric:?} {mode:?}: {results:?}"
-        );
-        assert_eq!(results[2], Ok(()), "{fabric:?} {mode:?}");
-        for p in pulled {
-            dst.abort(p.slot);
+        // Checked by the progress thread's results and by the pulling thread's own turns.
+        for inline_bytes in [0, u64::MAX] {
+            let (dst, t) = puller_driving(fabric, mode, inline_bytes);
+            let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
+            let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
+            let case = format!("{fabric:?} {mode:?} inline {inline_bytes}");
+            assert_eq!(results[0], Ok(()), "{case}");
+            assert!(
+                matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
+                "{case}: {results:?}"
+            );
+            assert_eq!(results[2], Ok(()), "{case}");
+            for p in pulled {
+                dst.abort(p.slot);
+            }
         }
     }
 }
@@ -313,6 +335,12 @@ impl Drop for Stallable {
 /// the drain period, and nothing the source does once it runs again lands in the returned
 /// slots (checked with a canary, after a later pull from the same source has gone through).
 async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
+    for inline_bytes in DRIVERS {
+        deadline_with_a_stuck_source_driven(fabric, mode, inline_bytes).await;
+    }
+}
+
+async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inline_bytes: u64) {
     let len = 256 * 1024;
     let s = store(64);
     let keys: Vec<BlockKey> = (0..16).map(key).collect();
@@ -321,13 +349,17 @@ async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
     }
     let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
     let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), fabric);
-    let (dst, t) = puller(fabric, mode);
+    let (dst, t) = puller_driving(fabric, mode, inline_bytes);
     let drain = config(fabric, mode).drain;
     // A first pull, so that both directions are connected and a request reaches the source.
     let (warm, stuck, later) = (&keys[..2], &keys[2..10], &keys[10..]);
     let grant = grants.grant(warm).unwrap();
     for p in pull(&dst, &t, &src.endpoint, &grant, warm, soon()).await {
-        assert_eq!(p.result, Ok(()), "{fabric:?} {mode:?} warm-up");
+        assert_eq!(
+            p.result,
+            Ok(()),
+            "{fabric:?} {mode:?} inline {inline_bytes} warm-up"
+        );
         dst.abort(p.slot);
     }
     src.park();
@@ -344,7 +376,7 @@ async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
     for p in pulled {
         assert!(
             matches!(p.result, Err(TransportError::TimedOut { .. })),
-            "{fabric:?} {mode:?}: {:?}",
+            "{fabric:?} {mode:?} inline {inline_bytes}: {:?}",
             p.result
         );
         let mut slot = p.slot;
@@ -354,13 +386,17 @@ async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
     src.resume();
     let grant = grants.grant(later).unwrap();
     for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
-        assert_eq!(p.result, Ok(()), "{fabric:?} {mode:?} after resuming");
+        assert_eq!(
+            p.result,
+            Ok(()),
+            "{fabric:?} {mode:?} inline {inline_bytes} after resuming"
+        );
         dst.abort(p.slot);
     }
     for mut slot in slots {
         assert!(
             dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
-            "{fabric:?} {mode:?}: a write landed after the pull returned"
+            "{fabric:?} {mode:?} inline {inline_bytes}: a write landed after the pull returned"
         );
         dst.abort(slot);
     }
