@@ -282,6 +282,11 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             UcxModeArg::Get => UcxMode::Get,
             UcxModeArg::Put => UcxMode::PutOnRequest,
         };
+        let inline = if args.ucx_inline_kib.is_empty() {
+            vec![UcxConfig::default().inline_bytes / 1024]
+        } else {
+            args.ucx_inline_kib.clone()
+        };
         for fabric in UCX_FABRICS
             .iter()
             .filter(|f| args.ucx_fabrics.iter().any(|l| l == f.label))
@@ -290,12 +295,6 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             let Some(endpoint) = source.ucx.get(label) else {
                 eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
                 continue;
-            };
-            let default_kib = UcxConfig::default().inline_bytes / 1024;
-            let inline = if args.ucx_inline_kib.is_empty() {
-                vec![default_kib]
-            } else {
-                args.ucx_inline_kib.clone()
             };
             for (n, &inline_kib) in inline.iter().enumerate() {
                 let label = if n == 0 {

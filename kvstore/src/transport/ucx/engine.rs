@@ -44,8 +44,8 @@ pub(super) struct OpSpec {
     pub(super) remote_offset: u64,
 }
 
-/// What the progress thread made of an item (by position), as soon as it is known; the
-/// caller verifies checksums. The channel closes when the transfer is over.
+/// What the engine made of an item (by position), as soon as it is known; the caller
+/// verifies checksums. The channel closes when the transfer is over.
 type Settled = mpsc::UnboundedSender<(usize, Result<(), TransportError>)>;
 /// The receiving end of [`Settled`].
 pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<(), TransportError>)>;
@@ -129,36 +129,39 @@ struct WorkerWaker(sys::ucp_worker_h);
 // progress thread has started destroying the worker (see `Mailbox::close`).
 unsafe impl Send for WorkerWaker {}
 
+impl MailboxInner {
+    /// Signals the worker, if it still exists. Called under the mailbox lock, so that the
+    /// worker cannot be destroyed in between.
+    fn signal(&self) {
+        if let Some(waker) = self.worker {
+            // SAFETY: the worker is alive while the mailbox holds it (it is taken out, under the
+            // mailbox lock that the caller holds, before ucp_worker_destroy), and
+            // ucp_worker_signal is thread-safe.
+            let status = unsafe { sys::ucp_worker_signal(waker.0) };
+            if status != sys::UCS_OK {
+                tracing::warn!(status = %status_text(status), "waking the UCX progress thread");
+            }
+        }
+    }
+}
+
 impl Mailbox {
     /// Leaves a command and wakes the worker; `false` (the command dropped) when the progress
     /// thread is not running.
     #[must_use]
     pub(super) fn post(&self, cmd: Command) -> bool {
         let mut inner = self.inner.lock();
-        let Some(waker) = inner.worker else {
+        if inner.worker.is_none() {
             return false;
-        };
-        inner.commands.push(cmd);
-        // Signalled under the lock, so that the worker cannot be destroyed in between.
-        // SAFETY: the worker is alive while the mailbox holds it (it is taken out, under this
-        // lock, before ucp_worker_destroy), and ucp_worker_signal is thread-safe.
-        let status = unsafe { sys::ucp_worker_signal(waker.0) };
-        if status != sys::UCS_OK {
-            tracing::warn!(status = %status_text(status), "waking the UCX progress thread");
         }
+        inner.commands.push(cmd);
+        inner.signal();
         true
     }
 
     /// Wakes the progress thread (to rearm the worker's event fd).
     fn wake(&self) {
-        let inner = self.inner.lock();
-        if let Some(waker) = inner.worker {
-            // SAFETY: as in `post`.
-            let status = unsafe { sys::ucp_worker_signal(waker.0) };
-            if status != sys::UCS_OK {
-                tracing::warn!(status = %status_text(status), "waking the UCX progress thread");
-            }
-        }
+        self.inner.lock().signal();
     }
 
     fn open(&self, worker: sys::ucp_worker_h) {

@@ -177,18 +177,20 @@ impl Engine {
                 inflight,
                 inflight_bytes,
             } => {
-                let result = |status: sys::ucs_status_t| match status {
-                    sys::UCS_OK => Ok(()),
-                    // Discarded by the close at the deadline.
-                    _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
-                    _ => Err(io(status)),
-                };
                 inflight.retain_mut(|(n, req)| match req.poll() {
                     None => true,
                     Some(status) => {
                         progressed = true;
                         *inflight_bytes -= job.ops[*n].len;
-                        job.outcome.settle(*n, result(status));
+                        job.outcome.settle(
+                            *n,
+                            match status {
+                                sys::UCS_OK => Ok(()),
+                                // Discarded by the close at the deadline.
+                                _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
+                                _ => Err(io(status)),
+                            },
+                        );
                         false
                     }
                 });
@@ -223,18 +225,9 @@ impl Engine {
                         )
                     });
                     *next += 1;
+                    *inflight_bytes += op.len;
+                    inflight.push((*next - 1, req));
                     progressed = true;
-                    match req {
-                        // Over CMA a get is one copy made within the call: settled at once, the
-                        // block is verified by the pulling thread while the next one is copied
-                        // (kept in flight until the next turn, a batch was verified only once
-                        // it had been copied whole).
-                        Req::Done(status) => job.outcome.settle(*next - 1, result(status)),
-                        Req::Pending(_) => {
-                            *inflight_bytes += op.len;
-                            inflight.push((*next - 1, req));
-                        }
-                    }
                 }
                 if inflight.is_empty() {
                     let stopped_early = *next < job.ops.len();
