@@ -249,7 +249,9 @@ pub struct UcxConfig {
     /// the environment. UCP's own settings go by their variable's name without `UCX_`
     /// (`("NET_DEVICES", "lo")` for `UCX_NET_DEVICES`); a transport's settings also lose the
     /// transport's prefix and apply to every transport that has a setting of that name
-    /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`).
+    /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`). Rendezvous is off
+    /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, UCX 1.15 and
+    /// later emulate RMA over TCP rather than write with zero copy.
     pub settings: Vec<(String, String)>,
     /// The send and receive segment size of UCX's TCP transport ([`TCP_SEGMENT`] by default;
     /// `None` keeps UCX's). Left alone where UCX will not load TCP, and when the environment
