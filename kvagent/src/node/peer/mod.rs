@@ -553,6 +553,7 @@ fn ucx_transport(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        inline_bytes: cfg.ucx.inline_kib.saturating_mul(1024),
         ..UcxConfig::default()
     };
     Ok(Arc::new(UcxTransport::new(Arc::clone(store), grants, ucx)?))
