@@ -250,8 +250,8 @@ pub struct UcxConfig {
     /// (`("NET_DEVICES", "lo")` for `UCX_NET_DEVICES`); a transport's settings also lose the
     /// transport's prefix and apply to every transport that has a setting of that name
     /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`). Rendezvous is off
-    /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, UCX 1.15 and
-    /// later emulate RMA over TCP rather than write with zero copy.
+    /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, later UCX
+    /// releases (1.23) emulate RMA over TCP rather than write with zero copy.
     pub settings: Vec<(String, String)>,
     /// The send and receive segment size of UCX's TCP transport ([`TCP_SEGMENT`] by default;
     /// `None` keeps UCX's). Left alone where UCX will not load TCP, and when the environment

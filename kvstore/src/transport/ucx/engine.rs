@@ -738,13 +738,15 @@ impl Engine {
             }
         }
         // kvtier sends only small active messages (eagerly) and moves blocks with RMA, so it
-        // has no use for rendezvous; and while rendezvous is on, UCX (1.15 and later) gives an
-        // endpoint that reports peer failures RMA lanes only on memory domains that can
-        // invalidate registrations, which TCP's cannot: every put and get over TCP was then
-        // emulated with active messages (1 MiB blocks at 5.3 GB/s where zero-copy puts run at
-        // 6.7). The environment or `settings` may still turn it back on.
-        if std::env::var_os("UCX_RNDV_THRESH").is_none() {
-            settings.push(("RNDV_THRESH".into(), "inf".into()));
+        // has no use for rendezvous; and while rendezvous is on, later UCX releases (the 1.23
+        // that NIXL's wheel bundles; 1.13 exempts TCP) give an endpoint that reports peer
+        // failures RMA lanes only on memory domains that can invalidate registrations, which
+        // TCP's cannot: every put and get over TCP was then emulated with active messages
+        // (1 MiB blocks at 5.3 GB/s where zero-copy puts run at 6.7). Our tuning, like the
+        // segment size: the environment or `settings` may turn it back on, and a UCX that
+        // refuses it keeps its default.
+        if std::env::var_os("UCX_RNDV_THRESH").is_none() && modify("RNDV_THRESH", "inf").is_err() {
+            tracing::debug!("this UCX does not take RNDV_THRESH=inf; keeping rendezvous on");
         }
         settings.extend(self.cfg.settings.iter().cloned());
         let mut result = Ok(());
