@@ -360,9 +360,9 @@ pub struct UcxSection {
     /// Further UCX settings (names without the `UCX_` prefix), e.g. `{ NET_DEVICES = "mlx5_0:1" }`.
     pub settings: std::collections::BTreeMap<String, String>,
     /// Pulls of at most this many KiB are driven by the pulling thread itself rather than
-    /// handed to the transport's progress thread (0: never): a one-block pull over shared
-    /// memory then wakes no other thread.
-    pub inline_kib: u64,
+    /// handed to the transport's progress thread (0: never; unset: the transport's default,
+    /// 4096): a one-block pull over shared memory then wakes no other thread.
+    pub inline_kib: Option<u64>,
 }
 
 impl Default for UcxSection {
@@ -371,8 +371,7 @@ impl Default for UcxSection {
             mode: "auto".into(),
             tls: String::new(),
             settings: std::collections::BTreeMap::new(),
-            // The transport's own default (`UcxConfig::inline_bytes`).
-            inline_kib: 4096,
+            inline_kib: None,
         }
     }
 }
@@ -1125,14 +1124,14 @@ mod tests {
         jailed(|jail| {
             let text = "[peer.ucx]\ninline_kib = 0\nsettings = { RNDV_THRESH = \"auto\" }\n";
             let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
-            assert_eq!(cfg.peer.ucx.inline_kib, 0);
+            assert_eq!(cfg.peer.ucx.inline_kib, Some(0));
             assert_eq!(
                 cfg.peer.ucx.settings.get("RNDV_THRESH").map(String::as_str),
                 Some("auto")
             );
             jail.set_env("KVTIER_PEER__UCX__INLINE_KIB", "64");
             let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
-            assert_eq!(cfg.peer.ucx.inline_kib, 64);
+            assert_eq!(cfg.peer.ucx.inline_kib, Some(64));
         });
     }
 

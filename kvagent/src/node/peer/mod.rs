@@ -540,6 +540,7 @@ fn ucx_transport(
     grants: Option<Arc<Grants>>,
 ) -> Result<Arc<dyn Transport>, TransportError> {
     use kvstore::transport::ucx::{UcxConfig, UcxMode, UcxTransport};
+    let defaults = UcxConfig::default();
     let ucx = UcxConfig {
         mode: match cfg.ucx.mode.as_str() {
             "get" => UcxMode::Get,
@@ -553,8 +554,11 @@ fn ucx_transport(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        inline_bytes: cfg.ucx.inline_kib.saturating_mul(1024),
-        ..UcxConfig::default()
+        inline_bytes: cfg
+            .ucx
+            .inline_kib
+            .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
+        ..defaults
     };
     Ok(Arc::new(UcxTransport::new(Arc::clone(store), grants, ucx)?))
 }
