@@ -853,6 +853,11 @@ impl NodeFlags {
 /// Resolves the configuration: defaults, then the file (`file` if given, else `KVTIER_CONFIG`,
 /// else [`DEFAULT_CONFIG_PATH`] when it exists), then the environment, then `flags`.
 pub fn load(file: Option<&Path>, flags: &NodeFlags) -> anyhow::Result<NodeConfig> {
+    // Under the node's prefix but read by others: the index and the copy engines in the
+    // inference engine's processes.
+    let others: Vec<&str> = std::iter::once(crate::index::config::ENV_PREFIX)
+        .chain(kvstore::device::ENGINE_ENV.iter().copied())
+        .collect();
     let cfg: NodeConfig = layered(
         NodeConfig::default(),
         Layers {
@@ -860,6 +865,7 @@ pub fn load(file: Option<&Path>, flags: &NodeFlags) -> anyhow::Result<NodeConfig
             file_env: "KVTIER_CONFIG",
             default_path: DEFAULT_CONFIG_PATH,
             env_prefix: ENV_PREFIX,
+            others: &others,
         },
         flags.as_overrides()?,
     )?;
@@ -878,6 +884,9 @@ pub(crate) struct Layers<'a> {
     pub default_path: &'a str,
     /// Prefix of the variables that override keys (`__` nests).
     pub env_prefix: &'a str,
+    /// Variables under that prefix that other kvtier programs read (a name, or a prefix ending
+    /// in `_`): a shell or pod that sets them for those does not stop this one.
+    pub others: &'a [&'a str],
 }
 
 /// Defaults, then the file, then the environment, then `overrides` (the flags), extracted with
@@ -900,14 +909,19 @@ pub(crate) fn layered<T: Serialize + serde::de::DeserializeOwned>(
         }
         fig = fig.merge(Toml::file_exact(path));
     }
-    let file_key = layers
-        .file_env
-        .strip_prefix(layers.env_prefix)
-        .unwrap_or(layers.file_env)
-        .to_ascii_lowercase();
-    fig = fig
-        .merge(Env::prefixed(layers.env_prefix).ignore(&[&file_key]).split("__"))
-        .merge(Serialized::defaults(overrides));
+    // Owned: figment keeps the filter.
+    let prefix = layers.env_prefix.to_owned();
+    let skipped: Vec<String> = std::iter::once(layers.file_env)
+        .chain(layers.others.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    let env = Env::prefixed(layers.env_prefix).filter(move |key| {
+        let var = format!("{prefix}{key}").to_ascii_uppercase();
+        !skipped
+            .iter()
+            .any(|o| var == *o || (o.ends_with('_') && var.starts_with(o.as_str())))
+    });
+    fig = fig.merge(env.split("__")).merge(Serialized::defaults(overrides));
     fig.extract().map_err(|e| {
         let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
         anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
@@ -1162,6 +1176,10 @@ mod tests {
         jailed(|jail| {
             let err = load_file(jail, "[disk]\nenabeld = true\n", &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("enabeld"), "{err:#}");
+            // Variables of the index and of the engine-side copy engines are not the node's.
+            jail.set_env("KVTIER_INDEX_GRPC_ADDR", "[::1]:1");
+            jail.set_env("KVTIER_CUDA_COPY_KERNEL", "off");
+            assert!(load(None, &NodeFlags::default()).is_ok());
             jail.set_env("KVTIER_SOKET", "/x");
             let err = load(None, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("soket"), "{err:#}");

@@ -12,6 +12,8 @@ use crate::config::{Layers, LogFormat, ServiceFlags, layered};
 
 /// Where the TOML file is looked for when neither `--config` nor `KVTIER_INDEX_CONFIG` names one.
 pub const DEFAULT_INDEX_CONFIG_PATH: &str = "/etc/kvtier/index.toml";
+/// Prefix of the variables that override the index's keys.
+pub const ENV_PREFIX: &str = "KVTIER_INDEX_";
 
 /// Effective configuration of `kvagent index`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,7 +249,8 @@ pub fn load(file: Option<&Path>, flags: &IndexFlags) -> anyhow::Result<IndexConf
             file,
             file_env: "KVTIER_INDEX_CONFIG",
             default_path: DEFAULT_INDEX_CONFIG_PATH,
-            env_prefix: "KVTIER_INDEX_",
+            env_prefix: ENV_PREFIX,
+            others: &[],
         },
         overrides,
     )?;

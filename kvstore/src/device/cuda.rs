@@ -37,7 +37,10 @@ use cudarc::driver::sys::{
 };
 use parking_lot::Mutex;
 
-use super::{Backend, Completion, CopyEngine, CopyJob, Device, DeviceError, Direction, Fence, plan_pieces};
+use super::{
+    Backend, CUDA_COPY_KERNEL_ENV, Completion, CopyEngine, CopyJob, Device, DeviceError, Direction, Fence,
+    plan_pieces,
+};
 use crate::pages::LayerPages;
 
 /// The copy kernel, compiled from `copy_pieces.cu` by `ptx.py`.
@@ -139,6 +142,17 @@ pub fn library() -> Result<(), DeviceError> {
         }
     }
     Ok(())
+}
+
+/// Whether [`CUDA_COPY_KERNEL_ENV`]'s value leaves the copy kernel on (unset or anything but an
+/// explicit no).
+fn kernel_wanted(value: Option<&str>) -> bool {
+    !value.is_some_and(|v| {
+        let v = v.trim();
+        ["0", "off", "false", "no"]
+            .iter()
+            .any(|no| v.eq_ignore_ascii_case(no))
+    })
 }
 
 /// A device found by [`probe`].
@@ -318,11 +332,15 @@ impl CudaEngine {
                 sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
             )
         })?;
-        match engine.load_kernel() {
-            Ok(f) => engine.kernel = Some(f),
-            Err(e) => {
-                tracing::warn!(error = %e, "the CUDA copy kernel did not load; copying one page at a time")
+        if kernel_wanted(std::env::var(CUDA_COPY_KERNEL_ENV).ok().as_deref()) {
+            match engine.load_kernel() {
+                Ok(f) => engine.kernel = Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the CUDA copy kernel did not load; copying one page at a time")
+                }
             }
+        } else {
+            tracing::info!("{CUDA_COPY_KERNEL_ENV} is off: copying one page at a time");
         }
         Ok(engine)
     }
@@ -728,6 +746,16 @@ mod tests {
                 stub.contains(&format!("FAIL({name})")) || stub.contains(&format!("int {name}(")),
                 "tests/stubs/libcuda_stub.c lacks {name}"
             );
+        }
+    }
+
+    #[test]
+    fn the_kernel_is_on_unless_the_environment_says_no() {
+        for on in [None, Some(""), Some("1"), Some("on"), Some("yes")] {
+            assert!(kernel_wanted(on), "{on:?}");
+        }
+        for off in ["0", "off", "OFF", "false", "No", " 0 "] {
+            assert!(!kernel_wanted(Some(off)), "{off:?}");
         }
     }
 

@@ -34,6 +34,15 @@ pub use reaper::after;
 
 use crate::pages::LayerPages;
 
+/// Turns the CUDA copy kernel off (`0`, `off`, `false`, `no`): every piece goes as one
+/// `cuMemcpyAsync`, which takes no SM time from the model, at the price of a call and a DMA setup
+/// per page. An environment variable because the engine lives in the inference engine's workers.
+pub const CUDA_COPY_KERNEL_ENV: &str = "KVTIER_CUDA_COPY_KERNEL";
+
+/// The variables the copy engines read, in the inference engine's processes. They share the
+/// agent's `KVTIER_` prefix: the agent's configuration leaves them alone.
+pub const ENGINE_ENV: &[&str] = &[CUDA_COPY_KERNEL_ENV];
+
 /// An accelerator family a copy engine serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Backend {
