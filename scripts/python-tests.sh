@@ -20,4 +20,4 @@ cargo build --locked -p kvagent
 "$VENV/bin/ruff" check --config python/pyproject.toml python tests/e2e benches/dynamo benches/peers benches/gpu
 "$VENV/bin/ruff" format --config python/pyproject.toml --check python tests/e2e benches/dynamo benches/peers benches/gpu
 (cd python && ../$VENV/bin/mypy --strict kvtier tests)
-(cd python && ../$VENV/bin/python -m pytest -q)
+(cd python && ../$VENV/bin/python -m pytest -q -rs)
