@@ -2,8 +2,8 @@
 //!
 //! **How pages move.** A batch becomes a list of contiguous pieces ([`plan_pieces`]); one launch
 //! of a small copy kernel (`copy_pieces.cu`, shipped as PTX that the driver compiles for its GPU)
-//! copies them all, its threads reading device memory and writing the registered arena straight
-//! over PCIe, or the other way round. vLLM's pages are small (16 tokens × heads × head size:
+//! copies them all, a warp per piece, its threads reading device memory and writing the
+//! registered arena straight over PCIe, or the other way round. vLLM's pages are small (16 tokens × heads × head size:
 //! 16–64 KiB) and a block has one per layer, so one `cuMemcpyAsync` per page would cost a call
 //! and a DMA setup per few KiB; torch's per-block copies reach an eighth of the link at 64 KiB on
 //! an H200 (`benches/gpu/README.md`). The driver's batched copy (`cuMemcpyBatchAsync`) would also
@@ -45,13 +45,14 @@ use crate::pages::LayerPages;
 
 /// The copy kernel, compiled from `copy_pieces.cu` by `ptx.py`.
 const PTX: &str = concat!(include_str!("copy_pieces.ptx"), "\0");
-/// Longest piece one thread block copies: enough to amortise fetching the piece, short enough to
-/// spread a batch of large blocks over the thread blocks.
-const MAX_PIECE: usize = 256 << 10;
+/// Longest piece one warp of the kernel copies: long enough to amortise fetching the piece
+/// (a PCIe round trip), short enough that a single large block still spreads over a hundred
+/// warps.
+const MAX_PIECE: usize = 32 << 10;
 /// Threads per thread block of the copy kernel.
 const THREADS: u32 = 512;
-/// Most thread blocks of one launch: 16 × 512 threads × 64 bytes in flight keep PCIe busy
-/// while leaving the other SMs to the model. Not tuned on a device yet.
+/// Most thread blocks of one launch: 16 × 16 warps × 2 KiB in flight keep PCIe busy while
+/// leaving the other SMs to the model.
 const MAX_GRID: u32 = 16;
 /// How long a failed registration of a mapping is remembered before it is tried again (instead
 /// of on every layer of every step).
@@ -466,7 +467,7 @@ impl CudaEngine {
                         (&raw mut list).cast::<c_void>(),
                         (&raw mut count).cast::<c_void>(),
                     ];
-                    let grid = count.clamp(1, MAX_GRID);
+                    let grid = count.div_ceil(THREADS / 32).clamp(1, MAX_GRID);
                     // SAFETY: the parameters match the kernel's (a u64 pointer to the pieces, a
                     // u32 count) and live across the call, which copies them; the piece list
                     // stays untouched until `done` completes (`busy`).
@@ -633,7 +634,8 @@ impl CopyEngine for CudaEngine {
             jobs,
             slot_offset,
             direction,
-            MAX_PIECE,
+            // One memcpy per page: nothing gained by splitting.
+            if kernel { MAX_PIECE } else { usize::MAX },
             |addr, len| match self.device_addr(addr, len) {
                 Some(d) => Ok(d),
                 None if !kernel => Ok(addr as u64),
