@@ -24,6 +24,7 @@ from kvtier._native import (
     check_device,
     namespace,
     probe_devices,
+    write_pages_many,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "check_device",
     "namespace",
     "probe_devices",
+    "write_pages_many",
 ]

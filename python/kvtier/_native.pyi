@@ -131,3 +131,14 @@ def namespace(
     tenant: str | None = None,
     cache_salt: str | None = None,
 ) -> bytes: ...
+def write_pages_many(
+    reservations: list[Reservation],
+    block_ids: list[list[int]],
+    layers: list[Layer],
+    offset: int = 0,
+    engine: CopyEngine | None = None,
+    stream: int = 0,
+) -> None:
+    """:meth:`Reservation.write_pages` for several reservations of one client in one batch
+    (one kernel launch on a device): ``block_ids[k]`` are the engine blocks of
+    ``reservations[k]``."""

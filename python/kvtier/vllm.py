@@ -827,13 +827,16 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._settle(_StepSave(save.req_id, reservation, save.block_ids, failed=True))
         return self._step_saves
 
-    def _write(self, save: _StepSave, layers: list[int]) -> None:
-        """Copies the pages of `layers` (consecutive layer indices) into the save's slots."""
-        if save.failed or not layers:
+    def _write(self, saves: list[_StepSave], layers: list[int]) -> None:
+        """Copies the pages of `layers` (consecutive layer indices) into the slots of every
+        save of the step, in one batch: one copy call per layer, however many requests save."""
+        live = [save for save in saves if not save.failed]
+        if not live or not layers:
             return
         try:
-            save.reservation.write_pages(
-                save.block_ids,
+            kvtier.write_pages_many(
+                [save.reservation for save in live],
+                [save.block_ids for save in live],
                 [self._layers[i] for i in layers],
                 offset=self._offsets[layers[0]],
                 engine=self._engine,
@@ -841,7 +844,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             )
         except kvtier.KvtierError as e:
             logger.debug("kvtier: save failed: %s", e)
-            save.failed = True
+            for save in live:
+                save.failed = True
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -851,8 +855,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if index is None or index in self._saved_layers:
             return
         self._saved_layers.add(index)
-        for save in self._reserve_step():
-            self._write(save, [index])
+        self._write(self._reserve_step(), [index])
 
     def _settle(self, save: _StepSave) -> None:
         try:
@@ -875,9 +878,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 runs.append([i])
         saves = self._reserve_step()
         blocks = sum(save.reservation.reserved() for save in saves)
+        for run in runs:
+            self._write(saves, run)
         for save in saves:
-            for run in runs:
-                self._write(save, run)
             self._settle(save)
         if saves:
             logger.debug(

@@ -75,8 +75,19 @@ impl Copies {
     /// Runs `copy` (which enqueues device copies through the slots `hold` keeps reachable) and
     /// tracks its fence; the hold is let go when the copies complete.
     fn start(&self, hold: LiveHold, copy: impl FnOnce() -> Result<Fence, DeviceError>) -> PyResult<()> {
+        Self::start_shared(&[self], hold, copy)
+    }
+
+    /// `start` for copies into the slots of several holders at once: each tracks the fence.
+    fn start_shared(
+        all: &[&Self],
+        hold: LiveHold,
+        copy: impl FnOnce() -> Result<Fence, DeviceError>,
+    ) -> PyResult<()> {
         let fence = copy().map_err(device_err)?;
-        self.0.lock().push(fence.clone());
+        for copies in all {
+            copies.0.lock().push(fence.clone());
+        }
         device::after(fence, Box::new(hold));
         Ok(())
     }
@@ -675,55 +686,110 @@ impl Reservation {
         engine: Option<&PyCopyEngine>,
         stream: usize,
     ) -> PyResult<()> {
-        let layers = layers_of(&layers)?;
-        let end = offset.saturating_add(pages::block_len(&layers));
-        if end > self.block_bytes {
-            return Err(PyValueError::new_err(format!(
-                "pages up to byte {end} of a {}-byte block",
-                self.block_bytes
-            )));
-        }
-        let engine = engine_of(engine);
-        // The lock is taken with the GIL released (see `Leases.load_pages`).
-        py.detach(|| {
-            let guard = self.slots.lock();
-            let Some(slots) = guard.as_ref() else {
-                return Err(PyValueError::new_err(
-                    "the reservation was committed or aborted already",
-                ));
-            };
-            if block_ids.len() != slots.len() {
-                return Err(PyValueError::new_err("one block id per requested block"));
-            }
-            let jobs: Vec<CopyJob> = slots
-                .iter()
-                .zip(&block_ids)
-                .filter_map(|(s, &id)| {
-                    s.as_ref().map(|s| CopyJob {
-                        block: id,
-                        slot: s.ptr() as usize,
-                    })
-                })
-                .collect();
-            let Some(first) = slots.iter().flatten().next() else {
-                return Ok(());
-            };
-            first.register_with(&engine).map_err(device_err)?;
-            let hold = first.hold().ok_or_else(stale)?;
-            // SAFETY: the agent gave these slots (checked against the mapping, each `block_bytes`
-            // long, so `offset..end` lies inside) to this reservation alone until it is committed
-            // or aborted, both of which wait for these copies (`settle`); the hold keeps the
-            // connection, whose end would hand them out again, open until the copies complete;
-            // the caller promised the pages readable until then.
-            self.copies
-                .start(hold, || unsafe { engine.gather(&layers, &jobs, offset, stream) })
-        })
+        write_pages_of(py, &[self], vec![block_ids], layers, offset, engine, stream)
     }
 
     /// Waits for the copies into these slots (a device engine's; a no-op otherwise).
     fn wait(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.copies.settle()).map_err(device_err)
     }
+}
+
+/// `Reservation.write_pages` for several reservations of one client in one batch (one kernel
+/// launch on a device): `block_ids[k]` are the engine blocks of `reservations[k]`, whose slots
+/// all take the pages of `layers` at byte `offset`. A connector that saves layer by layer for
+/// many requests makes one call per layer instead of one per layer and request.
+#[pyfunction]
+#[pyo3(signature = (reservations, block_ids, layers, offset=0, engine=None, stream=0))]
+fn write_pages_many(
+    py: Python<'_>,
+    reservations: Vec<Bound<'_, Reservation>>,
+    block_ids: Vec<Vec<usize>>,
+    layers: Vec<(usize, usize, usize)>,
+    offset: usize,
+    engine: Option<&PyCopyEngine>,
+    stream: usize,
+) -> PyResult<()> {
+    let reservations: Vec<&Reservation> = reservations.iter().map(Bound::get).collect();
+    write_pages_of(py, &reservations, block_ids, layers, offset, engine, stream)
+}
+
+/// Copies pages into the slots of `reservations` (see `write_pages_many`).
+fn write_pages_of(
+    py: Python<'_>,
+    reservations: &[&Reservation],
+    block_ids: Vec<Vec<usize>>,
+    layers: Vec<(usize, usize, usize)>,
+    offset: usize,
+    engine: Option<&PyCopyEngine>,
+    stream: usize,
+) -> PyResult<()> {
+    if reservations.len() != block_ids.len() {
+        return Err(PyValueError::new_err("one list of block ids per reservation"));
+    }
+    let layers = layers_of(&layers)?;
+    let end = offset.saturating_add(pages::block_len(&layers));
+    if let Some(r) = reservations.iter().find(|r| end > r.block_bytes) {
+        return Err(PyValueError::new_err(format!(
+            "pages up to byte {end} of a {}-byte block",
+            r.block_bytes
+        )));
+    }
+    // Locked in address order, so that two threads writing into the same reservations cannot
+    // deadlock; a reservation named twice would lock itself.
+    let mut order: Vec<usize> = (0..reservations.len()).collect();
+    order.sort_by_key(|&k| std::ptr::from_ref(reservations[k]) as usize);
+    if order
+        .windows(2)
+        .any(|w| std::ptr::eq(reservations[w[0]], reservations[w[1]]))
+    {
+        return Err(PyValueError::new_err("a reservation named twice"));
+    }
+    let engine = engine_of(engine);
+    // The locks are taken with the GIL released (see `Leases.load_pages`).
+    py.detach(|| {
+        let mut guards: Vec<_> = reservations.iter().map(|_| None).collect();
+        for &k in &order {
+            guards[k] = Some(reservations[k].slots.lock());
+        }
+        let mut jobs = Vec::new();
+        let mut first: Option<&Reserved> = None;
+        for (guard, ids) in guards.iter().zip(&block_ids) {
+            let Some(slots) = guard.as_ref().and_then(|g| g.as_ref()) else {
+                return Err(PyValueError::new_err(
+                    "the reservation was committed or aborted already",
+                ));
+            };
+            if ids.len() != slots.len() {
+                return Err(PyValueError::new_err("one block id per requested block"));
+            }
+            for (slot, &id) in slots.iter().zip(ids) {
+                let Some(slot) = slot else { continue };
+                if first.is_some_and(|f| !f.same_mapping(slot)) {
+                    return Err(PyValueError::new_err("reservations of two connections"));
+                }
+                first.get_or_insert(slot);
+                jobs.push(CopyJob {
+                    block: id,
+                    slot: slot.ptr() as usize,
+                });
+            }
+        }
+        let Some(first) = first else {
+            return Ok(());
+        };
+        first.register_with(&engine).map_err(device_err)?;
+        let hold = first.hold().ok_or_else(stale)?;
+        let copies: Vec<&Copies> = reservations.iter().map(|r| &r.copies).collect();
+        // SAFETY: the agent gave these slots (checked against the mapping, each `block_bytes`
+        // long, so `offset..end` lies inside) to these reservations alone until they are
+        // committed or aborted, both of which wait for these copies (`settle`); the hold keeps
+        // the connection, whose end would hand them out again, open until the copies complete;
+        // the caller promised the pages readable until then.
+        Copies::start_shared(&copies, hold, || unsafe {
+            engine.gather(&layers, &jobs, offset, stream)
+        })
+    })
 }
 
 /// The 16-byte namespace digest of these fields (unset differs from any value).
@@ -773,6 +839,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reservation>()?;
     m.add_class::<PyCopyEngine>()?;
     m.add_function(wrap_pyfunction!(namespace, m)?)?;
+    m.add_function(wrap_pyfunction!(write_pages_many, m)?)?;
     m.add_function(wrap_pyfunction!(check_device, m)?)?;
     m.add_function(wrap_pyfunction!(probe_devices, m)?)?;
     let py = m.py();

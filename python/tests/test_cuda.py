@@ -178,8 +178,30 @@ def unaligned_round_trip(socket: str, engine: Any) -> None:
     assert [block_bytes(layers, b) for b in [1, 3, 4]] == saved
 
 
+def many_round_trip(socket: str, engine: Any) -> None:
+    """Saves of several requests written layer by layer, each layer in one call for all."""
+    c = kvtier.Client(socket, timeout_ms=10_000)
+    layers = kv_layers(12)
+    size = sum(layer.page for layer in layers)
+    picks = [[7, 1], [4], [10, 2, 5]]
+    reservations = [c.reserve_pages(NS, hashes(len(p), 5 + n), size) for n, p in enumerate(picks)]
+    torch.cuda.synchronize()
+    offset = 0
+    for layer in layers:
+        kvtier.write_pages_many(reservations, picks, [layer.spec()], offset, engine, 0)
+        offset += layer.page
+    for r, p in zip(reservations, picks, strict=True):
+        assert c.commit(r) == ["stored"] * len(p)
+    for n, p in enumerate(picks):
+        assert c.load(NS, hashes(len(p), 5 + n)) == [block_bytes(layers, b) for b in p]
+
+
 def test_pages_round_trip_between_cuda_caches_and_the_arena(agent: Agent, engine: Any) -> None:
     round_trip(str(agent.socket), engine)
+
+
+def test_saves_of_many_requests_go_in_one_call_per_layer(agent: Agent, engine: Any) -> None:
+    many_round_trip(str(agent.socket), engine)
 
 
 def test_a_save_waits_for_the_callers_stream(agent: Agent, engine: Any) -> None:
@@ -202,8 +224,8 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 import kvtier, test_cuda
 engine = kvtier.CopyEngine("cuda:0")
 assert "one memcpy per page" in engine.describe(), engine.describe()
-checks = (test_cuda.round_trip, test_cuda.save_in_stream_order, test_cuda.load_in_stream_order,
-          test_cuda.unaligned_round_trip)
+checks = (test_cuda.round_trip, test_cuda.many_round_trip, test_cuda.save_in_stream_order,
+          test_cuda.load_in_stream_order, test_cuda.unaligned_round_trip)
 for check in checks:
     check({str(agent.socket)!r}, engine)
 print("ROUND TRIPS OK")

@@ -82,6 +82,52 @@ def test_the_cpu_engine_round_trips_pages_layer_by_layer(agent: Agent) -> None:
     assert [bytes(layer[0:page]) for layer in layers] == expected
 
 
+def test_reservations_of_many_requests_are_written_in_one_call(agent: Agent) -> None:
+    engine = kvtier.CopyEngine("cpu")
+    c = kvtier.Client(str(agent.socket))
+    page, blocks = 1024, 6
+    layers = [(ctypes.c_ubyte * (page * blocks))() for _ in range(2)]
+    for n, layer in enumerate(layers):
+        for i in range(len(layer)):
+            layer[i] = (i * 11 + n * 5) % 251
+    specs = [(ctypes.addressof(layer), page, page) for layer in layers]
+    other_ns = kvtier.namespace("test/devices-lora", kv_dtype="float16", block_size=16, tp_world=1)
+    known = (99).to_bytes(32, "big")
+    assert c.save(NS, [known], [bytes(2 * page)]) == ["stored"]
+    a = c.reserve_pages(NS, [(10).to_bytes(32, "big"), known], 2 * page)
+    b = c.reserve_pages(other_ns, [(11).to_bytes(32, "big")], 2 * page)
+    assert a.outcomes() == ["stored", "exists"] and b.reserved() == 1
+    # Layer by layer, both requests per call; a block without a slot is skipped.
+    kvtier.write_pages_many([a, b], [[4, 0], [2]], specs[:1], 0, engine, 0)
+    kvtier.write_pages_many([a, b], [[4, 0], [2]], specs[1:], page, engine, 0)
+
+    with pytest.raises(ValueError, match="named twice"):
+        kvtier.write_pages_many([a, a], [[4, 0], [4, 0]], specs, 0, engine, 0)
+    with pytest.raises(ValueError, match="one list of block ids per reservation"):
+        kvtier.write_pages_many([a, b], [[4, 0]], specs, 0, engine, 0)
+    with pytest.raises(ValueError, match="one block id per requested block"):
+        kvtier.write_pages_many([a, b], [[4, 0], [2, 3]], specs, 0, engine, 0)
+    with pytest.raises(ValueError, match="pages up to byte"):
+        kvtier.write_pages_many([a, b], [[4, 0], [2]], specs, page, engine, 0)
+    other = kvtier.Client(str(agent.socket))
+    elsewhere = other.reserve_pages(NS, [(12).to_bytes(32, "big")], 2 * page)
+    with pytest.raises(ValueError, match="two connections"):
+        kvtier.write_pages_many([a, elsewhere], [[4, 0], [1]], specs, 0, engine, 0)
+    other.abort(elsewhere)
+
+    assert c.commit(a) == ["stored", "exists"]
+    assert c.commit(b) == ["stored"]
+    with pytest.raises(ValueError, match="committed or aborted"):
+        kvtier.write_pages_many([a], [[4, 0]], specs, 0, engine, 0)
+
+    def block(i: int) -> bytes:
+        return b"".join(bytes(layer[i * page : (i + 1) * page]) for layer in layers)
+
+    assert c.load(NS, [(10).to_bytes(32, "big")]) == [block(4)]
+    assert c.load(other_ns, [(11).to_bytes(32, "big")]) == [block(2)]
+    assert c.load(NS, [known]) == [bytes(2 * page)], "a block the agent had was overwritten"
+
+
 CHILD = """
 import logging, sys
 import kvtier
