@@ -12,9 +12,15 @@ the median of `--reps`, timed on the host around the copies and their completion
 - contiguous: one `copy_` of the same bytes between one device tensor and one pinned tensor
   (the pinned cudaMemcpy ceiling the target is set against).
 
-Every block is checked byte for byte after a save and a load into different blocks. Prints a
-table on stderr and one JSON object on stdout; exits 3 (with the reason) when torch, kvtier or
-a CUDA device is missing.
+Every block is checked byte for byte after a save and a load into different blocks.
+
+Then the host time of layer-by-layer saves, as the vLLM connector makes them: for a step in
+which some requests save some blocks each, 64 layers of 32 KiB pages, every layer written after
+the step's slots are reserved, then everything committed; once with a `write_pages` call per
+request and layer, once with one `write_pages_many` call per layer (the connector's way).
+
+Prints tables on stderr and one JSON object on stdout; exits 3 (with the reason) when torch,
+kvtier or a CUDA device is missing.
 """
 
 from __future__ import annotations
@@ -120,6 +126,71 @@ def measure(
     return row
 
 
+LAYERWISE = [(1, 16), (8, 1), (8, 16), (32, 1)]
+
+
+def layerwise(torch: Any, kvtier: Any, client: Any, engine: Any, steps: int) -> list[dict[str, Any]]:
+    layers, page = 64, 32 << 10
+    most = max(requests * blocks for requests, blocks in LAYERWISE)
+    caches = [torch.randint(0, 255, (most, page), dtype=torch.uint8, device="cuda:0") for _ in range(layers)]
+    specs = [(int(c.data_ptr()), page, page) for c in caches]
+    ns = kvtier.namespace("kvbench/gpu-layerwise", kv_dtype="uint8", block_size=16)
+    stream = int(torch.cuda.current_stream().cuda_stream)
+    rows = []
+    salt = 0
+    for batched in (False, True):
+        for requests, blocks in LAYERWISE:
+            ids = [list(range(q * blocks, (q + 1) * blocks)) for q in range(requests)]
+            calls: list[float] = []
+            writes: list[float] = []
+            whole: list[float] = []
+            for step in range(steps + 2):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                reservations = []
+                for _ in range(requests):
+                    salt += 1
+                    keys = [(salt << 16 | i).to_bytes(32, "big") for i in range(blocks)]
+                    reservations.append(client.reserve_pages(ns, keys, layers * page))
+                t1 = time.perf_counter()
+                for n, spec in enumerate(specs):
+                    if batched:
+                        t = time.perf_counter()
+                        kvtier.write_pages_many(reservations, ids, [spec], n * page, engine, stream)
+                        calls.append(time.perf_counter() - t)
+                        continue
+                    for r, b in zip(reservations, ids, strict=True):
+                        t = time.perf_counter()
+                        r.write_pages(b, [spec], n * page, engine, stream)
+                        calls.append(time.perf_counter() - t)
+                t2 = time.perf_counter()
+                for r in reservations:
+                    client.commit(r)
+                if step >= 2:  # the first steps warm up
+                    writes.append(t2 - t1)
+                    whole.append(time.perf_counter() - t0)
+            rows.append(
+                {
+                    "requests": requests,
+                    "blocks": blocks,
+                    "layers": layers,
+                    "page_bytes": page,
+                    "one_call_per_layer": batched,
+                    "call_p50_us": statistics.median(calls) * 1e6,
+                    "writes_us": statistics.median(writes) * 1e6,
+                    "step_us": statistics.median(whole) * 1e6,
+                }
+            )
+            row = rows[-1]
+            print(
+                f"{'one call per layer' if batched else 'a call per request and layer'}: "
+                f"{requests} requests x {blocks} blocks: call {row['call_p50_us']:.1f} us, "
+                f"writes {row['writes_us'] / 1e3:.2f} ms, step {row['step_us'] / 1e3:.2f} ms",
+                file=sys.stderr,
+            )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--socket", required=True, help="the kvagent node socket")
@@ -152,7 +223,8 @@ def main() -> None:
             f"{r['load_vs_torch']:.2f}x torch)",
             file=sys.stderr,
         )
-    print(json.dumps({"environment": facts, "results": rows}))
+    steps = layerwise(torch, kvtier, client, engine, max(a.reps // 2, 3))
+    print(json.dumps({"environment": facts, "results": rows, "layerwise": steps}))
 
 
 if __name__ == "__main__":
