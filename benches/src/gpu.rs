@@ -3,7 +3,7 @@
 //! the device tensors are torch's, as in vLLM, and the engine is reached through the same Python
 //! bindings the connector uses).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -17,9 +17,13 @@ pub(crate) struct GpuArgs {
     /// The `kvagent` binary [default: next to this one].
     #[arg(long)]
     agent: Option<PathBuf>,
-    /// A Python with torch (CUDA) and kvtier importable; `python/` is put on its path.
+    /// A Python with torch (CUDA) and kvtier importable (the wheel installed, or
+    /// `maturin develop` in its environment).
     #[arg(long, default_value = "python3")]
     python: PathBuf,
+    /// The benchmark script.
+    #[arg(long, default_value = "benches/gpu/kvbench_gpu.py")]
+    script: PathBuf,
     /// Blocks per copy batch.
     #[arg(long, default_value_t = 64)]
     batch: u32,
@@ -50,16 +54,20 @@ pub(crate) fn run(args: &GpuArgs) -> Result<()> {
             return Ok(());
         }
     }
+    if !args.script.is_file() {
+        bail!(
+            "{} not found: run kvbench from the repository's root, or pass --script",
+            args.script.display()
+        );
+    }
     let agent = start_agent(&agent_binary(args.agent.as_deref())?, &args.arena)?;
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new(&args.python)
-        .arg(repo.join("benches/gpu/kvbench_gpu.py"))
+        .arg(&args.script)
         .arg("--socket")
         .arg(&agent.socket)
         .args(["--batch", &args.batch.to_string()])
         .args(["--layers", &args.layers.to_string()])
         .args(["--reps", &args.reps.to_string()])
-        .env("PYTHONPATH", repo.join("python"))
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", args.python.display()))?;
