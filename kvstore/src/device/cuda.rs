@@ -1,18 +1,19 @@
 //! The CUDA engine: the driver API through `cudarc`, with libcuda loaded at run time.
 //!
-//! **How pages move.** A batch becomes a list of contiguous pieces ([`plan_pieces`]); one launch
-//! of a small copy kernel (`copy_pieces.cu`, shipped as PTX that the driver compiles for its GPU)
-//! copies them all, a warp per piece, its threads reading device memory and writing the
-//! registered arena straight over PCIe, or the other way round. vLLM's pages are small (16 tokens × heads × head size:
-//! 16–64 KiB) and a block has one per layer, so one `cuMemcpyAsync` per page would cost a call
-//! and a DMA setup per few KiB; torch's per-block copies reach an eighth of the link at 64 KiB on
-//! an H200 (`benches/gpu/README.md`). The driver's batched copy (`cuMemcpyBatchAsync`) would also
-//! avoid that, but only from CUDA 12.8 drivers; the kernel runs on any driver that can JIT PTX
-//! ISA 7.0 (R450 on) and takes a whole batch in one launch, with at most 16 thread
-//! blocks, so that the forward pass keeps nearly all SMs. The piece list itself sits in pinned,
-//! device-mapped staging memory that the kernel reads directly (a staging buffer is reused only
-//! after the batch that used it completed), so a launch never waits for an upload. Where the
-//! kernel cannot be loaded, pieces go one `cuMemcpyAsync` each (correct, slower).
+//! **How pages move.** A batch becomes a list of contiguous pieces ([`plan_pieces`]); one launch of
+//! a small copy kernel (`copy_pieces.cu`, shipped as PTX that the driver compiles for its GPU)
+//! copies them all, a warp per piece, its threads reading device memory and writing the registered
+//! arena straight over PCIe, or the other way round. vLLM's pages are small (16 tokens × heads ×
+//! head size: 16–64 KiB) and a block has one per layer, so one `cuMemcpyAsync` per page would cost
+//! a call and a DMA setup per few KiB; torch's per-block copies reach an eighth of the link at 64
+//! KiB on an H200 (`benches/gpu/README.md`). The driver's batched copy (`cuMemcpyBatchAsync`) would
+//! also avoid that, but only from CUDA 12.8 drivers; the kernel runs on any driver that can JIT PTX
+//! ISA 7.0 (R450 on) and takes a whole batch in one launch, with at most 16 thread blocks, so that
+//! the forward pass keeps nearly all SMs. The piece list itself sits in pinned, device-mapped
+//! staging memory that the kernel reads directly (a staging buffer is reused only after the batch
+//! that used it completed), so a launch never waits for an upload. Where the kernel cannot be
+//! loaded, or is turned off ([`CUDA_COPY_KERNEL_ENV`]), pieces go one `cuMemcpyAsync` each
+//! (correct, slower, no SM time).
 //!
 //! **Ordering.** Copies run on the engine's own non-blocking stream: an event recorded on the
 //! caller's stream orders them after the work queued there (the attention that wrote a layer);
