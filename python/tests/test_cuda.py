@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,24 +197,13 @@ def many_round_trip(socket: str, engine: Any) -> None:
         assert c.load(NS, hashes(len(p), 5 + n)) == [block_bytes(layers, b) for b in p]
 
 
-def test_pages_round_trip_between_cuda_caches_and_the_arena(agent: Agent, engine: Any) -> None:
-    round_trip(str(agent.socket), engine)
+# Each runs with the copy kernel (below) and again without it (in a child process).
+CHECKS = (round_trip, many_round_trip, save_in_stream_order, load_in_stream_order, unaligned_round_trip)
 
 
-def test_saves_of_many_requests_go_in_one_call_per_layer(agent: Agent, engine: Any) -> None:
-    many_round_trip(str(agent.socket), engine)
-
-
-def test_a_save_waits_for_the_callers_stream(agent: Agent, engine: Any) -> None:
-    save_in_stream_order(str(agent.socket), engine)
-
-
-def test_a_load_runs_after_the_callers_work_and_before_what_follows(agent: Agent, engine: Any) -> None:
-    load_in_stream_order(str(agent.socket), engine)
-
-
-def test_unaligned_pages_round_trip(agent: Agent, engine: Any) -> None:
-    unaligned_round_trip(str(agent.socket), engine)
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+def test_with_the_copy_kernel(agent: Agent, engine: Any, check: Callable[[str, Any], None]) -> None:
+    check(str(agent.socket), engine)
 
 
 def test_without_the_copy_kernel_pages_round_trip(agent: Agent) -> None:
@@ -224,9 +214,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 import kvtier, test_cuda
 engine = kvtier.CopyEngine("cuda:0")
 assert "one memcpy per page" in engine.describe(), engine.describe()
-checks = (test_cuda.round_trip, test_cuda.many_round_trip, test_cuda.save_in_stream_order,
-          test_cuda.load_in_stream_order, test_cuda.unaligned_round_trip)
-for check in checks:
+for check in test_cuda.CHECKS:
     check({str(agent.socket)!r}, engine)
 print("ROUND TRIPS OK")
 """
