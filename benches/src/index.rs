@@ -33,6 +33,9 @@ pub(crate) struct IndexArgs {
     /// it exists; `benches/dynamo/setup.sh` makes it].
     #[arg(long)]
     pub(crate) dynamo_python: Option<PathBuf>,
+    /// The Dynamo benchmark script, from the working directory.
+    #[arg(long, default_value = "benches/dynamo/radix_bench.py")]
+    pub(crate) dynamo_script: PathBuf,
     /// Skip the Dynamo comparison.
     #[arg(long)]
     pub(crate) no_dynamo: bool,
@@ -362,9 +365,15 @@ fn dynamo(args: &IndexArgs) -> Result<Option<serde_json::Value>> {
             p
         }
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("dynamo/radix_bench.py");
+    let script = &args.dynamo_script;
+    if !script.is_file() {
+        bail!(
+            "{} not found: run kvbench from the repository's root, or pass --dynamo-script",
+            script.display()
+        );
+    }
     let mut cmd = Command::new(&python);
-    cmd.arg(&script).stderr(Stdio::inherit());
+    cmd.arg(script).stderr(Stdio::inherit());
     if args.quick {
         cmd.arg("--quick");
     }
