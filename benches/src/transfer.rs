@@ -97,6 +97,8 @@ pub(crate) enum UcxModeArg {
     Get,
     /// The source writes on request.
     Put,
+    /// The source sends rendezvous messages on request, which the puller fetches.
+    Send,
 }
 
 #[cfg(feature = "ucx")]
@@ -281,6 +283,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             UcxModeArg::Auto => UcxMode::Auto,
             UcxModeArg::Get => UcxMode::Get,
             UcxModeArg::Put => UcxMode::PutOnRequest,
+            UcxModeArg::Send => UcxMode::SendOnRequest,
         };
         let inline = if args.ucx_inline_kib.is_empty() {
             vec![UcxConfig::default().inline_bytes / 1024]

@@ -491,9 +491,9 @@ impl PeerSection {
                 );
             }
         }
-        if !matches!(self.ucx.mode.as_str(), "auto" | "get" | "put") {
+        if !matches!(self.ucx.mode.as_str(), "auto" | "get" | "put" | "send") {
             bail!(
-                "invalid configuration `peer.ucx.mode`: {:?} (auto, get, put)",
+                "invalid configuration `peer.ucx.mode`: {:?} (auto, get, put, send)",
                 self.ucx.mode
             );
         }
@@ -1144,8 +1144,13 @@ mod tests {
                 Some("auto")
             );
             jail.set_env("KVTIER_PEER__UCX__INLINE_KIB", "64");
+            jail.set_env("KVTIER_PEER__UCX__MODE", "send");
             let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
             assert_eq!(cfg.peer.ucx.inline_kib, Some(64));
+            assert_eq!(cfg.peer.ucx.mode, "send");
+            jail.set_env("KVTIER_PEER__UCX__MODE", "rendezvous");
+            let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("peer.ucx.mode"), "{err:#}");
         });
     }
 

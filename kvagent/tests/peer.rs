@@ -552,8 +552,9 @@ fn without_an_rdma_device_agents_fall_back_to_tcp() {
     pull_all_exactly(&source, &puller, &listen, &ns("rdma-fallback"), &blocks(6, 8));
 }
 
-/// Pulls over UCX: on loopback with UCX choosing its transports, and between two network
-/// namespaces over its TCP transport (shared memory would bypass the veth pair).
+/// Pulls over UCX: on loopback with UCX choosing its transports and over shared memory alone,
+/// and between two network namespaces over its TCP transport (shared memory would bypass the
+/// veth pair).
 #[cfg(feature = "ucx")]
 #[test]
 fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
@@ -570,6 +571,26 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
     let ns = ns("ucx-loopback");
     let data = blocks(7, 24);
     pull_all_exactly(&source, &puller, &listen, &ns, &data);
+    drop((source, puller));
+
+    // Shared memory alone, with each mode the agent may pick there (`auto` is gets or sends by
+    // the UCX release).
+    for mode in ["auto", "get", "send"] {
+        let cfg = ucx_config(
+            &format!("sm-{mode}.toml"),
+            &format!("[peer.ucx]\ntls = \"sm\"\nmode = \"{mode}\"\n"),
+        );
+        let listen = format!("127.0.0.1:{}", free_peer_port());
+        let (source, puller) = source_and_puller(
+            dir.path(),
+            &format!("sm-{mode}"),
+            [&[], &[]],
+            [&cfg, &cfg],
+            &listen,
+            &secret,
+        );
+        pull_all_exactly(&source, &puller, &listen, &ns, &data);
+    }
 
     let Some(net) =
         Netns::create_or_skip("the namespace part of ucx_pulls_are_exact_on_loopback_and_across_namespaces")

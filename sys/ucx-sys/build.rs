@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// The UCP calls kvtier makes; everything else in the headers stays out of the bindings.
 const FUNCTIONS: &[&str] = &[
+    "ucp_am_data_release",
+    "ucp_am_recv_data_nbx",
     "ucp_am_send_nbx",
     "ucp_cleanup",
     "ucp_config_modify",
@@ -15,6 +17,7 @@ const FUNCTIONS: &[&str] = &[
     "ucp_ep_flush_nbx",
     "ucp_ep_rkey_unpack",
     "ucp_get_nbx",
+    "ucp_get_version",
     "ucp_get_version_string",
     "ucp_init_version",
     "ucp_mem_map",

@@ -37,7 +37,7 @@
 //! The name (UCX's worker name, `host:pid`) only labels errors. UCX's worker address lists
 //! every interface the worker listens on, so `seen_as` is not needed.
 //!
-//! # Two ways to move the bytes ([`UcxMode`])
+//! # Three ways to move the bytes ([`UcxMode`])
 //!
 //! * **Get** (one-sided): the puller reads each block with `ucp_get_nbx` from the source's
 //!   arena (base + the grant's offset) straight into its slot. The source's CPU does nothing
@@ -48,21 +48,30 @@
 //!   source looks the grant up, writes each block into the puller's slot with `ucp_put_nbx`,
 //!   flushes the endpoint (so every write has landed) and then answers with one status per
 //!   block. Over TCP this runs as fast as a push.
+//! * **SendOnRequest**: the same request, flagged; the source sends each block as an active
+//!   message (`0x6b78`, header `request id u64 | entry u32`) in rendezvous mode, so only a
+//!   descriptor travels; the puller's UCX fetches the bytes straight into the slot
+//!   (`ucp_am_recv_data_nbx`: over shared memory one CMA read by the puller), and the source
+//!   answers once every send has completed, which is once the puller has fetched or refused
+//!   each block, so no flush is needed. This is the zero-copy path over shared memory on UCX
+//!   releases that use CMA only for rendezvous (Debian 12's 1.13, where a get is emulated
+//!   with messages). A source that predates the flag ignores it and writes.
 //!
-//! [`UcxMode::Auto`] picks from `UCX_TLS` (see [`UcxMode::resolve`]).
+//! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]).
 //!
 //! The request (active message `0x6b76`, sent eagerly as one message):
 //!
 //! ```text
-//! "KVTP" | version u16 (1) | 0 u16 | request id u64 | grant id [16] | boot id [16]
+//! "KVTP" | version u16 (1) | flags u16 | request id u64 | grant id [16] | boot id [16]
 //!        | deadline u64 (ns, CLOCK_MONOTONIC) | budget u64 (ns) | arena base u64
 //!        | arena length u64 | address length u32 | rkey length u32 | count u32
 //!        | worker address | packed rkey | count × (index u32 | length u64 | slot offset u64)
 //! ```
 //!
-//! and the answer (`0x6b77`): `"KVTA" | version u16 | 0 u16 | request id u64 | count u32 |
-//! count × status u8` (0 written, 1 not in the grant, 2 unknown grant, 3 malformed entry,
-//! 4 not written before the deadline, 5 the write failed).
+//! (flags: bit 0 asks for sends rather than writes; the other bits are zero), and the answer
+//! (`0x6b77`): `"KVTA" | version u16 | 0 u16 | request id u64 | count u32 |
+//! count × status u8` (0 written or sent, 1 not in the grant, 2 unknown grant, 3 malformed
+//! entry, 4 not written before the deadline, 5 the write or send failed).
 //!
 //! # Deadlines, and slots that must not be written after a pull returns
 //!
@@ -87,6 +96,8 @@
 //!   issued, and answers. The puller waits for that answer up to `drain` past its deadline: it
 //!   proves the writes are over. If the source is found dead instead (endpoint failure),
 //!   whatever it sent before dying is processed first.
+//! * SendOnRequest: the slots are written by the puller's own receives, which it starts only
+//!   before the deadline (a block that comes later is refused) and waits for as for gets.
 //! * With error mode NONE (below) an endpoint cannot be force-closed: the puller waits for its
 //!   outstanding gets, which over shared memory are copies that finish or fail promptly.
 //!
@@ -141,8 +152,8 @@ use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec};
 use wire::RemoteEndpoint;
 #[cfg(test)]
 use wire::{
-    ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_HEADER, Request, STATUS_OK, STATUS_TIMED_OUT, encode_answer,
-    parse_answer,
+    BLOCK_HEADER, ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_FLAG_SEND, REQUEST_HEADER, Request, STATUS_OK,
+    STATUS_TIMED_OUT, encode_answer, encode_block_header, parse_answer, parse_block_header,
 };
 
 mod engine;
@@ -151,13 +162,36 @@ mod wire;
 /// How a pull moves the bytes (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UcxMode {
-    /// [`UcxMode::Get`] or [`UcxMode::PutOnRequest`], by [`UcxMode::resolve`].
+    /// [`UcxMode::Get`], [`UcxMode::PutOnRequest`] or [`UcxMode::SendOnRequest`], by
+    /// [`UcxMode::resolve`].
     #[default]
     Auto,
     /// The puller reads the source's arena (one-sided).
     Get,
     /// The puller asks the source to write the blocks into its slots.
     PutOnRequest,
+    /// The puller asks the source to send each block as a rendezvous active message, which
+    /// the puller's UCX then fetches straight into the slot: over shared memory a CMA read by
+    /// the puller, the one zero-copy path between processes on UCX releases that do not use
+    /// CMA for one-sided gets (see [`ONE_SIDED_CMA_SINCE`]).
+    SendOnRequest,
+}
+
+/// The oldest UCX release on which kvtier has measured one-sided gets over shared memory done
+/// by CMA (1.23). Debian 12's 1.13 selects CMA only for rendezvous, so a get there is
+/// emulated with active messages that the source's progress thread answers (about 2 GB/s on
+/// the reference VM, against 10–12 GB/s for a rendezvous message of the same size); the
+/// releases in between are untested and get [`UcxMode::SendOnRequest`] too, which is
+/// zero-copy on every release.
+pub const ONE_SIDED_CMA_SINCE: (u32, u32) = (1, 23);
+
+/// The UCX release this process runs on (major, minor), which may be newer than the headers
+/// kvtier was built against.
+pub fn ucx_version() -> (u32, u32) {
+    let (mut major, mut minor, mut release) = (0, 0, 0);
+    // SAFETY: ucp_get_version only writes the three integers it is given.
+    unsafe { sys::ucp_get_version(&mut major, &mut minor, &mut release) };
+    (major, minor)
 }
 
 /// Transports on which UCX does a get in hardware or as one copy: shared memory, CMA, and
@@ -192,8 +226,15 @@ impl UcxMode {
     /// The concrete mode: `Auto` is [`UcxMode::Get`] when `tls` (the `UCX_TLS` the context is
     /// created with) names only transports from the one-sided list (shared memory, CMA,
     /// RC/DC verbs, GPU copies and `self`), or excludes (`^...`) `tcp`; otherwise, including
-    /// when `UCX_TLS` is unset and UCX may use TCP, [`UcxMode::PutOnRequest`].
+    /// when `UCX_TLS` is unset and UCX may use TCP, [`UcxMode::PutOnRequest`]. Where `tls`
+    /// names shared-memory transports only and UCX is older than [`ONE_SIDED_CMA_SINCE`], it
+    /// is [`UcxMode::SendOnRequest`] instead of `Get`.
     pub fn resolve(self, tls: Option<&str>) -> Self {
+        self.resolve_on(tls, ucx_version())
+    }
+
+    /// [`UcxMode::resolve`] on UCX release `version`.
+    fn resolve_on(self, tls: Option<&str>, version: (u32, u32)) -> Self {
         if self != Self::Auto {
             return self;
         }
@@ -210,7 +251,13 @@ impl UcxMode {
             Some(excluded) => names(excluded).iter().any(|n| n == "tcp"),
             None => names(tls).iter().all(|n| ONE_SIDED_TLS.contains(&n.as_str())),
         };
-        if one_sided { Self::Get } else { Self::PutOnRequest }
+        if !one_sided {
+            Self::PutOnRequest
+        } else if shared_memory_only(Some(tls)) && version < ONE_SIDED_CMA_SINCE {
+            Self::SendOnRequest
+        } else {
+            Self::Get
+        }
     }
 }
 
@@ -483,8 +530,8 @@ impl Transport for UcxTransport {
                 let spec = PullSpec {
                     remote: remote.clone(),
                     grant,
-                    // A source that publishes no key only writes.
-                    mode: if remote.rkey.is_empty() {
+                    // A source that publishes no key is not read one-sidedly; it writes.
+                    mode: if remote.rkey.is_empty() && self.mode == UcxMode::Get {
                         UcxMode::PutOnRequest
                     } else {
                         self.mode

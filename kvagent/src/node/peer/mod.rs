@@ -545,6 +545,7 @@ fn ucx_transport(
         mode: match cfg.ucx.mode.as_str() {
             "get" => UcxMode::Get,
             "put" => UcxMode::PutOnRequest,
+            "send" => UcxMode::SendOnRequest,
             _ => UcxMode::Auto,
         },
         tls: (!cfg.ucx.tls.is_empty()).then(|| cfg.ucx.tls.clone()),
@@ -560,7 +561,15 @@ fn ucx_transport(
             .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
         ..defaults
     };
-    Ok(Arc::new(UcxTransport::new(Arc::clone(store), grants, ucx)?))
+    let transport = UcxTransport::new(Arc::clone(store), grants, ucx)?;
+    let (major, minor) = kvstore::transport::ucx::ucx_version();
+    tracing::info!(
+        mode = ?transport.mode(),
+        ucx = %format!("{major}.{minor}"),
+        worker = transport.name(),
+        "UCX data plane ready"
+    );
+    Ok(Arc::new(transport))
 }
 
 /// The advertised control address: `advertise`, else the bound address with a wildcard host

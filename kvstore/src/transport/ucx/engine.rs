@@ -13,7 +13,9 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use ucx_sys as sys;
 
-use super::wire::{AM_ANSWER, AM_REQUEST, RemoteEndpoint, parse_answer};
+use super::wire::{
+    AM_ANSWER, AM_BLOCK, AM_REQUEST, BLOCK_HEADER, RemoteEndpoint, parse_answer, parse_block_header,
+};
 use super::{UcxConfig, UcxMode, shared_memory_only, status_text, unavailable};
 use crate::store::TieredStore;
 use crate::transport::TransportError;
@@ -186,8 +188,27 @@ impl Mailbox {
 struct Inbox {
     requests: Vec<Vec<u8>>,
     answers: Vec<Vec<u8>>,
+    blocks: Vec<BlockArrival>,
     /// Endpoints UCX reported as failed (the handle's address, the status).
     failed: Vec<(usize, sys::ucs_status_t)>,
+}
+
+/// A block a source sent on request ([`AM_BLOCK`]).
+#[derive(Debug)]
+struct BlockArrival {
+    request: u64,
+    entry: u32,
+    data: BlockData,
+}
+
+#[derive(Debug)]
+enum BlockData {
+    /// A rendezvous descriptor UCX keeps until it is received into a slot
+    /// (`ucp_am_recv_data_nbx`) or released (`ucp_am_data_release`); the length is the
+    /// block's.
+    Rndv(*mut c_void, usize),
+    /// The bytes, where UCX sent the block eagerly after all.
+    Eager(Vec<u8>),
 }
 
 /// Borrows the inbox behind a callback's `arg`.
@@ -267,6 +288,55 @@ unsafe extern "C" fn on_answer(
 ) -> sys::ucs_status_t {
     // SAFETY: as in `on_request`.
     unsafe { receive(arg, data, length, param, |i| &mut i.answers) }
+}
+
+/// UCX's handler of [`AM_BLOCK`] messages: the block is left in the inbox, a rendezvous one
+/// as its descriptor (received or released by the engine after the progress call).
+///
+/// # Safety
+/// As for [`on_request`].
+unsafe extern "C" fn on_block(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: UCX passes a valid parameter struct for the duration of the callback.
+    let rndv = unsafe { (*param).recv_attr } & u64::from(sys::UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    // A refused rendezvous message fails the sender's send with the status returned; a
+    // refused eager one is dropped.
+    let refused = if rndv {
+        sys::UCS_ERR_INVALID_PARAM
+    } else {
+        sys::UCS_OK
+    };
+    let parsed = if header_length == BLOCK_HEADER && !header.is_null() {
+        // SAFETY: UCX passes `header_length` readable header bytes at `header`, valid for the
+        // duration of the callback.
+        parse_block_header(unsafe { std::slice::from_raw_parts(header.cast::<u8>(), header_length) })
+    } else {
+        None
+    };
+    let Some((request, entry)) = parsed else {
+        return refused;
+    };
+    // SAFETY: per this function's contract, `arg` is the registered inbox.
+    let Ok(mut inbox) = (unsafe { inbox(arg) }).try_borrow_mut() else {
+        return refused;
+    };
+    let data = if rndv {
+        BlockData::Rndv(data, length)
+    } else if length == 0 {
+        BlockData::Eager(Vec::new())
+    } else {
+        // SAFETY: without the RNDV flag, `data` points to `length` received bytes that stay
+        // valid until the callback returns.
+        BlockData::Eager(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec())
+    };
+    inbox.blocks.push(BlockArrival { request, entry, data });
+    if rndv { sys::UCS_INPROGRESS } else { sys::UCS_OK }
 }
 
 /// UCX's report of a failed endpoint.
@@ -366,13 +436,25 @@ enum PullState {
         inflight: Vec<(usize, Req)>,
         inflight_bytes: u64,
     },
+    /// Put- or send-on-request: a request, and the source's answer.
     Put {
         request_id: u64,
         /// The request message; UCX reads it until `send` completes.
         message: Vec<u8>,
         send: Option<Req>,
         answer: Option<Vec<u8>>,
+        /// Send-on-request: the blocks received into their slots.
+        receives: Option<Receives>,
     },
+}
+
+/// The blocks of a send-on-request pull, which this side's UCX fetches into their slots.
+#[derive(Debug)]
+pub(super) struct Receives {
+    /// (op, receive) in flight: the op's slot is being written.
+    inflight: Vec<(usize, Req)>,
+    /// Per op: its block message came (a second one is refused).
+    arrived: Vec<bool>,
 }
 
 /// The source's side of a put-on-request transfer.
@@ -390,6 +472,9 @@ pub(super) struct ServeJob {
     inflight: Vec<(usize, Req)>,
     inflight_bytes: u64,
     phase: ServePhase,
+    /// Send-on-request: the [`AM_BLOCK`] header of each op, allocated once so that each
+    /// stays in place while UCX may read it.
+    headers: Option<Vec<[u8; BLOCK_HEADER]>>,
 }
 
 #[derive(Debug)]
@@ -737,8 +822,10 @@ impl Engine {
                 }
             }
         }
-        // kvtier sends only small active messages (eagerly) and moves blocks with RMA, so it
-        // has no use for rendezvous; and while rendezvous is on, later UCX releases (the 1.23
+        // kvtier sends small active messages eagerly and moves blocks with RMA or, in
+        // send-on-request mode, with messages it flags for rendezvous itself
+        // (`UCP_AM_SEND_FLAG_RNDV`, which the threshold does not govern), so it has no use
+        // for the threshold; and while rendezvous is on, later UCX releases (the 1.23
         // that NIXL's wheel bundles; 1.13 exempts TCP) give an endpoint that reports peer
         // failures RMA lanes only on memory domains that can invalidate registrations, which
         // TCP's cannot: every put and get over TCP was then emulated with active messages
@@ -796,8 +883,11 @@ impl Engine {
             sys::ucp_worker_get_efd(self.worker, &mut self.efd)
         })?;
         let arg: *mut RefCell<Inbox> = &mut *self.inbox;
-        let handlers: [(u32, sys::ucp_am_recv_callback_t); 2] =
-            [(AM_REQUEST, Some(on_request)), (AM_ANSWER, Some(on_answer))];
+        let handlers: [(u32, sys::ucp_am_recv_callback_t); 3] = [
+            (AM_REQUEST, Some(on_request)),
+            (AM_ANSWER, Some(on_answer)),
+            (AM_BLOCK, Some(on_block)),
+        ];
         for (id, cb) in handlers {
             let params = sys::ucp_am_handler_param_t {
                 field_mask: u64::from(
@@ -1111,15 +1201,16 @@ impl Engine {
 
     /// Messages and endpoint failures the callbacks left.
     fn handle_inbox(&mut self) -> bool {
-        let (requests, answers, failed) = {
+        let (requests, answers, blocks, failed) = {
             let mut inbox = self.inbox.borrow_mut();
             (
                 std::mem::take(&mut inbox.requests),
                 std::mem::take(&mut inbox.answers),
+                std::mem::take(&mut inbox.blocks),
                 std::mem::take(&mut inbox.failed),
             )
         };
-        let busy = !(requests.is_empty() && answers.is_empty() && failed.is_empty());
+        let busy = !(requests.is_empty() && answers.is_empty() && blocks.is_empty() && failed.is_empty());
         for (ep, status) in failed {
             let hit = self
                 .peers
@@ -1148,6 +1239,9 @@ impl Engine {
                 *answer = Some(statuses.to_vec());
             }
         }
+        for block in blocks {
+            self.receive_block(block);
+        }
         for message in requests {
             self.start_serve(&message);
         }
@@ -1172,9 +1266,17 @@ impl Drop for Engine {
             for mut job in self.pulls.drain(..) {
                 match job.state {
                     PullState::Get { inflight, .. } => inflight.into_iter().for_each(|(_, r)| r.abandon()),
-                    PullState::Put { message, send, .. } => {
+                    PullState::Put {
+                        message,
+                        send,
+                        receives,
+                        ..
+                    } => {
                         if let Some(r) = send {
                             std::mem::forget(message);
+                            r.abandon();
+                        }
+                        for (_, r) in receives.into_iter().flat_map(|rx| rx.inflight) {
                             r.abandon();
                         }
                     }
@@ -1187,6 +1289,10 @@ impl Drop for Engine {
             }
             for mut job in self.serves.drain(..) {
                 job.abandon();
+            }
+            let blocks = std::mem::take(&mut self.inbox.borrow_mut().blocks);
+            for block in blocks {
+                self.release_block(block.data);
             }
             // UCX's own operations (answers to a peer's emulated gets and puts) finish while
             // the worker is progressed; a worker destroyed under them leaks their requests.

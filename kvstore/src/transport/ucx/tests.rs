@@ -144,6 +144,16 @@ async fn puts_on_request_over_shared_memory_are_byte_exact() {
     byte_exact(Fabric::Shm, UcxMode::PutOnRequest).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_on_request_over_shared_memory_are_byte_exact() {
+    byte_exact(Fabric::Shm, UcxMode::SendOnRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_on_request_over_tcp_are_byte_exact() {
+    byte_exact(Fabric::Tcp, UcxMode::SendOnRequest).await;
+}
+
 /// A source in PutOnRequest mode publishes no remote key, and a puller that prefers gets asks
 /// it for writes instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,16 +186,21 @@ async fn a_source_that_only_writes_keeps_its_key_and_still_serves_get_pullers() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_grant_fails_every_block_when_the_source_writes() {
-    for fabric in [Fabric::Tcp, Fabric::Shm] {
+async fn an_unknown_grant_fails_every_block_when_the_source_writes_or_sends() {
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+        (Fabric::Tcp, UcxMode::SendOnRequest),
+        (Fabric::Shm, UcxMode::SendOnRequest),
+    ] {
         let (grants, src, keys) = source(&[4096, 8192, 3], fabric);
         let grant = grants.grant(&keys).unwrap();
         assert!(grants.release(&grant.id));
-        let (dst, t) = puller(fabric, UcxMode::PutOnRequest);
+        let (dst, t) = puller(fabric, mode);
         for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
             assert!(
                 matches!(p.result, Err(TransportError::UnknownGrant { .. })),
-                "{fabric:?}: {:?}",
+                "{fabric:?} {mode:?}: {:?}",
                 p.result
             );
             dst.abort(p.slot);
@@ -198,8 +213,10 @@ async fn a_block_failing_its_checksum_fails_alone() {
     for (fabric, mode) in [
         (Fabric::Tcp, UcxMode::Get),
         (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Tcp, UcxMode::SendOnRequest),
         (Fabric::Shm, UcxMode::Get),
         (Fabric::Shm, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::SendOnRequest),
     ] {
         let (grants, src, keys) = source(&[8192, 8192, 8192], fabric);
         let mut grant = grants.grant(&keys).unwrap();
@@ -412,11 +429,21 @@ async fn a_missed_deadline_over_tcp_leaves_no_late_write_with_puts() {
     deadline_with_a_stuck_source(Fabric::Tcp, UcxMode::PutOnRequest).await;
 }
 
-/// Over shared memory a get needs nothing from the source (a CMA read), so only the
-/// source-written mode can be stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_deadline_over_tcp_leaves_no_late_write_with_sends() {
+    deadline_with_a_stuck_source(Fabric::Tcp, UcxMode::SendOnRequest).await;
+}
+
+/// Over shared memory a get needs nothing from the source (a CMA read), so only the modes
+/// that need the source's help can be stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missed_deadline_over_shared_memory_leaves_no_late_write_with_puts() {
     deadline_with_a_stuck_source(Fabric::Shm, UcxMode::PutOnRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_deadline_over_shared_memory_leaves_no_late_write_with_sends() {
+    deadline_with_a_stuck_source(Fabric::Shm, UcxMode::SendOnRequest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,8 +451,10 @@ async fn a_source_that_is_gone_fails_the_pull_without_hanging() {
     for (fabric, mode) in [
         (Fabric::Tcp, UcxMode::Get),
         (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Tcp, UcxMode::SendOnRequest),
         (Fabric::Shm, UcxMode::Get),
         (Fabric::Shm, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::SendOnRequest),
     ] {
         let (grants, src, keys) = source(&[65536; 4], fabric);
         let grant = grants.grant(&keys).unwrap();
@@ -500,26 +529,33 @@ async fn a_source_stopping_mid_pull_fails_what_it_did_not_send() {
 
 #[test]
 fn auto_picks_gets_only_where_ucx_may_not_use_tcp() {
-    use UcxMode::{Auto, Get, PutOnRequest};
-    for (tls, want) in [
-        (None, PutOnRequest),
-        (Some(""), PutOnRequest),
-        (Some("all"), PutOnRequest),
-        (Some("tcp"), PutOnRequest),
-        (Some("sm,tcp"), PutOnRequest),
-        (Some("rc,ud"), PutOnRequest),
-        (Some("^ib"), PutOnRequest),
-        (Some("sm"), Get),
-        (Some("posix,cma"), Get),
-        (Some(" SM , Self "), Get),
-        (Some("rc_x,sm,cuda_ipc"), Get),
-        (Some("^tcp"), Get),
-        (Some("^ud,tcp"), Get),
+    use UcxMode::{Auto, Get, PutOnRequest, SendOnRequest};
+    let (old, new) = ((1, 13), ONE_SIDED_CMA_SINCE);
+    for (tls, on_old, on_new) in [
+        (None, PutOnRequest, PutOnRequest),
+        (Some(""), PutOnRequest, PutOnRequest),
+        (Some("all"), PutOnRequest, PutOnRequest),
+        (Some("tcp"), PutOnRequest, PutOnRequest),
+        (Some("sm,tcp"), PutOnRequest, PutOnRequest),
+        (Some("rc,ud"), PutOnRequest, PutOnRequest),
+        (Some("^ib"), PutOnRequest, PutOnRequest),
+        // Shared memory alone: gets where UCX does them with CMA, rendezvous sends before.
+        (Some("sm"), SendOnRequest, Get),
+        (Some("posix,cma"), SendOnRequest, Get),
+        (Some(" SM , Self "), SendOnRequest, Get),
+        // RDMA reads are one-sided on every release.
+        (Some("rc_x,sm,cuda_ipc"), Get, Get),
+        (Some("^tcp"), Get, Get),
+        (Some("^ud,tcp"), Get, Get),
     ] {
-        assert_eq!(Auto.resolve(tls), want, "UCX_TLS={tls:?}");
+        assert_eq!(Auto.resolve_on(tls, old), on_old, "UCX_TLS={tls:?} on {old:?}");
+        assert_eq!(Auto.resolve_on(tls, new), on_new, "UCX_TLS={tls:?} on {new:?}");
     }
     assert_eq!(Get.resolve(Some("tcp")), Get, "an explicit mode stands");
     assert_eq!(PutOnRequest.resolve(Some("sm")), PutOnRequest);
+    assert_eq!(SendOnRequest.resolve(Some("tcp")), SendOnRequest);
+    let (major, minor) = ucx_version();
+    assert!(major >= 1 && (major, minor) >= (1, 9), "UCX {major}.{minor}");
 }
 
 #[test]
@@ -575,10 +611,23 @@ fn messages_round_trip_and_damaged_ones_are_refused() {
         address: vec![5; 9],
         rkey: vec![6; 11],
         entries: vec![(0, 4096, 0), (9, 5, 8192)],
+        send: false,
     };
     let bytes = req.encode();
     assert_eq!(bytes.len(), REQUEST_HEADER + 9 + 11 + 2 * REQUEST_ENTRY);
-    assert_eq!(Request::parse(&bytes), Some(req));
+    assert_eq!(Request::parse(&bytes), Some(req.clone()));
+    let sending = Request { send: true, ..req };
+    let send_bytes = sending.encode();
+    assert_eq!(Request::parse(&send_bytes), Some(sending));
+    assert_eq!(
+        send_bytes[6..8],
+        REQUEST_FLAG_SEND.to_le_bytes(),
+        "the flag takes the old zero field"
+    );
+    let header = encode_block_header(7, 9);
+    assert_eq!(parse_block_header(&header), Some((7, 9)));
+    assert_eq!(parse_block_header(&header[..BLOCK_HEADER - 1]), None);
+    assert_eq!(parse_block_header(&[header.as_slice(), &[0]].concat()), None);
     assert_eq!(Request::parse(&bytes[..bytes.len() - 1]), None);
     assert_eq!(Request::parse(&[bytes.as_slice(), &[0]].concat()), None);
     let answer = encode_answer(7, &[STATUS_OK, STATUS_TIMED_OUT]);
@@ -603,6 +652,7 @@ fn a_source_stops_writing_at_the_pullers_deadline() {
         address: Vec::new(),
         rkey: Vec::new(),
         entries: Vec::new(),
+        send: false,
     };
     let now = Instant::now();
     let here = [1; 16];

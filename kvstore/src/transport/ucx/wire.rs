@@ -12,12 +12,18 @@ pub(super) const ENDPOINT_HEADER: usize = 36;
 
 pub(super) const AM_REQUEST: u32 = 0x6b76;
 pub(super) const AM_ANSWER: u32 = 0x6b77;
+pub(super) const AM_BLOCK: u32 = 0x6b78;
 pub(super) const REQUEST_MAGIC: [u8; 4] = *b"KVTP";
 pub(super) const ANSWER_MAGIC: [u8; 4] = *b"KVTA";
 pub(super) const MESSAGE_VERSION: u16 = 1;
 pub(super) const REQUEST_HEADER: usize = 92;
 pub(super) const REQUEST_ENTRY: usize = 20;
 pub(super) const ANSWER_HEADER: usize = 20;
+/// The header of an [`AM_BLOCK`] message: request id u64 | entry u32.
+pub(super) const BLOCK_HEADER: usize = 12;
+/// A request's flag: send the blocks as rendezvous active messages instead of writing them.
+/// A source that predates it ignores the flag (the field was zero) and writes.
+pub(super) const REQUEST_FLAG_SEND: u16 = 1;
 
 pub(super) const STATUS_OK: u8 = 0;
 pub(super) const STATUS_NO_BLOCK: u8 = 1;
@@ -153,7 +159,7 @@ impl<'a> Reader<'a> {
 }
 
 /// A put-on-request message, parsed.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Request {
     pub(super) id: u64,
     pub(super) grant: GrantId,
@@ -166,6 +172,8 @@ pub(super) struct Request {
     pub(super) rkey: Vec<u8>,
     /// (grant index, length, slot offset in the puller's arena).
     pub(super) entries: Vec<(u32, u64, u64)>,
+    /// Send each block as an [`AM_BLOCK`] message rather than write it.
+    pub(super) send: bool,
 }
 
 impl Request {
@@ -175,7 +183,8 @@ impl Request {
         );
         out.extend_from_slice(&REQUEST_MAGIC);
         out.extend_from_slice(&MESSAGE_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if self.send { REQUEST_FLAG_SEND } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.grant.0);
         out.extend_from_slice(&self.boot_id);
@@ -200,7 +209,7 @@ impl Request {
         if r.take(4)? != REQUEST_MAGIC || r.u16()? != MESSAGE_VERSION {
             return None;
         }
-        r.u16()?;
+        let flags = r.u16()?;
         let id = r.u64()?;
         let grant = GrantId::from_slice(r.take(16)?)?;
         let boot_id = r.take(16)?.try_into().ok()?;
@@ -226,6 +235,7 @@ impl Request {
             address,
             rkey,
             entries,
+            send: flags & REQUEST_FLAG_SEND != 0,
         })
     }
 
@@ -240,6 +250,21 @@ impl Request {
         };
         now + Duration::from_nanos(left)
     }
+}
+
+/// The header of the [`AM_BLOCK`] message that carries a request's entry.
+pub(super) fn encode_block_header(request_id: u64, entry: u32) -> [u8; BLOCK_HEADER] {
+    let mut out = [0; BLOCK_HEADER];
+    out[..8].copy_from_slice(&request_id.to_le_bytes());
+    out[8..].copy_from_slice(&entry.to_le_bytes());
+    out
+}
+
+/// (request id, entry) of an [`AM_BLOCK`] message's header.
+pub(super) fn parse_block_header(bytes: &[u8]) -> Option<(u64, u32)> {
+    let mut r = Reader::new(bytes);
+    let parsed = (r.u64()?, r.u32()?);
+    r.rest().is_empty().then_some(parsed)
 }
 
 pub(super) fn encode_answer(request_id: u64, statuses: &[u8]) -> Vec<u8> {

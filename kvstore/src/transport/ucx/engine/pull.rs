@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use ucx_sys as sys;
 
-use super::{Engine, OpSpec, Outcome, PullJob, PullSpec, PullState, Req, Settled, monotonic_ns, refuse};
+use super::{
+    BlockArrival, BlockData, Engine, OpSpec, Outcome, PullJob, PullSpec, PullState, Receives, Req, Settled,
+    monotonic_ns, refuse,
+};
 use crate::transport::TransportError;
 use crate::transport::ucx::wire::{AM_REQUEST, Request, answer_status, hex_prefix};
 use crate::transport::ucx::{UcxMode, status_text};
@@ -48,7 +51,8 @@ impl Engine {
                     return fail(&spec.ops, spec.reply, e);
                 }
             },
-            UcxMode::PutOnRequest => {
+            UcxMode::PutOnRequest | UcxMode::SendOnRequest => {
+                let sending = spec.mode == UcxMode::SendOnRequest;
                 let request_id = self.next_request;
                 self.next_request += 1;
                 let now_ns = monotonic_ns();
@@ -68,6 +72,7 @@ impl Engine {
                         .iter()
                         .map(|o| (o.index, o.len, o.local_offset))
                         .collect(),
+                    send: sending,
                 }
                 .encode();
                 let Some(p) = self.peers.get(&peer) else {
@@ -104,6 +109,10 @@ impl Engine {
                     message,
                     send: Some(send),
                     answer: None,
+                    receives: sending.then(|| Receives {
+                        inflight: Vec::new(),
+                        arrived: vec![false; spec.ops.len()],
+                    }),
                 }
             }
         };
@@ -268,8 +277,26 @@ impl Engine {
                 message,
                 send,
                 answer,
+                receives,
                 ..
             } => {
+                if let Some(rx) = receives.as_mut() {
+                    rx.inflight.retain_mut(|(n, req)| match req.poll() {
+                        None => true,
+                        Some(status) => {
+                            progressed = true;
+                            job.outcome.settle(
+                                *n,
+                                match status {
+                                    sys::UCS_OK => Ok(()),
+                                    _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
+                                    _ => Err(io(status)),
+                                },
+                            );
+                            false
+                        }
+                    });
+                }
                 let mut send_failed = None;
                 if let Some(req) = send {
                     if let Some(status) = req.poll() {
@@ -280,12 +307,62 @@ impl Engine {
                         }
                     }
                 }
+                let receiving = receives.as_ref().is_some_and(|rx| !rx.inflight.is_empty());
+                if receiving {
+                    // A slot is being written: nothing is settled until that is over. Past the
+                    // deadline no more blocks are received, and these are waited for as a get's
+                    // would be.
+                    if now < job.deadline + drain {
+                        false
+                    } else if peer_errors && peer_failed.is_none() {
+                        force_close = true;
+                        false
+                    } else if peer_errors && now < job.deadline + 2 * drain {
+                        false
+                    } else {
+                        let rx = receives.as_mut().map(|rx| std::mem::take(&mut rx.inflight));
+                        tracing::error!(
+                            peer = %label,
+                            outstanding = rx.as_ref().map_or(0, Vec::len),
+                            "UCX receives still outstanding {drain:?} past the deadline; their slots are \
+                             returned anyway"
+                        );
+                        for (_, req) in rx.into_iter().flatten() {
+                            req.abandon();
+                        }
+                        job.outcome
+                            .settle_rest(&TransportError::TimedOut { peer: label.clone() });
+                        true
+                    }
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
-                if let (Some(statuses), None) = (answer.as_ref(), &send) {
+                } else if let (Some(statuses), None) = (answer.as_ref(), &send) {
                     if statuses.len() == job.ops.len() {
                         for (n, (&s, op)) in statuses.iter().zip(&job.ops).enumerate() {
-                            job.outcome.settle(n, answer_status(s, op.index, &label));
+                            let result = answer_status(s, op.index, &label);
+                            match receives.as_ref().map(|rx| rx.arrived[n]) {
+                                // Put: the answer says it all.
+                                None => job.outcome.settle(n, result),
+                                // Send: settled when its receive ended.
+                                Some(true) => {}
+                                // Refused past the deadline, or never sent.
+                                Some(false) => job.outcome.settle(
+                                    n,
+                                    result.and_then(|()| {
+                                        Err(if expired {
+                                            TransportError::TimedOut { peer: label.clone() }
+                                        } else {
+                                            TransportError::Protocol {
+                                                peer: label.clone(),
+                                                reason: format!(
+                                                    "block {} was reported sent but never came",
+                                                    op.index
+                                                ),
+                                            }
+                                        })
+                                    }),
+                                ),
+                            }
                         }
                     } else {
                         let e = TransportError::Protocol {
@@ -344,5 +421,80 @@ impl Engine {
             progressed = true;
         }
         (progressed, finished)
+    }
+}
+
+impl Engine {
+    /// A block a source sent for a send-on-request pull: received into its slot, or refused
+    /// (late, unknown, twice, or of the wrong length).
+    pub(super) fn receive_block(&mut self, block: BlockArrival) {
+        let now = Instant::now();
+        let (worker, memh, arena_base) = (self.worker, self.memh, self.arena_base);
+        let n = block.entry as usize;
+        let job = self.pulls.iter_mut().find(|p| {
+            matches!(&p.state, PullState::Put { request_id, receives: Some(_), .. } if *request_id == block.request)
+        });
+        let Some(job) = job.filter(|j| now < j.deadline && n < j.ops.len()) else {
+            return self.release_block(block.data);
+        };
+        let PullState::Put {
+            receives: Some(rx), ..
+        } = &mut job.state
+        else {
+            return self.release_block(block.data);
+        };
+        if std::mem::replace(&mut rx.arrived[n], true) {
+            return self.release_block(block.data);
+        }
+        let op = job.ops[n];
+        let len = match &block.data {
+            BlockData::Rndv(_, len) => *len as u64,
+            BlockData::Eager(bytes) => bytes.len() as u64,
+        };
+        if len != op.len {
+            job.outcome.settle(
+                n,
+                Err(TransportError::Protocol {
+                    peer: job.label.clone(),
+                    reason: format!("block {} came with {len} bytes, not {}", op.index, op.len),
+                }),
+            );
+            return self.release_block(block.data);
+        }
+        // The destination (in both arms below) is the op's reserved slot, inside the registered
+        // arena, which the caller's future keeps reserved until the job settles the op, and the
+        // job settles it only once the receive is over (or, past the drain period, gives up on
+        // it: see the module documentation).
+        // SAFETY: a reservation lies within the arena, so the offset stays inside the mapping.
+        let slot = unsafe { arena_base.add(op.local_offset as usize) };
+        match block.data {
+            BlockData::Rndv(desc, len) => {
+                let param = sys::ucp_request_param_t {
+                    op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
+                    memh,
+                    ..Default::default()
+                };
+                // SAFETY: `desc` is a rendezvous descriptor UCX handed to `on_block`, which
+                // kept it (UCS_INPROGRESS) and which is received once; the slot as above.
+                let req = Req::from_ptr(unsafe {
+                    sys::ucp_am_recv_data_nbx(worker, desc, slot.cast(), len, &param)
+                });
+                rx.inflight.push((n, req));
+            }
+            BlockData::Eager(bytes) => {
+                // SAFETY: the slot as above, `op.len` bytes long, which `bytes` is.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, bytes.len()) };
+                job.outcome.settle(n, Ok(()));
+            }
+        }
+    }
+
+    /// Gives a block message back to UCX unreceived (its sender's send then ends).
+    pub(super) fn release_block(&mut self, data: BlockData) {
+        if let BlockData::Rndv(desc, _) = data {
+            // SAFETY: a descriptor UCX handed to `on_block` and that was neither received nor
+            // released; live worker.
+            unsafe { sys::ucp_am_data_release(self.worker, desc) };
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The source's side of a put-on-request transfer, as the progress thread drives it.
+//! The source's side of a put- or send-on-request transfer, as the progress thread drives it.
 
 use std::time::Instant;
 
@@ -7,8 +7,8 @@ use ucx_sys as sys;
 use super::{Engine, PutOp, Req, ServeJob, ServePhase, monotonic_ns};
 use crate::transport::ucx::status_text;
 use crate::transport::ucx::wire::{
-    AM_ANSWER, Request, STATUS_FAILED, STATUS_MALFORMED, STATUS_NO_BLOCK, STATUS_OK, STATUS_TIMED_OUT,
-    STATUS_UNKNOWN_GRANT, encode_answer,
+    AM_ANSWER, AM_BLOCK, BLOCK_HEADER, Request, STATUS_FAILED, STATUS_MALFORMED, STATUS_NO_BLOCK, STATUS_OK,
+    STATUS_TIMED_OUT, STATUS_UNKNOWN_GRANT, encode_answer, encode_block_header,
 };
 
 impl Engine {
@@ -72,6 +72,11 @@ impl Engine {
                 }
             }
         };
+        let headers = req.send.then(|| {
+            puts.iter()
+                .map(|p| encode_block_header(req.id, p.entry as u32))
+                .collect()
+        });
         self.serves.push(ServeJob {
             peer,
             request_id: req.id,
@@ -84,6 +89,7 @@ impl Engine {
             inflight: Vec::new(),
             inflight_bytes: 0,
             phase: ServePhase::Putting,
+            headers,
         });
     }
 
@@ -154,6 +160,37 @@ impl Engine {
             ServePhase::Putting => {
                 while !expired && job.next < job.puts.len() && job.inflight_bytes < window {
                     let put = &job.puts[job.next];
+                    if let Some(headers) = &job.headers {
+                        let header: &[u8; BLOCK_HEADER] = &headers[job.next];
+                        let param = sys::ucp_request_param_t {
+                            op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH | sys::UCP_OP_ATTR_FIELD_FLAGS,
+                            flags: sys::UCP_AM_SEND_FLAG_RNDV,
+                            memh,
+                            ..Default::default()
+                        };
+                        // SAFETY: live endpoint (the job holds a claim on the peer); the header
+                        // lives in `job.headers`, allocated once and kept until the job ends; the
+                        // block is a granted one inside the registered arena, pinned by
+                        // `job._pinned` until the job ends, which is after the send completes
+                        // (or is abandoned past the drain period; the arena stays mapped, so a
+                        // late read is still of valid memory).
+                        let req = Req::from_ptr(unsafe {
+                            sys::ucp_am_send_nbx(
+                                ep,
+                                AM_BLOCK,
+                                header.as_ptr().cast(),
+                                BLOCK_HEADER,
+                                put.local.cast(),
+                                put.len as usize,
+                                &param,
+                            )
+                        });
+                        job.inflight_bytes += put.len;
+                        job.inflight.push((job.next, req));
+                        job.next += 1;
+                        progressed = true;
+                        continue;
+                    }
                     let param = sys::ucp_request_param_t {
                         op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
                         memh,
@@ -179,7 +216,21 @@ impl Engine {
                     job.next += 1;
                     progressed = true;
                 }
-                if job.next == job.puts.len() || expired {
+                let issued = job.next == job.puts.len() || expired;
+                if issued && job.headers.is_some() {
+                    // A send completes once the puller has fetched the block (or refused it):
+                    // no flush is needed before the answer.
+                    if job.inflight.is_empty() {
+                        progressed = true;
+                        send_answer(ep, job);
+                        false
+                    } else if given_up {
+                        force_close = peer_errors;
+                        !peer_errors
+                    } else {
+                        false
+                    }
+                } else if issued {
                     progressed = true;
                     if job.next == 0 {
                         send_answer(ep, job);
@@ -190,8 +241,10 @@ impl Engine {
                         let req = Req::from_ptr(unsafe { sys::ucp_ep_flush_nbx(ep, &param) });
                         job.phase = ServePhase::Flushing(req);
                     }
+                    false
+                } else {
+                    false
                 }
-                false
             }
             ServePhase::Flushing(req) => match req.poll() {
                 Some(status) if status == sys::UCS_OK && job.inflight.is_empty() => {
