@@ -133,7 +133,11 @@
 //!   in PutOnRequest mode leaves the key out of its endpoint, so its arena is read only by its
 //!   own writes of blocks whose grant id (128 random bits, the capability) is live; a puller in
 //!   Get mode asks such a source for writes instead. A puller in PutOnRequest mode hands its
-//!   own key to the sources it asks.
+//!   own key to the sources it asks, and so does one in SendOnRequest mode (a source that
+//!   predates sends writes instead; one that sends ignores the key). The blocks a source
+//!   sends are matched to a pull by request id and position only: a peer that holds this
+//!   worker's address can offer a block for a pull in progress, which the checksum then
+//!   refuses.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -152,8 +156,9 @@ use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec};
 use wire::RemoteEndpoint;
 #[cfg(test)]
 use wire::{
-    BLOCK_HEADER, ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_FLAG_SEND, REQUEST_HEADER, Request, STATUS_OK,
-    STATUS_TIMED_OUT, encode_answer, encode_block_header, parse_answer, parse_block_header,
+    ANSWER_FLAG_SENT, BLOCK_HEADER, ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_FLAG_SEND, REQUEST_HEADER,
+    Request, STATUS_OK, STATUS_TIMED_OUT, encode_answer, encode_block_header, parse_answer,
+    parse_block_header,
 };
 
 mod engine;
@@ -298,7 +303,8 @@ pub struct UcxConfig {
     /// transport's prefix and apply to every transport that has a setting of that name
     /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`). Rendezvous is off
     /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, later UCX
-    /// releases (1.23) emulate RMA over TCP rather than write with zero copy.
+    /// releases (1.23) emulate RMA over TCP rather than write with zero copy. (The blocks of
+    /// [`UcxMode::SendOnRequest`] go by rendezvous all the same: each send asks for it.)
     pub settings: Vec<(String, String)>,
     /// The send and receive segment size of UCX's TCP transport ([`TCP_SEGMENT`] by default;
     /// `None` keeps UCX's). Left alone where UCX will not load TCP, and when the environment
@@ -323,6 +329,9 @@ pub struct UcxConfig {
     /// TCP on loopback; the pulling thread then checks each block right after its copy, while
     /// it is in that core's cache.
     pub inline_bytes: u64,
+    /// Serve requests for sends by writing, as a source from before send-on-request does.
+    #[cfg(test)]
+    pub(crate) ignore_send_flag: bool,
 }
 
 /// Longest a pulling thread drives the worker for its own pull before it leaves the rest to
@@ -343,6 +352,8 @@ impl Default for UcxConfig {
             spin: Duration::from_micros(500),
             drain: Duration::from_secs(1),
             inline_bytes: 4 << 20,
+            #[cfg(test)]
+            ignore_send_flag: false,
         }
     }
 }

@@ -189,20 +189,22 @@ struct Inbox {
     requests: Vec<Vec<u8>>,
     answers: Vec<Vec<u8>>,
     blocks: Vec<BlockArrival>,
+    /// The engine is being torn down: block messages are refused.
+    closed: bool,
     /// Endpoints UCX reported as failed (the handle's address, the status).
     failed: Vec<(usize, sys::ucs_status_t)>,
 }
 
 /// A block a source sent on request ([`AM_BLOCK`]).
 #[derive(Debug)]
-struct BlockArrival {
-    request: u64,
-    entry: u32,
-    data: BlockData,
+pub(super) struct BlockArrival {
+    pub(super) request: u64,
+    pub(super) entry: u32,
+    pub(super) data: BlockData,
 }
 
 #[derive(Debug)]
-enum BlockData {
+pub(super) enum BlockData {
     /// A rendezvous descriptor UCX keeps until it is received into a slot
     /// (`ucp_am_recv_data_nbx`) or released (`ucp_am_data_release`); the length is the
     /// block's.
@@ -326,6 +328,9 @@ unsafe extern "C" fn on_block(
     let Ok(mut inbox) = (unsafe { inbox(arg) }).try_borrow_mut() else {
         return refused;
     };
+    if inbox.closed {
+        return refused;
+    }
     let data = if rndv {
         BlockData::Rndv(data, length)
     } else if length == 0 {
@@ -442,7 +447,8 @@ enum PullState {
         /// The request message; UCX reads it until `send` completes.
         message: Vec<u8>,
         send: Option<Req>,
-        answer: Option<Vec<u8>>,
+        /// (the blocks were sent rather than written, a status per op).
+        answer: Option<(bool, Vec<u8>)>,
         /// Send-on-request: the blocks received into their slots.
         receives: Option<Receives>,
     },
@@ -457,7 +463,7 @@ pub(super) struct Receives {
     arrived: Vec<bool>,
 }
 
-/// The source's side of a put-on-request transfer.
+/// The source's side of a put- or send-on-request transfer.
 #[derive(Debug)]
 pub(super) struct ServeJob {
     peer: PeerId,
@@ -1223,7 +1229,7 @@ impl Engine {
             }
         }
         for message in answers {
-            let Some((id, statuses)) = parse_answer(&message) else {
+            let Some((id, sent, statuses)) = parse_answer(&message) else {
                 tracing::warn!(bytes = message.len(), "malformed UCX transfer answer ignored");
                 continue;
             };
@@ -1236,7 +1242,7 @@ impl Engine {
                 ..
             }) = job
             {
-                *answer = Some(statuses.to_vec());
+                *answer = Some((sent, statuses.to_vec()));
             }
         }
         for block in blocks {
@@ -1262,8 +1268,12 @@ impl Drop for Engine {
             }
         }
         if !self.worker.is_null() {
-            // Transfers still here were cut short without the orderly stop of `run`.
-            for mut job in self.pulls.drain(..) {
+            // Transfers still here were cut short without the orderly stop of `run`. Their
+            // slots go back to their callers only once the worker has been progressed for the
+            // last time below, so that an operation still writing into one ends first.
+            let mut cut_short = Vec::new();
+            self.inbox.borrow_mut().closed = true;
+            for job in self.pulls.drain(..) {
                 match job.state {
                     PullState::Get { inflight, .. } => inflight.into_iter().for_each(|(_, r)| r.abandon()),
                     PullState::Put {
@@ -1281,11 +1291,7 @@ impl Drop for Engine {
                         }
                     }
                 }
-                let e = TransportError::Io {
-                    peer: job.label.clone(),
-                    reason: "the UCX transport is shutting down".into(),
-                };
-                job.outcome.settle_rest(&e);
+                cut_short.push((job.outcome, job.label));
             }
             for mut job in self.serves.drain(..) {
                 job.abandon();
@@ -1316,6 +1322,12 @@ impl Drop for Engine {
             }
             for r in self.closing.drain(..) {
                 r.abandon();
+            }
+            for (mut outcome, peer) in cut_short {
+                outcome.settle_rest(&TransportError::Io {
+                    peer,
+                    reason: "the UCX transport is shutting down".into(),
+                });
             }
             for (_, p) in self.peers.drain() {
                 for (_, k) in p.rkeys {

@@ -1,7 +1,9 @@
 use super::*;
 use crate::BlockKey;
+use crate::Reservation;
 use crate::transport::Grant;
 use crate::transport::test_support::{key, payload, soon, store};
+use engine::{BlockArrival, BlockData};
 
 /// Which of UCX's transports a test runs over.
 #[derive(Debug, Clone, Copy)]
@@ -152,6 +154,138 @@ async fn sends_on_request_over_shared_memory_are_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_on_request_over_tcp_are_byte_exact() {
     byte_exact(Fabric::Tcp, UcxMode::SendOnRequest).await;
+}
+
+/// The blocks a source sends are matched to their pull by request id and position, and land
+/// only in that position's slot, once, at the right length, before the deadline; anything
+/// else is refused without touching a slot. Checked on the puller's engine directly, with the
+/// blocks handed to it as eager data, and a parked source that never answers.
+#[test]
+fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
+    let src_store = store(8);
+    let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
+    let src = Stallable::start(src_store, grants, Fabric::Shm);
+    src.park();
+    let dst = store(8);
+    let cfg = config(Fabric::Shm, UcxMode::SendOnRequest);
+    let tls = cfg.tls.clone();
+    let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+    let len = 4096;
+    let wanted: Vec<(BlockKey, u64)> = (100..104).map(|i| (key(i), len)).collect();
+    let mut slots: Vec<_> = dst
+        .reserve_batch(&wanted)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    for s in &mut slots {
+        dst.host().reserved_mut(s).fill(0xa5);
+    }
+    let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
+    let spec = |slots: &[Reservation], deadline: Instant| {
+        let (reply, settled) = mpsc::unbounded_channel();
+        let ops = slots
+            .iter()
+            .enumerate()
+            .map(|(n, s)| OpSpec {
+                item: n,
+                index: n as u32,
+                len,
+                local_offset: s.offset(),
+                remote_offset: 0,
+            })
+            .collect();
+        let spec = PullSpec {
+            remote: remote.clone(),
+            grant: GrantId([1; 16]),
+            mode: UcxMode::SendOnRequest,
+            ops,
+            deadline,
+            reply,
+            gets_per_turn: usize::MAX,
+        };
+        (spec, settled)
+    };
+    // Request 0: the first three slots, in time; request 1: the last slot, already late.
+    let (live, mut settled) = spec(&slots[..3], Instant::now() + Duration::from_secs(30));
+    engine.start_pull(live);
+    let (late, mut late_settled) = spec(&slots[3..], Instant::now());
+    engine.start_pull(late);
+    let block = |request: u64, entry: u32, bytes: Vec<u8>| BlockArrival {
+        request,
+        entry,
+        data: BlockData::Eager(bytes),
+    };
+    let good = payload(7, len as usize);
+    engine.receive_block(block(9, 0, good.clone())); // no such request
+    engine.receive_block(block(0, 3, good.clone())); // no such position
+    engine.receive_block(block(0, 0, vec![1; 100])); // wrong length: fails position 0
+    engine.receive_block(block(0, 0, good.clone())); // position 0 again
+    engine.receive_block(block(0, 1, good.clone())); // lands
+    engine.receive_block(block(0, 1, vec![2; len as usize])); // position 1 again
+    engine.receive_block(block(1, 0, good.clone())); // past its deadline
+    let mut results = Vec::new();
+    while let Ok(r) = settled.try_recv() {
+        results.push(r);
+    }
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(
+        matches!(&results[0], (0, Err(TransportError::Protocol { reason, .. })) if reason.contains("100 bytes")),
+        "{results:?}"
+    );
+    assert_eq!(results[1], (1, Ok(())));
+    assert!(
+        late_settled.try_recv().is_err(),
+        "nothing settled for the late pull yet"
+    );
+    let contents: Vec<Vec<u8>> = slots
+        .iter_mut()
+        .map(|s| dst.host().reserved_mut(s).to_vec())
+        .collect();
+    assert_eq!(contents[1], good);
+    for n in [0, 2, 3] {
+        assert!(contents[n].iter().all(|&b| b == 0xa5), "slot {n} was written");
+    }
+    // Dropping the engine settles what is left, once.
+    drop(engine);
+    let rest: Vec<_> = std::iter::from_fn(|| settled.try_recv().ok()).collect();
+    assert!(
+        matches!(rest.as_slice(), [(2, Err(TransportError::Io { .. }))]),
+        "{rest:?}"
+    );
+    assert!(matches!(late_settled.try_recv(), Ok((0, Err(_)))));
+    for s in slots {
+        dst.abort(s);
+    }
+}
+
+/// A puller in send mode pulls from a source that predates sends: it writes the blocks, and
+/// its answer, not marked as sent, counts them as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_puller_takes_writes_from_a_source_that_predates_sends() {
+    for fabric in [Fabric::Tcp, Fabric::Shm] {
+        let s = store(16);
+        let keys: Vec<BlockKey> = (0..3).map(key).collect();
+        for (i, k) in keys.iter().enumerate() {
+            s.put(k, &payload(i as u64, 10_000));
+        }
+        let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+        let legacy = UcxConfig {
+            ignore_send_flag: true,
+            ..config(fabric, UcxMode::Get)
+        };
+        let src = UcxTransport::new(s, Some(Arc::clone(&grants)), legacy).unwrap();
+        let (dst, t) = puller(fabric, UcxMode::SendOnRequest);
+        let grant = grants.grant(&keys).unwrap();
+        for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
+            assert_eq!(p.result, Ok(()), "{fabric:?}");
+            let mut slot = p.slot;
+            assert_eq!(
+                dst.host().reserved_mut(&mut slot),
+                &payload(u64::from(p.index), 10_000)[..]
+            );
+            dst.abort(slot);
+        }
+    }
 }
 
 /// A source in PutOnRequest mode publishes no remote key, and a puller that prefers gets asks
@@ -630,10 +764,17 @@ fn messages_round_trip_and_damaged_ones_are_refused() {
     assert_eq!(parse_block_header(&[header.as_slice(), &[0]].concat()), None);
     assert_eq!(Request::parse(&bytes[..bytes.len() - 1]), None);
     assert_eq!(Request::parse(&[bytes.as_slice(), &[0]].concat()), None);
-    let answer = encode_answer(7, &[STATUS_OK, STATUS_TIMED_OUT]);
+    let answer = encode_answer(7, false, &[STATUS_OK, STATUS_TIMED_OUT]);
     assert_eq!(
         parse_answer(&answer),
-        Some((7, &[STATUS_OK, STATUS_TIMED_OUT][..]))
+        Some((7, false, &[STATUS_OK, STATUS_TIMED_OUT][..]))
+    );
+    let sent = encode_answer(8, true, &[STATUS_OK]);
+    assert_eq!(parse_answer(&sent), Some((8, true, &[STATUS_OK][..])));
+    assert_eq!(
+        sent[6..8],
+        ANSWER_FLAG_SENT.to_le_bytes(),
+        "the flag takes the old zero field"
     );
     assert_eq!(parse_answer(&answer[..answer.len() - 1]), None);
     assert_eq!(parse_answer(b"KVTP"), None);

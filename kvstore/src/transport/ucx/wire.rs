@@ -1,4 +1,4 @@
-//! The byte formats of the UCX data plane: the endpoint, and the put-on-request active
+//! The byte formats of the UCX data plane: the endpoint, and the put- and send-on-request active
 //! messages (see the documentation of the parent module).
 
 use std::time::{Duration, Instant};
@@ -24,6 +24,9 @@ pub(super) const BLOCK_HEADER: usize = 12;
 /// A request's flag: send the blocks as rendezvous active messages instead of writing them.
 /// A source that predates it ignores the flag (the field was zero) and writes.
 pub(super) const REQUEST_FLAG_SEND: u16 = 1;
+/// An answer's flag: the blocks were sent, not written (so an OK block that never came is
+/// missing, where a source that wrote it leaves the flag clear).
+pub(super) const ANSWER_FLAG_SENT: u16 = 1;
 
 pub(super) const STATUS_OK: u8 = 0;
 pub(super) const STATUS_NO_BLOCK: u8 = 1;
@@ -158,7 +161,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A put-on-request message, parsed.
+/// A put- or send-on-request message, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Request {
     pub(super) id: u64,
@@ -267,31 +270,36 @@ pub(super) fn parse_block_header(bytes: &[u8]) -> Option<(u64, u32)> {
     r.rest().is_empty().then_some(parsed)
 }
 
-pub(super) fn encode_answer(request_id: u64, statuses: &[u8]) -> Vec<u8> {
+/// An answer: the request it answers, whether the source sent the blocks (rather than wrote
+/// them: a source that predates sends leaves the flag clear), and a status per entry.
+pub(super) fn encode_answer(request_id: u64, sent: bool, statuses: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ANSWER_HEADER + statuses.len());
     out.extend_from_slice(&ANSWER_MAGIC);
     out.extend_from_slice(&MESSAGE_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    let flags = if sent { ANSWER_FLAG_SENT } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&request_id.to_le_bytes());
     out.extend_from_slice(&(statuses.len() as u32).to_le_bytes());
     out.extend_from_slice(statuses);
     out
 }
 
-/// (request id, statuses) of an answer.
-pub(super) fn parse_answer(bytes: &[u8]) -> Option<(u64, &[u8])> {
+/// (request id, sent, statuses) of an answer.
+pub(super) fn parse_answer(bytes: &[u8]) -> Option<(u64, bool, &[u8])> {
     let mut r = Reader::new(bytes);
     if r.take(4)? != ANSWER_MAGIC || r.u16()? != MESSAGE_VERSION {
         return None;
     }
-    r.u16()?;
+    let flags = r.u16()?;
     let id = r.u64()?;
     let count = r.u32()? as usize;
     let statuses = r.take(count)?;
-    r.rest().is_empty().then_some((id, statuses))
+    r.rest()
+        .is_empty()
+        .then_some((id, flags & ANSWER_FLAG_SENT != 0, statuses))
 }
 
-/// What a put-on-request answer's status means for the puller.
+/// What an answer's status means for the puller.
 pub(super) fn answer_status(status: u8, index: u32, label: &str) -> Result<(), TransportError> {
     let peer = label.to_owned();
     match status {

@@ -13,7 +13,7 @@ use crate::transport::ucx::wire::{AM_REQUEST, Request, answer_status, hex_prefix
 use crate::transport::ucx::{UcxMode, status_text};
 
 impl Engine {
-    pub(super) fn start_pull(&mut self, spec: PullSpec) {
+    pub(in crate::transport::ucx) fn start_pull(&mut self, spec: PullSpec) {
         let label = spec.remote.label();
         if self.stopping {
             let e = TransportError::Io {
@@ -330,17 +330,24 @@ impl Engine {
                         for (_, req) in rx.into_iter().flatten() {
                             req.abandon();
                         }
+                        if let Some(req) = send.take() {
+                            // UCX may still read the request message.
+                            req.abandon();
+                            std::mem::forget(std::mem::take(message));
+                        }
                         job.outcome
                             .settle_rest(&TransportError::TimedOut { peer: label.clone() });
                         true
                     }
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
-                } else if let (Some(statuses), None) = (answer.as_ref(), &send) {
+                } else if let (Some((sent, statuses)), None) = (answer.as_ref(), &send) {
                     if statuses.len() == job.ops.len() {
                         for (n, (&s, op)) in statuses.iter().zip(&job.ops).enumerate() {
                             let result = answer_status(s, op.index, &label);
-                            match receives.as_ref().map(|rx| rx.arrived[n]) {
+                            // A source that predates sends wrote the blocks (its answer is not
+                            // marked as sent), as in put mode.
+                            match receives.as_ref().filter(|_| *sent).map(|rx| rx.arrived[n]) {
                                 // Put: the answer says it all.
                                 None => job.outcome.settle(n, result),
                                 // Send: settled when its receive ended.
@@ -427,12 +434,17 @@ impl Engine {
 impl Engine {
     /// A block a source sent for a send-on-request pull: received into its slot, or refused
     /// (late, unknown, twice, or of the wrong length).
-    pub(super) fn receive_block(&mut self, block: BlockArrival) {
+    pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
         let now = Instant::now();
         let (worker, memh, arena_base) = (self.worker, self.memh, self.arena_base);
         let n = block.entry as usize;
-        let job = self.pulls.iter_mut().find(|p| {
-            matches!(&p.state, PullState::Put { request_id, receives: Some(_), .. } if *request_id == block.request)
+        let job = self.pulls.iter_mut().find(|p| match &p.state {
+            PullState::Put {
+                request_id,
+                receives: Some(_),
+                ..
+            } => *request_id == block.request,
+            _ => false,
         });
         let Some(job) = job.filter(|j| now < j.deadline && n < j.ops.len()) else {
             return self.release_block(block.data);

@@ -12,7 +12,7 @@ use crate::transport::ucx::wire::{
 };
 
 impl Engine {
-    /// A put-on-request message from a puller.
+    /// A put- or send-on-request message from a puller.
     pub(super) fn start_serve(&mut self, message: &[u8]) {
         let Some(req) = Request::parse(message) else {
             tracing::warn!(bytes = message.len(), "malformed UCX transfer request ignored");
@@ -31,6 +31,11 @@ impl Engine {
                 tracing::debug!(status = %status_text(status), "no endpoint back to a UCX puller; request dropped");
                 return;
             }
+        };
+        #[cfg(test)]
+        let req = Request {
+            send: req.send && !self.cfg.ignore_send_flag,
+            ..req
         };
         let entry = self.grants.as_ref().and_then(|g| g.get(&req.grant));
         let mut statuses = vec![STATUS_TIMED_OUT; req.entries.len()];
@@ -57,7 +62,8 @@ impl Engine {
                 remote,
             });
         }
-        let rkey = if puts.is_empty() {
+        // Sends need no key of the puller's.
+        let rkey = if puts.is_empty() || req.send {
             std::ptr::null_mut()
         } else {
             match self.rkey(peer, &req.rkey) {
@@ -287,8 +293,13 @@ impl Engine {
 
 impl ServeJob {
     /// Leaves whatever is still outstanding to UCX (which frees the requests when they end;
-    /// an answer's buffer it may still read is leaked).
+    /// an answer's buffer or block headers it may still read are leaked).
     pub(super) fn abandon(&mut self) {
+        if self.inflight.iter().any(|(_, r)| matches!(r, Req::Pending(_))) {
+            if let Some(headers) = self.headers.take() {
+                std::mem::forget(headers);
+            }
+        }
         for (_, req) in self.inflight.drain(..) {
             req.abandon();
         }
@@ -307,7 +318,7 @@ impl ServeJob {
 
 /// Sends a serve job's answer (its statuses as they stand) and moves it to answering.
 fn send_answer(ep: sys::ucp_ep_h, job: &mut ServeJob) {
-    let buf = encode_answer(job.request_id, &job.statuses);
+    let buf = encode_answer(job.request_id, job.headers.is_some(), &job.statuses);
     let param = sys::ucp_request_param_t {
         op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
         flags: sys::UCP_AM_SEND_FLAG_EAGER,
