@@ -186,22 +186,9 @@ impl Engine {
                 inflight,
                 inflight_bytes,
             } => {
-                inflight.retain_mut(|(n, req)| match req.poll() {
-                    None => true,
-                    Some(status) => {
-                        progressed = true;
-                        *inflight_bytes -= job.ops[*n].len;
-                        job.outcome.settle(
-                            *n,
-                            match status {
-                                sys::UCS_OK => Ok(()),
-                                // Discarded by the close at the deadline.
-                                _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
-                                _ => Err(io(status)),
-                            },
-                        );
-                        false
-                    }
+                let ops = &job.ops;
+                progressed |= settle_completed(inflight, &mut job.outcome, expired, &label, |n| {
+                    *inflight_bytes -= ops[n].len;
                 });
                 let mut issued = 0;
                 while !expired
@@ -248,29 +235,27 @@ impl Engine {
                         job.outcome.settle_rest(&e);
                     }
                     true
-                } else if !expired || now < job.deadline + drain {
-                    // Past the deadline nothing more is issued, and what is in flight (a window
-                    // at most) usually lands within the drain period; waiting for it keeps the
-                    // endpoint, and the peer's side of it, intact.
-                    false
-                } else if peer_errors && peer_failed.is_none() {
-                    // The last resort: discards the outstanding gets, whose requests then
-                    // complete (with an error) on the next progress calls.
-                    force_close = true;
-                    false
-                } else if peer_errors && now < job.deadline + 2 * drain {
-                    false
                 } else {
-                    tracing::error!(
-                        peer = %label,
-                        outstanding = inflight.len(),
-                        "UCX gets still outstanding {drain:?} past the deadline (on an endpoint that \
-                         cannot be force-closed, or after closing it); their slots are returned anyway"
-                    );
-                    for (_, req) in inflight.drain(..) {
-                        req.abandon();
+                    match overdue(now, job.deadline, drain, peer_errors, peer_failed) {
+                        Overdue::Wait => false,
+                        Overdue::ForceClose => {
+                            force_close = true;
+                            false
+                        }
+                        Overdue::GiveUp => {
+                            tracing::error!(
+                                peer = %label,
+                                outstanding = inflight.len(),
+                                "UCX gets still outstanding {drain:?} past the deadline (on an endpoint \
+                                 that cannot be force-closed, or after closing it); their slots are \
+                                 returned anyway"
+                            );
+                            for (_, req) in inflight.drain(..) {
+                                req.abandon();
+                            }
+                            true
+                        }
                     }
-                    true
                 }
             }
             PullState::Put {
@@ -281,21 +266,8 @@ impl Engine {
                 ..
             } => {
                 if let Some(rx) = receives.as_mut() {
-                    rx.inflight.retain_mut(|(n, req)| match req.poll() {
-                        None => true,
-                        Some(status) => {
-                            progressed = true;
-                            job.outcome.settle(
-                                *n,
-                                match status {
-                                    sys::UCS_OK => Ok(()),
-                                    _ if expired => Err(TransportError::TimedOut { peer: label.clone() }),
-                                    _ => Err(io(status)),
-                                },
-                            );
-                            false
-                        }
-                    });
+                    progressed |=
+                        settle_completed(&mut rx.inflight, &mut job.outcome, expired, &label, |_| {});
                 }
                 let mut send_failed = None;
                 if let Some(req) = send {
@@ -310,34 +282,33 @@ impl Engine {
                 let receiving = receives.as_ref().is_some_and(|rx| !rx.inflight.is_empty());
                 if receiving {
                     // A slot is being written: nothing is settled until that is over. Past the
-                    // deadline no more blocks are received, and these are waited for as a get's
-                    // would be.
-                    if now < job.deadline + drain {
-                        false
-                    } else if peer_errors && peer_failed.is_none() {
-                        force_close = true;
-                        false
-                    } else if peer_errors && now < job.deadline + 2 * drain {
-                        false
-                    } else {
-                        let rx = receives.as_mut().map(|rx| std::mem::take(&mut rx.inflight));
-                        tracing::error!(
-                            peer = %label,
-                            outstanding = rx.as_ref().map_or(0, Vec::len),
-                            "UCX receives still outstanding {drain:?} past the deadline; their slots are \
-                             returned anyway"
-                        );
-                        for (_, req) in rx.into_iter().flatten() {
-                            req.abandon();
+                    // deadline no more blocks are received, and these are waited for as gets are.
+                    match overdue(now, job.deadline, drain, peer_errors, peer_failed) {
+                        Overdue::Wait => false,
+                        Overdue::ForceClose => {
+                            force_close = true;
+                            false
                         }
-                        if let Some(req) = send.take() {
-                            // UCX may still read the request message.
-                            req.abandon();
-                            std::mem::forget(std::mem::take(message));
+                        Overdue::GiveUp => {
+                            let rx = receives.as_mut().map(|rx| std::mem::take(&mut rx.inflight));
+                            tracing::error!(
+                                peer = %label,
+                                outstanding = rx.as_ref().map_or(0, Vec::len),
+                                "UCX receives still outstanding {drain:?} past the deadline; their slots \
+                                 are returned anyway"
+                            );
+                            for (_, req) in rx.into_iter().flatten() {
+                                req.abandon();
+                            }
+                            if let Some(req) = send.take() {
+                                // UCX may still read the request message.
+                                req.abandon();
+                                std::mem::forget(std::mem::take(message));
+                            }
+                            job.outcome
+                                .settle_rest(&TransportError::TimedOut { peer: label.clone() });
+                            true
                         }
-                        job.outcome
-                            .settle_rest(&TransportError::TimedOut { peer: label.clone() });
-                        true
                     }
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
@@ -429,6 +400,72 @@ impl Engine {
         }
         (progressed, finished)
     }
+}
+
+/// What becomes of operations still writing into slots after a pull's deadline.
+enum Overdue {
+    Wait,
+    /// The last resort: discards them by closing the endpoint; their requests then complete
+    /// (with an error) on the next progress calls.
+    ForceClose,
+    /// Their slots are returned anyway.
+    GiveUp,
+}
+
+/// Past the deadline nothing more is started, and what is in flight (a window at most) usually
+/// lands within the drain period; waiting for it keeps the endpoint, and the peer's side of
+/// it, intact. After that the endpoint is force-closed where its error mode allows, and what
+/// is still outstanding a drain period later (or at once, without that mode) is given up on.
+fn overdue(
+    now: Instant,
+    deadline: Instant,
+    drain: std::time::Duration,
+    peer_errors: bool,
+    peer_failed: Option<sys::ucs_status_t>,
+) -> Overdue {
+    if now < deadline + drain {
+        Overdue::Wait
+    } else if peer_errors && peer_failed.is_none() {
+        Overdue::ForceClose
+    } else if peer_errors && now < deadline + 2 * drain {
+        Overdue::Wait
+    } else {
+        Overdue::GiveUp
+    }
+}
+
+/// Settles the ops whose operation (a get, or a receive of a sent block) has completed, calls
+/// `landed` with each, and drops them from `inflight`; whether any had.
+fn settle_completed(
+    inflight: &mut Vec<(usize, Req)>,
+    outcome: &mut Outcome,
+    expired: bool,
+    label: &str,
+    mut landed: impl FnMut(usize),
+) -> bool {
+    let mut any = false;
+    inflight.retain_mut(|(n, req)| match req.poll() {
+        None => true,
+        Some(status) => {
+            any = true;
+            landed(*n);
+            let peer = label.to_owned();
+            outcome.settle(
+                *n,
+                match status {
+                    sys::UCS_OK => Ok(()),
+                    // Discarded by the close at the deadline.
+                    _ if expired => Err(TransportError::TimedOut { peer }),
+                    _ => Err(TransportError::Io {
+                        peer,
+                        reason: status_text(status),
+                    }),
+                },
+            );
+            false
+        }
+    });
+    any
 }
 
 impl Engine {
