@@ -166,7 +166,7 @@ impl Engine {
             ServePhase::Putting => {
                 while !expired && job.next < job.puts.len() && job.inflight_bytes < window {
                     let put = &job.puts[job.next];
-                    if let Some(headers) = &job.headers {
+                    let req = if let Some(headers) = &job.headers {
                         let header: &[u8; BLOCK_HEADER] = &headers[job.next];
                         let param = sys::ucp_request_param_t {
                             op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH | sys::UCP_OP_ATTR_FIELD_FLAGS,
@@ -175,12 +175,13 @@ impl Engine {
                             ..Default::default()
                         };
                         // SAFETY: live endpoint (the job holds a claim on the peer); the header
-                        // lives in `job.headers`, allocated once and kept until the job ends; the
-                        // block is a granted one inside the registered arena, pinned by
-                        // `job._pinned` until the job ends, which is after the send completes
-                        // (or is abandoned past the drain period; the arena stays mapped, so a
-                        // late read is still of valid memory).
-                        let req = Req::from_ptr(unsafe {
+                        // lives in `job.headers`, allocated once and kept until the job ends (or
+                        // leaked by `abandon` while a send may still read it); the block is a
+                        // granted one inside the registered arena, pinned by `job._pinned` until
+                        // the job ends, which is after the send completes (or is abandoned past
+                        // the drain period; the arena stays mapped, so a late read is still of
+                        // valid memory).
+                        Req::from_ptr(unsafe {
                             sys::ucp_am_send_nbx(
                                 ep,
                                 AM_BLOCK,
@@ -190,33 +191,29 @@ impl Engine {
                                 put.len as usize,
                                 &param,
                             )
-                        });
-                        job.inflight_bytes += put.len;
-                        job.inflight.push((job.next, req));
-                        job.next += 1;
-                        progressed = true;
-                        continue;
-                    }
-                    let param = sys::ucp_request_param_t {
-                        op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
-                        memh,
-                        ..Default::default()
+                        })
+                    } else {
+                        let param = sys::ucp_request_param_t {
+                            op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
+                            memh,
+                            ..Default::default()
+                        };
+                        // SAFETY: live endpoint and the puller's rkey unpacked on it (the job
+                        // holds a claim on the peer); the source is a granted block inside the
+                        // registered arena, pinned by `job._pinned` until the job ends, which is
+                        // after the request completes (or is abandoned past the drain period;
+                        // the arena stays mapped, so a late read is still of valid memory).
+                        Req::from_ptr(unsafe {
+                            sys::ucp_put_nbx(
+                                ep,
+                                put.local.cast(),
+                                put.len as usize,
+                                put.remote,
+                                job.rkey,
+                                &param,
+                            )
+                        })
                     };
-                    // SAFETY: live endpoint and the puller's rkey unpacked on it (the job holds
-                    // a claim on the peer); the source is a granted block inside the registered
-                    // arena, pinned by `job._pinned` until the job ends, which is after the
-                    // request completes (or is abandoned past the drain period; the arena
-                    // stays mapped, so a late read is still of valid memory).
-                    let req = Req::from_ptr(unsafe {
-                        sys::ucp_put_nbx(
-                            ep,
-                            put.local.cast(),
-                            put.len as usize,
-                            put.remote,
-                            job.rkey,
-                            &param,
-                        )
-                    });
                     job.inflight_bytes += put.len;
                     job.inflight.push((job.next, req));
                     job.next += 1;
