@@ -176,6 +176,13 @@ impl Engine {
             peer: label.clone(),
             reason: status_text(status),
         };
+        let late = Late {
+            now,
+            deadline: job.deadline,
+            drain,
+            peer_errors,
+            peer_failed,
+        };
         let mut progressed = false;
         let mut force_close = false;
         let finished = match &mut job.state {
@@ -236,26 +243,7 @@ impl Engine {
                     }
                     true
                 } else {
-                    match overdue(now, job.deadline, drain, peer_errors, peer_failed) {
-                        Overdue::Wait => false,
-                        Overdue::ForceClose => {
-                            force_close = true;
-                            false
-                        }
-                        Overdue::GiveUp => {
-                            tracing::error!(
-                                peer = %label,
-                                outstanding = inflight.len(),
-                                "UCX gets still outstanding {drain:?} past the deadline (on an endpoint \
-                                 that cannot be force-closed, or after closing it); their slots are \
-                                 returned anyway"
-                            );
-                            for (_, req) in inflight.drain(..) {
-                                req.abandon();
-                            }
-                            true
-                        }
-                    }
+                    late.wait_or_give_up(inflight, &mut force_close, &label, "gets")
                 }
             }
             PullState::Put {
@@ -283,33 +271,17 @@ impl Engine {
                 if receiving {
                     // A slot is being written: nothing is settled until that is over. Past the
                     // deadline no more blocks are received, and these are waited for as gets are.
-                    match overdue(now, job.deadline, drain, peer_errors, peer_failed) {
-                        Overdue::Wait => false,
-                        Overdue::ForceClose => {
-                            force_close = true;
-                            false
-                        }
-                        Overdue::GiveUp => {
-                            let rx = receives.as_mut().map(|rx| std::mem::take(&mut rx.inflight));
-                            tracing::error!(
-                                peer = %label,
-                                outstanding = rx.as_ref().map_or(0, Vec::len),
-                                "UCX receives still outstanding {drain:?} past the deadline; their slots \
-                                 are returned anyway"
-                            );
-                            for (_, req) in rx.into_iter().flatten() {
-                                req.abandon();
-                            }
-                            if let Some(req) = send.take() {
-                                // UCX may still read the request message.
-                                req.abandon();
-                                std::mem::forget(std::mem::take(message));
-                            }
-                            job.outcome
-                                .settle_rest(&TransportError::TimedOut { peer: label.clone() });
-                            true
+                    let inflight = receives.as_mut().map(|rx| &mut rx.inflight);
+                    let gave_up = inflight
+                        .is_some_and(|r| late.wait_or_give_up(r, &mut force_close, &label, "receives"));
+                    if gave_up {
+                        if let Some(req) = send.take() {
+                            // UCX may still read the request message.
+                            req.abandon();
+                            std::mem::forget(std::mem::take(message));
                         }
                     }
+                    gave_up
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
                 } else if let (Some((sent, statuses)), None) = (answer.as_ref(), &send) {
@@ -402,35 +374,52 @@ impl Engine {
     }
 }
 
-/// What becomes of operations still writing into slots after a pull's deadline.
-enum Overdue {
-    Wait,
-    /// The last resort: discards them by closing the endpoint; their requests then complete
-    /// (with an error) on the next progress calls.
-    ForceClose,
-    /// Their slots are returned anyway.
-    GiveUp,
-}
-
-/// Past the deadline nothing more is started, and what is in flight (a window at most) usually
-/// lands within the drain period; waiting for it keeps the endpoint, and the peer's side of
-/// it, intact. After that the endpoint is force-closed where its error mode allows, and what
-/// is still outstanding a drain period later (or at once, without that mode) is given up on.
-fn overdue(
+/// What a pull knows, at one turn, of its deadline and its endpoint.
+struct Late {
     now: Instant,
     deadline: Instant,
     drain: std::time::Duration,
+    /// The endpoint reports peer failures (and can be force-closed).
     peer_errors: bool,
+    /// Why the endpoint no longer works, if it does not.
     peer_failed: Option<sys::ucs_status_t>,
-) -> Overdue {
-    if now < deadline + drain {
-        Overdue::Wait
-    } else if peer_errors && peer_failed.is_none() {
-        Overdue::ForceClose
-    } else if peer_errors && now < deadline + 2 * drain {
-        Overdue::Wait
-    } else {
-        Overdue::GiveUp
+}
+
+impl Late {
+    /// What becomes of operations (`what`: gets or receives) still writing into slots. Past
+    /// the deadline nothing more is started, and what is in flight (a window at most) usually
+    /// lands within the drain period; waiting for it keeps the endpoint, and the peer's side of
+    /// it, intact. After that the endpoint is force-closed where its error mode allows (sets
+    /// `force_close`; the requests then complete with an error on the next progress calls),
+    /// and what is still outstanding a drain period later (or at once, without that mode) is
+    /// given up on: its slots are returned anyway. Whether it was given up on.
+    fn wait_or_give_up(
+        &self,
+        inflight: &mut Vec<(usize, Req)>,
+        force_close: &mut bool,
+        label: &str,
+        what: &str,
+    ) -> bool {
+        let drain = self.drain;
+        if self.now < self.deadline + drain {
+            false
+        } else if self.peer_errors && self.peer_failed.is_none() {
+            *force_close = true;
+            false
+        } else if self.peer_errors && self.now < self.deadline + 2 * drain {
+            false
+        } else {
+            tracing::error!(
+                peer = %label,
+                outstanding = inflight.len(),
+                "UCX {what} still outstanding {drain:?} past the deadline (on an endpoint that cannot \
+                 be force-closed, or after closing it); their slots are returned anyway"
+            );
+            for (_, req) in inflight.drain(..) {
+                req.abandon();
+            }
+            true
+        }
     }
 }
 
