@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use kvstore::device::{self, Backend, Device};
 
-use crate::local::{agent_binary, start_agent};
+use crate::local::{agent_binary, script_in_repo, start_agent};
 
 /// Options of `kvbench gpu`.
 #[derive(clap::Args, Debug, Clone)]
@@ -54,12 +54,7 @@ pub(crate) fn run(args: &GpuArgs) -> Result<()> {
             return Ok(());
         }
     }
-    if !args.script.is_file() {
-        bail!(
-            "{} not found: run kvbench from the repository's root, or pass --script",
-            args.script.display()
-        );
-    }
+    script_in_repo(&args.script, "--script")?;
     let agent = start_agent(&agent_binary(args.agent.as_deref())?, &args.arena)?;
     let out = Command::new(&args.python)
         .arg(&args.script)

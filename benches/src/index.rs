@@ -15,7 +15,7 @@ use kvagent::index::proto::{self, index_client::IndexClient};
 use kvstore::index::{Candidate, Event, Index, IndexConfig, Medium, scope_of};
 use serde::Serialize;
 
-use crate::local::{Latency, agent_binary, percentiles};
+use crate::local::{Latency, agent_binary, percentiles, script_in_repo};
 
 /// Options of `kvbench index`.
 #[derive(clap::Args, Debug, Clone)]
@@ -366,12 +366,7 @@ fn dynamo(args: &IndexArgs) -> Result<Option<serde_json::Value>> {
         }
     };
     let script = &args.dynamo_script;
-    if !script.is_file() {
-        bail!(
-            "{} not found: run kvbench from the repository's root, or pass --dynamo-script",
-            script.display()
-        );
-    }
+    script_in_repo(script, "--dynamo-script")?;
     let mut cmd = Command::new(&python);
     cmd.arg(script).stderr(Stdio::inherit());
     if args.quick {

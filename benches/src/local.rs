@@ -74,6 +74,18 @@ impl Drop for Agent {
     }
 }
 
+/// Checks that a script given relative to the working directory (the repository's root by
+/// default) is there; `flag` names the option that points elsewhere.
+pub(crate) fn script_in_repo(script: &Path, flag: &str) -> Result<()> {
+    if !script.is_file() {
+        bail!(
+            "{} not found: run kvbench from the repository's root, or pass {flag}",
+            script.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     let path = match explicit {
         Some(p) => p.to_path_buf(),
