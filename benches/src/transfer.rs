@@ -63,6 +63,11 @@ pub(crate) struct TransferArgs {
     /// (`shm inline 0`).
     #[arg(long, value_delimiter = ',')]
     pub(crate) ucx_inline_kib: Vec<u64>,
+    /// UCX workers that a pull larger than the inline limit is split across (default: the
+    /// transport's). Several values measure one UCX puller each, in the same run, labelled as
+    /// for `--ucx-inline-kib` (`shm lanes 1`).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub(crate) ucx_lanes: Vec<u16>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
     /// figure reported is the median over the rounds. This machine's speed drifts over
     /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
@@ -290,6 +295,11 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
         } else {
             args.ucx_inline_kib.clone()
         };
+        let lanes: Vec<usize> = if args.ucx_lanes.is_empty() {
+            vec![UcxConfig::default().lanes]
+        } else {
+            args.ucx_lanes.iter().map(|&n| usize::from(n)).collect()
+        };
         for fabric in UCX_FABRICS
             .iter()
             .filter(|f| args.ucx_fabrics.iter().any(|l| l == f.label))
@@ -299,22 +309,32 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
                 continue;
             };
-            for (n, &inline_kib) in inline.iter().enumerate() {
-                let label = if n == 0 {
-                    label.to_owned()
-                } else {
-                    format!("{label} inline {inline_kib}")
-                };
+            let variants = inline.iter().enumerate().flat_map(|(i, &inline_kib)| {
+                lanes
+                    .iter()
+                    .enumerate()
+                    .map(move |(l, &lanes)| (i, inline_kib, l, lanes))
+            });
+            for (i, inline_kib, l, lanes) in variants {
+                let mut label = label.to_owned();
+                if i > 0 {
+                    label.push_str(&format!(" inline {inline_kib}"));
+                }
+                if l > 0 {
+                    label.push_str(&format!(" lanes {lanes}"));
+                }
                 let cfg = UcxConfig {
                     inline_bytes: inline_kib.saturating_mul(1024),
+                    lanes,
                     ..fabric.config(mode)
                 };
                 match UcxTransport::new(Arc::clone(&store), None, cfg) {
                     Ok(t) => {
                         eprintln!(
-                            "kvtier ucx {label}: UCX_TLS={}, {:?}, pulls up to {inline_kib} KiB driven by the pulling thread",
+                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {inline_kib} KiB driven by the pulling thread",
                             fabric.tls,
-                            t.mode()
+                            t.mode(),
+                            t.lanes()
                         );
                         planes.push(Puller {
                             system: "kvtier-ucx",
@@ -407,6 +427,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "transports": args.transports.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
             "ucx_mode": format!("{:?}", args.ucx_mode).to_lowercase(),
             "ucx_inline_kib": &args.ucx_inline_kib,
+            "ucx_lanes": &args.ucx_lanes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
             "huge_pages": huge_pages,

@@ -346,14 +346,20 @@ pub struct PeerSection {
     pub ucx: UcxSection,
 }
 
+/// Most UCX lanes an agent runs: each is a UCX context with its own registration of the arena
+/// and a progress thread.
+const MAX_UCX_LANES: usize = 16;
+
 /// `[peer.ucx]`: the UCX data plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UcxSection {
-    /// `auto`, `get` (one-sided reads of the source's arena) or `put` (the source writes into
-    /// the puller's slots on request); `auto` reads where UCX does it in hardware or as one
-    /// copy (shared memory, CMA, InfiniBand/RoCE) and asks for writes elsewhere (TCP), where
-    /// UCX would emulate reads several times slower.
+    /// `auto`, `get` (one-sided reads of the source's arena), `put` (the source writes into
+    /// the puller's slots on request) or `send` (the source sends each block and the puller's
+    /// UCX fetches it into its slot); `auto` reads where UCX does it in hardware or as one
+    /// copy (shared memory, CMA, InfiniBand/RoCE), asks for writes over TCP, where UCX would
+    /// emulate reads several times slower, and asks for sends over shared memory on UCX
+    /// releases before 1.23, which emulate reads there.
     pub mode: String,
     /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
     pub tls: String,
@@ -363,6 +369,10 @@ pub struct UcxSection {
     /// handed to the transport's progress thread (0: never; unset: the transport's default,
     /// 4096): a one-block pull over shared memory then wakes no other thread.
     pub inline_kib: Option<u64>,
+    /// UCX workers (each with its own progress thread) that a larger pull in `get` mode is
+    /// split across (unset: 2, or 1 on a single-core node); over shared memory each copies
+    /// with its own core. Other modes run one; with RDMA NICs 1 is enough.
+    pub lanes: Option<usize>,
 }
 
 impl Default for UcxSection {
@@ -372,6 +382,7 @@ impl Default for UcxSection {
             tls: String::new(),
             settings: std::collections::BTreeMap::new(),
             inline_kib: None,
+            lanes: None,
         }
     }
 }
@@ -496,6 +507,9 @@ impl PeerSection {
                 "invalid configuration `peer.ucx.mode`: {:?} (auto, get, put, send)",
                 self.ucx.mode
             );
+        }
+        if let Some(lanes) = self.ucx.lanes.filter(|n| !(1..=MAX_UCX_LANES).contains(n)) {
+            bail!("invalid configuration `peer.ucx.lanes`: {lanes} (1 to {MAX_UCX_LANES})");
         }
         self.rdma.listen.parse::<SocketAddr>().with_context(|| {
             format!(
@@ -1148,6 +1162,13 @@ mod tests {
             let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
             assert_eq!(cfg.peer.ucx.inline_kib, Some(64));
             assert_eq!(cfg.peer.ucx.mode, "send");
+            jail.set_env("KVTIER_PEER__UCX__LANES", "3");
+            let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
+            assert_eq!(cfg.peer.ucx.lanes, Some(3));
+            jail.set_env("KVTIER_PEER__UCX__LANES", "0");
+            let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("peer.ucx.lanes"), "{err:#}");
+            jail.set_env("KVTIER_PEER__UCX__LANES", "2");
             jail.set_env("KVTIER_PEER__UCX__MODE", "rendezvous");
             let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("peer.ucx.mode"), "{err:#}");

@@ -187,8 +187,9 @@ pub trait Transport: Send + Sync + fmt::Debug {
 
 /// Whether a slot's bytes match `expected` (every transport verifies this before reporting a
 /// block as pulled; the TCP backend checksums each block piece by piece as it arrives instead,
-/// while the bytes are still in cache).
-#[cfg(any(feature = "ucx", feature = "rdma"))]
+/// and the UCX backend on the thread that saw the block land, while the bytes are still in
+/// cache).
+#[cfg(feature = "rdma")]
 pub(crate) fn verify(store: &crate::TieredStore, slot: &mut Reservation, expected: u64) -> bool {
     crate::block::checksum(store.host().reserved_mut(slot)) == expected
 }

@@ -559,12 +559,14 @@ fn ucx_transport(
             .ucx
             .inline_kib
             .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
+        lanes: cfg.ucx.lanes.unwrap_or(defaults.lanes),
         ..defaults
     };
     let transport = UcxTransport::new(Arc::clone(store), grants, ucx)?;
     let (major, minor) = kvstore::transport::ucx::ucx_version();
     tracing::info!(
         mode = ?transport.mode(),
+        lanes = transport.lanes(),
         ucx = %format!("{major}.{minor}"),
         worker = transport.name(),
         "UCX data plane ready"

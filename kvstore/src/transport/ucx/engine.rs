@@ -33,6 +33,13 @@ const SHUTDOWN_SETTLE: Duration = Duration::from_millis(200);
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(5);
 /// Progress calls per turn of the progress loop before the mailbox is looked at again.
 const PROGRESS_BURST: usize = 64;
+/// Bytes of gets, or of receives of sent blocks, that a pull starts per turn of the engine (at
+/// least one block). Over shared memory UCX copies a block while it is started or progressed,
+/// and the engine checksums it when it settles it, the turn after; a few blocks per turn keep
+/// each block in the core's cache from its copy to its checksum, where a window copied whole and
+/// checked after ran at 11–12 GB/s against 14–16 for one block at a time (CMA, 1–4 MiB blocks).
+/// RDMA NICs keep many gets in flight all the same: a turn takes microseconds.
+const TURN_BYTES: u64 = 256 << 10;
 
 /// One block of a pull, as the progress thread sees it (the slot itself stays with the
 /// caller's future).
@@ -46,11 +53,13 @@ pub(super) struct OpSpec {
     pub(super) remote_offset: u64,
 }
 
-/// What the engine made of an item (by position), as soon as it is known; the caller
-/// verifies checksums. The channel closes when the transfer is over.
-type Settled = mpsc::UnboundedSender<(usize, Result<(), TransportError>)>;
+/// What the engine made of an item (by position), as soon as it is known: the checksum of
+/// the bytes that landed in its slot, or why none did. The checksum is computed by the thread
+/// that saw the block land, right after its copy, while the block is in that core's cache; the
+/// caller compares it with the grant's. The channel closes when the transfer is over.
+type Settled = mpsc::UnboundedSender<(usize, Result<u64, TransportError>)>;
 /// The receiving end of [`Settled`].
-pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<(), TransportError>)>;
+pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<u64, TransportError>)>;
 
 /// Fails every op of a transfer that never started.
 fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
@@ -66,19 +75,39 @@ struct Outcome {
     /// Per op: its item's position, and whether its result went out.
     items: Vec<usize>,
     done: Vec<bool>,
+    /// Per op: its slot's bytes.
+    slots: Vec<*const u8>,
+    lens: Vec<usize>,
 }
 
 impl Outcome {
-    fn new(reply: Settled, ops: &[OpSpec]) -> Self {
+    /// `arena_base`: the start of the registered arena the ops' slots lie in.
+    fn new(reply: Settled, ops: &[OpSpec], arena_base: *const u8) -> Self {
         Self {
             reply,
             items: ops.iter().map(|o| o.item).collect(),
             done: vec![false; ops.len()],
+            // `wrapping_add`: only an address; it is read once the op has landed (see `settle`).
+            slots: ops
+                .iter()
+                .map(|o| arena_base.wrapping_add(o.local_offset as usize))
+                .collect(),
+            lens: ops.iter().map(|o| o.len as usize).collect(),
         }
     }
 
+    /// Settles `op`: `Ok` once its block has landed in its slot, which is checksummed here.
     fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
         if !std::mem::replace(&mut self.done[op], true) {
+            let r = r.map(|()| {
+                // SAFETY: the op's slot is a reservation inside the mapped arena (`ops` came
+                // from reservations the caller's future holds until this op is settled, which
+                // is now). `Ok` means the operation that wrote it has completed (a get or a
+                // receive completed, or the source's answer came after its flush) and nothing
+                // of this process writes the slot until the caller has the result.
+                let bytes = unsafe { std::slice::from_raw_parts(self.slots[op], self.lens[op]) };
+                crate::block::checksum(bytes)
+            });
             let _ = self.reply.send((self.items[op], r));
         }
     }
@@ -99,8 +128,6 @@ pub(super) struct PullSpec {
     pub(super) ops: Vec<OpSpec>,
     pub(super) deadline: Instant,
     pub(super) reply: Settled,
-    /// Most gets issued per turn of the engine (`usize::MAX`: up to the window).
-    pub(super) gets_per_turn: usize,
 }
 
 #[derive(Debug)]
@@ -429,7 +456,6 @@ pub(super) struct PullJob {
     ops: Vec<OpSpec>,
     outcome: Outcome,
     state: PullState,
-    gets_per_turn: usize,
 }
 
 #[derive(Debug)]
@@ -459,6 +485,9 @@ enum PullState {
 pub(super) struct Receives {
     /// (op, receive) in flight: the op's slot is being written.
     inflight: Vec<(usize, Req)>,
+    /// (op, block) that came and are yet to be received, a turn's bytes at a time (see
+    /// [`TURN_BYTES`]).
+    queued: std::collections::VecDeque<(usize, BlockData)>,
     /// Per op: its block message came (a second one is refused).
     arrived: Vec<bool>,
 }
@@ -646,16 +675,13 @@ impl EngineCell {
     /// Starts `spec` on the calling thread and progresses the worker until it is over or
     /// `budget` has passed; the progress thread carries on with whatever is left. Results go
     /// to `on_settled` as they come, between turns (the rest land on `settled` as usual).
-    /// One get is issued per turn, so that each block is checked by `on_settled` right after
-    /// its copy, while it is still in this core's cache: a batch copied whole and checked
-    /// after ran at 11–12 GB/s over CMA where one block at a time runs at 14–16.
     pub(super) fn drive(
         &self,
-        mut spec: PullSpec,
+        spec: PullSpec,
         budget: Duration,
         mailbox: &Mailbox,
         settled: &mut Receiver,
-        on_settled: &mut dyn FnMut(usize, Result<(), TransportError>),
+        on_settled: &mut dyn FnMut(usize, Result<u64, TransportError>),
     ) -> Driven {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut slot = self.engine.lock();
@@ -665,7 +691,6 @@ impl EngineCell {
         };
         let until = Instant::now() + budget;
         let reply = spec.reply.clone();
-        spec.gets_per_turn = 1;
         engine.start_pull(spec);
         // The pull's job holds the only other sender: the channel is closed once it is over.
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
@@ -1272,6 +1297,7 @@ impl Drop for Engine {
             // slots go back to their callers only once the worker has been progressed for the
             // last time below, so that an operation still writing into one ends first.
             let mut cut_short = Vec::new();
+            let mut unreceived = Vec::new();
             self.inbox.borrow_mut().closed = true;
             for job in self.pulls.drain(..) {
                 match job.state {
@@ -1286,8 +1312,11 @@ impl Drop for Engine {
                             std::mem::forget(message);
                             r.abandon();
                         }
-                        for (_, r) in receives.into_iter().flat_map(|rx| rx.inflight) {
-                            r.abandon();
+                        if let Some(rx) = receives {
+                            for (_, r) in rx.inflight {
+                                r.abandon();
+                            }
+                            unreceived.extend(rx.queued.into_iter().map(|(_, data)| data));
                         }
                     }
                 }
@@ -1297,8 +1326,8 @@ impl Drop for Engine {
                 job.abandon();
             }
             let blocks = std::mem::take(&mut self.inbox.borrow_mut().blocks);
-            for block in blocks {
-                self.release_block(block.data);
+            for data in unreceived.into_iter().chain(blocks.into_iter().map(|b| b.data)) {
+                self.release_block(data);
             }
             // UCX's own operations (answers to a peer's emulated gets and puts) finish while
             // the worker is progressed; a worker destroyed under them leaks their requests.

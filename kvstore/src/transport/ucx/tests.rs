@@ -22,6 +22,8 @@ fn config(fabric: Fabric, mode: UcxMode) -> UcxConfig {
         tls: Some(tls.into()),
         settings,
         drain: Duration::from_millis(500),
+        // Not the machine's default: pulls larger than the inline limit are split on any machine.
+        lanes: 2,
         ..UcxConfig::default()
     }
 }
@@ -56,6 +58,7 @@ fn puller_driving(fabric: Fabric, mode: UcxMode, inline_bytes: u64) -> (Arc<Tier
     };
     let t = UcxTransport::new(Arc::clone(&s), None, cfg).unwrap();
     assert_eq!(t.mode(), mode);
+    assert_eq!(t.lanes(), if mode == UcxMode::Get { 2 } else { 1 });
     (s, t)
 }
 
@@ -201,7 +204,6 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
             ops,
             deadline,
             reply,
-            gets_per_turn: usize::MAX,
         };
         (spec, settled)
     };
@@ -232,7 +234,8 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
         matches!(&results[0], (0, Err(TransportError::Protocol { reason, .. })) if reason.contains("100 bytes")),
         "{results:?}"
     );
-    assert_eq!(results[1], (1, Ok(())));
+    // Settled with the checksum of what landed, taken where it landed.
+    assert_eq!(results[1], (1, Ok(crate::block::checksum(&good))));
     assert!(
         late_settled.try_recv().is_err(),
         "nothing settled for the late pull yet"
@@ -834,5 +837,53 @@ fn settings_ucx_refuses_make_the_transport_unavailable() {
             matches!(&err, TransportError::Unavailable { transport: TransportKind::Ucx, reason } if reason.contains(says)),
             "{err}"
         );
+    }
+}
+
+/// A pull split across lanes keeps every op once, in order, in runs of about equal bytes.
+#[test]
+fn pulls_split_across_lanes_by_bytes() {
+    let ops = |lens: &[u64]| -> Vec<OpSpec> {
+        lens.iter()
+            .enumerate()
+            .map(|(n, &len)| OpSpec {
+                item: n,
+                index: n as u32,
+                len,
+                local_offset: 0,
+                remote_offset: 0,
+            })
+            .collect()
+    };
+    let lens = |runs: &[Vec<OpSpec>]| -> Vec<Vec<u64>> {
+        runs.iter().map(|r| r.iter().map(|o| o.len).collect()).collect()
+    };
+    assert_eq!(lens(&split_by_bytes(ops(&[4; 8]), 2)), [vec![4; 4], vec![4; 4]]);
+    assert_eq!(
+        lens(&split_by_bytes(ops(&[4; 9]), 3)),
+        [vec![4; 3], vec![4; 3], vec![4; 3]]
+    );
+    assert_eq!(
+        lens(&split_by_bytes(ops(&[100, 1, 1, 1]), 2)),
+        [vec![100], vec![1, 1, 1]]
+    );
+    // Never an empty run: a big last op leaves fewer runs than lanes.
+    assert_eq!(
+        lens(&split_by_bytes(ops(&[1, 1, 1, 100]), 2)),
+        [vec![1, 1, 1, 100]]
+    );
+    assert_eq!(lens(&split_by_bytes(ops(&[7, 7]), 4)), [vec![7], vec![7]]);
+    assert_eq!(lens(&split_by_bytes(ops(&[7]), 1)), [vec![7]]);
+    assert!(split_by_bytes(Vec::new(), 2).is_empty());
+    // Mixed sizes: every op once and in order, and each run within one op of an equal share.
+    let mixed: Vec<u64> = (0..97).map(|i| [4096, 1 << 20, 5000, 64 << 10][i % 4]).collect();
+    let total: u64 = mixed.iter().sum();
+    let runs = split_by_bytes(ops(&mixed), 3);
+    assert_eq!(runs.len(), 3);
+    let items: Vec<usize> = runs.iter().flatten().map(|o| o.item).collect();
+    assert_eq!(items, (0..97).collect::<Vec<_>>());
+    for run in &runs {
+        let bytes: u64 = run.iter().map(|o| o.len).sum();
+        assert!(bytes.abs_diff(total / 3) <= 1 << 20, "{bytes} of {total}");
     }
 }

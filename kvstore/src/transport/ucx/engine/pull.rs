@@ -1,12 +1,13 @@
 //! The puller's side of a transfer, as the progress thread drives it.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use ucx_sys as sys;
 
 use super::{
     BlockArrival, BlockData, Engine, OpSpec, Outcome, PullJob, PullSpec, PullState, Receives, Req, Settled,
-    monotonic_ns, refuse,
+    TURN_BYTES, monotonic_ns, refuse,
 };
 use crate::transport::TransportError;
 use crate::transport::ucx::wire::{AM_REQUEST, Request, answer_status, hex_prefix};
@@ -111,6 +112,7 @@ impl Engine {
                     answer: None,
                     receives: sending.then(|| Receives {
                         inflight: Vec::new(),
+                        queued: VecDeque::new(),
                         arrived: vec![false; spec.ops.len()],
                     }),
                 }
@@ -120,10 +122,9 @@ impl Engine {
             peer,
             label,
             deadline: spec.deadline,
-            outcome: Outcome::new(spec.reply, &spec.ops),
+            outcome: Outcome::new(spec.reply, &spec.ops, self.arena_base),
             ops: spec.ops,
             state,
-            gets_per_turn: spec.gets_per_turn.max(1),
         });
     }
 
@@ -136,6 +137,15 @@ impl Engine {
             if finished {
                 let mut job = self.pulls.swap_remove(i);
                 self.release_peer(job.peer);
+                // Blocks that came for a pull that has ended (on a dead endpoint, say).
+                if let PullState::Put {
+                    receives: Some(rx), ..
+                } = &mut job.state
+                {
+                    for (_, data) in std::mem::take(&mut rx.queued) {
+                        self.release_block(data);
+                    }
+                }
                 job.outcome.settle_rest(&TransportError::TimedOut {
                     peer: job.label.clone(),
                 });
@@ -151,7 +161,8 @@ impl Engine {
         let now = Instant::now();
         let drain = self.cfg.drain;
         let window = self.cfg.window.max(1);
-        let (memh, arena_base, progress_idle) = (self.memh, self.arena_base, self.progress_idle);
+        let (worker, memh, arena_base, progress_idle) =
+            (self.worker, self.memh, self.arena_base, self.progress_idle);
         let job = &mut self.pulls[i];
         let expired = now >= job.deadline;
         // `peer_dead`: UCX reported the endpoint failed. `peer_failed` also counts an endpoint
@@ -202,10 +213,10 @@ impl Engine {
                     && peer_failed.is_none()
                     && *next < job.ops.len()
                     && *inflight_bytes < window
-                    && issued < job.gets_per_turn
+                    && issued < TURN_BYTES
                 {
-                    issued += 1;
                     let op = job.ops[*next];
+                    issued += op.len.max(1);
                     let param = sys::ucp_request_param_t {
                         op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
                         memh,
@@ -256,6 +267,7 @@ impl Engine {
                 if let Some(rx) = receives.as_mut() {
                     progressed |=
                         settle_completed(&mut rx.inflight, &mut job.outcome, expired, &label, |_| {});
+                    progressed |= rx.start_queued(worker, memh, arena_base, &job.ops, expired);
                 }
                 let mut send_failed = None;
                 if let Some(req) = send {
@@ -267,7 +279,9 @@ impl Engine {
                         }
                     }
                 }
-                let receiving = receives.as_ref().is_some_and(|rx| !rx.inflight.is_empty());
+                let receiving = receives
+                    .as_ref()
+                    .is_some_and(|rx| !(rx.inflight.is_empty() && rx.queued.is_empty()));
                 if receiving {
                     // A slot is being written: nothing is settled until that is over. Past the
                     // deadline no more blocks are received, and these are waited for as gets are.
@@ -458,11 +472,12 @@ fn settle_completed(
 }
 
 impl Engine {
-    /// A block a source sent for a send-on-request pull: received into its slot, or refused
-    /// (late, unknown, twice, or of the wrong length).
+    /// A block a source sent for a send-on-request pull: queued for receiving into its slot
+    /// (copied at once if it came whole), or refused (late, unknown, twice, or of the wrong
+    /// length).
     pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
         let now = Instant::now();
-        let (worker, memh, arena_base) = (self.worker, self.memh, self.arena_base);
+        let arena_base = self.arena_base;
         let n = block.entry as usize;
         let job = self.pulls.iter_mut().find(|p| match &p.state {
             PullState::Put {
@@ -499,29 +514,17 @@ impl Engine {
             );
             return self.release_block(block.data);
         }
-        // The destination (in both arms below) is the op's reserved slot, inside the registered
-        // arena, which the caller's future keeps reserved until the job settles the op, and the
-        // job settles it only once the receive is over (or, past the drain period, gives up on
-        // it: see the module documentation).
-        // SAFETY: a reservation lies within the arena, so the offset stays inside the mapping.
-        let slot = unsafe { arena_base.add(op.local_offset as usize) };
         match block.data {
-            BlockData::Rndv(desc, len) => {
-                let param = sys::ucp_request_param_t {
-                    op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
-                    memh,
-                    ..Default::default()
-                };
-                // SAFETY: `desc` is a rendezvous descriptor UCX handed to `on_block`, which
-                // kept it (UCS_INPROGRESS) and which is received once; the slot as above.
-                let req = Req::from_ptr(unsafe {
-                    sys::ucp_am_recv_data_nbx(worker, desc, slot.cast(), len, &param)
-                });
-                rx.inflight.push((n, req));
-            }
+            // Received by the job, a turn's bytes at a time.
+            data @ BlockData::Rndv(..) => rx.queued.push_back((n, data)),
             BlockData::Eager(bytes) => {
-                // SAFETY: the slot as above, `op.len` bytes long, which `bytes` is.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, bytes.len()) };
+                // SAFETY: the destination is the op's reserved slot, `op.len` bytes (which
+                // `bytes` is) inside the registered arena, which the caller's future keeps
+                // reserved until the job settles the op, as it does just below.
+                unsafe {
+                    let slot = arena_base.add(op.local_offset as usize);
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, bytes.len());
+                }
                 job.outcome.settle(n, Ok(()));
             }
         }
@@ -529,10 +532,68 @@ impl Engine {
 
     /// Gives a block message back to UCX unreceived (its sender's send then ends).
     pub(super) fn release_block(&mut self, data: BlockData) {
-        if let BlockData::Rndv(desc, _) = data {
-            // SAFETY: a descriptor UCX handed to `on_block` and that was neither received nor
-            // released; live worker.
-            unsafe { sys::ucp_am_data_release(self.worker, desc) };
+        release(self.worker, data);
+    }
+}
+
+/// [`Engine::release_block`], for callers that hold a part of the engine.
+fn release(worker: sys::ucp_worker_h, data: BlockData) {
+    if let BlockData::Rndv(desc, _) = data {
+        // SAFETY: a descriptor UCX handed to `on_block` on this live worker and that was
+        // neither received nor released.
+        unsafe { sys::ucp_am_data_release(worker, desc) };
+    }
+}
+
+impl Receives {
+    /// Starts receiving the queued blocks, [`TURN_BYTES`] at most (at least one block), or
+    /// past the deadline gives them all back unreceived; whether it did either.
+    fn start_queued(
+        &mut self,
+        worker: sys::ucp_worker_h,
+        memh: sys::ucp_mem_h,
+        arena_base: *mut u8,
+        ops: &[OpSpec],
+        expired: bool,
+    ) -> bool {
+        if self.queued.is_empty() {
+            return false;
         }
+        if expired {
+            // Their ops settle as not received in time when the pull ends.
+            for (_, data) in self.queued.drain(..) {
+                release(worker, data);
+            }
+            return true;
+        }
+        let mut started = 0;
+        while started < TURN_BYTES {
+            let Some((n, data)) = self.queued.pop_front() else {
+                break;
+            };
+            let BlockData::Rndv(desc, len) = data else {
+                // Eager blocks are copied as they come and never queued.
+                continue;
+            };
+            started += (len as u64).max(1);
+            let param = sys::ucp_request_param_t {
+                op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
+                memh,
+                ..Default::default()
+            };
+            // SAFETY: `desc` is a rendezvous descriptor UCX handed to `on_block` on this worker,
+            // which kept it (UCS_INPROGRESS) and which is received once (it left the queue). The
+            // destination is op `n`'s reserved slot, `len` bytes (checked against the op when
+            // the block came) inside the registered arena, which the caller's future keeps
+            // reserved until the job settles the op, and the job settles it only once the
+            // receive is over (or, past the drain period, gives up on it: see the module
+            // documentation).
+            let req = Req::from_ptr(unsafe {
+                let slot = arena_base.add(ops[n].local_offset as usize);
+                sys::ucp_am_recv_data_nbx(worker, desc, slot.cast(), len, &param)
+            });
+            self.inflight.push((n, req));
+        }
+        true
     }
 }
