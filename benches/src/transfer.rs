@@ -63,9 +63,10 @@ pub(crate) struct TransferArgs {
     /// (`shm inline 0`).
     #[arg(long, value_delimiter = ',')]
     pub(crate) ucx_inline_kib: Vec<u64>,
-    /// UCX workers that a pull larger than the inline limit is split across (default: the
-    /// transport's). Several values measure one UCX puller each, in the same run, labelled as
-    /// for `--ucx-inline-kib` (`shm lanes 1`).
+    /// UCX workers that a get-mode pull larger than the inline limit is split across
+    /// (default: the transport's). Several values measure one UCX puller each, in the same
+    /// run, labelled as for `--ucx-inline-kib` (`shm lanes 1`); the other modes run one
+    /// worker, and are measured for the first value only.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) ucx_lanes: Vec<u16>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
@@ -321,6 +322,11 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     label.push_str(&format!(" inline {inline_kib}"));
                 }
                 if l > 0 {
+                    if mode.resolve(Some(fabric.tls)) != UcxMode::Get {
+                        // Only gets are split across lanes: this puller would repeat the first.
+                        eprintln!("kvtier ucx {label} lanes {lanes}: skipped (only gets use lanes)");
+                        continue;
+                    }
                     label.push_str(&format!(" lanes {lanes}"));
                 }
                 let cfg = UcxConfig {

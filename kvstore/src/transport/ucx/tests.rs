@@ -887,3 +887,73 @@ fn pulls_split_across_lanes_by_bytes() {
         assert!(bytes.abs_diff(total / 3) <= 1 << 20, "{bytes} of {total}");
     }
 }
+
+/// Where `Auto` writes, pulls of several large blocks go by sends; explicit modes are kept, and
+/// a source without a key is asked to write.
+#[test]
+fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
+    let ops = |lens: &[u64]| -> Vec<OpSpec> {
+        lens.iter()
+            .enumerate()
+            .map(|(n, &len)| OpSpec {
+                item: n,
+                index: n as u32,
+                len,
+                local_offset: 0,
+                remote_offset: 0,
+            })
+            .collect()
+    };
+    let large = ops(&[SEND_BLOCKS_FROM; 4]);
+    let mixed = ops(&[4096, 2 * SEND_BLOCKS_FROM]);
+    let small = ops(&[SEND_BLOCKS_FROM - 1, SEND_BLOCKS_FROM]);
+    let one = ops(&[4 << 20]);
+    let put = UcxMode::PutOnRequest;
+    assert_eq!(pull_mode(put, true, false, &large), UcxMode::SendOnRequest);
+    assert_eq!(pull_mode(put, true, false, &mixed), UcxMode::SendOnRequest);
+    assert_eq!(pull_mode(put, true, false, &small), put);
+    assert_eq!(pull_mode(put, true, false, &one), put);
+    // Configured as writes: always writes.
+    assert_eq!(pull_mode(put, false, false, &large), put);
+    assert_eq!(pull_mode(UcxMode::Get, false, false, &large), UcxMode::Get);
+    assert_eq!(pull_mode(UcxMode::Get, false, true, &large), put);
+    assert_eq!(
+        pull_mode(UcxMode::SendOnRequest, false, false, &one),
+        UcxMode::SendOnRequest
+    );
+}
+
+/// `Auto` over TCP, with pulls it writes and pulls it sends, byte for byte.
+#[tokio::test]
+async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
+    let lens: Vec<usize> = (0..24)
+        .map(|i| {
+            if i < 12 {
+                [4096, 5000, 64 << 10][i % 3]
+            } else {
+                [1 << 20, (1 << 20) + 7][i % 2]
+            }
+        })
+        .collect();
+    let (grants, src, keys) = source(&lens, Fabric::Tcp);
+    let endpoint = src.endpoint(None);
+    let dst = store(64);
+    let t = UcxTransport::new(Arc::clone(&dst), None, config(Fabric::Tcp, UcxMode::Auto)).unwrap();
+    assert_eq!(t.mode(), UcxMode::PutOnRequest);
+    for range in [0..12, 12..24, 0..24, 12..13] {
+        let keys = &keys[range.clone()];
+        let grant = grants.grant(keys).unwrap();
+        let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
+        for (p, i) in pulled.into_iter().zip(range.clone()) {
+            assert!(p.result.is_ok(), "{range:?} block {i}: {:?}", p.result);
+            let mut slot = p.slot;
+            assert_eq!(
+                dst.host().reserved_mut(&mut slot),
+                &payload(i as u64, lens[i])[..],
+                "{range:?} block {i}"
+            );
+            dst.abort(slot);
+        }
+        assert!(grants.release(&grant.id));
+    }
+}
