@@ -189,7 +189,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
 /// block as pulled; the TCP backend checksums each block piece by piece as it arrives instead,
 /// and the UCX backend on the thread that saw the block land, while the bytes are still in
 /// cache).
-#[cfg(feature = "rdma")]
+#[cfg(any(feature = "ucx", feature = "rdma"))]
 pub(crate) fn verify(store: &crate::TieredStore, slot: &mut Reservation, expected: u64) -> bool {
     crate::block::checksum(store.host().reserved_mut(slot)) == expected
 }

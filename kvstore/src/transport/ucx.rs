@@ -14,11 +14,13 @@
 //! thread; over shared memory a one-block pull then involves no other thread at all, where a
 //! hand-off costs two thread wake-ups, more than the copy of a 64 KiB block. A larger pull is
 //! a command put in a mailbox, after which the worker is woken with `ucp_worker_signal`; its
-//! results come back on a channel, each block as soon as it has landed. Whichever thread sees
-//! a block land checksums it at once, while it is in that core's cache, and the pulling
-//! thread compares the sum with the grant's. Dropping the transport stops the progress
-//! thread, which closes the endpoints, unmaps the arena and destroys the worker and the
-//! context, in that order.
+//! results come back on a channel, each block as soon as it has landed. A block that was got
+//! is checksummed at once by the thread that copied it, while it is in that core's cache (the
+//! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
+//! a block that the source wrote or sent is checksummed by the pulling thread while the
+//! progress thread moves the next. Dropping the transport stops the progress thread, which
+//! closes the endpoints, unmaps the arena and destroys the worker and the context, in that
+//! order.
 //!
 //! # Lanes
 //!
@@ -204,8 +206,8 @@ pub enum UcxMode {
 /// the source's answer says they have all landed, a tail that grows with the pull; a sent
 /// block is checksummed as soon as it lands, while the next one moves, at the price of a
 /// rendezvous handshake per block. Over TCP on loopback (UCX 1.13 and 1.23, 2-core VM),
-/// sends ran at 1.1–1.25 × writes for 16 and 256 blocks of 1 and 4 MiB and 16 of 256 KiB, at
-/// par for 256 of 256 KiB, and slower for 64 KiB blocks and for single blocks of 1 and 4 MiB.
+/// sends ran at 1.1–1.5 × writes for 16 and 256 blocks of 256 KiB to 4 MiB, and slower for
+/// 64 KiB blocks; single blocks of 1 and 4 MiB were even or slower.
 pub const SEND_BLOCKS_FROM: u64 = 256 << 10;
 
 /// The oldest UCX release on which kvtier has measured one-sided gets over shared memory done
@@ -400,6 +402,7 @@ impl Default for UcxConfig {
 
 /// The UCX backend of [`Transport`].
 pub struct UcxTransport {
+    store: Arc<TieredStore>,
     mode: UcxMode,
     /// `Auto` resolved to writes: pulls of large blocks go by sends ([`SEND_BLOCKS_FROM`]).
     sends_large_blocks: bool,
@@ -461,6 +464,7 @@ impl UcxTransport {
             lanes.push(Lane::start(n, &store, None, cfg.clone(), tls.clone())?.0);
         }
         Ok(Self {
+            store,
             mode,
             sends_large_blocks: auto && mode == UcxMode::PutOnRequest,
             endpoint,
@@ -581,7 +585,7 @@ impl Transport for UcxTransport {
         &'a self,
         endpoint: &'a [u8],
         grant: GrantId,
-        items: Vec<PullItem>,
+        mut items: Vec<PullItem>,
         deadline: Instant,
     ) -> BoxFuture<'a, Vec<Pulled>> {
         Box::pin(async move {
@@ -643,11 +647,15 @@ impl Transport for UcxTransport {
                     deadline,
                     reply: reply.clone(),
                 };
-                // The engine checksums each block where it landed, as soon as it has.
-                let mut verify = |n: usize, r: Result<u64, TransportError>| {
-                    let item = &items[n];
+                // Each block is verified as soon as it has landed (the engine checksums gets).
+                let mut verify = |n: usize, r: Result<Option<u64>, TransportError>| {
+                    let item = &mut items[n];
                     results[n] = Some(r.and_then(|sum| {
-                        if sum == item.checksum {
+                        let good = match sum {
+                            Some(sum) => sum == item.checksum,
+                            None => super::verify(&self.store, &mut item.slot, item.checksum),
+                        };
+                        if good {
                             Ok(())
                         } else {
                             Err(TransportError::Checksum {

@@ -35,10 +35,11 @@ const SHUTDOWN_QUIET: Duration = Duration::from_millis(5);
 const PROGRESS_BURST: usize = 64;
 /// Bytes of gets, or of receives of sent blocks, that a pull starts per turn of the engine (at
 /// least one block). Over shared memory UCX copies a block while it is started or progressed,
-/// and the engine checksums it when it settles it, the turn after; a few blocks per turn keep
-/// each block in the core's cache from its copy to its checksum, where a window copied whole and
-/// checked after ran at 11–12 GB/s against 14–16 for one block at a time (CMA, 1–4 MiB blocks).
-/// RDMA NICs keep many gets in flight all the same: a turn takes microseconds.
+/// and the block is checksummed as soon as it is settled, the turn after (by this thread for
+/// gets, else by the pulling thread); a few blocks per turn keep each block in cache from its
+/// copy to its checksum, where a window copied whole and checked after ran at 11–12 GB/s
+/// against 14–16 for one block at a time (CMA, 1–4 MiB blocks). RDMA NICs keep many gets in
+/// flight all the same: a turn takes microseconds.
 const TURN_BYTES: u64 = 256 << 10;
 
 /// One block of a pull, as the progress thread sees it (the slot itself stays with the
@@ -53,13 +54,14 @@ pub(super) struct OpSpec {
     pub(super) remote_offset: u64,
 }
 
-/// What the engine made of an item (by position), as soon as it is known: the checksum of
-/// the bytes that landed in its slot, or why none did. The checksum is computed by the thread
-/// that saw the block land, right after its copy, while the block is in that core's cache; the
-/// caller compares it with the grant's. The channel closes when the transfer is over.
-type Settled = mpsc::UnboundedSender<(usize, Result<u64, TransportError>)>;
+/// What the engine made of an item (by position), as soon as it is known: that its block
+/// landed in its slot, with, for gets, the checksum of those bytes (computed by the thread
+/// that copied them, right after the copy, while they are in that core's cache), or why it
+/// did not. The caller compares the checksum with the grant's, or computes it itself where
+/// none came. The channel closes when the transfer is over.
+type Settled = mpsc::UnboundedSender<(usize, Result<Option<u64>, TransportError>)>;
 /// The receiving end of [`Settled`].
-pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<u64, TransportError>)>;
+pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<Option<u64>, TransportError>)>;
 
 /// Fails every op of a transfer that never started.
 fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
@@ -75,23 +77,25 @@ struct Outcome {
     /// Per op: its item's position, and whether its result went out.
     items: Vec<usize>,
     done: Vec<bool>,
-    /// Per op: its slot's bytes.
-    slots: Vec<*const u8>,
+    /// Per op: its slot's bytes, when this thread checksums them (else the caller does).
+    slots: Option<Vec<*const u8>>,
     lens: Vec<usize>,
 }
 
 impl Outcome {
-    /// `arena_base`: the start of the registered arena the ops' slots lie in.
-    fn new(reply: Settled, ops: &[OpSpec], arena_base: *const u8) -> Self {
+    /// `arena_base`: the start of the registered arena the ops' slots lie in, when the engine
+    /// checksums what lands (`None`: the caller does).
+    fn new(reply: Settled, ops: &[OpSpec], arena_base: Option<*const u8>) -> Self {
         Self {
             reply,
             items: ops.iter().map(|o| o.item).collect(),
             done: vec![false; ops.len()],
             // `wrapping_add`: only an address; it is read once the op has landed (see `settle`).
-            slots: ops
-                .iter()
-                .map(|o| arena_base.wrapping_add(o.local_offset as usize))
-                .collect(),
+            slots: arena_base.map(|base| {
+                ops.iter()
+                    .map(|o| base.wrapping_add(o.local_offset as usize))
+                    .collect()
+            }),
             lens: ops.iter().map(|o| o.len as usize).collect(),
         }
     }
@@ -100,13 +104,16 @@ impl Outcome {
     fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
         if !std::mem::replace(&mut self.done[op], true) {
             let r = r.map(|()| {
-                // SAFETY: the op's slot is a reservation inside the mapped arena (`ops` came
-                // from reservations the caller's future holds until this op is settled, which
-                // is now). `Ok` means the operation that wrote it has completed (a get or a
-                // receive completed, or the source's answer came after its flush) and nothing
-                // of this process writes the slot until the caller has the result.
-                let bytes = unsafe { std::slice::from_raw_parts(self.slots[op], self.lens[op]) };
-                crate::block::checksum(bytes)
+                self.slots.as_ref().map(|slots| {
+                    // SAFETY: the op's slot is a reservation inside the mapped arena (`ops`
+                    // came from reservations the caller's future holds until this op is
+                    // settled, which is now). `Ok` means the operation that wrote it has
+                    // completed (a get or a receive completed, or the source's answer came
+                    // after its flush) and nothing of this process writes the slot until the
+                    // caller has the result.
+                    let bytes = unsafe { std::slice::from_raw_parts(slots[op], self.lens[op]) };
+                    crate::block::checksum(bytes)
+                })
             });
             let _ = self.reply.send((self.items[op], r));
         }
@@ -681,7 +688,7 @@ impl EngineCell {
         budget: Duration,
         mailbox: &Mailbox,
         settled: &mut Receiver,
-        on_settled: &mut dyn FnMut(usize, Result<u64, TransportError>),
+        on_settled: &mut dyn FnMut(usize, Result<Option<u64>, TransportError>),
     ) -> Driven {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut slot = self.engine.lock();

@@ -122,7 +122,14 @@ impl Engine {
             peer,
             label,
             deadline: spec.deadline,
-            outcome: Outcome::new(spec.reply, &spec.ops, self.arena_base),
+            // Gets are checksummed by the thread that copied them, as the lanes that split a
+            // pull copy in parallel; a source's writes and sends are checksummed by the
+            // pulling thread while this one moves the next.
+            outcome: Outcome::new(
+                spec.reply,
+                &spec.ops,
+                (spec.mode == UcxMode::Get).then_some(self.arena_base.cast_const()),
+            ),
             ops: spec.ops,
             state,
         });
