@@ -358,8 +358,9 @@ pub struct UcxSection {
     /// the puller's slots on request) or `send` (the source sends each block and the puller's
     /// UCX fetches it into its slot); `auto` reads where UCX does it in hardware or as one
     /// copy (shared memory, CMA, InfiniBand/RoCE), asks for writes over TCP, where UCX would
-    /// emulate reads several times slower, and asks for sends over shared memory on UCX
-    /// releases before 1.23, which emulate reads there.
+    /// emulate reads several times slower (and for sends there when a pull has several blocks
+    /// of 256 KiB or more), and asks for sends over shared memory on UCX releases before 1.23,
+    /// which emulate reads there.
     pub mode: String,
     /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
     pub tls: String,

@@ -698,8 +698,10 @@ impl Transport for UcxTransport {
                 }
                 drop(reply);
                 // Every spec holds a sender: the channel closes once each is over or dropped.
-                while let Some((n, r)) = settled.recv().await {
-                    verify(n, r);
+                while let Some(batch) = settled.recv().await {
+                    for (n, r) in batch {
+                        verify(n, r);
+                    }
                 }
                 // Unsettled blocks: the progress thread stopped (the transport is being
                 // dropped) after issuing nothing more and ending what it had started.

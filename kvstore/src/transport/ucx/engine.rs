@@ -59,15 +59,17 @@ pub(super) struct OpSpec {
 /// that copied them, right after the copy, while they are in that core's cache), or why it
 /// did not. The caller compares the checksum with the grant's, or computes it itself where
 /// none came. The channel closes when the transfer is over.
-type Settled = mpsc::UnboundedSender<(usize, Result<Option<u64>, TransportError>)>;
+/// Results go in batches, at most one per pull and turn of the engine: a message per block
+/// woke the pulling task (a third thread on two busy cores) once per 64 KiB block.
+type Settled = mpsc::UnboundedSender<Vec<Settlement>>;
 /// The receiving end of [`Settled`].
-pub(super) type Receiver = mpsc::UnboundedReceiver<(usize, Result<Option<u64>, TransportError>)>;
+pub(super) type Receiver = mpsc::UnboundedReceiver<Vec<Settlement>>;
+/// An item's position, and what became of its block (with the checksum, for gets).
+pub(super) type Settlement = (usize, Result<Option<u64>, TransportError>);
 
 /// Fails every op of a transfer that never started.
 fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
-    for o in ops {
-        let _ = reply.send((o.item, Err(e.clone())));
-    }
+    let _ = reply.send(ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
 }
 
 /// A started pull's results, each sent once.
@@ -80,6 +82,8 @@ struct Outcome {
     /// Per op: its slot's bytes, when this thread checksums them (else the caller does).
     slots: Option<Vec<*const u8>>,
     lens: Vec<usize>,
+    /// Settled and not yet sent (see [`Outcome::flush`]).
+    pending: Vec<Settlement>,
 }
 
 impl Outcome {
@@ -97,6 +101,14 @@ impl Outcome {
                     .collect()
             }),
             lens: ops.iter().map(|o| o.len as usize).collect(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Sends what was settled since the last call, in one message.
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let _ = self.reply.send(std::mem::take(&mut self.pending));
         }
     }
 
@@ -115,7 +127,7 @@ impl Outcome {
                     crate::block::checksum(bytes)
                 })
             });
-            let _ = self.reply.send((self.items[op], r));
+            self.pending.push((self.items[op], r));
         }
     }
 
@@ -124,6 +136,13 @@ impl Outcome {
         for op in 0..self.done.len() {
             self.settle(op, Err(e.clone()));
         }
+    }
+}
+
+/// Whatever was settled last goes out as the pull ends, on every path.
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -703,8 +722,10 @@ impl EngineCell {
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
         while !over(engine) && Instant::now() < until {
             engine.turn();
-            while let Ok((n, r)) = settled.try_recv() {
-                on_settled(n, r);
+            while let Ok(batch) = settled.try_recv() {
+                for (n, r) in batch {
+                    on_settled(n, r);
+                }
             }
         }
         let handed_off = !over(engine);

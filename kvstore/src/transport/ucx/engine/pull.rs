@@ -141,6 +141,8 @@ impl Engine {
         while i < self.pulls.len() {
             let (progressed, finished) = self.advance_pull(i);
             busy |= progressed || finished;
+            // A finished job's outcome flushes as it drops.
+            self.pulls[i].outcome.flush();
             if finished {
                 let mut job = self.pulls.swap_remove(i);
                 self.release_peer(job.peer);
@@ -161,6 +163,15 @@ impl Engine {
             }
         }
         busy
+    }
+
+    /// Sends what every pull settled since its last batch (the progress loop does this at
+    /// each turn).
+    #[cfg(test)]
+    pub(in crate::transport::ucx) fn flush_settled(&mut self) {
+        for p in &mut self.pulls {
+            p.outcome.flush();
+        }
     }
 
     /// (made progress, finished).
@@ -274,7 +285,12 @@ impl Engine {
                 if let Some(rx) = receives.as_mut() {
                     progressed |=
                         settle_completed(&mut rx.inflight, &mut job.outcome, expired, &label, |_| {});
-                    progressed |= rx.start_queued(worker, memh, arena_base, &job.ops, expired);
+                    let into = Landing {
+                        worker,
+                        memh,
+                        arena_base,
+                    };
+                    progressed |= rx.start_queued(into, &job.ops, expired);
                 }
                 let mut send_failed = None;
                 if let Some(req) = send {
@@ -484,7 +500,11 @@ impl Engine {
     /// length).
     pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
         let now = Instant::now();
-        let arena_base = self.arena_base;
+        let into = Landing {
+            worker: self.worker,
+            memh: self.memh,
+            arena_base: self.arena_base,
+        };
         let n = block.entry as usize;
         let job = self.pulls.iter_mut().find(|p| match &p.state {
             PullState::Put {
@@ -522,14 +542,17 @@ impl Engine {
             return self.release_block(block.data);
         }
         match block.data {
-            // Received by the job, a turn's bytes at a time.
-            data @ BlockData::Rndv(..) => rx.queued.push_back((n, data)),
+            // A large block is received by the job, a turn's bytes at a time, so that each is
+            // checksummed while still in cache; a small one at once, as turns cost more than
+            // that saves (64 KiB blocks ran at half the speed a turn's bytes at a time).
+            data @ BlockData::Rndv(_, len) if len as u64 >= TURN_BYTES => rx.queued.push_back((n, data)),
+            BlockData::Rndv(desc, len) => rx.start_receive(into, &job.ops, n, desc, len),
             BlockData::Eager(bytes) => {
                 // SAFETY: the destination is the op's reserved slot, `op.len` bytes (which
                 // `bytes` is) inside the registered arena, which the caller's future keeps
                 // reserved until the job settles the op, as it does just below.
                 unsafe {
-                    let slot = arena_base.add(op.local_offset as usize);
+                    let slot = into.arena_base.add(op.local_offset as usize);
                     std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, bytes.len());
                 }
                 job.outcome.settle(n, Ok(()));
@@ -555,21 +578,14 @@ fn release(worker: sys::ucp_worker_h, data: BlockData) {
 impl Receives {
     /// Starts receiving the queued blocks, [`TURN_BYTES`] at most (at least one block), or
     /// past the deadline gives them all back unreceived; whether it did either.
-    fn start_queued(
-        &mut self,
-        worker: sys::ucp_worker_h,
-        memh: sys::ucp_mem_h,
-        arena_base: *mut u8,
-        ops: &[OpSpec],
-        expired: bool,
-    ) -> bool {
+    fn start_queued(&mut self, into: Landing, ops: &[OpSpec], expired: bool) -> bool {
         if self.queued.is_empty() {
             return false;
         }
         if expired {
             // Their ops settle as not received in time when the pull ends.
             for (_, data) in self.queued.drain(..) {
-                release(worker, data);
+                release(into.worker, data);
             }
             return true;
         }
@@ -583,24 +599,45 @@ impl Receives {
                 continue;
             };
             started += (len as u64).max(1);
-            let param = sys::ucp_request_param_t {
-                op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
-                memh,
-                ..Default::default()
-            };
-            // SAFETY: `desc` is a rendezvous descriptor UCX handed to `on_block` on this worker,
-            // which kept it (UCS_INPROGRESS) and which is received once (it left the queue). The
-            // destination is op `n`'s reserved slot, `len` bytes (checked against the op when
-            // the block came) inside the registered arena, which the caller's future keeps
-            // reserved until the job settles the op, and the job settles it only once the
-            // receive is over (or, past the drain period, gives up on it: see the module
-            // documentation).
-            let req = Req::from_ptr(unsafe {
-                let slot = arena_base.add(ops[n].local_offset as usize);
-                sys::ucp_am_recv_data_nbx(worker, desc, slot.cast(), len, &param)
-            });
-            self.inflight.push((n, req));
+            self.start_receive(into, ops, n, desc, len);
         }
         true
     }
+
+    /// Starts receiving op `n`'s block, of `len` bytes (checked against the op when it came),
+    /// from the rendezvous descriptor `desc`, which UCX handed to `on_block` on `worker` and
+    /// which is received once (it came once per op, and leaves the queue or was never queued).
+    fn start_receive(
+        &mut self,
+        into: Landing,
+        ops: &[OpSpec],
+        n: usize,
+        desc: *mut std::ffi::c_void,
+        len: usize,
+    ) {
+        let param = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
+            memh: into.memh,
+            ..Default::default()
+        };
+        // SAFETY: `desc` as above, kept by `on_block` (UCS_INPROGRESS). The destination is op
+        // `n`'s reserved slot, `len` bytes inside the registered arena, which the caller's
+        // future keeps reserved until the job settles the op, and the job settles it only once
+        // the receive is over (or, past the drain period, gives up on it: see the module
+        // documentation).
+        let req = Req::from_ptr(unsafe {
+            let slot = into.arena_base.add(ops[n].local_offset as usize);
+            sys::ucp_am_recv_data_nbx(into.worker, desc, slot.cast(), len, &param)
+        });
+        self.inflight.push((n, req));
+    }
+}
+
+/// Where a pull's received blocks land: the worker that receives them and the registered
+/// arena their slots lie in.
+#[derive(Clone, Copy)]
+struct Landing {
+    worker: sys::ucp_worker_h,
+    memh: sys::ucp_mem_h,
+    arena_base: *mut u8,
 }
