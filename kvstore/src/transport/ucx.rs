@@ -368,6 +368,10 @@ pub struct UcxConfig {
     /// Serve requests for sends by writing, as a source from before send-on-request does.
     #[cfg(test)]
     pub(crate) ignore_send_flag: bool,
+    /// Serve requests as if their deadline were a minute away, as a source whose clock runs
+    /// behind would.
+    #[cfg(test)]
+    pub(crate) ignore_deadline: bool,
 }
 
 /// Longest a pulling thread drives the worker for its own pull before it leaves the rest to
@@ -396,6 +400,8 @@ impl Default for UcxConfig {
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
             #[cfg(test)]
             ignore_send_flag: false,
+            #[cfg(test)]
+            ignore_deadline: false,
         }
     }
 }
@@ -483,6 +489,15 @@ impl UcxTransport {
     /// This transport's worker name (`host:pid`), as errors on peers and UCX's logs show it.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Block messages the lanes refused so far (late, unknown or duplicate).
+    #[cfg(test)]
+    fn refused_blocks(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|l| l.engine.with(|e| e.refused_blocks))
+            .sum()
     }
 
     /// How many UCX workers pull in parallel ([`UcxConfig::lanes`] in Get mode, else 1).

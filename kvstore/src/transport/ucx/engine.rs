@@ -698,6 +698,16 @@ impl EngineCell {
         }
     }
 
+    /// `f` of the engine, once the progress thread steps aside (the default once it has
+    /// ended).
+    #[cfg(test)]
+    pub(super) fn with<T: Default>(&self, f: impl FnOnce(&Engine) -> T) -> T {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let slot = self.engine.lock();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        slot.as_ref().map(f).unwrap_or_default()
+    }
+
     /// Starts `spec` on the calling thread and progresses the worker until it is over or
     /// `budget` has passed; the progress thread carries on with whatever is left. Results go
     /// to `on_settled` as they come, between turns (the rest land on `settled` as usual).
@@ -774,6 +784,9 @@ pub(super) struct Engine {
     no_peer_errors: bool,
     /// Whether the last progress burst ended because the worker had nothing more to do.
     progress_idle: bool,
+    /// Block messages given back unreceived.
+    #[cfg(test)]
+    pub(super) refused_blocks: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -825,6 +838,8 @@ impl Engine {
             // also reads it as "no TCP transport".
             no_peer_errors: shared_memory_only(tls),
             progress_idle: true,
+            #[cfg(test)]
+            refused_blocks: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.

@@ -423,13 +423,16 @@ enum Control {
 
 impl Stallable {
     fn start(store: Arc<TieredStore>, grants: Arc<Grants>, fabric: Fabric) -> Self {
+        Self::start_with(store, grants, config(fabric, UcxMode::Get))
+    }
+
+    fn start_with(store: Arc<TieredStore>, grants: Arc<Grants>, cfg: UcxConfig) -> Self {
         let mailbox = Arc::new(Mailbox::default());
         let (endpoint_tx, endpoint_rx) = std::sync::mpsc::sync_channel(1);
         let (control, control_rx) = std::sync::mpsc::channel();
         let mb = Arc::clone(&mailbox);
         let thread = std::thread::spawn(move || {
             let mut engine = {
-                let cfg = config(fabric, UcxMode::Get);
                 let tls = cfg.tls.clone();
                 Engine::open(&store, Some(grants), cfg, tls.as_deref(), mb)
             }
@@ -956,5 +959,72 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
             dst.abort(slot);
         }
         assert!(grants.release(&grant.id));
+    }
+}
+
+/// A source that sends its blocks after the puller's deadline (here one told to ignore it, as
+/// a source whose clock runs behind would): the pull has already failed, every late block is
+/// refused unreceived, its slots stay as they were, and the next pull from that source works.
+#[tokio::test]
+async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
+    for fabric in [Fabric::Tcp, Fabric::Shm] {
+        // Large enough to be received a turn at a time, had they come in time.
+        let len = 512 * 1024;
+        let s = store(64);
+        let keys: Vec<BlockKey> = (0..12).map(key).collect();
+        for (i, k) in keys.iter().enumerate() {
+            s.put(k, &payload(i as u64, len));
+        }
+        let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+        let cfg = UcxConfig {
+            ignore_deadline: true,
+            ..config(fabric, UcxMode::Get)
+        };
+        let src = Stallable::start_with(Arc::clone(&s), Arc::clone(&grants), cfg);
+        let (dst, t) = puller(fabric, UcxMode::SendOnRequest);
+        let (warm, late, later) = (&keys[..2], &keys[2..8], &keys[8..]);
+        let grant = grants.grant(warm).unwrap();
+        for p in pull(&dst, &t, &src.endpoint, &grant, warm, soon()).await {
+            assert_eq!(p.result, Ok(()), "{fabric:?} warm-up");
+            dst.abort(p.slot);
+        }
+        let refused_before = t.refused_blocks();
+        src.park();
+        let grant = grants.grant(late).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut slots = Vec::new();
+        for p in pull(&dst, &t, &src.endpoint, &grant, late, deadline).await {
+            assert!(
+                matches!(p.result, Err(TransportError::TimedOut { .. })),
+                "{fabric:?}: {:?}",
+                p.result
+            );
+            let mut slot = p.slot;
+            dst.host().reserved_mut(&mut slot).fill(0xa5);
+            slots.push(slot);
+        }
+        // The source now sends the late blocks, then serves the next pull on the same
+        // endpoint, whose blocks come after them.
+        src.resume();
+        let grant = grants.grant(later).unwrap();
+        for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
+            assert_eq!(p.result, Ok(()), "{fabric:?} after the late blocks");
+            let mut slot = p.slot;
+            let i = 8 + p.index as usize;
+            assert_eq!(dst.host().reserved_mut(&mut slot), &payload(i as u64, len)[..]);
+            dst.abort(slot);
+        }
+        assert_eq!(
+            t.refused_blocks() - refused_before,
+            late.len(),
+            "{fabric:?}: every late block refused"
+        );
+        for mut slot in slots {
+            assert!(
+                dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
+                "{fabric:?}: a late block landed"
+            );
+            dst.abort(slot);
+        }
     }
 }

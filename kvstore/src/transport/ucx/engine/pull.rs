@@ -562,6 +562,10 @@ impl Engine {
 
     /// Gives a block message back to UCX unreceived (its sender's send then ends).
     pub(super) fn release_block(&mut self, data: BlockData) {
+        #[cfg(test)]
+        {
+            self.refused_blocks += 1;
+        }
         release(self.worker, data);
     }
 }
