@@ -565,7 +565,8 @@ impl Lane {
     }
 }
 
-/// Stops the progress threads and waits for them (see [`Lane`]'s drop).
+/// Stops the progress threads and waits for them: transfers they still serve end (within
+/// [`UcxConfig::drain`]), then UCX is torn down. Blocks the dropping thread meanwhile.
 impl Drop for UcxTransport {
     fn drop(&mut self) {
         // All at once, so that their transfers end together rather than one lane after another.
