@@ -498,6 +498,34 @@ async fn deadline_with_a_stuck_source(fabric: Fabric, mode: UcxMode) {
     }
 }
 
+/// The slots of a pull that must have timed out as a whole, each filled with a mark.
+fn timed_out_and_marked(dst: &TieredStore, pulled: Vec<Pulled>, case: &str) -> Vec<Reservation> {
+    pulled
+        .into_iter()
+        .map(|p| {
+            assert!(
+                matches!(p.result, Err(TransportError::TimedOut { .. })),
+                "{case}: {:?}",
+                p.result
+            );
+            let mut slot = p.slot;
+            dst.host().reserved_mut(&mut slot).fill(0xa5);
+            slot
+        })
+        .collect()
+}
+
+/// No write landed in `slots` after their pull returned; they go back to the arena.
+fn assert_still_marked(dst: &TieredStore, slots: Vec<Reservation>, case: &str) {
+    for mut slot in slots {
+        assert!(
+            dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
+            "{case}: a write landed after the pull returned"
+        );
+        dst.abort(slot);
+    }
+}
+
 async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inline_bytes: u64) {
     let len = 256 * 1024;
     let s = store(64);
@@ -530,17 +558,11 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
         took >= budget && took < budget + drain + Duration::from_secs(1),
         "{took:?}"
     );
-    let mut slots = Vec::new();
-    for p in pulled {
-        assert!(
-            matches!(p.result, Err(TransportError::TimedOut { .. })),
-            "{fabric:?} {mode:?} inline {inline_bytes}: {:?}",
-            p.result
-        );
-        let mut slot = p.slot;
-        dst.host().reserved_mut(&mut slot).fill(0xa5);
-        slots.push(slot);
-    }
+    let slots = timed_out_and_marked(
+        &dst,
+        pulled,
+        &format!("{fabric:?} {mode:?} inline {inline_bytes}"),
+    );
     src.resume();
     let grant = grants.grant(later).unwrap();
     for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
@@ -551,13 +573,7 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
         );
         dst.abort(p.slot);
     }
-    for mut slot in slots {
-        assert!(
-            dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
-            "{fabric:?} {mode:?} inline {inline_bytes}: a write landed after the pull returned"
-        );
-        dst.abort(slot);
-    }
+    assert_still_marked(&dst, slots, &format!("{fabric:?} {mode:?} inline {inline_bytes}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,21 +860,23 @@ fn settings_ucx_refuses_make_the_transport_unavailable() {
     }
 }
 
+/// Ops of these lengths, at offset 0 on both sides.
+fn ops(lens: &[u64]) -> Vec<OpSpec> {
+    lens.iter()
+        .enumerate()
+        .map(|(n, &len)| OpSpec {
+            item: n,
+            index: n as u32,
+            len,
+            local_offset: 0,
+            remote_offset: 0,
+        })
+        .collect()
+}
+
 /// A pull split across lanes keeps every op once, in order, in runs of about equal bytes.
 #[test]
 fn pulls_split_across_lanes_by_bytes() {
-    let ops = |lens: &[u64]| -> Vec<OpSpec> {
-        lens.iter()
-            .enumerate()
-            .map(|(n, &len)| OpSpec {
-                item: n,
-                index: n as u32,
-                len,
-                local_offset: 0,
-                remote_offset: 0,
-            })
-            .collect()
-    };
     let lens = |runs: &[Vec<OpSpec>]| -> Vec<Vec<u64>> {
         runs.iter().map(|r| r.iter().map(|o| o.len).collect()).collect()
     };
@@ -896,18 +914,6 @@ fn pulls_split_across_lanes_by_bytes() {
 /// a source without a key is asked to write.
 #[test]
 fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
-    let ops = |lens: &[u64]| -> Vec<OpSpec> {
-        lens.iter()
-            .enumerate()
-            .map(|(n, &len)| OpSpec {
-                item: n,
-                index: n as u32,
-                len,
-                local_offset: 0,
-                remote_offset: 0,
-            })
-            .collect()
-    };
     let large = ops(&[SEND_BLOCKS_FROM; 4]);
     let mixed = ops(&[4096, 2 * SEND_BLOCKS_FROM]);
     let small = ops(&[SEND_BLOCKS_FROM - 1, SEND_BLOCKS_FROM]);
@@ -992,17 +998,8 @@ async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
         src.park();
         let grant = grants.grant(late).unwrap();
         let deadline = Instant::now() + Duration::from_millis(200);
-        let mut slots = Vec::new();
-        for p in pull(&dst, &t, &src.endpoint, &grant, late, deadline).await {
-            assert!(
-                matches!(p.result, Err(TransportError::TimedOut { .. })),
-                "{fabric:?}: {:?}",
-                p.result
-            );
-            let mut slot = p.slot;
-            dst.host().reserved_mut(&mut slot).fill(0xa5);
-            slots.push(slot);
-        }
+        let pulled = pull(&dst, &t, &src.endpoint, &grant, late, deadline).await;
+        let slots = timed_out_and_marked(&dst, pulled, &format!("{fabric:?}"));
         // The source now sends the late blocks, then serves the next pull on the same
         // endpoint, whose blocks come after them.
         src.resume();
@@ -1019,12 +1016,6 @@ async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
             late.len(),
             "{fabric:?}: every late block refused"
         );
-        for mut slot in slots {
-            assert!(
-                dst.host().reserved_mut(&mut slot).iter().all(|&b| b == 0xa5),
-                "{fabric:?}: a late block landed"
-            );
-            dst.abort(slot);
-        }
+        assert_still_marked(&dst, slots, &format!("{fabric:?}"));
     }
 }
