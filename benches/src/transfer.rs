@@ -63,7 +63,7 @@ pub(crate) struct TransferArgs {
     /// (`shm inline 0`).
     #[arg(long, value_delimiter = ',')]
     pub(crate) ucx_inline_kib: Vec<u64>,
-    /// UCX workers that a get-mode pull larger than the inline limit is split across
+    /// UCX workers that a get-mode pull of 2 MiB or more is split across
     /// (default: the transport's). Several values measure one UCX puller each, in the same
     /// run, labelled as for `--ucx-inline-kib` (`shm lanes 1`); the other modes run one
     /// worker, and are measured for the first value only.

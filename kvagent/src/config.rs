@@ -370,9 +370,9 @@ pub struct UcxSection {
     /// handed to the transport's progress thread (0: never; unset: the transport's default,
     /// 4096): a one-block pull over shared memory then wakes no other thread.
     pub inline_kib: Option<u64>,
-    /// UCX workers (each with its own progress thread) that a larger pull in `get` mode is
-    /// split across (unset: 2, or 1 on a single-core node); over shared memory each copies
-    /// with its own core. Other modes run one; with RDMA NICs 1 is enough.
+    /// UCX workers (each with its own progress thread) that a pull of 2 MiB or more in `get`
+    /// mode is split across (unset: 2, or 1 on a single-core node); over shared memory each
+    /// copies with its own core. Other modes run one; with RDMA NICs 1 is enough.
     pub lanes: Option<usize>,
 }
 

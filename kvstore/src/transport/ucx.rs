@@ -4,8 +4,9 @@
 //!
 //! # Threads
 //!
-//! One UCP context and one worker per transport, created in `UCS_THREAD_MODE_SERIALIZED` and
-//! driven by one thread at a time, whichever holds the engine's lock. A progress thread that
+//! One UCP context and one worker per engine (a transport runs one per lane, below), created
+//! in `UCS_THREAD_MODE_SERIALIZED` and driven by one thread at a time, whichever holds the
+//! engine's lock. A progress thread that
 //! the transport owns drives it between its waits: it polls for a short while after any
 //! activity and otherwise sleeps on the worker's event fd, so an idle transport costs nothing.
 //! A pull of at most [`UcxConfig::inline_bytes`] is driven by the pulling thread itself: it
@@ -26,15 +27,19 @@
 //!
 //! In [`UcxMode::Get`] a transport runs [`UcxConfig::lanes`] such engines (context, worker,
 //! registration and progress thread each); the first serves grants and is the one
-//! [`Transport::endpoint`] names. A pull larger than [`UcxConfig::inline_bytes`] is split into
-//! that many runs of consecutive blocks with about the same bytes, one per lane. Over shared
+//! [`Transport::endpoint`] names. A pull of [`SPLIT_FROM_BYTES`] or more is split into that
+//! many runs of consecutive blocks with about the same bytes, one per lane; in a pull the
+//! pulling thread drives itself (at most [`UcxConfig::inline_bytes`]) it reads the first run.
+//! Each run keeps its own [`UcxConfig::window`] in flight. Over shared
 //! memory a get is a CMA read by the thread that drives the worker, and one thread's copies
 //! and checksums move less than the memory can: on UCX 1.23 on a 2-core VM, two lanes pulled
 //! batches of 16 and 256 blocks of 256 KiB–4 MiB at 1.3–1.8 × one lane. The other modes
 //! run one engine: their source's progress thread works for every block, and on that VM a
 //! second lane (two requests to the same source) made pulls slower, not faster. Where the NIC
 //! copies (RDMA) a second lane costs a second registration of the arena for little gain, and
-//! `lanes = 1` suits better.
+//! `lanes = 1` suits better; a lane after the first that cannot start (a registration refused
+//! under a tight locked-memory limit, say) is left out with a warning. The first lane also
+//! serves grants, so a peer's request may wait behind that lane's checksums of its run.
 //!
 //! The whole arena is registered once (`ucp_mem_map` of the existing mapping) and its remote
 //! key packed once. Endpoints to peers are created on first use, one per remote worker
@@ -340,8 +345,8 @@ pub struct UcxConfig {
     /// than its own receive size, so the value must be the same across the cluster; each
     /// connection in use holds a few segments.
     pub tcp_segment: Option<u64>,
-    /// Bytes one transfer keeps in flight; past its deadline at most this much is still
-    /// landing.
+    /// Bytes one transfer (a pull's run on one lane) keeps in flight; past its deadline at most
+    /// this much per lane is still landing.
     pub window: u64,
     /// How long the progress thread keeps polling after activity before it sleeps (default
     /// 500 µs: the next block of a pull, or the next pull, usually comes sooner, and a sleeping
@@ -354,16 +359,16 @@ pub struct UcxConfig {
     /// Pulls of at most this many bytes are driven by the pulling thread itself, which is busy
     /// for up to [`INLINE_BUDGET`] meanwhile, instead of by the progress thread (0: never).
     /// Default 4 MiB, which UCX moves within [`INLINE_BUDGET`] over shared memory and over
-    /// TCP on loopback; the pulling thread then checks each block right after its copy, while
-    /// it is in that core's cache.
+    /// TCP on loopback; each block is then checked right after its copy, while it is in that
+    /// core's cache.
     pub inline_bytes: u64,
     /// UCX workers that read in parallel in [`UcxMode::Get`] (other modes run one), each a UCP
     /// context and worker of its own with its own progress thread (the first also serves this
-    /// agent's grants and is the one its endpoint names). A pull larger than
-    /// [`UcxConfig::inline_bytes`] is split across them by bytes. Over shared memory the
-    /// copies are made by the CPU of the thread that drives a worker, and one thread's copies
-    /// and checksums fall short of what the memory moves; default: 2, or 1 on a single-core
-    /// machine.
+    /// agent's grants and is the one its endpoint names). A pull of [`SPLIT_FROM_BYTES`] or
+    /// more is split across them by bytes. Over shared memory the copies are made by the CPU
+    /// of the thread that drives a worker, and one thread's copies and checksums fall short of
+    /// what the memory moves; default: 2, or 1 on a single-core machine (at most
+    /// [`MAX_LANES`]).
     pub lanes: usize,
     /// Serve requests for sends by writing, as a source from before send-on-request does.
     #[cfg(test)]
@@ -381,10 +386,13 @@ pub struct UcxConfig {
 /// [`UcxConfig::inline_bytes`] should fit well within it.
 pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
 
-/// Pulls of gets from this many bytes up to [`UcxConfig::inline_bytes`] are split across the
-/// lanes too: the pulling thread reads one run while the other lanes' progress threads read
-/// theirs. Below it, waking another thread costs more than it saves.
-const SPLIT_INLINE_BYTES: u64 = 2 << 20;
+/// Pulls of gets of this many bytes or more are split across the lanes (where the pulling
+/// thread drives a pull, it reads one run while the other lanes' progress threads read
+/// theirs). Below it, waking another thread costs more than it saves.
+pub const SPLIT_FROM_BYTES: u64 = 2 << 20;
+
+/// Most lanes a transport runs ([`UcxConfig::lanes`]).
+pub const MAX_LANES: usize = 16;
 
 impl Default for UcxConfig {
     fn default() -> Self {
@@ -462,12 +470,22 @@ impl UcxTransport {
         };
         let inline_bytes = cfg.inline_bytes;
         // Only gets are split across lanes (see the module documentation).
-        let lane_count = if mode == UcxMode::Get { cfg.lanes.max(1) } else { 1 };
+        let lane_count = if mode == UcxMode::Get {
+            cfg.lanes.clamp(1, MAX_LANES)
+        } else {
+            1
+        };
         let (first, endpoint, name) = Lane::start(0, &store, grants, cfg.clone(), tls.clone())?;
         let mut lanes = vec![first];
-        // Should a later lane fail, the ones already started stop as `lanes` drops.
         for n in 1..lane_count {
-            lanes.push(Lane::start(n, &store, None, cfg.clone(), tls.clone())?.0);
+            match Lane::start(n, &store, None, cfg.clone(), tls.clone()) {
+                Ok((lane, ..)) => lanes.push(lane),
+                // The lanes that started still pull; this one only added speed.
+                Err(e) => {
+                    tracing::warn!(lane = n, error = %e, "a further UCX lane did not start; pulling with {}", lanes.len());
+                    break;
+                }
+            }
         }
         Ok(Self {
             store,
@@ -500,7 +518,14 @@ impl UcxTransport {
             .sum()
     }
 
-    /// How many UCX workers pull in parallel ([`UcxConfig::lanes`] in Get mode, else 1).
+    /// Requests for sends this transport served.
+    #[cfg(test)]
+    fn served_sends(&self) -> usize {
+        self.lanes.iter().map(|l| l.engine.with(|e| e.served_sends)).sum()
+    }
+
+    /// How many UCX workers pull in parallel ([`UcxConfig::lanes`] in Get mode, else 1; fewer
+    /// where a further lane could not start).
     pub fn lanes(&self) -> usize {
         self.lanes.len()
     }
@@ -682,7 +707,7 @@ impl Transport for UcxTransport {
                     }));
                 };
                 let inline = bytes <= self.inline_bytes;
-                let parts = if mode == UcxMode::Get && (!inline || bytes >= SPLIT_INLINE_BYTES) {
+                let parts = if mode == UcxMode::Get && bytes >= SPLIT_FROM_BYTES {
                     self.lanes.len()
                 } else {
                     1

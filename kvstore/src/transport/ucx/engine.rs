@@ -58,7 +58,8 @@ pub(super) struct OpSpec {
 /// landed in its slot, with, for gets, the checksum of those bytes (computed by the thread
 /// that copied them, right after the copy, while they are in that core's cache), or why it
 /// did not. The caller compares the checksum with the grant's, or computes it itself where
-/// none came. The channel closes when the transfer is over.
+/// none came. The channel closes once every run of the pull (one per lane it went to) is over
+/// and the pulling task has dropped its own sender.
 /// Results go in batches, at most one per pull and turn of the engine: a message per block
 /// woke the pulling task (a third thread on two busy cores) once per 64 KiB block.
 type Settled = mpsc::UnboundedSender<Vec<Settlement>>;
@@ -112,17 +113,17 @@ impl Outcome {
         }
     }
 
-    /// Settles `op`: `Ok` once its block has landed in its slot, which is checksummed here.
+    /// Settles `op`: `Ok` once its block has landed in its slot, which is checksummed here for
+    /// gets (the only outcomes created with slots).
     fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
         if !std::mem::replace(&mut self.done[op], true) {
             let r = r.map(|()| {
                 self.slots.as_ref().map(|slots| {
                     // SAFETY: the op's slot is a reservation inside the mapped arena (`ops`
                     // came from reservations the caller's future holds until this op is
-                    // settled, which is now). `Ok` means the operation that wrote it has
-                    // completed (a get or a receive completed, or the source's answer came
-                    // after its flush) and nothing of this process writes the slot until the
-                    // caller has the result.
+                    // settled, which is now). Slots are kept for gets only, and `Ok` for a get
+                    // means its request completed: nothing of this process writes the slot
+                    // until the caller has the result.
                     let bytes = unsafe { std::slice::from_raw_parts(slots[op], self.lens[op]) };
                     crate::block::checksum(bytes)
                 })
@@ -728,7 +729,8 @@ impl EngineCell {
         let until = Instant::now() + budget;
         let reply = spec.reply.clone();
         engine.start_pull(spec);
-        // The pull's job holds the only other sender: the channel is closed once it is over.
+        // Over once this lane has no job of this pull's channel (other lanes' runs and the
+        // pulling future hold senders too, so the channel itself may stay open).
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
         while !over(engine) && Instant::now() < until {
             engine.turn();
@@ -787,6 +789,9 @@ pub(super) struct Engine {
     /// Block messages given back unreceived.
     #[cfg(test)]
     pub(super) refused_blocks: usize,
+    /// Requests this engine served by sending.
+    #[cfg(test)]
+    pub(super) served_sends: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -796,7 +801,8 @@ pub(super) struct Engine {
 // `&mut Engine`, which only the holder of the `EngineCell` lock has (or the engine's owner
 // before it goes into the cell and after it comes out). The inbox's RefCell is borrowed only by
 // `handle_inbox` and by UCX's callbacks, which run inside `ucp_worker_progress` on that same
-// thread.
+// thread. The slot addresses the pulls' outcomes keep point into the arena, which `_store`
+// keeps mapped; they are read only by that same holder.
 unsafe impl Send for Engine {}
 
 impl Engine {
@@ -840,6 +846,8 @@ impl Engine {
             progress_idle: true,
             #[cfg(test)]
             refused_blocks: 0,
+            #[cfg(test)]
+            served_sends: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.

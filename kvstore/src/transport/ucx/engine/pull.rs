@@ -330,7 +330,8 @@ impl Engine {
                             match receives.as_ref().filter(|_| *sent).map(|rx| rx.arrived[n]) {
                                 // Put: the answer says it all.
                                 None => job.outcome.settle(n, result),
-                                // Send: settled when its receive ended.
+                                // Send: settled when its receive ended (or, given back
+                                // unreceived at the deadline, as late when the pull ends).
                                 Some(true) => {}
                                 // Refused past the deadline, or never sent.
                                 Some(false) => job.outcome.settle(
@@ -495,9 +496,9 @@ fn settle_completed(
 }
 
 impl Engine {
-    /// A block a source sent for a send-on-request pull: queued for receiving into its slot
-    /// (copied at once if it came whole), or refused (late, unknown, twice, or of the wrong
-    /// length).
+    /// A block a source sent for a send-on-request pull: received into its slot (a large one
+    /// queued for a later turn, one that came whole copied at once), or refused (late,
+    /// unknown, twice, or of the wrong length).
     pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
         let now = Instant::now();
         let into = Landing {

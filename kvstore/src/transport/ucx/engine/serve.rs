@@ -43,6 +43,10 @@ impl Engine {
             send: req.send && !self.cfg.ignore_send_flag,
             ..req
         };
+        #[cfg(test)]
+        {
+            self.served_sends += usize::from(req.send);
+        }
         let entry = self.grants.as_ref().and_then(|g| g.get(&req.grant));
         let mut statuses = vec![STATUS_TIMED_OUT; req.entries.len()];
         let mut puts = Vec::new();
