@@ -512,16 +512,19 @@ impl UcxTransport {
     /// Block messages the lanes refused so far (late, unknown or duplicate).
     #[cfg(test)]
     fn refused_blocks(&self) -> usize {
-        self.lanes
-            .iter()
-            .map(|l| l.engine.with(|e| e.refused_blocks))
-            .sum()
+        self.lanes_total(|e| e.refused_blocks)
     }
 
     /// Requests for sends this transport served.
     #[cfg(test)]
     fn served_sends(&self) -> usize {
-        self.lanes.iter().map(|l| l.engine.with(|e| e.served_sends)).sum()
+        self.lanes_total(|e| e.served_sends)
+    }
+
+    /// A count of every lane's engine, summed.
+    #[cfg(test)]
+    fn lanes_total(&self, count: fn(&Engine) -> usize) -> usize {
+        self.lanes.iter().map(|l| l.engine.with(count)).sum()
     }
 
     /// How many UCX workers pull in parallel ([`UcxConfig::lanes`] in Get mode, else 1; fewer
@@ -679,7 +682,13 @@ impl Transport for UcxTransport {
             if !ops.is_empty() {
                 let (reply, mut settled) = mpsc::unbounded_channel();
                 let bytes: u64 = ops.iter().map(|o| o.len).sum();
-                let mode = pull_mode(self.mode, self.sends_large_blocks, remote.rkey.is_empty(), &ops);
+                let mode = pull_mode(
+                    self.mode,
+                    self.sends_large_blocks,
+                    remote.rkey.is_empty(),
+                    ops.len(),
+                    bytes,
+                );
                 let spec = |ops: Vec<OpSpec>| PullSpec {
                     remote: remote.clone(),
                     grant,
@@ -771,13 +780,18 @@ impl Transport for UcxTransport {
     }
 }
 
-/// The mode of one pull on a transport in `mode`: a source that publishes no key
-/// (`keyless_source`) is not read one-sidedly but asked to write, and where `Auto` picked
-/// writes (`sends_large_blocks`) several blocks of [`SEND_BLOCKS_FROM`] or more on average are
-/// asked for by sends.
-fn pull_mode(mode: UcxMode, sends_large_blocks: bool, keyless_source: bool, ops: &[OpSpec]) -> UcxMode {
-    let bytes: u64 = ops.iter().map(|o| o.len).sum();
-    let large_blocks = ops.len() > 1 && bytes >= ops.len() as u64 * SEND_BLOCKS_FROM;
+/// The mode of one pull of `blocks` blocks and `bytes` bytes on a transport in `mode`: a
+/// source that publishes no key (`keyless_source`) is not read one-sidedly but asked to write,
+/// and where `Auto` picked writes (`sends_large_blocks`) several blocks of
+/// [`SEND_BLOCKS_FROM`] or more on average are asked for by sends.
+fn pull_mode(
+    mode: UcxMode,
+    sends_large_blocks: bool,
+    keyless_source: bool,
+    blocks: usize,
+    bytes: u64,
+) -> UcxMode {
+    let large_blocks = blocks > 1 && bytes >= blocks as u64 * SEND_BLOCKS_FROM;
     match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
         UcxMode::PutOnRequest if sends_large_blocks && large_blocks => UcxMode::SendOnRequest,

@@ -60,6 +60,7 @@ pub(super) struct OpSpec {
 /// did not. The caller compares the checksum with the grant's, or computes it itself where
 /// none came. The channel closes once every run of the pull (one per lane it went to) is over
 /// and the pulling task has dropped its own sender.
+///
 /// Results go in batches, at most one per pull and turn of the engine: a message per block
 /// woke the pulling task (a third thread on two busy cores) once per 64 KiB block.
 type Settled = mpsc::UnboundedSender<Vec<Settlement>>;
@@ -80,9 +81,9 @@ struct Outcome {
     /// Per op: its item's position, and whether its result went out.
     items: Vec<usize>,
     done: Vec<bool>,
-    /// Per op: its slot's bytes, when this thread checksums them (else the caller does).
-    slots: Option<Vec<*const u8>>,
-    lens: Vec<usize>,
+    /// Per op: its slot's address and length, when this thread checksums what lands (else
+    /// the caller does).
+    slots: Option<Vec<(*const u8, usize)>>,
     /// Settled and not yet sent (see [`Outcome::flush`]).
     pending: Vec<Settlement>,
 }
@@ -98,10 +99,9 @@ impl Outcome {
             // `wrapping_add`: only an address; it is read once the op has landed (see `settle`).
             slots: arena_base.map(|base| {
                 ops.iter()
-                    .map(|o| base.wrapping_add(o.local_offset as usize))
+                    .map(|o| (base.wrapping_add(o.local_offset as usize), o.len as usize))
                     .collect()
             }),
-            lens: ops.iter().map(|o| o.len as usize).collect(),
             pending: Vec::new(),
         }
     }
@@ -119,12 +119,13 @@ impl Outcome {
         if !std::mem::replace(&mut self.done[op], true) {
             let r = r.map(|()| {
                 self.slots.as_ref().map(|slots| {
+                    let (addr, len) = slots[op];
                     // SAFETY: the op's slot is a reservation inside the mapped arena (`ops`
                     // came from reservations the caller's future holds until this op is
                     // settled, which is now). Slots are kept for gets only, and `Ok` for a get
                     // means its request completed: nothing of this process writes the slot
                     // until the caller has the result.
-                    let bytes = unsafe { std::slice::from_raw_parts(slots[op], self.lens[op]) };
+                    let bytes = unsafe { std::slice::from_raw_parts(addr, len) };
                     crate::block::checksum(bytes)
                 })
             });

@@ -914,10 +914,19 @@ fn pulls_split_across_lanes_by_bytes() {
 /// a source without a key is asked to write.
 #[test]
 fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
-    let large = ops(&[SEND_BLOCKS_FROM; 4]);
-    let mixed = ops(&[4096, 2 * SEND_BLOCKS_FROM]);
-    let small = ops(&[SEND_BLOCKS_FROM - 1, SEND_BLOCKS_FROM]);
-    let one = ops(&[4 << 20]);
+    let pull_mode = |mode, sends_large_blocks, keyless_source, lens: &[u64]| {
+        pull_mode(
+            mode,
+            sends_large_blocks,
+            keyless_source,
+            lens.len(),
+            lens.iter().sum(),
+        )
+    };
+    let large = [SEND_BLOCKS_FROM; 4];
+    let mixed = [4096, 2 * SEND_BLOCKS_FROM];
+    let small = [SEND_BLOCKS_FROM - 1, SEND_BLOCKS_FROM];
+    let one = [4 << 20];
     let put = UcxMode::PutOnRequest;
     assert_eq!(pull_mode(put, true, false, &large), UcxMode::SendOnRequest);
     assert_eq!(pull_mode(put, true, false, &mixed), UcxMode::SendOnRequest);

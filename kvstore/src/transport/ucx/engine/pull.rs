@@ -146,7 +146,8 @@ impl Engine {
             if finished {
                 let mut job = self.pulls.swap_remove(i);
                 self.release_peer(job.peer);
-                // Blocks that came for a pull that has ended (on a dead endpoint, say).
+                // Queued blocks keep a pull open until the deadline gives them back, so none is
+                // left here today; one that were would stay UCX's until the worker is destroyed.
                 if let PullState::Put {
                     receives: Some(rx), ..
                 } = &mut job.state
@@ -179,8 +180,7 @@ impl Engine {
         let now = Instant::now();
         let drain = self.cfg.drain;
         let window = self.cfg.window.max(1);
-        let (worker, memh, arena_base, progress_idle) =
-            (self.worker, self.memh, self.arena_base, self.progress_idle);
+        let (into, progress_idle) = (self.landing(), self.progress_idle);
         let job = &mut self.pulls[i];
         let expired = now >= job.deadline;
         // `peer_dead`: UCX reported the endpoint failed. `peer_failed` also counts an endpoint
@@ -237,7 +237,7 @@ impl Engine {
                     issued += op.len.max(1);
                     let param = sys::ucp_request_param_t {
                         op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
-                        memh,
+                        memh: into.memh,
                         ..Default::default()
                     };
                     // SAFETY: live endpoint and rkey (the job holds a claim on the peer); the
@@ -249,7 +249,7 @@ impl Engine {
                     let req = Req::from_ptr(unsafe {
                         sys::ucp_get_nbx(
                             ep,
-                            arena_base.add(op.local_offset as usize).cast(),
+                            into.arena_base.add(op.local_offset as usize).cast(),
                             op.len as usize,
                             *remote_base + op.remote_offset,
                             *rkey,
@@ -285,11 +285,6 @@ impl Engine {
                 if let Some(rx) = receives.as_mut() {
                     progressed |=
                         settle_completed(&mut rx.inflight, &mut job.outcome, expired, &label, |_| {});
-                    let into = Landing {
-                        worker,
-                        memh,
-                        arena_base,
-                    };
                     progressed |= rx.start_queued(into, &job.ops, expired);
                 }
                 let mut send_failed = None;
@@ -501,11 +496,7 @@ impl Engine {
     /// unknown, twice, or of the wrong length).
     pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
         let now = Instant::now();
-        let into = Landing {
-            worker: self.worker,
-            memh: self.memh,
-            arena_base: self.arena_base,
-        };
+        let into = self.landing();
         let n = block.entry as usize;
         let job = self.pulls.iter_mut().find(|p| match &p.state {
             PullState::Put {
@@ -558,6 +549,15 @@ impl Engine {
                 }
                 job.outcome.settle(n, Ok(()));
             }
+        }
+    }
+
+    /// Where this engine's pulls land their blocks.
+    fn landing(&self) -> Landing {
+        Landing {
+            worker: self.worker,
+            memh: self.memh,
+            arena_base: self.arena_base,
         }
     }
 
