@@ -153,6 +153,9 @@ pub(super) struct PullSpec {
     pub(super) remote: RemoteEndpoint,
     pub(super) grant: GrantId,
     pub(super) mode: UcxMode,
+    /// The progress thread sleeps between this pull's arrivals rather than polling (see
+    /// [`super::SLEEP_BETWEEN_BLOCKS_FROM`]).
+    pub(super) sleeps: bool,
     pub(super) ops: Vec<OpSpec>,
     pub(super) deadline: Instant,
     pub(super) reply: Settled,
@@ -481,6 +484,8 @@ pub(super) struct PullJob {
     peer: PeerId,
     label: String,
     deadline: Instant,
+    /// See [`PullSpec::sleeps`].
+    sleeps: bool,
     ops: Vec<OpSpec>,
     outcome: Outcome,
     state: PullState,
@@ -685,10 +690,14 @@ impl EngineCell {
             let now = Instant::now();
             if busy {
                 last_busy = now;
-            } else if now.duration_since(last_busy) < engine.cfg.spin {
+            } else if now.duration_since(last_busy) < engine.spin() {
                 drop(slot);
                 std::hint::spin_loop();
             } else {
+                #[cfg(test)]
+                if now.duration_since(last_busy) < engine.cfg.spin {
+                    engine.early_sleeps += 1;
+                }
                 let limit = engine.sleep_limit(now);
                 if let Some(wait) = engine.arm(limit) {
                     self.asleep.store(true, Ordering::Release);
@@ -793,6 +802,10 @@ pub(super) struct Engine {
     /// Requests this engine served by sending.
     #[cfg(test)]
     pub(super) served_sends: usize,
+    /// Times the progress thread slept sooner than [`UcxConfig::spin`](super::UcxConfig::spin)
+    /// after activity, for pulls that sleep between their blocks.
+    #[cfg(test)]
+    pub(super) early_sleeps: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -849,6 +862,8 @@ impl Engine {
             refused_blocks: 0,
             #[cfg(test)]
             served_sends: 0,
+            #[cfg(test)]
+            early_sleeps: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.
@@ -1065,6 +1080,19 @@ impl Engine {
         busy |= self.advance_serves();
         self.reap_peers();
         busy
+    }
+
+    /// How long the progress thread polls after activity before it sleeps: not at all while
+    /// its only work is pulls that sleep between their blocks ([`PullSpec::sleeps`]), else
+    /// [`UcxConfig::spin`](super::UcxConfig::spin).
+    fn spin(&self) -> Duration {
+        let only_sleepers =
+            !self.pulls.is_empty() && self.serves.is_empty() && self.pulls.iter().all(|p| p.sleeps);
+        if only_sleepers {
+            Duration::ZERO
+        } else {
+            self.cfg.spin
+        }
     }
 
     /// How long the progress thread may sleep: until the next deadline, and while operations

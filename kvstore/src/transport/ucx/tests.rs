@@ -201,6 +201,7 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
             remote: remote.clone(),
             grant: GrantId([1; 16]),
             mode: UcxMode::SendOnRequest,
+            sleeps: false,
             ops,
             deadline,
             reply,
@@ -942,16 +943,44 @@ fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
     );
 }
 
-/// `Auto` over TCP, with pulls it writes and pulls it sends, byte for byte.
+/// Where UCX may use TCP, pulls of blocks of [`SLEEP_BETWEEN_BLOCKS_FROM`] or more on average
+/// that the source writes or sends let the progress thread sleep between blocks; gets, smaller
+/// blocks and shared memory keep it polling.
+#[test]
+fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
+    for (tls, want) in [
+        (None, true),
+        (Some(""), true),
+        (Some("tcp"), true),
+        (Some("sm, TCP"), true),
+        (Some("all"), true),
+        (Some("^sm"), true),
+        (Some("^tcp,ud"), false),
+        (Some("sm"), false),
+        (Some("rc,cma"), false),
+    ] {
+        assert_eq!(may_use_tcp(tls), want, "UCX_TLS={tls:?}");
+    }
+    let large = SLEEP_BETWEEN_BLOCKS_FROM;
+    for mode in [UcxMode::PutOnRequest, UcxMode::SendOnRequest] {
+        assert!(sleeps_between_blocks(mode, true, 1, large));
+        assert!(sleeps_between_blocks(mode, true, 16, 16 * large + 5));
+        assert!(!sleeps_between_blocks(mode, true, 16, 16 * large - 1));
+        assert!(!sleeps_between_blocks(mode, false, 1, large));
+        assert!(!sleeps_between_blocks(mode, true, 0, 0));
+    }
+    assert!(!sleeps_between_blocks(UcxMode::Get, true, 1, large));
+}
+
+/// `Auto` over TCP, with pulls it writes and pulls it sends, of blocks small and large enough
+/// for the progress thread to sleep between them, byte for byte.
 #[tokio::test]
 async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
-    let lens: Vec<usize> = (0..24)
-        .map(|i| {
-            if i < 12 {
-                [4096, 5000, 64 << 10][i % 3]
-            } else {
-                [1 << 20, (1 << 20) + 7][i % 2]
-            }
+    let lens: Vec<usize> = (0..28)
+        .map(|i| match i {
+            0..12 => [4096, 5000, 64 << 10][i % 3],
+            12..24 => [1 << 20, (1 << 20) + 7][i % 2],
+            _ => [3 << 20, (4 << 20) + 5][i % 2],
         })
         .collect();
     let (grants, src, keys) = source(&lens, Fabric::Tcp);
@@ -959,13 +988,24 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     let dst = store(64);
     let t = UcxTransport::new(Arc::clone(&dst), None, config(Fabric::Tcp, UcxMode::Auto)).unwrap();
     assert_eq!(t.mode(), UcxMode::PutOnRequest);
-    // (blocks, whether the source is asked to send them): a single large block is written.
-    for (range, sent) in [(0..12, false), (12..24, true), (0..24, true), (12..13, false)] {
+    // (blocks, whether the source is asked to send them, whether the puller's progress thread
+    // sleeps between them): a single large block is written.
+    for (range, sent, sleeps) in [
+        (0..12, false, false),
+        (12..24, true, false),
+        (0..24, true, false),
+        (12..13, false, false),
+        (24..28, true, true),
+        (25..26, false, true),
+    ] {
         let keys = &keys[range.clone()];
         let grant = grants.grant(keys).unwrap();
         let sends_before = src.served_sends();
+        let early_sleeps = t.early_sleeps();
         let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
         assert_eq!(src.served_sends() - sends_before, usize::from(sent), "{range:?}");
+        // A sleeping pull waits for its first block's bytes at least once.
+        assert_eq!(t.early_sleeps() > early_sleeps, sleeps, "{range:?}");
         for (p, i) in pulled.into_iter().zip(range.clone()) {
             assert!(p.result.is_ok(), "{range:?} block {i}: {:?}", p.result);
             let mut slot = p.slot;

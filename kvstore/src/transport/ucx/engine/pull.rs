@@ -122,6 +122,7 @@ impl Engine {
             peer,
             label,
             deadline: spec.deadline,
+            sleeps: spec.sleeps,
             // Gets are checksummed by the thread that copied them, as the lanes that split a
             // pull copy in parallel; a source's writes and sends are checksummed by the
             // pulling thread while this one moves the next.
