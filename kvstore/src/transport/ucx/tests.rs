@@ -685,50 +685,42 @@ async fn a_source_stopping_mid_pull_fails_what_it_did_not_send() {
     }
 }
 
+/// What a `UCX_TLS` value makes of `Auto` (on a UCX release without and with one-sided CMA
+/// gets), whether it names shared memory only (whose transports cannot detect a dead peer),
+/// and whether UCX may carry the bytes over TCP.
 #[test]
 fn auto_picks_gets_only_where_ucx_may_not_use_tcp() {
     use UcxMode::{Auto, Get, PutOnRequest, SendOnRequest};
     let (old, new) = ((1, 13), ONE_SIDED_CMA_SINCE);
-    for (tls, on_old, on_new) in [
-        (None, PutOnRequest, PutOnRequest),
-        (Some(""), PutOnRequest, PutOnRequest),
-        (Some("all"), PutOnRequest, PutOnRequest),
-        (Some("tcp"), PutOnRequest, PutOnRequest),
-        (Some("sm,tcp"), PutOnRequest, PutOnRequest),
-        (Some("rc,ud"), PutOnRequest, PutOnRequest),
-        (Some("^ib"), PutOnRequest, PutOnRequest),
+    // (UCX_TLS, Auto on `old`, on `new`, shared memory only, TCP allowed)
+    for (tls, on_old, on_new, shm_only, tcp) in [
+        (None, PutOnRequest, PutOnRequest, false, true),
+        (Some(""), PutOnRequest, PutOnRequest, false, true),
+        (Some("all"), PutOnRequest, PutOnRequest, false, true),
+        (Some("tcp"), PutOnRequest, PutOnRequest, false, true),
+        (Some("sm,tcp"), PutOnRequest, PutOnRequest, false, true),
+        (Some("sm, TCP"), PutOnRequest, PutOnRequest, false, true),
+        (Some("rc,ud"), PutOnRequest, PutOnRequest, false, false),
+        (Some("^ib"), PutOnRequest, PutOnRequest, false, true),
         // Shared memory alone: gets where UCX does them with CMA, rendezvous sends before.
-        (Some("sm"), SendOnRequest, Get),
-        (Some("posix,cma"), SendOnRequest, Get),
-        (Some(" SM , Self "), SendOnRequest, Get),
+        (Some("sm"), SendOnRequest, Get, true, false),
+        (Some("posix,cma"), SendOnRequest, Get, true, false),
+        (Some(" SM , Self "), SendOnRequest, Get, true, false),
         // RDMA reads are one-sided on every release.
-        (Some("rc_x,sm,cuda_ipc"), Get, Get),
-        (Some("^tcp"), Get, Get),
-        (Some("^ud,tcp"), Get, Get),
+        (Some("rc_x,sm,cuda_ipc"), Get, Get, false, false),
+        (Some("^tcp"), Get, Get, false, false),
+        (Some("^ud,tcp"), Get, Get, false, false),
     ] {
         assert_eq!(Auto.resolve_on(tls, old), on_old, "UCX_TLS={tls:?} on {old:?}");
         assert_eq!(Auto.resolve_on(tls, new), on_new, "UCX_TLS={tls:?} on {new:?}");
+        assert_eq!(shared_memory_only(tls), shm_only, "UCX_TLS={tls:?}");
+        assert_eq!(may_use_tcp(tls), tcp, "UCX_TLS={tls:?}");
     }
     assert_eq!(Get.resolve(Some("tcp")), Get, "an explicit mode stands");
     assert_eq!(PutOnRequest.resolve(Some("sm")), PutOnRequest);
     assert_eq!(SendOnRequest.resolve(Some("tcp")), SendOnRequest);
     let (major, minor) = ucx_version();
     assert!(major >= 1 && (major, minor) >= (1, 9), "UCX {major}.{minor}");
-}
-
-#[test]
-fn only_shared_memory_lists_skip_peer_failure_detection() {
-    for (tls, want) in [
-        (None, false),
-        (Some(""), false),
-        (Some("sm"), true),
-        (Some("posix, cma,self"), true),
-        (Some("sm,tcp"), false),
-        (Some("^tcp"), false),
-        (Some("rc"), false),
-    ] {
-        assert_eq!(shared_memory_only(tls), want, "UCX_TLS={tls:?}");
-    }
 }
 
 #[test]
@@ -945,22 +937,9 @@ fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
 
 /// Where UCX may use TCP, pulls of blocks of [`SLEEP_BETWEEN_BLOCKS_FROM`] or more on average
 /// that the source writes or sends let the progress thread sleep between blocks; gets, smaller
-/// blocks and shared memory keep it polling.
+/// blocks and transports without TCP keep it polling.
 #[test]
 fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
-    for (tls, want) in [
-        (None, true),
-        (Some(""), true),
-        (Some("tcp"), true),
-        (Some("sm, TCP"), true),
-        (Some("all"), true),
-        (Some("^sm"), true),
-        (Some("^tcp,ud"), false),
-        (Some("sm"), false),
-        (Some("rc,cma"), false),
-    ] {
-        assert_eq!(may_use_tcp(tls), want, "UCX_TLS={tls:?}");
-    }
     let large = SLEEP_BETWEEN_BLOCKS_FROM;
     for mode in [UcxMode::PutOnRequest, UcxMode::SendOnRequest] {
         assert!(sleeps_between_blocks(mode, true, 1, large));
