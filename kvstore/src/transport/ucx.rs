@@ -287,22 +287,17 @@ impl UcxMode {
         if self != Self::Auto {
             return self;
         }
-        let Some(tls) = tls.map(str::trim).filter(|t| !t.is_empty()) else {
+        let Some(list) = TlsList::parse(tls) else {
             return Self::PutOnRequest;
         };
-        let names = |list: &str| -> Vec<String> {
-            list.split(',')
-                .map(|n| n.trim().to_ascii_lowercase())
-                .filter(|n| !n.is_empty())
-                .collect()
-        };
-        let one_sided = match tls.strip_prefix('^') {
-            Some(excluded) => names(excluded).iter().any(|n| n == "tcp"),
-            None => names(tls).iter().all(|n| ONE_SIDED_TLS.contains(&n.as_str())),
+        let one_sided = if list.excluded {
+            list.lists("tcp")
+        } else {
+            list.names.iter().all(|n| ONE_SIDED_TLS.contains(&n.as_str()))
         };
         if !one_sided {
             Self::PutOnRequest
-        } else if shared_memory_only(Some(tls)) && version < ONE_SIDED_CMA_SINCE {
+        } else if list.shared_memory_only() && version < ONE_SIDED_CMA_SINCE {
             Self::SendOnRequest
         } else {
             Self::Get
@@ -319,35 +314,55 @@ pub const TCP_SEGMENT: u64 = 512 << 10;
 /// they are all it may use).
 const SHM_TLS: &[&str] = &["self", "sm", "shm", "mm", "posix", "sysv", "xpmem", "knem", "cma"];
 
+/// A `UCX_TLS` value: the transports it lists (trimmed, lower case), and whether it lists the
+/// ones to leave out (`^...`) rather than the ones to use.
+struct TlsList {
+    excluded: bool,
+    names: Vec<String>,
+}
+
+impl TlsList {
+    /// `None` where the value is unset or empty: UCX then picks among all it has.
+    fn parse(tls: Option<&str>) -> Option<Self> {
+        let tls = tls.map(str::trim).filter(|t| !t.is_empty())?;
+        let (excluded, list) = match tls.strip_prefix('^') {
+            Some(list) => (true, list),
+            None => (false, tls),
+        };
+        let names = list
+            .split(',')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty())
+            .collect();
+        Some(Self { excluded, names })
+    }
+
+    /// Whether the list names `transport`.
+    fn lists(&self, transport: &str) -> bool {
+        self.names.iter().any(|n| n == transport)
+    }
+
+    /// Whether it allows shared-memory transports only.
+    fn shared_memory_only(&self) -> bool {
+        !self.excluded && self.names.iter().all(|n| SHM_TLS.contains(&n.as_str()))
+    }
+}
+
 /// Whether `tls` (a `UCX_TLS` value) names shared-memory transports only.
 fn shared_memory_only(tls: Option<&str>) -> bool {
-    let Some(tls) = tls
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !t.starts_with('^'))
-    else {
-        return false;
-    };
-    tls.split(',')
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
-        .all(|n| SHM_TLS.contains(&n.as_str()))
+    TlsList::parse(tls).is_some_and(|list| list.shared_memory_only())
 }
 
 /// Whether `tls` (a `UCX_TLS` value) lets UCX use its TCP transport: unset, `all`, a list
 /// that names `tcp`, or an exclusion (`^...`) that does not.
 fn may_use_tcp(tls: Option<&str>) -> bool {
-    let Some(tls) = tls.map(str::trim).filter(|t| !t.is_empty()) else {
-        return true;
-    };
-    let names = |list: &str| {
-        list.split(',')
-            .map(|n| n.trim().to_ascii_lowercase())
-            .collect::<Vec<_>>()
-    };
-    match tls.strip_prefix('^') {
-        Some(excluded) => !names(excluded).iter().any(|n| n == "tcp"),
-        None => names(tls).iter().any(|n| n == "tcp" || n == "all"),
-    }
+    TlsList::parse(tls).is_none_or(|list| {
+        if list.excluded {
+            !list.lists("tcp")
+        } else {
+            list.lists("tcp") || list.lists("all")
+        }
+    })
 }
 
 /// Settings of the UCX data plane.
@@ -831,7 +846,7 @@ fn pull_mode(
     blocks: usize,
     bytes: u64,
 ) -> UcxMode {
-    let large_blocks = blocks > 1 && bytes >= blocks as u64 * SEND_BLOCKS_FROM;
+    let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
     match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
         UcxMode::PutOnRequest if sends_large_blocks && large_blocks => UcxMode::SendOnRequest,
@@ -843,7 +858,12 @@ fn pull_mode(
 /// `blocks` blocks and `bytes` bytes, rather than polling ([`SLEEP_BETWEEN_BLOCKS_FROM`]).
 fn sleeps_between_blocks(mode: UcxMode, may_use_tcp: bool, blocks: usize, bytes: u64) -> bool {
     let source_moves = matches!(mode, UcxMode::PutOnRequest | UcxMode::SendOnRequest);
-    may_use_tcp && source_moves && blocks > 0 && bytes >= blocks as u64 * SLEEP_BETWEEN_BLOCKS_FROM
+    may_use_tcp && source_moves && blocks > 0 && average_at_least(blocks, bytes, SLEEP_BETWEEN_BLOCKS_FROM)
+}
+
+/// Whether `blocks` blocks of `bytes` bytes in all average `min` bytes or more.
+fn average_at_least(blocks: usize, bytes: u64, min: u64) -> bool {
+    bytes >= blocks as u64 * min
 }
 
 /// `ops` in at most `parts` runs of consecutive ops with about as many bytes each (none
