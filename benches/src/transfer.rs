@@ -291,10 +291,11 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             UcxModeArg::Put => UcxMode::PutOnRequest,
             UcxModeArg::Send => UcxMode::SendOnRequest,
         };
-        let inline = if args.ucx_inline_kib.is_empty() {
-            vec![UcxConfig::default().inline_bytes / 1024]
+        // `None`: the transport's default for the fabric.
+        let inline: Vec<Option<u64>> = if args.ucx_inline_kib.is_empty() {
+            vec![None]
         } else {
-            args.ucx_inline_kib.clone()
+            args.ucx_inline_kib.iter().copied().map(Some).collect()
         };
         let lanes: Vec<usize> = if args.ucx_lanes.is_empty() {
             vec![UcxConfig::default().lanes]
@@ -318,8 +319,8 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             });
             for (i, inline_kib, l, lanes) in variants {
                 let mut label = label.to_owned();
-                if i > 0 {
-                    label.push_str(&format!(" inline {inline_kib}"));
+                if let (true, Some(kib)) = (i > 0, inline_kib) {
+                    label.push_str(&format!(" inline {kib}"));
                 }
                 if l > 0 {
                     if mode.resolve(Some(fabric.tls)) != UcxMode::Get {
@@ -330,17 +331,18 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     label.push_str(&format!(" lanes {lanes}"));
                 }
                 let cfg = UcxConfig {
-                    inline_bytes: inline_kib.saturating_mul(1024),
+                    inline_bytes: inline_kib.map(|kib| kib.saturating_mul(1024)),
                     lanes,
                     ..fabric.config(mode)
                 };
                 match UcxTransport::new(Arc::clone(&store), None, cfg) {
                     Ok(t) => {
                         eprintln!(
-                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {inline_kib} KiB driven by the pulling thread",
+                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {} KiB driven by the pulling thread",
                             fabric.tls,
                             t.mode(),
-                            t.lanes()
+                            t.lanes(),
+                            t.inline_bytes() / 1024
                         );
                         planes.push(Puller {
                             system: "kvtier-ucx",

@@ -77,10 +77,17 @@
 //!   answers once every send has completed, which is once the puller has fetched or refused
 //!   each block, so no flush is needed. This is the zero-copy path over shared memory on UCX
 //!   releases that use CMA only for rendezvous (Debian 12's 1.13, where a get is emulated
-//!   with messages). A source that predates the flag ignores it and writes.
+//!   with messages). A source that predates the flag ignores it and writes. A second flag asks
+//!   for blocks of at most [`EAGER_BLOCKS_UP_TO`] to be sent eagerly instead, the bytes inside
+//!   the message, which the puller copies into the slot as it comes; an eager send completes
+//!   once UCX has copied the block out, and the answer follows the blocks on the same
+//!   endpoint. The puller asks for that where UCX may use TCP alone, in a pull it drives
+//!   itself whose blocks are all that small. A source that predates this flag sends in
+//!   rendezvous.
 //!
 //! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]), and
-//! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more.
+//! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more,
+//! and, over TCP alone, sends small pulls of small blocks eagerly ([`EAGER_BLOCKS_UP_TO`]).
 //!
 //! The request (active message `0x6b76`, sent eagerly as one message):
 //!
@@ -91,7 +98,8 @@
 //!        | worker address | packed rkey | count × (index u32 | length u64 | slot offset u64)
 //! ```
 //!
-//! (flags: bit 0 asks for sends rather than writes; the other bits are zero), and the answer
+//! (flags: bit 0 asks for sends rather than writes, bit 1 with it for eager sends of small
+//! blocks; the other bits are zero), and the answer
 //! (`0x6b77`): `"KVTA" | version u16 | 0 u16 | request id u64 | count u32 |
 //! count × status u8` (0 written or sent, 1 not in the grant, 2 unknown grant, 3 malformed
 //! entry, 4 not written before the deadline, 5 the write or send failed).
@@ -179,8 +187,8 @@ use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec};
 use wire::RemoteEndpoint;
 #[cfg(test)]
 use wire::{
-    ANSWER_FLAG_SENT, BLOCK_HEADER, ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_FLAG_SEND, REQUEST_HEADER,
-    Request, STATUS_OK, STATUS_TIMED_OUT, encode_answer, encode_block_header, parse_answer,
+    ANSWER_FLAG_SENT, BLOCK_HEADER, ENDPOINT_HEADER, REQUEST_ENTRY, REQUEST_FLAG_EAGER, REQUEST_FLAG_SEND,
+    REQUEST_HEADER, Request, STATUS_OK, STATUS_TIMED_OUT, encode_answer, encode_block_header, parse_answer,
     parse_block_header,
 };
 
@@ -192,7 +200,8 @@ mod wire;
 pub enum UcxMode {
     /// [`UcxMode::Get`], [`UcxMode::PutOnRequest`] or [`UcxMode::SendOnRequest`], by
     /// [`UcxMode::resolve`]; where that is `PutOnRequest`, pulls of several blocks of
-    /// [`SEND_BLOCKS_FROM`] or more on average go by [`UcxMode::SendOnRequest`].
+    /// [`SEND_BLOCKS_FROM`] or more on average go by [`UcxMode::SendOnRequest`], and so do
+    /// small pulls of small blocks over TCP alone, sent eagerly ([`EAGER_BLOCKS_UP_TO`]).
     #[default]
     Auto,
     /// The puller reads the source's arena (one-sided).
@@ -202,7 +211,8 @@ pub enum UcxMode {
     /// The puller asks the source to send each block as a rendezvous active message, which
     /// the puller's UCX then fetches straight into the slot: over shared memory a CMA read by
     /// the puller, the one zero-copy path between processes on UCX releases that do not use
-    /// CMA for one-sided gets (see [`ONE_SIDED_CMA_SINCE`]).
+    /// CMA for one-sided gets (see [`ONE_SIDED_CMA_SINCE`]). Over TCP alone, small pulls of
+    /// small blocks are sent eagerly instead ([`EAGER_BLOCKS_UP_TO`]).
     SendOnRequest,
 }
 
@@ -346,11 +356,22 @@ impl TlsList {
     fn shared_memory_only(&self) -> bool {
         !self.excluded && self.names.iter().all(|n| SHM_TLS.contains(&n.as_str()))
     }
+
+    /// Whether TCP is the only transport it allows between processes (`self` loops back
+    /// within one).
+    fn tcp_only(&self) -> bool {
+        !self.excluded && self.lists("tcp") && self.names.iter().all(|n| n == "tcp" || n == "self")
+    }
 }
 
 /// Whether `tls` (a `UCX_TLS` value) names shared-memory transports only.
 fn shared_memory_only(tls: Option<&str>) -> bool {
     TlsList::parse(tls).is_some_and(|list| list.shared_memory_only())
+}
+
+/// Whether `tls` (a `UCX_TLS` value) limits UCX to its TCP transport ([`EAGER_BLOCKS_UP_TO`]).
+fn tcp_only(tls: Option<&str>) -> bool {
+    TlsList::parse(tls).is_some_and(|list| list.tcp_only())
 }
 
 /// Whether `tls` (a `UCX_TLS` value) lets UCX use its TCP transport: unset, `all`, a list
@@ -402,10 +423,9 @@ pub struct UcxConfig {
     pub drain: Duration,
     /// Pulls of at most this many bytes are driven by the pulling thread itself, which is busy
     /// for up to [`INLINE_BUDGET`] meanwhile, instead of by the progress thread (0: never).
-    /// Default 4 MiB, which UCX moves within [`INLINE_BUDGET`] over shared memory and over
-    /// TCP on loopback; each block is then checked right after its copy, while it is in that
-    /// core's cache.
-    pub inline_bytes: u64,
+    /// Each block is then checked right after its copy, while it is in that core's cache.
+    /// `None`: [`INLINE_BYTES`], or [`TCP_INLINE_BYTES`] where UCX may use TCP.
+    pub inline_bytes: Option<u64>,
     /// UCX workers that read in parallel in [`UcxMode::Get`] (other modes run one), each a UCP
     /// context and worker of its own with its own progress thread (the first also serves this
     /// agent's grants and is the one its endpoint names). A pull of [`SPLIT_FROM_BYTES`] or
@@ -417,6 +437,9 @@ pub struct UcxConfig {
     /// Serve requests for sends by writing, as a source from before send-on-request does.
     #[cfg(test)]
     pub(crate) ignore_send_flag: bool,
+    /// Serve requests for eager sends in rendezvous, as a source from before eager sends does.
+    #[cfg(test)]
+    pub(crate) ignore_eager_flag: bool,
     /// Serve requests as if their deadline were a minute away, as a source whose clock runs
     /// behind would.
     #[cfg(test)]
@@ -429,6 +452,34 @@ pub struct UcxConfig {
 /// than one driven to its end (UCX over TCP, 1 MiB), so a healthy pull of
 /// [`UcxConfig::inline_bytes`] should fit well within it.
 pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
+
+/// The default [`UcxConfig::inline_bytes`] where UCX cannot use TCP: shared memory moves it
+/// well within [`INLINE_BUDGET`].
+pub const INLINE_BYTES: u64 = 4 << 20;
+
+/// The default [`UcxConfig::inline_bytes`] where UCX may use TCP. Loopback TCP moves 3–4 GB/s
+/// on the reference VM, so 4 MiB took longer than [`INLINE_BUDGET`] and was handed over
+/// mid-way: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s driven inline against 3.3–3.4 by the
+/// progress thread, and 32 blocks (2 MiB) at 3.3–3.4 inline against 3.2–3.3 (UCX 1.23,
+/// writes, back to back).
+pub const TCP_INLINE_BYTES: u64 = 2 << 20;
+
+/// Where `UCX_TLS` limits UCX to TCP, a pull whose blocks are all at most this large, and
+/// that the pulling thread drives itself ([`UcxConfig::inline_bytes`]), is sent eagerly where
+/// the source is asked to move the bytes and `Auto` picked writes or sends were configured:
+/// each block travels inside its message and is copied into its slot as it comes, with no
+/// rendezvous handshake and no flush or serial check of written blocks at the end. Over TCP
+/// on loopback (UCX 1.23, 2-core VM, back to back) 16 and 32 blocks of 64 KiB ran at
+/// 3.7–3.9 GB/s against 3.2–3.4 written (NIXL's writes: 3.3), one 64 KiB block in 33–38 µs
+/// against 50; 128 KiB blocks were faster one at a time but erratic in batches (2.2–4.7 GB/s
+/// for 8), and 256 KiB blocks slower. Larger pulls of small blocks, left to the progress
+/// thread, ran eagerly at 3.7 GB/s or at a third of that from one run to the next, where
+/// writes held 2.9–3.3, so they are written. Over shared memory eager sends were slower than
+/// rendezvous (UCX 1.23: 16 KiB blocks 7–10 µs against 6, 64 KiB 28–35 against 6–9; 1.13:
+/// faster for 4 and 16 KiB, 1.5–4 × slower for 64 KiB), and where UCX may pick either per
+/// peer the puller cannot tell which it will (UCX 1.13 does not say), so eager sends are kept
+/// to TCP alone.
+pub const EAGER_BLOCKS_UP_TO: u64 = 64 << 10;
 
 /// Pulls of gets of this many bytes or more are split across the lanes (where the pulling
 /// thread drives a pull, it reads one run while the other lanes' progress threads read
@@ -448,10 +499,12 @@ impl Default for UcxConfig {
             window: 64 << 20,
             spin: Duration::from_micros(500),
             drain: Duration::from_secs(1),
-            inline_bytes: 4 << 20,
+            inline_bytes: None,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
             #[cfg(test)]
             ignore_send_flag: false,
+            #[cfg(test)]
+            ignore_eager_flag: false,
             #[cfg(test)]
             ignore_deadline: false,
         }
@@ -462,10 +515,14 @@ impl Default for UcxConfig {
 pub struct UcxTransport {
     store: Arc<TieredStore>,
     mode: UcxMode,
-    /// `Auto` resolved to writes: pulls of large blocks go by sends ([`SEND_BLOCKS_FROM`]).
-    sends_large_blocks: bool,
+    /// `Auto` resolved to writes: pulls of large blocks go by sends ([`SEND_BLOCKS_FROM`]),
+    /// and small pulls of small blocks by eager sends ([`EAGER_BLOCKS_UP_TO`]).
+    sends_by_size: bool,
     /// UCX may carry the bytes over TCP ([`SLEEP_BETWEEN_BLOCKS_FROM`]).
     may_use_tcp: bool,
+    /// UCX carries the bytes over TCP alone: small pulls of small blocks that a source sends
+    /// go eagerly ([`EAGER_BLOCKS_UP_TO`]).
+    sends_eagerly: bool,
     endpoint: Vec<u8>,
     name: String,
     /// At least one; the first serves grants and is named by `endpoint`.
@@ -514,7 +571,12 @@ impl UcxTransport {
             tcp_segment,
             ..cfg
         };
-        let inline_bytes = cfg.inline_bytes;
+        let may_use_tcp = may_use_tcp(tls.as_deref());
+        let inline_bytes = cfg.inline_bytes.unwrap_or(if may_use_tcp {
+            TCP_INLINE_BYTES
+        } else {
+            INLINE_BYTES
+        });
         // Only gets are split across lanes (see the module documentation).
         let lane_count = if mode == UcxMode::Get {
             cfg.lanes.clamp(1, MAX_LANES)
@@ -536,8 +598,9 @@ impl UcxTransport {
         Ok(Self {
             store,
             mode,
-            sends_large_blocks: auto && mode == UcxMode::PutOnRequest,
-            may_use_tcp: may_use_tcp(tls.as_deref()),
+            sends_by_size: auto && mode == UcxMode::PutOnRequest,
+            may_use_tcp,
+            sends_eagerly: tcp_only(tls.as_deref()),
             endpoint,
             name,
             lanes,
@@ -568,6 +631,18 @@ impl UcxTransport {
         self.lanes_total(|e| e.served_sends)
     }
 
+    /// Blocks this transport, as a source, set out to send eagerly.
+    #[cfg(test)]
+    fn served_eager(&self) -> usize {
+        self.lanes_total(|e| e.served_eager)
+    }
+
+    /// Blocks that came to this transport's pulls eagerly.
+    #[cfg(test)]
+    fn eager_arrivals(&self) -> usize {
+        self.lanes_total(|e| e.eager_arrivals)
+    }
+
     /// Times a progress thread slept early, between the blocks of a pull that sleeps.
     #[cfg(test)]
     fn early_sleeps(&self) -> usize {
@@ -584,6 +659,12 @@ impl UcxTransport {
     /// where a further lane could not start).
     pub fn lanes(&self) -> usize {
         self.lanes.len()
+    }
+
+    /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`],
+    /// resolved).
+    pub fn inline_bytes(&self) -> u64 {
+        self.inline_bytes
     }
 }
 
@@ -735,12 +816,19 @@ impl Transport for UcxTransport {
             if !ops.is_empty() {
                 let (reply, mut settled) = mpsc::unbounded_channel();
                 let bytes: u64 = ops.iter().map(|o| o.len).sum();
-                let mode = pull_mode(
-                    self.mode,
-                    self.sends_large_blocks,
-                    remote.rkey.is_empty(),
-                    ops.len(),
+                let inline = bytes <= self.inline_bytes;
+                let shape = PullShape {
+                    blocks: ops.len(),
                     bytes,
+                    largest: ops.iter().map(|o| o.len).max().unwrap_or(0),
+                    inline,
+                };
+                let PullPlan { mode, eager } = pull_plan(
+                    self.mode,
+                    self.sends_by_size,
+                    self.sends_eagerly,
+                    remote.rkey.is_empty(),
+                    shape,
                 );
                 let sleeps = sleeps_between_blocks(mode, self.may_use_tcp, ops.len(), bytes);
                 let spec = |ops: Vec<OpSpec>| PullSpec {
@@ -748,6 +836,7 @@ impl Transport for UcxTransport {
                     grant,
                     mode,
                     sleeps,
+                    eager,
                     ops,
                     deadline,
                     reply: reply.clone(),
@@ -770,7 +859,6 @@ impl Transport for UcxTransport {
                         }
                     }));
                 };
-                let inline = bytes <= self.inline_bytes;
                 let parts = if mode == UcxMode::Get && bytes >= SPLIT_FROM_BYTES {
                     self.lanes.len()
                 } else {
@@ -835,22 +923,54 @@ impl Transport for UcxTransport {
     }
 }
 
-/// The mode of one pull of `blocks` blocks and `bytes` bytes on a transport in `mode`: a
-/// source that publishes no key (`keyless_source`) is not read one-sidedly but asked to write,
-/// and where `Auto` picked writes (`sends_large_blocks`) several blocks of
-/// [`SEND_BLOCKS_FROM`] or more on average are asked for by sends.
-fn pull_mode(
-    mode: UcxMode,
-    sends_large_blocks: bool,
-    keyless_source: bool,
+/// What decides how one pull moves its blocks.
+#[derive(Debug, Clone, Copy)]
+struct PullShape {
     blocks: usize,
     bytes: u64,
-) -> UcxMode {
+    /// The largest block's length.
+    largest: u64,
+    /// Driven by the pulling thread ([`UcxConfig::inline_bytes`]).
+    inline: bool,
+}
+
+/// How one pull moves its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PullPlan {
+    mode: UcxMode,
+    /// The source is asked to send the blocks eagerly ([`EAGER_BLOCKS_UP_TO`]).
+    eager: bool,
+}
+
+/// How one pull of `shape` moves its blocks on a transport in `mode`: a source that publishes
+/// no key (`keyless_source`) is not read one-sidedly but asked to write; where `Auto` picked
+/// writes (`sends_by_size`), several blocks of [`SEND_BLOCKS_FROM`] or more on average are
+/// asked for by sends. Where UCX carries the bytes over TCP alone (`sends_eagerly`), so are
+/// the blocks of a pull the pulling thread drives whose blocks are all small, which go
+/// eagerly ([`EAGER_BLOCKS_UP_TO`]), as they do in such a pull where sends were configured.
+fn pull_plan(
+    mode: UcxMode,
+    sends_by_size: bool,
+    sends_eagerly: bool,
+    keyless_source: bool,
+    shape: PullShape,
+) -> PullPlan {
+    let PullShape {
+        blocks,
+        bytes,
+        largest,
+        inline,
+    } = shape;
     let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
-    match mode {
+    let small_inline = sends_eagerly && inline && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
+    let mode = match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
-        UcxMode::PutOnRequest if sends_large_blocks && large_blocks => UcxMode::SendOnRequest,
+        UcxMode::PutOnRequest if sends_by_size && (large_blocks || small_inline) => UcxMode::SendOnRequest,
         m => m,
+    };
+    PullPlan {
+        mode,
+        eager: mode == UcxMode::SendOnRequest && small_inline,
     }
 }
 

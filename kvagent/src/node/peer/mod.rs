@@ -555,10 +555,7 @@ fn ucx_transport(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        inline_bytes: cfg
-            .ucx
-            .inline_kib
-            .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
+        inline_bytes: cfg.ucx.inline_kib.map(|kib| kib.saturating_mul(1024)),
         lanes: cfg.ucx.lanes.unwrap_or(defaults.lanes),
         ..defaults
     };
@@ -567,6 +564,7 @@ fn ucx_transport(
     tracing::info!(
         mode = ?transport.mode(),
         lanes = transport.lanes(),
+        inline_kib = transport.inline_bytes() / 1024,
         ucx = %format!("{major}.{minor}"),
         worker = transport.name(),
         "UCX data plane ready"

@@ -156,6 +156,9 @@ pub(super) struct PullSpec {
     /// The progress thread sleeps between this pull's arrivals rather than polling (see
     /// [`super::SLEEP_BETWEEN_BLOCKS_FROM`]).
     pub(super) sleeps: bool,
+    /// With [`UcxMode::SendOnRequest`]: the source is asked to send small blocks eagerly (see
+    /// [`super::EAGER_BLOCKS_UP_TO`]).
+    pub(super) eager: bool,
     pub(super) ops: Vec<OpSpec>,
     pub(super) deadline: Instant,
     pub(super) reply: Settled,
@@ -552,6 +555,9 @@ struct PutOp {
     local: *const u8,
     len: u64,
     remote: u64,
+    /// Sent eagerly (the puller asked, and the block is small: see
+    /// [`super::EAGER_BLOCKS_UP_TO`]).
+    eager: bool,
 }
 
 #[derive(Debug)]
@@ -802,6 +808,12 @@ pub(super) struct Engine {
     /// Requests this engine served by sending.
     #[cfg(test)]
     pub(super) served_sends: usize,
+    /// Blocks this engine set out to send eagerly.
+    #[cfg(test)]
+    pub(super) served_eager: usize,
+    /// Blocks that came to this engine's pulls eagerly, bytes and all.
+    #[cfg(test)]
+    pub(super) eager_arrivals: usize,
     /// Times the progress thread slept sooner than [`UcxConfig::spin`](super::UcxConfig::spin)
     /// after activity, for pulls that sleep between their blocks.
     #[cfg(test)]
@@ -862,6 +874,10 @@ impl Engine {
             refused_blocks: 0,
             #[cfg(test)]
             served_sends: 0,
+            #[cfg(test)]
+            served_eager: 0,
+            #[cfg(test)]
+            eager_arrivals: 0,
             #[cfg(test)]
             early_sleeps: 0,
             _store: Arc::clone(store),
@@ -1311,6 +1327,12 @@ impl Engine {
     }
 
     /// Messages and endpoint failures the callbacks left.
+    /// Leaves an answer in the inbox, as UCX's handler does.
+    #[cfg(test)]
+    pub(in crate::transport::ucx) fn receive_answer(&mut self, message: Vec<u8>) {
+        self.inbox.borrow_mut().answers.push(message);
+    }
+
     fn handle_inbox(&mut self) -> bool {
         let (requests, answers, blocks, failed) = {
             let mut inbox = self.inbox.borrow_mut();

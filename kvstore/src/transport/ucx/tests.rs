@@ -3,7 +3,7 @@ use crate::BlockKey;
 use crate::Reservation;
 use crate::transport::Grant;
 use crate::transport::test_support::{key, payload, soon, store};
-use engine::{BlockArrival, BlockData};
+use engine::{BlockArrival, BlockData, Receiver};
 
 /// Which of UCX's transports a test runs over.
 #[derive(Debug, Clone, Copy)]
@@ -44,18 +44,23 @@ fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<Blo
     (grants, t, keys)
 }
 
+/// A puller that drives pulls as the transport does by default.
 fn puller(fabric: Fabric, mode: UcxMode) -> (Arc<TieredStore>, UcxTransport) {
-    puller_driving(fabric, mode, UcxConfig::default().inline_bytes)
+    puller_with(config(fabric, mode))
 }
 
 /// A puller whose own thread drives pulls of at most `inline_bytes` (0: the progress thread
 /// drives every pull; `u64::MAX`: the pulling thread starts every pull itself).
 fn puller_driving(fabric: Fabric, mode: UcxMode, inline_bytes: u64) -> (Arc<TieredStore>, UcxTransport) {
-    let s = store(64);
-    let cfg = UcxConfig {
-        inline_bytes,
+    puller_with(UcxConfig {
+        inline_bytes: Some(inline_bytes),
         ..config(fabric, mode)
-    };
+    })
+}
+
+fn puller_with(cfg: UcxConfig) -> (Arc<TieredStore>, UcxTransport) {
+    let s = store(64);
+    let mode = cfg.mode;
     let t = UcxTransport::new(Arc::clone(&s), None, cfg).unwrap();
     assert_eq!(t.mode(), mode);
     assert_eq!(t.lanes(), if mode == UcxMode::Get { 2 } else { 1 });
@@ -165,59 +170,19 @@ async fn sends_on_request_over_tcp_are_byte_exact() {
 /// blocks handed to it as eager data, and a parked source that never answers.
 #[test]
 fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
-    let src_store = store(8);
-    let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
-    let src = Stallable::start(src_store, grants, Fabric::Shm);
-    src.park();
-    let dst = store(8);
-    let cfg = config(Fabric::Shm, UcxMode::SendOnRequest);
-    let tls = cfg.tls.clone();
-    let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
-    let len = 4096;
-    let wanted: Vec<(BlockKey, u64)> = (100..104).map(|i| (key(i), len)).collect();
-    let mut slots: Vec<_> = dst
-        .reserve_batch(&wanted)
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    for s in &mut slots {
-        dst.host().reserved_mut(s).fill(0xa5);
-    }
-    let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
-    let spec = |slots: &[Reservation], deadline: Instant| {
-        let (reply, settled) = mpsc::unbounded_channel();
-        let ops = slots
-            .iter()
-            .enumerate()
-            .map(|(n, s)| OpSpec {
-                item: n,
-                index: n as u32,
-                len,
-                local_offset: s.offset(),
-                remote_offset: 0,
-            })
-            .collect();
-        let spec = PullSpec {
-            remote: remote.clone(),
-            grant: GrantId([1; 16]),
-            mode: UcxMode::SendOnRequest,
-            sleeps: false,
-            ops,
-            deadline,
-            reply,
-        };
-        (spec, settled)
-    };
+    let EngineCase {
+        src,
+        dst,
+        mut engine,
+        mut slots,
+        remote,
+    } = EngineCase::start(4, false);
     // Request 0: the first three slots, in time; request 1: the last slot, already late.
-    let (live, mut settled) = spec(&slots[..3], Instant::now() + Duration::from_secs(30));
+    let (live, mut settled) = send_spec(&remote, &slots[..3], Instant::now() + Duration::from_secs(30));
     engine.start_pull(live);
-    let (late, mut late_settled) = spec(&slots[3..], Instant::now());
+    let (late, mut late_settled) = send_spec(&remote, &slots[3..], Instant::now());
     engine.start_pull(late);
-    let block = |request: u64, entry: u32, bytes: Vec<u8>| BlockArrival {
-        request,
-        entry,
-        data: BlockData::Eager(bytes),
-    };
+    let len = SLOT_LEN;
     let good = payload(7, len as usize);
     engine.receive_block(block(9, 0, good.clone())); // no such request
     engine.receive_block(block(0, 3, good.clone())); // no such position
@@ -261,34 +226,216 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
     for s in slots {
         dst.abort(s);
     }
+    drop(src);
 }
 
-/// A puller in send mode pulls from a source that predates sends: it writes the blocks, and
-/// its answer, not marked as sent, counts them as written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_puller_takes_writes_from_a_source_that_predates_sends() {
-    for fabric in [Fabric::Tcp, Fabric::Shm] {
-        let s = store(16);
-        let keys: Vec<BlockKey> = (0..3).map(key).collect();
-        for (i, k) in keys.iter().enumerate() {
-            s.put(k, &payload(i as u64, 10_000));
+/// An answer that reports blocks sent before they have come (an eager send completes at the
+/// source once UCX has copied the block out, and UCX keeps the order of messages only on one
+/// lane) leaves the pull waiting for them until its deadline: each lands and settles as it
+/// comes, and one still missing at the deadline fails as late.
+#[test]
+fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
+    let EngineCase {
+        src,
+        dst,
+        mut engine,
+        mut slots,
+        remote,
+    } = EngineCase::start(3, true);
+    // Requests 1 and 2 (0 connected the engine to the source).
+    let (pull, mut settled) = send_spec(&remote, &slots[..2], Instant::now() + Duration::from_secs(30));
+    engine.start_pull(pull);
+    let near = Instant::now() + Duration::from_millis(300);
+    let (pull, mut late_settled) = send_spec(&remote, &slots[2..], near);
+    engine.start_pull(pull);
+    engine.receive_answer(encode_answer(1, true, &[STATUS_OK, STATUS_OK]));
+    engine.receive_answer(encode_answer(2, true, &[STATUS_OK]));
+    let good: Vec<Vec<u8>> = (0..2).map(|n| payload(n, SLOT_LEN as usize)).collect();
+    // The requests' own sends complete within a few turns (the endpoint is connected); the
+    // answers are in, and the blocks still missing.
+    for _ in 0..100 {
+        engine.turn();
+    }
+    assert!(settled.try_recv().is_err(), "settled before its blocks came");
+    engine.receive_block(block(1, 1, good[1].clone()));
+    engine.turn();
+    assert_eq!(settled.try_recv().as_deref(), Ok(&[(1, Ok(None))][..]));
+    engine.receive_block(block(1, 0, good[0].clone()));
+    engine.turn();
+    assert_eq!(settled.try_recv().as_deref(), Ok(&[(0, Ok(None))][..]));
+    // The other pull's block never comes: late at its deadline, not before.
+    let given_up = Instant::now() + Duration::from_secs(10);
+    let late = loop {
+        engine.turn();
+        if let Ok(batch) = late_settled.try_recv() {
+            break batch;
         }
-        let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
-        let legacy = UcxConfig {
-            ignore_send_flag: true,
-            ..config(fabric, UcxMode::Get)
-        };
-        let src = UcxTransport::new(s, Some(Arc::clone(&grants)), legacy).unwrap();
-        let (dst, t) = puller(fabric, UcxMode::SendOnRequest);
-        let grant = grants.grant(&keys).unwrap();
-        for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
-            assert_eq!(p.result, Ok(()), "{fabric:?}");
-            let mut slot = p.slot;
+        assert!(Instant::now() < given_up, "never settled");
+    };
+    assert!(Instant::now() >= near);
+    assert!(
+        matches!(late.as_slice(), [(0, Err(TransportError::TimedOut { .. }))]),
+        "{late:?}"
+    );
+    for (n, slot) in slots.iter_mut().take(2).enumerate() {
+        assert_eq!(dst.host().reserved_mut(slot), &good[n][..]);
+    }
+    assert!(dst.host().reserved_mut(&mut slots[2]).iter().all(|&b| b == 0xa5));
+    drop(engine);
+    for s in slots {
+        dst.abort(s);
+    }
+    drop(src);
+}
+
+/// The length of [`EngineCase`]'s slots.
+const SLOT_LEN: u64 = 4096;
+
+/// A puller's engine driven by the test itself, with slots to pull into (filled with `0xa5`)
+/// from a parked source that never answers (after serving one pull, request 0, where the
+/// engine is to be connected to it first).
+struct EngineCase {
+    src: Stallable,
+    dst: Arc<TieredStore>,
+    engine: Engine,
+    slots: Vec<Reservation>,
+    remote: RemoteEndpoint,
+}
+
+impl EngineCase {
+    fn start(slots: u64, connected: bool) -> Self {
+        let src_store = store(8);
+        let warm_up = key(1);
+        src_store.put(&warm_up, &payload(1, SLOT_LEN as usize));
+        let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
+        let grant = grants.grant(&[warm_up]).unwrap();
+        let src = Stallable::start(src_store, grants, Fabric::Shm);
+        let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
+        let dst = store(8);
+        let cfg = config(Fabric::Shm, UcxMode::SendOnRequest);
+        let tls = cfg.tls.clone();
+        let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+        if connected {
+            let mut slot = dst.reserve_batch(&[(key(99), SLOT_LEN)]).remove(0).unwrap();
+            let (mut spec, mut settled) = send_spec(&remote, std::slice::from_ref(&slot), soon());
+            spec.grant = grant.id;
+            spec.ops[0].remote_offset = grant.blocks[0].offset;
+            engine.start_pull(spec);
+            let given_up = Instant::now() + Duration::from_secs(10);
+            let warmed = loop {
+                engine.turn();
+                if let Ok(batch) = settled.try_recv() {
+                    break batch;
+                }
+                assert!(Instant::now() < given_up, "the warm-up pull never settled");
+            };
+            assert_eq!(warmed, [(0, Ok(None))]);
             assert_eq!(
                 dst.host().reserved_mut(&mut slot),
-                &payload(u64::from(p.index), 10_000)[..]
+                &payload(1, SLOT_LEN as usize)[..]
             );
             dst.abort(slot);
+        }
+        src.park();
+        let wanted: Vec<(BlockKey, u64)> = (100..100 + slots).map(|i| (key(i), SLOT_LEN)).collect();
+        let mut slots: Vec<_> = dst
+            .reserve_batch(&wanted)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        for s in &mut slots {
+            dst.host().reserved_mut(s).fill(0xa5);
+        }
+        Self {
+            src,
+            dst,
+            engine,
+            slots,
+            remote,
+        }
+    }
+}
+
+/// A send-on-request pull of `slots` (grant index = position) from `remote`, and where its
+/// results come.
+fn send_spec(remote: &RemoteEndpoint, slots: &[Reservation], deadline: Instant) -> (PullSpec, Receiver) {
+    let (reply, settled) = mpsc::unbounded_channel();
+    let ops = slots
+        .iter()
+        .enumerate()
+        .map(|(n, s)| OpSpec {
+            item: n,
+            index: n as u32,
+            len: SLOT_LEN,
+            local_offset: s.offset(),
+            remote_offset: 0,
+        })
+        .collect();
+    let spec = PullSpec {
+        remote: remote.clone(),
+        grant: GrantId([1; 16]),
+        mode: UcxMode::SendOnRequest,
+        sleeps: false,
+        eager: true,
+        ops,
+        deadline,
+        reply,
+    };
+    (spec, settled)
+}
+
+/// A block that came eagerly for `request`'s `entry`.
+fn block(request: u64, entry: u32, bytes: Vec<u8>) -> BlockArrival {
+    BlockArrival {
+        request,
+        entry,
+        data: BlockData::Eager(bytes),
+    }
+}
+
+/// A puller in send mode asks for its small blocks eagerly over TCP (in rendezvous over shared
+/// memory). A source that predates eager sends sends them in rendezvous; one that predates
+/// sends writes them, and its answer, not marked as sent, counts them as written. Every block
+/// lands byte for byte either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_puller_takes_what_a_source_that_predates_sends_or_eager_sends_does() {
+    for fabric in [Fabric::Tcp, Fabric::Shm] {
+        // (ignores sends, ignores eager sends, sends, eager blocks)
+        let eager_sends = if matches!(fabric, Fabric::Tcp) { 3 } else { 0 };
+        for (ignore_send_flag, ignore_eager_flag, sends, eager) in [
+            (true, false, 0, 0),
+            (false, true, 1, 0),
+            (false, false, 1, eager_sends),
+        ] {
+            let s = store(16);
+            let keys: Vec<BlockKey> = (0..3).map(key).collect();
+            for (i, k) in keys.iter().enumerate() {
+                s.put(k, &payload(i as u64, 10_000));
+            }
+            let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+            let source = UcxConfig {
+                ignore_send_flag,
+                ignore_eager_flag,
+                ..config(fabric, UcxMode::Get)
+            };
+            let src = UcxTransport::new(s, Some(Arc::clone(&grants)), source).unwrap();
+            let (dst, t) = puller(fabric, UcxMode::SendOnRequest);
+            let grant = grants.grant(&keys).unwrap();
+            let case =
+                format!("{fabric:?} ignoring sends {ignore_send_flag}, eager sends {ignore_eager_flag}");
+            for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
+                assert_eq!(p.result, Ok(()), "{case}");
+                let mut slot = p.slot;
+                assert_eq!(
+                    dst.host().reserved_mut(&mut slot),
+                    &payload(u64::from(p.index), 10_000)[..],
+                    "{case}"
+                );
+                dst.abort(slot);
+            }
+            assert_eq!(src.served_sends(), sends, "{case}");
+            assert_eq!(src.served_eager(), eager, "{case}");
+            assert_eq!(t.eager_arrivals(), eager, "{case}");
         }
     }
 }
@@ -692,29 +839,31 @@ async fn a_source_stopping_mid_pull_fails_what_it_did_not_send() {
 fn auto_picks_gets_only_where_ucx_may_not_use_tcp() {
     use UcxMode::{Auto, Get, PutOnRequest, SendOnRequest};
     let (old, new) = ((1, 13), ONE_SIDED_CMA_SINCE);
-    // (UCX_TLS, Auto on `old`, on `new`, shared memory only, TCP allowed)
-    for (tls, on_old, on_new, shm_only, tcp) in [
-        (None, PutOnRequest, PutOnRequest, false, true),
-        (Some(""), PutOnRequest, PutOnRequest, false, true),
-        (Some("all"), PutOnRequest, PutOnRequest, false, true),
-        (Some("tcp"), PutOnRequest, PutOnRequest, false, true),
-        (Some("sm,tcp"), PutOnRequest, PutOnRequest, false, true),
-        (Some("sm, TCP"), PutOnRequest, PutOnRequest, false, true),
-        (Some("rc,ud"), PutOnRequest, PutOnRequest, false, false),
-        (Some("^ib"), PutOnRequest, PutOnRequest, false, true),
+    // (UCX_TLS, Auto on `old`, on `new`, shared memory only, TCP allowed, TCP only)
+    for (tls, on_old, on_new, shm_only, tcp, only_tcp) in [
+        (None, PutOnRequest, PutOnRequest, false, true, false),
+        (Some(""), PutOnRequest, PutOnRequest, false, true, false),
+        (Some("all"), PutOnRequest, PutOnRequest, false, true, false),
+        (Some("tcp"), PutOnRequest, PutOnRequest, false, true, true),
+        (Some(" TCP,self"), PutOnRequest, PutOnRequest, false, true, true),
+        (Some("sm,tcp"), PutOnRequest, PutOnRequest, false, true, false),
+        (Some("sm, TCP"), PutOnRequest, PutOnRequest, false, true, false),
+        (Some("rc,ud"), PutOnRequest, PutOnRequest, false, false, false),
+        (Some("^ib"), PutOnRequest, PutOnRequest, false, true, false),
         // Shared memory alone: gets where UCX does them with CMA, rendezvous sends before.
-        (Some("sm"), SendOnRequest, Get, true, false),
-        (Some("posix,cma"), SendOnRequest, Get, true, false),
-        (Some(" SM , Self "), SendOnRequest, Get, true, false),
+        (Some("sm"), SendOnRequest, Get, true, false, false),
+        (Some("posix,cma"), SendOnRequest, Get, true, false, false),
+        (Some(" SM , Self "), SendOnRequest, Get, true, false, false),
         // RDMA reads are one-sided on every release.
-        (Some("rc_x,sm,cuda_ipc"), Get, Get, false, false),
-        (Some("^tcp"), Get, Get, false, false),
-        (Some("^ud,tcp"), Get, Get, false, false),
+        (Some("rc_x,sm,cuda_ipc"), Get, Get, false, false, false),
+        (Some("^tcp"), Get, Get, false, false, false),
+        (Some("^ud,tcp"), Get, Get, false, false, false),
     ] {
         assert_eq!(Auto.resolve_on(tls, old), on_old, "UCX_TLS={tls:?} on {old:?}");
         assert_eq!(Auto.resolve_on(tls, new), on_new, "UCX_TLS={tls:?} on {new:?}");
         assert_eq!(shared_memory_only(tls), shm_only, "UCX_TLS={tls:?}");
         assert_eq!(may_use_tcp(tls), tcp, "UCX_TLS={tls:?}");
+        assert_eq!(tcp_only(tls), only_tcp, "UCX_TLS={tls:?}");
     }
     assert_eq!(Get.resolve(Some("tcp")), Get, "an explicit mode stands");
     assert_eq!(PutOnRequest.resolve(Some("sm")), PutOnRequest);
@@ -762,18 +911,41 @@ fn messages_round_trip_and_damaged_ones_are_refused() {
         rkey: vec![6; 11],
         entries: vec![(0, 4096, 0), (9, 5, 8192)],
         send: false,
+        eager: false,
     };
     let bytes = req.encode();
     assert_eq!(bytes.len(), REQUEST_HEADER + 9 + 11 + 2 * REQUEST_ENTRY);
     assert_eq!(Request::parse(&bytes), Some(req.clone()));
-    let sending = Request { send: true, ..req };
+    let sending = Request {
+        send: true,
+        ..req.clone()
+    };
     let send_bytes = sending.encode();
-    assert_eq!(Request::parse(&send_bytes), Some(sending));
+    assert_eq!(Request::parse(&send_bytes), Some(sending.clone()));
     assert_eq!(
         send_bytes[6..8],
         REQUEST_FLAG_SEND.to_le_bytes(),
         "the flag takes the old zero field"
     );
+    let eager = Request {
+        eager: true,
+        ..sending.clone()
+    };
+    let eager_bytes = eager.encode();
+    assert_eq!(Request::parse(&eager_bytes), Some(eager.clone()));
+    assert_eq!(
+        eager_bytes[6..8],
+        (REQUEST_FLAG_SEND | REQUEST_FLAG_EAGER).to_le_bytes()
+    );
+    // Eager alone means nothing: the blocks are written.
+    let mut eager_only = eager_bytes;
+    eager_only[6..8].copy_from_slice(&REQUEST_FLAG_EAGER.to_le_bytes());
+    assert_eq!(Request::parse(&eager_only), Some(req.clone()));
+    let writing = Request {
+        eager: true,
+        ..req.clone()
+    };
+    assert_eq!(writing.encode(), bytes, "no eager flag without sends");
     let header = encode_block_header(7, 9);
     assert_eq!(parse_block_header(&header), Some((7, 9)));
     assert_eq!(parse_block_header(&header[..BLOCK_HEADER - 1]), None);
@@ -810,6 +982,7 @@ fn a_source_stops_writing_at_the_pullers_deadline() {
         rkey: Vec::new(),
         entries: Vec::new(),
         send: false,
+        eager: false,
     };
     let now = Instant::now();
     let here = [1; 16];
@@ -903,36 +1076,55 @@ fn pulls_split_across_lanes_by_bytes() {
     }
 }
 
-/// Where `Auto` writes, pulls of several large blocks go by sends; explicit modes are kept, and
-/// a source without a key is asked to write.
+/// Where `Auto` writes, pulls of several large blocks go by sends, and pulls of small blocks
+/// that the pulling thread drives by eager sends, as they do where sends were configured;
+/// explicit writes and gets are kept, and a source without a key is asked to write.
 #[test]
-fn auto_sends_pulls_of_several_large_blocks_where_it_writes() {
-    let pull_mode = |mode, sends_large_blocks, keyless_source, lens: &[u64]| {
-        pull_mode(
-            mode,
-            sends_large_blocks,
-            keyless_source,
-            lens.len(),
-            lens.iter().sum(),
-        )
+fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
+    let shape = |lens: &[u64], inline| PullShape {
+        blocks: lens.len(),
+        bytes: lens.iter().sum(),
+        largest: lens.iter().copied().max().unwrap_or(0),
+        inline,
+    };
+    // Over TCP alone.
+    let plan = |mode, sends_by_size, keyless_source, lens: &[u64], inline| {
+        let PullPlan { mode, eager } =
+            pull_plan(mode, sends_by_size, true, keyless_source, shape(lens, inline));
+        (mode, eager)
     };
     let large = [SEND_BLOCKS_FROM; 4];
     let mixed = [4096, 2 * SEND_BLOCKS_FROM];
-    let small = [SEND_BLOCKS_FROM - 1, SEND_BLOCKS_FROM];
+    let medium = [EAGER_BLOCKS_UP_TO + 1, SEND_BLOCKS_FROM - 1];
+    let small = [EAGER_BLOCKS_UP_TO, 4096, 1];
+    let one_small = [EAGER_BLOCKS_UP_TO];
     let one = [4 << 20];
-    let put = UcxMode::PutOnRequest;
-    assert_eq!(pull_mode(put, true, false, &large), UcxMode::SendOnRequest);
-    assert_eq!(pull_mode(put, true, false, &mixed), UcxMode::SendOnRequest);
-    assert_eq!(pull_mode(put, true, false, &small), put);
-    assert_eq!(pull_mode(put, true, false, &one), put);
-    // Configured as writes: always writes.
-    assert_eq!(pull_mode(put, false, false, &large), put);
-    assert_eq!(pull_mode(UcxMode::Get, false, false, &large), UcxMode::Get);
-    assert_eq!(pull_mode(UcxMode::Get, false, true, &large), put);
-    assert_eq!(
-        pull_mode(UcxMode::SendOnRequest, false, false, &one),
-        UcxMode::SendOnRequest
-    );
+    let (put, send, get) = (UcxMode::PutOnRequest, UcxMode::SendOnRequest, UcxMode::Get);
+    for inline in [false, true] {
+        assert_eq!(plan(put, true, false, &large, inline), (send, false));
+        assert_eq!(plan(put, true, false, &mixed, inline), (send, false));
+        assert_eq!(plan(put, true, false, &medium, inline), (put, false));
+        assert_eq!(plan(put, true, false, &one, inline), (put, false));
+        // Configured as writes: always writes.
+        assert_eq!(plan(put, false, false, &large, inline), (put, false));
+        assert_eq!(plan(put, false, false, &small, inline), (put, false));
+        assert_eq!(plan(get, false, false, &small, inline), (get, false));
+        assert_eq!(plan(get, false, true, &small, inline), (put, false));
+        assert_eq!(plan(send, false, false, &one, inline), (send, false));
+        assert_eq!(plan(send, false, false, &large, inline), (send, false));
+        assert_eq!(plan(put, true, false, &[], inline), (put, false));
+    }
+    // Small blocks: eager sends where the pulling thread drives the pull, else writes.
+    assert_eq!(plan(put, true, false, &small, true), (send, true));
+    assert_eq!(plan(put, true, false, &one_small, true), (send, true));
+    assert_eq!(plan(put, true, false, &small, false), (put, false));
+    assert_eq!(plan(send, false, false, &small, true), (send, true));
+    assert_eq!(plan(send, false, false, &small, false), (send, false));
+    // Where UCX may carry them over shared memory too: never eagerly.
+    let unsure = |mode, sends_by_size| pull_plan(mode, sends_by_size, false, false, shape(&small, true));
+    let not_eager = |mode| PullPlan { mode, eager: false };
+    assert_eq!(unsure(put, true), not_eager(put));
+    assert_eq!(unsure(send, false), not_eager(send));
 }
 
 /// Where UCX may use TCP, pulls of blocks of [`SLEEP_BETWEEN_BLOCKS_FROM`] or more on average
@@ -951,8 +1143,8 @@ fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
     assert!(!sleeps_between_blocks(UcxMode::Get, true, 1, large));
 }
 
-/// `Auto` over TCP, with pulls it writes and pulls it sends, of blocks small and large enough
-/// for the progress thread to sleep between them, byte for byte.
+/// `Auto` over TCP, with pulls it writes, pulls it sends eagerly or in rendezvous, of blocks
+/// small and large enough for the progress thread to sleep between them, byte for byte.
 #[tokio::test]
 async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     let lens: Vec<usize> = (0..28)
@@ -965,24 +1157,36 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     let (grants, src, keys) = source(&lens, Fabric::Tcp);
     let endpoint = src.endpoint(None);
     let dst = store(64);
-    let t = UcxTransport::new(Arc::clone(&dst), None, config(Fabric::Tcp, UcxMode::Auto)).unwrap();
-    assert_eq!(t.mode(), UcxMode::PutOnRequest);
-    // (blocks, whether the source is asked to send them, whether the puller's progress thread
-    // sleeps between them): a single large block is written.
-    for (range, sent, sleeps) in [
-        (0..12, false, false),
-        (12..24, true, false),
-        (0..24, true, false),
-        (12..13, false, false),
-        (24..28, true, true),
-        (25..26, false, true),
+    let auto = config(Fabric::Tcp, UcxMode::Auto);
+    let inline = UcxTransport::new(Arc::clone(&dst), None, auto.clone()).unwrap();
+    assert_eq!(inline.mode(), UcxMode::PutOnRequest);
+    assert_eq!(inline.inline_bytes(), TCP_INLINE_BYTES);
+    let handed_over = UcxConfig {
+        inline_bytes: Some(0),
+        ..auto
+    };
+    let handed_over = UcxTransport::new(Arc::clone(&dst), None, handed_over).unwrap();
+    // (blocks, whether the pulling thread drives the pull, whether the source is asked to
+    // send them, how many it sends eagerly, whether the puller's progress thread sleeps
+    // between them): a single large block is written.
+    for (range, driven, sent, eager, sleeps) in [
+        (0..12, true, true, 12, false),
+        (0..12, false, false, 0, false),
+        (2..3, true, true, 1, false),
+        (12..24, false, true, 0, false),
+        (0..24, false, true, 0, false),
+        (12..13, true, false, 0, false),
+        (24..28, false, true, 0, true),
+        (25..26, false, false, 0, true),
     ] {
+        let t = if driven { &inline } else { &handed_over };
         let keys = &keys[range.clone()];
         let grant = grants.grant(keys).unwrap();
-        let sends_before = src.served_sends();
+        let (sends_before, eager_before) = (src.served_sends(), src.served_eager());
         let early_sleeps = t.early_sleeps();
-        let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
+        let pulled = pull(&dst, t, &endpoint, &grant, keys, soon()).await;
         assert_eq!(src.served_sends() - sends_before, usize::from(sent), "{range:?}");
+        assert_eq!(src.served_eager() - eager_before, eager, "{range:?}");
         // A sleeping pull waits for its first block's bytes at least once.
         assert_eq!(t.early_sleeps() > early_sleeps, sleeps, "{range:?}");
         for (p, i) in pulled.into_iter().zip(range.clone()) {
@@ -1002,11 +1206,17 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
 /// A source that sends its blocks after the puller's deadline (here one told to ignore it, as
 /// a source whose clock runs behind would): the pull has already failed, every late block is
 /// refused unreceived, its slots stay as they were, and the next pull from that source works.
+/// Blocks large enough to be received a turn at a time, had they come in time, and blocks
+/// small enough to come eagerly, bytes and all.
 #[tokio::test]
 async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
-    for fabric in [Fabric::Tcp, Fabric::Shm] {
-        // Large enough to be received a turn at a time, had they come in time.
-        let len = 512 * 1024;
+    for (fabric, len) in [
+        (Fabric::Tcp, 512 << 10),
+        (Fabric::Shm, 512 << 10),
+        (Fabric::Tcp, 16 << 10),
+        (Fabric::Shm, 16 << 10),
+    ] {
+        let eager = matches!(fabric, Fabric::Tcp) && len as u64 <= EAGER_BLOCKS_UP_TO;
         let s = store(64);
         let keys: Vec<BlockKey> = (0..12).map(key).collect();
         for (i, k) in keys.iter().enumerate() {
@@ -1022,21 +1232,27 @@ async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
         let (warm, late, later) = (&keys[..2], &keys[2..8], &keys[8..]);
         let grant = grants.grant(warm).unwrap();
         for p in pull(&dst, &t, &src.endpoint, &grant, warm, soon()).await {
-            assert_eq!(p.result, Ok(()), "{fabric:?} warm-up");
+            assert_eq!(p.result, Ok(()), "{fabric:?} {len} warm-up");
             dst.abort(p.slot);
         }
+        assert_eq!(
+            t.eager_arrivals(),
+            if eager { warm.len() } else { 0 },
+            "{fabric:?} {len}"
+        );
         let refused_before = t.refused_blocks();
         src.park();
         let grant = grants.grant(late).unwrap();
         let deadline = Instant::now() + Duration::from_millis(200);
         let pulled = pull(&dst, &t, &src.endpoint, &grant, late, deadline).await;
-        let slots = timed_out_and_marked(&dst, pulled, &format!("{fabric:?}"));
+        let case = format!("{fabric:?} {len}");
+        let slots = timed_out_and_marked(&dst, pulled, &case);
         // The source now sends the late blocks, then serves the next pull on the same
         // endpoint, whose blocks come after them.
         src.resume();
         let grant = grants.grant(later).unwrap();
         for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
-            assert_eq!(p.result, Ok(()), "{fabric:?} after the late blocks");
+            assert_eq!(p.result, Ok(()), "{case} after the late blocks");
             let mut slot = p.slot;
             let i = 8 + p.index as usize;
             assert_eq!(dst.host().reserved_mut(&mut slot), &payload(i as u64, len)[..]);
@@ -1045,9 +1261,11 @@ async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
         assert_eq!(
             t.refused_blocks() - refused_before,
             late.len(),
-            "{fabric:?}: every late block refused"
+            "{case}: every late block refused"
         );
-        assert_still_marked(&dst, slots, &format!("{fabric:?}"));
+        let sent = warm.len() + late.len() + later.len();
+        assert_eq!(t.eager_arrivals(), if eager { sent } else { 0 }, "{case}");
+        assert_still_marked(&dst, slots, &case);
     }
 }
 

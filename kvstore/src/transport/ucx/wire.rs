@@ -24,6 +24,10 @@ pub(super) const BLOCK_HEADER: usize = 12;
 /// A request's flag: send the blocks as rendezvous active messages instead of writing them.
 /// A source that predates it ignores the flag (the field was zero) and writes.
 pub(super) const REQUEST_FLAG_SEND: u16 = 1;
+/// A request's flag, with [`REQUEST_FLAG_SEND`]: send blocks of at most
+/// [`super::EAGER_BLOCKS_UP_TO`] eagerly, the bytes inside the message, rather than in
+/// rendezvous. A source that predates it sends them in rendezvous, which the puller takes too.
+pub(super) const REQUEST_FLAG_EAGER: u16 = 2;
 /// An answer's flag: the blocks were sent, not written (so an OK block that never came is
 /// missing, where a source that wrote it leaves the flag clear).
 pub(super) const ANSWER_FLAG_SENT: u16 = 1;
@@ -177,6 +181,8 @@ pub(super) struct Request {
     pub(super) entries: Vec<(u32, u64, u64)>,
     /// Send each block as an [`AM_BLOCK`] message rather than write it.
     pub(super) send: bool,
+    /// With `send`: send the small blocks eagerly ([`REQUEST_FLAG_EAGER`]).
+    pub(super) eager: bool,
 }
 
 impl Request {
@@ -186,7 +192,11 @@ impl Request {
         );
         out.extend_from_slice(&REQUEST_MAGIC);
         out.extend_from_slice(&MESSAGE_VERSION.to_le_bytes());
-        let flags = if self.send { REQUEST_FLAG_SEND } else { 0 };
+        let flags = match (self.send, self.eager) {
+            (true, true) => REQUEST_FLAG_SEND | REQUEST_FLAG_EAGER,
+            (true, false) => REQUEST_FLAG_SEND,
+            (false, _) => 0,
+        };
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.grant.0);
@@ -239,6 +249,7 @@ impl Request {
             rkey,
             entries,
             send: flags & REQUEST_FLAG_SEND != 0,
+            eager: flags & REQUEST_FLAG_SEND != 0 && flags & REQUEST_FLAG_EAGER != 0,
         })
     }
 

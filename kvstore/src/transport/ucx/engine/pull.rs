@@ -10,7 +10,7 @@ use super::{
     TURN_BYTES, monotonic_ns, refuse,
 };
 use crate::transport::TransportError;
-use crate::transport::ucx::wire::{AM_REQUEST, Request, answer_status, hex_prefix};
+use crate::transport::ucx::wire::{AM_REQUEST, Request, STATUS_OK, answer_status, hex_prefix};
 use crate::transport::ucx::{UcxMode, status_text};
 
 impl Engine {
@@ -74,6 +74,7 @@ impl Engine {
                         .map(|o| (o.index, o.len, o.local_offset))
                         .collect(),
                     send: sending,
+                    eager: sending && spec.eager,
                 }
                 .encode();
                 let Some(p) = self.peers.get(&peer) else {
@@ -315,6 +316,18 @@ impl Engine {
                         }
                     }
                     gave_up
+                } else if !expired
+                    && peer_dead.is_none()
+                    && answer
+                        .as_ref()
+                        .zip(receives.as_ref())
+                        .is_some_and(|((sent, statuses), rx)| *sent && rx.still_coming(statuses))
+                {
+                    // An eager send completes at the source once UCX has copied the block out,
+                    // so the answer may overtake a block where UCX does not keep the order of
+                    // messages (it does on one lane): the block is waited for until the
+                    // deadline, or until the source is found dead.
+                    false
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
                 } else if let (Some((sent, statuses)), None) = (answer.as_ref(), &send) {
@@ -496,6 +509,10 @@ impl Engine {
     /// queued for a later turn, one that came whole copied at once), or refused (late,
     /// unknown, twice, or of the wrong length).
     pub(in crate::transport::ucx) fn receive_block(&mut self, block: BlockArrival) {
+        #[cfg(test)]
+        {
+            self.eager_arrivals += usize::from(matches!(block.data, BlockData::Eager(_)));
+        }
         let now = Instant::now();
         let into = self.landing();
         let n = block.entry as usize;
@@ -582,6 +599,15 @@ fn release(worker: sys::ucp_worker_h, data: BlockData) {
 }
 
 impl Receives {
+    /// Whether a block the answer's `statuses` report as sent has not come yet.
+    fn still_coming(&self, statuses: &[u8]) -> bool {
+        statuses.len() == self.arrived.len()
+            && statuses
+                .iter()
+                .zip(&self.arrived)
+                .any(|(&status, &arrived)| status == STATUS_OK && !arrived)
+    }
+
     /// Starts receiving the queued blocks, [`TURN_BYTES`] at most (at least one block), or
     /// past the deadline gives them all back unreceived; whether it did either.
     fn start_queued(&mut self, into: Landing, ops: &[OpSpec], expired: bool) -> bool {

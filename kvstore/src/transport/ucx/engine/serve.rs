@@ -5,11 +5,11 @@ use std::time::Instant;
 use ucx_sys as sys;
 
 use super::{Engine, PutOp, Req, ServeJob, ServePhase, monotonic_ns};
-use crate::transport::ucx::status_text;
 use crate::transport::ucx::wire::{
     AM_ANSWER, AM_BLOCK, BLOCK_HEADER, Request, STATUS_FAILED, STATUS_MALFORMED, STATUS_NO_BLOCK, STATUS_OK,
     STATUS_TIMED_OUT, STATUS_UNKNOWN_GRANT, encode_answer, encode_block_header,
 };
+use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, status_text};
 
 impl Engine {
     /// A put- or send-on-request message from a puller.
@@ -41,6 +41,7 @@ impl Engine {
         #[cfg(test)]
         let req = Request {
             send: req.send && !self.cfg.ignore_send_flag,
+            eager: req.eager && !self.cfg.ignore_send_flag && !self.cfg.ignore_eager_flag,
             ..req
         };
         #[cfg(test)]
@@ -70,7 +71,12 @@ impl Engine {
                 local: block.as_ptr(),
                 len,
                 remote,
+                eager: req.eager && len <= EAGER_BLOCKS_UP_TO,
             });
+        }
+        #[cfg(test)]
+        {
+            self.served_eager += puts.iter().filter(|p| p.eager).count();
         }
         // Sends need no key of the puller's.
         let rkey = if puts.is_empty() || req.send {
@@ -178,9 +184,15 @@ impl Engine {
                     let put = &job.puts[job.next];
                     let req = if let Some(headers) = &job.headers {
                         let header: &[u8; BLOCK_HEADER] = &headers[job.next];
+                        // An eager send completes once UCX has copied the block out.
+                        let flags = if put.eager {
+                            sys::UCP_AM_SEND_FLAG_EAGER
+                        } else {
+                            sys::UCP_AM_SEND_FLAG_RNDV
+                        };
                         let param = sys::ucp_request_param_t {
                             op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH | sys::UCP_OP_ATTR_FIELD_FLAGS,
-                            flags: sys::UCP_AM_SEND_FLAG_RNDV,
+                            flags,
                             memh,
                             ..Default::default()
                         };
