@@ -291,11 +291,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             UcxModeArg::Put => UcxMode::PutOnRequest,
             UcxModeArg::Send => UcxMode::SendOnRequest,
         };
-        // `None`: the transport's default for the fabric.
-        let inline: Vec<Option<u64>> = if args.ucx_inline_kib.is_empty() {
-            vec![None]
+        let inline = if args.ucx_inline_kib.is_empty() {
+            vec![UcxConfig::default().inline_bytes / 1024]
         } else {
-            args.ucx_inline_kib.iter().copied().map(Some).collect()
+            args.ucx_inline_kib.clone()
         };
         let lanes: Vec<usize> = if args.ucx_lanes.is_empty() {
             vec![UcxConfig::default().lanes]
@@ -319,8 +318,8 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             });
             for (i, inline_kib, l, lanes) in variants {
                 let mut label = label.to_owned();
-                if let (true, Some(kib)) = (i > 0, inline_kib) {
-                    label.push_str(&format!(" inline {kib}"));
+                if i > 0 {
+                    label.push_str(&format!(" inline {inline_kib}"));
                 }
                 if l > 0 {
                     if mode.resolve(Some(fabric.tls)) != UcxMode::Get {
@@ -331,7 +330,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     label.push_str(&format!(" lanes {lanes}"));
                 }
                 let cfg = UcxConfig {
-                    inline_bytes: inline_kib.map(|kib| kib.saturating_mul(1024)),
+                    inline_bytes: inline_kib.saturating_mul(1024),
                     lanes,
                     ..fabric.config(mode)
                 };

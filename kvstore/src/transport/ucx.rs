@@ -11,7 +11,7 @@
 //! activity and otherwise sleeps on the worker's event fd, so an idle transport costs nothing.
 //! A pull of at most [`UcxConfig::inline_bytes`] is driven by the pulling thread itself: it
 //! takes the lock (the progress thread steps aside), issues the pull and progresses the worker
-//! until the pull is over or [`INLINE_BUDGET`] has passed, and leaves any rest to the progress
+//! until the pull is over or its [`inline_budget`] has passed, and leaves any rest to the progress
 //! thread; over shared memory a one-block pull then involves no other thread at all, where a
 //! hand-off costs two thread wake-ups, more than the copy of a 64 KiB block. A larger pull is
 //! a command put in a mailbox, after which the worker is woken with `ucp_worker_signal`; its
@@ -422,10 +422,11 @@ pub struct UcxConfig {
     /// (see the module documentation).
     pub drain: Duration,
     /// Pulls of at most this many bytes are driven by the pulling thread itself, which is busy
-    /// for up to [`INLINE_BUDGET`] meanwhile, instead of by the progress thread (0: never).
-    /// Each block is then checked right after its copy, while it is in that core's cache.
-    /// `None`: [`INLINE_BYTES`], or [`TCP_INLINE_BYTES`] where UCX may use TCP.
-    pub inline_bytes: Option<u64>,
+    /// for up to [`inline_budget`] meanwhile, instead of by the progress thread (0: never).
+    /// Default 4 MiB, which UCX moves within that budget over shared memory and over TCP on
+    /// loopback; each block is then checked right after its copy, while it is in that core's
+    /// cache.
+    pub inline_bytes: u64,
     /// UCX workers that read in parallel in [`UcxMode::Get`] (other modes run one), each a UCP
     /// context and worker of its own with its own progress thread (the first also serves this
     /// agent's grants and is the one its endpoint names). A pull of [`SPLIT_FROM_BYTES`] or
@@ -446,23 +447,25 @@ pub struct UcxConfig {
     pub(crate) ignore_deadline: bool,
 }
 
-/// Longest a pulling thread drives the worker for its own pull before it leaves the rest to
-/// the progress thread (a pull over TCP waits for the source's writes and answer meanwhile).
-/// A slow or silent source is what it bounds: a pull handed over mid-way took 2–3 × longer
-/// than one driven to its end (UCX over TCP, 1 MiB), so a healthy pull of
-/// [`UcxConfig::inline_bytes`] should fit well within it.
+/// Least time a pulling thread drives the worker for its own pull before it leaves the rest
+/// to the progress thread (a pull over TCP waits for the source's writes and answer
+/// meanwhile); see [`inline_budget`].
 pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
 
-/// The default [`UcxConfig::inline_bytes`] where UCX cannot use TCP: shared memory moves it
-/// well within [`INLINE_BUDGET`].
-pub const INLINE_BYTES: u64 = 4 << 20;
+/// The pace, in bytes a second, below which a pull the pulling thread drives is handed over
+/// to the progress thread ([`inline_budget`]).
+pub const INLINE_PACE: u64 = 2 << 30;
 
-/// The default [`UcxConfig::inline_bytes`] where UCX may use TCP. Loopback TCP moves 3–4 GB/s
-/// on the reference VM, so 4 MiB took longer than [`INLINE_BUDGET`] and was handed over
-/// mid-way: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s driven inline against 3.3–3.4 by the
-/// progress thread, and 32 blocks (2 MiB) at 3.3–3.4 inline against 3.2–3.3 (UCX 1.23,
-/// writes, back to back).
-pub const TCP_INLINE_BYTES: u64 = 2 << 20;
+/// How long a pulling thread drives the worker for its own pull of `bytes`: the time they take
+/// at [`INLINE_PACE`], and at least [`INLINE_BUDGET`]. A slow or silent source is what it
+/// bounds: a pull handed over mid-way took 2–3 × longer than one driven to its end (UCX over
+/// TCP, 1 MiB), so a healthy pull must fit. Loopback TCP moves 3–4 GB/s on the reference VM,
+/// and a flat millisecond cut 4 MiB pulls short: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s
+/// driven inline against 3.3–3.4 by the progress thread alone (UCX 1.23, writes, back to
+/// back).
+pub fn inline_budget(bytes: u64) -> Duration {
+    INLINE_BUDGET.max(Duration::from_secs_f64(bytes as f64 / INLINE_PACE as f64))
+}
 
 /// Where `UCX_TLS` limits UCX to TCP, a pull whose blocks are all at most this large, and
 /// that the pulling thread drives itself ([`UcxConfig::inline_bytes`]), is sent eagerly where
@@ -499,7 +502,7 @@ impl Default for UcxConfig {
             window: 64 << 20,
             spin: Duration::from_micros(500),
             drain: Duration::from_secs(1),
-            inline_bytes: None,
+            inline_bytes: 4 << 20,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
             #[cfg(test)]
             ignore_send_flag: false,
@@ -572,11 +575,7 @@ impl UcxTransport {
             ..cfg
         };
         let may_use_tcp = may_use_tcp(tls.as_deref());
-        let inline_bytes = cfg.inline_bytes.unwrap_or(if may_use_tcp {
-            TCP_INLINE_BYTES
-        } else {
-            INLINE_BYTES
-        });
+        let inline_bytes = cfg.inline_bytes;
         // Only gets are split across lanes (see the module documentation).
         let lane_count = if mode == UcxMode::Get {
             cfg.lanes.clamp(1, MAX_LANES)
@@ -661,8 +660,7 @@ impl UcxTransport {
         self.lanes.len()
     }
 
-    /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`],
-    /// resolved).
+    /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`]).
     pub fn inline_bytes(&self) -> u64 {
         self.inline_bytes
     }
@@ -877,7 +875,7 @@ impl Transport for UcxTransport {
                     let first = &self.lanes[0];
                     match first.engine.drive(
                         spec(ops),
-                        INLINE_BUDGET,
+                        inline_budget(bytes),
                         &first.mailbox,
                         &mut settled,
                         &mut verify,

@@ -555,7 +555,10 @@ fn ucx_transport(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        inline_bytes: cfg.ucx.inline_kib.map(|kib| kib.saturating_mul(1024)),
+        inline_bytes: cfg
+            .ucx
+            .inline_kib
+            .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
         lanes: cfg.ucx.lanes.unwrap_or(defaults.lanes),
         ..defaults
     };

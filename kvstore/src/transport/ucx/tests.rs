@@ -53,7 +53,7 @@ fn puller(fabric: Fabric, mode: UcxMode) -> (Arc<TieredStore>, UcxTransport) {
 /// drives every pull; `u64::MAX`: the pulling thread starts every pull itself).
 fn puller_driving(fabric: Fabric, mode: UcxMode, inline_bytes: u64) -> (Arc<TieredStore>, UcxTransport) {
     puller_with(UcxConfig {
-        inline_bytes: Some(inline_bytes),
+        inline_bytes,
         ..config(fabric, mode)
     })
 }
@@ -1160,9 +1160,8 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     let auto = config(Fabric::Tcp, UcxMode::Auto);
     let inline = UcxTransport::new(Arc::clone(&dst), None, auto.clone()).unwrap();
     assert_eq!(inline.mode(), UcxMode::PutOnRequest);
-    assert_eq!(inline.inline_bytes(), TCP_INLINE_BYTES);
     let handed_over = UcxConfig {
-        inline_bytes: Some(0),
+        inline_bytes: 0,
         ..auto
     };
     let handed_over = UcxTransport::new(Arc::clone(&dst), None, handed_over).unwrap();
