@@ -223,10 +223,7 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
         "{rest:?}"
     );
     assert!(matches!(late_settled.try_recv().as_deref(), Ok([(0, Err(_))])));
-    for s in slots {
-        dst.abort(s);
-    }
-    drop(src);
+    release(src, &dst, slots);
 }
 
 /// An answer that reports blocks sent before they have come (an eager send completes at the
@@ -235,18 +232,14 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
 /// comes, and one still missing at the deadline fails as late.
 #[test]
 fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
-    let EngineCase {
-        src,
-        dst,
-        mut engine,
-        mut slots,
-        remote,
-    } = EngineCase::start(3, true);
+    let mut case = EngineCase::start(3, true);
+    let engine = &mut case.engine;
     // Requests 1 and 2 (0 connected the engine to the source).
-    let (pull, mut settled) = send_spec(&remote, &slots[..2], Instant::now() + Duration::from_secs(30));
+    let far = Instant::now() + Duration::from_secs(30);
+    let (pull, mut settled) = send_spec(&case.remote, &case.slots[..2], far);
     engine.start_pull(pull);
     let near = Instant::now() + Duration::from_millis(300);
-    let (pull, mut late_settled) = send_spec(&remote, &slots[2..], near);
+    let (pull, mut late_settled) = send_spec(&case.remote, &case.slots[2..], near);
     engine.start_pull(pull);
     engine.receive_answer(encode_answer(1, true, &[STATUS_OK, STATUS_OK]));
     engine.receive_answer(encode_answer(2, true, &[STATUS_OK]));
@@ -264,28 +257,45 @@ fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
     engine.turn();
     assert_eq!(settled.try_recv().as_deref(), Ok(&[(0, Ok(None))][..]));
     // The other pull's block never comes: late at its deadline, not before.
-    let given_up = Instant::now() + Duration::from_secs(10);
-    let late = loop {
-        engine.turn();
-        if let Ok(batch) = late_settled.try_recv() {
-            break batch;
-        }
-        assert!(Instant::now() < given_up, "never settled");
-    };
+    let late = next_batch(engine, &mut late_settled);
     assert!(Instant::now() >= near);
     assert!(
         matches!(late.as_slice(), [(0, Err(TransportError::TimedOut { .. }))]),
         "{late:?}"
     );
+    let EngineCase {
+        src,
+        dst,
+        engine,
+        mut slots,
+        ..
+    } = case;
     for (n, slot) in slots.iter_mut().take(2).enumerate() {
         assert_eq!(dst.host().reserved_mut(slot), &good[n][..]);
     }
     assert!(dst.host().reserved_mut(&mut slots[2]).iter().all(|&b| b == 0xa5));
     drop(engine);
+    release(src, &dst, slots);
+}
+
+/// Gives back a test's slots, once its engine is gone, and then stops its source.
+fn release(src: Stallable, dst: &TieredStore, slots: Vec<Reservation>) {
     for s in slots {
         dst.abort(s);
     }
     drop(src);
+}
+
+/// Turns `engine` until `settled` has a batch (for at most 10 s).
+fn next_batch(engine: &mut Engine, settled: &mut Receiver) -> Vec<engine::Settlement> {
+    let given_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        engine.turn();
+        if let Ok(batch) = settled.try_recv() {
+            return batch;
+        }
+        assert!(Instant::now() < given_up, "nothing settled within 10 s");
+    }
 }
 
 /// The length of [`EngineCase`]'s slots.
@@ -321,15 +331,7 @@ impl EngineCase {
             spec.grant = grant.id;
             spec.ops[0].remote_offset = grant.blocks[0].offset;
             engine.start_pull(spec);
-            let given_up = Instant::now() + Duration::from_secs(10);
-            let warmed = loop {
-                engine.turn();
-                if let Ok(batch) = settled.try_recv() {
-                    break batch;
-                }
-                assert!(Instant::now() < given_up, "the warm-up pull never settled");
-            };
-            assert_eq!(warmed, [(0, Ok(None))]);
+            assert_eq!(next_batch(&mut engine, &mut settled), [(0, Ok(None))]);
             assert_eq!(
                 dst.host().reserved_mut(&mut slot),
                 &payload(1, SLOT_LEN as usize)[..]
