@@ -359,8 +359,9 @@ pub struct UcxSection {
     /// UCX fetches it into its slot); `auto` reads where UCX does it in hardware or as one
     /// copy (shared memory, CMA, InfiniBand/RoCE), asks for writes over TCP, where UCX would
     /// emulate reads several times slower (and for sends there when a pull has several blocks
-    /// of 256 KiB or more), and asks for sends over shared memory on UCX releases before 1.23,
-    /// which emulate reads there.
+    /// of 256 KiB or more, or, where `tls` is `tcp` alone, for eager sends of small pulls of
+    /// blocks of 64 KiB or less), and asks for sends over shared memory on UCX releases
+    /// before 1.23, which emulate reads there.
     pub mode: String,
     /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
     pub tls: String,

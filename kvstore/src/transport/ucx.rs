@@ -79,11 +79,12 @@
 //!   releases that use CMA only for rendezvous (Debian 12's 1.13, where a get is emulated
 //!   with messages). A source that predates the flag ignores it and writes. A second flag asks
 //!   for blocks of at most [`EAGER_BLOCKS_UP_TO`] to be sent eagerly instead, the bytes inside
-//!   the message, which the puller copies into the slot as it comes; an eager send completes
-//!   once UCX has copied the block out, and the answer follows the blocks on the same
-//!   endpoint. The puller asks for that where UCX may use TCP alone, in a pull it drives
-//!   itself whose blocks are all that small. A source that predates this flag sends in
-//!   rendezvous.
+//!   the message, which the puller copies into the slot as it comes. An eager send completes
+//!   once UCX has copied the block out, so the answer may arrive before a block it reports
+//!   as sent (UCX does not promise the order of whole messages); the puller then waits for
+//!   the block until its deadline. The puller asks for eager sends where UCX may use TCP
+//!   alone, in a pull it drives itself whose blocks are all that small. A source that
+//!   predates this flag sends in rendezvous.
 //!
 //! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]), and
 //! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more,
@@ -401,7 +402,8 @@ pub struct UcxConfig {
     /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`). Rendezvous is off
     /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, later UCX
     /// releases (1.23) emulate RMA over TCP rather than write with zero copy. (The blocks of
-    /// [`UcxMode::SendOnRequest`] go by rendezvous all the same: each send asks for it.)
+    /// [`UcxMode::SendOnRequest`] go by rendezvous, or eagerly, all the same: each send asks
+    /// for one or the other.)
     pub settings: Vec<(String, String)>,
     /// The send and receive segment size of UCX's TCP transport ([`TCP_SEGMENT`] by default;
     /// `None` keeps UCX's). Left alone where UCX will not load TCP, and when the environment
@@ -450,21 +452,27 @@ pub struct UcxConfig {
 /// Least time a pulling thread drives the worker for its own pull before it leaves the rest
 /// to the progress thread (a pull over TCP waits for the source's writes and answer
 /// meanwhile); see [`inline_budget`].
-pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
+pub const INLINE_BUDGET_MIN: Duration = Duration::from_millis(1);
+
+/// Most time a pulling thread drives the worker for its own pull, whatever
+/// [`UcxConfig::inline_bytes`] allows: that thread is an async runtime's worker, and a silent
+/// source holds it for the whole budget.
+pub const INLINE_BUDGET_MAX: Duration = Duration::from_millis(4);
 
 /// The pace, in bytes a second, below which a pull the pulling thread drives is handed over
 /// to the progress thread ([`inline_budget`]).
 pub const INLINE_PACE: u64 = 2 << 30;
 
-/// How long a pulling thread drives the worker for its own pull of `bytes`: the time they take
-/// at [`INLINE_PACE`], and at least [`INLINE_BUDGET`]. A slow or silent source is what it
+/// How long a pulling thread drives the worker for the `bytes` of a pull it drives itself: the
+/// time they take at [`INLINE_PACE`], within [`INLINE_BUDGET_MIN`] and [`INLINE_BUDGET_MAX`]
+/// (2 ms for the default 4 MiB). A slow or silent source is what it
 /// bounds: a pull handed over mid-way took 2–3 × longer than one driven to its end (UCX over
 /// TCP, 1 MiB), so a healthy pull must fit. Loopback TCP moves 3–4 GB/s on the reference VM,
 /// and a flat millisecond cut 4 MiB pulls short: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s
 /// driven inline against 3.3–3.4 by the progress thread alone (UCX 1.23, writes, back to
 /// back).
 pub fn inline_budget(bytes: u64) -> Duration {
-    INLINE_BUDGET.max(Duration::from_secs_f64(bytes as f64 / INLINE_PACE as f64))
+    Duration::from_secs_f64(bytes as f64 / INLINE_PACE as f64).clamp(INLINE_BUDGET_MIN, INLINE_BUDGET_MAX)
 }
 
 /// Where `UCX_TLS` limits UCX to TCP, a pull whose blocks are all at most this large, and
@@ -525,7 +533,7 @@ pub struct UcxTransport {
     may_use_tcp: bool,
     /// UCX carries the bytes over TCP alone: small pulls of small blocks that a source sends
     /// go eagerly ([`EAGER_BLOCKS_UP_TO`]).
-    sends_eagerly: bool,
+    tcp_only: bool,
     endpoint: Vec<u8>,
     name: String,
     /// At least one; the first serves grants and is named by `endpoint`.
@@ -599,7 +607,7 @@ impl UcxTransport {
             mode,
             sends_by_size: auto && mode == UcxMode::PutOnRequest,
             may_use_tcp,
-            sends_eagerly: tcp_only(tls.as_deref()),
+            tcp_only: tcp_only(tls.as_deref()),
             endpoint,
             name,
             lanes,
@@ -608,7 +616,8 @@ impl UcxTransport {
     }
 
     /// The mode pulls use (`Auto` resolved; where that writes, pulls of several large blocks
-    /// go by sends: see [`SEND_BLOCKS_FROM`]).
+    /// go by sends, and over TCP alone small pulls of small blocks by eager sends: see
+    /// [`SEND_BLOCKS_FROM`] and [`EAGER_BLOCKS_UP_TO`]).
     pub fn mode(&self) -> UcxMode {
         self.mode
     }
@@ -824,7 +833,7 @@ impl Transport for UcxTransport {
                 let PullPlan { mode, eager } = pull_plan(
                     self.mode,
                     self.sends_by_size,
-                    self.sends_eagerly,
+                    self.tcp_only,
                     remote.rkey.is_empty(),
                     shape,
                 );
@@ -872,14 +881,12 @@ impl Transport for UcxTransport {
                     let _ = lane.mailbox.post(Command::Pull(spec(ops)));
                 }
                 if let Some(ops) = driven {
+                    let budget = inline_budget(ops.iter().map(|o| o.len).sum());
                     let first = &self.lanes[0];
-                    match first.engine.drive(
-                        spec(ops),
-                        inline_budget(bytes),
-                        &first.mailbox,
-                        &mut settled,
-                        &mut verify,
-                    ) {
+                    match first
+                        .engine
+                        .drive(spec(ops), budget, &first.mailbox, &mut settled, &mut verify)
+                    {
                         Driven::Started => {}
                         // Refused too if the thread is on its way out; the ops stay unsettled.
                         Driven::Stopped(spec) => {
@@ -940,16 +947,18 @@ struct PullPlan {
     eager: bool,
 }
 
-/// How one pull of `shape` moves its blocks on a transport in `mode`: a source that publishes
-/// no key (`keyless_source`) is not read one-sidedly but asked to write; where `Auto` picked
-/// writes (`sends_by_size`), several blocks of [`SEND_BLOCKS_FROM`] or more on average are
-/// asked for by sends. Where UCX carries the bytes over TCP alone (`sends_eagerly`), so are
-/// the blocks of a pull the pulling thread drives whose blocks are all small, which go
-/// eagerly ([`EAGER_BLOCKS_UP_TO`]), as they do in such a pull where sends were configured.
+/// How one pull of `shape` moves its blocks on a transport in `mode`:
+/// * a source that publishes no key (`keyless_source`) is not read one-sidedly but asked to
+///   write;
+/// * where `Auto` picked writes (`sends_by_size`), several blocks of [`SEND_BLOCKS_FROM`] or
+///   more on average are asked for by sends, and, where UCX carries the bytes over TCP alone
+///   (`tcp_only`), so are the blocks of a pull the pulling thread drives whose blocks are all
+///   [`EAGER_BLOCKS_UP_TO`] or less;
+/// * such blocks are sent eagerly, whether `Auto` or the configuration picked sends.
 fn pull_plan(
     mode: UcxMode,
     sends_by_size: bool,
-    sends_eagerly: bool,
+    tcp_only: bool,
     keyless_source: bool,
     shape: PullShape,
 ) -> PullPlan {
@@ -960,7 +969,7 @@ fn pull_plan(
         inline,
     } = shape;
     let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
-    let small_inline = sends_eagerly && inline && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
+    let small_inline = tcp_only && inline && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
     let mode = match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
         UcxMode::PutOnRequest if sends_by_size && (large_blocks || small_inline) => UcxMode::SendOnRequest,

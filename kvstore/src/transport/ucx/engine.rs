@@ -526,6 +526,8 @@ pub(super) struct Receives {
     queued: std::collections::VecDeque<(usize, BlockData)>,
     /// Per op: its block message came (a second one is refused).
     arrived: Vec<bool>,
+    /// The source was asked to send the small blocks eagerly.
+    eager: bool,
 }
 
 /// The source's side of a put- or send-on-request transfer.
@@ -937,8 +939,8 @@ impl Engine {
             }
         }
         // kvtier sends small active messages eagerly and moves blocks with RMA or, in
-        // send-on-request mode, with messages it flags for rendezvous itself
-        // (`UCP_AM_SEND_FLAG_RNDV`, which the threshold does not govern), so it has no use
+        // send-on-request mode, with messages it flags for rendezvous or eager sending itself
+        // (`UCP_AM_SEND_FLAG_RNDV` or `_EAGER`, which the threshold does not govern), so it has no use
         // for the threshold; and while rendezvous is on, later UCX releases (the 1.23
         // that NIXL's wheel bundles; 1.13 exempts TCP) give an endpoint that reports peer
         // failures RMA lanes only on memory domains that can invalidate registrations, which
@@ -1326,13 +1328,22 @@ impl Engine {
         }
     }
 
-    /// Messages and endpoint failures the callbacks left.
     /// Leaves an answer in the inbox, as UCX's handler does.
     #[cfg(test)]
     pub(in crate::transport::ucx) fn receive_answer(&mut self, message: Vec<u8>) {
         self.inbox.borrow_mut().answers.push(message);
     }
 
+    /// Pulls whose request message UCX has not finished sending.
+    #[cfg(test)]
+    pub(in crate::transport::ucx) fn unsent_requests(&self) -> usize {
+        self.pulls
+            .iter()
+            .filter(|p| matches!(p.state, PullState::Put { send: Some(_), .. }))
+            .count()
+    }
+
+    /// Messages and endpoint failures the callbacks left.
     fn handle_inbox(&mut self) -> bool {
         let (requests, answers, blocks, failed) = {
             let mut inbox = self.inbox.borrow_mut();

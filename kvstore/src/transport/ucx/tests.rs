@@ -244,11 +244,14 @@ fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
     engine.receive_answer(encode_answer(1, true, &[STATUS_OK, STATUS_OK]));
     engine.receive_answer(encode_answer(2, true, &[STATUS_OK]));
     let good: Vec<Vec<u8>> = (0..2).map(|n| payload(n, SLOT_LEN as usize)).collect();
-    // The requests' own sends complete within a few turns (the endpoint is connected); the
-    // answers are in, and the blocks still missing.
-    for _ in 0..100 {
+    // Once the requests' own sends have completed (the endpoint is connected), the answers
+    // count, and the blocks are still missing.
+    let given_up = Instant::now() + Duration::from_secs(10);
+    while engine.unsent_requests() > 0 {
         engine.turn();
+        assert!(Instant::now() < given_up, "the requests never went out");
     }
+    engine.turn();
     assert!(settled.try_recv().is_err(), "settled before its blocks came");
     engine.receive_block(block(1, 1, good[1].clone()));
     engine.turn();
@@ -296,6 +299,70 @@ fn next_batch(engine: &mut Engine, settled: &mut Receiver) -> Vec<engine::Settle
         }
         assert!(Instant::now() < given_up, "nothing settled within 10 s");
     }
+}
+
+/// A source asked for eager sends sends only its blocks of [`EAGER_BLOCKS_UP_TO`] or less
+/// eagerly, the rest in rendezvous, and the puller takes both, byte for byte.
+#[test]
+fn an_eager_request_gets_only_the_small_blocks_eagerly() {
+    let lens = [
+        4096,
+        EAGER_BLOCKS_UP_TO as usize,
+        EAGER_BLOCKS_UP_TO as usize + 1,
+        1 << 20,
+    ];
+    let src_store = store(64);
+    let keys: Vec<BlockKey> = (0..lens.len() as u64).map(key).collect();
+    for (i, (k, &len)) in keys.iter().zip(&lens).enumerate() {
+        src_store.put(k, &payload(i as u64, len));
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
+    let grant = grants.grant(&keys).unwrap();
+    let src = Stallable::start(src_store, grants, Fabric::Tcp);
+    let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
+    let dst = store(64);
+    let cfg = config(Fabric::Tcp, UcxMode::SendOnRequest);
+    let tls = cfg.tls.clone();
+    let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+    let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&lens).map(|(k, &l)| (*k, l as u64)).collect();
+    let mut slots: Vec<Reservation> = dst
+        .reserve_batch(&wanted)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let (mut spec, mut settled) = send_spec(&remote, &slots, soon());
+    spec.grant = grant.id;
+    for (op, block) in spec.ops.iter_mut().zip(&grant.blocks) {
+        op.len = block.len;
+        op.remote_offset = block.offset;
+    }
+    engine.start_pull(spec);
+    let mut results = Vec::new();
+    while results.len() < lens.len() {
+        results.extend(next_batch(&mut engine, &mut settled));
+    }
+    assert!(results.iter().all(|(_, r)| *r == Ok(None)), "{results:?}");
+    assert_eq!(engine.eager_arrivals, 2, "the two blocks of 64 KiB or less");
+    for (i, slot) in slots.iter_mut().enumerate() {
+        assert_eq!(dst.host().reserved_mut(slot), &payload(i as u64, lens[i])[..]);
+    }
+    drop(engine);
+    release(src, &dst, slots);
+}
+
+/// A pulling thread drives its own pull for the time the bytes take at [`INLINE_PACE`], within
+/// [`INLINE_BUDGET_MIN`] and [`INLINE_BUDGET_MAX`].
+#[test]
+fn the_inline_budget_follows_the_bytes_within_bounds() {
+    assert_eq!(inline_budget(0), INLINE_BUDGET_MIN);
+    assert_eq!(inline_budget(64 << 10), INLINE_BUDGET_MIN);
+    let four_mib = inline_budget(4 << 20);
+    assert!(
+        four_mib > Duration::from_micros(1900) && four_mib < Duration::from_micros(2000),
+        "{four_mib:?}"
+    );
+    assert_eq!(inline_budget(64 << 20), INLINE_BUDGET_MAX);
+    assert_eq!(inline_budget(u64::MAX), INLINE_BUDGET_MAX);
 }
 
 /// The length of [`EngineCase`]'s slots.
@@ -943,6 +1010,10 @@ fn messages_round_trip_and_damaged_ones_are_refused() {
     let mut eager_only = eager_bytes;
     eager_only[6..8].copy_from_slice(&REQUEST_FLAG_EAGER.to_le_bytes());
     assert_eq!(Request::parse(&eager_only), Some(req.clone()));
+    // Flags this side does not know are ignored.
+    let mut unknown = send_bytes.clone();
+    unknown[6..8].copy_from_slice(&(REQUEST_FLAG_SEND | 0x8000).to_le_bytes());
+    assert_eq!(Request::parse(&unknown), Some(sending.clone()));
     let writing = Request {
         eager: true,
         ..req.clone()
@@ -1122,6 +1193,11 @@ fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
     assert_eq!(plan(put, true, false, &small, false), (put, false));
     assert_eq!(plan(send, false, false, &small, true), (send, true));
     assert_eq!(plan(send, false, false, &small, false), (send, false));
+    assert_eq!(
+        plan(send, false, true, &small, true),
+        (send, true),
+        "keyless, sends configured"
+    );
     // Where UCX may carry them over shared memory too: never eagerly.
     let unsure = |mode, sends_by_size| pull_plan(mode, sends_by_size, false, false, shape(&small, true));
     let not_eager = |mode| PullPlan { mode, eager: false };

@@ -115,6 +115,7 @@ impl Engine {
                         inflight: Vec::new(),
                         queued: VecDeque::new(),
                         arrived: vec![false; spec.ops.len()],
+                        eager: spec.eager,
                     }),
                 }
             }
@@ -317,16 +318,17 @@ impl Engine {
                     }
                     gave_up
                 } else if !expired
-                    && peer_dead.is_none()
+                    && (peer_dead.is_none() || !progress_idle)
                     && answer
                         .as_ref()
                         .zip(receives.as_ref())
                         .is_some_and(|((sent, statuses), rx)| *sent && rx.still_coming(statuses))
                 {
                     // An eager send completes at the source once UCX has copied the block out,
-                    // so the answer may overtake a block where UCX does not keep the order of
-                    // messages (it does on one lane): the block is waited for until the
-                    // deadline, or until the source is found dead.
+                    // and UCX does not promise that whole messages arrive in the order they
+                    // were sent (one that came in fragments is handed over once reassembled),
+                    // so the answer may overtake a block: it is waited for until the
+                    // deadline, or until a dead source's last bytes have been processed.
                     false
                 // The answer may be seen before the send's own completion; the message buffer
                 // is UCX's until then.
@@ -599,9 +601,11 @@ fn release(worker: sys::ucp_worker_h, data: BlockData) {
 }
 
 impl Receives {
-    /// Whether a block the answer's `statuses` report as sent has not come yet.
+    /// Whether a block sent eagerly that the answer's `statuses` report as sent has not come
+    /// yet (a rendezvous send completes only once the block was received or refused).
     fn still_coming(&self, statuses: &[u8]) -> bool {
-        statuses.len() == self.arrived.len()
+        self.eager
+            && statuses.len() == self.arrived.len()
             && statuses
                 .iter()
                 .zip(&self.arrived)

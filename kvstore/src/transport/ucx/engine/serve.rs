@@ -243,8 +243,9 @@ impl Engine {
                 }
                 let issued = job.next == job.puts.len() || expired;
                 if issued && job.headers.is_some() {
-                    // A send completes once the puller has fetched the block (or refused it):
-                    // no flush is needed before the answer.
+                    // A rendezvous send completes once the puller has fetched the block (or
+                    // refused it), an eager one once UCX has copied it out: no flush is needed
+                    // before the answer, which the puller matches against the blocks it has.
                     if job.inflight.is_empty() {
                         progressed = true;
                         send_answer(ep, job);
