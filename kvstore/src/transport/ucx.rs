@@ -465,12 +465,11 @@ pub const INLINE_PACE: u64 = 2 << 30;
 
 /// How long a pulling thread drives the worker for the `bytes` of a pull it drives itself: the
 /// time they take at [`INLINE_PACE`], within [`INLINE_BUDGET_MIN`] and [`INLINE_BUDGET_MAX`]
-/// (2 ms for the default 4 MiB). A slow or silent source is what it
-/// bounds: a pull handed over mid-way took 2–3 × longer than one driven to its end (UCX over
-/// TCP, 1 MiB), so a healthy pull must fit. Loopback TCP moves 3–4 GB/s on the reference VM,
-/// and a flat millisecond cut 4 MiB pulls short: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s
-/// driven inline against 3.3–3.4 by the progress thread alone (UCX 1.23, writes, back to
-/// back).
+/// (2 ms for the default 4 MiB). A slow or silent source is what it bounds: a pull handed over
+/// mid-way took 2–3 × longer than one driven to its end (UCX over TCP, 1 MiB), so a healthy
+/// pull must fit. Loopback TCP moves 3–4 GB/s on the reference VM, and a flat millisecond cut
+/// 4 MiB pulls short: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s driven inline against 3.3–3.4
+/// by the progress thread alone (UCX 1.23, writes, back to back).
 pub fn inline_budget(bytes: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / INLINE_PACE as f64).clamp(INLINE_BUDGET_MIN, INLINE_BUDGET_MAX)
 }
