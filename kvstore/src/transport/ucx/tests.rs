@@ -28,8 +28,8 @@ fn config(fabric: Fabric, mode: UcxMode) -> UcxConfig {
     }
 }
 
-/// A source holding one block per length in `lens` (keys 0, 1, ...).
-fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<BlockKey>) {
+/// A store holding one block per length in `lens` (keys 0, 1, ...), and grants on it.
+fn granted_store(lens: &[usize]) -> (Arc<TieredStore>, Arc<Grants>, Vec<BlockKey>) {
     let s = store(64);
     let keys: Vec<BlockKey> = (0..lens.len() as u64).map(key).collect();
     for (i, &len) in lens.iter().enumerate() {
@@ -39,6 +39,12 @@ fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<Blo
         );
     }
     let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    (s, grants, keys)
+}
+
+/// A source holding one block per length in `lens` (keys 0, 1, ...).
+fn source(lens: &[usize], fabric: Fabric) -> (Arc<Grants>, UcxTransport, Vec<BlockKey>) {
+    let (s, grants, keys) = granted_store(lens);
     // In Get mode, so that its endpoint carries the key that gets need.
     let t = UcxTransport::new(s, Some(Arc::clone(&grants)), config(fabric, UcxMode::Get)).unwrap();
     (grants, t, keys)
@@ -74,15 +80,14 @@ const DRIVERS: [u64; 3] = [0, 64 << 10, u64::MAX];
 
 fn items(store: &TieredStore, grant: &Grant, keys: &[BlockKey]) -> Vec<PullItem> {
     let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
-    store
-        .reserve_batch(&wanted)
+    reserve(store, &wanted)
         .into_iter()
         .enumerate()
-        .map(|(i, r)| PullItem {
+        .map(|(i, slot)| PullItem {
             index: i as u32,
             remote_offset: grant.blocks[i].offset,
             checksum: grant.blocks[i].checksum,
-            slot: r.expect("slot"),
+            slot,
         })
         .collect()
 }
@@ -227,8 +232,8 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
 }
 
 /// An answer that reports blocks sent before they have come (an eager send completes at the
-/// source once UCX has copied the block out, and UCX keeps the order of messages only on one
-/// lane) leaves the pull waiting for them until its deadline: each lands and settles as it
+/// source once UCX has copied the block out, and UCX does not promise the order of whole
+/// messages) leaves the pull waiting for them until its deadline: each lands and settles as it
 /// comes, and one still missing at the deadline fails as late.
 #[test]
 fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
@@ -311,31 +316,14 @@ fn an_eager_request_gets_only_the_small_blocks_eagerly() {
         EAGER_BLOCKS_UP_TO as usize + 1,
         1 << 20,
     ];
-    let src_store = store(64);
-    let keys: Vec<BlockKey> = (0..lens.len() as u64).map(key).collect();
-    for (i, (k, &len)) in keys.iter().zip(&lens).enumerate() {
-        src_store.put(k, &payload(i as u64, len));
-    }
-    let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
+    let (src_store, grants, keys) = granted_store(&lens);
     let grant = grants.grant(&keys).unwrap();
     let src = Stallable::start(src_store, grants, Fabric::Tcp);
     let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
-    let dst = store(64);
-    let cfg = config(Fabric::Tcp, UcxMode::SendOnRequest);
-    let tls = cfg.tls.clone();
-    let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+    let (dst, mut engine) = puller_engine(Fabric::Tcp);
     let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&lens).map(|(k, &l)| (*k, l as u64)).collect();
-    let mut slots: Vec<Reservation> = dst
-        .reserve_batch(&wanted)
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    let (mut spec, mut settled) = send_spec(&remote, &slots, soon());
-    spec.grant = grant.id;
-    for (op, block) in spec.ops.iter_mut().zip(&grant.blocks) {
-        op.len = block.len;
-        op.remote_offset = block.offset;
-    }
+    let mut slots = reserve(&dst, &wanted);
+    let (spec, mut settled) = granted_spec(&remote, &grant, &slots);
     engine.start_pull(spec);
     let mut results = Vec::new();
     while results.len() < lens.len() {
@@ -381,37 +369,25 @@ struct EngineCase {
 
 impl EngineCase {
     fn start(slots: u64, connected: bool) -> Self {
-        let src_store = store(8);
-        let warm_up = key(1);
-        src_store.put(&warm_up, &payload(1, SLOT_LEN as usize));
-        let grants = Arc::new(Grants::new(Arc::clone(&src_store), Duration::from_secs(30), 16));
-        let grant = grants.grant(&[warm_up]).unwrap();
+        let (src_store, grants, warm_up) = granted_store(&[SLOT_LEN as usize]);
+        let grant = grants.grant(&warm_up).unwrap();
         let src = Stallable::start(src_store, grants, Fabric::Shm);
         let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
-        let dst = store(8);
-        let cfg = config(Fabric::Shm, UcxMode::SendOnRequest);
-        let tls = cfg.tls.clone();
-        let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+        let (dst, mut engine) = puller_engine(Fabric::Shm);
         if connected {
-            let mut slot = dst.reserve_batch(&[(key(99), SLOT_LEN)]).remove(0).unwrap();
-            let (mut spec, mut settled) = send_spec(&remote, std::slice::from_ref(&slot), soon());
-            spec.grant = grant.id;
-            spec.ops[0].remote_offset = grant.blocks[0].offset;
+            let mut slot = reserve(&dst, &[(key(99), SLOT_LEN)]);
+            let (spec, mut settled) = granted_spec(&remote, &grant, &slot);
             engine.start_pull(spec);
             assert_eq!(next_batch(&mut engine, &mut settled), [(0, Ok(None))]);
             assert_eq!(
-                dst.host().reserved_mut(&mut slot),
-                &payload(1, SLOT_LEN as usize)[..]
+                dst.host().reserved_mut(&mut slot[0]),
+                &payload(0, SLOT_LEN as usize)[..]
             );
-            dst.abort(slot);
+            dst.abort(slot.remove(0));
         }
         src.park();
         let wanted: Vec<(BlockKey, u64)> = (100..100 + slots).map(|i| (key(i), SLOT_LEN)).collect();
-        let mut slots: Vec<_> = dst
-            .reserve_batch(&wanted)
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
+        let mut slots = reserve(&dst, &wanted);
         for s in &mut slots {
             dst.host().reserved_mut(s).fill(0xa5);
         }
@@ -423,6 +399,36 @@ impl EngineCase {
             remote,
         }
     }
+}
+
+/// A puller's engine for a test to drive itself, over `fabric` in send-on-request mode, and
+/// its store.
+fn puller_engine(fabric: Fabric) -> (Arc<TieredStore>, Engine) {
+    let dst = store(64);
+    let cfg = config(fabric, UcxMode::SendOnRequest);
+    let tls = cfg.tls.clone();
+    let engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+    (dst, engine)
+}
+
+/// A slot for each (key, length) of `wanted`.
+fn reserve(dst: &TieredStore, wanted: &[(BlockKey, u64)]) -> Vec<Reservation> {
+    dst.reserve_batch(wanted)
+        .into_iter()
+        .map(|r| r.expect("a slot"))
+        .collect()
+}
+
+/// A send-on-request pull of `grant`'s blocks (as long as they are, from where they lie) into
+/// `slots`, and where its results come.
+fn granted_spec(remote: &RemoteEndpoint, grant: &Grant, slots: &[Reservation]) -> (PullSpec, Receiver) {
+    let (mut spec, settled) = send_spec(remote, slots, soon());
+    spec.grant = grant.id;
+    for (op, block) in spec.ops.iter_mut().zip(&grant.blocks) {
+        op.len = block.len;
+        op.remote_offset = block.offset;
+    }
+    (spec, settled)
 }
 
 /// A send-on-request pull of `slots` (grant index = position) from `remote`, and where its
