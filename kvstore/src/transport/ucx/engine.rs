@@ -540,9 +540,14 @@ pub(super) struct ServeJob {
     _pinned: Option<Arc<GrantEntry>>,
     rkey: sys::ucp_rkey_h,
     puts: Vec<PutOp>,
+    /// The puts each write or send covers: runs of [`super::write_runs`] for writes, one
+    /// block each for sends.
+    runs: Vec<std::ops::Range<usize>>,
     statuses: Vec<u8>,
+    /// The next run to issue.
     next: usize,
-    inflight: Vec<(usize, Req)>,
+    /// (run, request) in flight.
+    inflight: Vec<(std::ops::Range<usize>, Req)>,
     inflight_bytes: u64,
     phase: ServePhase,
     /// Send-on-request: the [`AM_BLOCK`] header of each op, allocated once so that each
@@ -813,6 +818,9 @@ pub(super) struct Engine {
     /// Blocks this engine set out to send eagerly.
     #[cfg(test)]
     pub(super) served_eager: usize,
+    /// Writes (runs of blocks) this engine set out to make as a source.
+    #[cfg(test)]
+    pub(super) served_writes: usize,
     /// Blocks that came to this engine's pulls eagerly, bytes and all.
     #[cfg(test)]
     pub(super) eager_arrivals: usize,
@@ -878,6 +886,8 @@ impl Engine {
             served_sends: 0,
             #[cfg(test)]
             served_eager: 0,
+            #[cfg(test)]
+            served_writes: 0,
             #[cfg(test)]
             eager_arrivals: 0,
             #[cfg(test)]

@@ -569,6 +569,58 @@ async fn an_unknown_grant_fails_every_block_when_the_source_writes_or_sends() {
     }
 }
 
+/// A source writes the blocks of a pull that lie back to back in both arenas as runs, and
+/// every byte lands in its own slot; blocks asked for in the reverse order are written one by
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
+    let lens = vec![64 << 10; 24];
+    for fabric in [Fabric::Tcp, Fabric::Shm] {
+        let (grants, src, keys) = source(&lens, fabric);
+        let endpoint = src.endpoint(None);
+        let (dst, t) = puller(fabric, UcxMode::PutOnRequest);
+        for reversed in [false, true] {
+            let order: Vec<usize> = if reversed {
+                (0..lens.len()).rev().collect()
+            } else {
+                (0..lens.len()).collect()
+            };
+            let keys: Vec<BlockKey> = order.iter().map(|&i| keys[i]).collect();
+            let grant = grants.grant(&keys).unwrap();
+            let items = items(&dst, &grant, &keys);
+            let runs = write_runs(
+                items
+                    .iter()
+                    .map(|i| (i.remote_offset, i.slot.offset(), i.slot.len())),
+            )
+            .len();
+            let case = format!("{fabric:?} reversed {reversed}");
+            if reversed {
+                assert_eq!(runs, lens.len(), "{case}");
+            } else {
+                // Stored one after another, reserved one after another.
+                assert_eq!(runs, 1, "{case}");
+            }
+            let writes = src.served_writes();
+            let pulled = t.pull(&endpoint, grant.id, items, soon()).await;
+            assert_eq!(src.served_writes() - writes, runs, "{case}");
+            assert_eq!(pulled.len(), lens.len());
+            for p in pulled {
+                assert_eq!(p.result, Ok(()), "{case}");
+                let i = order[p.index as usize];
+                let mut slot = p.slot;
+                assert_eq!(
+                    dst.host().reserved_mut(&mut slot),
+                    &payload(i as u64, lens[i])[..],
+                    "{case} block {i}"
+                );
+                dst.abort(slot);
+            }
+            assert!(grants.release(&grant.id));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_failing_its_checksum_fails_alone() {
     for (fabric, mode) in [
@@ -1160,11 +1212,13 @@ fn pulls_split_across_lanes_by_bytes() {
 /// explicit writes and gets are kept, and a source without a key is asked to write.
 #[test]
 fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
+    // Blocks that lie apart, each written on its own.
     let shape = |lens: &[u64], inline| PullShape {
         blocks: lens.len(),
         bytes: lens.iter().sum(),
         largest: lens.iter().copied().max().unwrap_or(0),
         inline,
+        runs: lens.len(),
     };
     // Over TCP alone.
     let plan = |mode, sends_by_size, keyless_source, lens: &[u64], inline| {
@@ -1209,6 +1263,91 @@ fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
     let not_eager = |mode| PullPlan { mode, eager: false };
     assert_eq!(unsure(put, true), not_eager(put));
     assert_eq!(unsure(send, false), not_eager(send));
+}
+
+/// Where `Auto` writes, a pull of at most [`RUN_WRITES_UP_TO`] bytes whose blocks the source
+/// writes at least two to a run stays written, whatever the size of its blocks; larger pulls,
+/// blocks that do not pair up and configured sends are planned as before.
+#[test]
+fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
+    let shape = |blocks: usize, len: u64, runs: usize, inline| PullShape {
+        blocks,
+        bytes: blocks as u64 * len,
+        largest: len,
+        inline,
+        runs,
+    };
+    let plan = |mode, sends_by_size, shape| pull_plan(mode, sends_by_size, true, false, shape);
+    let (put, send) = (UcxMode::PutOnRequest, UcxMode::SendOnRequest);
+    let written = PullPlan {
+        mode: put,
+        eager: false,
+    };
+    let small = EAGER_BLOCKS_UP_TO;
+    // Small blocks the pulling thread drives: written where they pair up, else sent eagerly.
+    assert_eq!(plan(put, true, shape(16, small, 1, true)), written);
+    assert_eq!(plan(put, true, shape(16, small, 8, true)), written);
+    assert_eq!(
+        plan(put, true, shape(16, small, 9, true)),
+        PullPlan {
+            mode: send,
+            eager: true
+        }
+    );
+    // Large blocks: written in runs up to RUN_WRITES_UP_TO bytes, sent past it.
+    let mib = 1 << 20;
+    assert_eq!(RUN_WRITES_UP_TO, 16 * mib);
+    assert_eq!(plan(put, true, shape(16, mib, 4, false)), written);
+    assert_eq!(
+        plan(put, true, shape(17, mib, 5, false)),
+        PullPlan {
+            mode: send,
+            eager: false
+        }
+    );
+    assert_eq!(
+        plan(put, true, shape(16, mib, 16, false)),
+        PullPlan {
+            mode: send,
+            eager: false
+        }
+    );
+    // Configured sends and writes are kept.
+    assert_eq!(
+        plan(send, false, shape(16, small, 1, true)),
+        PullPlan {
+            mode: send,
+            eager: true
+        }
+    );
+    assert_eq!(plan(put, false, shape(16, mib, 16, false)), written);
+}
+
+/// A source writes blocks that lie back to back in its arena and in the puller's, in the order
+/// asked for, as one run of at most [`WRITE_RUN_UP_TO`] bytes.
+#[test]
+fn blocks_back_to_back_at_both_ends_are_written_in_runs() {
+    const K: u64 = 64 << 10;
+    let pieces: Vec<_> = (0..16).map(|n| (n * K, 1000 + n * K, K)).collect();
+    assert_eq!(write_runs(pieces), vec![0..16]);
+    // A gap at the source, then one in the puller's arena.
+    let pieces = [
+        (0, 0, K),
+        (K, K, K),
+        (3 * K, 2 * K, K),
+        (4 * K, 3 * K, K),
+        (5 * K, 5 * K, K),
+    ];
+    assert_eq!(write_runs(pieces), vec![0..2, 2..4, 4..5]);
+    // Back to back, but asked for in the other order.
+    assert_eq!(write_runs([(K, K, K), (0, 0, K)]), vec![0..1, 1..2]);
+    // Runs end at WRITE_RUN_UP_TO; a larger block is a run of its own.
+    let quarter = WRITE_RUN_UP_TO / 4;
+    let pieces: Vec<_> = (0..9).map(|n| (n * quarter, n * quarter, quarter)).collect();
+    assert_eq!(write_runs(pieces), vec![0..4, 4..8, 8..9]);
+    let big = WRITE_RUN_UP_TO + 1;
+    assert_eq!(write_runs([(0, 0, big), (big, big, 1)]), vec![0..1, 1..2]);
+    assert!(write_runs([]).is_empty());
 }
 
 /// Where UCX may use TCP, pulls of blocks of [`SLEEP_BETWEEN_BLOCKS_FROM`] or more on average

@@ -9,7 +9,7 @@ use crate::transport::ucx::wire::{
     AM_ANSWER, AM_BLOCK, BLOCK_HEADER, Request, STATUS_FAILED, STATUS_MALFORMED, STATUS_NO_BLOCK, STATUS_OK,
     STATUS_TIMED_OUT, STATUS_UNKNOWN_GRANT, encode_answer, encode_block_header,
 };
-use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, status_text};
+use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, status_text, write_runs};
 
 impl Engine {
     /// A put- or send-on-request message from a puller.
@@ -94,6 +94,15 @@ impl Engine {
                 }
             }
         };
+        let runs = if req.send {
+            (0..puts.len()).map(|n| n..n + 1).collect()
+        } else {
+            write_runs(puts.iter().map(|p| (p.local as u64, p.remote, p.len)))
+        };
+        #[cfg(test)]
+        {
+            self.served_writes += if req.send { 0 } else { runs.len() };
+        }
         let headers = req.send.then(|| {
             puts.iter()
                 .map(|p| encode_block_header(req.id, p.entry as u32))
@@ -106,6 +115,7 @@ impl Engine {
             _pinned: entry,
             rkey,
             puts,
+            runs,
             statuses,
             next: 0,
             inflight: Vec::new(),
@@ -145,17 +155,18 @@ impl Engine {
         let expired = now >= job.deadline;
         let given_up = now >= job.deadline + drain;
         let mut progressed = false;
-        job.inflight.retain_mut(|(n, req)| match req.poll() {
+        job.inflight.retain_mut(|(run, req)| match req.poll() {
             None => true,
             Some(status) => {
                 progressed = true;
-                let put = &job.puts[*n];
-                job.inflight_bytes -= put.len;
-                job.statuses[put.entry] = if status == sys::UCS_OK {
-                    STATUS_OK
-                } else {
-                    STATUS_FAILED
-                };
+                for put in &job.puts[run.clone()] {
+                    job.inflight_bytes -= put.len;
+                    job.statuses[put.entry] = if status == sys::UCS_OK {
+                        STATUS_OK
+                    } else {
+                        STATUS_FAILED
+                    };
+                }
                 false
             }
         });
@@ -180,10 +191,13 @@ impl Engine {
         let mut force_close = false;
         let finished = match &mut job.phase {
             ServePhase::Putting => {
-                while !expired && job.next < job.puts.len() && job.inflight_bytes < window {
-                    let put = &job.puts[job.next];
+                while !expired && job.next < job.runs.len() && job.inflight_bytes < window {
+                    let run = job.runs[job.next].clone();
+                    let put = &job.puts[run.start];
+                    let len: u64 = job.puts[run.clone()].iter().map(|p| p.len).sum();
                     let req = if let Some(headers) = &job.headers {
-                        let header: &[u8; BLOCK_HEADER] = &headers[job.next];
+                        // A send's run is its one block.
+                        let header: &[u8; BLOCK_HEADER] = &headers[run.start];
                         // An eager send completes once UCX has copied the block out.
                         let flags = if put.eager {
                             sys::UCP_AM_SEND_FLAG_EAGER
@@ -221,27 +235,23 @@ impl Engine {
                             ..Default::default()
                         };
                         // SAFETY: live endpoint and the puller's rkey unpacked on it (the job
-                        // holds a claim on the peer); the source is a granted block inside the
-                        // registered arena, pinned by `job._pinned` until the job ends, which is
-                        // after the request completes (or is abandoned past the drain period;
-                        // the arena stays mapped, so a late read is still of valid memory).
+                        // holds a claim on the peer); the source is a run of granted blocks
+                        // that lie back to back inside the registered arena (`write_runs`),
+                        // so one range of it, pinned by `job._pinned` until the job ends, which
+                        // is after the request completes (or is abandoned past the drain
+                        // period; the arena stays mapped, so a late read is still of valid
+                        // memory). The destination is the puller's slots for those blocks,
+                        // back to back as well.
                         Req::from_ptr(unsafe {
-                            sys::ucp_put_nbx(
-                                ep,
-                                put.local.cast(),
-                                put.len as usize,
-                                put.remote,
-                                job.rkey,
-                                &param,
-                            )
+                            sys::ucp_put_nbx(ep, put.local.cast(), len as usize, put.remote, job.rkey, &param)
                         })
                     };
-                    job.inflight_bytes += put.len;
-                    job.inflight.push((job.next, req));
+                    job.inflight_bytes += len;
+                    job.inflight.push((run, req));
                     job.next += 1;
                     progressed = true;
                 }
-                let issued = job.next == job.puts.len() || expired;
+                let issued = job.next == job.runs.len() || expired;
                 if issued && job.headers.is_some() {
                     // A rendezvous send completes once the puller has fetched the block (or
                     // refused it), an eager one once UCX has copied it out: no flush is needed
