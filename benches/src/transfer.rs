@@ -77,6 +77,12 @@ pub(crate) struct TransferArgs {
     /// Skip Mooncake and NIXL (they run when their venvs exist: `benches/peers/setup-*.sh`).
     #[arg(long)]
     pub(crate) no_peers: bool,
+    /// Lay kvtier's blocks back to back, in the order pulled, in both arenas, instead of in a
+    /// random order on each side. The peers' benchmarks place their blocks at random slots, so
+    /// that no system merges a batch into larger copies; this shows what kvtier's merging of
+    /// back-to-back blocks saves, and skips the peers.
+    #[arg(long)]
+    pub(crate) back_to_back: bool,
     /// Run as the source process (internal).
     #[arg(long, hide = true)]
     pub(crate) serve: bool,
@@ -175,8 +181,14 @@ fn key(tag: u64, i: u64) -> BlockKey {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum Ask {
-    /// Store `batch` blocks of `block` bytes under `tag` (dropping the previous tag's).
-    Fill { tag: u64, block: u64, batch: u64 },
+    /// Store `batch` blocks of `block` bytes under `tag` (dropping the previous tag's), in a
+    /// random order unless `back_to_back`.
+    Fill {
+        tag: u64,
+        block: u64,
+        batch: u64,
+        back_to_back: bool,
+    },
     /// Grant the tag's blocks.
     Grant { tag: u64, batch: u64 },
     /// Release a grant.
@@ -370,6 +382,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     tag,
                     block,
                     batch: batch as u64,
+                    back_to_back: args.back_to_back,
                 })?;
                 let grant: GrantAnswer = source.ask(&Ask::Grant {
                     tag,
@@ -391,6 +404,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                         block,
                         batch,
                         args.quick,
+                        args.back_to_back,
                     ))?;
                     row.system = (*system).into();
                     row.transport = label.clone();
@@ -404,7 +418,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     rows.push(row);
                 }
                 source.ask::<serde_json::Value>(&Ask::Release { id: grant.id.clone() })?;
-                if !args.no_peers {
+                if !args.no_peers && !args.back_to_back {
                     // The peers measure each configuration right after kvtier: this machine's speed
                     // drifts over minutes, and a whole matrix per system would compare different
                     // minutes.
@@ -461,6 +475,7 @@ async fn measure(
     block: u64,
     batch: usize,
     quick: bool,
+    back_to_back: bool,
 ) -> Result<Row> {
     let id = GrantId::from_slice(&grant.id).context("grant id")?;
     if grant.blocks.len() != batch {
@@ -471,18 +486,24 @@ async fn measure(
     } else {
         (2, 5, Duration::from_secs(1), Duration::from_secs(5))
     };
-    let wanted: Vec<(BlockKey, u64)> = (0..batch as u64).map(|i| (key(tag, i), block)).collect();
+    // Slots reserved in a random order (the source's is another one) lie in that order.
+    let order = if back_to_back {
+        (0..batch).collect()
+    } else {
+        shuffled(batch, !tag)
+    };
+    let wanted: Vec<(BlockKey, u64)> = order.iter().map(|&i| (key(tag, i as u64), block)).collect();
     let mut times = Vec::new();
     let started = Instant::now();
     let mut verified = true;
     let mut i = 0;
     loop {
         let t0 = Instant::now();
-        let items: Vec<PullItem> = store
+        let mut items: Vec<PullItem> = store
             .reserve_batch(&wanted)
             .into_iter()
-            .enumerate()
-            .map(|(j, r)| {
+            .zip(&order)
+            .map(|(r, &j)| {
                 Ok(PullItem {
                     index: j as u32,
                     remote_offset: grant.blocks[j].0,
@@ -491,6 +512,8 @@ async fn measure(
                 })
             })
             .collect::<Result<_>>()?;
+        // Pulled in the grant's order, as a decode agent asks for a prefix.
+        items.sort_by_key(|i| i.index);
         let pulled = transport
             .pull(endpoint, id, items, Instant::now() + Duration::from_secs(60))
             .await;
@@ -661,11 +684,22 @@ fn serve(arena: u64, planes: &[Plane]) -> Result<()> {
     for line in std::io::stdin().lines() {
         let ask: Ask = serde_json::from_str(&line?)?;
         let answer = match ask {
-            Ask::Fill { tag, block, batch } => {
+            Ask::Fill {
+                tag,
+                block,
+                batch,
+                back_to_back,
+            } => {
                 for k in filled.drain(..) {
                     store.remove(&k);
                 }
-                for i in 0..batch {
+                // Stored in a random order, the blocks lie in the arena in that order.
+                let order = if back_to_back {
+                    (0..batch as usize).collect()
+                } else {
+                    shuffled(batch as usize, tag)
+                };
+                for i in order.into_iter().map(|i| i as u64) {
                     let start = (i as usize * 4099 + tag as usize * 131) % (pattern.len() - block as usize);
                     let k = key(tag, i);
                     let stored = store.put(&k, &pattern[start..start + block as usize]);
@@ -695,6 +729,21 @@ fn serve(arena: u64, planes: &[Plane]) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// `0..n` in a random order that `seed` fixes (Fisher–Yates over xorshift64*: the benchmark
+/// needs a spread, not a statistically strong generator).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        v.swap(i, (r % (i as u64 + 1)) as usize);
+    }
+    v
 }
 
 /// The source's UCX transports (when asked for) and their endpoints by fabric label.
@@ -920,6 +969,22 @@ mod tests {
             grant_us: None,
             verified,
         }
+    }
+
+    /// The scattered layout is a permutation that the seed fixes, and it leaves almost no two
+    /// blocks back to back in the order pulled (what kvtier would merge into one copy).
+    #[test]
+    fn shuffled_is_a_fixed_permutation_with_few_neighbours_in_order() {
+        for n in [0, 1, 16, 256] {
+            let mut v = shuffled(n, 7);
+            assert_eq!(v, shuffled(n, 7));
+            v.sort_unstable();
+            assert_eq!(v, (0..n).collect::<Vec<_>>());
+        }
+        let v = shuffled(256, 7);
+        assert_ne!(v, shuffled(256, 8));
+        let in_order = v.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(in_order < 8, "{in_order} of 255 neighbours in order");
     }
 
     #[test]

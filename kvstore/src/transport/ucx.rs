@@ -67,9 +67,10 @@
 //!   and an answer per fragment, and reads run at about a quarter of the speed of writes.
 //! * **PutOnRequest**: the puller sends one active message with the grant id, its own worker
 //!   address, remote key, arena base and the list of (grant index, length, slot offset); the
-//!   source looks the grant up, writes each block into the puller's slot with `ucp_put_nbx`,
-//!   flushes the endpoint (so every write has landed) and then answers with one status per
-//!   block. Over TCP this runs as fast as a push.
+//!   source looks the grant up, writes each block into the puller's slot with `ucp_put_nbx`
+//!   (blocks back to back in both arenas as one write, up to [`WRITE_RUN_UP_TO`]), flushes
+//!   the endpoint (so every write has landed) and then answers with one status per block.
+//!   Over TCP this runs as fast as a push.
 //! * **SendOnRequest**: the same request, flagged; the source sends each block as an active
 //!   message (`0x6b78`, header `request id u64 | entry u32`) in rendezvous mode, so only a
 //!   descriptor travels; the puller's UCX fetches the bytes straight into the slot
@@ -88,7 +89,8 @@
 //!
 //! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]), and
 //! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more,
-//! and, over TCP alone, sends small pulls of small blocks eagerly ([`EAGER_BLOCKS_UP_TO`]).
+//! and, over TCP alone, sends small pulls of small blocks eagerly ([`EAGER_BLOCKS_UP_TO`]),
+//! except pulls of up to [`RUN_WRITES_UP_TO`] that the source writes in runs.
 //!
 //! The request (active message `0x6b76`, sent eagerly as one message):
 //!
@@ -228,10 +230,10 @@ pub const SEND_BLOCKS_FROM: u64 = 256 << 10;
 
 /// The most bytes a source writes with one `ucp_put_nbx`: blocks of a pull that lie back to
 /// back in the source's arena, in the order asked for, and whose slots lie back to back in the
-/// puller's, are written as one run (see [`write_runs`]). UCX's TCP transport reads ahead up to
-/// a receive segment ([`TCP_SEGMENT`]) into its own buffer and copies a write's bytes out of it,
-/// so a stream of small writes is received twice over, while a long one lands mostly straight
-/// in its slots; each write also costs a request and an acknowledgement. Over TCP on loopback
+/// puller's, are written as one run. UCX's TCP transport reads ahead up to a receive segment
+/// ([`TCP_SEGMENT`]) into its own buffer and copies a write's bytes out of it, so a stream of
+/// small writes is received twice over, while a long one lands mostly straight in its slots;
+/// each write also costs a request and an acknowledgement. Over TCP on loopback
 /// (UCX 1.23, 2-core VM, back to back) 16 blocks of 64 KiB written in one run moved at
 /// 6.6 GB/s against 3.8 sent eagerly, 256 of them at 4.2–5.1 against 2.9–3.2 written one by
 /// one, and 16 of 256 KiB at 5.5–5.8 against 5.2 sent.
