@@ -90,7 +90,7 @@
 //! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]), and
 //! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more,
 //! and, over TCP alone, sends small pulls of small blocks eagerly ([`EAGER_BLOCKS_UP_TO`]),
-//! except pulls of up to [`RUN_WRITES_UP_TO`] that the source writes in runs.
+//! except pulls that the source writes in long enough runs ([`RUN_WRITES_FROM`]).
 //!
 //! The request (active message `0x6b76`, sent eagerly as one message):
 //!
@@ -239,12 +239,24 @@ pub const SEND_BLOCKS_FROM: u64 = 256 << 10;
 /// one, and 16 of 256 KiB at 5.5–5.8 against 5.2 sent.
 pub const WRITE_RUN_UP_TO: u64 = 4 << 20;
 
-/// Where `Auto` writes, a pull of at most this many bytes whose blocks the source writes at
-/// least two to a run on average ([`WRITE_RUN_UP_TO`]) is written even where its blocks would
-/// otherwise be sent ([`SEND_BLOCKS_FROM`], [`EAGER_BLOCKS_UP_TO`]). Past it the check of every
-/// written block at the answer outweighs what runs save: 16 blocks of 1 MiB written in runs
-/// moved at 4.9–5.1 GB/s against 3.9–4.2 sent, 256 blocks of 256 KiB at 3.7–4.2 against
-/// 4.1–4.5 sent (same setup).
+/// Where `Auto` writes and UCX carries the bytes over TCP alone, a pull whose blocks the
+/// source writes in runs ([`WRITE_RUN_UP_TO`]) of at least two blocks and this many bytes on
+/// average is written, rather than sent eagerly ([`EAGER_BLOCKS_UP_TO`]) or in rendezvous
+/// ([`SEND_BLOCKS_FROM`]), if its blocks are smaller than [`RUN_BLOCKS_BELOW`] on average and
+/// it has at most [`RUN_WRITES_UP_TO`] bytes. Over TCP on loopback (UCX 1.23, 2-core VM, back
+/// to back), blocks of 64 KiB back to back: 8 written in one run at 4.8 GB/s against 3.6 sent
+/// eagerly, 16 at 6.6 against 3.8, 256 at 4.2–5.1 against 2.9–3.2 written one by one; 4 at
+/// 3.1 against 3.3 and 2 at 2.1 against 2.8 (eager sends win below half a megabyte). Blocks of
+/// 256 KiB: 2 at 4.9 against 4.0–4.3 sent, 4 at 6.7 against 4.7–4.8.
+pub const RUN_WRITES_FROM: u64 = 512 << 10;
+
+/// See [`RUN_WRITES_FROM`]: blocks of 1 MiB were faster sent, each checksummed as it lands, than
+/// written in runs (2 at 5.9–6.0 GB/s against 5.4, 4 at 7.9–8.3 against 5.3–5.8).
+pub const RUN_BLOCKS_BELOW: u64 = 1 << 20;
+
+/// See [`RUN_WRITES_FROM`]: past this many bytes the check of every written block at the
+/// answer outweighs what runs save (256 blocks of 256 KiB written in runs at 3.7–4.2 GB/s
+/// against 4.1–4.5 sent).
 pub const RUN_WRITES_UP_TO: u64 = 16 << 20;
 
 /// The runs of `pieces` (source address, destination address, length), in order, that lie
@@ -1008,8 +1020,8 @@ struct PullPlan {
 /// * where `Auto` picked writes (`sends_by_size`), several blocks of [`SEND_BLOCKS_FROM`] or
 ///   more on average are asked for by sends, and, where UCX carries the bytes over TCP alone
 ///   (`tcp_only`), so are the blocks of a pull the pulling thread drives whose blocks are all
-///   [`EAGER_BLOCKS_UP_TO`] or less, unless the pull has at most [`RUN_WRITES_UP_TO`] bytes
-///   and the source writes its blocks at least two to a run on average;
+///   [`EAGER_BLOCKS_UP_TO`] or less, unless, over TCP alone, the source writes the pull in
+///   runs long enough to be faster ([`RUN_WRITES_FROM`]);
 /// * blocks of at most [`EAGER_BLOCKS_UP_TO`] that the pulling thread drives over TCP alone
 ///   are sent eagerly, whether `Auto` or the configuration picked sends.
 fn pull_plan(
@@ -1026,7 +1038,11 @@ fn pull_plan(
         inline,
         runs,
     } = shape;
-    let in_runs = blocks >= 2 * runs && bytes <= RUN_WRITES_UP_TO;
+    let in_runs = tcp_only
+        && blocks >= 2 * runs
+        && average_at_least(runs, bytes, RUN_WRITES_FROM)
+        && !average_at_least(blocks, bytes, RUN_BLOCKS_BELOW)
+        && bytes <= RUN_WRITES_UP_TO;
     let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
     let small_inline = tcp_only && inline && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
     let mode = match mode {

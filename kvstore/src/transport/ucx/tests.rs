@@ -571,14 +571,25 @@ async fn an_unknown_grant_fails_every_block_when_the_source_writes_or_sends() {
 
 /// A source writes the blocks of a pull that lie back to back in both arenas as runs, and
 /// every byte lands in its own slot; blocks asked for in the reverse order are written one by
-/// one.
+/// one. `Auto` over TCP alone writes such a pull of small blocks in its run, and sends the
+/// same blocks in the reverse order eagerly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
     let lens = vec![64 << 10; 24];
-    for fabric in [Fabric::Tcp, Fabric::Shm] {
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+        (Fabric::Tcp, UcxMode::Auto),
+    ] {
         let (grants, src, keys) = source(&lens, fabric);
         let endpoint = src.endpoint(None);
-        let (dst, t) = puller(fabric, UcxMode::PutOnRequest);
+        let (dst, t) = if mode == UcxMode::Auto {
+            let dst = store(64);
+            let t = UcxTransport::new(Arc::clone(&dst), None, config(fabric, mode)).unwrap();
+            (dst, t)
+        } else {
+            puller(fabric, mode)
+        };
         for reversed in [false, true] {
             let order: Vec<usize> = if reversed {
                 (0..lens.len()).rev().collect()
@@ -594,16 +605,22 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
                     .map(|i| (i.remote_offset, i.slot.offset(), i.slot.len())),
             )
             .len();
-            let case = format!("{fabric:?} reversed {reversed}");
+            let case = format!("{fabric:?} {mode:?} reversed {reversed}");
             if reversed {
                 assert_eq!(runs, lens.len(), "{case}");
             } else {
                 // Stored one after another, reserved one after another.
                 assert_eq!(runs, 1, "{case}");
             }
-            let writes = src.served_writes();
+            let (writes, eager) = (src.served_writes(), src.served_eager());
             let pulled = t.pull(&endpoint, grant.id, items, soon()).await;
-            assert_eq!(src.served_writes() - writes, runs, "{case}");
+            let eagerly = mode == UcxMode::Auto && reversed;
+            let expected = if eagerly { (0, lens.len()) } else { (runs, 0) };
+            assert_eq!(
+                (src.served_writes() - writes, src.served_eager() - eager),
+                expected,
+                "{case}: (writes, eager sends)"
+            );
             assert_eq!(pulled.len(), lens.len());
             for p in pulled {
                 assert_eq!(p.result, Ok(()), "{case}");
@@ -1265,9 +1282,11 @@ fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
     assert_eq!(unsure(send, false), not_eager(send));
 }
 
-/// Where `Auto` writes, a pull of at most [`RUN_WRITES_UP_TO`] bytes whose blocks the source
-/// writes at least two to a run stays written, whatever the size of its blocks; larger pulls,
-/// blocks that do not pair up and configured sends are planned as before.
+/// Where `Auto` writes and UCX carries the bytes over TCP alone, a pull whose blocks the source
+/// writes in runs of at least two blocks and [`RUN_WRITES_FROM`] bytes on average stays
+/// written, if its blocks are smaller than [`RUN_BLOCKS_BELOW`] and it has at most
+/// [`RUN_WRITES_UP_TO`] bytes; other pulls, other transports and configured modes are planned
+/// as before.
 #[test]
 fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
     let shape = |blocks: usize, len: u64, runs: usize, inline| PullShape {
@@ -1283,44 +1302,37 @@ fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
         mode: put,
         eager: false,
     };
+    let eager = PullPlan {
+        mode: send,
+        eager: true,
+    };
+    let sent = PullPlan {
+        mode: send,
+        eager: false,
+    };
     let small = EAGER_BLOCKS_UP_TO;
-    // Small blocks the pulling thread drives: written where they pair up, else sent eagerly.
-    assert_eq!(plan(put, true, shape(16, small, 1, true)), written);
-    assert_eq!(plan(put, true, shape(16, small, 8, true)), written);
-    assert_eq!(
-        plan(put, true, shape(16, small, 9, true)),
-        PullPlan {
-            mode: send,
-            eager: true
-        }
-    );
-    // Large blocks: written in runs up to RUN_WRITES_UP_TO bytes, sent past it.
-    let mib = 1 << 20;
-    assert_eq!(RUN_WRITES_UP_TO, 16 * mib);
-    assert_eq!(plan(put, true, shape(16, mib, 4, false)), written);
-    assert_eq!(
-        plan(put, true, shape(17, mib, 5, false)),
-        PullPlan {
-            mode: send,
-            eager: false
-        }
-    );
-    assert_eq!(
-        plan(put, true, shape(16, mib, 16, false)),
-        PullPlan {
-            mode: send,
-            eager: false
-        }
-    );
+    assert_eq!(8 * small, RUN_WRITES_FROM);
+    // Small blocks the pulling thread drives: written in runs of 512 KiB, else sent eagerly.
+    assert_eq!(plan(put, true, shape(8, small, 1, true)), written);
+    assert_eq!(plan(put, true, shape(16, small, 2, true)), written);
+    assert_eq!(plan(put, true, shape(16, small, 3, true)), eager);
+    assert_eq!(plan(put, true, shape(4, small, 1, true)), eager);
+    assert_eq!(plan(put, true, shape(256, small, 4, false)), written);
+    // Blocks large enough to be sent: written in runs below 1 MiB and up to 16 MiB a pull.
+    let quarter = 256 << 10;
+    assert_eq!(RUN_WRITES_UP_TO, 64 * quarter);
+    assert_eq!(plan(put, true, shape(2, quarter, 1, false)), written);
+    assert_eq!(plan(put, true, shape(64, quarter, 4, false)), written);
+    assert_eq!(plan(put, true, shape(65, quarter, 5, false)), sent);
+    assert_eq!(plan(put, true, shape(64, quarter, 64, false)), sent);
+    assert_eq!(plan(put, true, shape(4, RUN_BLOCKS_BELOW, 1, false)), sent);
+    // Where UCX may use shared memory too, nothing changes: sends win there.
+    let unsure = |shape| pull_plan(put, true, false, false, shape);
+    assert_eq!(unsure(shape(4, quarter, 1, false)), sent);
+    assert_eq!(unsure(shape(16, small, 1, true)), written);
     // Configured sends and writes are kept.
-    assert_eq!(
-        plan(send, false, shape(16, small, 1, true)),
-        PullPlan {
-            mode: send,
-            eager: true
-        }
-    );
-    assert_eq!(plan(put, false, shape(16, mib, 16, false)), written);
+    assert_eq!(plan(send, false, shape(16, small, 1, true)), eager);
+    assert_eq!(plan(put, false, shape(4, quarter, 4, false)), written);
 }
 
 /// A source writes blocks that lie back to back in its arena and in the puller's, in the order
