@@ -452,6 +452,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
             "huge_pages": huge_pages,
+            "back_to_back": args.back_to_back,
             "rows": rows,
             "round_rows": if args.rounds > 1 { serde_json::to_value(&rounds)? } else { serde_json::Value::Null },
             "peers": peers,

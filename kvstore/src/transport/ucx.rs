@@ -90,7 +90,8 @@
 //! [`UcxMode::Auto`] picks from `UCX_TLS` and the UCX release (see [`UcxMode::resolve`]), and
 //! where it picks writes it sends pulls of several blocks of [`SEND_BLOCKS_FROM`] or more,
 //! and, over TCP alone, sends small pulls of small blocks eagerly ([`EAGER_BLOCKS_UP_TO`]),
-//! except pulls that the source writes in long enough runs ([`RUN_WRITES_FROM`]).
+//! except, over TCP alone, pulls that the source writes in long enough runs of blocks back
+//! to back ([`RUN_WRITES_FROM`]). A source that predates runs writes block by block.
 //!
 //! The request (active message `0x6b76`, sent eagerly as one message):
 //!
@@ -204,7 +205,9 @@ pub enum UcxMode {
     /// [`UcxMode::Get`], [`UcxMode::PutOnRequest`] or [`UcxMode::SendOnRequest`], by
     /// [`UcxMode::resolve`]; where that is `PutOnRequest`, pulls of several blocks of
     /// [`SEND_BLOCKS_FROM`] or more on average go by [`UcxMode::SendOnRequest`], and so do
-    /// small pulls of small blocks over TCP alone, sent eagerly ([`EAGER_BLOCKS_UP_TO`]).
+    /// small pulls of small blocks over TCP alone, sent eagerly ([`EAGER_BLOCKS_UP_TO`]),
+    /// except pulls that the source writes in long enough runs over TCP alone
+    /// ([`RUN_WRITES_FROM`]).
     #[default]
     Auto,
     /// The puller reads the source's arena (one-sided).
@@ -220,7 +223,8 @@ pub enum UcxMode {
 }
 
 /// Where `Auto` writes ([`UcxMode::PutOnRequest`]: TCP), a pull of several blocks this large
-/// on average goes by [`UcxMode::SendOnRequest`] instead. Written blocks are checksummed when
+/// on average goes by [`UcxMode::SendOnRequest`] instead, unless it is written in runs
+/// ([`RUN_WRITES_FROM`]). Written blocks are checksummed when
 /// the source's answer says they have all landed, a tail that grows with the pull; a sent
 /// block is checksummed as soon as it lands, while the next one moves, at the price of a
 /// rendezvous handshake per block. Over TCP on loopback (UCX 1.13 and 1.23, 2-core VM),
@@ -236,7 +240,7 @@ pub const SEND_BLOCKS_FROM: u64 = 256 << 10;
 /// each write also costs a request and an acknowledgement. Over TCP on loopback
 /// (UCX 1.23, 2-core VM, back to back) 16 blocks of 64 KiB written in one run moved at
 /// 6.6 GB/s against 3.8 sent eagerly, 256 of them at 4.2–5.1 against 2.9–3.2 written one by
-/// one, and 16 of 256 KiB at 5.5–5.8 against 5.2 sent.
+/// one (the same layout, before runs), and 16 of 256 KiB at 5.5–5.8 against 5.2 sent.
 pub const WRITE_RUN_UP_TO: u64 = 4 << 20;
 
 /// Where `Auto` writes and UCX carries the bytes over TCP alone, a pull whose blocks the
@@ -260,25 +264,28 @@ pub const RUN_BLOCKS_BELOW: u64 = 1 << 20;
 pub const RUN_WRITES_UP_TO: u64 = 16 << 20;
 
 /// The runs of `pieces` (source address, destination address, length), in order, that lie
-/// back to back at both ends, each of at most [`WRITE_RUN_UP_TO`] bytes (a longer piece is a
-/// run of its own): the writes a source makes for them.
-fn write_runs(pieces: impl IntoIterator<Item = (u64, u64, u64)>) -> Vec<std::ops::Range<usize>> {
+/// back to back at both ends, each of at most `cap` bytes (a longer piece is a run of its
+/// own): the writes a source makes for them ([`WRITE_RUN_UP_TO`], or the source's window if
+/// smaller).
+fn write_runs(pieces: impl IntoIterator<Item = (u64, u64, u64)>, cap: u64) -> Vec<std::ops::Range<usize>> {
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    // (source end, destination end, bytes) of the last run.
+    // (source end, destination end, bytes) of the last run, if another piece may join it.
     let mut last: Option<(u64, u64, u64)> = None;
     for (n, (from, to, len)) in pieces.into_iter().enumerate() {
-        match (&mut last, runs.last_mut()) {
-            (Some((from_end, to_end, bytes)), Some(run))
-                if *from_end == from && *to_end == to && *bytes + len <= WRITE_RUN_UP_TO =>
-            {
-                *from_end += len;
-                *to_end += len;
-                *bytes += len;
+        // A piece that would end past the address space (a peer's bad request) stands alone
+        // and fails where it is written, as it would without runs.
+        let ends = from.checked_add(len).zip(to.checked_add(len));
+        let joins = |(from_end, to_end, bytes): (u64, u64, u64)| {
+            from_end == from && to_end == to && bytes.checked_add(len).is_some_and(|b| b <= cap)
+        };
+        match (ends, runs.last_mut()) {
+            (Some((from_end, to_end)), Some(run)) if last.is_some_and(joins) => {
                 run.end = n + 1;
+                last = last.map(|(_, _, bytes)| (from_end, to_end, bytes + len));
             }
             _ => {
-                last = Some((from.saturating_add(len), to.saturating_add(len), len));
                 runs.push(n..n + 1);
+                last = ends.map(|(from_end, to_end)| (from_end, to_end, len));
             }
         }
     }
@@ -471,7 +478,8 @@ pub struct UcxConfig {
     /// connection in use holds a few segments.
     pub tcp_segment: Option<u64>,
     /// Bytes one transfer (a pull's run on one lane) keeps in flight; past its deadline at most
-    /// this much per lane is still landing.
+    /// this much per lane is still landing (or one block, where a block is larger; a source
+    /// writes blocks back to back in runs of at most this much).
     pub window: u64,
     /// How long the progress thread keeps polling after activity before it sleeps (default
     /// 500 µs: the next block of a pull, or the next pull, usually comes sooner, and a sleeping
@@ -539,7 +547,8 @@ pub fn inline_budget(bytes: u64) -> Duration {
 /// each block travels inside its message and is copied into its slot as it comes, with no
 /// rendezvous handshake and no flush or serial check of written blocks at the end. Over TCP
 /// on loopback (UCX 1.23, 2-core VM, back to back) 16 and 32 blocks of 64 KiB ran at
-/// 3.7–3.9 GB/s against 3.2–3.4 written (NIXL's writes: 3.3), one 64 KiB block in 33–38 µs
+/// 3.7–3.9 GB/s against 3.2–3.4 written one by one (NIXL's writes: 3.3; blocks back to back
+/// are written in runs instead, see [`RUN_WRITES_FROM`]), one 64 KiB block in 33–38 µs
 /// against 50; 128 KiB blocks were faster one at a time but erratic in batches (2.2–4.7 GB/s
 /// for 8), and 256 KiB blocks slower. Larger pulls of small blocks, left to the progress
 /// thread, ran eagerly at 3.7 GB/s or at a third of that from one run to the next, where
@@ -893,7 +902,11 @@ impl Transport for UcxTransport {
                     bytes,
                     largest: ops.iter().map(|o| o.len).max().unwrap_or(0),
                     inline,
-                    runs: write_runs(ops.iter().map(|o| (o.remote_offset, o.local_offset, o.len))).len(),
+                    runs: write_runs(
+                        ops.iter().map(|o| (o.remote_offset, o.local_offset, o.len)),
+                        WRITE_RUN_UP_TO,
+                    )
+                    .len(),
                 };
                 let PullPlan { mode, eager } = pull_plan(
                     self.mode,
@@ -1020,10 +1033,12 @@ struct PullPlan {
 /// * where `Auto` picked writes (`sends_by_size`), several blocks of [`SEND_BLOCKS_FROM`] or
 ///   more on average are asked for by sends, and, where UCX carries the bytes over TCP alone
 ///   (`tcp_only`), so are the blocks of a pull the pulling thread drives whose blocks are all
-///   [`EAGER_BLOCKS_UP_TO`] or less, unless, over TCP alone, the source writes the pull in
-///   runs long enough to be faster ([`RUN_WRITES_FROM`]);
-/// * blocks of at most [`EAGER_BLOCKS_UP_TO`] that the pulling thread drives over TCP alone
-///   are sent eagerly, whether `Auto` or the configuration picked sends.
+///   [`EAGER_BLOCKS_UP_TO`] or less;
+/// * either kind stays written where, over TCP alone, the source writes the pull in runs
+///   long enough to be faster ([`RUN_WRITES_FROM`]);
+/// * a pull the pulling thread drives over TCP alone whose blocks are all
+///   [`EAGER_BLOCKS_UP_TO`] or less is sent eagerly where it is sent, whether `Auto` or the
+///   configuration picked sends.
 fn pull_plan(
     mode: UcxMode,
     sends_by_size: bool,

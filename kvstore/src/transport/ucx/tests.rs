@@ -570,12 +570,22 @@ async fn an_unknown_grant_fails_every_block_when_the_source_writes_or_sends() {
 }
 
 /// A source writes the blocks of a pull that lie back to back in both arenas as runs, and
-/// every byte lands in its own slot; blocks asked for in the reverse order are written one by
-/// one. `Auto` over TCP alone writes such a pull of small blocks in its run, and sends the
-/// same blocks in the reverse order eagerly.
+/// every byte lands in its own slot. Blocks asked for in the reverse order, or in order into
+/// slots reserved in the reverse order, are written one by one; a pull of 5 MiB of blocks
+/// back to back is written in two runs. `Auto` over TCP alone writes the small pull in its
+/// run, and sends the same blocks eagerly where they do not lie back to back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
-    let lens = vec![64 << 10; 24];
+    let lens = vec![64 << 10; 80];
+    let small: Vec<usize> = (0..24).collect();
+    // (case, the blocks asked for in order, whether their slots are reserved in the reverse
+    // order, the runs a source writes, whether `Auto` sends them eagerly instead)
+    let cases = [
+        ("in order", small.clone(), false, 1, false),
+        ("reversed", small.iter().rev().copied().collect(), false, 24, true),
+        ("slots reversed", small.clone(), true, 24, true),
+        ("two runs", (0..lens.len()).collect::<Vec<_>>(), false, 2, false),
+    ];
     for (fabric, mode) in [
         (Fabric::Tcp, UcxMode::PutOnRequest),
         (Fabric::Shm, UcxMode::PutOnRequest),
@@ -590,38 +600,47 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
         } else {
             puller(fabric, mode)
         };
-        for reversed in [false, true] {
-            let order: Vec<usize> = if reversed {
-                (0..lens.len()).rev().collect()
-            } else {
-                (0..lens.len()).collect()
-            };
+        for (name, order, slots_reversed, runs, eagerly) in &cases {
+            let case = format!("{fabric:?} {mode:?} {name}");
             let keys: Vec<BlockKey> = order.iter().map(|&i| keys[i]).collect();
             let grant = grants.grant(&keys).unwrap();
-            let items = items(&dst, &grant, &keys);
-            let runs = write_runs(
-                items
-                    .iter()
-                    .map(|i| (i.remote_offset, i.slot.offset(), i.slot.len())),
-            )
-            .len();
-            let case = format!("{fabric:?} {mode:?} reversed {reversed}");
-            if reversed {
-                assert_eq!(runs, lens.len(), "{case}");
-            } else {
-                // Stored one after another, reserved one after another.
-                assert_eq!(runs, 1, "{case}");
+            let mut wanted: Vec<(BlockKey, u64)> =
+                keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
+            if *slots_reversed {
+                wanted.reverse();
             }
+            let mut slots = reserve(&dst, &wanted);
+            if *slots_reversed {
+                slots.reverse();
+            }
+            let items: Vec<PullItem> = slots
+                .into_iter()
+                .zip(&grant.blocks)
+                .enumerate()
+                .map(|(j, (slot, b))| PullItem {
+                    index: j as u32,
+                    remote_offset: b.offset,
+                    checksum: b.checksum,
+                    slot,
+                })
+                .collect();
+            let pieces = items
+                .iter()
+                .map(|i| (i.remote_offset, i.slot.offset(), i.slot.len()));
+            assert_eq!(write_runs(pieces, WRITE_RUN_UP_TO).len(), *runs, "{case}");
             let (writes, eager) = (src.served_writes(), src.served_eager());
             let pulled = t.pull(&endpoint, grant.id, items, soon()).await;
-            let eagerly = mode == UcxMode::Auto && reversed;
-            let expected = if eagerly { (0, lens.len()) } else { (runs, 0) };
+            let expected = if mode == UcxMode::Auto && *eagerly {
+                (0, order.len())
+            } else {
+                (*runs, 0)
+            };
             assert_eq!(
                 (src.served_writes() - writes, src.served_eager() - eager),
                 expected,
                 "{case}: (writes, eager sends)"
             );
-            assert_eq!(pulled.len(), lens.len());
+            assert_eq!(pulled.len(), order.len());
             for p in pulled {
                 assert_eq!(p.result, Ok(()), "{case}");
                 let i = order[p.index as usize];
@@ -1317,7 +1336,6 @@ fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
     assert_eq!(plan(put, true, shape(16, small, 2, true)), written);
     assert_eq!(plan(put, true, shape(16, small, 3, true)), eager);
     assert_eq!(plan(put, true, shape(4, small, 1, true)), eager);
-    assert_eq!(plan(put, true, shape(256, small, 4, false)), written);
     // Blocks large enough to be sent: written in runs below 1 MiB and up to 16 MiB a pull.
     let quarter = 256 << 10;
     assert_eq!(RUN_WRITES_UP_TO, 64 * quarter);
@@ -1326,9 +1344,12 @@ fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
     assert_eq!(plan(put, true, shape(65, quarter, 5, false)), sent);
     assert_eq!(plan(put, true, shape(64, quarter, 64, false)), sent);
     assert_eq!(plan(put, true, shape(4, RUN_BLOCKS_BELOW, 1, false)), sent);
+    // Runs of 512 KiB or more, but of fewer than two blocks on average.
+    assert_eq!(plan(put, true, shape(3, 768 << 10, 2, false)), sent);
     // Where UCX may use shared memory too, nothing changes: sends win there.
     let unsure = |shape| pull_plan(put, true, false, false, shape);
     assert_eq!(unsure(shape(4, quarter, 1, false)), sent);
+    // (and small blocks are never sent eagerly there)
     assert_eq!(unsure(shape(16, small, 1, true)), written);
     // Configured sends and writes are kept.
     assert_eq!(plan(send, false, shape(16, small, 1, true)), eager);
@@ -1336,12 +1357,13 @@ fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
 }
 
 /// A source writes blocks that lie back to back in its arena and in the puller's, in the order
-/// asked for, as one run of at most [`WRITE_RUN_UP_TO`] bytes.
+/// asked for, as one run of at most the cap it is given.
 #[test]
 fn blocks_back_to_back_at_both_ends_are_written_in_runs() {
     const K: u64 = 64 << 10;
+    let cap = WRITE_RUN_UP_TO;
     let pieces: Vec<_> = (0..16).map(|n| (n * K, 1000 + n * K, K)).collect();
-    assert_eq!(write_runs(pieces), vec![0..16]);
+    assert_eq!(write_runs(pieces, cap), vec![0..16]);
     // A gap at the source, then one in the puller's arena.
     let pieces = [
         (0, 0, K),
@@ -1350,16 +1372,31 @@ fn blocks_back_to_back_at_both_ends_are_written_in_runs() {
         (4 * K, 3 * K, K),
         (5 * K, 5 * K, K),
     ];
-    assert_eq!(write_runs(pieces), vec![0..2, 2..4, 4..5]);
+    assert_eq!(write_runs(pieces, cap), vec![0..2, 2..4, 4..5]);
     // Back to back, but asked for in the other order.
-    assert_eq!(write_runs([(K, K, K), (0, 0, K)]), vec![0..1, 1..2]);
-    // Runs end at WRITE_RUN_UP_TO; a larger block is a run of its own.
-    let quarter = WRITE_RUN_UP_TO / 4;
+    assert_eq!(write_runs([(K, K, K), (0, 0, K)], cap), vec![0..1, 1..2]);
+    // Runs end at the cap; a larger block is a run of its own.
+    let quarter = cap / 4;
     let pieces: Vec<_> = (0..9).map(|n| (n * quarter, n * quarter, quarter)).collect();
-    assert_eq!(write_runs(pieces), vec![0..4, 4..8, 8..9]);
-    let big = WRITE_RUN_UP_TO + 1;
-    assert_eq!(write_runs([(0, 0, big), (big, big, 1)]), vec![0..1, 1..2]);
-    assert!(write_runs([]).is_empty());
+    assert_eq!(write_runs(pieces.clone(), cap), vec![0..4, 4..8, 8..9]);
+    assert_eq!(
+        write_runs(pieces, 2 * quarter),
+        vec![0..2, 2..4, 4..6, 6..8, 8..9]
+    );
+    let big = cap + 1;
+    assert_eq!(write_runs([(0, 0, big), (big, big, 1)], cap), vec![0..1, 1..2]);
+    // Pieces that end past the address space (a peer's bad request) stand alone.
+    let top = u64::MAX - K + 1;
+    let pieces = [
+        (top - 2 * K, 0, K),
+        (top - K, K, K),
+        (top, 2 * K, K),
+        (0, 3 * K, K),
+    ];
+    assert_eq!(write_runs(pieces, cap), vec![0..2, 2..3, 3..4]);
+    let pieces = [(0, u64::MAX, 2), (2, 1, 1)];
+    assert_eq!(write_runs(pieces, cap), vec![0..1, 1..2]);
+    assert!(write_runs([], cap).is_empty());
 }
 
 /// Where UCX may use TCP, pulls of blocks of [`SLEEP_BETWEEN_BLOCKS_FROM`] or more on average

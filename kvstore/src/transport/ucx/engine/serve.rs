@@ -9,7 +9,7 @@ use crate::transport::ucx::wire::{
     AM_ANSWER, AM_BLOCK, BLOCK_HEADER, Request, STATUS_FAILED, STATUS_MALFORMED, STATUS_NO_BLOCK, STATUS_OK,
     STATUS_TIMED_OUT, STATUS_UNKNOWN_GRANT, encode_answer, encode_block_header,
 };
-use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, status_text, write_runs};
+use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, WRITE_RUN_UP_TO, status_text, write_runs};
 
 impl Engine {
     /// A put- or send-on-request message from a puller.
@@ -97,7 +97,8 @@ impl Engine {
         let runs = if req.send {
             (0..puts.len()).map(|n| n..n + 1).collect()
         } else {
-            write_runs(puts.iter().map(|p| (p.local as u64, p.remote, p.len)))
+            let cap = WRITE_RUN_UP_TO.min(self.cfg.window.max(1));
+            write_runs(puts.iter().map(|p| (p.local as u64, p.remote, p.len)), cap)
         };
         #[cfg(test)]
         {
