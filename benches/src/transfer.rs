@@ -488,11 +488,7 @@ async fn measure(
         (2, 5, Duration::from_secs(1), Duration::from_secs(5))
     };
     // Slots reserved in a random order (the source's is another one) lie in that order.
-    let order = if back_to_back {
-        (0..batch).collect()
-    } else {
-        shuffled(batch, !tag)
-    };
+    let order = layout(batch, !tag, back_to_back);
     let wanted: Vec<(BlockKey, u64)> = order.iter().map(|&i| (key(tag, i as u64), block)).collect();
     let mut times = Vec::new();
     let started = Instant::now();
@@ -695,12 +691,10 @@ fn serve(arena: u64, planes: &[Plane]) -> Result<()> {
                     store.remove(&k);
                 }
                 // Stored in a random order, the blocks lie in the arena in that order.
-                let order = if back_to_back {
-                    (0..batch as usize).collect()
-                } else {
-                    shuffled(batch as usize, tag)
-                };
-                for i in order.into_iter().map(|i| i as u64) {
+                for i in layout(batch as usize, tag, back_to_back)
+                    .into_iter()
+                    .map(|i| i as u64)
+                {
                     let start = (i as usize * 4099 + tag as usize * 131) % (pattern.len() - block as usize);
                     let k = key(tag, i);
                     let stored = store.put(&k, &pattern[start..start + block as usize]);
@@ -730,6 +724,16 @@ fn serve(arena: u64, planes: &[Plane]) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// The order in which one side stores or reserves a batch of `n` blocks: `0..n` where
+/// `back_to_back`, else [`shuffled`] by `seed`.
+fn layout(n: usize, seed: u64, back_to_back: bool) -> Vec<usize> {
+    if back_to_back {
+        (0..n).collect()
+    } else {
+        shuffled(n, seed)
+    }
 }
 
 /// `0..n` in a random order that `seed` fixes (Fisher–Yates over xorshift64*: the benchmark

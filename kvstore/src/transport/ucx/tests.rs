@@ -79,17 +79,40 @@ fn puller_with(cfg: UcxConfig) -> (Arc<TieredStore>, UcxTransport) {
 const DRIVERS: [u64; 3] = [0, 64 << 10, u64::MAX];
 
 fn items(store: &TieredStore, grant: &Grant, keys: &[BlockKey]) -> Vec<PullItem> {
-    let wanted: Vec<(BlockKey, u64)> = keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
-    reserve(store, &wanted)
+    pull_items(grant, reserve(store, &wanted(grant, keys)))
+}
+
+/// (key, length) of each of `grant`'s blocks, `keys` being what it was granted for.
+fn wanted(grant: &Grant, keys: &[BlockKey]) -> Vec<(BlockKey, u64)> {
+    keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect()
+}
+
+/// The pull of each of `grant`'s blocks into the slot at its position in `slots`.
+fn pull_items(grant: &Grant, slots: Vec<Reservation>) -> Vec<PullItem> {
+    slots
         .into_iter()
+        .zip(&grant.blocks)
         .enumerate()
-        .map(|(i, slot)| PullItem {
+        .map(|(i, (slot, b))| PullItem {
             index: i as u32,
-            remote_offset: grant.blocks[i].offset,
-            checksum: grant.blocks[i].checksum,
+            remote_offset: b.offset,
+            checksum: b.checksum,
             slot,
         })
         .collect()
+}
+
+/// Asserts that `p` succeeded and that its slot holds `expected`, then gives the slot back.
+fn assert_landed(dst: &TieredStore, p: Pulled, expected: &[u8], case: &str) {
+    assert_eq!(p.result, Ok(()), "{case}: block {}", p.index);
+    let mut slot = p.slot;
+    assert_eq!(
+        dst.host().reserved_mut(&mut slot),
+        expected,
+        "{case}: block {}",
+        p.index
+    );
+    dst.abort(slot);
 }
 
 async fn pull(
@@ -122,16 +145,10 @@ async fn byte_exact(fabric: Fabric, mode: UcxMode) {
                 assert_eq!(grant.blocks.len(), batch);
                 let pulled = pull(&dst, &t, &endpoint, &grant, keys, soon()).await;
                 assert_eq!(pulled.len(), batch);
+                let case = format!("{fabric:?} {mode:?} inline {inline_bytes} round {round} batch {batch}");
                 for p in pulled {
-                    assert_eq!(
-                        p.result,
-                        Ok(()),
-                        "{fabric:?} {mode:?} inline {inline_bytes} round {round} batch {batch}"
-                    );
-                    let mut slot = p.slot;
-                    let got = dst.host().reserved_mut(&mut slot).to_vec();
-                    assert_eq!(got, payload(u64::from(p.index), lens[p.index as usize]));
-                    dst.abort(slot);
+                    let expected = payload(u64::from(p.index), lens[p.index as usize]);
+                    assert_landed(&dst, p, &expected, &case);
                 }
                 assert!(grants.release(&grant.id));
             }
@@ -499,14 +516,8 @@ async fn a_send_puller_takes_what_a_source_that_predates_sends_or_eager_sends_do
             let case =
                 format!("{fabric:?} ignoring sends {ignore_send_flag}, eager sends {ignore_eager_flag}");
             for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
-                assert_eq!(p.result, Ok(()), "{case}");
-                let mut slot = p.slot;
-                assert_eq!(
-                    dst.host().reserved_mut(&mut slot),
-                    &payload(u64::from(p.index), 10_000)[..],
-                    "{case}"
-                );
-                dst.abort(slot);
+                let expected = payload(u64::from(p.index), 10_000);
+                assert_landed(&dst, p, &expected, &case);
             }
             assert_eq!(src.served_sends(), sends, "{case}");
             assert_eq!(src.served_eager(), eager, "{case}");
@@ -536,13 +547,8 @@ async fn a_source_that_only_writes_keeps_its_key_and_still_serves_get_pullers() 
     let (dst, t) = puller(Fabric::Tcp, UcxMode::Get);
     let grant = grants.grant(&keys).unwrap();
     for p in pull(&dst, &t, &endpoint, &grant, &keys, soon()).await {
-        assert_eq!(p.result, Ok(()));
-        let mut slot = p.slot;
-        assert_eq!(
-            dst.host().reserved_mut(&mut slot),
-            &payload(u64::from(p.index), 10_000)[..]
-        );
-        dst.abort(slot);
+        let expected = payload(u64::from(p.index), 10_000);
+        assert_landed(&dst, p, &expected, "a get from a keyless source");
     }
 }
 
@@ -604,8 +610,7 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
             let case = format!("{fabric:?} {mode:?} {name}");
             let keys: Vec<BlockKey> = order.iter().map(|&i| keys[i]).collect();
             let grant = grants.grant(&keys).unwrap();
-            let mut wanted: Vec<(BlockKey, u64)> =
-                keys.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
+            let mut wanted = wanted(&grant, &keys);
             if *slots_reversed {
                 wanted.reverse();
             }
@@ -613,17 +618,7 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
             if *slots_reversed {
                 slots.reverse();
             }
-            let items: Vec<PullItem> = slots
-                .into_iter()
-                .zip(&grant.blocks)
-                .enumerate()
-                .map(|(j, (slot, b))| PullItem {
-                    index: j as u32,
-                    remote_offset: b.offset,
-                    checksum: b.checksum,
-                    slot,
-                })
-                .collect();
+            let items = pull_items(&grant, slots);
             let pieces = items
                 .iter()
                 .map(|i| (i.remote_offset, i.slot.offset(), i.slot.len()));
@@ -642,15 +637,8 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
             );
             assert_eq!(pulled.len(), order.len());
             for p in pulled {
-                assert_eq!(p.result, Ok(()), "{case}");
                 let i = order[p.index as usize];
-                let mut slot = p.slot;
-                assert_eq!(
-                    dst.host().reserved_mut(&mut slot),
-                    &payload(i as u64, lens[i])[..],
-                    "{case} block {i}"
-                );
-                dst.abort(slot);
+                assert_landed(&dst, p, &payload(i as u64, lens[i]), &case);
             }
             assert!(grants.release(&grant.id));
         }
@@ -1461,14 +1449,7 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
         // A sleeping pull waits for its first block's bytes at least once.
         assert_eq!(t.early_sleeps() > early_sleeps, sleeps, "{range:?}");
         for (p, i) in pulled.into_iter().zip(range.clone()) {
-            assert!(p.result.is_ok(), "{range:?} block {i}: {:?}", p.result);
-            let mut slot = p.slot;
-            assert_eq!(
-                dst.host().reserved_mut(&mut slot),
-                &payload(i as u64, lens[i])[..],
-                "{range:?} block {i}"
-            );
-            dst.abort(slot);
+            assert_landed(&dst, p, &payload(i as u64, lens[i]), &format!("{range:?}"));
         }
         assert!(grants.release(&grant.id));
     }
@@ -1523,11 +1504,13 @@ async fn blocks_sent_after_the_deadline_are_refused_unreceived() {
         src.resume();
         let grant = grants.grant(later).unwrap();
         for p in pull(&dst, &t, &src.endpoint, &grant, later, soon()).await {
-            assert_eq!(p.result, Ok(()), "{case} after the late blocks");
-            let mut slot = p.slot;
             let i = 8 + p.index as usize;
-            assert_eq!(dst.host().reserved_mut(&mut slot), &payload(i as u64, len)[..]);
-            dst.abort(slot);
+            assert_landed(
+                &dst,
+                p,
+                &payload(i as u64, len),
+                &format!("{case} after the late blocks"),
+            );
         }
         assert_eq!(
             t.refused_blocks() - refused_before,
