@@ -11,7 +11,8 @@
 //! transfer --serve`) is the source, holding the blocks in its arena and answering grant
 //! requests on a pipe. A timed batch is what a decode agent does after the control call:
 //! reserve a slot per block, have the transport copy the blocks into them, and verify every
-//! block's checksum. The grant (pinning and checksumming on the source, one control round trip)
+//! block's checksum (`--ucx-unverified` adds UCX pullers that skip it, as the peers do, and
+//! checks their blocks after each timed pull instead). The grant (pinning and checksumming on the source, one control round trip)
 //! is made once per configuration, outside the timed loop, as the peers prepare their
 //! descriptors once; its cost is printed separately.
 
@@ -69,6 +70,11 @@ pub(crate) struct TransferArgs {
     /// worker, and are measured for the first value only.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) ucx_lanes: Vec<u16>,
+    /// Also measure, in the same run, each UCX puller with its checks of pulled blocks off
+    /// (`peer.ucx.verify = false`), labelled `unverified`: the work Mooncake and NIXL do,
+    /// which check nothing (kvbench checks every block such a puller pulled, untimed).
+    #[arg(long)]
+    pub(crate) ucx_unverified: bool,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
     /// figure reported is the median over the rounds. This machine's speed drifts over
     /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
@@ -165,6 +171,9 @@ struct Puller {
     label: String,
     endpoint: Vec<u8>,
     transport: Box<dyn Transport>,
+    /// The transport checks each block's checksum as it lands; else `measure` checks every
+    /// block after each timed pull, outside the time.
+    verifies: bool,
 }
 
 const SECRET: &[u8] = b"kvbench-transfer";
@@ -293,6 +302,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             label: "tcp".into(),
             endpoint: source.endpoint.clone().into_bytes(),
             transport: Box::new(tcp),
+            verifies: true,
         });
     }
     #[cfg(feature = "ucx")]
@@ -322,13 +332,19 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 eprintln!("kvtier ucx {label}: skipped (the source has no UCX endpoint for it)");
                 continue;
             };
+            let checks: &[bool] = if args.ucx_unverified {
+                &[true, false]
+            } else {
+                &[true]
+            };
             let variants = inline.iter().enumerate().flat_map(|(i, &inline_kib)| {
-                lanes
-                    .iter()
-                    .enumerate()
-                    .map(move |(l, &lanes)| (i, inline_kib, l, lanes))
+                lanes.iter().enumerate().flat_map(move |(l, &lanes)| {
+                    checks
+                        .iter()
+                        .map(move |&verify| (i, inline_kib, l, lanes, verify))
+                })
             });
-            for (i, inline_kib, l, lanes) in variants {
+            for (i, inline_kib, l, lanes, verify) in variants {
                 let mut label = label.to_owned();
                 if i > 0 {
                     label.push_str(&format!(" inline {inline_kib}"));
@@ -341,9 +357,13 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     }
                     label.push_str(&format!(" lanes {lanes}"));
                 }
+                if !verify {
+                    label.push_str(" unverified");
+                }
                 let cfg = UcxConfig {
                     inline_bytes: inline_kib.saturating_mul(1024),
                     lanes,
+                    verify,
                     ..fabric.config(mode)
                 };
                 match UcxTransport::new(Arc::clone(&store), None, cfg) {
@@ -359,6 +379,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                             system: "kvtier-ucx",
                             label,
                             endpoint: endpoint.clone(),
+                            verifies: t.verifies(),
                             transport: Box::new(t),
                         });
                     }
@@ -388,17 +409,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     tag,
                     batch: batch as u64,
                 })?;
-                for Puller {
-                    system,
-                    label,
-                    endpoint,
-                    transport,
-                } in &planes
-                {
+                for puller in &planes {
                     let mut row = runtime.block_on(measure(
                         &store,
-                        transport.as_ref(),
-                        endpoint,
+                        puller,
                         &grant,
                         tag,
                         block,
@@ -406,7 +420,8 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                         args.quick,
                         args.back_to_back,
                     ))?;
-                    row.system = (*system).into();
+                    let (system, label) = (puller.system, &puller.label);
+                    row.system = system.into();
                     row.transport = label.clone();
                     eprintln!(
                         "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
@@ -448,6 +463,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "transports": args.transports.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
             "ucx_mode": format!("{:?}", args.ucx_mode).to_lowercase(),
             "ucx_inline_kib": &args.ucx_inline_kib,
+            "ucx_unverified": args.ucx_unverified,
             "ucx_lanes": &args.ucx_lanes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
@@ -469,8 +485,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
 #[expect(clippy::too_many_arguments, reason = "one configuration's parameters")]
 async fn measure(
     store: &Arc<TieredStore>,
-    transport: &dyn Transport,
-    endpoint: &[u8],
+    puller: &Puller,
     grant: &GrantAnswer,
     tag: u64,
     block: u64,
@@ -511,18 +526,30 @@ async fn measure(
             .collect::<Result<_>>()?;
         // Pulled in the grant's order, as a decode agent asks for a prefix.
         items.sort_by_key(|i| i.index);
-        let pulled = transport
-            .pull(endpoint, id, items, Instant::now() + Duration::from_secs(60))
+        let pulled = puller
+            .transport
+            .pull(
+                &puller.endpoint,
+                id,
+                items,
+                Instant::now() + Duration::from_secs(60),
+            )
             .await;
         let mut slots = Vec::with_capacity(pulled.len());
         for p in pulled {
-            // The transport verified each block's checksum as it arrived.
+            // The transport verified each block's checksum as it arrived, where it verifies.
             verified &= p.result.is_ok();
-            slots.push(p.slot);
+            slots.push((p.index, p.slot));
         }
         let took = t0.elapsed();
-        for s in slots {
-            store.abort(s);
+        for (index, mut slot) in slots {
+            if !puller.verifies {
+                // Checked here, untimed, so that a puller that skips its checks is still
+                // measured moving the right bytes.
+                let sum = kvstore::block::checksum(store.host().reserved_mut(&mut slot));
+                verified &= grant.blocks.get(index as usize).is_some_and(|b| b.2 == sum);
+            }
+            store.abort(slot);
         }
         if !verified {
             break;
@@ -935,7 +962,9 @@ fn print_table(rows: &[Row], args: &TransferArgs) {
     if args.rounds > 1 {
         println!("median over {} rounds of each round's median batch", args.rounds);
     }
-    println!("GB/s (per-block us), median batch; kvtier pulls include checksum verification");
+    println!(
+        "GB/s (per-block us), median batch; kvtier pulls include checksum verification, except those labelled unverified"
+    );
     print!("{:>9} {:>5}", "block", "batch");
     for (s, t, o) in &columns {
         print!(" {:>20}", format!("{s} {t} {o}"));

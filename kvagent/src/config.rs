@@ -375,6 +375,11 @@ pub struct UcxSection {
     /// mode is split across (unset: 2, or 1 on a single-core node); over shared memory each
     /// copies with its own core. Other modes run one; with RDMA NICs 1 is enough.
     pub lanes: Option<usize>,
+    /// Whether pulled blocks are checked against their grant's checksums (default `true`).
+    /// The check is a CPU pass over every byte that UCX or the NIC placed; `false` takes a
+    /// block UCX reports delivered as it landed, so corruption on the way would reach the
+    /// engine: only for fabrics whose link and memory checks are trusted.
+    pub verify: bool,
 }
 
 impl Default for UcxSection {
@@ -385,6 +390,7 @@ impl Default for UcxSection {
             settings: std::collections::BTreeMap::new(),
             inline_kib: None,
             lanes: None,
+            verify: true,
         }
     }
 }
@@ -412,6 +418,9 @@ pub struct RdmaSection {
     pub connect_timeout_ms: u32,
     /// Bound on draining a failed queue pair, in milliseconds.
     pub drain_timeout_ms: u32,
+    /// Whether blocks read are checked against their grant's checksums (default `true`); see
+    /// `peer.ucx.verify`.
+    pub verify: bool,
 }
 
 impl Default for RdmaSection {
@@ -426,6 +435,7 @@ impl Default for RdmaSection {
             qps_per_peer: 2,
             connect_timeout_ms: 3000,
             drain_timeout_ms: 2000,
+            verify: true,
         }
     }
 }

@@ -529,6 +529,7 @@ fn rdma_transport(
         qps_per_peer: cfg.qps_per_peer as usize,
         connect_timeout: Duration::from_millis(u64::from(cfg.connect_timeout_ms)),
         drain_timeout: Duration::from_millis(u64::from(cfg.drain_timeout_ms)),
+        verify: cfg.verify,
     };
     Ok(Arc::new(RdmaTransport::new(Arc::clone(store), grants, rdma)?))
 }
@@ -560,6 +561,7 @@ fn ucx_transport(
             .inline_kib
             .map_or(defaults.inline_bytes, |kib| kib.saturating_mul(1024)),
         lanes: cfg.ucx.lanes.unwrap_or(defaults.lanes),
+        verify: cfg.ucx.verify,
         ..defaults
     };
     let transport = UcxTransport::new(Arc::clone(store), grants, ucx)?;
@@ -568,6 +570,7 @@ fn ucx_transport(
         mode = ?transport.mode(),
         lanes = transport.lanes(),
         inline_kib = transport.inline_bytes() / 1024,
+        verify = transport.verifies(),
         ucx = %format!("{major}.{minor}"),
         worker = transport.name(),
         "UCX data plane ready"

@@ -677,6 +677,50 @@ async fn a_block_failing_its_checksum_fails_alone() {
     }
 }
 
+/// With verification off the same pulls take every block as it landed: the one whose grant
+/// checksum is wrong is delivered too, byte for byte the source's (the check is skipped, not
+/// the transfer), and a real failure is still reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_verification_blocks_are_taken_as_they_landed() {
+    let lens = [8192, 8192, 8192];
+    for (fabric, mode) in [
+        (Fabric::Tcp, UcxMode::Get),
+        (Fabric::Tcp, UcxMode::PutOnRequest),
+        (Fabric::Tcp, UcxMode::SendOnRequest),
+        (Fabric::Shm, UcxMode::Get),
+        (Fabric::Shm, UcxMode::PutOnRequest),
+        (Fabric::Shm, UcxMode::SendOnRequest),
+    ] {
+        let (grants, src, keys) = source(&lens, fabric);
+        let mut grant = grants.grant(&keys).unwrap();
+        grant.blocks[1].checksum ^= 1;
+        for inline_bytes in [0, u64::MAX] {
+            let (dst, t) = puller_with(UcxConfig {
+                inline_bytes,
+                verify: false,
+                ..config(fabric, mode)
+            });
+            assert!(!t.verifies());
+            let case = format!("{fabric:?} {mode:?} inline {inline_bytes}");
+            for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
+                let i = p.index as usize;
+                assert_landed(&dst, p, &payload(i as u64, lens[i]), &case);
+            }
+            let mut outside = grant.clone();
+            outside.blocks[2].offset = u64::MAX - 10;
+            let pulled = pull(&dst, &t, &src.endpoint(None), &outside, &keys, soon()).await;
+            assert!(
+                matches!(pulled[2].result, Err(TransportError::Protocol { .. })),
+                "{case}: {:?}",
+                pulled[2].result
+            );
+            for p in pulled {
+                dst.abort(p.slot);
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_endpoints_and_blocks_outside_the_peers_arena_fail_cleanly() {
     let (grants, src, keys) = source(&[4096, 4096], Fabric::Tcp);

@@ -127,11 +127,11 @@ impl Engine {
             sleeps: spec.sleeps,
             // Gets are checksummed by the thread that copied them, as the lanes that split a
             // pull copy in parallel; a source's writes and sends are checksummed by the
-            // pulling thread while this one moves the next.
+            // pulling thread while this one moves the next (neither without verification).
             outcome: Outcome::new(
                 spec.reply,
                 &spec.ops,
-                (spec.mode == UcxMode::Get).then_some(self.arena_base.cast_const()),
+                (spec.mode == UcxMode::Get && self.cfg.verify).then_some(self.arena_base.cast_const()),
             ),
             ops: spec.ops,
             state,
