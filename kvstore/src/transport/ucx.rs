@@ -506,7 +506,7 @@ pub struct UcxConfig {
     /// Whether the puller checks every block it pulls against the checksum of its grant
     /// (default). The check is a pass of the CPU over every byte, after UCX (or the NIC) has
     /// placed them, which NIXL and Mooncake do not make: over TCP on loopback on a 2-core VM
-    /// it cost kvtier 10–55 % of its pull speed (see `docs/benchmarks.md`). Without it a block
+    /// it cost kvtier 7–36 % of its pull speed (see `docs/benchmarks.md`). Without it a block
     /// that UCX reports delivered is taken as it landed, and a block corrupted on its way (or
     /// in the source's memory since its grant) reaches the engine: only for fabrics whose
     /// link and memory checks are trusted.
