@@ -12,9 +12,9 @@
 //! requests on a pipe. A timed batch is what a decode agent does after the control call:
 //! reserve a slot per block, have the transport copy the blocks into them, and verify every
 //! block's checksum (`--ucx-unverified` adds UCX pullers that skip it, as the peers do, and
-//! checks their blocks after each timed pull instead). The grant (pinning and checksumming on the source, one control round trip)
-//! is made once per configuration, outside the timed loop, as the peers prepare their
-//! descriptors once; its cost is printed separately.
+//! checks their blocks after each timed pull instead). The grant (pinning and checksumming on
+//! the source, one control round trip) is made once per configuration, outside the timed
+//! loop, as the peers prepare their descriptors once; its cost is printed separately.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};

@@ -376,9 +376,10 @@ pub struct UcxSection {
     /// copies with its own core. Other modes run one; with RDMA NICs 1 is enough.
     pub lanes: Option<usize>,
     /// Whether pulled blocks are checked against their grant's checksums (default `true`).
-    /// The check is a CPU pass over every byte that UCX or the NIC placed; `false` takes a
-    /// block UCX reports delivered as it landed, so corruption on the way would reach the
-    /// engine: only for fabrics whose link and memory checks are trusted.
+    /// The check is a CPU pass over every byte UCX placed; `false` takes a block UCX reports
+    /// delivered as it landed, so a block corrupted on its way or in the source's memory, a
+    /// source's bug, or a block message from another peer that saw the request would reach the
+    /// engine: only for clusters whose fabric, memory and agents are trusted.
     pub verify: bool,
 }
 
@@ -1165,6 +1166,10 @@ mod tests {
             let text = "[peer.ucx]\ninline_kib = 0\nsettings = { RNDV_THRESH = \"auto\" }\n";
             let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
             assert_eq!(cfg.peer.ucx.inline_kib, Some(0));
+            assert!(cfg.peer.ucx.verify && cfg.peer.rdma.verify, "checked by default");
+            let unchecked = format!("{text}verify = false\n[peer.rdma]\nverify = false\n");
+            let cfg = load_file(jail, &unchecked, &NodeFlags::default()).unwrap();
+            assert!(!cfg.peer.ucx.verify && !cfg.peer.rdma.verify);
             assert_eq!(
                 cfg.peer.ucx.settings.get("RNDV_THRESH").map(String::as_str),
                 Some("auto")

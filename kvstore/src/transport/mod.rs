@@ -4,7 +4,8 @@
 //! requested blocks in its arena and hands out a [`Grant`] (an unguessable id plus where each
 //! block sits, its length and its checksum) over the control channel; the **puller** reserves
 //! slots in its own arena and has the transport copy the granted ranges straight into them; the
-//! puller verifies every checksum, commits what arrived intact, and releases the grant. A grant
+//! puller verifies every checksum (unless the UCX or RDMA transport was configured not to),
+//! commits what arrived intact, and releases the grant. A grant
 //! that is never released expires, so a puller that dies cannot pin a source's memory forever.
 //!
 //! Backends, one module each: [`tcp`] (tokio, several streams per peer, always built), and behind
@@ -141,21 +142,23 @@ pub struct PullItem {
     pub index: u32,
     /// Where the source's arena holds it (for one-sided transports).
     pub remote_offset: u64,
-    /// The grant's checksum of the block: the transport verifies what it wrote against it.
+    /// The grant's checksum of the block: the transport verifies what it wrote against it
+    /// (UCX and RDMA unless configured not to: `UcxConfig::verify`, `RdmaConfig::verify`).
     pub checksum: u64,
     /// The local slot, reserved for exactly the block's length.
     pub slot: Reservation,
 }
 
 /// What became of one [`PullItem`]: its slot back, and whether the bytes arrived intact
-/// (checksum verified).
+/// (checksum verified, where the transport verifies).
 #[derive(Debug)]
 pub struct Pulled {
     /// The item's grant index.
     pub index: u32,
     /// The slot, to commit or abort.
     pub slot: Reservation,
-    /// `Ok` when the whole block is in the slot and matches its checksum.
+    /// `Ok` when the whole block is in the slot and matches its checksum (or, on a UCX or
+    /// RDMA transport configured not to verify, when the transport reports it delivered).
     pub result: Result<(), TransportError>,
 }
 
@@ -186,7 +189,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
 }
 
 /// Whether a slot's bytes match `expected` (every transport verifies this before reporting a
-/// block as pulled; the TCP backend checksums each block piece by piece as it arrives instead,
+/// block as pulled, unless configured not to (UCX and RDMA); the TCP backend checksums each block piece by piece as it arrives instead,
 /// and the UCX backend on the thread that saw the block land, while the bytes are still in
 /// cache).
 #[cfg(any(feature = "ucx", feature = "rdma"))]

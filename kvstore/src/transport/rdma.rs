@@ -36,7 +36,8 @@
 //! completion queue (spinning briefly, then napping) until everything completed or the deadline.
 //! Completions name their chain in the work request id, so a failed READ fails exactly the
 //! blocks its chain carried; blocks whose chain completed are kept. Every block that arrived is
-//! checked against its checksum before it is reported `Ok`.
+//! checked against its checksum before it is reported `Ok` (unless [`RdmaConfig::verify`] is
+//! off).
 //!
 //! **Failure.** On an error or at the deadline the queue pair is moved to the error state, the
 //! completion queue is drained until every posted chain has reported (bounded by
@@ -47,7 +48,8 @@
 //! The grant id is not sent: one-sided READs do not pass through the source's software. The
 //! grant still matters there — its pins keep the blocks where the grant says until it is
 //! released or expires; a puller that reads after that reads whatever the slot holds then, and
-//! the checksum rejects it.
+//! the checksum rejects it. (The agent ends a pull well within the grant's life, which is what
+//! keeps such reads out where the check is off.)
 //!
 //! # Security
 //!
@@ -113,8 +115,11 @@ pub struct RdmaConfig {
     pub drain_timeout: Duration,
     /// Whether the puller checks every block it reads against the checksum of its grant
     /// (default): a pass of the CPU over bytes the NIC placed without one. Without it a block
-    /// the NIC reports read is taken as it landed (the link's own CRCs still apply): only for
-    /// fabrics whose link and memory checks are trusted.
+    /// the NIC reports read is taken as it landed (the link's CRCs still cover the wire), and
+    /// the check no longer catches a block corrupted in either host's memory, a source's bug,
+    /// or a READ after the grant ended, of memory the source reused (the agent ends its pulls
+    /// within the grant's life). Only for clusters whose fabric, memory and agents are
+    /// trusted.
     pub verify: bool,
 }
 

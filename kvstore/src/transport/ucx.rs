@@ -19,7 +19,7 @@
 //! is checksummed at once by the thread that copied it, while it is in that core's cache (the
 //! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
 //! a block that the source wrote or sent is checksummed by the pulling thread while the
-//! progress thread moves the next. Dropping the transport stops the progress thread, which
+//! progress thread moves the next (none is, where [`UcxConfig::verify`] is off). Dropping the transport stops the progress thread, which
 //! closes the endpoints, unmaps the arena and destroys the worker and the context, in that
 //! order.
 //!
@@ -172,7 +172,9 @@
 //!   predates sends writes instead; one that sends ignores the key). The blocks a source
 //!   sends are matched to a pull by request id and position only: a peer that holds this
 //!   worker's address can offer a block for a pull in progress, which the checksum then
-//!   refuses.
+//!   refuses. Request ids start at a random value, so such a peer must have seen the request
+//!   to name it, which is what is left where the check is off ([`UcxConfig::verify`]); and a
+//!   puller's key lets the sources it asked write anywhere in its arena, checked or not.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -505,11 +507,14 @@ pub struct UcxConfig {
     pub lanes: usize,
     /// Whether the puller checks every block it pulls against the checksum of its grant
     /// (default). The check is a pass of the CPU over every byte, after UCX (or the NIC) has
-    /// placed them, which NIXL and Mooncake do not make: over TCP on loopback on a 2-core VM
-    /// it cost kvtier 7–36 % of its pull speed (see `docs/benchmarks.md`). Without it a block
-    /// that UCX reports delivered is taken as it landed, and a block corrupted on its way (or
-    /// in the source's memory since its grant) reaches the engine: only for fabrics whose
-    /// link and memory checks are trusted.
+    /// placed them, which NIXL and Mooncake do not make (what it costs: `docs/benchmarks.md`).
+    /// Without it a block that UCX reports delivered is taken as it landed, and the check no
+    /// longer catches: a block corrupted on its way or in the source's memory since its grant;
+    /// a source's bug (a block written from or into the wrong place); a block message from
+    /// another peer that saw the pull's request (request ids are random, see the module
+    /// documentation); a get after the grant ended, of memory the source reused (the agent
+    /// ends its pulls within the grant's life). Only for clusters whose fabric, memory and
+    /// agents are trusted.
     pub verify: bool,
     /// Serve requests for sends by writing, as a source from before send-on-request does.
     #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Transfers between node agents: the control channel (gRPC `kvtier.peer.v1.Peer`) on which a
 //! puller asks a source for a grant, and the pulling itself — reserve local slots, copy over a
-//! data transport, verify every checksum, commit, release the grant.
+//! data transport, verify every checksum (unless `peer.ucx.verify` or `peer.rdma.verify` is
+//! off), commit, release the grant. A pull ends within its grant's life (`within_grant`).
 
 mod reuse;
 mod service;
@@ -362,6 +363,7 @@ impl Peers {
             return Err(PullError::TimedOut(peer.to_owned()));
         }
         req.set_timeout(remaining);
+        let asked = Instant::now();
         let grant = tokio::time::timeout(remaining, client.grant(req))
             .await
             .map_err(|_| PullError::TimedOut(peer.to_owned()))?
@@ -386,6 +388,7 @@ impl Peers {
                 .as_ref()
                 .is_none_or(|r| r.pays(grant.blocks.len(), bytes));
         let result = if pays {
+            let deadline = within_grant(asked, grant.ttl_ms, deadline);
             self.pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
                 .await
         } else {
@@ -578,6 +581,21 @@ fn ucx_transport(
     Ok(Arc::new(transport))
 }
 
+/// The deadline of a pull of a grant asked for at `asked` that the source keeps for `ttl_ms`:
+/// `deadline`, or three quarters into the grant's life if that comes first (the source counts
+/// from when it granted, later than `asked`), so that the transport's reads, the writes it
+/// asked for and its drain past the deadline are over before the source may reuse the blocks'
+/// memory. Where the pulled blocks are not checked (`peer.ucx.verify`, `peer.rdma.verify`),
+/// this is what keeps a read of reused memory out of the tiers. `ttl_ms` 0 (a source that does
+/// not say) leaves `deadline` alone.
+fn within_grant(asked: Instant, ttl_ms: u32, deadline: Instant) -> Instant {
+    if ttl_ms == 0 {
+        return deadline;
+    }
+    let usable = Duration::from_millis(u64::from(ttl_ms)) * 3 / 4;
+    deadline.min(asked + usable)
+}
+
 /// The advertised control address: `advertise`, else the bound address with a wildcard host
 /// replaced by what the host name resolves to.
 fn advertised(advertise: &str, bound: SocketAddr) -> anyhow::Result<String> {
@@ -599,4 +617,30 @@ fn advertised(advertise: &str, bound: SocketAddr) -> anyhow::Result<String> {
             )
         })?;
     Ok(addr.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::within_grant;
+
+    /// A pull ends three quarters into its grant's life at the latest, or at its own deadline
+    /// if sooner; a grant of unknown life leaves the deadline alone.
+    #[test]
+    fn a_pull_ends_within_its_grant() {
+        let asked = Instant::now();
+        let far = asked + Duration::from_secs(600);
+        assert_eq!(
+            within_grant(asked, 30_000, far),
+            asked + Duration::from_millis(22_500)
+        );
+        let near = asked + Duration::from_secs(5);
+        assert_eq!(within_grant(asked, 30_000, near), near);
+        assert_eq!(within_grant(asked, 0, far), far);
+        assert_eq!(
+            within_grant(asked, u32::MAX, far),
+            far.min(asked + Duration::from_millis(u64::from(u32::MAX)) * 3 / 4)
+        );
+    }
 }

@@ -39,7 +39,9 @@ const PROGRESS_BURST: usize = 64;
 /// gets, else by the pulling thread); a few blocks per turn keep each block in cache from its
 /// copy to its checksum, where a window copied whole and checked after ran at 11–12 GB/s
 /// against 14–16 for one block at a time (CMA, 1–4 MiB blocks). RDMA NICs keep many gets in
-/// flight all the same: a turn takes microseconds.
+/// flight all the same: a turn takes microseconds. Where pulled blocks are not checked
+/// ([`UcxConfig::verify`](super::UcxConfig::verify)) the pacing stays, unmeasured without the
+/// checks.
 const TURN_BYTES: u64 = 256 << 10;
 
 /// One block of a pull, as the progress thread sees it (the slot itself stays with the
@@ -58,7 +60,8 @@ pub(super) struct OpSpec {
 /// landed in its slot, with, for gets, the checksum of those bytes (computed by the thread
 /// that copied them, right after the copy, while they are in that core's cache), or why it
 /// did not. The caller compares the checksum with the grant's, or computes it itself where
-/// none came. The channel closes once every run of the pull (one per lane it went to) is over
+/// none came (neither where [`UcxConfig::verify`](super::UcxConfig::verify) is off, and no
+/// checksum comes then). The channel closes once every run of the pull (one per lane it went to) is over
 /// and the pulling task has dropped its own sender.
 ///
 /// Results go in batches, at most one per pull and turn of the engine: a message per block
@@ -66,7 +69,8 @@ pub(super) struct OpSpec {
 type Settled = mpsc::UnboundedSender<Vec<Settlement>>;
 /// The receiving end of [`Settled`].
 pub(super) type Receiver = mpsc::UnboundedReceiver<Vec<Settlement>>;
-/// An item's position, and what became of its block (with the checksum, for gets).
+/// An item's position, and what became of its block (with the checksum, for gets where
+/// pulled blocks are checked).
 pub(super) type Settlement = (usize, Result<Option<u64>, TransportError>);
 
 /// Fails every op of a transfer that never started.
@@ -82,7 +86,7 @@ struct Outcome {
     items: Vec<usize>,
     done: Vec<bool>,
     /// Per op: its slot's address and length, when this thread checksums what lands (else
-    /// the caller does).
+    /// the caller does, or nobody where pulled blocks are not checked).
     slots: Option<Vec<(*const u8, usize)>>,
     /// Settled and not yet sent (see [`Outcome::flush`]).
     pending: Vec<Settlement>,
@@ -90,7 +94,8 @@ struct Outcome {
 
 impl Outcome {
     /// `arena_base`: the start of the registered arena the ops' slots lie in, when the engine
-    /// checksums what lands (`None`: the caller does).
+    /// checksums what lands (`None`: the caller does, or nobody where pulled blocks are not
+    /// checked).
     fn new(reply: Settled, ops: &[OpSpec], arena_base: Option<*const u8>) -> Self {
         Self {
             reply,
@@ -114,7 +119,7 @@ impl Outcome {
     }
 
     /// Settles `op`: `Ok` once its block has landed in its slot, which is checksummed here for
-    /// gets (the only outcomes created with slots).
+    /// gets where pulled blocks are checked (the only outcomes created with slots).
     fn settle(&mut self, op: usize, r: Result<(), TransportError>) {
         if !std::mem::replace(&mut self.done[op], true) {
             let r = r.map(|()| {
@@ -800,7 +805,12 @@ pub(super) struct Engine {
     peers: HashMap<PeerId, Peer>,
     by_address: HashMap<Vec<u8>, PeerId>,
     next_peer: PeerId,
-    next_request: u64,
+    /// The id of this engine's next put- or send-on-request pull. Ids start at a random value
+    /// (and then count up), so that a peer that did not see a request cannot name it in the
+    /// block messages it sends: where pulled blocks are not checked
+    /// ([`UcxConfig::verify`](super::UcxConfig::verify)) the id is what keeps another peer's
+    /// messages out of the slots.
+    pub(super) next_request: u64,
     pub(super) pulls: Vec<PullJob>,
     pub(super) serves: Vec<ServeJob>,
     closing: Vec<Req>,
@@ -871,7 +881,10 @@ impl Engine {
             peers: HashMap::new(),
             by_address: HashMap::new(),
             next_peer: 0,
-            next_request: 0,
+            next_request: {
+                let [a, b, c, d, e, f, g, h, ..] = crate::transport::auth::random_nonce();
+                u64::from_le_bytes([a, b, c, d, e, f, g, h])
+            },
             pulls: Vec::new(),
             serves: Vec::new(),
             closing: Vec::new(),

@@ -199,20 +199,23 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
         mut slots,
         remote,
     } = EngineCase::start(4, false);
-    // Request 0: the first three slots, in time; request 1: the last slot, already late.
+    // Request r: the first three slots, in time; request r + 1: the last slot, already late.
+    let r = engine.next_request;
     let (live, mut settled) = send_spec(&remote, &slots[..3], Instant::now() + Duration::from_secs(30));
     engine.start_pull(live);
     let (late, mut late_settled) = send_spec(&remote, &slots[3..], Instant::now());
     engine.start_pull(late);
     let len = SLOT_LEN;
     let good = payload(7, len as usize);
-    engine.receive_block(block(9, 0, good.clone())); // no such request
-    engine.receive_block(block(0, 3, good.clone())); // no such position
-    engine.receive_block(block(0, 0, vec![1; 100])); // wrong length: fails position 0
-    engine.receive_block(block(0, 0, good.clone())); // position 0 again
-    engine.receive_block(block(0, 1, good.clone())); // lands
-    engine.receive_block(block(0, 1, vec![2; len as usize])); // position 1 again
-    engine.receive_block(block(1, 0, good.clone())); // past its deadline
+    let next = r.wrapping_add(1);
+    engine.receive_block(block(r.wrapping_add(9), 0, good.clone())); // no such request
+    engine.receive_block(block(r.wrapping_sub(1), 0, good.clone())); // nor this one
+    engine.receive_block(block(r, 3, good.clone())); // no such position
+    engine.receive_block(block(r, 0, vec![1; 100])); // wrong length: fails position 0
+    engine.receive_block(block(r, 0, good.clone())); // position 0 again
+    engine.receive_block(block(r, 1, good.clone())); // lands
+    engine.receive_block(block(r, 1, vec![2; len as usize])); // position 1 again
+    engine.receive_block(block(next, 0, good.clone())); // past its deadline
     engine.flush_settled();
     let mut results = Vec::new();
     while let Ok(batch) = settled.try_recv() {
@@ -256,15 +259,16 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
 fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
     let mut case = EngineCase::start(3, true);
     let engine = &mut case.engine;
-    // Requests 1 and 2 (0 connected the engine to the source).
+    // Requests r and r + 1 (the one before connected the engine to the source).
+    let r = engine.next_request;
     let far = Instant::now() + Duration::from_secs(30);
     let (pull, mut settled) = send_spec(&case.remote, &case.slots[..2], far);
     engine.start_pull(pull);
     let near = Instant::now() + Duration::from_millis(300);
     let (pull, mut late_settled) = send_spec(&case.remote, &case.slots[2..], near);
     engine.start_pull(pull);
-    engine.receive_answer(encode_answer(1, true, &[STATUS_OK, STATUS_OK]));
-    engine.receive_answer(encode_answer(2, true, &[STATUS_OK]));
+    engine.receive_answer(encode_answer(r, true, &[STATUS_OK, STATUS_OK]));
+    engine.receive_answer(encode_answer(r.wrapping_add(1), true, &[STATUS_OK]));
     let good: Vec<Vec<u8>> = (0..2).map(|n| payload(n, SLOT_LEN as usize)).collect();
     // Once the requests' own sends have completed (the endpoint is connected), the answers
     // count, and the blocks are still missing.
@@ -275,10 +279,10 @@ fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
     }
     engine.turn();
     assert!(settled.try_recv().is_err(), "settled before its blocks came");
-    engine.receive_block(block(1, 1, good[1].clone()));
+    engine.receive_block(block(r, 1, good[1].clone()));
     engine.turn();
     assert_eq!(settled.try_recv().as_deref(), Ok(&[(1, Ok(None))][..]));
-    engine.receive_block(block(1, 0, good[0].clone()));
+    engine.receive_block(block(r, 0, good[0].clone()));
     engine.turn();
     assert_eq!(settled.try_recv().as_deref(), Ok(&[(0, Ok(None))][..]));
     // The other pull's block never comes: late at its deadline, not before.
@@ -374,7 +378,7 @@ fn the_inline_budget_follows_the_bytes_within_bounds() {
 const SLOT_LEN: u64 = 4096;
 
 /// A puller's engine driven by the test itself, with slots to pull into (filled with `0xa5`)
-/// from a parked source that never answers (after serving one pull, request 0, where the
+/// from a parked source that never answers (after serving one pull, where the
 /// engine is to be connected to it first).
 struct EngineCase {
     src: Stallable,
@@ -645,43 +649,12 @@ async fn blocks_back_to_back_are_written_in_runs_byte_exact() {
     }
 }
 
+/// A block whose bytes do not match its grant's checksum fails alone. With verification off
+/// (`UcxConfig::verify`) the same pulls take every block as it landed: that block is
+/// delivered too, byte for byte the source's (the check is skipped, not the transfer), and a
+/// block outside the source's arena still fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_failing_its_checksum_fails_alone() {
-    for (fabric, mode) in [
-        (Fabric::Tcp, UcxMode::Get),
-        (Fabric::Tcp, UcxMode::PutOnRequest),
-        (Fabric::Tcp, UcxMode::SendOnRequest),
-        (Fabric::Shm, UcxMode::Get),
-        (Fabric::Shm, UcxMode::PutOnRequest),
-        (Fabric::Shm, UcxMode::SendOnRequest),
-    ] {
-        let (grants, src, keys) = source(&[8192, 8192, 8192], fabric);
-        let mut grant = grants.grant(&keys).unwrap();
-        grant.blocks[1].checksum ^= 1;
-        // Checked by the progress thread's results and by the pulling thread's own turns.
-        for inline_bytes in [0, u64::MAX] {
-            let (dst, t) = puller_driving(fabric, mode, inline_bytes);
-            let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
-            let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
-            let case = format!("{fabric:?} {mode:?} inline {inline_bytes}");
-            assert_eq!(results[0], Ok(()), "{case}");
-            assert!(
-                matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
-                "{case}: {results:?}"
-            );
-            assert_eq!(results[2], Ok(()), "{case}");
-            for p in pulled {
-                dst.abort(p.slot);
-            }
-        }
-    }
-}
-
-/// With verification off the same pulls take every block as it landed: the one whose grant
-/// checksum is wrong is delivered too, byte for byte the source's (the check is skipped, not
-/// the transfer), and a real failure is still reported.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_verification_blocks_are_taken_as_they_landed() {
+async fn a_block_failing_its_checksum_fails_alone_unless_unverified() {
     let lens = [8192, 8192, 8192];
     for (fabric, mode) in [
         (Fabric::Tcp, UcxMode::Get),
@@ -694,20 +667,35 @@ async fn without_verification_blocks_are_taken_as_they_landed() {
         let (grants, src, keys) = source(&lens, fabric);
         let mut grant = grants.grant(&keys).unwrap();
         grant.blocks[1].checksum ^= 1;
-        for inline_bytes in [0, u64::MAX] {
+        let mut outside = grant.clone();
+        outside.blocks[2].offset = u64::MAX - 10;
+        // Checked by the progress thread's results and by the pulling thread's own turns.
+        for (inline_bytes, verify) in [(0, true), (u64::MAX, true), (0, false), (u64::MAX, false)] {
             let (dst, t) = puller_with(UcxConfig {
                 inline_bytes,
-                verify: false,
+                verify,
                 ..config(fabric, mode)
             });
-            assert!(!t.verifies());
-            let case = format!("{fabric:?} {mode:?} inline {inline_bytes}");
-            for p in pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await {
+            assert_eq!(t.verifies(), verify);
+            let case = format!("{fabric:?} {mode:?} inline {inline_bytes} verify {verify}");
+            let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
+            if verify {
+                let results: Vec<_> = pulled.iter().map(|p| p.result.clone()).collect();
+                assert_eq!(results[0], Ok(()), "{case}");
+                assert!(
+                    matches!(results[1], Err(TransportError::Checksum { index: 1, .. })),
+                    "{case}: {results:?}"
+                );
+                assert_eq!(results[2], Ok(()), "{case}");
+                for p in pulled {
+                    dst.abort(p.slot);
+                }
+                continue;
+            }
+            for p in pulled {
                 let i = p.index as usize;
                 assert_landed(&dst, p, &payload(i as u64, lens[i]), &case);
             }
-            let mut outside = grant.clone();
-            outside.blocks[2].offset = u64::MAX - 10;
             let pulled = pull(&dst, &t, &src.endpoint(None), &outside, &keys, soon()).await;
             assert!(
                 matches!(pulled[2].result, Err(TransportError::Protocol { .. })),
@@ -718,7 +706,61 @@ async fn without_verification_blocks_are_taken_as_they_landed() {
                 dst.abort(p.slot);
             }
         }
+        // A source that no longer knows the grant writes and sends nothing, and says so: a
+        // failure that the engine reports, not the check. (Gets do not pass through the
+        // source's software: they read the memory as it is, which the agent keeps within the
+        // grant's life.)
+        if mode != UcxMode::Get {
+            assert!(grants.release(&grant.id));
+            let (dst, t) = puller_with(UcxConfig {
+                verify: false,
+                ..config(fabric, mode)
+            });
+            let pulled = pull(&dst, &t, &src.endpoint(None), &grant, &keys, soon()).await;
+            assert_eq!(pulled.len(), lens.len());
+            for p in pulled {
+                assert!(p.result.is_err(), "{fabric:?} {mode:?}: {:?}", p.result);
+                dst.abort(p.slot);
+            }
+        }
     }
+}
+
+/// An engine whose pulls are not checked settles its gets without a checksum, and one whose
+/// pulls are checked with the checksum of the bytes it copied. Each engine numbers its
+/// requests from its own random start.
+#[test]
+fn an_engine_checksums_its_gets_only_where_pulls_are_checked() {
+    let mut first_ids = Vec::new();
+    for verify in [true, false] {
+        let (src_store, grants, keys) = granted_store(&[SLOT_LEN as usize]);
+        let grant = grants.grant(&keys).unwrap();
+        let src = Stallable::start(src_store, grants, Fabric::Shm);
+        let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
+        let dst = store(64);
+        let cfg = UcxConfig {
+            verify,
+            ..config(Fabric::Shm, UcxMode::Get)
+        };
+        let tls = cfg.tls.clone();
+        let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
+        first_ids.push(engine.next_request);
+        let mut slots = reserve(&dst, &[(key(99), SLOT_LEN)]);
+        let (mut spec, mut settled) = granted_spec(&remote, &grant, &slots);
+        spec.mode = UcxMode::Get;
+        engine.start_pull(spec);
+        let bytes = payload(0, SLOT_LEN as usize);
+        let sum = verify.then(|| crate::block::checksum(&bytes));
+        assert_eq!(
+            next_batch(&mut engine, &mut settled),
+            [(0, Ok(sum))],
+            "verify {verify}"
+        );
+        assert_eq!(dst.host().reserved_mut(&mut slots[0]), &bytes[..]);
+        drop(engine);
+        release(src, &dst, slots);
+    }
+    assert_ne!(first_ids[0], first_ids[1], "request ids start at random");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
