@@ -176,6 +176,14 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// wildcard address.
     fn endpoint(&self, seen_as: Option<IpAddr>) -> Vec<u8>;
 
+    /// Whether each pulled block is checked against its grant's checksum before it is reported
+    /// `Ok` (the default; UCX and RDMA can be configured not to). Where it is not, nothing
+    /// catches a read of memory the source reused once the grant ended, so the caller must keep
+    /// the pull's deadline within the grant's life, with room for the transport's drain.
+    fn verifies(&self) -> bool {
+        true
+    }
+
     /// Copies granted blocks from the peer at `endpoint` into the items' slots, giving up at
     /// `deadline`. Every item comes back, whatever happened to the others: a broken stream fails
     /// only the blocks it carried. (Never cancel the future: the slots travel inside it.)
@@ -189,9 +197,9 @@ pub trait Transport: Send + Sync + fmt::Debug {
 }
 
 /// Whether a slot's bytes match `expected` (every transport verifies this before reporting a
-/// block as pulled, unless configured not to (UCX and RDMA); the TCP backend checksums each block piece by piece as it arrives instead,
-/// and the UCX backend on the thread that saw the block land, while the bytes are still in
-/// cache).
+/// block as pulled, unless configured not to: [`Transport::verifies`]; the TCP backend
+/// checksums each block piece by piece as it arrives instead, and the UCX backend on the
+/// thread that saw the block land, while the bytes are still in cache).
 #[cfg(any(feature = "ucx", feature = "rdma"))]
 pub(crate) fn verify(store: &crate::TieredStore, slot: &mut Reservation, expected: u64) -> bool {
     crate::block::checksum(store.host().reserved_mut(slot)) == expected

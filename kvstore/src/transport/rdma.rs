@@ -48,8 +48,8 @@
 //! The grant id is not sent: one-sided READs do not pass through the source's software. The
 //! grant still matters there — its pins keep the blocks where the grant says until it is
 //! released or expires; a puller that reads after that reads whatever the slot holds then, and
-//! the checksum rejects it. (The agent ends a pull well within the grant's life, which is what
-//! keeps such reads out where the check is off.)
+//! the checksum rejects it. (Where the check is off, the agent keeps the pull's deadline
+//! within the grant's life, and no READ is posted past it.)
 //!
 //! # Security
 //!
@@ -116,10 +116,10 @@ pub struct RdmaConfig {
     /// Whether the puller checks every block it reads against the checksum of its grant
     /// (default): a pass of the CPU over bytes the NIC placed without one. Without it a block
     /// the NIC reports read is taken as it landed (the link's CRCs still cover the wire), and
-    /// the check no longer catches a block corrupted in either host's memory, a source's bug,
-    /// or a READ after the grant ended, of memory the source reused (the agent ends its pulls
-    /// within the grant's life). Only for clusters whose fabric, memory and agents are
-    /// trusted.
+    /// the check no longer catches a block corrupted in either host's memory or a source's
+    /// bug. No READ is posted past the pull's deadline, which the caller keeps within the
+    /// grant's life ([`Transport::verifies`]), after which the source may reuse the memory.
+    /// Only for clusters whose fabric, memory and agents are trusted.
     pub verify: bool,
 }
 
@@ -200,6 +200,10 @@ impl RdmaTransport {
 impl Transport for RdmaTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Rdma
+    }
+
+    fn verifies(&self) -> bool {
+        self.inner.cfg.verify
     }
 
     fn endpoint(&self, seen_as: Option<IpAddr>) -> Vec<u8> {

@@ -19,7 +19,8 @@
 //! is checksummed at once by the thread that copied it, while it is in that core's cache (the
 //! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
 //! a block that the source wrote or sent is checksummed by the pulling thread while the
-//! progress thread moves the next (none is, where [`UcxConfig::verify`] is off). Dropping the transport stops the progress thread, which
+//! progress thread moves the next. With [`UcxConfig::verify`] off, no block is checksummed.
+//! Dropping the transport stops the progress thread, which
 //! closes the endpoints, unmaps the arena and destroys the worker and the context, in that
 //! order.
 //!
@@ -172,9 +173,11 @@
 //!   predates sends writes instead; one that sends ignores the key). The blocks a source
 //!   sends are matched to a pull by request id and position only: a peer that holds this
 //!   worker's address can offer a block for a pull in progress, which the checksum then
-//!   refuses. Request ids start at a random value, so such a peer must have seen the request
-//!   to name it, which is what is left where the check is off ([`UcxConfig::verify`]); and a
-//!   puller's key lets the sources it asked write anywhere in its arena, checked or not.
+//!   refuses; a forged answer would settle a put-mode pull whose slots were not written,
+//!   which the checksum refuses too. Each pull's request id is drawn at random, so such a peer
+//!   must have seen that very request to name it, which is what is left where the check is
+//!   off ([`UcxConfig::verify`]); and a puller's key lets the sources it asked write anywhere
+//!   in its arena, checked or not.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -510,11 +513,12 @@ pub struct UcxConfig {
     /// placed them, which NIXL and Mooncake do not make (what it costs: `docs/benchmarks.md`).
     /// Without it a block that UCX reports delivered is taken as it landed, and the check no
     /// longer catches: a block corrupted on its way or in the source's memory since its grant;
-    /// a source's bug (a block written from or into the wrong place); a block message from
-    /// another peer that saw the pull's request (request ids are random, see the module
-    /// documentation); a get after the grant ended, of memory the source reused (the agent
-    /// ends its pulls within the grant's life). Only for clusters whose fabric, memory and
-    /// agents are trusted.
+    /// a source's bug (a block written from or into the wrong place); a block message or
+    /// answer from another peer that saw the pull's request (request ids are random, see the
+    /// module documentation). A get that completes past the pull's deadline fails as late
+    /// instead, since it may have read memory the source reused after the grant: the caller
+    /// keeps that deadline within the grant's life ([`Transport::verifies`]). Only for
+    /// clusters whose fabric, memory and agents are trusted.
     pub verify: bool,
     /// Serve requests for sends by writing, as a source from before send-on-request does.
     #[cfg(test)]
@@ -762,11 +766,6 @@ impl UcxTransport {
     pub fn inline_bytes(&self) -> u64 {
         self.inline_bytes
     }
-
-    /// Whether pulled blocks are checked against their grant's checksums ([`UcxConfig::verify`]).
-    pub fn verifies(&self) -> bool {
-        self.verify
-    }
 }
 
 impl Lane {
@@ -858,6 +857,10 @@ impl Transport for UcxTransport {
 
     fn endpoint(&self, _seen_as: Option<IpAddr>) -> Vec<u8> {
         self.endpoint.clone()
+    }
+
+    fn verifies(&self) -> bool {
+        self.verify
     }
 
     fn pull<'a>(

@@ -1,7 +1,8 @@
 //! Transfers between node agents: the control channel (gRPC `kvtier.peer.v1.Peer`) on which a
 //! puller asks a source for a grant, and the pulling itself — reserve local slots, copy over a
 //! data transport, verify every checksum (unless `peer.ucx.verify` or `peer.rdma.verify` is
-//! off), commit, release the grant. A pull ends within its grant's life (`within_grant`).
+//! off), commit, release the grant. A pull whose blocks are not checked ends within its
+//! grant's life (`within_grant`).
 
 mod reuse;
 mod service;
@@ -387,8 +388,17 @@ impl Peers {
                 .reuse
                 .as_ref()
                 .is_none_or(|r| r.pays(grant.blocks.len(), bytes));
+        // Where the blocks are not checked nothing else catches a read past the grant.
+        let unchecked = self
+            .transports
+            .iter()
+            .any(|t| t.kind().name() == grant.transport && !t.verifies());
+        let deadline = if unchecked {
+            within_grant(asked, grant.ttl_ms, deadline)
+        } else {
+            deadline
+        };
         let result = if pays {
-            let deadline = within_grant(asked, grant.ttl_ms, deadline);
             self.pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
                 .await
         } else {
@@ -581,13 +591,13 @@ fn ucx_transport(
     Ok(Arc::new(transport))
 }
 
-/// The deadline of a pull of a grant asked for at `asked` that the source keeps for `ttl_ms`:
+/// The deadline of a pull whose blocks are not checked (`peer.ucx.verify`,
+/// `peer.rdma.verify`), of a grant asked for at `asked` that the source keeps for `ttl_ms`:
 /// `deadline`, or three quarters into the grant's life if that comes first (the source counts
-/// from when it granted, later than `asked`), so that the transport's reads, the writes it
-/// asked for and its drain past the deadline are over before the source may reuse the blocks'
-/// memory. Where the pulled blocks are not checked (`peer.ucx.verify`, `peer.rdma.verify`),
-/// this is what keeps a read of reused memory out of the tiers. `ttl_ms` 0 (a source that does
-/// not say) leaves `deadline` alone.
+/// from when it granted, later than `asked`). The transports start no read at or past it and
+/// refuse a get that completes past it, so no block read after the source may have reused
+/// its memory is taken; a checked block read then fails its checksum instead. `ttl_ms` 0 (a
+/// source that does not say) leaves `deadline` alone.
 fn within_grant(asked: Instant, ttl_ms: u32, deadline: Instant) -> Instant {
     if ttl_ms == 0 {
         return deadline;

@@ -43,7 +43,9 @@ pub(crate) trait ReadQueue {
 }
 
 /// Posts the plan's chains within the window and polls until all completed; `None` when they
-/// all did, else why the pull stopped (the caller must [`fence`] the queue pair then).
+/// all did, else why the pull stopped (the caller must [`fence`] the queue pair then). Nothing
+/// is posted at or past `deadline`, which the agent keeps within the grant's life: a READ the
+/// source's memory answers later may read what the source put there after the grant.
 pub(crate) fn run(
     qp: &mut impl ReadQueue,
     plan: &ReadPlan,
@@ -60,6 +62,11 @@ pub(crate) fn run(
     let mut wcs = Vec::new();
     let mut last_progress = Instant::now();
     loop {
+        if Instant::now() >= deadline && !tracker.is_finished() {
+            return Some(TransportError::TimedOut {
+                peer: peer.to_string(),
+            });
+        }
         while let Some(c) = tracker.next_to_post(qp.window()) {
             let wrs = &plan.chains[c].wrs;
             if let Err(e) = qp.post(wrs, rkey) {

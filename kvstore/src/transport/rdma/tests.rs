@@ -877,6 +877,24 @@ fn a_peer_that_stops_answering_times_out_and_is_drained() {
     );
 }
 
+/// A pull whose deadline has passed posts nothing more, even while every poll brings
+/// completions: what was posted completes, and the rest fails as late.
+#[test]
+fn nothing_is_posted_past_the_deadline() {
+    let items: Vec<ReadItem> = (0..4).map(|i| item(i * 64, i * 64, 64)).collect();
+    let mut qp = FakeQp::new(1, remote_bytes(256), 256, LOCAL_BASE);
+    let (_, stopped, outcomes, _) = pump_pull(
+        &mut qp,
+        &items,
+        limits(32, 1, 1),
+        Instant::now(),
+        Duration::from_millis(30),
+    );
+    assert_eq!(stopped, Some(TransportError::TimedOut { peer: "peer".into() }));
+    assert_eq!(qp.posts, 0, "posted past the deadline");
+    assert!(outcomes.iter().all(|o| *o != ItemOutcome::Done), "{outcomes:?}");
+}
+
 #[test]
 fn a_drain_that_never_ends_is_bounded() {
     let items = [item(0, 0, 64)];

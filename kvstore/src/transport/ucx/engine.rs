@@ -73,6 +73,13 @@ pub(super) type Receiver = mpsc::UnboundedReceiver<Vec<Settlement>>;
 /// pulled blocks are checked).
 pub(super) type Settlement = (usize, Result<Option<u64>, TransportError>);
 
+/// 64 random bits from the kernel: the id of a put- or send-on-request pull (see
+/// `Engine::next_request`).
+pub(super) fn random_request_id() -> u64 {
+    let [a, b, c, d, e, f, g, h, ..] = crate::transport::auth::random_nonce();
+    u64::from_le_bytes([a, b, c, d, e, f, g, h])
+}
+
 /// Fails every op of a transfer that never started.
 fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
     let _ = reply.send(ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
@@ -805,11 +812,11 @@ pub(super) struct Engine {
     peers: HashMap<PeerId, Peer>,
     by_address: HashMap<Vec<u8>, PeerId>,
     next_peer: PeerId,
-    /// The id of this engine's next put- or send-on-request pull. Ids start at a random value
-    /// (and then count up), so that a peer that did not see a request cannot name it in the
-    /// block messages it sends: where pulled blocks are not checked
-    /// ([`UcxConfig::verify`](super::UcxConfig::verify)) the id is what keeps another peer's
-    /// messages out of the slots.
+    /// The id of this engine's next put- or send-on-request pull. Each id is drawn at random
+    /// ([`random_request_id`]), so that a peer cannot name a request it did not see in the
+    /// block messages or answers it sends (having seen one tells nothing of the next): where
+    /// pulled blocks are not checked ([`UcxConfig::verify`](super::UcxConfig::verify)) the id
+    /// is what keeps another peer's messages out of a pull.
     pub(super) next_request: u64,
     pub(super) pulls: Vec<PullJob>,
     pub(super) serves: Vec<ServeJob>,
@@ -881,10 +888,7 @@ impl Engine {
             peers: HashMap::new(),
             by_address: HashMap::new(),
             next_peer: 0,
-            next_request: {
-                let [a, b, c, d, e, f, g, h, ..] = crate::transport::auth::random_nonce();
-                u64::from_le_bytes([a, b, c, d, e, f, g, h])
-            },
+            next_request: random_request_id(),
             pulls: Vec::new(),
             serves: Vec::new(),
             closing: Vec::new(),

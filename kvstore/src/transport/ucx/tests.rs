@@ -199,17 +199,17 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
         mut slots,
         remote,
     } = EngineCase::start(4, false);
-    // Request r: the first three slots, in time; request r + 1: the last slot, already late.
+    // Request r: the first three slots, in time; request `next`: the last slot, already late.
     let r = engine.next_request;
     let (live, mut settled) = send_spec(&remote, &slots[..3], Instant::now() + Duration::from_secs(30));
     engine.start_pull(live);
+    let next = engine.next_request;
     let (late, mut late_settled) = send_spec(&remote, &slots[3..], Instant::now());
     engine.start_pull(late);
     let len = SLOT_LEN;
     let good = payload(7, len as usize);
-    let next = r.wrapping_add(1);
-    engine.receive_block(block(r.wrapping_add(9), 0, good.clone())); // no such request
-    engine.receive_block(block(r.wrapping_sub(1), 0, good.clone())); // nor this one
+    engine.receive_block(block(r.wrapping_add(1), 0, good.clone())); // no such request
+    engine.receive_block(block(!r, 0, good.clone())); // nor this one
     engine.receive_block(block(r, 3, good.clone())); // no such position
     engine.receive_block(block(r, 0, vec![1; 100])); // wrong length: fails position 0
     engine.receive_block(block(r, 0, good.clone())); // position 0 again
@@ -259,16 +259,17 @@ fn sent_blocks_land_only_in_their_own_slot_once_before_the_deadline() {
 fn an_answer_that_overtakes_sent_blocks_waits_for_them_until_the_deadline() {
     let mut case = EngineCase::start(3, true);
     let engine = &mut case.engine;
-    // Requests r and r + 1 (the one before connected the engine to the source).
+    // Requests r and `next` (the one before connected the engine to the source).
     let r = engine.next_request;
     let far = Instant::now() + Duration::from_secs(30);
     let (pull, mut settled) = send_spec(&case.remote, &case.slots[..2], far);
     engine.start_pull(pull);
+    let next = engine.next_request;
     let near = Instant::now() + Duration::from_millis(300);
     let (pull, mut late_settled) = send_spec(&case.remote, &case.slots[2..], near);
     engine.start_pull(pull);
     engine.receive_answer(encode_answer(r, true, &[STATUS_OK, STATUS_OK]));
-    engine.receive_answer(encode_answer(r.wrapping_add(1), true, &[STATUS_OK]));
+    engine.receive_answer(encode_answer(next, true, &[STATUS_OK]));
     let good: Vec<Vec<u8>> = (0..2).map(|n| payload(n, SLOT_LEN as usize)).collect();
     // Once the requests' own sends have completed (the endpoint is connected), the answers
     // count, and the blocks are still missing.
@@ -726,41 +727,70 @@ async fn a_block_failing_its_checksum_fails_alone_unless_unverified() {
     }
 }
 
-/// An engine whose pulls are not checked settles its gets without a checksum, and one whose
-/// pulls are checked with the checksum of the bytes it copied. Each engine numbers its
-/// requests from its own random start.
+/// An engine checksums the blocks it got only where pulls are checked. Where they are not, a
+/// get that completes past its pull's deadline fails as late, as it may have read memory the
+/// source reused after the grant; a checked one is taken with its checksum, which the caller
+/// compares. Over TCP, where the source's progress thread answers gets, parked until past the
+/// deadline. Request ids are drawn at random.
 #[test]
-fn an_engine_checksums_its_gets_only_where_pulls_are_checked() {
+fn gets_are_checksummed_only_where_checked_and_late_unchecked_ones_fail() {
     let mut first_ids = Vec::new();
     for verify in [true, false] {
         let (src_store, grants, keys) = granted_store(&[SLOT_LEN as usize]);
         let grant = grants.grant(&keys).unwrap();
-        let src = Stallable::start(src_store, grants, Fabric::Shm);
+        let src = Stallable::start(src_store, grants, Fabric::Tcp);
         let remote = RemoteEndpoint::parse(&src.endpoint).unwrap();
         let dst = store(64);
         let cfg = UcxConfig {
             verify,
-            ..config(Fabric::Shm, UcxMode::Get)
+            ..config(Fabric::Tcp, UcxMode::Get)
         };
         let tls = cfg.tls.clone();
         let mut engine = Engine::open(&dst, None, cfg, tls.as_deref(), Arc::new(Mailbox::default())).unwrap();
         first_ids.push(engine.next_request);
-        let mut slots = reserve(&dst, &[(key(99), SLOT_LEN)]);
-        let (mut spec, mut settled) = granted_spec(&remote, &grant, &slots);
-        spec.mode = UcxMode::Get;
-        engine.start_pull(spec);
+        let get = |engine: &mut Engine, slots: &[Reservation], deadline: Instant| {
+            let (mut spec, settled) = granted_spec(&remote, &grant, slots);
+            spec.mode = UcxMode::Get;
+            spec.deadline = deadline;
+            engine.start_pull(spec);
+            settled
+        };
         let bytes = payload(0, SLOT_LEN as usize);
-        let sum = verify.then(|| crate::block::checksum(&bytes));
+        let sum = crate::block::checksum(&bytes);
+        // In time (which also connects the engine).
+        let mut warm = reserve(&dst, &[(key(98), SLOT_LEN)]);
+        let mut settled = get(&mut engine, &warm, soon());
         assert_eq!(
             next_batch(&mut engine, &mut settled),
-            [(0, Ok(sum))],
-            "verify {verify}"
+            [(0, Ok(verify.then_some(sum)))]
         );
-        assert_eq!(dst.host().reserved_mut(&mut slots[0]), &bytes[..]);
+        assert_eq!(dst.host().reserved_mut(&mut warm[0]), &bytes[..]);
+        src.park();
+        let slots = reserve(&dst, &[(key(99), SLOT_LEN)]);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut settled = get(&mut engine, &slots, deadline);
+        while Instant::now() < deadline {
+            engine.turn();
+        }
+        engine.flush_settled();
+        assert!(
+            settled.try_recv().is_err(),
+            "verify {verify}: settled while the source was parked"
+        );
+        src.resume();
+        let late = next_batch(&mut engine, &mut settled);
+        if verify {
+            assert_eq!(late, [(0, Ok(Some(sum)))]);
+        } else {
+            assert!(
+                matches!(late.as_slice(), [(0, Err(TransportError::TimedOut { .. }))]),
+                "{late:?}"
+            );
+        }
         drop(engine);
-        release(src, &dst, slots);
+        release(src, &dst, warm.into_iter().chain(slots).collect());
     }
-    assert_ne!(first_ids[0], first_ids[1], "request ids start at random");
+    assert_ne!(first_ids[0], first_ids[1], "request ids are drawn at random");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

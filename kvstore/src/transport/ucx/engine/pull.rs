@@ -55,7 +55,7 @@ impl Engine {
             UcxMode::PutOnRequest | UcxMode::SendOnRequest => {
                 let sending = spec.mode == UcxMode::SendOnRequest;
                 let request_id = self.next_request;
-                self.next_request = self.next_request.wrapping_add(1);
+                self.next_request = super::random_request_id();
                 let now_ns = monotonic_ns();
                 let left = spec.deadline.saturating_duration_since(Instant::now()).as_nanos() as u64;
                 let message = Request {
@@ -181,7 +181,7 @@ impl Engine {
     /// (made progress, finished).
     fn advance_pull(&mut self, i: usize) -> (bool, bool) {
         let now = Instant::now();
-        let drain = self.cfg.drain;
+        let (drain, verify) = (self.cfg.drain, self.cfg.verify);
         let window = self.cfg.window.max(1);
         let (into, progress_idle) = (self.landing(), self.progress_idle);
         let job = &mut self.pulls[i];
@@ -226,7 +226,8 @@ impl Engine {
                 inflight_bytes,
             } => {
                 let ops = &job.ops;
-                progressed |= settle_completed(inflight, &mut job.outcome, expired, &label, |n| {
+                let late_from = (!verify).then_some(job.deadline);
+                progressed |= settle_completed(inflight, &mut job.outcome, expired, late_from, &label, |n| {
                     *inflight_bytes -= ops[n].len;
                 });
                 let mut issued = 0;
@@ -287,7 +288,8 @@ impl Engine {
             } => {
                 if let Some(rx) = receives.as_mut() {
                     progressed |=
-                        settle_completed(&mut rx.inflight, &mut job.outcome, expired, &label, |_| {});
+                        // The source holds its grant's pins until it has answered.
+                        settle_completed(&mut rx.inflight, &mut job.outcome, expired, None, &label, |_| {});
                     progressed |= rx.start_queued(into, &job.ops, expired);
                 }
                 let mut send_failed = None;
@@ -474,10 +476,15 @@ impl Late {
 
 /// Settles the ops whose operation (a get, or a receive of a sent block) has completed, calls
 /// `landed` with each, and drops them from `inflight`; whether any had.
+/// Settles the operations of `inflight` that completed. `late_from`: where pulled blocks are
+/// not checked, a get that completes at or past this instant (the pull's deadline, which the
+/// agent keeps within the grant's life) fails as late, as it may have read memory the source
+/// reused after the grant; a checked one is caught by its checksum instead.
 fn settle_completed(
     inflight: &mut Vec<(usize, Req)>,
     outcome: &mut Outcome,
     expired: bool,
+    late_from: Option<Instant>,
     label: &str,
     mut landed: impl FnMut(usize),
 ) -> bool {
@@ -488,9 +495,11 @@ fn settle_completed(
             any = true;
             landed(*n);
             let peer = label.to_owned();
+            let late = late_from.is_some_and(|t| Instant::now() >= t);
             outcome.settle(
                 *n,
                 match status {
+                    sys::UCS_OK if late => Err(TransportError::TimedOut { peer }),
                     sys::UCS_OK => Ok(()),
                     // Discarded by the close at the deadline.
                     _ if expired => Err(TransportError::TimedOut { peer }),
