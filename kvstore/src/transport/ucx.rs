@@ -20,9 +20,8 @@
 //! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
 //! a block that the source wrote or sent is checksummed by the pulling thread while the
 //! progress thread moves the next. With [`UcxConfig::verify`] off, no block is checksummed.
-//! Dropping the transport stops the progress thread, which
-//! closes the endpoints, unmaps the arena and destroys the worker and the context, in that
-//! order.
+//! Dropping the transport stops the progress thread, which closes the endpoints, unmaps the
+//! arena and destroys the worker and the context, in that order.
 //!
 //! # Lanes
 //!

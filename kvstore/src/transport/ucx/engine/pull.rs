@@ -475,11 +475,10 @@ impl Late {
 }
 
 /// Settles the ops whose operation (a get, or a receive of a sent block) has completed, calls
-/// `landed` with each, and drops them from `inflight`; whether any had.
-/// Settles the operations of `inflight` that completed. `late_from`: where pulled blocks are
-/// not checked, a get that completes at or past this instant (the pull's deadline, which the
-/// agent keeps within the grant's life) fails as late, as it may have read memory the source
-/// reused after the grant; a checked one is caught by its checksum instead.
+/// `landed` with each, and drops them from `inflight`; whether any had. `late_from`: where
+/// pulled blocks are not checked, a get that completes at or past this instant (the pull's
+/// deadline, which the agent keeps within the grant's life) fails as late, as it may have read
+/// memory the source reused after the grant; a checked one is caught by its checksum instead.
 fn settle_completed(
     inflight: &mut Vec<(usize, Req)>,
     outcome: &mut Outcome,
