@@ -171,9 +171,6 @@ struct Puller {
     label: String,
     endpoint: Vec<u8>,
     transport: Box<dyn Transport>,
-    /// The transport checks each block's checksum as it lands; else `measure` checks every
-    /// block after each timed pull, outside the time.
-    verifies: bool,
 }
 
 const SECRET: &[u8] = b"kvbench-transfer";
@@ -302,7 +299,6 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             label: "tcp".into(),
             endpoint: source.endpoint.clone().into_bytes(),
             transport: Box::new(tcp),
-            verifies: true,
         });
     }
     #[cfg(feature = "ucx")]
@@ -379,7 +375,6 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                             system: "kvtier-ucx",
                             label,
                             endpoint: endpoint.clone(),
-                            verifies: t.verifies(),
                             transport: Box::new(t),
                         });
                     }
@@ -543,7 +538,7 @@ async fn measure(
         }
         let took = t0.elapsed();
         for (index, mut slot) in slots {
-            if !puller.verifies {
+            if !puller.transport.verifies() {
                 // Checked here, untimed, so that a puller that skips its checks is still
                 // measured moving the right bytes.
                 let sum = kvstore::block::checksum(store.host().reserved_mut(&mut slot));

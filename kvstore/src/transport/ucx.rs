@@ -230,9 +230,10 @@ pub enum UcxMode {
 /// on average goes by [`UcxMode::SendOnRequest`] instead, unless it is written in runs
 /// ([`RUN_WRITES_FROM`]). Written blocks are checksummed when the source's answer says they
 /// have all landed, a tail that grows with the pull; a sent block is checksummed as soon as
-/// it lands, while the next one moves, at the price of a rendezvous handshake per block. Over TCP on loopback (UCX 1.13 and 1.23, 2-core VM),
-/// sends ran at 1.1–1.5 × writes for 16 and 256 blocks of 256 KiB to 4 MiB, and slower for
-/// 64 KiB blocks; single blocks of 1 and 4 MiB were even or slower.
+/// it lands, while the next one moves, at the price of a rendezvous handshake per block. Over
+/// TCP on loopback (UCX 1.13 and 1.23, 2-core VM), sends ran at 1.1–1.5 × writes for 16 and
+/// 256 blocks of 256 KiB to 4 MiB, and slower for 64 KiB blocks; single blocks of 1 and 4 MiB
+/// were even or slower.
 pub const SEND_BLOCKS_FROM: u64 = 256 << 10;
 
 /// The most bytes a source writes with one `ucp_put_nbx`: blocks of a pull that lie back to

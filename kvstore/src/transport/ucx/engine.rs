@@ -61,8 +61,8 @@ pub(super) struct OpSpec {
 /// that copied them, right after the copy, while they are in that core's cache), or why it
 /// did not. The caller compares the checksum with the grant's, or computes it itself where
 /// none came (neither where [`UcxConfig::verify`](super::UcxConfig::verify) is off, and no
-/// checksum comes then). The channel closes once every run of the pull (one per lane it went to) is over
-/// and the pulling task has dropped its own sender.
+/// checksum comes then). The channel closes once every run of the pull (one per lane it went
+/// to) is over and the pulling task has dropped its own sender.
 ///
 /// Results go in batches, at most one per pull and turn of the engine: a message per block
 /// woke the pulling task (a third thread on two busy cores) once per 64 KiB block.
