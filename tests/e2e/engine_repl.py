@@ -45,6 +45,8 @@ def main() -> None:
         prefix_caching_hash_algo="sha256_cbor",
         distributed_executor_backend="uni",
         seed=0,
+        # As every engine of the tests (EAGER in conftest.py).
+        enforce_eager=True,
         kv_events_config=KVEventsConfig(
             enable_kv_cache_events=True,
             publisher="zmq",

@@ -9,4 +9,5 @@ tests/e2e/setup-vllm.sh
 ensure_weed
 cargo build --locked -p kvagent
 cd tests/e2e
-exec ../../target/venv-vllm/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The slowest tests are listed at the end: the engines are most of this suite's time.
+exec ../../target/venv-vllm/bin/python -m pytest -q -p no:cacheprovider --durations=12 "$@"

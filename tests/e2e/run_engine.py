@@ -6,7 +6,8 @@ Usage: python run_engine.py MODEL_DIR PROMPTS_JSON [--socket PATH] [--rounds N] 
   --socket: use kvtier's connector with the agent at PATH (else no connector);
   --rounds: serve the prompts N times in this engine; --reset: reset vLLM's prefix cache
   between rounds (so a second round can only hit through kvtier);
-  --batch: submit a round's prompts together (else one after another).
+  --batch: submit a round's prompts together (else one after another);
+  --compile: run vLLM's default compiled model (else eager, see EAGER in conftest.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--lora", default=None, help="serve every prompt with this adapter of MODEL_DIR")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (workers in processes)")
+    p.add_argument("--compile", action="store_true", help="vLLM's default torch.compile mode")
     a = p.parse_args()
 
     collect = Collect()
@@ -85,6 +87,7 @@ def main() -> None:
         tensor_parallel_size=a.tp,
         distributed_executor_backend="uni" if a.tp == 1 else "mp",
         seed=0,
+        enforce_eager=not a.compile,
         disable_log_stats=False,
         kv_transfer_config=kv_transfer,
         **({"max_num_batched_tokens": a.max_batched_tokens} if a.max_batched_tokens else {}),

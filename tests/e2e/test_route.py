@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_index import KVAGENT, IndexProcess
 
-from conftest import free_port, wait_healthy
+from conftest import EAGER, free_port, wait_healthy
 
 BLOCK = 32
 
@@ -36,7 +36,7 @@ class Server:
             "--kv-cache-memory-bytes", str(64 << 20), "--enable-prefix-caching",
             "--prefix-caching-hash-algo", "sha256_cbor", "--distributed-executor-backend", "uni",
             "--seed", "0", "--enable-prompt-tokens-details", "--host", "127.0.0.1",
-            "--port", str(self.port), "--kv-events-config", json.dumps({
+            "--port", str(self.port), *EAGER, "--kv-events-config", json.dumps({
                 "enable_kv_cache_events": True, "publisher": "zmq",
                 "endpoint": f"tcp://*:{self.events}", "replay_endpoint": f"tcp://*:{self.events + 1}",
             }),
