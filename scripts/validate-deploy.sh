@@ -4,7 +4,7 @@
 #     (kubernetes-validate --strict: unknown fields are errors; its schemas are bundled, so this
 #     runs offline once the tool is installed),
 #   - the TOML inside each ConfigMap: it must parse, and when a kvagent binary has been built
-#     (target/release or target/debug) that binary must accept it — `kvagent index` for a key
+#     (target/release or target/debug, the newer) that binary must accept it — `kvagent index` for a key
 #     named index.toml, `kvagent node` for others (unknown keys and bad values are refused
 #     exactly as at start),
 #   - every Grafana dashboard under deploy/grafana/: valid JSON, and each panel has a title, a
@@ -42,11 +42,12 @@ mapfile -t dashboards < <(find deploy/grafana -type f -name '*.json' 2>/dev/null
 [ ${#manifests[@]} -gt 0 ] || fail "no YAML manifests under deploy/"
 [ ${#dashboards[@]} -gt 0 ] || fail "no Grafana dashboards under deploy/grafana/"
 
+# The newer of the two builds: a release binary left from an earlier checkout must not judge
+# the ConfigMaps of this one.
 kvagent=""
 for b in target/release/kvagent target/debug/kvagent; do
-  if [ -x "$b" ]; then
+  if [ -x "$b" ] && { [ -z "$kvagent" ] || [ "$b" -nt "$kvagent" ]; }; then
     kvagent="$b"
-    break
   fi
 done
 
