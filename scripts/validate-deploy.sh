@@ -4,9 +4,9 @@
 #     (kubernetes-validate --strict: unknown fields are errors; its schemas are bundled, so this
 #     runs offline once the tool is installed),
 #   - the TOML inside each ConfigMap: it must parse, and when a kvagent binary has been built
-#     (target/release or target/debug, the newer) that binary must accept it — `kvagent index` for a key
-#     named index.toml, `kvagent node` for others (unknown keys and bad values are refused
-#     exactly as at start),
+#     (target/release or target/debug, the newer of the two) that binary must accept it —
+#     `kvagent index` for a key named index.toml, `kvagent node` for others (unknown keys and
+#     bad values are refused exactly as at start),
 #   - every Grafana dashboard under deploy/grafana/: valid JSON, and each panel has a title, a
 #     datasource and at least one target whose expr queries a kvtier_ metric.
 #
