@@ -304,8 +304,21 @@ fn write_runs(pieces: impl IntoIterator<Item = (u64, u64, u64)>, cap: u64) -> Ve
 /// whose CPU runs the receive path). Over TCP on loopback (UCX 1.23, 2-core VM, back to back)
 /// sleeping ran 16 and 256 blocks of 4 MiB at 5.3–5.5 GB/s against 4.6–5.0 polling, 3 MiB
 /// blocks even or up to 8 % faster, and 16 blocks of 1 MiB 15 % slower (a wake-up per
-/// rendezvous handshake).
+/// rendezvous handshake). A puller that checks its blocks sleeps from smaller ones
+/// ([`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]).
 pub const SLEEP_BETWEEN_BLOCKS_FROM: u64 = 3 << 20;
+
+/// [`SLEEP_BETWEEN_BLOCKS_FROM`] for a puller that checks each block it pulls
+/// ([`UcxConfig::verify`], the default). Its checks are a third busy thread beside the two
+/// progress threads that move the bytes, and on two cores a polling progress thread takes the
+/// core that the checks need. Over TCP on loopback (UCX 1.23, 2-core VM, blocks scattered, 11
+/// runs alternated with a build that slept only from 3 MiB): checked 1 MiB × 16 at a median of
+/// 4.7 GB/s against 4.1, at 4.4 or more in 10 runs of 11 where five polling runs fell to
+/// 3.2–3.6; 1 MiB × 256 even by the medians (3.4 against 3.3). Four more pairs with this
+/// rule: 4.6–4.8 against 3.5–4.3 GB/s, and 3.2–3.6 against 3.0–3.4 for × 256. Without the
+/// checks, sleeping from 1 MiB made × 256 12 % slower (4.2 against 4.8), so a pull that does
+/// not check keeps the larger threshold.
+pub const SLEEP_BETWEEN_CHECKED_BLOCKS_FROM: u64 = 1 << 20;
 
 /// The oldest UCX release on which kvtier has measured one-sided gets over shared memory done
 /// by CMA (1.23). Debian 12's 1.13 selects CMA only for rendezvous, so a get there is
@@ -489,7 +502,8 @@ pub struct UcxConfig {
     /// 500 µs: the next block of a pull, or the next pull, usually comes sooner, and a sleeping
     /// progress thread costs a wake-up on each side; 50 µs left one-block shared-memory pulls
     /// about 40 % slower). Not while a puller's only work is pulls of large blocks that a
-    /// source moves over TCP ([`SLEEP_BETWEEN_BLOCKS_FROM`]).
+    /// source moves over TCP ([`SLEEP_BETWEEN_BLOCKS_FROM`],
+    /// [`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]).
     pub spin: Duration,
     /// How long past its deadline a pull waits for the operations it started to be over
     /// (see the module documentation).
@@ -750,6 +764,12 @@ impl UcxTransport {
         self.lanes_total(|e| e.early_sleeps)
     }
 
+    /// Pulls started that sleep between their blocks.
+    #[cfg(test)]
+    fn sleeping_pulls(&self) -> usize {
+        self.lanes_total(|e| e.sleeping_pulls)
+    }
+
     /// A count of every lane's engine, summed.
     #[cfg(test)]
     fn lanes_total(&self, count: fn(&Engine) -> usize) -> usize {
@@ -939,7 +959,7 @@ impl Transport for UcxTransport {
                     remote.rkey.is_empty(),
                     shape,
                 );
-                let sleeps = sleeps_between_blocks(mode, self.may_use_tcp, ops.len(), bytes);
+                let sleeps = sleeps_between_blocks(mode, self.may_use_tcp, self.verify, ops.len(), bytes);
                 let spec = |ops: Vec<OpSpec>| PullSpec {
                     remote: remote.clone(),
                     grant,
@@ -1100,10 +1120,16 @@ fn pull_plan(
 }
 
 /// Whether the puller's progress thread sleeps between the blocks of a pull in `mode` of
-/// `blocks` blocks and `bytes` bytes, rather than polling ([`SLEEP_BETWEEN_BLOCKS_FROM`]).
-fn sleeps_between_blocks(mode: UcxMode, may_use_tcp: bool, blocks: usize, bytes: u64) -> bool {
+/// `blocks` blocks and `bytes` bytes, rather than polling ([`SLEEP_BETWEEN_BLOCKS_FROM`], or
+/// [`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`] where the puller checks its blocks).
+fn sleeps_between_blocks(mode: UcxMode, may_use_tcp: bool, checked: bool, blocks: usize, bytes: u64) -> bool {
     let source_moves = matches!(mode, UcxMode::PutOnRequest | UcxMode::SendOnRequest);
-    may_use_tcp && source_moves && blocks > 0 && average_at_least(blocks, bytes, SLEEP_BETWEEN_BLOCKS_FROM)
+    let from = if checked {
+        SLEEP_BETWEEN_CHECKED_BLOCKS_FROM
+    } else {
+        SLEEP_BETWEEN_BLOCKS_FROM
+    };
+    may_use_tcp && source_moves && blocks > 0 && average_at_least(blocks, bytes, from)
 }
 
 /// Whether `blocks` blocks of `bytes` bytes in all average `min` bytes or more.

@@ -845,6 +845,9 @@ pub(super) struct Engine {
     /// after activity, for pulls that sleep between their blocks.
     #[cfg(test)]
     pub(super) early_sleeps: usize,
+    /// Pulls started that sleep between their blocks ([`PullSpec::sleeps`]).
+    #[cfg(test)]
+    pub(super) sleeping_pulls: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -909,6 +912,8 @@ impl Engine {
             eager_arrivals: 0,
             #[cfg(test)]
             early_sleeps: 0,
+            #[cfg(test)]
+            sleeping_pulls: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.

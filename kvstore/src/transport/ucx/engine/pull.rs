@@ -120,6 +120,10 @@ impl Engine {
                 }
             }
         };
+        #[cfg(test)]
+        if spec.sleeps {
+            self.sleeping_pulls += 1;
+        }
         self.pulls.push(PullJob {
             peer,
             label,
