@@ -3,6 +3,7 @@ engine processes (each engine is a fresh process, as a restarted pod would be)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -74,26 +75,53 @@ def agent(workdir: Path) -> Iterator[Agent]:
     a.kill()
 
 
+def log_excerpt(log: Path) -> str:
+    """The lines of a server's log that name an error (a root cause that vLLM logs early, from
+    another process, falls out of the tail), then its tail."""
+    text = log.read_text(errors="replace")
+    errors = [line for line in text.splitlines() if "Error" in line or "ERROR" in line]
+    return "\n".join(errors[:30])[:4000] + "\n...\n" + text[-4000:]
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
-    """Polls `url` until it answers 200, failing with the log's tail if `proc` exits first or
-    the deadline passes (a server's readiness, not a timing assumption)."""
+    """Polls `url` until it answers 200, failing with the log's errors and tail if `proc` exits
+    first or the deadline passes (a server's readiness, not a timing assumption)."""
     deadline = time.monotonic() + timeout
     while True:
-        assert proc.poll() is None, log.read_text()[-4000:]
+        assert proc.poll() is None, log_excerpt(log)
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
-        assert time.monotonic() < deadline, f"{url} did not come up:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"{url} did not come up:\n{log_excerpt(log)}"
         time.sleep(0.5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+# Ports handed out in this session: a server binds its ports only once it starts, so a later
+# pick must not return one that an earlier pick handed out and nothing has bound yet.
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(span: int = 1) -> int:
+    """A free port on loopback, the first of `span` consecutive free ones (a vLLM event
+    publisher's replay endpoint is the port after its events one), that this session has not
+    handed out before."""
+    while True:
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            ports = range(port, port + span)
+            if port + span > 65536 or any(p in _HANDED_OUT for p in ports):
+                continue
+            try:
+                for p in ports[1:]:
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        _HANDED_OUT.update(ports)
         return port
 
 

@@ -144,7 +144,7 @@ class IndexProcess:
 
 @pytest.fixture
 def engines(model: Path) -> Iterator[tuple[Engine, Engine, IndexProcess]]:
-    pa, pb = free_port(), free_port()
+    pa, pb = free_port(span=2), free_port(span=2)
     index = IndexProcess(
         [
             f"a={MODEL_NAME}@tcp://127.0.0.1:{pa},replay=tcp://127.0.0.1:{pa + 1}",
@@ -201,7 +201,7 @@ def test_a_pod_keeps_its_score_through_its_node_agent(model: Path, workdir: Path
     """An engine saving to a kvtier agent that reports to the index: after a prefix-cache reset
     its own cache is empty, yet it still scores the prefix, at the host tier's weight, because
     its node's agent holds the blocks (announced under the served model name by the connector)."""
-    pc = free_port()
+    pc = free_port(span=2)
     index = IndexProcess([f"c={MODEL_NAME}@tcp://127.0.0.1:{pc},replay=tcp://127.0.0.1:{pc + 1},node=n1"])
     agent = Agent(
         workdir / "agent.sock",
@@ -268,7 +268,7 @@ def test_replicas_on_redis_follow_a_real_engine_and_rebuild_after_redis_loses_ev
     Redis restarts empty they notice, replay the engine's buffered events and answer as before
     without any new request."""
     redis = RedisServer()
-    pd = free_port()
+    pd = free_port(span=2)
     pod = f"d={MODEL_NAME}@tcp://127.0.0.1:{pd},replay=tcp://127.0.0.1:{pd + 1}"
     backend = ("--backend", "redis", "--redis-url", f"redis://127.0.0.1:{redis.port}/0")
     one, two = IndexProcess([pod], *backend), IndexProcess([pod], *backend)

@@ -28,7 +28,7 @@ class Server:
     """A vLLM OpenAI server publishing its KV events."""
 
     def __init__(self, model: Path, workdir: Path, name: str) -> None:
-        self.port, self.events = free_port(), free_port()
+        self.port, self.events = free_port(), free_port(span=2)
         args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--tokenizer", str(model), "--served-model-name", "m",
