@@ -3,12 +3,10 @@ engine processes (each engine is a fresh process, as a restarted pod would be)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "python" / "tests"))
 
+from ports import free_port  # noqa: E402
 from s3server import WeedServer  # noqa: E402
 
 from kvagent_process import Agent  # noqa: E402
@@ -97,32 +96,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
             pass
         assert time.monotonic() < deadline, f"{url} did not come up:\n{log_excerpt(log)}"
         time.sleep(0.5)
-
-
-# Ports handed out in this session: a server binds its ports only once it starts, so a later
-# pick must not return one that an earlier pick handed out and nothing has bound yet.
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(span: int = 1) -> int:
-    """A free port on loopback, the first of `span` consecutive free ones (a vLLM event
-    publisher's replay endpoint is the port after its events one), that this session has not
-    handed out before."""
-    while True:
-        with contextlib.ExitStack() as held:
-            first = held.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            ports = range(port, port + span)
-            if port + span > 65536 or any(p in _HANDED_OUT for p in ports):
-                continue
-            try:
-                for p in ports[1:]:
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", p))
-            except OSError:
-                continue
-        _HANDED_OUT.update(ports)
-        return port
 
 
 class OpenAIServer:

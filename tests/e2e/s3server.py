@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "kvtier"
@@ -29,18 +30,6 @@ def weed_binary() -> Path | None:
         return venv
     found = shutil.which("weed")
     return Path(found) if found else None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _status(url: str, method: str = "GET") -> int | None:
@@ -61,9 +50,11 @@ class WeedServer:
         if binary is None:
             raise RuntimeError("no weed binary: run scripts/lib.sh's ensure_weed or set SEAWEEDFS_BIN")
         self.dir = Path(tempfile.mkdtemp(prefix="kvt-weed-"))
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = (
+            free_port() for _ in range(8)
+        )
         # mini's maintenance worker dials the admin server at its port + 10000, whatever the flag says.
-        admin = next(p for p in _free_ports(20) if p + 10000 < 65536 and p not in (master, s3, filer, volume))
+        admin = next(p for p in (free_port() for _ in range(20)) if p + 10000 < 65536)
         self.s3_port = s3
         self.filer_port = filer
         self.grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc, admin + 10000]
