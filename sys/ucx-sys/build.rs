@@ -31,6 +31,7 @@ const FUNCTIONS: &[&str] = &[
     "ucp_worker_arm",
     "ucp_worker_create",
     "ucp_worker_destroy",
+    "ucp_worker_flush_nbx",
     "ucp_worker_get_address",
     "ucp_worker_get_efd",
     "ucp_worker_progress",

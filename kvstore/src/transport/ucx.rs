@@ -484,7 +484,10 @@ pub struct UcxConfig {
     /// transport's prefix and apply to every transport that has a setting of that name
     /// (`("TX_SEG_SIZE", "64K")` for `UCX_TCP_TX_SEG_SIZE`). Rendezvous is off
     /// (`RNDV_THRESH=inf`) unless set here or in the environment: with it on, later UCX
-    /// releases (1.23) emulate RMA over TCP rather than write with zero copy. (The blocks of
+    /// releases (1.23) emulate RMA over TCP rather than write with zero copy. TCP endpoints
+    /// connect without blocking (`TCP_CONN_NB=y`) unless set here or in the environment: with
+    /// a blocking connect, UCX 1.23 aborts the process when the peer's worker goes away during
+    /// the connect. (The blocks of
     /// [`UcxMode::SendOnRequest`] go by rendezvous, or eagerly, all the same: each send asks
     /// for one or the other.)
     pub settings: Vec<(String, String)>,

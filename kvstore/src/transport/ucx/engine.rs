@@ -970,6 +970,19 @@ impl Engine {
                 }
             }
         }
+        // UCX connects a TCP endpoint with a blocking connect by default. Where the peer's worker
+        // goes away during that connect (a source agent stopping as a pull starts), UCX 1.23
+        // retries the connection inside the call, fails, and later destroys the endpoint under
+        // the requests queued on it: an assertion (`stubs.c`) aborts the pulling process. A
+        // non-blocking connect hands the same failure to the endpoint's error handler, which
+        // fails the pull. Our tuning, like the segment size: the environment or `settings` may
+        // set it back, and a UCX that names it differently keeps its default.
+        if !self.no_peer_errors && std::env::var_os("UCX_TCP_CONN_NB").is_none() {
+            let taken = ["CONN_NB", "TCP_CONN_NB"].iter().any(|n| modify(n, "y").is_ok());
+            if !taken {
+                tracing::debug!("this UCX does not take a non-blocking TCP connect; keeping its default");
+            }
+        }
         // kvtier sends small active messages eagerly and moves blocks with RMA or, in
         // send-on-request mode, with messages it flags for rendezvous or eager sending itself
         // (`UCP_AM_SEND_FLAG_RNDV` or `_EAGER`, which the threshold does not govern), so it has no use
@@ -1497,6 +1510,22 @@ impl Drop for Engine {
             for r in self.closing.drain(..) {
                 r.abandon();
             }
+            // An endpoint that a peer opened to this worker (to pull from it) may still hold its
+            // wireup reply, queued behind a TCP connection back to the peer that is under way.
+            // Destroying the worker then purges that reply, which UCX 1.13 does not expect: it
+            // aborts the process (an assertion in `ucp_request_send_state_ff`, "got REP
+            // message"). A worker flush ends once every endpoint has sent what it queued (or
+            // failed), so the worker is destroyed only after, or at the end of the drain.
+            let param = sys::ucp_request_param_t::default();
+            // SAFETY: live worker, driven by this thread alone; the request is polled and freed
+            // below, or abandoned (UCX frees it when it completes, and it refers to nothing of
+            // ours).
+            let mut flush = Req::from_ptr(unsafe { sys::ucp_worker_flush_nbx(self.worker, &param) });
+            while flush.poll().is_none() && Instant::now() < until {
+                // SAFETY: live worker, driven by this thread alone.
+                unsafe { sys::ucp_worker_progress(self.worker) };
+            }
+            flush.abandon();
             for (mut outcome, peer) in cut_short {
                 outcome.settle_rest(&TransportError::Io {
                     peer,

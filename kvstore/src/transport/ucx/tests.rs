@@ -1719,3 +1719,42 @@ async fn a_deadline_among_queued_sent_blocks_leaves_no_late_write() {
         assert_still_marked(&dst, late, &format!("{fabric:?}"));
     }
 }
+
+/// A source stopped as a pull starts, over TCP and in each mode, while the two workers are
+/// still connecting: neither aborts the process, and the pull ends in time with each block
+/// exact or failed. The stop sweeps from at once to 3 ms in, since the moments that matter (a
+/// connect under way, an endpoint's wireup reply queued) come at different times on different
+/// machines. Without the stopping worker's flush, UCX 1.13 aborted in `ucp_worker_destroy` in
+/// most runs of this test. The abort of UCX 1.23 in the puller's progress thread, which the
+/// non-blocking connect avoids, needs a narrower moment than this sweep meets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_stopped_as_a_pull_starts_takes_down_neither_process() {
+    let len = 256 << 10;
+    for mode in [UcxMode::Get, UcxMode::PutOnRequest, UcxMode::SendOnRequest] {
+        for step in 0..24u64 {
+            let (dst, t) = puller(Fabric::Tcp, mode);
+            let (grants, src, keys) = source(&[len; 9], Fabric::Tcp);
+            let endpoint = src.endpoint(None);
+            let grant = grants.grant(&keys).unwrap();
+            let stop = async {
+                tokio::time::sleep(Duration::from_micros(step * 125)).await;
+                drop(src);
+            };
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(3);
+            let (pulled, ()) = tokio::join!(pull(&dst, &t, &endpoint, &grant, &keys, deadline), stop);
+            assert!(started.elapsed() < Duration::from_secs(3), "{mode:?} step {step}");
+            for p in pulled {
+                let mut slot = p.slot;
+                if p.result.is_ok() {
+                    assert_eq!(
+                        dst.host().reserved_mut(&mut slot),
+                        &payload(u64::from(p.index), len)[..],
+                        "{mode:?} step {step}"
+                    );
+                }
+                dst.abort(slot);
+            }
+        }
+    }
+}
