@@ -368,7 +368,7 @@ impl Peers {
         let grant = tokio::time::timeout(remaining, client.grant(req))
             .await
             .map_err(|_| PullError::TimedOut(peer.to_owned()))?
-            .map_err(|s| control(format!("{}: {}", s.code(), s.message())))?
+            .map_err(|s| control(format!("asking for a grant: {}", status_text(&s))))?
             .into_inner();
         if grant.blocks.is_empty() {
             return Ok(held);
@@ -629,11 +629,45 @@ fn advertised(advertise: &str, bound: SocketAddr) -> anyhow::Result<String> {
     Ok(addr.to_string())
 }
 
+/// What a failed control call said, with the causes tonic keeps out of the message: a
+/// connection that broke is only "transport error" without them.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{} (gRPC {:?})", status.message(), status.code());
+    let mut last = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if said != last {
+            text.push_str(": ");
+            text.push_str(&said);
+            last = said;
+        }
+        cause = e.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::within_grant;
+    use super::{status_text, within_grant};
+
+    /// A status that a broken connection became names what broke, once.
+    #[test]
+    fn a_failed_call_says_why() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Transport(#[source] std::io::Error);
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let status = tonic::Status::from_error(Box::new(Transport(reset)));
+        assert_eq!(
+            status_text(&status),
+            "transport error (gRPC Unknown): connection reset by peer"
+        );
+        let status = tonic::Status::unavailable("no route");
+        assert_eq!(status_text(&status), "no route (gRPC Unavailable)");
+    }
 
     /// A pull ends three quarters into its grant's life at the latest, or at its own deadline
     /// if sooner; a grant of unknown life leaves the deadline alone.
