@@ -660,3 +660,103 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
         assert_eq!(held_exact(&c, &ns, &data), data.len());
     }
 }
+
+/// Blocks `agent` has granted to other agents, from its Prometheus metrics.
+#[cfg(feature = "ucx")]
+fn served_blocks(agent: &Agent) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&agent.http).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("metrics request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with("kvtier_peer_blocks") && l.contains("direction=\"served\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A puller killed as its pull over UCX starts, at moments swept from the source's grant to
+/// 4 ms after it: the source goes on serving, and a puller started afterwards pulls every
+/// block exactly. Skipped, visibly, on a UCX that aborts the source then
+/// ([`SURVIVES_PEER_DEATH_IN_WIREUP_SINCE`](kvstore::transport::ucx::SURVIVES_PEER_DEATH_IN_WIREUP_SINCE)).
+#[cfg(feature = "ucx")]
+#[test]
+fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
+    use kvstore::transport::ucx::{SURVIVES_PEER_DEATH_IN_WIREUP_SINCE, ucx_version};
+    if ucx_version() < SURVIVES_PEER_DEATH_IN_WIREUP_SINCE {
+        eprintln!(
+            "SKIPPED a_puller_killed_as_its_pull_starts_leaves_the_source_serving: UCX {:?} aborts \
+             a process whose peer dies while connecting to it (fixed in {:?})",
+            ucx_version(),
+            SURVIVES_PEER_DEATH_IN_WIREUP_SINCE
+        );
+        return;
+    }
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "ucx-cluster");
+    let cfg = dir.path().join("ucx.toml");
+    std::fs::write(
+        &cfg,
+        "[peer]\ntransports = [\"ucx\"]\n[peer.ucx]\ntls = \"tcp\"\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_peer_port());
+    let source = Agent::start(
+        &dir.path().join("kp-source.sock"),
+        &[
+            "--config",
+            cfg,
+            "--peer-listen",
+            &listen,
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let ns = ns("ucx-killed-puller");
+    let data: Vec<(BlockHash, Vec<u8>)> = (0..16u64)
+        .map(|i| {
+            (
+                hash(9, i),
+                payload(9, i).repeat(1 << 20 >> 14)[..1 << 20].to_vec(),
+            )
+        })
+        .collect();
+    save(&source.client(), &ns, &data);
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    for step in 0..16u64 {
+        let mut puller = Agent::start(
+            &dir.path().join(format!("kp-{step}.sock")),
+            &["--config", cfg, "--peer-secret-file", &secret],
+        );
+        let pulling = {
+            let (socket, hashes, listen) = (puller.socket.clone(), hashes.clone(), listen.clone());
+            std::thread::spawn(move || {
+                let c = Client::connect(ClientConfig::new(&socket)).unwrap();
+                let _ = c.pull(&listen, &ns, &hashes);
+            })
+        };
+        // Killed at a moment swept from the grant to 4 ms after it, as UCX connects the two
+        // (when exactly differs from machine to machine).
+        let until = Instant::now() + AGENT_WAIT;
+        while served_blocks(&source) < 16 * (step + 1) {
+            assert!(Instant::now() < until, "the pull never reached the source");
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_micros(step * 250));
+        puller.kill9();
+        let _ = pulling.join();
+        assert!(
+            source.stats()["peer"]["grants_open"].is_number(),
+            "the source answers"
+        );
+    }
+    let puller = Agent::start(
+        &dir.path().join("kp-last.sock"),
+        &["--config", cfg, "--peer-secret-file", &secret],
+    );
+    let c = pull_client(&puller);
+    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 16]);
+    assert_eq!(held_exact(&c, &ns, &data), 16);
+}

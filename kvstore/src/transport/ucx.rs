@@ -328,6 +328,16 @@ pub const SLEEP_BETWEEN_CHECKED_BLOCKS_FROM: u64 = 1 << 20;
 /// zero-copy on every release.
 pub const ONE_SIDED_CMA_SINCE: (u32, u32) = (1, 23);
 
+/// The first UCX release that survives a peer failing while its endpoint to this process is
+/// still being wired up. UCX 1.14 removed an assertion ("UCP/CORE: Remove assertion for
+/// checking WIREUP_MSGs when purging") that Debian 12's 1.13, built with its assertions,
+/// still has: a peer agent killed in the millisecond in which it connects to this one (a
+/// puller as its pull starts) aborts this one too, in `ucp_request_send_state_ff` ("got REP
+/// message"), since the reply this process queued to the peer is purged with the failed
+/// endpoint. Nothing that kvtier does with UCX avoids it there; a stopping agent's own worker is
+/// flushed before it is destroyed, so an orderly stop does not meet it.
+pub const SURVIVES_PEER_DEATH_IN_WIREUP_SINCE: (u32, u32) = (1, 14);
+
 /// The UCX release this process runs on (major, minor), which may be newer than the headers
 /// kvtier was built against.
 pub fn ucx_version() -> (u32, u32) {

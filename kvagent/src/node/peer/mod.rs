@@ -588,6 +588,15 @@ fn ucx_transport(
         worker = transport.name(),
         "UCX data plane ready"
     );
+    let (fixed_major, fixed_minor) = kvstore::transport::ucx::SURVIVES_PEER_DEATH_IN_WIREUP_SINCE;
+    if (major, minor) < (fixed_major, fixed_minor) {
+        tracing::warn!(
+            ucx = %format!("{major}.{minor}"),
+            "this UCX aborts the agent when a peer dies while connecting to it (an assertion \
+             UCX {fixed_major}.{fixed_minor} removed); where peers may be killed mid-pull, run \
+             a UCX of {fixed_major}.{fixed_minor} or later, or the tcp transport"
+        );
+    }
     Ok(Arc::new(transport))
 }
 
