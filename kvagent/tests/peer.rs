@@ -94,6 +94,18 @@ fn blocks(seed: u64, n: u64) -> Vec<(BlockHash, Vec<u8>)> {
     (0..n).map(|i| (hash(seed, i), payload(seed, i))).collect()
 }
 
+/// `n` blocks of 1 MiB of writer `seed`.
+fn mib_blocks(seed: u64, n: u64) -> Vec<(BlockHash, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            (
+                hash(seed, i),
+                payload(seed, i).repeat(1 << 20 >> 14)[..1 << 20].to_vec(),
+            )
+        })
+        .collect()
+}
+
 fn pull_client(agent: &Agent) -> Client {
     Client::connect(ClientConfig {
         timeout: Duration::from_secs(20),
@@ -386,14 +398,7 @@ fn a_source_killed_mid_pull_costs_only_that_pull(
     namespace: &str,
 ) {
     let big_ns = ns(namespace);
-    let big: Vec<(BlockHash, Vec<u8>)> = (0..48u64)
-        .map(|i| {
-            (
-                hash(4, i),
-                payload(4, i).repeat(1 << 20 >> 14)[..1 << 20].to_vec(),
-            )
-        })
-        .collect();
+    let big = mib_blocks(4, 48);
     save(&source.client(), &big_ns, &big);
     let big_hashes: Vec<BlockHash> = big.iter().map(|(h, _)| *h).collect();
     let c = pull_client(puller);
@@ -715,14 +720,7 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
         ],
     );
     let ns = ns("ucx-killed-puller");
-    let data: Vec<(BlockHash, Vec<u8>)> = (0..16u64)
-        .map(|i| {
-            (
-                hash(9, i),
-                payload(9, i).repeat(1 << 20 >> 14)[..1 << 20].to_vec(),
-            )
-        })
-        .collect();
+    let data = mib_blocks(9, 16);
     save(&source.client(), &ns, &data);
     let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
     for step in 0..16u64 {
