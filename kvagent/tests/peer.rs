@@ -669,12 +669,8 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
 /// Blocks `agent` has granted to other agents, from its Prometheus metrics.
 #[cfg(feature = "ucx")]
 fn served_blocks(agent: &Agent) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&agent.http).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("metrics request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("metrics");
+    let (status, text) = agent.http_get("/metrics");
+    assert_eq!(status, 200, "{text}");
     text.lines()
         .filter(|l| l.starts_with("kvtier_peer_blocks") && l.contains("direction=\"served\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
