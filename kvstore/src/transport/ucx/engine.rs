@@ -1515,7 +1515,9 @@ impl Drop for Engine {
             // Destroying the worker then purges that reply, which UCX 1.13 does not expect: it
             // aborts the process (an assertion in `ucp_request_send_state_ff`, "got REP
             // message"). A worker flush ends once every endpoint has sent what it queued (or
-            // failed), so the worker is destroyed only after, or at the end of the drain.
+            // failed), so the worker is destroyed only after, or at the end of the drain. It is
+            // issued once the closes above have ended, not beside them: a flush issued while the
+            // closes were under way aborted UCX 1.13 at once in the tests.
             let param = sys::ucp_request_param_t::default();
             // SAFETY: live worker, driven by this thread alone; the request is polled and freed
             // below, or abandoned (UCX frees it when it completes, and it refers to nothing of
