@@ -952,22 +952,26 @@ impl Engine {
         if let Some(tls) = &self.cfg.tls {
             settings.push(("TLS".into(), tls.clone()));
         }
-        // Where UCX will not load TCP its settings would only draw a warning that they are
-        // unused. The segment size is our tuning, not the operator's: a UCX that names it
+        // Our tuning of UCX's TCP transport, not the operator's: a UCX that names a setting
         // differently (1.13 takes the transport's own name, later ones the prefixed one) or not
         // at all keeps its default.
+        let tune_tcp = |name: &str, value: &str| {
+            let taken = [name.to_owned(), format!("TCP_{name}")]
+                .iter()
+                .any(|n| modify(n, value).is_ok());
+            if !taken {
+                tracing::debug!(
+                    setting = name,
+                    value,
+                    "this UCX does not take the setting; keeping its default"
+                );
+            }
+        };
+        // Where UCX will not load TCP its settings would only draw a warning that they are
+        // unused.
         if let Some(size) = self.cfg.tcp_segment.filter(|_| !self.no_peer_errors) {
             for name in ["TX_SEG_SIZE", "RX_SEG_SIZE"] {
-                let value = size.to_string();
-                let taken = [name.to_owned(), format!("TCP_{name}")]
-                    .iter()
-                    .any(|n| modify(n, &value).is_ok());
-                if !taken {
-                    tracing::debug!(
-                        setting = name,
-                        "this UCX does not take the TCP segment size; keeping its default"
-                    );
-                }
+                tune_tcp(name, &size.to_string());
             }
         }
         // UCX connects a TCP endpoint with a blocking connect by default. Where the peer's worker
@@ -975,13 +979,10 @@ impl Engine {
         // retries the connection inside the call, fails, and later destroys the endpoint under
         // the requests queued on it: an assertion (`stubs.c`) aborts the pulling process. A
         // non-blocking connect hands the same failure to the endpoint's error handler, which
-        // fails the pull. Our tuning, like the segment size: the environment or `settings` may
-        // set it back, and a UCX that names it differently keeps its default.
+        // fails the pull. Like the segment size, the environment or `settings` may set it
+        // back.
         if !self.no_peer_errors && std::env::var_os("UCX_TCP_CONN_NB").is_none() {
-            let taken = ["CONN_NB", "TCP_CONN_NB"].iter().any(|n| modify(n, "y").is_ok());
-            if !taken {
-                tracing::debug!("this UCX does not take a non-blocking TCP connect; keeping its default");
-            }
+            tune_tcp("CONN_NB", "y");
         }
         // kvtier sends small active messages eagerly and moves blocks with RMA or, in
         // send-on-request mode, with messages it flags for rendezvous or eager sending itself
