@@ -361,7 +361,7 @@ pub struct UcxSection {
     /// emulate reads several times slower (and for sends there when a pull has several blocks
     /// of 256 KiB or more, or, where `tls` is `tcp` alone, for eager sends of small pulls of
     /// blocks of 64 KiB or less), and asks for sends over shared memory on UCX releases
-    /// before 1.23, which emulate reads there.
+    /// before 1.16, which emulate reads there.
     pub mode: String,
     /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
     pub tls: String,

@@ -320,13 +320,16 @@ pub const SLEEP_BETWEEN_BLOCKS_FROM: u64 = 3 << 20;
 /// not check keeps the larger threshold.
 pub const SLEEP_BETWEEN_CHECKED_BLOCKS_FROM: u64 = 1 << 20;
 
-/// The oldest UCX release on which kvtier has measured one-sided gets over shared memory done
-/// by CMA (1.23). Debian 12's 1.13 selects CMA only for rendezvous, so a get there is
-/// emulated with active messages that the source's progress thread answers (about 2 GB/s on
-/// the reference VM, against 10–12 GB/s for a rendezvous message of the same size); the
-/// releases in between are untested and get [`UcxMode::SendOnRequest`] too, which is
-/// zero-copy on every release.
-pub const ONE_SIDED_CMA_SINCE: (u32, u32) = (1, 23);
+/// The first UCX release whose gets over shared memory are one-sided CMA copies: 1.16, the
+/// first to select protocols with its new logic by default (`UCX_PROTO_ENABLE=y`), which
+/// reports "zero-copy cma/memory" for `ucp_get*` there (`UCX_PROTO_INFO=y`, 1.16, 1.22 and
+/// 1.23 checked). Older releases select CMA only for rendezvous, so a get is emulated with
+/// active messages that the source's progress thread answers: Debian 12's 1.13 at about
+/// 2 GB/s on the reference VM against 10–12 for a rendezvous message of the same size, and
+/// 1.15 slower than rendezvous sends for batches of large blocks (4 MiB × 16 at 2.4 GB/s
+/// against 5.7), where 1.16 got them at 9.0 against 6.2. Those releases get
+/// [`UcxMode::SendOnRequest`], which is zero-copy on every release.
+pub const ONE_SIDED_CMA_SINCE: (u32, u32) = (1, 16);
 
 /// The first UCX release that survives a peer failing while its endpoint to this process is
 /// still being wired up. UCX 1.14 removed an assertion ("UCP/CORE: Remove assertion for
