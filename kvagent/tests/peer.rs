@@ -679,7 +679,9 @@ fn served_blocks(agent: &Agent) -> u64 {
 
 /// A puller killed as its pull over UCX starts, at moments swept from the source's grant to
 /// 4 ms after it: the source goes on serving, and a puller started afterwards pulls every
-/// block exactly. Skipped, visibly, on a UCX that aborts the source then
+/// block exactly. Over UCX's TCP transport, and over shared memory alone with one-sided reads
+/// (what `auto` picks there from [`ONE_SIDED_CMA_SINCE`](kvstore::transport::ucx::ONE_SIDED_CMA_SINCE)
+/// on). Skipped, visibly, on a UCX that aborts the source then
 /// ([`SURVIVES_PEER_DEATH_IN_WIREUP_SINCE`](kvstore::transport::ucx::SURVIVES_PEER_DEATH_IN_WIREUP_SINCE)).
 #[cfg(feature = "ucx")]
 #[test]
@@ -696,61 +698,65 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
     }
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "ucx-cluster");
-    let cfg = dir.path().join("ucx.toml");
-    std::fs::write(
-        &cfg,
-        "[peer]\ntransports = [\"ucx\"]\n[peer.ucx]\ntls = \"tcp\"\n",
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let listen = format!("127.0.0.1:{}", free_peer_port());
-    let source = Agent::start(
-        &dir.path().join("kp-source.sock"),
-        &[
-            "--config",
-            cfg,
-            "--peer-listen",
-            &listen,
-            "--peer-secret-file",
-            &secret,
-        ],
-    );
-    let ns = ns("ucx-killed-puller");
-    let data = mib_blocks(9, 16);
-    save(&source.client(), &ns, &data);
-    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
-    for step in 0..16u64 {
-        let mut puller = Agent::start(
-            &dir.path().join(format!("kp-{step}.sock")),
+    for (name, ucx) in [
+        ("tcp", "tls = \"tcp\"\n"),
+        ("sm", "tls = \"sm\"\nmode = \"get\"\n"),
+    ] {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, format!("[peer]\ntransports = [\"ucx\"]\n[peer.ucx]\n{ucx}")).unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let listen = format!("127.0.0.1:{}", free_peer_port());
+        let source = Agent::start(
+            &dir.path().join(format!("kp-{name}-source.sock")),
+            &[
+                "--config",
+                cfg,
+                "--peer-listen",
+                &listen,
+                "--peer-secret-file",
+                &secret,
+            ],
+        );
+        let ns = ns(&format!("ucx-killed-puller-{name}"));
+        let data = mib_blocks(9, 16);
+        save(&source.client(), &ns, &data);
+        let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+        for step in 0..16u64 {
+            let mut puller = Agent::start(
+                &dir.path().join(format!("kp-{name}-{step}.sock")),
+                &["--config", cfg, "--peer-secret-file", &secret],
+            );
+            let pulling = {
+                let (socket, hashes, listen) = (puller.socket.clone(), hashes.clone(), listen.clone());
+                std::thread::spawn(move || {
+                    let c = Client::connect(ClientConfig::new(&socket)).unwrap();
+                    let _ = c.pull(&listen, &ns, &hashes);
+                })
+            };
+            // Killed at a moment swept from the grant to 4 ms after it, as UCX connects the
+            // two (when exactly differs from machine to machine).
+            let until = Instant::now() + AGENT_WAIT;
+            while served_blocks(&source) < 16 * (step + 1) {
+                assert!(
+                    Instant::now() < until,
+                    "{name}: the pull never reached the source"
+                );
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_micros(step * 250));
+            puller.kill9();
+            let _ = pulling.join();
+            assert!(
+                source.stats()["peer"]["grants_open"].is_number(),
+                "{name}: the source answers"
+            );
+        }
+        let puller = Agent::start(
+            &dir.path().join(format!("kp-{name}-last.sock")),
             &["--config", cfg, "--peer-secret-file", &secret],
         );
-        let pulling = {
-            let (socket, hashes, listen) = (puller.socket.clone(), hashes.clone(), listen.clone());
-            std::thread::spawn(move || {
-                let c = Client::connect(ClientConfig::new(&socket)).unwrap();
-                let _ = c.pull(&listen, &ns, &hashes);
-            })
-        };
-        // Killed at a moment swept from the grant to 4 ms after it, as UCX connects the two
-        // (when exactly differs from machine to machine).
-        let until = Instant::now() + AGENT_WAIT;
-        while served_blocks(&source) < 16 * (step + 1) {
-            assert!(Instant::now() < until, "the pull never reached the source");
-            std::thread::yield_now();
-        }
-        std::thread::sleep(Duration::from_micros(step * 250));
-        puller.kill9();
-        let _ = pulling.join();
-        assert!(
-            source.stats()["peer"]["grants_open"].is_number(),
-            "the source answers"
-        );
+        let c = pull_client(&puller);
+        assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 16], "{name}");
+        assert_eq!(held_exact(&c, &ns, &data), 16, "{name}");
     }
-    let puller = Agent::start(
-        &dir.path().join("kp-last.sock"),
-        &["--config", cfg, "--peer-secret-file", &secret],
-    );
-    let c = pull_client(&puller);
-    assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 16]);
-    assert_eq!(held_exact(&c, &ns, &data), 16);
 }
