@@ -666,13 +666,15 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
     }
 }
 
-/// Blocks `agent` has granted to other agents, from its Prometheus metrics.
+/// Blocks `agent` has granted to other agents (`served`), or pulled from them or failed to
+/// (`pulled`), from its Prometheus metrics.
 #[cfg(feature = "ucx")]
-fn served_blocks(agent: &Agent) -> u64 {
+fn peer_blocks(agent: &Agent, direction: &str) -> u64 {
     let (status, text) = agent.http_get("/metrics");
     assert_eq!(status, 200, "{text}");
+    let label = format!("direction=\"{direction}\"");
     text.lines()
-        .filter(|l| l.starts_with("kvtier_peer_blocks") && l.contains("direction=\"served\""))
+        .filter(|l| l.starts_with("kvtier_peer_blocks") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -681,7 +683,15 @@ fn served_blocks(agent: &Agent) -> u64 {
 /// 4 ms after it: the source goes on serving, and a puller started afterwards pulls every
 /// block exactly. Over UCX's TCP transport, and over shared memory alone with one-sided reads
 /// (what `auto` picks there from [`ONE_SIDED_CMA_SINCE`](kvstore::transport::ucx::ONE_SIDED_CMA_SINCE)
-/// on). Skipped, visibly, on a UCX that aborts the source then
+/// on). A puller killed in the middle of a shared-memory message to the source wedges the
+/// source's worker until the source replaces it (within
+/// [`WEDGED_AFTER`](kvstore::transport::ucx::WEDGED_AFTER)), and a pull whose grant came
+/// before the replacement fails: the last puller may need a second pull, and never more.
+/// (With sends, `mode = "send"`, where the puller sends a message per block, the wedge came
+/// in 13 of 84 runs under load and the source recovered every time, but in 3 other runs it
+/// served no pull afterwards without being wedged, a case not understood yet: see
+/// docs/disaggregation.md. Sends are left out here until it is.) Skipped, visibly, on a
+/// UCX that aborts the source then
 /// ([`SURVIVES_PEER_DEATH_IN_WIREUP_SINCE`](kvstore::transport::ucx::SURVIVES_PEER_DEATH_IN_WIREUP_SINCE)).
 #[cfg(feature = "ucx")]
 #[test]
@@ -736,7 +746,7 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
             // Killed at a moment swept from the grant to 4 ms after it, as UCX connects the
             // two (when exactly differs from machine to machine).
             let until = Instant::now() + AGENT_WAIT;
-            while served_blocks(&source) < 16 * (step + 1) {
+            while peer_blocks(&source, "served") < 16 * (step + 1) {
                 assert!(
                     Instant::now() < until,
                     "{name}: the pull never reached the source"
@@ -755,8 +765,32 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
             &dir.path().join(format!("kp-{name}-last.sock")),
             &["--config", cfg, "--peer-secret-file", &secret],
         );
+        let attempt = || {
+            // A client per attempt: one that timed out may still have the late answer coming.
+            let c = Client::connect(ClientConfig {
+                timeout: Duration::from_secs(8),
+                ..ClientConfig::new(&puller.socket)
+            })
+            .unwrap();
+            c.pull(&listen, &ns, &hashes)
+        };
+        for n in 1..=2 {
+            let pulled = attempt();
+            if pulled.as_ref().is_ok_and(|held| held == &vec![true; 16]) {
+                eprintln!("{name}: the last puller's pull {n} was served");
+                break;
+            }
+            eprintln!("{name}: the last puller's pull {n} failed ({pulled:?})");
+            assert!(n < 2, "{name}: the source does not serve again");
+            // Its client gives up at the pull's deadline, and the agent a drain period later:
+            // until then the blocks count as being stored, and a new pull would skip them.
+            let until = Instant::now() + AGENT_WAIT;
+            while peer_blocks(&puller, "pulled") < 16 {
+                assert!(Instant::now() < until, "{name}: the failed pull never ended");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let c = pull_client(&puller);
-        assert_eq!(c.pull(&listen, &ns, &hashes).unwrap(), vec![true; 16], "{name}");
         assert_eq!(held_exact(&c, &ns, &data), 16, "{name}");
     }
 }

@@ -149,6 +149,22 @@
 //! NONE, as are the transport's later ones. Transfers on such an endpoint are bounded by the
 //! deadline like any other, but a peer that dies is noticed only through it.
 //!
+//! A peer on the same host that dies in the middle of a message can also stop this worker
+//! from receiving anything more over shared memory. UCX's shared-memory transport receives
+//! through one FIFO that all peers on the host write into: a sender claims an element, fills
+//! it and then marks it written, and the receiver reads the elements in order. An element
+//! claimed by a sender that was killed before marking it is never read, nor is anything queued
+//! behind it, from any peer; and `ucp_worker_arm` reports it as pending for good, so the
+//! progress thread cannot sleep either. (Seen with pullers killed as their pulls start: with
+//! sends, where the puller acknowledges each block, in about half of the test's runs under
+//! load.) A worker that has been unable to sleep for [`WEDGED_AFTER`] while progressing it
+//! did nothing is therefore replaced: its transfers fail, commands wait for the new worker,
+//! and the grants made from then on carry the new worker's address. A sender killed after
+//! writing its element but before waking a receiver that sleeps (the FIFO asks only the first
+//! sender after the receiver went to sleep to wake it) leaves messages unread until something
+//! else wakes the worker: an idle progress thread sleeps at most 100 ms at a time for that
+//! reason.
+//!
 //! # Security
 //!
 //! The control channel authenticates peers with the shared secret before it hands out a grant
@@ -182,16 +198,18 @@ use std::ffi::CStr;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use ucx_sys as sys;
 
 use super::grants::{GrantId, Grants, MAX_GRANT_BLOCKS};
 use super::{BoxFuture, PullItem, Pulled, Transport, TransportError, TransportKind, fail_all};
 use crate::store::TieredStore;
-use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec};
+use engine::{Command, Driven, Engine, EngineCell, Mailbox, OpSpec, PullSpec, refuse};
 use wire::RemoteEndpoint;
 #[cfg(test)]
 use wire::{
@@ -340,6 +358,13 @@ pub const ONE_SIDED_CMA_SINCE: (u32, u32) = (1, 16);
 /// endpoint. Nothing that kvtier does with UCX avoids it there; a stopping agent's own worker is
 /// flushed before it is destroyed, so an orderly stop does not meet it.
 pub const SURVIVES_PEER_DEATH_IN_WIREUP_SINCE: (u32, u32) = (1, 14);
+
+/// How long a worker may go unable to sleep (`ucp_worker_arm` reports events pending) while
+/// progressing it does nothing, before it is taken for wedged and replaced by a new worker
+/// with a new address. The case it is for: a peer on the same host killed in the middle of a
+/// message it was writing into this worker's shared-memory FIFO, which this worker then never
+/// reads past (see the module documentation).
+pub const WEDGED_AFTER: Duration = Duration::from_secs(1);
 
 /// The UCX release this process runs on (major, minor), which may be newer than the headers
 /// kvtier was built against.
@@ -648,7 +673,8 @@ pub struct UcxTransport {
     /// UCX carries the bytes over TCP alone: small pulls of small blocks that a source sends
     /// go eagerly ([`EAGER_BLOCKS_UP_TO`]).
     tcp_only: bool,
-    endpoint: Vec<u8>,
+    /// The first lane's endpoint; a new one once its worker is replaced.
+    endpoint: Arc<Mutex<Vec<u8>>>,
     name: String,
     /// At least one; the first serves grants and is named by `endpoint`.
     lanes: Vec<Lane>,
@@ -662,6 +688,8 @@ struct Lane {
     mailbox: Arc<Mailbox>,
     engine: Arc<EngineCell>,
     thread: Option<JoinHandle<()>>,
+    /// Workers found wedged and replaced ([`WedgeWatch`](engine::WedgeWatch)).
+    replaced: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for UcxTransport {
@@ -706,10 +734,13 @@ impl UcxTransport {
         } else {
             1
         };
-        let (first, endpoint, name) = Lane::start(0, &store, grants, cfg.clone(), tls.clone())?;
+        let endpoint = Arc::new(Mutex::new(Vec::new()));
+        let (first, name) = Lane::start(0, &store, grants, cfg.clone(), tls.clone(), Arc::clone(&endpoint))?;
         let mut lanes = vec![first];
         for n in 1..lane_count {
-            match Lane::start(n, &store, None, cfg.clone(), tls.clone()) {
+            // Only the first lane's endpoint is handed out: the others only pull.
+            let unused = Arc::new(Mutex::new(Vec::new()));
+            match Lane::start(n, &store, None, cfg.clone(), tls.clone(), unused) {
                 Ok((lane, ..)) => lanes.push(lane),
                 // The lanes that started still pull; this one only added speed.
                 Err(e) => {
@@ -792,6 +823,15 @@ impl UcxTransport {
         self.lanes.iter().map(|l| l.engine.with(count)).sum()
     }
 
+    /// Workers that were found wedged and replaced by new ones, over every lane (see
+    /// [`WEDGED_AFTER`]).
+    pub fn replaced_workers(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|l| l.replaced.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// How many UCX workers pull in parallel ([`UcxConfig::lanes`] in Get mode, else 1; fewer
     /// where a further lane could not start).
     pub fn lanes(&self) -> usize {
@@ -805,48 +845,94 @@ impl UcxTransport {
 }
 
 impl Lane {
-    /// Opens an engine on a new progress thread (lane `n`); with its endpoint and worker name.
+    /// Opens an engine on a new progress thread (lane `n`), which writes its endpoint into
+    /// `endpoint` (again whenever it replaces a wedged worker); with the worker name.
     fn start(
         n: usize,
         store: &Arc<TieredStore>,
         grants: Option<Arc<Grants>>,
         cfg: UcxConfig,
         tls: Option<String>,
-    ) -> Result<(Self, Vec<u8>, String), TransportError> {
+        endpoint: Arc<Mutex<Vec<u8>>>,
+    ) -> Result<(Self, String), TransportError> {
         let mailbox = Arc::new(Mailbox::default());
+        let replaced = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
             let store = Arc::clone(store);
             let mailbox = Arc::clone(&mailbox);
+            let replaced = Arc::clone(&replaced);
+            let open = {
+                let mailbox = Arc::clone(&mailbox);
+                move || {
+                    Engine::open(
+                        &store,
+                        grants.clone(),
+                        cfg.clone(),
+                        tls.as_deref(),
+                        Arc::clone(&mailbox),
+                    )
+                }
+            };
             std::thread::Builder::new()
                 .name(if n == 0 {
                     "kvtier-ucx".into()
                 } else {
                     format!("kvtier-ucx-{n}")
                 })
-                .spawn(
-                    move || match Engine::open(&store, grants, cfg, tls.as_deref(), mailbox) {
+                .spawn(move || {
+                    let cell = match open() {
                         Ok(engine) => {
-                            let (endpoint, name) = (engine.endpoint.clone(), engine.name.clone());
+                            *endpoint.lock() = engine.endpoint.clone();
+                            let name = engine.name.clone();
                             let cell = Arc::new(EngineCell::new(engine));
-                            let _ = ready_tx.send(Ok((endpoint, name, Arc::clone(&cell))));
-                            cell.run();
+                            let _ = ready_tx.send(Ok((name, Arc::clone(&cell))));
+                            cell
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
+                            return;
                         }
-                    },
-                )
+                    };
+                    while let Some(mut wedged) = cell.run() {
+                        tracing::error!(
+                            lane = n,
+                            worker = %wedged.name,
+                            after = ?WEDGED_AFTER,
+                            "the UCX worker has stopped receiving (a peer on this host probably \
+                             died in the middle of a shared-memory message): replacing it; its \
+                             transfers in flight fail"
+                        );
+                        wedged.replaced = true;
+                        drop(wedged);
+                        match open() {
+                            Ok(engine) => {
+                                *endpoint.lock() = engine.endpoint.clone();
+                                cell.replace(engine);
+                                replaced.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::error!(lane = n, error = %e, "a new UCX worker did not start; this lane stops");
+                                for cmd in mailbox.close() {
+                                    if let Command::Pull(spec) = cmd {
+                                        refuse(&spec.ops, &spec.reply, &e);
+                                    }
+                                }
+                                return;
+                            }
+                        }
+                    }
+                })
                 .map_err(|e| unavailable(format!("starting the progress thread: {e}")))?
         };
         match ready_rx.recv() {
-            Ok(Ok((endpoint, name, engine))) => Ok((
+            Ok(Ok((name, engine))) => Ok((
                 Self {
                     mailbox,
                     engine,
                     thread: Some(thread),
+                    replaced,
                 },
-                endpoint,
                 name,
             )),
             Ok(Err(e)) => {
@@ -892,7 +978,7 @@ impl Transport for UcxTransport {
     }
 
     fn endpoint(&self, _seen_as: Option<IpAddr>) -> Vec<u8> {
-        self.endpoint.clone()
+        self.endpoint.lock().clone()
     }
 
     fn verifies(&self) -> bool {

@@ -16,7 +16,7 @@ use ucx_sys as sys;
 use super::wire::{
     AM_ANSWER, AM_BLOCK, AM_REQUEST, BLOCK_HEADER, RemoteEndpoint, parse_answer, parse_block_header,
 };
-use super::{UcxConfig, UcxMode, shared_memory_only, status_text, unavailable};
+use super::{UcxConfig, UcxMode, WEDGED_AFTER, shared_memory_only, status_text, unavailable};
 use crate::store::TieredStore;
 use crate::transport::TransportError;
 use crate::transport::grants::{GrantEntry, GrantId, Grants};
@@ -27,6 +27,14 @@ mod serve;
 /// Longest the progress thread sleeps while operations are in flight: a safety net should a
 /// transport fail to signal the worker's event fd.
 const IN_FLIGHT_NAP: Duration = Duration::from_millis(10);
+/// Longest the progress thread sleeps while idle. UCX's shared-memory transport wakes a
+/// sleeping receiver through its FIFO: the receiver marks the FIFO's head as armed before it
+/// sleeps, and the next sender, whose claim of an element clears the mark, signals it once it
+/// has written the element. A sender killed between its claim and its signal (a puller killed
+/// as its pull starts) leaves the receiver asleep with the mark cleared, so no later sender
+/// signals either: its messages wait, unread, until something else wakes the worker. Waking
+/// every so often bounds that wait; ten times a second costs nothing measurable.
+const IDLE_NAP: Duration = Duration::from_millis(100);
 /// Longest a stopping worker is progressed for UCX's own operations to finish.
 const SHUTDOWN_SETTLE: Duration = Duration::from_millis(200);
 /// How long without progress counts as settled.
@@ -81,7 +89,7 @@ pub(super) fn random_request_id() -> u64 {
 }
 
 /// Fails every op of a transfer that never started.
-fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
+pub(super) fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
     let _ = reply.send(ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
 }
 
@@ -193,6 +201,8 @@ struct MailboxInner {
     commands: Vec<Command>,
     /// The worker to wake; `None` before it exists and once it is being destroyed.
     worker: Option<WorkerWaker>,
+    /// A wedged worker is being replaced: commands are kept for the next one.
+    paused: bool,
 }
 
 /// A worker handle that is only ever used to call `ucp_worker_signal`.
@@ -226,7 +236,7 @@ impl Mailbox {
     #[must_use]
     pub(super) fn post(&self, cmd: Command) -> bool {
         let mut inner = self.inner.lock();
-        if inner.worker.is_none() {
+        if inner.worker.is_none() && !inner.paused {
             return false;
         }
         inner.commands.push(cmd);
@@ -235,12 +245,22 @@ impl Mailbox {
     }
 
     /// Wakes the progress thread (to rearm the worker's event fd).
-    fn wake(&self) {
+    pub(super) fn wake(&self) {
         self.inner.lock().signal();
     }
 
     fn open(&self, worker: sys::ucp_worker_h) {
-        self.inner.lock().worker = Some(WorkerWaker(worker));
+        let mut inner = self.inner.lock();
+        inner.worker = Some(WorkerWaker(worker));
+        inner.paused = false;
+    }
+
+    /// Stops waking the worker, which is about to be destroyed, and keeps the commands that
+    /// come meanwhile for the worker that replaces it ([`Mailbox::open`]).
+    fn pause(&self) {
+        let mut inner = self.inner.lock();
+        inner.worker = None;
+        inner.paused = true;
     }
 
     fn take(&self) -> Vec<Command> {
@@ -248,9 +268,10 @@ impl Mailbox {
     }
 
     /// Stops accepting commands; returns those not yet taken.
-    fn close(&self) -> Vec<Command> {
+    pub(super) fn close(&self) -> Vec<Command> {
         let mut inner = self.inner.lock();
         inner.worker = None;
+        inner.paused = false;
         std::mem::take(&mut inner.commands)
     }
 }
@@ -653,6 +674,40 @@ impl Wait {
     }
 }
 
+/// Tells a wedged worker from a busy one.
+///
+/// UCX's shared-memory transport (posix, sysv) receives through one FIFO that every peer on
+/// the host writes into: a sender claims the next element (an atomic step of the FIFO's head),
+/// fills it, then marks it written. A peer killed between the two (a puller killed as its pull
+/// starts) leaves an element that is never marked, and the receiver, which reads in order,
+/// never gets past it: nothing more arrives over shared memory from any peer, while
+/// `ucp_worker_arm` keeps reporting the unread element (the head is ahead of the reader), so
+/// the progress thread can neither sleep nor progress and spins. A send queued to a dead
+/// peer's full FIFO holds `ucp_worker_arm` the same way. Neither ends by itself, and UCX
+/// reports neither (shared memory has no peer failure detection), so a worker that has been
+/// unable to sleep for [`WEDGED_AFTER`] while progressing it did nothing is replaced: a new
+/// worker has a new FIFO and a new address, which the grants made from then on carry. Only the
+/// transfers in flight on the old worker fail (and are recomputed); pulls queued meanwhile go
+/// to the new one.
+#[derive(Debug, Default)]
+pub(super) struct WedgeWatch {
+    /// Since when every attempt to sleep found events pending and no turn did anything.
+    since: Option<Instant>,
+}
+
+impl WedgeWatch {
+    /// The worker did something, or slept.
+    pub(super) fn clear(&mut self) {
+        self.since = None;
+    }
+
+    /// A turn did nothing and the worker could not sleep at `now`: whether that has gone on
+    /// for [`WEDGED_AFTER`].
+    pub(super) fn cannot_sleep(&mut self, now: Instant) -> bool {
+        now.saturating_duration_since(*self.since.get_or_insert(now)) >= WEDGED_AFTER
+    }
+}
+
 /// The engine and who drives it. Whoever holds the lock drives the worker: the progress thread
 /// between its waits, or a pulling thread that starts a small pull and progresses the worker
 /// until the pull is over, which spares the pull the hand-off to the progress thread and the
@@ -670,6 +725,9 @@ pub(super) struct EngineCell {
     /// A pulling thread left a pull it started to the progress thread: activity, as far as
     /// the progress thread's polling goes.
     handed_off: AtomicBool,
+    /// Tests: the worker counts as unable to sleep until it is replaced.
+    #[cfg(test)]
+    pub(super) fake_wedge: AtomicBool,
 }
 
 /// What a pulling thread made of driving a pull itself.
@@ -690,10 +748,12 @@ impl EngineCell {
         }
     }
 
-    /// The progress loop, until a stop command and the end of the transfers it cut short;
-    /// the engine is then dropped, on this thread.
-    pub(super) fn run(&self) {
+    /// The progress loop, until a stop command and the end of the transfers it cut short (the
+    /// engine is then dropped, on this thread: `None`) or until the worker is found wedged
+    /// ([`WedgeWatch`]: the engine, taken out of the cell, for the caller to replace).
+    pub(super) fn run(&self) -> Option<Engine> {
         let mut last_busy = Instant::now();
+        let mut wedge = WedgeWatch::default();
         loop {
             // A pulling thread that waits for the engine gets it before the next turn (the lock
             // is not fair, and this loop would take it back at once).
@@ -702,19 +762,18 @@ impl EngineCell {
                 continue;
             }
             let mut slot = self.engine.lock();
-            let Some(engine) = slot.as_mut() else {
-                return;
-            };
+            let engine = slot.as_mut()?;
             let busy = engine.turn() | self.handed_off.swap(false, Ordering::AcqRel);
             if engine.stopping && engine.pulls.is_empty() && engine.serves.is_empty() {
                 let engine = slot.take();
                 drop(slot);
                 drop(engine);
-                return;
+                return None;
             }
             let now = Instant::now();
             if busy {
                 last_busy = now;
+                wedge.clear();
             } else if now.duration_since(last_busy) < engine.spin() {
                 drop(slot);
                 std::hint::spin_loop();
@@ -724,14 +783,27 @@ impl EngineCell {
                     engine.early_sleeps += 1;
                 }
                 let limit = engine.sleep_limit(now);
-                if let Some(wait) = engine.arm(limit) {
+                let wait = engine.arm(Some(limit));
+                #[cfg(test)]
+                let wait = wait.filter(|_| !self.fake_wedge.load(Ordering::Acquire));
+                if let Some(wait) = wait {
+                    wedge.clear();
                     self.asleep.store(true, Ordering::Release);
                     drop(slot);
                     wait.block();
                     self.asleep.store(false, Ordering::Release);
+                } else if wedge.cannot_sleep(now) && !engine.stopping {
+                    #[cfg(test)]
+                    self.fake_wedge.store(false, Ordering::Release);
+                    return slot.take();
                 }
             }
         }
+    }
+
+    /// Puts a new engine in place of the one [`EngineCell::run`] gave back.
+    pub(super) fn replace(&self, engine: Engine) {
+        *self.engine.lock() = Some(engine);
     }
 
     /// `f` of the engine, once the progress thread steps aside (the default once it has
@@ -822,6 +894,9 @@ pub(super) struct Engine {
     pub(super) serves: Vec<ServeJob>,
     closing: Vec<Req>,
     pub(super) stopping: bool,
+    /// The worker was found wedged ([`WedgeWatch`]) and another replaces it: commands wait
+    /// for that one rather than being refused.
+    pub(super) replaced: bool,
     /// UCX refused `UCP_ERR_HANDLING_MODE_PEER` with the transports it may use.
     no_peer_errors: bool,
     /// Whether the last progress burst ended because the worker had nothing more to do.
@@ -896,6 +971,7 @@ impl Engine {
             serves: Vec::new(),
             closing: Vec::new(),
             stopping: false,
+            replaced: false,
             // Known in advance, the refusal (and the error UCX logs for it) is skipped; `init`
             // also reads it as "no TCP transport".
             no_peer_errors: shared_memory_only(tls),
@@ -1159,16 +1235,13 @@ impl Engine {
         }
     }
 
-    /// How long the progress thread may sleep: until the next deadline, and while operations
-    /// are in flight at most [`IN_FLIGHT_NAP`] (`None`: without a time limit).
-    fn sleep_limit(&self, now: Instant) -> Option<Duration> {
+    /// How long the progress thread may sleep: until the next deadline, and at most
+    /// [`IN_FLIGHT_NAP`] while operations are in flight, [`IDLE_NAP`] otherwise.
+    fn sleep_limit(&self, now: Instant) -> Duration {
         let in_flight = !self.closing.is_empty() || !self.pulls.is_empty() || !self.serves.is_empty();
-        let timeout = self.next_timer().map(|t| t.saturating_duration_since(now));
-        if in_flight {
-            Some(timeout.map_or(IN_FLIGHT_NAP, |t| t.min(IN_FLIGHT_NAP)))
-        } else {
-            timeout
-        }
+        let nap = if in_flight { IN_FLIGHT_NAP } else { IDLE_NAP };
+        self.next_timer()
+            .map_or(nap, |t| t.saturating_duration_since(now).min(nap))
     }
 
     /// Arms the worker's event fd for a wait of at most `timeout`: the wait to make, or `None`
@@ -1442,7 +1515,18 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         // From here on nobody signals the worker.
-        for cmd in self.mailbox.close() {
+        let refused = if self.replaced {
+            self.mailbox.pause();
+            Vec::new()
+        } else {
+            self.mailbox.close()
+        };
+        let why = if self.replaced {
+            "the UCX worker stopped receiving (a peer died in the middle of a message) and was replaced"
+        } else {
+            "the UCX transport is shutting down"
+        };
+        for cmd in refused {
             if let Command::Pull(spec) = cmd {
                 let e = TransportError::Io {
                     peer: spec.remote.label(),
@@ -1532,7 +1616,7 @@ impl Drop for Engine {
             for (mut outcome, peer) in cut_short {
                 outcome.settle_rest(&TransportError::Io {
                     peer,
-                    reason: "the UCX transport is shutting down".into(),
+                    reason: why.into(),
                 });
             }
             for (_, p) in self.peers.drain() {

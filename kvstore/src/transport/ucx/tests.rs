@@ -1772,3 +1772,77 @@ fn the_ucx_loaded_is_the_release_the_run_names() {
     let (major, minor) = ucx_version();
     assert_eq!(format!("{major}.{minor}"), named, "UCX loaded against UCX named");
 }
+
+/// A worker is taken for wedged after [`WEDGED_AFTER`] of turns that did nothing and attempts
+/// to sleep that found events pending, and not while either stops.
+#[test]
+fn a_worker_is_wedged_only_after_a_second_unable_to_sleep_or_progress() {
+    let t0 = Instant::now();
+    let mut w = engine::WedgeWatch::default();
+    assert!(!w.cannot_sleep(t0));
+    assert!(!w.cannot_sleep(t0 + WEDGED_AFTER / 2));
+    assert!(w.cannot_sleep(t0 + WEDGED_AFTER));
+    // Progress or a sleep starts the count again.
+    w.clear();
+    let t1 = t0 + WEDGED_AFTER * 2;
+    assert!(!w.cannot_sleep(t1));
+    assert!(!w.cannot_sleep(t1 + WEDGED_AFTER - Duration::from_millis(1)));
+    assert!(w.cannot_sleep(t1 + WEDGED_AFTER));
+}
+
+/// A source whose worker is found wedged (faked: its progress thread is told that the worker
+/// cannot sleep) replaces it: it hands out a new endpoint, at which pulls are byte-exact, and a
+/// pull from the old one fails by its deadline instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_worker_is_replaced_and_the_source_serves_again() {
+    let lens = [64 << 10, 1 << 20, 4096, 1 << 20];
+    let (grants, src, keys) = source(&lens, Fabric::Shm);
+    let (dst, t) = puller(Fabric::Shm, UcxMode::SendOnRequest);
+    let pull_all = |endpoint: Vec<u8>, deadline: Instant| {
+        let grant = grants.grant(&keys).unwrap();
+        let (dst, t, keys) = (&dst, &t, &keys);
+        async move {
+            let pulled = pull(dst, t, &endpoint, &grant, keys, deadline).await;
+            (grant, pulled)
+        }
+    };
+    let old = src.endpoint(None);
+    let (grant, pulled) = pull_all(old.clone(), soon()).await;
+    for p in pulled {
+        let expected = payload(u64::from(p.index), lens[p.index as usize]);
+        assert_landed(&dst, p, &expected, "before");
+    }
+    assert!(grants.release(&grant.id));
+
+    src.lanes[0].engine.fake_wedge.store(true, Ordering::Release);
+    // An idle progress thread sleeps without a time limit: woken, it finds it cannot sleep.
+    src.lanes[0].mailbox.wake();
+    let until = Instant::now() + WEDGED_AFTER + Duration::from_secs(10);
+    while src.replaced_workers() == 0 {
+        assert!(Instant::now() < until, "the wedged worker was not replaced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(src.replaced_workers(), 1);
+    let new = src.endpoint(None);
+    assert_ne!(new, old, "a new worker, a new endpoint");
+
+    let (grant, pulled) = pull_all(new, soon()).await;
+    for p in pulled {
+        let expected = payload(u64::from(p.index), lens[p.index as usize]);
+        assert_landed(&dst, p, &expected, "after");
+    }
+    assert!(grants.release(&grant.id));
+
+    let (grant, pulled) = pull_all(old, Instant::now() + Duration::from_millis(500)).await;
+    assert_eq!(pulled.len(), keys.len());
+    for p in pulled {
+        assert!(
+            p.result.is_err(),
+            "block {} came from the replaced worker",
+            p.index
+        );
+        dst.abort(p.slot);
+    }
+    assert!(grants.release(&grant.id));
+    assert_eq!(src.replaced_workers(), 1, "replaced once");
+}
