@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvstore::transport::Transport;
 use kvstore::{TierStats, TieredStore};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
@@ -44,6 +45,12 @@ pub struct PeerLabel {
 pub struct BackendLabel {
     /// `cpu`, `cuda` or `hip`.
     pub backend: &'static str,
+}
+
+/// Label of per-transport metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
 }
 
 /// Label of per-tier metrics.
@@ -194,6 +201,39 @@ impl Metrics {
 #[derive(Debug)]
 struct TierCollector {
     store: Arc<TieredStore>,
+}
+
+/// Exports what the peer transports count themselves, read at scrape time.
+#[derive(Debug)]
+struct TransportCollector {
+    transports: Vec<Arc<dyn Transport>>,
+}
+
+/// Adds the peer transports' own counters to `reg` (nothing while `transports` is empty).
+pub fn register_transports(reg: &mut Registry, transports: Vec<Arc<dyn Transport>>) {
+    reg.register_collector(Box::new(TransportCollector { transports }));
+}
+
+impl Collector for TransportCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.transports.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "peer_data_plane_replacements",
+            "Times a peer transport found its data plane unable to receive (a UCX worker wedged by \
+             a peer on this node that died in the middle of a shared-memory message) and replaced it",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for t in &self.transports {
+            let label = TransportLabel {
+                transport: t.kind().name(),
+            };
+            ConstCounter::new(t.replaced_data_planes()).encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
 }
 
 type Field = (&'static str, &'static str, fn(&TierStats) -> u64);

@@ -792,5 +792,12 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
         }
         let c = pull_client(&puller);
         assert_eq!(held_exact(&c, &ns, &data), 16, "{name}");
+        let (status, text) = source.http_get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let replaced = text
+            .lines()
+            .find(|l| l.starts_with("kvtier_peer_data_plane_replacements_total{transport=\"ucx\"}"))
+            .unwrap_or_else(|| panic!("{name}: no UCX replacement counter in\n{text}"));
+        eprintln!("{name}: {replaced}");
     }
 }

@@ -50,10 +50,11 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .context("starting the HTTP runtime")?;
     let mut signals = StopSignals::install(&runtime)?;
     let store = Arc::new(TieredStore::open(cfg.store_config()?).context("opening the store")?);
-    let (metrics, registry) = Metrics::new(Arc::clone(&store));
+    let (metrics, mut registry) = Metrics::new(Arc::clone(&store));
     report_copy_engines(&metrics);
     let instance = instance_id();
     let peers = peer::Peers::start(&cfg, Arc::clone(&store), Arc::clone(&metrics))?;
+    crate::metrics::register_transports(&mut registry, peers.transports());
     let shared = server::Shared::new(
         Arc::clone(&store),
         metrics,

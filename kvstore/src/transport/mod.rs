@@ -184,6 +184,13 @@ pub trait Transport: Send + Sync + fmt::Debug {
         true
     }
 
+    /// Times this transport found its data plane unable to receive and replaced it with a new
+    /// one (the UCX backend's workers, wedged by a peer on the same host that died in the middle
+    /// of a shared-memory message: its `WEDGED_AFTER`); zero for backends that never do.
+    fn replaced_data_planes(&self) -> u64 {
+        0
+    }
+
     /// Copies granted blocks from the peer at `endpoint` into the items' slots, giving up at
     /// `deadline`. Every item comes back, whatever happened to the others: a broken stream fails
     /// only the blocks it carried. (Never cancel the future: the slots travel inside it.)

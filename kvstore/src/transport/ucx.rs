@@ -985,6 +985,10 @@ impl Transport for UcxTransport {
         self.verify
     }
 
+    fn replaced_data_planes(&self) -> u64 {
+        self.replaced_workers() as u64
+    }
+
     fn pull<'a>(
         &'a self,
         endpoint: &'a [u8],

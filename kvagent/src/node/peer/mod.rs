@@ -242,6 +242,11 @@ impl Peers {
         }))
     }
 
+    /// The data transports this agent pulls and serves with.
+    pub(crate) fn transports(&self) -> Vec<Arc<dyn Transport>> {
+        self.transports.clone()
+    }
+
     /// The control address peers and engines are told, when this agent serves.
     pub(crate) fn advertise(&self) -> Option<&str> {
         self.advertise.as_deref()

@@ -1845,4 +1845,5 @@ async fn a_wedged_worker_is_replaced_and_the_source_serves_again() {
     }
     assert!(grants.release(&grant.id));
     assert_eq!(src.replaced_workers(), 1, "replaced once");
+    assert_eq!(src.replaced_data_planes(), 1, "as the agent's metrics read it");
 }
