@@ -34,7 +34,13 @@ impl Engine {
         let peer = match self.connect(&req.address, &label) {
             Ok(p) => p,
             Err(status) => {
-                tracing::debug!(status = %status_text(status), "no endpoint back to a UCX puller; request dropped");
+                // The puller's pull times out ("did not confirm the end of its writes"): say why
+                // here, where it is known.
+                tracing::warn!(
+                    puller = %label,
+                    status = %status_text(status),
+                    "no UCX endpoint back to a puller; its request is dropped"
+                );
                 return;
             }
         };
@@ -85,7 +91,11 @@ impl Engine {
             match self.rkey(peer, &req.rkey) {
                 Ok(k) => k,
                 Err(status) => {
-                    tracing::debug!(status = %status_text(status), "a UCX puller's remote key did not unpack");
+                    tracing::warn!(
+                        puller = %label,
+                        status = %status_text(status),
+                        "a UCX puller's remote key did not unpack; its blocks fail"
+                    );
                     for p in &puts {
                         statuses[p.entry] = STATUS_FAILED;
                     }
