@@ -88,8 +88,19 @@ pub(super) fn random_request_id() -> u64 {
     u64::from_le_bytes([a, b, c, d, e, f, g, h])
 }
 
+/// Why the pulls a stopping transport never started fail.
+const SHUTTING_DOWN: &str = "the UCX transport is shutting down";
+
+/// The error of a pull the transport never started because it is stopping.
+fn shutting_down(spec: &PullSpec) -> TransportError {
+    TransportError::Io {
+        peer: spec.remote.label(),
+        reason: SHUTTING_DOWN.into(),
+    }
+}
+
 /// Fails every op of a transfer that never started.
-pub(super) fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
+fn refuse(ops: &[OpSpec], reply: &Settled, e: &TransportError) {
     let _ = reply.send(ops.iter().map(|o| (o.item, Err(e.clone()))).collect());
 }
 
@@ -267,12 +278,19 @@ impl Mailbox {
         std::mem::take(&mut self.inner.lock().commands)
     }
 
-    /// Stops accepting commands; returns those not yet taken.
-    pub(super) fn close(&self) -> Vec<Command> {
-        let mut inner = self.inner.lock();
-        inner.worker = None;
-        inner.paused = false;
-        std::mem::take(&mut inner.commands)
+    /// Stops accepting commands, and fails the pulls not yet taken with `error`.
+    pub(super) fn close_refusing(&self, error: impl Fn(&PullSpec) -> TransportError) {
+        let queued = {
+            let mut inner = self.inner.lock();
+            inner.worker = None;
+            inner.paused = false;
+            std::mem::take(&mut inner.commands)
+        };
+        for cmd in queued {
+            if let Command::Pull(spec) = cmd {
+                refuse(&spec.ops, &spec.reply, &error(&spec));
+            }
+        }
     }
 }
 
@@ -1298,15 +1316,7 @@ impl Engine {
         for s in &mut self.serves {
             s.deadline = s.deadline.min(now);
         }
-        for cmd in self.mailbox.close() {
-            if let Command::Pull(spec) = cmd {
-                let e = TransportError::Io {
-                    peer: spec.remote.label(),
-                    reason: "the UCX transport is shutting down".into(),
-                };
-                refuse(&spec.ops, &spec.reply, &e);
-            }
-        }
+        self.mailbox.close_refusing(shutting_down);
     }
 
     /// The live endpoint to the worker at `address`, created if needed.
@@ -1515,26 +1525,16 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         // From here on nobody signals the worker.
-        let refused = if self.replaced {
+        if self.replaced {
             self.mailbox.pause();
-            Vec::new()
         } else {
-            self.mailbox.close()
-        };
+            self.mailbox.close_refusing(shutting_down);
+        }
         let why = if self.replaced {
             "the UCX worker stopped receiving (a peer died in the middle of a message) and was replaced"
         } else {
-            "the UCX transport is shutting down"
+            SHUTTING_DOWN
         };
-        for cmd in refused {
-            if let Command::Pull(spec) = cmd {
-                let e = TransportError::Io {
-                    peer: spec.remote.label(),
-                    reason: "the UCX transport is shutting down".into(),
-                };
-                refuse(&spec.ops, &spec.reply, &e);
-            }
-        }
         if !self.worker.is_null() {
             // Transfers still here were cut short without the orderly stop of `run`. Their
             // slots go back to their callers only once the worker has been progressed for the
