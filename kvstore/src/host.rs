@@ -9,8 +9,10 @@
 //! would halve the arena's bandwidth.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::alloc::{SizeClasses, SlabAllocator, Slot, slot_size_floor, slot_size_for};
 use crate::arena::{HostArena, HugePages};
@@ -161,6 +163,9 @@ pub struct HostTier {
     slab_size: u64,
     state: Mutex<HostState>,
     counters: TierCounters,
+    /// Woken whenever a reservation ends (committed or aborted), for
+    /// [`Self::wait_unreserved`].
+    settled: Notify,
 }
 
 impl HostTier {
@@ -200,6 +205,7 @@ impl HostTier {
                 limbo: HashMap::new(),
             }),
             counters: TierCounters::default(),
+            settled: Notify::new(),
         })
     }
 
@@ -337,6 +343,7 @@ impl HostTier {
             st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
         }
         drop(st);
+        self.settled.notify_waiters();
         TierCounters::add(&self.counters.stores, n);
         TierCounters::add(&self.counters.bytes_written, bytes);
     }
@@ -345,6 +352,8 @@ impl HostTier {
         let mut st = self.state.lock();
         st.reserved.remove(&r.key);
         st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
+        drop(st);
+        self.settled.notify_waiters();
     }
 
     /// Gives a reserved slot back unwritten.
@@ -352,6 +361,29 @@ impl HostTier {
         let mut st = self.state.lock();
         st.reserved.remove(&r.key);
         st.alloc.free(r.slot);
+        drop(st);
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until no writer holds a reservation for any of `keys` (each was committed or
+    /// aborted), or until `deadline`; `false` if some still did then. Needs a Tokio runtime
+    /// with its timer.
+    pub async fn wait_unreserved(&self, keys: &[BlockKey], deadline: Instant) -> bool {
+        loop {
+            // Registered before the check, so that a reservation ending between the check and
+            // the wait still wakes it.
+            let mut ended = std::pin::pin!(self.settled.notified());
+            ended.as_mut().enable();
+            {
+                let st = self.state.lock();
+                if !keys.iter().any(|k| st.reserved.contains_key(k)) {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), ended).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Pins a block for reading and marks it most recently used; counts a hit or a miss.

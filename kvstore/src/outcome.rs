@@ -28,4 +28,7 @@ pub enum NotStoredReason {
     TooLarge,
     /// The write failed; the error was logged and counted.
     Io,
+    /// Another writer was still storing the block when the caller stopped waiting for it
+    /// ([`TieredStore::reserve_batch_after_writers`](crate::TieredStore::reserve_batch_after_writers)).
+    Busy,
 }

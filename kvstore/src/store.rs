@@ -227,6 +227,49 @@ impl TieredStore {
         out
     }
 
+    /// [`Self::reserve_batch`] for a writer that would rather wait for another than race it: a
+    /// block that someone else is storing is waited for (until it is committed or aborted, or
+    /// until `deadline`) and then reserved again. So `AlreadyStored` here means the block is
+    /// stored, not that a write of it that may yet fail is under way, and a block still being
+    /// written at `deadline` is `NotStored(Busy)`. Two peer pulls of one prefix (two requests
+    /// sharing a system prompt) need this: the second must not report as held the blocks the
+    /// first is still moving, or failing to move. Needs a Tokio runtime with its timer.
+    pub async fn reserve_batch_after_writers(
+        &self,
+        items: &[(BlockKey, u64)],
+        deadline: Instant,
+    ) -> Vec<Result<Reservation, PutOutcome>> {
+        let mut out = self.reserve_batch(items);
+        loop {
+            // Refused as stored, yet not committed here: being written (or aborted meanwhile).
+            let refused: Vec<usize> = (0..items.len())
+                .filter(|&i| matches!(out[i], Err(PutOutcome::AlreadyStored)))
+                .collect();
+            let keys: Vec<BlockKey> = refused.iter().map(|&i| items[i].0).collect();
+            let busy: Vec<usize> = refused
+                .iter()
+                .zip(self.host.contains_many(&keys))
+                .filter(|(_, committed)| !committed)
+                .map(|(&i, _)| i)
+                .collect();
+            if busy.is_empty() {
+                return out;
+            }
+            if Instant::now() >= deadline {
+                for i in busy {
+                    out[i] = Err(PutOutcome::NotStored(NotStoredReason::Busy));
+                }
+                return out;
+            }
+            let keys: Vec<BlockKey> = busy.iter().map(|&i| items[i].0).collect();
+            self.host.wait_unreserved(&keys, deadline).await;
+            let again: Vec<(BlockKey, u64)> = busy.iter().map(|&i| items[i]).collect();
+            for (&i, r) in busy.iter().zip(self.reserve_batch(&again)) {
+                out[i] = r;
+            }
+        }
+    }
+
     /// Evicts host blocks to make room for blocks of `lens`; `false` when nothing could go.
     fn evict(&self, lens: &[u64]) -> bool {
         let victims = self.host.take_victims(lens);

@@ -450,3 +450,74 @@ fn mixed_sizes_persist_and_promote() {
         assert!(buf == payload(i, len));
     }
 }
+
+/// The slots of a `reserve_batch_after_writers` answer: `Ok` where a slot was reserved, else
+/// the outcome.
+fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
+    out.iter()
+        .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_writer_that_waits_sees_a_block_another_writer_commits_as_stored() {
+    let s = host_only(2 * MIB, MIB);
+    let len = BLOCK as u64;
+    let mut first = s.reserve_batch(&[(key(0), len)]).pop().unwrap().expect("a slot");
+    let items = [(key(0), len), (key(1), len)];
+    let waiting = s.reserve_batch_after_writers(&items, Instant::now() + Duration::from_secs(60));
+    let mut waiting = std::pin::pin!(waiting);
+    // Block 0 is being written: the second writer waits rather than answer "stored".
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    s.host()
+        .reserved_mut(&mut first)
+        .copy_from_slice(&payload(0, BLOCK));
+    s.commit(first);
+    let out = waiting.await;
+    assert_eq!(outcomes(&out), vec![Err(PutOutcome::AlreadyStored), Ok(())]);
+    for r in out.into_iter().flatten() {
+        s.abort(r);
+    }
+    let mut buf = vec![0u8; BLOCK];
+    let hit = s.get(&key(0), &mut buf).expect("get").expect("block 0 stored");
+    assert_eq!(hit.tier, TierLevel::Host);
+    assert!(buf == payload(0, BLOCK));
+}
+
+#[tokio::test]
+async fn a_writer_that_waits_stores_a_block_another_writer_gave_up() {
+    let s = host_only(2 * MIB, MIB);
+    let len = BLOCK as u64;
+    let first = s.reserve_batch(&[(key(0), len)]).pop().unwrap().expect("a slot");
+    let items = [(key(0), len)];
+    let waiting = s.reserve_batch_after_writers(&items, Instant::now() + Duration::from_secs(60));
+    let mut waiting = std::pin::pin!(waiting);
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    s.abort(first);
+    // Without the wait, block 0 would have been reported stored, and never have been.
+    let out = waiting.await;
+    assert_eq!(outcomes(&out), vec![Ok(())]);
+    for r in out.into_iter().flatten() {
+        s.abort(r);
+    }
+}
+
+#[tokio::test]
+async fn a_writer_that_waits_gives_up_on_a_block_still_being_written_at_its_deadline() {
+    let s = host_only(2 * MIB, MIB);
+    let len = BLOCK as u64;
+    let first = s.reserve_batch(&[(key(0), len)]).pop().unwrap().expect("a slot");
+    let deadline = Instant::now() + Duration::from_millis(50);
+    let out = s
+        .reserve_batch_after_writers(&[(key(0), len), (key(1), len)], deadline)
+        .await;
+    assert!(Instant::now() >= deadline);
+    assert_eq!(
+        outcomes(&out),
+        vec![Err(PutOutcome::NotStored(NotStoredReason::Busy)), Ok(())]
+    );
+    for r in out.into_iter().flatten() {
+        s.abort(r);
+    }
+    s.abort(first);
+}

@@ -444,7 +444,10 @@ impl Peers {
             })?;
         let wanted: Vec<(BlockKey, u64)> = want.iter().zip(&grant.blocks).map(|(k, b)| (*k, b.len)).collect();
         let mut items = Vec::with_capacity(wanted.len());
-        for (i, r) in self.store.reserve_batch(&wanted).into_iter().enumerate() {
+        // A block another pull (or an engine) is storing is waited for: held is what this agent
+        // holds afterwards, not what another transfer may still fail to land.
+        let reserved = self.store.reserve_batch_after_writers(&wanted, deadline).await;
+        for (i, r) in reserved.into_iter().enumerate() {
             match r {
                 Ok(slot) => items.push(PullItem {
                     index: i as u32,
@@ -452,9 +455,10 @@ impl Peers {
                     checksum: grant.blocks[i].checksum,
                     slot,
                 }),
-                // Stored meanwhile (or being stored by an engine): nothing to pull.
+                // Stored meanwhile: nothing to pull.
                 Err(PutOutcome::AlreadyStored) => held[i] = true,
-                // No room: the rest of the prefix would be useless without this block.
+                // No room, or still being written by another at the deadline: the rest of the
+                // prefix would be useless without this block.
                 Err(_) => break,
             }
         }
