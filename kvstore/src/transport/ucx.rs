@@ -163,7 +163,12 @@
 //! writing its element but before waking a receiver that sleeps (the FIFO asks only the first
 //! sender after the receiver went to sleep to wake it) leaves messages unread until something
 //! else wakes the worker: an idle progress thread sleeps at most 100 ms at a time for that
-//! reason.
+//! reason. Neither helps where UCX's adaptive progress (on by default) has taken the receiving
+//! interface out of the worker's progress and arming until a peer wakes it, which the killed
+//! sender never did: the FIFO fills, every later request waits for room in it, and the worker
+//! sleeps armed. Adaptive progress is therefore turned off (`ADAPTIVE_PROGRESS=n`) wherever
+//! `UCX_TLS` may include shared memory, unless the environment or [`UcxConfig::settings`] sets
+//! it.
 //!
 //! # Security
 //!

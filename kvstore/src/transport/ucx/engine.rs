@@ -16,7 +16,7 @@ use ucx_sys as sys;
 use super::wire::{
     AM_ANSWER, AM_BLOCK, AM_REQUEST, BLOCK_HEADER, RemoteEndpoint, parse_answer, parse_block_header,
 };
-use super::{UcxConfig, UcxMode, WEDGED_AFTER, shared_memory_only, status_text, unavailable};
+use super::{UcxConfig, UcxMode, WEDGED_AFTER, shared_memory_only, status_text, tcp_only, unavailable};
 use crate::store::TieredStore;
 use crate::transport::TransportError;
 use crate::transport::grants::{GrantEntry, GrantId, Grants};
@@ -917,6 +917,8 @@ pub(super) struct Engine {
     pub(super) replaced: bool,
     /// UCX refused `UCP_ERR_HANDLING_MODE_PEER` with the transports it may use.
     no_peer_errors: bool,
+    /// `UCX_TLS` may let UCX use shared memory (it does not limit UCX to TCP).
+    may_use_shared_memory: bool,
     /// Whether the last progress burst ended because the worker had nothing more to do.
     progress_idle: bool,
     /// Block messages given back unreceived.
@@ -993,6 +995,7 @@ impl Engine {
             // Known in advance, the refusal (and the error UCX logs for it) is skipped; `init`
             // also reads it as "no TCP transport".
             no_peer_errors: shared_memory_only(tls),
+            may_use_shared_memory: !tcp_only(tls),
             progress_idle: true,
             #[cfg(test)]
             refused_blocks: 0,
@@ -1090,6 +1093,25 @@ impl Engine {
         // refuses it keeps its default.
         if std::env::var_os("UCX_RNDV_THRESH").is_none() && modify("RNDV_THRESH", "inf").is_err() {
             tracing::debug!("this UCX does not take RNDV_THRESH=inf; keeping rendezvous on");
+        }
+        // UCX's adaptive progress (on by default) leaves an interface out of the worker's
+        // progress and out of `ucp_worker_arm` while none of this worker's endpoints use it,
+        // and counts on the interface's peers to signal it when they write to it. A peer
+        // killed between claiming a slot of a shared-memory interface's receive queue and that
+        // signal (a puller killed as its pull starts) then leaves a message that nobody reads:
+        // the queue fills, every later request to this worker waits for room in it forever,
+        // and neither the idle nap nor the wedge watch sees it, as neither progresses nor arms
+        // that interface. Seen on UCX 1.22 with sends over shared memory, about once in 45
+        // runs of killing 16 pullers: the source's progress thread asleep with its worker
+        // armed, and a fresh puller's request never leaving it. With every interface
+        // progressed and armed, such a message is read at the next turn, and a slot claimed
+        // and never written shows as a wedged worker, which is replaced. The cost is a poll of
+        // each loaded transport per progress call; a worker limited to TCP keeps it on.
+        if self.may_use_shared_memory
+            && std::env::var_os("UCX_ADAPTIVE_PROGRESS").is_none()
+            && modify("ADAPTIVE_PROGRESS", "n").is_err()
+        {
+            tracing::debug!("this UCX does not take ADAPTIVE_PROGRESS=n; keeping adaptive progress");
         }
         settings.extend(self.cfg.settings.iter().cloned());
         let mut result = Ok(());

@@ -401,16 +401,20 @@ impl Engine {
                 } else if now >= job.deadline + drain {
                     tracing::error!(
                         peer = %label,
+                        request_sent = send.is_none(),
                         "UCX source did not confirm the end of its writes {drain:?} past the deadline; \
                          the slots are returned anyway"
                     );
                     if let Some(req) = send.take() {
-                        // Not even the request got out: the connection is wedged, and the next
-                        // pull is better off with a new one. (An answered-late source keeps its
-                        // endpoint: closing it would break the peer's side of the pair too.)
+                        // Not even the request got out: the endpoint is wedged, and the next
+                        // pull is better off with a new one. Where the endpoint cannot be
+                        // force-closed (shared memory, error mode NONE) its close waits for the
+                        // stuck send, and is left to UCX: what matters is that it is forgotten.
+                        // (An answered-late source keeps its endpoint: closing it would break
+                        // the peer's side of the pair too.)
                         req.abandon();
                         std::mem::forget(std::mem::take(message));
-                        force_close = peer_errors;
+                        force_close = true;
                     }
                     job.outcome
                         .settle_rest(&TransportError::TimedOut { peer: label.clone() });
