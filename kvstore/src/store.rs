@@ -261,9 +261,9 @@ impl TieredStore {
                 }
                 return out;
             }
-            let keys: Vec<BlockKey> = busy.iter().map(|&i| items[i].0).collect();
-            self.host.wait_unreserved(&keys, deadline).await;
             let again: Vec<(BlockKey, u64)> = busy.iter().map(|&i| items[i]).collect();
+            let keys: Vec<BlockKey> = again.iter().map(|&(k, _)| k).collect();
+            self.host.wait_unreserved(&keys, deadline).await;
             for (&i, r) in busy.iter().zip(self.reserve_batch(&again)) {
                 out[i] = r;
             }

@@ -157,9 +157,9 @@
 //! behind it, from any peer; and `ucp_worker_arm` reports it as pending for good, so the
 //! progress thread cannot sleep either. (Seen with pullers killed as their pulls start: with
 //! sends, where the puller acknowledges each block, in about one run in six of a test that
-//! kills 16 under load.) A worker that has been unable to sleep for [`WEDGED_AFTER`] while progressing it
-//! did nothing is therefore replaced: its transfers fail, commands wait for the new worker,
-//! and the grants made from then on carry the new worker's address. A sender killed after
+//! kills 16 under load.) A worker that has been unable to sleep for [`WEDGED_AFTER`] while
+//! progressing it did nothing is therefore replaced: its transfers fail, commands wait for the
+//! new worker, and the grants made from then on carry the new worker's address. A sender killed after
 //! writing its element but before waking a receiver that sleeps (the FIFO asks only the first
 //! sender after the receiver went to sleep to wake it) leaves messages unread until something
 //! else wakes the worker: an idle progress thread sleeps at most 100 ms at a time for that

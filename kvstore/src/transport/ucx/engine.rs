@@ -1091,9 +1091,18 @@ impl Engine {
         // (1 MiB blocks at 5.3 GB/s where zero-copy puts run at 6.7). Our tuning, like the
         // segment size: the environment or `settings` may turn it back on, and a UCX that
         // refuses it keeps its default.
-        if std::env::var_os("UCX_RNDV_THRESH").is_none() && modify("RNDV_THRESH", "inf").is_err() {
-            tracing::debug!("this UCX does not take RNDV_THRESH=inf; keeping rendezvous on");
-        }
+        // Our default for a UCP setting, where neither the environment nor `settings` (applied
+        // after) names it; a UCX that refuses it keeps its own.
+        let our_default = |name: &str, value: &str| {
+            if std::env::var_os(format!("UCX_{name}")).is_none() && modify(name, value).is_err() {
+                tracing::debug!(
+                    setting = name,
+                    value,
+                    "this UCX does not take the setting; keeping its default"
+                );
+            }
+        };
+        our_default("RNDV_THRESH", "inf");
         // UCX's adaptive progress (on by default) leaves an interface out of the worker's
         // progress and out of `ucp_worker_arm` while none of this worker's endpoints use it,
         // and counts on the interface's peers to signal it when they write to it. A peer
@@ -1107,11 +1116,8 @@ impl Engine {
         // progressed and armed, such a message is read at the next turn, and a slot claimed
         // and never written shows as a wedged worker, which is replaced. The cost is a poll of
         // each loaded transport per progress call; a worker limited to TCP keeps it on.
-        if self.may_use_shared_memory
-            && std::env::var_os("UCX_ADAPTIVE_PROGRESS").is_none()
-            && modify("ADAPTIVE_PROGRESS", "n").is_err()
-        {
-            tracing::debug!("this UCX does not take ADAPTIVE_PROGRESS=n; keeping adaptive progress");
+        if self.may_use_shared_memory {
+            our_default("ADAPTIVE_PROGRESS", "n");
         }
         settings.extend(self.cfg.settings.iter().cloned());
         let mut result = Ok(());
