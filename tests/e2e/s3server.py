@@ -54,7 +54,7 @@ class WeedServer:
             free_port() for _ in range(8)
         )
         # mini's maintenance worker dials the admin server at its port + 10000, whatever the flag says.
-        admin = next(p for p in (free_port() for _ in range(20)) if p + 10000 < 65536)
+        admin = free_port(offset=10000)
         self.s3_port = s3
         self.filer_port = filer
         self.grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc, admin + 10000]
