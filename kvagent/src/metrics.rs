@@ -276,6 +276,11 @@ const COUNTERS: &[Field] = &[
     ("tier_read_bytes", "Payload bytes read from the tier", |s| {
         s.bytes_read
     }),
+    (
+        "tier_checksummed_bytes",
+        "Payload bytes read only to checksum blocks for peers' grants (once per block at most)",
+        |s| s.checksummed_bytes,
+    ),
 ];
 
 const GAUGES: &[Field] = &[

@@ -340,6 +340,58 @@ impl Drop for Netns {
 /// prompt): each is told the blocks are held only once they are, so each can load every block
 /// as soon as its pull returns. The one that comes second waits for the blocks the first is
 /// landing instead of answering "held" while they are still on their way.
+/// A source reads a block to checksum it for its first grant only, and an agent that pulled a
+/// block grants it in turn without reading it at all: its pull verified the checksum it keeps.
+#[test]
+fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "cluster-secret");
+    let listening = |name: &str| {
+        // Picked once the agent before has bound its own port.
+        let listen = format!("127.0.0.1:{}", free_peer_port());
+        let agent = Agent::start(
+            &dir.path().join(format!("{name}.sock")),
+            &["--peer-listen", &listen, "--peer-secret-file", &secret],
+        );
+        (agent, listen)
+    };
+    let (source, at_source) = listening("cs-source");
+    let (relay, at_relay) = listening("cs-relay");
+    let ns = ns("checksummed-once");
+    let data = blocks(3, 8);
+    let bytes: u64 = data.iter().map(|(_, d)| d.len() as u64).sum();
+    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+    save(&source.client(), &ns, &data);
+    let checksummed = |agent: &Agent| {
+        agent.stats()["host"]["checksummed_bytes"]
+            .as_u64()
+            .expect("a count")
+    };
+    assert_eq!(
+        checksummed(&source),
+        0,
+        "saved blocks are not read until a grant needs them"
+    );
+
+    let pull = |puller: &Agent, from: &str| {
+        let c = pull_client(puller);
+        assert_eq!(c.pull(from, &ns, &hashes).unwrap(), vec![true; data.len()]);
+        assert_eq!(held_exact(&c, &ns, &data), data.len());
+    };
+    pull(&relay, &at_source);
+    assert_eq!(
+        checksummed(&source),
+        bytes,
+        "the first grant reads each block once"
+    );
+    let (other, _) = listening("cs-other");
+    pull(&other, &at_source);
+    assert_eq!(checksummed(&source), bytes, "a second grant reads nothing");
+    let (last, _) = listening("cs-last");
+    pull(&last, &at_relay);
+    assert_eq!(checksummed(&relay), 0, "pulled blocks came with their checksums");
+}
+
 #[test]
 fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
     let dir = socket_dir();

@@ -73,6 +73,20 @@ pub struct Reservation {
     offset: u64,
     len: u64,
     slot: Slot,
+    /// The checksum of what the writer put in the slot, where it knows it without reading the
+    /// slot again ([`Reservation::note_checksum`]).
+    checksum: Option<u64>,
+}
+
+impl Reservation {
+    /// Records the [`checksum`](crate::block::checksum) of the bytes this reservation will be
+    /// committed with, where the writer has it at no cost (a pulled block verified against its
+    /// grant, a block promoted from a tier that verified it): the committed block keeps it, and
+    /// a peer's grant of the block need not read it again ([`HostTier::checksum`]). A wrong
+    /// value makes no block wrong: a puller that checks finds the mismatch and drops its copy.
+    pub fn note_checksum(&mut self, checksum: u64) {
+        self.checksum = Some(checksum);
+    }
 }
 
 /// A pinned, readable block. Release it (not `Copy`: one lease, one release).
@@ -139,8 +153,9 @@ pub enum Reserve {
 #[derive(Debug)]
 struct HostState {
     alloc: SlabAllocator,
-    /// Committed blocks; a reader is a [`Lease`] holder. No metadata beyond the slot.
-    entries: SlotIndex<()>,
+    /// Committed blocks, with their checksum once known (noted at commit, or computed by the
+    /// first [`HostTier::checksum`]); a reader is a [`Lease`] holder.
+    entries: SlotIndex<Option<u64>>,
     reserved: HashMap<BlockKey, Slot>,
     /// Victims being demoted, with their slots (still allocated); `true` once removed meanwhile
     /// (the lower tier must drop them too).
@@ -298,6 +313,7 @@ impl HostTier {
             offset: self.offset(&slot),
             len,
             slot,
+            checksum: None,
         })
     }
 
@@ -340,7 +356,7 @@ impl HostTier {
         let mut st = self.state.lock();
         for r in rs {
             st.reserved.remove(&r.key);
-            st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
+            st.entries.put(r.key, Entry::new(r.slot, r.len, r.checksum));
         }
         drop(st);
         self.settled.notify_waiters();
@@ -351,7 +367,7 @@ impl HostTier {
     fn insert(&self, r: Reservation) {
         let mut st = self.state.lock();
         st.reserved.remove(&r.key);
-        st.entries.put(r.key, Entry::new(r.slot, r.len, ()));
+        st.entries.put(r.key, Entry::new(r.slot, r.len, r.checksum));
         drop(st);
         self.settled.notify_waiters();
     }
@@ -415,6 +431,29 @@ impl HostTier {
         // SAFETY: the lease pins the slot (no writer until it is released, which needs the
         // lease the borrow is tied to); the range is the block's, inside the arena.
         unsafe { self.arena.slice(lease.offset, lease.len as usize) }
+    }
+
+    /// The [`checksum`](crate::block::checksum) of a leased block: the one noted when it was
+    /// committed or computed by an earlier call, else computed now (a pass over the block) and
+    /// kept. A committed block does not change, so what a grant announces for it is what it
+    /// held when it was stored; one changed in memory since then fails a puller's check.
+    pub fn checksum(&self, lease: &Lease) -> u64 {
+        if let Some(sum) = self.known_checksum(&lease.key) {
+            return sum;
+        }
+        // Outside the lock: the lease keeps the entry (and its slot) in place meanwhile.
+        let sum = crate::block::checksum(self.lease_data(lease));
+        TierCounters::add(&self.counters.checksummed_bytes, lease.len);
+        if let Some(e) = self.state.lock().entries.peek_mut(&lease.key) {
+            e.meta = Some(sum);
+        }
+        sum
+    }
+
+    /// The checksum the tier holds for a committed block without reading it (`None`: not
+    /// committed here, or nobody has needed it yet).
+    pub fn known_checksum(&self, key: &BlockKey) -> Option<u64> {
+        self.state.lock().entries.peek(key).and_then(|e| e.meta)
     }
 
     /// Keys of the committed blocks, least recently used first.

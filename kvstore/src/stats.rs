@@ -43,6 +43,7 @@ pub struct TierCounters {
     pub(crate) checksum_failures: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) bytes_read: AtomicU64,
+    pub(crate) checksummed_bytes: AtomicU64,
 }
 
 /// A point-in-time copy of one tier's counters and occupancy.
@@ -70,6 +71,9 @@ pub struct TierStats {
     pub bytes_written: u64,
     /// Payload bytes read out of this tier.
     pub bytes_read: u64,
+    /// Payload bytes read only to checksum blocks for peers' grants (host tier): a block whose
+    /// writer noted its checksum is never read for it, any other once in its life.
+    pub checksummed_bytes: u64,
     /// Blocks held now.
     pub blocks: u64,
     /// Bytes of slots in use now.
@@ -96,6 +100,7 @@ impl TierCounters {
             checksum_failures: self.checksum_failures.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             bytes_read: self.bytes_read.load(Relaxed),
+            checksummed_bytes: self.checksummed_bytes.load(Relaxed),
             blocks,
             used_bytes,
             capacity_bytes,

@@ -437,6 +437,12 @@ impl TieredStore {
                 Err(_) => unpromoted.push(*key),
             }
         }
+        // Read below, and verified against these: the host keeps them for the blocks' grants.
+        for (r, sum) in read_res.iter_mut().zip(disk.checksums(&read_keys)) {
+            if let Some(sum) = sum {
+                r.note_checksum(sum);
+            }
+        }
         let mut written = vec![false; read_res.len()];
         let read_ok = disk.get_batch(&read_keys, |j, payload| {
             if payload.len() as u64 == read_res[j].len() {

@@ -453,6 +453,30 @@ fn mixed_sizes_persist_and_promote() {
 
 /// The slots of a `reserve_batch_after_writers` answer: `Ok` where a slot was reserved, else
 /// the outcome.
+#[test]
+fn a_block_keeps_the_checksum_a_promotion_verified_or_a_grant_computed() {
+    let dir = scratch();
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..200 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    let sum = |i| kvstore::block::checksum(&payload(i, BLOCK));
+    // Stored by a writer that noted nothing: unknown until someone needs it, then kept.
+    let lease = s.host().acquire(&key(199)).expect("block 199 in the host tier");
+    assert_eq!(s.host().known_checksum(&key(199)), None);
+    assert_eq!(s.host().checksum(&lease), sum(199));
+    assert_eq!(s.host().known_checksum(&key(199)), Some(sum(199)));
+    s.release(lease);
+    // Block 0 went down to disk, whose read verifies it: promoted, it comes with that checksum.
+    assert_eq!(s.host().known_checksum(&key(0)), None);
+    let got = s.acquire_batch_tiered(&[key(0)]);
+    let Some((lease, TierLevel::Disk)) = got.into_iter().next().flatten() else {
+        panic!("block 0 is promoted from disk");
+    };
+    assert_eq!(s.host().known_checksum(&key(0)), Some(sum(0)));
+    s.release(lease);
+}
+
 fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
     out.iter()
         .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))

@@ -229,6 +229,7 @@ fn stats_json(shared: &server::Shared) -> String {
             "evictions": t.evictions, "demotions": t.demotions, "promotions": t.promotions,
             "removals": t.removals, "checksum_failures": t.checksum_failures,
             "bytes_written": t.bytes_written, "bytes_read": t.bytes_read,
+            "checksummed_bytes": t.checksummed_bytes,
             "blocks": t.blocks, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
         })
     };

@@ -705,6 +705,13 @@ impl DiskTier {
             .collect()
     }
 
+    /// Each key's [`checksum`], as the index records it (`None`: not stored). For a held block
+    /// it is what a read of it verifies against, so a copy that a read passed has this checksum.
+    pub fn checksums(&self, keys: &[BlockKey]) -> Vec<Option<u64>> {
+        let st = self.state.lock();
+        keys.iter().map(|k| st.entries.peek(k).map(|e| e.meta)).collect()
+    }
+
     /// Ends a [`Self::hold`] (keys that were not held are ignored). A held block found corrupt
     /// meanwhile leaves the index here.
     pub fn unhold(&self, keys: &[BlockKey]) {

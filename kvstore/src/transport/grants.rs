@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::block::checksum;
 use crate::host::Lease;
 use crate::key::BlockKey;
 use crate::stats::TierLevel;
@@ -52,7 +51,7 @@ pub struct GrantedBlock {
     pub offset: u64,
     /// Its length.
     pub len: u64,
-    /// [`checksum`] of its bytes, computed when granted.
+    /// [`checksum`](crate::block::checksum) of its bytes as they were stored.
     pub checksum: u64,
     /// Where the source found it before pinning it in its arena.
     pub tier: TierLevel,
@@ -152,7 +151,9 @@ impl Grants {
     }
 
     /// Pins the longest stored prefix of `keys` (promoting disk blocks into the arena) and
-    /// checksums it. An empty prefix makes no grant entry but still answers.
+    /// checksums it (a block is read for that once in its life at most:
+    /// [`HostTier::checksum`](crate::host::HostTier::checksum)). An empty prefix makes no grant
+    /// entry but still answers.
     pub fn grant(&self, keys: &[BlockKey]) -> Result<Grant, GrantError> {
         if keys.len() > MAX_GRANT_BLOCKS {
             return Err(GrantError::TooManyKeys { asked: keys.len() });
@@ -170,7 +171,7 @@ impl Grants {
             blocks.push(GrantedBlock {
                 offset: lease.offset(),
                 len: lease.len(),
-                checksum: checksum(self.store.host().lease_data(&lease)),
+                checksum: self.store.host().checksum(&lease),
                 tier,
             });
             leases.push(lease);
@@ -235,6 +236,7 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::checksum;
     use crate::transport::test_support::{key, store};
 
     #[test]
@@ -263,6 +265,29 @@ mod tests {
         // Nothing stored: an answer with no blocks and no entry.
         let none = g.grant(&[key(9)]).unwrap();
         assert!(none.blocks.is_empty() && g.open() == 0);
+    }
+
+    #[test]
+    fn a_block_is_read_for_its_checksum_once() {
+        let s = store(8);
+        s.put(&key(0), &[7; 4096]);
+        let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 4);
+        let first = g.grant(&[key(0)]).unwrap();
+        assert_eq!(first.blocks[0].checksum, checksum(&[7u8; 4096]));
+        assert!(g.release(&first.id));
+        // The block's bytes change behind the tier's back: the next grant still announces what
+        // was stored, so a puller's check catches the change instead of vouching for it.
+        // SAFETY: the block's slot, inside the arena; nothing reads or writes it meanwhile.
+        unsafe { s.host().arena().write_at(first.blocks[0].offset, &[8; 16]) };
+        let second = g.grant(&[key(0)]).unwrap();
+        assert_eq!(second.blocks[0].checksum, first.blocks[0].checksum);
+
+        // A writer's noted checksum is what a grant announces: the block is not read for it.
+        let mut r = s.reserve_batch(&[(key(1), 4096)]).pop().unwrap().unwrap();
+        r.note_checksum(0xfeed);
+        s.host().write(&r, &[1; 4096]);
+        s.commit(r);
+        assert_eq!(g.grant(&[key(1)]).unwrap().blocks[0].checksum, 0xfeed);
     }
 
     #[test]

@@ -468,11 +468,17 @@ impl Peers {
         let pulled = transport.pull(&grant.endpoint, id, items, deadline).await;
         let (mut ok, mut bytes, mut corrupt, mut failed) = (Vec::new(), 0, 0, 0);
         let mut first_error = None;
-        for p in pulled {
+        // A verifying transport reports a block pulled only once it matched its grant's
+        // checksum: the block keeps it, for when this agent grants the block in turn.
+        let verified = transport.verifies();
+        for mut p in pulled {
             match p.result {
                 Ok(()) => {
                     bytes += p.slot.len();
                     held[p.index as usize] = true;
+                    if verified {
+                        p.slot.note_checksum(grant.blocks[p.index as usize].checksum);
+                    }
                     ok.push(p.slot);
                 }
                 Err(TransportError::Checksum { .. }) => {
