@@ -7,11 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rayon::prelude::*;
 
 use crate::host::Lease;
 use crate::key::BlockKey;
 use crate::stats::TierLevel;
 use crate::store::TieredStore;
+
+/// Bytes of blocks to checksum from which a grant spreads the work over rayon's threads (below
+/// it, waking them costs more than it saves).
+const PARALLEL_CHECKSUM_BYTES: u64 = 8 << 20;
 
 /// Most blocks one grant may pin.
 pub const MAX_GRANT_BLOCKS: usize = 65_536;
@@ -164,22 +169,28 @@ impl Grants {
             return Err(GrantError::TooManyGrants { open });
         }
         let mut leases = Vec::new();
-        let mut blocks = Vec::new();
+        let mut tiers = Vec::new();
         let mut acquired = self.store.acquire_batch_tiered(keys).into_iter();
         for got in acquired.by_ref() {
             let Some((lease, tier)) = got else { break };
-            blocks.push(GrantedBlock {
-                offset: lease.offset(),
-                len: lease.len(),
-                checksum: self.store.host().checksum(&lease),
-                tier,
-            });
             leases.push(lease);
+            tiers.push(tier);
         }
         // Hits past the first miss are not part of the prefix.
         for lease in acquired.flatten() {
             self.store.release(lease.0);
         }
+        let blocks = leases
+            .iter()
+            .zip(tiers)
+            .zip(self.checksums(&leases))
+            .map(|((lease, tier), checksum)| GrantedBlock {
+                offset: lease.offset(),
+                len: lease.len(),
+                checksum,
+                tier,
+            })
+            .collect();
         let id = GrantId::random();
         if !leases.is_empty() {
             let entry = GrantEntry {
@@ -194,6 +205,23 @@ impl Grants {
             blocks,
             ttl: self.ttl,
         })
+    }
+
+    /// The checksums of leased blocks. Those not known yet are computed on several cores when
+    /// they add up to enough bytes: a long prefix of blocks an engine saved is read in full
+    /// before the grant answers, and the puller waits for it.
+    fn checksums(&self, leases: &[Lease]) -> Vec<u64> {
+        let host = self.store.host();
+        let unknown: u64 = leases
+            .iter()
+            .filter(|l| host.known_checksum(l.key()).is_none())
+            .map(Lease::len)
+            .sum();
+        if unknown < PARALLEL_CHECKSUM_BYTES {
+            leases.iter().map(|l| host.checksum(l)).collect()
+        } else {
+            leases.par_iter().map(|l| host.checksum(l)).collect()
+        }
     }
 
     /// The live grant `id`, to read its blocks (they stay pinned while the `Arc` lives).
@@ -237,7 +265,7 @@ impl Grants {
 mod tests {
     use super::*;
     use crate::block::checksum;
-    use crate::transport::test_support::{key, store};
+    use crate::transport::test_support::{key, payload, store};
 
     #[test]
     fn grants_pin_a_prefix_until_released_or_expired() {
@@ -288,6 +316,21 @@ mod tests {
         s.host().write(&r, &[1; 4096]);
         s.commit(r);
         assert_eq!(g.grant(&[key(1)]).unwrap().blocks[0].checksum, 0xfeed);
+    }
+
+    #[test]
+    fn a_long_prefix_is_checksummed_in_parallel_in_order() {
+        let s = store(64);
+        let data: Vec<Vec<u8>> = (0..12).map(|i| payload(i, 1 << 20)).collect();
+        for (i, d) in data.iter().enumerate() {
+            s.put(&key(i as u64), d);
+        }
+        let keys: Vec<BlockKey> = (0..12).map(key).collect();
+        let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 4);
+        let grant = g.grant(&keys).unwrap();
+        const { assert!(12 << 20 >= PARALLEL_CHECKSUM_BYTES) };
+        let sums: Vec<u64> = grant.blocks.iter().map(|b| b.checksum).collect();
+        assert_eq!(sums, data.iter().map(|d| checksum(d)).collect::<Vec<_>>());
     }
 
     #[test]
