@@ -340,6 +340,11 @@ pub struct PeerSection {
     pub max_grants: u32,
     /// Worker threads of the transfer runtime.
     pub threads: u32,
+    /// On an agent that serves peers (`listen` set): checksum blocks engines commit on a
+    /// background thread, so that the grant of a prefix a puller asks for soon after (a decode
+    /// pulling what a prefill just saved) finds the checksums ready instead of reading every
+    /// block first. Off: the first grant of a block reads it.
+    pub checksum_on_commit: bool,
     /// The RDMA verbs transport (agents built with the `rdma` feature).
     pub rdma: RdmaSection,
     /// The UCX transport (agents built with the `ucx` feature).
@@ -455,6 +460,7 @@ impl Default for PeerSection {
             grant_ttl_s: 30,
             max_grants: 1024,
             threads: 2,
+            checksum_on_commit: true,
             rdma: RdmaSection::default(),
             ucx: UcxSection::default(),
         }

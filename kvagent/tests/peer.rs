@@ -340,56 +340,72 @@ impl Drop for Netns {
 /// prompt): each is told the blocks are held only once they are, so each can load every block
 /// as soon as its pull returns. The one that comes second waits for the blocks the first is
 /// landing instead of answering "held" while they are still on their way.
-/// A source reads a block to checksum it for its first grant only, and an agent that pulled a
-/// block grants it in turn without reading it at all: its pull verified the checksum it keeps.
+/// A block is read to checksum it once in its life at most, where the source's grant needs it,
+/// or ahead of that on the source's own thread right after an engine commits it (the default
+/// on an agent that serves peers); an agent that pulled a block grants it in turn without
+/// reading it at all: its pull verified the checksum it keeps.
 #[test]
 fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "cluster-secret");
-    let listening = |name: &str| {
+    let lazy = dir.path().join("lazy.toml");
+    std::fs::write(&lazy, "[peer]\nchecksum_on_commit = false\n").unwrap();
+    let listening = |name: &str, extra: &[&str]| {
         // Picked once the agent before has bound its own port.
         let listen = format!("127.0.0.1:{}", free_peer_port());
-        let agent = Agent::start(
-            &dir.path().join(format!("{name}.sock")),
-            &["--peer-listen", &listen, "--peer-secret-file", &secret],
-        );
+        let args = [
+            &["--peer-listen", &listen, "--peer-secret-file", &secret][..],
+            extra,
+        ]
+        .concat();
+        let agent = Agent::start(&dir.path().join(format!("{name}.sock")), &args);
         (agent, listen)
     };
-    let (source, at_source) = listening("cs-source");
-    let (relay, at_relay) = listening("cs-relay");
-    let ns = ns("checksummed-once");
-    let data = blocks(3, 8);
-    let bytes: u64 = data.iter().map(|(_, d)| d.len() as u64).sum();
-    let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
-    save(&source.client(), &ns, &data);
     let checksummed = |agent: &Agent| {
         agent.stats()["host"]["checksummed_bytes"]
             .as_u64()
             .expect("a count")
     };
+    let pull = |puller: &Agent, from: &str, ns: &Namespace, data: &[(BlockHash, Vec<u8>)]| {
+        let c = pull_client(puller);
+        let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+        assert_eq!(c.pull(from, ns, &hashes).unwrap(), vec![true; data.len()]);
+        assert_eq!(held_exact(&c, ns, data), data.len());
+    };
+    let bytes = |data: &[(BlockHash, Vec<u8>)]| data.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+
+    // Not ahead: the first grant reads each block, the next ones nothing.
+    let (source, at_source) = listening("cs-source", &["--config", lazy.to_str().unwrap()]);
+    let (space, data) = (ns("checksummed-at-grant"), blocks(3, 8));
+    save(&source.client(), &space, &data);
     assert_eq!(
         checksummed(&source),
         0,
         "saved blocks are not read until a grant needs them"
     );
-
-    let pull = |puller: &Agent, from: &str| {
-        let c = pull_client(puller);
-        assert_eq!(c.pull(from, &ns, &hashes).unwrap(), vec![true; data.len()]);
-        assert_eq!(held_exact(&c, &ns, &data), data.len());
-    };
-    pull(&relay, &at_source);
+    let (relay, at_relay) = listening("cs-relay", &[]);
+    pull(&relay, &at_source, &space, &data);
     assert_eq!(
         checksummed(&source),
-        bytes,
+        bytes(&data),
         "the first grant reads each block once"
     );
-    let (other, _) = listening("cs-other");
-    pull(&other, &at_source);
-    assert_eq!(checksummed(&source), bytes, "a second grant reads nothing");
-    let (last, _) = listening("cs-last");
-    pull(&last, &at_relay);
+    let (other, _) = listening("cs-other", &[]);
+    pull(&other, &at_source, &space, &data);
+    assert_eq!(checksummed(&source), bytes(&data), "a second grant reads nothing");
+    // Pulled: never read for a checksum, neither ahead (no engine committed them) nor at grants.
+    let (last, _) = listening("cs-last", &[]);
+    pull(&last, &at_relay, &space, &data);
     assert_eq!(checksummed(&relay), 0, "pulled blocks came with their checksums");
+
+    // Ahead: read once after the commit, and the grant finds the checksums ready.
+    let (space, data) = (ns("checksummed-ahead"), blocks(4, 8));
+    save(&relay.client(), &space, &data);
+    relay.wait_for("the committed blocks checksummed", |s| {
+        s["host"]["checksummed_bytes"] == bytes(&data)
+    });
+    pull(&last, &at_relay, &space, &data);
+    assert_eq!(checksummed(&relay), bytes(&data), "the grant read nothing");
 }
 
 #[test]

@@ -450,6 +450,26 @@ impl HostTier {
         sum
     }
 
+    /// Computes and keeps the checksums not known yet of the committed blocks among `keys`
+    /// (others are skipped), without counting hits or changing the LRU order: ahead of the
+    /// grants that will need them, off the caller's path.
+    pub fn fill_checksums(&self, keys: &[BlockKey]) {
+        for key in keys {
+            let Some(e) = self.state.lock().entries.acquire_in_place(key) else {
+                continue;
+            };
+            let lease = Lease {
+                key: *key,
+                offset: self.offset(&e.slot),
+                len: e.len,
+            };
+            if e.meta.is_none() {
+                self.checksum(&lease);
+            }
+            self.release(lease);
+        }
+    }
+
     /// The checksum the tier holds for a committed block without reading it (`None`: not
     /// committed here, or nobody has needed it yet).
     pub fn known_checksum(&self, key: &BlockKey) -> Option<u64> {

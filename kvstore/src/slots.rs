@@ -71,6 +71,15 @@ impl<M: Copy> SlotIndex<M> {
         })
     }
 
+    /// Adds a reader like [`Self::acquire`] but leaves the LRU order as it is (a read on the
+    /// tier's own behalf, not a use of the block).
+    pub(crate) fn acquire_in_place(&mut self, key: &BlockKey) -> Option<Entry<M>> {
+        self.entries.peek_mut(key).filter(|e| !e.doomed).map(|e| {
+            e.readers += 1;
+            *e
+        })
+    }
+
     /// Drops a reader added by [`Self::acquire`] (absent keys are ignored). Returns the entry
     /// when it was doomed and this was its last reader: it is out of the index now, and its slot
     /// is the caller's to free.

@@ -477,6 +477,36 @@ fn a_block_keeps_the_checksum_a_promotion_verified_or_a_grant_computed() {
     s.release(lease);
 }
 
+#[test]
+fn checksums_filled_ahead_leave_the_lru_order_and_the_counts_alone() {
+    let dir = scratch();
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    for i in 0..4 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    let (order, before) = (s.host().keys(), s.stats().host);
+    // Block 9 was never stored: skipped.
+    s.host().fill_checksums(&[key(0), key(2), key(9)]);
+    for i in [0, 2] {
+        assert_eq!(
+            s.host().known_checksum(&key(i)),
+            Some(kvstore::block::checksum(&payload(i, BLOCK)))
+        );
+    }
+    assert_eq!(s.host().known_checksum(&key(1)), None);
+    assert_eq!(
+        s.host().keys(),
+        order,
+        "the oldest block is still the first to go"
+    );
+    let after = s.stats().host;
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses));
+    assert_eq!(after.checksummed_bytes, 2 * BLOCK as u64);
+    // Known now: not read again.
+    s.host().fill_checksums(&[key(0)]);
+    assert_eq!(s.stats().host.checksummed_bytes, 2 * BLOCK as u64);
+}
+
 fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
     out.iter()
         .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))

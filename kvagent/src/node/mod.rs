@@ -64,6 +64,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Duration::from_micros(u64::from(cfg.poll_us)),
         Arc::clone(&peers),
         cfg.object.write_through_min_blocks,
+        cfg.peer.checksum_on_commit && !cfg.peer.listen.is_empty(),
     )?;
     let listener = server::bind(&cfg.socket, cfg.socket_mode_bits()?, cfg.socket_gid)?;
     let socket_id = file_id(&cfg.socket);

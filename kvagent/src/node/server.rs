@@ -57,18 +57,46 @@ pub(crate) struct Shared {
     pub(crate) peers: Arc<Peers>,
     /// Write-through to the object tier of blocks committed in large enough batches.
     write_through: Option<WriteThrough>,
+    /// Checksums of committed blocks computed ahead of peers' grants (`peer.checksum_on_commit`
+    /// on an agent that serves peers).
+    checksums_ahead: Option<AfterCommit>,
 }
 
-/// Commits worth sharing, handed to a thread that copies them to the object tier (the commit
-/// itself must not wait for that copy).
+/// Committed blocks handed to a thread for work the commit itself must not wait for. A full
+/// queue drops the batch (the caller decides whether that is worth counting).
 #[derive(Debug)]
-struct WriteThrough {
-    min_blocks: usize,
+struct AfterCommit {
     queue: std::sync::mpsc::SyncSender<Vec<kvstore::BlockKey>>,
 }
 
-/// Batches the write-through queue holds before new ones are dropped (and counted).
-const WRITE_THROUGH_QUEUE: usize = 256;
+/// Batches an [`AfterCommit`] queue holds before new ones are dropped.
+const AFTER_COMMIT_QUEUE: usize = 256;
+
+impl AfterCommit {
+    fn start(
+        thread: &str,
+        mut work: impl FnMut(Vec<kvstore::BlockKey>) + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let (queue, rx) = std::sync::mpsc::sync_channel(AFTER_COMMIT_QUEUE);
+        std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || rx.into_iter().for_each(&mut work))
+            .with_context(|| format!("starting the {thread} thread"))?;
+        Ok(Self { queue })
+    }
+
+    /// Queues `keys`; `false` when the queue was full and they were dropped.
+    fn offer(&self, keys: Vec<kvstore::BlockKey>) -> bool {
+        self.queue.try_send(keys).is_ok()
+    }
+}
+
+/// Commits worth sharing, copied to the object tier by their own thread.
+#[derive(Debug)]
+struct WriteThrough {
+    min_blocks: usize,
+    copies: AfterCommit,
+}
 
 impl WriteThrough {
     fn start(
@@ -79,21 +107,15 @@ impl WriteThrough {
         if min_blocks == 0 || store.object().is_none() {
             return Ok(None);
         }
-        let (queue, rx) = std::sync::mpsc::sync_channel::<Vec<kvstore::BlockKey>>(WRITE_THROUGH_QUEUE);
         let store = Arc::clone(store);
         let metrics = Arc::clone(metrics);
-        std::thread::Builder::new()
-            .name("kvagent-object-wt".into())
-            .spawn(move || {
-                for keys in rx {
-                    let n = store.write_through(&keys);
-                    metrics.write_through_blocks.inc_by(n as u64);
-                }
-            })
-            .context("starting the write-through thread")?;
+        let copies = AfterCommit::start("kvagent-object-wt", move |keys| {
+            let n = store.write_through(&keys);
+            metrics.write_through_blocks.inc_by(n as u64);
+        })?;
         Ok(Some(Self {
             min_blocks: min_blocks as usize,
-            queue,
+            copies,
         }))
     }
 }
@@ -130,8 +152,17 @@ impl Shared {
         poll: Duration,
         peers: Arc<Peers>,
         write_through_min_blocks: u32,
+        checksum_on_commit: bool,
     ) -> anyhow::Result<Arc<Self>> {
         let write_through = WriteThrough::start(&store, &metrics, write_through_min_blocks)?;
+        let checksums_ahead = if checksum_on_commit {
+            let store = Arc::clone(&store);
+            Some(AfterCommit::start("kvagent-checksum", move |keys| {
+                store.host().fill_checksums(&keys);
+            })?)
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
             store,
             metrics,
@@ -147,13 +178,18 @@ impl Shared {
             models: Arc::new(Models::default()),
             peers,
             write_through,
+            checksums_ahead,
         }))
     }
 
-    /// Queues committed blocks for write-through when the batch is large enough.
-    fn write_through(&self, ns: kvstore::Namespace, hashes: &[BlockHash], committed: &[bool]) {
-        let Some(wt) = &self.write_through else { return };
-        if hashes.len() < wt.min_blocks {
+    /// Hands committed blocks to the work that follows a commit: write-through when the batch
+    /// is large enough, checksums ahead of grants (a full queue leaves those to the grant).
+    fn after_commit(&self, ns: kvstore::Namespace, hashes: &[BlockHash], committed: &[bool]) {
+        let write_through = self
+            .write_through
+            .as_ref()
+            .filter(|wt| hashes.len() >= wt.min_blocks);
+        if write_through.is_none() && self.checksums_ahead.is_none() {
             return;
         }
         let keys: Vec<kvstore::BlockKey> = hashes
@@ -162,9 +198,18 @@ impl Shared {
             .filter(|(_, c)| **c)
             .map(|(h, _)| kvstore::BlockKey::new(ns, *h))
             .collect();
-        let n = keys.len() as u64;
-        if n > 0 && wt.queue.try_send(keys).is_err() {
-            self.metrics.write_through_dropped.inc_by(n);
+        if keys.is_empty() {
+            return;
+        }
+        if let Some(ahead) = &self.checksums_ahead {
+            // Dropped when the queue is full: the grant computes what is missing.
+            ahead.offer(keys.clone());
+        }
+        if let Some(wt) = write_through {
+            let n = keys.len() as u64;
+            if !wt.copies.offer(keys) {
+                self.metrics.write_through_dropped.inc_by(n);
+            }
         }
     }
 
@@ -595,7 +640,7 @@ fn dispatch(
         Request::Reserve(ns, items) => (Response::Reserve(session.reserve(ns, &items)), items.len()),
         Request::Commit(ns, hashes) => {
             let committed = session.commit(ns, &hashes, false);
-            shared.write_through(ns, &hashes, &committed);
+            shared.after_commit(ns, &hashes, &committed);
             (Response::Commit(committed), hashes.len())
         }
         Request::Abort(ns, hashes) => (Response::Abort(session.commit(ns, &hashes, true)), hashes.len()),
