@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 import kvtier
 from kvagent_process import Agent
+from ports import free_port
 
 NS = kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1)
 
@@ -213,10 +213,8 @@ def test_invalid_arguments_are_value_errors(agent: Agent) -> None:
 def test_pull_copies_another_agents_blocks(agent: Agent, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("py-cluster")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    peer = f"127.0.0.1:{port}"
+    # The control channel, and the TCP data plane on the next port.
+    peer = f"127.0.0.1:{free_port(span=2)}"
     source = Agent(tmp_path / "src.sock", ["--peer-listen", peer, "--peer-secret-file", str(secret)])
     puller = Agent(tmp_path / "dst.sock", ["--peer-secret-file", str(secret)])
     try:
