@@ -8,7 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT_WAIT, Agent, free_peer_port, hash, ns, payload, socket_dir};
+use common::{AGENT_WAIT, Agent, hash, ns, payload, socket_dir};
+
+/// A loopback peer listener on ports the agent picks itself (no other process can take them
+/// between a test's pick and the agent's bind); [`Agent::peer_address`] tells which.
+const ANY_PORT: &str = "127.0.0.1:0";
 use kvstore::client::{Client, ClientConfig, ClientError, SaveOutcome};
 use kvstore::wire::ErrorCode;
 use kvstore::{BlockHash, Namespace};
@@ -130,18 +134,17 @@ fn pulls_over_loopback_are_exact_and_need_the_shared_secret() {
     let dir = socket_dir();
     let right = write_secret(dir.path(), "right", "cluster-secret\n");
     let wrong = write_secret(dir.path(), "wrong", "another-cluster");
-    let port = free_peer_port();
-    let peer = format!("127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
     let source = Agent::start(
         &dir.path().join("a.sock"),
-        &["--peer-listen", &listen, "--peer-secret-file", &right],
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", &right],
     );
+    let peer = source.peer_address();
+    let port = peer.strip_prefix("127.0.0.1:").map(str::parse::<u16>);
+    assert!(matches!(port, Some(Ok(p)) if p != 0), "{peer}");
     let puller = Agent::start(&dir.path().join("b.sock"), &["--peer-secret-file", &right]);
     let ns = ns("peer-loopback");
     let data = blocks(1, 30);
     save(&source.client(), &ns, &data);
-    assert_eq!(source.stats()["peer"]["address"], peer.as_str());
 
     // A prefix the source holds 30 blocks of, plus two it does not.
     let mut hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
@@ -351,15 +354,14 @@ fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
     let lazy = dir.path().join("lazy.toml");
     std::fs::write(&lazy, "[peer]\nchecksum_on_commit = false\n").unwrap();
     let listening = |name: &str, extra: &[&str]| {
-        // Picked once the agent before has bound its own port.
-        let listen = format!("127.0.0.1:{}", free_peer_port());
         let args = [
-            &["--peer-listen", &listen, "--peer-secret-file", &secret][..],
+            &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret][..],
             extra,
         ]
         .concat();
         let agent = Agent::start(&dir.path().join(format!("{name}.sock")), &args);
-        (agent, listen)
+        let at = agent.peer_address();
+        (agent, at)
     };
     let checksummed = |agent: &Agent| {
         agent.stats()["host"]["checksummed_bytes"]
@@ -412,11 +414,11 @@ fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
 fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "cluster-secret");
-    let listen = format!("127.0.0.1:{}", free_peer_port());
     let source = Agent::start(
         &dir.path().join("a.sock"),
-        &["--peer-listen", &listen, "--peer-secret-file", &secret],
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
     );
+    let listen = source.peer_address();
     let puller = Agent::start(&dir.path().join("b.sock"), &["--peer-secret-file", &secret]);
     for round in 0..4u64 {
         let ns = ns(&format!("peer-twice-{round}"));
@@ -566,12 +568,11 @@ fn a_prefix_another_node_holds_is_found_through_the_index_and_pulled() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "reuse-cluster");
     let index = common::IndexProc::start(&[]);
-    let listen = format!("127.0.0.1:{}", free_peer_port());
     let source = Agent::start(
         &dir.path().join("a.sock"),
         &[
             "--peer-listen",
-            &listen,
+            ANY_PORT,
             "--peer-secret-file",
             &secret,
             "--index",
@@ -580,6 +581,7 @@ fn a_prefix_another_node_holds_is_found_through_the_index_and_pulled() {
             "a",
         ],
     );
+    let listen = source.peer_address();
     let puller = Agent::start(
         &dir.path().join("b.sock"),
         &[
@@ -686,9 +688,9 @@ fn without_an_rdma_device_agents_fall_back_to_tcp() {
     let cfg = dir.path().join("rdma.toml");
     std::fs::write(&cfg, "[peer]\ntransports = [\"rdma\", \"tcp\"]\n").unwrap();
     let cfg = cfg.to_str().unwrap();
-    let listen = format!("127.0.0.1:{}", free_peer_port());
     let (source, puller) =
-        source_and_puller(dir.path(), "rdma", [&[], &[]], [cfg, cfg], &listen, &secret, &[]);
+        source_and_puller(dir.path(), "rdma", [&[], &[]], [cfg, cfg], ANY_PORT, &secret, &[]);
+    let listen = source.peer_address();
     pull_all_exactly(&source, &puller, &listen, &ns("rdma-fallback"), &blocks(6, 8));
 }
 
@@ -706,9 +708,9 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
         path.display().to_string()
     };
     let any = ucx_config("ucx.toml", "");
-    let listen = format!("127.0.0.1:{}", free_peer_port());
     let (source, puller) =
-        source_and_puller(dir.path(), "lo", [&[], &[]], [&any, &any], &listen, &secret, &[]);
+        source_and_puller(dir.path(), "lo", [&[], &[]], [&any, &any], ANY_PORT, &secret, &[]);
+    let listen = source.peer_address();
     let ns = ns("ucx-loopback");
     let data = blocks(7, 24);
     pull_all_exactly(&source, &puller, &listen, &ns, &data);
@@ -721,16 +723,16 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
             &format!("sm-{mode}.toml"),
             &format!("[peer.ucx]\ntls = \"sm\"\nmode = \"{mode}\"\n"),
         );
-        let listen = format!("127.0.0.1:{}", free_peer_port());
         let (source, puller) = source_and_puller(
             dir.path(),
             &format!("sm-{mode}"),
             [&[], &[]],
             [&cfg, &cfg],
-            &listen,
+            ANY_PORT,
             &secret,
             &[],
         );
+        let listen = source.peer_address();
         pull_all_exactly(&source, &puller, &listen, &ns, &data);
     }
 
@@ -821,18 +823,18 @@ fn a_puller_killed_as_its_pull_starts_leaves_the_source_serving() {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, format!("[peer]\ntransports = [\"ucx\"]\n[peer.ucx]\n{ucx}")).unwrap();
         let cfg = cfg.to_str().unwrap();
-        let listen = format!("127.0.0.1:{}", free_peer_port());
         let source = Agent::start(
             &dir.path().join(format!("kp-{name}-source.sock")),
             &[
                 "--config",
                 cfg,
                 "--peer-listen",
-                &listen,
+                ANY_PORT,
                 "--peer-secret-file",
                 &secret,
             ],
         );
+        let listen = source.peer_address();
         let ns = ns(&format!("ucx-killed-puller-{name}"));
         let data = mib_blocks(9, 16);
         save(&source.client(), &ns, &data);

@@ -208,6 +208,16 @@ impl Agent {
         (status, body)
     }
 
+    /// The address the agent tells peers to pull from (an agent started with `--peer-listen`;
+    /// with port 0 there, the ports it bound).
+    pub fn peer_address(&self) -> String {
+        let stats = self.stats();
+        stats["peer"]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no peer address in {stats}"))
+            .to_owned()
+    }
+
     /// The agent's stats document.
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&self.client().stats().expect("stats")).expect("stats JSON")
@@ -369,20 +379,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
-}
-
-/// A free loopback port for an agent's peer control channel whose next port, where the agent
-/// puts its TCP data plane by default, is free too (`free_port` alone left the data plane to
-/// collide with whatever held the next port).
-pub fn free_peer_port() -> u16 {
-    for _ in 0..100 {
-        let control = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        let port = control.local_addr().expect("local address").port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free pair of loopback ports in 100 tries");
 }
 
 /// Opens a raw connection to `socket` and completes the handshake in protocol `version` (the
