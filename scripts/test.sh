@@ -80,7 +80,12 @@ step "doc tests"
 cargo test --workspace --locked --doc
 step "tests"
 status=0
-cargo nextest run --workspace --locked --no-fail-fast --features "$TRANSPORTS" || status=$?
+# Two tests need the UCX run below: one checks the release that run names, the other needs a
+# UCX that survives a peer dying while it connects (1.14 on). On Debian's 1.13 they would print
+# SKIPPED and nextest would count them as passed, so they run there alone.
+NEEDS_UCX_RUN='test(=transport::ucx::tests::the_ucx_loaded_is_the_release_the_run_names) | test(=a_puller_killed_as_its_pull_starts_leaves_the_source_serving)'
+echo "left to the UCX 1.22 run below: $NEEDS_UCX_RUN"
+cargo nextest run --workspace --locked --no-fail-fast --features "$TRANSPORTS" -E "not ($NEEDS_UCX_RUN)" || status=$?
 # Debian 12's UCX is 1.13; the agent's image runs 1.22. kvstore's UCX tests and the agents' peer
 # tests again on 1.22, from its wheel; the tests that need 1.14 or later run here instead of
 # skipping, and one checks that 1.22 is what loaded.
