@@ -73,7 +73,7 @@ pub struct TierStats {
     pub bytes_read: u64,
     /// Payload bytes read only to checksum blocks for peers' grants, at the grant or ahead of it
     /// (host tier): a block whose writer noted its checksum is never read for it, any other
-    /// once in its life (twice at most where a grant and a read ahead of it race).
+    /// once in its life (again only where two such reads of it run at once).
     pub checksummed_bytes: u64,
     /// Blocks held now.
     pub blocks: u64,
