@@ -194,6 +194,15 @@ impl TieredStore {
     /// given back with [`Self::commit`] or [`Self::abort`]. An `Err` says why a block gets no
     /// slot: `AlreadyStored` when it is stored or being stored by someone else.
     pub fn reserve_batch(&self, items: &[(BlockKey, u64)]) -> Vec<Result<Reservation, PutOutcome>> {
+        self.reserve_batch_or(items, PutOutcome::AlreadyStored)
+    }
+
+    /// [`Self::reserve_batch`], with `busy` the answer for a block someone else is storing.
+    fn reserve_batch_or(
+        &self,
+        items: &[(BlockKey, u64)],
+        busy: PutOutcome,
+    ) -> Vec<Result<Reservation, PutOutcome>> {
         let mut out: Vec<Result<Reservation, PutOutcome>> = (0..items.len())
             .map(|_| Err(PutOutcome::NotStored(NotStoredReason::NoSpace)))
             .collect();
@@ -207,7 +216,8 @@ impl TieredStore {
             for (&i, reserved) in pending.iter().zip(reserved) {
                 out[i] = match reserved {
                     Reserve::Slot(r) => Ok(r),
-                    Reserve::Exists | Reserve::Busy => Err(PutOutcome::AlreadyStored),
+                    Reserve::Exists => Err(PutOutcome::AlreadyStored),
+                    Reserve::Busy => Err(busy),
                     Reserve::TooLarge => Err(PutOutcome::NotStored(NotStoredReason::TooLarge)),
                     Reserve::Full => {
                         full.push(i);
@@ -239,32 +249,17 @@ impl TieredStore {
         items: &[(BlockKey, u64)],
         deadline: Instant,
     ) -> Vec<Result<Reservation, PutOutcome>> {
-        let mut out = self.reserve_batch(items);
+        const BUSY: PutOutcome = PutOutcome::NotStored(NotStoredReason::Busy);
+        let mut out = self.reserve_batch_or(items, BUSY);
         loop {
-            // Refused as stored, yet not committed here: being written (or aborted meanwhile).
-            let refused: Vec<usize> = (0..items.len())
-                .filter(|&i| matches!(out[i], Err(PutOutcome::AlreadyStored)))
-                .collect();
-            let keys: Vec<BlockKey> = refused.iter().map(|&i| items[i].0).collect();
-            let busy: Vec<usize> = refused
-                .iter()
-                .zip(self.host.contains_many(&keys))
-                .filter(|(_, committed)| !committed)
-                .map(|(&i, _)| i)
-                .collect();
-            if busy.is_empty() {
-                return out;
-            }
-            if Instant::now() >= deadline {
-                for i in busy {
-                    out[i] = Err(PutOutcome::NotStored(NotStoredReason::Busy));
-                }
+            let busy: Vec<usize> = (0..items.len()).filter(|&i| out[i] == Err(BUSY)).collect();
+            if busy.is_empty() || Instant::now() >= deadline {
                 return out;
             }
             let again: Vec<(BlockKey, u64)> = busy.iter().map(|&i| items[i]).collect();
             let keys: Vec<BlockKey> = again.iter().map(|&(k, _)| k).collect();
             self.host.wait_unreserved(&keys, deadline).await;
-            for (&i, r) in busy.iter().zip(self.reserve_batch(&again)) {
+            for (&i, r) in busy.iter().zip(self.reserve_batch_or(&again, BUSY)) {
                 out[i] = r;
             }
         }
