@@ -68,6 +68,16 @@ impl BlockHeader {
         }
     }
 
+    /// [`Self::for_payload`] with the payload's checksum already known (not read again).
+    pub fn with_checksum(key: BlockKey, len: u64, checksum: u64) -> Self {
+        Self {
+            key,
+            len,
+            checksum,
+            layout_version: LAYOUT_VERSION,
+        }
+    }
+
     /// Encodes into `out[..HEADER_LEN]`, little endian, with a checksum over the header itself.
     pub fn encode(&self, out: &mut [u8]) {
         let out = &mut out[..HEADER_LEN];

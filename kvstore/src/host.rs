@@ -106,6 +106,16 @@ pub struct Victim {
     offset: u64,
     len: u64,
     slot: Slot,
+    /// Its checksum, where the tier knew it.
+    checksum: Option<u64>,
+}
+
+impl Victim {
+    /// The block's [`checksum`](crate::block::checksum), where the tier knew it (see
+    /// [`HostTier::known_checksum`]): a lower tier that stores the victim need not compute it.
+    pub fn checksum(&self) -> Option<u64> {
+        self.checksum
+    }
 }
 
 /// Read-only views of a handle. The fields are private so that safe code cannot point a handle
@@ -526,6 +536,7 @@ impl HostTier {
                         offset: self.offset(&e.slot),
                         len: e.len,
                         slot: e.slot,
+                        checksum: e.meta,
                     });
                 }
             }

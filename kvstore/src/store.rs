@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::disk::{DiskTier, DiskTierConfig};
 use crate::error::{Error, Result};
-use crate::host::{HostTier, HostTierConfig, Lease, Reservation, Reserve};
+use crate::host::{HostTier, HostTierConfig, Lease, Reservation, Reserve, Victim};
 use crate::key::BlockKey;
 use crate::object::{ObjectTier, ObjectTierConfig};
 use crate::outcome::{NotStoredReason, PutOutcome};
@@ -116,7 +116,14 @@ impl TieredStore {
 
     /// Writes blocks to disk, first demoting to the object tier the disk blocks that must
     /// leave to make room (the disk would otherwise drop them).
-    fn disk_put(&self, disk: &DiskTier, batch: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
+    /// Writes `batch` to disk (`known`: checksums known for its blocks, one per block, or empty),
+    /// first moving disk blocks to the object tier where the disk must make room.
+    fn disk_put(
+        &self,
+        disk: &DiskTier,
+        batch: &[(BlockKey, &[u8])],
+        known: &[Option<u64>],
+    ) -> Vec<PutOutcome> {
         if let Some(object) = &self.object {
             let lens: Vec<u64> = batch.iter().map(|(_, d)| d.len() as u64).collect();
             let victims = disk.take_victims(&lens);
@@ -137,7 +144,7 @@ impl TieredStore {
                 disk.evict_held(&victims, demoted);
             }
         }
-        disk.put_batch(batch)
+        disk.put_batch_known(batch, known)
     }
 
     /// Stores one block; see [`Self::put_batch`].
@@ -177,7 +184,7 @@ impl TieredStore {
         if !to_disk.is_empty() {
             let batch: Vec<_> = to_disk.iter().map(|&i| items[i]).collect();
             let outcomes = match (&self.disk, &self.object) {
-                (Some(disk), _) => self.disk_put(disk, &batch),
+                (Some(disk), _) => self.disk_put(disk, &batch, &[]),
                 (None, Some(object)) => object.put_batch(&batch),
                 (None, None) => unreachable!("only collected with a lower tier"),
             };
@@ -277,14 +284,19 @@ impl TieredStore {
             (None, Some(object)) => object.contains_many(&keys),
             (None, None) => vec![true; keys.len()],
         };
-        let batch: Vec<(BlockKey, &[u8])> = victims
+        let leaving: Vec<&Victim> = victims
             .iter()
             .zip(present)
             .filter(|(_, p)| !p)
-            .map(|(v, _)| (*v.key(), self.host.victim_data(v)))
+            .map(|(v, _)| v)
             .collect();
+        let batch: Vec<(BlockKey, &[u8])> = leaving
+            .iter()
+            .map(|v| (*v.key(), self.host.victim_data(v)))
+            .collect();
+        let known: Vec<Option<u64>> = leaving.iter().map(|v| v.checksum()).collect();
         let outcomes = match (&self.disk, &self.object) {
-            (Some(disk), _) => self.disk_put(disk, &batch),
+            (Some(disk), _) => self.disk_put(disk, &batch, &known),
             (None, Some(object)) => object.put_batch(&batch),
             (None, None) => Vec::new(),
         };
@@ -686,7 +698,7 @@ impl TieredStore {
             .collect();
         missing
             .chunks(BATCH)
-            .map(|chunk| self.copy_host_blocks(chunk, |batch| self.disk_put(disk, batch)))
+            .map(|chunk| self.copy_host_blocks(chunk, |batch, known| self.disk_put(disk, batch, known)))
             .sum()
     }
 
@@ -695,14 +707,18 @@ impl TieredStore {
     fn copy_host_blocks(
         &self,
         keys: &[BlockKey],
-        put: impl FnOnce(&[(BlockKey, &[u8])]) -> Vec<PutOutcome>,
+        put: impl FnOnce(&[(BlockKey, &[u8])], &[Option<u64>]) -> Vec<PutOutcome>,
     ) -> usize {
         let leases: Vec<Lease> = keys.iter().filter_map(|k| self.host.acquire_quiet(k)).collect();
         let batch: Vec<(BlockKey, &[u8])> = leases
             .iter()
             .map(|l| (*l.key(), self.host.lease_data(l)))
             .collect();
-        let stored = put(&batch).iter().filter(|o| **o == PutOutcome::Stored).count();
+        let known: Vec<Option<u64>> = leases.iter().map(|l| self.host.known_checksum(l.key())).collect();
+        let stored = put(&batch, &known)
+            .iter()
+            .filter(|o| **o == PutOutcome::Stored)
+            .count();
         for l in leases {
             self.host.release(l);
         }
@@ -721,7 +737,7 @@ impl TieredStore {
             .filter(|(_, p)| !p)
             .map(|(k, _)| *k)
             .collect();
-        self.copy_host_blocks(&absent, |batch| object.put_batch(batch))
+        self.copy_host_blocks(&absent, |batch, _| object.put_batch(batch))
     }
 
     /// Persists the disk tier's metadata (also done on drop), then uploads what the object

@@ -507,6 +507,36 @@ fn checksums_filled_ahead_leave_the_lru_order_and_the_counts_alone() {
     assert_eq!(s.stats().host.checksummed_bytes, 2 * BLOCK as u64);
 }
 
+#[test]
+fn a_demoted_block_goes_to_disk_with_the_checksum_the_host_knew() {
+    let dir = scratch();
+    let s = store(dir.path(), IoEngineChoice::Auto);
+    // Block 1000's noted checksum is wrong, block 1001's right: the disk takes both as given.
+    for (i, sum) in [
+        (1000, 0xfeed),
+        (1001, kvstore::block::checksum(&payload(1001, BLOCK))),
+    ] {
+        let mut r = s.reserve_batch(&[(key(i), BLOCK as u64)]).pop().unwrap().unwrap();
+        r.note_checksum(sum);
+        s.host().write(&r, &payload(i, BLOCK));
+        s.commit(r);
+    }
+    for i in 0..200 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    let disk = s.disk().unwrap();
+    assert!(
+        disk.contains(&key(1000)) && disk.contains(&key(1001)),
+        "both demoted"
+    );
+    assert_eq!(check(&s, 1001), Some(TierLevel::Disk));
+    // Not read to checksum it on the way down: the wrong checksum went with it, and its read
+    // is a counted miss rather than a block vouched for again.
+    let mut buf = vec![0u8; BLOCK];
+    assert_eq!(s.get(&key(1000), &mut buf).unwrap(), None);
+    assert_eq!(s.stats().disk.unwrap().checksum_failures, 1);
+}
+
 fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
     out.iter()
         .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))

@@ -430,6 +430,13 @@ impl DiskTier {
     /// Writes a batch of blocks, several in flight; each block is copied into its I/O buffer
     /// just before submission, overlapping the writes already in flight.
     pub fn put_batch(&self, items: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
+        self.put_batch_known(items, &[])
+    }
+
+    /// [`Self::put_batch`] where the caller knows some payloads' [`checksum`]s (`known`: one
+    /// per item, or empty): those are not read to compute them. A wrong one makes the block's
+    /// reads fail verification (a miss), never a wrong block.
+    pub fn put_batch_known(&self, items: &[(BlockKey, &[u8])], known: &[Option<u64>]) -> Vec<PutOutcome> {
         let mut out = vec![PutOutcome::AlreadyStored; items.len()];
         let mut todo: Vec<(usize, Slot)> = Vec::with_capacity(items.len());
         {
@@ -470,7 +477,10 @@ impl DiskTier {
             },
             &mut |j, b| {
                 let (key, data) = items[todo[j].0];
-                let header = BlockHeader::for_payload(key, data);
+                let header = match known.get(todo[j].0) {
+                    Some(&Some(sum)) => BlockHeader::with_checksum(key, data.len() as u64, sum),
+                    _ => BlockHeader::for_payload(key, data),
+                };
                 b[..IO_ALIGN].fill(0);
                 header.encode(&mut b[..HEADER_LEN]);
                 b[IO_ALIGN..IO_ALIGN + data.len()].copy_from_slice(data);
