@@ -136,8 +136,11 @@ impl TieredStore {
                     .map(|(k, _)| *k)
                     .collect();
                 let mut demoted = 0;
+                // Held: the checksums are the ones the reads verify.
+                let sums = disk.checksums(&absent);
                 disk.read_held(&absent, |j, payload| {
-                    if object.put_batch(&[(absent[j], payload)])[0] == PutOutcome::Stored {
+                    if object.put_batch_known(&[(absent[j], payload)], &sums[j..=j])[0] == PutOutcome::Stored
+                    {
                         demoted += 1;
                     }
                 });
@@ -297,7 +300,7 @@ impl TieredStore {
         let known: Vec<Option<u64>> = leaving.iter().map(|v| v.checksum()).collect();
         let outcomes = match (&self.disk, &self.object) {
             (Some(disk), _) => self.disk_put(disk, &batch, &known),
-            (None, Some(object)) => object.put_batch(&batch),
+            (None, Some(object)) => object.put_batch_known(&batch, &known),
             (None, None) => Vec::new(),
         };
         let demoted = outcomes.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
@@ -376,18 +379,22 @@ impl TieredStore {
         for ns in missing.iter().map(|k| k.namespace).collect::<HashSet<_>>() {
             object.sync_namespace_until(&ns, until);
         }
-        let mut fetched: Vec<Option<Vec<u8>>> = vec![None; missing.len()];
-        object.get_batch(&missing, until, |j, payload| fetched[j] = Some(payload.to_vec()));
+        // Each with the checksum it was verified against.
+        let mut fetched: Vec<Option<(Vec<u8>, u64)>> = vec![None; missing.len()];
+        object.get_batch_with_checksums(&missing, until, |j, payload, sum| {
+            fetched[j] = Some((payload.to_vec(), sum));
+        });
         let got: Vec<usize> = (0..missing.len()).filter(|j| fetched[*j].is_some()).collect();
         let wanted: Vec<(BlockKey, u64)> = got
             .iter()
-            .map(|&j| (missing[j], fetched[j].as_ref().map_or(0, |d| d.len() as u64)))
+            .map(|&j| (missing[j], fetched[j].as_ref().map_or(0, |(d, _)| d.len() as u64)))
             .collect();
         for (&j, r) in got.iter().zip(self.reserve_batch(&wanted)) {
             // Not reserved: committed or being stored by someone else meanwhile (acquired
             // below), or no slot could be freed (read directly).
-            if let (Ok(r), Some(data)) = (r, &fetched[j]) {
+            if let (Ok(mut r), Some((data, sum))) = (r, &fetched[j]) {
                 self.host.write(&r, data);
+                r.note_checksum(*sum);
                 self.host.commit_promoted(r);
             }
         }
@@ -737,7 +744,7 @@ impl TieredStore {
             .filter(|(_, p)| !p)
             .map(|(k, _)| *k)
             .collect();
-        self.copy_host_blocks(&absent, |batch, _| object.put_batch(batch))
+        self.copy_host_blocks(&absent, |batch, known| object.put_batch_known(batch, known))
     }
 
     /// Persists the disk tier's metadata (also done on drop), then uploads what the object

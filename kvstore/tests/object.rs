@@ -187,6 +187,9 @@ fn disk_evictions_demote_to_s3_and_hits_promote_back() {
     // each tier.
     for i in 0..10 {
         assert_eq!(check(&s, i), Some(TierLevel::Object), "block {i}");
+        // With the checksum its fetch was verified against, for a peer's grant.
+        let sum = kvstore::block::checksum(&payload(i, BLOCK));
+        assert_eq!(s.host().known_checksum(&key(i)), Some(sum), "block {i}");
     }
     assert_eq!(object.flush(Duration::from_secs(60)), 0);
     let st = s.stats();

@@ -542,6 +542,13 @@ impl ObjectTier {
     /// uploads happen in the background. Never blocks on the store: when too much waits for
     /// upload, or the store is failing, blocks are not stored.
     pub fn put_batch(&self, items: &[(BlockKey, &[u8])]) -> Vec<PutOutcome> {
+        self.put_batch_known(items, &[])
+    }
+
+    /// [`Self::put_batch`] where the caller knows some payloads' [`checksum`](block::checksum)s
+    /// (`known`: one per item, or empty): those are not read to compute them. A wrong one makes
+    /// the block's fetches fail verification (a miss), never a wrong block.
+    pub fn put_batch_known(&self, items: &[(BlockKey, &[u8])], known: &[Option<u64>]) -> Vec<PutOutcome> {
         let inner = &self.inner;
         let mut out = Vec::with_capacity(items.len());
         if inner.breaker.is_open() {
@@ -552,7 +559,7 @@ impl ObjectTier {
         let mut refused = 0;
         {
             let mut st = inner.state.lock();
-            for (key, data) in items {
+            for (j, (key, data)) in items.iter().enumerate() {
                 if st.blocks.contains(key) {
                     out.push(PutOutcome::AlreadyStored);
                     continue;
@@ -571,7 +578,11 @@ impl ObjectTier {
                 if full {
                     sealed.extend(inner.seal(&mut st, &ns));
                 }
-                let checksum = block::checksum(data);
+                let checksum = known
+                    .get(j)
+                    .copied()
+                    .flatten()
+                    .unwrap_or_else(|| block::checksum(data));
                 let (seg, rec) = {
                     let open = st.open.entry(ns).or_insert_with(|| inner.new_segment());
                     let before = open.buf.len();
@@ -690,6 +701,17 @@ impl ObjectTier {
         deadline: Instant,
         mut sink: impl FnMut(usize, &[u8]),
     ) -> Vec<bool> {
+        self.get_batch_with_checksums(keys, deadline, |i, payload, _| sink(i, payload))
+    }
+
+    /// [`Self::get_batch`], with each hit's [`checksum`](block::checksum): the one it was
+    /// stored with, which a block fetched from the store was just verified against.
+    pub fn get_batch_with_checksums(
+        &self,
+        keys: &[BlockKey],
+        deadline: Instant,
+        mut sink: impl FnMut(usize, &[u8], u64),
+    ) -> Vec<bool> {
         let inner = &self.inner;
         let mut hit = vec![false; keys.len()];
         let mut remote: Vec<(usize, Located)> = Vec::new();
@@ -707,7 +729,7 @@ impl ObjectTier {
                     local.push((i, Arc::clone(s), l));
                 } else if let Some(o) = st.open.get(&key.namespace).filter(|o| o.id == l.seg) {
                     let at = l.offset as usize;
-                    sink(i, &o.buf[at..at + l.len as usize]);
+                    sink(i, &o.buf[at..at + l.len as usize], l.checksum);
                     hit[i] = true;
                     read_bytes += l.len;
                 }
@@ -715,7 +737,7 @@ impl ObjectTier {
         }
         for (i, s, l) in local {
             let at = l.offset as usize;
-            sink(i, &s.buf[at..at + l.len as usize]);
+            sink(i, &s.buf[at..at + l.len as usize], l.checksum);
             hit[i] = true;
             read_bytes += l.len;
         }
@@ -747,7 +769,7 @@ impl ObjectTier {
                         .filter(|p| block::checksum(p) == l.checksum)
                     {
                         Some(payload) => {
-                            sink(i, payload);
+                            sink(i, payload, l.checksum);
                             hit[i] = true;
                             read_bytes += l.len;
                         }
