@@ -339,10 +339,6 @@ impl Drop for Netns {
     }
 }
 
-/// Two engines of one node pulling the same prefix at once (two requests sharing a system
-/// prompt): each is told the blocks are held only once they are, so each can load every block
-/// as soon as its pull returns. The one that comes second waits for the blocks the first is
-/// landing instead of answering "held" while they are still on their way.
 /// A block is read to checksum it once in its life at most, where the source's grant needs it,
 /// or ahead of that on the source's own thread right after an engine commits it (the default
 /// on an agent that serves peers); an agent that pulled a block grants it in turn without
@@ -410,6 +406,10 @@ fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
     assert_eq!(checksummed(&relay), bytes(&data), "the grant read nothing");
 }
 
+/// Two engines of one node pulling the same prefix at once (two requests sharing a system
+/// prompt): each is told the blocks are held only once they are, so each can load every block
+/// as soon as its pull returns. The one that comes second waits for the blocks the first is
+/// landing instead of answering "held" while they are still on their way.
 #[test]
 fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
     let dir = socket_dir();

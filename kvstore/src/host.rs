@@ -468,11 +468,7 @@ impl HostTier {
             let Some(e) = self.state.lock().entries.acquire_in_place(key) else {
                 continue;
             };
-            let lease = Lease {
-                key: *key,
-                offset: self.offset(&e.slot),
-                len: e.len,
-            };
+            let lease = self.lease(key, &e);
             if e.meta.is_none() {
                 self.checksum(&lease);
             }
@@ -495,11 +491,16 @@ impl HostTier {
     /// read was already counted by the lower tier).
     pub(crate) fn acquire_quiet(&self, key: &BlockKey) -> Option<Lease> {
         let e = self.state.lock().entries.acquire(key)?;
-        Some(Lease {
+        Some(self.lease(key, &e))
+    }
+
+    /// The lease on `key`'s entry, to which a reader was just added.
+    fn lease(&self, key: &BlockKey, e: &Entry<Option<u64>>) -> Lease {
+        Lease {
             key: *key,
             offset: self.offset(&e.slot),
             len: e.len,
-        })
+        }
     }
 
     /// Unpins a leased block.

@@ -115,9 +115,8 @@ impl TieredStore {
     }
 
     /// Writes blocks to disk, first demoting to the object tier the disk blocks that must
-    /// leave to make room (the disk would otherwise drop them).
-    /// Writes `batch` to disk (`known`: checksums known for its blocks, one per block, or empty),
-    /// first moving disk blocks to the object tier where the disk must make room.
+    /// leave to make room (the disk would otherwise drop them). `known`: the blocks' checksums
+    /// where known, one per block (or empty), written without reading the payloads for them.
     fn disk_put(
         &self,
         disk: &DiskTier,

@@ -451,8 +451,6 @@ fn mixed_sizes_persist_and_promote() {
     }
 }
 
-/// The slots of a `reserve_batch_after_writers` answer: `Ok` where a slot was reserved, else
-/// the outcome.
 #[test]
 fn a_block_keeps_the_checksum_a_promotion_verified_or_a_grant_computed() {
     let dir = scratch();
@@ -537,6 +535,8 @@ fn a_demoted_block_goes_to_disk_with_the_checksum_the_host_knew() {
     assert_eq!(s.stats().disk.unwrap().checksum_failures, 1);
 }
 
+/// The slots of a `reserve_batch_after_writers` answer: `Ok` where a slot was reserved, else
+/// the outcome.
 fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
     out.iter()
         .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))

@@ -22,10 +22,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "python" / "tests"))
 
+from ports import free_port  # noqa: E402
 from s3server import WeedServer  # noqa: E402
 
 from kvagent_process import Agent  # noqa: E402
-from ports import free_port  # noqa: E402
 
 MODEL = REPO / "target" / "e2e-model"
 PREFIX_TOKENS = 192  # six 32-token blocks shared by every prompt

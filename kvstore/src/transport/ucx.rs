@@ -159,11 +159,11 @@
 //! sends, where the puller acknowledges each block, in about one run in six of a test that
 //! kills 16 under load.) A worker that has been unable to sleep for [`WEDGED_AFTER`] while
 //! progressing it did nothing is therefore replaced: its transfers fail, commands wait for the
-//! new worker, and the grants made from then on carry the new worker's address. A sender killed after
-//! writing its element but before waking a receiver that sleeps (the FIFO asks only the first
-//! sender after the receiver went to sleep to wake it) leaves messages unread until something
-//! else wakes the worker: an idle progress thread sleeps at most 100 ms at a time for that
-//! reason. Neither helps where UCX's adaptive progress (on by default) has taken the receiving
+//! new worker, and the grants made from then on carry the new worker's address. A sender
+//! killed after writing its element but before waking a receiver that sleeps (the FIFO asks
+//! only the first sender after the receiver went to sleep to wake it) leaves messages unread
+//! until something else wakes the worker: an idle progress thread sleeps at most 100 ms at a
+//! time for that reason. Neither helps where UCX's adaptive progress (on by default) has taken the receiving
 //! interface out of the worker's progress and arming until a peer wakes it, which the killed
 //! sender never did: the FIFO fills, every later request waits for room in it, and the worker
 //! sleeps armed. Adaptive progress is therefore turned off (`ADAPTIVE_PROGRESS=n`) wherever

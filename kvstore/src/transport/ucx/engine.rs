@@ -1081,16 +1081,6 @@ impl Engine {
         if !self.no_peer_errors && std::env::var_os("UCX_TCP_CONN_NB").is_none() {
             tune_tcp("CONN_NB", "y");
         }
-        // kvtier sends small active messages eagerly and moves blocks with RMA or, in
-        // send-on-request mode, with messages it flags for rendezvous or eager sending itself
-        // (`UCP_AM_SEND_FLAG_RNDV` or `_EAGER`, which the threshold does not govern), so it has no use
-        // for the threshold; and while rendezvous is on, later UCX releases (the 1.23
-        // that NIXL's wheel bundles; 1.13 exempts TCP) give an endpoint that reports peer
-        // failures RMA lanes only on memory domains that can invalidate registrations, which
-        // TCP's cannot: every put and get over TCP was then emulated with active messages
-        // (1 MiB blocks at 5.3 GB/s where zero-copy puts run at 6.7). Our tuning, like the
-        // segment size: the environment or `settings` may turn it back on, and a UCX that
-        // refuses it keeps its default.
         // Our default for a UCP setting, where neither the environment nor `settings` (applied
         // after) names it; a UCX that refuses it keeps its own.
         let our_default = |name: &str, value: &str| {
@@ -1102,6 +1092,15 @@ impl Engine {
                 );
             }
         };
+        // kvtier sends small active messages eagerly and moves blocks with RMA or, in
+        // send-on-request mode, with messages it flags for rendezvous or eager sending itself
+        // (`UCP_AM_SEND_FLAG_RNDV` or `_EAGER`, which the threshold does not govern), so it
+        // has no use for the threshold; and while rendezvous is on, later UCX releases (the
+        // 1.23 that NIXL's wheel bundles; 1.13 exempts TCP) give an endpoint that reports peer
+        // failures RMA lanes only on memory domains that can invalidate registrations, which
+        // TCP's cannot: every put and get over TCP was then emulated with active messages
+        // (1 MiB blocks at 5.3 GB/s where zero-copy puts run at 6.7). Our tuning, like the
+        // segment size: the environment or `settings` may turn it back on.
         our_default("RNDV_THRESH", "inf");
         // UCX's adaptive progress (on by default) leaves an interface out of the worker's
         // progress and out of `ucp_worker_arm` while none of this worker's endpoints use it,
