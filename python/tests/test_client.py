@@ -13,7 +13,6 @@ import pytest
 
 import kvtier
 from kvagent_process import Agent
-from ports import free_port
 
 NS = kvtier.namespace("test/model", kv_dtype="bfloat16", block_size=16, tp_world=1)
 
@@ -213,9 +212,10 @@ def test_invalid_arguments_are_value_errors(agent: Agent) -> None:
 def test_pull_copies_another_agents_blocks(agent: Agent, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("py-cluster")
-    # The control channel, and the TCP data plane on the next port.
-    peer = f"127.0.0.1:{free_port(span=2)}"
-    source = Agent(tmp_path / "src.sock", ["--peer-listen", peer, "--peer-secret-file", str(secret)])
+    # Port 0: the agent binds free ports itself (nothing can take them first) and says which.
+    args = ["--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret)]
+    source = Agent(tmp_path / "src.sock", args)
+    peer = json.loads(kvtier.Client(str(source.socket)).stats())["peer"]["address"]
     puller = Agent(tmp_path / "dst.sock", ["--peer-secret-file", str(secret)])
     try:
         blocks = [bytes([i]) * 4096 for i in range(4)]

@@ -1,5 +1,5 @@
-"""Ports for the servers that the tests start (agents' peer listeners, vLLM servers, S3): one
-allocator for the whole session, so that no two servers are handed the same port.
+"""Loopback ports for the servers that the end-to-end tests start: one allocator for the
+whole session, so that no two servers are handed the same port.
 
 A port is checked free and then handed to a server that binds it seconds later. A port from
 the kernel's ephemeral range could be taken in between by any outgoing connection on the
