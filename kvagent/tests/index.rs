@@ -247,10 +247,7 @@ async fn wait_for_holders(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_reports_its_tiers_and_resyncs_after_an_index_restart() {
     // A fixed port, so that the restarted index is where the agent reports to.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = common::ports::free_port();
     let addr = format!("127.0.0.1:{port}");
     let pod = ["--pod", "p1=m@tcp://127.0.0.1:9,node=n1"];
     let idx = IndexProc::start_at(&addr, &pod);
@@ -321,7 +318,7 @@ async fn p1_on_each(urls: &[&str], hashes: &[u64]) -> Vec<std::result::Result<(u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_redis_answer_alike_and_survive_its_restart() {
-    let port = common::free_port();
+    let port = common::ports::free_port();
     let Some(redis) = common::redis::RedisServer::start(port) else {
         return;
     };

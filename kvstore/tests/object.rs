@@ -517,3 +517,31 @@ fn disk_evictions_demote_even_when_slabs_waste_space() {
         assert!(buf == payload(i, len), "block {i} differs");
     }
 }
+
+/// The servers' ports (here SeaweedFS's) come from below the kernel's ephemeral range, where no
+/// outgoing connection can take one between its pick and the server's bind, and none is handed
+/// out twice, to this process or (by its lock file) to another.
+#[test]
+fn server_ports_are_distinct_reserved_and_below_the_ephemeral_range() {
+    use common::ports::{ephemeral_range, free_port, free_port_and, reserve};
+    let (low, _) = ephemeral_range();
+    let picked: Vec<u16> = (0..20).map(|_| free_port()).collect();
+    let mut distinct = picked.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        picked.len(),
+        "a port handed out twice: {picked:?}"
+    );
+    if low > 12_000 {
+        assert!(
+            picked.iter().all(|&p| u32::from(p) < low),
+            "{picked:?} not below {low}"
+        );
+    }
+    assert!(!reserve(picked[0]), "a reserved port was reserved again");
+    let (port, other) = free_port_and(10_000);
+    assert_eq!(other, port + 10_000);
+    assert!(!picked.contains(&port) && !picked.contains(&other));
+}

@@ -14,6 +14,8 @@ use kvstore::client::{Client, ClientConfig};
 
 use kvstore::{BlockHash, Namespace};
 
+#[path = "../../../kvstore/tests/common/ports.rs"]
+pub mod ports;
 pub mod redis;
 #[path = "../../../kvstore/tests/common/weed.rs"]
 pub mod weed;
@@ -371,14 +373,6 @@ impl Drop for IndexProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A free TCP port on loopback (bound and released: a test server takes it next).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// Opens a raw connection to `socket` and completes the handshake in protocol `version` (the

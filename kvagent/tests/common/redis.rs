@@ -44,9 +44,13 @@ impl RedisServer {
                 return None;
             }
         };
-        let server = Self { child, port };
+        let mut server = Self { child, port };
         let deadline = Instant::now() + WAIT;
         loop {
+            // One that exits (its port taken, say) would otherwise be waited for in full.
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("redis-server on port {port} exited ({status}) before it answered");
+            }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"

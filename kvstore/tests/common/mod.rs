@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+pub mod ports;
 pub mod weed;
 
 use kvstore::{

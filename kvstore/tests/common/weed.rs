@@ -6,25 +6,22 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use super::ports::{free_port, free_port_and};
 
 /// How long a start or restart may take: about 1.5 s alone, several times that when a few tests
 /// start servers at once on a small machine.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Starts that may fail because another process took a port between picking and binding.
+/// Starts that may fail because a port was taken between picking and binding (by a process
+/// outside the tests: those pick their ports as this one does).
 const ATTEMPTS: usize = 3;
-
-/// Ports handed out by this process: a port is free again once the picker's listener closes, and
-/// the kernel may give it to a test starting in parallel before this server has bound it.
-static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// Every listening port `weed mini` opens. Each is explicit: left out, a component takes its
 /// fixed default (9333, 8333, ...), which parallel tests would share.
@@ -44,43 +41,19 @@ struct Ports {
 
 impl Ports {
     fn pick() -> Self {
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        // Held until all are picked, so the kernel cannot give the same port twice.
-        let mut held = Vec::new();
-        // `port` (0: any free one) if it can be bound and was not handed out before.
-        let mut take = |port: u16| -> Option<u16> {
-            let listener = match TcpListener::bind(("127.0.0.1", port)) {
-                Ok(l) => l,
-                Err(_) if port != 0 => return None,
-                Err(e) => panic!("cannot bind a loopback port: {e}"),
-            };
-            let port = listener.local_addr().expect("a bound socket's address").port();
-            held.push(listener);
-            handed_out.insert(port).then_some(port)
-        };
         // The maintenance worker inside `weed mini` dials the admin server at its HTTP port +
         // 10000 whatever -admin.port.grpc says; another offset leaves it retrying (and filling
         // the log) for the server's whole life, or reaching another test's admin server.
-        let (admin, admin_grpc) = loop {
-            let Some(admin) = take(0) else { continue };
-            if let Some(grpc) = admin.checked_add(10_000).and_then(&mut take) {
-                break (admin, grpc);
-            }
-        };
-        let mut any = || loop {
-            if let Some(port) = take(0) {
-                break port;
-            }
-        };
+        let (admin, admin_grpc) = free_port_and(10_000);
         Self {
-            master: any(),
-            master_grpc: any(),
-            volume: any(),
-            volume_grpc: any(),
-            filer: any(),
-            filer_grpc: any(),
-            s3: any(),
-            s3_grpc: any(),
+            master: free_port(),
+            master_grpc: free_port(),
+            volume: free_port(),
+            volume_grpc: free_port(),
+            filer: free_port(),
+            filer_grpc: free_port(),
+            s3: free_port(),
+            s3_grpc: free_port(),
             admin,
             admin_grpc,
         }

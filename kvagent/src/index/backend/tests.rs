@@ -10,6 +10,9 @@ use super::memory::MemoryBackend;
 use super::redis::{RedisBackend, RedisSettings};
 use super::{Backend, Candidate};
 
+/// The integration tests' port picker, shared by path.
+#[path = "../../../../kvstore/tests/common/ports.rs"]
+mod ports;
 /// The integration tests' launcher, shared by path.
 #[path = "../../../tests/common/redis.rs"]
 mod redis_server;
@@ -38,10 +41,7 @@ enum Step {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_redis_answer_alike() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = ports::free_port();
     let Some(server) = redis_server::RedisServer::start(port) else {
         return;
     };
