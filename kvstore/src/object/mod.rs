@@ -555,6 +555,30 @@ impl ObjectTier {
             TierCounters::add(&inner.counters.not_stored, items.len() as u64);
             return vec![PutOutcome::NotStored(NotStoredReason::Io); items.len()];
         }
+        // Checksums still to compute are computed before the state lock is taken, which every
+        // read and write of the tier takes: only for blocks not stored when asked, as the
+        // others are answered `AlreadyStored` (a block stored in between is checked again).
+        let checksums: Vec<Option<u64>> = {
+            let stored = {
+                let st = inner.state.lock();
+                items
+                    .iter()
+                    .map(|(key, _)| st.blocks.contains(key))
+                    .collect::<Vec<_>>()
+            };
+            items
+                .iter()
+                .zip(stored)
+                .enumerate()
+                .map(|(j, ((_, data), stored))| {
+                    known
+                        .get(j)
+                        .copied()
+                        .flatten()
+                        .or_else(|| (!stored).then(|| block::checksum(data)))
+                })
+                .collect()
+        };
         let mut sealed = Vec::new();
         let mut refused = 0;
         {
@@ -578,11 +602,9 @@ impl ObjectTier {
                 if full {
                     sealed.extend(inner.seal(&mut st, &ns));
                 }
-                let checksum = known
-                    .get(j)
-                    .copied()
-                    .flatten()
-                    .unwrap_or_else(|| block::checksum(data));
+                // Known or computed above unless the block was stored when asked and has since
+                // gone.
+                let checksum = checksums[j].unwrap_or_else(|| block::checksum(data));
                 let (seg, rec) = {
                     let open = st.open.entry(ns).or_insert_with(|| inner.new_segment());
                     let before = open.buf.len();
