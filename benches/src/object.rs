@@ -15,6 +15,9 @@ use object_store::{ObjectStore, ObjectStoreExt as _};
 use crate::TiersArgs;
 use crate::report::{Row, median, paired};
 
+/// The tests' port picker, which the server launcher below uses.
+#[path = "../../kvstore/tests/common/ports.rs"]
+mod ports;
 #[path = "../../kvstore/tests/common/weed.rs"]
 mod weed;
 
