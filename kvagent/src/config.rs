@@ -85,13 +85,16 @@ pub struct ObjectSection {
     pub virtual_hosted_style: bool,
     /// Access key; empty: `AWS_ACCESS_KEY_ID`, the credentials file, or the pod's role (web
     /// identity, EKS pod identity, instance metadata).
+    #[serde(deserialize_with = "text")]
     pub access_key_id: String,
     /// Secret key (prefer `secret_access_key_file` or `AWS_SECRET_ACCESS_KEY`). Hidden by
     /// `--print-config`.
+    #[serde(deserialize_with = "text")]
     pub secret_access_key: String,
     /// File holding the secret key (a mounted Kubernetes Secret).
     pub secret_access_key_file: PathBuf,
     /// Session token of temporary credentials.
+    #[serde(deserialize_with = "text")]
     pub session_token: String,
     /// Profile of the AWS credentials file; empty: `AWS_PROFILE`, else `default`.
     pub profile: String,
@@ -326,6 +329,7 @@ pub struct PeerSection {
     pub secret_file: PathBuf,
     /// The shared secret itself (prefer `secret_file`, or `KVTIER_PEER__SECRET`). Hidden by
     /// `--print-config`.
+    #[serde(deserialize_with = "text")]
     pub secret: String,
     /// Runs peer transfers with no secret: any host that reaches the ports can read cached
     /// blocks. Must be set explicitly; only for trusted networks and tests.
@@ -370,7 +374,9 @@ pub struct UcxSection {
     pub mode: String,
     /// `UCX_TLS` for the agent's UCX context; empty: the environment's, else UCX's default.
     pub tls: String,
-    /// Further UCX settings (names without the `UCX_` prefix), e.g. `{ NET_DEVICES = "mlx5_0:1" }`.
+    /// Further UCX settings (names without the `UCX_` prefix, upper-cased on loading), e.g.
+    /// `{ NET_DEVICES = "mlx5_0:1" }`.
+    #[serde(deserialize_with = "ucx_settings")]
     pub settings: std::collections::BTreeMap<String, String>,
     /// Pulls of at most this many KiB are driven by the pulling thread itself rather than
     /// handed to the transport's progress thread (0: never; unset: the transport's default,
@@ -562,11 +568,12 @@ impl PeerSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishSection {
-    /// The index's gRPC address (`http://kvtier-index:9480`, or `host:port`); empty: off.
+    /// The index's gRPC address (`http://kvagent-index.kvtier.svc:9480`, or `host:port`); empty: off.
     pub index: String,
     /// This node's name, as the index's pods name their node (`[[pods]] node`). Empty: the
     /// host name — in Kubernetes set it from `spec.nodeName`, since a pod's host name is its
     /// own name.
+    #[serde(deserialize_with = "text")]
     pub node: String,
     /// How often the tiers are compared with what the index was told, in milliseconds.
     pub interval_ms: u32,
@@ -691,6 +698,63 @@ pub enum EngineSetting {
     IoUring,
     /// The pread/pwrite thread pool.
     Psync,
+}
+
+/// A text setting that may arrive as a number or a boolean: figment parses an environment
+/// variable's value, so `KVTIER_PEER__SECRET=123456` or `KVTIER_INDEX_HASH__SEED=0` arrives as
+/// an integer, which a plain `String` refuses. Used through [`text`], [`optional_text`] and
+/// [`ucx_settings`].
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("text")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A text setting, also from a variable whose value looks like a number ([`Text`]).
+pub(crate) fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Text::deserialize(d).map(|t| t.0)
+}
+
+/// An optional text setting, also from a variable whose value looks like a number ([`Text`]).
+pub(crate) fn optional_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Text>::deserialize(d)?.map(|t| t.0))
+}
+
+/// `peer.ucx.settings`: UCX's names are upper case and matched by case, while a variable's key
+/// arrives lower case (`KVTIER_PEER__UCX__SETTINGS__NET_DEVICES` as `net_devices`), so names are
+/// upper-cased; values are text ([`Text`]: `RNDV_THRESH=8192` arrives as a number).
+fn ucx_settings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    let raw = std::collections::BTreeMap::<String, Text>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_uppercase(), v.0))
+        .collect())
 }
 
 /// Reads `socket_mode` from a string or from a number whose decimal digits are the octal mode
@@ -954,11 +1018,79 @@ pub(crate) fn layered<T: Serialize + serde::de::DeserializeOwned>(
             .iter()
             .any(|o| var == *o || (o.ends_with('_') && var.starts_with(o.as_str())))
     });
-    fig = fig.merge(env.split("__")).merge(Serialized::defaults(overrides));
+    fig = fig
+        .merge(Variables(env.split("__")))
+        .merge(Serialized::defaults(overrides));
     fig.extract().map_err(|e| {
         let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
         anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
     })
+}
+
+/// The variables, read as figment's `Env` reads them (a value in TOML's syntax: a number, a
+/// boolean, `[a, b]`, `{k = v}`, else text), except that a value whose number would not write
+/// back as the same text stays text: figment would read `0123` as 123, so a secret or a hash
+/// seed of digits would lose its leading zeros. Numeric keys then refuse such a value instead of
+/// taking a different one.
+struct Variables(Env);
+
+impl figment::Provider for Variables {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, raw) in self.0.iter() {
+            nest_into(&mut dict, key.as_str(), variable_value(&raw));
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+/// A variable's value: figment's reading of it, or the text where a number would change it.
+fn variable_value(raw: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let parsed: Value = match raw.parse() {
+        Ok(v) => v,
+        Err(never) => match never {},
+    };
+    match &parsed {
+        Value::Num(_, n) => {
+            let written = n
+                .to_u128()
+                .map(|u| u.to_string())
+                .or_else(|| n.to_i128().map(|i| i.to_string()))
+                .or_else(|| n.to_f64().map(|f| f.to_string()));
+            if written.as_deref() == Some(raw) {
+                parsed
+            } else {
+                Value::from(raw.to_owned())
+            }
+        }
+        _ => parsed,
+    }
+}
+
+/// Puts `value` at the dotted `path` of `dict` (a later variable wins where two name one key).
+fn nest_into(dict: &mut figment::value::Dict, path: &str, value: figment::value::Value) {
+    use figment::value::Value;
+    match path.split_once('.') {
+        None => {
+            dict.insert(path.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| figment::value::Dict::new().into());
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = figment::value::Dict::new().into();
+            }
+            if let Value::Dict(_, inner) = entry {
+                nest_into(inner, rest, value);
+            }
+        }
+    }
 }
 
 /// One figment error as a sentence naming the key and where its value came from.
@@ -1192,9 +1324,59 @@ mod tests {
             let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("peer.ucx.lanes"), "{err:#}");
             jail.set_env("KVTIER_PEER__UCX__LANES", "2");
+            // A variable's key arrives lowercased and an all-digit value as a number: UCX
+            // matches names by case, and a setting's value is text.
+            jail.set_env("KVTIER_PEER__UCX__SETTINGS__RNDV_THRESH", "8192");
+            let cfg = load_file(jail, text, &NodeFlags::default()).unwrap();
+            assert_eq!(
+                cfg.peer.ucx.settings.get("RNDV_THRESH").map(String::as_str),
+                Some("8192"),
+                "{:?}",
+                cfg.peer.ucx.settings
+            );
             jail.set_env("KVTIER_PEER__UCX__MODE", "rendezvous");
             let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
             assert!(format!("{err:#}").contains("peer.ucx.mode"), "{err:#}");
+        });
+    }
+
+    #[test]
+    fn text_settings_take_all_digit_values_from_the_environment() {
+        jailed(|jail| {
+            jail.set_env("KVTIER_PEER__SECRET", "12345678901234567890");
+            jail.set_env("KVTIER_PUBLISH__NODE", "7");
+            jail.set_env("KVTIER_OBJECT__ACCESS_KEY_ID", "1234");
+            jail.set_env("KVTIER_OBJECT__SECRET_ACCESS_KEY", "5678");
+            jail.set_env("KVTIER_OBJECT__SESSION_TOKEN", "true");
+            let cfg = load(None, &NodeFlags::default()).unwrap();
+            assert_eq!(cfg.peer.secret, "12345678901234567890");
+            assert_eq!(cfg.publish.node, "7");
+            assert_eq!(
+                (
+                    cfg.object.access_key_id.as_str(),
+                    cfg.object.secret_access_key.as_str(),
+                    cfg.object.session_token.as_str()
+                ),
+                ("1234", "5678", "true")
+            );
+            jail.set_env("KVTIER_PEER__SECRET", "0123456789");
+            jail.set_env("KVTIER_PUBLISH__NODE", "+7");
+            let cfg = load(None, &NodeFlags::default()).unwrap();
+            assert_eq!(
+                (cfg.peer.secret.as_str(), cfg.publish.node.as_str()),
+                ("0123456789", "+7")
+            );
+            jail.set_env("KVTIER_MAX_CLIENTS", "007");
+            let err = format!("{:#}", load(None, &NodeFlags::default()).unwrap_err());
+            assert!(err.contains("max_clients") && err.contains("KVTIER_"), "{err}");
+            jail.set_env("KVTIER_MAX_CLIENTS", "7");
+            jail.set_env("KVTIER_PEER__SECRET", "[1, 2]");
+            let err = load(None, &NodeFlags::default()).unwrap_err();
+            assert!(format!("{err:#}").contains("peer.secret"), "{err:#}");
+            jail.set_env("KVTIER_PEER__SECRET", "s");
+            jail.set_env("KVTIER_NO_SUCH_KEY", "1");
+            let err = format!("{:#}", load(None, &NodeFlags::default()).unwrap_err());
+            assert!(err.contains("no_such_key"), "{err}");
         });
     }
 

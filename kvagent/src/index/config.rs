@@ -89,7 +89,8 @@ pub struct HashDefaults {
     pub block_size: u32,
     /// vLLM's --prefix-caching-hash-algo (sha256_cbor or xxhash_cbor).
     pub algo: String,
-    /// The engines' PYTHONHASHSEED, if set.
+    /// The engines' PYTHONHASHSEED, if set (`KVTIER_INDEX_HASH__SEED=0` is read as text).
+    #[serde(default, deserialize_with = "crate::config::optional_text")]
     pub seed: Option<String>,
 }
 
@@ -355,5 +356,25 @@ mod tests {
             ..IndexConfig::default()
         };
         assert!(cfg.validate().unwrap_err().to_string().contains("tcp://"));
+    }
+
+    /// vLLM's hash seed is PYTHONHASHSEED, digits that figment reads from a variable as a
+    /// number.
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail fixes the closure's error type"
+    )]
+    fn a_hash_seed_of_digits_comes_from_the_environment_as_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KVTIER_INDEX_HASH__SEED", "0");
+            let cfg = load(None, &IndexFlags::default()).unwrap();
+            assert_eq!(cfg.hash.seed.as_deref(), Some("0"));
+            jail.set_env("KVTIER_INDEX_HASH__SEED", "0042");
+            let cfg = load(None, &IndexFlags::default()).unwrap();
+            assert_eq!(cfg.hash.seed.as_deref(), Some("0042"));
+            Ok(())
+        });
     }
 }
