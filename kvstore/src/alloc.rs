@@ -131,15 +131,18 @@ pub struct SlabAllocator {
     used_bytes: u64,
 }
 
-/// The slot size serving a block of `len` bytes.
+/// The slot size serving a block of `len` bytes; `u64::MAX`, larger than any slab, for a
+/// length whose slot size would not fit in a `u64` (a length from a peer or client that lies).
 pub fn slot_size_for(len: u64) -> u64 {
-    let len = len.max(1).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+    let Some(len) = len.max(1).checked_next_multiple_of(SLOT_ALIGN) else {
+        return u64::MAX;
+    };
     if len <= 16 * SLOT_ALIGN {
         return len;
     }
     let pow = 1u64 << (63 - len.leading_zeros());
     let step = pow / 8;
-    len.div_ceil(step) * step
+    len.checked_next_multiple_of(step).unwrap_or(u64::MAX)
 }
 
 impl SlabAllocator {
@@ -355,6 +358,10 @@ mod tests {
         assert_eq!(slot_size_for(65536), 65536);
         assert_eq!(slot_size_for(1 << 20), 1 << 20);
         assert_eq!(slot_size_for((1 << 20) + 1), (1 << 20) + (1 << 17));
+        // A length no slot can serve saturates rather than wrapping to a small (or zero) size.
+        for huge in [u64::MAX, u64::MAX - SLOT_ALIGN, (15 << 60) + 1] {
+            assert_eq!(slot_size_for(huge), u64::MAX, "{huge}");
+        }
         for len in (1..10_000_000u64).step_by(9973) {
             let s = slot_size_for(len);
             assert!(s >= len && s % SLOT_ALIGN == 0);

@@ -521,6 +521,10 @@ impl HostTier {
         let mut spare: HashMap<u64, u64> = HashMap::new();
         for &len in lens {
             let size = slot_size_for(len);
+            if size > self.slab_size {
+                // No slot serves it: nothing to make room for.
+                continue;
+            }
             if let Some(n) = spare.get_mut(&size).filter(|n| **n > 0) {
                 *n -= 1;
                 continue;

@@ -192,6 +192,23 @@ fn pinned_blocks_are_never_evicted() {
     assert!(!s.unpin(&key(0)), "unpin without pin");
 }
 
+/// A length that a client or peer gets wrong, however large (a slot size for it would wrap past
+/// zero), is refused as too large: no slot is taken, and the tier stores on.
+#[test]
+fn a_reservation_of_any_length_beyond_a_slab_is_too_large() {
+    let s = host_only(2 * MIB, MIB);
+    for len in [MIB + 1, u64::MAX >> 1, (15 << 60) + 1, u64::MAX - 4096, u64::MAX] {
+        let r = s.reserve_batch(&[(key(1), len), (key(2), len)]);
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, Err(PutOutcome::NotStored(NotStoredReason::TooLarge)))),
+            "{len}: {r:?}"
+        );
+    }
+    assert_eq!(s.stats().host.used_bytes, 0);
+    assert_eq!(s.put(&key(3), &payload(3, BLOCK)), PutOutcome::Stored);
+}
+
 #[test]
 fn host_only_store_drops_evictions_and_declines_when_all_pinned() {
     let s = host_only(2 * MIB, MIB);

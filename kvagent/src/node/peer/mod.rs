@@ -387,7 +387,17 @@ impl Peers {
         }
         let id =
             GrantId::from_slice(&grant.grant_id).ok_or_else(|| control("grant id is not 16 bytes".into()))?;
-        let bytes: u64 = grant.blocks.iter().map(|b| b.len).sum();
+        // A length no slot of this agent holds is refused before anything is reserved (the
+        // grant is still released, below): the peer's layout differs from this node's, or the
+        // peer lies.
+        let fits = self.store.host().max_block_len();
+        let unfit = grant.blocks.iter().find(|b| b.len == 0 || b.len > fits).map(|b| {
+            control(format!(
+                "granted a block of {} bytes; this agent holds blocks of 1 to {fits}",
+                b.len
+            ))
+        });
+        let bytes: u64 = grant.blocks.iter().map(|b| b.len.min(fits)).sum();
         let pays = !weigh
             || self
                 .reuse
@@ -403,7 +413,9 @@ impl Peers {
         } else {
             deadline
         };
-        let result = if pays {
+        let result = if let Some(unfit) = unfit {
+            Err(unfit)
+        } else if pays {
             self.pull_granted(peer, &grant, id, want, &mut held[local..], deadline)
                 .await
         } else {
@@ -673,9 +685,97 @@ fn status_text(status: &tonic::Status) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
-    use super::{status_text, within_grant};
+    use kvstore::{BlockHash, BlockKey, Namespace, TieredStore};
+
+    use super::{Peers, PullError, proto, status_text, within_grant};
+    use crate::config::NodeConfig;
+    use crate::metrics::Metrics;
+
+    /// A source that grants one block of the length it is told, and counts releases.
+    #[derive(Default)]
+    struct LyingSource {
+        len: AtomicU64,
+        released: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl proto::peer_server::Peer for Arc<LyingSource> {
+        async fn grant(
+            &self,
+            _: tonic::Request<proto::GrantRequest>,
+        ) -> Result<tonic::Response<proto::GrantResponse>, tonic::Status> {
+            Ok(tonic::Response::new(proto::GrantResponse {
+                grant_id: vec![7; 16],
+                transport: "tcp".into(),
+                endpoint: b"127.0.0.1:9".to_vec(),
+                blocks: vec![proto::GrantedBlock {
+                    offset: 0,
+                    len: self.len.load(Ordering::Relaxed),
+                    checksum: 0,
+                }],
+                ttl_ms: 30_000,
+            }))
+        }
+
+        async fn release(
+            &self,
+            _: tonic::Request<proto::ReleaseRequest>,
+        ) -> Result<tonic::Response<proto::ReleaseResponse>, tonic::Status> {
+            self.released.fetch_add(1, Ordering::Relaxed);
+            Ok(tonic::Response::new(proto::ReleaseResponse { released: true }))
+        }
+    }
+
+    /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
+    /// for it would wrap past zero) fails that pull with a control error before anything is
+    /// reserved, and the grant is still released; the agent pulls on afterwards.
+    #[test]
+    fn a_grant_of_lengths_no_slot_holds_fails_the_pull_and_is_released() {
+        let server = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let source = Arc::new(LyingSource::default());
+        let listener = server
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        server.spawn(
+            tonic::transport::Server::builder()
+                .add_service(proto::peer_server::PeerServer::new(Arc::clone(&source)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut cfg = NodeConfig::default();
+        cfg.host.size = bytesize::ByteSize::mib(64);
+        cfg.peer.insecure = true;
+        let store = Arc::new(TieredStore::open(cfg.store_config().unwrap()).unwrap());
+        let (metrics, _) = Metrics::new(Arc::clone(&store));
+        let peers = Peers::start(&cfg, Arc::clone(&store), metrics).unwrap();
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        let slab = store.host().max_block_len();
+        let lens = [0, slab + 1, u64::MAX, (15 << 60) + 1];
+        for len in lens {
+            source.len.store(len, Ordering::Relaxed);
+            let err = peers
+                .pull_blocking(&addr, &[key], Instant::now() + Duration::from_secs(10))
+                .expect_err("a block no slot holds");
+            assert!(
+                matches!(&err, PullError::Control { status, .. } if status.contains("granted a block of")),
+                "{len}: {err}"
+            );
+            assert_eq!(store.host().stats().used_bytes, 0, "{len}: a slot was taken");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.released.load(Ordering::Relaxed) < lens.len() {
+            assert!(Instant::now() < deadline, "the grants were not released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     /// A status that a broken connection became names what broke, once.
     #[test]
