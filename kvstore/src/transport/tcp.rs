@@ -62,7 +62,12 @@ pub struct TcpConfig {
     /// Bound on connecting and on the handshake.
     pub connect_timeout: Duration,
     /// Bound on one stream's share of a pull: a peer that stops sending fails its blocks then.
+    /// A source bounds each answer by it too, so a puller that stops reading (or the rest of
+    /// its request) releases the blocks the answer pins.
     pub io_timeout: Duration,
+    /// How long a source keeps a data connection that brings no request open: pullers keep
+    /// theirs for the next pull, and replace one the source closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -71,6 +76,7 @@ impl Default for TcpConfig {
             streams: default_streams(),
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -142,8 +148,19 @@ impl TcpTransport {
                     Ok((stream, peer)) => {
                         let inner = Arc::clone(&inner);
                         tokio::spawn(async move {
-                            if let Err(e) = inner.serve_connection(stream).await {
-                                tracing::debug!(%peer, error = %e, "peer data connection ended");
+                            match inner.serve_connection(stream).await {
+                                Ok(()) => {}
+                                // A puller that breaks the protocol or its time bounds: worth
+                                // an operator's look, unlike one that went away.
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    tracing::warn!(%peer, error = %e, "closed a peer data connection");
+                                }
+                                Err(e) => tracing::debug!(%peer, error = %e, "peer data connection ended"),
                             }
                         });
                     }
@@ -251,10 +268,14 @@ impl Inner {
         let mut indices = Vec::new();
         loop {
             let mut head = [0u8; 20];
-            match s.read_exact(&mut head, SERVE_SPIN).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+            let waited =
+                tokio::time::timeout(self.cfg.idle_timeout, s.read_exact(&mut head, SERVE_SPIN)).await;
+            match waited {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                // Idle: closed, as the puller's pool expects of any source.
+                Err(_) => return Ok(()),
             }
             let grant = GrantId(head[..16].try_into().expect("16 bytes"));
             let count = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
@@ -264,48 +285,70 @@ impl Inner {
                     format!("request for {count} blocks"),
                 ));
             }
-            let mut raw = vec![0u8; 4 * count];
-            s.read_exact(&mut raw, SERVE_SPIN).await?;
-            indices.clear();
-            indices.extend(
-                raw.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
-            );
-            let entry = self.grants.as_ref().and_then(|g| g.get(&grant));
-            if let (Some(e), Some(g)) = (&entry, &self.grants) {
-                if self.sendfile.load(Ordering::Relaxed)
-                    && let [only] = indices[..]
-                    && let Some((offset, data)) = e.offset(only).zip(e.block(only))
-                    && data.len() as u64 >= SENDFILE_MIN
-                {
-                    self.send_file(&mut s, g.store().host().arena().fd(), offset, data)
-                        .await?;
-                    continue;
-                }
-            }
-            // Several blocks per system call: their headers and payloads as one gather list.
-            for group in indices.chunks(WRITE_BATCH) {
-                let mut headers = [[0u8; REPLY_HEADER]; WRITE_BATCH];
-                let mut datas: [&[u8]; WRITE_BATCH] = [&[]; WRITE_BATCH];
-                for (j, &i) in group.iter().enumerate() {
-                    let (status, data) = match &entry {
-                        None => (STATUS_UNKNOWN_GRANT, &[][..]),
-                        Some(e) => e.block(i).map_or((STATUS_NO_BLOCK, &[][..]), |d| (STATUS_OK, d)),
-                    };
-                    headers[j][0] = status;
-                    headers[j][1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
-                    datas[j] = data;
-                }
-                let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * group.len());
-                for (h, d) in headers.iter().zip(&datas).take(group.len()) {
-                    slices.push(IoSlice::new(h));
-                    if !d.is_empty() {
-                        slices.push(IoSlice::new(d));
-                    }
-                }
-                s.write_all_vectored(&mut slices).await?;
+            tokio::time::timeout(
+                self.cfg.io_timeout,
+                self.answer(&mut s, grant, count, &mut indices),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the puller did not send its request or read the answer in time",
+                )
+            })??;
+        }
+    }
+
+    /// Reads the `count` block indices of a request for `grant` and writes their answer.
+    async fn answer(
+        &self,
+        s: &mut DataStream,
+        grant: GrantId,
+        count: usize,
+        indices: &mut Vec<u32>,
+    ) -> std::io::Result<()> {
+        let mut raw = vec![0u8; 4 * count];
+        s.read_exact(&mut raw, SERVE_SPIN).await?;
+        indices.clear();
+        indices.extend(
+            raw.chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        );
+        let entry = self.grants.as_ref().and_then(|g| g.get(&grant));
+        if let (Some(e), Some(g)) = (&entry, &self.grants) {
+            if self.sendfile.load(Ordering::Relaxed)
+                && let [only] = indices[..]
+                && let Some((offset, data)) = e.offset(only).zip(e.block(only))
+                && data.len() as u64 >= SENDFILE_MIN
+            {
+                return self
+                    .send_file(s, g.store().host().arena().fd(), offset, data)
+                    .await;
             }
         }
+        // Several blocks per system call: their headers and payloads as one gather list.
+        for group in indices.chunks(WRITE_BATCH) {
+            let mut headers = [[0u8; REPLY_HEADER]; WRITE_BATCH];
+            let mut datas: [&[u8]; WRITE_BATCH] = [&[]; WRITE_BATCH];
+            for (j, &i) in group.iter().enumerate() {
+                let (status, data) = match &entry {
+                    None => (STATUS_UNKNOWN_GRANT, &[][..]),
+                    Some(e) => e.block(i).map_or((STATUS_NO_BLOCK, &[][..]), |d| (STATUS_OK, d)),
+                };
+                headers[j][0] = status;
+                headers[j][1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+                datas[j] = data;
+            }
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * group.len());
+            for (h, d) in headers.iter().zip(&datas).take(group.len()) {
+                slices.push(IoSlice::new(h));
+                if !d.is_empty() {
+                    slices.push(IoSlice::new(d));
+                }
+            }
+            s.write_all_vectored(&mut slices).await?;
+        }
+        Ok(())
     }
 
     /// Sends a granted block, `data` at `offset` in the arena `arena`, after its header with
@@ -466,7 +509,6 @@ impl Inner {
             req.extend_from_slice(&it.index.to_le_bytes());
         }
         s.write_all(&req).await.map_err(io)?;
-        let mut answer_err = None;
         let mut header = [0u8; REPLY_HEADER];
         // Bytes of the current header already read along with the previous payload.
         let mut have = 0;
@@ -515,16 +557,18 @@ impl Inner {
                         ),
                     });
                 }
+                // A refused block leaves the stream in step: the connection is still good, and
+                // the block fails with the source's reason.
                 STATUS_NO_BLOCK if len == 0 => {
-                    answer_err.get_or_insert(TransportError::Protocol {
+                    *done = Some(Err(TransportError::Protocol {
                         peer: peer.to_string(),
                         reason: format!("block {} is not in the grant", item.index),
-                    });
+                    }));
                 }
                 STATUS_UNKNOWN_GRANT if len == 0 => {
-                    answer_err.get_or_insert(TransportError::UnknownGrant {
+                    *done = Some(Err(TransportError::UnknownGrant {
                         peer: peer.to_string(),
-                    });
+                    }));
                 }
                 other => {
                     return Err(TransportError::Protocol {
@@ -534,11 +578,7 @@ impl Inner {
                 }
             }
         }
-        // A refused block leaves the stream in step: the connection is still good.
-        match answer_err {
-            Some(e) if done.iter().all(Option::is_none) => Err(e),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 

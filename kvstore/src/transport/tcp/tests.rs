@@ -216,6 +216,103 @@ async fn a_malformed_request_closes_only_its_connection() {
     assert_eq!(pulled[0].result, Ok(()));
 }
 
+/// A block the grant does not hold fails with the source's reason, next to blocks that arrive
+/// whole on the same stream, which stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_outside_the_grant_fails_alone_and_says_so() {
+    let len = 8192;
+    let (grants, src, _) = source(2, len, None).await;
+    let (dst, t) = puller(None, 1);
+    let grant = grants.grant(&[key(0), key(1)]).unwrap();
+    let endpoint = src.endpoint(None);
+    for round in 0..2 {
+        let items = vec![
+            item(&dst, 0, len, grant.blocks[0].checksum),
+            item(&dst, 7, len, 0),
+            item(&dst, 1, len, grant.blocks[1].checksum),
+        ];
+        let mut pulled = t.pull(&endpoint, grant.id, items, soon()).await;
+        pulled.sort_by_key(|p| p.index);
+        let results: Vec<_> = pulled.iter().map(|p| (p.index, p.result.clone())).collect();
+        assert_eq!(results[0], (0, Ok(())), "round {round}");
+        assert_eq!(results[1], (1, Ok(())), "round {round}");
+        assert!(
+            matches!(&results[2], (7, Err(TransportError::Protocol { reason, .. })) if reason.contains("not in the grant")),
+            "round {round}: {:?}",
+            results[2]
+        );
+        for p in pulled {
+            dst.abort(p.slot);
+        }
+    }
+}
+
+/// Connects to `addr` and completes the handshake of a source without a secret.
+async fn handshake(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = [0u8; HELLO_LEN];
+    s.read_exact(&mut hello).await.unwrap();
+    s.write_all(&[0u8; MAC_LEN]).await.unwrap();
+    let mut status = [9u8];
+    s.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], 0);
+    s
+}
+
+/// A puller that goes quiet (connected and sending nothing, half a request, or never reading
+/// the answer) holds nothing of the source for longer than the source's bounds: the connection
+/// is closed and the blocks an answer pinned are free once their grant is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_that_goes_quiet_is_dropped_and_pins_nothing() {
+    let len = 4 << 20;
+    let s = store(16);
+    assert_eq!(s.put(&key(0), &payload(0, len)), crate::PutOutcome::Stored);
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    let cfg = TcpConfig {
+        io_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    };
+    let src = TcpTransport::new(Arc::clone(&s), Some(Arc::clone(&grants)), None, cfg);
+    let addr = src
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap();
+    let closed = |mut c: TcpStream| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+            .await
+            .expect("the source kept a quiet connection open")
+            .map(|_| rest.len())
+    };
+    // Connected, and no request.
+    let idle = handshake(addr).await;
+    assert_eq!(closed(idle).await.unwrap(), 0);
+    // A request head for four blocks, and two of their indices.
+    let grant = grants.grant(&[key(0)]).unwrap();
+    let mut half = handshake(addr).await;
+    let mut head = [0u8; 20];
+    head[..16].copy_from_slice(&grant.id.0);
+    head[16..].copy_from_slice(&4u32.to_le_bytes());
+    half.write_all(&head).await.unwrap();
+    half.write_all(&[0u8; 8]).await.unwrap();
+    assert_eq!(closed(half).await.unwrap(), 0);
+    // The block 64 times over (256 MiB, far beyond the sockets' buffers), never read.
+    let mut stalled = handshake(addr).await;
+    head[16..].copy_from_slice(&64u32.to_le_bytes());
+    stalled.write_all(&head).await.unwrap();
+    stalled.write_all(&[0u8; 4 * 64]).await.unwrap();
+    assert!(grants.release(&grant.id));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.host().remove(&key(0)) {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled answer still pins its block"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(stalled);
+}
+
 /// A peer that dies after sending part of a block: the blocks on that stream fail, the
 /// others arrive, and the puller's transport keeps working for the next pull.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
