@@ -103,6 +103,12 @@ impl GrantEntry {
     pub fn is_empty(&self) -> bool {
         self.leases.is_empty()
     }
+
+    /// When the grant expires unless released first: no transfer of its blocks should run on
+    /// past it.
+    pub fn expires(&self) -> Instant {
+        self.expires
+    }
 }
 
 impl Drop for GrantEntry {

@@ -1261,24 +1261,37 @@ fn a_source_stops_writing_at_the_pullers_deadline() {
     };
     let now = Instant::now();
     let here = [1; 16];
+    let expiry = now + Duration::from_secs(30);
     // Same boot: the puller's CLOCK_MONOTONIC deadline, however late the request arrived.
     assert_eq!(
-        req(here).local_deadline(&here, now, 9_500_000_000),
+        req(here).local_deadline(&here, now, 9_500_000_000, expiry),
         now + Duration::from_millis(500)
     );
     assert_eq!(
-        req(here).local_deadline(&here, now, 11_000_000_000),
+        req(here).local_deadline(&here, now, 11_000_000_000, expiry),
         now,
         "already past"
     );
     // Another host (or an unknown boot id): the budget, from arrival.
     assert_eq!(
-        req([2; 16]).local_deadline(&here, now, 9_500_000_000),
+        req([2; 16]).local_deadline(&here, now, 9_500_000_000, expiry),
         now + Duration::from_secs(2)
     );
     assert_eq!(
-        req([0; 16]).local_deadline(&[0; 16], now, 9_500_000_000),
+        req([0; 16]).local_deadline(&[0; 16], now, 9_500_000_000, expiry),
         now + Duration::from_secs(2)
+    );
+    // Never past the grant's expiry, however long the puller asks for (584 years here).
+    let greedy = Request {
+        deadline_ns: u64::MAX,
+        budget_ns: u64::MAX,
+        ..req(here)
+    };
+    assert_eq!(greedy.local_deadline(&here, now, 1, expiry), expiry);
+    assert_eq!(greedy.local_deadline(&[2; 16], now, 1, expiry), expiry);
+    assert_eq!(
+        req(here).local_deadline(&here, now, 1, now - Duration::from_secs(1)),
+        now
     );
 }
 

@@ -255,14 +255,24 @@ impl Request {
 
     /// When the source must stop writing: the puller's own deadline when both run on one host
     /// (one boot, so one CLOCK_MONOTONIC), else the budget counted from arrival, which ends no
-    /// earlier than the puller's deadline by the message's transit time.
-    pub(super) fn local_deadline(&self, own_boot: &[u8; 16], now: Instant, now_ns: u64) -> Instant {
+    /// earlier than the puller's deadline by the message's transit time; never past
+    /// `not_after` (the grant's expiry), whatever the puller asked for, so that a puller that
+    /// stalls cannot hold the source's blocks past their grant.
+    pub(super) fn local_deadline(
+        &self,
+        own_boot: &[u8; 16],
+        now: Instant,
+        now_ns: u64,
+        not_after: Instant,
+    ) -> Instant {
         let left = if *own_boot != [0; 16] && self.boot_id == *own_boot {
             self.deadline_ns.saturating_sub(now_ns)
         } else {
             self.budget_ns
         };
-        now + Duration::from_nanos(left)
+        now.checked_add(Duration::from_nanos(left))
+            .map_or(not_after, |d| d.min(not_after))
+            .max(now)
     }
 }
 

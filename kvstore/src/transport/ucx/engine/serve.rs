@@ -11,6 +11,10 @@ use crate::transport::ucx::wire::{
 };
 use crate::transport::ucx::{EAGER_BLOCKS_UP_TO, WRITE_RUN_UP_TO, status_text, write_runs};
 
+/// The longest a request for a grant this source does not know may stay open (it is answered
+/// at once in practice; the bound only keeps a puller's deadline from holding it).
+const UNGRANTED_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Engine {
     /// A put- or send-on-request message from a puller.
     pub(super) fn start_serve(&mut self, message: &[u8]) {
@@ -18,11 +22,17 @@ impl Engine {
             tracing::warn!(bytes = message.len(), "malformed UCX transfer request ignored");
             return;
         };
-        // A stopping transport answers at once, writing nothing.
+        let entry = self.grants.as_ref().and_then(|g| g.get(&req.grant));
+        let now = Instant::now();
+        // A stopping transport answers at once, writing nothing. A grant unknown here pins
+        // nothing, and is answered as such at once.
         let deadline = if self.stopping {
-            Instant::now()
+            now
         } else {
-            req.local_deadline(&self.boot_id, Instant::now(), monotonic_ns())
+            let not_after = entry
+                .as_ref()
+                .map_or(now + UNGRANTED_ANSWER_WITHIN, |e| e.expires());
+            req.local_deadline(&self.boot_id, now, monotonic_ns(), not_after)
         };
         #[cfg(test)]
         let deadline = if self.cfg.ignore_deadline {
@@ -54,7 +64,6 @@ impl Engine {
         {
             self.served_sends += usize::from(req.send);
         }
-        let entry = self.grants.as_ref().and_then(|g| g.get(&req.grant));
         let mut statuses = vec![STATUS_TIMED_OUT; req.entries.len()];
         let mut puts = Vec::new();
         for (n, &(index, len, offset)) in req.entries.iter().enumerate() {
