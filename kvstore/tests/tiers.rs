@@ -554,6 +554,39 @@ fn a_demoted_block_goes_to_disk_with_the_checksum_the_host_knew() {
 
 /// The slots of a `reserve_batch_after_writers` answer: `Ok` where a slot was reserved, else
 /// the outcome.
+/// A grant reads and promotes only the prefix it grants: disk blocks past the first missing
+/// key stay on disk, and the host's blocks stay in place.
+#[test]
+fn a_grant_promotes_only_the_prefix_it_grants() {
+    let dir = scratch();
+    let s = Arc::new(store(dir.path(), IoEngineChoice::Psync));
+    // Blocks 1..=8 on disk only (stored, then pushed out of the host by 128 others).
+    for i in 1..=8 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    for i in 100..228 {
+        assert_eq!(s.put(&key(i), &payload(i, BLOCK)), PutOutcome::Stored);
+    }
+    let keys: Vec<_> = (0..=8).map(key).collect();
+    assert_eq!(s.lookup_prefix(&keys[1..]).count_in(TierLevel::Disk), 8);
+    let before = s.stats();
+    let grants = kvstore::transport::Grants::new(Arc::clone(&s), Duration::from_secs(30), 4);
+    let grant = grants.grant(&keys).unwrap();
+    assert!(grant.blocks.is_empty(), "block 0 is missing: nothing to grant");
+    let after = s.stats();
+    assert_eq!(
+        after.host.promotions, before.host.promotions,
+        "promoted past the prefix"
+    );
+    assert_eq!(after.host.evictions, before.host.evictions);
+    assert_eq!(s.lookup_prefix(&keys[1..]).count_in(TierLevel::Disk), 8);
+    // With block 0 back, the whole prefix is granted, promoted from disk.
+    assert_eq!(s.put(&key(0), &payload(0, BLOCK)), PutOutcome::Stored);
+    let grant = grants.grant(&keys).unwrap();
+    assert_eq!(grant.blocks.len(), 9);
+    assert_eq!(s.stats().host.promotions, before.host.promotions + 8);
+}
+
 fn outcomes(out: &[Result<kvstore::Reservation, PutOutcome>]) -> Vec<Result<(), PutOutcome>> {
     out.iter()
         .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -126,6 +127,17 @@ pub struct Grants {
     ttl: Duration,
     max_open: usize,
     table: Mutex<HashMap<GrantId, Arc<GrantEntry>>>,
+    /// Grants being made, not in `table` yet.
+    making: AtomicUsize,
+}
+
+/// One grant being made, counted in [`Grants::making`] until dropped.
+struct Making<'a>(&'a AtomicUsize);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why no grant was made.
@@ -153,6 +165,7 @@ impl Grants {
             ttl,
             max_open,
             table: Mutex::new(HashMap::new()),
+            making: AtomicUsize::new(0),
         }
     }
 
@@ -170,13 +183,22 @@ impl Grants {
             return Err(GrantError::TooManyKeys { asked: keys.len() });
         }
         self.expire();
-        let open = self.table.lock().len();
-        if open >= self.max_open {
-            return Err(GrantError::TooManyGrants { open });
-        }
+        // Counted as open from here, so that grants made at once cannot pass the limit together.
+        let _making = {
+            let table = self.table.lock();
+            let open = table.len() + self.making.load(Ordering::Acquire);
+            if open >= self.max_open {
+                return Err(GrantError::TooManyGrants { open });
+            }
+            self.making.fetch_add(1, Ordering::AcqRel);
+            Making(&self.making)
+        };
+        // Only the stored prefix is acquired: blocks of lower tiers past its end would be
+        // promoted (taking the arena's room) for nothing.
+        let prefix = self.store.lookup_prefix(keys).len;
         let mut leases = Vec::new();
         let mut tiers = Vec::new();
-        let mut acquired = self.store.acquire_batch_tiered(keys).into_iter();
+        let mut acquired = self.store.acquire_batch_tiered(&keys[..prefix]).into_iter();
         for got in acquired.by_ref() {
             let Some((lease, tier)) = got else { break };
             leases.push(lease);
@@ -351,5 +373,35 @@ mod tests {
         );
         let many = vec![key(0); MAX_GRANT_BLOCKS + 1];
         assert!(matches!(g.grant(&many), Err(GrantError::TooManyKeys { .. })));
+    }
+
+    /// Grants asked for at once never open more than the limit between them.
+    #[test]
+    fn the_grant_limit_holds_for_grants_made_at_once() {
+        let s = store(64);
+        let keys: Vec<BlockKey> = (0..8).map(key).collect();
+        for (i, k) in keys.iter().enumerate() {
+            s.put(k, &payload(i as u64, 1 << 20));
+        }
+        for round in 0..5 {
+            let g = Grants::new(Arc::clone(&s), Duration::from_secs(60), 3);
+            let start = std::sync::Barrier::new(12);
+            let made = std::thread::scope(|scope| {
+                let tries: Vec<_> = (0..12)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            g.grant(&keys).is_ok()
+                        })
+                    })
+                    .collect();
+                tries
+                    .into_iter()
+                    .filter_map(|t| t.join().ok())
+                    .filter(|ok| *ok)
+                    .count()
+            });
+            assert_eq!((made, g.open()), (3, 3), "round {round}");
+        }
     }
 }
