@@ -62,6 +62,15 @@ pub(crate) enum PullError {
     TimedOut(String),
 }
 
+/// Bound of one control call this agent serves.
+const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control calls one connection may have in progress at once on this agent.
+const CONTROL_CALLS_PER_CONNECTION: usize = 64;
+/// Bound of the release a puller sends after its pull (the grant expires on its own anyway).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control channels to peers kept at once.
+const MAX_PEER_CHANNELS: usize = 1024;
+
 /// Peer transfers of one agent: serves its blocks (when `peer.listen` is set) and pulls from
 /// other agents for its engines.
 #[derive(Debug)]
@@ -179,8 +188,16 @@ impl Peers {
                 metrics: Arc::clone(&metrics),
             };
             runtime.spawn(async move {
-                let incoming = tonic::transport::server::TcpIncoming::from(control).with_nodelay(Some(true));
+                // Keepalives find pullers that went away; the timeout bounds a grant (whose
+                // first checksums can take a while) and the calls of a peer that stalls.
+                let incoming = tonic::transport::server::TcpIncoming::from(control)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
                 if let Err(e) = tonic::transport::Server::builder()
+                    .timeout(CONTROL_CALL_TIMEOUT)
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                    .concurrency_limit_per_connection(CONTROL_CALLS_PER_CONNECTION)
                     .add_service(proto::peer_server::PeerServer::new(svc))
                     .serve_with_incoming(incoming)
                     .await
@@ -428,11 +445,12 @@ impl Peers {
             Ok(())
         };
         // Best effort: an unreleased grant expires on its own.
-        let release = self.request(proto::ReleaseRequest {
+        let mut release = self.request(proto::ReleaseRequest {
             grant_id: id.0.to_vec(),
         });
+        release.set_timeout(RELEASE_TIMEOUT);
         self.runtime.spawn(async move {
-            let _ = client.release(release).await;
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, client.release(release)).await;
         });
         result.map(|()| held)
     }
@@ -543,7 +561,13 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
-        self.channels.lock().insert(peer.to_owned(), channel.clone());
+        let mut channels = self.channels.lock();
+        // Peers come from engines' pull calls and the index's answers: a bound, past which the
+        // channels start over (each reconnects on its next call).
+        if channels.len() >= MAX_PEER_CHANNELS {
+            channels.clear();
+        }
+        channels.insert(peer.to_owned(), channel.clone());
         Ok(channel)
     }
 }
@@ -728,6 +752,26 @@ mod tests {
             self.released.fetch_add(1, Ordering::Relaxed);
             Ok(tonic::Response::new(proto::ReleaseResponse { released: true }))
         }
+    }
+
+    /// The control channels kept for peers stay bounded however many addresses engines and
+    /// the index name.
+    #[test]
+    fn channels_to_peers_are_bounded() {
+        let mut cfg = NodeConfig::default();
+        cfg.host.size = bytesize::ByteSize::mib(8);
+        cfg.peer.insecure = true;
+        let store = Arc::new(TieredStore::open(cfg.store_config().unwrap()).unwrap());
+        let (metrics, _) = Metrics::new(Arc::clone(&store));
+        let peers = Peers::start(&cfg, store, metrics).unwrap();
+        let _runtime = peers.runtime.enter();
+        for i in 0..super::MAX_PEER_CHANNELS + 10 {
+            peers
+                .channel(&format!("10.{}.{}.{}:9471", i >> 16, (i >> 8) & 255, i & 255))
+                .unwrap();
+            assert!(peers.channels.lock().len() <= super::MAX_PEER_CHANNELS);
+        }
+        assert!(matches!(peers.channel("no-port"), Err(PullError::BadAddress(_))));
     }
 
     /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
