@@ -64,9 +64,21 @@ impl Reuse {
         let channel = tonic::transport::Endpoint::from_shared(index_uri.to_owned())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
             .connect_lazy();
+        let index = IndexClient::new(channel);
+        // Connected now, in the background: a first probe that had to connect (TCP and
+        // HTTP/2 handshakes) would often miss `index_timeout_ms`, and a miss quiets the probes
+        // for `remember_ms`. The answer to an empty lookup does not matter.
+        let mut warm = index.clone();
+        tokio::spawn(async move {
+            if let Err(status) = warm.lookup(proto::LookupRequest::default()).await {
+                tracing::debug!(%status, "the cluster index did not answer a first lookup");
+            }
+        });
         Ok(Self {
-            index: IndexClient::new(channel),
+            index,
             own_source,
             own_address,
             cfg,
