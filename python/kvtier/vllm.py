@@ -34,21 +34,32 @@ saves nothing of that step (its new blocks were computed on wrong KV). Copies ru
 
 - ``socket``: the agent's socket (default ``$KVTIER_SOCKET``, else ``/run/kvtier/agent.sock``);
 - ``timeout_ms``: bound of each call to the agent (default 1000);
-- ``save``: save computed blocks (default true);
+- ``save``: save computed blocks (default true, false for a ``kv_consumer``: a decode engine
+  receives KV);
 - ``load``: load hits (default true);
 - ``min_prefix_tokens``: ignore hits shorter than this (default one block);
 - ``peer_address``: the address a decode engine pulls this engine's blocks from (default: the
   agent's advertised ``peer.address``);
-- ``pull_timeout_ms``: bound of a pull from a prefill engine's agent (default 10000).
+- ``pull_timeout_ms``: bound of a pull from a prefill engine's agent (default 10000);
+- ``pd_params``: the ``kv_transfer_params`` a producer returns: ``vllm`` (default) in the shape
+  vLLM's disaggregation proxies pass along (``do_remote_prefill``, ``remote_host``,
+  ``remote_port``, ``remote_num_tokens``... and kvtier's own keys), ``kvtier`` kvtier's own keys
+  alone (``remote_agent``, ``remote_namespace``, ``remote_block_hashes``), for a MultiConnector
+  in which another connector (NIXL) returns the shared ones, or ``off``: no part in
+  disaggregation.
+
+Pipeline parallelism is refused at start: each stage holds its own layers of a block.
 
 Prefill/decode disaggregation follows vLLM's convention (``kv_role`` ``kv_producer``,
 ``kv_consumer`` or ``kv_both``). A producer serving a request whose ``kv_transfer_params`` say
 ``do_remote_decode`` returns, from ``request_finished``, ``do_remote_prefill`` parameters naming
 its agent (``remote_agent``, also as ``remote_host``/``remote_port``), the namespace, and the
 hashes of the blocks it saved (``remote_block_hashes``), for the proxy to pass to the decode
-engine. Its blocks are in the agent's arena already, so vLLM frees its GPU blocks at once. A
-consumer given those parameters has its own agent pull the blocks from the producer's (a
-background thread; the scheduler is told "not known yet" meanwhile), then claims them, pinned,
+engine, as far as its agent holds them when the request finishes. Its blocks are in the
+agent's arena already, so vLLM frees its GPU blocks at once. A consumer given parameters that
+carry a kvtier producer's block hashes (others' are left alone) has its own agent pull the
+blocks from the producer's (one of a few
+background threads; the scheduler is told "not known yet" meanwhile), then claims them, pinned,
 as an asynchronous load reported through ``get_finished``. The producer's hashes travel with the
 request, so the two engines need not share a hash seed. A pull that fails is a recompute.
 
@@ -68,6 +79,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -178,6 +190,25 @@ def _extra(vllm_config: VllmConfig) -> dict[str, Any]:
     return dict(cfg.kv_connector_extra_config or {}) if cfg is not None else {}
 
 
+def _split_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` as its parts, or ``None`` when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _held_here(tiers: list[int]) -> int:
+    """How many leading blocks of a lookup this node's agent holds itself (not at a peer)."""
+    return next((i for i, t in enumerate(tiers) if t == kvtier.TIER_PEER), len(tiers))
+
+
+# Threads (each with its own connection to the agent) that pull and promote for the scheduler.
+_BACKGROUND_THREADS = 4
+# How long a producer waits before asking an agent that could not say its peer address again.
+_PEER_ADDRESS_RETRY_S = 10.0
+
+
 class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     """Offloads and reuses vLLM's KV cache through the kvtier node agent."""
 
@@ -186,8 +217,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = _extra(vllm_config)
+        role_name = str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both")
+        self._producer = role_name in ("kv_producer", "kv_both")
+        self._consumer = role_name in ("kv_consumer", "kv_both")
         self._block_size = int(vllm_config.cache_config.block_size)
-        self._do_save = bool(extra.get("save", True))
+        # A consumer (a decode engine) receives KV: it saves only if told to.
+        self._do_save = bool(extra.get("save", role_name != "kv_consumer"))
         self._do_load = bool(extra.get("load", True))
         self._min_prefix = int(extra.get("min_prefix_tokens", self._block_size))
         self._socket: str | None = extra.get("socket")
@@ -212,7 +247,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "kv_group": 0,
         }
         self._tp_world = int(parallel.tensor_parallel_size)
+        if int(parallel.pipeline_parallel_size) > 1:
+            # Each stage holds its own layers of a block, and the scheduler sees one stage's
+            # layout: blocks would be saved and found under one namespace for all stages.
+            raise ValueError(
+                "the kvtier connector does not support pipeline parallelism (pipeline_parallel_size > 1)"
+            )
+        # Steps scheduled ahead of the one whose output arrives last (vLLM keeps up to one batch
+        # per pipeline stage in flight, two with asynchronous scheduling).
+        self._steps_in_flight = 2 * max(1, int(parallel.pipeline_parallel_size))
+        self._device_ok = True
         if role == KVConnectorRole.SCHEDULER and not devices.usable(_engine_device(vllm_config)):
+            self._device_ok = False
             self._do_save = self._do_load = False
         # The model the agent reports this engine's blocks under to the cluster index: the name
         # clients and routers use (vLLM's served model name), unless configured.
@@ -221,16 +267,25 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             served = served[0] if served else None
         self._index_model = str(extra.get("index_model") or served or model.model)
         self._announced: set[bytes] = set()
-        role_name = str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both")
-        self._producer = role_name in ("kv_producer", "kv_both")
-        self._consumer = role_name in ("kv_consumer", "kv_both")
+        self._pd_params = str(extra.get("pd_params", "vllm"))
+        if self._pd_params not in ("vllm", "kvtier", "off"):
+            raise ValueError(f"kvtier: pd_params must be vllm, kvtier or off, not {self._pd_params!r}")
         self._peer_address: str | None = extra.get("peer_address")
+        if self._peer_address is not None and _split_address(self._peer_address) is None:
+            raise ValueError(f"kvtier: peer_address must be host:port, not {self._peer_address!r}")
+        # When the agent last could not say its peer address: asked again only after a while,
+        # so that finishing requests do not each wait on an agent that is away.
+        self._peer_address_failed_at = -_PEER_ADDRESS_RETRY_S
         self._pull_timeout_ms = int(extra.get("pull_timeout_ms", 10_000))
         # Pulls from producers' agents in flight (decode side), by request, and the hashes of
         # the requests whose pull is done: their blocks are keyed by the producer's hashes.
         self._pulls: dict[str, Future[int]] = {}
         self._remote_hashes: dict[str, list[bytes]] = {}
-        self._puller: kvtier.Client | None = None
+        # Requests whose remote prefill is over here (pulled, failed or declined): their
+        # parameters are another connector's to read too, so they are not changed.
+        self._remote_over: set[str] = set()
+        # Clients of the background threads (pulls may take seconds: one connection each).
+        self._background_clients = threading.local()
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
         # Tokens vLLM had computed locally when it last asked about a request: where the
@@ -245,13 +300,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # Requests whose blocks were promoted for them: claimed as asynchronous loads, and not
         # promoted twice.
         self._promoted: set[str] = set()
-        self._promoter: kvtier.Client | None = None
         self._scheduler_pool: ThreadPoolExecutor | None = None
         # Loads decided since the last step's metadata.
         self._new_loads: list[LoadSpec] = []
-        # Per step scheduled and not yet reported (several with asynchronous scheduling), the
-        # requests it loads synchronously: their pins are done with once the step's output
-        # arrives (workers in other processes pin their own shards within the step).
+        # Per step scheduled and possibly still running (several with asynchronous scheduling
+        # or pipeline stages), the requests it loads synchronously: their pins are done with
+        # once the step has run (workers in other processes pin their own shards within it).
         self._sync_loaded: deque[set[str]] = deque()
         # Worker side.
         self._engine: kvtier.CopyEngine | None = None
@@ -321,56 +375,76 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             cls._release_all(*entry)
 
     def _cancel_promotion(self, req_id: str) -> None:
-        """Forgets a promotion (one in flight completes on its own, pinning nothing)."""
-        self._promotions.pop(req_id, None)
+        """Forgets a promotion (one in flight completes on its own, pinning nothing; one not
+        started yet never starts)."""
+        pending = self._promotions.pop(req_id, None)
+        if pending is not None:
+            pending.cancel()
         self._promoted.discard(req_id)
+
+    def _background_client(self) -> kvtier.Client:
+        """The calling background thread's own connection to the agent: a pull or promotion
+        may take seconds, and calls on one connection run one at a time."""
+        client: kvtier.Client | None = getattr(self._background_clients, "client", None)
+        if client is None:
+            # A promotion may pull the blocks from another node's agent first.
+            client = kvtier.Client(
+                self._socket,
+                timeout_ms=max(self._timeout_ms, self._pull_timeout_ms),
+                name="vllm-background",
+                lazy=True,
+            )
+            self._background_clients.client = client
+        return client
 
     def _promote(self, namespaces: list[bytes], hashes: list[bytes]) -> None:
         """Brings blocks up to host memory for every rank (the agent promotes what it pins)."""
-        promoter = self._promoter
-        assert promoter is not None
+        promoter = self._background_client()
         for ns in namespaces:
             promoter.release(promoter.acquire(ns, hashes))
 
     def _start_promotion(self, req_id: str, namespaces: list[bytes], hashes: list[bytes]) -> None:
-        if self._promoter is None:
-            # A promotion may pull the blocks from another node's agent first.
-            self._promoter = kvtier.Client(
-                self._socket,
-                timeout_ms=max(self._timeout_ms, self._pull_timeout_ms),
-                name="vllm-promoter",
-                lazy=True,
-            )
         self._promotions[req_id] = self._pool().submit(self._promote, namespaces, hashes)
 
     # ---- prefill/decode disaggregation ----------------------------------------------------
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._scheduler_pool is None:
-            self._scheduler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-background")
+            # Several, so that one slow or dead peer does not hold up every other request's pull.
+            self._scheduler_pool = ThreadPoolExecutor(
+                max_workers=_BACKGROUND_THREADS, thread_name_prefix="kvtier-background"
+            )
         return self._scheduler_pool
 
     def _pull(self, peer: str, namespaces: list[bytes], hashes: list[bytes]) -> int:
         """Has the local agent copy the blocks from the producer's agent, for every rank;
         returns how many leading blocks every rank now holds."""
-        if self._puller is None:
-            self._puller = kvtier.Client(
-                self._socket, timeout_ms=self._pull_timeout_ms, name="vllm-puller", lazy=True
-            )
+        puller = self._background_client()
         held = len(hashes)
         for ns in namespaces:
-            flags = self._puller.pull(peer, ns, hashes)
+            flags = puller.pull(peer, ns, hashes)
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held
 
     def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
         """The decode side of a disaggregated request: starts or checks the pull of the
         producer's blocks. ``None`` when the request is not one (or its pull is over): the
-        ordinary lookup then finds what was pulled."""
+        ordinary lookup then finds what was pulled.
+
+        A request is one when its parameters carry a kvtier producer's block hashes; other
+        connectors' parameters (NIXL's, beside kvtier in a MultiConnector) are left to them
+        and never changed."""
         params = getattr(request, "kv_transfer_params", None)
-        if not self._consumer or not params or not params.get("do_remote_prefill"):
-            return None
         req_id = request.request_id
+        if (
+            not self._consumer
+            or not self._device_ok
+            or self._pd_params == "off"
+            or not params
+            or not params.get("remote_block_hashes")
+            or req_id in self._remote_over
+        ):
+            return None
         pending = self._pulls.get(req_id)
         if pending is None:
             try:
@@ -383,12 +457,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             except (ValueError, TypeError) as e:
                 # A proxy's mistake costs this request its transfer, nothing else.
                 logger.warning("kvtier: %s has malformed kv_transfer_params, computing it: %s", req_id, e)
-                params["do_remote_prefill"] = False
+                self._remote_over.add(req_id)
                 return None
             keys = self._keys(request)
             ours = self._namespace(keys, 0).hex()
-            if peer is None or not hashes:
-                params["do_remote_prefill"] = False
+            if not isinstance(peer, str) or not hashes:
+                self._remote_over.add(req_id)
                 return None
             if params.get("remote_namespace") not in (None, ours):
                 logger.warning(
@@ -396,11 +470,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     "TP differ between the engines); computing it here",
                     req_id,
                 )
-                params["do_remote_prefill"] = False
+                self._remote_over.add(req_id)
                 return None
             loadable = min(len(hashes), (request.num_tokens - 1) // self._block_size)
             if loadable * self._block_size <= num_computed_tokens:
-                params["do_remote_prefill"] = False
+                self._remote_over.add(req_id)
                 return None
             namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
             self._remote_hashes[req_id] = hashes[:loadable]
@@ -409,7 +483,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not pending.done():
             return None, False
         del self._pulls[req_id]
-        params["do_remote_prefill"] = False
+        self._remote_over.add(req_id)
         error = pending.exception()
         if error is not None:
             logger.warning(
@@ -425,47 +499,72 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _agent_peer_address(self) -> str | None:
         if self._peer_address is None:
-            try:
-                self._peer_address = json.loads(self._client.stats()).get("peer", {}).get("address")
-            except (kvtier.KvtierError, ValueError, AttributeError) as e:
-                # The agent is away: ask again next time.
-                logger.debug("kvtier: no peer address from the agent: %s", e)
+            if time.monotonic() - self._peer_address_failed_at < _PEER_ADDRESS_RETRY_S:
                 return None
-            if self._peer_address is None:
+            try:
+                address = json.loads(self._client.stats()).get("peer", {}).get("address")
+            except (kvtier.KvtierError, ValueError, AttributeError) as e:
+                # The agent is away: asked again in a while.
+                logger.debug("kvtier: no peer address from the agent: %s", e)
+                self._peer_address_failed_at = time.monotonic()
+                return None
+            if not isinstance(address, str) or _split_address(address) is None:
                 logger.warning(
                     "kvtier: this engine produces KV for remote decoding but its agent serves no "
                     "peers (set peer.listen on the agent, or peer_address here); decode engines "
                     "will compute"
                 )
-                self._peer_address = ""
+                address = ""
+            self._peer_address = address
         return self._peer_address or None
 
     def _transfer_params(self, request: Request, tracked: _Tracked | None) -> dict[str, Any] | None:
-        """What a producer returns for a request a decode engine continues."""
+        """What a producer returns for a request a decode engine continues: the blocks its
+        agent holds, from the first, as the agent answers now (a block saved and evicted since,
+        or never saved, ends the prefix)."""
         params = getattr(request, "kv_transfer_params", None)
-        if not self._producer or not params or not params.get("do_remote_decode"):
+        if not self._producer or self._pd_params == "off" or not params or not params.get("do_remote_decode"):
             return None
         from vllm.v1.request import RequestStatus
 
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return None
-        address = self._agent_peer_address()
         saved = tracked.saved_blocks if tracked is not None else 0
-        if address is None or saved == 0:
+        address = self._agent_peer_address() if saved > 0 else None
+        split = _split_address(address) if address is not None else None
+        if address is None or split is None:
             return None
-        host, _, port = address.rpartition(":")
         keys = self._keys(request)
+        hashes = keys.hashes[:saved]
+        try:
+            held = min(
+                _held_here(self._client.lookup(self._namespace(keys, rank), hashes))
+                for rank in range(self._tp_world)
+            )
+        except kvtier.KvtierError as e:
+            logger.debug(
+                "kvtier: lookup of %s's saved blocks failed; its decode computes: %s", request.request_id, e
+            )
+            return None
+        if held == 0:
+            return None
+        ours: dict[str, Any] = {
+            "remote_agent": address,
+            "remote_namespace": self._namespace(keys, 0).hex(),
+            "remote_block_hashes": [h.hex() for h in hashes[:held]],
+        }
+        if self._pd_params == "kvtier":
+            return ours
+        host, port = split
         return {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": None,
             "remote_block_ids": None,
             "remote_host": host,
-            "remote_port": int(port),
-            "remote_agent": address,
-            "remote_namespace": self._namespace(keys, 0).hex(),
-            "remote_block_hashes": [h.hex() for h in keys.hashes[:saved]],
-            "remote_num_tokens": saved * self._block_size,
+            "remote_port": port,
+            **ours,
+            "remote_num_tokens": held * self._block_size,
         }
 
     def get_num_new_matched_tokens(
@@ -480,7 +579,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         remote = self._remote_prefill(request, num_computed_tokens)
         if remote is not None:
             return remote
-        if not self._do_load and req_id not in self._remote_hashes:
+        if not self._device_ok or (not self._do_load and req_id not in self._remote_hashes):
             return 0, False
         keys = self._keys_for(request)
         # A synchronous load must leave at least one token to compute.
@@ -588,6 +687,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         meta = KvTierMetadata(loads=self._new_loads, preempted=set(scheduler_output.preempted_req_ids or ()))
         self._new_loads = []
         self._sync_loaded.append({load.req_id for load in meta.loads if not load.asynchronous})
+        # A step whose output never reached update_connector_output (vLLM reports none for a
+        # step with no forward pass and nothing to say) is done once this many later steps
+        # were scheduled: its pins go then at the latest.
+        while len(self._sync_loaded) > self._steps_in_flight + 1:
+            for req_id in self._sync_loaded.popleft():
+                self._drop_leases(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
@@ -631,7 +736,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         tracked.saved_blocks = full
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """After a step: the synchronous loads it ran are done, so are their pins."""
+        """After a step: the synchronous loads it ran are done, so are their pins (the oldest
+        step's: outputs come in order, and a step with none leaves its entry to the next)."""
         for req_id in self._sync_loaded.popleft() if self._sync_loaded else ():
             self._drop_leases(req_id)
 
@@ -641,7 +747,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         req_id = request.request_id
         params = self._transfer_params(request, self._tracked.get(req_id))
         self._tracked.pop(req_id, None)
-        self._pulls.pop(req_id, None)
+        pull = self._pulls.pop(req_id, None)
+        if pull is not None:
+            # One not started yet never starts; one under way lands blocks for nobody.
+            pull.cancel()
+        self._remote_over.discard(req_id)
         self._remote_hashes.pop(req_id, None)
         self._local_tokens.pop(req_id, None)
         self._async_claims.discard(req_id)
@@ -762,6 +872,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             # Scheduler-pinned leases cover the request's blocks from its first one.
             tiers = leases.load_pages(load.block_ids, self._layers, first, self._engine, stream, waits)
             leases.wait()
+            if not own and kvtier.TIER_MISS in tiers:
+                # The scheduler's pins ended with its connection (a call on it failed while
+                # this load waited): the blocks are likely still there, pinned again here.
+                tiers = self._load_again(load, stream, waits)
         except Exception as e:  # any failure is a load error that vLLM handles
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
@@ -781,6 +895,21 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             how = "asynchronously" if load.asynchronous else "before the forward"
             logger.debug("kvtier: loaded %d blocks of %s %s", len(load.block_ids), load.req_id, how)
         return failed
+
+    def _load_again(self, load: LoadSpec, stream: int, waits: bool) -> list[int]:
+        """``load`` through pins of this worker's own connection; the tier of each block."""
+        ns = self._namespace(load.keys, self._tp_rank)
+        leases = self._client.acquire(ns, load.keys.hashes)
+        try:
+            tiers: list[int] = leases.load_pages(load.block_ids, self._layers, 0, self._engine, stream, waits)
+            leases.wait()
+        finally:
+            try:
+                self._client.release(leases)
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: release failed: %s", e)
+        logger.info("kvtier: %s loaded on this worker's own pins after the scheduler's ended", load.req_id)
+        return tiers
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose asynchronous load is complete (or failed: its blocks are then in

@@ -126,6 +126,52 @@ def test_decode_pulls_the_prefill_engines_blocks_and_matches_a_single_engine(
     assert out["choices"][0]["token_ids"] == baseline[1]
 
 
+def test_kvtier_beside_a_nixl_like_connector_in_a_multiconnector(
+    cluster: Cluster, model: Path, workdir: Path
+) -> None:
+    """A prefill engine running kvtier beside another P/D connector (here one that returns
+    NIXL's keys) in vLLM's MultiConnector: with ``pd_params = kvtier`` the two connectors'
+    parameters merge without a clash (vLLM stops the engine on one), and a kvtier decode
+    engine pulls by kvtier's keys alone."""
+    children = [
+        {
+            **connector(cluster.prefill_agent, "kv_producer"),
+            "kv_connector_extra_config": {"socket": str(cluster.prefill_agent.socket), "pd_params": "kvtier"},
+        },
+        {
+            "kv_connector": "ProbeConnector",
+            "kv_connector_module_path": "probe_connector",
+            "kv_role": "kv_producer",
+        },
+    ]
+    multi = {
+        "kv_connector": "MultiConnector",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {"connectors": children},
+    }
+    env = {"PYTHONHASHSEED": "3", "PYTHONPATH": str(Path(__file__).parent)}
+    prefill = OpenAIServer(model, workdir, "prefill-multi", multi, env)
+    try:
+        prefill.wait_ready()
+        # A prompt neither decode engine nor agent has seen.
+        rng = random.Random(29)
+        ids = [rng.randrange(2, 900) for _ in range(PREFIX_TOKENS + 20)]
+        reference = cluster.prefill.greedy(ids, 8)["choices"][0]["token_ids"]
+        hits_before = cluster.decode.metric("vllm:external_prefix_cache_hits_total")
+        out = proxy(prefill, cluster.decode, ids, max_tokens=8)
+        assert out["choices"][0]["token_ids"] == reference, cluster.logs()
+        assert cluster.decode.metric("vllm:external_prefix_cache_hits_total") >= hits_before + PREFIX_TOKENS
+        asked = {"do_remote_decode": True}
+        first = prefill.complete(
+            {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "kv_transfer_params": asked}
+        )
+        params = first["kv_transfer_params"]
+        assert params["remote_engine_id"] == "probe" and params["remote_block_hashes"], params
+        assert params["remote_agent"] == cluster.peer
+    finally:
+        prefill.stop()
+
+
 def test_a_dead_prefill_agent_means_the_decode_engine_computes(cluster: Cluster) -> None:
     # A prompt neither server has seen: the decode server has nothing of it cached.
     rng = random.Random(23)
@@ -168,8 +214,12 @@ def test_a_fresh_node_reuses_a_prefix_another_node_computed(
     # A pod on node a, so that the index can score what a's agent holds.
     index = IndexProcess([f"pa={model}@tcp://127.0.0.1:{free_port()},node=a"], model=str(model))
     common = ["--host-size", "256MiB", "--peer-secret-file", str(secret), "--index", index.url]
+    # The index's answer may take longer than the default 20 ms on a machine this busy (two
+    # cores running vLLM); what is tested is that the agent acts on it.
+    config = workdir / "reuse.toml"
+    config.write_text("[reuse]\nindex_timeout_ms = 1000\n")
     a = Agent(workdir / "a.sock", [*common, "--node-name", "a", "--peer-listen", peer])
-    b = Agent(workdir / "b.sock", [*common, "--node-name", "b"])
+    b = Agent(workdir / "b.sock", [*common, "--node-name", "b", "--config", str(config)])
     try:
         (first,) = run_engine(model, prompts, "--socket", str(a.socket))
         assert [r["tokens"] for r in first] == baseline
