@@ -198,13 +198,7 @@ async fn unknown_grant_and_bad_endpoint_fail_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_closes_only_its_connection() {
     let (grants, src, addr) = source(1, 4096, None).await;
-    let mut bad = TcpStream::connect(addr).await.unwrap();
-    let mut hello = [0u8; HELLO_LEN];
-    bad.read_exact(&mut hello).await.unwrap();
-    bad.write_all(&[0u8; MAC_LEN]).await.unwrap();
-    let mut status = [9u8];
-    bad.read_exact(&mut status).await.unwrap();
-    assert_eq!(status[0], 0);
+    let mut bad = handshake(addr).await;
     // A request for zero blocks is malformed: the server hangs up on this connection.
     bad.write_all(&[0u8; 20]).await.unwrap();
     let mut rest = Vec::new();
