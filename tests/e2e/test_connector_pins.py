@@ -1,0 +1,194 @@
+"""The connector's two halves in one process, driven step by step as vLLM's scheduler and an
+in-process worker drive them, against a real agent: how long the pins of a synchronous load
+last, and what a worker does when the scheduler's pins ended before its load (no engine runs:
+the steps and their outputs are built here, so that each case happens exactly)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request
+
+import kvtier
+from kvagent_process import Agent
+from kvtier import vllm as connector_module
+from kvtier.vllm import KvTierConnector, RequestKeys
+
+BLOCK = 16
+LAYERS = 2
+KV_HEADS = 2
+HEAD_SIZE = 8
+NUM_BLOCKS = 16
+PROMPT_BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def config(model: Path) -> VllmConfig:
+    return VllmConfig(
+        model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=512),
+        cache_config=CacheConfig(block_size=BLOCK),
+        device_config=DeviceConfig("cpu"),
+    )
+
+
+def kv_cache_config() -> KVCacheConfig:
+    spec = FullAttentionSpec(
+        block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
+    )
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    return KVCacheConfig(
+        num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)]
+    )
+
+
+class Engine:
+    """A scheduler-side and a worker-side connector of one engine process."""
+
+    def __init__(self, config: VllmConfig, agent: Agent) -> None:
+        config.kv_transfer_config = KVTransferConfig(
+            kv_connector="KvTierConnector",
+            kv_connector_module_path="kvtier.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"socket": str(agent.socket)},
+        )
+        kv = kv_cache_config()
+        self.scheduler = KvTierConnector(config, KVConnectorRole.SCHEDULER, kv)
+        self.worker = KvTierConnector(config, KVConnectorRole.WORKER, kv)
+        page = kv.kv_cache_groups[0].kv_cache_spec.page_size_bytes // 4
+        self.caches = {
+            name: torch.zeros(NUM_BLOCKS, page, dtype=torch.float32)
+            for name in kv.kv_cache_groups[0].layer_names
+        }
+        self.worker.register_kv_caches(self.caches)
+        self.page_bytes = page * 4
+
+    def step(self, worker: bool = True, output: bool = True) -> None:
+        """Schedules one step that computes nothing new; if ``worker``, the in-process worker
+        runs its loads (in an engine with workers in other processes this one has none: they
+        pin their own shards); if ``output``, the step's output reaches the scheduler."""
+        meta = self.scheduler.build_connector_meta(empty_step())
+        if worker:
+            self.worker.bind_connector_metadata(meta)
+            self.worker.start_load_kv(None)
+            self.worker.clear_connector_metadata()
+        if output:
+            self.scheduler.update_connector_output(KVConnectorOutput())
+
+    def block_bytes(self, block_id: int) -> bytes:
+        """A block's pages in the order the connector saves them: layer by layer."""
+        return b"".join(t[block_id].numpy().tobytes() for t in self.caches.values())
+
+
+def empty_step() -> SchedulerOutput:
+    out: SchedulerOutput = SchedulerOutput.make_empty()
+    return out
+
+
+@pytest.fixture
+def engine(config: VllmConfig, agent: Agent) -> Iterator[Engine]:
+    e = Engine(config, agent)
+    yield e
+    connector_module._LEASES.clear()
+
+
+def request(req_id: str, seed: int) -> Request:
+    init_none_hash(sha256)
+    ids = [(seed * 131 + i * 7) % 900 + 2 for i in range(PROMPT_BLOCKS * BLOCK + 5)]
+    return Request(
+        request_id=req_id,
+        prompt_token_ids=ids,
+        sampling_params=SamplingParams(max_tokens=4),
+        pooling_params=None,
+        block_hasher=get_request_block_hasher(BLOCK, sha256),
+    )
+
+
+def store_prefix(engine: Engine, agent: Agent, req: Request) -> list[bytes]:
+    """Saves the request's prompt blocks in the agent, as a worker would have (random pages);
+    returns each block's bytes."""
+    ns = engine.scheduler._namespace(RequestKeys(None, None, []), 0)
+    hashes = list(req.block_hashes)[:PROMPT_BLOCKS]
+    data = [os.urandom(engine.page_bytes * LAYERS) for _ in hashes]
+    assert kvtier.Client(str(agent.socket)).save(ns, hashes, data) == ["stored"] * len(hashes)
+    return data
+
+
+def claim(engine: Engine, req: Request, block_ids: list[int]) -> None:
+    """What the scheduler does with a waiting request: asks, allocates, records."""
+    tokens, asynchronous = engine.scheduler.get_num_new_matched_tokens(req, 0)
+    assert (tokens, asynchronous) == (PROMPT_BLOCKS * BLOCK, False)
+    blocks = KVCacheBlocks(blocks=([KVCacheBlock(block_id=b) for b in block_ids],))
+    engine.scheduler.update_state_after_alloc(req, blocks, tokens)
+
+
+def pinned(req_id: str) -> bool:
+    """Whether the scheduler still holds the pins it took for the request's claim (the table it
+    hands to an in-process worker and releases them from)."""
+    return req_id in connector_module._LEASES
+
+
+def test_the_in_process_worker_loads_a_synchronous_hit_and_ends_its_pins(
+    engine: Engine, agent: Agent
+) -> None:
+    req = request("sync-in-process", 1)
+    data = store_prefix(engine, agent, req)
+    claim(engine, req, [3, 5, 6, 9])
+    assert pinned(req.request_id)
+    engine.step(output=False)
+    assert [engine.block_bytes(b) for b in (3, 5, 6, 9)] == data
+    assert not pinned(req.request_id), "loaded: the scheduler's pins are done with"
+
+
+def test_a_synchronous_loads_pins_end_with_its_steps_output(engine: Engine, agent: Agent) -> None:
+    req = request("sync-output", 2)
+    store_prefix(engine, agent, req)
+    claim(engine, req, [1, 2, 4, 7])
+    engine.step(worker=False, output=False)
+    assert pinned(req.request_id), "the step may still be running on the workers"
+    engine.scheduler.update_connector_output(KVConnectorOutput())
+    assert not pinned(req.request_id), "the step's output arrived: its loads are done"
+
+
+def test_pins_of_a_step_whose_output_never_comes_end_after_the_steps_in_flight(
+    engine: Engine, agent: Agent
+) -> None:
+    req = request("sync-no-output", 3)
+    store_prefix(engine, agent, req)
+    claim(engine, req, [1, 2, 4, 7])
+    engine.step(worker=False, output=False)
+    # vLLM reports no output for a step with nothing to say: the pins stay while as many steps
+    # as may be in flight are scheduled after it, and go with the next.
+    for _ in range(engine.scheduler._steps_in_flight):
+        engine.step(worker=False, output=False)
+        assert pinned(req.request_id)
+    engine.step(worker=False, output=False)
+    assert not pinned(req.request_id)
+
+
+def test_a_worker_whose_claim_lost_the_schedulers_pins_pins_the_blocks_itself(
+    engine: Engine, agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    req = request("repin", 4)
+    data = store_prefix(engine, agent, req)
+    claim(engine, req, [0, 8, 10, 11])
+    # The scheduler's connection ends (a call on it timed out): the agent drops its pins.
+    engine.scheduler._client.disconnect()
+    with caplog.at_level(logging.INFO, logger="kvtier.vllm"):
+        engine.step()
+    assert [engine.block_bytes(b) for b in (0, 8, 10, 11)] == data
+    assert "own pins" in caplog.text
+    assert engine.worker.get_block_ids_with_load_errors() == set()
