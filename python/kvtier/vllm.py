@@ -253,9 +253,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             raise ValueError(
                 "the kvtier connector does not support pipeline parallelism (pipeline_parallel_size > 1)"
             )
-        # Steps scheduled ahead of the one whose output arrives last (vLLM keeps up to one batch
-        # per pipeline stage in flight, two with asynchronous scheduling).
-        self._steps_in_flight = 2 * max(1, int(parallel.pipeline_parallel_size))
+        # Steps scheduled ahead of the one whose output arrives last: vLLM keeps up to two in
+        # flight with asynchronous scheduling (pipeline stages, which would add one each, are
+        # refused above).
+        self._steps_in_flight = 2
         self._device_ok = True
         if role == KVConnectorRole.SCHEDULER and not devices.usable(_engine_device(vllm_config)):
             self._device_ok = False
@@ -855,8 +856,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         with _LEASES_LOCK:
             entry = _LEASES.get(load.req_id)
         held = entry[1] if entry is not None else None
-        leases = held[self._tp_rank] if held is not None and self._tp_rank < len(held) else None
-        own = leases is None
+        scheduled = held[self._tp_rank] if held is not None and self._tp_rank < len(held) else None
         try:
             if not self._layers:
                 raise kvtier.KvtierError("no copy engine for this worker's KV cache")
@@ -865,27 +865,27 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             # own thread, before `get_finished` lets its request run. Either way a failed copy
             # raises here and its blocks are recomputed.
             waits = not load.asynchronous
-            first = 0 if leases is None else load.first
-            if leases is None:
-                ns = self._namespace(load.keys, self._tp_rank)
-                leases = self._client.acquire(ns, load.keys.hashes)
-            # Scheduler-pinned leases cover the request's blocks from its first one.
-            tiers = leases.load_pages(load.block_ids, self._layers, first, self._engine, stream, waits)
-            leases.wait()
-            if not own and kvtier.TIER_MISS in tiers:
-                # The scheduler's pins ended with its connection (a call on it failed while
-                # this load waited): the blocks are likely still there, pinned again here.
-                tiers = self._load_again(load, stream, waits)
+            if scheduled is None:
+                tiers = self._load_own(load, stream, waits)
+            else:
+                # Scheduler-pinned leases cover the request's blocks from its first one.
+                tiers = scheduled.load_pages(
+                    load.block_ids, self._layers, load.first, self._engine, stream, waits
+                )
+                scheduled.wait()
+                if kvtier.TIER_MISS in tiers:
+                    # The scheduler's pins ended with its connection (a call on it failed while
+                    # this load waited): the blocks are likely still there, pinned again here.
+                    tiers = self._load_own(load, stream, waits)
+                    logger.info(
+                        "kvtier: %s loaded on this worker's own pins after the scheduler's ended",
+                        load.req_id,
+                    )
         except Exception as e:  # any failure is a load error that vLLM handles
             logger.warning("kvtier: load of %s failed, its blocks will be recomputed: %s", load.req_id, e)
             tiers = [kvtier.TIER_MISS] * len(load.block_ids)
         finally:
-            if own and leases is not None:
-                try:
-                    self._client.release(leases)
-                except kvtier.KvtierError as e:
-                    logger.debug("kvtier: release failed: %s", e)
-            elif self._tp_world == 1:
+            if scheduled is not None and self._tp_world == 1:
                 # Loaded (or failed): the pins the scheduler took for this request are done with.
                 self._drop_leases(load.req_id)
         failed = {b for b, t in zip(load.block_ids, tiers, strict=True) if t == kvtier.TIER_MISS}
@@ -896,7 +896,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             logger.debug("kvtier: loaded %d blocks of %s %s", len(load.block_ids), load.req_id, how)
         return failed
 
-    def _load_again(self, load: LoadSpec, stream: int, waits: bool) -> list[int]:
+    def _load_own(self, load: LoadSpec, stream: int, waits: bool) -> list[int]:
         """``load`` through pins of this worker's own connection; the tier of each block."""
         ns = self._namespace(load.keys, self._tp_rank)
         leases = self._client.acquire(ns, load.keys.hashes)
@@ -904,11 +904,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             tiers: list[int] = leases.load_pages(load.block_ids, self._layers, 0, self._engine, stream, waits)
             leases.wait()
         finally:
-            try:
-                self._client.release(leases)
-            except kvtier.KvtierError as e:
-                logger.debug("kvtier: release failed: %s", e)
-        logger.info("kvtier: %s loaded on this worker's own pins after the scheduler's ended", load.req_id)
+            self._release_all(self._client, [leases])
         return tiers
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
