@@ -191,6 +191,21 @@ enum kvtier_status kvtier_pull(const struct kvtier_client *client,
                                uint8_t *held,
                                size_t *matched);
 
+// Has the agent keep the longest stored prefix of `hashes` for another node's pull (blocks a
+// prefill engine hands to a decode engine): `*matched` is set to the stored prefix's length,
+// as [`kvtier_lookup`] finds it, and `*held` (may be NULL) to how many of its leading blocks
+// the agent keeps (not evicted until a pull of them ends or its `peer.hold_s` passes; 0 on an
+// agent that serves no peers).
+//
+// # Safety
+// `hashes` valid for `n` elements; `matched` writable; `held` NULL or writable.
+enum kvtier_status kvtier_hold(const struct kvtier_client *client,
+                               const struct kvtier_namespace *ns,
+                               const struct kvtier_hash *hashes,
+                               size_t n,
+                               size_t *matched,
+                               size_t *held);
+
 // Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 // NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an
 // error: the call succeeds and their outcome says why.

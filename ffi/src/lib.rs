@@ -516,6 +516,40 @@ pub unsafe extern "C" fn kvtier_pull(
     })
 }
 
+/// Has the agent keep the longest stored prefix of `hashes` for another node's pull (blocks a
+/// prefill engine hands to a decode engine): `*matched` is set to the stored prefix's length,
+/// as [`kvtier_lookup`] finds it, and `*held` (may be NULL) to how many of its leading blocks
+/// the agent keeps (not evicted until a pull of them ends or its `peer.hold_s` passes; 0 on an
+/// agent that serves no peers).
+///
+/// # Safety
+/// `hashes` valid for `n` elements; `matched` writable; `held` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_hold(
+    client: *const kvtier_client,
+    ns: *const kvtier_namespace,
+    hashes: *const kvtier_hash,
+    n: usize,
+    matched: *mut usize,
+    held: *mut usize,
+) -> kvtier_status {
+    guard(|| {
+        // SAFETY: the caller's contract for each pointer.
+        let (client, ns, raw) = unsafe { (client_ref(client)?, ns_of(ns)?, slice(hashes, n, "hashes")?) };
+        if matched.is_null() {
+            return Err(invalid("matched is NULL"));
+        }
+        let out = client.hold(&ns, &hashes_of(raw)?)?;
+        // SAFETY: `matched` is non-null and writable (caller's contract).
+        unsafe { *matched = out.tiers.len() };
+        if !held.is_null() {
+            // SAFETY: non-null and writable (caller's contract).
+            unsafe { *held = out.held };
+        }
+        Ok(())
+    })
+}
+
 /// Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 /// NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an
 /// error: the call succeeds and their outcome says why.

@@ -342,6 +342,13 @@ pub struct PeerSection {
     pub grant_ttl_s: u32,
     /// Most grants open at once on this agent.
     pub max_grants: u32,
+    /// On an agent that serves peers: how long blocks a prefill engine hands to a decode
+    /// engine are kept for its pull, seconds (the decode's pull of them ends the hold sooner).
+    /// Held blocks are not evicted from the arena or disk; 0: nothing is held.
+    pub hold_s: u32,
+    /// Most of each tier (host arena, disk) that held blocks may take, percent: blocks past it
+    /// are handed over unheld.
+    pub hold_max_percent: u8,
     /// Worker threads of the transfer runtime.
     pub threads: u32,
     /// On an agent that serves peers (`listen` set): checksum blocks engines commit on a
@@ -465,6 +472,8 @@ impl Default for PeerSection {
             streams: 0,
             grant_ttl_s: 30,
             max_grants: 1024,
+            hold_s: 120,
+            hold_max_percent: 50,
             threads: 2,
             checksum_on_commit: true,
             rdma: RdmaSection::default(),
@@ -550,6 +559,9 @@ impl PeerSection {
         }
         if self.grant_ttl_s == 0 || self.max_grants == 0 {
             bail!("invalid configuration `peer.grant_ttl_s`/`peer.max_grants`: must be at least 1");
+        }
+        if self.hold_max_percent > 100 {
+            bail!("invalid configuration `peer.hold_max_percent`: must be 0–100");
         }
         let has_secret = !self.secret_file.as_os_str().is_empty() || !self.secret.is_empty();
         if !self.listen.is_empty() && !has_secret && !self.insecure {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore::transport::Transport;
+use kvstore::transport::{Grants, Transport};
 use kvstore::{TierStats, TieredStore};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
@@ -203,19 +203,47 @@ struct TierCollector {
     store: Arc<TieredStore>,
 }
 
-/// Exports what the peer transports count themselves, read at scrape time.
+/// Exports what the peer transports count themselves and the grant table's occupancy, read at
+/// scrape time.
 #[derive(Debug)]
-struct TransportCollector {
+struct PeerCollector {
     transports: Vec<Arc<dyn Transport>>,
+    grants: Arc<Grants>,
 }
 
-/// Adds the peer transports' own counters to `reg` (nothing while `transports` is empty).
-pub fn register_transports(reg: &mut Registry, transports: Vec<Arc<dyn Transport>>) {
-    reg.register_collector(Box::new(TransportCollector { transports }));
+/// Adds the peer transports' own counters and the grant table's gauges to `reg`.
+pub fn register_peers(reg: &mut Registry, transports: Vec<Arc<dyn Transport>>, grants: Arc<Grants>) {
+    reg.register_collector(Box::new(PeerCollector { transports, grants }));
 }
 
-impl Collector for TransportCollector {
+impl Collector for PeerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let open = encoder.encode_descriptor(
+            "peer_grants_open",
+            "Grants open now: blocks pinned for peers' pulls in progress",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        gauge(self.grants.open() as u64).encode(open)?;
+        let held = self.grants.held();
+        let blocks = encoder.encode_descriptor(
+            "peer_held_blocks",
+            "Blocks held for a peer's pull that has not begun (a decode engine's, of blocks this \
+             node's engine prefilled)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        gauge(held.blocks as u64).encode(blocks)?;
+        let mut bytes = encoder.encode_descriptor(
+            "peer_held_bytes",
+            "Bytes of the blocks held for peers' pulls, by the tier holding them",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (tier, v) in [("host", held.host_bytes), ("disk", held.disk_bytes)] {
+            gauge(v).encode(bytes.encode_family(&TierLabel { tier })?)?;
+        }
         if self.transports.is_empty() {
             return Ok(());
         }

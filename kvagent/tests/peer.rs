@@ -406,6 +406,61 @@ fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
     assert_eq!(checksummed(&relay), bytes(&data), "the grant read nothing");
 }
 
+/// Blocks a prefill engine hands to a decode engine are held for its pull: the arena filling
+/// up with other blocks meanwhile does not evict them (it does evict blocks not held), the pull
+/// ends the hold, and they are evictable again afterwards.
+#[test]
+fn blocks_handed_to_a_decode_are_held_until_pulled() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "cluster-secret");
+    let source = Agent::start(
+        &dir.path().join("hold-a.sock"),
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
+    );
+    let peer = source.peer_address();
+    let puller = Agent::start(&dir.path().join("hold-b.sock"), &["--peer-secret-file", &secret]);
+    let (space, other) = (ns("handed-over"), ns("other-requests"));
+    let (handed, unheld) = (mib_blocks(10, 8), mib_blocks(12, 4));
+    let c = source.client();
+    save(&c, &space, &unheld);
+    save(&c, &space, &handed);
+    let hashes = |data: &[(BlockHash, Vec<u8>)]| data.iter().map(|(h, _)| *h).collect::<Vec<_>>();
+    let mut asked = hashes(&handed);
+    asked.push(hash(10, 1000));
+    let out = c.hold(&space, &asked).unwrap();
+    assert_eq!((out.tiers.len(), out.held), (8, 8), "the stored prefix, all held");
+    assert_eq!(source.stats()["peer"]["held_blocks"], 8);
+    let (status, metrics) = source.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.lines().any(|l| l == "kvtier_peer_held_blocks 8"),
+        "{metrics}"
+    );
+
+    // Twice the 64 MiB arena of other blocks: what was not held is gone, what was is not.
+    let flood = |seed: u64| {
+        for round in 0..4 {
+            save(&c, &other, &mib_blocks(seed + round, 32));
+        }
+    };
+    flood(100);
+    assert!(
+        c.lookup(&space, &hashes(&unheld)).unwrap().is_empty(),
+        "blocks not held were evicted"
+    );
+    assert_eq!(c.lookup(&space, &hashes(&handed)).unwrap().len(), 8);
+
+    let pc = pull_client(&puller);
+    assert_eq!(pc.pull(&peer, &space, &hashes(&handed)).unwrap(), vec![true; 8]);
+    assert_eq!(held_exact(&pc, &space, &handed), 8);
+    source.wait_for("the pull ended the holds", |s| s["peer"]["held_blocks"] == 0);
+    flood(200);
+    assert!(
+        c.lookup(&space, &hashes(&handed)).unwrap().is_empty(),
+        "no pin outlived the hold"
+    );
+}
+
 /// Two engines of one node pulling the same prefix at once (two requests sharing a system
 /// prompt): each is told the blocks are held only once they are, so each can load every block
 /// as soon as its pull returns. The one that comes second waits for the blocks the first is

@@ -586,8 +586,8 @@ impl HostTier {
         self.state.lock().entries.contains_many(keys)
     }
 
-    /// Pins a block without reading it; `false` if absent.
-    pub fn pin(&self, key: &BlockKey) -> bool {
+    /// Pins a block without reading it; its length, `None` if absent.
+    pub fn pin(&self, key: &BlockKey) -> Option<u64> {
         self.state.lock().entries.pin(key)
     }
 

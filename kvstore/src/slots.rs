@@ -104,9 +104,12 @@ impl<M: Copy> SlotIndex<M> {
         None
     }
 
-    /// Adds a user pin; `false` if absent.
-    pub(crate) fn pin(&mut self, key: &BlockKey) -> bool {
-        self.entries.peek_mut(key).map(|e| e.pins += 1).is_some()
+    /// Adds a user pin; the block's length, `None` if absent.
+    pub(crate) fn pin(&mut self, key: &BlockKey) -> Option<u64> {
+        self.entries.peek_mut(key).map(|e| {
+            e.pins += 1;
+            e.len
+        })
     }
 
     /// Drops one user pin; `false` if the block had none.

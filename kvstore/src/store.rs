@@ -656,12 +656,14 @@ impl TieredStore {
         }
     }
 
-    /// Pins a block in the fastest tier holding it, so it is never evicted there.
-    pub fn pin(&self, key: &BlockKey) -> Option<TierLevel> {
-        if self.host.pin(key) {
-            return Some(TierLevel::Host);
+    /// Pins a block in the fastest tier holding it, so it is never evicted there; that tier
+    /// and the block's length.
+    pub fn pin(&self, key: &BlockKey) -> Option<(TierLevel, u64)> {
+        if let Some(len) = self.host.pin(key) {
+            return Some((TierLevel::Host, len));
         }
-        self.disk.as_ref().filter(|d| d.pin(key)).map(|_| TierLevel::Disk)
+        let len = self.disk.as_ref()?.pin(key)?;
+        Some((TierLevel::Disk, len))
     }
 
     /// Undoes one [`Self::pin`]; `false` if the block was not pinned.

@@ -12,10 +12,10 @@ use crate::stats::TierLevel;
 
 /// The newest protocol version this build speaks. The agent accepts hellos from
 /// [`MIN_PROTOCOL_VERSION`] on and answers in the client's version; other hellos are refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest version still spoken (version 2 added `announce`, version 3 `pull`, version 4 the
-/// object tier's code; nothing else changed).
+/// object tier's code, version 5 `hold`; nothing else changed).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
@@ -190,6 +190,10 @@ pub enum Request {
     /// Copies the longest prefix of the blocks that another node's agent holds (its peer
     /// address first) into this agent's tiers, for a later acquire.
     Pull(String, Namespace, Vec<BlockHash>),
+    /// Keeps the longest stored prefix of the blocks for a peer's pull (a decode engine's,
+    /// after this node's engine prefilled them): not evicted until a pull of them ends or the
+    /// agent's hold time passes.
+    Hold(Namespace, Vec<BlockHash>),
 }
 
 /// A message from agent to client.
@@ -215,6 +219,13 @@ pub enum Response {
     Announce,
     /// Per block: whether this agent holds it now (pulled, or held already).
     Pull(Vec<bool>),
+    /// What a hold kept.
+    Hold {
+        /// The tier of each leading stored key, as a lookup answers.
+        tiers: Vec<TierLevel>,
+        /// How many of them, from the first, are held for a pull.
+        held: u32,
+    },
     /// The request failed.
     Error {
         /// What went wrong.
@@ -235,6 +246,7 @@ mod kind {
     pub(super) const STATS: u8 = 0x08;
     pub(super) const ANNOUNCE: u8 = 0x09;
     pub(super) const PULL: u8 = 0x0a;
+    pub(super) const HOLD: u8 = 0x0b;
     pub(super) const REPLY: u8 = 0x80;
     pub(super) const ERROR: u8 = 0xff;
 }
@@ -253,6 +265,7 @@ impl Request {
             Self::Stats => kind::STATS,
             Self::Announce(..) => kind::ANNOUNCE,
             Self::Pull(..) => kind::PULL,
+            Self::Hold(..) => kind::HOLD,
         }
     }
 
@@ -269,6 +282,7 @@ impl Request {
             Self::Stats => "stats",
             Self::Announce(..) => "announce",
             Self::Pull(..) => "pull",
+            Self::Hold(..) => "hold",
         }
     }
 
@@ -285,7 +299,8 @@ impl Request {
             | Self::Commit(ns, hashes)
             | Self::Abort(ns, hashes)
             | Self::Acquire(ns, hashes)
-            | Self::Release(ns, hashes) => {
+            | Self::Release(ns, hashes)
+            | Self::Hold(ns, hashes) => {
                 out.extend_from_slice(ns.as_bytes());
                 put_u32(out, hashes.len() as u32);
                 for h in hashes {
@@ -333,6 +348,10 @@ impl Request {
             kind::LOOKUP => {
                 let (ns, n) = r.batch()?;
                 Self::Lookup(ns, r.hashes(n)?)
+            }
+            kind::HOLD => {
+                let (ns, n) = r.batch()?;
+                Self::Hold(ns, r.hashes(n)?)
             }
             kind::COMMIT => {
                 let (ns, n) = r.batch()?;
@@ -400,6 +419,7 @@ impl Response {
             Self::Stats(_) => kind::STATS,
             Self::Announce => kind::ANNOUNCE,
             Self::Pull(_) => kind::PULL,
+            Self::Hold { .. } => kind::HOLD,
             Self::Error { .. } => return kind::ERROR,
         };
         request | kind::REPLY
@@ -416,6 +436,11 @@ impl Response {
                 put_u64(out, w.instance);
             }
             Self::Lookup(tiers) => {
+                put_u32(out, tiers.len() as u32);
+                out.extend(tiers.iter().map(|t| tier_code(*t)));
+            }
+            Self::Hold { tiers, held } => {
+                put_u32(out, *held);
                 put_u32(out, tiers.len() as u32);
                 out.extend(tiers.iter().map(|t| tier_code(*t)));
             }
@@ -473,13 +498,14 @@ impl Response {
                 max_block_len: r.u64()?,
                 instance: r.u64()?,
             }),
-            k if k == kind::LOOKUP | kind::REPLY => {
-                let n = r.count()?;
-                let mut tiers = Vec::with_capacity(r.capacity_for(n, 1));
-                for _ in 0..n {
-                    tiers.push(r.tier()?);
+            k if k == kind::LOOKUP | kind::REPLY => Self::Lookup(r.tiers()?),
+            k if k == kind::HOLD | kind::REPLY => {
+                let held = r.u32()?;
+                let tiers = r.tiers()?;
+                if held as usize > tiers.len() {
+                    return Err(invalid("hold", "more blocks held than stored"));
                 }
-                Self::Lookup(tiers)
+                Self::Hold { tiers, held }
             }
             k if k == kind::RESERVE | kind::REPLY => {
                 let n = r.count()?;
@@ -918,6 +944,15 @@ impl<'a> Reader<'a> {
         tier_from_code(self.u8()?)
     }
 
+    fn tiers(&mut self) -> Result<Vec<TierLevel>, WireError> {
+        let n = self.count()?;
+        let mut tiers = Vec::with_capacity(self.capacity_for(n, 1));
+        for _ in 0..n {
+            tiers.push(self.tier()?);
+        }
+        Ok(tiers)
+    }
+
     fn flags(&mut self) -> Result<Vec<bool>, WireError> {
         let n = self.count()?;
         let mut v = Vec::with_capacity(self.capacity_for(n, 1));
@@ -975,6 +1010,7 @@ mod tests {
             Request::Stats,
             Request::Announce(ns(), "meta-llama/Llama-3.1-8B-Instruct".into()),
             Request::Pull("10.0.0.7:9471".into(), ns(), hashes(4)),
+            Request::Hold(ns(), hashes(3)),
         ]
     }
 
@@ -1012,6 +1048,10 @@ mod tests {
             Response::Stats("{}".into()),
             Response::Announce,
             Response::Pull(vec![true, true, false]),
+            Response::Hold {
+                tiers: vec![TierLevel::Host, TierLevel::Disk, TierLevel::Object],
+                held: 2,
+            },
             Response::Error {
                 code: ErrorCode::PeerFailed,
                 message: "refused".into(),
@@ -1098,6 +1138,23 @@ mod tests {
         ));
         b[0] = 0x42;
         assert_eq!(Request::decode(&b), Err(WireError::UnknownKind(0x42)));
+    }
+
+    #[test]
+    fn a_hold_answer_holding_more_than_it_found_is_refused() {
+        let mut out = Vec::new();
+        Response::Hold {
+            tiers: vec![TierLevel::Host],
+            held: 1,
+        }
+        .encode(1, &mut out);
+        let mut b = body(&out).to_vec();
+        assert!(Response::decode(&b).is_ok());
+        b[HEADER_LEN] = 2;
+        assert!(matches!(
+            Response::decode(&b),
+            Err(WireError::Invalid { field: "hold", .. })
+        ));
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn pinned_blocks_are_never_evicted() {
     let s = store(dir.path(), IoEngineChoice::Auto);
     for i in 0..10 {
         s.put(&key(i), &payload(i, BLOCK));
-        assert_eq!(s.pin(&key(i)), Some(TierLevel::Host));
+        assert_eq!(s.pin(&key(i)), Some((TierLevel::Host, BLOCK as u64)));
     }
     for i in 10..400 {
         assert!(s.put(&key(i), &payload(i, BLOCK)).is_present());

@@ -198,11 +198,6 @@ def _split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _held_here(tiers: list[int]) -> int:
-    """How many leading blocks of a lookup this node's agent holds itself (not at a peer)."""
-    return next((i for i, t in enumerate(tiers) if t == kvtier.TIER_PEER), len(tiers))
-
-
 # Threads (each with its own connection to the agent) that pull and promote for the scheduler.
 _BACKGROUND_THREADS = 4
 # How long a producer waits before asking an agent that could not say its peer address again.
@@ -521,8 +516,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _transfer_params(self, request: Request, tracked: _Tracked | None) -> dict[str, Any] | None:
         """What a producer returns for a request a decode engine continues: the blocks its
-        agent holds, from the first, as the agent answers now (a block saved and evicted since,
-        or never saved, ends the prefix)."""
+        agent stores, from the first, as the agent answers now (a block saved and evicted since,
+        or never saved, ends the prefix), which the agent then keeps for the decode's pull."""
         params = getattr(request, "kv_transfer_params", None)
         if not self._producer or self._pd_params == "off" or not params or not params.get("do_remote_decode"):
             return None
@@ -538,13 +533,15 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         keys = self._keys(request)
         hashes = keys.hashes[:saved]
         try:
+            # Held for the decode's pull (not evicted until it ends or the agent's hold time
+            # passes), and advertised as far as every rank's agent stores them.
             held = min(
-                _held_here(self._client.lookup(self._namespace(keys, rank), hashes))
+                len(self._client.hold(self._namespace(keys, rank), hashes)[0])
                 for rank in range(self._tp_world)
             )
         except kvtier.KvtierError as e:
             logger.debug(
-                "kvtier: lookup of %s's saved blocks failed; its decode computes: %s", request.request_id, e
+                "kvtier: hold of %s's saved blocks failed; its decode computes: %s", request.request_id, e
             )
             return None
         if held == 0:

@@ -508,6 +508,18 @@ impl Client {
         py.detach(|| self.inner.pull(peer, &ns, &hashes)).map_err(to_py)
     }
 
+    /// Has the agent keep the longest stored prefix of ``hashes`` for a peer's pull (blocks a
+    /// prefill engine hands to a decode engine): the lookup's tier codes, and how many leading
+    /// blocks are held until a pull of them ends or the agent's ``peer.hold_s`` passes.
+    fn hold(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<(Vec<u32>, usize)> {
+        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
+        let out = py.detach(|| self.inner.hold(&ns, &hashes)).map_err(to_py)?;
+        Ok((
+            out.tiers.into_iter().map(|t| tier_code(Some(t))).collect(),
+            out.held,
+        ))
+    }
+
     /// The agent's counters as a JSON string.
     fn stats(&self, py: Python<'_>) -> PyResult<String> {
         py.detach(|| self.inner.stats()).map_err(to_py)

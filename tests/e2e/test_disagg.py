@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ def connector(agent: Agent, role: str) -> dict[str, Any]:
     }
 
 
-def proxy(prefill: OpenAIServer, decode: OpenAIServer, ids: list[int], max_tokens: int) -> dict[str, Any]:
-    """What vLLM's P/D example proxy does with a completion request."""
+def prefill_step(prefill: OpenAIServer, ids: list[int]) -> dict[str, Any]:
+    """The first half of what vLLM's P/D example proxy does: the ``kv_transfer_params`` that
+    the prefill server returns for the decode server."""
     first = prefill.complete(
         {
             "prompt": ids,
@@ -49,9 +51,14 @@ def proxy(prefill: OpenAIServer, decode: OpenAIServer, ids: list[int], max_token
             },
         }
     )
-    params = first.get("kv_transfer_params")
+    params: dict[str, Any] | None = first.get("kv_transfer_params")
     assert params, f"the prefill server returned no kv_transfer_params: {first}"
-    return decode.greedy(ids, max_tokens, kv_transfer_params=params)
+    return params
+
+
+def proxy(prefill: OpenAIServer, decode: OpenAIServer, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """What vLLM's P/D example proxy does with a completion request."""
+    return decode.greedy(ids, max_tokens, kv_transfer_params=prefill_step(prefill, ids))
 
 
 class Cluster:
@@ -92,6 +99,16 @@ class Cluster:
         out: dict[str, Any] = json.loads(kvtier.Client(str(agent.socket)).stats())
         return out
 
+    def prefill_peer_stat(self, name: str, until: Callable[[int], bool], timeout: float = 10) -> int:
+        """The prefill agent's ``peer`` counter ``name`` once ``until`` holds for it (a puller
+        releases its grant after its pull returns), or at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = int(self.stats(self.prefill_agent)["peer"][name])
+            if until(value) or time.monotonic() > deadline:
+                return value
+            time.sleep(0.1)
+
 
 @pytest.fixture(scope="module")
 def cluster(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -106,7 +123,10 @@ def test_decode_pulls_the_prefill_engines_blocks_and_matches_a_single_engine(
     cluster: Cluster, prompts: Path, baseline: list[list[int]]
 ) -> None:
     ids = json.loads(prompts.read_text())[0]
-    out = proxy(cluster.prefill, cluster.decode, ids, max_tokens=8)
+    params = prefill_step(cluster.prefill, ids)
+    # The prefill agent keeps the blocks it hands over until the decode's pull of them ends.
+    assert cluster.stats(cluster.prefill_agent)["peer"]["held_blocks"] == len(params["remote_block_hashes"])
+    out = cluster.decode.greedy(ids, 8, kv_transfer_params=params)
     blocks = (len(ids) - 1) // BLOCK
     # The decode engine counts the pulled blocks as external prefix-cache hits (the API's
     # cached_tokens is the prefill side's own hit count, which vLLM passes along).
@@ -116,7 +136,8 @@ def test_decode_pulls_the_prefill_engines_blocks_and_matches_a_single_engine(
     assert out["choices"][0]["token_ids"] == baseline[0]
     # The decode agent holds the blocks it pulled; the prefill agent granted them.
     assert cluster.stats(cluster.decode_agent)["host"]["blocks"] >= blocks
-    assert cluster.stats(cluster.prefill_agent)["peer"]["grants_open"] == 0
+    assert cluster.prefill_peer_stat("grants_open", lambda n: n == 0) == 0
+    assert cluster.prefill_peer_stat("held_blocks", lambda n: n == 0) == 0, "the pull ended the holds"
 
     # A second prompt sharing the prefix: the prefill engine hits its own prefix cache and still
     # hands every block over.

@@ -97,6 +97,10 @@ int main(int argc, char **argv) {
   CHECK(tiers[0] == KVTIER_TIER_HOST && tiers[N] == KVTIER_TIER_MISS, "tiers");
   CHECK(kvtier_lookup(c, &other, probe, N, &matched, NULL) == KVTIER_OK && matched == 0,
         "another namespace sees nothing");
+  size_t held = 99;
+  CHECK(kvtier_hold(c, &ns, probe, N + 1, &matched, &held) == KVTIER_OK, "hold");
+  CHECK(matched == N && held == 0, "hold on an agent serving no peers: %zu stored, %zu held", matched, held);
+  CHECK(kvtier_hold(c, &ns, probe, N, NULL, NULL) == KVTIER_ERR_INVALID_ARGUMENT, "hold without matched");
 
   void *bufs[N];
   for (unsigned i = 0; i < N; i++) bufs[i] = calloc(1, lens[i]);

@@ -54,7 +54,7 @@ pub fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     report_copy_engines(&metrics);
     let instance = instance_id();
     let peers = peer::Peers::start(&cfg, Arc::clone(&store), Arc::clone(&metrics))?;
-    crate::metrics::register_transports(&mut registry, peers.transports());
+    crate::metrics::register_peers(&mut registry, peers.transports(), Arc::clone(peers.grants()));
     let shared = server::Shared::new(
         Arc::clone(&store),
         metrics,
@@ -241,7 +241,8 @@ fn stats_json(shared: &server::Shared) -> String {
         "announced_namespaces": shared.models.len(),
         "peer": {
             "address": shared.peers.advertise(),
-            "grants_open": shared.peers.grants_open(),
+            "grants_open": shared.peers.grants().open(),
+            "held_blocks": shared.peers.grants().held().blocks,
         },
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),

@@ -691,6 +691,18 @@ fn dispatch(
                 }
             }
         }
+        Request::Hold(ns, hashes) => {
+            let keys: Vec<kvstore::BlockKey> =
+                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
+            let out = shared.peers.hold(&keys);
+            (
+                Response::Hold {
+                    held: u32::try_from(out.held).unwrap_or(u32::MAX),
+                    tiers: out.tiers,
+                },
+                hashes.len(),
+            )
+        }
         Request::Announce(ns, model) => {
             if shared.models.announce(ns, &model) {
                 (Response::Announce, 0)

@@ -27,6 +27,7 @@ use self::handle::{Link, Slot};
 use crate::arena::HostArena;
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
+use crate::transport::HoldOutcome;
 use crate::wire::{
     self, AcquireStatus, ErrorCode, MAX_BATCH, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ReadError, Request,
     ReserveStatus, Response, Welcome,
@@ -816,6 +817,32 @@ impl Client {
         {
             Response::Pull(held) if held.len() == hashes.len() => Ok(held),
             other => Err(unexpected("pull", &other)),
+        }
+    }
+
+    /// Has the agent keep the longest stored prefix of `hashes` for a peer's pull: a prefill
+    /// engine hands those blocks to a decode engine, whose agent pulls them soon. Held blocks are
+    /// not evicted until a pull of them ends or the agent's hold time passes (`peer.hold_s`);
+    /// the agent holds nothing where it serves no peers, and an agent older than protocol 5
+    /// answers as a lookup. The answer is the lookup's, with how many leading blocks are held.
+    pub fn hold(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<HoldOutcome> {
+        check_batch(hashes.len())?;
+        let version = {
+            let mut guard = self.conn.lock();
+            self.ensure(&mut guard)?.welcome.version
+        };
+        if version < 5 {
+            return Ok(HoldOutcome {
+                tiers: self.lookup(ns, hashes)?,
+                held: 0,
+            });
+        }
+        match self.call(&Request::Hold(*ns, hashes.to_vec()), None)?.0 {
+            Response::Hold { tiers, held } if tiers.len() <= hashes.len() => Ok(HoldOutcome {
+                tiers,
+                held: held as usize,
+            }),
+            other => Err(unexpected("hold", &other)),
         }
     }
 

@@ -758,8 +758,8 @@ impl DiskTier {
         self.state.lock().entries.contains_many(keys)
     }
 
-    /// Pins a block so eviction skips it; `false` if absent.
-    pub fn pin(&self, key: &BlockKey) -> bool {
+    /// Pins a block so eviction skips it; its length, `None` if absent.
+    pub fn pin(&self, key: &BlockKey) -> Option<u64> {
         self.state.lock().entries.pin(key)
     }
 

@@ -1,5 +1,7 @@
 //! The source side of a transfer: blocks pinned for peers, under unguessable ids, until the
-//! puller releases them or they expire.
+//! puller releases them or they expire; and blocks held for a puller that has not asked yet (a
+//! prefill engine's blocks handed to a decode engine), until a grant of them is released or
+//! the hold expires.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -129,6 +131,77 @@ pub struct Grants {
     table: Mutex<HashMap<GrantId, Arc<GrantEntry>>>,
     /// Grants being made, not in `table` yet.
     making: AtomicUsize,
+    holds: Mutex<Holds>,
+}
+
+/// How long [`Grants::hold`] keeps blocks, and how much of each tier it may keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// A hold ends this long after it was last asked for unless a grant of its block was
+    /// released first. Zero: nothing is held.
+    pub ttl: Duration,
+    /// Most bytes held in the host arena at once.
+    pub host_bytes: u64,
+    /// Most bytes held on disk at once.
+    pub disk_bytes: u64,
+}
+
+impl HoldLimits {
+    /// Holds nothing.
+    pub const NONE: Self = Self {
+        ttl: Duration::ZERO,
+        host_bytes: 0,
+        disk_bytes: 0,
+    };
+}
+
+/// One held block: pinned in `tier` until `expires`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    tier: TierLevel,
+    len: u64,
+    expires: Instant,
+}
+
+/// The blocks held now, and their bytes per tier.
+#[derive(Debug)]
+struct Holds {
+    limits: HoldLimits,
+    blocks: HashMap<BlockKey, Held>,
+    host_bytes: u64,
+    disk_bytes: u64,
+}
+
+impl Holds {
+    /// The bytes held in `tier` (host or disk) and that tier's limit.
+    fn room(&mut self, tier: TierLevel) -> (&mut u64, u64) {
+        if tier == TierLevel::Host {
+            (&mut self.host_bytes, self.limits.host_bytes)
+        } else {
+            (&mut self.disk_bytes, self.limits.disk_bytes)
+        }
+    }
+}
+
+/// What [`Grants::hold`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HoldOutcome {
+    /// The tier of each leading stored key, as a lookup answers (held or not).
+    pub tiers: Vec<TierLevel>,
+    /// How many of them are held now (by this call or an earlier one), from the first: a hold
+    /// stops at the first block that would pass its tier's limit.
+    pub held: usize,
+}
+
+/// Held blocks and bytes, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeldCounts {
+    /// Blocks held.
+    pub blocks: usize,
+    /// Their bytes in the host arena.
+    pub host_bytes: u64,
+    /// Their bytes on disk.
+    pub disk_bytes: u64,
 }
 
 /// One grant being made, counted in [`Grants::making`] until dropped.
@@ -159,6 +232,7 @@ pub enum GrantError {
 
 impl Grants {
     /// A table over `store`, whose grants expire after `ttl`, with at most `max_open` at once.
+    /// Holds nothing until [`Self::with_holds`].
     pub fn new(store: Arc<TieredStore>, ttl: Duration, max_open: usize) -> Self {
         Self {
             store,
@@ -166,7 +240,20 @@ impl Grants {
             max_open,
             table: Mutex::new(HashMap::new()),
             making: AtomicUsize::new(0),
+            holds: Mutex::new(Holds {
+                limits: HoldLimits::NONE,
+                blocks: HashMap::new(),
+                host_bytes: 0,
+                disk_bytes: 0,
+            }),
         }
+    }
+
+    /// The same table, holding blocks within `limits` ([`Self::hold`]).
+    #[must_use]
+    pub fn with_holds(self, limits: HoldLimits) -> Self {
+        self.holds.lock().limits = limits;
+        self
     }
 
     /// The store whose blocks are granted.
@@ -259,11 +346,108 @@ impl Grants {
         (e.expires > Instant::now()).then(|| Arc::clone(e))
     }
 
-    /// Unpins a grant; `false` when it was unknown (already released or expired).
+    /// Unpins a grant; `false` when it was unknown (already released or expired). Its
+    /// blocks' holds end with it: the puller they were held for has them now (or gave up).
     pub fn release(&self, id: &GrantId) -> bool {
         // Dropped outside the lock: releasing leases takes the host tier's lock.
         let removed = self.table.lock().remove(id);
+        if let Some(entry) = &removed {
+            self.end_holds(entry.leases.iter().map(Lease::key));
+        }
         removed.is_some()
+    }
+
+    /// Holds the longest stored prefix of `keys` where it is (host arena or disk) for a puller
+    /// that has not asked for it yet: held blocks are not evicted from that tier until a grant
+    /// of them is released or the hold expires ([`HoldLimits::ttl`] after the last hold of the
+    /// block). A block already held has its hold renewed. Blocks only in the object store are
+    /// not held (nothing evicts them there).
+    pub fn hold(&self, keys: &[BlockKey]) -> HoldOutcome {
+        let tiers = self
+            .store
+            .lookup_prefix(&keys[..keys.len().min(MAX_GRANT_BLOCKS)])
+            .tiers;
+        let mut holds = self.holds.lock();
+        if holds.limits.ttl.is_zero() {
+            return HoldOutcome { tiers, held: 0 };
+        }
+        let expires = Instant::now() + holds.limits.ttl;
+        let mut held = 0;
+        for key in &keys[..tiers.len()] {
+            if let Some(h) = holds.blocks.get_mut(key) {
+                h.expires = expires;
+                held += 1;
+                continue;
+            }
+            // Pinned before its length is known; unpinned again where it does not fit.
+            let Some((tier, len)) = self.store.pin(key).filter(|(t, _)| *t != TierLevel::Object) else {
+                break;
+            };
+            let (used, limit) = holds.room(tier);
+            if used.saturating_add(len) > limit {
+                self.unpin(tier, key);
+                break;
+            }
+            *used += len;
+            holds.blocks.insert(*key, Held { tier, len, expires });
+            held += 1;
+        }
+        HoldOutcome { tiers, held }
+    }
+
+    /// Ends the holds of `keys` that are held; returns how many.
+    fn end_holds<'k>(&self, keys: impl IntoIterator<Item = &'k BlockKey>) -> usize {
+        self.end_holds_locked(&mut self.holds.lock(), keys)
+    }
+
+    fn end_holds_locked<'k>(&self, holds: &mut Holds, keys: impl IntoIterator<Item = &'k BlockKey>) -> usize {
+        let mut ended = 0;
+        for key in keys {
+            if let Some(h) = holds.blocks.remove(key) {
+                *holds.room(h.tier).0 -= h.len;
+                self.unpin(h.tier, key);
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    fn unpin(&self, tier: TierLevel, key: &BlockKey) {
+        match tier {
+            TierLevel::Host => self.store.host().unpin(key),
+            _ => self.store.disk().is_some_and(|d| d.unpin(key)),
+        };
+    }
+
+    /// Blocks held now and their bytes.
+    pub fn held(&self) -> HeldCounts {
+        let holds = self.holds.lock();
+        HeldCounts {
+            blocks: holds.blocks.len(),
+            host_bytes: holds.host_bytes,
+            disk_bytes: holds.disk_bytes,
+        }
+    }
+
+    /// Ends the holds that expired; returns how many.
+    pub fn expire_holds(&self) -> usize {
+        self.expire_holds_at(Instant::now())
+    }
+
+    fn expire_holds_at(&self, now: Instant) -> usize {
+        let mut holds = self.holds.lock();
+        let expired: Vec<BlockKey> = holds
+            .blocks
+            .iter()
+            .filter(|(_, h)| h.expires <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        let ended = self.end_holds_locked(&mut holds, &expired);
+        drop(holds);
+        if ended > 0 {
+            tracing::debug!(blocks = ended, "holds for pullers expired unpulled");
+        }
+        ended
     }
 
     /// Drops expired grants; returns how many.
@@ -403,5 +587,85 @@ mod tests {
             });
             assert_eq!((made, g.open()), (3, 3), "round {round}");
         }
+    }
+
+    fn holding(s: &Arc<TieredStore>, ttl: Duration, host_bytes: u64) -> Grants {
+        Grants::new(Arc::clone(s), Duration::from_secs(60), 4).with_holds(HoldLimits {
+            ttl,
+            host_bytes,
+            disk_bytes: 0,
+        })
+    }
+
+    /// Fills an 8 MiB arena with blocks the test never asks for again.
+    fn pressure(s: &TieredStore, from: u64) {
+        for i in from..from + 16 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+    }
+
+    #[test]
+    fn held_blocks_stay_until_a_grant_of_them_is_released() {
+        let s = store(8);
+        for i in 0..5 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        let keys: Vec<BlockKey> = (0..4).map(key).collect();
+        let out = g.hold(&keys);
+        assert_eq!((out.tiers, out.held), (vec![TierLevel::Host; 4], 4));
+        assert_eq!(
+            g.hold(&keys[..2]).held,
+            2,
+            "held again: renewed, not pinned twice"
+        );
+        pressure(&s, 100);
+        assert!(s.contains(&key(4)).is_none(), "a block not held was evicted");
+        for k in &keys {
+            assert_eq!(s.contains(k), Some(TierLevel::Host), "held through the pressure");
+        }
+        assert_eq!(
+            g.held(),
+            HeldCounts {
+                blocks: 4,
+                host_bytes: 4 << 20,
+                disk_bytes: 0
+            }
+        );
+        // A grant of the first three, released: their holds end, the fourth stays held.
+        let grant = g.grant(&keys[..3]).unwrap();
+        assert!(g.release(&grant.id));
+        assert_eq!(g.held().blocks, 1);
+        pressure(&s, 200);
+        for k in &keys[..3] {
+            assert!(s.contains(k).is_none(), "no pin left after the release");
+        }
+        assert_eq!(s.contains(&keys[3]), Some(TierLevel::Host));
+        assert_eq!(g.expire_holds_at(Instant::now() + Duration::from_secs(61)), 1);
+        assert_eq!(g.held(), HeldCounts::default());
+        pressure(&s, 300);
+        assert!(s.contains(&keys[3]).is_none(), "no pin left after the expiry");
+    }
+
+    #[test]
+    fn a_hold_stops_at_its_tiers_limit_and_without_a_ttl_holds_nothing() {
+        let s = store(8);
+        for i in 0..4 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let keys: Vec<BlockKey> = (0..6).map(key).collect();
+        let off = Grants::new(Arc::clone(&s), Duration::from_secs(60), 4);
+        let out = off.hold(&keys);
+        assert_eq!((out.tiers.len(), out.held), (4, 0), "answers like a lookup");
+        let g = holding(&s, Duration::from_secs(60), (5 << 20) / 2);
+        let out = g.hold(&keys);
+        assert_eq!((out.tiers.len(), out.held), (4, 2));
+        assert_eq!(g.expire_holds(), 0, "not expired yet");
+        pressure(&s, 100);
+        assert_eq!(s.contains(&key(1)), Some(TierLevel::Host));
+        assert!(
+            s.contains(&key(2)).is_none(),
+            "the block past the limit was not left pinned"
+        );
     }
 }

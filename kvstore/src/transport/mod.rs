@@ -31,7 +31,7 @@ use std::time::Instant;
 use crate::host::Reservation;
 
 pub use auth::Secret;
-pub use grants::{Grant, GrantId, GrantedBlock, Grants};
+pub use grants::{Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldLimits, HoldOutcome};
 
 /// Which data plane carries a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
-use kvstore::transport::{GrantId, Grants, PullItem, Secret, Transport, TransportError, TransportKind};
+use kvstore::transport::{
+    GrantId, Grants, HoldLimits, PullItem, Secret, Transport, TransportError, TransportKind,
+};
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
 use tonic::transport::Channel;
@@ -62,6 +64,23 @@ pub(crate) enum PullError {
     TimedOut(String),
 }
 
+/// What [`Grants::hold`] may keep: `peer.hold_s` and `peer.hold_max_percent` of each tier, on
+/// an agent that serves peers (nothing is pulled from any other).
+fn hold_limits(cfg: &crate::config::PeerSection, store: &TieredStore) -> HoldLimits {
+    if cfg.listen.is_empty() || cfg.hold_s == 0 {
+        return HoldLimits::NONE;
+    }
+    let stats = store.stats();
+    let share = |capacity: u64| {
+        u64::try_from(u128::from(capacity) * u128::from(cfg.hold_max_percent) / 100).unwrap_or(u64::MAX)
+    };
+    HoldLimits {
+        ttl: Duration::from_secs(u64::from(cfg.hold_s)),
+        host_bytes: share(stats.host.capacity_bytes),
+        disk_bytes: stats.disk.map_or(0, |d| share(d.capacity_bytes)),
+    }
+}
+
 /// Bound of one control call this agent serves.
 const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Control calls one connection may have in progress at once on this agent.
@@ -104,11 +123,14 @@ impl Peers {
             .build()
             .context("starting the peer transfer runtime")?;
         let secret = cfg.load_secret()?;
-        let grants = Arc::new(Grants::new(
-            Arc::clone(&store),
-            Duration::from_secs(u64::from(cfg.grant_ttl_s)),
-            cfg.max_grants as usize,
-        ));
+        let grants = Arc::new(
+            Grants::new(
+                Arc::clone(&store),
+                Duration::from_secs(u64::from(cfg.grant_ttl_s)),
+                cfg.max_grants as usize,
+            )
+            .with_holds(hold_limits(cfg, &store)),
+        );
         let tcp = TcpTransport::new(
             Arc::clone(&store),
             Some(Arc::clone(&grants)),
@@ -206,13 +228,14 @@ impl Peers {
                 }
             });
             let expiring = Arc::clone(&grants);
-            let period = Duration::from_secs(u64::from(cfg.grant_ttl_s))
+            let period = Duration::from_secs(u64::from(cfg.grant_ttl_s.min(cfg.hold_s.max(1))))
                 .div_f32(2.0)
                 .max(Duration::from_millis(100));
             runtime.spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
+                    expiring.expire_holds();
                     let gone = expiring.expire();
                     if gone > 0 {
                         tracing::warn!(
@@ -269,9 +292,15 @@ impl Peers {
         self.advertise.as_deref()
     }
 
-    /// Grants open now (blocks pinned for pullers).
-    pub(crate) fn grants_open(&self) -> usize {
-        self.grants.open()
+    /// The grant table: grants open now and blocks held for pullers.
+    pub(crate) fn grants(&self) -> &Arc<Grants> {
+        &self.grants
+    }
+
+    /// Holds the longest stored prefix of `keys` for a peer's pull ([`Grants::hold`]); holds
+    /// nothing on an agent that serves no peers.
+    pub(crate) fn hold(&self, keys: &[BlockKey]) -> kvstore::transport::HoldOutcome {
+        self.grants.hold(keys)
     }
 
     /// [`Self::pull`] from a thread outside the runtime (an engine connection's thread).
