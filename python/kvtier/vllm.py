@@ -198,6 +198,11 @@ def _split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _stored_here(tiers: list[int]) -> int:
+    """How many leading blocks of a lookup this node's agent stores itself (not at a peer)."""
+    return next((i for i, t in enumerate(tiers) if t == kvtier.TIER_PEER), len(tiers))
+
+
 # Threads (each with its own connection to the agent) that pull and promote for the scheduler.
 _BACKGROUND_THREADS = 4
 # How long a producer waits before asking an agent that could not say its peer address again.
@@ -533,6 +538,15 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         keys = self._keys(request)
         hashes = keys.hashes[:saved]
         try:
+            if self._tp_world > 1:
+                # Only the prefix every rank stores is handed over, so only it is held: a rank's
+                # blocks past it would stay held, unpulled, for the agent's whole hold time.
+                hashes = hashes[
+                    : min(
+                        _stored_here(self._client.lookup(self._namespace(keys, rank), hashes))
+                        for rank in range(self._tp_world)
+                    )
+                ]
             # Held for the decode's pull (not evicted until it ends or the agent's hold time
             # passes), and advertised as far as every rank's agent stores them.
             held = min(

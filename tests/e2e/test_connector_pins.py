@@ -1,10 +1,12 @@
 """The connector's two halves in one process, driven step by step as vLLM's scheduler and an
 in-process worker drive them, against a real agent: how long the pins of a synchronous load
-last, and what a worker does when the scheduler's pins ended before its load (no engine runs:
-the steps and their outputs are built here, so that each case happens exactly)."""
+last, what a worker does when the scheduler's pins ended before its load, and which blocks a
+producer has its agent hold for a decode's pull (no engine runs: the steps and their outputs
+are built here, so that each case happens exactly)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import KVConnectorOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 import kvtier
 from kvagent_process import Agent
@@ -192,3 +194,38 @@ def test_a_worker_whose_claim_lost_the_schedulers_pins_pins_the_blocks_itself(
     assert [engine.block_bytes(b) for b in (0, 8, 10, 11)] == data
     assert "own pins" in caplog.text
     assert engine.worker.get_block_ids_with_load_errors() == set()
+
+
+def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
+    config: VllmConfig, workdir: Path
+) -> None:
+    """A prefill engine of two tensor-parallel ranks hands over the blocks both ranks' shards
+    are stored for, and its agent holds those for the decode's pull, on each rank: none past
+    them, which nobody would pull."""
+    secret = workdir / "hold-secret"
+    secret.write_text("hold-test")
+    serving = Agent(
+        workdir / "serving.sock",
+        ["--host-size", "256MiB", "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret)],
+    )
+    try:
+        engine = Engine(config, serving)
+        # The scheduler of an engine of two ranks (its workers would save a shard each).
+        engine.scheduler._tp_world = engine.scheduler._ns_fields["tp_world"] = 2
+        req = request("handed-over", 5)
+        hashes = list(req.block_hashes)[:PROMPT_BLOCKS]
+        client = kvtier.Client(str(serving.socket))
+        for rank, stored in ((0, PROMPT_BLOCKS), (1, PROMPT_BLOCKS - 1)):
+            ns = engine.scheduler._namespace(RequestKeys(None, None, []), rank)
+            data = [os.urandom(engine.page_bytes * LAYERS) for _ in range(stored)]
+            assert client.save(ns, hashes[:stored], data) == ["stored"] * stored
+        req.kv_transfer_params = {"do_remote_decode": True}
+        req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        engine.scheduler._tracked[req.request_id] = connector_module._Tracked(req, saved_blocks=PROMPT_BLOCKS)
+        _, params = engine.scheduler.request_finished(req, [])
+        assert params is not None
+        assert params["remote_block_hashes"] == [h.hex() for h in hashes[: PROMPT_BLOCKS - 1]]
+        held = json.loads(client.stats())["peer"]["held_blocks"]
+        assert held == 2 * (PROMPT_BLOCKS - 1), "each rank's handed-over blocks, and no others"
+    finally:
+        serving.kill()
