@@ -346,8 +346,8 @@ pub struct PeerSection {
     /// engine are kept for its pull, seconds (the decode's pull of them ends the hold sooner).
     /// Held blocks are not evicted from the arena or disk; 0: nothing is held.
     pub hold_s: u32,
-    /// Most of each tier (host arena, disk) that held blocks may take, percent: blocks past it
-    /// are handed over unheld.
+    /// Most of each tier (host arena, disk) that held blocks may take, percent (at most 90):
+    /// blocks past it are handed over unheld.
     pub hold_max_percent: u8,
     /// Worker threads of the transfer runtime.
     pub threads: u32,
@@ -560,8 +560,9 @@ impl PeerSection {
         if self.grant_ttl_s == 0 || self.max_grants == 0 {
             bail!("invalid configuration `peer.grant_ttl_s`/`peer.max_grants`: must be at least 1");
         }
-        if self.hold_max_percent > 100 {
-            bail!("invalid configuration `peer.hold_max_percent`: must be 0–100");
+        if self.hold_max_percent > 90 {
+            // Held blocks cannot be evicted: a tier full of them would take no new block.
+            bail!("invalid configuration `peer.hold_max_percent`: must be 0–90");
         }
         let has_secret = !self.secret_file.as_os_str().is_empty() || !self.secret.is_empty();
         if !self.listen.is_empty() && !has_secret && !self.insecure {
@@ -1441,6 +1442,7 @@ mod tests {
                 ("[host]\nhuge_pages = \"maybe\"", "host.huge_pages"),
                 ("log_format = \"xml\"", "log_format"),
                 ("max_clients = \"many\"", "max_clients"),
+                ("[peer]\nhold_max_percent = 95", "peer.hold_max_percent"),
             ] {
                 let err = load_file(jail, text, &NodeFlags::default()).unwrap_err();
                 assert!(format!("{err:#}").contains(key), "{text}: {err:#}");

@@ -536,7 +536,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if address is None or split is None:
             return None
         keys = self._keys(request)
-        hashes = keys.hashes[:saved]
+        # A decode engine loads the blocks before the prompt's last token (it computes that
+        # token itself): a full last block would be handed over, and held, for nothing.
+        hashes = keys.hashes[: min(saved, (request.num_prompt_tokens - 1) // self._block_size)]
         try:
             if self._tp_world > 1:
                 # Only the prefix every rank stores is handed over, so only it is held: a rank's

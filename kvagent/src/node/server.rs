@@ -694,7 +694,7 @@ fn dispatch(
         Request::Hold(ns, hashes) => {
             let keys: Vec<kvstore::BlockKey> =
                 hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
-            let out = shared.peers.hold(&keys);
+            let out = shared.peers.hold(&keys, super::session::budget(deadline));
             (
                 Response::Hold {
                     held: u32::try_from(out.held).unwrap_or(u32::MAX),

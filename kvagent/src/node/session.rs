@@ -156,7 +156,7 @@ fn keys(ns: Namespace, hashes: &[BlockHash]) -> Vec<BlockKey> {
 
 /// The part of a call's remaining time that object-store requests may use: four fifths, so
 /// that blocks not back in time are misses in an answer that still arrives before `deadline`.
-fn budget(deadline: Instant) -> Instant {
+pub(crate) fn budget(deadline: Instant) -> Instant {
     let now = Instant::now();
     now + deadline.saturating_duration_since(now).mul_f32(0.8)
 }

@@ -267,12 +267,28 @@ impl Client {
         }
     }
 
+    /// Connects in the newest version the agent speaks: an agent older than this client
+    /// refuses a hello of a version it does not know, and is greeted again one version lower
+    /// (engines may be upgraded before the agents of their nodes).
     fn open(cfg: &ClientConfig) -> Result<Conn> {
+        let mut version = PROTOCOL_VERSION;
+        loop {
+            match Self::open_at(cfg, version) {
+                Err(ClientError::Refused {
+                    code: ErrorCode::UnsupportedVersion,
+                    ..
+                }) if version > MIN_PROTOCOL_VERSION => version -= 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn open_at(cfg: &ClientConfig, version: u16) -> Result<Conn> {
         let deadline = Instant::now() + cfg.timeout;
         let stream = socket::connect(&cfg.socket, cfg.timeout).map_err(|e| io_error(cfg, e, deadline))?;
         let mut buf = Vec::with_capacity(4096);
         Request::Hello {
-            version: PROTOCOL_VERSION,
+            version,
             client: cfg.name.clone(),
         }
         .encode(0, micros(cfg.timeout), &mut buf);
@@ -290,14 +306,10 @@ impl Client {
             (Err(e), _) | (Ok(()), Err(e)) => return Err(io_error(cfg, e, deadline)),
         };
         let welcome = match Response::decode(&body) {
-            Ok((_, Response::Welcome(w)))
-                if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&w.version) =>
-            {
-                w
-            }
+            Ok((_, Response::Welcome(w))) if (MIN_PROTOCOL_VERSION..=version).contains(&w.version) => w,
             Ok((_, Response::Welcome(w))) => {
                 return Err(ClientError::Protocol(format!(
-                    "the agent answered with protocol version {}, this client speaks {PROTOCOL_VERSION}",
+                    "the agent answered with protocol version {}, this client greeted it in {version}",
                     w.version
                 )));
             }

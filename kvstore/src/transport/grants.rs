@@ -82,6 +82,7 @@ pub struct Grant {
 pub struct GrantEntry {
     store: Arc<TieredStore>,
     leases: Vec<Lease>,
+    made: Instant,
     expires: Instant,
 }
 
@@ -155,11 +156,18 @@ impl HoldLimits {
     };
 }
 
-/// One held block: pinned in `tier` until `expires`.
+/// One held block: pinned in `tier` while hand-offs of it wait for their pulls, and until
+/// `expires` at most.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     tier: TierLevel,
-    len: u64,
+    /// What the block takes in `tier` (its slot or record), counted against the limit.
+    bytes: u64,
+    /// Hand-offs waiting for a pull: each hold adds one, each pull of the block (a grant made
+    /// since the first hold, released) takes one away.
+    waiting: u32,
+    /// When the block was first held: a grant made before it was not for these hand-offs.
+    since: Instant,
     expires: Instant,
 }
 
@@ -308,10 +316,12 @@ impl Grants {
             .collect();
         let id = GrantId::random();
         if !leases.is_empty() {
+            let made = Instant::now();
             let entry = GrantEntry {
                 store: Arc::clone(&self.store),
                 leases,
-                expires: Instant::now() + self.ttl,
+                made,
+                expires: made + self.ttl,
             };
             self.table.lock().insert(id, Arc::new(entry));
         }
@@ -346,70 +356,92 @@ impl Grants {
         (e.expires > Instant::now()).then(|| Arc::clone(e))
     }
 
-    /// Unpins a grant; `false` when it was unknown (already released or expired). Its
-    /// blocks' holds end with it: the puller they were held for has them now (or gave up).
+    /// Unpins a grant; `false` when it was unknown (already released or expired). A hand-off
+    /// of each of its blocks that waited for a pull has had it (or its puller gave up): one
+    /// fewer keeps the block held.
     pub fn release(&self, id: &GrantId) -> bool {
         // Dropped outside the lock: releasing leases takes the host tier's lock.
         let removed = self.table.lock().remove(id);
         if let Some(entry) = &removed {
-            self.end_holds(entry.leases.iter().map(Lease::key));
+            let mut holds = self.holds.lock();
+            for key in entry.leases.iter().map(Lease::key) {
+                if let Some(h) = holds.blocks.get_mut(key).filter(|h| h.since <= entry.made) {
+                    h.waiting -= 1;
+                    if h.waiting == 0 {
+                        self.end_hold(&mut holds, key);
+                    }
+                }
+            }
         }
         removed.is_some()
     }
 
     /// Holds the longest stored prefix of `keys` where it is (host arena or disk) for a puller
-    /// that has not asked for it yet: held blocks are not evicted from that tier until a grant
-    /// of them is released or the hold expires ([`HoldLimits::ttl`] after the last hold of the
-    /// block). A block already held has its hold renewed. Blocks only in the object store are
-    /// not held (nothing evicts them there).
-    pub fn hold(&self, keys: &[BlockKey]) -> HoldOutcome {
-        let tiers = self
-            .store
-            .lookup_prefix(&keys[..keys.len().min(MAX_GRANT_BLOCKS)])
-            .tiers;
+    /// that has not asked for it yet (a decode engine continuing a request this node's engine
+    /// prefilled). A held block is not evicted from its tier while a hold of it waits for its
+    /// pull: each hold counts one wait, each grant of the block released afterwards ends one,
+    /// and all end [`HoldLimits::ttl`] after the last hold. Blocks only in the object store
+    /// are not held (nothing evicts them there); a hold stops at the first block that would
+    /// pass its tier's limit. Blocks in lower tiers are looked for until `until` at most.
+    pub fn hold(&self, keys: &[BlockKey], until: Instant) -> HoldOutcome {
+        let keys = &keys[..keys.len().min(MAX_GRANT_BLOCKS)];
+        let tiers = self.store.lookup_prefix_until(keys, until).tiers;
         let mut holds = self.holds.lock();
         if holds.limits.ttl.is_zero() {
             return HoldOutcome { tiers, held: 0 };
         }
-        let expires = Instant::now() + holds.limits.ttl;
+        let now = Instant::now();
+        let expires = now + holds.limits.ttl;
+        let mut reaped = false;
         let mut held = 0;
         for key in &keys[..tiers.len()] {
             if let Some(h) = holds.blocks.get_mut(key) {
+                h.waiting = h.waiting.saturating_add(1);
                 h.expires = expires;
                 held += 1;
                 continue;
             }
-            // Pinned before its length is known; unpinned again where it does not fit.
+            // Pinned before its size is known; unpinned again where it does not fit.
             let Some((tier, len)) = self.store.pin(key).filter(|(t, _)| *t != TierLevel::Object) else {
                 break;
             };
-            let (used, limit) = holds.room(tier);
-            if used.saturating_add(len) > limit {
+            let bytes = match tier {
+                TierLevel::Host => crate::alloc::slot_size_for(len),
+                _ => crate::disk::record_len(len),
+            };
+            let fits = |holds: &mut Holds| {
+                let (used, limit) = holds.room(tier);
+                used.saturating_add(bytes) <= limit
+            };
+            if !fits(&mut holds) && !reaped {
+                // Holds past their time may not have been reaped yet.
+                reaped = true;
+                self.expire_holds_locked(&mut holds, now);
+            }
+            if !fits(&mut holds) {
                 self.unpin(tier, key);
                 break;
             }
-            *used += len;
-            holds.blocks.insert(*key, Held { tier, len, expires });
+            *holds.room(tier).0 += bytes;
+            let hold = Held {
+                tier,
+                bytes,
+                waiting: 1,
+                since: now,
+                expires,
+            };
+            holds.blocks.insert(*key, hold);
             held += 1;
         }
         HoldOutcome { tiers, held }
     }
 
-    /// Ends the holds of `keys` that are held; returns how many.
-    fn end_holds<'k>(&self, keys: impl IntoIterator<Item = &'k BlockKey>) -> usize {
-        self.end_holds_locked(&mut self.holds.lock(), keys)
-    }
-
-    fn end_holds_locked<'k>(&self, holds: &mut Holds, keys: impl IntoIterator<Item = &'k BlockKey>) -> usize {
-        let mut ended = 0;
-        for key in keys {
-            if let Some(h) = holds.blocks.remove(key) {
-                *holds.room(h.tier).0 -= h.len;
-                self.unpin(h.tier, key);
-                ended += 1;
-            }
+    /// Ends the hold of `key`, if held.
+    fn end_hold(&self, holds: &mut Holds, key: &BlockKey) {
+        if let Some(h) = holds.blocks.remove(key) {
+            *holds.room(h.tier).0 -= h.bytes;
+            self.unpin(h.tier, key);
         }
-        ended
     }
 
     fn unpin(&self, tier: TierLevel, key: &BlockKey) {
@@ -435,19 +467,24 @@ impl Grants {
     }
 
     fn expire_holds_at(&self, now: Instant) -> usize {
-        let mut holds = self.holds.lock();
+        let ended = self.expire_holds_locked(&mut self.holds.lock(), now);
+        if ended > 0 {
+            tracing::debug!(blocks = ended, "holds for pullers expired unpulled");
+        }
+        ended
+    }
+
+    fn expire_holds_locked(&self, holds: &mut Holds, now: Instant) -> usize {
         let expired: Vec<BlockKey> = holds
             .blocks
             .iter()
             .filter(|(_, h)| h.expires <= now)
             .map(|(k, _)| *k)
             .collect();
-        let ended = self.end_holds_locked(&mut holds, &expired);
-        drop(holds);
-        if ended > 0 {
-            tracing::debug!(blocks = ended, "holds for pullers expired unpulled");
+        for key in &expired {
+            self.end_hold(holds, key);
         }
-        ended
+        expired.len()
     }
 
     /// Drops expired grants; returns how many.
@@ -593,8 +630,12 @@ mod tests {
         Grants::new(Arc::clone(s), Duration::from_secs(60), 4).with_holds(HoldLimits {
             ttl,
             host_bytes,
-            disk_bytes: 0,
+            disk_bytes: 64 << 20,
         })
+    }
+
+    fn hold(g: &Grants, keys: &[BlockKey]) -> HoldOutcome {
+        g.hold(keys, Instant::now() + Duration::from_secs(1))
     }
 
     /// Fills an 8 MiB arena with blocks the test never asks for again.
@@ -604,21 +645,26 @@ mod tests {
         }
     }
 
+    /// A grant of `keys`, pulled and released.
+    fn pulled(g: &Grants, keys: &[BlockKey]) {
+        let grant = g.grant(keys).unwrap();
+        assert!(g.release(&grant.id));
+    }
+
     #[test]
     fn held_blocks_stay_until_a_grant_of_them_is_released() {
         let s = store(8);
         for i in 0..5 {
             s.put(&key(i), &payload(i, 1 << 20));
         }
-        let g = holding(&s, Duration::from_secs(60), 8 << 20);
         let keys: Vec<BlockKey> = (0..4).map(key).collect();
-        let out = g.hold(&keys);
+        // A grant made before the hold was not for it.
+        let earlier = g_grant_for(&s, &keys);
+        let g = earlier.0;
+        let out = hold(&g, &keys);
         assert_eq!((out.tiers, out.held), (vec![TierLevel::Host; 4], 4));
-        assert_eq!(
-            g.hold(&keys[..2]).held,
-            2,
-            "held again: renewed, not pinned twice"
-        );
+        assert!(g.release(&earlier.1));
+        assert_eq!(g.held().blocks, 4, "an earlier grant's release ends no hold");
         pressure(&s, 100);
         assert!(s.contains(&key(4)).is_none(), "a block not held was evicted");
         for k in &keys {
@@ -628,13 +674,12 @@ mod tests {
             g.held(),
             HeldCounts {
                 blocks: 4,
-                host_bytes: 4 << 20,
+                host_bytes: 4 * crate::alloc::slot_size_for(1 << 20),
                 disk_bytes: 0
             }
         );
         // A grant of the first three, released: their holds end, the fourth stays held.
-        let grant = g.grant(&keys[..3]).unwrap();
-        assert!(g.release(&grant.id));
+        pulled(&g, &keys[..3]);
         assert_eq!(g.held().blocks, 1);
         pressure(&s, 200);
         for k in &keys[..3] {
@@ -647,6 +692,34 @@ mod tests {
         assert!(s.contains(&keys[3]).is_none(), "no pin left after the expiry");
     }
 
+    /// A grant table and a grant of `keys` made on it before any hold.
+    fn g_grant_for(s: &Arc<TieredStore>, keys: &[BlockKey]) -> (Grants, GrantId) {
+        let g = holding(s, Duration::from_secs(60), 8 << 20);
+        let id = g.grant(keys).unwrap().id;
+        (g, id)
+    }
+
+    /// Two requests sharing a prefix, handed to two decodes: the prefix stays held until both
+    /// have pulled it.
+    #[test]
+    fn a_block_handed_over_twice_is_held_until_both_pulls() {
+        let s = store(8);
+        for i in 0..3 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        let (first, second) = ([key(0), key(1)], [key(0), key(2)]);
+        assert_eq!(hold(&g, &first).held, 2);
+        assert_eq!(hold(&g, &second).held, 2);
+        pulled(&g, &first);
+        assert_eq!(g.held().blocks, 2, "key 0 still waits for the second pull");
+        pressure(&s, 100);
+        assert_eq!(s.contains(&key(0)), Some(TierLevel::Host));
+        assert!(s.contains(&key(1)).is_none());
+        pulled(&g, &second);
+        assert_eq!(g.held(), HeldCounts::default());
+    }
+
     #[test]
     fn a_hold_stops_at_its_tiers_limit_and_without_a_ttl_holds_nothing() {
         let s = store(8);
@@ -655,10 +728,10 @@ mod tests {
         }
         let keys: Vec<BlockKey> = (0..6).map(key).collect();
         let off = Grants::new(Arc::clone(&s), Duration::from_secs(60), 4);
-        let out = off.hold(&keys);
+        let out = hold(&off, &keys);
         assert_eq!((out.tiers.len(), out.held), (4, 0), "answers like a lookup");
         let g = holding(&s, Duration::from_secs(60), (5 << 20) / 2);
-        let out = g.hold(&keys);
+        let out = hold(&g, &keys);
         assert_eq!((out.tiers.len(), out.held), (4, 2));
         assert_eq!(g.expire_holds(), 0, "not expired yet");
         pressure(&s, 100);
@@ -666,6 +739,48 @@ mod tests {
         assert!(
             s.contains(&key(2)).is_none(),
             "the block past the limit was not left pinned"
+        );
+        // A tier at its limit: holds that expired make room (no reaping ran since).
+        let short = holding(&s, Duration::from_nanos(1), (5 << 20) / 2);
+        for i in 10..14 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let later: Vec<BlockKey> = (10..14).map(key).collect();
+        assert_eq!(hold(&short, &later[..2]).held, 2);
+        assert_eq!(hold(&short, &later[2..]).held, 2, "the expired holds made room");
+        assert_eq!(short.held().blocks, 2);
+    }
+
+    /// A block on disk is held there (not promoted for it); a grant promotes it to the arena,
+    /// and its release ends the disk pin.
+    #[test]
+    fn a_block_on_disk_is_held_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(
+            TieredStore::open(crate::store::StoreConfig {
+                host: crate::host::HostTierConfig::new(8 << 20),
+                disk: Some(crate::disk::DiskTierConfig {
+                    slab_size: 4 << 20,
+                    direct_io: false,
+                    ..crate::disk::DiskTierConfig::new(dir.path(), 64 << 20)
+                }),
+                object: None,
+            })
+            .unwrap(),
+        );
+        s.put(&key(0), &payload(0, 1 << 20));
+        pressure(&s, 100);
+        assert_eq!(s.contains(&key(0)), Some(TierLevel::Disk), "demoted");
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        let out = hold(&g, &[key(0)]);
+        assert_eq!((out.tiers, out.held), (vec![TierLevel::Disk], 1));
+        assert_eq!(g.held().disk_bytes, crate::disk::record_len(1 << 20));
+        assert_eq!(s.contains(&key(0)), Some(TierLevel::Disk), "held where it was");
+        pulled(&g, &[key(0)]);
+        assert_eq!(g.held(), HeldCounts::default());
+        assert!(
+            !s.disk().unwrap().unpin(&key(0)),
+            "the disk pin ended with the hold"
         );
     }
 }

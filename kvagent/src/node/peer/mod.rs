@@ -228,7 +228,11 @@ impl Peers {
                 }
             });
             let expiring = Arc::clone(&grants);
-            let period = Duration::from_secs(u64::from(cfg.grant_ttl_s.min(cfg.hold_s.max(1))))
+            let shortest = match cfg.hold_s {
+                0 => cfg.grant_ttl_s,
+                hold => cfg.grant_ttl_s.min(hold),
+            };
+            let period = Duration::from_secs(u64::from(shortest))
                 .div_f32(2.0)
                 .max(Duration::from_millis(100));
             runtime.spawn(async move {
@@ -297,10 +301,10 @@ impl Peers {
         &self.grants
     }
 
-    /// Holds the longest stored prefix of `keys` for a peer's pull ([`Grants::hold`]); holds
-    /// nothing on an agent that serves no peers.
-    pub(crate) fn hold(&self, keys: &[BlockKey]) -> kvstore::transport::HoldOutcome {
-        self.grants.hold(keys)
+    /// Holds the longest stored prefix of `keys` for a peer's pull ([`Grants::hold`]),
+    /// looking in lower tiers until `until`; holds nothing on an agent that serves no peers.
+    pub(crate) fn hold(&self, keys: &[BlockKey], until: Instant) -> kvstore::transport::HoldOutcome {
+        self.grants.hold(keys, until)
     }
 
     /// [`Self::pull`] from a thread outside the runtime (an engine connection's thread).
