@@ -539,6 +539,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # A decode engine loads the blocks before the prompt's last token (it computes that
         # token itself): a full last block would be handed over, and held, for nothing.
         hashes = keys.hashes[: min(saved, (request.num_prompt_tokens - 1) // self._block_size)]
+        if not hashes:
+            return None
         try:
             if self._tp_world > 1:
                 # Only the prefix every rank stores is handed over, so only it is held: a rank's

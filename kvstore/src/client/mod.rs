@@ -844,10 +844,10 @@ impl Client {
             self.ensure(&mut guard)?.welcome.version
         };
         if version < 5 {
-            return Ok(HoldOutcome {
-                tiers: self.lookup(ns, hashes)?,
-                held: 0,
-            });
+            let mut tiers = self.lookup(ns, hashes)?;
+            // What another node holds is not this agent's to hand over.
+            tiers.truncate(tiers.iter().take_while(|t| **t != TierLevel::Peer).count());
+            return Ok(HoldOutcome { tiers, held: 0 });
         }
         match self.call(&Request::Hold(*ns, hashes.to_vec()), None)?.0 {
             Response::Hold { tiers, held } if tiers.len() <= hashes.len() => Ok(HoldOutcome {

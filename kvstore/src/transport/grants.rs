@@ -82,7 +82,10 @@ pub struct Grant {
 pub struct GrantEntry {
     store: Arc<TieredStore>,
     leases: Vec<Lease>,
+    /// When the grant began to be made.
     made: Instant,
+    /// Whether its release ends a wait of its blocks' holds ([`Grants::grant_for`]).
+    ends_holds: bool,
     expires: Instant,
 }
 
@@ -138,8 +141,8 @@ pub struct Grants {
 /// How long [`Grants::hold`] keeps blocks, and how much of each tier it may keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldLimits {
-    /// A hold ends this long after it was last asked for unless a grant of its block was
-    /// released first. Zero: nothing is held.
+    /// A hold ends this long after it was last asked for, unless each hand-off it counts has
+    /// had its pull first. Zero: nothing is held.
     pub ttl: Duration,
     /// Most bytes held in the host arena at once.
     pub host_bytes: u64,
@@ -274,6 +277,14 @@ impl Grants {
     /// [`HostTier::checksum`](crate::host::HostTier::checksum)). An empty prefix makes no grant
     /// entry but still answers.
     pub fn grant(&self, keys: &[BlockKey]) -> Result<Grant, GrantError> {
+        self.grant_for(keys, true)
+    }
+
+    /// [`Self::grant`] for a pull that ends a wait of its blocks' holds when released
+    /// (`ends_holds`: a decode continuing a request this node prefilled) or none (cross-node
+    /// reuse of a prefix the index found here, which may not even move the blocks).
+    pub fn grant_for(&self, keys: &[BlockKey], ends_holds: bool) -> Result<Grant, GrantError> {
+        let made = Instant::now();
         if keys.len() > MAX_GRANT_BLOCKS {
             return Err(GrantError::TooManyKeys { asked: keys.len() });
         }
@@ -316,12 +327,12 @@ impl Grants {
             .collect();
         let id = GrantId::random();
         if !leases.is_empty() {
-            let made = Instant::now();
             let entry = GrantEntry {
                 store: Arc::clone(&self.store),
                 leases,
                 made,
-                expires: made + self.ttl,
+                ends_holds,
+                expires: Instant::now() + self.ttl,
             };
             self.table.lock().insert(id, Arc::new(entry));
         }
@@ -362,7 +373,7 @@ impl Grants {
     pub fn release(&self, id: &GrantId) -> bool {
         // Dropped outside the lock: releasing leases takes the host tier's lock.
         let removed = self.table.lock().remove(id);
-        if let Some(entry) = &removed {
+        if let Some(entry) = removed.as_ref().filter(|e| e.ends_holds) {
             let mut holds = self.holds.lock();
             for key in entry.leases.iter().map(Lease::key) {
                 if let Some(h) = holds.blocks.get_mut(key).filter(|h| h.since <= entry.made) {
@@ -711,6 +722,10 @@ mod tests {
         let (first, second) = ([key(0), key(1)], [key(0), key(2)]);
         assert_eq!(hold(&g, &first).held, 2);
         assert_eq!(hold(&g, &second).held, 2);
+        // Another node reusing the prefix is not one of the decodes it was handed to.
+        let reuse = g.grant_for(&first, false).unwrap();
+        assert!(g.release(&reuse.id));
+        assert_eq!(g.held().blocks, 3, "a reuse pull ends no hold");
         pulled(&g, &first);
         assert_eq!(g.held().blocks, 2, "key 0 still waits for the second pull");
         pressure(&s, 100);

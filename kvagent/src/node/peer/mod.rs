@@ -413,6 +413,7 @@ impl Peers {
                 .iter()
                 .map(|t| t.kind().name().to_owned())
                 .collect(),
+            reuse: weigh,
         });
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {

@@ -73,7 +73,8 @@ impl Peer for PeerService {
             })?;
         let grants = Arc::clone(&self.grants);
         // Pinning may promote blocks from disk: blocking I/O, off the async workers.
-        let grant = tokio::task::spawn_blocking(move || grants.grant(&keys))
+        let ends_holds = !msg.reuse;
+        let grant = tokio::task::spawn_blocking(move || grants.grant_for(&keys, ends_holds))
             .await
             .map_err(|e| Status::internal(format!("grant task failed: {e}")))?
             .map_err(|e| match e {
