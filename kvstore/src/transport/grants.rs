@@ -181,6 +181,10 @@ struct Holds {
     blocks: HashMap<BlockKey, Held>,
     host_bytes: u64,
     disk_bytes: u64,
+    /// No hold expires before this (it may be earlier than the first expiry, after renewals):
+    /// reaping before it has nothing to do, so a tier at its limit does not scan every hold
+    /// on every hold.
+    next_expiry: Option<Instant>,
 }
 
 impl Holds {
@@ -256,6 +260,7 @@ impl Grants {
                 blocks: HashMap::new(),
                 host_bytes: 0,
                 disk_bytes: 0,
+                next_expiry: None,
             }),
         }
     }
@@ -444,6 +449,9 @@ impl Grants {
             holds.blocks.insert(*key, hold);
             held += 1;
         }
+        if held > 0 {
+            holds.next_expiry = Some(holds.next_expiry.map_or(expires, |n| n.min(expires)));
+        }
         HoldOutcome { tiers, held }
     }
 
@@ -486,12 +494,19 @@ impl Grants {
     }
 
     fn expire_holds_locked(&self, holds: &mut Holds, now: Instant) -> usize {
-        let expired: Vec<BlockKey> = holds
-            .blocks
-            .iter()
-            .filter(|(_, h)| h.expires <= now)
-            .map(|(k, _)| *k)
-            .collect();
+        if holds.next_expiry.is_none_or(|next| next > now) {
+            return 0;
+        }
+        let mut expired = Vec::new();
+        let mut next = None::<Instant>;
+        for (key, h) in &holds.blocks {
+            if h.expires <= now {
+                expired.push(*key);
+            } else {
+                next = Some(next.map_or(h.expires, |n| n.min(h.expires)));
+            }
+        }
+        holds.next_expiry = next;
         for key in &expired {
             self.end_hold(holds, key);
         }

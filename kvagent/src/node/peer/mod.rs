@@ -239,8 +239,17 @@ impl Peers {
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
-                    expiring.expire_holds();
-                    let gone = expiring.expire();
+                    // Ending pins takes the tiers' locks, which disk I/O may hold a while: off
+                    // the workers that serve control calls.
+                    let grants = Arc::clone(&expiring);
+                    let Ok(gone) = tokio::task::spawn_blocking(move || {
+                        grants.expire_holds();
+                        grants.expire()
+                    })
+                    .await
+                    else {
+                        continue;
+                    };
                     if gone > 0 {
                         tracing::warn!(
                             grants = gone,
