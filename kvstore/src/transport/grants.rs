@@ -1,6 +1,6 @@
 //! The source side of a transfer: blocks pinned for peers, under unguessable ids, until the
-//! puller releases them or they expire; and blocks held for a puller that has not asked yet (a
-//! prefill engine's blocks handed to a decode engine), until a grant of them is released or
+//! puller releases them or they expire; and blocks held for pullers that have not asked yet (a
+//! prefill engine's blocks handed to decode engines), until each hand-off has had its pull or
 //! the hold expires.
 
 use std::collections::HashMap;
