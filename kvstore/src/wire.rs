@@ -435,14 +435,10 @@ impl Response {
                 put_u64(out, w.max_block_len);
                 put_u64(out, w.instance);
             }
-            Self::Lookup(tiers) => {
-                put_u32(out, tiers.len() as u32);
-                out.extend(tiers.iter().map(|t| tier_code(*t)));
-            }
+            Self::Lookup(tiers) => put_tiers(out, tiers),
             Self::Hold { tiers, held } => {
                 put_u32(out, *held);
-                put_u32(out, tiers.len() as u32);
-                out.extend(tiers.iter().map(|t| tier_code(*t)));
+                put_tiers(out, tiers);
             }
             Self::Reserve(items) => {
                 put_u32(out, items.len() as u32);
@@ -811,6 +807,11 @@ fn put_u16(out: &mut Vec<u8>, v: u16) {
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_tiers(out: &mut Vec<u8>, tiers: &[TierLevel]) {
+    put_u32(out, tiers.len() as u32);
+    out.extend(tiers.iter().map(|t| tier_code(*t)));
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {

@@ -675,9 +675,10 @@ fn dispatch(
         Request::Release(ns, hashes) => (Response::Release(session.release(ns, &hashes)), hashes.len()),
         Request::Stats => (Response::Stats(super::stats_json(shared)), 0),
         Request::Pull(peer, ns, hashes) => {
-            let keys: Vec<kvstore::BlockKey> =
-                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
-            match shared.peers.pull_blocking(&peer, &keys, deadline) {
+            match shared
+                .peers
+                .pull_blocking(&peer, &super::session::keys(ns, &hashes), deadline)
+            {
                 Ok(held) => (Response::Pull(held), hashes.len()),
                 Err(e) => {
                     tracing::warn!(peer, error = %e, "pull for an engine failed; it recomputes");
@@ -692,9 +693,10 @@ fn dispatch(
             }
         }
         Request::Hold(ns, hashes) => {
-            let keys: Vec<kvstore::BlockKey> =
-                hashes.iter().map(|h| kvstore::BlockKey::new(ns, *h)).collect();
-            let out = shared.peers.hold(&keys, super::session::budget(deadline));
+            let out = shared.peers.grants().hold(
+                &super::session::keys(ns, &hashes),
+                super::session::budget(deadline),
+            );
             (
                 Response::Hold {
                     held: u32::try_from(out.held).unwrap_or(u32::MAX),

@@ -150,7 +150,8 @@ impl Drop for Session {
     }
 }
 
-fn keys(ns: Namespace, hashes: &[BlockHash]) -> Vec<BlockKey> {
+/// The keys of `hashes` in `ns`.
+pub(crate) fn keys(ns: Namespace, hashes: &[BlockHash]) -> Vec<BlockKey> {
     hashes.iter().map(|h| BlockKey::new(ns, *h)).collect()
 }
 

@@ -305,15 +305,10 @@ impl Peers {
         self.advertise.as_deref()
     }
 
-    /// The grant table: grants open now and blocks held for pullers.
+    /// The grant table: grants open now, and blocks held for pullers (none on an agent that
+    /// serves no peers).
     pub(crate) fn grants(&self) -> &Arc<Grants> {
         &self.grants
-    }
-
-    /// Holds the longest stored prefix of `keys` for a peer's pull ([`Grants::hold`]),
-    /// looking in lower tiers until `until`; holds nothing on an agent that serves no peers.
-    pub(crate) fn hold(&self, keys: &[BlockKey], until: Instant) -> kvstore::transport::HoldOutcome {
-        self.grants.hold(keys, until)
     }
 
     /// [`Self::pull`] from a thread outside the runtime (an engine connection's thread).
