@@ -191,6 +191,22 @@ enum kvtier_status kvtier_pull(const struct kvtier_client *client,
                                uint8_t *held,
                                size_t *matched);
 
+// [`kvtier_pull`] of blocks the producer held under `ticket` (from its `kv_transfer_params`;
+// 0: none): once the pull is over the peer ends that hand-off's holds, blocks this node
+// already had included. Call it with `n` = 0 when the engine needs none of the blocks, so
+// that the peer stops holding them at once.
+//
+// # Safety
+// As for [`kvtier_pull`].
+enum kvtier_status kvtier_pull_under(const struct kvtier_client *client,
+                                     const char *peer,
+                                     const struct kvtier_namespace *ns,
+                                     const struct kvtier_hash *hashes,
+                                     size_t n,
+                                     uint64_t ticket,
+                                     uint8_t *held,
+                                     size_t *matched);
+
 // Has the agent keep the longest stored prefix of `hashes` for another node's pull (blocks a
 // prefill engine hands to a decode engine): `*matched` is set to the stored prefix's length,
 // as [`kvtier_lookup`] finds it, and `*held` (may be NULL) to how many of its leading blocks
@@ -205,6 +221,30 @@ enum kvtier_status kvtier_hold(const struct kvtier_client *client,
                                size_t n,
                                size_t *matched,
                                size_t *held);
+
+// [`kvtier_hold`] for one hand-off, named by `ticket` (random per request, not 0; passed to
+// the decode engine with the block hashes): the decode's [`kvtier_pull_under`] with it ends
+// exactly these holds, and [`kvtier_unhold`] ends them before. `ticket` 0 is [`kvtier_hold`].
+//
+// # Safety
+// As for [`kvtier_hold`].
+enum kvtier_status kvtier_hold_under(const struct kvtier_client *client,
+                                     const struct kvtier_namespace *ns,
+                                     const struct kvtier_hash *hashes,
+                                     size_t n,
+                                     uint64_t ticket,
+                                     size_t *matched,
+                                     size_t *held);
+
+// Ends the holds made under `ticket` (not 0) in `ns` on this node's agent now (the engine
+// gave the hand-off up); `*ended` (may be NULL) receives how many blocks are no longer held.
+//
+// # Safety
+// `ended` NULL or writable; the other pointers as for every call.
+enum kvtier_status kvtier_unhold(const struct kvtier_client *client,
+                                 const struct kvtier_namespace *ns,
+                                 uint64_t ticket,
+                                 size_t *ended);
 
 // Saves `n` blocks: block `i` is `lens[i]` bytes at `data[i]`. `outcomes` (n bytes, may be
 // NULL) receives a KVTIER_SAVE_* code per block. Blocks the agent cannot take are not an

@@ -20,6 +20,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use kvstore::client::{Acquired, Client, ClientConfig, ClientError, Reserved, SaveOutcome};
+use kvstore::transport::HoldTicket;
 use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 
 /// Version of this ABI; grows when functions or types change incompatibly.
@@ -490,6 +491,28 @@ pub unsafe extern "C" fn kvtier_pull(
     held: *mut u8,
     matched: *mut usize,
 ) -> kvtier_status {
+    // SAFETY: the caller's contract, which is kvtier_pull_under's with no ticket.
+    unsafe { kvtier_pull_under(client, peer, ns, hashes, n, 0, held, matched) }
+}
+
+/// [`kvtier_pull`] of blocks the producer held under `ticket` (from its `kv_transfer_params`;
+/// 0: none): once the pull is over the peer ends that hand-off's holds, blocks this node
+/// already had included. Call it with `n` = 0 when the engine needs none of the blocks, so
+/// that the peer stops holding them at once.
+///
+/// # Safety
+/// As for [`kvtier_pull`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_pull_under(
+    client: *const kvtier_client,
+    peer: *const c_char,
+    ns: *const kvtier_namespace,
+    hashes: *const kvtier_hash,
+    n: usize,
+    ticket: u64,
+    held: *mut u8,
+    matched: *mut usize,
+) -> kvtier_status {
     guard(|| {
         // SAFETY: the caller's contract for each pointer.
         let (client, ns, raw) = unsafe { (client_ref(client)?, ns_of(ns)?, slice(hashes, n, "hashes")?) };
@@ -500,7 +523,7 @@ pub unsafe extern "C" fn kvtier_pull(
         let peer = unsafe { std::ffi::CStr::from_ptr(peer) }
             .to_str()
             .map_err(|_| invalid("peer is not UTF-8"))?;
-        let got = client.pull(peer, &ns, &hashes_of(raw)?)?;
+        let got = client.pull_under(peer, &ns, &hashes_of(raw)?, HoldTicket::new(ticket))?;
         if !held.is_null() {
             // SAFETY: `held` holds `n` bytes (caller's contract).
             let out = unsafe { slice_mut(held, n, "held")? };
@@ -533,18 +556,63 @@ pub unsafe extern "C" fn kvtier_hold(
     matched: *mut usize,
     held: *mut usize,
 ) -> kvtier_status {
+    // SAFETY: the caller's contract, which is kvtier_hold_under's with no ticket.
+    unsafe { kvtier_hold_under(client, ns, hashes, n, 0, matched, held) }
+}
+
+/// [`kvtier_hold`] for one hand-off, named by `ticket` (random per request, not 0; passed to
+/// the decode engine with the block hashes): the decode's [`kvtier_pull_under`] with it ends
+/// exactly these holds, and [`kvtier_unhold`] ends them before. `ticket` 0 is [`kvtier_hold`].
+///
+/// # Safety
+/// As for [`kvtier_hold`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_hold_under(
+    client: *const kvtier_client,
+    ns: *const kvtier_namespace,
+    hashes: *const kvtier_hash,
+    n: usize,
+    ticket: u64,
+    matched: *mut usize,
+    held: *mut usize,
+) -> kvtier_status {
     guard(|| {
         // SAFETY: the caller's contract for each pointer.
         let (client, ns, raw) = unsafe { (client_ref(client)?, ns_of(ns)?, slice(hashes, n, "hashes")?) };
         if matched.is_null() {
             return Err(invalid("matched is NULL"));
         }
-        let out = client.hold(&ns, &hashes_of(raw)?)?;
+        let out = client.hold_under(&ns, &hashes_of(raw)?, HoldTicket::new(ticket))?;
         // SAFETY: `matched` is non-null and writable (caller's contract).
         unsafe { *matched = out.tiers.len() };
         if !held.is_null() {
             // SAFETY: non-null and writable (caller's contract).
             unsafe { *held = out.held };
+        }
+        Ok(())
+    })
+}
+
+/// Ends the holds made under `ticket` (not 0) in `ns` on this node's agent now (the engine
+/// gave the hand-off up); `*ended` (may be NULL) receives how many blocks are no longer held.
+///
+/// # Safety
+/// `ended` NULL or writable; the other pointers as for every call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvtier_unhold(
+    client: *const kvtier_client,
+    ns: *const kvtier_namespace,
+    ticket: u64,
+    ended: *mut usize,
+) -> kvtier_status {
+    guard(|| {
+        // SAFETY: the caller's contract for each pointer.
+        let (client, ns) = unsafe { (client_ref(client)?, ns_of(ns)?) };
+        let ticket = HoldTicket::new(ticket).ok_or_else(|| invalid("ticket 0 names no hold"))?;
+        let n = client.unhold(&ns, ticket)?;
+        if !ended.is_null() {
+            // SAFETY: non-null and writable (caller's contract).
+            unsafe { *ended = n };
         }
         Ok(())
     })

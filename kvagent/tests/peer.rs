@@ -14,6 +14,7 @@ use common::{AGENT_WAIT, Agent, hash, ns, payload, socket_dir};
 /// between a test's pick and the agent's bind); [`Agent::peer_address`] tells which.
 const ANY_PORT: &str = "127.0.0.1:0";
 use kvstore::client::{Client, ClientConfig, ClientError, SaveOutcome};
+use kvstore::transport::HoldTicket;
 use kvstore::wire::ErrorCode;
 use kvstore::{BlockHash, Namespace};
 
@@ -461,6 +462,70 @@ fn blocks_handed_to_a_decode_are_held_until_pulled() {
     );
 }
 
+/// A hand-off held under a ticket ends with the pull that names it, whatever that pull moved:
+/// blocks the decode's node had already stay held no longer, another hand-off's holds of the
+/// same blocks stay, a decode that needs no block ends its ticket's holds without a grant, and
+/// the producer can end a ticket's holds itself.
+#[test]
+fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "cluster-secret");
+    let source = Agent::start(
+        &dir.path().join("ticket-a.sock"),
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
+    );
+    let peer = source.peer_address();
+    let puller = Agent::start(
+        &dir.path().join("ticket-b.sock"),
+        &["--peer-secret-file", &secret],
+    );
+    let space = ns("ticketed");
+    let handed = mib_blocks(20, 8);
+    let hashes: Vec<BlockHash> = handed.iter().map(|(h, _)| *h).collect();
+    let ticket = |t: u64| HoldTicket::new(t).unwrap();
+    let c = source.client();
+    save(&c, &space, &handed);
+    // The decode's node caches the first three blocks already.
+    save(&puller.client(), &space, &handed[..3]);
+    assert_eq!(c.hold_under(&space, &hashes, Some(ticket(1))).unwrap().held, 8);
+    // Another request shares the first two blocks, handed to another decode.
+    assert_eq!(
+        c.hold_under(&space, &hashes[..2], Some(ticket(2))).unwrap().held,
+        2
+    );
+    assert_eq!(source.stats()["peer"]["held_blocks"], 8);
+
+    let pc = pull_client(&puller);
+    assert_eq!(
+        pc.pull_under(&peer, &space, &hashes, Some(ticket(1))).unwrap(),
+        vec![true; 8]
+    );
+    assert_eq!(held_exact(&pc, &space, &handed), 8);
+    source.wait_for("ticket 1's pull ended its holds, unpulled blocks included", |s| {
+        s["peer"]["held_blocks"] == 2
+    });
+    // Ticket 2's decode finds both blocks on its node: it pulls nothing and ends its holds.
+    assert_eq!(
+        pc.pull_under(&peer, &space, &hashes[..2], Some(ticket(2)))
+            .unwrap(),
+        vec![true; 2]
+    );
+    source.wait_for("ticket 2's holds ended without a grant", |s| {
+        s["peer"]["held_blocks"] == 0
+    });
+    assert_eq!(
+        peer_blocks(&source, "served"),
+        5,
+        "the blocks the decode lacked, once"
+    );
+
+    // A producer that gives a hand-off up ends its holds at once.
+    assert_eq!(c.hold_under(&space, &hashes, Some(ticket(3))).unwrap().held, 8);
+    assert_eq!(c.unhold(&space, ticket(3)).unwrap(), 8);
+    assert_eq!(c.unhold(&space, ticket(3)).unwrap(), 0, "nothing left under it");
+    assert_eq!(source.stats()["peer"]["held_blocks"], 0);
+}
+
 /// Two engines of one node pulling the same prefix at once (two requests sharing a system
 /// prompt): each is told the blocks are held only once they are, so each can load every block
 /// as soon as its pull returns. The one that comes second waits for the blocks the first is
@@ -831,7 +896,6 @@ fn ucx_pulls_are_exact_on_loopback_and_across_namespaces() {
 
 /// Blocks `agent` has granted to other agents (`served`), or pulled from them or failed to
 /// (`pulled`), from its Prometheus metrics.
-#[cfg(feature = "ucx")]
 fn peer_blocks(agent: &Agent, direction: &str) -> u64 {
     let (status, text) = agent.http_get("/metrics");
     assert_eq!(status, 200, "{text}");

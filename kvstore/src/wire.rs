@@ -9,13 +9,15 @@
 
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
+use crate::transport::HoldTicket;
 
 /// The newest protocol version this build speaks. The agent accepts hellos from
 /// [`MIN_PROTOCOL_VERSION`] on and answers in the client's version; other hellos are refused.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest version still spoken (version 2 added `announce`, version 3 `pull`, version 4 the
-/// object tier's code, version 5 `hold`; nothing else changed).
+/// object tier's code, version 5 `hold`, version 6 hold tickets — an optional last field of
+/// `hold` and `pull` — and `unhold`; nothing else changed).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first bytes of a hello, so that a stray connection is recognised at once.
 pub const MAGIC: [u8; 4] = *b"KVTR";
@@ -188,12 +190,16 @@ pub enum Request {
     /// the cluster index (whose scope is the model an engine serves).
     Announce(Namespace, String),
     /// Copies the longest prefix of the blocks that another node's agent holds (its peer
-    /// address first) into this agent's tiers, for a later acquire.
-    Pull(String, Namespace, Vec<BlockHash>),
+    /// address first) into this agent's tiers, for a later acquire. A ticket the producer's
+    /// hold was made under ends that hold at the peer once the pull is over (also when this
+    /// agent finds every block in its own tiers and pulls none).
+    Pull(String, Namespace, Vec<BlockHash>, Option<HoldTicket>),
     /// Keeps the longest stored prefix of the blocks for a peer's pull (a decode engine's,
-    /// after this node's engine prefilled them): not evicted until a pull of them ends or the
-    /// agent's hold time passes.
-    Hold(Namespace, Vec<BlockHash>),
+    /// after this node's engine prefilled them): not evicted until a pull of them ends (the
+    /// pull that names the ticket, when one is given) or the agent's hold time passes.
+    Hold(Namespace, Vec<BlockHash>, Option<HoldTicket>),
+    /// Ends the holds made under a ticket in a namespace now.
+    Unhold(Namespace, HoldTicket),
 }
 
 /// A message from agent to client.
@@ -226,6 +232,8 @@ pub enum Response {
         /// How many of them, from the first, are held for a pull.
         held: u32,
     },
+    /// How many blocks an unhold ended the holds of (others still hold the rest).
+    Unhold(u32),
     /// The request failed.
     Error {
         /// What went wrong.
@@ -247,6 +255,7 @@ mod kind {
     pub(super) const ANNOUNCE: u8 = 0x09;
     pub(super) const PULL: u8 = 0x0a;
     pub(super) const HOLD: u8 = 0x0b;
+    pub(super) const UNHOLD: u8 = 0x0c;
     pub(super) const REPLY: u8 = 0x80;
     pub(super) const ERROR: u8 = 0xff;
 }
@@ -266,6 +275,7 @@ impl Request {
             Self::Announce(..) => kind::ANNOUNCE,
             Self::Pull(..) => kind::PULL,
             Self::Hold(..) => kind::HOLD,
+            Self::Unhold(..) => kind::UNHOLD,
         }
     }
 
@@ -283,6 +293,7 @@ impl Request {
             Self::Announce(..) => "announce",
             Self::Pull(..) => "pull",
             Self::Hold(..) => "hold",
+            Self::Unhold(..) => "unhold",
         }
     }
 
@@ -299,13 +310,14 @@ impl Request {
             | Self::Commit(ns, hashes)
             | Self::Abort(ns, hashes)
             | Self::Acquire(ns, hashes)
-            | Self::Release(ns, hashes)
-            | Self::Hold(ns, hashes) => {
+            | Self::Release(ns, hashes) => put_batch(out, ns, hashes),
+            Self::Hold(ns, hashes, ticket) => {
+                put_batch(out, ns, hashes);
+                put_ticket(out, *ticket);
+            }
+            Self::Unhold(ns, ticket) => {
                 out.extend_from_slice(ns.as_bytes());
-                put_u32(out, hashes.len() as u32);
-                for h in hashes {
-                    put_hash(out, h);
-                }
+                put_u64(out, ticket.get());
             }
             Self::Reserve(ns, items) => {
                 out.extend_from_slice(ns.as_bytes());
@@ -320,13 +332,10 @@ impl Request {
                 out.extend_from_slice(ns.as_bytes());
                 put_str(out, model);
             }
-            Self::Pull(peer, ns, hashes) => {
+            Self::Pull(peer, ns, hashes, ticket) => {
                 put_str(out, peer);
-                out.extend_from_slice(ns.as_bytes());
-                put_u32(out, hashes.len() as u32);
-                for h in hashes {
-                    put_hash(out, h);
-                }
+                put_batch(out, ns, hashes);
+                put_ticket(out, *ticket);
             }
         }
         finish(out, start);
@@ -351,7 +360,12 @@ impl Request {
             }
             kind::HOLD => {
                 let (ns, n) = r.batch()?;
-                Self::Hold(ns, r.hashes(n)?)
+                Self::Hold(ns, r.hashes(n)?, r.ticket_if_any()?)
+            }
+            kind::UNHOLD => {
+                let ns = Namespace::from_bytes(r.array()?);
+                let ticket = HoldTicket::new(r.u64()?).ok_or_else(|| invalid("ticket", "0 is no ticket"))?;
+                Self::Unhold(ns, ticket)
             }
             kind::COMMIT => {
                 let (ns, n) = r.batch()?;
@@ -397,7 +411,7 @@ impl Request {
                     return Err(invalid("peer", "a pull names the peer to pull from"));
                 }
                 let (ns, n) = r.batch()?;
-                Self::Pull(peer, ns, r.hashes(n)?)
+                Self::Pull(peer, ns, r.hashes(n)?, r.ticket_if_any()?)
             }
             k => return Err(WireError::UnknownKind(k)),
         };
@@ -420,6 +434,7 @@ impl Response {
             Self::Announce => kind::ANNOUNCE,
             Self::Pull(_) => kind::PULL,
             Self::Hold { .. } => kind::HOLD,
+            Self::Unhold(_) => kind::UNHOLD,
             Self::Error { .. } => return kind::ERROR,
         };
         request | kind::REPLY
@@ -475,6 +490,7 @@ impl Response {
             }
             Self::Stats(json) => put_bytes32(out, json.as_bytes()),
             Self::Announce => {}
+            Self::Unhold(ended) => put_u32(out, *ended),
             Self::Error { code, message } => {
                 put_u16(out, *code as u16);
                 put_str(out, message);
@@ -549,6 +565,7 @@ impl Response {
             }
             k if k == kind::ANNOUNCE | kind::REPLY => Self::Announce,
             k if k == kind::PULL | kind::REPLY => Self::Pull(r.flags()?),
+            k if k == kind::UNHOLD | kind::REPLY => Self::Unhold(r.u32()?),
             kind::ERROR => {
                 let raw = r.u16()?;
                 let code = ErrorCode::from_u16(raw).unwrap_or(ErrorCode::Internal);
@@ -833,6 +850,22 @@ fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// A namespace and its hashes, counted.
+fn put_batch(out: &mut Vec<u8>, ns: &Namespace, hashes: &[BlockHash]) {
+    out.extend_from_slice(ns.as_bytes());
+    put_u32(out, hashes.len() as u32);
+    for h in hashes {
+        put_hash(out, h);
+    }
+}
+
+/// An optional ticket as a message's last field: left out when there is none.
+fn put_ticket(out: &mut Vec<u8>, ticket: Option<HoldTicket>) {
+    if let Some(t) = ticket {
+        put_u64(out, t.get());
+    }
+}
+
 fn put_hash(out: &mut Vec<u8>, h: &BlockHash) {
     let b = h.as_bytes();
     out.push(b.len() as u8);
@@ -933,6 +966,17 @@ impl<'a> Reader<'a> {
         BlockHash::new(b).map_err(|e| invalid("hash", e.to_string()))
     }
 
+    /// A ticket as the last field of a message, where it may be left out (before version 6);
+    /// 0 is refused: a sender without one leaves the field out.
+    fn ticket_if_any(&mut self) -> Result<Option<HoldTicket>, WireError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        HoldTicket::new(self.u64()?)
+            .map(Some)
+            .ok_or_else(|| invalid("ticket", "0 is no ticket; leave the field out"))
+    }
+
     fn hashes(&mut self, n: u32) -> Result<Vec<BlockHash>, WireError> {
         let mut v = Vec::with_capacity(self.capacity_for(n, 2));
         for _ in 0..n {
@@ -1010,8 +1054,11 @@ mod tests {
             Request::Release(ns(), vec![]),
             Request::Stats,
             Request::Announce(ns(), "meta-llama/Llama-3.1-8B-Instruct".into()),
-            Request::Pull("10.0.0.7:9471".into(), ns(), hashes(4)),
-            Request::Hold(ns(), hashes(3)),
+            Request::Pull("10.0.0.7:9471".into(), ns(), hashes(4), None),
+            Request::Pull("10.0.0.7:9471".into(), ns(), hashes(4), HoldTicket::new(u64::MAX)),
+            Request::Hold(ns(), hashes(3), None),
+            Request::Hold(ns(), hashes(3), HoldTicket::new(7)),
+            Request::Unhold(ns(), HoldTicket::new(7).unwrap()),
         ]
     }
 
@@ -1053,6 +1100,7 @@ mod tests {
                 tiers: vec![TierLevel::Host, TierLevel::Disk, TierLevel::Object],
                 held: 2,
             },
+            Response::Unhold(3),
             Response::Error {
                 code: ErrorCode::PeerFailed,
                 message: "refused".into(),
@@ -1099,13 +1147,54 @@ mod tests {
             let mut out = Vec::new();
             req.encode(7, 0, &mut out);
             let b = body(&out);
+            // A hold or pull without its last field (the ticket) is one without a ticket.
+            let untold = match &req {
+                Request::Hold(ns, h, Some(_)) => Some(Request::Hold(*ns, h.clone(), None)),
+                Request::Pull(p, ns, h, Some(_)) => Some(Request::Pull(p.clone(), *ns, h.clone(), None)),
+                _ => None,
+            };
             for cut in 0..b.len() {
-                assert!(Request::decode(&b[..cut]).is_err(), "{req:?} cut at {cut}");
+                match Request::decode(&b[..cut]) {
+                    Ok((_, got)) if cut == b.len() - 8 && untold.as_ref() == Some(&got) => {}
+                    got => assert!(got.is_err(), "{req:?} cut at {cut}"),
+                }
             }
             let mut long = b.to_vec();
             long.push(0);
-            assert_eq!(Request::decode(&long), Err(WireError::Trailing(1)));
+            match req {
+                // The byte starts a ticket, which is cut short.
+                Request::Hold(_, _, None) | Request::Pull(_, _, _, None) => {
+                    assert_eq!(Request::decode(&long), Err(WireError::Truncated { needed: 7 }))
+                }
+                _ => assert_eq!(Request::decode(&long), Err(WireError::Trailing(1))),
+            }
         }
+    }
+
+    #[test]
+    fn a_zero_ticket_is_refused() {
+        for req in [
+            Request::Hold(ns(), hashes(1), None),
+            Request::Pull("p:1".into(), ns(), hashes(1), None),
+        ] {
+            let mut out = Vec::new();
+            req.encode(1, 0, &mut out);
+            let mut b = body(&out).to_vec();
+            b.extend_from_slice(&0u64.to_le_bytes());
+            assert!(matches!(
+                Request::decode(&b),
+                Err(WireError::Invalid { field: "ticket", .. })
+            ));
+        }
+        let mut out = Vec::new();
+        Request::Unhold(ns(), HoldTicket::new(1).unwrap()).encode(1, 0, &mut out);
+        let mut b = body(&out).to_vec();
+        let at = b.len() - 8;
+        b[at..].fill(0);
+        assert!(matches!(
+            Request::decode(&b),
+            Err(WireError::Invalid { field: "ticket", .. })
+        ));
     }
 
     #[test]

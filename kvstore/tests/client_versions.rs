@@ -1,6 +1,7 @@
 //! A client newer than its agent (engines upgraded before the agent DaemonSet): the agent refuses
 //! a hello of a version it does not know, the client greets it again one version lower, and its
-//! calls are what that version has (a hold is a lookup that holds nothing before version 5).
+//! calls are what that version has (a hold is a lookup that holds nothing before version 5, and
+//! carries no ticket before version 6).
 
 use std::io::{IoSlice, Write as _};
 use std::os::fd::AsFd as _;
@@ -9,6 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kvstore::client::{Client, ClientConfig};
+use kvstore::transport::HoldTicket;
 use kvstore::wire::{self, ErrorCode, PROTOCOL_VERSION, Request, Response, Welcome};
 use kvstore::{BlockHash, HostArena, HugePages, Namespace, TierLevel};
 
@@ -17,12 +19,18 @@ use kvstore::{BlockHash, HostArena, HugePages, Namespace, TierLevel};
 enum Seen {
     Hello(u16),
     Call(&'static str),
+    /// A hold, and whether it named a ticket.
+    Hold {
+        ticket: bool,
+    },
 }
 
-/// Serves `connections` connections as an agent that speaks versions up to `newest`: a lookup
-/// finds every block in the arena, any other call is refused.
-fn older_agent(listener: UnixListener, newest: u16, connections: usize, seen: mpsc::Sender<Seen>) {
+/// Serves the connections of one client as an agent that speaks versions up to `newest` (one
+/// refused hello per newer version, then the connection it welcomes): a lookup finds every
+/// block in the arena, a hold holds every block (from version 5), any other call is refused.
+fn older_agent(listener: UnixListener, newest: u16, seen: mpsc::Sender<Seen>) {
     let arena = HostArena::create("older-agent", 1 << 20, HugePages::Off).expect("an arena");
+    let connections = usize::from(PROTOCOL_VERSION - newest) + 1;
     for stream in listener.incoming().take(connections) {
         let stream = stream.expect("a connection");
         let mut body = Vec::new();
@@ -51,13 +59,26 @@ fn older_agent(listener: UnixListener, newest: u16, connections: usize, seen: mp
         send_with_fd(&stream, &out, &arena);
         while wire::read_frame(&mut &stream, &mut body).is_ok() {
             let (header, req) = Request::decode(&body).expect("a request");
-            seen.send(Seen::Call(req.verb())).expect("the test listens");
             let resp = match req {
-                Request::Lookup(_, hashes) => Response::Lookup(vec![TierLevel::Host; hashes.len()]),
-                _ => Response::Error {
-                    code: ErrorCode::Malformed,
-                    message: "unknown to this agent".into(),
-                },
+                Request::Lookup(_, hashes) => {
+                    seen.send(Seen::Call("lookup")).expect("the test listens");
+                    Response::Lookup(vec![TierLevel::Host; hashes.len()])
+                }
+                Request::Hold(_, hashes, ticket) if version >= 5 => {
+                    let ticket = ticket.is_some();
+                    seen.send(Seen::Hold { ticket }).expect("the test listens");
+                    Response::Hold {
+                        tiers: vec![TierLevel::Host; hashes.len()],
+                        held: hashes.len() as u32,
+                    }
+                }
+                other => {
+                    seen.send(Seen::Call(other.verb())).expect("the test listens");
+                    Response::Error {
+                        code: ErrorCode::Malformed,
+                        message: "unknown to this agent".into(),
+                    }
+                }
             };
             out.clear();
             resp.encode(header.id, &mut out);
@@ -88,7 +109,7 @@ fn a_client_greets_an_older_agent_in_its_version_and_holds_nothing_there() {
     let socket = dir.path().join("older.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let (tx, seen) = mpsc::channel();
-    let agent = std::thread::spawn(move || older_agent(listener, 4, 2, tx));
+    let agent = std::thread::spawn(move || older_agent(listener, 4, tx));
 
     let client = Client::connect(ClientConfig {
         timeout: Duration::from_secs(10),
@@ -106,8 +127,54 @@ fn a_client_greets_an_older_agent_in_its_version_and_holds_nothing_there() {
         seen,
         [
             Seen::Hello(PROTOCOL_VERSION),
+            Seen::Hello(5),
             Seen::Hello(4),
             Seen::Call("lookup")
+        ]
+    );
+}
+
+/// An agent of protocol 5 holds, without tickets: a hold under one holds as any hold, ending
+/// a ticket's holds there ends none, and a pull that only ends a ticket asks nothing.
+#[test]
+fn a_client_holds_without_tickets_on_an_agent_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("older.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (tx, seen) = mpsc::channel();
+    let agent = std::thread::spawn(move || older_agent(listener, 5, tx));
+
+    let client = Client::connect(ClientConfig {
+        timeout: Duration::from_secs(10),
+        ..ClientConfig::new(&socket)
+    })
+    .expect("connected one version lower");
+    let ns = Namespace::builder("m").build();
+    let hashes: Vec<BlockHash> = (0..3).map(BlockHash::from_u64).collect();
+    let ticket = HoldTicket::new(9);
+    let out = client.hold_under(&ns, &hashes, ticket).expect("a hold");
+    assert_eq!((out.tiers.len(), out.held), (3, 3));
+    assert_eq!(
+        client
+            .unhold(&ns, HoldTicket::new(9).unwrap())
+            .expect("an unhold"),
+        0
+    );
+    assert_eq!(
+        client
+            .pull_under("peer:1", &ns, &[], ticket)
+            .expect("nothing to pull"),
+        Vec::<bool>::new()
+    );
+    drop(client);
+    agent.join().expect("the agent thread");
+    let seen: Vec<Seen> = seen.try_iter().collect();
+    assert_eq!(
+        seen,
+        [
+            Seen::Hello(PROTOCOL_VERSION),
+            Seen::Hello(5),
+            Seen::Hold { ticket: false }
         ]
     );
 }

@@ -55,7 +55,9 @@ Prefill/decode disaggregation follows vLLM's convention (``kv_role`` ``kv_produc
 ``do_remote_decode`` returns, from ``request_finished``, ``do_remote_prefill`` parameters naming
 its agent (``remote_agent``, also as ``remote_host``/``remote_port``), the namespace, and the
 hashes of the blocks it saved (``remote_block_hashes``), for the proxy to pass to the decode
-engine, as far as its agent holds them when the request finishes. Its blocks are in the
+engine, as far as its agent holds them when the request finishes; its agent keeps them for the
+decode's pull under a random ticket (``remote_hold_ticket``) that the pull passes back, so that
+the pull ends exactly that request's holds. Its blocks are in the
 agent's arena already, so vLLM frees its GPU blocks at once. A consumer given parameters that
 carry a kvtier producer's block hashes (others' are left alone) has its own agent pull the
 blocks from the producer's (one of a few
@@ -78,6 +80,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -198,6 +201,19 @@ def _split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _hold_ticket(value: object) -> int | None:
+    """A producer's ``remote_hold_ticket`` (16 hex digits, not all zero), or ``None`` where it
+    sends none; anything else is a ``ValueError``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 16:
+        raise ValueError(f"remote_hold_ticket {value!r} is not 16 hex digits")
+    ticket = int(value, 16)
+    if ticket == 0:
+        raise ValueError("remote_hold_ticket 0 names no hold")
+    return ticket
+
+
 def _stored_here(tiers: list[int]) -> int:
     """How many leading blocks of a lookup this node's agent stores itself (not at a peer)."""
     return next((i for i, t in enumerate(tiers) if t == kvtier.TIER_PEER), len(tiers))
@@ -281,6 +297,9 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # Pulls from producers' agents in flight (decode side), by request, and the hashes of
         # the requests whose pull is done: their blocks are keyed by the producer's hashes.
         self._pulls: dict[str, Future[int]] = {}
+        # What ends a pending pull's hand-off at the producer if the pull never starts: its
+        # agent, namespaces and hold ticket.
+        self._handoffs: dict[str, tuple[str, list[bytes], int]] = {}
         self._remote_hashes: dict[str, list[bytes]] = {}
         # Requests whose remote prefill is over here (pulled, failed or declined): their
         # parameters are another connector's to read too, so they are not changed.
@@ -417,15 +436,29 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             )
         return self._scheduler_pool
 
-    def _pull(self, peer: str, namespaces: list[bytes], hashes: list[bytes]) -> int:
+    def _pull(self, peer: str, namespaces: list[bytes], hashes: list[bytes], ticket: int | None) -> int:
         """Has the local agent copy the blocks from the producer's agent, for every rank;
-        returns how many leading blocks every rank now holds."""
+        returns how many leading blocks every rank now holds. With the producer's hold ticket,
+        each rank's pull ends that rank's holds of the hand-off at the producer (with no hashes,
+        that is all it does)."""
         puller = self._background_client()
         held = len(hashes)
         for ns in namespaces:
-            flags = puller.pull(peer, ns, hashes)
+            flags = puller.pull(peer, ns, hashes, ticket)
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held
+
+    def _end_handoff(self, peer: str, namespaces: list[bytes], ticket: int | None) -> None:
+        """Tells the producer's agent, in the background, that this engine pulls none of a
+        hand-off's blocks, so that it stops holding them (they expire there otherwise)."""
+        if ticket is not None:
+            self._pool().submit(self._end_handoff_now, peer, namespaces, ticket)
+
+    def _end_handoff_now(self, peer: str, namespaces: list[bytes], ticket: int) -> None:
+        try:
+            self._pull(peer, namespaces, [], ticket)
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
 
     def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
         """The decode side of a disaggregated request: starts or checks the pull of the
@@ -455,6 +488,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     else None
                 )
                 hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
+                ticket = _hold_ticket(params.get("remote_hold_ticket"))
             except (ValueError, TypeError) as e:
                 # A proxy's mistake costs this request its transfer, nothing else.
                 logger.warning("kvtier: %s has malformed kv_transfer_params, computing it: %s", req_id, e)
@@ -474,16 +508,21 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._remote_over.add(req_id)
                 return None
             loadable = min(len(hashes), (request.num_tokens - 1) // self._block_size)
+            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
             if loadable * self._block_size <= num_computed_tokens:
+                # This engine's own cache covers what the producer holds.
+                self._end_handoff(peer, namespaces, ticket)
                 self._remote_over.add(req_id)
                 return None
-            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
             self._remote_hashes[req_id] = hashes[:loadable]
-            self._pulls[req_id] = self._pool().submit(self._pull, peer, namespaces, hashes[:loadable])
+            self._pulls[req_id] = self._pool().submit(self._pull, peer, namespaces, hashes[:loadable], ticket)
+            if ticket is not None:
+                self._handoffs[req_id] = (peer, namespaces, ticket)
             return None, False
         if not pending.done():
             return None, False
         del self._pulls[req_id]
+        self._handoffs.pop(req_id, None)
         self._remote_over.add(req_id)
         error = pending.exception()
         if error is not None:
@@ -541,33 +580,29 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         hashes = keys.hashes[: min(saved, (request.num_prompt_tokens - 1) // self._block_size)]
         if not hashes:
             return None
+        namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+        # Names this hand-off's holds: the decode's pull ends exactly them.
+        ticket = secrets.randbits(64) or 1
         try:
             if self._tp_world > 1:
-                # Only the prefix every rank stores is handed over, so only it is held: a rank's
-                # blocks past it would stay held, unpulled, for the agent's whole hold time.
-                hashes = hashes[
-                    : min(
-                        _stored_here(self._client.lookup(self._namespace(keys, rank), hashes))
-                        for rank in range(self._tp_world)
-                    )
-                ]
+                # Only the prefix every rank stores is handed over, so only it is held.
+                hashes = hashes[: min(_stored_here(self._client.lookup(ns, hashes)) for ns in namespaces)]
             # Held for the decode's pull (not evicted until it ends or the agent's hold time
             # passes), and advertised as far as every rank's agent stores them.
-            held = min(
-                len(self._client.hold(self._namespace(keys, rank), hashes)[0])
-                for rank in range(self._tp_world)
-            )
+            held = min(len(self._client.hold(ns, hashes, ticket)[0]) for ns in namespaces)
         except kvtier.KvtierError as e:
             logger.debug(
                 "kvtier: hold of %s's saved blocks failed; its decode computes: %s", request.request_id, e
             )
-            return None
+            held = 0
         if held == 0:
+            self._unhold(namespaces, ticket)
             return None
         ours: dict[str, Any] = {
             "remote_agent": address,
-            "remote_namespace": self._namespace(keys, 0).hex(),
+            "remote_namespace": namespaces[0].hex(),
             "remote_block_hashes": [h.hex() for h in hashes[:held]],
+            "remote_hold_ticket": f"{ticket:016x}",
         }
         if self._pd_params == "kvtier":
             return ours
@@ -582,6 +617,14 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             **ours,
             "remote_num_tokens": held * self._block_size,
         }
+
+    def _unhold(self, namespaces: list[bytes], ticket: int) -> None:
+        """Ends a hand-off's holds on this node's agent (no decode will pull it)."""
+        for ns in namespaces:
+            try:
+                self._client.unhold(ns, ticket)
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: ending a hand-off's holds failed (they expire): %s", e)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -764,9 +807,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         params = self._transfer_params(request, self._tracked.get(req_id))
         self._tracked.pop(req_id, None)
         pull = self._pulls.pop(req_id, None)
-        if pull is not None:
-            # One not started yet never starts; one under way lands blocks for nobody.
-            pull.cancel()
+        handoff = self._handoffs.pop(req_id, None)
+        # One not started yet never starts (its hand-off is ended instead); one under way lands
+        # blocks for nobody.
+        if pull is not None and pull.cancel() and handoff is not None:
+            self._end_handoff(*handoff)
         self._remote_over.discard(req_id)
         self._remote_hashes.pop(req_id, None)
         self._local_tokens.pop(req_id, None)

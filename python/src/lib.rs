@@ -12,6 +12,7 @@ use kvstore::client::{
 };
 use kvstore::device::{self, CopyJob, DeviceError, Fence};
 use kvstore::pages::{self, LayerPages};
+use kvstore::transport::HoldTicket;
 use kvstore::{BlockHash, Namespace, NamespaceBuilder, TierLevel};
 use parking_lot::Mutex;
 use pyo3::create_exception;
@@ -501,29 +502,69 @@ impl Client {
 
     /// Has the agent copy the longest prefix of ``hashes`` that the agent at ``peer`` (its peer
     /// address, ``host:port``) holds into its own tiers; per hash, whether the agent holds it
-    /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``.
-    fn pull(&self, py: Python<'_>, peer: &str, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<Vec<bool>> {
+    /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``. With
+    /// the ``ticket`` the producer held the blocks under, the peer ends that hand-off's holds
+    /// once the pull is over (pass it with no hashes when none are needed).
+    #[pyo3(signature = (peer, ns, hashes, ticket=None))]
+    fn pull(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        ticket: Option<u64>,
+    ) -> PyResult<Vec<bool>> {
         let ns = ns_of(ns)?;
         let hashes = hashes_of(&hashes)?;
-        py.detach(|| self.inner.pull(peer, &ns, &hashes)).map_err(to_py)
+        let ticket = ticket_of(ticket)?;
+        py.detach(|| self.inner.pull_under(peer, &ns, &hashes, ticket))
+            .map_err(to_py)
     }
 
     /// Has the agent keep the longest stored prefix of ``hashes`` for a peer's pull (blocks a
     /// prefill engine hands to a decode engine): the lookup's tier codes, and how many leading
-    /// blocks are held until a pull of them ends or the agent's ``peer.hold_s`` passes.
-    fn hold(&self, py: Python<'_>, ns: &[u8], hashes: Vec<Vec<u8>>) -> PyResult<(Vec<u32>, usize)> {
-        let (ns, hashes) = (ns_of(ns)?, hashes_of(&hashes)?);
-        let out = py.detach(|| self.inner.hold(&ns, &hashes)).map_err(to_py)?;
+    /// blocks are held until a pull of them ends (the pull that passes ``ticket``, when one is
+    /// given) or the agent's ``peer.hold_s`` passes.
+    #[pyo3(signature = (ns, hashes, ticket=None))]
+    fn hold(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        hashes: Vec<Vec<u8>>,
+        ticket: Option<u64>,
+    ) -> PyResult<(Vec<u32>, usize)> {
+        let (ns, hashes, ticket) = (ns_of(ns)?, hashes_of(&hashes)?, ticket_of(ticket)?);
+        let out = py
+            .detach(|| self.inner.hold_under(&ns, &hashes, ticket))
+            .map_err(to_py)?;
         Ok((
             out.tiers.into_iter().map(|t| tier_code(Some(t))).collect(),
             out.held,
         ))
     }
 
+    /// Ends the holds made under ``ticket`` in ``ns`` on this agent now; how many blocks are no
+    /// longer held.
+    fn unhold(&self, py: Python<'_>, ns: &[u8], ticket: u64) -> PyResult<usize> {
+        let ns = ns_of(ns)?;
+        let ticket = HoldTicket::new(ticket).ok_or_else(|| PyValueError::new_err(TICKET_NOT_ZERO))?;
+        py.detach(|| self.inner.unhold(&ns, ticket)).map_err(to_py)
+    }
+
     /// The agent's counters as a JSON string.
     fn stats(&self, py: Python<'_>) -> PyResult<String> {
         py.detach(|| self.inner.stats()).map_err(to_py)
     }
+}
+
+/// Why a ticket of 0 is refused.
+const TICKET_NOT_ZERO: &str = "a hold ticket is not 0 (None is no ticket)";
+
+/// A hold ticket from Python: `None` for none; 0 is refused (it names no hold).
+fn ticket_of(ticket: Option<u64>) -> PyResult<Option<HoldTicket>> {
+    ticket
+        .map(|t| HoldTicket::new(t).ok_or_else(|| PyValueError::new_err(TICKET_NOT_ZERO)))
+        .transpose()
 }
 
 /// Blocks pinned by `Client.acquire`, readable until released.

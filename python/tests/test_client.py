@@ -223,8 +223,21 @@ def test_pull_copies_another_agents_blocks(agent: Agent, tmp_path: Path) -> None
         assert src.save(NS, [h(i) for i in range(4)], blocks) == ["stored"] * 4
         dst = kvtier.Client(str(puller.socket), timeout_ms=5000)
         wanted = [h(i) for i in range(6)]
-        assert dst.pull(peer, NS, wanted) == [True] * 4 + [False] * 2
+        # Held for a decode's pull under a ticket, which the producer can also end itself.
+        assert src.hold(NS, wanted, ticket=7) == ([kvtier.TIER_HOST] * 4, 4)
+        assert src.unhold(NS, 7) == 4
+        assert src.hold(NS, wanted, ticket=8)[1] == 4
+        with pytest.raises(ValueError, match="not 0"):
+            src.hold(NS, wanted, ticket=0)
+        with pytest.raises(ValueError, match="not 0"):
+            src.unhold(NS, 0)
+        assert dst.pull(peer, NS, wanted, ticket=8) == [True] * 4 + [False] * 2
         assert dst.lookup(NS, wanted) == [kvtier.TIER_HOST] * 4
+        # The pull's release (sent after it returns) ends ticket 8's holds.
+        deadline = time.monotonic() + 10
+        while json.loads(src.stats())["peer"]["held_blocks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(src.stats())["peer"]["held_blocks"] == 0
         # The agent at `agent` has no secret configured: it refuses, and keeps serving.
         bare = kvtier.Client(str(agent.socket))
         with pytest.raises(kvtier.KvtierError, match=r"peer\.secret_file"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,12 +197,24 @@ def test_a_worker_whose_claim_lost_the_schedulers_pins_pins_the_blocks_itself(
     assert engine.worker.get_block_ids_with_load_errors() == set()
 
 
+def held_blocks(client: kvtier.Client, until: Callable[[int], bool], timeout: float = 10) -> int:
+    """The agent's held blocks once ``until`` holds for them (an ended hand-off reaches the
+    producer's agent after the call that ends it returns), or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = int(json.loads(client.stats())["peer"]["held_blocks"])
+        if until(held) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
+
+
 def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
     config: VllmConfig, workdir: Path
 ) -> None:
     """A prefill engine of two tensor-parallel ranks hands over the blocks both ranks' shards
     are stored for, and its agent holds those for the decode's pull, on each rank: none past
-    them, which nobody would pull."""
+    them, which nobody would pull. A decode engine whose own cache covers them pulls nothing,
+    and ends the hand-off's holds on both ranks."""
     secret = workdir / "hold-secret"
     secret.write_text("hold-test")
     serving = Agent(
@@ -227,5 +240,13 @@ def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
         assert params["remote_block_hashes"] == [h.hex() for h in hashes[: PROMPT_BLOCKS - 1]]
         held = json.loads(client.stats())["peer"]["held_blocks"]
         assert held == 2 * (PROMPT_BLOCKS - 1), "each rank's handed-over blocks, and no others"
+        ticket = params["remote_hold_ticket"]
+        assert len(ticket) == 16 and int(ticket, 16) != 0
+
+        # The decode side (this engine, as kv_both) has computed the prompt's blocks already.
+        decode = request("decoded-here", 5)
+        decode.kv_transfer_params = params
+        engine.scheduler.get_num_new_matched_tokens(decode, PROMPT_BLOCKS * BLOCK)
+        assert held_blocks(client, lambda n: n == 0) == 0, "the hand-off ended on both ranks"
     finally:
         serving.kill()

@@ -101,6 +101,13 @@ int main(int argc, char **argv) {
   CHECK(kvtier_hold(c, &ns, probe, N + 1, &matched, &held) == KVTIER_OK, "hold");
   CHECK(matched == N && held == 0, "hold on an agent serving no peers: %zu stored, %zu held", matched, held);
   CHECK(kvtier_hold(c, &ns, probe, N, NULL, NULL) == KVTIER_ERR_INVALID_ARGUMENT, "hold without matched");
+  held = 99;
+  CHECK(kvtier_hold_under(c, &ns, probe, N, 7, &matched, &held) == KVTIER_OK, "hold under a ticket");
+  CHECK(matched == N && held == 0, "ticketed hold on an agent serving no peers: %zu stored, %zu held", matched,
+        held);
+  size_t ended = 99;
+  CHECK(kvtier_unhold(c, &ns, 7, &ended) == KVTIER_OK && ended == 0, "unhold: %zu ended", ended);
+  CHECK(kvtier_unhold(c, &ns, 0, NULL) == KVTIER_ERR_INVALID_ARGUMENT, "ticket 0 names no hold");
 
   void *bufs[N];
   for (unsigned i = 0; i < N; i++) bufs[i] = calloc(1, lens[i]);

@@ -674,10 +674,10 @@ fn dispatch(
         }
         Request::Release(ns, hashes) => (Response::Release(session.release(ns, &hashes)), hashes.len()),
         Request::Stats => (Response::Stats(super::stats_json(shared)), 0),
-        Request::Pull(peer, ns, hashes) => {
+        Request::Pull(peer, ns, hashes, ticket) => {
             match shared
                 .peers
-                .pull_blocking(&peer, &super::session::keys(ns, &hashes), deadline)
+                .pull_blocking(&peer, ns, &super::session::keys(ns, &hashes), deadline, ticket)
             {
                 Ok(held) => (Response::Pull(held), hashes.len()),
                 Err(e) => {
@@ -692,10 +692,11 @@ fn dispatch(
                 }
             }
         }
-        Request::Hold(ns, hashes) => {
+        Request::Hold(ns, hashes, ticket) => {
             let out = shared.peers.grants().hold(
                 &super::session::keys(ns, &hashes),
                 super::session::budget(deadline),
+                ticket,
             );
             (
                 Response::Hold {
@@ -704,6 +705,10 @@ fn dispatch(
                 },
                 hashes.len(),
             )
+        }
+        Request::Unhold(ns, ticket) => {
+            let ended = shared.peers.grants().unhold(ns, ticket);
+            (Response::Unhold(u32::try_from(ended).unwrap_or(u32::MAX)), 0)
         }
         Request::Announce(ns, model) => {
             if shared.models.announce(ns, &model) {

@@ -27,7 +27,7 @@ use self::handle::{Link, Slot};
 use crate::arena::HostArena;
 use crate::key::{BlockHash, Namespace};
 use crate::stats::TierLevel;
-use crate::transport::HoldOutcome;
+use crate::transport::{HoldOutcome, HoldTicket};
 use crate::wire::{
     self, AcquireStatus, ErrorCode, MAX_BATCH, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ReadError, Request,
     ReserveStatus, Response, Welcome,
@@ -808,23 +808,42 @@ impl Client {
     /// usually configured with a longer one than a client for local calls. A failed transfer is
     /// `Refused` with [`ErrorCode::PeerFailed`] and costs nothing else.
     pub fn pull(&self, peer: &str, ns: &Namespace, hashes: &[BlockHash]) -> Result<Vec<bool>> {
+        self.pull_under(peer, ns, hashes, None)
+    }
+
+    /// [`Self::pull`] of blocks a producer held under `ticket` ([`Self::hold_under`]): once
+    /// the pull is over, the peer ends that hand-off's holds, blocks this agent already had
+    /// and pulled none of included. Pass the ticket even when `hashes` is empty (this engine
+    /// needs none of the blocks), so that the peer stops holding them at once. An agent older
+    /// than protocol 6 pulls without it.
+    pub fn pull_under(
+        &self,
+        peer: &str,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+        ticket: Option<HoldTicket>,
+    ) -> Result<Vec<bool>> {
         check_batch(hashes.len())?;
         if peer.is_empty() || peer.len() > usize::from(u16::MAX) {
             return Err(ClientError::InvalidArgument(
                 "a peer address is 1 to 65535 bytes".into(),
             ));
         }
-        {
-            let mut guard = self.conn.lock();
-            let version = self.ensure(&mut guard)?.welcome.version;
-            if version < 3 {
-                return Err(ClientError::InvalidArgument(format!(
-                    "the agent speaks protocol {version}, which has no pull (3 or later needed)"
-                )));
-            }
+        let version = self.version()?;
+        if version < 3 {
+            return Err(ClientError::InvalidArgument(format!(
+                "the agent speaks protocol {version}, which has no pull (3 or later needed)"
+            )));
         }
+        if hashes.is_empty() && (ticket.is_none() || version < 6) {
+            return Ok(Vec::new());
+        }
+        let ticket = ticket.filter(|_| version >= 6);
         match self
-            .call(&Request::Pull(peer.to_owned(), *ns, hashes.to_vec()), None)?
+            .call(
+                &Request::Pull(peer.to_owned(), *ns, hashes.to_vec(), ticket),
+                None,
+            )?
             .0
         {
             Response::Pull(held) if held.len() == hashes.len() => Ok(held),
@@ -838,24 +857,56 @@ impl Client {
     /// the agent holds nothing where it serves no peers, and an agent older than protocol 5
     /// answers as a lookup. The answer is the lookup's, with how many leading blocks are held.
     pub fn hold(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<HoldOutcome> {
+        self.hold_under(ns, hashes, None)
+    }
+
+    /// [`Self::hold`] for one hand-off, named by `ticket` (random per request; the decode's
+    /// pull passes it back, [`Self::pull_under`]): the pull that names it ends exactly these
+    /// holds, and [`Self::unhold`] ends them before. Holding again under the same ticket
+    /// renews it. An agent older than protocol 6 holds without it: any pull of the blocks
+    /// ends one hand-off's hold then.
+    pub fn hold_under(
+        &self,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+        ticket: Option<HoldTicket>,
+    ) -> Result<HoldOutcome> {
         check_batch(hashes.len())?;
-        let version = {
-            let mut guard = self.conn.lock();
-            self.ensure(&mut guard)?.welcome.version
-        };
+        let version = self.version()?;
         if version < 5 {
             let mut tiers = self.lookup(ns, hashes)?;
             // What another node holds is not this agent's to hand over.
             tiers.truncate(tiers.iter().take_while(|t| **t != TierLevel::Peer).count());
             return Ok(HoldOutcome { tiers, held: 0 });
         }
-        match self.call(&Request::Hold(*ns, hashes.to_vec()), None)?.0 {
+        let ticket = ticket.filter(|_| version >= 6);
+        match self.call(&Request::Hold(*ns, hashes.to_vec(), ticket), None)?.0 {
             Response::Hold { tiers, held } if tiers.len() <= hashes.len() => Ok(HoldOutcome {
                 tiers,
                 held: held as usize,
             }),
             other => Err(unexpected("hold", &other)),
         }
+    }
+
+    /// Ends the holds made under `ticket` in `ns` on this agent now (the producer gave the
+    /// hand-off up: a rank's hold failed, or the request will not be decoded elsewhere);
+    /// returns how many blocks are no longer held. 0 on an agent older than protocol 6, whose
+    /// holds carry no ticket.
+    pub fn unhold(&self, ns: &Namespace, ticket: HoldTicket) -> Result<usize> {
+        if self.version()? < 6 {
+            return Ok(0);
+        }
+        match self.call(&Request::Unhold(*ns, ticket), None)?.0 {
+            Response::Unhold(ended) => Ok(ended as usize),
+            other => Err(unexpected("unhold", &other)),
+        }
+    }
+
+    /// The protocol version spoken with the agent (connecting first if needed).
+    fn version(&self) -> Result<u16> {
+        let mut guard = self.conn.lock();
+        Ok(self.ensure(&mut guard)?.welcome.version)
     }
 
     /// The agent's counters, as a JSON document.

@@ -1,10 +1,12 @@
 //! The source side of a transfer: blocks pinned for peers, under unguessable ids, until the
 //! puller releases them or they expire; and blocks held for pullers that have not asked yet (a
 //! prefill engine's blocks handed to decode engines), until each hand-off has had its pull or
-//! the hold expires.
+//! the hold expires. A hand-off that names a [`HoldTicket`] ends exactly its own holds, blocks
+//! its decode did not pull included.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use crate::host::Lease;
-use crate::key::BlockKey;
+use crate::key::{BlockKey, Namespace};
 use crate::stats::TierLevel;
 use crate::store::TieredStore;
 
@@ -23,6 +25,11 @@ const PARALLEL_CHECKSUM_BYTES: u64 = 8 << 20;
 
 /// Most blocks one grant may pin.
 pub const MAX_GRANT_BLOCKS: usize = 65_536;
+
+/// Most tickets one block is held under at once (a hot prefix handed to that many decodes
+/// that have not pulled yet); a hold past it counts as one without a ticket, so that the
+/// table's memory stays bounded by the blocks it holds.
+const MAX_TICKETS_PER_BLOCK: usize = 1024;
 
 /// A grant's id: 128 random bits, so that only a caller the control channel answered can name it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,6 +57,38 @@ impl fmt::Debug for GrantId {
             self.0[0], self.0[1], self.0[2], self.0[3]
         )
     }
+}
+
+/// Names the holds made for one hand-off (a request a prefill engine hands to a decode engine),
+/// so that the decode's pull ends them all, blocks it found elsewhere or did not need included,
+/// without ending another hand-off's holds of the same blocks. The holder picks it at random
+/// per request and passes it along with the blocks' hashes; the wire's 0 is "no ticket".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HoldTicket(NonZeroU64);
+
+impl HoldTicket {
+    /// The ticket `value`; `None` for 0.
+    pub fn new(value: u64) -> Option<Self> {
+        NonZeroU64::new(value).map(Self)
+    }
+
+    /// Its value, never 0.
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
+/// Which holds the release of a grant ends ([`Grants::grant_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    /// None: a pull that reuses a prefix the cluster index found here (cross-node reuse) was
+    /// not handed these blocks, and may not even move them.
+    Nothing,
+    /// One waiting hand-off of each granted block held since the grant was asked for: a pull
+    /// that names no ticket (its engine or agent predates tickets).
+    OneWaitPerBlock,
+    /// Every hold made under this ticket in the granted blocks' namespace.
+    Ticket(HoldTicket),
 }
 
 /// One granted block, as the puller needs it.
@@ -84,8 +123,8 @@ pub struct GrantEntry {
     leases: Vec<Lease>,
     /// When the grant began to be made.
     made: Instant,
-    /// Whether its release ends a wait of its blocks' holds ([`Grants::grant_for`]).
-    ends_holds: bool,
+    /// Which holds its release ends.
+    ends: HoldEnd,
     expires: Instant,
 }
 
@@ -161,16 +200,33 @@ impl HoldLimits {
 
 /// One held block: pinned in `tier` while hand-offs of it wait for their pulls, and until
 /// `expires` at most.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Held {
     tier: TierLevel,
     /// What the block takes in `tier` (its slot or record), counted against the limit.
     bytes: u64,
-    /// Hand-offs waiting for a pull: each hold adds one, each pull of the block (a grant made
-    /// since the first hold, released) takes one away.
+    /// Hand-offs without a ticket waiting for a pull: each such hold adds one, each pull of the
+    /// block that names no ticket (a grant made since the first hold, released) takes one away.
     waiting: u32,
+    /// The tickets of the hand-offs with one that hold the block, each once.
+    tickets: Vec<HoldTicket>,
     /// When the block was first held: a grant made before it was not for these hand-offs.
     since: Instant,
+    /// The latest expiry of its holds (no ticket holding it expires later).
+    expires: Instant,
+}
+
+impl Held {
+    /// Whether no hand-off waits for it any more.
+    fn idle(&self) -> bool {
+        self.waiting == 0 && self.tickets.is_empty()
+    }
+}
+
+/// The blocks one ticket holds in one namespace.
+#[derive(Debug)]
+struct TicketHolds {
+    keys: Vec<BlockKey>,
     expires: Instant,
 }
 
@@ -179,6 +235,7 @@ struct Held {
 struct Holds {
     limits: HoldLimits,
     blocks: HashMap<BlockKey, Held>,
+    tickets: HashMap<(Namespace, HoldTicket), TicketHolds>,
     host_bytes: u64,
     disk_bytes: u64,
     /// No hold expires before this (it may be earlier than the first expiry, after renewals):
@@ -258,6 +315,7 @@ impl Grants {
             holds: Mutex::new(Holds {
                 limits: HoldLimits::NONE,
                 blocks: HashMap::new(),
+                tickets: HashMap::new(),
                 host_bytes: 0,
                 disk_bytes: 0,
                 next_expiry: None,
@@ -282,13 +340,12 @@ impl Grants {
     /// [`HostTier::checksum`](crate::host::HostTier::checksum)). An empty prefix makes no grant
     /// entry but still answers.
     pub fn grant(&self, keys: &[BlockKey]) -> Result<Grant, GrantError> {
-        self.grant_for(keys, true)
+        self.grant_for(keys, HoldEnd::OneWaitPerBlock)
     }
 
-    /// [`Self::grant`] for a pull that ends a wait of its blocks' holds when released
-    /// (`ends_holds`: a decode continuing a request this node prefilled) or none (cross-node
-    /// reuse of a prefix the index found here, which may not even move the blocks).
-    pub fn grant_for(&self, keys: &[BlockKey], ends_holds: bool) -> Result<Grant, GrantError> {
+    /// [`Self::grant`] whose release ends the holds `ends` names. A grant under a ticket that
+    /// finds none of the blocks ends the ticket's holds at once: no pull of them follows.
+    pub fn grant_for(&self, keys: &[BlockKey], ends: HoldEnd) -> Result<Grant, GrantError> {
         let made = Instant::now();
         if keys.len() > MAX_GRANT_BLOCKS {
             return Err(GrantError::TooManyKeys { asked: keys.len() });
@@ -336,10 +393,12 @@ impl Grants {
                 store: Arc::clone(&self.store),
                 leases,
                 made,
-                ends_holds,
+                ends,
                 expires: Instant::now() + self.ttl,
             };
             self.table.lock().insert(id, Arc::new(entry));
+        } else if let (HoldEnd::Ticket(ticket), Some(first)) = (ends, keys.first()) {
+            self.unhold(first.namespace, ticket);
         }
         Ok(Grant {
             id,
@@ -372,37 +431,62 @@ impl Grants {
         (e.expires > Instant::now()).then(|| Arc::clone(e))
     }
 
-    /// Unpins a grant; `false` when it was unknown (already released or expired). A hand-off
-    /// of each of its blocks that waited for a pull has had it (or its puller gave up): one
-    /// fewer keeps the block held.
+    /// Unpins a grant; `false` when it was unknown (already released or expired). The
+    /// hand-off it was pulled for has had its pull (or its puller gave up): the holds its
+    /// [`HoldEnd`] names end.
     pub fn release(&self, id: &GrantId) -> bool {
         // Dropped outside the lock: releasing leases takes the host tier's lock.
         let removed = self.table.lock().remove(id);
-        if let Some(entry) = removed.as_ref().filter(|e| e.ends_holds) {
-            let mut holds = self.holds.lock();
-            for key in entry.leases.iter().map(Lease::key) {
-                if let Some(h) = holds.blocks.get_mut(key).filter(|h| h.since <= entry.made) {
-                    h.waiting -= 1;
-                    if h.waiting == 0 {
-                        self.end_hold(&mut holds, key);
+        let Some(entry) = removed.as_ref() else {
+            return false;
+        };
+        let mut guard = self.holds.lock();
+        let holds = &mut *guard;
+        match entry.ends {
+            HoldEnd::Nothing => {}
+            HoldEnd::Ticket(ticket) => {
+                // One namespace per grant in practice; each is ended once, later ones find none.
+                for key in entry.leases.iter().map(Lease::key) {
+                    self.end_ticket(holds, key.namespace, ticket);
+                }
+            }
+            HoldEnd::OneWaitPerBlock => {
+                for key in entry.leases.iter().map(Lease::key) {
+                    let Some(h) = holds.blocks.get_mut(key).filter(|h| h.since <= entry.made) else {
+                        continue;
+                    };
+                    // A puller that names no ticket pulled for one of the hand-offs, whichever
+                    // (its agent predates tickets, or the hold had none).
+                    if h.waiting > 0 {
+                        h.waiting -= 1;
+                    } else if let Some(ticket) = h.tickets.pop()
+                        && let Some(t) = holds.tickets.get_mut(&(key.namespace, ticket))
+                    {
+                        t.keys.retain(|k| k != key);
+                    }
+                    if h.idle() {
+                        self.end_hold(holds, key);
                     }
                 }
             }
         }
-        removed.is_some()
+        true
     }
 
     /// Holds the longest stored prefix of `keys` where it is (host arena or disk) for a puller
     /// that has not asked for it yet (a decode engine continuing a request this node's engine
     /// prefilled). A held block is not evicted from its tier while a hold of it waits for its
-    /// pull: each hold counts one wait, each grant of the block released afterwards ends one,
-    /// and all end [`HoldLimits::ttl`] after the last hold. Blocks only in the object store
+    /// pull. A hold under a `ticket` ends when the pull that names the ticket releases its
+    /// grant ([`HoldEnd::Ticket`]), or at [`Self::unhold`]; a hold without one counts one wait,
+    /// which the release of any later grant of the block that names no ticket ends. All end
+    /// [`HoldLimits::ttl`] after the block's last hold at most. Blocks only in the object store
     /// are not held (nothing evicts them there); a hold stops at the first block that would
     /// pass its tier's limit. Blocks in lower tiers are looked for until `until` at most.
-    pub fn hold(&self, keys: &[BlockKey], until: Instant) -> HoldOutcome {
+    pub fn hold(&self, keys: &[BlockKey], until: Instant, ticket: Option<HoldTicket>) -> HoldOutcome {
         let keys = &keys[..keys.len().min(MAX_GRANT_BLOCKS)];
         let tiers = self.store.lookup_prefix_until(keys, until).tiers;
-        let mut holds = self.holds.lock();
+        let mut guard = self.holds.lock();
+        let holds = &mut *guard;
         if holds.limits.ttl.is_zero() {
             return HoldOutcome { tiers, held: 0 };
         }
@@ -412,8 +496,18 @@ impl Grants {
         let mut held = 0;
         for key in &keys[..tiers.len()] {
             if let Some(h) = holds.blocks.get_mut(key) {
-                h.waiting = h.waiting.saturating_add(1);
                 h.expires = expires;
+                match ticket {
+                    // Held under this ticket already: renewed.
+                    Some(t) if h.tickets.contains(&t) => {
+                        ticket_holds(holds, key, t, expires);
+                    }
+                    Some(t) if h.tickets.len() < MAX_TICKETS_PER_BLOCK => {
+                        h.tickets.push(t);
+                        ticket_holds(holds, key, t, expires).keys.push(*key);
+                    }
+                    _ => h.waiting = h.waiting.saturating_add(1),
+                }
                 held += 1;
                 continue;
             }
@@ -429,12 +523,12 @@ impl Grants {
                 let (used, limit) = holds.room(tier);
                 used.saturating_add(bytes) <= limit
             };
-            if !fits(&mut holds) && !reaped {
+            if !fits(holds) && !reaped {
                 // Holds past their time may not have been reaped yet.
                 reaped = true;
-                self.expire_holds_locked(&mut holds, now);
+                self.expire_holds_locked(holds, now);
             }
-            if !fits(&mut holds) {
+            if !fits(holds) {
                 self.unpin(tier, key);
                 break;
             }
@@ -442,17 +536,50 @@ impl Grants {
             let hold = Held {
                 tier,
                 bytes,
-                waiting: 1,
+                waiting: u32::from(ticket.is_none()),
+                tickets: ticket.into_iter().collect(),
                 since: now,
                 expires,
             };
             holds.blocks.insert(*key, hold);
+            if let Some(t) = ticket {
+                ticket_holds(holds, key, t, expires).keys.push(*key);
+            }
             held += 1;
         }
         if held > 0 {
             holds.next_expiry = Some(holds.next_expiry.map_or(expires, |n| n.min(expires)));
         }
         HoldOutcome { tiers, held }
+    }
+
+    /// Ends the holds made under `ticket` in `ns` now (the hand-off will not be pulled, or its
+    /// holder gave up on it); returns how many blocks are no longer held.
+    pub fn unhold(&self, ns: Namespace, ticket: HoldTicket) -> usize {
+        self.end_ticket(&mut self.holds.lock(), ns, ticket)
+    }
+
+    /// Takes `ticket` off the blocks it holds in `ns`, ending the holds of those no other
+    /// hand-off waits for; returns how many.
+    fn end_ticket(&self, holds: &mut Holds, ns: Namespace, ticket: HoldTicket) -> usize {
+        let Some(held) = holds.tickets.remove(&(ns, ticket)) else {
+            return 0;
+        };
+        let mut ended = 0;
+        for key in &held.keys {
+            let Some(h) = holds.blocks.get_mut(key) else {
+                continue;
+            };
+            let Some(at) = h.tickets.iter().position(|t| *t == ticket) else {
+                continue;
+            };
+            h.tickets.swap_remove(at);
+            if h.idle() {
+                self.end_hold(holds, key);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Ends the hold of `key`, if held.
@@ -497,20 +624,36 @@ impl Grants {
         if holds.next_expiry.is_none_or(|next| next > now) {
             return 0;
         }
+        // Tickets first: a block expires no earlier than the tickets holding it, and one that
+        // other holds renewed stays while they wait.
+        let tickets: Vec<(Namespace, HoldTicket)> = holds
+            .tickets
+            .iter()
+            .filter(|(_, t)| t.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut ended = 0;
+        for (ns, ticket) in tickets {
+            ended += self.end_ticket(holds, ns, ticket);
+        }
         let mut expired = Vec::new();
         let mut next = None::<Instant>;
+        let mut sooner = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
         for (key, h) in &holds.blocks {
             if h.expires <= now {
                 expired.push(*key);
             } else {
-                next = Some(next.map_or(h.expires, |n| n.min(h.expires)));
+                sooner(h.expires);
             }
+        }
+        for t in holds.tickets.values() {
+            sooner(t.expires);
         }
         holds.next_expiry = next;
         for key in &expired {
             self.end_hold(holds, key);
         }
-        expired.len()
+        ended + expired.len()
     }
 
     /// Drops expired grants; returns how many.
@@ -534,6 +677,24 @@ impl Grants {
     pub fn open(&self) -> usize {
         self.table.lock().len()
     }
+}
+
+/// The blocks `ticket` holds in `key`'s namespace, renewed until `expires`.
+fn ticket_holds<'h>(
+    holds: &'h mut Holds,
+    key: &BlockKey,
+    ticket: HoldTicket,
+    expires: Instant,
+) -> &'h mut TicketHolds {
+    let t = holds
+        .tickets
+        .entry((key.namespace, ticket))
+        .or_insert_with(|| TicketHolds {
+            keys: Vec::new(),
+            expires,
+        });
+    t.expires = expires;
+    t
 }
 
 #[cfg(test)]
@@ -661,7 +822,20 @@ mod tests {
     }
 
     fn hold(g: &Grants, keys: &[BlockKey]) -> HoldOutcome {
-        g.hold(keys, Instant::now() + Duration::from_secs(1))
+        g.hold(keys, Instant::now() + Duration::from_secs(1), None)
+    }
+
+    fn hold_under(g: &Grants, keys: &[BlockKey], ticket: u64) -> usize {
+        g.hold(
+            keys,
+            Instant::now() + Duration::from_secs(1),
+            HoldTicket::new(ticket),
+        )
+        .held
+    }
+
+    fn ticket(t: u64) -> HoldTicket {
+        HoldTicket::new(t).unwrap()
     }
 
     /// Fills an 8 MiB arena with blocks the test never asks for again.
@@ -738,7 +912,7 @@ mod tests {
         assert_eq!(hold(&g, &first).held, 2);
         assert_eq!(hold(&g, &second).held, 2);
         // Another node reusing the prefix is not one of the decodes it was handed to.
-        let reuse = g.grant_for(&first, false).unwrap();
+        let reuse = g.grant_for(&first, HoldEnd::Nothing).unwrap();
         assert!(g.release(&reuse.id));
         assert_eq!(g.held().blocks, 3, "a reuse pull ends no hold");
         pulled(&g, &first);
@@ -812,5 +986,99 @@ mod tests {
             !s.disk().unwrap().unpin(&key(0)),
             "the disk pin ended with the hold"
         );
+    }
+
+    /// Two hand-offs share a block: the pull under one ticket ends that ticket's holds, the
+    /// block its decode did not pull included, and leaves the other's.
+    #[test]
+    fn a_ticket_ends_its_own_holds_and_only_them() {
+        let s = store(8);
+        for i in 0..4 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        assert_eq!(hold_under(&g, &[key(0), key(1), key(2)], 7), 3);
+        assert_eq!(hold_under(&g, &[key(0), key(3)], 9), 2);
+        assert_eq!(
+            hold_under(&g, &[key(0), key(1)], 7),
+            2,
+            "renewed, not counted twice"
+        );
+        // The decode under ticket 7 found block 0 in its own node and pulled only block 1.
+        let pull = g.grant_for(&[key(1)], HoldEnd::Ticket(ticket(7))).unwrap();
+        assert_eq!(g.held().blocks, 4, "held until the pull ends");
+        assert!(g.release(&pull.id));
+        assert_eq!(
+            g.held().blocks,
+            2,
+            "blocks 1 and 2 ended with ticket 7; 0 and 3 wait for 9"
+        );
+        pressure(&s, 100);
+        assert!(s.contains(&key(1)).is_none() && s.contains(&key(2)).is_none());
+        assert_eq!(s.contains(&key(0)), Some(TierLevel::Host));
+        assert_eq!(g.unhold(key(0).namespace, ticket(7)), 0, "ended already");
+        assert_eq!(g.unhold(key(0).namespace, ticket(9)), 2);
+        assert_eq!(g.held(), HeldCounts::default());
+        assert!(g.holds.lock().tickets.is_empty());
+        pressure(&s, 200);
+        assert!(s.contains(&key(0)).is_none(), "no pin left after the unhold");
+    }
+
+    /// A puller that names no ticket (an agent before tickets) ends one hand-off of each block
+    /// it pulled, ticket or not; a grant under a ticket that finds nothing ends the ticket.
+    #[test]
+    fn pulls_without_a_ticket_and_empty_grants_end_holds_too() {
+        let s = store(8);
+        for i in 0..3 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        assert_eq!(hold_under(&g, &[key(0), key(1)], 7), 2);
+        pulled(&g, &[key(0)]);
+        assert_eq!(g.held().blocks, 1, "block 0's only hand-off had its pull");
+        assert_eq!(g.unhold(key(0).namespace, ticket(7)), 1, "block 1 still under 7");
+
+        assert_eq!(hold_under(&g, &[key(2)], 8), 1);
+        let nothing = g.grant_for(&[key(40)], HoldEnd::Ticket(ticket(8))).unwrap();
+        assert!(nothing.blocks.is_empty());
+        assert_eq!(g.held(), HeldCounts::default(), "no pull of ticket 8 will come");
+    }
+
+    /// Holds under a ticket expire with it, and the table forgets the ticket.
+    #[test]
+    fn tickets_expire_with_their_holds() {
+        let s = store(8);
+        for i in 0..3 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        assert_eq!(hold_under(&g, &[key(0), key(1)], 7), 2);
+        assert_eq!(hold(&g, &[key(1), key(2)]).held, 2);
+        assert_eq!(g.expire_holds_at(Instant::now() + Duration::from_secs(61)), 3);
+        assert_eq!(g.held(), HeldCounts::default());
+        assert!(g.holds.lock().tickets.is_empty());
+        pressure(&s, 100);
+        for i in 0..3 {
+            assert!(s.contains(&key(i)).is_none(), "no pin left after the expiry");
+        }
+    }
+
+    /// A block held under more tickets than a block keeps counts the extra hand-offs as
+    /// waits without one: still held for them, ended by a pull that names none.
+    #[test]
+    fn holds_past_a_blocks_ticket_limit_wait_without_one() {
+        let s = store(8);
+        s.put(&key(0), &payload(0, 1 << 20));
+        let g = holding(&s, Duration::from_secs(60), 8 << 20);
+        let over = MAX_TICKETS_PER_BLOCK as u64 + 1;
+        for t in 1..=over {
+            assert_eq!(hold_under(&g, &[key(0)], t), 1);
+        }
+        for t in 1..=over {
+            g.unhold(key(0).namespace, ticket(t));
+        }
+        assert_eq!(g.held().blocks, 1, "the hand-off past the limit still waits");
+        pulled(&g, &[key(0)]);
+        assert_eq!(g.held(), HeldCounts::default());
     }
 }

@@ -31,7 +31,9 @@ use std::time::Instant;
 use crate::host::Reservation;
 
 pub use auth::Secret;
-pub use grants::{Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldLimits, HoldOutcome};
+pub use grants::{
+    Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldEnd, HoldLimits, HoldOutcome, HoldTicket,
+};
 
 /// Which data plane carries a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 use kvstore::transport::{
-    GrantId, Grants, HoldLimits, PullItem, Secret, Transport, TransportError, TransportKind,
+    GrantId, Grants, HoldLimits, HoldTicket, PullItem, Secret, Transport, TransportError, TransportKind,
 };
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
@@ -79,6 +79,18 @@ fn hold_limits(cfg: &crate::config::PeerSection, store: &TieredStore) -> HoldLim
         host_bytes: share(stats.host.capacity_bytes),
         disk_bytes: stats.disk.map_or(0, |d| share(d.capacity_bytes)),
     }
+}
+
+/// What a pull is for, which decides whether it may be declined and which of the source's
+/// holds it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PullFor {
+    /// A decode engine continuing a request the source's engine prefilled, which held the
+    /// blocks (under a ticket, when one is known): always pulled, and ends the hand-off's holds.
+    HandOff(Option<HoldTicket>),
+    /// Reuse of a prefix the cluster index found at the source: pulled only when the reuse
+    /// policy expects it to beat recomputing, and ends no hold.
+    Reuse,
 }
 
 /// Bound of one control call this agent serves.
@@ -311,14 +323,18 @@ impl Peers {
         &self.grants
     }
 
-    /// [`Self::pull`] from a thread outside the runtime (an engine connection's thread).
+    /// [`Self::pull`] of a hand-off from a thread outside the runtime (an engine connection's
+    /// thread): blocks of `ns` a producer held under `ticket`, if it says one.
     pub(crate) fn pull_blocking(
         &self,
         peer: &str,
+        ns: kvstore::Namespace,
         keys: &[BlockKey],
         deadline: Instant,
+        ticket: Option<HoldTicket>,
     ) -> Result<Vec<bool>, PullError> {
-        self.runtime.block_on(self.pull(peer, keys, deadline, false))
+        self.runtime
+            .block_on(self.pull(peer, ns, keys, deadline, PullFor::HandOff(ticket)))
     }
 
     /// A lookup's local prefix `tiers` of `hashes`, extended with the blocks a peer holds past
@@ -370,7 +386,10 @@ impl Peers {
             return;
         };
         let wanted = &keys[local..(local + blocks).min(keys.len())];
-        match self.runtime.block_on(self.pull(&address, wanted, deadline, true)) {
+        match self
+            .runtime
+            .block_on(self.pull(&address, ns, wanted, deadline, PullFor::Reuse))
+        {
             Ok(held) if held.iter().all(|h| *h) => {
                 tracing::debug!(peer = %address, blocks = wanted.len(), "pulled a prefix a peer held");
             }
@@ -382,17 +401,19 @@ impl Peers {
         }
     }
 
-    /// Copies the longest prefix of `keys` that `peer` holds (and this agent does not) into this
-    /// agent's tiers. Per key: whether this agent holds it afterwards.
+    /// Copies the longest prefix of `keys` (of namespace `ns`) that `peer` holds (and this agent
+    /// does not) into this agent's tiers. Per key: whether this agent holds it afterwards.
     ///
-    /// With `weigh`, the transfer only goes ahead if the reuse policy expects it to beat
-    /// recomputing (decided once the grant says how many bytes it is).
+    /// For [`PullFor::Reuse`], the transfer only goes ahead if the reuse policy expects it to
+    /// beat recomputing (decided once the grant says how many bytes it is). A hand-off under a
+    /// ticket whose blocks are all here already asks the peer to end its holds instead.
     pub(crate) async fn pull(
         &self,
         peer: &str,
+        ns: kvstore::Namespace,
         keys: &[BlockKey],
         deadline: Instant,
-        weigh: bool,
+        purpose: PullFor,
     ) -> Result<Vec<bool>, PullError> {
         if self.secret.is_none() && !self.insecure {
             return Err(PullError::NoSecret);
@@ -401,23 +422,31 @@ impl Peers {
         let local = self.store.lookup_prefix(keys).len;
         held[..local].fill(true);
         let want = &keys[local..];
-        let Some(first) = want.first() else {
-            return Ok(held);
+        let ticket = match purpose {
+            PullFor::HandOff(ticket) => ticket,
+            PullFor::Reuse => None,
         };
+        if want.is_empty() {
+            if let Some(ticket) = ticket {
+                self.end_hold(peer, ns, ticket);
+            }
+            return Ok(held);
+        }
         let control = |status: String| PullError::Control {
             peer: peer.to_owned(),
             status,
         };
         let mut client = proto::peer_client::PeerClient::new(self.channel(peer)?);
         let mut req = self.request(proto::GrantRequest {
-            namespace: first.namespace.as_bytes().to_vec(),
+            namespace: ns.as_bytes().to_vec(),
             hashes: want.iter().map(|k| k.hash.as_bytes().to_vec()).collect(),
             transports: self
                 .transports
                 .iter()
                 .map(|t| t.kind().name().to_owned())
                 .collect(),
-            reuse: weigh,
+            reuse: purpose == PullFor::Reuse,
+            hold_ticket: ticket.map_or(0, HoldTicket::get),
         });
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -453,7 +482,7 @@ impl Peers {
             ))
         });
         let bytes: u64 = grant.blocks.iter().map(|b| b.len.min(fits)).sum();
-        let pays = !weigh
+        let pays = purpose != PullFor::Reuse
             || self
                 .reuse
                 .as_ref()
@@ -574,6 +603,34 @@ impl Peers {
             tracing::warn!(peer, pulled = n, failed, error = %e, "a peer transfer failed in part");
         }
         Ok(())
+    }
+
+    /// Asks `peer` to end the holds made under `ticket` in `ns`, in the background (best
+    /// effort: they expire on their own).
+    fn end_hold(&self, peer: &str, ns: kvstore::Namespace, ticket: HoldTicket) {
+        let channel = match self.channel(peer) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer, error = %e, "no hold to end at a peer that cannot be reached");
+                return;
+            }
+        };
+        let mut req = self.request(proto::EndHoldRequest {
+            namespace: ns.as_bytes().to_vec(),
+            ticket: ticket.get(),
+        });
+        req.set_timeout(RELEASE_TIMEOUT);
+        let peer = peer.to_owned();
+        self.runtime.spawn(async move {
+            let mut client = proto::peer_client::PeerClient::new(channel);
+            match tokio::time::timeout(RELEASE_TIMEOUT, client.end_hold(req)).await {
+                Ok(Ok(_)) => {}
+                // An agent older than tickets has no such call; its holds carry none anyway.
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {}
+                Ok(Err(s)) => tracing::debug!(peer, status = %status_text(&s), "ending a peer's holds failed; they expire"),
+                Err(_) => tracing::debug!(peer, "ending a peer's holds timed out; they expire"),
+            }
+        });
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -790,6 +847,13 @@ mod tests {
             self.released.fetch_add(1, Ordering::Relaxed);
             Ok(tonic::Response::new(proto::ReleaseResponse { released: true }))
         }
+
+        async fn end_hold(
+            &self,
+            _: tonic::Request<proto::EndHoldRequest>,
+        ) -> Result<tonic::Response<proto::EndHoldResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("holds nothing"))
+        }
     }
 
     /// The control channels kept for peers stay bounded however many addresses engines and
@@ -844,7 +908,13 @@ mod tests {
         for len in lens {
             source.len.store(len, Ordering::Relaxed);
             let err = peers
-                .pull_blocking(&addr, &[key], Instant::now() + Duration::from_secs(10))
+                .pull_blocking(
+                    &addr,
+                    key.namespace,
+                    &[key],
+                    Instant::now() + Duration::from_secs(10),
+                    None,
+                )
                 .expect_err("a block no slot holds");
             assert!(
                 matches!(&err, PullError::Control { status, .. } if status.contains("granted a block of")),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kvstore::transport::{Grants, Secret, Transport, TransportKind, grants::GrantError};
+use kvstore::transport::{Grants, HoldEnd, HoldTicket, Secret, Transport, TransportKind, grants::GrantError};
 use kvstore::{BlockHash, BlockKey, Namespace};
 use tonic::{Request, Response, Status};
 
@@ -47,12 +47,7 @@ impl Peer for PeerService {
         self.authorize(&req)?;
         let seen_as = req.local_addr().map(|a| a.ip());
         let msg = req.into_inner();
-        let ns: [u8; 16] = msg
-            .namespace
-            .as_slice()
-            .try_into()
-            .map_err(|_| Status::invalid_argument("namespace must be 16 bytes"))?;
-        let ns = Namespace::from_bytes(ns);
+        let ns = namespace(&msg.namespace)?;
         let keys = msg
             .hashes
             .iter()
@@ -72,9 +67,13 @@ impl Peer for PeerService {
                 ))
             })?;
         let grants = Arc::clone(&self.grants);
+        let ends = match (msg.reuse, HoldTicket::new(msg.hold_ticket)) {
+            (true, _) => HoldEnd::Nothing,
+            (false, Some(ticket)) => HoldEnd::Ticket(ticket),
+            (false, None) => HoldEnd::OneWaitPerBlock,
+        };
         // Pinning may promote blocks from disk: blocking I/O, off the async workers.
-        let ends_holds = !msg.reuse;
-        let grant = tokio::task::spawn_blocking(move || grants.grant_for(&keys, ends_holds))
+        let grant = tokio::task::spawn_blocking(move || grants.grant_for(&keys, ends))
             .await
             .map_err(|e| Status::internal(format!("grant task failed: {e}")))?
             .map_err(|e| match e {
@@ -119,4 +118,30 @@ impl Peer for PeerService {
             .map_err(|e| Status::internal(format!("release task failed: {e}")))?;
         Ok(Response::new(proto::ReleaseResponse { released }))
     }
+
+    async fn end_hold(
+        &self,
+        req: Request<proto::EndHoldRequest>,
+    ) -> Result<Response<proto::EndHoldResponse>, Status> {
+        self.authorize(&req)?;
+        let msg = req.into_inner();
+        let ns = namespace(&msg.namespace)?;
+        let ticket =
+            HoldTicket::new(msg.ticket).ok_or_else(|| Status::invalid_argument("ticket 0 names no hold"))?;
+        let grants = Arc::clone(&self.grants);
+        // Unpinning takes the tiers' locks, as a release does.
+        let ended = tokio::task::spawn_blocking(move || grants.unhold(ns, ticket))
+            .await
+            .map_err(|e| Status::internal(format!("end-hold task failed: {e}")))?;
+        Ok(Response::new(proto::EndHoldResponse {
+            ended: u32::try_from(ended).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+fn namespace(bytes: &[u8]) -> Result<Namespace, Status> {
+    let ns: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| Status::invalid_argument("namespace must be 16 bytes"))?;
+    Ok(Namespace::from_bytes(ns))
 }
