@@ -103,26 +103,32 @@ fn send_with_fd(stream: &UnixStream, frame: &[u8], arena: &HostArena) {
     (&*stream).write_all(&frame[sent..]).expect("the welcome's rest");
 }
 
-#[test]
-fn a_client_greets_an_older_agent_in_its_version_and_holds_nothing_there() {
+/// Runs `calls` with a client of an agent that speaks versions up to `newest`; what the agent
+/// saw.
+fn with_older_agent(newest: u16, calls: impl FnOnce(&Client, &Namespace, &[BlockHash])) -> Vec<Seen> {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("older.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let (tx, seen) = mpsc::channel();
-    let agent = std::thread::spawn(move || older_agent(listener, 4, tx));
-
+    let agent = std::thread::spawn(move || older_agent(listener, newest, tx));
     let client = Client::connect(ClientConfig {
         timeout: Duration::from_secs(10),
         ..ClientConfig::new(&socket)
     })
-    .expect("connected one version lower");
-    let ns = Namespace::builder("m").build();
+    .expect("connected at a lower version");
     let hashes: Vec<BlockHash> = (0..3).map(BlockHash::from_u64).collect();
-    let out = client.hold(&ns, &hashes).expect("a hold");
-    assert_eq!((out.tiers, out.held), (vec![TierLevel::Host; 3], 0));
+    calls(&client, &Namespace::builder("m").build(), &hashes);
     drop(client);
     agent.join().expect("the agent thread");
-    let seen: Vec<Seen> = seen.try_iter().collect();
+    seen.try_iter().collect()
+}
+
+#[test]
+fn a_client_greets_an_older_agent_in_its_version_and_holds_nothing_there() {
+    let seen = with_older_agent(4, |client, ns, hashes| {
+        let out = client.hold(ns, hashes).expect("a hold");
+        assert_eq!((out.tiers, out.held), (vec![TierLevel::Host; 3], 0));
+    });
     assert_eq!(
         seen,
         [
@@ -138,37 +144,15 @@ fn a_client_greets_an_older_agent_in_its_version_and_holds_nothing_there() {
 /// a ticket's holds there ends none, and a pull that only ends a ticket asks nothing.
 #[test]
 fn a_client_holds_without_tickets_on_an_agent_before_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("older.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let (tx, seen) = mpsc::channel();
-    let agent = std::thread::spawn(move || older_agent(listener, 5, tx));
-
-    let client = Client::connect(ClientConfig {
-        timeout: Duration::from_secs(10),
-        ..ClientConfig::new(&socket)
-    })
-    .expect("connected one version lower");
-    let ns = Namespace::builder("m").build();
-    let hashes: Vec<BlockHash> = (0..3).map(BlockHash::from_u64).collect();
-    let ticket = HoldTicket::new(9);
-    let out = client.hold_under(&ns, &hashes, ticket).expect("a hold");
-    assert_eq!((out.tiers.len(), out.held), (3, 3));
-    assert_eq!(
-        client
-            .unhold(&ns, HoldTicket::new(9).unwrap())
-            .expect("an unhold"),
-        0
-    );
-    assert_eq!(
-        client
-            .pull_under("peer:1", &ns, &[], ticket)
-            .expect("nothing to pull"),
-        Vec::<bool>::new()
-    );
-    drop(client);
-    agent.join().expect("the agent thread");
-    let seen: Vec<Seen> = seen.try_iter().collect();
+    let seen = with_older_agent(5, |client, ns, hashes| {
+        let ticket = HoldTicket::new(9);
+        let out = client.hold_under(ns, hashes, ticket).expect("a hold");
+        assert_eq!((out.tiers.len(), out.held), (3, 3));
+        let unheld = client.unhold(ns, HoldTicket::new(9).unwrap());
+        assert_eq!(unheld.expect("an unhold"), 0);
+        let pulled = client.pull_under("peer:1", ns, &[], ticket);
+        assert_eq!(pulled.expect("nothing to pull"), Vec::<bool>::new());
+    });
     assert_eq!(
         seen,
         [

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -206,8 +207,8 @@ def _hold_ticket(value: object) -> int | None:
     sends none; anything else is a ``ValueError``."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) != 16:
-        raise ValueError(f"remote_hold_ticket {value!r} is not 16 hex digits")
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{16}", value):
+        raise ValueError(f"remote_hold_ticket {value!r} is not 16 lowercase hex digits")
     ticket = int(value, 16)
     if ticket == 0:
         raise ValueError("remote_hold_ticket 0 names no hold")
@@ -439,12 +440,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _pull(self, peer: str, namespaces: list[bytes], hashes: list[bytes], ticket: int | None) -> int:
         """Has the local agent copy the blocks from the producer's agent, for every rank;
         returns how many leading blocks every rank now holds. With the producer's hold ticket,
-        each rank's pull ends that rank's holds of the hand-off at the producer (with no hashes,
-        that is all it does)."""
+        each rank's pull ends that rank's holds of the hand-off at the producer."""
         puller = self._background_client()
         held = len(hashes)
-        for ns in namespaces:
-            flags = puller.pull(peer, ns, hashes, ticket)
+        for rank, ns in enumerate(namespaces):
+            try:
+                flags = puller.pull(peer, ns, hashes, ticket)
+            except kvtier.KvtierError:
+                # The request is computed here: this rank (its pull may have failed before its
+                # grant) and those not pulled yet end their hand-offs.
+                if ticket is not None:
+                    self._end_handoff_now(peer, namespaces[rank:], ticket)
+                raise
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held
 
@@ -455,10 +462,13 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._pool().submit(self._end_handoff_now, peer, namespaces, ticket)
 
     def _end_handoff_now(self, peer: str, namespaces: list[bytes], ticket: int) -> None:
-        try:
-            self._pull(peer, namespaces, [], ticket)
-        except kvtier.KvtierError as e:
-            logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
+        puller = self._background_client()
+        for ns in namespaces:
+            try:
+                # A pull of nothing under the ticket only ends the hand-off's holds there.
+                puller.pull(peer, ns, [], ticket)
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
 
     def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
         """The decode side of a disaggregated request: starts or checks the pull of the

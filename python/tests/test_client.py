@@ -231,9 +231,11 @@ def test_pull_copies_another_agents_blocks(agent: Agent, tmp_path: Path) -> None
             src.hold(NS, wanted, ticket=0)
         with pytest.raises(ValueError, match="not 0"):
             src.unhold(NS, 0)
+        # The puller's node has the first block: only the ticket ends its hold at the source.
+        assert dst.save(NS, [h(0)], blocks[:1]) == ["stored"]
         assert dst.pull(peer, NS, wanted, ticket=8) == [True] * 4 + [False] * 2
         assert dst.lookup(NS, wanted) == [kvtier.TIER_HOST] * 4
-        # The pull's release (sent after it returns) ends ticket 8's holds.
+        # The pull's release (sent after it returns) ends ticket 8's holds, block 0's included.
         deadline = time.monotonic() + 10
         while json.loads(src.stats())["peer"]["held_blocks"] and time.monotonic() < deadline:
             time.sleep(0.05)

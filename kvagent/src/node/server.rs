@@ -597,10 +597,11 @@ fn dispatch(
     if shared.draining.load(Ordering::SeqCst)
         && !matches!(
             req,
-            Request::Commit(..) | Request::Abort(..) | Request::Release(..)
+            Request::Commit(..) | Request::Abort(..) | Request::Release(..) | Request::Unhold(..)
         )
     {
-        // Calls that give slots back still run while draining; new work is refused.
+        // Calls that give slots (or held blocks) back still run while draining; new work is
+        // refused.
         return (
             Response::Error {
                 code: ErrorCode::ShuttingDown,

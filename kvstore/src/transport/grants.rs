@@ -212,7 +212,8 @@ struct Held {
     tickets: Vec<HoldTicket>,
     /// When the block was first held: a grant made before it was not for these hand-offs.
     since: Instant,
-    /// The latest expiry of its holds (no ticket holding it expires later).
+    /// When its holds end at the latest (its last hold, plus the hold time), whichever
+    /// tickets name it then.
     expires: Instant,
 }
 
@@ -440,6 +441,9 @@ impl Grants {
         let Some(entry) = removed.as_ref() else {
             return false;
         };
+        if entry.ends == HoldEnd::Nothing {
+            return true;
+        }
         let mut guard = self.holds.lock();
         let holds = &mut *guard;
         match entry.ends {
@@ -456,13 +460,12 @@ impl Grants {
                         continue;
                     };
                     // A puller that names no ticket pulled for one of the hand-offs, whichever
-                    // (its agent predates tickets, or the hold had none).
+                    // (its agent predates tickets, or the hold had none). The ticket keeps the
+                    // key in its list: ending it skips a block it no longer holds.
                     if h.waiting > 0 {
                         h.waiting -= 1;
-                    } else if let Some(ticket) = h.tickets.pop()
-                        && let Some(t) = holds.tickets.get_mut(&(key.namespace, ticket))
-                    {
-                        t.keys.retain(|k| k != key);
+                    } else {
+                        h.tickets.pop();
                     }
                     if h.idle() {
                         self.end_hold(holds, key);
@@ -624,8 +627,8 @@ impl Grants {
         if holds.next_expiry.is_none_or(|next| next > now) {
             return 0;
         }
-        // Tickets first: a block expires no earlier than the tickets holding it, and one that
-        // other holds renewed stays while they wait.
+        // Tickets first: a block whose holds were all under expired tickets ends with them,
+        // while one that a later hold renewed stays for it.
         let tickets: Vec<(Namespace, HoldTicket)> = holds
             .tickets
             .iter()
@@ -669,6 +672,20 @@ impl Grants {
         });
         if !gone.is_empty() {
             tracing::debug!(grants = gone.len(), "peer grants expired unreleased");
+        }
+        // Their pullers died or gave up: no pull of those hand-offs is coming.
+        let tickets: Vec<(Namespace, HoldTicket)> = gone
+            .iter()
+            .filter_map(|e| match e.ends {
+                HoldEnd::Ticket(t) => e.leases.first().map(|l| (l.key().namespace, t)),
+                _ => None,
+            })
+            .collect();
+        if !tickets.is_empty() {
+            let mut holds = self.holds.lock();
+            for (ns, ticket) in tickets {
+                self.end_ticket(&mut holds, ns, ticket);
+            }
         }
         gone.len()
     }
@@ -1079,6 +1096,26 @@ mod tests {
         }
         assert_eq!(g.held().blocks, 1, "the hand-off past the limit still waits");
         pulled(&g, &[key(0)]);
+        assert_eq!(g.held(), HeldCounts::default());
+    }
+
+    /// A grant under a ticket that its puller never releases ends the ticket's holds when it
+    /// expires: that pull is not coming back.
+    #[test]
+    fn a_ticket_ends_when_its_grant_expires_unreleased() {
+        let s = store(8);
+        for i in 0..2 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let g = Grants::new(Arc::clone(&s), Duration::ZERO, 4).with_holds(HoldLimits {
+            ttl: Duration::from_secs(60),
+            host_bytes: 8 << 20,
+            disk_bytes: 0,
+        });
+        assert_eq!(hold_under(&g, &[key(0), key(1)], 7), 2);
+        g.grant_for(&[key(0)], HoldEnd::Ticket(ticket(7))).unwrap();
+        assert_eq!(g.held().blocks, 2);
+        assert_eq!(g.expire(), 1);
         assert_eq!(g.held(), HeldCounts::default());
     }
 }
