@@ -203,7 +203,7 @@ def _split_address(address: str) -> tuple[str, int] | None:
 
 
 def _hold_ticket(value: object) -> int | None:
-    """A producer's ``remote_hold_ticket`` (16 hex digits, not all zero), or ``None`` where it
+    """A producer's ``remote_hold_ticket`` (16 lowercase hex digits, not all zero), or ``None`` where it
     sends none; anything else is a ``ValueError``."""
     if value is None:
         return None
@@ -446,11 +446,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for rank, ns in enumerate(namespaces):
             try:
                 flags = puller.pull(peer, ns, hashes, ticket)
-            except kvtier.KvtierError:
+            except Exception:
                 # The request is computed here: this rank (its pull may have failed before its
-                # grant) and those not pulled yet end their hand-offs.
-                if ticket is not None:
-                    self._end_handoff_now(peer, namespaces[rank:], ticket)
+                # grant) and those not pulled yet end their hand-offs, in the background.
+                self._end_handoff(peer, namespaces[rank:], ticket)
                 raise
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held

@@ -27,8 +27,8 @@ const PARALLEL_CHECKSUM_BYTES: u64 = 8 << 20;
 pub const MAX_GRANT_BLOCKS: usize = 65_536;
 
 /// Most tickets one block is held under at once (a hot prefix handed to that many decodes
-/// that have not pulled yet); a hold past it counts as one without a ticket, so that the
-/// table's memory stays bounded by the blocks it holds.
+/// that have not pulled yet); a hold past it counts as one without a ticket, so that a hot
+/// block does not grow the table without bound.
 const MAX_TICKETS_PER_BLOCK: usize = 1024;
 
 /// A grant's id: 128 random bits, so that only a caller the control channel answered can name it.
@@ -140,6 +140,11 @@ impl GrantEntry {
         self.leases.get(index as usize).map(Lease::offset)
     }
 
+    /// The namespace of its blocks: one grant request's, so one for all of them.
+    fn namespace(&self) -> Option<Namespace> {
+        self.leases.first().map(|l| l.key().namespace)
+    }
+
     /// How many blocks the grant holds.
     pub fn len(&self) -> usize {
         self.leases.len()
@@ -206,7 +211,8 @@ struct Held {
     /// What the block takes in `tier` (its slot or record), counted against the limit.
     bytes: u64,
     /// Hand-offs without a ticket waiting for a pull: each such hold adds one, each pull of the
-    /// block that names no ticket (a grant made since the first hold, released) takes one away.
+    /// block that names no ticket (a grant made since the first hold, released) takes one away
+    /// (or, with none left, one of `tickets`).
     waiting: u32,
     /// The tickets of the hand-offs with one that hold the block, each once.
     tickets: Vec<HoldTicket>,
@@ -227,6 +233,9 @@ impl Held {
 /// The blocks one ticket holds in one namespace.
 #[derive(Debug)]
 struct TicketHolds {
+    /// The blocks held under the ticket, and possibly some it no longer holds (a ticketless
+    /// pull took the ticket off, or the block's hold ended), some of them twice: ending the
+    /// ticket skips a block whose `tickets` do not name it.
     keys: Vec<BlockKey>,
     expires: Instant,
 }
@@ -447,11 +456,11 @@ impl Grants {
         let mut guard = self.holds.lock();
         let holds = &mut *guard;
         match entry.ends {
+            // Returned above: a reuse pull ends no hold.
             HoldEnd::Nothing => {}
             HoldEnd::Ticket(ticket) => {
-                // One namespace per grant in practice; each is ended once, later ones find none.
-                for key in entry.leases.iter().map(Lease::key) {
-                    self.end_ticket(holds, key.namespace, ticket);
+                if let Some(ns) = entry.namespace() {
+                    self.end_ticket(holds, ns, ticket);
                 }
             }
             HoldEnd::OneWaitPerBlock => {
@@ -460,12 +469,13 @@ impl Grants {
                         continue;
                     };
                     // A puller that names no ticket pulled for one of the hand-offs, whichever
-                    // (its agent predates tickets, or the hold had none). The ticket keeps the
-                    // key in its list: ending it skips a block it no longer holds.
+                    // (its agent predates tickets, or the hold had none): the oldest ticket,
+                    // failing a ticketless wait. The ticket keeps the key in its list: ending
+                    // it skips a block it no longer holds.
                     if h.waiting > 0 {
                         h.waiting -= 1;
-                    } else {
-                        h.tickets.pop();
+                    } else if !h.tickets.is_empty() {
+                        h.tickets.remove(0);
                     }
                     if h.idle() {
                         self.end_hold(holds, key);
@@ -480,9 +490,11 @@ impl Grants {
     /// that has not asked for it yet (a decode engine continuing a request this node's engine
     /// prefilled). A held block is not evicted from its tier while a hold of it waits for its
     /// pull. A hold under a `ticket` ends when the pull that names the ticket releases its
-    /// grant ([`HoldEnd::Ticket`]), or at [`Self::unhold`]; a hold without one counts one wait,
-    /// which the release of any later grant of the block that names no ticket ends. All end
-    /// [`HoldLimits::ttl`] after the block's last hold at most. Blocks only in the object store
+    /// grant ([`HoldEnd::Ticket`]) or that grant expires, or at [`Self::unhold`]; a hold
+    /// without one counts one wait, which the release of any later grant of the block that
+    /// names no ticket ends (that release ends one ticket's hold of the block where no
+    /// ticketless wait is left). All end [`HoldLimits::ttl`] after the block's last hold at
+    /// most. Blocks only in the object store
     /// are not held (nothing evicts them there); a hold stops at the first block that would
     /// pass its tier's limit. Blocks in lower tiers are looked for until `until` at most.
     pub fn hold(&self, keys: &[BlockKey], until: Instant, ticket: Option<HoldTicket>) -> HoldOutcome {
@@ -677,7 +689,7 @@ impl Grants {
         let tickets: Vec<(Namespace, HoldTicket)> = gone
             .iter()
             .filter_map(|e| match e.ends {
-                HoldEnd::Ticket(t) => e.leases.first().map(|l| (l.key().namespace, t)),
+                HoldEnd::Ticket(t) => e.namespace().map(|ns| (ns, t)),
                 _ => None,
             })
             .collect();
