@@ -454,11 +454,22 @@ impl Peers {
         }
         req.set_timeout(remaining);
         let asked = Instant::now();
-        let grant = tokio::time::timeout(remaining, client.grant(req))
-            .await
-            .map_err(|_| PullError::TimedOut(peer.to_owned()))?
-            .map_err(|s| control(format!("asking for a grant: {}", status_text(&s))))?
-            .into_inner();
+        let answer = match tokio::time::timeout(remaining, client.grant(req)).await {
+            Ok(Ok(grant)) => Ok(grant.into_inner()),
+            Ok(Err(s)) => Err(control(format!("asking for a grant: {}", status_text(&s)))),
+            Err(_) => Err(PullError::TimedOut(peer.to_owned())),
+        };
+        let grant = match answer {
+            Ok(grant) => grant,
+            Err(e) => {
+                // No pull of this hand-off follows (its engine computes): the source need not
+                // keep holding the blocks for it.
+                if let Some(ticket) = ticket {
+                    self.end_hold(peer, ns, ticket);
+                }
+                return Err(e);
+            }
+        };
         if grant.blocks.is_empty() {
             return Ok(held);
         }
@@ -805,7 +816,7 @@ fn status_text(status: &tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use kvstore::{BlockHash, BlockKey, Namespace, TieredStore};
@@ -814,11 +825,14 @@ mod tests {
     use crate::config::NodeConfig;
     use crate::metrics::Metrics;
 
-    /// A source that grants one block of the length it is told, and counts releases.
+    /// A source that grants one block of the length it is told (or refuses, when told to),
+    /// and counts releases and the tickets whose holds it is asked to end.
     #[derive(Default)]
     struct LyingSource {
         len: AtomicU64,
+        refuse: AtomicBool,
         released: AtomicUsize,
+        ended: AtomicU64,
     }
 
     #[tonic::async_trait]
@@ -827,6 +841,9 @@ mod tests {
             &self,
             _: tonic::Request<proto::GrantRequest>,
         ) -> Result<tonic::Response<proto::GrantResponse>, tonic::Status> {
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(tonic::Status::resource_exhausted("too many grants open"));
+            }
             Ok(tonic::Response::new(proto::GrantResponse {
                 grant_id: vec![7; 16],
                 transport: "tcp".into(),
@@ -850,9 +867,10 @@ mod tests {
 
         async fn end_hold(
             &self,
-            _: tonic::Request<proto::EndHoldRequest>,
+            req: tonic::Request<proto::EndHoldRequest>,
         ) -> Result<tonic::Response<proto::EndHoldResponse>, tonic::Status> {
-            Err(tonic::Status::unimplemented("holds nothing"))
+            self.ended.fetch_add(req.get_ref().ticket, Ordering::Relaxed);
+            Ok(tonic::Response::new(proto::EndHoldResponse { ended: 0 }))
         }
     }
 
@@ -879,8 +897,15 @@ mod tests {
     /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
     /// for it would wrap past zero) fails that pull with a control error before anything is
     /// reserved, and the grant is still released; the agent pulls on afterwards.
-    #[test]
-    fn a_grant_of_lengths_no_slot_holds_fails_the_pull_and_is_released() {
+    /// A lying source served on its own runtime (kept alive by the caller), its address, and
+    /// an agent's peers with a 64 MiB arena that pull from it.
+    fn lying_source() -> (
+        tokio::runtime::Runtime,
+        Arc<LyingSource>,
+        String,
+        Arc<TieredStore>,
+        Arc<Peers>,
+    ) {
         let server = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -902,6 +927,39 @@ mod tests {
         let store = Arc::new(TieredStore::open(cfg.store_config().unwrap()).unwrap());
         let (metrics, _) = Metrics::new(Arc::clone(&store));
         let peers = Peers::start(&cfg, Arc::clone(&store), metrics).unwrap();
+        (server, source, addr, store, peers)
+    }
+
+    /// A source that refuses a hand-off's grant is asked to end the hand-off's holds: no pull
+    /// of it follows.
+    #[test]
+    fn a_refused_grant_ends_the_hand_off() {
+        let (_server, source, addr, _store, peers) = lying_source();
+        source.refuse.store(true, Ordering::Relaxed);
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        let err = peers
+            .pull_blocking(
+                &addr,
+                key.namespace,
+                &[key],
+                Instant::now() + Duration::from_secs(10),
+                kvstore::transport::HoldTicket::new(9),
+            )
+            .expect_err("refused");
+        assert!(
+            matches!(&err, PullError::Control { status, .. } if status.contains("too many grants")),
+            "{err}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.ended.load(Ordering::Relaxed) != 9 {
+            assert!(Instant::now() < deadline, "the hand-off was not ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_grant_of_lengths_no_slot_holds_fails_the_pull_and_is_released() {
+        let (_server, source, addr, store, peers) = lying_source();
         let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
         let slab = store.host().max_block_len();
         let lens = [0, slab + 1, u64::MAX, (15 << 60) + 1];
