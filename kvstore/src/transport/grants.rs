@@ -450,20 +450,16 @@ impl Grants {
         let Some(entry) = removed.as_ref() else {
             return false;
         };
-        if entry.ends == HoldEnd::Nothing {
-            return true;
-        }
-        let mut guard = self.holds.lock();
-        let holds = &mut *guard;
         match entry.ends {
-            // Returned above: a reuse pull ends no hold.
             HoldEnd::Nothing => {}
             HoldEnd::Ticket(ticket) => {
                 if let Some(ns) = entry.namespace() {
-                    self.end_ticket(holds, ns, ticket);
+                    self.unhold(ns, ticket);
                 }
             }
             HoldEnd::OneWaitPerBlock => {
+                let mut guard = self.holds.lock();
+                let holds = &mut *guard;
                 for key in entry.leases.iter().map(Lease::key) {
                     let Some(h) = holds.blocks.get_mut(key).filter(|h| h.since <= entry.made) else {
                         continue;

@@ -930,6 +930,17 @@ mod tests {
         (server, source, addr, store, peers)
     }
 
+    /// A hand-off pull of one block from `addr`, within 10 s.
+    fn pull_one(
+        peers: &Peers,
+        addr: &str,
+        key: BlockKey,
+        ticket: Option<kvstore::transport::HoldTicket>,
+    ) -> Result<Vec<bool>, PullError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        peers.pull_blocking(addr, key.namespace, &[key], deadline, ticket)
+    }
+
     /// A source that refuses a hand-off's grant is asked to end the hand-off's holds: no pull
     /// of it follows.
     #[test]
@@ -937,15 +948,7 @@ mod tests {
         let (_server, source, addr, _store, peers) = lying_source();
         source.refuse.store(true, Ordering::Relaxed);
         let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
-        let err = peers
-            .pull_blocking(
-                &addr,
-                key.namespace,
-                &[key],
-                Instant::now() + Duration::from_secs(10),
-                kvstore::transport::HoldTicket::new(9),
-            )
-            .expect_err("refused");
+        let err = pull_one(&peers, &addr, key, kvstore::transport::HoldTicket::new(9)).expect_err("refused");
         assert!(
             matches!(&err, PullError::Control { status, .. } if status.contains("too many grants")),
             "{err}"
@@ -965,15 +968,7 @@ mod tests {
         let lens = [0, slab + 1, u64::MAX, (15 << 60) + 1];
         for len in lens {
             source.len.store(len, Ordering::Relaxed);
-            let err = peers
-                .pull_blocking(
-                    &addr,
-                    key.namespace,
-                    &[key],
-                    Instant::now() + Duration::from_secs(10),
-                    None,
-                )
-                .expect_err("a block no slot holds");
+            let err = pull_one(&peers, &addr, key, None).expect_err("a block no slot holds");
             assert!(
                 matches!(&err, PullError::Control { status, .. } if status.contains("granted a block of")),
                 "{len}: {err}"
