@@ -48,6 +48,26 @@ fn held_exact(client: &Client, ns: &Namespace, blocks: &[(BlockHash, Vec<u8>)]) 
     held
 }
 
+/// A source agent serving peers on a loopback port, its peer address, and a puller, both with
+/// `secret`, at sockets `source` and `puller` in `dir`.
+fn loopback_source_and_puller(
+    dir: &Path,
+    secret: &str,
+    source: &str,
+    puller: &str,
+) -> (Agent, String, Agent) {
+    let src = Agent::start(
+        &dir.join(format!("{source}.sock")),
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", secret],
+    );
+    let at = src.peer_address();
+    let dst = Agent::start(
+        &dir.join(format!("{puller}.sock")),
+        &["--peer-secret-file", secret],
+    );
+    (src, at, dst)
+}
+
 /// A source agent serving peers at `listen` and a puller, each with its configuration file
 /// and run under its wrapper (`ip netns exec ...`, or none), both given `extra` arguments;
 /// sockets named after `name`.
@@ -414,12 +434,7 @@ fn blocks_are_read_for_a_grant_checksum_once_and_pulled_ones_never() {
 fn blocks_handed_to_a_decode_are_held_until_pulled() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "cluster-secret");
-    let source = Agent::start(
-        &dir.path().join("hold-a.sock"),
-        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
-    );
-    let peer = source.peer_address();
-    let puller = Agent::start(&dir.path().join("hold-b.sock"), &["--peer-secret-file", &secret]);
+    let (source, peer, puller) = loopback_source_and_puller(dir.path(), &secret, "hold-a", "hold-b");
     let (space, other) = (ns("handed-over"), ns("other-requests"));
     let (handed, unheld) = (mib_blocks(10, 8), mib_blocks(12, 4));
     let c = source.client();
@@ -470,15 +485,7 @@ fn blocks_handed_to_a_decode_are_held_until_pulled() {
 fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "cluster-secret");
-    let source = Agent::start(
-        &dir.path().join("ticket-a.sock"),
-        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
-    );
-    let peer = source.peer_address();
-    let puller = Agent::start(
-        &dir.path().join("ticket-b.sock"),
-        &["--peer-secret-file", &secret],
-    );
+    let (source, peer, puller) = loopback_source_and_puller(dir.path(), &secret, "ticket-a", "ticket-b");
     let space = ns("ticketed");
     let handed = mib_blocks(20, 8);
     let hashes: Vec<BlockHash> = handed.iter().map(|(h, _)| *h).collect();
@@ -534,12 +541,7 @@ fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
 fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
     let dir = socket_dir();
     let secret = write_secret(dir.path(), "secret", "cluster-secret");
-    let source = Agent::start(
-        &dir.path().join("a.sock"),
-        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
-    );
-    let listen = source.peer_address();
-    let puller = Agent::start(&dir.path().join("b.sock"), &["--peer-secret-file", &secret]);
+    let (source, listen, puller) = loopback_source_and_puller(dir.path(), &secret, "a", "b");
     for round in 0..4u64 {
         let ns = ns(&format!("peer-twice-{round}"));
         let data = std::sync::Arc::new(mib_blocks(20 + round, 32));
