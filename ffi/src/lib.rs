@@ -496,9 +496,10 @@ pub unsafe extern "C" fn kvtier_pull(
 }
 
 /// [`kvtier_pull`] of blocks the producer held under `ticket` (from its `kv_transfer_params`;
-/// 0: none): once the pull is over the peer ends that hand-off's holds, blocks this node
-/// already had included. Call it with `n` = 0 when the engine needs none of the blocks, so
-/// that the peer stops holding them at once.
+/// 0: none): once the pull is over the peer ends that hand-off's holds in `ns`, blocks this
+/// node already had included. Call it with `n` = 0 when the engine needs none of the
+/// hand-off, so that the peer stops holding its blocks at once, in every namespace (all its
+/// ranks).
 ///
 /// # Safety
 /// As for [`kvtier_pull`].

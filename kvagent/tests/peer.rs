@@ -479,8 +479,9 @@ fn blocks_handed_to_a_decode_are_held_until_pulled() {
 
 /// A hand-off held under a ticket ends with the pull that names it, whatever that pull moved:
 /// blocks the decode's node had already stay held no longer, another hand-off's holds of the
-/// same blocks stay, a decode that needs no block ends its ticket's holds without a grant, and
-/// the producer can end a ticket's holds itself.
+/// same blocks stay, a decode that needs no block of one rank ends that rank's holds without a
+/// grant and a pull of no block ends every rank's, and the producer can end a ticket's holds
+/// itself.
 #[test]
 fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
     let dir = socket_dir();
@@ -495,12 +496,19 @@ fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
     // The decode's node caches the first three blocks already.
     save(&puller.client(), &space, &handed[..3]);
     assert_eq!(c.hold_under(&space, &hashes, Some(ticket(1))).unwrap().held, 8);
-    // Another request shares the first two blocks, handed to another decode.
+    // Another request shares the first two blocks, handed to another decode; its engine has
+    // two ranks, and the second rank's block is in a namespace of its own.
     assert_eq!(
         c.hold_under(&space, &hashes[..2], Some(ticket(2))).unwrap().held,
         2
     );
-    assert_eq!(source.stats()["peer"]["held_blocks"], 8);
+    let rank1 = ns("ticketed-rank-1");
+    save(&c, &rank1, &handed[..1]);
+    assert_eq!(
+        c.hold_under(&rank1, &hashes[..1], Some(ticket(2))).unwrap().held,
+        1
+    );
+    assert_eq!(source.stats()["peer"]["held_blocks"], 9);
 
     let pc = pull_client(&puller);
     assert_eq!(
@@ -509,15 +517,25 @@ fn a_ticket_ends_its_hand_offs_holds_whatever_the_decode_pulled() {
     );
     assert_eq!(held_exact(&pc, &space, &handed), 8);
     source.wait_for("ticket 1's pull ended its holds, unpulled blocks included", |s| {
-        s["peer"]["held_blocks"] == 2
+        s["peer"]["held_blocks"] == 3
     });
-    // Ticket 2's decode finds both blocks on its node: it pulls nothing and ends its holds.
+    // Ticket 2's decode finds rank 0's blocks on its node: it pulls nothing and ends that
+    // rank's holds; rank 1's wait for rank 1's pull.
     assert_eq!(
         pc.pull_under(&peer, &space, &hashes[..2], Some(ticket(2)))
             .unwrap(),
         vec![true; 2]
     );
-    source.wait_for("ticket 2's holds ended without a grant", |s| {
+    source.wait_for("rank 0's holds of ticket 2 ended without a grant", |s| {
+        s["peer"]["held_blocks"] == 1
+    });
+    // Its engine gives up the request (a pull of no block): every rank's holds end.
+    assert!(
+        pc.pull_under(&peer, &space, &[], Some(ticket(2)))
+            .unwrap()
+            .is_empty()
+    );
+    source.wait_for("the rest of the hand-off ended", |s| {
         s["peer"]["held_blocks"] == 0
     });
     assert_eq!(

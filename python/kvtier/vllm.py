@@ -202,6 +202,17 @@ def _split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _remote_agent(params: dict[str, Any]) -> str | None:
+    """The producer's agent a hand-off's parameters name (``remote_agent``, or
+    ``remote_host``/``remote_port``), or ``None``; a malformed port is a ``ValueError``."""
+    peer = params.get("remote_agent") or (
+        f"{params['remote_host']}:{int(params['remote_port'])}"
+        if params.get("remote_host") and params.get("remote_port")
+        else None
+    )
+    return peer if isinstance(peer, str) else None
+
+
 def _hold_ticket(value: object) -> int | None:
     """A producer's ``remote_hold_ticket`` (16 lowercase hex digits, not all zero), or ``None`` where it
     sends none; anything else is a ``ValueError``."""
@@ -299,8 +310,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # the requests whose pull is done: their blocks are keyed by the producer's hashes.
         self._pulls: dict[str, Future[int]] = {}
         # What ends a pending pull's hand-off at the producer if the pull never starts: its
-        # agent, namespaces and hold ticket.
-        self._handoffs: dict[str, tuple[str, list[bytes], int]] = {}
+        # agent, a namespace of it and its hold ticket.
+        self._handoffs: dict[str, tuple[str, bytes, int]] = {}
         self._remote_hashes: dict[str, list[bytes]] = {}
         # Requests whose remote prefill is over here (pulled, failed or declined): their
         # parameters are another connector's to read too, so they are not changed.
@@ -443,90 +454,107 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         each rank's pull ends that rank's holds of the hand-off at the producer."""
         puller = self._background_client()
         held = len(hashes)
-        for rank, ns in enumerate(namespaces):
+        for ns in namespaces:
             try:
                 flags = puller.pull(peer, ns, hashes, ticket)
             except Exception:
-                # The request is computed here: this rank (its pull may have failed before its
-                # grant) and those not pulled yet end their hand-offs, in the background.
-                self._end_handoff(peer, namespaces[rank:], ticket)
+                # The request is computed here: the hand-off ends, in the background, this
+                # rank's holds (its pull may have failed before its grant) and those of the
+                # ranks not pulled yet (the earlier ranks' ended with their pulls).
+                self._end_handoff(peer, ns, ticket)
                 raise
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held
 
-    def _end_handoff(self, peer: str, namespaces: list[bytes], ticket: int | None) -> None:
-        """Tells the producer's agent, in the background, that this engine pulls none of a
-        hand-off's blocks, so that it stops holding them (they expire there otherwise)."""
+    def _end_handoff(self, peer: str, ns: bytes, ticket: int | None) -> None:
+        """Tells the producer's agent, in the background, that this engine pulls no more of a
+        hand-off (``ns`` is one of its namespaces), so that it stops holding the blocks of
+        every rank (they expire there otherwise)."""
         if ticket is not None:
-            self._pool().submit(self._end_handoff_now, peer, namespaces, ticket)
+            self._pool().submit(self._end_handoff_now, peer, ns, ticket)
 
-    def _end_handoff_now(self, peer: str, namespaces: list[bytes], ticket: int) -> None:
-        puller = self._background_client()
-        for ns in namespaces:
-            try:
-                # A pull of nothing under the ticket only ends the hand-off's holds there.
-                puller.pull(peer, ns, [], ticket)
-            except kvtier.KvtierError as e:
-                logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
+    def _end_handoff_now(self, peer: str, ns: bytes, ticket: int) -> None:
+        try:
+            # A pull of no block under the ticket only ends the hand-off's holds, all ranks'.
+            self._background_client().pull(peer, ns, [], ticket)
+        except kvtier.KvtierError as e:
+            logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
 
-    def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
-        """The decode side of a disaggregated request: starts or checks the pull of the
-        producer's blocks. ``None`` when the request is not one (or its pull is over): the
-        ordinary lookup then finds what was pulled.
+    def _end_declined_handoff(self, params: dict[str, Any], ours: bytes) -> None:
+        """Ends the hand-off of parameters this engine declines (malformed, of another KV
+        layout, or of a request that finished before it was asked about), as far as they name
+        its agent and ticket well; the producer's namespace where they name one, else ``ours``
+        (an agent ends every namespace's holds of the ticket either way)."""
+        try:
+            peer = _remote_agent(params)
+            ticket = _hold_ticket(params.get("remote_hold_ticket"))
+            ns = bytes.fromhex(params.get("remote_namespace") or ours.hex())
+        except (ValueError, TypeError):
+            return
+        if peer is not None and len(ns) == len(ours):
+            self._end_handoff(peer, ns, ticket)
 
-        A request is one when its parameters carry a kvtier producer's block hashes; other
-        connectors' parameters (NIXL's, beside kvtier in a MultiConnector) are left to them
-        and never changed."""
+    def _handed_over(self, request: Request) -> dict[str, Any] | None:
+        """The parameters of a request handed to this decode engine whose remote prefill is
+        not over here (not pulled, failed or declined yet): those carrying a kvtier producer's
+        block hashes; other connectors' (NIXL's, beside kvtier in a MultiConnector) are left to
+        them and never changed."""
         params = getattr(request, "kv_transfer_params", None)
-        req_id = request.request_id
         if (
             not self._consumer
             or not self._device_ok
             or self._pd_params == "off"
             or not params
             or not params.get("remote_block_hashes")
-            or req_id in self._remote_over
+            or request.request_id in self._remote_over
         ):
             return None
+        return dict(params)
+
+    def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
+        """The decode side of a disaggregated request (see :meth:`_handed_over`): starts or
+        checks the pull of the producer's blocks. ``None`` when the request is not one (or its
+        pull is over): the ordinary lookup then finds what was pulled."""
+        params = self._handed_over(request)
+        if params is None:
+            return None
+        req_id = request.request_id
         pending = self._pulls.get(req_id)
         if pending is None:
+            keys = self._keys(request)
+            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
             try:
-                peer = params.get("remote_agent") or (
-                    f"{params['remote_host']}:{int(params['remote_port'])}"
-                    if params.get("remote_host") and params.get("remote_port")
-                    else None
-                )
+                peer = _remote_agent(params)
                 hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
                 ticket = _hold_ticket(params.get("remote_hold_ticket"))
             except (ValueError, TypeError) as e:
                 # A proxy's mistake costs this request its transfer, nothing else.
                 logger.warning("kvtier: %s has malformed kv_transfer_params, computing it: %s", req_id, e)
                 self._remote_over.add(req_id)
+                self._end_declined_handoff(params, namespaces[0])
                 return None
-            keys = self._keys(request)
-            ours = self._namespace(keys, 0).hex()
-            if not isinstance(peer, str) or not hashes:
+            if peer is None or not hashes:
                 self._remote_over.add(req_id)
                 return None
-            if params.get("remote_namespace") not in (None, ours):
+            if params.get("remote_namespace") not in (None, namespaces[0].hex()):
                 logger.warning(
                     "kvtier: %s was prefilled under another KV layout (model, dtype, block size or "
                     "TP differ between the engines); computing it here",
                     req_id,
                 )
                 self._remote_over.add(req_id)
+                self._end_declined_handoff(params, namespaces[0])
                 return None
             loadable = min(len(hashes), (request.num_tokens - 1) // self._block_size)
-            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
             if loadable * self._block_size <= num_computed_tokens:
                 # This engine's own cache covers what the producer holds.
-                self._end_handoff(peer, namespaces, ticket)
+                self._end_handoff(peer, namespaces[0], ticket)
                 self._remote_over.add(req_id)
                 return None
             self._remote_hashes[req_id] = hashes[:loadable]
             self._pulls[req_id] = self._pool().submit(self._pull, peer, namespaces, hashes[:loadable], ticket)
             if ticket is not None:
-                self._handoffs[req_id] = (peer, namespaces, ticket)
+                self._handoffs[req_id] = (peer, namespaces[0], ticket)
             return None, False
         if not pending.done():
             return None, False
@@ -817,10 +845,14 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._tracked.pop(req_id, None)
         pull = self._pulls.pop(req_id, None)
         handoff = self._handoffs.pop(req_id, None)
-        # One not started yet never starts (its hand-off is ended instead); one under way lands
-        # blocks for nobody.
-        if pull is not None and pull.cancel() and handoff is not None:
-            self._end_handoff(*handoff)
+        if pull is not None:
+            # One not started yet never starts (its hand-off is ended instead); one under way
+            # lands blocks for nobody.
+            if pull.cancel() and handoff is not None:
+                self._end_handoff(*handoff)
+        elif (handed := self._handed_over(request)) is not None:
+            # Finished (aborted) before the scheduler asked about it: nothing will pull it.
+            self._end_declined_handoff(handed, self._namespace(self._keys(request), 0))
         self._remote_over.discard(req_id)
         self._remote_hashes.pop(req_id, None)
         self._local_tokens.pop(req_id, None)

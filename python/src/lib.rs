@@ -504,7 +504,8 @@ impl Client {
     /// address, ``host:port``) holds into its own tiers; per hash, whether the agent holds it
     /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``. With
     /// the ``ticket`` the producer held the blocks under, the peer ends that hand-off's holds
-    /// once the pull is over (pass it with no hashes when none are needed).
+    /// in ``ns`` once the pull is over; with the ticket and no hashes (the engine needs none of
+    /// the hand-off), it ends them in every namespace, all the hand-off's ranks.
     #[pyo3(signature = (peer, ns, hashes, ticket=None))]
     fn pull(
         &self,

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -208,45 +210,152 @@ def held_blocks(client: kvtier.Client, until: Callable[[int], bool], timeout: fl
         time.sleep(0.05)
 
 
+@pytest.fixture
+def serving(workdir: Path) -> Iterator[Agent]:
+    """An agent that serves peers: a prefill engine's, which decode engines pull from (here the
+    decode engines use it too, and pull from it what it has already)."""
+    secret = workdir / "hold-secret"
+    secret.write_text("hold-test")
+    agent = Agent(
+        workdir / "serving.sock",
+        ["--host-size", "256MiB", "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret)],
+    )
+    yield agent
+    agent.kill()
+    connector_module._LEASES.clear()
+
+
+def two_ranks(config: VllmConfig, agent: Agent) -> Engine:
+    """An engine of two tensor-parallel ranks (its workers, elsewhere, would save a shard each)."""
+    engine = Engine(config, agent)
+    engine.scheduler._tp_world = engine.scheduler._ns_fields["tp_world"] = 2
+    return engine
+
+
+def hand_off(
+    engine: Engine, agent: Agent, req_id: str, seed: int, rank1_blocks: int = PROMPT_BLOCKS
+) -> dict[str, Any]:
+    """Finishes a prefill on a producer of two ranks whose workers saved the prompt's blocks
+    (rank 1 only its first ``rank1_blocks``): the parameters it returns for the decode."""
+    req = request(req_id, seed)
+    hashes = list(req.block_hashes)[:PROMPT_BLOCKS]
+    client = kvtier.Client(str(agent.socket))
+    for rank, stored in ((0, PROMPT_BLOCKS), (1, rank1_blocks)):
+        ns = engine.scheduler._namespace(RequestKeys(None, None, []), rank)
+        data = [os.urandom(engine.page_bytes * LAYERS) for _ in range(stored)]
+        assert client.save(ns, hashes[:stored], data) == ["stored"] * stored
+    req.kv_transfer_params = {"do_remote_decode": True}
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    engine.scheduler._tracked[req.request_id] = connector_module._Tracked(req, saved_blocks=PROMPT_BLOCKS)
+    _, params = engine.scheduler.request_finished(req, [])
+    assert params is not None
+    return params
+
+
+def handed(req_id: str, seed: int, params: dict[str, Any]) -> Request:
+    """The request a proxy sends on to a decode engine, with the producer's parameters."""
+    req = request(req_id, seed)
+    req.kv_transfer_params = params
+    return req
+
+
 def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
-    config: VllmConfig, workdir: Path
+    config: VllmConfig, serving: Agent
 ) -> None:
     """A prefill engine of two tensor-parallel ranks hands over the blocks both ranks' shards
     are stored for, and its agent holds those for the decode's pull, on each rank: none past
     them, which nobody would pull. A decode engine whose own cache covers them pulls nothing,
     and ends the hand-off's holds on both ranks."""
-    secret = workdir / "hold-secret"
-    secret.write_text("hold-test")
-    serving = Agent(
-        workdir / "serving.sock",
-        ["--host-size", "256MiB", "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret)],
-    )
-    try:
-        engine = Engine(config, serving)
-        # The scheduler of an engine of two ranks (its workers would save a shard each).
-        engine.scheduler._tp_world = engine.scheduler._ns_fields["tp_world"] = 2
-        req = request("handed-over", 5)
-        hashes = list(req.block_hashes)[:PROMPT_BLOCKS]
-        client = kvtier.Client(str(serving.socket))
-        for rank, stored in ((0, PROMPT_BLOCKS), (1, PROMPT_BLOCKS - 1)):
-            ns = engine.scheduler._namespace(RequestKeys(None, None, []), rank)
-            data = [os.urandom(engine.page_bytes * LAYERS) for _ in range(stored)]
-            assert client.save(ns, hashes[:stored], data) == ["stored"] * stored
-        req.kv_transfer_params = {"do_remote_decode": True}
-        req.status = RequestStatus.FINISHED_LENGTH_CAPPED
-        engine.scheduler._tracked[req.request_id] = connector_module._Tracked(req, saved_blocks=PROMPT_BLOCKS)
-        _, params = engine.scheduler.request_finished(req, [])
-        assert params is not None
-        assert params["remote_block_hashes"] == [h.hex() for h in hashes[: PROMPT_BLOCKS - 1]]
-        held = json.loads(client.stats())["peer"]["held_blocks"]
-        assert held == 2 * (PROMPT_BLOCKS - 1), "each rank's handed-over blocks, and no others"
-        ticket = params["remote_hold_ticket"]
-        assert len(ticket) == 16 and int(ticket, 16) != 0
+    engine = two_ranks(config, serving)
+    req = request("handed-over", 5)
+    params = hand_off(engine, serving, req.request_id, 5, rank1_blocks=PROMPT_BLOCKS - 1)
+    assert params["remote_block_hashes"] == [h.hex() for h in list(req.block_hashes)[: PROMPT_BLOCKS - 1]]
+    client = kvtier.Client(str(serving.socket))
+    held = json.loads(client.stats())["peer"]["held_blocks"]
+    assert held == 2 * (PROMPT_BLOCKS - 1), "each rank's handed-over blocks, and no others"
+    ticket = params["remote_hold_ticket"]
+    assert len(ticket) == 16 and int(ticket, 16) != 0
 
-        # The decode side (this engine, as kv_both) has computed the prompt's blocks already.
-        decode = request("decoded-here", 5)
-        decode.kv_transfer_params = params
-        engine.scheduler.get_num_new_matched_tokens(decode, PROMPT_BLOCKS * BLOCK)
-        assert held_blocks(client, lambda n: n == 0) == 0, "the hand-off ended on both ranks"
+    # The decode side (this engine, as kv_both) has computed the prompt's blocks already.
+    engine.scheduler.get_num_new_matched_tokens(handed("decoded-here", 5, params), PROMPT_BLOCKS * BLOCK)
+    assert held_blocks(client, lambda n: n == 0) == 0, "the hand-off ended on both ranks"
+
+
+def test_a_decode_of_another_layout_ends_the_hand_off(config: VllmConfig, serving: Agent) -> None:
+    """A decode engine whose KV layout differs from the producer's (one rank against two)
+    computes the request, and ends the hand-off's holds of both the producer's ranks though it
+    knows only the first one's namespace."""
+    params = hand_off(two_ranks(config, serving), serving, "other-layout", 6)
+    client = kvtier.Client(str(serving.socket))
+    assert json.loads(client.stats())["peer"]["held_blocks"] == 2 * PROMPT_BLOCKS
+    decode = Engine(config, serving)
+    assert decode.scheduler.get_num_new_matched_tokens(handed("other-layout-decode", 6, params), 0) == (
+        0,
+        False,
+    )
+    assert held_blocks(client, lambda n: n == 0) == 0
+
+
+def test_a_request_aborted_before_its_decode_asked_ends_the_hand_off(
+    config: VllmConfig, serving: Agent
+) -> None:
+    """A decode engine's request that finishes (a client gone) before its scheduler ever asks
+    about it has nothing pulled: the hand-off ends at once."""
+    params = hand_off(two_ranks(config, serving), serving, "aborted-early", 7)
+    client = kvtier.Client(str(serving.socket))
+    assert json.loads(client.stats())["peer"]["held_blocks"] == 2 * PROMPT_BLOCKS
+    decode = two_ranks(config, serving)
+    req = handed("aborted-early-decode", 7, params)
+    req.status = RequestStatus.FINISHED_ABORTED
+    assert decode.scheduler.request_finished(req, []) == (False, None)
+    assert held_blocks(client, lambda n: n == 0) == 0
+
+
+def test_a_request_aborted_while_its_pull_waits_ends_the_hand_off(config: VllmConfig, serving: Agent) -> None:
+    """A decode engine's request that finishes while its pull waits for a background thread
+    (all busy with other pulls) never pulls: the hand-off ends instead."""
+    params = hand_off(two_ranks(config, serving), serving, "aborted-queued", 8)
+    client = kvtier.Client(str(serving.socket))
+    decode = two_ranks(config, serving)
+    gate = threading.Event()
+    pool = decode.scheduler._pool()
+    busy = [pool.submit(gate.wait, 30) for _ in range(connector_module._BACKGROUND_THREADS)]
+    req = handed("aborted-queued-decode", 8, params)
+    try:
+        assert decode.scheduler.get_num_new_matched_tokens(req, 0) == (None, False)
+        req.status = RequestStatus.FINISHED_ABORTED
+        decode.scheduler.request_finished(req, [])
     finally:
-        serving.kill()
+        gate.set()
+    assert all(b.result(timeout=10) for b in busy)
+    assert held_blocks(client, lambda n: n == 0) == 0
+
+
+def test_a_decode_whose_pull_fails_ends_every_ranks_holds(
+    config: VllmConfig, serving: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode engine whose pull of its first rank fails computes the request: it ends the
+    hand-off, and so the holds of the rank it never pulled too."""
+    params = hand_off(two_ranks(config, serving), serving, "failed-pull", 9)
+    client = kvtier.Client(str(serving.socket))
+    decode = two_ranks(config, serving)
+    rank0 = decode.scheduler._namespace(RequestKeys(None, None, []), 0)
+    background = decode.scheduler._background_client
+
+    class AwayForRank0:
+        """The background client, whose pulls of rank 0's blocks fail (its transfer broke)."""
+
+        def __init__(self, inner: kvtier.Client) -> None:
+            self.inner = inner
+
+        def pull(self, peer: str, ns: bytes, hashes: list[bytes], ticket: int | None = None) -> list[bool]:
+            if ns == rank0 and hashes:
+                raise kvtier.KvtierError("the transfer broke")
+            return self.inner.pull(peer, ns, hashes, ticket)
+
+    monkeypatch.setattr(decode.scheduler, "_background_client", lambda: AwayForRank0(background()))
+    req = handed("failed-pull-decode", 9, params)
+    assert decode.scheduler.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert isinstance(decode.scheduler._pulls[req.request_id].exception(timeout=10), kvtier.KvtierError)
+    assert held_blocks(client, lambda n: n == 0) == 0
+    decode.scheduler.request_finished(req, [])

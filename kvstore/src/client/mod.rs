@@ -812,9 +812,10 @@ impl Client {
     }
 
     /// [`Self::pull`] of blocks a producer held under `ticket` ([`Self::hold_under`]): once
-    /// the pull is over, the peer ends that hand-off's holds, blocks this agent already had
-    /// and pulled none of included. Pass the ticket even when `hashes` is empty (this engine
-    /// needs none of the blocks), so that the peer stops holding them at once. An agent older
+    /// the pull is over, the peer ends that hand-off's holds in `ns`, blocks this agent already
+    /// had and pulled none of included. Pass the ticket with no `hashes` when this engine needs
+    /// none of the hand-off (it computes the request, or its cache covers it): the peer then
+    /// stops holding its blocks at once, in every namespace (all its ranks). An agent older
     /// than protocol 6 pulls without it.
     pub fn pull_under(
         &self,

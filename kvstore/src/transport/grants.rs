@@ -230,7 +230,7 @@ impl Held {
     }
 }
 
-/// The blocks one ticket holds in one namespace.
+/// The blocks one ticket holds: one hand-off's, in the namespaces of all its ranks.
 #[derive(Debug)]
 struct TicketHolds {
     /// The blocks held under the ticket, and possibly some it no longer holds (a ticketless
@@ -245,7 +245,7 @@ struct TicketHolds {
 struct Holds {
     limits: HoldLimits,
     blocks: HashMap<BlockKey, Held>,
-    tickets: HashMap<(Namespace, HoldTicket), TicketHolds>,
+    tickets: HashMap<HoldTicket, TicketHolds>,
     host_bytes: u64,
     disk_bytes: u64,
     /// No hold expires before this (it may be earlier than the first expiry, after renewals):
@@ -408,6 +408,7 @@ impl Grants {
             };
             self.table.lock().insert(id, Arc::new(entry));
         } else if let (HoldEnd::Ticket(ticket), Some(first)) = (ends, keys.first()) {
+            // Only this rank's: the next rank's pull still comes, and may find its blocks.
             self.unhold(first.namespace, ticket);
         }
         Ok(Grant {
@@ -486,13 +487,15 @@ impl Grants {
     /// that has not asked for it yet (a decode engine continuing a request this node's engine
     /// prefilled). A held block is not evicted from its tier while a hold of it waits for its
     /// pull. A hold under a `ticket` ends when the pull that names the ticket releases its
-    /// grant ([`HoldEnd::Ticket`]) or that grant expires, or at [`Self::unhold`]; a hold
-    /// without one counts one wait, which the release of any later grant of the block that
-    /// names no ticket ends (that release ends one ticket's hold of the block where no
-    /// ticketless wait is left). All end [`HoldLimits::ttl`] after the block's last hold at
-    /// most. Blocks only in the object store
-    /// are not held (nothing evicts them there); a hold stops at the first block that would
-    /// pass its tier's limit. Blocks in lower tiers are looked for until `until` at most.
+    /// grant ([`HoldEnd::Ticket`]: the holds in the grant's namespace, one rank's), at
+    /// [`Self::unhold`] (one namespace's), and when such a grant expires unreleased or at
+    /// [`Self::end_hand_off`] (every namespace's); a hold without one counts one wait, which
+    /// the release of any later grant of the block that names no ticket ends (that release
+    /// ends one ticket's hold of the block where no ticketless wait is left). All end
+    /// [`HoldLimits::ttl`] after the block's last hold at most. Blocks only in the object
+    /// store are not held (nothing evicts them there); a hold stops at the first block that
+    /// would pass its tier's limit. Blocks in lower tiers are looked for until `until` at
+    /// most.
     pub fn hold(&self, keys: &[BlockKey], until: Instant, ticket: Option<HoldTicket>) -> HoldOutcome {
         let keys = &keys[..keys.len().min(MAX_GRANT_BLOCKS)];
         let tiers = self.store.lookup_prefix_until(keys, until).tiers;
@@ -511,11 +514,11 @@ impl Grants {
                 match ticket {
                     // Held under this ticket already: renewed.
                     Some(t) if h.tickets.contains(&t) => {
-                        ticket_holds(holds, key, t, expires);
+                        ticket_holds(holds, t, expires);
                     }
                     Some(t) if h.tickets.len() < MAX_TICKETS_PER_BLOCK => {
                         h.tickets.push(t);
-                        ticket_holds(holds, key, t, expires).keys.push(*key);
+                        ticket_holds(holds, t, expires).keys.push(*key);
                     }
                     _ => h.waiting = h.waiting.saturating_add(1),
                 }
@@ -554,7 +557,7 @@ impl Grants {
             };
             holds.blocks.insert(*key, hold);
             if let Some(t) = ticket {
-                ticket_holds(holds, key, t, expires).keys.push(*key);
+                ticket_holds(holds, t, expires).keys.push(*key);
             }
             held += 1;
         }
@@ -564,20 +567,42 @@ impl Grants {
         HoldOutcome { tiers, held }
     }
 
-    /// Ends the holds made under `ticket` in `ns` now (the hand-off will not be pulled, or its
-    /// holder gave up on it); returns how many blocks are no longer held.
+    /// Ends the holds made under `ticket` in `ns` now (that rank of the hand-off will not be
+    /// pulled, or its holder gave up on it); returns how many blocks are no longer held.
     pub fn unhold(&self, ns: Namespace, ticket: HoldTicket) -> usize {
-        self.end_ticket(&mut self.holds.lock(), ns, ticket)
+        self.end_ticket(&mut self.holds.lock(), ticket, Some(ns))
     }
 
-    /// Takes `ticket` off the blocks it holds in `ns`, ending the holds of those no other
-    /// hand-off waits for; returns how many.
-    fn end_ticket(&self, holds: &mut Holds, ns: Namespace, ticket: HoldTicket) -> usize {
-        let Some(held) = holds.tickets.remove(&(ns, ticket)) else {
+    /// Ends every hold made under `ticket`, in every namespace: the whole hand-off, all its
+    /// ranks (its decode computes the request, or needs none of its blocks); returns how many
+    /// blocks are no longer held.
+    pub fn end_hand_off(&self, ticket: HoldTicket) -> usize {
+        self.end_ticket(&mut self.holds.lock(), ticket, None)
+    }
+
+    /// Takes `ticket` off the blocks it holds (in namespace `only`, or in all), ending the
+    /// holds of those no other hand-off waits for; returns how many.
+    fn end_ticket(&self, holds: &mut Holds, ticket: HoldTicket, only: Option<Namespace>) -> usize {
+        let Some(mut held) = holds.tickets.remove(&ticket) else {
             return 0;
         };
+        let ending = match only {
+            None => std::mem::take(&mut held.keys),
+            Some(ns) => {
+                // The other ranks' blocks stay under the ticket for their own pulls (a
+                // hand-off has a few ranks: each rank's end rescans only the ranks' keys left).
+                let (ending, kept): (Vec<BlockKey>, Vec<BlockKey>) = std::mem::take(&mut held.keys)
+                    .into_iter()
+                    .partition(|k| k.namespace == ns);
+                if !kept.is_empty() {
+                    held.keys = kept;
+                    holds.tickets.insert(ticket, held);
+                }
+                ending
+            }
+        };
         let mut ended = 0;
-        for key in &held.keys {
+        for key in &ending {
             let Some(h) = holds.blocks.get_mut(key) else {
                 continue;
             };
@@ -637,15 +662,15 @@ impl Grants {
         }
         // Tickets first: a block whose holds were all under expired tickets ends with them,
         // while one that a later hold renewed stays for it.
-        let tickets: Vec<(Namespace, HoldTicket)> = holds
+        let tickets: Vec<HoldTicket> = holds
             .tickets
             .iter()
             .filter(|(_, t)| t.expires <= now)
-            .map(|(id, _)| *id)
+            .map(|(ticket, _)| *ticket)
             .collect();
         let mut ended = 0;
-        for (ns, ticket) in tickets {
-            ended += self.end_ticket(holds, ns, ticket);
+        for ticket in tickets {
+            ended += self.end_ticket(holds, ticket, None);
         }
         let mut expired = Vec::new();
         let mut next = None::<Instant>;
@@ -681,18 +706,19 @@ impl Grants {
         if !gone.is_empty() {
             tracing::debug!(grants = gone.len(), "peer grants expired unreleased");
         }
-        // Their pullers died or gave up: no pull of those hand-offs is coming.
-        let tickets: Vec<(Namespace, HoldTicket)> = gone
+        // Their pullers died or gave up: no pull of those hand-offs is coming, of this rank or
+        // of the ranks after it (a decode computes a request one of whose ranks failed).
+        let tickets: Vec<HoldTicket> = gone
             .iter()
             .filter_map(|e| match e.ends {
-                HoldEnd::Ticket(t) => e.namespace().map(|ns| (ns, t)),
+                HoldEnd::Ticket(t) => Some(t),
                 _ => None,
             })
             .collect();
         if !tickets.is_empty() {
             let mut holds = self.holds.lock();
-            for (ns, ticket) in tickets {
-                self.end_ticket(&mut holds, ns, ticket);
+            for ticket in tickets {
+                self.end_ticket(&mut holds, ticket, None);
             }
         }
         gone.len()
@@ -704,20 +730,12 @@ impl Grants {
     }
 }
 
-/// The blocks `ticket` holds in `key`'s namespace, renewed until `expires`.
-fn ticket_holds<'h>(
-    holds: &'h mut Holds,
-    key: &BlockKey,
-    ticket: HoldTicket,
-    expires: Instant,
-) -> &'h mut TicketHolds {
-    let t = holds
-        .tickets
-        .entry((key.namespace, ticket))
-        .or_insert_with(|| TicketHolds {
-            keys: Vec::new(),
-            expires,
-        });
+/// The blocks `ticket` holds, renewed until `expires`.
+fn ticket_holds(holds: &mut Holds, ticket: HoldTicket, expires: Instant) -> &mut TicketHolds {
+    let t = holds.tickets.entry(ticket).or_insert_with(|| TicketHolds {
+        keys: Vec::new(),
+        expires,
+    });
     t.expires = expires;
     t
 }
@@ -1107,22 +1125,61 @@ mod tests {
         assert_eq!(g.held(), HeldCounts::default());
     }
 
+    /// Block `i` in another namespace than [`key`]'s: rank 1 of a tensor-parallel pair.
+    fn rank1_key(i: u64) -> BlockKey {
+        let ns = Namespace::builder("m").tensor_parallel(1, 2).build();
+        BlockKey::new(ns, crate::BlockHash::from_u64(i))
+    }
+
+    /// One ticket holds a hand-off's blocks of every rank: a rank's pull ends that rank's
+    /// holds only (the next rank's pull is still to come); ending the hand-off ends the rest,
+    /// and leaves another ticket's holds of the same blocks.
+    #[test]
+    fn a_hand_off_ends_rank_by_rank_or_as_a_whole() {
+        let s = store(16);
+        for i in 0..2 {
+            s.put(&key(i), &payload(i, 1 << 20));
+            s.put(&rank1_key(i), &payload(i + 10, 1 << 20));
+        }
+        let g = holding(&s, Duration::from_secs(60), 16 << 20);
+        assert_eq!(hold_under(&g, &[key(0), key(1)], 7), 2);
+        assert_eq!(hold_under(&g, &[rank1_key(0), rank1_key(1)], 7), 2);
+        assert_eq!(hold_under(&g, &[rank1_key(0)], 9), 1);
+        let rank0 = g
+            .grant_for(&[key(0), key(1)], HoldEnd::Ticket(ticket(7)))
+            .unwrap();
+        assert!(g.release(&rank0.id));
+        assert_eq!(g.held().blocks, 2, "rank 1's blocks wait for rank 1's pull");
+        assert_eq!(g.unhold(key(0).namespace, ticket(7)), 0, "rank 0's ended already");
+        assert_eq!(
+            g.end_hand_off(ticket(7)),
+            1,
+            "rank 1's block 1 (block 0 waits for 9)"
+        );
+        assert_eq!(g.held().blocks, 1);
+        assert!(!g.holds.lock().tickets.contains_key(&ticket(7)));
+        assert_eq!(g.end_hand_off(ticket(9)), 1);
+        assert_eq!(g.held(), HeldCounts::default());
+    }
+
     /// A grant under a ticket that its puller never releases ends the ticket's holds when it
-    /// expires: that pull is not coming back.
+    /// expires, every rank's: that pull is not coming back, nor are the later ranks'.
     #[test]
     fn a_ticket_ends_when_its_grant_expires_unreleased() {
         let s = store(8);
         for i in 0..2 {
             s.put(&key(i), &payload(i, 1 << 20));
         }
+        s.put(&rank1_key(0), &payload(10, 1 << 20));
         let g = Grants::new(Arc::clone(&s), Duration::ZERO, 4).with_holds(HoldLimits {
             ttl: Duration::from_secs(60),
             host_bytes: 8 << 20,
             disk_bytes: 0,
         });
         assert_eq!(hold_under(&g, &[key(0), key(1)], 7), 2);
+        assert_eq!(hold_under(&g, &[rank1_key(0)], 7), 1);
         g.grant_for(&[key(0)], HoldEnd::Ticket(ticket(7))).unwrap();
-        assert_eq!(g.held().blocks, 2);
+        assert_eq!(g.held().blocks, 3);
         assert_eq!(g.expire(), 1);
         assert_eq!(g.held(), HeldCounts::default());
     }

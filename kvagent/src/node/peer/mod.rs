@@ -406,7 +406,9 @@ impl Peers {
     ///
     /// For [`PullFor::Reuse`], the transfer only goes ahead if the reuse policy expects it to
     /// beat recomputing (decided once the grant says how many bytes it is). A hand-off under a
-    /// ticket whose blocks are all here already asks the peer to end its holds instead.
+    /// ticket whose blocks are all here already asks the peer to end its holds of `ns` instead;
+    /// one of no `keys` (its engine pulls none of it), or whose grant the peer refuses, its
+    /// holds of every namespace (all the hand-off's ranks).
     pub(crate) async fn pull(
         &self,
         peer: &str,
@@ -428,7 +430,8 @@ impl Peers {
         };
         if want.is_empty() {
             if let Some(ticket) = ticket {
-                self.end_hold(peer, ns, ticket);
+                // With keys, only this rank's are here: the next rank's pull may need its own.
+                self.end_hold(peer, (!keys.is_empty()).then_some(ns), ticket);
             }
             return Ok(held);
         }
@@ -462,10 +465,10 @@ impl Peers {
         let grant = match answer {
             Ok(grant) => grant,
             Err(e) => {
-                // No pull of this hand-off follows (its engine computes): the source need not
-                // keep holding the blocks for it.
+                // No pull of this hand-off follows, of this rank or a later one (its engine
+                // computes): the source need not keep holding the blocks for it.
                 if let Some(ticket) = ticket {
-                    self.end_hold(peer, ns, ticket);
+                    self.end_hold(peer, None, ticket);
                 }
                 return Err(e);
             }
@@ -616,9 +619,9 @@ impl Peers {
         Ok(())
     }
 
-    /// Asks `peer` to end the holds made under `ticket` in `ns`, in the background (best
-    /// effort: they expire on their own).
-    fn end_hold(&self, peer: &str, ns: kvstore::Namespace, ticket: HoldTicket) {
+    /// Asks `peer` to end the holds made under `ticket` in `ns` (in every namespace without
+    /// one), in the background (best effort: they expire on their own).
+    fn end_hold(&self, peer: &str, ns: Option<kvstore::Namespace>, ticket: HoldTicket) {
         let channel = match self.channel(peer) {
             Ok(c) => c,
             Err(e) => {
@@ -627,7 +630,7 @@ impl Peers {
             }
         };
         let mut req = self.request(proto::EndHoldRequest {
-            namespace: ns.as_bytes().to_vec(),
+            namespace: ns.map(|ns| ns.as_bytes().to_vec()).unwrap_or_default(),
             ticket: ticket.get(),
         });
         req.set_timeout(RELEASE_TIMEOUT);
@@ -826,13 +829,15 @@ mod tests {
     use crate::metrics::Metrics;
 
     /// A source that grants one block of the length it is told (or refuses, when told to),
-    /// and counts releases and the tickets whose holds it is asked to end.
+    /// and counts releases and the tickets whose holds it is asked to end (and whether in
+    /// every namespace).
     #[derive(Default)]
     struct LyingSource {
         len: AtomicU64,
         refuse: AtomicBool,
         released: AtomicUsize,
         ended: AtomicU64,
+        ended_everywhere: AtomicBool,
     }
 
     #[tonic::async_trait]
@@ -869,7 +874,10 @@ mod tests {
             &self,
             req: tonic::Request<proto::EndHoldRequest>,
         ) -> Result<tonic::Response<proto::EndHoldResponse>, tonic::Status> {
-            self.ended.fetch_add(req.get_ref().ticket, Ordering::Relaxed);
+            let req = req.into_inner();
+            self.ended_everywhere
+                .store(req.namespace.is_empty(), Ordering::Relaxed);
+            self.ended.fetch_add(req.ticket, Ordering::Relaxed);
             Ok(tonic::Response::new(proto::EndHoldResponse { ended: 0 }))
         }
     }
@@ -894,9 +902,6 @@ mod tests {
         assert!(matches!(peers.channel("no-port"), Err(PullError::BadAddress(_))));
     }
 
-    /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
-    /// for it would wrap past zero) fails that pull with a control error before anything is
-    /// reserved, and the grant is still released; the agent pulls on afterwards.
     /// A lying source served on its own runtime (kept alive by the caller), its address, and
     /// an agent's peers with a 64 MiB arena that pull from it.
     fn lying_source() -> (
@@ -941,8 +946,8 @@ mod tests {
         peers.pull_blocking(addr, key.namespace, &[key], deadline, ticket)
     }
 
-    /// A source that refuses a hand-off's grant is asked to end the hand-off's holds: no pull
-    /// of it follows.
+    /// A source that refuses a hand-off's grant is asked to end the hand-off's holds, every
+    /// rank's: no pull of it follows.
     #[test]
     fn a_refused_grant_ends_the_hand_off() {
         let (_server, source, addr, _store, peers) = lying_source();
@@ -958,8 +963,12 @@ mod tests {
             assert!(Instant::now() < deadline, "the hand-off was not ended");
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert!(source.ended_everywhere.load(Ordering::Relaxed));
     }
 
+    /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
+    /// for it would wrap past zero) fails that pull with a control error before anything is
+    /// reserved, and the grant is still released; the agent pulls on afterwards.
     #[test]
     fn a_grant_of_lengths_no_slot_holds_fails_the_pull_and_is_released() {
         let (_server, source, addr, store, peers) = lying_source();
