@@ -87,7 +87,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -310,8 +310,8 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # the requests whose pull is done: their blocks are keyed by the producer's hashes.
         self._pulls: dict[str, Future[int]] = {}
         # What ends a pending pull's hand-off at the producer if the pull never starts: its
-        # agent, a namespace of it and its hold ticket.
-        self._handoffs: dict[str, tuple[str, bytes, int]] = {}
+        # agent, namespaces and hold ticket.
+        self._handoffs: dict[str, tuple[str, list[bytes], int]] = {}
         self._remote_hashes: dict[str, list[bytes]] = {}
         # Requests whose remote prefill is over here (pulled, failed or declined): their
         # parameters are another connector's to read too, so they are not changed.
@@ -362,6 +362,10 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _namespace(self, keys: RequestKeys, rank: int) -> bytes:
         return kvtier.namespace(**self._ns_fields, tp_rank=rank, lora=keys.lora, cache_salt=keys.cache_salt)
+
+    def _namespaces(self, keys: RequestKeys) -> list[bytes]:
+        """The namespace of every tensor-parallel rank's shards of ``keys``' blocks."""
+        return [self._namespace(keys, rank) for rank in range(self._tp_world)]
 
     def _announce(self, ns: bytes) -> None:
         """Tells the agent, once per namespace, the model its blocks belong to, so that the
@@ -454,45 +458,58 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         each rank's pull ends that rank's holds of the hand-off at the producer."""
         puller = self._background_client()
         held = len(hashes)
-        for ns in namespaces:
+        for rank, ns in enumerate(namespaces):
             try:
                 flags = puller.pull(peer, ns, hashes, ticket)
             except Exception:
                 # The request is computed here: the hand-off ends, in the background, this
                 # rank's holds (its pull may have failed before its grant) and those of the
                 # ranks not pulled yet (the earlier ranks' ended with their pulls).
-                self._end_handoff(peer, ns, ticket)
+                self._end_handoff(peer, namespaces[rank:], ticket)
                 raise
             held = min(held, next((i for i, f in enumerate(flags) if not f), len(flags)))
         return held
 
-    def _end_handoff(self, peer: str, ns: bytes, ticket: int | None) -> None:
+    def _end_handoff(self, peer: str, namespaces: list[bytes], ticket: int | None) -> None:
         """Tells the producer's agent, in the background, that this engine pulls no more of a
-        hand-off (``ns`` is one of its namespaces), so that it stops holding the blocks of
-        every rank (they expire there otherwise)."""
+        hand-off, so that it stops holding its blocks (they expire there otherwise)."""
         if ticket is not None:
-            self._pool().submit(self._end_handoff_now, peer, ns, ticket)
+            self._pool().submit(self._end_handoff_now, peer, namespaces, ticket)
 
-    def _end_handoff_now(self, peer: str, ns: bytes, ticket: int) -> None:
-        try:
-            # A pull of no block under the ticket only ends the hand-off's holds, all ranks'.
-            self._background_client().pull(peer, ns, [], ticket)
-        except kvtier.KvtierError as e:
-            logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
+    def _end_handoff_now(self, peer: str, namespaces: list[bytes], ticket: int) -> None:
+        puller = self._background_client()
+        for ns in namespaces:
+            try:
+                # A pull of no block under the ticket only ends the hand-off's holds: every
+                # rank's where both agents are of this release (the calls after the first end
+                # nothing), the rank of `ns` where either is older.
+                puller.pull(peer, ns, [], ticket)
+            except kvtier.KvtierError as e:
+                logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
+            except Exception:
+                # Nobody waits for this thread's outcome: said here, or never.
+                logger.warning(
+                    "kvtier: ending a hand-off at %s failed (its holds expire)", peer, exc_info=True
+                )
 
-    def _end_declined_handoff(self, params: dict[str, Any], ours: bytes) -> None:
+    def _end_declined_handoff(self, params: dict[str, Any], ours: list[bytes]) -> None:
         """Ends the hand-off of parameters this engine declines (malformed, of another KV
         layout, or of a request that finished before it was asked about), as far as they name
-        its agent and ticket well; the producer's namespace where they name one, else ``ours``
-        (an agent ends every namespace's holds of the ticket either way)."""
+        its agent and ticket well: under the producer's first namespace where they name another
+        one (an agent of this release ends every rank's holds of the ticket whichever it is
+        told), else under this engine's namespaces."""
         try:
             peer = _remote_agent(params)
             ticket = _hold_ticket(params.get("remote_hold_ticket"))
-            ns = bytes.fromhex(params.get("remote_namespace") or ours.hex())
         except (ValueError, TypeError):
             return
-        if peer is not None and len(ns) == len(ours):
-            self._end_handoff(peer, ns, ticket)
+        if peer is None:
+            return
+        theirs = params.get("remote_namespace")
+        if isinstance(theirs, str) and re.fullmatch("[0-9a-f]{32}", theirs) and theirs != ours[0].hex():
+            self._end_handoff(peer, [bytes.fromhex(theirs)], ticket)
+        else:
+            self._end_handoff(peer, ours, ticket)
 
     def _handed_over(self, request: Request) -> dict[str, Any] | None:
         """The parameters of a request handed to this decode engine whose remote prefill is
@@ -502,14 +519,13 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         params = getattr(request, "kv_transfer_params", None)
         if (
             not self._consumer
-            or not self._device_ok
             or self._pd_params == "off"
             or not params
             or not params.get("remote_block_hashes")
             or request.request_id in self._remote_over
         ):
             return None
-        return dict(params)
+        return cast("dict[str, Any]", params)
 
     def _remote_prefill(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool] | None:
         """The decode side of a disaggregated request (see :meth:`_handed_over`): starts or
@@ -522,7 +538,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         pending = self._pulls.get(req_id)
         if pending is None:
             keys = self._keys(request)
-            namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+            namespaces = self._namespaces(keys)
+            if not self._device_ok:
+                # No copy engine here: every request is computed, this one too.
+                self._remote_over.add(req_id)
+                self._end_declined_handoff(params, namespaces)
+                return None
             try:
                 peer = _remote_agent(params)
                 hashes = [bytes.fromhex(h) for h in params.get("remote_block_hashes") or []]
@@ -531,7 +552,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 # A proxy's mistake costs this request its transfer, nothing else.
                 logger.warning("kvtier: %s has malformed kv_transfer_params, computing it: %s", req_id, e)
                 self._remote_over.add(req_id)
-                self._end_declined_handoff(params, namespaces[0])
+                self._end_declined_handoff(params, namespaces)
                 return None
             if peer is None or not hashes:
                 self._remote_over.add(req_id)
@@ -543,18 +564,18 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     req_id,
                 )
                 self._remote_over.add(req_id)
-                self._end_declined_handoff(params, namespaces[0])
+                self._end_declined_handoff(params, namespaces)
                 return None
             loadable = min(len(hashes), (request.num_tokens - 1) // self._block_size)
             if loadable * self._block_size <= num_computed_tokens:
                 # This engine's own cache covers what the producer holds.
-                self._end_handoff(peer, namespaces[0], ticket)
+                self._end_handoff(peer, namespaces, ticket)
                 self._remote_over.add(req_id)
                 return None
             self._remote_hashes[req_id] = hashes[:loadable]
             self._pulls[req_id] = self._pool().submit(self._pull, peer, namespaces, hashes[:loadable], ticket)
             if ticket is not None:
-                self._handoffs[req_id] = (peer, namespaces[0], ticket)
+                self._handoffs[req_id] = (peer, namespaces, ticket)
             return None, False
         if not pending.done():
             return None, False
@@ -617,7 +638,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         hashes = keys.hashes[: min(saved, (request.num_prompt_tokens - 1) // self._block_size)]
         if not hashes:
             return None
-        namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+        namespaces = self._namespaces(keys)
         # Names this hand-off's holds: the decode's pull ends exactly them.
         ticket = secrets.randbits(64) or 1
         try:
@@ -692,7 +713,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 logger.debug("kvtier: promotion failed, computing instead: %s", pending.exception())
                 return 0, False
             self._promoted.add(req_id)
-        namespaces = [self._namespace(keys, rank) for rank in range(self._tp_world)]
+        namespaces = self._namespaces(keys)
         for ns in namespaces:
             # The agent looks for the blocks at other nodes under the namespace's model.
             self._announce(ns)
@@ -852,7 +873,7 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._end_handoff(*handoff)
         elif (handed := self._handed_over(request)) is not None:
             # Finished (aborted) before the scheduler asked about it: nothing will pull it.
-            self._end_declined_handoff(handed, self._namespace(self._keys(request), 0))
+            self._end_declined_handoff(handed, self._namespaces(self._keys(request)))
         self._remote_over.discard(req_id)
         self._remote_hashes.pop(req_id, None)
         self._local_tokens.pop(req_id, None)

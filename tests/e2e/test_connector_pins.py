@@ -260,7 +260,7 @@ def handed(req_id: str, seed: int, params: dict[str, Any]) -> Request:
 
 
 def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
-    config: VllmConfig, serving: Agent
+    config: VllmConfig, serving: Agent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prefill engine of two tensor-parallel ranks hands over the blocks both ranks' shards
     are stored for, and its agent holds those for the decode's pull, on each rank: none past
@@ -277,23 +277,34 @@ def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
     assert len(ticket) == 16 and int(ticket, 16) != 0
 
     # The decode side (this engine, as kv_both) has computed the prompt's blocks already.
-    engine.scheduler.get_num_new_matched_tokens(handed("decoded-here", 5, params), PROMPT_BLOCKS * BLOCK)
+    ends: list[tuple[Any, ...]] = []
+    end_handoff = engine.scheduler._end_handoff
+    monkeypatch.setattr(engine.scheduler, "_end_handoff", lambda *a: ends.append(a) or end_handoff(*a))
+    decode = handed("decoded-here", 5, params)
+    engine.scheduler.get_num_new_matched_tokens(decode, PROMPT_BLOCKS * BLOCK)
     assert held_blocks(client, lambda n: n == 0) == 0, "the hand-off ended on both ranks"
+    engine.scheduler.request_finished(decode, [])
+    assert len(ends) == 1, "ended once: not again when the request finishes"
 
 
-def test_a_decode_of_another_layout_ends_the_hand_off(config: VllmConfig, serving: Agent) -> None:
-    """A decode engine whose KV layout differs from the producer's (one rank against two)
-    computes the request, and ends the hand-off's holds of both the producer's ranks though it
-    knows only the first one's namespace."""
-    params = hand_off(two_ranks(config, serving), serving, "other-layout", 6)
+@pytest.mark.parametrize("reason", ["another layout", "no copy engine", "malformed hashes"])
+def test_a_decode_that_declines_a_hand_off_ends_it(config: VllmConfig, serving: Agent, reason: str) -> None:
+    """A decode engine that computes a handed-over request itself ends the hand-off's holds of
+    both the producer's ranks: one whose KV layout differs from the producer's (one rank
+    against two, so it knows only the producer's first namespace), one without a copy engine,
+    and one given parameters it cannot read (as far as they still name the agent and ticket)."""
+    params = hand_off(two_ranks(config, serving), serving, f"declined-{reason}", 6)
     client = kvtier.Client(str(serving.socket))
     assert json.loads(client.stats())["peer"]["held_blocks"] == 2 * PROMPT_BLOCKS
-    decode = Engine(config, serving)
-    assert decode.scheduler.get_num_new_matched_tokens(handed("other-layout-decode", 6, params), 0) == (
-        0,
-        False,
-    )
+    decode = Engine(config, serving) if reason == "another layout" else two_ranks(config, serving)
+    if reason == "no copy engine":
+        decode.scheduler._device_ok = False
+    if reason == "malformed hashes":
+        params = {**params, "remote_block_hashes": ["not hex"]}
+    req = handed(f"declined-{reason}-decode", 6, params)
+    decode.scheduler.get_num_new_matched_tokens(req, 0)
     assert held_blocks(client, lambda n: n == 0) == 0
+    decode.scheduler.request_finished(req, [])
 
 
 def test_a_request_aborted_before_its_decode_asked_ends_the_hand_off(

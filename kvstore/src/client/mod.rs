@@ -814,9 +814,12 @@ impl Client {
     /// [`Self::pull`] of blocks a producer held under `ticket` ([`Self::hold_under`]): once
     /// the pull is over, the peer ends that hand-off's holds in `ns`, blocks this agent already
     /// had and pulled none of included. Pass the ticket with no `hashes` when this engine needs
-    /// none of the hand-off (it computes the request, or its cache covers it): the peer then
-    /// stops holding its blocks at once, in every namespace (all its ranks). An agent older
-    /// than protocol 6 pulls without it.
+    /// no more of the hand-off (it computes the request, or its cache covers it): the peer then
+    /// stops holding its blocks at once, in every namespace (all its ranks; an agent or peer
+    /// of an earlier release ends them in `ns` only). A pull whose grant the peer refuses or
+    /// does not answer in time, or whose grant expires unreleased, ends every rank's holds
+    /// too: an engine computes the whole request when one rank's pull fails. An agent older
+    /// than protocol 6 pulls without the ticket.
     pub fn pull_under(
         &self,
         peer: &str,

@@ -60,8 +60,9 @@ impl fmt::Debug for GrantId {
 }
 
 /// Names the holds made for one hand-off (a request a prefill engine hands to a decode engine),
-/// so that the decode's pull ends them all, blocks it found elsewhere or did not need included,
-/// without ending another hand-off's holds of the same blocks. The holder picks it at random
+/// so that the decode's pull of each rank ends that rank's, blocks it found elsewhere or did not
+/// need included, and its giving up ends them all, without ending another hand-off's holds of
+/// the same blocks. The holder picks it at random
 /// per request and passes it along with the blocks' hashes; the wire's 0 is "no ticket".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HoldTicket(NonZeroU64);
@@ -87,7 +88,8 @@ pub enum HoldEnd {
     /// One waiting hand-off of each granted block held since the grant was asked for: a pull
     /// that names no ticket (its engine or agent predates tickets).
     OneWaitPerBlock,
-    /// Every hold made under this ticket in the granted blocks' namespace.
+    /// Every hold made under this ticket in the granted blocks' namespace (one rank's); in
+    /// every namespace if the grant expires unreleased instead.
     Ticket(HoldTicket),
 }
 
@@ -354,7 +356,8 @@ impl Grants {
     }
 
     /// [`Self::grant`] whose release ends the holds `ends` names. A grant under a ticket that
-    /// finds none of the blocks ends the ticket's holds at once: no pull of them follows.
+    /// finds none of the blocks ends the ticket's holds in their namespace at once: no pull of
+    /// them follows.
     pub fn grant_for(&self, keys: &[BlockKey], ends: HoldEnd) -> Result<Grant, GrantError> {
         let made = Instant::now();
         if keys.len() > MAX_GRANT_BLOCKS {

@@ -431,7 +431,7 @@ impl Peers {
         if want.is_empty() {
             if let Some(ticket) = ticket {
                 // With keys, only this rank's are here: the next rank's pull may need its own.
-                self.end_hold(peer, (!keys.is_empty()).then_some(ns), ticket);
+                self.end_hold(peer, ns, ticket, keys.is_empty());
             }
             return Ok(held);
         }
@@ -452,15 +452,16 @@ impl Peers {
             hold_ticket: ticket.map_or(0, HoldTicket::get),
         });
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(PullError::TimedOut(peer.to_owned()));
-        }
-        req.set_timeout(remaining);
         let asked = Instant::now();
-        let answer = match tokio::time::timeout(remaining, client.grant(req)).await {
-            Ok(Ok(grant)) => Ok(grant.into_inner()),
-            Ok(Err(s)) => Err(control(format!("asking for a grant: {}", status_text(&s)))),
-            Err(_) => Err(PullError::TimedOut(peer.to_owned())),
+        let answer = if remaining.is_zero() {
+            Err(PullError::TimedOut(peer.to_owned()))
+        } else {
+            req.set_timeout(remaining);
+            match tokio::time::timeout(remaining, client.grant(req)).await {
+                Ok(Ok(grant)) => Ok(grant.into_inner()),
+                Ok(Err(s)) => Err(control(format!("asking for a grant: {}", status_text(&s)))),
+                Err(_) => Err(PullError::TimedOut(peer.to_owned())),
+            }
         };
         let grant = match answer {
             Ok(grant) => grant,
@@ -468,7 +469,7 @@ impl Peers {
                 // No pull of this hand-off follows, of this rank or a later one (its engine
                 // computes): the source need not keep holding the blocks for it.
                 if let Some(ticket) = ticket {
-                    self.end_hold(peer, None, ticket);
+                    self.end_hold(peer, ns, ticket, true);
                 }
                 return Err(e);
             }
@@ -619,9 +620,9 @@ impl Peers {
         Ok(())
     }
 
-    /// Asks `peer` to end the holds made under `ticket` in `ns` (in every namespace without
-    /// one), in the background (best effort: they expire on their own).
-    fn end_hold(&self, peer: &str, ns: Option<kvstore::Namespace>, ticket: HoldTicket) {
+    /// Asks `peer` to end the holds made under `ticket` in `ns` (in every namespace, if
+    /// `whole_hand_off`), in the background (best effort: they expire on their own).
+    fn end_hold(&self, peer: &str, ns: kvstore::Namespace, ticket: HoldTicket, whole_hand_off: bool) {
         let channel = match self.channel(peer) {
             Ok(c) => c,
             Err(e) => {
@@ -630,8 +631,9 @@ impl Peers {
             }
         };
         let mut req = self.request(proto::EndHoldRequest {
-            namespace: ns.map(|ns| ns.as_bytes().to_vec()).unwrap_or_default(),
+            namespace: ns.as_bytes().to_vec(),
             ticket: ticket.get(),
+            whole_hand_off,
         });
         req.set_timeout(RELEASE_TIMEOUT);
         let peer = peer.to_owned();
@@ -875,9 +877,8 @@ mod tests {
             req: tonic::Request<proto::EndHoldRequest>,
         ) -> Result<tonic::Response<proto::EndHoldResponse>, tonic::Status> {
             let req = req.into_inner();
-            self.ended_everywhere
-                .store(req.namespace.is_empty(), Ordering::Relaxed);
-            self.ended.fetch_add(req.ticket, Ordering::Relaxed);
+            self.ended_everywhere.store(req.whole_hand_off, Ordering::SeqCst);
+            self.ended.fetch_add(req.ticket, Ordering::SeqCst);
             Ok(tonic::Response::new(proto::EndHoldResponse { ended: 0 }))
         }
     }
@@ -959,11 +960,11 @@ mod tests {
             "{err}"
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while source.ended.load(Ordering::Relaxed) != 9 {
+        while source.ended.load(Ordering::SeqCst) != 9 {
             assert!(Instant::now() < deadline, "the hand-off was not ended");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(source.ended_everywhere.load(Ordering::Relaxed));
+        assert!(source.ended_everywhere.load(Ordering::SeqCst));
     }
 
     /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size

@@ -125,19 +125,17 @@ impl Peer for PeerService {
     ) -> Result<Response<proto::EndHoldResponse>, Status> {
         self.authorize(&req)?;
         let msg = req.into_inner();
-        // No namespace: the whole hand-off, every rank's holds.
-        let ns = if msg.namespace.is_empty() {
-            None
-        } else {
-            Some(namespace(&msg.namespace)?)
-        };
+        let ns = namespace(&msg.namespace)?;
         let ticket =
             HoldTicket::new(msg.ticket).ok_or_else(|| Status::invalid_argument("ticket 0 names no hold"))?;
         let grants = Arc::clone(&self.grants);
         // Unpinning takes the tiers' locks, as a release does.
-        let ended = tokio::task::spawn_blocking(move || match ns {
-            Some(ns) => grants.unhold(ns, ticket),
-            None => grants.end_hand_off(ticket),
+        let ended = tokio::task::spawn_blocking(move || {
+            if msg.whole_hand_off {
+                grants.end_hand_off(ticket)
+            } else {
+                grants.unhold(ns, ticket)
+            }
         })
         .await
         .map_err(|e| Status::internal(format!("end-hold task failed: {e}")))?;
