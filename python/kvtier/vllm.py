@@ -477,13 +477,12 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._pool().submit(self._end_handoff_now, peer, namespaces, ticket)
 
     def _end_handoff_now(self, peer: str, namespaces: list[bytes], ticket: int) -> None:
-        puller = self._background_client()
         for ns in namespaces:
             try:
                 # A pull of no block under the ticket only ends the hand-off's holds: every
                 # rank's where both agents are of this release (the calls after the first end
                 # nothing), the rank of `ns` where either is older.
-                puller.pull(peer, ns, [], ticket)
+                self._background_client().pull(peer, ns, [], ticket)
             except kvtier.KvtierError as e:
                 logger.debug("kvtier: ending a hand-off at %s failed (its holds expire): %s", peer, e)
             except Exception:
@@ -494,10 +493,11 @@ class KvTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _end_declined_handoff(self, params: dict[str, Any], ours: list[bytes]) -> None:
         """Ends the hand-off of parameters this engine declines (malformed, of another KV
-        layout, or of a request that finished before it was asked about), as far as they name
-        its agent and ticket well: under the producer's first namespace where they name another
-        one (an agent of this release ends every rank's holds of the ticket whichever it is
-        told), else under this engine's namespaces."""
+        layout, of a request that finished before it was asked about, or any, without a copy
+        engine), as far as they name its agent and ticket well: under the producer's first
+        namespace where they name another one (an agent of this release ends every rank's
+        holds of the ticket whichever it is told; an older one only that rank's), else under
+        this engine's namespaces."""
         try:
             peer = _remote_agent(params)
             ticket = _hold_ticket(params.get("remote_hold_ticket"))

@@ -287,12 +287,15 @@ def test_a_producer_with_two_ranks_holds_only_the_prefix_both_store(
     assert len(ends) == 1, "ended once: not again when the request finishes"
 
 
-@pytest.mark.parametrize("reason", ["another layout", "no copy engine", "malformed hashes"])
+@pytest.mark.parametrize(
+    "reason", ["another layout", "no copy engine", "malformed hashes", "malformed namespace"]
+)
 def test_a_decode_that_declines_a_hand_off_ends_it(config: VllmConfig, serving: Agent, reason: str) -> None:
-    """A decode engine that computes a handed-over request itself ends the hand-off's holds of
-    both the producer's ranks: one whose KV layout differs from the producer's (one rank
-    against two, so it knows only the producer's first namespace), one without a copy engine,
-    and one given parameters it cannot read (as far as they still name the agent and ticket)."""
+    """A decode engine that computes a handed-over request itself, pulling nothing, ends the
+    hand-off's holds of both the producer's ranks: one whose KV layout differs from the
+    producer's (one rank against two, so it knows only the producer's first namespace), one
+    without a copy engine, and one given parameters it cannot read (as far as they still name
+    the agent and ticket)."""
     params = hand_off(two_ranks(config, serving), serving, f"declined-{reason}", 6)
     client = kvtier.Client(str(serving.socket))
     assert json.loads(client.stats())["peer"]["held_blocks"] == 2 * PROMPT_BLOCKS
@@ -301,8 +304,12 @@ def test_a_decode_that_declines_a_hand_off_ends_it(config: VllmConfig, serving: 
         decode.scheduler._device_ok = False
     if reason == "malformed hashes":
         params = {**params, "remote_block_hashes": ["not hex"]}
+    if reason == "malformed namespace":
+        params = {**params, "remote_namespace": "not hex"}
     req = handed(f"declined-{reason}-decode", 6, params)
-    decode.scheduler.get_num_new_matched_tokens(req, 0)
+    tokens, asynchronous = decode.scheduler.get_num_new_matched_tokens(req, 0)
+    assert req.request_id not in decode.scheduler._pulls, "nothing pulled"
+    assert tokens is not None and not asynchronous
     assert held_blocks(client, lambda n: n == 0) == 0
     decode.scheduler.request_finished(req, [])
 

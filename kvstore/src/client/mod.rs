@@ -818,8 +818,9 @@ impl Client {
     /// stops holding its blocks at once, in every namespace (all its ranks; an agent or peer
     /// of an earlier release ends them in `ns` only). A pull whose grant the peer refuses or
     /// does not answer in time, or whose grant expires unreleased, ends every rank's holds
-    /// too: an engine computes the whole request when one rank's pull fails. An agent older
-    /// than protocol 6 pulls without the ticket.
+    /// too (again `ns`'s only where either agent is of an earlier release): an engine
+    /// computes the whole request when one rank's pull fails. An agent older than protocol 6
+    /// pulls without the ticket.
     pub fn pull_under(
         &self,
         peer: &str,

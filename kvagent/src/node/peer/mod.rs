@@ -407,8 +407,8 @@ impl Peers {
     /// For [`PullFor::Reuse`], the transfer only goes ahead if the reuse policy expects it to
     /// beat recomputing (decided once the grant says how many bytes it is). A hand-off under a
     /// ticket whose blocks are all here already asks the peer to end its holds of `ns` instead;
-    /// one of no `keys` (its engine pulls none of it), or whose grant the peer refuses, its
-    /// holds of every namespace (all the hand-off's ranks).
+    /// one of no `keys` (its engine pulls no more of it), or whose grant the peer refuses or
+    /// does not answer in time, its holds of every namespace (all the hand-off's ranks).
     pub(crate) async fn pull(
         &self,
         peer: &str,
@@ -936,6 +936,17 @@ mod tests {
         (server, source, addr, store, peers)
     }
 
+    /// Waits (10 s at most) for `source` to be asked to end hand-off `ticket`, every rank's
+    /// holds of it.
+    fn assert_whole_hand_off_ended(source: &LyingSource, ticket: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.ended.load(Ordering::SeqCst) != ticket {
+            assert!(Instant::now() < deadline, "the hand-off was not ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(source.ended_everywhere.load(Ordering::SeqCst));
+    }
+
     /// A hand-off pull of one block from `addr`, within 10 s.
     fn pull_one(
         peers: &Peers,
@@ -959,12 +970,21 @@ mod tests {
             matches!(&err, PullError::Control { status, .. } if status.contains("too many grants")),
             "{err}"
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while source.ended.load(Ordering::SeqCst) != 9 {
-            assert!(Instant::now() < deadline, "the hand-off was not ended");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(source.ended_everywhere.load(Ordering::SeqCst));
+        assert_whole_hand_off_ended(&source, 9);
+    }
+
+    /// A hand-off pull whose deadline passed before its grant request could be sent asks the
+    /// source to end the hand-off all the same: its engine computes the request.
+    #[test]
+    fn a_pull_past_its_deadline_ends_the_hand_off() {
+        let (_server, source, addr, _store, peers) = lying_source();
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        let ticket = kvstore::transport::HoldTicket::new(11);
+        let err = peers
+            .pull_blocking(&addr, key.namespace, &[key], Instant::now(), ticket)
+            .expect_err("too late");
+        assert!(matches!(err, PullError::TimedOut(_)), "{err}");
+        assert_whole_hand_off_ended(&source, 11);
     }
 
     /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
