@@ -141,8 +141,13 @@ class Route:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def cluster(model: Path, workdir: Path) -> Iterator[tuple[dict[str, Server], IndexProcess]]:
+@pytest.fixture(scope="module")
+def cluster(
+    model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, Server], IndexProcess]]:
+    """Two servers and the index, shared by this module's tests (the servers take half a
+    minute to start); each test starts from empty prefix caches (:func:`emptied`)."""
+    workdir = tmp_path_factory.mktemp("route")
     servers = {name: Server(model, workdir, name) for name in ("a", "b")}
     index = IndexProcess(
         [
@@ -158,6 +163,15 @@ def cluster(model: Path, workdir: Path) -> Iterator[tuple[dict[str, Server], Ind
         for s in servers.values():
             s.close()
         index.kill()
+
+
+def emptied(servers: dict[str, Server]) -> None:
+    """Empties the servers' prefix caches, and has each publish that to the index (vLLM
+    publishes the reset with its next step: one unrelated request per server)."""
+    for s in servers.values():
+        s.reset()
+    for s in servers.values():
+        s.poke()
 
 
 def workload() -> list[list[int]]:
@@ -184,6 +198,7 @@ def test_prefix_aware_routing_beats_round_robin(
     cluster: tuple[dict[str, Server], IndexProcess], workdir: Path
 ) -> None:
     servers, index = cluster
+    emptied(servers)
     ports = {n: s.port for n, s in servers.items()}
     prompts = workload()
 
@@ -192,14 +207,10 @@ def test_prefix_aware_routing_beats_round_robin(
         rr_rate, _ = hit_rate(rr, prompts)
     finally:
         rr.close()
-    for s in servers.values():
-        s.reset()
+    emptied(servers)
 
     route = Route(index.port, ports, "prefix")
     try:
-        # vLLM publishes the reset with its next step: one unrelated request per server.
-        for s in servers.values():
-            s.poke()
         prefix_rate, chosen = hit_rate(route, prompts)
         # Every later request of a group went where the group's first one went.
         for g in range(3):
@@ -220,6 +231,7 @@ def test_chat_requests_reach_the_server_holding_their_prefix(
     """The router renders chat requests with the model's chat template and tokenizes them as
     vLLM does: later chats sharing a long system prompt go where the first one went, and hit."""
     servers, index = cluster
+    emptied(servers)
     route = Route(index.port, {n: s.port for n, s in servers.items()}, "prefix", model / "tokenizer.json")
     rng = random.Random(9)
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -232,5 +244,21 @@ def test_chat_requests_reach_the_server_holding_their_prefix(
                 assert backend == where, "a chat goes where its system prompt is cached"
                 assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= 2 * BLOCK
         assert route.routed("prefix") >= 6, "routed by the index, not by load"
+    finally:
+        route.close()
+
+
+def test_requests_survive_an_index_that_is_down(cluster: tuple[dict[str, Server], IndexProcess]) -> None:
+    """A router whose index does not answer (nothing listens at its address) serves every
+    request all the same, by load, and counts each as a fallback."""
+    servers, _ = cluster
+    route = Route(free_port(), {n: s.port for n, s in servers.items()}, "prefix")
+    try:
+        prompts = workload()[:4]
+        for p in prompts:
+            backend, out = route.complete(p)
+            assert backend in servers
+            assert isinstance(out, dict) and out["usage"]["completion_tokens"] == 2
+        assert route.routed("fallback") == len(prompts)
     finally:
         route.close()
