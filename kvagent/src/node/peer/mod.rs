@@ -19,6 +19,7 @@ use kvstore::transport::{
 };
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
@@ -97,8 +98,15 @@ pub(crate) enum PullFor {
 const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Control calls one connection may have in progress at once on this agent.
 const CONTROL_CALLS_PER_CONNECTION: usize = 64;
-/// Bound of the release a puller sends after its pull (the grant expires on its own anyway).
+/// Bound of one try of the release a puller sends after its pull, or of a hold's end (the
+/// grant or hold expires on its own anyway).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries of a best-effort control call that fails to reach its peer.
+const BEST_EFFORT_TRIES: u32 = 3;
+/// Pause before a best-effort call's second try, doubled before each later one.
+const BEST_EFFORT_PAUSE: Duration = Duration::from_millis(200);
+/// How long a best-effort call is tried for where nothing expires sooner.
+const BEST_EFFORT_SPAN: Duration = Duration::from_secs(15);
 /// Control channels to peers kept at once.
 const MAX_PEER_CHANNELS: usize = 1024;
 
@@ -526,13 +534,30 @@ impl Peers {
             );
             Ok(())
         };
-        // Best effort: an unreleased grant expires on its own.
-        let mut release = self.request(proto::ReleaseRequest {
-            grant_id: id.0.to_vec(),
-        });
-        release.set_timeout(RELEASE_TIMEOUT);
+        // Best effort: an unreleased grant expires on its own, and retrying after it did is
+        // pointless.
+        let expires = match grant.ttl_ms {
+            0 => Instant::now() + BEST_EFFORT_SPAN,
+            ttl => asked + Duration::from_millis(u64::from(ttl)),
+        };
+        let token = self.token();
+        let peer_name = peer.to_owned();
         self.runtime.spawn(async move {
-            let _ = tokio::time::timeout(RELEASE_TIMEOUT, client.release(release)).await;
+            let released = best_effort(expires, || {
+                let mut release = with_token(
+                    proto::ReleaseRequest {
+                        grant_id: id.0.to_vec(),
+                    },
+                    token.as_ref(),
+                );
+                release.set_timeout(RELEASE_TIMEOUT);
+                let mut client = client.clone();
+                async move { client.release(release).await }
+            })
+            .await;
+            if let Err(why) = released {
+                tracing::debug!(peer = peer_name, error = %why, "releasing a grant failed; it expires");
+            }
         });
         result.map(|()| held)
     }
@@ -630,33 +655,38 @@ impl Peers {
                 return;
             }
         };
-        let mut req = self.request(proto::EndHoldRequest {
+        let msg = proto::EndHoldRequest {
             namespace: ns.as_bytes().to_vec(),
             ticket: ticket.get(),
             whole_hand_off,
-        });
-        req.set_timeout(RELEASE_TIMEOUT);
+        };
+        let token = self.token();
         let peer = peer.to_owned();
+        let client = proto::peer_client::PeerClient::new(channel);
         self.runtime.spawn(async move {
-            let mut client = proto::peer_client::PeerClient::new(channel);
-            match tokio::time::timeout(RELEASE_TIMEOUT, client.end_hold(req)).await {
-                Ok(Ok(_)) => {}
+            let ended = best_effort(Instant::now() + BEST_EFFORT_SPAN, || {
+                let mut req = with_token(msg.clone(), token.as_ref());
+                req.set_timeout(RELEASE_TIMEOUT);
+                let mut client = client.clone();
+                async move { client.end_hold(req).await }
+            })
+            .await;
+            match ended {
+                Ok(()) => {}
                 // An agent older than tickets has no such call; its holds carry none anyway.
-                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {}
-                Ok(Err(s)) => tracing::debug!(peer, status = %status_text(&s), "ending a peer's holds failed; they expire"),
-                Err(_) => tracing::debug!(peer, "ending a peer's holds timed out; they expire"),
+                Err(Failed::Refused(s)) if s.code() == tonic::Code::Unimplemented => {}
+                Err(why) => tracing::debug!(peer, error = %why, "ending a peer's holds failed; they expire"),
             }
         });
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(secret) = &self.secret {
-            if let Ok(v) = secret.token().parse() {
-                req.metadata_mut().insert(service::TOKEN_HEADER, v);
-            }
-        }
-        req
+        with_token(msg, self.token().as_ref())
+    }
+
+    /// The metadata value that shows this agent's peers it knows the cluster's secret.
+    fn token(&self) -> Option<AsciiMetadataValue> {
+        self.secret.as_ref().and_then(|s| s.token().parse().ok())
     }
 
     fn channel(&self, peer: &str) -> Result<Channel, PullError> {
@@ -800,6 +830,65 @@ fn advertised(advertise: &str, bound: SocketAddr) -> anyhow::Result<String> {
     Ok(addr.to_string())
 }
 
+/// A control call of `msg`, with the cluster's `token` where there is one.
+fn with_token<T>(msg: T, token: Option<&AsciiMetadataValue>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(token) = token {
+        req.metadata_mut().insert(service::TOKEN_HEADER, token.clone());
+    }
+    req
+}
+
+/// Why a best-effort control call did not get through.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    /// The peer answered with an error that another try would get again.
+    #[error("{}", status_text(.0))]
+    Refused(tonic::Status),
+    /// Every try failed to reach the peer or timed out; the last one's status, if it had one.
+    #[error("{} tries failed, the last: {}", .tries, .last.as_ref().map_or_else(|| "timed out".to_owned(), status_text))]
+    Lost { tries: u32, last: Option<tonic::Status> },
+}
+
+/// Makes a best-effort control call (a release, a hold's end), trying again while it fails to
+/// reach the peer or time out, up to [`BEST_EFFORT_TRIES`] tries and never past `until`: a lost
+/// release leaves its grant to expire, which ends every rank's holds of a hand-off while its
+/// later ranks may still pull them.
+async fn best_effort<T, F, Fut>(until: Instant, mut call: F) -> Result<(), Failed>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut pause = BEST_EFFORT_PAUSE;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let last = match tokio::time::timeout(RELEASE_TIMEOUT, call()).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(s)) if !transient(&s) => return Err(Failed::Refused(s)),
+            Ok(Err(s)) => Some(s),
+            Err(_) => None,
+        };
+        if tries >= BEST_EFFORT_TRIES || Instant::now() + pause >= until {
+            return Err(Failed::Lost { tries, last });
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+}
+
+/// Whether a failed call may get through if tried again: it did not reach the peer (tonic's
+/// transport errors come as `Unknown` or `Unavailable`), or ran out of time there.
+fn transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+    )
+}
+
 /// What a failed control call said, with the causes tonic keeps out of the message: a
 /// connection that broke is only "transport error" without them.
 fn status_text(status: &tonic::Status) -> String {
@@ -832,14 +921,26 @@ mod tests {
 
     /// A source that grants one block of the length it is told (or refuses, when told to),
     /// and counts releases and the tickets whose holds it is asked to end (and whether in
-    /// every namespace).
+    /// every namespace). It answers the first `unavailable` releases and ends as a source
+    /// that cannot be reached.
     #[derive(Default)]
     struct LyingSource {
         len: AtomicU64,
         refuse: AtomicBool,
+        unavailable: AtomicUsize,
+        release_tries: AtomicUsize,
         released: AtomicUsize,
         ended: AtomicU64,
         ended_everywhere: AtomicBool,
+    }
+
+    impl LyingSource {
+        /// Whether this call is one of those to fail as if the source could not be reached.
+        fn unreachable(&self) -> bool {
+            self.unavailable
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }
     }
 
     #[tonic::async_trait]
@@ -868,6 +969,10 @@ mod tests {
             &self,
             _: tonic::Request<proto::ReleaseRequest>,
         ) -> Result<tonic::Response<proto::ReleaseResponse>, tonic::Status> {
+            self.release_tries.fetch_add(1, Ordering::SeqCst);
+            if self.unreachable() {
+                return Err(tonic::Status::unavailable("connection refused"));
+            }
             self.released.fetch_add(1, Ordering::Relaxed);
             Ok(tonic::Response::new(proto::ReleaseResponse { released: true }))
         }
@@ -876,6 +981,9 @@ mod tests {
             &self,
             req: tonic::Request<proto::EndHoldRequest>,
         ) -> Result<tonic::Response<proto::EndHoldResponse>, tonic::Status> {
+            if self.unreachable() {
+                return Err(tonic::Status::unavailable("connection refused"));
+            }
             let req = req.into_inner();
             self.ended_everywhere.store(req.whole_hand_off, Ordering::SeqCst);
             self.ended.fetch_add(req.ticket, Ordering::SeqCst);
@@ -1010,6 +1118,83 @@ mod tests {
             assert!(Instant::now() < deadline, "the grants were not released");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// A release that does not reach the source is tried again: the grant is released on
+    /// the third try.
+    #[test]
+    fn a_lost_release_is_tried_again() {
+        let (_server, source, addr, store, peers) = lying_source();
+        source.unavailable.store(2, Ordering::SeqCst);
+        source
+            .len
+            .store(store.host().max_block_len() + 1, Ordering::Relaxed);
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        pull_one(&peers, &addr, key, None).expect_err("a block no slot holds");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.released.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the grant was not released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(source.release_tries.load(Ordering::SeqCst), 3);
+    }
+
+    /// Ending a hand-off that does not reach the source is tried again.
+    #[test]
+    fn a_lost_end_of_a_hand_off_is_tried_again() {
+        let (_server, source, addr, _store, peers) = lying_source();
+        source.refuse.store(true, Ordering::Relaxed);
+        source.unavailable.store(1, Ordering::SeqCst);
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        pull_one(&peers, &addr, key, kvstore::transport::HoldTicket::new(13)).expect_err("refused");
+        assert_whole_hand_off_ended(&source, 13);
+        assert_eq!(source.unavailable.load(Ordering::SeqCst), 0);
+    }
+
+    /// A best-effort call is tried again only while it fails to reach its peer, at most three
+    /// times, and not once it is past its bound.
+    #[test]
+    fn best_effort_calls_retry_only_what_may_get_through() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tries = |status: fn() -> tonic::Status, until: Instant| {
+            let calls = AtomicUsize::new(0);
+            let outcome = runtime.block_on(super::best_effort(until, || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let status = status();
+                async move { Err::<tonic::Response<()>, _>(status) }
+            }));
+            (calls.load(Ordering::SeqCst), outcome)
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        let (calls, outcome) = tries(|| tonic::Status::unavailable("connection refused"), later);
+        assert_eq!(calls, 3);
+        assert!(
+            matches!(
+                &outcome,
+                Err(super::Failed::Lost {
+                    tries: 3,
+                    last: Some(_)
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            outcome.unwrap_err().to_string(),
+            "3 tries failed, the last: connection refused (gRPC Unavailable)"
+        );
+        let (calls, outcome) = tries(|| tonic::Status::permission_denied("wrong secret"), later);
+        assert_eq!(calls, 1);
+        assert!(matches!(outcome, Err(super::Failed::Refused(_))), "{outcome:?}");
+        let (calls, _) = tries(|| tonic::Status::unimplemented("no such call"), later);
+        assert_eq!(calls, 1);
+        let (calls, _) = tries(
+            || tonic::Status::unavailable("connection refused"),
+            Instant::now(),
+        );
+        assert_eq!(calls, 1, "a call past its bound is not tried again");
     }
 
     /// A status that a broken connection became names what broke, once.
