@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -63,7 +63,10 @@ def kv_cache_config() -> KVCacheConfig:
 class Engine:
     """A scheduler-side and a worker-side connector of one engine process."""
 
+    made: ClassVar[list[Engine]] = []
+
     def __init__(self, config: VllmConfig, agent: Agent) -> None:
+        Engine.made.append(self)
         config.kv_transfer_config = KVTransferConfig(
             kv_connector="KvTierConnector",
             kv_connector_module_path="kvtier.vllm",
@@ -93,6 +96,11 @@ class Engine:
         if output:
             self.scheduler.update_connector_output(KVConnectorOutput())
 
+    def shutdown(self) -> None:
+        """What vLLM calls when the engine stops."""
+        self.scheduler.shutdown()
+        self.worker.shutdown()
+
     def block_bytes(self, block_id: int) -> bytes:
         """A block's pages in the order the connector saves them: layer by layer."""
         return b"".join(t[block_id].numpy().tobytes() for t in self.caches.values())
@@ -101,6 +109,17 @@ class Engine:
 def empty_step() -> SchedulerOutput:
     out: SchedulerOutput = SchedulerOutput.make_empty()
     return out
+
+
+@pytest.fixture(autouse=True)
+def engines_shut_down() -> Iterator[None]:
+    """Shuts down every engine the test made, as vLLM does when it stops: that stops every
+    background thread of their connectors."""
+    yield
+    while Engine.made:
+        Engine.made.pop().shutdown()
+    left = [t.name for t in threading.enumerate() if t.name.startswith("kvtier-")]
+    assert not left, f"connector threads still running after shutdown: {left}"
 
 
 @pytest.fixture
