@@ -297,6 +297,40 @@ impl Request {
         }
     }
 
+    /// The oldest protocol version that has this request as it is.
+    pub fn since(&self) -> u16 {
+        match self {
+            Self::Hello { .. }
+            | Self::Lookup(..)
+            | Self::Reserve(..)
+            | Self::Commit(..)
+            | Self::Abort(..)
+            | Self::Acquire(..)
+            | Self::Release(..)
+            | Self::Stats => 1,
+            Self::Announce(..) => 2,
+            Self::Pull(.., None) => 3,
+            Self::Hold(.., None) => 5,
+            Self::Pull(.., Some(_)) | Self::Hold(.., Some(_)) | Self::Unhold(..) => 6,
+        }
+    }
+
+    /// This request as an agent of protocol `version` takes it: a hold or pull under a ticket
+    /// goes without the ticket before version 6 (the older agent's holds carry none). `None`
+    /// where the version has no form of it.
+    pub fn for_version(&self, version: u16) -> Option<std::borrow::Cow<'_, Self>> {
+        use std::borrow::Cow;
+        if self.since() <= version {
+            return Some(Cow::Borrowed(self));
+        }
+        let fitted = match self {
+            Self::Pull(peer, ns, hashes, Some(_)) => Self::Pull(peer.clone(), *ns, hashes.clone(), None),
+            Self::Hold(ns, hashes, Some(_)) => Self::Hold(*ns, hashes.clone(), None),
+            _ => return None,
+        };
+        (fitted.since() <= version).then_some(Cow::Owned(fitted))
+    }
+
     /// Appends the whole frame (length prefix included) to `out`.
     pub fn encode(&self, id: u32, deadline_us: u32, out: &mut Vec<u8>) {
         let start = begin(out, self.kind(), id, deadline_us);

@@ -23,6 +23,10 @@ enum Seen {
     Hold {
         ticket: bool,
     },
+    /// A pull, and whether it named a ticket.
+    Pull {
+        ticket: bool,
+    },
 }
 
 /// Serves the connections of one client as an agent that speaks versions up to `newest` (one
@@ -49,14 +53,7 @@ fn older_agent(listener: UnixListener, newest: u16, seen: mpsc::Sender<Seen>) {
             (&stream).write_all(&out).expect("the refusal");
             continue;
         }
-        Response::Welcome(Welcome {
-            version,
-            arena_len: arena.len(),
-            max_block_len: 1 << 20,
-            instance: 7,
-        })
-        .encode(header.id, &mut out);
-        send_with_fd(&stream, &out, &arena);
+        welcome(&stream, header.id, version, &arena);
         while wire::read_frame(&mut &stream, &mut body).is_ok() {
             let (header, req) = Request::decode(&body).expect("a request");
             let resp = match req {
@@ -72,6 +69,11 @@ fn older_agent(listener: UnixListener, newest: u16, seen: mpsc::Sender<Seen>) {
                         held: hashes.len() as u32,
                     }
                 }
+                Request::Pull(_, _, hashes, ticket) if version >= 3 => {
+                    let ticket = ticket.is_some();
+                    seen.send(Seen::Pull { ticket }).expect("the test listens");
+                    Response::Pull(vec![true; hashes.len()])
+                }
                 other => {
                     seen.send(Seen::Call(other.verb())).expect("the test listens");
                     Response::Error {
@@ -85,6 +87,19 @@ fn older_agent(listener: UnixListener, newest: u16, seen: mpsc::Sender<Seen>) {
             (&stream).write_all(&out).expect("an answer");
         }
     }
+}
+
+/// Welcomes a client's hello `id` in `version`, passing the arena.
+fn welcome(stream: &UnixStream, id: u32, version: u16, arena: &HostArena) {
+    let mut out = Vec::new();
+    Response::Welcome(Welcome {
+        version,
+        arena_len: arena.len(),
+        max_block_len: 1 << 20,
+        instance: 7,
+    })
+    .encode(id, &mut out);
+    send_with_fd(stream, &out, arena);
 }
 
 fn send_with_fd(stream: &UnixStream, frame: &[u8], arena: &HostArena) {
@@ -103,14 +118,42 @@ fn send_with_fd(stream: &UnixStream, frame: &[u8], arena: &HostArena) {
     (&*stream).write_all(&frame[sent..]).expect("the welcome's rest");
 }
 
+/// Serves a client's first connection as an agent of this version that restarts, older, after
+/// the first call it is sent (unanswered); then the connections of an agent that speaks
+/// versions up to `newest`.
+fn agent_rolled_back(listener: UnixListener, newest: u16, seen: mpsc::Sender<Seen>) {
+    let arena = HostArena::create("rolled-back-agent", 1 << 20, HugePages::Off).expect("an arena");
+    let (stream, _) = listener.accept().expect("a connection");
+    let mut body = Vec::new();
+    wire::read_frame(&mut &stream, &mut body).expect("a hello");
+    let (header, Request::Hello { version, .. }) = Request::decode(&body).expect("a request") else {
+        panic!("expected a hello");
+    };
+    seen.send(Seen::Hello(version)).expect("the test listens");
+    welcome(&stream, header.id, version, &arena);
+    wire::read_frame(&mut &stream, &mut body).expect("a call");
+    let (_, req) = Request::decode(&body).expect("a request");
+    seen.send(Seen::Call(req.verb())).expect("the test listens");
+    drop(stream);
+    older_agent(listener, newest, seen);
+}
+
 /// Runs `calls` with a client of an agent that speaks versions up to `newest`; what the agent
 /// saw.
 fn with_older_agent(newest: u16, calls: impl FnOnce(&Client, &Namespace, &[BlockHash])) -> Vec<Seen> {
+    with_agent(move |listener, tx| older_agent(listener, newest, tx), calls)
+}
+
+/// Runs `calls` with a client of the agent that `serve` plays on a socket; what it saw.
+fn with_agent(
+    serve: impl FnOnce(UnixListener, mpsc::Sender<Seen>) + Send + 'static,
+    calls: impl FnOnce(&Client, &Namespace, &[BlockHash]),
+) -> Vec<Seen> {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("older.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let (tx, seen) = mpsc::channel();
-    let agent = std::thread::spawn(move || older_agent(listener, newest, tx));
+    let agent = std::thread::spawn(move || serve(listener, tx));
     let client = Client::connect(ClientConfig {
         timeout: Duration::from_secs(10),
         ..ClientConfig::new(&socket)
@@ -161,4 +204,55 @@ fn a_client_holds_without_tickets_on_an_agent_before_them() {
             Seen::Hold { ticket: false }
         ]
     );
+}
+
+/// An agent rolled back to protocol 5 while a pull under a ticket was on its way (the client
+/// chose the request by the connection it had): the client reconnects and pulls again, without
+/// the ticket the older agent would take for a malformed frame.
+#[test]
+fn a_call_after_the_agent_rolled_back_is_sent_in_the_older_version() {
+    let seen = with_agent(
+        |listener, tx| agent_rolled_back(listener, 5, tx),
+        |client, ns, hashes| {
+            let pulled = client.pull_under("peer:1", ns, hashes, HoldTicket::new(9));
+            assert_eq!(pulled.expect("pulled after the reconnection"), [true; 3]);
+        },
+    );
+    assert_eq!(
+        seen,
+        [
+            Seen::Hello(PROTOCOL_VERSION),
+            Seen::Call("pull"),
+            Seen::Hello(PROTOCOL_VERSION),
+            Seen::Hello(5),
+            Seen::Pull { ticket: false }
+        ]
+    );
+}
+
+/// Each request takes the form each protocol version has: without its ticket before version 6,
+/// none where the version lacks the verb (the client then fails the call with a clear error).
+#[test]
+fn requests_take_the_form_each_version_has() {
+    let ns = Namespace::builder("m").build();
+    let ticket = HoldTicket::new(9);
+    let pull = Request::Pull("peer:1".into(), ns, vec![BlockHash::from_u64(1)], ticket);
+    assert_eq!(pull.since(), 6);
+    let fitted = pull.for_version(5).expect("a pull of protocol 5");
+    assert!(matches!(&*fitted, Request::Pull(.., None)), "{fitted:?}");
+    assert!(pull.for_version(2).is_none(), "no pull before protocol 3");
+    let hold = Request::Hold(ns, vec![], ticket);
+    assert!(matches!(
+        hold.for_version(5).as_deref(),
+        Some(Request::Hold(.., None))
+    ));
+    assert!(hold.for_version(4).is_none());
+    let unhold = Request::Unhold(ns, HoldTicket::new(9).unwrap());
+    assert!(unhold.for_version(5).is_none());
+    assert!(matches!(
+        unhold.for_version(6),
+        Some(std::borrow::Cow::Borrowed(_))
+    ));
+    assert!(Request::Announce(ns, "m".into()).for_version(1).is_none());
+    assert_eq!(Request::Stats.since(), 1);
 }

@@ -383,9 +383,19 @@ impl Client {
 
     fn call_on(&self, guard: &mut Option<Conn>, req: &Request) -> Result<(Response, Arc<Link>)> {
         let conn = self.ensure(guard)?;
+        // The caller chose the request by the version of the connection it saw, and the agent
+        // may have restarted at an older one since (a rollback of the DaemonSet).
+        let version = conn.welcome.version;
+        let req = req.for_version(version).ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the agent now speaks protocol {version}, which has no such {} ({} or later needed)",
+                req.verb(),
+                req.since()
+            ))
+        })?;
         let result = self
             .give_back_orphans(conn)
-            .and_then(|()| self.exchange(conn, req));
+            .and_then(|()| self.exchange(conn, &req));
         match result {
             Ok(Response::Error { code, message }) => {
                 if code == ErrorCode::Malformed || code == ErrorCode::ShuttingDown {
