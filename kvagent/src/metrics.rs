@@ -244,6 +244,23 @@ impl Collector for PeerCollector {
         for (tier, v) in [("host", held.host_bytes), ("disk", held.disk_bytes)] {
             gauge(v).encode(bytes.encode_family(&TierLabel { tier })?)?;
         }
+        let expired = self.grants.expired();
+        let grants = encoder.encode_descriptor(
+            "peer_grants_expired",
+            "Grants that expired unreleased: their pullers died or gave up (or every try of \
+             the release was lost)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(expired.grants).encode(grants)?;
+        let held = encoder.encode_descriptor(
+            "peer_held_blocks_expired",
+            "Blocks whose hold for a peer's pull ran out (`peer.hold_s`) with a hand-off still \
+             waiting: its decode engine died, or the request never reached one",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(expired.held_blocks).encode(held)?;
         if self.transports.is_empty() {
             return Ok(());
         }

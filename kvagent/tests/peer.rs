@@ -477,6 +477,47 @@ fn blocks_handed_to_a_decode_are_held_until_pulled() {
     );
 }
 
+/// Blocks handed over that no decode pulls stay held for `peer.hold_s`, then are counted as
+/// expired holds (an operator's sign of decode engines that died or requests a proxy never
+/// sent on) and are ordinary cache again.
+#[test]
+fn holds_no_decode_pulls_expire_and_are_counted() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "cluster-secret");
+    let short = dir.path().join("short-holds.toml");
+    std::fs::write(&short, "[peer]\nhold_s = 1\n").unwrap();
+    let source = Agent::start(
+        &dir.path().join("expiring.sock"),
+        &[
+            "--config",
+            short.to_str().unwrap(),
+            "--peer-listen",
+            ANY_PORT,
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let space = ns("never-pulled");
+    let handed = mib_blocks(30, 4);
+    let hashes: Vec<BlockHash> = handed.iter().map(|(h, _)| *h).collect();
+    let c = source.client();
+    save(&c, &space, &handed);
+    assert_eq!(c.hold_under(&space, &hashes, HoldTicket::new(3)).unwrap().held, 4);
+    assert_eq!(source.stats()["peer"]["held_blocks_expired"], 0);
+    source.wait_for("the holds expired", |s| s["peer"]["held_blocks"] == 0);
+    assert_eq!(source.stats()["peer"]["held_blocks_expired"], 4);
+    assert_eq!(source.stats()["peer"]["grants_expired"], 0);
+    let (status, metrics) = source.http_get("/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "kvtier_peer_held_blocks_expired_total 4",
+        "kvtier_peer_grants_expired_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    assert_eq!(c.lookup(&space, &hashes).unwrap().len(), 4, "still cached");
+}
+
 /// A hand-off held under a ticket ends with the pull that names it, whatever that pull moved:
 /// blocks the decode's node had already stay held no longer, another hand-off's holds of the
 /// same blocks stay, a decode that needs no block of one rank ends that rank's holds without a

@@ -243,6 +243,8 @@ fn stats_json(shared: &server::Shared) -> String {
             "address": shared.peers.advertise(),
             "grants_open": shared.peers.grants().open(),
             "held_blocks": shared.peers.grants().held().blocks,
+            "grants_expired": shared.peers.grants().expired().grants,
+            "held_blocks_expired": shared.peers.grants().expired().held_blocks,
         },
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU64;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -182,6 +182,11 @@ pub struct Grants {
     /// Grants being made, not in `table` yet.
     making: AtomicUsize,
     holds: Mutex<Holds>,
+    /// Grants that expired unreleased, since the table was made.
+    grants_expired: AtomicU64,
+    /// Blocks whose holds expired before a pull or an end of each hand-off, since the table was
+    /// made.
+    holds_expired: AtomicU64,
 }
 
 /// How long [`Grants::hold`] keeps blocks, and how much of each tier it may keep.
@@ -288,6 +293,18 @@ pub struct HeldCounts {
     pub disk_bytes: u64,
 }
 
+/// What expired in a grant table since it was made, for metrics: each is a puller or a decode
+/// engine that neither finished nor gave up what it was granted or handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpiredCounts {
+    /// Grants that expired unreleased (their pullers died, gave up, or lost every try of the
+    /// release).
+    pub grants: u64,
+    /// Blocks whose holds expired with a hand-off still waiting for its pull (its decode engine
+    /// died, or the request never reached one).
+    pub held_blocks: u64,
+}
+
 /// One grant being made, counted in [`Grants::making`] until dropped.
 struct Making<'a>(&'a AtomicUsize);
 
@@ -332,6 +349,8 @@ impl Grants {
                 disk_bytes: 0,
                 next_expiry: None,
             }),
+            grants_expired: AtomicU64::new(0),
+            holds_expired: AtomicU64::new(0),
         }
     }
 
@@ -646,6 +665,14 @@ impl Grants {
         }
     }
 
+    /// What expired since the table was made.
+    pub fn expired(&self) -> ExpiredCounts {
+        ExpiredCounts {
+            grants: self.grants_expired.load(Ordering::Relaxed),
+            held_blocks: self.holds_expired.load(Ordering::Relaxed),
+        }
+    }
+
     /// Ends the holds that expired; returns how many.
     pub fn expire_holds(&self) -> usize {
         self.expire_holds_at(Instant::now())
@@ -692,7 +719,9 @@ impl Grants {
         for key in &expired {
             self.end_hold(holds, key);
         }
-        ended + expired.len()
+        let ended = ended + expired.len();
+        self.holds_expired.fetch_add(ended as u64, Ordering::Relaxed);
+        ended
     }
 
     /// Drops expired grants; returns how many.
@@ -708,6 +737,8 @@ impl Grants {
         });
         if !gone.is_empty() {
             tracing::debug!(grants = gone.len(), "peer grants expired unreleased");
+            self.grants_expired
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
         }
         // Their pullers died or gave up: no pull of those hand-offs is coming, of this rank or
         // of the ranks after it (a decode computes a request one of whose ranks failed).
@@ -932,8 +963,17 @@ mod tests {
             assert!(s.contains(k).is_none(), "no pin left after the release");
         }
         assert_eq!(s.contains(&keys[3]), Some(TierLevel::Host));
+        assert_eq!(g.expired(), ExpiredCounts::default());
         assert_eq!(g.expire_holds_at(Instant::now() + Duration::from_secs(61)), 1);
         assert_eq!(g.held(), HeldCounts::default());
+        assert_eq!(
+            g.expired(),
+            ExpiredCounts {
+                grants: 0,
+                held_blocks: 1
+            },
+            "the released grants did not expire; the unpulled hold did"
+        );
         pressure(&s, 300);
         assert!(s.contains(&keys[3]).is_none(), "no pin left after the expiry");
     }
@@ -1185,5 +1225,13 @@ mod tests {
         assert_eq!(g.held().blocks, 3);
         assert_eq!(g.expire(), 1);
         assert_eq!(g.held(), HeldCounts::default());
+        assert_eq!(
+            g.expired(),
+            ExpiredCounts {
+                grants: 1,
+                held_blocks: 0
+            },
+            "the holds ended with the hand-off, not by their own expiry"
+        );
     }
 }

@@ -32,7 +32,8 @@ use crate::host::Reservation;
 
 pub use auth::Secret;
 pub use grants::{
-    Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldEnd, HoldLimits, HoldOutcome, HoldTicket,
+    ExpiredCounts, Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldEnd, HoldLimits, HoldOutcome,
+    HoldTicket,
 };
 
 /// Which data plane carries a transfer.
