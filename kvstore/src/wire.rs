@@ -315,20 +315,35 @@ impl Request {
         }
     }
 
-    /// This request as an agent of protocol `version` takes it: a hold or pull under a ticket
-    /// goes without the ticket before version 6 (the older agent's holds carry none). `None`
-    /// where the version has no form of it.
+    /// This request as an agent of protocol `version` takes it: a hold, or a pull of blocks,
+    /// under a ticket goes without the ticket before version 6 (the older agent's holds carry
+    /// none). `None` where the version has no form of it.
     pub fn for_version(&self, version: u16) -> Option<std::borrow::Cow<'_, Self>> {
         use std::borrow::Cow;
         if self.since() <= version {
             return Some(Cow::Borrowed(self));
         }
-        let fitted = match self {
-            Self::Pull(peer, ns, hashes, Some(_)) => Self::Pull(peer.clone(), *ns, hashes.clone(), None),
-            Self::Hold(ns, hashes, Some(_)) => Self::Hold(*ns, hashes.clone(), None),
-            _ => return None,
-        };
-        (fitted.since() <= version).then_some(Cow::Owned(fitted))
+        self.without_ticket()
+            .filter(|r| r.since() <= version)
+            .map(Cow::Owned)
+    }
+
+    /// The oldest protocol version that has this request in some form
+    /// ([`Self::for_version`]).
+    pub fn oldest(&self) -> u16 {
+        self.without_ticket().map_or_else(|| self.since(), |r| r.since())
+    }
+
+    /// The request for an agent before tickets: a hold, or a pull of blocks, without its
+    /// ticket. `None` for any other (a pull of no block only ends its ticket's holds).
+    fn without_ticket(&self) -> Option<Self> {
+        match self {
+            Self::Pull(peer, ns, hashes, Some(_)) if !hashes.is_empty() => {
+                Some(Self::Pull(peer.clone(), *ns, hashes.clone(), None))
+            }
+            Self::Hold(ns, hashes, Some(_)) => Some(Self::Hold(*ns, hashes.clone(), None)),
+            _ => None,
+        }
     }
 
     /// Appends the whole frame (length prefix included) to `out`.
@@ -1094,6 +1109,45 @@ mod tests {
             Request::Hold(ns(), hashes(3), HoldTicket::new(7)),
             Request::Unhold(ns(), HoldTicket::new(7).unwrap()),
         ]
+    }
+
+    /// Each request has a form in every version from its oldest on, that form itself from
+    /// `since` on (a ticket is left out before 6), and none before its oldest; a new verb
+    /// without a version fails here.
+    #[test]
+    fn requests_take_the_form_each_version_has() {
+        for req in requests() {
+            assert!(req.oldest() <= req.since(), "{req:?}");
+            assert!(req.since() <= PROTOCOL_VERSION, "{req:?}");
+            for version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+                let fitted = req.for_version(version);
+                match fitted.as_deref() {
+                    None => assert!(version < req.oldest(), "{req:?} in {version}"),
+                    Some(f) => {
+                        assert!(
+                            version >= req.oldest() && f.since() <= version,
+                            "{req:?} in {version}"
+                        );
+                        assert_eq!(f == &req, version >= req.since(), "{req:?} in {version}");
+                    }
+                }
+            }
+        }
+        let ticket = HoldTicket::new(9);
+        let pull = Request::Pull("p:1".into(), ns(), hashes(2), ticket);
+        assert_eq!((pull.since(), pull.oldest()), (6, 3));
+        assert_eq!(
+            pull.for_version(5).as_deref(),
+            Some(&Request::Pull("p:1".into(), ns(), hashes(2), None))
+        );
+        let ends_only = Request::Pull("p:1".into(), ns(), vec![], ticket);
+        assert!(
+            ends_only.for_version(5).is_none(),
+            "a pull of no block only ends a ticket"
+        );
+        assert_eq!(Request::Hold(ns(), hashes(1), ticket).oldest(), 5);
+        assert_eq!(Request::Unhold(ns(), HoldTicket::new(9).unwrap()).oldest(), 6);
+        assert_eq!(Request::Announce(ns(), "m".into()).oldest(), 2);
     }
 
     fn responses() -> Vec<Response> {

@@ -66,7 +66,6 @@ class Engine:
     made: ClassVar[list[Engine]] = []
 
     def __init__(self, config: VllmConfig, agent: Agent) -> None:
-        Engine.made.append(self)
         config.kv_transfer_config = KVTransferConfig(
             kv_connector="KvTierConnector",
             kv_connector_module_path="kvtier.vllm",
@@ -83,6 +82,7 @@ class Engine:
         }
         self.worker.register_kv_caches(self.caches)
         self.page_bytes = page * 4
+        Engine.made.append(self)
 
     def step(self, worker: bool = True, output: bool = True) -> None:
         """Schedules one step that computes nothing new; if ``worker``, the in-process worker
@@ -111,13 +111,32 @@ def empty_step() -> SchedulerOutput:
     return out
 
 
-@pytest.fixture(autouse=True)
-def engines_shut_down() -> Iterator[None]:
-    """Shuts down every engine the test made, as vLLM does when it stops: that stops every
-    background thread of their connectors."""
-    yield
+def shut_down_engines() -> None:
+    """Shuts down every engine made so far, as vLLM does when it stops (before its agent
+    does): that stops every background thread of their connectors. Each is shut down even if
+    another fails; the first failure is raised after."""
+    failures: list[Exception] = []
     while Engine.made:
-        Engine.made.pop().shutdown()
+        try:
+            Engine.made.pop().shutdown()
+        except Exception as e:  # re-raised below, once the others are down
+            failures.append(e)
+    if failures:
+        raise failures[0]
+
+
+@pytest.fixture
+def agent(agent: Agent) -> Iterator[Agent]:
+    """The suite's agent, whose engines are shut down before it stops."""
+    yield agent
+    shut_down_engines()
+
+
+@pytest.fixture(autouse=True)
+def no_connector_thread_left() -> Iterator[None]:
+    """Checks that shutting the test's engines down stopped every connector thread."""
+    yield
+    shut_down_engines()
     left = [t.name for t in threading.enumerate() if t.name.startswith("kvtier-")]
     assert not left, f"connector threads still running after shutdown: {left}"
 
@@ -126,6 +145,7 @@ def engines_shut_down() -> Iterator[None]:
 def engine(config: VllmConfig, agent: Agent) -> Iterator[Engine]:
     e = Engine(config, agent)
     yield e
+    shut_down_engines()
     connector_module._LEASES.clear()
 
 
@@ -239,9 +259,14 @@ def serving(workdir: Path) -> Iterator[Agent]:
         workdir / "serving.sock",
         ["--host-size", "256MiB", "--peer-listen", "127.0.0.1:0", "--peer-secret-file", str(secret)],
     )
-    yield agent
-    agent.kill()
-    connector_module._LEASES.clear()
+    try:
+        yield agent
+    finally:
+        try:
+            shut_down_engines()
+        finally:
+            agent.kill()
+            connector_module._LEASES.clear()
 
 
 def two_ranks(config: VllmConfig, agent: Agent) -> Engine:

@@ -114,6 +114,17 @@ pub enum ClientError {
     /// An argument the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The agent speaks a protocol version that has no such call (it is older than this
+    /// client, or restarted older since the call was chosen).
+    #[error("the agent speaks protocol {version}, which has no {verb} ({since} or later needed)")]
+    Unsupported {
+        /// The verb.
+        verb: &'static str,
+        /// The version the agent speaks.
+        version: u16,
+        /// The oldest version that has the call.
+        since: u16,
+    },
     /// More blocks in one call than the protocol allows.
     #[error("{0} blocks in one call; at most {MAX_BATCH}")]
     BatchTooLarge(usize),
@@ -383,16 +394,16 @@ impl Client {
 
     fn call_on(&self, guard: &mut Option<Conn>, req: &Request) -> Result<(Response, Arc<Link>)> {
         let conn = self.ensure(guard)?;
-        // The caller chose the request by the version of the connection it saw, and the agent
-        // may have restarted at an older one since (a rollback of the DaemonSet).
+        // Fitted to the connection it goes out on: the agent may have restarted older since the
+        // caller last saw it (a rollback of the DaemonSet).
         let version = conn.welcome.version;
-        let req = req.for_version(version).ok_or_else(|| {
-            ClientError::Protocol(format!(
-                "the agent now speaks protocol {version}, which has no such {} ({} or later needed)",
-                req.verb(),
-                req.since()
-            ))
-        })?;
+        let Some(req) = req.for_version(version) else {
+            return Err(ClientError::Unsupported {
+                verb: req.verb(),
+                version,
+                since: req.oldest(),
+            });
+        };
         let result = self
             .give_back_orphans(conn)
             .and_then(|()| self.exchange(conn, &req));
@@ -448,6 +459,11 @@ impl Client {
 
     /// One request and its answer on `conn`.
     fn exchange(&self, conn: &mut Conn, req: &Request) -> Result<Response> {
+        debug_assert!(
+            req.since() <= conn.welcome.version,
+            "{req:?} sent unfitted to protocol {}",
+            conn.welcome.version
+        );
         let deadline = Instant::now() + self.cfg.timeout;
         let id = conn.next_id;
         conn.next_id = conn.next_id.wrapping_add(1);
@@ -787,16 +803,12 @@ impl Client {
                 model.len()
             )));
         }
-        let (resp, link) = {
-            let mut guard = self.conn.lock();
-            if self.ensure(&mut guard)?.welcome.version < 2 {
-                // An agent of protocol 1 reports nothing to an index: nothing to tell it.
-                return Ok(());
-            }
-            drop(guard);
-            self.call(&Request::Announce(*ns, model.to_owned()), None)?
+        let resp = match self.call(&Request::Announce(*ns, model.to_owned()), None) {
+            Ok((resp, _)) => resp,
+            // An agent of protocol 1 reports nothing to an index: nothing to tell it.
+            Err(ClientError::Unsupported { .. }) => return Ok(()),
+            Err(e) => return Err(e),
         };
-        drop(link);
         match resp {
             Response::Announce => {
                 // Remembered (for reconnections) only once the agent took it.
@@ -844,25 +856,18 @@ impl Client {
                 "a peer address is 1 to 65535 bytes".into(),
             ));
         }
-        let version = self.version()?;
-        if version < 3 {
-            return Err(ClientError::InvalidArgument(format!(
-                "the agent speaks protocol {version}, which has no pull (3 or later needed)"
-            )));
-        }
-        if hashes.is_empty() && (ticket.is_none() || version < 6) {
+        if hashes.is_empty() && ticket.is_none() {
             return Ok(Vec::new());
         }
-        let ticket = ticket.filter(|_| version >= 6);
-        match self
-            .call(
-                &Request::Pull(peer.to_owned(), *ns, hashes.to_vec(), ticket),
-                None,
-            )?
-            .0
-        {
-            Response::Pull(held) if held.len() == hashes.len() => Ok(held),
-            other => Err(unexpected("pull", &other)),
+        match self.call(
+            &Request::Pull(peer.to_owned(), *ns, hashes.to_vec(), ticket),
+            None,
+        ) {
+            Ok((Response::Pull(held), _)) if held.len() == hashes.len() => Ok(held),
+            Ok((other, _)) => Err(unexpected("pull", &other)),
+            // It would only end the ticket's holds, and an agent before tickets holds under none.
+            Err(ClientError::Unsupported { .. }) if hashes.is_empty() => Ok(Vec::new()),
+            Err(e) => Err(e),
         }
     }
 
@@ -887,20 +892,19 @@ impl Client {
         ticket: Option<HoldTicket>,
     ) -> Result<HoldOutcome> {
         check_batch(hashes.len())?;
-        let version = self.version()?;
-        if version < 5 {
-            let mut tiers = self.lookup(ns, hashes)?;
-            // What another node holds is not this agent's to hand over.
-            tiers.truncate(tiers.iter().take_while(|t| **t != TierLevel::Peer).count());
-            return Ok(HoldOutcome { tiers, held: 0 });
-        }
-        let ticket = ticket.filter(|_| version >= 6);
-        match self.call(&Request::Hold(*ns, hashes.to_vec(), ticket), None)?.0 {
-            Response::Hold { tiers, held } if tiers.len() <= hashes.len() => Ok(HoldOutcome {
+        match self.call(&Request::Hold(*ns, hashes.to_vec(), ticket), None) {
+            Ok((Response::Hold { tiers, held }, _)) if tiers.len() <= hashes.len() => Ok(HoldOutcome {
                 tiers,
                 held: held as usize,
             }),
-            other => Err(unexpected("hold", &other)),
+            Ok((other, _)) => Err(unexpected("hold", &other)),
+            Err(ClientError::Unsupported { .. }) => {
+                let mut tiers = self.lookup(ns, hashes)?;
+                // What another node holds is not this agent's to hand over.
+                tiers.truncate(tiers.iter().take_while(|t| **t != TierLevel::Peer).count());
+                Ok(HoldOutcome { tiers, held: 0 })
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -909,19 +913,12 @@ impl Client {
     /// returns how many blocks are no longer held. 0 on an agent older than protocol 6, whose
     /// holds carry no ticket.
     pub fn unhold(&self, ns: &Namespace, ticket: HoldTicket) -> Result<usize> {
-        if self.version()? < 6 {
-            return Ok(0);
+        match self.call(&Request::Unhold(*ns, ticket), None) {
+            Ok((Response::Unhold(ended), _)) => Ok(ended as usize),
+            Ok((other, _)) => Err(unexpected("unhold", &other)),
+            Err(ClientError::Unsupported { .. }) => Ok(0),
+            Err(e) => Err(e),
         }
-        match self.call(&Request::Unhold(*ns, ticket), None)?.0 {
-            Response::Unhold(ended) => Ok(ended as usize),
-            other => Err(unexpected("unhold", &other)),
-        }
-    }
-
-    /// The protocol version spoken with the agent (connecting first if needed).
-    fn version(&self) -> Result<u16> {
-        let mut guard = self.conn.lock();
-        Ok(self.ensure(&mut guard)?.welcome.version)
     }
 
     /// The agent's counters, as a JSON document.

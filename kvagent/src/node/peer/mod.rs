@@ -98,14 +98,15 @@ pub(crate) enum PullFor {
 const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Control calls one connection may have in progress at once on this agent.
 const CONTROL_CALLS_PER_CONNECTION: usize = 64;
-/// Bound of one try of the release a puller sends after its pull, or of a hold's end (the
-/// grant or hold expires on its own anyway).
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of one try of a best-effort control call: the release a puller sends after its pull,
+/// or a hold's end (the grant or hold expires on its own anyway).
+const BEST_EFFORT_TRY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tries of a best-effort control call that fails to reach its peer.
 const BEST_EFFORT_TRIES: u32 = 3;
 /// Pause before a best-effort call's second try, doubled before each later one.
 const BEST_EFFORT_PAUSE: Duration = Duration::from_millis(200);
-/// How long a best-effort call is tried for where nothing expires sooner.
+/// How long after its first try a best-effort call may start another, where nothing expires
+/// sooner (that try may run its own timeout past it).
 const BEST_EFFORT_SPAN: Duration = Duration::from_secs(15);
 /// Control channels to peers kept at once.
 const MAX_PEER_CHANNELS: usize = 1024;
@@ -485,25 +486,26 @@ impl Peers {
         if grant.blocks.is_empty() {
             return Ok(held);
         }
-        if grant.blocks.len() > want.len() {
-            return Err(control(format!(
+        let id =
+            GrantId::from_slice(&grant.grant_id).ok_or_else(|| control("grant id is not 16 bytes".into()))?;
+        // More blocks than asked, or a length no slot of this agent holds, is refused before
+        // anything is reserved (the grant is still released, below): the peer's layout differs
+        // from this node's, or the peer lies.
+        let fits = self.store.host().max_block_len();
+        let unfit = if grant.blocks.len() > want.len() {
+            Some(control(format!(
                 "granted {} blocks of {} asked",
                 grant.blocks.len(),
                 want.len()
-            )));
-        }
-        let id =
-            GrantId::from_slice(&grant.grant_id).ok_or_else(|| control("grant id is not 16 bytes".into()))?;
-        // A length no slot of this agent holds is refused before anything is reserved (the
-        // grant is still released, below): the peer's layout differs from this node's, or the
-        // peer lies.
-        let fits = self.store.host().max_block_len();
-        let unfit = grant.blocks.iter().find(|b| b.len == 0 || b.len > fits).map(|b| {
-            control(format!(
-                "granted a block of {} bytes; this agent holds blocks of 1 to {fits}",
-                b.len
-            ))
-        });
+            )))
+        } else {
+            grant.blocks.iter().find(|b| b.len == 0 || b.len > fits).map(|b| {
+                control(format!(
+                    "granted a block of {} bytes; this agent holds blocks of 1 to {fits}",
+                    b.len
+                ))
+            })
+        };
         let bytes: u64 = grant.blocks.iter().map(|b| b.len.min(fits)).sum();
         let pays = purpose != PullFor::Reuse
             || self
@@ -536,10 +538,13 @@ impl Peers {
         };
         // Best effort: an unreleased grant expires on its own, and retrying after it did is
         // pointless.
-        let expires = match grant.ttl_ms {
-            0 => Instant::now() + BEST_EFFORT_SPAN,
-            ttl => asked + Duration::from_millis(u64::from(ttl)),
-        };
+        let expires = tokio::time::Instant::now()
+            + match grant.ttl_ms {
+                0 => BEST_EFFORT_SPAN,
+                ttl => Duration::from_millis(u64::from(ttl)).saturating_sub(asked.elapsed()),
+            };
+        // One token serves every try: they all start within the span, far inside the skew a
+        // token is accepted with (two minutes), and agents keep no record of tokens seen.
         let token = self.token();
         let peer_name = peer.to_owned();
         self.runtime.spawn(async move {
@@ -550,7 +555,7 @@ impl Peers {
                     },
                     token.as_ref(),
                 );
-                release.set_timeout(RELEASE_TIMEOUT);
+                release.set_timeout(BEST_EFFORT_TRY_TIMEOUT);
                 let mut client = client.clone();
                 async move { client.release(release).await }
             })
@@ -660,13 +665,14 @@ impl Peers {
             ticket: ticket.get(),
             whole_hand_off,
         };
+        // One token for every try, as for a release.
         let token = self.token();
         let peer = peer.to_owned();
         let client = proto::peer_client::PeerClient::new(channel);
         self.runtime.spawn(async move {
-            let ended = best_effort(Instant::now() + BEST_EFFORT_SPAN, || {
+            let ended = best_effort(tokio::time::Instant::now() + BEST_EFFORT_SPAN, || {
                 let mut req = with_token(msg.clone(), token.as_ref());
-                req.set_timeout(RELEASE_TIMEOUT);
+                req.set_timeout(BEST_EFFORT_TRY_TIMEOUT);
                 let mut client = client.clone();
                 async move { client.end_hold(req).await }
             })
@@ -845,16 +851,28 @@ enum Failed {
     /// The peer answered with an error that another try would get again.
     #[error("{}", status_text(.0))]
     Refused(tonic::Status),
-    /// Every try failed to reach the peer or timed out; the last one's status, if it had one.
-    #[error("{} tries failed, the last: {}", .tries, .last.as_ref().map_or_else(|| "timed out".to_owned(), status_text))]
-    Lost { tries: u32, last: Option<tonic::Status> },
+    /// No answer within a try's timeout: not tried again, so that a source too slow to answer
+    /// is not sent more.
+    #[error("no answer within {BEST_EFFORT_TRY_TIMEOUT:?}")]
+    TimedOut,
+    /// Every try failed to reach the peer; the last one's status.
+    #[error("{} ({})", status_text(.last), tried(*.tries))]
+    Lost { tries: u32, last: tonic::Status },
+}
+
+fn tried(tries: u32) -> String {
+    if tries == 1 {
+        "tried once".to_owned()
+    } else {
+        format!("tried {tries} times")
+    }
 }
 
 /// Makes a best-effort control call (a release, a hold's end), trying again while it fails to
-/// reach the peer or time out, up to [`BEST_EFFORT_TRIES`] tries and never past `until`: a lost
+/// reach the peer, up to [`BEST_EFFORT_TRIES`] tries, none starting after `until`: a lost
 /// release leaves its grant to expire, which ends every rank's holds of a hand-off while its
 /// later ranks may still pull them.
-async fn best_effort<T, F, Fut>(until: Instant, mut call: F) -> Result<(), Failed>
+async fn best_effort<T, F, Fut>(until: tokio::time::Instant, mut call: F) -> Result<(), Failed>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -863,13 +881,13 @@ where
     let mut tries = 0;
     loop {
         tries += 1;
-        let last = match tokio::time::timeout(RELEASE_TIMEOUT, call()).await {
+        let last = match tokio::time::timeout(BEST_EFFORT_TRY_TIMEOUT, call()).await {
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(s)) if !transient(&s) => return Err(Failed::Refused(s)),
-            Ok(Err(s)) => Some(s),
-            Err(_) => None,
+            Ok(Err(s)) if unreached(&s) => s,
+            Ok(Err(s)) => return Err(Failed::Refused(s)),
+            Err(_) => return Err(Failed::TimedOut),
         };
-        if tries >= BEST_EFFORT_TRIES || Instant::now() + pause >= until {
+        if tries >= BEST_EFFORT_TRIES || tokio::time::Instant::now() + pause > until {
             return Err(Failed::Lost { tries, last });
         }
         tokio::time::sleep(pause).await;
@@ -877,16 +895,10 @@ where
     }
 }
 
-/// Whether a failed call may get through if tried again: it did not reach the peer (tonic's
-/// transport errors come as `Unknown` or `Unavailable`), or ran out of time there.
-fn transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-    )
+/// Whether a failed call never reached the peer, or lost its connection before the answer:
+/// tonic reports a connection refused or reset as `Unavailable` or `Unknown`.
+fn unreached(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
 }
 
 /// What a failed control call said, with the causes tonic keeps out of the message: a
@@ -973,7 +985,7 @@ mod tests {
             if self.unreachable() {
                 return Err(tonic::Status::unavailable("connection refused"));
             }
-            self.released.fetch_add(1, Ordering::Relaxed);
+            self.released.fetch_add(1, Ordering::SeqCst);
             Ok(tonic::Response::new(proto::ReleaseResponse { released: true }))
         }
 
@@ -1114,7 +1126,7 @@ mod tests {
             assert_eq!(store.host().stats().used_bytes, 0, "{len}: a slot was taken");
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while source.released.load(Ordering::Relaxed) < lens.len() {
+        while source.released.load(Ordering::SeqCst) < lens.len() {
             assert!(Instant::now() < deadline, "the grants were not released");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1132,7 +1144,7 @@ mod tests {
         let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
         pull_one(&peers, &addr, key, None).expect_err("a block no slot holds");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while source.released.load(Ordering::Relaxed) == 0 {
+        while source.released.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < deadline, "the grant was not released");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1151,50 +1163,116 @@ mod tests {
         assert_eq!(source.unavailable.load(Ordering::SeqCst), 0);
     }
 
-    /// A best-effort call is tried again only while it fails to reach its peer, at most three
-    /// times, and not once it is past its bound.
+    /// What a best-effort call that fails with `status` each time did, on a paused clock: when
+    /// each try started, after the first, and the outcome.
+    async fn tries(
+        status: impl Fn() -> Option<tonic::Status>,
+        until: Duration,
+    ) -> (Vec<Duration>, Result<(), super::Failed>) {
+        let start = tokio::time::Instant::now();
+        let started = std::sync::Mutex::new(Vec::new());
+        let outcome = super::best_effort(start + until, || {
+            started.lock().unwrap().push(start.elapsed());
+            let status = status();
+            async move {
+                match status {
+                    Some(s) => Err::<tonic::Response<()>, _>(s),
+                    None => std::future::pending().await,
+                }
+            }
+        })
+        .await;
+        (started.into_inner().unwrap(), outcome)
+    }
+
+    /// A best-effort call is tried again, 200 ms and then 400 ms later, only while it fails
+    /// to reach its peer, at most three times, and none after its bound; a refusal or a try
+    /// that times out (a source too slow to answer) is not tried again.
+    #[tokio::test(start_paused = true)]
+    async fn best_effort_calls_retry_only_calls_that_did_not_reach_their_peer() {
+        let ms = Duration::from_millis;
+        let refused = || Some(tonic::Status::unavailable("connection refused"));
+        let minute = Duration::from_secs(60);
+        let (started, outcome) = tries(refused, minute).await;
+        assert_eq!(started, [ms(0), ms(200), ms(600)]);
+        assert_eq!(
+            outcome.unwrap_err().to_string(),
+            "connection refused (gRPC Unavailable) (tried 3 times)"
+        );
+        let (started, _) = tries(|| Some(tonic::Status::unknown("transport error")), minute).await;
+        assert_eq!(started.len(), 3, "a broken connection is tried again");
+        let (started, outcome) = tries(refused, ms(300)).await;
+        assert_eq!(started, [ms(0), ms(200)], "no try starts after the bound");
+        assert!(
+            matches!(outcome, Err(super::Failed::Lost { tries: 2, .. })),
+            "{outcome:?}"
+        );
+        let (_, outcome) = tries(refused, Duration::ZERO).await;
+        assert_eq!(
+            outcome.unwrap_err().to_string(),
+            "connection refused (gRPC Unavailable) (tried once)"
+        );
+        for status in [
+            tonic::Status::permission_denied("wrong secret"),
+            tonic::Status::unimplemented("no such call"),
+            tonic::Status::deadline_exceeded("too slow"),
+        ] {
+            let code = status.code();
+            let (started, outcome) = tries(|| Some(status.clone()), minute).await;
+            assert_eq!(started, [ms(0)], "{code:?}");
+            assert!(matches!(outcome, Err(super::Failed::Refused(_))), "{outcome:?}");
+        }
+        let (started, outcome) = tries(|| None, minute).await;
+        assert_eq!(started, [ms(0)], "a try that timed out is not repeated");
+        assert!(matches!(outcome, Err(super::Failed::TimedOut)), "{outcome:?}");
+    }
+
+    /// A release whose first try finds nothing listening at the source's address (a real
+    /// connection refused, as tonic reports it) gets through on the next try once the source
+    /// listens.
     #[test]
-    fn best_effort_calls_retry_only_what_may_get_through() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    fn a_call_that_could_not_connect_is_tried_again() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let tries = |status: fn() -> tonic::Status, until: Instant| {
-            let calls = AtomicUsize::new(0);
-            let outcome = runtime.block_on(super::best_effort(until, || {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let status = status();
-                async move { Err::<tonic::Response<()>, _>(status) }
-            }));
-            (calls.load(Ordering::SeqCst), outcome)
-        };
-        let later = Instant::now() + Duration::from_secs(60);
-        let (calls, outcome) = tries(|| tonic::Status::unavailable("connection refused"), later);
-        assert_eq!(calls, 3);
-        assert!(
-            matches!(
-                &outcome,
-                Err(super::Failed::Lost {
-                    tries: 3,
-                    last: Some(_)
-                })
-            ),
-            "{outcome:?}"
-        );
-        assert_eq!(
-            outcome.unwrap_err().to_string(),
-            "3 tries failed, the last: connection refused (gRPC Unavailable)"
-        );
-        let (calls, outcome) = tries(|| tonic::Status::permission_denied("wrong secret"), later);
-        assert_eq!(calls, 1);
-        assert!(matches!(outcome, Err(super::Failed::Refused(_))), "{outcome:?}");
-        let (calls, _) = tries(|| tonic::Status::unimplemented("no such call"), later);
-        assert_eq!(calls, 1);
-        let (calls, _) = tries(
-            || tonic::Status::unavailable("connection refused"),
-            Instant::now(),
-        );
-        assert_eq!(calls, 1, "a call past its bound is not tried again");
+        let source = Arc::new(LyingSource::default());
+        // A port nothing listens on, for the source to listen on at the second try.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let calls = AtomicUsize::new(0);
+        let outcome = runtime.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy();
+            super::best_effort(tokio::time::Instant::now() + Duration::from_secs(60), || {
+                if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                    let listener = std::net::TcpListener::bind(addr).expect("the port is still free");
+                    listener.set_nonblocking(true).unwrap();
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    tokio::spawn(
+                        tonic::transport::Server::builder()
+                            .add_service(proto::peer_server::PeerServer::new(Arc::clone(&source)))
+                            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                    );
+                }
+                let mut client = proto::peer_client::PeerClient::new(channel.clone());
+                async move {
+                    client
+                        .release(proto::ReleaseRequest {
+                            grant_id: vec![7; 16],
+                        })
+                        .await
+                }
+            })
+            .await
+        });
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(source.released.load(Ordering::SeqCst), 1);
     }
 
     /// A status that a broken connection became names what broke, once.
