@@ -177,8 +177,9 @@ enum kvtier_status kvtier_announce(const struct kvtier_client *client,
 // own tiers. `peer` is that agent's peer address (`host:port`, NUL-terminated), as a prefill
 // engine's `kv_transfer_params` name it. `held` (n bytes, may be NULL) receives 1 for each block
 // the agent now holds, else 0; `*matched` (may be NULL) the number of leading blocks held. A
-// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes. The
-// transfer is bounded by the client's timeout.
+// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes; so is a
+// pull from an agent older than protocol 3, which has none. The transfer is bounded by the
+// client's timeout.
 //
 // # Safety
 // `peer` a valid NUL-terminated string; `hashes` valid for `n` elements; `held` NULL or

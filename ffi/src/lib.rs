@@ -159,7 +159,8 @@ fn client_status(e: &ClientError) -> kvtier_status {
     match e {
         ClientError::Unavailable { .. } => KVTIER_ERR_UNAVAILABLE,
         ClientError::Timeout(_) => KVTIER_ERR_TIMEOUT,
-        ClientError::Refused { .. } => KVTIER_ERR_REFUSED,
+        // An agent whose version has no such call refuses it in all but name.
+        ClientError::Refused { .. } | ClientError::Unsupported { .. } => KVTIER_ERR_REFUSED,
         ClientError::StaleHandle => KVTIER_ERR_STALE,
         ClientError::BufferSize { .. } => KVTIER_ERR_BUFFER,
         ClientError::InvalidArgument(_) => KVTIER_ERR_INVALID_ARGUMENT,
@@ -475,8 +476,9 @@ pub unsafe extern "C" fn kvtier_announce(
 /// own tiers. `peer` is that agent's peer address (`host:port`, NUL-terminated), as a prefill
 /// engine's `kv_transfer_params` name it. `held` (n bytes, may be NULL) receives 1 for each block
 /// the agent now holds, else 0; `*matched` (may be NULL) the number of leading blocks held. A
-/// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes. The
-/// transfer is bounded by the client's timeout.
+/// failed transfer is KVTIER_ERR_REFUSED and costs nothing else: the engine recomputes; so is a
+/// pull from an agent older than protocol 3, which has none. The transfer is bounded by the
+/// client's timeout.
 ///
 /// # Safety
 /// `peer` a valid NUL-terminated string; `hashes` valid for `n` elements; `held` NULL or

@@ -203,8 +203,8 @@ struct TierCollector {
     store: Arc<TieredStore>,
 }
 
-/// Exports what the peer transports count themselves and the grant table's occupancy, read at
-/// scrape time.
+/// Exports what the peer transports count themselves and the grant table's occupancy and
+/// expiries, read at scrape time.
 #[derive(Debug)]
 struct PeerCollector {
     transports: Vec<Arc<dyn Transport>>,
@@ -253,14 +253,15 @@ impl Collector for PeerCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         ConstCounter::new(expired.grants).encode(grants)?;
-        let held = encoder.encode_descriptor(
-            "peer_held_blocks_expired",
-            "Blocks whose hold for a peer's pull ran out (`peer.hold_s`) with a hand-off still \
-             waiting: its decode engine died, or the request never reached one",
+        let holds_expired = encoder.encode_descriptor(
+            "peer_holds_expired",
+            "Holds of blocks for a peer's pull that ran out (`peer.hold_s`) with their hand-off \
+             still waiting, one per hand-off and block: its decode engine died, or the request \
+             never reached one",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
-        ConstCounter::new(expired.held_blocks).encode(held)?;
+        ConstCounter::new(expired.holds).encode(holds_expired)?;
         if self.transports.is_empty() {
             return Ok(());
         }

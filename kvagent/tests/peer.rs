@@ -502,15 +502,15 @@ fn holds_no_decode_pulls_expire_and_are_counted() {
     let hashes: Vec<BlockHash> = handed.iter().map(|(h, _)| *h).collect();
     let c = source.client();
     save(&c, &space, &handed);
+    assert_eq!(source.stats()["peer"]["holds_expired"], 0);
     assert_eq!(c.hold_under(&space, &hashes, HoldTicket::new(3)).unwrap().held, 4);
-    assert_eq!(source.stats()["peer"]["held_blocks_expired"], 0);
     source.wait_for("the holds expired", |s| s["peer"]["held_blocks"] == 0);
-    assert_eq!(source.stats()["peer"]["held_blocks_expired"], 4);
+    assert_eq!(source.stats()["peer"]["holds_expired"], 4);
     assert_eq!(source.stats()["peer"]["grants_expired"], 0);
     let (status, metrics) = source.http_get("/metrics");
     assert_eq!(status, 200);
     for line in [
-        "kvtier_peer_held_blocks_expired_total 4",
+        "kvtier_peer_holds_expired_total 4",
         "kvtier_peer_grants_expired_total 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");

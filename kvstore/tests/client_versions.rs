@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use kvstore::client::{Client, ClientConfig};
+use kvstore::client::{Client, ClientConfig, ClientError};
 use kvstore::transport::HoldTicket;
 use kvstore::wire::{self, ErrorCode, PROTOCOL_VERSION, Request, Response, Welcome};
 use kvstore::{BlockHash, HostArena, HugePages, Namespace, TierLevel};
@@ -248,4 +248,38 @@ fn an_announce_after_the_agent_rolled_back_before_announces_is_skipped() {
     let mut expected = vec![Seen::Hello(PROTOCOL_VERSION), Seen::Call("announce")];
     expected.extend((1..=PROTOCOL_VERSION).rev().map(Seen::Hello));
     assert_eq!(seen, expected);
+}
+
+/// An agent of protocol 2 has no pull: a pull of blocks fails naming the version it needs and
+/// sends nothing, and a pull that would only end a ticket's holds has nothing to end there.
+#[test]
+fn a_pull_from_an_agent_before_pulls_says_which_version_it_needs() {
+    let seen = with_older_agent(2, |client, ns, hashes| {
+        let err = client
+            .pull("peer:1", ns, hashes)
+            .expect_err("no pull in protocol 2");
+        assert!(
+            matches!(
+                err,
+                ClientError::Unsupported {
+                    verb: "pull",
+                    version: 2,
+                    since: 3
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the agent speaks protocol 2, which has no pull (3 or later needed)"
+        );
+        let ended = client.pull_under("peer:1", ns, &[], HoldTicket::new(4));
+        assert_eq!(ended.expect("nothing to end"), Vec::<bool>::new());
+        assert_eq!(
+            client.pull("peer:1", ns, &[]).expect("nothing to pull"),
+            Vec::<bool>::new()
+        );
+    });
+    let hellos: Vec<Seen> = (2..=PROTOCOL_VERSION).rev().map(Seen::Hello).collect();
+    assert_eq!(seen, hellos);
 }

@@ -502,12 +502,13 @@ impl Client {
 
     /// Has the agent copy the longest prefix of ``hashes`` that the agent at ``peer`` (its peer
     /// address, ``host:port``) holds into its own tiers; per hash, whether the agent holds it
-    /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``. With
-    /// the ``ticket`` the producer held the blocks under, the peer ends that hand-off's holds
-    /// in ``ns`` once the pull is over; with the ticket and no hashes (the engine needs no more
-    /// of the hand-off), it ends them in every namespace, all the hand-off's ranks, as it does
-    /// when the peer refuses the pull's grant or does not answer in time (the engine is
-    /// expected to compute the whole request then).
+    /// now. Bounded by this client's timeout; a failed transfer raises ``KvtierError``, as does
+    /// an agent older than protocol 3, which has no pull. With the ``ticket`` the producer held
+    /// the blocks under, the peer ends that hand-off's holds in ``ns`` once the pull is over;
+    /// with the ticket and no hashes (the engine needs no more of the hand-off), it ends them in
+    /// every namespace, all the hand-off's ranks, as it does when the peer refuses the pull's
+    /// grant or does not answer in time (the engine is expected to compute the whole request
+    /// then).
     #[pyo3(signature = (peer, ns, hashes, ticket=None))]
     fn pull(
         &self,

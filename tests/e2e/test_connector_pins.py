@@ -98,8 +98,10 @@ class Engine:
 
     def shutdown(self) -> None:
         """What vLLM calls when the engine stops."""
-        self.scheduler.shutdown()
-        self.worker.shutdown()
+        try:
+            self.scheduler.shutdown()
+        finally:
+            self.worker.shutdown()
 
     def block_bytes(self, block_id: int) -> bytes:
         """A block's pages in the order the connector saves them: layer by layer."""
@@ -144,9 +146,13 @@ def no_connector_thread_left() -> Iterator[None]:
 @pytest.fixture
 def engine(config: VllmConfig, agent: Agent) -> Iterator[Engine]:
     e = Engine(config, agent)
-    yield e
-    shut_down_engines()
-    connector_module._LEASES.clear()
+    try:
+        yield e
+    finally:
+        try:
+            shut_down_engines()
+        finally:
+            connector_module._LEASES.clear()
 
 
 def request(req_id: str, seed: int) -> Request:

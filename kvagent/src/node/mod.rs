@@ -234,6 +234,8 @@ fn stats_json(shared: &server::Shared) -> String {
             "blocks": t.blocks, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
         })
     };
+    let grants = shared.peers.grants();
+    let expired = grants.expired();
     serde_json::json!({
         "instance": shared.instance,
         "clients": shared.metrics.clients.get(),
@@ -241,10 +243,10 @@ fn stats_json(shared: &server::Shared) -> String {
         "announced_namespaces": shared.models.len(),
         "peer": {
             "address": shared.peers.advertise(),
-            "grants_open": shared.peers.grants().open(),
-            "held_blocks": shared.peers.grants().held().blocks,
-            "grants_expired": shared.peers.grants().expired().grants,
-            "held_blocks_expired": shared.peers.grants().expired().held_blocks,
+            "grants_open": grants.open(),
+            "held_blocks": grants.held().blocks,
+            "grants_expired": expired.grants,
+            "holds_expired": expired.holds,
         },
         "host": tier(&s.host),
         "disk": s.disk.as_ref().map(tier),

@@ -184,8 +184,8 @@ pub struct Grants {
     holds: Mutex<Holds>,
     /// Grants that expired unreleased, since the table was made.
     grants_expired: AtomicU64,
-    /// Blocks whose holds expired before a pull or an end of each hand-off, since the table was
-    /// made.
+    /// Holds that ran out before their hand-off's pull or end, one per hand-off and block,
+    /// since the table was made.
     holds_expired: AtomicU64,
 }
 
@@ -293,16 +293,26 @@ pub struct HeldCounts {
     pub disk_bytes: u64,
 }
 
-/// What expired in a grant table since it was made, for metrics: each is a puller or a decode
-/// engine that neither finished nor gave up what it was granted or handed.
+/// What expired in a grant table since it was made, for metrics: work a puller or a decode
+/// engine neither finished nor gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExpiredCounts {
     /// Grants that expired unreleased (their pullers died, gave up, or lost every try of the
-    /// release).
+    /// release). One under a ticket ends its hand-off's holds, which count here only.
     pub grants: u64,
-    /// Blocks whose holds expired with a hand-off still waiting for its pull (its decode engine
-    /// died, or the request never reached one).
-    pub held_blocks: u64,
+    /// Holds that ran out with their hand-off still waiting for its pull (its decode engine
+    /// died, or the request never reached one): one per hand-off and block, so a block two
+    /// hand-offs held counts twice if neither is pulled, once if one is.
+    pub holds: u64,
+}
+
+/// What ending a ticket's holds did.
+#[derive(Debug, Default)]
+struct Ended {
+    /// Holds of blocks ended: the ticket's, one per block it still held.
+    holds: usize,
+    /// Blocks no longer held at all (no other hand-off waits for them).
+    unpinned: usize,
 }
 
 /// One grant being made, counted in [`Grants::making`] until dropped.
@@ -592,21 +602,21 @@ impl Grants {
     /// Ends the holds made under `ticket` in `ns` now (that rank of the hand-off will not be
     /// pulled, or its holder gave up on it); returns how many blocks are no longer held.
     pub fn unhold(&self, ns: Namespace, ticket: HoldTicket) -> usize {
-        self.end_ticket(&mut self.holds.lock(), ticket, Some(ns))
+        self.end_ticket(&mut self.holds.lock(), ticket, Some(ns)).unpinned
     }
 
     /// Ends every hold made under `ticket`, in every namespace: the whole hand-off, all its
     /// ranks (its decode computes the request, or needs none of its blocks); returns how many
     /// blocks are no longer held.
     pub fn end_hand_off(&self, ticket: HoldTicket) -> usize {
-        self.end_ticket(&mut self.holds.lock(), ticket, None)
+        self.end_ticket(&mut self.holds.lock(), ticket, None).unpinned
     }
 
     /// Takes `ticket` off the blocks it holds (in namespace `only`, or in all), ending the
-    /// holds of those no other hand-off waits for; returns how many.
-    fn end_ticket(&self, holds: &mut Holds, ticket: HoldTicket, only: Option<Namespace>) -> usize {
+    /// holds of those no other hand-off waits for.
+    fn end_ticket(&self, holds: &mut Holds, ticket: HoldTicket, only: Option<Namespace>) -> Ended {
         let Some(mut held) = holds.tickets.remove(&ticket) else {
-            return 0;
+            return Ended::default();
         };
         let ending = match only {
             None => std::mem::take(&mut held.keys),
@@ -623,7 +633,7 @@ impl Grants {
                 ending
             }
         };
-        let mut ended = 0;
+        let mut ended = Ended::default();
         for key in &ending {
             let Some(h) = holds.blocks.get_mut(key) else {
                 continue;
@@ -632,9 +642,10 @@ impl Grants {
                 continue;
             };
             h.tickets.swap_remove(at);
+            ended.holds += 1;
             if h.idle() {
                 self.end_hold(holds, key);
-                ended += 1;
+                ended.unpinned += 1;
             }
         }
         ended
@@ -669,7 +680,7 @@ impl Grants {
     pub fn expired(&self) -> ExpiredCounts {
         ExpiredCounts {
             grants: self.grants_expired.load(Ordering::Relaxed),
-            held_blocks: self.holds_expired.load(Ordering::Relaxed),
+            holds: self.holds_expired.load(Ordering::Relaxed),
         }
     }
 
@@ -698,9 +709,11 @@ impl Grants {
             .filter(|(_, t)| t.expires <= now)
             .map(|(ticket, _)| *ticket)
             .collect();
-        let mut ended = 0;
+        let mut ended = Ended::default();
         for ticket in tickets {
-            ended += self.end_ticket(holds, ticket, None);
+            let by_ticket = self.end_ticket(holds, ticket, None);
+            ended.holds += by_ticket.holds;
+            ended.unpinned += by_ticket.unpinned;
         }
         let mut expired = Vec::new();
         let mut next = None::<Instant>;
@@ -708,6 +721,9 @@ impl Grants {
         for (key, h) in &holds.blocks {
             if h.expires <= now {
                 expired.push(*key);
+                // Every hand-off still waiting for the block: ticketless ones and those whose
+                // ticket a later hold of other blocks renewed.
+                ended.holds += h.waiting as usize + h.tickets.len();
             } else {
                 sooner(h.expires);
             }
@@ -719,9 +735,9 @@ impl Grants {
         for key in &expired {
             self.end_hold(holds, key);
         }
-        let ended = ended + expired.len();
-        self.holds_expired.fetch_add(ended as u64, Ordering::Relaxed);
-        ended
+        self.holds_expired
+            .fetch_add(ended.holds as u64, Ordering::Relaxed);
+        ended.unpinned + expired.len()
     }
 
     /// Drops expired grants; returns how many.
@@ -968,10 +984,7 @@ mod tests {
         assert_eq!(g.held(), HeldCounts::default());
         assert_eq!(
             g.expired(),
-            ExpiredCounts {
-                grants: 0,
-                held_blocks: 1
-            },
+            ExpiredCounts { grants: 0, holds: 1 },
             "the released grants did not expire; the unpulled hold did"
         );
         pressure(&s, 300);
@@ -1149,6 +1162,51 @@ mod tests {
         }
     }
 
+    /// Expired holds are counted once per hand-off and block: a block two hand-offs hold counts
+    /// for the one whose ticket ran out while the other still waits (and not again when that
+    /// one ends), a renewed ticket counts nothing until it runs out, a ticket and its block
+    /// running out at once count once, and each ticketless hand-off of a block counts.
+    #[test]
+    fn expired_holds_are_counted_per_hand_off_and_block() {
+        let s = store(8);
+        for i in 0..3 {
+            s.put(&key(i), &payload(i, 1 << 20));
+        }
+        let ttl = Duration::from_secs(60);
+        let g = holding(&s, ttl, 8 << 20);
+        let after = |at: Instant| while Instant::now() == at {};
+        // Ticket 1 holds blocks 0 and 1; ticket 2, a moment later, blocks 1 and 2.
+        assert_eq!(hold_under(&g, &[key(0), key(1)], 1), 2);
+        let between = Instant::now();
+        after(between);
+        assert_eq!(hold_under(&g, &[key(1), key(2)], 2), 2);
+        assert_eq!(
+            g.expire_holds_at(between + ttl),
+            1,
+            "block 1 still held for ticket 2"
+        );
+        assert_eq!(g.expired().holds, 2, "ticket 1's holds of both blocks");
+        assert_eq!(g.end_hand_off(ticket(2)), 2);
+        assert_eq!(g.held(), HeldCounts::default());
+        assert_eq!(g.expired().holds, 2, "a hand-off that ended is not counted");
+
+        assert_eq!(hold_under(&g, &[key(0)], 3), 1);
+        let first = Instant::now();
+        after(first);
+        assert_eq!(hold_under(&g, &[key(0)], 3), 1);
+        assert_eq!(g.expire_holds_at(first + ttl), 0, "renewed");
+        assert_eq!(g.expired().holds, 2);
+        let later = Instant::now() + ttl;
+        assert_eq!(g.expire_holds_at(later), 1);
+        assert_eq!(g.expired().holds, 3, "the ticket's hold and its block's, once");
+
+        assert_eq!(hold(&g, &[key(2)]).held, 1);
+        assert_eq!(hold(&g, &[key(2)]).held, 1);
+        assert_eq!(g.expire_holds_at(Instant::now() + ttl), 1);
+        assert_eq!(g.expired().holds, 5, "two ticketless hand-offs of the block");
+        assert_eq!(g.expired().grants, 0);
+    }
+
     /// A block held under more tickets than a block keeps counts the extra hand-offs as
     /// waits without one: still held for them, ended by a pull that names none.
     #[test]
@@ -1227,10 +1285,7 @@ mod tests {
         assert_eq!(g.held(), HeldCounts::default());
         assert_eq!(
             g.expired(),
-            ExpiredCounts {
-                grants: 1,
-                held_blocks: 0
-            },
+            ExpiredCounts { grants: 1, holds: 0 },
             "the holds ended with the hand-off, not by their own expiry"
         );
     }

@@ -848,7 +848,8 @@ fn with_token<T>(msg: T, token: Option<&AsciiMetadataValue>) -> tonic::Request<T
 /// Why a best-effort control call did not get through.
 #[derive(Debug, thiserror::Error)]
 enum Failed {
-    /// The peer answered with an error that another try would get again.
+    /// The peer answered with an error, or the call failed after it may have reached the
+    /// peer: not tried again.
     #[error("{}", status_text(.0))]
     Refused(tonic::Status),
     /// No answer within a try's timeout: not tried again, so that a source too slow to answer
@@ -869,7 +870,7 @@ fn tried(tries: u32) -> String {
 }
 
 /// Makes a best-effort control call (a release, a hold's end), trying again while it fails to
-/// reach the peer, up to [`BEST_EFFORT_TRIES`] tries, none starting after `until`: a lost
+/// reach the peer, up to [`BEST_EFFORT_TRIES`] tries, none but the first after `until`: a lost
 /// release leaves its grant to expire, which ends every rank's holds of a hand-off while its
 /// later ranks may still pull them.
 async fn best_effort<T, F, Fut>(until: tokio::time::Instant, mut call: F) -> Result<(), Failed>
@@ -895,8 +896,9 @@ where
     }
 }
 
-/// Whether a failed call never reached the peer, or lost its connection before the answer:
-/// tonic reports a connection refused or reset as `Unavailable` or `Unknown`.
+/// Whether a failed call may not have reached the peer: tonic reports a connection it could not
+/// make, or one that broke, as `Unavailable` or `Unknown` (a stream the peer reset comes as
+/// another code, and is not tried again).
 fn unreached(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
 }
@@ -931,13 +933,15 @@ mod tests {
     use crate::config::NodeConfig;
     use crate::metrics::Metrics;
 
-    /// A source that grants one block of the length it is told (or refuses, when told to),
+    /// A source that grants one block of the length it is told (or more, or refuses, when told to),
     /// and counts releases and the tickets whose holds it is asked to end (and whether in
     /// every namespace). It answers the first `unavailable` releases and ends as a source
     /// that cannot be reached.
     #[derive(Default)]
     struct LyingSource {
         len: AtomicU64,
+        /// Blocks granted more than asked.
+        extra: AtomicUsize,
         refuse: AtomicBool,
         unavailable: AtomicUsize,
         release_tries: AtomicUsize,
@@ -968,11 +972,14 @@ mod tests {
                 grant_id: vec![7; 16],
                 transport: "tcp".into(),
                 endpoint: b"127.0.0.1:9".to_vec(),
-                blocks: vec![proto::GrantedBlock {
-                    offset: 0,
-                    len: self.len.load(Ordering::Relaxed),
-                    checksum: 0,
-                }],
+                blocks: vec![
+                    proto::GrantedBlock {
+                        offset: 0,
+                        len: self.len.load(Ordering::Relaxed),
+                        checksum: 0,
+                    };
+                    1 + self.extra.load(Ordering::Relaxed)
+                ],
                 ttl_ms: 30_000,
             }))
         }
@@ -1132,6 +1139,27 @@ mod tests {
         }
     }
 
+    /// A grant of more blocks than were asked fails the pull, reserving nothing, and is still
+    /// released (an unreleased one would expire and end the hand-off's other ranks' holds).
+    #[test]
+    fn a_grant_of_more_blocks_than_asked_fails_the_pull_and_is_released() {
+        let (_server, source, addr, store, peers) = lying_source();
+        source.len.store(4096, Ordering::Relaxed);
+        source.extra.store(1, Ordering::Relaxed);
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        let err = pull_one(&peers, &addr, key, None).expect_err("more blocks than asked");
+        assert!(
+            matches!(&err, PullError::Control { status, .. } if status.contains("granted 2 blocks of 1 asked")),
+            "{err}"
+        );
+        assert_eq!(store.host().stats().used_bytes, 0, "a slot was taken");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.released.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the grant was not released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A release that does not reach the source is tried again: the grant is released on
     /// the third try.
     #[test]
@@ -1163,8 +1191,8 @@ mod tests {
         assert_eq!(source.unavailable.load(Ordering::SeqCst), 0);
     }
 
-    /// What a best-effort call that fails with `status` each time did, on a paused clock: when
-    /// each try started, after the first, and the outcome.
+    /// What a best-effort call that fails with `status` each time (or never answers, for
+    /// `None`) did, on a paused clock: when each try started, from the first, and the outcome.
     async fn tries(
         status: impl Fn() -> Option<tonic::Status>,
         until: Duration,
@@ -1238,21 +1266,21 @@ mod tests {
             .build()
             .unwrap();
         let source = Arc::new(LyingSource::default());
-        // A port nothing listens on, for the source to listen on at the second try.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
         let calls = AtomicUsize::new(0);
         let outcome = runtime.block_on(async {
+            // Bound and not listening: connections are refused, and the port stays this
+            // test's until the source listens on it, at the second try.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket.local_addr().unwrap();
+            let socket = std::sync::Mutex::new(Some(socket));
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .unwrap()
                 .connect_lazy();
             super::best_effort(tokio::time::Instant::now() + Duration::from_secs(60), || {
                 if calls.fetch_add(1, Ordering::SeqCst) == 1 {
-                    let listener = std::net::TcpListener::bind(addr).expect("the port is still free");
-                    listener.set_nonblocking(true).unwrap();
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let socket = socket.lock().unwrap().take().expect("listens once");
+                    let listener = socket.listen(64).unwrap();
                     tokio::spawn(
                         tonic::transport::Server::builder()
                             .add_service(proto::peer_server::PeerServer::new(Arc::clone(&source)))
