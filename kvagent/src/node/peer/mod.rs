@@ -1074,6 +1074,15 @@ mod tests {
         assert!(source.ended_everywhere.load(Ordering::SeqCst));
     }
 
+    /// Waits (10 s at most) for `source` to have released `grants` grants.
+    fn assert_released(source: &LyingSource, grants: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.released.load(Ordering::SeqCst) < grants {
+            assert!(Instant::now() < deadline, "the grants were not released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A hand-off pull of one block from `addr`, within 10 s.
     fn pull_one(
         peers: &Peers,
@@ -1132,11 +1141,7 @@ mod tests {
             );
             assert_eq!(store.host().stats().used_bytes, 0, "{len}: a slot was taken");
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while source.released.load(Ordering::SeqCst) < lens.len() {
-            assert!(Instant::now() < deadline, "the grants were not released");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert_released(&source, lens.len());
     }
 
     /// A grant of more blocks than were asked fails the pull, reserving nothing, and is still
@@ -1153,11 +1158,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.host().stats().used_bytes, 0, "a slot was taken");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while source.released.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the grant was not released");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert_released(&source, 1);
     }
 
     /// A release that does not reach the source is tried again: the grant is released on
@@ -1171,11 +1172,7 @@ mod tests {
             .store(store.host().max_block_len() + 1, Ordering::Relaxed);
         let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
         pull_one(&peers, &addr, key, None).expect_err("a block no slot holds");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while source.released.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the grant was not released");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert_released(&source, 1);
         assert_eq!(source.release_tries.load(Ordering::SeqCst), 3);
     }
 
