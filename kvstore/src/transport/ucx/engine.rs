@@ -854,6 +854,10 @@ impl EngineCell {
         let until = Instant::now() + budget;
         let reply = spec.reply.clone();
         engine.start_pull(spec);
+        #[cfg(test)]
+        {
+            engine.driven_pulls += 1;
+        }
         // Over once this lane has no job of this pull's channel (other lanes' runs and the
         // pulling future hold senders too, so the channel itself may stay open).
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
@@ -943,6 +947,9 @@ pub(super) struct Engine {
     /// Pulls started that sleep between their blocks ([`PullSpec::sleeps`]).
     #[cfg(test)]
     pub(super) sleeping_pulls: usize,
+    /// Pulls (or a lane's runs of them) started by the pulling thread, which drove them.
+    #[cfg(test)]
+    pub(super) driven_pulls: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -1011,6 +1018,8 @@ impl Engine {
             early_sleeps: 0,
             #[cfg(test)]
             sleeping_pulls: 0,
+            #[cfg(test)]
+            driven_pulls: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.

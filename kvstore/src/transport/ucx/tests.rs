@@ -1550,6 +1550,39 @@ fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
     ));
 }
 
+/// Checked pulls that a source sends in rendezvous over TCP alone are driven by the pulling
+/// thread up to [`CHECKED_SENDS_INLINE_TIMES`] × `inline_bytes`; every other pull (written,
+/// sent eagerly, read, unchecked, or over a fabric that may be shared memory) up to
+/// `inline_bytes`, and 0 still means never.
+#[test]
+fn only_checked_sends_over_tcp_are_driven_past_inline_bytes() {
+    let inline = 4 << 20;
+    let wider = inline * CHECKED_SENDS_INLINE_TIMES;
+    assert_eq!(wider, 16 << 20);
+    let plan = |mode, eager| PullPlan { mode, eager };
+    let sent = plan(UcxMode::SendOnRequest, false);
+    assert!(driven_inline(inline, wider, sent, true, true));
+    assert!(!driven_inline(inline, wider + 1, sent, true, true));
+    for (plan, tcp_only, checked) in [
+        (plan(UcxMode::PutOnRequest, false), true, true),
+        (plan(UcxMode::SendOnRequest, true), true, true),
+        (plan(UcxMode::Get, false), true, true),
+        (sent, false, true),
+        (sent, true, false),
+    ] {
+        let case = format!("{plan:?} tcp_only {tcp_only} checked {checked}");
+        assert!(driven_inline(inline, inline, plan, tcp_only, checked), "{case}");
+        assert!(
+            !driven_inline(inline, inline + 1, plan, tcp_only, checked),
+            "{case}"
+        );
+    }
+    assert!(!driven_inline(0, 1, sent, true, true));
+    assert!(driven_inline(u64::MAX, u64::MAX, sent, true, true));
+    // Its budget is the time its bytes take at the pace of a healthy pull, not cut short.
+    assert!(inline_budget(wider) < INLINE_BUDGET_MAX);
+}
+
 /// `Auto` over TCP, with pulls it writes, pulls it sends eagerly or in rendezvous, of blocks
 /// small and large enough for the progress thread to sleep between them, byte for byte.
 #[tokio::test]
@@ -1577,29 +1610,37 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     };
     let handed_over = UcxTransport::new(Arc::clone(&dst), None, handed_over).unwrap();
     let unchecked = UcxTransport::new(Arc::clone(&dst), None, unchecked).unwrap();
-    // (blocks, the puller: driven by the pulling thread, handed to the progress thread, or
-    // that and not checking its blocks; whether the source is asked to send them, how many it
-    // sends eagerly, whether the pull sleeps between them): a single large block is written.
-    for (range, t, sent, eager, sleeps) in [
-        (0..12, &inline, true, 12, false),
-        (0..12, &handed_over, false, 0, false),
-        (2..3, &inline, true, 1, false),
-        (12..24, &handed_over, true, 0, true),
-        (12..24, &unchecked, true, 0, false),
-        (0..24, &handed_over, true, 0, false),
-        (12..13, &inline, false, 0, true),
-        (24..28, &handed_over, true, 0, true),
-        (24..28, &unchecked, true, 0, true),
-        (25..26, &handed_over, false, 0, true),
+    // (blocks, the puller: one with the default limit of pulls its own thread drives, one that
+    // hands every pull to the progress thread, or that and not checking its blocks; whether
+    // the source is asked to send them, how many it sends eagerly, whether the pull sleeps
+    // between them, whether the pulling thread drove it): a single large block is written,
+    // and checked pulls of sent blocks are driven by the pulling thread up to 16 MiB (12 and
+    // 14 MiB here, not 18).
+    for (range, t, sent, eager, sleeps, driven) in [
+        (0..12, &inline, true, 12, false, true),
+        (0..12, &handed_over, false, 0, false, false),
+        (2..3, &inline, true, 1, false, true),
+        (12..24, &inline, true, 0, true, true),
+        (12..24, &handed_over, true, 0, true, false),
+        (12..24, &unchecked, true, 0, false, false),
+        (0..24, &handed_over, true, 0, false, false),
+        (12..13, &inline, false, 0, true, true),
+        (24..28, &inline, true, 0, true, true),
+        (20..28, &inline, true, 0, true, false),
+        (24..28, &handed_over, true, 0, true, false),
+        (24..28, &unchecked, true, 0, true, false),
+        (25..26, &handed_over, false, 0, true, false),
     ] {
         let keys = &keys[range.clone()];
         let grant = grants.grant(keys).unwrap();
         let (sends_before, eager_before) = (src.served_sends(), src.served_eager());
         let (early_sleeps, sleeping_pulls) = (t.early_sleeps(), t.sleeping_pulls());
+        let driven_pulls = t.driven_pulls();
         let pulled = pull(&dst, t, &endpoint, &grant, keys, soon()).await;
         assert_eq!(src.served_sends() - sends_before, usize::from(sent), "{range:?}");
         assert_eq!(src.served_eager() - eager_before, eager, "{range:?}");
         assert_eq!(t.sleeping_pulls() > sleeping_pulls, sleeps, "{range:?}");
+        assert_eq!(t.driven_pulls() - driven_pulls, usize::from(driven), "{range:?}");
         // Whether a sleeping pull's progress thread found a turn with nothing to do depends on
         // how fast the bytes came; one that polls never sleeps early.
         if !sleeps {
