@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 #[cfg(feature = "ucx")]
-use kvstore::transport::ucx::{UcxConfig, UcxMode, UcxTransport};
+use kvstore::transport::ucx::{CHECKED_SENDS_INLINE_TIMES, UcxConfig, UcxMode, UcxTransport};
 use kvstore::transport::{Grant, GrantId, Grants, PullItem, Secret, Transport};
 use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 use serde::{Deserialize, Serialize};
@@ -60,7 +60,8 @@ pub(crate) struct TransferArgs {
     #[arg(long, value_enum, default_value_t = UcxModeArg::Auto)]
     pub(crate) ucx_mode: UcxModeArg,
     /// Largest UCX pull, in KiB, that the pulling thread drives itself rather than the
-    /// progress thread (0: none; default: the transport's). Several values measure one UCX
+    /// progress thread (0: none; default: the transport's; four times as much for checked
+    /// pulls of large blocks sent over UCX-TCP). Several values measure one UCX
     /// puller each, in the same run; the second and later ones are labelled with the value
     /// (`shm inline 0`).
     #[arg(long, value_delimiter = ',')]
@@ -370,11 +371,12 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 match UcxTransport::new(Arc::clone(&store), None, cfg) {
                     Ok(t) => {
                         eprintln!(
-                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {} KiB driven by the pulling thread",
+                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {} KiB driven by the pulling thread ({} × for checked sends of large blocks over TCP)",
                             fabric.tls,
                             t.mode(),
                             t.lanes(),
-                            t.inline_bytes() / 1024
+                            t.inline_bytes() / 1024,
+                            CHECKED_SENDS_INLINE_TIMES
                         );
                         planes.push(Puller {
                             system: "kvtier-ucx",

@@ -9,20 +9,23 @@
 //! engine's lock. A progress thread that
 //! the transport owns drives it between its waits: it polls for a short while after any
 //! activity and otherwise sleeps on the worker's event fd, so an idle transport costs nothing.
-//! A pull of at most [`UcxConfig::inline_bytes`] (several times that for checked pulls of
-//! sent blocks over TCP, [`CHECKED_SENDS_INLINE_TIMES`]) is driven by the pulling thread itself: it
-//! takes the lock (the progress thread steps aside), issues the pull and progresses the worker
-//! until the pull is over or its [`inline_budget`] has passed, and leaves any rest to the progress
-//! thread; over shared memory a one-block pull then involves no other thread at all, where a
-//! hand-off costs two thread wake-ups, more than the copy of a 64 KiB block. A larger pull is
-//! a command put in a mailbox, after which the worker is woken with `ucp_worker_signal`; its
-//! results come back on a channel, each block as soon as it has landed. A block that was got
+//! A pull of at most [`UcxConfig::inline_bytes`] (four times that for checked pulls of blocks
+//! sent in rendezvous over TCP alone, [`CHECKED_SENDS_INLINE_TIMES`]) is driven by the pulling
+//! thread itself: it takes the lock (the progress thread steps aside), issues the pull and
+//! progresses the worker until the pull is over, its [`inline_budget`] has passed or another
+//! pulling thread waits for the lock, and leaves any rest to the progress thread (or to that
+//! other thread, whose turns progress every pull of the worker); over shared memory a
+//! one-block pull then involves no other thread at all, where a hand-off costs two thread
+//! wake-ups, more than the copy of a 64 KiB block. A larger pull is a command put in a
+//! mailbox, after which the worker is woken with `ucp_worker_signal`; its results come back
+//! on a channel, each block as soon as it has landed. A block that was got
 //! is checksummed at once by the thread that copied it, while it is in that core's cache (the
 //! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
 //! a block that the source wrote or sent is checksummed by the pulling thread while the
-//! progress thread moves the next. With [`UcxConfig::verify`] off, no block is checksummed.
-//! Dropping the transport stops the progress thread, which closes the endpoints, unmaps the
-//! arena and destroys the worker and the context, in that order.
+//! progress thread moves the next, or, in a pull that thread drives, between its turns of the
+//! worker, right after the block landed. With [`UcxConfig::verify`] off, no block is
+//! checksummed. Dropping the transport stops the progress thread, which closes the
+//! endpoints, unmaps the arena and destroys the worker and the context, in that order.
 //!
 //! # Lanes
 //!
@@ -601,9 +604,12 @@ pub const INLINE_BUDGET_MIN: Duration = Duration::from_millis(1);
 
 /// Most time a pulling thread drives the worker for its own pull, whatever
 /// [`UcxConfig::inline_bytes`] allows: that thread may be an async runtime's worker, and a
-/// silent source holds it for the whole budget. 8 ms: about the time the 16 MiB of a checked
-/// pull of sent blocks that it drives by default ([`CHECKED_SENDS_INLINE_TIMES`]) take at
-/// [`INLINE_PACE`].
+/// silent source holds it for the whole budget (other pulling threads do not wait for it: a
+/// driving thread steps aside as soon as one waits for the worker). 8 ms: about the time the
+/// 16 MiB of a checked pull of sent blocks that it drives by default
+/// ([`CHECKED_SENDS_INLINE_TIMES`]) take at [`INLINE_PACE`], so that a healthy one is not
+/// handed over mid-way; it bounds only pulls over 8 MiB, which by default are such pulls
+/// alone. Those were measured with a 4 ms bound, which the 16 MiB pulls of that run fitted.
 pub const INLINE_BUDGET_MAX: Duration = Duration::from_millis(8);
 
 /// The pace, in bytes a second, below which a pull the pulling thread drives is handed over
@@ -612,11 +618,12 @@ pub const INLINE_PACE: u64 = 2 << 30;
 
 /// How long a pulling thread drives the worker for the `bytes` of a pull it drives itself: the
 /// time they take at [`INLINE_PACE`], within [`INLINE_BUDGET_MIN`] and [`INLINE_BUDGET_MAX`]
-/// (2 ms for the default 4 MiB). A slow or silent source is what it bounds: a pull handed over
-/// mid-way took 2–3 × longer than one driven to its end (UCX over TCP, 1 MiB), so a healthy
-/// pull must fit. Loopback TCP moves 3–4 GB/s on the reference VM, and a flat millisecond cut
-/// 4 MiB pulls short: 64 blocks of 64 KiB ran at 1.9–2.4 GB/s driven inline against 3.3–3.4
-/// by the progress thread alone (UCX 1.23, writes, back to back).
+/// (2 ms for the default 4 MiB, 7.8 ms for the 16 MiB of checked sends over TCP). A slow or
+/// silent source is what it bounds: a pull handed over mid-way took 2–3 × longer than one
+/// driven to its end (UCX over TCP, 1 MiB), so a healthy pull must fit. Loopback TCP moves
+/// 3–4 GB/s on the reference VM, and a flat millisecond cut 4 MiB pulls short: 64 blocks of
+/// 64 KiB ran at 1.9–2.4 GB/s driven inline against 3.3–3.4 by the progress thread alone
+/// (UCX 1.23, writes, back to back).
 pub fn inline_budget(bytes: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / INLINE_PACE as f64).clamp(INLINE_BUDGET_MIN, INLINE_BUDGET_MAX)
 }
@@ -639,21 +646,22 @@ pub fn inline_budget(bytes: u64) -> Duration {
 /// to TCP alone.
 pub const EAGER_BLOCKS_UP_TO: u64 = 64 << 10;
 
-/// Where UCX carries the bytes over TCP alone and the puller checks its blocks, a pull that
-/// the source sends in rendezvous (several blocks of [`SEND_BLOCKS_FROM`] or more on average,
-/// or [`UcxMode::SendOnRequest`] configured) is driven by the pulling thread up to this many
-/// times [`UcxConfig::inline_bytes`] (16 MiB by default). Handed to the progress thread, such
-/// a pull keeps three threads busy: the source's progress thread sending, the puller's
-/// receiving each block into its slot, and the pulling thread checking it on whichever core
-/// is free, out of the other core's cache. Driven by the pulling thread, each block is
-/// checked by the thread that received it, at once. On UCX 1.23 over loopback TCP (2-core VM,
-/// five rounds each, in the same runs), pulls of 8 and 16 MiB in blocks of 256 KiB to 4 MiB
-/// ran at 4.9–7.8 GB/s driven against 3.9–6.0 handed over (1 MiB × 16: 5.7–5.8 against
-/// 4.3–4.5 in three runs, where NIXL's writes ran at 4.7); pulls that do not check gained
-/// nothing beyond the noise, and 64 MiB to 1 GiB pulls driven whole (with a budget raised for
-/// the trial) ran no faster with 1 MiB blocks and slower with 4 MiB ones (4.6–4.7 GB/s
-/// against 5.1–5.4), where the progress thread sleeps between blocks
-/// ([`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]) and a driving thread spins.
+/// Where UCX carries the bytes over TCP alone and the puller checks its blocks, a pull of
+/// several blocks of [`SEND_BLOCKS_FROM`] or more on average that the source sends in
+/// rendezvous (as `Auto` has it there, or [`UcxMode::SendOnRequest`] configured) is driven by
+/// the pulling thread up to this many times [`UcxConfig::inline_bytes`] (16 MiB by default).
+/// Handed to the progress thread, such a pull keeps three threads busy: the source's progress
+/// thread sending, the puller's receiving each block into its slot, and the pulling thread
+/// checking it on whichever core is free, out of the other core's cache. Driven by the
+/// pulling thread, each block is checked by the thread that received it, at once. On UCX 1.23
+/// over loopback TCP (2-core VM, five rounds each, every puller in the same runs), pulls of 8
+/// and 16 MiB in blocks of 256 KiB to 4 MiB ran at 4.9–7.8 GB/s driven against 3.9–6.0
+/// handed over, and 1 MiB × 16 at 5.6–5.8 against 4.3–4.5 in four runs (NIXL's writes, in the
+/// one run with peers: 4.7); pulls that do not check gained nothing beyond the noise, and
+/// 64 MiB to 1 GiB pulls driven whole (with a budget raised for the trial) ran no faster with
+/// 1 MiB blocks and slower with 4 MiB ones (4.6–4.7 GB/s against 5.1–5.4), where the progress
+/// thread sleeps between blocks ([`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]) and a driving thread
+/// spins.
 pub const CHECKED_SENDS_INLINE_TIMES: u64 = 4;
 
 /// Pulls of gets of this many bytes or more are split across the lanes (where the pulling
@@ -870,7 +878,9 @@ impl UcxTransport {
         self.lanes.len()
     }
 
-    /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`]).
+    /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`]; four
+    /// times as much for checked pulls of blocks sent over TCP alone,
+    /// [`CHECKED_SENDS_INLINE_TIMES`]).
     pub fn inline_bytes(&self) -> u64 {
         self.inline_bytes
     }
@@ -1078,7 +1088,7 @@ impl Transport for UcxTransport {
                     blocks: ops.len(),
                     bytes,
                     largest: ops.iter().map(|o| o.len).max().unwrap_or(0),
-                    inline: bytes <= self.inline_bytes,
+                    within_inline_bytes: bytes <= self.inline_bytes,
                     runs: write_runs(
                         ops.iter().map(|o| (o.remote_offset, o.local_offset, o.len)),
                         WRITE_RUN_UP_TO,
@@ -1092,7 +1102,7 @@ impl Transport for UcxTransport {
                     remote.rkey.is_empty(),
                     shape,
                 );
-                let inline = driven_inline(self.inline_bytes, bytes, plan, self.tcp_only, self.verify);
+                let drives = driven_inline(self.inline_bytes, shape, plan, self.tcp_only, self.verify);
                 let PullPlan { mode, eager } = plan;
                 let sleeps = sleeps_between_blocks(mode, self.may_use_tcp, self.verify, ops.len(), bytes);
                 let spec = |ops: Vec<OpSpec>| PullSpec {
@@ -1133,8 +1143,8 @@ impl Transport for UcxTransport {
                 let mut runs = split_by_bytes(ops, parts).into_iter();
                 // An inline pull's first run is driven below by this thread on the first lane,
                 // after the other lanes have theirs.
-                let driven = if inline { runs.next() } else { None };
-                let lanes = if inline { &self.lanes[1..] } else { &self.lanes[..] };
+                let driven = if drives { runs.next() } else { None };
+                let lanes = if drives { &self.lanes[1..] } else { &self.lanes[..] };
                 for (lane, ops) in lanes.iter().zip(runs) {
                     // A lane that has stopped drops the spec, and its ops stay unsettled.
                     let _ = lane.mailbox.post(Command::Pull(spec(ops)));
@@ -1194,8 +1204,9 @@ struct PullShape {
     bytes: u64,
     /// The largest block's length.
     largest: u64,
-    /// Driven by the pulling thread ([`UcxConfig::inline_bytes`]).
-    inline: bool,
+    /// At most [`UcxConfig::inline_bytes`]: the pulling thread drives it, whatever the plan
+    /// ([`driven_inline`]).
+    within_inline_bytes: bool,
     /// The writes a source makes for the blocks ([`write_runs`]).
     runs: usize,
 }
@@ -1231,7 +1242,7 @@ fn pull_plan(
         blocks,
         bytes,
         largest,
-        inline,
+        within_inline_bytes,
         runs,
     } = shape;
     let in_runs = tcp_only
@@ -1240,7 +1251,7 @@ fn pull_plan(
         && !average_at_least(blocks, bytes, RUN_BLOCKS_BELOW)
         && bytes <= RUN_WRITES_UP_TO;
     let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
-    let small_inline = tcp_only && inline && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
+    let small_inline = tcp_only && within_inline_bytes && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
     let mode = match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
         UcxMode::PutOnRequest if sends_by_size && (large_blocks || small_inline) && !in_runs => {
@@ -1254,12 +1265,17 @@ fn pull_plan(
     }
 }
 
-/// Whether the pulling thread drives a pull of `bytes` that moves by `plan` itself: up to
+/// Whether the pulling thread drives a pull of `shape` that moves by `plan` itself: up to
 /// `inline_bytes` ([`UcxConfig::inline_bytes`]), or up to [`CHECKED_SENDS_INLINE_TIMES`] as
-/// many where, over TCP alone (`tcp_only`), the source sends the blocks in rendezvous and the
-/// puller checks them (`checked`).
-fn driven_inline(inline_bytes: u64, bytes: u64, plan: PullPlan, tcp_only: bool, checked: bool) -> bool {
-    let checked_sends = tcp_only && checked && plan.mode == UcxMode::SendOnRequest && !plan.eager;
+/// many where, over TCP alone (`tcp_only`), the source sends several blocks of
+/// [`SEND_BLOCKS_FROM`] or more on average in rendezvous and the puller checks them
+/// (`checked`): smaller blocks were not measured so driven, and those of 64 KiB or less would
+/// otherwise go eagerly ([`EAGER_BLOCKS_UP_TO`]).
+fn driven_inline(inline_bytes: u64, shape: PullShape, plan: PullPlan, tcp_only: bool, checked: bool) -> bool {
+    let PullShape { blocks, bytes, .. } = shape;
+    let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
+    let checked_sends =
+        tcp_only && checked && large_blocks && plan.mode == UcxMode::SendOnRequest && !plan.eager;
     let limit = if checked_sends {
         inline_bytes.saturating_mul(CHECKED_SENDS_INLINE_TIMES)
     } else {

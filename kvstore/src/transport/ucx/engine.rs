@@ -746,6 +746,10 @@ pub(super) struct EngineCell {
     /// Tests: the worker counts as unable to sleep until it is replaced.
     #[cfg(test)]
     pub(super) fake_wedge: AtomicBool,
+    /// Tests: a pulling thread drives its pull past its budget (until it is over or another
+    /// pulling thread waits).
+    #[cfg(test)]
+    pub(super) drive_past_budget: AtomicBool,
 }
 
 /// What a pulling thread made of driving a pull itself.
@@ -834,9 +838,11 @@ impl EngineCell {
         slot.as_ref().map(f).unwrap_or_default()
     }
 
-    /// Starts `spec` on the calling thread and progresses the worker until it is over or
-    /// `budget` has passed; the progress thread carries on with whatever is left. Results go
-    /// to `on_settled` as they come, between turns (the rest land on `settled` as usual).
+    /// Starts `spec` on the calling thread and progresses the worker until it is over,
+    /// `budget` has passed or another pulling thread waits for the worker (which then drives
+    /// its own pull, and with it every other, instead of waiting out this one's budget); the
+    /// progress thread carries on with whatever is left. Results go to `on_settled` as they
+    /// come, between turns (the rest land on `settled` as usual).
     pub(super) fn drive(
         &self,
         spec: PullSpec,
@@ -861,7 +867,11 @@ impl EngineCell {
         // Over once this lane has no job of this pull's channel (other lanes' runs and the
         // pulling future hold senders too, so the channel itself may stay open).
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
-        while !over(engine) && Instant::now() < until {
+        #[cfg(not(test))]
+        let within_budget = || Instant::now() < until;
+        #[cfg(test)]
+        let within_budget = || Instant::now() < until || self.drive_past_budget.load(Ordering::Acquire);
+        while !over(engine) && within_budget() && self.waiting.load(Ordering::Acquire) == 0 {
             engine.turn();
             while let Ok(batch) = settled.try_recv() {
                 for (n, r) in batch {
@@ -947,7 +957,8 @@ pub(super) struct Engine {
     /// Pulls started that sleep between their blocks ([`PullSpec::sleeps`]).
     #[cfg(test)]
     pub(super) sleeping_pulls: usize,
-    /// Pulls (or a lane's runs of them) started by the pulling thread, which drove them.
+    /// Pulls (or a lane's runs of them) started by the pulling thread, which drove them
+    /// ([`driven_inline`](super::driven_inline)).
     #[cfg(test)]
     pub(super) driven_pulls: usize,
     /// Keeps the arena mapped while it is registered.

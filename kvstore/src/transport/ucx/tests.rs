@@ -381,6 +381,14 @@ fn the_inline_budget_follows_the_bytes_within_bounds() {
         four_mib > Duration::from_micros(1900) && four_mib < Duration::from_micros(2000),
         "{four_mib:?}"
     );
+    // The 16 MiB of checked sends over TCP ([`CHECKED_SENDS_INLINE_TIMES`]) at the pace of a
+    // healthy pull, not cut short by the bound.
+    let sixteen_mib = 16 << 20;
+    assert_eq!(
+        inline_budget(sixteen_mib),
+        Duration::from_secs_f64(sixteen_mib as f64 / INLINE_PACE as f64)
+    );
+    assert!(inline_budget(sixteen_mib) < INLINE_BUDGET_MAX);
     assert_eq!(inline_budget(64 << 20), INLINE_BUDGET_MAX);
     assert_eq!(inline_budget(u64::MAX), INLINE_BUDGET_MAX);
 }
@@ -1001,6 +1009,63 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
     assert_still_marked(&dst, slots, &format!("{fabric:?} {mode:?} inline {inline_bytes}"));
 }
 
+/// A pulling thread that drives its pull steps aside as soon as another pulling thread waits
+/// for the worker, rather than keeping it for the rest of its budget: one drives a pull from a
+/// stalled source (past its budget, so that only the other's wait can end its turns before
+/// the pull's deadline), and the other, asking for the worker meanwhile, gets it while that
+/// pull is still pending. Had the first kept the worker, the other would get it only once the
+/// pull had failed at its deadline, with no pull left.
+#[test]
+fn a_driving_puller_steps_aside_for_another_that_waits() {
+    let len = 256 * 1024;
+    let s = store(64);
+    let keys: Vec<BlockKey> = (0..10).map(key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.put(k, &payload(i as u64, len));
+    }
+    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+    let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), Fabric::Tcp);
+    let (dst, t) = puller_driving(Fabric::Tcp, UcxMode::PutOnRequest, u64::MAX);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A first pull, so that both directions are connected and a request reaches the source.
+    let (warm, stuck) = (&keys[..2], &keys[2..]);
+    let grant = grants.grant(warm).unwrap();
+    for p in runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, warm, soon())) {
+        assert_eq!(p.result, Ok(()), "warm-up");
+        dst.abort(p.slot);
+    }
+    src.park();
+    let lane = &t.lanes[0].engine;
+    lane.drive_past_budget.store(true, Ordering::Release);
+    let driven_before = lane.with(|e| e.driven_pulls);
+    let grant = grants.grant(stuck).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let slots = std::thread::scope(|scope| {
+        let driver = scope.spawn(|| runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, stuck, deadline)));
+        // Asks for the worker until the driving thread has started its pull.
+        let pending = loop {
+            let (driven, pending) = lane.with(|e| (e.driven_pulls, e.pulls.len()));
+            if driven > driven_before {
+                break pending;
+            }
+            assert!(!driver.is_finished(), "the pull ended before it was driven");
+            std::thread::yield_now();
+        };
+        assert!(
+            pending > 0,
+            "the driving thread kept the worker until its pull was over"
+        );
+        lane.drive_past_budget.store(false, Ordering::Release);
+        let pulled = driver.join().expect("the driving thread");
+        timed_out_and_marked(&dst, pulled, "stepped aside")
+    });
+    src.resume();
+    assert_still_marked(&dst, slots, "stepped aside");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missed_deadline_over_tcp_leaves_no_late_write_with_gets() {
     deadline_with_a_stuck_source(Fabric::Tcp, UcxMode::Get).await;
@@ -1374,7 +1439,7 @@ fn auto_sends_large_blocks_and_small_inline_pulls_where_it_writes() {
         blocks: lens.len(),
         bytes: lens.iter().sum(),
         largest: lens.iter().copied().max().unwrap_or(0),
-        inline,
+        within_inline_bytes: inline,
         runs: lens.len(),
     };
     // Over TCP alone.
@@ -1433,7 +1498,7 @@ fn auto_writes_pulls_whose_blocks_the_source_writes_in_runs() {
         blocks,
         bytes: blocks as u64 * len,
         largest: len,
-        inline,
+        within_inline_bytes: inline,
         runs,
     };
     let plan = |mode, sends_by_size, shape| pull_plan(mode, sends_by_size, true, false, shape);
@@ -1550,19 +1615,34 @@ fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
     ));
 }
 
-/// Checked pulls that a source sends in rendezvous over TCP alone are driven by the pulling
-/// thread up to [`CHECKED_SENDS_INLINE_TIMES`] × `inline_bytes`; every other pull (written,
-/// sent eagerly, read, unchecked, or over a fabric that may be shared memory) up to
-/// `inline_bytes`, and 0 still means never.
+/// Checked pulls of blocks of [`SEND_BLOCKS_FROM`] or more that a source sends in rendezvous
+/// over TCP alone are driven by the pulling thread up to [`CHECKED_SENDS_INLINE_TIMES`] ×
+/// `inline_bytes`; every other pull (written, sent eagerly, read, of smaller blocks,
+/// unchecked, or over a fabric that may be shared memory) up to `inline_bytes`, and 0 still
+/// means never.
 #[test]
-fn only_checked_sends_over_tcp_are_driven_past_inline_bytes() {
-    let inline = 4 << 20;
+fn only_checked_sends_of_large_blocks_over_tcp_are_driven_past_inline_bytes() {
+    let inline = UcxConfig::default().inline_bytes;
     let wider = inline * CHECKED_SENDS_INLINE_TIMES;
     assert_eq!(wider, 16 << 20);
+    let shape = |blocks: u64, bytes: u64| PullShape {
+        blocks: blocks as usize,
+        bytes,
+        largest: bytes.div_ceil(blocks.max(1)),
+        within_inline_bytes: bytes <= inline,
+        runs: blocks as usize,
+    };
+    let of_large = |bytes: u64| shape(bytes / SEND_BLOCKS_FROM, bytes);
     let plan = |mode, eager| PullPlan { mode, eager };
     let sent = plan(UcxMode::SendOnRequest, false);
-    assert!(driven_inline(inline, wider, sent, true, true));
-    assert!(!driven_inline(inline, wider + 1, sent, true, true));
+    assert!(driven_inline(inline, of_large(wider), sent, true, true));
+    assert!(!driven_inline(
+        inline,
+        of_large(wider + SEND_BLOCKS_FROM),
+        sent,
+        true,
+        true
+    ));
     for (plan, tcp_only, checked) in [
         (plan(UcxMode::PutOnRequest, false), true, true),
         (plan(UcxMode::SendOnRequest, true), true, true),
@@ -1571,16 +1651,37 @@ fn only_checked_sends_over_tcp_are_driven_past_inline_bytes() {
         (sent, true, false),
     ] {
         let case = format!("{plan:?} tcp_only {tcp_only} checked {checked}");
-        assert!(driven_inline(inline, inline, plan, tcp_only, checked), "{case}");
         assert!(
-            !driven_inline(inline, inline + 1, plan, tcp_only, checked),
+            driven_inline(inline, of_large(inline), plan, tcp_only, checked),
             "{case}"
         );
+        let past = of_large(inline + SEND_BLOCKS_FROM);
+        assert!(!driven_inline(inline, past, plan, tcp_only, checked), "{case}");
     }
-    assert!(!driven_inline(0, 1, sent, true, true));
-    assert!(driven_inline(u64::MAX, u64::MAX, sent, true, true));
-    // Its budget is the time its bytes take at the pace of a healthy pull, not cut short.
-    assert!(inline_budget(wider) < INLINE_BUDGET_MAX);
+    // Blocks under SEND_BLOCKS_FROM on average, or a single block, keep inline_bytes.
+    let small = |bytes: u64| shape(bytes / EAGER_BLOCKS_UP_TO, bytes);
+    assert!(driven_inline(inline, small(inline), sent, true, true));
+    assert!(!driven_inline(inline, small(2 * inline), sent, true, true));
+    assert!(!driven_inline(inline, shape(1, 2 * inline), sent, true, true));
+    assert!(!driven_inline(
+        0,
+        of_large(SEND_BLOCKS_FROM * 2),
+        sent,
+        true,
+        true
+    ));
+    assert!(driven_inline(u64::MAX, of_large(1 << 40), sent, true, true));
+    // What `send`, configured, makes of a pull of 8 MiB in 64 KiB blocks over TCP alone, and
+    // `Auto` of one in 1 MiB blocks: sent in rendezvous either way, driven only the latter.
+    let (eight, k64) = (8 << 20, EAGER_BLOCKS_UP_TO);
+    let smalls = shape(eight / k64, eight);
+    let planned = pull_plan(UcxMode::SendOnRequest, false, true, false, smalls);
+    assert_eq!(planned, sent);
+    assert!(!driven_inline(inline, smalls, planned, true, true));
+    let larges = shape(8, eight);
+    let planned = pull_plan(UcxMode::PutOnRequest, true, true, false, larges);
+    assert_eq!(planned, sent);
+    assert!(driven_inline(inline, larges, planned, true, true));
 }
 
 /// `Auto` over TCP, with pulls it writes, pulls it sends eagerly or in rendezvous, of blocks
@@ -1602,16 +1703,22 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     assert_eq!(inline.mode(), UcxMode::PutOnRequest);
     let handed_over = UcxConfig {
         inline_bytes: 0,
-        ..auto
+        ..auto.clone()
     };
     let unchecked = UcxConfig {
         verify: false,
         ..handed_over.clone()
     };
+    let unchecked_driving = UcxConfig {
+        verify: false,
+        ..auto
+    };
     let handed_over = UcxTransport::new(Arc::clone(&dst), None, handed_over).unwrap();
     let unchecked = UcxTransport::new(Arc::clone(&dst), None, unchecked).unwrap();
+    let unchecked_driving = UcxTransport::new(Arc::clone(&dst), None, unchecked_driving).unwrap();
     // (blocks, the puller: one with the default limit of pulls its own thread drives, one that
-    // hands every pull to the progress thread, or that and not checking its blocks; whether
+    // hands every pull to the progress thread, or that and not checking its blocks, or one
+    // with the default limit that does not check them; whether
     // the source is asked to send them, how many it sends eagerly, whether the pull sleeps
     // between them, whether the pulling thread drove it): a single large block is written,
     // and checked pulls of sent blocks are driven by the pulling thread up to 16 MiB (12 and
@@ -1623,6 +1730,8 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
         (12..24, &inline, true, 0, true, true),
         (12..24, &handed_over, true, 0, true, false),
         (12..24, &unchecked, true, 0, false, false),
+        (12..24, &unchecked_driving, true, 0, false, false),
+        (2..3, &unchecked_driving, true, 1, false, true),
         (0..24, &handed_over, true, 0, false, false),
         (12..13, &inline, false, 0, true, true),
         (24..28, &inline, true, 0, true, true),
