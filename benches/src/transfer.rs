@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 #[cfg(feature = "ucx")]
-use kvstore::transport::ucx::{CHECKED_SENDS_INLINE_TIMES, UcxConfig, UcxMode, UcxTransport};
+use kvstore::transport::ucx::{
+    CHECKED_SENDS_INLINE_TIMES, SEND_BLOCKS_FROM, UcxConfig, UcxMode, UcxTransport,
+};
 use kvstore::transport::{Grant, GrantId, Grants, PullItem, Secret, Transport};
 use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 use serde::{Deserialize, Serialize};
@@ -61,7 +63,8 @@ pub(crate) struct TransferArgs {
     pub(crate) ucx_mode: UcxModeArg,
     /// Largest UCX pull, in KiB, that the pulling thread drives itself rather than the
     /// progress thread (0: none; default: the transport's; four times as much for checked
-    /// pulls of large blocks sent over UCX-TCP). Several values measure one UCX
+    /// pulls of several blocks of 256 KiB or more on average, sent over UCX-TCP). Several
+    /// values measure one UCX
     /// puller each, in the same run; the second and later ones are labelled with the value
     /// (`shm inline 0`).
     #[arg(long, value_delimiter = ',')]
@@ -370,13 +373,21 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 };
                 match UcxTransport::new(Arc::clone(&store), None, cfg) {
                     Ok(t) => {
+                        let sends = if fabric.tls == "tcp" && verify && t.inline_bytes() > 0 {
+                            format!(
+                                " ({} KiB for sends of blocks of {} KiB or more)",
+                                t.inline_bytes().saturating_mul(CHECKED_SENDS_INLINE_TIMES) / 1024,
+                                SEND_BLOCKS_FROM / 1024
+                            )
+                        } else {
+                            String::new()
+                        };
                         eprintln!(
-                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {} KiB driven by the pulling thread ({} × for checked sends of large blocks over TCP)",
+                            "kvtier ucx {label}: UCX_TLS={}, {:?}, {} lanes, pulls up to {} KiB driven by the pulling thread{sends}",
                             fabric.tls,
                             t.mode(),
                             t.lanes(),
                             t.inline_bytes() / 1024,
-                            CHECKED_SENDS_INLINE_TIMES
                         );
                         planes.push(Puller {
                             system: "kvtier-ucx",

@@ -387,9 +387,10 @@ pub struct UcxSection {
     pub settings: std::collections::BTreeMap<String, String>,
     /// Pulls of at most this many KiB are driven by the pulling thread itself rather than
     /// handed to the transport's progress thread (0: never; unset: the transport's default,
-    /// 4096), four times as many for checked pulls that a source sends over TCP alone: a
-    /// one-block pull over shared memory then wakes no other thread, and a sent block is
-    /// checked by the thread that received it.
+    /// 4096), until another pulling thread waits for the worker; four times as many where
+    /// `tls` limits UCX to TCP, `verify` is on and the source sends the blocks (several of
+    /// 256 KiB or more on average). A one-block pull over shared memory then wakes no other
+    /// thread, and a sent block is checked by the thread that received it.
     pub inline_kib: Option<u64>,
     /// UCX workers (each with its own progress thread) that a pull of 2 MiB or more in `get`
     /// mode is split across (unset: 2, or 1 on a single-core node); over shared memory each

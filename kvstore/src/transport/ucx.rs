@@ -9,23 +9,24 @@
 //! engine's lock. A progress thread that
 //! the transport owns drives it between its waits: it polls for a short while after any
 //! activity and otherwise sleeps on the worker's event fd, so an idle transport costs nothing.
-//! A pull of at most [`UcxConfig::inline_bytes`] (four times that for checked pulls of blocks
-//! sent in rendezvous over TCP alone, [`CHECKED_SENDS_INLINE_TIMES`]) is driven by the pulling
-//! thread itself: it takes the lock (the progress thread steps aside), issues the pull and
-//! progresses the worker until the pull is over, its [`inline_budget`] has passed or another
-//! pulling thread waits for the lock, and leaves any rest to the progress thread (or to that
-//! other thread, whose turns progress every pull of the worker); over shared memory a
-//! one-block pull then involves no other thread at all, where a hand-off costs two thread
-//! wake-ups, more than the copy of a 64 KiB block. A larger pull is a command put in a
-//! mailbox, after which the worker is woken with `ucp_worker_signal`; its results come back
-//! on a channel, each block as soon as it has landed. A block that was got
-//! is checksummed at once by the thread that copied it, while it is in that core's cache (the
-//! lanes below copy in parallel), and the pulling thread compares the sum with the grant's;
-//! a block that the source wrote or sent is checksummed by the pulling thread while the
-//! progress thread moves the next, or, in a pull that thread drives, between its turns of the
-//! worker, right after the block landed. With [`UcxConfig::verify`] off, no block is
-//! checksummed. Dropping the transport stops the progress thread, which closes the
-//! endpoints, unmaps the arena and destroys the worker and the context, in that order.
+//! A pull of at most [`UcxConfig::inline_bytes`] (four times that for checked pulls of several
+//! blocks of [`SEND_BLOCKS_FROM`] or more on average, sent in rendezvous over TCP alone,
+//! [`CHECKED_SENDS_INLINE_TIMES`]) is driven by the pulling thread itself: it takes the lock
+//! (the progress thread steps aside), issues the pull and progresses the worker until the pull
+//! is over, its [`inline_budget`] has passed or another pulling thread waits for the lock, and
+//! leaves any rest to the progress thread (or to that other thread, whose turns progress every
+//! pull of the worker); over shared memory a one-block pull then involves no other thread at
+//! all, where a hand-off costs two thread wake-ups, more than the copy of a 64 KiB block. A
+//! larger pull is a command put in a mailbox, after which the worker is woken with
+//! `ucp_worker_signal`; its results come back on a channel, each block as soon as it has
+//! landed. A block that was got is checksummed at once by the thread that copied it, while it
+//! is in that core's cache (the lanes below copy in parallel), and the pulling thread compares
+//! the sum with the grant's; a block that the source wrote or sent is checksummed by the
+//! pulling thread while the progress thread moves the next, or, in a pull that thread drives,
+//! between its turns of the worker, right after the block landed. With [`UcxConfig::verify`]
+//! off, no block is checksummed. Dropping the transport stops the progress thread, which
+//! closes the endpoints, unmaps the arena and destroys the worker and the context, in that
+//! order.
 //!
 //! # Lanes
 //!
@@ -562,8 +563,9 @@ pub struct UcxConfig {
     /// for up to [`inline_budget`] meanwhile, instead of by the progress thread (0: never).
     /// Default 4 MiB, which UCX moves within that budget over shared memory and over TCP on
     /// loopback; each block is then checked right after its copy, while it is in that core's
-    /// cache. Checked pulls that a source sends over TCP alone are driven up to
-    /// [`CHECKED_SENDS_INLINE_TIMES`] as many bytes.
+    /// cache. Checked pulls of several blocks of [`SEND_BLOCKS_FROM`] or more on average that a
+    /// source sends over TCP alone are driven up to [`CHECKED_SENDS_INLINE_TIMES`] as many
+    /// bytes.
     pub inline_bytes: u64,
     /// UCX workers that read in parallel in [`UcxMode::Get`] (other modes run one), each a UCP
     /// context and worker of its own with its own progress thread (the first also serves this
@@ -607,9 +609,10 @@ pub const INLINE_BUDGET_MIN: Duration = Duration::from_millis(1);
 /// silent source holds it for the whole budget (other pulling threads do not wait for it: a
 /// driving thread steps aside as soon as one waits for the worker). 8 ms: about the time the
 /// 16 MiB of a checked pull of sent blocks that it drives by default
-/// ([`CHECKED_SENDS_INLINE_TIMES`]) take at [`INLINE_PACE`], so that a healthy one is not
-/// handed over mid-way; it bounds only pulls over 8 MiB, which by default are such pulls
-/// alone. Those were measured with a 4 ms bound, which the 16 MiB pulls of that run fitted.
+/// ([`CHECKED_SENDS_INLINE_TIMES`]) take at [`INLINE_PACE`] (7.8 ms), so that a healthy one
+/// is not handed over mid-way. Raising it from 4 ms changed the budget of pulls over 8 MiB
+/// alone, which by default are such pulls; the trial that chose the rule ran with 4 ms,
+/// within which its 16 MiB pulls ended (about 3 ms at 5.7 GB/s).
 pub const INLINE_BUDGET_MAX: Duration = Duration::from_millis(8);
 
 /// The pace, in bytes a second, below which a pull the pulling thread drives is handed over
@@ -648,20 +651,20 @@ pub const EAGER_BLOCKS_UP_TO: u64 = 64 << 10;
 
 /// Where UCX carries the bytes over TCP alone and the puller checks its blocks, a pull of
 /// several blocks of [`SEND_BLOCKS_FROM`] or more on average that the source sends in
-/// rendezvous (as `Auto` has it there, or [`UcxMode::SendOnRequest`] configured) is driven by
-/// the pulling thread up to this many times [`UcxConfig::inline_bytes`] (16 MiB by default).
-/// Handed to the progress thread, such a pull keeps three threads busy: the source's progress
-/// thread sending, the puller's receiving each block into its slot, and the pulling thread
-/// checking it on whichever core is free, out of the other core's cache. Driven by the
-/// pulling thread, each block is checked by the thread that received it, at once. On UCX 1.23
-/// over loopback TCP (2-core VM, five rounds each, every puller in the same runs), pulls of 8
-/// and 16 MiB in blocks of 256 KiB to 4 MiB ran at 4.9–7.8 GB/s driven against 3.9–6.0
-/// handed over, and 1 MiB × 16 at 5.6–5.8 against 4.3–4.5 in four runs (NIXL's writes, in the
-/// one run with peers: 4.7); pulls that do not check gained nothing beyond the noise, and
-/// 64 MiB to 1 GiB pulls driven whole (with a budget raised for the trial) ran no faster with
-/// 1 MiB blocks and slower with 4 MiB ones (4.6–4.7 GB/s against 5.1–5.4), where the progress
-/// thread sleeps between blocks ([`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]) and a driving thread
-/// spins.
+/// rendezvous (as `Auto` has it there, or [`UcxMode::SendOnRequest`] configured) is driven
+/// by the pulling thread up to this many times [`UcxConfig::inline_bytes`] (16 MiB by
+/// default). Handed to the progress thread, such a pull keeps three threads busy: the
+/// source's progress thread sending, the puller's receiving each block into its slot, and
+/// the pulling thread checking it on whichever core is free, out of the other core's cache.
+/// Driven by the pulling thread, each block is checked by the thread that received it, at
+/// once. On UCX 1.23 over loopback TCP (2-core VM, five rounds each, every puller in the
+/// same runs), pulls of 8 and 16 MiB in blocks of 256 KiB to 4 MiB ran at 4.9–7.8 GB/s
+/// driven against 3.9–6.0 handed over, and 1 MiB × 16 at 5.6–5.8 against 4.3–4.5 in the
+/// four runs of the trial (NIXL's writes, in the one with peers: 4.7); pulls that do not
+/// check gained nothing beyond the noise, and 64 MiB to 1 GiB pulls driven whole (with a
+/// budget raised for the trial) ran no faster with 1 MiB blocks and slower with 4 MiB ones
+/// (4.6–4.7 GB/s against 5.1–5.4), where the progress thread sleeps between blocks
+/// ([`SLEEP_BETWEEN_CHECKED_BLOCKS_FROM`]) and a driving thread spins.
 pub const CHECKED_SENDS_INLINE_TIMES: u64 = 4;
 
 /// Pulls of gets of this many bytes or more are split across the lanes (where the pulling
@@ -851,10 +854,13 @@ impl UcxTransport {
         self.lanes_total(|e| e.sleeping_pulls)
     }
 
-    /// Pulls the pulling thread drove itself ([`UcxConfig::inline_bytes`]).
+    /// Pulls the pulling thread started to drive itself ([`driven_inline`]).
     #[cfg(test)]
     fn driven_pulls(&self) -> usize {
-        self.lanes_total(|e| e.driven_pulls)
+        self.lanes
+            .iter()
+            .map(|l| l.engine.drives_started.load(Ordering::Acquire))
+            .sum()
     }
 
     /// A count of every lane's engine, summed.
@@ -879,8 +885,8 @@ impl UcxTransport {
     }
 
     /// The largest pull the pulling thread drives itself ([`UcxConfig::inline_bytes`]; four
-    /// times as much for checked pulls of blocks sent over TCP alone,
-    /// [`CHECKED_SENDS_INLINE_TIMES`]).
+    /// times as much for checked pulls of several blocks of [`SEND_BLOCKS_FROM`] or more on
+    /// average sent over TCP alone, [`CHECKED_SENDS_INLINE_TIMES`]).
     pub fn inline_bytes(&self) -> u64 {
         self.inline_bytes
     }
@@ -1211,6 +1217,14 @@ struct PullShape {
     runs: usize,
 }
 
+impl PullShape {
+    /// Several blocks of [`SEND_BLOCKS_FROM`] or more on average: sent rather than written
+    /// where `Auto` writes ([`pull_plan`]).
+    fn large_blocks(&self) -> bool {
+        self.blocks > 1 && average_at_least(self.blocks, self.bytes, SEND_BLOCKS_FROM)
+    }
+}
+
 /// How one pull moves its blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PullPlan {
@@ -1250,7 +1264,7 @@ fn pull_plan(
         && average_at_least(runs, bytes, RUN_WRITES_FROM)
         && !average_at_least(blocks, bytes, RUN_BLOCKS_BELOW)
         && bytes <= RUN_WRITES_UP_TO;
-    let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
+    let large_blocks = shape.large_blocks();
     let small_inline = tcp_only && within_inline_bytes && blocks > 0 && largest <= EAGER_BLOCKS_UP_TO;
     let mode = match mode {
         UcxMode::Get if keyless_source => UcxMode::PutOnRequest,
@@ -1269,19 +1283,17 @@ fn pull_plan(
 /// `inline_bytes` ([`UcxConfig::inline_bytes`]), or up to [`CHECKED_SENDS_INLINE_TIMES`] as
 /// many where, over TCP alone (`tcp_only`), the source sends several blocks of
 /// [`SEND_BLOCKS_FROM`] or more on average in rendezvous and the puller checks them
-/// (`checked`): smaller blocks were not measured so driven, and those of 64 KiB or less would
-/// otherwise go eagerly ([`EAGER_BLOCKS_UP_TO`]).
+/// (`checked`). Smaller blocks were not measured driven past `inline_bytes`: `Auto` writes
+/// them there, and only a configured [`UcxMode::SendOnRequest`] sends them in rendezvous (a
+/// pull sent eagerly has blocks of [`EAGER_BLOCKS_UP_TO`] or less, so never these).
 fn driven_inline(inline_bytes: u64, shape: PullShape, plan: PullPlan, tcp_only: bool, checked: bool) -> bool {
-    let PullShape { blocks, bytes, .. } = shape;
-    let large_blocks = blocks > 1 && average_at_least(blocks, bytes, SEND_BLOCKS_FROM);
-    let checked_sends =
-        tcp_only && checked && large_blocks && plan.mode == UcxMode::SendOnRequest && !plan.eager;
+    let checked_sends = tcp_only && checked && shape.large_blocks() && plan.mode == UcxMode::SendOnRequest;
     let limit = if checked_sends {
         inline_bytes.saturating_mul(CHECKED_SENDS_INLINE_TIMES)
     } else {
         inline_bytes
     };
-    bytes <= limit
+    shape.bytes <= limit
 }
 
 /// Whether the puller's progress thread sleeps between the blocks of a pull in `mode` of

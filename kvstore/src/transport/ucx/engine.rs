@@ -728,13 +728,15 @@ impl WedgeWatch {
 
 /// The engine and who drives it. Whoever holds the lock drives the worker: the progress thread
 /// between its waits, or a pulling thread that starts a small pull and progresses the worker
-/// until the pull is over, which spares the pull the hand-off to the progress thread and the
+/// until the pull is over (or its budget has passed, or another pulling thread waits), which
+/// spares the pull the hand-off to the progress thread and the
 /// wake-up of the pulling task (two thread wake-ups, most of a one-block shared-memory pull).
 /// The progress thread takes the engine out and drops it when it stops; `None` then.
 #[derive(Debug, Default)]
 pub(super) struct EngineCell {
     engine: Mutex<Option<Engine>>,
-    /// Pulling threads waiting for the lock; the progress thread leaves it to them.
+    /// Pulling threads waiting for the lock; the progress thread leaves it to them, and a
+    /// pulling thread that drives its pull steps aside for them.
     waiting: AtomicUsize,
     /// The progress thread is (about to be) waiting on the event fd it armed: a thread that
     /// drove the worker meanwhile may have consumed the events that fd was armed for, and
@@ -750,6 +752,11 @@ pub(super) struct EngineCell {
     /// pulling thread waits).
     #[cfg(test)]
     pub(super) drive_past_budget: AtomicBool,
+    /// Tests: pulls (or a lane's runs of them) that a pulling thread started to drive itself
+    /// ([`driven_inline`](super::driven_inline)), whether or not it drove them to their end;
+    /// counted before its first turn, and read without the lock.
+    #[cfg(test)]
+    pub(super) drives_started: AtomicUsize,
 }
 
 /// What a pulling thread made of driving a pull itself.
@@ -829,7 +836,8 @@ impl EngineCell {
     }
 
     /// `f` of the engine, once the progress thread steps aside (the default once it has
-    /// ended).
+    /// ended); a pulling thread that drives its pull meanwhile steps aside too, as for another
+    /// pulling thread.
     #[cfg(test)]
     pub(super) fn with<T: Default>(&self, f: impl FnOnce(&Engine) -> T) -> T {
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -838,11 +846,12 @@ impl EngineCell {
         slot.as_ref().map(f).unwrap_or_default()
     }
 
-    /// Starts `spec` on the calling thread and progresses the worker until it is over,
-    /// `budget` has passed or another pulling thread waits for the worker (which then drives
-    /// its own pull, and with it every other, instead of waiting out this one's budget); the
-    /// progress thread carries on with whatever is left. Results go to `on_settled` as they
-    /// come, between turns (the rest land on `settled` as usual).
+    /// Starts `spec` on the calling thread and progresses the worker, a turn at least, until
+    /// it is over, `budget` has passed or another pulling thread waits for the worker (which
+    /// then drives its own pull, and with it every other, instead of waiting out this one's
+    /// budget; what such a hand-off costs pulls that run at the same time is not measured);
+    /// the progress thread carries on with whatever is left. Results go to `on_settled` as
+    /// they come, between turns (the rest land on `settled` as usual).
     pub(super) fn drive(
         &self,
         spec: PullSpec,
@@ -861,9 +870,7 @@ impl EngineCell {
         let reply = spec.reply.clone();
         engine.start_pull(spec);
         #[cfg(test)]
-        {
-            engine.driven_pulls += 1;
-        }
+        self.drives_started.fetch_add(1, Ordering::AcqRel);
         // Over once this lane has no job of this pull's channel (other lanes' runs and the
         // pulling future hold senders too, so the channel itself may stay open).
         let over = |engine: &Engine| !engine.pulls.iter().any(|p| p.outcome.reply.same_channel(&reply));
@@ -871,12 +878,17 @@ impl EngineCell {
         let within_budget = || Instant::now() < until;
         #[cfg(test)]
         let within_budget = || Instant::now() < until || self.drive_past_budget.load(Ordering::Acquire);
-        while !over(engine) && within_budget() && self.waiting.load(Ordering::Acquire) == 0 {
+        // A turn at least, so that a chain of pulling threads, each arriving while another
+        // waits, still moves the worker on.
+        loop {
             engine.turn();
             while let Ok(batch) = settled.try_recv() {
                 for (n, r) in batch {
                     on_settled(n, r);
                 }
+            }
+            if over(engine) || !within_budget() || self.waiting.load(Ordering::Acquire) > 0 {
+                break;
             }
         }
         let handed_off = !over(engine);
@@ -957,10 +969,6 @@ pub(super) struct Engine {
     /// Pulls started that sleep between their blocks ([`PullSpec::sleeps`]).
     #[cfg(test)]
     pub(super) sleeping_pulls: usize,
-    /// Pulls (or a lane's runs of them) started by the pulling thread, which drove them
-    /// ([`driven_inline`](super::driven_inline)).
-    #[cfg(test)]
-    pub(super) driven_pulls: usize,
     /// Keeps the arena mapped while it is registered.
     _store: Arc<TieredStore>,
 }
@@ -1029,8 +1037,6 @@ impl Engine {
             early_sleeps: 0,
             #[cfg(test)]
             sleeping_pulls: 0,
-            #[cfg(test)]
-            driven_pulls: 0,
             _store: Arc::clone(store),
         };
         // Whatever was created before a failure is torn down by Drop.

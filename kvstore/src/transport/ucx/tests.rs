@@ -381,7 +381,7 @@ fn the_inline_budget_follows_the_bytes_within_bounds() {
         four_mib > Duration::from_micros(1900) && four_mib < Duration::from_micros(2000),
         "{four_mib:?}"
     );
-    // The 16 MiB of checked sends over TCP ([`CHECKED_SENDS_INLINE_TIMES`]) at the pace of a
+    // The 16 MiB of checked sends over TCP (CHECKED_SENDS_INLINE_TIMES) at the pace of a
     // healthy pull, not cut short by the bound.
     let sixteen_mib = 16 << 20;
     assert_eq!(
@@ -1012,57 +1012,84 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
 /// A pulling thread that drives its pull steps aside as soon as another pulling thread waits
 /// for the worker, rather than keeping it for the rest of its budget: one drives a pull from a
 /// stalled source (past its budget, so that only the other's wait can end its turns before
-/// the pull's deadline), and the other, asking for the worker meanwhile, gets it while that
-/// pull is still pending. Had the first kept the worker, the other would get it only once the
-/// pull had failed at its deadline, with no pull left.
+/// the pull's deadline), and another pulling thread, whose pull from a healthy source starts
+/// meanwhile, gets the worker and drives its pull to its end long before that deadline. Had
+/// the first kept the worker, the second would get it only once the first pull had failed at
+/// its deadline.
 #[test]
 fn a_driving_puller_steps_aside_for_another_that_waits() {
     let len = 256 * 1024;
-    let s = store(64);
-    let keys: Vec<BlockKey> = (0..10).map(key).collect();
-    for (i, k) in keys.iter().enumerate() {
-        s.put(k, &payload(i as u64, len));
-    }
-    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
-    let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), Fabric::Tcp);
+    let source = |keys: &[BlockKey]| {
+        let s = store(64);
+        for (i, k) in keys.iter().enumerate() {
+            s.put(k, &payload(i as u64, len));
+        }
+        let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
+        let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), Fabric::Tcp);
+        (grants, src)
+    };
+    let keys: Vec<BlockKey> = (0..16).map(key).collect();
+    let (stalled_grants, stalled) = source(&keys);
+    let (healthy_grants, healthy) = source(&keys);
     let (dst, t) = puller_driving(Fabric::Tcp, UcxMode::PutOnRequest, u64::MAX);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    // A first pull, so that both directions are connected and a request reaches the source.
-    let (warm, stuck) = (&keys[..2], &keys[2..]);
-    let grant = grants.grant(warm).unwrap();
-    for p in runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, warm, soon())) {
-        assert_eq!(p.result, Ok(()), "warm-up");
+    // A first pull from each, so that both directions are connected and a request reaches the
+    // source.
+    let (warm, stuck, later) = (&keys[..2], &keys[2..10], &keys[10..]);
+    for (grants, src) in [(&stalled_grants, &stalled), (&healthy_grants, &healthy)] {
+        let grant = grants.grant(warm).unwrap();
+        for p in runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, warm, soon())) {
+            assert_eq!(p.result, Ok(()), "warm-up");
+            dst.abort(p.slot);
+        }
+        assert!(grants.release(&grant.id));
+    }
+    stalled.park();
+    let cell = &t.lanes[0].engine;
+    cell.drive_past_budget.store(true, Ordering::Release);
+    let started_before = cell.drives_started.load(Ordering::Acquire);
+    let grant = stalled_grants.grant(stuck).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (slots, second_over) = std::thread::scope(|scope| {
+        let first =
+            scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.endpoint, &grant, stuck, deadline)));
+        // The second pull starts once the first is being driven (the count is read without
+        // the worker's lock, so reading it does not make the first step aside).
+        while cell.drives_started.load(Ordering::Acquire) == started_before {
+            assert!(!first.is_finished(), "the first pull ended before it was driven");
+            std::thread::yield_now();
+        }
+        let healthy_grant = healthy_grants.grant(later).unwrap();
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(pull(&dst, &t, &healthy.endpoint, &healthy_grant, later, soon()));
+        let second_over = Instant::now();
+        for p in second {
+            assert_eq!(p.result, Ok(()), "the second pull");
+            dst.abort(p.slot);
+        }
+        assert!(healthy_grants.release(&healthy_grant.id));
+        cell.drive_past_budget.store(false, Ordering::Release);
+        let pulled = first.join().expect("the first pulling thread");
+        (timed_out_and_marked(&dst, pulled, "stepped aside"), second_over)
+    });
+    assert!(
+        second_over < deadline,
+        "the second pull waited for the first, driven to its deadline"
+    );
+    stalled.resume();
+    // Late writes the resumed source might still make for the failed pull land before its
+    // answer to the next one.
+    let grant = stalled_grants.grant(later).unwrap();
+    for p in runtime.block_on(pull(&dst, &t, &stalled.endpoint, &grant, later, soon())) {
+        assert_eq!(p.result, Ok(()), "after resuming");
         dst.abort(p.slot);
     }
-    src.park();
-    let lane = &t.lanes[0].engine;
-    lane.drive_past_budget.store(true, Ordering::Release);
-    let driven_before = lane.with(|e| e.driven_pulls);
-    let grant = grants.grant(stuck).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let slots = std::thread::scope(|scope| {
-        let driver = scope.spawn(|| runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, stuck, deadline)));
-        // Asks for the worker until the driving thread has started its pull.
-        let pending = loop {
-            let (driven, pending) = lane.with(|e| (e.driven_pulls, e.pulls.len()));
-            if driven > driven_before {
-                break pending;
-            }
-            assert!(!driver.is_finished(), "the pull ended before it was driven");
-            std::thread::yield_now();
-        };
-        assert!(
-            pending > 0,
-            "the driving thread kept the worker until its pull was over"
-        );
-        lane.drive_past_budget.store(false, Ordering::Release);
-        let pulled = driver.join().expect("the driving thread");
-        timed_out_and_marked(&dst, pulled, "stepped aside")
-    });
-    src.resume();
     assert_still_marked(&dst, slots, "stepped aside");
 }
 
@@ -1617,9 +1644,8 @@ fn only_large_blocks_a_source_moves_over_tcp_sleep_between_arrivals() {
 
 /// Checked pulls of blocks of [`SEND_BLOCKS_FROM`] or more that a source sends in rendezvous
 /// over TCP alone are driven by the pulling thread up to [`CHECKED_SENDS_INLINE_TIMES`] ×
-/// `inline_bytes`; every other pull (written, sent eagerly, read, of smaller blocks,
-/// unchecked, or over a fabric that may be shared memory) up to `inline_bytes`, and 0 still
-/// means never.
+/// `inline_bytes`; every other pull (written, read, of smaller blocks, unchecked, or over a
+/// fabric that may be shared memory) up to `inline_bytes`, and 0 still means never.
 #[test]
 fn only_checked_sends_of_large_blocks_over_tcp_are_driven_past_inline_bytes() {
     let inline = UcxConfig::default().inline_bytes;
@@ -1643,9 +1669,10 @@ fn only_checked_sends_of_large_blocks_over_tcp_are_driven_past_inline_bytes() {
         true,
         true
     ));
+    // (Large blocks are never sent eagerly, so an eager plan does not arise here.)
+    assert!(!pull_plan(UcxMode::SendOnRequest, false, true, false, of_large(inline)).eager);
     for (plan, tcp_only, checked) in [
         (plan(UcxMode::PutOnRequest, false), true, true),
-        (plan(UcxMode::SendOnRequest, true), true, true),
         (plan(UcxMode::Get, false), true, true),
         (sent, false, true),
         (sent, true, false),
@@ -1718,11 +1745,10 @@ async fn auto_over_tcp_is_byte_exact_with_small_and_large_blocks() {
     let unchecked_driving = UcxTransport::new(Arc::clone(&dst), None, unchecked_driving).unwrap();
     // (blocks, the puller: one with the default limit of pulls its own thread drives, one that
     // hands every pull to the progress thread, or that and not checking its blocks, or one
-    // with the default limit that does not check them; whether
-    // the source is asked to send them, how many it sends eagerly, whether the pull sleeps
-    // between them, whether the pulling thread drove it): a single large block is written,
-    // and checked pulls of sent blocks are driven by the pulling thread up to 16 MiB (12 and
-    // 14 MiB here, not 18).
+    // with the default limit that does not check them; whether the source is asked to send
+    // them, how many it sends eagerly, whether the pull sleeps between them, whether the
+    // pulling thread drove it): a single large block is written, and checked pulls of large
+    // sent blocks are driven by the pulling thread up to 16 MiB (12 and 14 MiB here, not 18).
     for (range, t, sent, eager, sleeps, driven) in [
         (0..12, &inline, true, 12, false, true),
         (0..12, &handed_over, false, 0, false, false),
