@@ -960,14 +960,8 @@ fn assert_still_marked(dst: &TieredStore, slots: Vec<Reservation>, case: &str) {
 }
 
 async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inline_bytes: u64) {
-    let len = 256 * 1024;
-    let s = store(64);
-    let keys: Vec<BlockKey> = (0..16).map(key).collect();
-    for (i, k) in keys.iter().enumerate() {
-        s.put(k, &payload(i as u64, len));
-    }
-    let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
-    let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), fabric);
+    let (s, grants, keys) = granted_store(&[256 << 10; 16]);
+    let src = Stallable::start(s, Arc::clone(&grants), fabric);
     let (dst, t) = puller_driving(fabric, mode, inline_bytes);
     let drain = config(fabric, mode).drain;
     // A first pull, so that both directions are connected and a request reaches the source.
@@ -1018,19 +1012,16 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
 /// its deadline.
 #[test]
 fn a_driving_puller_steps_aside_for_another_that_waits() {
-    let len = 256 * 1024;
-    let source = |keys: &[BlockKey]| {
-        let s = store(64);
-        for (i, k) in keys.iter().enumerate() {
-            s.put(k, &payload(i as u64, len));
-        }
-        let grants = Arc::new(Grants::new(Arc::clone(&s), Duration::from_secs(30), 16));
-        let src = Stallable::start(Arc::clone(&s), Arc::clone(&grants), Fabric::Tcp);
-        (grants, src)
+    let source = || {
+        let (s, grants, keys) = granted_store(&[256 << 10; 16]);
+        (
+            Arc::clone(&grants),
+            Stallable::start(s, grants, Fabric::Tcp),
+            keys,
+        )
     };
-    let keys: Vec<BlockKey> = (0..16).map(key).collect();
-    let (stalled_grants, stalled) = source(&keys);
-    let (healthy_grants, healthy) = source(&keys);
+    let (stalled_grants, stalled, keys) = source();
+    let (healthy_grants, healthy, _) = source();
     let (dst, t) = puller_driving(Fabric::Tcp, UcxMode::PutOnRequest, u64::MAX);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
