@@ -80,6 +80,16 @@ pub(crate) struct TransferArgs {
     /// which check nothing (kvbench checks every block such a puller pulled, untimed).
     #[arg(long)]
     pub(crate) ucx_unverified: bool,
+    /// Pulls in flight at once on one kvtier transport, as an agent pulls for several decode
+    /// requests at a time (default 1). Several values measure each kvtier puller once per
+    /// value, on the same transport, in the same run, labelled `N at once` where N > 1. Each
+    /// timed iteration starts N pulls of the configuration's blocks, each in its own task and
+    /// into its own slots, and ends when the last is over: its GB/s and per-block time count
+    /// the blocks of all N, and each pull's own time goes to `pull_p50_us` (the median over
+    /// every pull). The arenas hold N of the matrix's largest pull: narrow the matrix for a
+    /// large N.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub(crate) pulls_at_once: Vec<u16>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
     /// figure reported is the median over the rounds. This machine's speed drifts over
     /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
@@ -175,7 +185,30 @@ struct Puller {
     system: &'static str,
     label: String,
     endpoint: Vec<u8>,
-    transport: Box<dyn Transport>,
+    /// Shared by the pullers that differ only in `at_once`.
+    transport: Arc<dyn Transport>,
+    /// Pulls in flight at once (`--pulls-at-once`).
+    at_once: usize,
+}
+
+impl Puller {
+    /// One puller per `--pulls-at-once` value, each on this one's transport.
+    fn at_once(self, values: &[u16]) -> Vec<Puller> {
+        values
+            .iter()
+            .map(|&n| Puller {
+                system: self.system,
+                label: if n > 1 {
+                    format!("{} {n} at once", self.label)
+                } else {
+                    self.label.clone()
+                },
+                endpoint: self.endpoint.clone(),
+                transport: Arc::clone(&self.transport),
+                at_once: usize::from(n),
+            })
+            .collect()
+    }
 }
 
 const SECRET: &[u8] = b"kvbench-transfer";
@@ -186,6 +219,12 @@ fn namespace() -> Namespace {
 
 fn key(tag: u64, i: u64) -> BlockKey {
     BlockKey::new(namespace(), BlockHash::from_u64(tag << 32 | i))
+}
+
+/// The puller's key for block `i` of pull `pull` among those in flight at once: each pull
+/// fills its own slots, and a key has one slot at a time.
+fn pull_key(tag: u64, pull: usize, i: u64) -> BlockKey {
+    key(tag, (pull as u64) << 24 | i)
 }
 
 /// A request on the control pipe.
@@ -230,6 +269,10 @@ pub(crate) struct Row {
     pub(crate) grant_us: Option<f64>,
     pub(crate) regrant_us: Option<f64>,
     pub(crate) verified: bool,
+    /// Pulls in flight at once (`--pulls-at-once`; 1 for the peers).
+    pub(crate) pulls_at_once: usize,
+    /// The median time of one pull among those in flight at once (kvtier's pulls only).
+    pub(crate) pull_p50_us: Option<f64>,
 }
 
 impl Row {
@@ -246,13 +289,17 @@ impl Row {
     }
 }
 
+/// Room for the largest pull of the matrix, that many times over where several pulls are in
+/// flight at once.
 fn arena_bytes(args: &TransferArgs) -> u64 {
+    let at_once = args.pulls_at_once.iter().copied().max().unwrap_or(1);
     let largest = args
         .block_kib
         .iter()
         .flat_map(|b| args.batches.iter().map(move |n| b * 1024 * *n as u64))
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        * u64::from(at_once);
     // Slabs of one size class each: room for the batch plus a slab of every other class.
     largest + largest / 4 + (64 << 20)
 }
@@ -303,12 +350,14 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 ..TcpConfig::default()
             },
         );
-        planes.push(Puller {
+        let puller = Puller {
             system: "kvtier",
             label: "tcp".into(),
             endpoint: source.endpoint.clone().into_bytes(),
-            transport: Box::new(tcp),
-        });
+            transport: Arc::new(tcp),
+            at_once: 1,
+        };
+        planes.extend(puller.at_once(&args.pulls_at_once));
     }
     #[cfg(feature = "ucx")]
     if args.transports.contains(&Plane::Ucx) {
@@ -389,12 +438,14 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                             t.lanes(),
                             t.inline_bytes() / 1024,
                         );
-                        planes.push(Puller {
+                        let puller = Puller {
                             system: "kvtier-ucx",
                             label,
                             endpoint: endpoint.clone(),
-                            transport: Box::new(t),
-                        });
+                            transport: Arc::new(t),
+                            at_once: 1,
+                        };
+                        planes.extend(puller.at_once(&args.pulls_at_once));
                     }
                     Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
                 }
@@ -427,6 +478,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     grant.grant_us, grant.regrant_us
                 );
                 for puller in &planes {
+                    let (system, label) = (puller.system, &puller.label);
                     let mut row = runtime.block_on(measure(
                         &store,
                         puller,
@@ -437,15 +489,15 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                         args.quick,
                         args.back_to_back,
                     ))?;
-                    let (system, label) = (puller.system, &puller.label);
                     row.system = system.into();
                     row.transport = label.clone();
                     eprintln!(
-                        "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block",
+                        "{system} {label} pull {:>5} KiB x {:>3}: {:>6.2} GB/s, {:>8.1} us/block, {:>9.1} us/pull",
                         kib,
                         batch,
                         row.gbps.unwrap_or(0.0),
-                        row.per_block_us.unwrap_or(0.0)
+                        row.per_block_us.unwrap_or(0.0),
+                        row.pull_p50_us.unwrap_or(0.0),
                     );
                     rows.push(row);
                 }
@@ -482,6 +534,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "ucx_inline_kib": &args.ucx_inline_kib,
             "ucx_unverified": args.ucx_unverified,
             "ucx_lanes": &args.ucx_lanes,
+            "pulls_at_once": &args.pulls_at_once,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
             "huge_pages": huge_pages,
@@ -521,44 +574,72 @@ async fn measure(
     };
     // Slots reserved in a random order (the source's is another one) lie in that order.
     let order = layout(batch, !tag, back_to_back);
-    let wanted: Vec<(BlockKey, u64)> = order.iter().map(|&i| (key(tag, i as u64), block)).collect();
+    let wanted: Vec<Vec<(BlockKey, u64)>> = (0..puller.at_once)
+        .map(|k| {
+            order
+                .iter()
+                .map(|&j| (pull_key(tag, k, j as u64), block))
+                .collect()
+        })
+        .collect();
     let mut times = Vec::new();
+    let mut pull_times = Vec::new();
     let started = Instant::now();
     let mut verified = true;
     let mut i = 0;
     loop {
         let t0 = Instant::now();
-        let mut items: Vec<PullItem> = store
-            .reserve_batch(&wanted)
-            .into_iter()
-            .zip(&order)
-            .map(|(r, &j)| {
-                Ok(PullItem {
-                    index: j as u32,
-                    remote_offset: grant.blocks[j].0,
-                    checksum: grant.blocks[j].2,
-                    slot: r.map_err(|o| anyhow::anyhow!("no local slot: {o:?}"))?,
+        let mut pulls = Vec::with_capacity(puller.at_once);
+        for wanted in &wanted {
+            let mut items: Vec<PullItem> = store
+                .reserve_batch(wanted)
+                .into_iter()
+                .zip(&order)
+                .map(|(r, &j)| {
+                    Ok(PullItem {
+                        index: j as u32,
+                        remote_offset: grant.blocks[j].0,
+                        checksum: grant.blocks[j].2,
+                        slot: r.map_err(|o| anyhow::anyhow!("no local slot: {o:?}"))?,
+                    })
                 })
-            })
-            .collect::<Result<_>>()?;
-        // Pulled in the grant's order, as a decode agent asks for a prefix.
-        items.sort_by_key(|i| i.index);
-        let pulled = puller
-            .transport
-            .pull(
-                &puller.endpoint,
-                id,
-                items,
-                Instant::now() + Duration::from_secs(60),
-            )
-            .await;
-        let mut slots = Vec::with_capacity(pulled.len());
-        for p in pulled {
-            // The transport verified each block's checksum as it arrived, where it verifies.
-            verified &= p.result.is_ok();
-            slots.push((p.index, p.slot));
+                .collect::<Result<_>>()?;
+            // Pulled in the grant's order, as a decode agent asks for a prefix.
+            items.sort_by_key(|i| i.index);
+            let (transport, endpoint) = (Arc::clone(&puller.transport), puller.endpoint.clone());
+            pulls.push(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let pulled = transport.pull(&endpoint, id, items, deadline).await;
+                (pulled, t0.elapsed())
+            });
+        }
+        let mut outcomes = Vec::with_capacity(pulls.len());
+        if pulls.len() == 1 {
+            // A lone pull runs on this task, as in an agent: no hand-off to another task (a
+            // wake-up) inside the timed loop.
+            for pull in pulls {
+                outcomes.push(pull.await);
+            }
+        } else {
+            let mut tasks = tokio::task::JoinSet::new();
+            for pull in pulls {
+                tasks.spawn(pull);
+            }
+            while let Some(done) = tasks.join_next().await {
+                outcomes.push(done.context("a pull's task")?);
+            }
         }
         let took = t0.elapsed();
+        let mut slots = Vec::with_capacity(batch * outcomes.len());
+        let mut each = Vec::with_capacity(outcomes.len());
+        for (pulled, pull_took) in outcomes {
+            each.push(pull_took);
+            for p in pulled {
+                // The transport verified each block's checksum as it arrived, where it verifies.
+                verified &= p.result.is_ok();
+                slots.push((p.index, p.slot));
+            }
+        }
         for (index, mut slot) in slots {
             if !puller.transport.verifies() {
                 // Checked here, untimed, so that a puller that skips its checks is still
@@ -574,6 +655,7 @@ async fn measure(
         i += 1;
         if i > warmup {
             times.push(took);
+            pull_times.extend(each);
         }
         let elapsed = started.elapsed();
         if (times.len() >= min_iters && elapsed >= min_time) || elapsed >= max_time {
@@ -581,7 +663,9 @@ async fn measure(
         }
     }
     times.sort_unstable();
+    pull_times.sort_unstable();
     let p50 = times.get(times.len() / 2).copied();
+    let bytes = block * batch as u64 * puller.at_once as u64;
     Ok(Row {
         system: "kvtier".into(),
         transport: "tcp".into(),
@@ -589,11 +673,15 @@ async fn measure(
         block_bytes: block,
         batch,
         iters: times.len(),
-        gbps: p50.map(|t| (block * batch as u64) as f64 / t.as_secs_f64() / 1e9),
-        per_block_us: p50.map(|t| t.as_secs_f64() * 1e6 / batch as f64),
+        gbps: p50.map(|t| bytes as f64 / t.as_secs_f64() / 1e9),
+        per_block_us: p50.map(|t| t.as_secs_f64() * 1e6 / (batch * puller.at_once) as f64),
         grant_us: Some(grant.grant_us),
         regrant_us: Some(grant.regrant_us),
         verified: verified && !times.is_empty(),
+        pulls_at_once: puller.at_once,
+        pull_p50_us: pull_times
+            .get(pull_times.len() / 2)
+            .map(|t| t.as_secs_f64() * 1e6),
     })
 }
 
@@ -949,6 +1037,8 @@ fn run_peer(
             grant_us: None,
             regrant_us: None,
             verified: r["verified"].as_bool().unwrap_or(false),
+            pulls_at_once: 1,
+            pull_p50_us: None,
         });
     }
     if !out.status.success() {
@@ -1030,6 +1120,8 @@ mod tests {
             grant_us: None,
             regrant_us: None,
             verified,
+            pulls_at_once: 1,
+            pull_p50_us: None,
         }
     }
 
