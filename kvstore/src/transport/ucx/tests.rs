@@ -1003,15 +1003,14 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
     assert_still_marked(&dst, slots, &format!("{fabric:?} {mode:?} inline {inline_bytes}"));
 }
 
-/// A pulling thread that drives its pull steps aside as soon as another pulling thread waits
-/// for the worker, rather than keeping it for the rest of its budget: one drives a pull from a
-/// stalled source (past its budget, so that only the other's wait can end its turns before
-/// the pull's deadline), and another pulling thread, whose pull from a healthy source starts
-/// meanwhile, gets the worker and drives its pull to its end long before that deadline. Had
-/// the first kept the worker, the second would get it only once the first pull had failed at
-/// its deadline.
+/// A pull that another pulling thread would drive while one drives the worker goes to the
+/// mailbox, and the driving thread's turns start it and carry it to its end: one drives a pull
+/// from a stalled source (past its budget, until the pull's deadline), and another pulling
+/// thread, whose pull from a healthy source starts meanwhile, gets its blocks long before that
+/// deadline, neither waiting for the worker nor driving it (the first still drives). Had the
+/// second waited for the lock, it would have driven its own pull once the first stepped aside.
 #[test]
-fn a_driving_puller_steps_aside_for_another_that_waits() {
+fn a_pull_that_comes_while_another_is_driven_is_carried_by_the_driving_thread() {
     let source = || {
         let (s, grants, keys) = granted_store(&[256 << 10; 16]);
         (
@@ -1042,13 +1041,14 @@ fn a_driving_puller_steps_aside_for_another_that_waits() {
     let cell = &t.lanes[0].engine;
     cell.drive_past_budget.store(true, Ordering::Release);
     let started_before = cell.drives_started.load(Ordering::Acquire);
+    let busy_before = cell.drives_refused_busy.load(Ordering::Acquire);
     let grant = stalled_grants.grant(stuck).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     let (slots, second_over) = std::thread::scope(|scope| {
         let first =
             scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.endpoint, &grant, stuck, deadline)));
         // The second pull starts once the first is being driven (the count is read without
-        // the worker's lock, so reading it does not make the first step aside).
+        // the worker's lock).
         while cell.drives_started.load(Ordering::Acquire) == started_before {
             assert!(!first.is_finished(), "the first pull ended before it was driven");
             std::thread::yield_now();
@@ -1065,9 +1065,18 @@ fn a_driving_puller_steps_aside_for_another_that_waits() {
             dst.abort(p.slot);
         }
         assert!(healthy_grants.release(&healthy_grant.id));
+        assert!(!first.is_finished(), "the first pull ended with the second");
+        assert_eq!(
+            (
+                cell.drives_started.load(Ordering::Acquire) - started_before,
+                cell.drives_refused_busy.load(Ordering::Acquire) - busy_before
+            ),
+            (1, 1),
+            "only the first pulling thread drove; the second's pull went to the mailbox"
+        );
         cell.drive_past_budget.store(false, Ordering::Release);
         let pulled = first.join().expect("the first pulling thread");
-        (timed_out_and_marked(&dst, pulled, "stepped aside"), second_over)
+        (timed_out_and_marked(&dst, pulled, "driving"), second_over)
     });
     assert!(
         second_over < deadline,
@@ -1081,7 +1090,7 @@ fn a_driving_puller_steps_aside_for_another_that_waits() {
         assert_eq!(p.result, Ok(()), "after resuming");
         dst.abort(p.slot);
     }
-    assert_still_marked(&dst, slots, "stepped aside");
+    assert_still_marked(&dst, slots, "driving");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
