@@ -125,6 +125,48 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
     assert_eq!(idle, opened, "every connection went back to the pool");
 }
 
+/// Pulls in flight at once each take a connection, and every one goes back to the pool: the
+/// next as many pulls at once open none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_at_once_keep_their_connections_for_the_next() {
+    let len = 64 * 1024;
+    let pulls = 6;
+    let (grants, src, _) = source(pulls, len, None).await;
+    let (dst, t) = puller(None, 1);
+    let endpoint = src.endpoint(None);
+    let mut opened = Vec::new();
+    for round in 0..2 {
+        let rounds = (0..pulls).map(|i| {
+            let keys = vec![key(i)];
+            let grant = grants.grant(&keys).unwrap();
+            let (dst, t, endpoint) = (&dst, &t, &endpoint);
+            async move {
+                let pulled = pull(dst, t, endpoint, &grant, &keys).await;
+                (grant, pulled)
+            }
+        });
+        for (grant, pulled) in futures::future::join_all(rounds).await {
+            for p in pulled {
+                assert_eq!(p.result, Ok(()), "round {round}");
+                dst.abort(p.slot);
+            }
+            assert!(grants.release(&grant.id));
+        }
+        opened.push(t.inner.opened.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    assert!(
+        opened[0] > 2,
+        "{} connections: the pulls did not run at once (more than twice `streams`)",
+        opened[0]
+    );
+    assert_eq!(
+        opened[1], opened[0],
+        "the second pulls at once opened connections"
+    );
+    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    assert_eq!(idle, opened[0], "every connection went back to the pool");
+}
+
 /// A one-block request of a large block leaves the source with `sendfile` (straight from the
 /// arena's memfd); the bytes are the same, and the source keeps using it. An arena on
 /// reserved huge pages (hugetlbfs, which `sendfile` cannot read) is sent with copies instead,
