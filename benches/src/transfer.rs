@@ -85,9 +85,10 @@ pub(crate) struct TransferArgs {
     /// value, on the same transport, in the same run, labelled `N at once` where N > 1. Each
     /// timed iteration starts N pulls of the configuration's blocks, each in its own task and
     /// into its own slots, and ends when the last is over: its GB/s and per-block time count
-    /// the blocks of all N, and each pull's own time goes to `pull_p50_us` (the median over
-    /// every pull). The arenas hold N of the matrix's largest pull: narrow the matrix for a
-    /// large N.
+    /// the blocks of all N, and each pull's own time, from its reservation to its end, goes
+    /// to `pull_p50_us` (the median over every pull). A lone pull runs on the bench's task, as
+    /// in an agent; pulls at once also pay the wake-up that joins each task. The puller's
+    /// arena holds N of the matrix's largest pull: narrow the matrix for a large N.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) pulls_at_once: Vec<u16>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
@@ -192,10 +193,16 @@ struct Puller {
 }
 
 impl Puller {
-    /// One puller per `--pulls-at-once` value, each on this one's transport.
+    /// One puller per `--pulls-at-once` value (each once), each on this one's transport.
     fn at_once(self, values: &[u16]) -> Vec<Puller> {
+        let mut seen = Vec::new();
         values
             .iter()
+            .filter(|&&n| {
+                let new = !seen.contains(&n);
+                seen.push(n);
+                new
+            })
             .map(|&n| Puller {
                 system: self.system,
                 label: if n > 1 {
@@ -224,6 +231,9 @@ fn key(tag: u64, i: u64) -> BlockKey {
 /// The puller's key for block `i` of pull `pull` among those in flight at once: each pull
 /// fills its own slots, and a key has one slot at a time.
 fn pull_key(tag: u64, pull: usize, i: u64) -> BlockKey {
+    // `--pulls-at-once` is at most 16 and a batch far below 2^24 blocks: both fit the 32 bits
+    // below the tag.
+    debug_assert!(pull < 256 && i < 1 << 24);
     key(tag, (pull as u64) << 24 | i)
 }
 
@@ -289,10 +299,9 @@ impl Row {
     }
 }
 
-/// Room for the largest pull of the matrix, that many times over where several pulls are in
-/// flight at once.
-fn arena_bytes(args: &TransferArgs) -> u64 {
-    let at_once = args.pulls_at_once.iter().copied().max().unwrap_or(1);
+/// Room for the largest pull of the matrix, `at_once` times over (the puller's arena, where
+/// several pulls are in flight at once; the source holds one batch at a time).
+fn arena_bytes(args: &TransferArgs, at_once: u16) -> u64 {
     let largest = args
         .block_kib
         .iter()
@@ -324,8 +333,9 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let arena = arena_bytes(args);
-    let mut source = Source::spawn(arena, &args.transports)?;
+    let at_once = args.pulls_at_once.iter().copied().max().unwrap_or(1);
+    let arena = arena_bytes(args, at_once);
+    let mut source = Source::spawn(arena_bytes(args, 1), &args.transports)?;
     let store = Arc::new(open_store(arena)?);
     // The peers' pools are numpy arrays, which get transparent huge pages; kvtier's arena gets
     // huge pages where the node reserves them (`vm.nr_hugepages`), as an agent's does.
@@ -589,41 +599,26 @@ async fn measure(
     let mut i = 0;
     loop {
         let t0 = Instant::now();
-        let mut pulls = Vec::with_capacity(puller.at_once);
-        for wanted in &wanted {
-            let mut items: Vec<PullItem> = store
-                .reserve_batch(wanted)
-                .into_iter()
-                .zip(&order)
-                .map(|(r, &j)| {
-                    Ok(PullItem {
-                        index: j as u32,
-                        remote_offset: grant.blocks[j].0,
-                        checksum: grant.blocks[j].2,
-                        slot: r.map_err(|o| anyhow::anyhow!("no local slot: {o:?}"))?,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            // Pulled in the grant's order, as a decode agent asks for a prefix.
-            items.sort_by_key(|i| i.index);
-            let (transport, endpoint) = (Arc::clone(&puller.transport), puller.endpoint.clone());
-            pulls.push(async move {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let pulled = transport.pull(&endpoint, id, items, deadline).await;
-                (pulled, t0.elapsed())
-            });
-        }
-        let mut outcomes = Vec::with_capacity(pulls.len());
-        if pulls.len() == 1 {
-            // A lone pull runs on this task, as in an agent: no hand-off to another task (a
-            // wake-up) inside the timed loop.
-            for pull in pulls {
-                outcomes.push(pull.await);
-            }
+        let mut outcomes = Vec::with_capacity(puller.at_once);
+        if let [wanted] = wanted.as_slice() {
+            // A lone pull runs on this task, as a lone pull does in an agent: no hand-off to
+            // another task (a wake-up) inside the timed loop.
+            let items = pull_items(store, wanted, &order, grant)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let pulled = puller.transport.pull(&puller.endpoint, id, items, deadline).await;
+            outcomes.push((pulled, t0.elapsed()));
         } else {
             let mut tasks = tokio::task::JoinSet::new();
-            for pull in pulls {
-                tasks.spawn(pull);
+            for wanted in &wanted {
+                // Each pull's own time runs from its reservation to its end.
+                let started = Instant::now();
+                let items = pull_items(store, wanted, &order, grant)?;
+                let (transport, endpoint) = (Arc::clone(&puller.transport), puller.endpoint.clone());
+                tasks.spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let pulled = transport.pull(&endpoint, id, items, deadline).await;
+                    (pulled, started.elapsed())
+                });
             }
             while let Some(done) = tasks.join_next().await {
                 outcomes.push(done.context("a pull's task")?);
@@ -683,6 +678,31 @@ async fn measure(
             .get(pull_times.len() / 2)
             .map(|t| t.as_secs_f64() * 1e6),
     })
+}
+
+/// A slot reserved for each of `wanted` (laid out in `order`), as items of the grant's blocks in
+/// the grant's order, as a decode agent asks for a prefix.
+fn pull_items(
+    store: &TieredStore,
+    wanted: &[(BlockKey, u64)],
+    order: &[usize],
+    grant: &GrantAnswer,
+) -> Result<Vec<PullItem>> {
+    let mut items: Vec<PullItem> = store
+        .reserve_batch(wanted)
+        .into_iter()
+        .zip(order)
+        .map(|(r, &j)| {
+            Ok(PullItem {
+                index: j as u32,
+                remote_offset: grant.blocks[j].0,
+                checksum: grant.blocks[j].2,
+                slot: r.map_err(|o| anyhow::anyhow!("no local slot: {o:?}"))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    items.sort_by_key(|i| i.index);
+    Ok(items)
 }
 
 fn open_store(arena: u64) -> Result<TieredStore> {

@@ -95,8 +95,10 @@ pub fn default_streams() -> usize {
 /// that found none kept connects anew, handshake and all, and with two kept the third and
 /// fourth of four pulls at once did so every time and dropped the connection after (four
 /// 64 KiB pulls at once over loopback on a 2-core VM: 0.89 GB/s together with two kept,
-/// 1.0–1.9 with these). A source closes a connection idle for [`TcpConfig::idle_timeout`].
-pub const KEPT_STREAMS_PER_PEER: usize = 16;
+/// 1.0–1.9 with these). Each kept connection holds a socket on both sides and a serving task on
+/// the source until it is reused or has been idle for [`TcpConfig::idle_timeout`], when the
+/// source closes it.
+pub const KEPT_CONNECTIONS_PER_PEER: usize = 16;
 
 /// The TCP backend of [`Transport`].
 #[derive(Debug, Clone)]
@@ -385,6 +387,16 @@ impl Inner {
         Ok(())
     }
 
+    /// Keeps a connection to `peer` that a pull has done with for the next pull, unless
+    /// [`KEPT_CONNECTIONS_PER_PEER`] are kept already (it is closed then).
+    fn keep(&self, peer: SocketAddr, stream: DataStream) {
+        let mut pool = self.pool.lock();
+        let idle = pool.entry(peer).or_default();
+        if idle.len() < KEPT_CONNECTIONS_PER_PEER.max(2 * self.cfg.streams) {
+            idle.push(stream);
+        }
+    }
+
     async fn connect(&self, peer: SocketAddr, deadline: Instant) -> Result<DataStream, TransportError> {
         let io = |e: std::io::Error| TransportError::Io {
             peer: peer.to_string(),
@@ -470,11 +482,7 @@ impl Inner {
         };
         let err = match result {
             Ok(()) => {
-                let mut pool = self.pool.lock();
-                let idle = pool.entry(peer).or_default();
-                if idle.len() < KEPT_STREAMS_PER_PEER.max(2 * self.cfg.streams) {
-                    idle.push(stream);
-                }
+                self.keep(peer, stream);
                 None
             }
             Err(e) => Some(e),

@@ -13,11 +13,12 @@
 //! blocks of [`SEND_BLOCKS_FROM`] or more on average, sent in rendezvous over TCP alone,
 //! [`CHECKED_SENDS_INLINE_TIMES`]) is driven by the pulling thread itself: it takes the lock
 //! (the progress thread steps aside), issues the pull and progresses the worker until the pull
-//! is over or its [`inline_budget`] has passed, and leaves any rest to the progress thread;
-//! over shared memory a one-block pull then involves no other thread at all, where a hand-off
-//! costs two thread wake-ups, more than the copy of a 64 KiB block. One pulling thread drives
-//! at a time: a pull that another would drive while one does goes to the mailbox, which the
-//! driving thread's turns take commands from, rather than blocking its thread on the lock. A
+//! is over, its [`inline_budget`] has passed or another pulling thread waits for the lock, and
+//! leaves any rest to the progress thread (or to that other thread, whose turns progress every
+//! pull of the worker); over shared memory a one-block pull then involves no other thread at
+//! all, where a hand-off costs two thread wake-ups, more than the copy of a 64 KiB block.
+//! Where UCX may use shared memory, a pull that another pulling thread would drive while one
+//! does goes to the mailbox instead, which the driving thread's turns take commands from. A
 //! larger pull is a command put in a mailbox, after which the worker is woken with
 //! `ucp_worker_signal`; its results come back on a channel, each block as soon as it has
 //! landed. A block that was got is checksummed at once by the thread that copied it, while it
@@ -607,9 +608,9 @@ pub const INLINE_BUDGET_MIN: Duration = Duration::from_millis(1);
 
 /// Most time a pulling thread drives the worker for its own pull, whatever
 /// [`UcxConfig::inline_bytes`] allows: that thread may be an async runtime's worker, and a
-/// silent source holds it for the whole budget (other pulling threads do not wait for it:
-/// their pulls go to the mailbox, which the driving thread's turns take commands from, and
-/// progress with its own). 8 ms: about the time the
+/// silent source holds it for the whole budget (other pulling threads do not wait for it: a
+/// driving thread steps aside as soon as one waits for the worker, or, where UCX may use
+/// shared memory, their pulls go to the mailbox). 8 ms: about the time the
 /// 16 MiB of a checked pull of sent blocks that it drives by default
 /// ([`CHECKED_SENDS_INLINE_TIMES`]) take at [`INLINE_PACE`] (7.8 ms), so that a healthy one
 /// is not handed over mid-way. Raising it from 4 ms changed the budget of pulls over 8 MiB
@@ -1160,12 +1161,19 @@ impl Transport for UcxTransport {
                 if let Some(ops) = driven {
                     let budget = inline_budget(ops.iter().map(|o| o.len).sum());
                     let first = &self.lanes[0];
-                    match first
-                        .engine
-                        .drive(spec(ops), budget, &first.mailbox, &mut settled, &mut verify)
-                    {
+                    // Over TCP alone a pull that finds another driven waits its turn; where UCX
+                    // may use shared memory it goes to the mailbox (see `EngineCell::drive`).
+                    let post_if_driven = !self.tcp_only;
+                    match first.engine.drive(
+                        spec(ops),
+                        budget,
+                        post_if_driven,
+                        &first.mailbox,
+                        &mut settled,
+                        &mut verify,
+                    ) {
                         Driven::Started => {}
-                        // Busy: the thread that drives the worker starts it on its next turn.
+                        // Busy: the thread that drives the worker takes it on its next turn.
                         // Stopped: refused too if the thread is on its way out; the ops stay
                         // unsettled.
                         Driven::Stopped(spec) | Driven::Busy(spec) => {

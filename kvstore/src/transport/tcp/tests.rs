@@ -125,46 +125,39 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
     assert_eq!(idle, opened, "every connection went back to the pool");
 }
 
-/// Pulls in flight at once each take a connection, and every one goes back to the pool: the
-/// next as many pulls at once open none.
+/// A connection per pull in flight at once goes back to the pool, up to
+/// [`KEPT_CONNECTIONS_PER_PEER`] of them per source, and the next pulls take those rather than
+/// connect: as many connections as pulls at once are kept (20 made at once, 16 kept), and 16
+/// pulls after open none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_at_once_keep_their_connections_for_the_next() {
     let len = 64 * 1024;
-    let pulls = 6;
-    let (grants, src, _) = source(pulls, len, None).await;
+    let (grants, src, _) = source(1, len, None).await;
     let (dst, t) = puller(None, 1);
     let endpoint = src.endpoint(None);
-    let mut opened = Vec::new();
-    for round in 0..2 {
-        let rounds = (0..pulls).map(|i| {
-            let keys = vec![key(i)];
-            let grant = grants.grant(&keys).unwrap();
-            let (dst, t, endpoint) = (&dst, &t, &endpoint);
-            async move {
-                let pulled = pull(dst, t, endpoint, &grant, &keys).await;
-                (grant, pulled)
-            }
-        });
-        for (grant, pulled) in futures::future::join_all(rounds).await {
-            for p in pulled {
-                assert_eq!(p.result, Ok(()), "round {round}");
-                dst.abort(p.slot);
-            }
-            assert!(grants.release(&grant.id));
-        }
-        opened.push(t.inner.opened.load(std::sync::atomic::Ordering::Relaxed));
+    let peer = parse_endpoint(&endpoint).unwrap();
+    let opened = || t.inner.opened.load(std::sync::atomic::Ordering::Relaxed);
+    let kept = || t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    // Twenty connections in use at once, as twenty pulls at once hold, then done with.
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(t.inner.connect(peer, soon()).await.unwrap());
     }
-    assert!(
-        opened[0] > 2,
-        "{} connections: the pulls did not run at once (more than twice `streams`)",
-        opened[0]
-    );
-    assert_eq!(
-        opened[1], opened[0],
-        "the second pulls at once opened connections"
-    );
-    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
-    assert_eq!(idle, opened[0], "every connection went back to the pool");
+    for stream in streams {
+        t.inner.keep(peer, stream);
+    }
+    assert_eq!((opened(), kept()), (20, KEPT_CONNECTIONS_PER_PEER));
+    let keys = vec![key(0)];
+    for _ in 0..KEPT_CONNECTIONS_PER_PEER {
+        let grant = grants.grant(&keys).unwrap();
+        for p in pull(&dst, &t, &endpoint, &grant, &keys).await {
+            assert_eq!(p.result, Ok(()));
+            dst.abort(p.slot);
+        }
+        assert!(grants.release(&grant.id));
+    }
+    assert_eq!(opened(), 20, "a pull connected anew while connections were kept");
+    assert_eq!(kept(), KEPT_CONNECTIONS_PER_PEER);
 }
 
 /// A one-block request of a large block leaves the source with `sendfile` (straight from the

@@ -735,24 +735,25 @@ impl WedgeWatch {
 #[derive(Debug, Default)]
 pub(super) struct EngineCell {
     engine: Mutex<Option<Engine>>,
-    /// Threads waiting for the lock (a pulling thread that is to drive its pull, or a test's
-    /// look at the engine): the progress thread leaves it to them, and a pulling thread that
-    /// drives its pull steps aside for them.
+    /// Threads waiting for the lock (pulling threads that are to drive their pulls, or a
+    /// test's look at the engine): the progress thread leaves it to them, and a pulling
+    /// thread that drives its pull steps aside for them (see [`EngineCell::drive`]).
     waiting: AtomicUsize,
     /// The progress thread is (about to be) waiting on the event fd it armed: a thread that
     /// drove the worker meanwhile may have consumed the events that fd was armed for, and
     /// signals the worker so that the progress thread rearms it.
     asleep: AtomicBool,
-    /// A pulling thread left a pull it started to the progress thread: activity, as far as
-    /// the progress thread's polling goes.
+    /// A pulling thread stopped driving the worker with pulls still in flight (its own rest,
+    /// or pulls that came through the mailbox meanwhile): activity, as far as the progress
+    /// thread's polling goes.
     handed_off: AtomicBool,
-    /// A pulling thread drives the worker, or is about to (see [`EngineCell::drive`]).
+    /// A pulling thread holds the lock to drive the worker (see [`EngineCell::drive`]).
     driving: AtomicBool,
     /// Tests: the worker counts as unable to sleep until it is replaced.
     #[cfg(test)]
     pub(super) fake_wedge: AtomicBool,
     /// Tests: a pulling thread drives its pull past its budget (until it is over or another
-    /// pulling thread waits).
+    /// thread waits for the lock).
     #[cfg(test)]
     pub(super) drive_past_budget: AtomicBool,
     /// Tests: pulls (or a lane's runs of them) that a pulling thread started to drive itself
@@ -766,16 +767,6 @@ pub(super) struct EngineCell {
     pub(super) drives_refused_busy: AtomicUsize,
 }
 
-/// Clears [`EngineCell::driving`] when dropped; declared before the engine's lock guard, so
-/// that it is dropped after it.
-struct DriveClaim<'a>(&'a AtomicBool);
-
-impl Drop for DriveClaim<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 /// What a pulling thread made of driving a pull itself.
 #[derive(Debug)]
 pub(super) enum Driven {
@@ -784,8 +775,9 @@ pub(super) enum Driven {
     Started,
     /// The engine has stopped; the spec comes back unstarted.
     Stopped(PullSpec),
-    /// Another pulling thread drives the worker; the spec comes back unstarted, for the
-    /// mailbox, whose commands that thread starts on its next turn.
+    /// Another pulling thread drives the worker, and the caller asked not to wait for it
+    /// (`post_if_driven`); the spec comes back unstarted, for the mailbox, whose commands
+    /// that thread starts on its next turn.
     Busy(PullSpec),
 }
 
@@ -855,9 +847,15 @@ impl EngineCell {
         *self.engine.lock() = Some(engine);
     }
 
+    /// Whether a pulling thread drives the worker.
+    #[cfg(test)]
+    pub(super) fn driven(&self) -> bool {
+        self.driving.load(Ordering::Acquire)
+    }
+
     /// `f` of the engine, once the progress thread steps aside (the default once it has
-    /// ended); a pulling thread that drives its pull meanwhile steps aside too, after its
-    /// turn.
+    /// ended); a pulling thread that drives its pull meanwhile steps aside too, as for another
+    /// pulling thread.
     #[cfg(test)]
     pub(super) fn with<T: Default>(&self, f: impl FnOnce(&Engine) -> T) -> T {
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -867,43 +865,46 @@ impl EngineCell {
     }
 
     /// Starts `spec` on the calling thread and progresses the worker, a turn at least, until
-    /// it is over or `budget` has passed (or a test looks at the engine); the progress thread
+    /// it is over, `budget` has passed or another thread waits for the lock; the progress
+    /// thread (or the thread that waits, whose turns progress every pull of the worker)
     /// carries on with whatever is left. Results go to `on_settled` as they come, between
     /// turns (the rest land on `settled` as usual).
     ///
-    /// Where another pulling thread drives the worker already, the spec comes back
-    /// ([`Driven::Busy`]) for the mailbox, rather than this thread waiting for the lock: that
-    /// thread's next turn starts it, and its turns progress it with their own pull. Waiting
-    /// would block a thread of the caller's runtime for as long as the other pull is driven
-    /// (up to its budget), and then hand that pull's rest to this thread. Four pulls at once
-    /// on one transport over shared memory (`kvbench transfer --pulls-at-once 4`, UCX 1.23,
-    /// 2-core VM, two runs each way alternated): one block of 64 KiB each at 2.4–2.6 GB/s
-    /// together against 2.2, 16 of them 7.0–7.6 against 5.0–6.2, one of 1 MiB 11.4 against
-    /// 9.6–10.3.
+    /// Where another pulling thread drives the worker already, this one waits for it to step
+    /// aside after its turn and then drives its own pull, and with it the other's rest, which
+    /// that thread's pulling task now gets over its channel; with `post_if_driven`, the spec
+    /// comes back instead ([`Driven::Busy`]) for the mailbox, which the driving thread's next
+    /// turn takes it from: its turns progress it with their own pull until that is over or
+    /// its budget has passed, and the progress thread carries on with the rest. Either way
+    /// one of the two pulls' results cross threads. Four pulls at once on one transport
+    /// (`kvbench transfer --pulls-at-once 4`, UCX 1.23, 2-core VM, runs of each alternated
+    /// with a build that switched between the two): over shared memory posting ran one
+    /// 64 KiB block each at 2.4–2.6 GB/s together against 2.2 waiting, 16 of them at
+    /// 7.0–7.6 against 5.0–6.2, one of 1 MiB at 11.4 against 9.6–10.3 (two runs each); over
+    /// TCP waiting ran single blocks of 64 KiB–1 MiB 7–9 % faster (three and four runs), 16
+    /// of them alike.
     pub(super) fn drive(
         &self,
         spec: PullSpec,
         budget: Duration,
+        post_if_driven: bool,
         mailbox: &Mailbox,
         settled: &mut Receiver,
         on_settled: &mut dyn FnMut(usize, Result<Option<u64>, TransportError>),
     ) -> Driven {
-        if self
-            .driving
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if post_if_driven && self.driving.load(Ordering::Acquire) {
             #[cfg(test)]
             self.drives_refused_busy.fetch_add(1, Ordering::AcqRel);
             return Driven::Busy(spec);
         }
-        let _claim = DriveClaim(&self.driving);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut slot = self.engine.lock();
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         let Some(engine) = slot.as_mut().filter(|e| !e.stopping) else {
             return Driven::Stopped(spec);
         };
+        // Cleared below before the lock is let go.
+        self.driving.store(true, Ordering::Release);
         let until = Instant::now() + budget;
         let reply = spec.reply.clone();
         engine.start_pull(spec);
@@ -916,7 +917,8 @@ impl EngineCell {
         let within_budget = || Instant::now() < until;
         #[cfg(test)]
         let within_budget = || Instant::now() < until || self.drive_past_budget.load(Ordering::Acquire);
-        // A turn at least, even where a test waits to look at the engine.
+        // A turn at least, so that a chain of pulling threads, each arriving while another
+        // waits, still moves the worker on.
         loop {
             engine.turn();
             while let Ok(batch) = settled.try_recv() {
@@ -930,6 +932,7 @@ impl EngineCell {
         }
         // This pull's rest, or pulls that came through the mailbox meanwhile.
         let handed_off = !engine.pulls.is_empty();
+        self.driving.store(false, Ordering::Release);
         drop(reply);
         if handed_off {
             // The progress thread has seen no activity while the pull ran here: without this

@@ -1003,94 +1003,209 @@ async fn deadline_with_a_stuck_source_driven(fabric: Fabric, mode: UcxMode, inli
     assert_still_marked(&dst, slots, &format!("{fabric:?} {mode:?} inline {inline_bytes}"));
 }
 
-/// A pull that another pulling thread would drive while one drives the worker goes to the
-/// mailbox, and the driving thread's turns start it and carry it to its end: one drives a pull
-/// from a stalled source (past its budget, until the pull's deadline), and another pulling
-/// thread, whose pull from a healthy source starts meanwhile, gets its blocks long before that
-/// deadline, neither waiting for the worker nor driving it (the first still drives). Had the
-/// second waited for the lock, it would have driven its own pull once the first stepped aside.
-#[test]
-fn a_pull_that_comes_while_another_is_driven_is_carried_by_the_driving_thread() {
+/// A puller's store and transport, two sources with their grants, and the sources' keys.
+type PullerAndTwoSources = (
+    Arc<TieredStore>,
+    UcxTransport,
+    [(Arc<Grants>, Stallable); 2],
+    Vec<BlockKey>,
+);
+
+/// A puller over `fabric` that asks its sources to write and drives pulls of up to 4 MiB
+/// itself, and two stallable sources of 16 blocks of 256 KiB each (their keys), to both of
+/// which a first pull of two blocks has connected it, so that a request reaches either source.
+fn puller_and_two_stallable_sources(
+    runtime: &tokio::runtime::Runtime,
+    fabric: Fabric,
+) -> PullerAndTwoSources {
     let source = || {
         let (s, grants, keys) = granted_store(&[256 << 10; 16]);
-        (
-            Arc::clone(&grants),
-            Stallable::start(s, grants, Fabric::Tcp),
-            keys,
-        )
+        (Arc::clone(&grants), Stallable::start(s, grants, fabric), keys)
     };
-    let (stalled_grants, stalled, keys) = source();
-    let (healthy_grants, healthy, _) = source();
-    let (dst, t) = puller_driving(Fabric::Tcp, UcxMode::PutOnRequest, u64::MAX);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // A first pull from each, so that both directions are connected and a request reaches the
-    // source.
-    let (warm, stuck, later) = (&keys[..2], &keys[2..10], &keys[10..]);
-    for (grants, src) in [(&stalled_grants, &stalled), (&healthy_grants, &healthy)] {
-        let grant = grants.grant(warm).unwrap();
-        for p in runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, warm, soon())) {
+    let ((first_grants, first, keys), (second_grants, second, _)) = (source(), source());
+    let (dst, t) = puller_driving(fabric, UcxMode::PutOnRequest, u64::MAX);
+    for (grants, src) in [(&first_grants, &first), (&second_grants, &second)] {
+        let grant = grants.grant(&keys[..2]).unwrap();
+        for p in runtime.block_on(pull(&dst, &t, &src.endpoint, &grant, &keys[..2], soon())) {
             assert_eq!(p.result, Ok(()), "warm-up");
             dst.abort(p.slot);
         }
         assert!(grants.release(&grant.id));
     }
-    stalled.park();
+    (dst, t, [(first_grants, first), (second_grants, second)], keys)
+}
+
+/// A source resumed after a pull from it failed: its next pull is exact, and no late write
+/// landed in the failed pull's `slots` (late writes it might still make land before its
+/// answer to the next pull).
+fn exact_after_resuming(
+    runtime: &tokio::runtime::Runtime,
+    (dst, t): (&TieredStore, &UcxTransport),
+    (grants, src): &(Arc<Grants>, Stallable),
+    keys: &[BlockKey],
+    slots: Vec<Reservation>,
+    case: &str,
+) {
+    src.resume();
+    let grant = grants.grant(keys).unwrap();
+    for p in runtime.block_on(pull(dst, t, &src.endpoint, &grant, keys, soon())) {
+        assert_eq!(p.result, Ok(()), "{case}: after resuming");
+        dst.abort(p.slot);
+    }
+    assert_still_marked(dst, slots, case);
+}
+
+/// A runtime for a pulling thread of its own.
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A pulling thread whose pull comes while another drives the worker does not wait out the
+/// other's budget: one drives a pull from a stalled source (past its budget, until the pull's
+/// deadline), and another pulling thread, whose pull from a healthy source starts meanwhile,
+/// gets its blocks long before that deadline. Over TCP alone the driving thread steps aside as
+/// soon as the other waits for the worker, which then drives its own pull; where UCX may use
+/// shared memory the other's pull goes to the mailbox, and the driving thread, which keeps
+/// the worker, carries it to its end.
+fn a_pull_that_comes_while_another_is_driven(fabric: Fabric) {
+    let runtime = current_thread_runtime();
+    let (dst, t, [stalled, (healthy_grants, healthy)], keys) =
+        puller_and_two_stallable_sources(&runtime, fabric);
+    let (stuck, later) = (&keys[2..10], &keys[10..]);
+    stalled.1.park();
     let cell = &t.lanes[0].engine;
     cell.drive_past_budget.store(true, Ordering::Release);
     let started_before = cell.drives_started.load(Ordering::Acquire);
     let busy_before = cell.drives_refused_busy.load(Ordering::Acquire);
-    let grant = stalled_grants.grant(stuck).unwrap();
+    let grant = stalled.0.grant(stuck).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
+    let case = format!("{fabric:?}");
     let (slots, second_over) = std::thread::scope(|scope| {
         let first =
-            scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.endpoint, &grant, stuck, deadline)));
+            scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.1.endpoint, &grant, stuck, deadline)));
         // The second pull starts once the first is being driven (the count is read without
-        // the worker's lock).
+        // the worker's lock, so reading it does not make the first step aside).
         while cell.drives_started.load(Ordering::Acquire) == started_before {
-            assert!(!first.is_finished(), "the first pull ended before it was driven");
+            assert!(
+                !first.is_finished(),
+                "{case}: the first pull ended before it was driven"
+            );
             std::thread::yield_now();
         }
         let healthy_grant = healthy_grants.grant(later).unwrap();
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(pull(&dst, &t, &healthy.endpoint, &healthy_grant, later, soon()));
+        let second = current_thread_runtime().block_on(pull(
+            &dst,
+            &t,
+            &healthy.endpoint,
+            &healthy_grant,
+            later,
+            soon(),
+        ));
         let second_over = Instant::now();
         for p in second {
-            assert_eq!(p.result, Ok(()), "the second pull");
+            assert_eq!(p.result, Ok(()), "{case}: the second pull");
             dst.abort(p.slot);
         }
         assert!(healthy_grants.release(&healthy_grant.id));
-        assert!(!first.is_finished(), "the first pull ended with the second");
+        assert!(
+            !first.is_finished(),
+            "{case}: the first pull ended with the second"
+        );
+        let (drove, posted) = match fabric {
+            Fabric::Tcp => (2, 0),
+            Fabric::Shm => (1, 1),
+        };
         assert_eq!(
             (
                 cell.drives_started.load(Ordering::Acquire) - started_before,
                 cell.drives_refused_busy.load(Ordering::Acquire) - busy_before
             ),
-            (1, 1),
-            "only the first pulling thread drove; the second's pull went to the mailbox"
+            (drove, posted),
+            "{case}: pulls driven by their own pulling threads, and pulls posted to the mailbox"
         );
         cell.drive_past_budget.store(false, Ordering::Release);
         let pulled = first.join().expect("the first pulling thread");
-        (timed_out_and_marked(&dst, pulled, "driving"), second_over)
+        (timed_out_and_marked(&dst, pulled, &case), second_over)
     });
     assert!(
         second_over < deadline,
-        "the second pull waited for the first, driven to its deadline"
+        "{case}: the second pull waited for the first, driven to its deadline"
     );
-    stalled.resume();
-    // Late writes the resumed source might still make for the failed pull land before its
-    // answer to the next one.
-    let grant = stalled_grants.grant(later).unwrap();
-    for p in runtime.block_on(pull(&dst, &t, &stalled.endpoint, &grant, later, soon())) {
-        assert_eq!(p.result, Ok(()), "after resuming");
-        dst.abort(p.slot);
-    }
-    assert_still_marked(&dst, slots, "driving");
+    exact_after_resuming(&runtime, (&dst, &t), &stalled, later, slots, &case);
+}
+
+#[test]
+fn over_tcp_a_driving_puller_steps_aside_for_another_that_waits() {
+    a_pull_that_comes_while_another_is_driven(Fabric::Tcp);
+}
+
+#[test]
+fn over_shared_memory_a_pull_that_comes_while_another_is_driven_is_carried_by_the_driving_thread() {
+    a_pull_that_comes_while_another_is_driven(Fabric::Shm);
+}
+
+/// A pull that went to the mailbox while another pulling thread drove the worker (over shared
+/// memory), and is still in flight when that thread stops driving, is carried on by the
+/// progress thread: the second pull's source is stalled until the driving thread has left,
+/// then resumed, and the pull ends exact before its deadline.
+#[test]
+fn a_pull_posted_while_another_is_driven_outlives_the_driving_thread() {
+    let runtime = current_thread_runtime();
+    let (dst, t, [stalled, late], keys) = puller_and_two_stallable_sources(&runtime, Fabric::Shm);
+    let (stuck, later) = (&keys[2..10], &keys[10..]);
+    stalled.1.park();
+    late.1.park();
+    let cell = &t.lanes[0].engine;
+    cell.drive_past_budget.store(true, Ordering::Release);
+    let started_before = cell.drives_started.load(Ordering::Acquire);
+    let busy_before = cell.drives_refused_busy.load(Ordering::Acquire);
+    let grant = stalled.0.grant(stuck).unwrap();
+    let late_grant = late.0.grant(later).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let slots = std::thread::scope(|scope| {
+        let first =
+            scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.1.endpoint, &grant, stuck, deadline)));
+        while cell.drives_started.load(Ordering::Acquire) == started_before {
+            assert!(!first.is_finished(), "the first pull ended before it was driven");
+            std::thread::yield_now();
+        }
+        let second = scope.spawn(|| {
+            current_thread_runtime().block_on(pull(&dst, &t, &late.1.endpoint, &late_grant, later, deadline))
+        });
+        while cell.drives_refused_busy.load(Ordering::Acquire) == busy_before {
+            assert!(
+                !second.is_finished(),
+                "the second pull ended before it was posted"
+            );
+            std::thread::yield_now();
+        }
+        // The first pulling thread stops driving (its budget is long past) with the second
+        // pull in flight, its source stalled.
+        cell.drive_past_budget.store(false, Ordering::Release);
+        while cell.driven() {
+            std::thread::yield_now();
+        }
+        assert!(
+            !second.is_finished(),
+            "the second pull ended with its source stalled"
+        );
+        late.1.resume();
+        for p in second.join().expect("the second pulling thread") {
+            assert_eq!(p.result, Ok(()), "the second pull, after the driving thread left");
+            dst.abort(p.slot);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second pull ended only at its deadline"
+        );
+        assert!(late.0.release(&late_grant.id));
+        let pulled = first.join().expect("the first pulling thread");
+        timed_out_and_marked(&dst, pulled, "outlived")
+    });
+    exact_after_resuming(&runtime, (&dst, &t), &stalled, later, slots, "outlived");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
