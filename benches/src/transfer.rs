@@ -231,9 +231,8 @@ fn key(tag: u64, i: u64) -> BlockKey {
 /// The puller's key for block `i` of pull `pull` among those in flight at once: each pull
 /// fills its own slots, and a key has one slot at a time.
 fn pull_key(tag: u64, pull: usize, i: u64) -> BlockKey {
-    // `--pulls-at-once` is at most 16 and a batch far below 2^24 blocks: both fit the 32 bits
-    // below the tag.
-    debug_assert!(pull < 256 && i < 1 << 24);
+    // `--pulls-at-once` is at most 16 and a batch under 2^24 blocks (`run` checks): both fit
+    // the 32 bits below the tag.
     key(tag, (pull as u64) << 24 | i)
 }
 
@@ -319,6 +318,9 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
     }
     if cfg!(not(feature = "ucx")) && args.transports.contains(&Plane::Ucx) {
         bail!("--transports ucx: this kvbench was built without the `ucx` feature");
+    }
+    if let Some(b) = args.batches.iter().find(|&&b| b >= 1 << 24) {
+        bail!("--batches {b}: at most {} blocks a batch", (1 << 24) - 1);
     }
     #[cfg(feature = "ucx")]
     if let Some(l) = args
@@ -620,6 +622,8 @@ async fn measure(
                     (pulled, started.elapsed())
                 });
             }
+            // A pull's task that panicked ends the run; dropping the set aborts the others,
+            // whose slots are then freed with the store as the process exits.
             while let Some(done) = tasks.join_next().await {
                 outcomes.push(done.context("a pull's task")?);
             }

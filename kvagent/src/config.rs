@@ -387,11 +387,11 @@ pub struct UcxSection {
     pub settings: std::collections::BTreeMap<String, String>,
     /// Pulls of at most this many KiB are driven by the pulling thread itself rather than
     /// handed to the transport's progress thread (0: never; unset: the transport's default,
-    /// 4096), one pulling thread at a time (where UCX may use shared memory a pull that comes
-    /// meanwhile is started by the one driving, and progressed with its own pull until that is
-    /// over, then by the progress thread; over TCP alone the one driving steps aside for it);
-    /// four times as many where `tls` limits UCX to TCP, `verify` is on and the source sends
-    /// the blocks (several of 256 KiB or more on average). A one-block pull over shared memory then wakes no other
+    /// 4096), one pulling thread at a time (where UCX may use shared memory, a pull that
+    /// comes meanwhile is taken by the one driving and progressed with its own pull until
+    /// that is over, then by the progress thread; over TCP alone the one driving steps aside
+    /// for it); four times as many where `tls` limits UCX to TCP, `verify` is on and the
+    /// source sends the blocks (several of 256 KiB or more on average). A one-block pull over shared memory then wakes no other
     /// thread, and a sent block is checked by the thread that received it.
     pub inline_kib: Option<u64>,
     /// UCX workers (each with its own progress thread) that a pull of 2 MiB or more in `get`

@@ -97,7 +97,8 @@ pub fn default_streams() -> usize {
 /// 64 KiB pulls at once over loopback on a 2-core VM: 0.89 GB/s together with two kept,
 /// 1.0–1.9 with these). Each kept connection holds a socket on both sides and a serving task on
 /// the source until it is reused or has been idle for [`TcpConfig::idle_timeout`], when the
-/// source closes it.
+/// source closes it; the first pull that finds one closed drops the others kept for that
+/// source.
 pub const KEPT_CONNECTIONS_PER_PEER: usize = 16;
 
 /// The TCP backend of [`Transport`].
@@ -479,6 +480,9 @@ impl Inner {
             if !stale {
                 break (stream, result);
             }
+            // The others kept with it have most likely been closed too (a source closes
+            // connections idle for as long): dropped, rather than a failed try each.
+            self.pool.lock().remove(&peer);
         };
         let err = match result {
             Ok(()) => {

@@ -1173,7 +1173,8 @@ impl Transport for UcxTransport {
                         &mut verify,
                     ) {
                         Driven::Started => {}
-                        // Busy: the thread that drives the worker takes it on its next turn.
+                        // Busy: the turns of the thread that drives the worker take it (or the
+                        // progress thread's, once that thread has left).
                         // Stopped: refused too if the thread is on its way out; the ops stay
                         // unsettled.
                         Driven::Stopped(spec) | Driven::Busy(spec) => {

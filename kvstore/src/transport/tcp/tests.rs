@@ -5,7 +5,8 @@ use crate::transport::test_support::{key, payload, soon, store};
 
 /// A hand-written source for failure tests: accepts a connection, greets it without a secret,
 /// and reads one request; the stream and the requested grant indices.
-async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
+/// A connection accepted as a source without a secret accepts it (its handshake done).
+async fn accept_handshake(listener: &TcpListener) -> TcpStream {
     let (mut s, _) = listener.accept().await.unwrap();
     let mut hello = [0u8; HELLO_LEN];
     hello[..4].copy_from_slice(&MAGIC);
@@ -14,6 +15,11 @@ async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
     let mut answer = [0u8; MAC_LEN];
     s.read_exact(&mut answer).await.unwrap();
     s.write_all(&[0]).await.unwrap();
+    s
+}
+
+async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
+    let mut s = accept_handshake(listener).await;
     let mut head = [0u8; 20];
     s.read_exact(&mut head).await.unwrap();
     let count = u32::from_le_bytes(head[16..20].try_into().unwrap()) as usize;
@@ -126,9 +132,8 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
 }
 
 /// A connection per pull in flight at once goes back to the pool, up to
-/// [`KEPT_CONNECTIONS_PER_PEER`] of them per source, and the next pulls take those rather than
-/// connect: as many connections as pulls at once are kept (20 made at once, 16 kept), and 16
-/// pulls after open none.
+/// [`KEPT_CONNECTIONS_PER_PEER`] of them per source (20 in use at once, 16 kept), and the
+/// pulls after take those rather than connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_at_once_keep_their_connections_for_the_next() {
     let len = 64 * 1024;
@@ -451,6 +456,54 @@ async fn a_block_failing_its_checksum_fails_alone() {
     for p in pulled {
         dst.abort(p.slot);
     }
+}
+
+/// Kept connections that the source closed (as it closes idle ones) cost one failed try in
+/// all: the first pull that finds one closed goes again on a fresh connection and drops the
+/// others kept for that source, which the next pulls would each have found closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_the_source_closed_are_dropped_together() {
+    let len = 8192;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(accept_handshake(&listener).await);
+        }
+        drop(idle);
+        closed_tx.send(()).unwrap();
+        let (mut s, indices) = accept_request(&listener).await;
+        let mut h = [0u8; REPLY_HEADER];
+        h[1..].copy_from_slice(&(len as u64).to_le_bytes());
+        s.write_all(&h).await.unwrap();
+        s.write_all(&payload(u64::from(indices[0]), len)).await.unwrap();
+        // Open until the puller has read the answer and kept the connection.
+        let mut end = [0u8; 1];
+        let _ = s.read(&mut end).await;
+    });
+    let (dst, t) = puller(None, 1);
+    for _ in 0..3 {
+        let stream = t.inner.connect(addr, soon()).await.unwrap();
+        t.inner.keep(addr, stream);
+    }
+    closed.await.unwrap();
+    let item = item(&dst, 0, len, checksum(&payload(0, len)));
+    let mut pulled = t
+        .pull(addr.to_string().as_bytes(), GrantId([2; 16]), vec![item], soon())
+        .await;
+    let p = pulled.pop().unwrap();
+    assert_eq!(p.result, Ok(()));
+    dst.abort(p.slot);
+    let kept = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    assert_eq!(
+        (t.inner.opened.load(std::sync::atomic::Ordering::Relaxed), kept),
+        (4, 1),
+        "three kept and closed, one fresh: only the fresh one is kept"
+    );
+    drop(t);
+    server.await.unwrap();
 }
 
 /// A kept connection that the source closed meanwhile (it restarted) costs nothing: the pull

@@ -201,10 +201,14 @@ pub(super) enum Command {
     Stop,
 }
 
-/// Where other threads leave commands for the progress thread.
+/// Where other threads leave commands for the progress thread (or for a pulling thread that
+/// drives the worker).
 #[derive(Debug, Default)]
 pub(super) struct Mailbox {
     inner: Mutex<MailboxInner>,
+    /// Tests: commands taken by whichever thread drove the worker, read without its lock.
+    #[cfg(test)]
+    pub(super) taken: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -275,7 +279,10 @@ impl Mailbox {
     }
 
     fn take(&self) -> Vec<Command> {
-        std::mem::take(&mut self.inner.lock().commands)
+        let commands = std::mem::take(&mut self.inner.lock().commands);
+        #[cfg(test)]
+        self.taken.fetch_add(commands.len(), Ordering::AcqRel);
+        commands
     }
 
     /// Stops accepting commands, and fails the pulls not yet taken with `error`.
@@ -744,8 +751,8 @@ pub(super) struct EngineCell {
     /// signals the worker so that the progress thread rearms it.
     asleep: AtomicBool,
     /// A pulling thread stopped driving the worker with pulls still in flight (its own rest,
-    /// or pulls that came through the mailbox meanwhile): activity, as far as the progress
-    /// thread's polling goes.
+    /// pulls that came through the mailbox meanwhile, or the progress thread's own): activity,
+    /// as far as the progress thread's polling goes.
     handed_off: AtomicBool,
     /// A pulling thread holds the lock to drive the worker (see [`EngineCell::drive`]).
     driving: AtomicBool,
@@ -777,8 +784,26 @@ pub(super) enum Driven {
     Stopped(PullSpec),
     /// Another pulling thread drives the worker, and the caller asked not to wait for it
     /// (`post_if_driven`); the spec comes back unstarted, for the mailbox, whose commands
-    /// that thread starts on its next turn.
+    /// that thread's turns take (or the progress thread's, once that thread has left).
     Busy(PullSpec),
+}
+
+/// [`EngineCell::driving`] while a pulling thread drives the worker: cleared when dropped,
+/// which a panic of the driving thread does too (else every later pull that would be driven
+/// went to the mailbox).
+struct DrivingFlag<'a>(&'a AtomicBool);
+
+impl<'a> DrivingFlag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for DrivingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl EngineCell {
@@ -881,8 +906,10 @@ impl EngineCell {
     /// with a build that switched between the two): over shared memory posting ran one
     /// 64 KiB block each at 2.4–2.6 GB/s together against 2.2 waiting, 16 of them at
     /// 7.0–7.6 against 5.0–6.2, one of 1 MiB at 11.4 against 9.6–10.3 (two runs each); over
-    /// TCP waiting ran single blocks of 64 KiB–1 MiB 7–9 % faster (three and four runs), 16
-    /// of them alike.
+    /// TCP alone waiting ran single blocks of 64 KiB–1 MiB 4–11 % faster by the medians of
+    /// three and four runs (within the spread between runs there), 16 of them alike. The caller decides by
+    /// what UCX may use (`UCX_TLS`), not by the peer: where it may use shared memory, pulls
+    /// from other nodes, over TCP or RDMA, post too (over RDMA neither way is measured).
     pub(super) fn drive(
         &self,
         spec: PullSpec,
@@ -903,8 +930,9 @@ impl EngineCell {
         let Some(engine) = slot.as_mut().filter(|e| !e.stopping) else {
             return Driven::Stopped(spec);
         };
-        // Cleared below before the lock is let go.
-        self.driving.store(true, Ordering::Release);
+        // Declared after the lock's guard, so lowered before the lock is let go, on a panic
+        // too.
+        let driving = DrivingFlag::raise(&self.driving);
         let until = Instant::now() + budget;
         let reply = spec.reply.clone();
         engine.start_pull(spec);
@@ -932,13 +960,13 @@ impl EngineCell {
         }
         // This pull's rest, or pulls that came through the mailbox meanwhile.
         let handed_off = !engine.pulls.is_empty();
-        self.driving.store(false, Ordering::Release);
         drop(reply);
         if handed_off {
             // The progress thread has seen no activity while the pull ran here: without this
             // it would take the rest for an idle worker and sleep between its events.
             self.handed_off.store(true, Ordering::Release);
         }
+        drop(driving);
         drop(slot);
         if self.asleep.load(Ordering::Acquire) {
             mailbox.wake();

@@ -1012,8 +1012,9 @@ type PullerAndTwoSources = (
 );
 
 /// A puller over `fabric` that asks its sources to write and drives pulls of up to 4 MiB
-/// itself, and two stallable sources of 16 blocks of 256 KiB each (their keys), to both of
-/// which a first pull of two blocks has connected it, so that a request reaches either source.
+/// itself, and two stallable sources of the same 16 blocks of 256 KiB (their keys, the same
+/// for both), to both of which a first pull of two blocks has connected it, so that a request
+/// reaches either source.
 fn puller_and_two_stallable_sources(
     runtime: &tokio::runtime::Runtime,
     fabric: Fabric,
@@ -1148,43 +1149,64 @@ fn over_shared_memory_a_pull_that_comes_while_another_is_driven_is_carried_by_th
 }
 
 /// A pull that went to the mailbox while another pulling thread drove the worker (over shared
-/// memory), and is still in flight when that thread stops driving, is carried on by the
-/// progress thread: the second pull's source is stalled until the driving thread has left,
-/// then resumed, and the pull ends exact before its deadline.
+/// memory), and that the driving thread started, is carried on by the progress thread once
+/// that thread has left: both sources are stalled; the second pull is posted and started by
+/// the driving thread; the first source resumes, so the driving thread's own pull ends and it
+/// leaves; then the second source resumes, and the second pull ends exact before its deadline.
 #[test]
 fn a_pull_posted_while_another_is_driven_outlives_the_driving_thread() {
     let runtime = current_thread_runtime();
-    let (dst, t, [stalled, late], keys) = puller_and_two_stallable_sources(&runtime, Fabric::Shm);
-    let (stuck, later) = (&keys[2..10], &keys[10..]);
-    stalled.1.park();
-    late.1.park();
-    let cell = &t.lanes[0].engine;
+    let (dst, t, [first_source, second_source], keys) =
+        puller_and_two_stallable_sources(&runtime, Fabric::Shm);
+    let (first_keys, second_keys) = (&keys[2..10], &keys[10..]);
+    first_source.1.park();
+    second_source.1.park();
+    let (cell, mailbox) = (&t.lanes[0].engine, &t.lanes[0].mailbox);
     cell.drive_past_budget.store(true, Ordering::Release);
     let started_before = cell.drives_started.load(Ordering::Acquire);
-    let busy_before = cell.drives_refused_busy.load(Ordering::Acquire);
-    let grant = stalled.0.grant(stuck).unwrap();
-    let late_grant = late.0.grant(later).unwrap();
+    let taken_before = mailbox.taken.load(Ordering::Acquire);
+    let first_grant = first_source.0.grant(first_keys).unwrap();
+    let second_grant = second_source.0.grant(second_keys).unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
-    let slots = std::thread::scope(|scope| {
-        let first =
-            scope.spawn(|| runtime.block_on(pull(&dst, &t, &stalled.1.endpoint, &grant, stuck, deadline)));
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            runtime.block_on(pull(
+                &dst,
+                &t,
+                &first_source.1.endpoint,
+                &first_grant,
+                first_keys,
+                deadline,
+            ))
+        });
         while cell.drives_started.load(Ordering::Acquire) == started_before {
             assert!(!first.is_finished(), "the first pull ended before it was driven");
             std::thread::yield_now();
         }
         let second = scope.spawn(|| {
-            current_thread_runtime().block_on(pull(&dst, &t, &late.1.endpoint, &late_grant, later, deadline))
+            current_thread_runtime().block_on(pull(
+                &dst,
+                &t,
+                &second_source.1.endpoint,
+                &second_grant,
+                second_keys,
+                deadline,
+            ))
         });
-        while cell.drives_refused_busy.load(Ordering::Acquire) == busy_before {
+        // Only the driving thread, which holds the worker, takes commands meanwhile.
+        while mailbox.taken.load(Ordering::Acquire) == taken_before {
             assert!(
                 !second.is_finished(),
-                "the second pull ended before it was posted"
+                "the second pull ended before it was started"
             );
             std::thread::yield_now();
         }
-        // The first pulling thread stops driving (its budget is long past) with the second
-        // pull in flight, its source stalled.
-        cell.drive_past_budget.store(false, Ordering::Release);
+        assert_eq!(cell.drives_started.load(Ordering::Acquire) - started_before, 1);
+        first_source.1.resume();
+        for p in first.join().expect("the first pulling thread") {
+            assert_eq!(p.result, Ok(()), "the first pull");
+            dst.abort(p.slot);
+        }
         while cell.driven() {
             std::thread::yield_now();
         }
@@ -1192,7 +1214,7 @@ fn a_pull_posted_while_another_is_driven_outlives_the_driving_thread() {
             !second.is_finished(),
             "the second pull ended with its source stalled"
         );
-        late.1.resume();
+        second_source.1.resume();
         for p in second.join().expect("the second pulling thread") {
             assert_eq!(p.result, Ok(()), "the second pull, after the driving thread left");
             dst.abort(p.slot);
@@ -1201,11 +1223,10 @@ fn a_pull_posted_while_another_is_driven_outlives_the_driving_thread() {
             Instant::now() < deadline,
             "the second pull ended only at its deadline"
         );
-        assert!(late.0.release(&late_grant.id));
-        let pulled = first.join().expect("the first pulling thread");
-        timed_out_and_marked(&dst, pulled, "outlived")
     });
-    exact_after_resuming(&runtime, (&dst, &t), &stalled, later, slots, "outlived");
+    cell.drive_past_budget.store(false, Ordering::Release);
+    assert!(first_source.0.release(&first_grant.id));
+    assert!(second_source.0.release(&second_grant.id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
