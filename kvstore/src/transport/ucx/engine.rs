@@ -898,18 +898,19 @@ impl EngineCell {
     /// Where another pulling thread drives the worker already, this one waits for it to step
     /// aside after its turn and then drives its own pull, and with it the other's rest, which
     /// that thread's pulling task now gets over its channel; with `post_if_driven`, the spec
-    /// comes back instead ([`Driven::Busy`]) for the mailbox, which the driving thread's next
-    /// turn takes it from: its turns progress it with their own pull until that is over or
-    /// its budget has passed, and the progress thread carries on with the rest. Either way
-    /// one of the two pulls' results cross threads. Four pulls at once on one transport
-    /// (`kvbench transfer --pulls-at-once 4`, UCX 1.23, 2-core VM, runs of each alternated
-    /// with a build that switched between the two): over shared memory posting ran one
-    /// 64 KiB block each at 2.4–2.6 GB/s together against 2.2 waiting, 16 of them at
-    /// 7.0–7.6 against 5.0–6.2, one of 1 MiB at 11.4 against 9.6–10.3 (two runs each); over
-    /// TCP alone waiting ran single blocks of 64 KiB–1 MiB 4–11 % faster by the medians of
-    /// three and four runs (within the spread between runs there), 16 of them alike. The caller decides by
-    /// what UCX may use (`UCX_TLS`), not by the peer: where it may use shared memory, pulls
-    /// from other nodes, over TCP or RDMA, post too (over RDMA neither way is measured).
+    /// comes back instead ([`Driven::Busy`]) for the mailbox, which the driving thread's turns
+    /// take it from (the progress thread's, once that thread has left): they progress it with
+    /// their own pull until that is over or its budget has passed, and the progress thread
+    /// carries on with the rest. Either way one of the two pulls' results cross threads. Four
+    /// pulls at once on one transport (`kvbench transfer --pulls-at-once 4`, UCX 1.23, 2-core
+    /// VM, runs of each alternated with a build that switched between the two): over shared
+    /// memory posting ran one 64 KiB block each at 2.4–2.6 GB/s together against 2.2 waiting,
+    /// 16 of them at 7.0–7.6 against 5.0–6.2, one of 1 MiB at 11.4 against 9.6–10.3 (two runs
+    /// each); over TCP alone waiting ran single blocks of 64 KiB–1 MiB 4–11 % faster by the
+    /// medians of three and four runs (within the spread between runs there), 16 of them
+    /// alike. The caller decides by what UCX may use (`UCX_TLS`), not by the peer: where it
+    /// may use shared memory, pulls from other nodes, over TCP or RDMA, post too (over RDMA
+    /// neither way is measured).
     pub(super) fn drive(
         &self,
         spec: PullSpec,
