@@ -32,6 +32,16 @@ async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
     (s, indices)
 }
 
+/// Connections the puller has opened.
+fn opened(t: &TcpTransport) -> usize {
+    t.inner.opened.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Idle connections the puller keeps, over all sources.
+fn kept(t: &TcpTransport) -> usize {
+    t.inner.pool.lock().values().map(Vec::len).sum()
+}
+
 /// An item for block `i` of `len` bytes, in a fresh slot of `store`.
 fn item(store: &TieredStore, i: u32, len: usize, checksum: u64) -> PullItem {
     PullItem {
@@ -122,12 +132,12 @@ async fn pulls_are_byte_exact_over_several_streams_and_reuse_connections() {
     // A connection is opened only while every kept one is busy, so two pulls of at most four
     // streams each open at most four (eight without reuse). A chunk that starts after another
     // finished may take that one's connection, so fewer is fine.
-    let opened = t.inner.opened.load(std::sync::atomic::Ordering::Relaxed);
+    let opened = opened(&t);
     assert!(
         (1..=4).contains(&opened),
         "{opened} connections for two pulls of four streams: the second did not reuse the first's"
     );
-    let idle = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
+    let idle = kept(&t);
     assert_eq!(idle, opened, "every connection went back to the pool");
 }
 
@@ -141,8 +151,6 @@ async fn pulls_at_once_keep_their_connections_for_the_next() {
     let (dst, t) = puller(None, 1);
     let endpoint = src.endpoint(None);
     let peer = parse_endpoint(&endpoint).unwrap();
-    let opened = || t.inner.opened.load(std::sync::atomic::Ordering::Relaxed);
-    let kept = || t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
     // Twenty connections in use at once, as twenty pulls at once hold, then done with.
     let mut streams = Vec::new();
     for _ in 0..20 {
@@ -151,7 +159,7 @@ async fn pulls_at_once_keep_their_connections_for_the_next() {
     for stream in streams {
         t.inner.keep(peer, stream);
     }
-    assert_eq!((opened(), kept()), (20, KEPT_CONNECTIONS_PER_PEER));
+    assert_eq!((opened(&t), kept(&t)), (20, KEPT_CONNECTIONS_PER_PEER));
     let keys = vec![key(0)];
     for _ in 0..KEPT_CONNECTIONS_PER_PEER {
         let grant = grants.grant(&keys).unwrap();
@@ -161,8 +169,12 @@ async fn pulls_at_once_keep_their_connections_for_the_next() {
         }
         assert!(grants.release(&grant.id));
     }
-    assert_eq!(opened(), 20, "a pull connected anew while connections were kept");
-    assert_eq!(kept(), KEPT_CONNECTIONS_PER_PEER);
+    assert_eq!(
+        opened(&t),
+        20,
+        "a pull connected anew while connections were kept"
+    );
+    assert_eq!(kept(&t), KEPT_CONNECTIONS_PER_PEER);
 }
 
 /// A one-block request of a large block leaves the source with `sendfile` (straight from the
@@ -415,11 +427,7 @@ async fn a_peer_dying_mid_block_fails_only_its_stream() {
         }
         dst.abort(p.slot);
     }
-    assert_eq!(
-        t.inner.pool.lock().values().map(Vec::len).sum::<usize>(),
-        1,
-        "only the healthy stream is kept"
-    );
+    assert_eq!(kept(&t), 1, "only the healthy stream is kept");
 }
 
 #[test]
@@ -496,9 +504,8 @@ async fn kept_connections_the_source_closed_are_dropped_together() {
     let p = pulled.pop().unwrap();
     assert_eq!(p.result, Ok(()));
     dst.abort(p.slot);
-    let kept = t.inner.pool.lock().values().map(Vec::len).sum::<usize>();
     assert_eq!(
-        (t.inner.opened.load(std::sync::atomic::Ordering::Relaxed), kept),
+        (opened(&t), kept(&t)),
         (4, 1),
         "three kept and closed, one fresh: only the fresh one is kept"
     );
