@@ -48,7 +48,7 @@ cargo build --workspace --bins --locked --features "$TRANSPORTS"
 target/debug/kvbench tiers --quick --reps 1 --dir target/kvbench
 target/debug/kvbench local --quick --reps 1
 target/debug/kvbench index --quick --no-dynamo
-target/debug/kvbench transfer --quick --no-peers --block-kib 64,1024 --batches 1,16 --pulls-at-once 1,2
+target/debug/kvbench transfer --quick --no-peers --block-kib 64,1024 --batches 1,16 --pulls-at-once 1,2 --pulls-per-source 1,0
 target/debug/kvbench gpu
 step "deployment manifests (kubernetes-validate) and dashboard"
 scripts/validate-deploy.sh

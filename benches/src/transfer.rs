@@ -29,7 +29,7 @@ use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 use kvstore::transport::ucx::{
     CHECKED_SENDS_INLINE_TIMES, SEND_BLOCKS_FROM, UcxConfig, UcxMode, UcxTransport,
 };
-use kvstore::transport::{Grant, GrantId, Grants, PullItem, Secret, Transport};
+use kvstore::transport::{Grant, GrantId, Grants, PullItem, PullQueue, Secret, Transport};
 use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +91,13 @@ pub(crate) struct TransferArgs {
     /// arena holds N of the matrix's largest pull: narrow the matrix for a large N.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) pulls_at_once: Vec<u16>,
+    /// Pulls from the source a kvtier puller lets run at once, the others waiting their turn
+    /// in the order they came, as an agent's pulls do (`peer.pulls_per_source`; 0: no limit;
+    /// default: the agent's, one per four cores, 1–4). Several values measure each puller
+    /// with pulls at once once per value, in the same run, labelled `K per source` (or
+    /// `unqueued` for 0).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub(crate) pulls_per_source: Option<Vec<u16>>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
     /// figure reported is the median over the rounds. This machine's speed drifts over
     /// minutes, and several rounds minutes apart keep one slow spell from deciding a row.
@@ -181,41 +188,75 @@ impl Fabric {
     }
 }
 
-/// One of kvtier's data planes on the pulling side.
+/// One of kvtier's transports on the pulling side, before the pullers measured on it.
+struct TransportUnderTest {
+    system: &'static str,
+    label: String,
+    endpoint: Vec<u8>,
+    transport: Arc<dyn Transport>,
+}
+
+impl TransportUnderTest {
+    /// One puller per `--pulls-at-once` value (each once) and, for pulls at once, per
+    /// `--pulls-per-source` value, all on this transport. A lone pull goes through a queue of
+    /// the first `--pulls-per-source` value (it never waits in it).
+    fn pullers(self, at_once: &[u16], per_source: &[u16]) -> Vec<Puller> {
+        let mut made = Vec::new();
+        for n in dedup(at_once) {
+            let queues = if n > 1 {
+                dedup(per_source)
+            } else {
+                dedup(per_source).into_iter().take(1).collect()
+            };
+            for k in queues {
+                let mut label = self.label.clone();
+                if n > 1 {
+                    label += &format!(" {n} at once");
+                    if per_source.len() > 1 {
+                        label += &match k {
+                            0 => " unqueued".to_owned(),
+                            k => format!(" {k} per source"),
+                        };
+                    }
+                }
+                made.push(Puller {
+                    system: self.system,
+                    label,
+                    endpoint: self.endpoint.clone(),
+                    transport: Arc::clone(&self.transport),
+                    at_once: usize::from(n),
+                    queue: Arc::new(PullQueue::new(usize::from(k))),
+                });
+            }
+        }
+        made
+    }
+}
+
+/// `values` without repeats, in their order.
+fn dedup(values: &[u16]) -> Vec<u16> {
+    let mut seen = Vec::new();
+    for &v in values {
+        if !seen.contains(&v) {
+            seen.push(v);
+        }
+    }
+    seen
+}
+
+/// One of kvtier's data planes on the pulling side, as measured: its transport, how many
+/// pulls it has in flight at once, and the queue they go through, as an agent's pulls do.
 struct Puller {
     system: &'static str,
     label: String,
     endpoint: Vec<u8>,
-    /// Shared by the pullers that differ only in `at_once`.
+    /// Shared by the pullers made on one [`TransportUnderTest`].
     transport: Arc<dyn Transport>,
     /// Pulls in flight at once (`--pulls-at-once`).
     at_once: usize,
-}
-
-impl Puller {
-    /// One puller per `--pulls-at-once` value (each once), each on this one's transport.
-    fn at_once(self, values: &[u16]) -> Vec<Puller> {
-        let mut seen = Vec::new();
-        values
-            .iter()
-            .filter(|&&n| {
-                let new = !seen.contains(&n);
-                seen.push(n);
-                new
-            })
-            .map(|&n| Puller {
-                system: self.system,
-                label: if n > 1 {
-                    format!("{} {n} at once", self.label)
-                } else {
-                    self.label.clone()
-                },
-                endpoint: self.endpoint.clone(),
-                transport: Arc::clone(&self.transport),
-                at_once: usize::from(n),
-            })
-            .collect()
-    }
+    /// Pulls from the source let run at once, the others waiting their turn
+    /// (`--pulls-per-source`).
+    queue: Arc<PullQueue>,
 }
 
 const SECRET: &[u8] = b"kvbench-transfer";
@@ -280,6 +321,9 @@ pub(crate) struct Row {
     pub(crate) verified: bool,
     /// Pulls in flight at once (`--pulls-at-once`; 1 for the peers).
     pub(crate) pulls_at_once: usize,
+    /// Pulls from the source let run at once (`--pulls-per-source`, 0: no limit; kvtier's
+    /// pulls only).
+    pub(crate) pulls_per_source: Option<usize>,
     /// The median time of one pull among those in flight at once (kvtier's pulls only).
     pub(crate) pull_p50_us: Option<f64>,
 }
@@ -351,6 +395,10 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "4 KiB"
         }
     );
+    let per_source = args
+        .pulls_per_source
+        .clone()
+        .unwrap_or_else(|| vec![u16::try_from(kvstore::transport::queue::default_per_source()).unwrap_or(1)]);
     let mut planes: Vec<Puller> = Vec::new();
     if args.transports.contains(&Plane::Tcp) {
         let tcp = TcpTransport::new(
@@ -362,14 +410,13 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                 ..TcpConfig::default()
             },
         );
-        let puller = Puller {
+        let tested = TransportUnderTest {
             system: "kvtier",
             label: "tcp".into(),
             endpoint: source.endpoint.clone().into_bytes(),
             transport: Arc::new(tcp),
-            at_once: 1,
         };
-        planes.extend(puller.at_once(&args.pulls_at_once));
+        planes.extend(tested.pullers(&args.pulls_at_once, &per_source));
     }
     #[cfg(feature = "ucx")]
     if args.transports.contains(&Plane::Ucx) {
@@ -450,14 +497,13 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                             t.lanes(),
                             t.inline_bytes() / 1024,
                         );
-                        let puller = Puller {
+                        let tested = TransportUnderTest {
                             system: "kvtier-ucx",
                             label,
                             endpoint: endpoint.clone(),
                             transport: Arc::new(t),
-                            at_once: 1,
                         };
-                        planes.extend(puller.at_once(&args.pulls_at_once));
+                        planes.extend(tested.pullers(&args.pulls_at_once, &per_source));
                     }
                     Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
                 }
@@ -547,6 +593,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             "ucx_unverified": args.ucx_unverified,
             "ucx_lanes": &args.ucx_lanes,
             "pulls_at_once": &args.pulls_at_once,
+            "pulls_per_source": &per_source,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "rounds": args.rounds,
             "huge_pages": huge_pages,
@@ -607,8 +654,11 @@ async fn measure(
             // another task (a wake-up) inside the timed loop.
             let items = pull_items(store, wanted, &order, grant)?;
             let deadline = Instant::now() + Duration::from_secs(60);
-            let pulled = puller.transport.pull(&puller.endpoint, id, items, deadline).await;
-            outcomes.push((pulled, t0.elapsed()));
+            let queued = puller
+                .queue
+                .pull(puller.transport.as_ref(), &puller.endpoint, id, items, deadline)
+                .await;
+            outcomes.push((queued.pulled, t0.elapsed()));
         } else {
             let mut tasks = tokio::task::JoinSet::new();
             for wanted in &wanted {
@@ -616,10 +666,13 @@ async fn measure(
                 let started = Instant::now();
                 let items = pull_items(store, wanted, &order, grant)?;
                 let (transport, endpoint) = (Arc::clone(&puller.transport), puller.endpoint.clone());
+                let queue = Arc::clone(&puller.queue);
                 tasks.spawn(async move {
                     let deadline = Instant::now() + Duration::from_secs(60);
-                    let pulled = transport.pull(&endpoint, id, items, deadline).await;
-                    (pulled, started.elapsed())
+                    let queued = queue
+                        .pull(transport.as_ref(), &endpoint, id, items, deadline)
+                        .await;
+                    (queued.pulled, started.elapsed())
                 });
             }
             // A pull's task that panicked ends the run; dropping the set aborts the others,
@@ -678,6 +731,7 @@ async fn measure(
         regrant_us: Some(grant.regrant_us),
         verified: verified && !times.is_empty(),
         pulls_at_once: puller.at_once,
+        pulls_per_source: Some(puller.queue.per_source()),
         pull_p50_us: pull_times
             .get(pull_times.len() / 2)
             .map(|t| t.as_secs_f64() * 1e6),
@@ -1062,6 +1116,7 @@ fn run_peer(
             regrant_us: None,
             verified: r["verified"].as_bool().unwrap_or(false),
             pulls_at_once: 1,
+            pulls_per_source: None,
             pull_p50_us: None,
         });
     }
@@ -1145,6 +1200,7 @@ mod tests {
             regrant_us: None,
             verified,
             pulls_at_once: 1,
+            pulls_per_source: None,
             pull_p50_us: None,
         }
     }

@@ -338,6 +338,9 @@ pub struct PeerSection {
     pub transports: Vec<String>,
     /// Parallel TCP streams per pull; 0: one per four cores, 1–4.
     pub streams: u32,
+    /// Pulls from one source agent run at once, on any transport; later ones wait their turn,
+    /// first come first served. 0: one per four cores, 1–4.
+    pub pulls_per_source: u32,
     /// How long a source keeps blocks pinned for a puller that never releases them, seconds.
     pub grant_ttl_s: u32,
     /// Most grants open at once on this agent.
@@ -475,6 +478,7 @@ impl Default for PeerSection {
             insecure: false,
             transports: vec!["tcp".into()],
             streams: 0,
+            pulls_per_source: 0,
             grant_ttl_s: 30,
             max_grants: 1024,
             hold_s: 120,
@@ -558,6 +562,9 @@ impl PeerSection {
         })?;
         if self.streams > 64 {
             bail!("invalid configuration `peer.streams`: must be 0 (automatic) to 64");
+        }
+        if self.pulls_per_source > 64 {
+            bail!("invalid configuration `peer.pulls_per_source`: must be 0 (automatic) to 64");
         }
         if !(1..=64).contains(&self.threads) {
             bail!("invalid configuration `peer.threads`: must be 1–64");

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub peer_blocks: Family<PeerLabel, Counter>,
     /// Bytes moved between agents, by direction.
     pub peer_bytes: Family<PeerLabel, Counter>,
+    /// Time a pull waited behind earlier pulls from the same source (`peer.pulls_per_source`).
+    pub peer_pull_wait: Histogram,
     /// Blocks written through to the object tier at commit.
     pub write_through_blocks: Counter,
     /// Blocks not written through because the queue was full.
@@ -102,6 +104,7 @@ impl Metrics {
             connections: Counter::default(),
             peer_blocks: Family::default(),
             peer_bytes: Family::default(),
+            peer_pull_wait: latency_histogram(),
             write_through_blocks: Counter::default(),
             write_through_dropped: Counter::default(),
             copy_engines: Family::default(),
@@ -141,6 +144,11 @@ impl Metrics {
             "peer_bytes",
             "Bytes granted to other agents (served) and pulled from them",
             m.peer_bytes.clone(),
+        );
+        reg.register(
+            "peer_pull_queue_wait_seconds",
+            "Time a pull from another agent waited behind earlier pulls from the same agent",
+            m.peer_pull_wait.clone(),
         );
         reg.register(
             "object_write_through_blocks",
@@ -189,6 +197,11 @@ impl Metrics {
         self.peer_blocks.get_or_create(&label("checksum")).inc_by(corrupt);
         self.peer_blocks.get_or_create(&label("failed")).inc_by(failed);
         self.peer_bytes.get_or_create(&label("ok")).inc_by(bytes);
+    }
+
+    /// Records how long a pull waited for its turn at its source.
+    pub fn peer_pull_waited(&self, waited: Duration) {
+        self.peer_pull_wait.observe(waited.as_secs_f64());
     }
 
     /// Records a failure.

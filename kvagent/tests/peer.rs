@@ -625,6 +625,64 @@ fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
     }
 }
 
+/// Pulls of four prefixes from one source at once, on a puller that lets one pull per source
+/// run at a time (`peer.pulls_per_source = 1`): the others wait their turn, every pull lands
+/// exactly, and each went through the queue (its wait is counted).
+#[test]
+fn pulls_from_one_source_at_once_take_turns_and_land_exactly() {
+    let dir = socket_dir();
+    let secret = write_secret(dir.path(), "secret", "cluster-secret");
+    let config = dir.path().join("one-pull-at-a-time.toml");
+    std::fs::write(&config, "[peer]\npulls_per_source = 1\n").unwrap();
+    let source = Agent::start(
+        &dir.path().join("a.sock"),
+        &["--peer-listen", ANY_PORT, "--peer-secret-file", &secret],
+    );
+    let listen = source.peer_address();
+    let puller = Agent::start(
+        &dir.path().join("b.sock"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--peer-secret-file",
+            &secret,
+        ],
+    );
+    let prefixes: Vec<_> = (0..4u64)
+        .map(|i| (ns(&format!("peer-turns-{i}")), mib_blocks(40 + i, 8)))
+        .collect();
+    for (ns, data) in &prefixes {
+        save(&source.client(), ns, data);
+    }
+    let start = std::sync::Arc::new(std::sync::Barrier::new(prefixes.len()));
+    let pulls: Vec<_> = prefixes
+        .into_iter()
+        .map(|(ns, data)| {
+            let (c, listen, start) = (
+                pull_client(&puller),
+                listen.clone(),
+                std::sync::Arc::clone(&start),
+            );
+            std::thread::spawn(move || {
+                let hashes: Vec<BlockHash> = data.iter().map(|(h, _)| *h).collect();
+                start.wait();
+                let held = c.pull(&listen, &ns, &hashes).unwrap();
+                (held, held_exact(&c, &ns, &data))
+            })
+        })
+        .collect();
+    for p in pulls {
+        assert_eq!(p.join().unwrap(), (vec![true; 8], 8));
+    }
+    let (status, text) = puller.http_get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "kvtier_peer_pull_queue_wait_seconds_count 4"),
+        "{text}"
+    );
+}
+
 #[test]
 fn agents_in_separate_network_namespaces() {
     let Some(net) = Netns::create_or_skip("agents_in_separate_network_namespaces") else {

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod grants;
+pub mod queue;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
@@ -35,6 +36,7 @@ pub use grants::{
     ExpiredCounts, Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldEnd, HoldLimits, HoldOutcome,
     HoldTicket,
 };
+pub use queue::{PullQueue, QueuedPull};
 
 /// Which data plane carries a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 use kvstore::transport::{
-    GrantId, Grants, HoldLimits, HoldTicket, PullItem, Secret, Transport, TransportError, TransportKind,
+    GrantId, Grants, HoldLimits, HoldTicket, PullItem, PullQueue, Secret, Transport, TransportError,
+    TransportKind,
 };
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
@@ -120,6 +121,8 @@ pub(crate) struct Peers {
     secret: Option<Secret>,
     insecure: bool,
     transports: Vec<Arc<dyn Transport>>,
+    /// Pulls from one source run a few at a time, in the order they come.
+    queue: PullQueue,
     channels: Mutex<HashMap<String, Channel>>,
     /// The control address other agents reach this one at, if it serves.
     advertise: Option<String>,
@@ -309,6 +312,10 @@ impl Peers {
             secret,
             insecure: cfg.insecure,
             transports,
+            queue: PullQueue::new(match cfg.pulls_per_source {
+                0 => kvstore::transport::queue::default_per_source(),
+                n => n as usize,
+            }),
             channels: Mutex::new(HashMap::new()),
             advertise,
             grants,
@@ -607,7 +614,12 @@ impl Peers {
         if items.is_empty() {
             return Ok(());
         }
-        let pulled = transport.pull(&grant.endpoint, id, items, deadline).await;
+        let queued = self
+            .queue
+            .pull(transport.as_ref(), &grant.endpoint, id, items, deadline)
+            .await;
+        self.metrics.peer_pull_waited(queued.waited);
+        let pulled = queued.pulled;
         let (mut ok, mut bytes, mut corrupt, mut failed) = (Vec::new(), 0, 0, 0);
         let mut first_error = None;
         // A verifying transport reports a block pulled only once it matched its grant's
