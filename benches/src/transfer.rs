@@ -29,7 +29,7 @@ use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 use kvstore::transport::ucx::{
     CHECKED_SENDS_INLINE_TIMES, SEND_BLOCKS_FROM, UcxConfig, UcxMode, UcxTransport,
 };
-use kvstore::transport::{Grant, GrantId, Grants, PullItem, PullQueue, Secret, Transport};
+use kvstore::transport::{Grant, GrantId, Grants, PullItem, PullQueue, Pulled, Secret, Transport};
 use kvstore::{BlockHash, BlockKey, HostTierConfig, Namespace, StoreConfig, TieredStore};
 use serde::{Deserialize, Serialize};
 
@@ -82,20 +82,23 @@ pub(crate) struct TransferArgs {
     pub(crate) ucx_unverified: bool,
     /// Pulls in flight at once on one kvtier transport, as an agent pulls for several decode
     /// requests at a time (default 1). Several values measure each kvtier puller once per
-    /// value, on the same transport, in the same run, labelled `N at once` where N > 1. Each
-    /// timed iteration starts N pulls of the configuration's blocks, each in its own task and
-    /// into its own slots, and ends when the last is over: its GB/s and per-block time count
-    /// the blocks of all N, and each pull's own time, from its reservation to its end, goes
-    /// to `pull_p50_us` (the median over every pull). A lone pull runs on the bench's task, as
-    /// in an agent; pulls at once also pay the wake-up that joins each task. The puller's
-    /// arena holds N of the matrix's largest pull: narrow the matrix for a large N.
+    /// value, on the same transport, in the same run, labelled `N at once` where N > 1 (and
+    /// with their `--pulls-per-source`). Each timed iteration starts N pulls of the
+    /// configuration's blocks, each in its own task, and ends when the last is over. Each pull
+    /// takes its turn at the source, then reserves its own slots, then pulls. GB/s and
+    /// per-block time count the blocks of all N, and each pull's own time, from when it is
+    /// asked for (its task not yet started) to its end, goes to `pull_p50_us` (the median
+    /// over every pull). A lone
+    /// pull runs on the bench's task, as in an agent; pulls at once also pay the wake-up that
+    /// joins each task. The puller's arena holds N of the matrix's largest pull: narrow the
+    /// matrix for a large N.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) pulls_at_once: Vec<u16>,
     /// Pulls from the source a kvtier puller lets run at once, the others waiting their turn
     /// in the order they came, as an agent's pulls do (`peer.pulls_per_source`; 0: no limit;
     /// default: the agent's, one per four cores, 1–4). Several values measure each puller
-    /// with pulls at once once per value, in the same run, labelled `K per source` (or
-    /// `unqueued` for 0).
+    /// with pulls at once once per value, in the same run. Pulls at once are labelled with
+    /// their limit (`4 at once 1 per source`, `4 at once unqueued` for 0).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(0..=16))]
     pub(crate) pulls_per_source: Option<Vec<u16>>,
     /// Times to go over the whole matrix (every system, interleaved per configuration); each
@@ -198,27 +201,24 @@ struct TransportUnderTest {
 
 impl TransportUnderTest {
     /// One puller per `--pulls-at-once` value (each once) and, for pulls at once, per
-    /// `--pulls-per-source` value, all on this transport. A lone pull goes through a queue of
-    /// the first `--pulls-per-source` value (it never waits in it).
+    /// `--pulls-per-source` value, all on this transport, labelled with both (`tcp 4 at once
+    /// 1 per source`, `... unqueued` for no limit). A lone pull goes through a queue of the
+    /// first `--pulls-per-source` value, in which it never waits.
     fn pullers(self, at_once: &[u16], per_source: &[u16]) -> Vec<Puller> {
+        let per_source = dedup(per_source);
         let mut made = Vec::new();
         for n in dedup(at_once) {
             let queues = if n > 1 {
-                dedup(per_source)
+                &per_source[..]
             } else {
-                dedup(per_source).into_iter().take(1).collect()
+                &per_source[..1.min(per_source.len())]
             };
-            for k in queues {
-                let mut label = self.label.clone();
-                if n > 1 {
-                    label += &format!(" {n} at once");
-                    if per_source.len() > 1 {
-                        label += &match k {
-                            0 => " unqueued".to_owned(),
-                            k => format!(" {k} per source"),
-                        };
-                    }
-                }
+            for &k in queues {
+                let label = match (n, k) {
+                    (1, _) => self.label.clone(),
+                    (n, 0) => format!("{} {n} at once unqueued", self.label),
+                    (n, k) => format!("{} {n} at once {k} per source", self.label),
+                };
                 made.push(Puller {
                     system: self.system,
                     label,
@@ -295,7 +295,7 @@ enum Ask {
     Release { id: Vec<u8> },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct GrantAnswer {
     id: Vec<u8>,
     blocks: Vec<(u64, u64, u64)>,
@@ -322,7 +322,7 @@ pub(crate) struct Row {
     /// Pulls in flight at once (`--pulls-at-once`; 1 for the peers).
     pub(crate) pulls_at_once: usize,
     /// Pulls from the source let run at once (`--pulls-per-source`, 0: no limit; kvtier's
-    /// pulls only).
+    /// pulls at once only).
     pub(crate) pulls_per_source: Option<usize>,
     /// The median time of one pull among those in flight at once (kvtier's pulls only).
     pub(crate) pull_p50_us: Option<f64>,
@@ -399,7 +399,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
         .pulls_per_source
         .clone()
         .unwrap_or_else(|| vec![u16::try_from(kvstore::transport::queue::default_per_source()).unwrap_or(1)]);
-    let mut planes: Vec<Puller> = Vec::new();
+    let mut planes: Vec<Arc<Puller>> = Vec::new();
     if args.transports.contains(&Plane::Tcp) {
         let tcp = TcpTransport::new(
             Arc::clone(&store),
@@ -416,7 +416,12 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
             endpoint: source.endpoint.clone().into_bytes(),
             transport: Arc::new(tcp),
         };
-        planes.extend(tested.pullers(&args.pulls_at_once, &per_source));
+        planes.extend(
+            tested
+                .pullers(&args.pulls_at_once, &per_source)
+                .into_iter()
+                .map(Arc::new),
+        );
     }
     #[cfg(feature = "ucx")]
     if args.transports.contains(&Plane::Ucx) {
@@ -503,7 +508,12 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                             endpoint: endpoint.clone(),
                             transport: Arc::new(t),
                         };
-                        planes.extend(tested.pullers(&args.pulls_at_once, &per_source));
+                        planes.extend(
+                            tested
+                                .pullers(&args.pulls_at_once, &per_source)
+                                .into_iter()
+                                .map(Arc::new),
+                        );
                     }
                     Err(e) => eprintln!("kvtier ucx {label}: skipped ({e})"),
                 }
@@ -606,7 +616,23 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     if !all_verified {
-        bail!("a configuration moved wrong bytes or failed");
+        let failed: Vec<String> = rounds
+            .iter()
+            .filter(|r| !r.verified)
+            .map(|r| {
+                format!(
+                    "{} {} {} KiB x {}",
+                    r.system,
+                    r.transport,
+                    r.block_bytes / 1024,
+                    r.batch
+                )
+            })
+            .collect();
+        bail!(
+            "a configuration moved wrong bytes or failed (above, as it happened): {}",
+            failed.join(", ")
+        );
     }
     Ok(())
 }
@@ -614,7 +640,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
 #[expect(clippy::too_many_arguments, reason = "one configuration's parameters")]
 async fn measure(
     store: &Arc<TieredStore>,
-    puller: &Puller,
+    puller: &Arc<Puller>,
     grant: &GrantAnswer,
     tag: u64,
     block: u64,
@@ -641,10 +667,15 @@ async fn measure(
                 .collect()
         })
         .collect();
+    // What the tasks of pulls at once share.
+    let (shared_order, shared_grant) = (Arc::new(order.clone()), Arc::new(grant.clone()));
     let mut times = Vec::new();
     let mut pull_times = Vec::new();
     let started = Instant::now();
     let mut verified = true;
+    // What went wrong first, said at once: a failed configuration ends the run only after the
+    // whole matrix.
+    let mut failure = None;
     let mut i = 0;
     loop {
         let t0 = Instant::now();
@@ -652,33 +683,25 @@ async fn measure(
         if let [wanted] = wanted.as_slice() {
             // A lone pull runs on this task, as a lone pull does in an agent: no hand-off to
             // another task (a wake-up) inside the timed loop.
-            let items = pull_items(store, wanted, &order, grant)?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let queued = puller
-                .queue
-                .pull(puller.transport.as_ref(), &puller.endpoint, id, items, deadline)
-                .await;
-            outcomes.push((queued.pulled, t0.elapsed()));
+            let pulled = pull_in_turn(puller, store, wanted, &order, grant, id).await?;
+            outcomes.push((pulled, t0.elapsed()));
         } else {
             let mut tasks = tokio::task::JoinSet::new();
             for wanted in &wanted {
-                // Each pull's own time runs from its reservation to its end.
+                // Each pull's own time runs from when it is asked for, as the N requests come
+                // together, to its end: its task's start, its turn and its slots included.
                 let started = Instant::now();
-                let items = pull_items(store, wanted, &order, grant)?;
-                let (transport, endpoint) = (Arc::clone(&puller.transport), puller.endpoint.clone());
-                let queue = Arc::clone(&puller.queue);
+                let (puller, store, wanted) = (Arc::clone(puller), Arc::clone(store), wanted.clone());
+                let (order, grant) = (Arc::clone(&shared_order), Arc::clone(&shared_grant));
                 tasks.spawn(async move {
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    let queued = queue
-                        .pull(transport.as_ref(), &endpoint, id, items, deadline)
-                        .await;
-                    (queued.pulled, started.elapsed())
+                    let pulled = pull_in_turn(&puller, &store, &wanted, &order, &grant, id).await;
+                    pulled.map(|p| (p, started.elapsed()))
                 });
             }
             // A pull's task that panicked ends the run; dropping the set aborts the others,
             // whose slots are then freed with the store as the process exits.
             while let Some(done) = tasks.join_next().await {
-                outcomes.push(done.context("a pull's task")?);
+                outcomes.push(done.context("a pull's task")??);
             }
         }
         let took = t0.elapsed();
@@ -688,7 +711,10 @@ async fn measure(
             each.push(pull_took);
             for p in pulled {
                 // The transport verified each block's checksum as it arrived, where it verifies.
-                verified &= p.result.is_ok();
+                if let Err(e) = &p.result {
+                    verified = false;
+                    failure.get_or_insert_with(|| format!("block {}: {e}", p.index));
+                }
                 slots.push((p.index, p.slot));
             }
         }
@@ -697,7 +723,12 @@ async fn measure(
                 // Checked here, untimed, so that a puller that skips its checks is still
                 // measured moving the right bytes.
                 let sum = kvstore::block::checksum(store.host().reserved_mut(&mut slot));
-                verified &= grant.blocks.get(index as usize).is_some_and(|b| b.2 == sum);
+                if grant.blocks.get(index as usize).is_none_or(|b| b.2 != sum) {
+                    verified = false;
+                    failure.get_or_insert_with(|| {
+                        format!("block {index}: wrong bytes (checked after the pull)")
+                    });
+                }
             }
             store.abort(slot);
         }
@@ -713,6 +744,14 @@ async fn measure(
         if (times.len() >= min_iters && elapsed >= min_time) || elapsed >= max_time {
             break;
         }
+    }
+    if let Some(failure) = &failure {
+        eprintln!(
+            "{} {} pull {:>5} KiB x {batch:>3}: FAILED, {failure}",
+            puller.system,
+            puller.label,
+            block / 1024
+        );
     }
     times.sort_unstable();
     pull_times.sort_unstable();
@@ -731,11 +770,33 @@ async fn measure(
         regrant_us: Some(grant.regrant_us),
         verified: verified && !times.is_empty(),
         pulls_at_once: puller.at_once,
-        pulls_per_source: Some(puller.queue.per_source()),
+        pulls_per_source: (puller.at_once > 1).then(|| puller.queue.per_source()),
         pull_p50_us: pull_times
             .get(pull_times.len() / 2)
             .map(|t| t.as_secs_f64() * 1e6),
     })
+}
+
+/// One pull of `wanted` as an agent makes it: its turn at the source (`--pulls-per-source`), then
+/// its slots, then the transfer.
+async fn pull_in_turn(
+    puller: &Puller,
+    store: &TieredStore,
+    wanted: &[(BlockKey, u64)],
+    order: &[usize],
+    grant: &GrantAnswer,
+    id: GrantId,
+) -> Result<Vec<Pulled>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let turn = puller
+        .queue
+        .turn(&puller.endpoint, deadline)
+        .await
+        .context("no turn at the source within 60 s")?;
+    let items = pull_items(store, wanted, order, grant)?;
+    let pulled = puller.transport.pull(&puller.endpoint, id, items, deadline).await;
+    drop(turn);
+    Ok(pulled)
 }
 
 /// A slot reserved for each of `wanted` (laid out in `order`), as items of the grant's blocks in

@@ -104,7 +104,10 @@ impl Metrics {
             connections: Counter::default(),
             peer_blocks: Family::default(),
             peer_bytes: Family::default(),
-            peer_pull_wait: latency_histogram(),
+            // 1 µs (a free turn) to ~34 s: a pull may wait up to its deadline.
+            peer_pull_wait: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                1e-6, 2.0, 26,
+            )),
             write_through_blocks: Counter::default(),
             write_through_dropped: Counter::default(),
             copy_engines: Family::default(),

@@ -626,8 +626,8 @@ fn two_pulls_of_one_prefix_at_once_each_return_it_landed() {
 }
 
 /// Pulls of four prefixes from one source at once, on a puller that lets one pull per source
-/// run at a time (`peer.pulls_per_source = 1`): the others wait their turn, every pull lands
-/// exactly, and each went through the queue (its wait is counted).
+/// run at a time (`peer.pulls_per_source = 1`): every pull lands exactly, each took a turn
+/// (its wait is counted), and at least one waited for another's.
 #[test]
 fn pulls_from_one_source_at_once_take_turns_and_land_exactly() {
     let dir = socket_dir();
@@ -680,6 +680,16 @@ fn pulls_from_one_source_at_once_take_turns_and_land_exactly() {
         text.lines()
             .any(|l| l == "kvtier_peer_pull_queue_wait_seconds_count 4"),
         "{text}"
+    );
+    // A free turn is taken in well under 128 µs; a pull that came while another moved its
+    // 8 MiB waited longer. With every pull let start at once, all four would be below.
+    let quick_turns = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kvtier_peer_pull_queue_wait_seconds_bucket{le=\"0.000128\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        quick_turns.is_some_and(|n| n < 4),
+        "no pull waited its turn: {text}"
     );
 }
 

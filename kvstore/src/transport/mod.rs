@@ -36,7 +36,7 @@ pub use grants::{
     ExpiredCounts, Grant, GrantId, GrantedBlock, Grants, HeldCounts, HoldEnd, HoldLimits, HoldOutcome,
     HoldTicket,
 };
-pub use queue::{PullQueue, QueuedPull};
+pub use queue::{PullQueue, Turn};
 
 /// Which data plane carries a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

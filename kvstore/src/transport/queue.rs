@@ -3,26 +3,24 @@
 //! An agent pulls for several decode requests at once, and pulls in flight from the same
 //! source share its bandwidth: each ends about when the last does, so the first request waits
 //! about as long as all of them together. A [`PullQueue`] lets at most
-//! [`PullQueue::per_source`] pulls from one source endpoint run at a time and starts the
-//! others as those end, first come first served, so the first request's blocks arrive about
-//! as fast as if it were alone. Pulls from different sources do not wait for each other.
+//! [`PullQueue::per_source`] pulls from one source run at a time (a pull holds its [`Turn`]
+//! from before it asks for its grant to the end of its transfer) and starts the
+//! others as those end, first come first served, so the first request's pull no longer shares
+//! the source with the later ones. Pulls from different sources do not wait for each other.
 //!
-//! Measured over loopback on a 2-core VM (`kvbench transfer --pulls-at-once 4
-//! --pulls-per-source 1,0`, five rounds; `docs/benchmarks.md`), one pull per source against
-//! all four at once: the median pull of 16 blocks of 256 KiB or 1 MiB took 14–41 % less time
-//! over every transport; the four together moved up to 1.4 × as much over kvtier's TCP and
-//! about as much over UCX-TCP, but up to a quarter less over UCX's shared memory; pulls of a
-//! single 64 KiB block took longer in turn than together over UCX (14 % over TCP, 21 % over
-//! shared memory).
+//! Measured over loopback on a 2-core VM (`kvbench transfer --pulls-at-once 1,4
+//! --pulls-per-source 1,0`, five rounds, two runs; `docs/benchmarks.md`), one pull per source
+//! against all four at once: the median pull of 16 blocks of 256 KiB or 1 MiB ended 10–54 %
+//! sooner over every transport; the four together moved 1.04–1.77 × as much over kvtier's
+//! TCP, 0.71–1.38 × over UCX-TCP and 0.75–1.03 × over UCX's shared memory; pulls of a single
+//! 64 KiB block over UCX swung both ways between runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
-
-use super::{GrantId, PullItem, Pulled, Transport, TransportError, fail_all};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Pulls in flight per source by default: one per four cores, 1–4, as the TCP transport's
 /// streams ([`super::tcp::default_streams`]): a pull keeps a core busy on each side, and more
@@ -31,22 +29,41 @@ pub fn default_per_source() -> usize {
     super::tcp::default_streams()
 }
 
-/// What a queued pull gave: the transport's answer, and how long the pull waited for its turn.
-#[derive(Debug)]
-pub struct QueuedPull {
-    /// Every item of the pull, as [`Transport::pull`] gives them back.
-    pub pulled: Vec<Pulled>,
-    /// Time spent waiting behind other pulls from the same source.
-    pub waited: Duration,
-}
-
-/// Admits pulls per source endpoint, first come first served (see the module documentation).
+/// Admits pulls per source, first come first served (see the module documentation).
 #[derive(Debug)]
 pub struct PullQueue {
     per_source: usize,
-    /// The turns of each source with pulls in flight or waiting; an entry goes when its last
-    /// pull ends.
+    /// The turns of each source with pulls in flight or waiting; an entry goes when the last
+    /// [`Turn`] at it does.
     sources: Mutex<HashMap<Vec<u8>, Arc<Semaphore>>>,
+}
+
+/// A pull's turn at its source, from [`PullQueue::turn`]: the next waiting pull may start once
+/// it is dropped.
+#[derive(Debug)]
+pub struct Turn<'a> {
+    queue: &'a PullQueue,
+    source: Vec<u8>,
+    /// `None` where the queue sets no limit.
+    turns: Option<Arc<Semaphore>>,
+    permit: Option<OwnedSemaphorePermit>,
+    waited: Duration,
+}
+
+impl Turn<'_> {
+    /// How long the pull waited behind earlier pulls from the same source.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Some(turns) = self.turns.take() {
+            self.queue.forget_if_unused(&self.source, turns);
+        }
+    }
 }
 
 impl PullQueue {
@@ -64,62 +81,52 @@ impl PullQueue {
         self.per_source
     }
 
-    /// [`Transport::pull`] once fewer than [`Self::per_source`] earlier pulls from `endpoint`
-    /// are still running. A pull whose deadline passes while it waits fails every item with
-    /// [`TransportError::TimedOut`], as one that started would have.
-    pub async fn pull(
-        &self,
-        transport: &dyn Transport,
-        endpoint: &[u8],
-        grant: GrantId,
-        items: Vec<PullItem>,
-        deadline: Instant,
-    ) -> QueuedPull {
-        if self.per_source == 0 {
-            return QueuedPull {
-                pulled: transport.pull(endpoint, grant, items, deadline).await,
-                waited: Duration::ZERO,
-            };
-        }
-        let turns = self.turns(endpoint);
+    /// Waits until fewer than [`Self::per_source`] earlier turns at `source` are still held,
+    /// first come first served; `None` if `deadline` passes first. `source` names the agent
+    /// pulled from (its address): only pulls from the same source wait for each other.
+    pub async fn turn(&self, source: &[u8], deadline: Instant) -> Option<Turn<'_>> {
         let asked = Instant::now();
-        // The semaphore is never closed, so acquiring fails only by the deadline. Its waiters
-        // are served in the order they came.
-        let admitted = tokio::time::timeout_at(deadline.into(), Arc::clone(&turns).acquire_owned()).await;
-        let waited = asked.elapsed();
-        let pulled = match admitted {
-            Ok(Ok(turn)) => {
-                let pulled = transport.pull(endpoint, grant, items, deadline).await;
-                drop(turn);
-                pulled
-            }
-            _ => {
-                let peer = String::from_utf8_lossy(endpoint).into_owned();
-                fail_all(items, &TransportError::TimedOut { peer })
-            }
+        let mut turn = Turn {
+            queue: self,
+            source: source.to_vec(),
+            turns: (self.per_source > 0).then(|| self.turns(source)),
+            permit: None,
+            waited: Duration::ZERO,
         };
-        self.done(endpoint, turns);
-        QueuedPull { pulled, waited }
+        // Declared after `turn`, so that a wait given up (the deadline, or the caller dropping
+        // this future) lets go of its handle on the turns before `turn`'s drop looks at them.
+        if let Some(turns) = &turn.turns {
+            let acquire = Arc::clone(turns).acquire_owned();
+            match tokio::time::timeout_at(deadline.into(), acquire).await {
+                Ok(Ok(permit)) => turn.permit = Some(permit),
+                // The semaphore is never closed: no pull would ever get a turn from it.
+                Ok(Err(_closed)) => return None,
+                Err(_elapsed) => return None,
+            }
+        }
+        turn.waited = asked.elapsed();
+        Some(turn)
     }
 
-    /// The turns of `endpoint`, made on its first pull.
-    fn turns(&self, endpoint: &[u8]) -> Arc<Semaphore> {
+    /// The turns of `source`, made on its first pull.
+    fn turns(&self, source: &[u8]) -> Arc<Semaphore> {
         let mut sources = self.sources.lock();
         Arc::clone(
             sources
-                .entry(endpoint.to_vec())
+                .entry(source.to_vec())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_source))),
         )
     }
 
-    /// A pull from `endpoint` is over: forgets the source when no other pull holds its turns.
-    fn done(&self, endpoint: &[u8], turns: Arc<Semaphore>) {
+    /// A turn at `source` is over (or was given up): forgets the source when no other pull
+    /// holds or waits for a turn there.
+    fn forget_if_unused(&self, source: &[u8], turns: Arc<Semaphore>) {
         let mut sources = self.sources.lock();
         drop(turns);
         // Under the lock no pull can take a new handle on the entry, so a count of one (the
-        // map's) means no pull runs or waits for this source.
-        if sources.get(endpoint).is_some_and(|t| Arc::strong_count(t) == 1) {
-            sources.remove(endpoint);
+        // map's) means no pull runs or waits at this source.
+        if sources.get(source).is_some_and(|t| Arc::strong_count(t) == 1) {
+            sources.remove(source);
         }
     }
 
@@ -133,173 +140,96 @@ impl PullQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{BoxFuture, TransportKind};
-    use std::net::IpAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::Notify;
 
-    /// A transport whose pulls run until the test lets them end, one by one, recording the
-    /// order in which they started and how many ran at once.
+    /// Pulls that hold their turn until the test lets them end, one at a time, recording the
+    /// order in which they got it and how many held one at once.
     #[derive(Debug, Default)]
-    struct Gated {
+    struct Pulls {
         started: Mutex<Vec<u32>>,
         running: AtomicUsize,
         most_at_once: AtomicUsize,
-        proceed: Notify,
-        began: Notify,
+        end_one: Notify,
     }
 
-    impl Transport for Gated {
-        fn kind(&self) -> TransportKind {
-            TransportKind::Tcp
+    impl Pulls {
+        async fn pull(&self, queue: &PullQueue, source: &[u8], n: u32) {
+            let turn = queue
+                .turn(source, far())
+                .await
+                .expect("a turn before the deadline");
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_at_once.fetch_max(now, Ordering::SeqCst);
+            self.started.lock().push(n);
+            self.end_one.notified().await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            drop(turn);
         }
-
-        fn endpoint(&self, _seen_as: Option<IpAddr>) -> Vec<u8> {
-            Vec::new()
-        }
-
-        fn pull<'a>(
-            &'a self,
-            _endpoint: &'a [u8],
-            grant: GrantId,
-            items: Vec<PullItem>,
-            _deadline: Instant,
-        ) -> BoxFuture<'a, Vec<Pulled>> {
-            Box::pin(async move {
-                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-                self.most_at_once.fetch_max(now, Ordering::SeqCst);
-                self.started.lock().push(u32::from(grant.0[0]));
-                self.began.notify_one();
-                self.proceed.notified().await;
-                self.running.fetch_sub(1, Ordering::SeqCst);
-                items
-                    .into_iter()
-                    .map(|i| Pulled {
-                        index: i.index,
-                        slot: i.slot,
-                        result: Ok(()),
-                    })
-                    .collect()
-            })
-        }
-    }
-
-    fn grant(n: u8) -> GrantId {
-        let mut id = [0; 16];
-        id[0] = n;
-        GrantId(id)
     }
 
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(60)
     }
 
-    /// Runs `pulls` of (source, grant) through `queue` on `gated`: each pull reaches the queue
-    /// (and starts, where it may) before the next is made; then the running pulls are let end
-    /// one at a time until all are over.
-    async fn run(queue: &Arc<PullQueue>, gated: &Arc<Gated>, pulls: &[(&'static [u8], u8)]) {
+    /// Runs `pulls` of (source, number) through `queue`: each reaches the queue (and takes its
+    /// turn, where it may) before the next is made; then the pulls holding turns are let end
+    /// one at a time until all are over. Returns the order they got their turns in and the
+    /// most that held one at once.
+    async fn run(queue: PullQueue, pulls: &[(&'static [u8], u32)]) -> (Vec<u32>, usize) {
+        let (queue, state) = (Arc::new(queue), Arc::new(Pulls::default()));
         let mut tasks = Vec::new();
         for &(source, n) in pulls {
-            let (queue, gated) = (Arc::clone(queue), Arc::clone(gated));
-            tasks.push(tokio::spawn(async move {
-                queue
-                    .pull(gated.as_ref(), source, grant(n), Vec::new(), far())
-                    .await
-            }));
+            let (queue, state) = (Arc::clone(&queue), Arc::clone(&state));
+            tasks.push(tokio::spawn(async move { state.pull(&queue, source, n).await }));
             tokio::task::yield_now().await;
         }
         while !tasks.iter().all(tokio::task::JoinHandle::is_finished) {
-            gated.proceed.notify_one();
+            state.end_one.notify_one();
             tokio::task::yield_now().await;
         }
         for t in tasks {
-            assert!(t.await.expect("pull task").pulled.is_empty());
+            t.await.expect("pull task");
         }
+        assert_eq!(queue.sources(), 0, "a source with no pulls left is forgotten");
+        let started = state.started.lock().clone();
+        (started, state.most_at_once.load(Ordering::SeqCst))
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn one_per_source_runs_pulls_one_after_another_in_the_order_they_came() {
-        let (queue, gated) = (Arc::new(PullQueue::new(1)), Arc::new(Gated::default()));
-        run(&queue, &gated, &[(b"a", 1), (b"a", 2), (b"a", 3), (b"a", 4)]).await;
-        assert_eq!(*gated.started.lock(), vec![1, 2, 3, 4]);
-        assert_eq!(gated.most_at_once.load(Ordering::SeqCst), 1);
-        assert_eq!(queue.sources(), 0, "a source with no pulls left is forgotten");
+        let pulls: Vec<(&[u8], u32)> = (1..=6).map(|n| (&b"a"[..], n)).collect();
+        assert_eq!(run(PullQueue::new(1), &pulls).await, (vec![1, 2, 3, 4, 5, 6], 1));
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn pulls_from_different_sources_do_not_wait_for_each_other() {
-        let (queue, gated) = (Arc::new(PullQueue::new(1)), Arc::new(Gated::default()));
-        run(&queue, &gated, &[(b"a", 1), (b"b", 2), (b"a", 3), (b"b", 4)]).await;
-        assert_eq!(gated.most_at_once.load(Ordering::SeqCst), 2);
-        assert_eq!(*gated.started.lock(), vec![1, 2, 3, 4]);
-        assert_eq!(queue.sources(), 0);
+        let (order, most) = run(PullQueue::new(1), &[(b"a", 1), (b"b", 2), (b"a", 3), (b"b", 4)]).await;
+        assert_eq!((order, most), (vec![1, 2, 3, 4], 2));
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_limit_and_no_limit() {
-        for (per_source, most) in [(2, 2), (0, 4)] {
-            let (queue, gated) = (Arc::new(PullQueue::new(per_source)), Arc::new(Gated::default()));
-            run(&queue, &gated, &[(b"a", 1), (b"a", 2), (b"a", 3), (b"a", 4)]).await;
-            assert_eq!(
-                gated.most_at_once.load(Ordering::SeqCst),
-                most,
-                "per source {per_source}"
-            );
-        }
+        let pulls: Vec<(&[u8], u32)> = (1..=6).map(|n| (&b"a"[..], n)).collect();
+        assert_eq!(run(PullQueue::new(2), &pulls).await, (vec![1, 2, 3, 4, 5, 6], 2));
+        assert_eq!(run(PullQueue::new(0), &pulls).await.1, 6);
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn a_pull_whose_deadline_passes_in_the_queue_fails_its_items_without_reaching_the_transport() {
-        let store = crate::transport::test_support::store(8);
-        let queue = Arc::new(PullQueue::new(1));
-        let gated = Arc::new(Gated::default());
-        let first = {
-            let (queue, gated) = (Arc::clone(&queue), Arc::clone(&gated));
-            tokio::spawn(async move {
-                queue
-                    .pull(gated.as_ref(), b"a", grant(1), Vec::new(), far())
-                    .await
-            })
-        };
-        gated.began.notified().await;
-        let slot = store
-            .reserve_batch(&[(crate::transport::test_support::key(7), 4096)])
-            .pop()
-            .expect("one answer")
-            .expect("a slot");
-        let item = PullItem {
-            index: 3,
-            remote_offset: 0,
-            checksum: 0,
-            slot,
-        };
-        let late = queue
-            .pull(
-                gated.as_ref(),
-                b"a",
-                grant(2),
-                vec![item],
-                Instant::now() + Duration::from_millis(20),
-            )
-            .await;
-        assert_eq!(late.pulled.len(), 1);
-        assert_eq!(late.pulled[0].index, 3);
-        assert!(matches!(
-            late.pulled[0].result,
-            Err(TransportError::TimedOut { .. })
-        ));
-        assert!(late.waited >= Duration::from_millis(20));
-        assert_eq!(
-            *gated.started.lock(),
-            vec![1],
-            "the late pull never reached the transport"
-        );
-        for p in late.pulled {
-            store.abort(p.slot);
-        }
-        gated.proceed.notify_one();
-        let first = first.await.expect("first pull");
-        assert!(first.pulled.is_empty());
+    async fn a_wait_past_its_deadline_gets_no_turn_and_a_given_up_wait_leaves_nothing_behind() {
+        let queue = PullQueue::new(1);
+        let first = queue.turn(b"a", far()).await.expect("a free turn");
+        assert!(first.waited() < Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(queue.turn(b"a", t0 + Duration::from_millis(20)).await.is_none());
+        assert!(t0.elapsed() >= Duration::from_millis(20));
+        // A wait dropped before its turn came.
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), queue.turn(b"a", far())).await;
+        assert!(gave_up.is_err());
+        assert_eq!(queue.sources(), 1, "the first turn still holds the source");
+        drop(first);
         assert_eq!(queue.sources(), 0);
+        let next = queue.turn(b"a", far()).await.expect("the source is free again");
+        assert!(next.waited() < Duration::from_secs(1));
     }
 }

@@ -122,7 +122,7 @@ pub(crate) struct Peers {
     insecure: bool,
     transports: Vec<Arc<dyn Transport>>,
     /// Pulls from one source run a few at a time, in the order they come.
-    queue: PullQueue,
+    pull_queue: PullQueue,
     channels: Mutex<HashMap<String, Channel>>,
     /// The control address other agents reach this one at, if it serves.
     advertise: Option<String>,
@@ -312,7 +312,7 @@ impl Peers {
             secret,
             insecure: cfg.insecure,
             transports,
-            queue: PullQueue::new(match cfg.pulls_per_source {
+            pull_queue: PullQueue::new(match cfg.pulls_per_source {
                 0 => kvstore::transport::queue::default_per_source(),
                 n => n as usize,
             }),
@@ -419,6 +419,8 @@ impl Peers {
 
     /// Copies the longest prefix of `keys` (of namespace `ns`) that `peer` holds (and this agent
     /// does not) into this agent's tiers. Per key: whether this agent holds it afterwards.
+    /// Pulls from one peer take turns (`peer.pulls_per_source` at once, first come first
+    /// served); one whose deadline passes before its turn fails as timed out.
     ///
     /// For [`PullFor::Reuse`], the transfer only goes ahead if the reuse policy expects it to
     /// beat recomputing (decided once the grant says how many bytes it is). A hand-off under a
@@ -467,9 +469,15 @@ impl Peers {
             reuse: purpose == PullFor::Reuse,
             hold_ticket: ticket.map_or(0, HoldTicket::get),
         });
+        // The turn is taken before the grant, so that no grant ages, no source blocks stay
+        // pinned and no local slots stay reserved while the pull waits behind others.
+        let turn = self.pull_queue.turn(peer.as_bytes(), deadline).await;
+        if let Some(turn) = &turn {
+            self.metrics.peer_pull_waited(turn.waited());
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let asked = Instant::now();
-        let answer = if remaining.is_zero() {
+        let answer = if turn.is_none() || remaining.is_zero() {
             Err(PullError::TimedOut(peer.to_owned()))
         } else {
             req.set_timeout(remaining);
@@ -543,6 +551,8 @@ impl Peers {
             );
             Ok(())
         };
+        // The transfer is over: the next pull from this source may start.
+        drop(turn);
         // Best effort: an unreleased grant expires on its own, and retrying after it did is
         // pointless.
         let expires = tokio::time::Instant::now()
@@ -614,12 +624,7 @@ impl Peers {
         if items.is_empty() {
             return Ok(());
         }
-        let queued = self
-            .queue
-            .pull(transport.as_ref(), &grant.endpoint, id, items, deadline)
-            .await;
-        self.metrics.peer_pull_waited(queued.waited);
-        let pulled = queued.pulled;
+        let pulled = transport.pull(&grant.endpoint, id, items, deadline).await;
         let (mut ok, mut bytes, mut corrupt, mut failed) = (Vec::new(), 0, 0, 0);
         let mut first_error = None;
         // A verifying transport reports a block pulled only once it matched its grant's
