@@ -78,6 +78,8 @@ pub struct Metrics {
     pub peer_bytes: Family<PeerLabel, Counter>,
     /// Time a pull waited behind earlier pulls from the same source (`peer.pulls_per_source`).
     pub peer_pull_wait: Histogram,
+    /// Pulls whose deadline passed while they waited for their turn.
+    pub peer_pull_queue_timeouts: Counter,
     /// Blocks written through to the object tier at commit.
     pub write_through_blocks: Counter,
     /// Blocks not written through because the queue was full.
@@ -104,6 +106,7 @@ impl Metrics {
             connections: Counter::default(),
             peer_blocks: Family::default(),
             peer_bytes: Family::default(),
+            peer_pull_queue_timeouts: Counter::default(),
             // 1 µs (a free turn) to ~34 s: a pull may wait up to its deadline.
             peer_pull_wait: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 1e-6, 2.0, 26,
@@ -154,6 +157,11 @@ impl Metrics {
             m.peer_pull_wait.clone(),
         );
         reg.register(
+            "peer_pull_queue_timeouts",
+            "Pulls from another agent whose deadline passed while they waited behind earlier pulls from the same agent",
+            m.peer_pull_queue_timeouts.clone(),
+        );
+        reg.register(
             "object_write_through_blocks",
             "Blocks written through to the object tier when committed",
             m.write_through_blocks.clone(),
@@ -202,9 +210,14 @@ impl Metrics {
         self.peer_bytes.get_or_create(&label("ok")).inc_by(bytes);
     }
 
-    /// Records how long a pull waited for its turn at its source.
+    /// Records how long a pull waited for its turn at its source (whether it got it or not).
     pub fn peer_pull_waited(&self, waited: Duration) {
         self.peer_pull_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Records a pull whose deadline passed before its turn at its source came.
+    pub fn peer_pull_queue_timeout(&self) {
+        self.peer_pull_queue_timeouts.inc();
     }
 
     /// Records a failure.

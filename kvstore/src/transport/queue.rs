@@ -12,8 +12,9 @@
 //! --pulls-per-source 1,0`, five rounds, two runs; `docs/benchmarks.md`), one pull per source
 //! against all four at once: the median pull of 16 blocks of 256 KiB or 1 MiB ended 10–54 %
 //! sooner over every transport; the four together moved 1.04–1.77 × as much over kvtier's
-//! TCP, 0.71–1.38 × over UCX-TCP and 0.75–1.03 × over UCX's shared memory; pulls of a single
-//! 64 KiB block over UCX swung both ways between runs.
+//! TCP, 0.72–1.38 × over UCX-TCP and 0.75–1.03 × over UCX's shared memory; pulls of a single
+//! block over UCX-TCP ended sooner or later from one run to the next, and single 64 KiB blocks
+//! over shared memory 4–20 % later.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,9 +83,10 @@ impl PullQueue {
     }
 
     /// Waits until fewer than [`Self::per_source`] earlier turns at `source` are still held,
-    /// first come first served; `None` if `deadline` passes first. `source` names the agent
-    /// pulled from (its address): only pulls from the same source wait for each other.
-    pub async fn turn(&self, source: &[u8], deadline: Instant) -> Option<Turn<'_>> {
+    /// first come first served. `source` names the agent pulled from (its address): only
+    /// pulls from the same source wait for each other. `Err` with the time waited if
+    /// `deadline` passes first.
+    pub async fn turn(&self, source: &[u8], deadline: Instant) -> Result<Turn<'_>, Duration> {
         let asked = Instant::now();
         let mut turn = Turn {
             queue: self,
@@ -93,19 +95,21 @@ impl PullQueue {
             permit: None,
             waited: Duration::ZERO,
         };
-        // Declared after `turn`, so that a wait given up (the deadline, or the caller dropping
-        // this future) lets go of its handle on the turns before `turn`'s drop looks at them.
         if let Some(turns) = &turn.turns {
+            // A wait given up (the deadline, or the caller dropping this future) drops the
+            // awaited future, which owns the acquire and its handle on the turns, before
+            // `turn`, whose drop then finds the handle gone. (Were it not so, the entry would
+            // only linger until the source's next turn.)
             let acquire = Arc::clone(turns).acquire_owned();
             match tokio::time::timeout_at(deadline.into(), acquire).await {
                 Ok(Ok(permit)) => turn.permit = Some(permit),
-                // The semaphore is never closed: no pull would ever get a turn from it.
-                Ok(Err(_closed)) => return None,
-                Err(_elapsed) => return None,
+                // The semaphore is never closed; a closed one could give no turn at all.
+                Ok(Err(_closed)) => return Err(asked.elapsed()),
+                Err(_elapsed) => return Err(asked.elapsed()),
             }
         }
         turn.waited = asked.elapsed();
-        Some(turn)
+        Ok(turn)
     }
 
     /// The turns of `source`, made on its first pull.
@@ -221,8 +225,12 @@ mod tests {
         let first = queue.turn(b"a", far()).await.expect("a free turn");
         assert!(first.waited() < Duration::from_secs(1));
         let t0 = Instant::now();
-        assert!(queue.turn(b"a", t0 + Duration::from_millis(20)).await.is_none());
+        let waited = queue
+            .turn(b"a", t0 + Duration::from_millis(20))
+            .await
+            .expect_err("no turn before the deadline");
         assert!(t0.elapsed() >= Duration::from_millis(20));
+        assert!(waited <= t0.elapsed());
         // A wait dropped before its turn came.
         let gave_up = tokio::time::timeout(Duration::from_millis(5), queue.turn(b"a", far())).await;
         assert!(gave_up.is_err());
@@ -231,5 +239,32 @@ mod tests {
         assert_eq!(queue.sources(), 0);
         let next = queue.turn(b"a", far()).await.expect("the source is free again");
         assert!(next.waited() < Duration::from_secs(1));
+    }
+
+    /// A waiter whose turn was handed to it while it was not being polled, then dropped: the
+    /// turn goes back and the source is forgotten.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_dropped_after_its_turn_came_gives_the_turn_back() {
+        let queue = PullQueue::new(1);
+        let first = queue.turn(b"a", far()).await.expect("a free turn");
+        let mut waiting = Box::pin(queue.turn(b"a", far()));
+        assert!(poll_once(waiting.as_mut()).await.is_none(), "the second waits");
+        drop(first);
+        drop(waiting);
+        assert_eq!(queue.sources(), 0);
+        let again = queue.turn(b"a", Instant::now() + Duration::from_millis(50)).await;
+        assert!(again.is_ok(), "the turn came back");
+    }
+
+    /// Polls `fut` once: its output if it was ready.
+    async fn poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+        let mut fut = fut;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use kvstore::transport::tcp::{TcpConfig, TcpTransport};
 use kvstore::transport::{
     GrantId, Grants, HoldLimits, HoldTicket, PullItem, PullQueue, Secret, Transport, TransportError,
-    TransportKind,
+    TransportKind, Turn,
 };
 use kvstore::{BlockKey, PutOutcome, TieredStore};
 use parking_lot::Mutex;
@@ -64,6 +64,10 @@ pub(crate) enum PullError {
     /// The deadline passed before the transfer could start.
     #[error("peer {0}: deadline passed")]
     TimedOut(String),
+    /// The deadline passed while the pull waited behind other pulls from the same peer
+    /// (`peer.pulls_per_source`).
+    #[error("peer {0}: deadline passed while waiting for a turn behind other pulls from it")]
+    NoTurn(String),
 }
 
 /// What [`Grants::hold`] may keep: `peer.hold_s` and `peer.hold_max_percent` of each tier, on
@@ -471,13 +475,18 @@ impl Peers {
         });
         // The turn is taken before the grant, so that no grant ages, no source blocks stay
         // pinned and no local slots stay reserved while the pull waits behind others.
+        // A pull holding its turn may wait in `pull_granted` for another writer of one of its
+        // blocks (an engine, or a pull from another source) and so hold up the next pulls
+        // from this peer: such writers end within their own deadlines.
         let turn = self.pull_queue.turn(peer.as_bytes(), deadline).await;
-        if let Some(turn) = &turn {
-            self.metrics.peer_pull_waited(turn.waited());
-        }
+        self.metrics
+            .peer_pull_waited(turn.as_ref().map_or_else(|waited| *waited, Turn::waited));
         let remaining = deadline.saturating_duration_since(Instant::now());
         let asked = Instant::now();
-        let answer = if turn.is_none() || remaining.is_zero() {
+        let answer = if turn.is_err() {
+            self.metrics.peer_pull_queue_timeout();
+            Err(PullError::NoTurn(peer.to_owned()))
+        } else if remaining.is_zero() {
             Err(PullError::TimedOut(peer.to_owned()))
         } else {
             req.set_timeout(remaining);
@@ -965,6 +974,8 @@ mod tests {
         released: AtomicUsize,
         ended: AtomicU64,
         ended_everywhere: AtomicBool,
+        /// Grant requests received.
+        asked: AtomicUsize,
     }
 
     impl LyingSource {
@@ -982,6 +993,7 @@ mod tests {
             &self,
             _: tonic::Request<proto::GrantRequest>,
         ) -> Result<tonic::Response<proto::GrantResponse>, tonic::Status> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
             if self.refuse.load(Ordering::Relaxed) {
                 return Err(tonic::Status::resource_exhausted("too many grants open"));
             }
@@ -1074,6 +1086,7 @@ mod tests {
         let mut cfg = NodeConfig::default();
         cfg.host.size = bytesize::ByteSize::mib(64);
         cfg.peer.insecure = true;
+        cfg.peer.pulls_per_source = 1;
         let store = Arc::new(TieredStore::open(cfg.store_config().unwrap()).unwrap());
         let (metrics, _) = Metrics::new(Arc::clone(&store));
         let peers = Peers::start(&cfg, Arc::clone(&store), metrics).unwrap();
@@ -1138,6 +1151,38 @@ mod tests {
             .expect_err("too late");
         assert!(matches!(err, PullError::TimedOut(_)), "{err}");
         assert_whole_hand_off_ended(&source, 11);
+    }
+
+    /// A hand-off pull whose deadline passes while another pull from the same peer holds the
+    /// only turn fails without asking for a grant, ends the hand-off at the source, and counts
+    /// its wait; once the turn is free, the next pull asks at once.
+    #[test]
+    fn a_pull_that_waits_past_its_deadline_for_its_turn_ends_the_hand_off() {
+        let (_server, source, addr, _store, peers) = lying_source();
+        assert_eq!(
+            peers.pull_queue.per_source(),
+            1,
+            "one turn per source on up to 7 cores"
+        );
+        let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
+        let far = Instant::now() + Duration::from_secs(60);
+        let held = peers
+            .runtime
+            .block_on(peers.pull_queue.turn(addr.as_bytes(), far))
+            .expect("a free turn");
+        let ticket = kvstore::transport::HoldTicket::new(13);
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let err = peers
+            .pull_blocking(&addr, key.namespace, &[key], deadline, ticket)
+            .expect_err("no turn before the deadline");
+        assert!(matches!(err, PullError::NoTurn(_)), "{err}");
+        assert_whole_hand_off_ended(&source, 13);
+        assert_eq!(source.asked.load(Ordering::SeqCst), 0, "a grant was asked for");
+        assert_eq!(peers.metrics.peer_pull_queue_timeouts.get(), 1);
+        drop(held);
+        source.len.store(0, Ordering::Relaxed);
+        pull_one(&peers, &addr, key, None).expect_err("a block no slot holds");
+        assert_eq!(source.asked.load(Ordering::SeqCst), 1);
     }
 
     /// A grant naming a length no slot holds (0; more than a slab; so large that a slot size
