@@ -88,10 +88,9 @@ pub(crate) struct TransferArgs {
     /// takes its turn at the source, then reserves its own slots, then pulls. GB/s and
     /// per-block time count the blocks of all N, and each pull's own time, from when it is
     /// asked for (its task not yet started) to its end, goes to `pull_p50_us` (the median
-    /// over every pull). A lone
-    /// pull runs on the bench's task, as in an agent; pulls at once also pay the wake-up that
-    /// joins each task. The puller's arena holds N of the matrix's largest pull: narrow the
-    /// matrix for a large N.
+    /// over every pull). A lone pull runs on the bench's task, as in an agent; pulls at once
+    /// also pay the wake-up that joins each task. The puller's arena holds N of the matrix's
+    /// largest pull: narrow the matrix for a large N.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) pulls_at_once: Vec<u16>,
     /// Pulls from the source a kvtier puller lets run at once, the others waiting their turn
@@ -205,6 +204,7 @@ impl TransportUnderTest {
     /// 1 per source`, `... unqueued` for no limit). A lone pull goes through a queue of the
     /// first `--pulls-per-source` value, in which it never waits.
     fn pullers(self, at_once: &[u16], per_source: &[u16]) -> Vec<Puller> {
+        let tested = Arc::new(self);
         let per_source = dedup(per_source);
         let mut made = Vec::new();
         for n in dedup(at_once) {
@@ -215,15 +215,13 @@ impl TransportUnderTest {
             };
             for &k in queues {
                 let label = match (n, k) {
-                    (1, _) => self.label.clone(),
-                    (n, 0) => format!("{} {n} at once unqueued", self.label),
-                    (n, k) => format!("{} {n} at once {k} per source", self.label),
+                    (1, _) => tested.label.clone(),
+                    (n, 0) => format!("{} {n} at once unqueued", tested.label),
+                    (n, k) => format!("{} {n} at once {k} per source", tested.label),
                 };
                 made.push(Puller {
-                    system: self.system,
+                    tested: Arc::clone(&tested),
                     label,
-                    endpoint: self.endpoint.clone(),
-                    transport: Arc::clone(&self.transport),
                     at_once: usize::from(n),
                     queue: Arc::new(PullQueue::new(usize::from(k))),
                 });
@@ -247,11 +245,10 @@ fn dedup(values: &[u16]) -> Vec<u16> {
 /// One of kvtier's data planes on the pulling side, as measured: its transport, how many
 /// pulls it has in flight at once, and the queue they go through, as an agent's pulls do.
 struct Puller {
-    system: &'static str,
+    /// Shared by the pullers made on it.
+    tested: Arc<TransportUnderTest>,
+    /// The transport's label, with the pulls at once and their limit.
     label: String,
-    endpoint: Vec<u8>,
-    /// Shared by the pullers made on one [`TransportUnderTest`].
-    transport: Arc<dyn Transport>,
     /// Pulls in flight at once (`--pulls-at-once`).
     at_once: usize,
     /// Pulls from the source let run at once, the others waiting their turn
@@ -546,7 +543,7 @@ pub(crate) fn run(args: &TransferArgs) -> Result<()> {
                     grant.grant_us, grant.regrant_us
                 );
                 for puller in &planes {
-                    let (system, label) = (puller.system, &puller.label);
+                    let (system, label) = (puller.tested.system, &puller.label);
                     let mut row = runtime
                         .block_on(measure(
                             &store,
@@ -675,7 +672,6 @@ async fn measure(
     let mut times = Vec::new();
     let mut pull_times = Vec::new();
     let started = Instant::now();
-    let mut verified = true;
     // What went wrong first, said at once: a failed configuration ends the run only after the
     // whole matrix.
     let mut failure = None;
@@ -715,19 +711,17 @@ async fn measure(
             for p in pulled {
                 // The transport verified each block's checksum as it arrived, where it verifies.
                 if let Err(e) = &p.result {
-                    verified = false;
                     failure.get_or_insert_with(|| format!("block {}: {e}", p.index));
                 }
                 slots.push((p.index, p.slot));
             }
         }
         for (index, mut slot) in slots {
-            if !puller.transport.verifies() {
+            if !puller.tested.transport.verifies() {
                 // Checked here, untimed, so that a puller that skips its checks is still
                 // measured moving the right bytes.
                 let sum = kvstore::block::checksum(store.host().reserved_mut(&mut slot));
                 if grant.blocks.get(index as usize).is_none_or(|b| b.2 != sum) {
-                    verified = false;
                     failure.get_or_insert_with(|| {
                         format!("block {index}: wrong bytes (checked after the pull)")
                     });
@@ -735,7 +729,7 @@ async fn measure(
             }
             store.abort(slot);
         }
-        if !verified {
+        if failure.is_some() {
             break;
         }
         i += 1;
@@ -751,7 +745,7 @@ async fn measure(
     if let Some(failure) = &failure {
         eprintln!(
             "{} {} pull {:>5} KiB x {batch:>3}: FAILED, {failure}",
-            puller.system,
+            puller.tested.system,
             puller.label,
             block / 1024
         );
@@ -771,7 +765,7 @@ async fn measure(
         per_block_us: p50.map(|t| t.as_secs_f64() * 1e6 / (batch * puller.at_once) as f64),
         grant_us: Some(grant.grant_us),
         regrant_us: Some(grant.regrant_us),
-        verified: verified && !times.is_empty(),
+        verified: failure.is_none() && !times.is_empty(),
         pulls_at_once: puller.at_once,
         pulls_per_source: (puller.at_once > 1).then(|| puller.queue.per_source()),
         pull_p50_us: pull_times
@@ -791,13 +785,14 @@ async fn pull_in_turn(
     id: GrantId,
 ) -> Result<Vec<Pulled>> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let tested = &puller.tested;
     let turn = puller
         .queue
-        .turn(&puller.endpoint, deadline)
+        .turn(&tested.endpoint, deadline)
         .await
         .map_err(|waited| anyhow::anyhow!("no turn at the source after waiting {waited:?}"))?;
     let items = pull_items(store, wanted, order, grant)?;
-    let pulled = puller.transport.pull(&puller.endpoint, id, items, deadline).await;
+    let pulled = tested.transport.pull(&tested.endpoint, id, items, deadline).await;
     drop(turn);
     Ok(pulled)
 }
