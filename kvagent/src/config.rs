@@ -338,8 +338,8 @@ pub struct PeerSection {
     pub transports: Vec<String>,
     /// Parallel TCP streams per pull; 0: one per four cores, 1–4.
     pub streams: u32,
-    /// Pulls from one source agent run at once, on any transport; later ones wait their turn,
-    /// first come first served. 0: one per four cores, 1–4.
+    /// Pulls from one source agent allowed to run at once, on any transport; later ones wait
+    /// their turn, first come first served. 0: one per four cores, 1–4.
     pub pulls_per_source: u32,
     /// How long a source keeps blocks pinned for a puller that never releases them, seconds.
     pub grant_ttl_s: u32,
@@ -394,8 +394,9 @@ pub struct UcxSection {
     /// comes meanwhile is taken by the one driving and progressed with its own pull until
     /// that is over, then by the progress thread; over TCP alone the one driving steps aside
     /// for it); four times as many where `tls` limits UCX to TCP, `verify` is on and the
-    /// source sends the blocks (several of 256 KiB or more on average). A one-block pull over shared memory then wakes no other
-    /// thread, and a sent block is checked by the thread that received it.
+    /// source sends the blocks (several of 256 KiB or more on average). A one-block pull over
+    /// shared memory then wakes no other thread, and a sent block is checked by the thread
+    /// that received it.
     pub inline_kib: Option<u64>,
     /// UCX workers (each with its own progress thread) that a pull of 2 MiB or more in `get`
     /// mode is split across (unset: 2, or 1 on a single-core node); over shared memory each

@@ -424,7 +424,7 @@ impl Peers {
     /// Copies the longest prefix of `keys` (of namespace `ns`) that `peer` holds (and this agent
     /// does not) into this agent's tiers. Per key: whether this agent holds it afterwards.
     /// Pulls from one peer take turns (`peer.pulls_per_source` at once, first come first
-    /// served); one whose deadline passes before its turn fails as timed out.
+    /// served); one whose deadline passes before its turn fails with [`PullError::NoTurn`].
     ///
     /// For [`PullFor::Reuse`], the transfer only goes ahead if the reuse policy expects it to
     /// beat recomputing (decided once the grant says how many bytes it is). A hand-off under a
@@ -1162,7 +1162,7 @@ mod tests {
         assert_eq!(
             peers.pull_queue.per_source(),
             1,
-            "one turn per source on up to 7 cores"
+            "the test source's puller has one turn"
         );
         let key = BlockKey::new(Namespace::from_bytes([1; 16]), BlockHash::from_u64(5));
         let far = Instant::now() + Duration::from_secs(60);

@@ -3,9 +3,8 @@ use crate::BlockKey;
 use crate::block::checksum;
 use crate::transport::test_support::{key, payload, soon, store};
 
-/// A hand-written source for failure tests: accepts a connection, greets it without a secret,
-/// and reads one request; the stream and the requested grant indices.
-/// A connection accepted as a source without a secret accepts it (its handshake done).
+/// A hand-written source for failure tests: accepts a connection and greets it without a
+/// secret; the stream, its handshake done.
 async fn accept_handshake(listener: &TcpListener) -> TcpStream {
     let (mut s, _) = listener.accept().await.unwrap();
     let mut hello = [0u8; HELLO_LEN];
@@ -18,6 +17,7 @@ async fn accept_handshake(listener: &TcpListener) -> TcpStream {
     s
 }
 
+/// [`accept_handshake`], then reads one request; the stream and the requested grant indices.
 async fn accept_request(listener: &TcpListener) -> (TcpStream, Vec<u32>) {
     let mut s = accept_handshake(listener).await;
     let mut head = [0u8; 20];
